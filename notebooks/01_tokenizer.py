@@ -1,0 +1,162 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: -all
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 01 · Train your own tokenizer
+#
+# A language model never sees characters: it sees token ids. In this notebook you train a **byte-level BPE**
+# (byte-pair encoding) tokenizer on a slice of the pretraining corpus, the same kind GPT-2 and GPT-4 use, but with
+# a vocabulary you choose. It is the first artifact of your stack: every later notebook reads it.
+#
+# What happens, step by step:
+# 1. set up: find the project, pick the preset (sizes for your hardware) and read any overrides;
+# 2. get a slice of the corpus (ClimbMix from the Hugging Face Hub by default; local files or a synthetic corpus
+#    in the `tiny` preset);
+# 3. train BPE with `rustbpe` and save it in tiktoken's format, with the table of bytes per token;
+# 4. look at how it splits text, and compare its compression with GPT-2's and GPT-4's tokenizers.
+#
+# Run it top to bottom. The same file runs headless: `python notebooks/01_tokenizer.py --vocab_size=65536`.
+
+# %% [markdown]
+# ## Set-up
+# The first cell finds `stackcore.py` (the project's one shared module) whether you run from the project root or
+# from `notebooks/`. The config below is a dataclass: its defaults, then the preset's values, then `STACK_*`
+# environment variables, then `--key=value` arguments (only when run as a script) decide each setting.
+
+# %%
+import os
+import sys
+
+ROOT = os.path.abspath(".." if os.path.basename(os.getcwd()) == "notebooks" else ".")
+sys.path.insert(0, ROOT)
+
+import json
+import time
+from dataclasses import dataclass
+
+import matplotlib.pyplot as plt
+
+import stackcore as sc
+from data.pretrain import CorpusConfig, iter_documents
+
+
+@dataclass
+class TokenizerConfig(CorpusConfig):
+    vocab_size: int = 32768  # special tokens included
+    max_chars: int = 2_000_000_000  # characters of training text fed to BPE (nanochat uses 2 B)
+    heldout_docs: int = 200  # validation documents used to measure compression
+    PRESETS = {"tiny": dict(vocab_size=512, max_chars=2_000_000), "colab": dict(max_chars=500_000_000)}
+
+
+cfg = sc.configure(TokenizerConfig)
+print(sc.describe_config(cfg))
+out_dir = sc.artifact_dir("tokenizer")
+run_dir = sc.artifact_dir("runs") / "01_tokenizer"
+run_dir.mkdir(parents=True, exist_ok=True)
+
+# %% [markdown]
+# ## The corpus
+# Hub corpora are sets of parquet shards; the last shard is the validation split. Only the shards you ask for
+# are downloaded (into `STACK_HOME/downloads`, kept for next time). The `tiny` preset uses a synthetic corpus
+# generated on the spot, so it needs no network.
+
+# %%
+files = cfg.resolve()
+print(f"corpus: {cfg.corpus}: {len(files.train)} training files, {len(files.val)} validation files"
+      if not files.synthetic else "corpus: synthetic (generated, offline)")
+
+# %% [markdown]
+# ## Train BPE
+# BPE starts from the 256 byte values and repeatedly merges the most frequent adjacent pair into a new token,
+# until the vocabulary is full. Text is first split with a regular expression (GPT-4's, with numbers cut into
+# runs of at most two digits), so merges never cross word boundaries. Nine special tokens are reserved at the end
+# of the vocabulary: `<|bos|>` starts every document; the others mark chat turns and tool calls for later notebooks.
+
+# %%
+chars_seen = 0
+
+
+def training_text():
+    global chars_seen
+    for doc in iter_documents(files, "train", cfg.max_chars):
+        chars_seen += len(doc)
+        yield doc
+
+
+t0 = time.time()
+tokenizer = sc.Tokenizer.train(training_text(), cfg.vocab_size)
+train_seconds = time.time() - t0
+tokenizer.save(out_dir)
+print(f"trained a {tokenizer.vocab_size}-token vocabulary on {chars_seen / 1e6:.1f} M characters "
+      f"in {train_seconds:.1f} s; saved to {out_dir}")
+
+# %% [markdown]
+# ## What the tokens look like
+# Split into its tokens, a sentence shows which pieces earned a token of their own. Special-token strings typed into plain
+# text are encoded as ordinary text, never as the special token, so no document can forge a chat turn. Pieces
+# of a character that spans several tokens print as `\\x..` bytes.
+
+# %%
+sample = "The tokenizer's 12345 merges: ‘déjà vu’ and 日本語 🤖 <|bos|>"
+ids = tokenizer.encode(sample)
+pieces = [tokenizer.enc.decode_single_token_bytes(i).decode("utf-8", "backslashreplace") for i in ids]
+print(len(ids), "tokens:", " | ".join(pieces))
+assert tokenizer.decode(ids) == sample and tokenizer.bos_id not in ids
+print("special tokens:", tokenizer.specials)
+
+# %% [markdown]
+# ## Compression on held-out text
+# Bytes per token measures compression: more bytes per token means shorter sequences, so cheaper training and
+# longer effective context. We compare on validation documents the tokenizer never saw. GPT-2's and GPT-4's
+# encodings come from tiktoken, which downloads them once; offline, the comparison says so and shows ours alone.
+# Tokenizing speed matters too: it is the cost of the next notebook.
+
+# %%
+heldout = [doc for _, doc in zip(range(cfg.heldout_docs), iter_documents(files, "val"))]
+heldout_bytes = sum(len(d.encode("utf-8")) for d in heldout)
+t0 = time.time()
+tokenizer.encode_batch(heldout)
+throughput = heldout_bytes / (time.time() - t0) / 1e6
+compression = {f"ours ({tokenizer.vocab_size})": sc.bytes_per_token(tokenizer.encode, heldout)}
+for name in ("gpt2", "cl100k_base"):
+    try:
+        import tiktoken
+
+        reference = tiktoken.get_encoding(name)
+        compression[f"{name} ({reference.n_vocab})"] = sc.bytes_per_token(reference.encode_ordinary, heldout)
+    except Exception as error:  # no network, no cached encoding file
+        print(f"{name}: not available here ({type(error).__name__}); comparing ours alone")
+for name, value in compression.items():
+    print(f"{name:>24}: {value:.3f} bytes/token")
+print(f"encoding speed: {throughput:.1f} MB/s on {len(heldout)} held-out documents ({heldout_bytes / 1e6:.2f} MB)")
+
+fig, ax = plt.subplots(figsize=(6, 3))
+ax.barh(list(compression), list(compression.values()), color="tab:blue")
+ax.set_xlabel("bytes per token on held-out text (higher compresses better)")
+fig.tight_layout()
+fig.savefig(run_dir / "compression.png", dpi=120)
+plt.show()
+
+# %% [markdown]
+# ## Summary
+# The tokenizer lives in `STACK_HOME/tokenizer`: `tokenizer.tiktoken` (tiktoken's rank file),
+# `tokenizer.json` (split pattern and special tokens) and `token_bytes.npy` (bytes per token id, 0 for special
+# tokens), which turns a loss in nats per token into bits per byte, a figure that compares across vocabularies.
+# Next: `02_sharding` turns the corpus into token shards with it.
+
+# %%
+summary = {"vocab_size": tokenizer.vocab_size, "train_chars": chars_seen, "train_seconds": round(train_seconds, 2),
+           "bytes_per_token": compression, "encode_MB_per_s": round(throughput, 2)}
+(run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+print(json.dumps(summary, indent=1))

@@ -1,0 +1,76 @@
+from dataclasses import dataclass
+
+import pytest
+
+import stackcore as sc
+
+
+@dataclass
+class DemoConfig(sc.StackConfig):
+    steps: int = 100
+    lr: float = 0.1
+    name: str = "run"
+    compile: bool = True
+    PRESETS = {"tiny": dict(steps=5), "speedrun": dict(steps=1000, lr=0.2)}
+
+
+@dataclass
+class ChildConfig(DemoConfig):
+    extra: int = 1
+    PRESETS = {"tiny": dict(extra=7)}
+
+
+def test_defaults_then_preset_then_env_then_cli():
+    cfg = sc.configure(DemoConfig, [], {"STACK_PRESET": "tiny"})
+    assert (cfg.preset, cfg.steps, cfg.lr) == ("tiny", 5, 0.1)
+    cfg = sc.configure(DemoConfig, [], {"STACK_PRESET": "tiny", "STACK_STEPS": "9"})
+    assert cfg.steps == 9
+    cfg = sc.configure(DemoConfig, ["--steps=11", "--lr", "3e-4", "--no-op-flag"][:3], {"STACK_STEPS": "9"})
+    assert (cfg.steps, cfg.lr) == (11, 3e-4)
+
+
+def test_cli_preset_wins_over_env_and_parent_presets_apply():
+    cfg = sc.configure(ChildConfig, ["--preset=speedrun"], {"STACK_PRESET": "tiny"})
+    assert (cfg.preset, cfg.steps, cfg.extra) == ("speedrun", 1000, 1)
+    cfg = sc.configure(ChildConfig, ["--preset=tiny"], {})
+    assert (cfg.steps, cfg.extra) == (5, 7)
+
+
+@pytest.mark.parametrize("argv, value", [(["--compile=false"], False), (["--compile"], True), (["--compile=0"], False)])
+def test_bool_values(argv, value):
+    assert sc.configure(DemoConfig, argv, {"STACK_PRESET": "tiny"}).compile is value
+
+
+def test_integer_spellings():
+    assert sc.configure(DemoConfig, ["--steps=524_288"], {"STACK_PRESET": "tiny"}).steps == 524288
+    assert sc.configure(DemoConfig, ["--steps=5e3"], {"STACK_PRESET": "tiny"}).steps == 5000
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(sc.ConfigError, match=r"--stpes.*valid keys: steps, lr, name, compile"):
+        sc.configure(DemoConfig, ["--stpes=3"], {"STACK_PRESET": "tiny"})
+
+
+@pytest.mark.parametrize("argv", [["--steps=many"], ["--steps=2.5"], ["--lr=fast"], ["--compile=maybe"]])
+def test_bad_value_names_field_and_type(argv):
+    with pytest.raises(sc.ConfigError, match=argv[0][2:].split("=")[0]):
+        sc.configure(DemoConfig, argv, {"STACK_PRESET": "tiny"})
+
+
+def test_unknown_preset_and_stray_argument():
+    with pytest.raises(sc.ConfigError, match="valid presets: tiny, colab, speedrun, node"):
+        sc.configure(DemoConfig, ["--preset=huge"], {})
+    with pytest.raises(sc.ConfigError, match="unexpected argument"):
+        sc.configure(DemoConfig, ["steps=3"], {"STACK_PRESET": "tiny"})
+
+
+def test_auto_preset_is_tiny_on_cpu():
+    assert sc.configure(DemoConfig, [], {}).preset == "tiny"
+
+
+def test_artifacts_live_under_stack_home(stack_home):
+    assert sc.artifact_dir("shards") == stack_home / "shards" and (stack_home / "shards").is_dir()
+    with pytest.raises(ValueError, match="unknown artifact kind"):
+        sc.artifact_dir("weights")
+    with pytest.raises(sc.MissingArtifactError, match=r"run notebooks/01_tokenizer first"):
+        sc.require_artifact(stack_home / "tokenizer" / "tokenizer.json", made_by="01_tokenizer")

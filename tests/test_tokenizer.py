@@ -1,0 +1,105 @@
+import gzip
+import json
+import random
+
+import numpy as np
+import pytest
+
+import stackcore as sc
+from conftest import SHARED_DATA
+
+
+def random_unicode_text(rng: random.Random, length: int) -> str:
+    """Any code point but surrogates, mixed with spaces, digits and newlines."""
+    pieces = []
+    for _ in range(length):
+        kind = rng.random()
+        if kind < 0.3:
+            pieces.append(rng.choice(" \n\t0123456789"))
+        else:
+            code = rng.randint(0x20, 0x2FFFF)
+            pieces.append(chr(code) if not 0xD800 <= code <= 0xDFFF else "x")
+    return "".join(pieces)
+
+
+def test_round_trip_on_arbitrary_unicode(tiny_tokenizer):
+    tokenizer = sc.Tokenizer.load(tiny_tokenizer)
+    rng = random.Random(0)
+    for _ in range(200):
+        text = random_unicode_text(rng, rng.randint(0, 80))
+        assert tokenizer.decode(tokenizer.encode(text)) == text
+
+
+def test_special_tokens_never_come_from_plain_text(tiny_tokenizer):
+    tokenizer = sc.Tokenizer.load(tiny_tokenizer)
+    text = "".join(sc.SPECIAL_TOKENS) + " <|bos|>hello<|assistant_end|>"
+    ids = tokenizer.encode(text)
+    special_ids = set(tokenizer.specials.values())
+    assert not special_ids & set(ids)
+    assert tokenizer.decode(ids) == text
+    assert tokenizer.encode("hi", prepend_bos=True)[0] == tokenizer.bos_id
+
+
+def test_vocab_layout_and_token_bytes(tiny_tokenizer):
+    tokenizer = sc.Tokenizer.load(tiny_tokenizer)
+    assert tokenizer.vocab_size == 512
+    assert sorted(tokenizer.specials.values()) == list(range(512 - len(sc.SPECIAL_TOKENS), 512))
+    table = np.load(tiny_tokenizer / sc.TOKEN_BYTES)
+    assert table.shape == (512,) and table.dtype == np.int32
+    for token_id in range(tokenizer.vocab_size):
+        expected = 0 if token_id in tokenizer.specials.values() else len(tokenizer.enc.decode_single_token_bytes(token_id))
+        assert table[token_id] == expected
+
+
+def test_saved_files_load_with_plain_tiktoken(tiny_tokenizer):
+    import tiktoken
+    from tiktoken.load import load_tiktoken_bpe
+
+    meta = json.loads((tiny_tokenizer / sc.TOKENIZER_META).read_text())
+    enc = tiktoken.Encoding(meta["name"], pat_str=meta["pattern"],
+                            mergeable_ranks=load_tiktoken_bpe(str(tiny_tokenizer / sc.TOKENIZER_RANKS)),
+                            special_tokens=meta["special_tokens"])
+    ours = sc.Tokenizer.load(tiny_tokenizer)
+    text = "Grace counted 42 lanterns at the harbour."
+    assert enc.encode_ordinary(text) == ours.encode(text)
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="too small"):
+        sc.Tokenizer.train(["abc"], 100)
+    with pytest.raises(ValueError, match="supports only"):
+        sc.Tokenizer.train(["abc abc abc"], 2000)
+
+
+def test_missing_tokenizer_names_the_notebook(tmp_path):
+    with pytest.raises(sc.MissingArtifactError, match="01_tokenizer"):
+        sc.Tokenizer.load(tmp_path / "nowhere")
+
+
+def test_parallel_tokenizing_keeps_order_and_bos(tiny_tokenizer):
+    from data.synthetic import synthetic_documents
+
+    docs = synthetic_documents(50, seed=9)
+    tokenizer = sc.Tokenizer.load(tiny_tokenizer)
+    serial = [tokenizer.encode(d, prepend_bos=True) for d in docs]
+    for workers in (1, 2):
+        got = [ids.tolist() for ids in sc.tokenize_parallel(tiny_tokenizer, docs, workers, batch_docs=7)]
+        assert got == serial
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "english").is_dir(), reason="../shared/data not present")
+def test_compression_on_real_english_text():
+    """Measured 2026-11-24 on this test's setting: 3.61 bytes/token on the val split with a 4096-token vocabulary
+    trained on 5 M characters of the shared English text. A regression in training or splitting shows up as a drop."""
+    def read(name):
+        return [json.loads(line)["text"] for line in gzip.open(SHARED_DATA / "english" / f"{name}.jsonl.gz", "rt")]
+
+    train, val = read("train"), read("val")
+    chars, docs = 0, []
+    for doc in train:
+        docs.append(doc)
+        chars += len(doc)
+        if chars > 5_000_000:
+            break
+    tokenizer = sc.Tokenizer.train(docs, 4096)
+    assert sc.bytes_per_token(tokenizer.encode, val) > 3.55
