@@ -397,6 +397,7 @@ def write_shard(path: Path, items: np.ndarray, kind: str = "tokens", vocab_size:
     """Write one shard atomically (a temporary file renamed into place, so a crash never leaves half a shard).
     `records` are 2-D int32 arrays; their width goes in the header."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     version = shard_version(kind, vocab_size)
     dtype = SHARD_VERSIONS[version][1]
     items = np.asarray(items)
@@ -1518,3 +1519,29 @@ class RunLog:
 def format_duration(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole pipeline from the command line: `python stackcore.py pipeline [--key=value ...]`
+# ---------------------------------------------------------------------------------------------
+
+def run_pipeline(overrides: Sequence[str]) -> None:
+    """Run every notebook's twin in order, each in its own process, with the same preset (by default tiny on a
+    CPU, offline; the real sizes on a GPU). Other settings go in STACK_<NAME> variables, which each notebook
+    reads if it has that setting. Stops at the first notebook that fails."""
+    if any(not arg.startswith("--preset") for arg in overrides):
+        raise ConfigError("the pipeline takes only --preset=...; set other options as STACK_<NAME>=value")
+    import subprocess
+
+    notebooks = sorted(Path(__file__).resolve().parent.glob("notebooks/[0-9][0-9]_*.py"))
+    for twin in notebooks:
+        print(f"\n=== {twin.name} ===", flush=True)
+        started = time.time()
+        subprocess.run([sys.executable, str(twin), *overrides], check=True)
+        print(f"=== {twin.name} done in {format_duration(time.time() - started)} ===", flush=True)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["pipeline"]:
+        sys.exit("usage: python stackcore.py pipeline [--preset=tiny|colab|speedrun|node]")
+    run_pipeline(sys.argv[2:])

@@ -2,10 +2,11 @@
 # jupyter:
 #   jupytext:
 #     cell_metadata_filter: -all
-#     formats: ipynb,py:percent
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -71,7 +72,7 @@ class PretrainConfig(sc.StackConfig):
     save_every: int = 1000  # steps between checkpoints (and at the end)
     attention: str = "auto"  # auto | flash | varlen | flex | sdpa
     compile: bool = True  # torch.compile the model on GPUs
-    run: str = "pretrain"  # name of the run folder and checkpoint folder
+    run_name: str = "pretrain"  # name of the run folder and checkpoint folder
     resume: bool = True  # continue from the newest checkpoint of this run if there is one
     wandb: bool = False  # log to Weights & Biases (needs `pip install wandb` and a login)
     seed: int = 0
@@ -95,8 +96,8 @@ accum_steps, remainder = divmod(cfg.tokens_per_step, cfg.micro_tokens * dist_inf
 if accum_steps < 1 or remainder:
     raise ValueError(f"tokens_per_step ({cfg.tokens_per_step}) must be a multiple of micro_tokens x ranks "
                      f"({cfg.micro_tokens} x {dist_info.world_size})")
-run_dir = sc.artifact_dir("runs") / cfg.run
-checkpoint_dir = sc.artifact_dir("checkpoints") / cfg.run
+run_dir = sc.artifact_dir("runs") / cfg.run_name
+checkpoint_dir = sc.artifact_dir("checkpoints") / cfg.run_name
 tokenizer_dir = sc.artifact_dir("tokenizer")
 token_bytes = torch.from_numpy(np.load(sc.require_artifact(tokenizer_dir / sc.TOKEN_BYTES, "01_tokenizer")))
 tokenizer = sc.Tokenizer.load(tokenizer_dir)
@@ -176,7 +177,7 @@ if latest is not None:
     checkpoint = sc.load_checkpoint(latest, device)
     if checkpoint["model_config"] != dataclasses.asdict(model_config):
         raise ValueError(f"{latest} holds a different model ({checkpoint['model_config']}); "
-                         f"use --run=<new name> or --resume=false")
+                         f"use --run_name=<new name> or --resume=false")
     model.load_state_dict(checkpoint["model"])
     sc.restore_training_state(latest, optimizers, train_loader, dist_info)
     start_step = checkpoint["step"]
@@ -187,7 +188,7 @@ wandb_run = None
 if cfg.wandb and dist_info.master:
     import wandb
 
-    wandb_run = wandb.init(project="decoderstack", name=cfg.run, config=dataclasses.asdict(cfg))
+    wandb_run = wandb.init(project="decoderstack", name=cfg.run_name, config=dataclasses.asdict(cfg))
 run_log = sc.RunLog(run_dir, enabled=dist_info.master, wandb_run=wandb_run)
 
 # %% [markdown]
@@ -263,7 +264,7 @@ if dist_info.master:
 # %%
 steps_timed = cfg.steps - start_step
 summary = {
-    "run": cfg.run, "preset": cfg.preset, "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+    "run": cfg.run_name, "preset": cfg.preset, "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
     "ranks": dist_info.world_size, "attention": backend, "parameters": params["total"], "steps": cfg.steps,
     "tokens": tokens_seen, "final_val_bpb": round(val_bpb, 4), "train_seconds": round(train_seconds, 1),
     "first_step_seconds": round(first_step_seconds, 2) if first_step_seconds else None,

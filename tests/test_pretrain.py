@@ -1,0 +1,156 @@
+"""The pretraining loader, bits per byte, learning on a synthetic task, and checkpoint resume."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import stackcore as sc
+
+BOS = 511
+
+
+def make_shards(directory, docs_per_shard=(30, 30), seed=0):
+    rng = np.random.default_rng(seed)
+    all_docs = []
+    for index, count in enumerate(docs_per_shard):
+        docs = [np.concatenate([[BOS], rng.integers(0, 500, rng.integers(5, 120))]) for _ in range(count)]
+        sc.write_shard(directory / f"train_{index:06d}.bin", np.concatenate(docs), vocab_size=512)
+        all_docs.append(docs)
+    return all_docs
+
+
+def test_batches_start_at_bos_and_boundaries_follow_documents(tmp_path):
+    make_shards(tmp_path)
+    loader = sc.PretrainLoader(tmp_path, "train", tokens=200, bos_id=BOS, vocab_size=512, max_doc_len=50)
+    for _ in range(20):
+        batch = loader.next_batch()
+        inputs, targets, cu = batch.inputs.numpy(), batch.targets.numpy(), batch.cu_seqlens.numpy()
+        assert inputs[0] == BOS and len(inputs) == len(targets) == 200
+        assert np.array_equal(inputs[1:], targets[:-1])  # targets are the next tokens
+        assert cu[0] == 0 and cu[-1] == 200 and np.all(np.diff(cu) > 0) and np.diff(cu).max() <= 50
+        assert set(np.flatnonzero(inputs == BOS)) <= set(cu[:-1])  # a boundary at every document start
+        assert batch.max_seqlen == np.diff(cu).max()
+    assert loader.position["epoch"] >= 1  # 20 x 200 tokens is more than the two shards: it wrapped around
+
+
+def test_ranks_take_disjoint_rows_of_one_stream(tmp_path):
+    make_shards(tmp_path)
+    single = sc.PretrainLoader(tmp_path, "train", tokens=100, bos_id=BOS, vocab_size=512, max_doc_len=64)
+    ranks = [sc.PretrainLoader(tmp_path, "train", tokens=100, bos_id=BOS, vocab_size=512, max_doc_len=64,
+                               rank=r, world_size=2) for r in range(2)]
+    for _ in range(5):
+        expected = [single.next_batch().inputs for _ in range(2)]
+        for rank, loader in enumerate(ranks):
+            assert torch.equal(loader.next_batch().inputs, expected[rank])
+
+
+def test_loader_resumes_from_its_state(tmp_path):
+    make_shards(tmp_path)
+    args = dict(tokens=150, bos_id=BOS, vocab_size=512, max_doc_len=64)
+    loader = sc.PretrainLoader(tmp_path, "train", **args)
+    for _ in range(7):
+        loader.next_batch()
+    state = loader.state_dict()
+    expected = [loader.next_batch().inputs for _ in range(5)]
+    resumed = sc.PretrainLoader(tmp_path, "train", **args)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(resumed.next_batch().inputs, e) for e in expected)
+
+
+def test_loader_errors(tmp_path):
+    make_shards(tmp_path, docs_per_shard=(2,))
+    with pytest.raises(sc.ShardError, match="too few"):
+        sc.PretrainLoader(tmp_path, "train", tokens=10_000, bos_id=BOS, vocab_size=512, max_doc_len=64)
+    with pytest.raises(sc.ShardError, match="beyond the vocabulary"):
+        sc.PretrainLoader(tmp_path, "train", tokens=10, bos_id=BOS, vocab_size=300, max_doc_len=64)
+
+
+def tiny_model(vocab=512, seed=0):
+    torch.manual_seed(seed)
+    return sc.GPT(sc.GPTConfig(vocab_size=vocab, depth=2, model_dim=64, head_dim=32, max_seq_len=128))
+
+
+def test_bits_per_byte_matches_hand_computation(tmp_path):
+    make_shards(tmp_path)
+    model = tiny_model()
+    token_bytes = torch.randint(0, 4, (512,), dtype=torch.int32)  # some tokens count 0 bytes, like specials
+    loader = sc.PretrainLoader(tmp_path, "train", tokens=128, bos_id=BOS, vocab_size=512, max_doc_len=128)
+    bpb = sc.evaluate_bpb(model, loader, 3, token_bytes, "sdpa")
+    loader.load_state_dict({"shard": 0, "offset": 0, "epoch": 0})
+    nats = total = counted_tokens = 0.0
+    for _ in range(3):
+        batch = loader.next_batch()
+        with torch.no_grad():
+            losses = model(batch.inputs, batch.cu_seqlens, batch.max_seqlen, batch.targets, loss_reduction="none")
+        weights = token_bytes[batch.targets].double()
+        nats += float((losses.double() * (weights > 0)).sum())
+        total += float(weights.sum())
+        counted_tokens += float((weights > 0).sum())
+    assert bpb == pytest.approx(nats / (math.log(2) * total), rel=1e-9)
+    assert nats == pytest.approx(math.log(512) * counted_tokens, rel=1e-5)  # zero-init head: uniform prediction
+
+
+def copy_task_shards(directory, docs=400, seed=0):
+    """Documents BOS a b c ... a b c: the second half repeats the first, so a model that learns to copy
+    predicts it perfectly."""
+    rng = np.random.default_rng(seed)
+    parts = []
+    for _ in range(docs):
+        half = rng.integers(0, 64, 16)
+        parts.append(np.concatenate([[BOS], half, half]))
+    sc.write_shard(directory / "train_000000.bin", np.concatenate(parts), vocab_size=512)
+
+
+def test_tiny_model_learns_a_copy_task(tmp_path):
+    copy_task_shards(tmp_path)
+    model = tiny_model()
+    optimizers = sc.build_optimizers(model)
+    loader = sc.PretrainLoader(tmp_path, "train", tokens=33 * 8, bos_id=BOS, vocab_size=512, max_doc_len=64)
+    for step in range(150):
+        batch = loader.next_batch()
+        sc.apply_schedule(optimizers, sc.lr_multiplier(step, 150, 0, 0.4), sc.muon_momentum(step, 50))
+        loss = model(batch.inputs, batch.cu_seqlens, batch.max_seqlen, batch.targets)
+        loss.backward()
+        sc.step_optimizers(optimizers)
+    # first half: random digits, ln(64) = 4.16 nats at best; second half: copyable, ~0. The mean of a perfect model
+    # is about 16/33 x 4.16 = 2.0 nats; the uniform start is ln(512) = 6.24.
+    assert loss.item() < 2.4
+
+
+def test_checkpoint_resume_is_bit_identical(tmp_path):
+    copy_task_shards(tmp_path / "shards")
+    dist_info = sc.DistInfo(0, 1, 0, "cpu")
+
+    def make():
+        model = tiny_model(seed=1)
+        optimizers = sc.build_optimizers(model)
+        loader = sc.PretrainLoader(tmp_path / "shards", "train", tokens=66, bos_id=BOS, vocab_size=512,
+                                   max_doc_len=64)
+        return model, optimizers, loader
+
+    def train(model, optimizers, loader, steps):
+        for step in steps:
+            batch = loader.next_batch()
+            sc.apply_schedule(optimizers, sc.lr_multiplier(step, 10, 0, 0.4), sc.muon_momentum(step, 5))
+            model(batch.inputs, batch.cu_seqlens, batch.max_seqlen, batch.targets).backward()
+            sc.step_optimizers(optimizers)
+
+    straight = make()
+    train(*straight, range(10))
+    first = make()
+    train(*first, range(5))
+    path = sc.save_checkpoint(tmp_path / "ckpt", 5, first[0], first[1], first[2], sc.GPTConfig(), dist_info)
+    assert sc.latest_checkpoint(tmp_path / "ckpt") == path
+    model, checkpoint = sc.model_from_checkpoint(path, "cpu")
+    optimizers = sc.build_optimizers(model)
+    loader = make()[2]
+    sc.restore_training_state(path, optimizers, loader, dist_info)
+    train(model, optimizers, loader, range(checkpoint["step"], 10))
+    for (name, a), b in zip(straight[0].state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_missing_checkpoint_names_the_notebook(tmp_path):
+    with pytest.raises(sc.MissingArtifactError, match="03_pretrain"):
+        sc.load_checkpoint(tmp_path / "step_000001.pt")
