@@ -12,6 +12,7 @@ Sections (and the notebooks that call them):
   9. Pretraining loader ............... 03_pretrain
  10. Evaluation: bits per byte ........ 03_pretrain, 04_core_eval
  11. Checkpoints and run logs ......... 03-07
+ 12. CORE evaluation .................. 02_sharding, 04_core_eval
 
 The notebooks keep the training loops in view; this file holds the reusable and performance-critical parts.
 """
@@ -1519,6 +1520,206 @@ class RunLog:
 def format_duration(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+# ---------------------------------------------------------------------------------------------
+# 12. CORE evaluation (used by 02_sharding, 04_core_eval)
+# ---------------------------------------------------------------------------------------------
+# The 22 tasks of the DCLM paper, scored as nanochat does (data/core.py reads and renders them). 02_sharding
+# tokenizes every rendered example once into shards/core/<task>.bin, a token shard holding one full sequence
+# (BOS, context, continuation) per (example, choice), and <task>.records.bin, one int32 row per sequence with
+# the columns of CORE_RECORD_FIELDS: token offsets of the sequence start, the continuation start and the end,
+# then the example index (in the task file), the choice index and 1 on the gold choice. tasks.json lists the
+# tasks with their type and random baseline. Scoring packs many sequences into one varlen forward pass: a
+# multiple-choice or schema example is right when its gold choice has the lowest mean continuation loss; a
+# language-modelling example when greedy decoding reproduces the continuation exactly.
+
+CORE_RECORD_FIELDS = ("seq_start", "cont_start", "seq_end", "example", "choice", "gold")
+CORE_MANIFEST = "tasks.json"
+
+
+@dataclass
+class CoreExample:
+    """One rendered example: choice i is the text contexts[i] + continuations[i]; only the continuation is scored."""
+    kind: str  # multiple_choice | schema | language_modeling
+    contexts: list[str]
+    continuations: list[str]
+    gold: int
+
+
+@dataclass
+class CoreShard:
+    label: str
+    kind: str
+    baseline: float  # random-guess accuracy in [0, 1]
+    tokens: np.ndarray
+    records: np.ndarray  # (sequences, len(CORE_RECORD_FIELDS)) int32
+
+
+def common_prefix_length(seqs: list[list[int]]) -> int:
+    length = 0
+    for column in zip(*seqs):
+        if any(token != column[0] for token in column):
+            break
+        length += 1
+    return length
+
+
+def continuation_starts(example: CoreExample, seqs: list[list[int]], context_lengths: list[int]) -> list[int]:
+    """Where each choice's continuation begins, as nanochat finds it in token space: after the tokens all choices
+    share (multiple choice), before the tokens all options share (schema), after the context alone (language
+    modelling). Always at least one scored token, never the BOS."""
+    if example.kind == "multiple_choice":
+        starts = [common_prefix_length(seqs)] * len(seqs)
+    elif example.kind == "schema":
+        shared = common_prefix_length([s[::-1] for s in seqs])
+        starts = [len(s) - shared for s in seqs]
+    else:
+        starts = context_lengths
+    return [min(max(start, 1), len(s) - 1) for start, s in zip(starts, seqs)]
+
+
+def tokenize_core_examples(tokenizer: Tokenizer, examples: Sequence[CoreExample]) -> list[list[tuple[list[int], int]]]:
+    """Per example, per choice: (BOS + full text tokens, continuation start). Language-modelling texts are
+    stripped of surrounding whitespace, so the context's trailing space joins the continuation's first token."""
+    def full_texts(ex: CoreExample) -> list[str]:
+        texts = [c + x for c, x in zip(ex.contexts, ex.continuations)]
+        return [texts[0].strip()] if ex.kind == "language_modeling" else texts
+
+    fulls = tokenizer.encode_batch([t for ex in examples for t in full_texts(ex)], prepend_bos=True)
+    lm_contexts = [ex.contexts[0].strip() for ex in examples if ex.kind == "language_modeling"]
+    context_lengths = iter(len(ids) for ids in tokenizer.encode_batch(lm_contexts, prepend_bos=True))
+    result, position = [], 0
+    for ex in examples:
+        seqs = fulls[position:position + len(ex.contexts)]
+        position += len(seqs)
+        lengths = [next(context_lengths)] if ex.kind == "language_modeling" else []
+        result.append(list(zip(seqs, continuation_starts(ex, seqs, lengths))))
+    return result
+
+
+def write_core_shard(directory: Path, label: str, examples: Sequence[tuple[int, CoreExample]],
+                     tokenizer: Tokenizer) -> Path:
+    """Tokenize (example index, rendered example) pairs into `label`.bin and its records side file."""
+    tokenized = tokenize_core_examples(tokenizer, [ex for _, ex in examples])
+    sequences, records, offset = [], [], 0
+    for (index, ex), choices in zip(examples, tokenized):
+        for choice, (seq, start) in enumerate(choices):
+            records.append((offset, offset + start, offset + len(seq), index, choice, int(choice == ex.gold)))
+            sequences.append(np.asarray(seq, dtype=np.uint32))
+            offset += len(seq)
+    path = Path(directory) / f"{label}.bin"
+    write_shard(path, np.concatenate(sequences), "tokens", tokenizer.vocab_size)
+    table = np.asarray(records, dtype=np.int32).reshape(-1, len(CORE_RECORD_FIELDS))
+    write_shard(side_file(path, "records"), table, "records")
+    return path
+
+
+def write_core_manifest(directory: Path, tasks: list[dict[str, Any]]) -> Path:
+    """tasks.json: one {label, kind, baseline, examples} per task written, in CORE order."""
+    path = Path(directory) / CORE_MANIFEST
+    path.write_text(json.dumps(tasks, indent=1))
+    return path
+
+
+def read_core_shards(directory: Path, vocab_size: int | None = None) -> list[CoreShard]:
+    manifest = require_artifact(Path(directory) / CORE_MANIFEST, made_by="02_sharding")
+    shards = []
+    for task in json.loads(manifest.read_text()):
+        path = Path(directory) / f"{task['label']}.bin"
+        shards.append(CoreShard(task["label"], task["kind"], task["baseline"], read_shard(path, vocab_size),
+                                read_shard(side_file(path, "records"))))
+    return shards
+
+
+def core_sequence(tokens: np.ndarray, record: np.ndarray, max_seq_len: int) -> tuple[np.ndarray, int]:
+    """A record's tokens and continuation start, cut from the left to fit max_seq_len (as nanochat does)."""
+    seq_start, cont_start, seq_end = (int(v) for v in record[:3])
+    cut = max(0, seq_end - seq_start - max_seq_len)
+    return np.asarray(tokens[seq_start + cut:seq_end], dtype=np.int64), max(cont_start - seq_start - cut, 1)
+
+
+def _score_pack(model: GPT, pack: list[tuple[np.ndarray, int]], backend: str, device: str) -> Tensor:
+    """(mean continuation loss, 1 if greedy decoding gives the continuation exactly) per sequence of one pass."""
+    lengths = [len(seq) - 1 for seq, _ in pack]
+    inputs = torch.from_numpy(np.concatenate([seq[:-1] for seq, _ in pack])).to(device)
+    cu_seqlens = torch.tensor(np.cumsum([0, *lengths]), dtype=torch.int32, device=device)
+    offsets = np.cumsum([0, *lengths[:-1]])
+    # the prediction of token t of a sequence sits at input position t - 1
+    positions = np.concatenate([np.arange(o + start - 1, o + len(seq) - 1) for o, (seq, start) in zip(offsets, pack)])
+    targets = np.concatenate([seq[start:] for seq, start in pack])
+    owners = np.concatenate([np.full(len(seq) - start, i) for i, (seq, start) in enumerate(pack)])
+    logits = model(inputs, cu_seqlens, max(lengths), backend=backend)[torch.from_numpy(positions).to(device)]
+    targets_t, owners_t = torch.from_numpy(targets).to(device), torch.from_numpy(owners).to(device)
+    losses = F.cross_entropy(logits, targets_t, reduction="none")
+    misses = (logits.argmax(-1) != targets_t).float()
+    sums = torch.zeros(len(pack), 3, device=device)
+    sums.index_add_(0, owners_t, torch.stack([losses, misses, torch.ones_like(losses)], 1))
+    return torch.stack([sums[:, 0] / sums[:, 2], (sums[:, 1] == 0).float()], 1)
+
+
+@torch.no_grad()
+def score_core_records(model: GPT, tokens: np.ndarray, records: np.ndarray, backend: str, device: str,
+                       pack_tokens: int = 0) -> np.ndarray:
+    """(mean loss, exact) for each record. Sequences are packed into passes of up to `pack_tokens` tokens;
+    pack_tokens=0 runs one sequence per pass (the reference the packed path must match)."""
+    scores, pack, pack_size = [], [], 0
+    for record in records:
+        seq = core_sequence(tokens, record, model.config.max_seq_len)
+        if pack and pack_size + len(seq[0]) - 1 > pack_tokens:
+            scores.append(_score_pack(model, pack, backend, device))
+            pack, pack_size = [], 0
+        pack.append(seq)
+        pack_size += len(seq[0]) - 1
+    if pack:
+        scores.append(_score_pack(model, pack, backend, device))
+    return torch.cat(scores).cpu().numpy() if scores else np.zeros((0, 2), dtype=np.float32)
+
+
+def core_correct(kind: str, records: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Per example (in order of first appearance): right or wrong. The lowest mean loss picks the choice (ties go
+    to the first); a language-modelling example has one choice, right when reproduced exactly."""
+    examples = records[:, CORE_RECORD_FIELDS.index("example")]
+    gold = records[:, CORE_RECORD_FIELDS.index("gold")]
+    _, first, group = np.unique(examples, return_index=True, return_inverse=True)
+    correct = np.zeros(len(first), dtype=bool)
+    for g in range(len(first)):
+        rows = np.flatnonzero(group == g)
+        chosen = rows[0] if kind == "language_modeling" else rows[np.argmin(scores[rows, 0])]
+        correct[g] = scores[chosen, 1] == 1 if kind == "language_modeling" else gold[chosen] == 1
+    return correct[np.argsort(first)]
+
+
+def centered_accuracy(accuracy: float, baseline: float) -> float:
+    """0 at random guessing, 1 at perfect: how CORE puts tasks of different chance levels on one scale."""
+    return (accuracy - baseline) / (1.0 - baseline)
+
+
+def evaluate_core_task(model: GPT, shard: CoreShard, backend: str, device: str, pack_tokens: int = 0
+                       ) -> dict[str, float]:
+    """Accuracy of one task. Under torch.distributed each rank scores the examples with index % world == rank
+    and the counts are summed over ranks."""
+    world_size, rank = _world()
+    examples = shard.records[:, CORE_RECORD_FIELDS.index("example")]
+    mine = shard.records[examples % world_size == rank]
+    model.eval()
+    correct = core_correct(shard.kind, mine, score_core_records(model, shard.tokens, mine, backend, device,
+                                                                 pack_tokens))
+    model.train()
+    counts = torch.tensor([float(correct.sum()), float(len(correct))], device=device, dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(counts)
+    accuracy = float(counts[0] / counts[1]) if counts[1] else 0.0
+    return {"accuracy": accuracy, "centered": centered_accuracy(accuracy, shard.baseline),
+            "baseline": shard.baseline, "examples": int(counts[1])}
+
+
+def evaluate_core(model: GPT, shards: Sequence[CoreShard], backend: str, device: str, pack_tokens: int = 0
+                  ) -> dict[str, Any]:
+    """Per-task results and CORE, the mean centred accuracy over the tasks given."""
+    tasks = {shard.label: evaluate_core_task(model, shard, backend, device, pack_tokens) for shard in shards}
+    core = float(np.mean([t["centered"] for t in tasks.values()])) if tasks else float("nan")
+    return {"tasks": tasks, "core": core}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,7 +24,8 @@
 # 2. either download shards someone already made (a Hugging Face dataset repo), or tokenize the corpus yourself
 #    with several processes, each document prefixed by `<|bos|>`;
 # 3. look at what was written;
-# 4. optionally push your shards to the Hub so your next Colab session can download them instead.
+# 4. render and tokenize the CORE evaluation tasks for `04_core_eval`;
+# 5. optionally push your shards to the Hub so your next Colab session can download them instead.
 #
 # Headless: `python notebooks/02_sharding.py --shard_tokens=50000000`.
 
@@ -48,6 +49,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import stackcore as sc
+from data import core
 from data.hub import pull_shards, push_shards
 from data.pretrain import CorpusConfig, iter_documents
 
@@ -60,7 +62,10 @@ class ShardingConfig(CorpusConfig):
     workers: int = 0  # tokenizing processes (0: one per CPU core)
     pretokenized_repo: str = ""  # a hub dataset repo with ready shards: download instead of tokenizing
     push_repo: str = ""  # a hub dataset repo to upload the shards to when done (needs a write token)
-    PRESETS = {"tiny": dict(shard_tokens=200_000, val_docs=100, workers=2), "colab": dict(shard_tokens=50_000_000)}
+    core_bundle: str = ""  # a local CORE eval bundle folder (empty: download it; the tiny preset generates one)
+    core_max_examples: int = 0  # examples per CORE task (0: all)
+    PRESETS = {"tiny": dict(shard_tokens=200_000, val_docs=100, workers=2, core_max_examples=8),
+               "colab": dict(shard_tokens=50_000_000)}
 
 
 cfg = sc.configure(ShardingConfig)
@@ -141,6 +146,29 @@ fig.tight_layout()
 fig.savefig(run_dir / "shards.png", dpi=120)
 plt.show()
 (run_dir / "summary.json").write_text(json.dumps(report, indent=1))
+
+# %% [markdown]
+# ## The CORE evaluation tasks
+# `04_core_eval` scores the model on the 22 tasks of the DCLM paper. Each example is rendered into its prompt texts
+# (few-shot examples first, drawn with a fixed seed per example) and tokenized here once: `shards/core/<task>.bin`
+# holds one `<|bos|>` + prompt sequence per answer choice, and `<task>.records.bin` says where each sequence and
+# its scored continuation start and end. The task files come from nanochat's eval bundle (downloaded once into
+# `STACK_HOME/downloads`), from a local copy (`--core_bundle=folder`), or, in the tiny preset, from a small bundle
+# generated offline. Tasks missing from a bundle are skipped with a note.
+
+# %%
+core_dir = sc.artifact_dir("shards") / "core"
+bundle = core.find_bundle(cfg.core_bundle, synthetic=cfg.preset == "tiny")
+manifest = []
+for task in core.available_tasks(bundle):
+    examples = core.load_examples(bundle, task)
+    chosen = core.chosen_indices(len(examples), cfg.core_max_examples)
+    rendered = [(i, core.render_example(task, examples, i)) for i in chosen]
+    path = sc.write_core_shard(core_dir, task.label, rendered, tokenizer)
+    manifest.append({"label": task.label, "kind": task.kind, "baseline": task.baseline, "examples": len(chosen)})
+    print(f"{task.label:<34} {len(chosen):>6} examples {len(sc.read_shard(path)):>10,} tokens")
+sc.write_core_manifest(core_dir, manifest)
+print(f"{len(manifest)} CORE tasks written to {core_dir}")
 
 # %% [markdown]
 # ## Optional: push to the Hub

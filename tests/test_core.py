@@ -1,0 +1,302 @@
+"""CORE evaluation: the task table and adapters (data/core.py), the eval shards and the scoring (stackcore 12)."""
+import csv
+import json
+import random
+import re
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import stackcore as sc
+from conftest import SHARED_DATA
+from data import core
+
+REAL_BUNDLE = SHARED_DATA / "core"
+REAL_COUNTS = {  # examples per task in the shared copy (hellaswag, squad and coqa are absent there)
+    "jeopardy": 2117, "bigbench_qa_wikidata": 20321, "arc_easy": 2376, "arc_challenge": 1172, "copa": 100,
+    "commonsense_qa": 1221, "piqa": 1838, "openbook_qa": 500, "lambada_openai": 5153, "winograd": 273,
+    "winogrande": 1267, "bigbench_dyck_languages": 1000, "agi_eval_lsat_ar": 230, "bigbench_cs_algorithms": 1320,
+    "bigbench_operators": 210, "bigbench_repeat_copy_logic": 32, "boolq": 3270,
+    "bigbench_language_identification": 10000,
+}
+
+
+# --- scoring with a stub model whose predictions we choose ----------------------------------------------------
+
+class BigramStub(nn.Module):
+    """Logits depend only on the current token: next[t] is the one likely successor of t."""
+
+    def __init__(self, successors: dict[int, int], vocab: int = 16):
+        super().__init__()
+        self.config = sc.GPTConfig(vocab_size=vocab, depth=2, model_dim=64, head_dim=32, max_seq_len=64)
+        table = torch.zeros(vocab, vocab)
+        for token, successor in successors.items():
+            table[token, successor] = 10.0
+        self.register_buffer("table", table)
+
+    def forward(self, input_ids, cu_seqlens, max_seqlen, target_ids=None, *, backend="sdpa", **kwargs):
+        return self.table[input_ids]
+
+
+def shard_of(kind: str, examples: list[tuple[int, list[tuple[list[int], int]]]], baseline: float = 0.0):
+    """A CoreShard from hand-made (gold, [(sequence, continuation start), ...]) examples."""
+    tokens, records = [], []
+    for index, (gold, choices) in enumerate(examples):
+        for choice, (seq, start) in enumerate(choices):
+            offset = len(tokens)
+            records.append((offset, offset + start, offset + len(seq), index, choice, int(choice == gold)))
+            tokens.extend(seq)
+    return sc.CoreShard("hand", kind, baseline, np.asarray(tokens, dtype=np.uint16),
+                        np.asarray(records, dtype=np.int32))
+
+
+STUB = BigramStub({2: 4, 4: 3, 6: 7})  # after 2 comes 4, after 4 comes 3, after 6 comes 7
+
+
+@pytest.mark.parametrize("pack_tokens", [0, 5, 1000])
+def test_multiple_choice_picks_the_lowest_mean_loss(pack_tokens):
+    shard = shard_of("multiple_choice", [
+        (1, [([0, 1, 2, 3], 3), ([0, 1, 2, 4], 3)]),  # the model prefers 4: right
+        (0, [([0, 1, 2, 3], 3), ([0, 1, 2, 4], 3)]),  # the same, but gold is 3: wrong
+        (2, [([0, 1, 2, 5, 5], 3), ([0, 1, 2, 3], 3), ([0, 1, 2, 4, 3], 3)]),  # 4 then 3: lowest mean loss
+    ], baseline=0.25)
+    scores = sc.score_core_records(STUB, shard.tokens, shard.records, "sdpa", "cpu", pack_tokens)
+    assert sc.core_correct("multiple_choice", shard.records, scores).tolist() == [True, False, True]
+    result = sc.evaluate_core_task(STUB, shard, "sdpa", "cpu", pack_tokens)
+    assert result["accuracy"] == pytest.approx(2 / 3) and result["examples"] == 3
+    assert result["centered"] == pytest.approx((2 / 3 - 0.25) / 0.75)
+
+
+def test_schema_scores_the_shared_continuation_after_each_context():
+    shard = shard_of("schema", [
+        (1, [([0, 1, 5, 7], 3), ([0, 1, 6, 7], 3)]),  # only context 6 makes 7 likely
+        (0, [([0, 1, 5, 7], 3), ([0, 1, 6, 7], 3)]),
+    ])
+    scores = sc.score_core_records(STUB, shard.tokens, shard.records, "sdpa", "cpu", 100)
+    assert sc.core_correct("schema", shard.records, scores).tolist() == [True, False]
+
+
+def test_language_modelling_needs_every_greedy_token():
+    shard = shard_of("language_modeling", [
+        (0, [([0, 1, 2, 4, 3], 3)]),  # greedy: 2 -> 4 -> 3, exact
+        (0, [([0, 1, 2, 4, 5], 3)]),  # the last token differs
+        (0, [([0, 6, 7], 2)]),
+    ])
+    scores = sc.score_core_records(STUB, shard.tokens, shard.records, "sdpa", "cpu", 100)
+    assert sc.core_correct("language_modeling", shard.records, scores).tolist() == [True, False, True]
+
+
+def test_core_is_the_mean_centred_accuracy():
+    shards = [shard_of("language_modeling", [(0, [([0, 6, 7], 2)]), (0, [([0, 6, 5], 2)])]),
+              shard_of("schema", [(1, [([0, 1, 5, 7], 3), ([0, 1, 6, 7], 3)])], baseline=0.5)]
+    shards[1].label = "other"
+    results = sc.evaluate_core(STUB, shards, "sdpa", "cpu", 64)
+    assert results["tasks"]["hand"]["centered"] == pytest.approx(0.5)
+    assert results["tasks"]["other"]["centered"] == pytest.approx(1.0)
+    assert results["core"] == pytest.approx(0.75)
+
+
+def test_long_sequences_are_cut_from_the_left():
+    tokens = np.arange(100) % 16
+    seq, start = sc.core_sequence(tokens, np.array([10, 90, 100, 0, 0, 1]), max_seq_len=64)
+    assert len(seq) == 64 and seq[-1] == tokens[99] and seq[start] == tokens[90]
+
+
+# --- the real tiny GPT: packed scoring equals one prompt at a time -------------------------------------------
+
+@pytest.fixture
+def synthetic_shards(tiny_tokenizer, tmp_path):
+    tokenizer = sc.Tokenizer.load(tiny_tokenizer)
+    bundle = core.write_synthetic_bundle(tmp_path / "bundle", examples_per_task=12)
+    manifest = []
+    for task in core.CORE_TASKS:
+        examples = core.load_examples(bundle, task)
+        chosen = core.chosen_indices(len(examples), 6)
+        sc.write_core_shard(tmp_path / "core", task.label, [(i, core.render_example(task, examples, i))
+                                                           for i in chosen], tokenizer)
+        manifest.append({"label": task.label, "kind": task.kind, "baseline": task.baseline, "examples": 6})
+    sc.write_core_manifest(tmp_path / "core", manifest)
+    return tokenizer, sc.read_core_shards(tmp_path / "core", tokenizer.vocab_size)
+
+
+def test_packed_scoring_equals_one_prompt_at_a_time(synthetic_shards):
+    tokenizer, shards = synthetic_shards
+    torch.manual_seed(0)
+    model = sc.GPT(sc.GPTConfig(vocab_size=tokenizer.vocab_size, depth=2, model_dim=64, head_dim=32,
+                                max_seq_len=512))
+    with torch.no_grad():  # the zero-initialised projections would make every prediction uniform
+        for param in (model.lm_head.weight, *(b.attn.c_proj.weight for b in model.blocks)):
+            param.normal_(std=0.3)
+    assert len(shards) == 22
+    for shard in shards:
+        reference = sc.score_core_records(model, shard.tokens, shard.records, "sdpa", "cpu", 0)
+        packed = sc.score_core_records(model, shard.tokens, shard.records, "sdpa", "cpu", 700)
+        assert reference[:, 0].std() > 0, "the model should not be uniform"
+        np.testing.assert_allclose(packed, reference, rtol=1e-4, atol=1e-4, err_msg=shard.label)
+        assert (sc.core_correct(shard.kind, shard.records, packed)
+                == sc.core_correct(shard.kind, shard.records, reference)).all()
+
+
+def test_records_point_at_the_continuation_tokens(synthetic_shards):
+    tokenizer, shards = synthetic_shards
+    by_label = {shard.label: shard for shard in shards}
+    for label, expected in (("copa", "choices"), ("winograd", "continuation"), ("jeopardy", "continuation")):
+        shard = by_label[label]
+        for record in shard.records:
+            seq_start, cont_start, seq_end = record[:3]
+            assert shard.tokens[seq_start] == tokenizer.bos_id
+            text = tokenizer.decode(shard.tokens[cont_start:seq_end])
+            assert text.startswith(" ") and not text.startswith("  "), (label, text)
+    copa = by_label["copa"].records
+    for example in set(copa[:, 3]):
+        rows = copa[copa[:, 3] == example]
+        assert rows[:, 4].tolist() == [0, 1, 2, 3] and rows[:, 5].sum() == 1
+
+
+# --- rendering ------------------------------------------------------------------------------------------------
+
+def test_fewshot_rendering_matches_the_documented_form():
+    task = core.CoreTask("demo", "x/demo.jsonl", "multiple_choice", 2, "\nAnswer: ", 0.5)
+    examples = [{"query": f"Q{i}?", "choices": [f"a{i}", f"b{i}"], "gold": i % 2} for i in range(4)]
+    shots = random.Random(1234 + 3).sample([0, 1, 2], 2)
+    rendered = core.render_example(task, examples, 3)
+    prefix = "".join(f"Q{s}?\nAnswer: {examples[s]['choices'][s % 2]}\n\n" for s in shots)
+    assert rendered.contexts == [prefix + "Q3?\nAnswer: "] * 2
+    assert rendered.continuations == ["a3", "b3"] and rendered.gold == 1
+    assert core.fewshot_indices(3, 4, 2) == shots and 3 not in shots
+
+
+def test_schema_and_language_modelling_rendering():
+    schema = core.CoreTask("s", "x/s.jsonl", "schema", 1, " ", 0.5)
+    rows = [{"context_options": ["A did", "B did"], "continuation": "it.", "gold": 1},
+            {"context_options": ["C did", "D did"], "continuation": "that.", "gold": 0}]
+    rendered = core.render_example(schema, rows, 0)
+    assert rendered.contexts == ["C did that.\n\nA did ", "C did that.\n\nB did "]
+    assert rendered.continuations == ["it.", "it."] and rendered.gold == 1
+    lm = core.CoreTask("l", "x/l.jsonl", "language_modeling", 1, "\nAnswer: ", 0.0)
+    rows = [{"context": " 2+2 = ", "continuation": "4"}, {"context": "3+3 =\n", "continuation": "6"}]
+    rendered = core.render_example(lm, rows, 1)
+    assert rendered.contexts == ["2+2 =\nAnswer: 4\n\n3+3 =\nAnswer: "] and rendered.continuations == ["6"]
+
+
+def test_capped_selection_is_fixed_and_in_order():
+    assert core.chosen_indices(5, 0) == [0, 1, 2, 3, 4]
+    picked = core.chosen_indices(100, 10)
+    assert picked == core.chosen_indices(100, 10) == sorted(picked) and len(set(picked)) == 10
+
+
+# --- bad files --------------------------------------------------------------------------------------------------
+
+def write_task_file(root, task, lines):
+    path = root / "eval_data" / task.file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"query": "q", "choices": ["a", "b"]}', "lacks field(s) gold"),
+    ('{"query": "q", "choices": ["a", "b"], "gold": 2}', "not an index"),
+    ('{"query": "q", "choices": ["a", "b"], "gold": 0', "not valid JSON"),
+    ('["q"]', "expected a JSON object"),
+])
+def test_bad_task_files_name_the_file_and_line(tmp_path, line, message):
+    task = core.TASKS_BY_LABEL["copa"]
+    good = '{"query": "q", "choices": ["a", "b"], "gold": 0}'
+    path = write_task_file(tmp_path, task, [good, line])
+    with pytest.raises(core.CoreDataError, match=re.escape(message)) as error:
+        core.load_examples(tmp_path, task)
+    assert f"{path}:2" in str(error.value)
+
+
+def test_unknown_task_type_and_missing_files_are_clear(tmp_path):
+    task = core.CoreTask("odd", "x/odd.jsonl", "generation", 0, " ", 0.0)
+    write_task_file(tmp_path, task, ['{"context": "c", "continuation": "d"}'])
+    with pytest.raises(core.CoreDataError, match="odd.jsonl: unknown task type 'generation'"):
+        core.load_examples(tmp_path, task)
+    with pytest.raises(core.CoreDataError, match="not a CORE bundle"):
+        core.find_bundle(str(tmp_path / "nowhere"))
+
+
+def test_missing_tasks_are_skipped_with_a_note(tmp_path, capsys):
+    write_task_file(tmp_path, core.TASKS_BY_LABEL["copa"], ['{"query": "q", "choices": ["a"], "gold": 0}'])
+    assert [t.label for t in core.available_tasks(tmp_path)] == ["copa"]
+    assert "squad skipped" in capsys.readouterr().out
+
+
+def test_tiny_preset_bundle_is_generated_offline(stack_home):
+    bundle = core.find_bundle("", synthetic=True)
+    assert bundle.is_relative_to(stack_home)
+    assert [t.label for t in core.available_tasks(bundle)] == [t.label for t in core.CORE_TASKS]
+
+
+# --- the real bundle layout -------------------------------------------------------------------------------------
+
+needs_real_bundle = pytest.mark.skipif(not (REAL_BUNDLE / "eval_data").is_dir(), reason="no shared CORE data")
+
+
+def test_task_table_has_the_22_core_tasks():
+    assert len(core.CORE_TASKS) == 22 and len(core.TASKS_BY_LABEL) == 22
+    assert all(t.kind in core.TASK_KINDS and 0 <= t.baseline < 1 for t in core.CORE_TASKS)
+
+
+@needs_real_bundle
+def test_adapters_read_the_real_bundle():
+    tasks = core.available_tasks(core.find_bundle(str(REAL_BUNDLE)))
+    counts = {task.label: len(core.load_examples(REAL_BUNDLE, task)) for task in tasks}
+    assert counts == REAL_COUNTS and sum(counts.values()) == 52_400
+    for task in tasks:  # every example renders
+        examples = core.load_examples(REAL_BUNDLE, task)
+        assert core.render_example(task, examples, len(examples) - 1).contexts
+
+
+@needs_real_bundle
+def test_task_table_agrees_with_the_dclm_files():
+    with open(REAL_BUNDLE / "eval_meta_data.csv") as f:
+        baselines = {row["Eval Task"]: float(row["Random baseline"]) / 100 for row in csv.DictReader(f)}
+    yaml = pytest.importorskip("yaml")
+    config = {t["label"]: t for t in yaml.safe_load((REAL_BUNDLE / "dclm_heavy.yaml").read_text())["icl_tasks"]}
+    for task in core.CORE_TASKS:
+        entry = config[task.label]
+        assert task.baseline == pytest.approx(baselines[task.label]), task.label
+        assert entry["dataset_uri"].endswith(task.file) and entry["icl_task_type"] == task.kind, task.label
+        assert entry["num_fewshot"] == [task.shots], task.label
+        assert entry.get("continuation_delimiter", " ") == task.delimiter, task.label
+
+
+@needs_real_bundle
+def test_real_examples_tokenize_into_shards(tiny_tokenizer, tmp_path):
+    tokenizer = sc.Tokenizer.load(tiny_tokenizer)
+    for label in ("arc_easy", "winogrande", "lambada_openai"):
+        task = core.TASKS_BY_LABEL[label]
+        examples = core.load_examples(REAL_BUNDLE, task)
+        chosen = core.chosen_indices(len(examples), 5)
+        path = sc.write_core_shard(tmp_path, label, [(i, core.render_example(task, examples, i)) for i in chosen],
+                                   tokenizer)
+        records = sc.read_shard(sc.side_file(path, "records"))
+        assert records.shape[1] == len(sc.CORE_RECORD_FIELDS) and sorted(set(records[:, 3])) == chosen
+        assert (records[:, 1] > records[:, 0]).all() and (records[:, 2] > records[:, 1]).all()
+        assert records[:, 5].sum() == len(chosen)
+
+
+# --- distributed: each rank a slice, counts summed ---------------------------------------------------------------
+
+def _rank_worker(rank, world_size, init_file, shard, queue):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                         world_size=world_size)
+    queue.put(sc.evaluate_core_task(STUB, shard, "sdpa", "cpu", 50))
+    torch.distributed.destroy_process_group()
+
+
+def test_distributed_counts_match_one_process(tmp_path):
+    shard = shard_of("language_modeling", [(0, [([0, 6, 7 if i % 3 else 5], 2)]) for i in range(7)])
+    single = sc.evaluate_core_task(STUB, shard, "sdpa", "cpu", 50)
+    context = torch.multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    torch.multiprocessing.start_processes(_rank_worker, args=(2, tmp_path / "init", shard, queue), nprocs=2,
+                                          start_method="spawn")
+    results = [queue.get(timeout=60) for _ in range(2)]
+    assert results[0] == results[1] == single and single["examples"] == 7
+    assert json.dumps(single)
