@@ -2,7 +2,7 @@
 
 Sections (and the notebooks that call them):
   1. Configuration and presets ........ every notebook (the first cell builds its config here)
-  2. Artifacts and devices ............ every notebook (STACK_HOME layout, device and dtype choice)
+  2. Artifacts and devices ............ every notebook (STACK_HOME layout, GPU tier, dtype, fp16 loss scaling)
   3. Tokenizer ........................ 01_tokenizer, 02_sharding, 07_chat
   4. Shards ........................... 02_sharding writes them; 03-06 read them
   5. Triton kernels ................... 03_pretrain (through the optimizer)
@@ -13,17 +13,24 @@ Sections (and the notebooks that call them):
  10. Evaluation: bits per byte ........ 03_pretrain, 04_core_eval
  11. Checkpoints and run logs ......... 03-07
  12. CORE evaluation .................. 02_sharding, 04_core_eval
+ 13. Chat format, calculator, engine .. 05_sft, 06_rl, 07_chat (render conversations, KV-cache generation)
+ 14. SFT and chat evaluations ....... 02_sharding, 05_sft, 06_rl (conversation shards, SFT loader, chat evals)
+ 15. Reinforcement learning ........... 02_sharding, 06_rl (GSM8K prompt shards, rollouts, policy gradient)
+ 16. Runtime set-up ................... every notebook (the first cell: Colab installs, Drive, GPU report)
 
 The notebooks keep the training loops in view; this file holds the reusable and performance-critical parts.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib
 import inspect
 import json
 import math
+import operator
 import os
+import subprocess
 import sys
 import time
 import typing
@@ -46,9 +53,9 @@ except ImportError:
     triton = None
 
 try:
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 except ImportError:
-    flex_attention = None
+    flex_attention = BlockMask = None
 
 try:
     from torch.nn.attention.varlen import varlen_attn
@@ -118,22 +125,23 @@ def parse_value(name: str, raw: Any, kind: Any) -> Any:
         raise ConfigError(f"bad value {raw!r} for {name}: expected {getattr(kind, '__name__', kind)}") from None
 
 
-def choose_preset(cli: dict[str, str], environ: typing.Mapping[str, str]) -> str:
-    """--preset beats STACK_PRESET; with neither, pick from the hardware (CPU: tiny, several GPUs: node, H100/H200:
-    speedrun, any other GPU: colab)."""
-    preset = cli.pop("preset", None) or environ.get("STACK_PRESET") or auto_preset()
+def choose_preset(cli: dict[str, str], environ: typing.Mapping[str, str], gpu: GpuInfo | None) -> str:
+    """--preset beats STACK_PRESET; with neither, pick from the hardware (see auto_preset)."""
+    preset = (cli.pop("preset", None) or environ.get("STACK_PRESET")
+              or auto_preset(gpu, int(environ.get("WORLD_SIZE", "1"))))
     if preset not in PRESET_NAMES:
         raise ConfigError(f"unknown preset {preset!r}; valid presets: {', '.join(PRESET_NAMES)}")
     return preset
 
 
-def auto_preset() -> str:
-    if not torch.cuda.is_available():
+def auto_preset(gpu: GpuInfo | None, world_size: int = 1) -> str:
+    """CPU: tiny; several GPUs: node; an H100-class GPU (Hopper or newer, 70 GB or more): speedrun; any other GPU:
+    colab, which then fits that GPU (see colab_gpu_tier)."""
+    if gpu is None:
         return "tiny"
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if world_size > 1:
         return "node"
-    name = torch.cuda.get_device_name()
-    return "speedrun" if ("H100" in name or "H200" in name) else "colab"
+    return "speedrun" if colab_gpu_tier(gpu) == "h100" else "colab"
 
 
 @dataclass
@@ -144,28 +152,43 @@ class StackConfig:
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
 
 
-def preset_values(cls: type, preset: str) -> dict[str, Any]:
+def preset_tables(preset: str, tier: str | None) -> tuple[str, ...]:
+    """The PRESETS tables a preset applies, in order. `colab` fits the GPU's tier (colab_gpu_tier): its own table,
+    then `colab_<tier>` where a notebook has one (say `colab_t4`); on an H100-class GPU it takes the speedrun's."""
+    if preset != "colab" or tier is None:
+        return (preset,)
+    return ("speedrun",) if tier == "h100" else ("colab", f"colab_{tier}")
+
+
+def preset_values(cls: type, preset: str, tier: str | None = None) -> dict[str, Any]:
     values: dict[str, Any] = {}
-    for klass in reversed(cls.__mro__):
-        values.update(vars(klass).get("PRESETS", {}).get(preset, {}))
+    for table in preset_tables(preset, tier):
+        for klass in reversed(cls.__mro__):
+            values.update(vars(klass).get("PRESETS", {}).get(table, {}))
     return values
+
+
+def script_argv() -> list[str]:
+    """The `--key=value` arguments of a twin run as a script; none in a notebook kernel (its argv is the kernel's)."""
+    return [] if in_notebook_kernel() else sys.argv[1:]
 
 
 def configure(cls: type[ConfigT], argv: Sequence[str] | None = None,
               environ: typing.Mapping[str, str] | None = None) -> ConfigT:
-    """Build a notebook's config. argv defaults to sys.argv[1:] in a script and to nothing in a notebook kernel."""
-    if argv is None:
-        argv = [] if in_notebook_kernel() else sys.argv[1:]
+    """Build a notebook's config. argv defaults to script_argv(). STACK_COLAB_GPU=t4|l4|a100|h100 makes the colab
+    preset take that GPU's sizes whatever GPU is here."""
+    argv = script_argv() if argv is None else argv
     environ = os.environ if environ is None else environ
     cli = parse_cli_overrides(argv)
-    preset = choose_preset(cli, environ)
+    gpu = current_gpu()
+    preset = choose_preset(cli, environ, gpu)
     kinds = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.name != "preset"]
     unknown = sorted(set(cli) - set(names))
     if unknown:
         raise ConfigError(f"unknown option(s) {', '.join('--' + k for k in unknown)} for {cls.__name__}; "
                           f"valid keys: {', '.join(names)}")
-    values = preset_values(cls, preset)
+    values = preset_values(cls, preset, colab_gpu_tier(gpu, environ.get("STACK_COLAB_GPU", "")))
     values.update({n: environ[f"STACK_{n.upper()}"] for n in names if f"STACK_{n.upper()}" in environ})
     values.update(cli)
     parsed = {name: parse_value(name, raw, kinds[name]) for name, raw in values.items()}
@@ -186,8 +209,8 @@ def describe_config(cfg: Any) -> str:
 ARTIFACT_KINDS = ("tokenizer", "shards", "checkpoints", "runs", "downloads")
 
 
-def stack_home() -> Path:
-    return Path(os.environ.get("STACK_HOME", "~/.cache/decoderstack")).expanduser()
+def stack_home(environ: typing.Mapping[str, str] = os.environ) -> Path:
+    return Path(environ.get("STACK_HOME", "~/.cache/decoderstack")).expanduser()
 
 
 def artifact_dir(kind: str, create: bool = True) -> Path:
@@ -200,7 +223,11 @@ def artifact_dir(kind: str, create: bool = True) -> Path:
 
 
 class MissingArtifactError(FileNotFoundError):
-    """An earlier notebook's output is not where this one looks for it."""
+    """An earlier notebook's output is not where this one looks for it. In Colab the message adds how to share
+    STACK_HOME between notebooks (colab_drive_hint)."""
+
+    def __str__(self) -> str:
+        return super().__str__() + colab_drive_hint(os.environ)
 
 
 def require_artifact(path: Path, made_by: str) -> Path:
@@ -216,12 +243,89 @@ def pick_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@dataclass(frozen=True)
+class GpuInfo:
+    """What the presets need to know about a GPU (tests describe made-up ones)."""
+    name: str
+    capability: tuple[int, int]  # CUDA compute capability: (7, 5) T4, (8, 0) A100, (8, 9) L4, (9, 0) H100
+    memory_gb: float  # 10^9 bytes, as GPUs are sold: an A100 40GB has 42.5
+
+    @property
+    def has_bf16(self) -> bool:
+        return self.capability >= (8, 0)
+
+
+def current_gpu(device: str | torch.device = "cuda") -> GpuInfo | None:
+    """The GPU `device` names (the current one for plain "cuda"), or None for the CPU or a machine without CUDA."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(device)
+    return GpuInfo(props.name, (props.major, props.minor), round(props.total_memory / 1e9, 1))
+
+
+COLAB_GPU_TIERS = ("t4", "l4", "a100", "h100")
+
+
+def colab_gpu_tier(gpu: GpuInfo | None, override: str = "") -> str | None:
+    """The Colab GPU whose sizes fit `gpu`: t4 before Ampere (T4, V100: no bf16, no FlashAttention), l4 for bf16 GPUs
+    under 38 GB (L4, A10G, RTX cards), a100 from 38 GB (A100, L40S), h100 for Hopper and newer from 70 GB (the
+    speedrun sizes). `override` (STACK_COLAB_GPU) names one instead; None without a GPU."""
+    if override:
+        if override not in COLAB_GPU_TIERS:
+            raise ConfigError(f"unknown Colab GPU {override!r}; valid: {', '.join(COLAB_GPU_TIERS)}")
+        return override
+    if gpu is None:
+        return None
+    if not gpu.has_bf16:
+        return "t4"
+    if gpu.capability >= (9, 0) and gpu.memory_gb >= 70:
+        return "h100"
+    return "a100" if gpu.memory_gb >= 38 else "l4"
+
+
+COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def compute_dtype_for(gpu: GpuInfo | None, requested: str = "auto") -> torch.dtype:
+    """`requested` (auto | bfloat16 | float16 | float32); auto is bf16 where the GPU has it (Ampere and newer), fp16
+    on older GPUs such as the T4 (the training loops scale the loss: LossScaler), fp32 on the CPU."""
+    if requested != "auto":
+        if requested not in COMPUTE_DTYPES:
+            raise ConfigError(f"unknown dtype {requested!r}; valid: auto, {', '.join(COMPUTE_DTYPES)}")
+        return COMPUTE_DTYPES[requested]
+    if gpu is None:
+        return torch.float32
+    return torch.bfloat16 if gpu.has_bf16 else torch.float16
+
+
 def pick_compute_dtype(device: str) -> torch.dtype:
-    """bf16 where the GPU has it (Ampere and newer); fp32 elsewhere (the CPU, and a T4, whose fp16 would need loss
-    scaling that the training loops do not do yet)."""
-    if device.startswith("cuda") and torch.cuda.get_device_capability()[0] >= 8:
-        return torch.bfloat16
-    return torch.float32
+    """The matmul dtype on `device`: STACK_DTYPE if set, else compute_dtype_for's automatic choice."""
+    return compute_dtype_for(current_gpu(device), os.environ.get("STACK_DTYPE", "auto"))
+
+
+class LossScaler:
+    """Loss scaling for fp16 training (GPUs without bf16, such as the T4). torch.amp.GradScaler multiplies the loss
+    so that small gradients do not flush to zero in fp16, divides the gradients back before the optimizer step,
+    skips the step of an optimizer whose gradients overflowed and adapts the scale as it goes. For bf16 and fp32
+    it is a plain step_optimizers. One process only: under torchrun each rank would skip steps on its own."""
+
+    def __init__(self, compute_dtype: torch.dtype, device: str):
+        enabled = compute_dtype == torch.float16
+        if enabled and _world()[0] > 1:
+            raise ConfigError("fp16 loss scaling runs in one process only: under torchrun set STACK_DTYPE=float32")
+        self.scaler = torch.amp.GradScaler(torch.device(device).type, enabled=enabled)
+
+    def scale(self, loss: Tensor) -> Tensor:
+        return self.scaler.scale(loss)
+
+    def step(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        if not self.scaler.is_enabled():
+            return step_optimizers(optimizers)
+        for optimizer in optimizers:
+            self.scaler.step(optimizer)
+            optimizer.zero_grad(set_to_none=True)
+        self.scaler.update()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -581,7 +685,8 @@ def symmetric_matmul(x: Tensor, alpha: float = 1.0, addend: Tensor | None = None
 # All backends take packed documents: q, k, v of shape (T, H, D) with the documents concatenated,
 # cu_seqlens (B+1,) int32 with the document boundaries (0, ..., T), and return (T, H, D). Attention
 # is causal and never crosses a document boundary; `window` (None = unlimited) limits a query at
-# position p to the keys p-window+1 .. p of its own document, i.e. at most `window` keys.
+# position p to the keys p-window+1 .. p of its own document, i.e. at most `window` keys. The flex backend
+# also takes a prebuilt BlockMask as `window` (flex_block_mask), so that no mask is built inside torch.compile.
 
 ATTENTION_BACKENDS = ("flash", "varlen", "flex", "sdpa")  # preference order for "auto"
 
@@ -624,24 +729,23 @@ def _sdpa_attention(q, k, v, cu_seqlens, max_seqlen, window):
 
 
 def _document_mask_mod(doc_ids: Tensor, window: int | None):
-    """FlexAttention mask_mod: same document, causal, and inside the sliding window."""
+    """FlexAttention mask_mod: same document, causal, and inside the sliding window (None: the whole document).
+    The window is captured as a tensor, not a Python int, so that masks of every window share one compiled kernel."""
+    limit = torch.full((), doc_ids.numel() + 1 if window is None else window, device=doc_ids.device)
+
     def mask_mod(b, h, q_idx, kv_idx):
-        keep = (doc_ids[q_idx] == doc_ids[kv_idx]) & (q_idx >= kv_idx)
-        if window is not None:
-            keep = keep & (q_idx - kv_idx < window)
-        return keep
+        return (doc_ids[q_idx] == doc_ids[kv_idx]) & (q_idx >= kv_idx) & (q_idx - kv_idx < limit)
     return mask_mod
 
 
-@lru_cache(maxsize=8)
-def _flex_block_mask(bounds: tuple[int, ...], window: int | None, device: torch.device):
-    """Block mask for one packing; cached so that all layers sharing a window build it once per step."""
-    total = bounds[-1]
-    mask_mod = _document_mask_mod(document_ids(torch.tensor(bounds, device=device), total), window)
+def flex_block_mask(cu_seqlens: Tensor, total_len: int, window: int | None) -> BlockMask:
+    """FlexAttention block mask of one packing and window, built from tensors only (no host sync). The model builds
+    one per window and batch, outside torch.compile, and passes it down as the layers' `window`."""
+    mask_mod = _document_mask_mod(document_ids(cu_seqlens, total_len), window)
     kwargs = {}
-    if device.type == "cuda" and "_compile" in inspect.signature(create_block_mask).parameters:
+    if cu_seqlens.is_cuda and "_compile" in inspect.signature(create_block_mask).parameters:
         kwargs["_compile"] = True  # avoids materialising the dense T x T mask on the GPU
-    return create_block_mask(mask_mod, None, None, total, total, device=device, **kwargs)
+    return create_block_mask(mask_mod, None, None, total_len, total_len, device=cu_seqlens.device, **kwargs)
 
 
 @lru_cache(maxsize=1)
@@ -650,18 +754,21 @@ def _compiled_flex_attention():
 
 
 def _flex_attention(q, k, v, cu_seqlens, max_seqlen, window, compiled=None):
+    """`window` is an int, None, or a BlockMask from flex_block_mask (the model's way: no mask building here)."""
     if q.device.type == "cpu":
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
             # FlexAttention has no CPU backward (torch raises NotImplementedError). Evaluate the same
             # mask_mod densely and let SDPA differentiate it; only CPU training takes this path.
             total = q.size(0)
             positions = torch.arange(total, device=q.device)
-            mask = _document_mask_mod(document_ids(cu_seqlens, total), window)(0, 0, positions[:, None], positions)
+            mask_mod = (window.mask_mod if isinstance(window, BlockMask)
+                        else _document_mask_mod(document_ids(cu_seqlens, total), window))
+            mask = mask_mod(0, 0, positions[:, None], positions)
             out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
                                                  attn_mask=mask)
             return out.transpose(0, 1)
         q, k, v = q.detach(), k.detach(), v.detach()  # torch rejects requires_grad CPU inputs even under no_grad
-    block_mask = _flex_block_mask(tuple(cu_seqlens.tolist()), window, q.device)
+    block_mask = window if isinstance(window, BlockMask) else flex_block_mask(cu_seqlens, q.size(0), window)
     attend = _compiled_flex_attention() if (q.is_cuda if compiled is None else compiled) else flex_attention
     out = attend(*(t.transpose(0, 1).unsqueeze(0) for t in (q, k, v)), block_mask=block_mask)
     return out.squeeze(0).transpose(0, 1)
@@ -728,7 +835,7 @@ def _backend_works(name: str, device: torch.device) -> bool:
         return False
     if name == "sdpa":
         return True
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = compute_dtype_for(current_gpu(device))
     generator = torch.Generator(device=device).manual_seed(0)
     q, k, v = torch.randn(3, 40, 2, 64, device=device, dtype=dtype, generator=generator)
     cu_seqlens = torch.tensor([0, 1, 13, 40], device=device, dtype=torch.int32)
@@ -752,10 +859,12 @@ def available_attention_backends(device: torch.device | str) -> list[str]:
 
 def pick_attention_backend(device: torch.device | str, requested: str = "auto") -> str:
     """`requested` if it works on `device`, the best working backend for "auto", else ValueError. On the CPU
-    "auto" is the per-document SDPA loop: flex has no CPU backward and runs there as dense masked attention."""
+    "auto" is the per-document SDPA loop: flex has no CPU backward and runs there as dense masked attention. So it
+    is on GPUs before Ampere (a T4), which FlashAttention and varlen do not support."""
     available = available_attention_backends(device)
     if requested == "auto":
-        return "sdpa" if torch.device(device).type == "cpu" else available[0]
+        gpu = current_gpu(device)
+        return "sdpa" if gpu is None or not gpu.has_bf16 else available[0]
     if requested not in available:
         raise ValueError(f"attention backend {requested!r} is not available on {device}; "
                          f"valid names here: {['auto', *available]} (all backends: {list(ATTENTION_BACKENDS)})")
@@ -883,6 +992,105 @@ class Block(nn.Module):
         return x + self.mlp(norm(x))
 
 
+def residual_mix(x: Tensor, x0: Tensor, resid_lambda: Tensor, x0_lambda: Tensor, skip: Tensor | None = None,
+                 skip_weight: Tensor | None = None) -> Tensor:
+    """A block's input: resid_lambda * (x + skip_weight * skip) + x0_lambda * x0 (a U-net skip only in the second
+    half of the layers)."""
+    if skip is not None:
+        x = x + skip_weight * skip
+    return resid_lambda * x + x0_lambda * x0
+
+
+def _run_block(block: Block, *args: Any) -> Tensor:
+    return block(*args)
+
+
+@lru_cache(maxsize=None)
+def _compiled_layer_functions(backend: str):
+    """residual_mix and _run_block under torch.compile with dynamic shapes: the block is an argument, so all
+    layers of one structure share a graph, and ints (windows, longest document) are symbolic from the start."""
+    return (torch.compile(residual_mix, dynamic=True, backend=backend),
+            torch.compile(_run_block, dynamic=True, backend=backend))
+
+
+def soft_cap(logits: Tensor, softcap: float) -> Tensor:
+    """softcap * tanh(logits / softcap) in fp32: logits squashed smoothly into (-softcap, softcap)."""
+    return softcap * torch.tanh(logits.float() / softcap)
+
+
+def _softcapped_ce_rows(logits: Tensor, targets: Tensor, softcap: float) -> tuple[Tensor, Tensor]:
+    """Per-row cross-entropy of soft_cap(logits) (0 where the target is -1) and its gradient with respect to
+    `logits`, in their dtype: the part of the loss that torch.compile fuses into a pass or two over the logits."""
+    capped = soft_cap(logits, softcap)
+    lse = torch.logsumexp(capped, dim=-1)
+    valid = targets >= 0
+    target = targets.clamp(min=0)
+    loss = torch.where(valid, lse - capped.gather(1, target[:, None]).squeeze(1), 0.0)
+    onehot = target[:, None] == torch.arange(capped.size(-1), device=capped.device)
+    grad = torch.where(valid[:, None], torch.exp(capped - lse[:, None]) - onehot.float(), 0.0)
+    return loss, (grad * (1 - (capped / softcap) ** 2)).to(logits.dtype)
+
+
+@lru_cache(maxsize=None)
+def _compiled_ce_rows(backend: str):
+    return torch.compile(_softcapped_ce_rows, backend=backend)
+
+
+def _chunked_ce_losses(h: Tensor, weight: Tensor, targets: Tensor, softcap: float, chunk_tokens: int) -> Tensor:
+    """Per-token losses (T,) fp32, without gradients, `chunk_tokens` rows of logits at a time."""
+    w = weight.to(h.dtype)
+    return torch.cat([F.cross_entropy(soft_cap(h[i:i + chunk_tokens] @ w.mT, softcap), targets[i:i + chunk_tokens],
+                                      ignore_index=-1, reduction="none") for i in range(0, h.size(0), chunk_tokens)])
+
+
+class _SoftcappedCrossEntropySum(torch.autograd.Function):
+    """Sum of the soft-capped cross-entropy. Its gradients are computed chunk by chunk in forward, so that the
+    (tokens x vocab) fp32 logits never exist whole, and backward only scales them."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, softcap, chunk_tokens, compile_backend):
+        rows = _compiled_ce_rows(compile_backend) if compile_backend else _softcapped_ce_rows
+        w = weight.to(h.dtype)
+        total = torch.zeros((), device=h.device, dtype=torch.float32)
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros_like(weight, dtype=torch.float32)  # summed over chunks in fp32
+        for start in range(0, h.size(0), chunk_tokens):
+            part = slice(start, start + chunk_tokens)
+            losses, grad_logits = rows(h[part] @ w.mT, targets[part], softcap)
+            total += losses.sum()
+            grad_h[part] = grad_logits @ w
+            grad_w += grad_logits.mT @ h[part]
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_output.to(grad_h.dtype), grad_w * grad_output, None, None, None, None
+
+
+def softcapped_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, softcap: float, reduction: str = "mean",
+                             chunk_tokens: int = 8192, compile_backend: str | None = None) -> Tensor:
+    """F.cross_entropy(soft_cap(h @ weight.T, softcap), targets, ignore_index=-1, reduction=reduction), computed
+    `chunk_tokens` rows of logits at a time, so that memory holds chunk x vocab logits instead of tokens x vocab.
+    With gradients and reduction "mean" or "sum", each chunk's gradient is formed at once (fused by torch.compile
+    with `compile_backend`, e.g. "inductor"); per-token losses ("none") that need gradients take the plain path."""
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"unknown reduction {reduction!r}; use 'mean', 'sum' or 'none'")
+    needs_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    if needs_grad and reduction == "none":
+        return F.cross_entropy(soft_cap(F.linear(h, weight.to(h.dtype)), softcap), targets, ignore_index=-1,
+                               reduction="none")
+    if needs_grad:
+        total = _SoftcappedCrossEntropySum.apply(h, weight, targets, softcap, chunk_tokens, compile_backend)
+    else:
+        losses = _chunked_ce_losses(h, weight, targets, softcap, chunk_tokens)
+        if reduction == "none":
+            return losses
+        total = losses.sum()
+    return total if reduction == "sum" else total / (targets >= 0).sum()
+
+
 # Suggested learning rates (modded-nanogpt-like). Muon's lr is relative to the orthogonalised update,
 # whose RMS is ~1/sqrt(max dim) before Muon's shape scaling. The Adam lrs for embeddings and head are
 # for model_dim 768 and get multiplied by (model_dim / 768) ** -0.5 (nanochat's rule: wider models
@@ -909,6 +1117,7 @@ class GPT(nn.Module):
         cos, sin = rotary_tables(config.max_seq_len, config.head_dim)
         self.register_buffer("rotary_cos", cos, persistent=False)
         self.register_buffer("rotary_sin", sin, persistent=False)
+        self.compile_backend: str | None = None  # see compile_layers()
         self.init_weights()
 
     @torch.no_grad()
@@ -939,6 +1148,17 @@ class GPT(nn.Module):
         for module in self.modules():
             if isinstance(module, CastedLinear):
                 module.compute_dtype = dtype
+
+    def compile_layers(self, backend: str = "inductor") -> "GPT":
+        """Regional torch.compile for training: a block's graph is shared by every layer of the same structure
+        (with or without a value embedding; int or None window, while flex passes BlockMasks: at most 4 graphs),
+        the residual mixing has at most 4 small graphs (with or without a U-net skip; inputs that alias in the
+        first layer and, for an even depth, the first layer after the middle) and the loss one graph per chunk
+        shape. Embeddings and the layer loop stay eager. Windows and document lengths are dynamic, so a growing
+        window recompiles nothing. Without gradients (evaluation), and for the layers with the sdpa attention
+        backend, the model runs eagerly. `backend` is torch.compile's. Returns the model."""
+        self.compile_backend = backend
+        return self
 
     def value_embed_index(self, layer: int) -> int | None:
         """Which value-embedding table feeds `layer` (U-net symmetric), or None."""
@@ -973,23 +1193,28 @@ class GPT(nn.Module):
         cos, sin = self.rotary_cos[positions], self.rotary_sin[positions]
         x0 = norm(self.wte(input_ids).to(self.compute_dtype))
         value_embeds = [table(input_ids).to(self.compute_dtype) for table in self.value_embeds]
+        if backend == "flex":  # block masks: one per window, built here, outside any compiled region
+            masks = {window: flex_block_mask(cu_seqlens, input_ids.size(0), window) for window in set(windows)}
+            windows = [masks[window] for window in windows]
+        compile_backend = self.compile_backend if torch.is_grad_enabled() else None
+        # sdpa loops over the documents on the host, which torch.compile cannot trace: its layers run eagerly
+        mix, run_block = (_compiled_layer_functions(compile_backend) if compile_backend and backend != "sdpa"
+                          else (residual_mix, _run_block))
         n_skip = config.depth // 2
         x, skips = x0, []
         for i, block in enumerate(self.blocks):
-            if i >= config.depth - n_skip:
-                mirror = config.depth - 1 - i
-                x = x + self.skip_weights[mirror] * skips[mirror]
-            x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            mirror = config.depth - 1 - i
+            skip = (skips[mirror], self.skip_weights[mirror]) if mirror < n_skip else ()
+            x = mix(x, x0, self.resid_lambdas[i], self.x0_lambdas[i], *skip)
             table = self.value_embed_index(i)
             value_embed = None if table is None else value_embeds[table]
-            x = block(x, value_embed, cos, sin, cu_seqlens, max_seqlen, windows[i], backend)
+            x = run_block(block, x, value_embed, cos, sin, cu_seqlens, max_seqlen, windows[i], backend)
             if i < n_skip:
                 skips.append(x)
-        logits = self.lm_head(norm(x)).float()
-        logits = config.softcap * torch.tanh(logits / config.softcap)
         if target_ids is None:
-            return logits
-        return F.cross_entropy(logits, target_ids, ignore_index=-1, reduction=loss_reduction)
+            return soft_cap(self.lm_head(norm(x)), config.softcap)
+        return softcapped_cross_entropy(norm(x), self.lm_head.weight, target_ids, config.softcap, loss_reduction,
+                                        compile_backend=compile_backend)
 
     def parameter_kinds(self) -> dict[str, list[nn.Parameter]]:
         """Parameters by kind: matrices (2D weights inside blocks), embedding, value_embeds, head, scalars."""
@@ -1094,8 +1319,8 @@ def orthogonalize(g: Tensor, method: str = "polar_express", steps: int = 5) -> T
     """Approximate the polar factor U V^T of g (..., rows, cols) with an odd-polynomial iteration.
 
     "polar_express" (default) uses per-step minimax coefficients; "newton_schulz" the fixed quintic,
-    which leaves singular values roughly in [0.7, 1.2]. Runs in bf16 on CUDA, fp32 elsewhere, and
-    returns that dtype. Tall matrices are transposed so that the Gram matrix X X^T is the small one.
+    which leaves singular values roughly in [0.7, 1.2]. Runs in bf16 on CUDA (fp16 before Ampere), fp32
+    elsewhere, and returns that dtype. Tall matrices are transposed so that the Gram matrix X X^T is the small one.
     """
     if method == "polar_express":
         coefficients = polar_express_coefficients(steps)
@@ -1103,7 +1328,7 @@ def orthogonalize(g: Tensor, method: str = "polar_express", steps: int = 5) -> T
         coefficients = (NEWTON_SCHULZ_COEFFICIENTS,) * steps
     else:
         raise ValueError(f"unknown orthogonalization method {method!r}; use 'polar_express' or 'newton_schulz'")
-    x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
+    x = g.to(compute_dtype_for(current_gpu(g.device)))  # fp16 on GPUs without bf16 (a T4)
     transposed = x.size(-2) > x.size(-1)
     if transposed:
         x = x.mT.contiguous()
@@ -1325,6 +1550,15 @@ def document_boundaries(inputs: np.ndarray, bos_id: int, max_doc_len: int) -> np
     return np.asarray([*bounds, len(inputs)], dtype=np.int32)
 
 
+def host_to_device(array: np.ndarray, device: str | torch.device) -> Tensor:
+    """`array` as a tensor on `device`. A copy to a GPU goes through pinned memory, so that it is asynchronous and
+    the host can queue more work meanwhile (a copy from pageable memory may wait for the GPU)."""
+    tensor = torch.from_numpy(array)
+    if torch.device(device).type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
 class PretrainLoader:
     """Endless BOS-aligned batches from token shards, `tokens` per rank per call, wrapping around at the end."""
 
@@ -1368,8 +1602,7 @@ class PretrainLoader:
         rows = [self._take_row() for _ in range(self.world_size)]
         row = rows[self.rank]
         cu_seqlens = document_boundaries(row[:-1], self.bos_id, self.max_doc_len)
-        to_device = lambda a: torch.from_numpy(a).to(self.device, non_blocking=True)
-        return Batch(to_device(row[:-1]), to_device(row[1:]), to_device(cu_seqlens),
+        return Batch(*(host_to_device(a, self.device) for a in (row[:-1], row[1:], cu_seqlens)),
                      int(np.diff(cu_seqlens).max()))
 
     def state_dict(self) -> dict[str, int]:
@@ -1396,10 +1629,9 @@ def evaluate_bpb(model: GPT, loader: PretrainLoader, steps: int, token_bytes: Te
         batch = loader.next_batch()
         losses = model(batch.inputs, batch.cu_seqlens, batch.max_seqlen, batch.targets, backend=backend,
                        loss_reduction="none")
-        target_bytes = token_bytes[batch.targets]
-        counted = target_bytes > 0
-        nats += losses[counted].double().sum()
-        total_bytes += target_bytes[counted].double().sum()
+        target_bytes = token_bytes[batch.targets]  # 0 for special tokens, which are left out of both sums
+        nats += (losses.double() * (target_bytes > 0)).sum()  # no boolean indexing: it would sync with the GPU
+        total_bytes += target_bytes.double().sum()
     if dist.is_initialized():
         dist.all_reduce(nats)
         dist.all_reduce(total_bytes)
@@ -1714,12 +1946,1358 @@ def evaluate_core_task(model: GPT, shard: CoreShard, backend: str, device: str, 
             "baseline": shard.baseline, "examples": int(counts[1])}
 
 
-def evaluate_core(model: GPT, shards: Sequence[CoreShard], backend: str, device: str, pack_tokens: int = 0
-                  ) -> dict[str, Any]:
-    """Per-task results and CORE, the mean centred accuracy over the tasks given."""
-    tasks = {shard.label: evaluate_core_task(model, shard, backend, device, pack_tokens) for shard in shards}
+def evaluate_core(model: GPT, shards: Sequence[CoreShard], backend: str, device: str, pack_tokens: int = 0,
+                  log: typing.Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Per-task results and CORE, the mean centred accuracy over the tasks given. `log` gets a line per task as
+    it finishes (a full pass takes minutes on a small GPU)."""
+    tasks = {}
+    for shard in shards:
+        started = time.time()
+        tasks[shard.label] = evaluate_core_task(model, shard, backend, device, pack_tokens)
+        if log:
+            log(f"{shard.label}: accuracy {tasks[shard.label]['accuracy']:.3f} ({len(shard.records):,} sequences, "
+                f"{len(shard.tokens):,} tokens) in {time.time() - started:.1f} s")
     core = float(np.mean([t["centered"] for t in tasks.values()])) if tasks else float("nan")
     return {"tasks": tasks, "core": core}
+
+
+# ---------------------------------------------------------------------------------------------
+# 13. Chat format, calculator and inference engine (used by 05_sft, 06_rl, 07_chat)
+# ---------------------------------------------------------------------------------------------
+# A conversation is a list of messages {"role": "system"|"user"|"assistant", "content": ...}. User and system
+# content is a string; assistant content is a string or a list of parts {"type": "text"|"python"|"python_output",
+# "text": str}: prose, a calculator expression the model writes, and the result the engine forces back in.
+# Rendered: <|bos|> <|user_start|>..<|user_end|> <|assistant_start|>..<|assistant_end|> ..., with python parts
+# between <|python_start|>..<|python_end|> and tool output between <|output_start|>..<|output_end|>.
+
+CHAT_PART_TYPES = ("text", "python", "python_output")
+
+
+def _check_text(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: content must be a string, got {type(value).__name__}")
+    return value
+
+
+def _assistant_parts(content: Any, where: str) -> list[dict[str, str]]:
+    """An assistant message's content as a list of parts (a plain string is one text part)."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if not isinstance(content, list):
+        raise ValueError(f"{where}: content must be a string or a list of parts, got {type(content).__name__}")
+    for j, part in enumerate(content):
+        if not isinstance(part, dict) or part.get("type") not in CHAT_PART_TYPES:
+            raise ValueError(f"{where}, part {j}: expected {{'type': one of {CHAT_PART_TYPES}, 'text': str}}, "
+                             f"got {part!r}")
+        _check_text(part.get("text"), f"{where}, part {j}")
+    return content
+
+
+def chat_turns(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Check a conversation and return its turns with the system message folded into the first user message.
+    Raises ValueError on a conversation the chat format cannot express."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError("a conversation is a non-empty list of {'role': ..., 'content': ...} messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise ValueError(f"message {i}: expected a dict with 'role' and 'content', got {message!r}")
+    system = None
+    if messages[0]["role"] == "system":
+        system = _check_text(messages[0]["content"], "message 0 (system)")
+        messages = messages[1:]
+        if not messages or messages[0]["role"] != "user":
+            raise ValueError("a system message must be followed by a user message")
+    turns = []
+    for i, message in enumerate(messages, start=int(system is not None)):
+        expected = ("user", "assistant")[len(turns) % 2]
+        if message["role"] != expected:
+            raise ValueError(f"message {i}: expected role {expected!r} (after an optional system message, roles "
+                             f"alternate user, assistant, ...), got {message['role']!r}")
+        where = f"message {i} ({expected})"
+        if expected == "user":
+            content = _check_text(message["content"], where)
+            if system is not None and not turns:
+                content = f"{system}\n\n{content}"
+        else:
+            content = _assistant_parts(message["content"], where)
+        turns.append({"role": expected, "content": content})
+    return turns
+
+
+def render_conversation(tokenizer: Tokenizer, messages: Sequence[dict[str, Any]], max_tokens: int | None = None
+                        ) -> tuple[list[int], list[int]]:
+    """Token ids of a conversation and a mask that is 1 on the tokens the model is trained to produce: assistant
+    text, python parts with their start/end tokens, and <|assistant_end|>. The mask is 0 on <|bos|>, user turns,
+    <|assistant_start|> and the tool output (with its start/end tokens), which the engine forces at inference."""
+    special = tokenizer.special_id
+    ids, mask = [tokenizer.bos_id], [0]
+
+    def add(tokens: list[int], trained: bool) -> None:
+        ids.extend(tokens)
+        mask.extend([int(trained)] * len(tokens))
+
+    for turn in chat_turns(messages):
+        if turn["role"] == "user":
+            add([special("<|user_start|>"), *tokenizer.encode(turn["content"]), special("<|user_end|>")], False)
+            continue
+        add([special("<|assistant_start|>")], False)
+        for part in turn["content"]:
+            text = tokenizer.encode(part["text"])
+            if part["type"] == "text":
+                add(text, True)
+            elif part["type"] == "python":
+                add([special("<|python_start|>"), *text, special("<|python_end|>")], True)
+            else:
+                add([special("<|output_start|>"), *text, special("<|output_end|>")], False)
+        add([special("<|assistant_end|>")], True)
+    if max_tokens is not None:
+        ids, mask = ids[:max_tokens], mask[:max_tokens]
+    return ids, mask
+
+
+def render_for_completion(tokenizer: Tokenizer, messages: Sequence[dict[str, Any]]) -> list[int]:
+    """The conversation up to its last user message, then <|assistant_start|>: the prompt the engine continues.
+    A final assistant message (say, the reference answer of an eval example) is dropped."""
+    messages = list(messages)
+    if messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":
+        messages = messages[:-1]
+    if not messages or messages[-1].get("role") != "user":
+        raise ValueError("render_for_completion needs a conversation that ends with a user message "
+                         "(optionally followed by one assistant message, which is dropped)")
+    ids, _ = render_conversation(tokenizer, messages)
+    return [*ids, tokenizer.special_id("<|assistant_start|>")]
+
+
+# The calculator tool. The model writes an expression such as `12 * 7 + 3` or `"strawberry".count("r")`; the
+# engine evaluates it by walking its syntax tree with a whitelist (never eval/exec on model text), under limits
+# on length, depth, exponent, integer size, string size and time, and forces the result back as text.
+
+CALC_MAX_CHARS = 300  # longest expression accepted
+CALC_MAX_DEPTH = 64  # deepest syntax tree (a chain of n additions is n deep)
+CALC_MAX_INT_BITS = 4096  # largest integer, operand or result (about 1200 decimal digits)
+CALC_MAX_STRING = 10_000  # longest string, operand or result
+CALC_STRING_METHODS = frozenset({"count", "upper", "lower", "strip", "replace", "split", "find", "startswith",
+                                 "endswith"})
+
+
+class CalculatorError(ValueError):
+    """An expression the calculator refuses or cannot evaluate; calculate() returns its message."""
+
+
+def _check_size(value: Any) -> Any:
+    if type(value) not in (int, float, str, list, bool):
+        raise CalculatorError(f"{type(value).__name__} result not supported")
+    if isinstance(value, int) and value.bit_length() > CALC_MAX_INT_BITS:
+        raise CalculatorError("number too large")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise CalculatorError("result is not finite")
+    if isinstance(value, (str, list)) and (len(value) > CALC_MAX_STRING or sum(map(len, value)) > CALC_MAX_STRING):
+        raise CalculatorError("result too long")
+    return value
+
+
+_CALC_OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+                   ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod}
+
+
+def _calc_binary(op: ast.operator, left: Any, right: Any) -> Any:
+    numbers = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (left, right))
+    if isinstance(op, ast.Add) and all(isinstance(x, str) for x in (left, right)):
+        return left + right
+    if isinstance(op, ast.Mult) and isinstance(left, str) != isinstance(right, str):
+        count = right if isinstance(left, str) else left
+        text = left if isinstance(left, str) else right
+        if not isinstance(count, int) or isinstance(count, bool) or len(text) * max(count, 0) > CALC_MAX_STRING:
+            raise CalculatorError("string repeat too long")
+        return text * count
+    if not numbers:
+        raise CalculatorError(f"unsupported operands for {type(op).__name__}")
+    if isinstance(op, ast.Pow):
+        if abs(right) > 1024 or (abs(left) > 1 and abs(right) * math.log2(abs(left)) > CALC_MAX_INT_BITS):
+            raise CalculatorError("exponent too large")
+        return left ** right
+    if isinstance(op, ast.Mult) and isinstance(left, int) and isinstance(right, int):
+        if left.bit_length() + right.bit_length() > CALC_MAX_INT_BITS:
+            raise CalculatorError("number too large")
+    if type(op) not in _CALC_OPERATORS:
+        raise CalculatorError(f"operator {type(op).__name__} not allowed")
+    return _CALC_OPERATORS[type(op)](left, right)
+
+
+def _calc_call(node: ast.Call, evaluate: typing.Callable[[ast.AST], Any]) -> Any:
+    if node.keywords:
+        raise CalculatorError("keyword arguments not allowed")
+    args = [evaluate(arg) for arg in node.args]
+    if isinstance(node.func, ast.Name) and node.func.id == "len" and len(args) == 1:
+        if not isinstance(args[0], (str, list)):
+            raise CalculatorError("len() needs a string")
+        return len(args[0])
+    if not isinstance(node.func, ast.Attribute) or node.func.attr not in CALC_STRING_METHODS:
+        raise CalculatorError(f"only len() and the string methods {sorted(CALC_STRING_METHODS)} may be called")
+    target = evaluate(node.func.value)
+    if not isinstance(target, str) or not all(isinstance(a, str) for a in args) or len(args) > 2:
+        raise CalculatorError(f".{node.func.attr}() needs a string and at most two string arguments")
+    if node.func.attr == "replace" and len(args) == 2 and (len(target) + 1) * (len(args[1]) + 1) > CALC_MAX_STRING:
+        raise CalculatorError("result too long")
+    return getattr(target, node.func.attr)(*args)
+
+
+def _calc_eval(node: ast.AST, depth: int, deadline: float) -> Any:
+    if depth > CALC_MAX_DEPTH:
+        raise CalculatorError("expression nested too deeply")
+    if time.monotonic() > deadline:
+        raise CalculatorError("timed out")
+
+    def evaluate(child: ast.AST) -> Any:
+        return _calc_eval(child, depth + 1, deadline)
+
+    if isinstance(node, ast.Expression):
+        return evaluate(node.body)
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float, str):
+        return _check_size(node.value)
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.UAdd, ast.USub)):
+        operand = evaluate(node.operand)
+        if not isinstance(operand, (int, float)) or isinstance(operand, bool):
+            raise CalculatorError("unary sign needs a number")
+        return operand if isinstance(node.op, ast.UAdd) else -operand
+    if isinstance(node, ast.BinOp):
+        return _check_size(_calc_binary(node.op, evaluate(node.left), evaluate(node.right)))
+    if isinstance(node, ast.Call):
+        return _check_size(_calc_call(node, evaluate))
+    raise CalculatorError(f"{type(node).__name__} not allowed")
+
+
+def format_calculator_result(value: Any) -> str:
+    """Integers (and floats with an integer value) without a decimal point; other floats to 10 significant digits."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    if isinstance(value, float):
+        return f"{value:.10g}"
+    return str(value)
+
+
+def calculate(expression: str, timeout_s: float = 0.5) -> str:
+    """Evaluate a calculator expression safely. Never raises: a refused or failing expression gives "error: ..."."""
+    try:
+        if len(expression) > CALC_MAX_CHARS:
+            raise CalculatorError(f"expression longer than {CALC_MAX_CHARS} characters")
+        tree = ast.parse(expression.strip(), mode="eval")
+        return format_calculator_result(_calc_eval(tree, 0, time.monotonic() + timeout_s))
+    except CalculatorError as error:
+        return f"error: {error}"
+    except ZeroDivisionError:
+        return "error: division by zero"
+    except (SyntaxError, ValueError, TypeError, OverflowError, MemoryError, RecursionError) as error:
+        return f"error: {type(error).__name__}"
+
+
+# The inference engine. Every row of a batch advances in lockstep, one token per step: a row either samples its
+# next token or takes one the engine forces (the calculator's output). The KV cache keeps every layer's keys and
+# values of the positions so far, so a step runs the model on one new token per row. forward_cached repeats
+# GPT.forward's computation (value embeddings, U-net skips, x0 mixing, soft cap) on top of the cache; the tests
+# check that it gives the same logits as GPT.forward.
+
+class KVCache:
+    """Preallocated keys and values of every layer: two (depth, batch, heads, capacity, head_dim) tensors."""
+
+    def __init__(self, config: GPTConfig, batch_size: int, capacity: int, device: torch.device | str,
+                 dtype: torch.dtype):
+        shape = (config.depth, batch_size, config.n_heads, capacity, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # positions filled, the same for every row
+
+    @property
+    def capacity(self) -> int:
+        return self.k.size(3)
+
+    def broadcast_first_row(self) -> None:
+        """Copy row 0 into every row: several samples continue one prefilled prompt without prefilling again."""
+        self.k[:, 1:] = self.k[:, :1]
+        self.v[:, 1:] = self.v[:, :1]
+
+
+def _cached_attention(attn: CausalSelfAttention, x: Tensor, value_embed: Tensor | None, cos: Tensor, sin: Tensor,
+                      cache: KVCache, layer: int, window: int | None, backend: str, position: Tensor | None
+                      ) -> Tensor:
+    """CausalSelfAttention.forward for x (B, T, dim) at positions cache.length.. (or at `position`), reading and
+    extending the cache."""
+    B, T, _ = x.shape
+    q, k, v = (linear(x).view(B, T, attn.n_heads, attn.head_dim) for linear in (attn.c_q, attn.c_k, attn.c_v))
+    if value_embed is not None:
+        v = attn.value_mix[0] * v + attn.value_mix[1] * value_embed.view_as(v)
+    q, k = apply_rotary(norm(q), cos, sin), apply_rotary(norm(k), cos, sin)
+    if position is not None:  # static shapes (CUDA graphs): write at `position`, mask the whole cache
+        cache.k[layer].index_copy_(2, position, k.transpose(1, 2))
+        cache.v[layer].index_copy_(2, position, v.transpose(1, 2))
+        keys = torch.arange(cache.capacity, device=x.device)[None]  # (1, capacity): one query's row
+        visible = (keys <= position) & (position - keys < (window or cache.capacity))
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), cache.k[layer], cache.v[layer], attn_mask=visible)
+        return attn.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+    start, end = cache.length, cache.length + T
+    cache.k[layer, :B, :, start:end] = k.transpose(1, 2)
+    cache.v[layer, :B, :, start:end] = v.transpose(1, 2)
+    if start == 0 and B == 1:  # a prompt's prefill: the training attention backend, one document
+        cu_seqlens = torch.tensor([0, T], device=x.device, dtype=torch.int32)
+        y = attention(q[0], k[0], v[0], cu_seqlens, T, window, backend)[None]
+    else:  # decode (and prefill after a cache that is not empty): the queries attend to the cache
+        first = 0 if window is None else max(0, start - window + 1)  # the oldest key any query here may see
+        keys = torch.arange(first, end, device=x.device)
+        queries = torch.arange(start, end, device=x.device)[:, None]
+        visible = (keys <= queries) & (queries - keys < (window or end))
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), cache.k[layer, :B, :, first:end],
+                                           cache.v[layer, :B, :, first:end], attn_mask=None if T == 1 else visible)
+        y = y.transpose(1, 2)
+    return attn.c_proj(y.reshape(B, T, -1))
+
+
+def forward_cached(model: GPT, ids: Tensor, cache: KVCache, backend: str = "sdpa", position: Tensor | None = None
+                   ) -> Tensor:
+    """Logits (B, T, vocab), fp32, of ids (B, T) that continue the cache's B rows; extends the cache by T.
+
+    Rows must not exceed the cache's batch; a batch-1 prompt into an empty cache uses `backend` like training.
+    With `position` (a one-element int64 tensor), one token per row of the full cache batch goes to that position
+    and cache.length is left to the caller: no shape depends on the position, so a CUDA graph can replay the step.
+    """
+    config = model.config
+    B, T = ids.shape
+    start = cache.length
+    if position is not None:
+        if T != 1 or B != cache.k.size(1):
+            raise ValueError(f"a step at a tensor position takes one token per cache row, got ids of shape {(B, T)}")
+        cos, sin = model.rotary_cos.index_select(0, position), model.rotary_sin.index_select(0, position)
+    elif start + T > min(cache.capacity, config.max_seq_len):
+        raise ValueError(f"{start + T} positions exceed the cache ({cache.capacity}) or max_seq_len "
+                         f"({config.max_seq_len})")
+    else:
+        cos, sin = model.rotary_cos[start:start + T], model.rotary_sin[start:start + T]
+    x0 = norm(model.wte(ids).to(model.compute_dtype))
+    value_embeds = [table(ids).to(model.compute_dtype) for table in model.value_embeds]
+    n_skip = config.depth // 2
+    x, skips = x0, []
+    for i, (block, window) in enumerate(zip(model.blocks, model.layer_windows())):
+        if i >= config.depth - n_skip:
+            mirror = config.depth - 1 - i
+            x = x + model.skip_weights[mirror] * skips[mirror]
+        x = model.resid_lambdas[i] * x + model.x0_lambdas[i] * x0
+        table = model.value_embed_index(i)
+        value_embed = None if table is None else value_embeds[table]
+        x = x + _cached_attention(block.attn, norm(x), value_embed, cos, sin, cache, i, window, backend, position)
+        x = x + block.mlp(norm(x))
+        if i < n_skip:
+            skips.append(x)
+    if position is None:
+        cache.length = start + T
+    logits = model.lm_head(norm(x)).float()
+    return config.softcap * torch.tanh(logits / config.softcap)
+
+
+def sample_tokens(logits: Tensor, generators: Sequence[torch.Generator], temperature: float = 1.0,
+                  top_k: int | None = None, top_p: float | None = None) -> Tensor:
+    """One token per row of logits (B, vocab); row i draws from generators[i] only, so a row's samples do not
+    depend on the other rows in the batch. Temperature 0 is greedy (argmax)."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k and top_k < logits.size(-1):
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    if top_p is not None and top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        sorted_probs[sorted_probs.cumsum(dim=-1) - sorted_probs > top_p] = 0.0  # keep the top token always
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, generators)])
+
+
+@dataclass
+class _RowState:
+    """Where one row of a generation is: tokens queued for forcing, an expression being written, done."""
+    forced: list[int] = dataclasses.field(default_factory=list)
+    expression: list[int] | None = None  # tokens after <|python_start|>; None outside a tool call
+    done: bool = False
+
+
+class Engine:
+    """KV-cache generation with the calculator tool, over a GPT and its tokenizer.
+
+    A row stops after it emits <|assistant_end|> or <|bos|> (kept as its last token) or after max_tokens tokens.
+    When a row closes a tool call (<|python_start|> expression <|python_end|>), the engine evaluates the
+    expression with `calculate` and forces <|output_start|> result <|output_end|> into that row, one token a step.
+    """
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer, backend: str = "sdpa"):
+        self.model, self.tokenizer, self.backend = model, tokenizer, backend
+        special = tokenizer.special_id
+        self.stop_ids = {special("<|assistant_end|>"), tokenizer.bos_id}
+        self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
+        self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
+
+    def _observe(self, row: _RowState, token: int) -> None:
+        """Update a row after it took `token`: finish it, or follow and answer a tool call."""
+        if token in self.stop_ids:
+            row.done = True
+        elif token == self.python_start:
+            row.expression = []
+        elif token == self.python_end and row.expression is not None:
+            result = calculate(self.tokenizer.decode(row.expression))
+            row.forced += [self.output_start, *self.tokenizer.encode(result), self.output_end]
+            row.expression = None
+        elif row.expression is not None:
+            row.expression.append(token)
+
+    @torch.inference_mode()
+    def stream(self, prompt: Sequence[int], num_samples: int = 1, max_tokens: int = 256, temperature: float = 1.0,
+               top_k: int | None = None, top_p: float | None = None, seed: int = 0
+               ) -> Iterator[tuple[list[int], list[int]]]:
+        """Yield, each step, the new token of every row and whether it was sampled (1) or forced (0). A row that
+        has finished yields -1 (and 0). Row i samples with a torch.Generator seeded with seed + i, so row i of a
+        batch equals a single sample with seed + i. The prompt is prefilled once and shared by all rows."""
+        model, device = self.model, self.model.rotary_cos.device
+        if not prompt:
+            raise ValueError("the prompt is empty: start it with <|bos|> (see render_for_completion)")
+        max_tokens = min(max_tokens, model.config.max_seq_len - len(prompt))
+        if max_tokens <= 0:
+            raise ValueError(f"a prompt of {len(prompt)} tokens leaves no room in max_seq_len "
+                             f"{model.config.max_seq_len}")
+        cache = KVCache(model.config, num_samples, len(prompt) + max_tokens, device, model.compute_dtype)
+        prompt_ids = torch.tensor([list(prompt)], device=device)
+        logits = forward_cached(model, prompt_ids, cache, self.backend)[:, -1].expand(num_samples, -1)
+        cache.broadcast_first_row()
+        generators = [torch.Generator(device=device).manual_seed(seed + i) for i in range(num_samples)]
+        rows = [_RowState() for _ in range(num_samples)]
+        for step in range(max_tokens):
+            sampling = [i for i, row in enumerate(rows) if not row.done and not row.forced]
+            chosen = logits if len(sampling) == num_samples else logits[sampling]
+            sampled = sample_tokens(chosen, [generators[i] for i in sampling], temperature, top_k,
+                                    top_p).tolist() if sampling else []
+            drawn = dict(zip(sampling, sampled))
+            tokens, was_sampled = [], []
+            for i, row in enumerate(rows):
+                token = -1 if row.done else drawn[i] if i in drawn else row.forced.pop(0)
+                tokens.append(token)
+                was_sampled.append(int(i in drawn))
+                if token >= 0:
+                    self._observe(row, token)
+            yield tokens, was_sampled
+            if all(row.done for row in rows) or step == max_tokens - 1:
+                return
+            feed = torch.tensor([[max(token, 0)] for token in tokens], device=device)
+            logits = forward_cached(model, feed, cache, self.backend)[:, -1]
+
+    def generate(self, prompt: Sequence[int], num_samples: int = 1, max_tokens: int = 256, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int = 0
+                 ) -> tuple[list[list[int]], list[list[int]]]:
+        """Each row's generated tokens (the prompt excluded, the stop token included) and a mask of the same
+        length: 1 where the token was sampled, 0 where the engine forced it (tool output). RL trains on the 1s."""
+        tokens: list[list[int]] = [[] for _ in range(num_samples)]
+        masks: list[list[int]] = [[] for _ in range(num_samples)]
+        for step_tokens, step_sampled in self.stream(prompt, num_samples, max_tokens, temperature, top_k, top_p,
+                                                     seed):
+            for i, (token, sampled) in enumerate(zip(step_tokens, step_sampled)):
+                if token >= 0:
+                    tokens[i].append(token)
+                    masks[i].append(sampled)
+        return tokens, masks
+
+
+# Chatting: a ChatSession keeps the history and streams replies; the notebook's widget (ChatPanel) and terminal
+# loop (chat_loop) are thin layers over it, so tests drive them as plain function calls.
+
+CHAT_CHECKPOINT_RUNS = {"rl": "06_rl", "sft": "05_sft"}  # chat runs and the notebooks that train them
+
+
+def find_chat_checkpoint(run_name: str = "") -> Path:
+    """The newest checkpoint of run `run_name`; by default that of the newest chat run (06_rl, 05_sft), else
+    that of 03_pretrain's base model."""
+    root = artifact_dir("checkpoints")
+    runs = [run_name] if run_name else list(CHAT_CHECKPOINT_RUNS)
+    found = [path for path in (latest_checkpoint(root / run) for run in runs) if path is not None]
+    if not found and not run_name:
+        found = [path for path in [latest_checkpoint(root / "pretrain")] if path is not None]
+    if not found:
+        made_by = CHAT_CHECKPOINT_RUNS.get(run_name, "03_pretrain")
+        raise MissingArtifactError(f"no checkpoint under {root / (run_name or 'pretrain')} (nor of a chat run): "
+                                   f"run notebooks/{made_by} first (STACK_HOME is {stack_home()})")
+    return max(found, key=lambda path: path.stat().st_mtime)
+
+
+def assistant_parts(tokenizer: Tokenizer, ids: Sequence[int]) -> list[dict[str, str]]:
+    """Generated tokens (after <|assistant_start|>) back to message parts, up to a stop token; the inverse of
+    rendering an assistant turn. A part still open at the end is kept as it is."""
+    special = {tokenizer.special_id(name): name for name in SPECIAL_TOKENS}
+    opens = {"<|python_start|>": "python", "<|output_start|>": "python_output"}
+    parts: list[tuple[str, list[int]]] = [("text", [])]
+    for token in ids:
+        name = special.get(token)
+        if name in ("<|assistant_end|>", "<|bos|>"):
+            break
+        if name in opens:
+            parts.append((opens[name], []))
+        elif name in ("<|python_end|>", "<|output_end|>"):
+            parts.append(("text", []))
+        elif name is None:
+            parts[-1][1].append(token)
+    return [{"type": kind, "text": tokenizer.decode(part)} for kind, part in parts if part or kind != "text"]
+
+
+def show_parts(parts: Sequence[dict[str, str]]) -> str:
+    """An assistant reply as plain text, with tool calls shown as [calculator: expression = result]."""
+    templates = {"text": "{}", "python": "[calculator: {}", "python_output": " = {}]"}
+    return "".join(templates[part["type"]].format(part["text"]) for part in parts)
+
+
+def show_tokens(tokenizer: Tokenizer, ids: Sequence[int]) -> str:
+    """show_parts(assistant_parts(tokenizer, ids)) token by token: text only grows as tokens arrive, so a
+    streaming display can print the difference."""
+    shown = {"<|python_start|>": "[calculator: ", "<|output_start|>": " = ", "<|output_end|>": "]"}
+    special = {tokenizer.special_id(name): name for name in SPECIAL_TOKENS}
+    pieces, run = [], []
+    for token in ids:
+        if token not in special:
+            run.append(token)
+            continue
+        pieces.append(tokenizer.decode(run))
+        run = []
+        if special[token] in ("<|assistant_end|>", "<|bos|>"):
+            break
+        pieces.append(shown.get(special[token], ""))
+    return "".join(pieces) + tokenizer.decode(run)
+
+
+class ChatSession:
+    """A conversation with a model: the message history and a streaming `reply`."""
+
+    def __init__(self, engine: Engine, temperature: float = 0.6, top_k: int | None = 50, max_tokens: int = 256,
+                 seed: int = 0, system: str | None = None):
+        self.engine, self.temperature, self.top_k, self.max_tokens = engine, temperature, top_k, max_tokens
+        self.seed, self.system = seed, system
+        self.messages: list[dict[str, Any]] = []
+        self.clear()
+
+    def clear(self) -> None:
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+
+    def reply(self, text: str) -> Iterator[str]:
+        """Add the user's message, then yield the reply as it is generated, piece by piece (tool calls shown as by
+        show_parts). Once the generator is exhausted, the reply is part of the history."""
+        self.messages.append({"role": "user", "content": text})
+        prompt = render_for_completion(self.engine.tokenizer, self.messages)
+        ids: list[int] = []
+        shown = ""
+        for tokens, _ in self.engine.stream(prompt, max_tokens=self.max_tokens, temperature=self.temperature,
+                                            top_k=self.top_k, seed=self.seed + len(self.messages)):
+            ids.append(tokens[0])
+            now = show_tokens(self.engine.tokenizer, ids)
+            if not now.endswith("\ufffd"):  # wait for the rest of a character split across tokens
+                yield now[len(shown):]
+                shown = now
+        self.messages.append({"role": "assistant", "content": assistant_parts(self.engine.tokenizer, ids)})
+
+
+def chat_loop(session: ChatSession, read: typing.Callable[[str], str] = input,
+              write: typing.Callable[..., Any] = print) -> None:
+    """A terminal chat: 'clear' starts over; 'quit', an empty line or end of input stops."""
+    while True:
+        try:
+            text = read("you> ").strip()
+        except EOFError:
+            break
+        if text in ("", "quit", "exit"):
+            break
+        if text == "clear":
+            session.clear()
+            continue
+        write("assistant> ", end="", flush=True)
+        for piece in session.reply(text):
+            write(piece, end="", flush=True)
+        write()
+
+
+class ChatPanel:
+    """The notebook's chat widget: the history, a text box with a send button, a temperature slider and a clear
+    button. `send` and `clear` are the button callbacks; a test calls them directly."""
+
+    def __init__(self, session: ChatSession):
+        import ipywidgets as widgets
+
+        self.session = session
+        self.history = widgets.HTML()
+        self.text = widgets.Text(placeholder="Ask something, then press Send", layout={"width": "60%"})
+        self.temperature = widgets.FloatSlider(value=session.temperature, min=0.0, max=1.5, step=0.05,
+                                               description="temperature")
+        send, clear = widgets.Button(description="Send"), widgets.Button(description="Clear")
+        send.on_click(self.send)
+        clear.on_click(self.clear)
+        self.widget = widgets.VBox([self.history, widgets.HBox([self.text, send, clear]), self.temperature])
+        self.render()
+
+    def render(self, pending: str | None = None) -> None:
+        """Show the history, and a reply still being generated."""
+        import html
+
+        lines = [(m["role"], m["content"] if isinstance(m["content"], str) else show_parts(m["content"]))
+                 for m in self.session.messages]
+        lines += [("assistant", pending)] if pending is not None else []
+        self.history.value = "".join(f"<p><b>{role}:</b> {html.escape(text)}</p>" for role, text in lines)
+
+    def send(self, _button: Any = None) -> None:
+        text, self.text.value = self.text.value.strip(), ""
+        if not text:
+            return
+        self.session.temperature = self.temperature.value
+        reply = ""
+        for piece in self.session.reply(text):
+            reply += piece
+            self.render(reply)
+        self.render()
+
+    def clear(self, _button: Any = None) -> None:
+        self.session.clear()
+        self.render()
+
+
+# ---------------------------------------------------------------------------------------------
+# 14. Supervised fine-tuning and chat evaluations (used by 02_sharding, 05_sft, 06_rl)
+# ---------------------------------------------------------------------------------------------
+# 02_sharding renders every conversation of the SFT mixture (data/sft.py) with render_conversation into
+# shards/sft/train_*.bin and val_*.bin: whole conversations back to back, each starting with <|bos|>, and beside each
+# shard its loss mask (name.mask.bin, one uint8 per token, 1 on what the assistant writes). The SFT loader packs
+# whole conversations, never cut, into one varlen row of at most `tokens` tokens, with no padding; targets are -1
+# where the mask is 0, so the loss counts the assistant's own tokens only.
+# Chat evals ask questions in the chat format. Multiple choice: the allowed letter with the highest logit after
+# <|assistant_start|>, many prompts per varlen forward pass. Generative tasks: greedy decoding with the Engine
+# (calculator included), then a check of the reply; generated code runs in a sandboxed subprocess.
+
+class ConversationWriter(ShardWriter):
+    """A ShardWriter for rendered conversations: add(ids, mask); each shard's mask goes to its side file, written
+    before the token shard so that a listed shard always has its mask."""
+
+    def __init__(self, directory: Path, prefix: str, shard_tokens: int, vocab_size: int, bos_id: int):
+        super().__init__(directory, prefix, shard_tokens, vocab_size)
+        self.bos_id = bos_id
+        self.pending_masks: list[np.ndarray] = []
+
+    def add(self, doc: Sequence[int], mask: Sequence[int] | None = None) -> None:
+        if mask is None or len(mask) != len(doc) or not len(doc) or doc[0] != self.bos_id:
+            raise ValueError("a conversation needs a loss mask of its length and must start with <|bos|>")
+        super().add(doc)  # may flush the shard before this conversation
+        self.pending_masks.append(np.asarray(mask, dtype=np.uint8))
+
+    def flush(self) -> None:
+        if self.pending:
+            path = self.directory / f"{self.prefix}_{len(self.written):06d}.bin"
+            write_shard(side_file(path, "mask"), np.concatenate(self.pending_masks), "mask")
+            self.pending_masks = []
+        super().flush()
+
+
+def _render_worker(batch: tuple[list[Any], int | None]) -> list[tuple[np.ndarray, np.ndarray]]:
+    assert _worker_tokenizer is not None
+    conversations, max_tokens = batch
+    return [tuple(np.asarray(x, dtype=np.uint32) for x in render_conversation(_worker_tokenizer, c, max_tokens))
+            for c in conversations]
+
+
+def render_parallel(tokenizer_dir: Path, conversations: Iterable[Sequence[dict[str, Any]]], max_tokens: int | None,
+                    workers: int, batch_size: int = 256) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(ids, mask) of every conversation, in input order, rendered by `workers` processes (see tokenize_parallel)."""
+    batches = ((batch, max_tokens) for batch in batched(conversations, batch_size))
+    if workers <= 1:
+        _load_worker_tokenizer(str(tokenizer_dir))
+        for batch in batches:
+            yield from _render_worker(batch)
+        return
+    import multiprocessing
+
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with multiprocessing.get_context(method).Pool(workers, _load_worker_tokenizer, (str(tokenizer_dir),)) as pool:
+        for rendered in pool.imap(_render_worker, batches, chunksize=1):
+            yield from rendered
+
+
+class SFTLoader:
+    """Endless batches of whole conversations from conversation shards: each call packs the next conversations of a
+    seeded per-epoch shuffle into one row of at most `tokens` tokens (no padding); a batch never spans two epochs.
+    Rank r takes every world_size-th conversation. A conversation longer than max_seq_len + 1 tokens is cut."""
+
+    def __init__(self, shard_dir: Path, split: str, tokens: int, bos_id: int, vocab_size: int, max_seq_len: int,
+                 rank: int = 0, world_size: int = 1, device: str = "cpu", seed: int = 0, shuffle: bool = True):
+        if tokens < max_seq_len:
+            raise ValueError(f"tokens per batch ({tokens}) must be at least max_seq_len ({max_seq_len})")
+        self.tokens, self.max_seq_len, self.rank, self.world_size = tokens, max_seq_len, rank, world_size
+        self.device, self.seed, self.shuffle = device, seed, shuffle
+        self.shards, self.masks, spans = [], [], []
+        for path in list_shards(shard_dir, split):
+            ids, mask = read_shard(path, vocab_size), read_shard(side_file(path, "mask"))
+            if len(mask) != len(ids):
+                raise ShardError(f"{side_file(path, 'mask')}: {len(mask)} mask values for {len(ids)} tokens")
+            starts = np.flatnonzero(np.asarray(ids) == bos_id)
+            ends = np.append(starts[1:], len(ids))
+            spans.append(np.stack([np.full(len(starts), len(self.shards)), starts,
+                                   np.minimum(ends, starts + max_seq_len + 1)], 1))
+            self.shards.append(ids)
+            self.masks.append(mask)
+        spans_all = np.concatenate(spans)
+        self.spans = spans_all[spans_all[:, 2] - spans_all[:, 1] >= 2]  # at least one input and one target
+        if len(self.spans) < world_size:
+            raise ShardError(f"{shard_dir}: {len(self.spans)} '{split}' conversations for {world_size} rank(s)")
+        self.position = {"epoch": 0, "cursor": 0}
+        self._order: tuple[int, np.ndarray] | None = None
+
+    def order(self, epoch: int) -> np.ndarray:
+        """This rank's conversations (indices into spans) in the order of `epoch`."""
+        if self._order is None or self._order[0] != epoch:
+            order = (np.random.default_rng(self.seed + epoch).permutation(len(self.spans)) if self.shuffle
+                     else np.arange(len(self.spans)))
+            self._order = (epoch, order[self.rank::self.world_size])
+        return self._order[1]
+
+    def next_batch(self) -> Batch:
+        inputs, targets, ends = [], [], []
+        while True:
+            order = self.order(self.position["epoch"])
+            shard, start, end = self.spans[order[self.position["cursor"]]]
+            if ends and ends[-1] + end - start - 1 > self.tokens:  # the next conversation starts a new batch
+                break
+            ids = np.asarray(self.shards[shard][start:end], dtype=np.int64)
+            mask = np.asarray(self.masks[shard][start + 1:end])
+            inputs.append(ids[:-1])
+            targets.append(np.where(mask == 1, ids[1:], -1))
+            ends.append((ends[-1] if ends else 0) + end - start - 1)  # where each conversation ends in the row
+            self.position["cursor"] += 1
+            if self.position["cursor"] == len(order):  # an epoch's last batch may be short; the next starts afresh
+                self.position = {"epoch": self.position["epoch"] + 1, "cursor": 0}
+                break
+        to_device = lambda a: torch.from_numpy(a).to(self.device, non_blocking=True)
+        cu_seqlens = np.asarray([0, *ends], dtype=np.int32)
+        return Batch(to_device(np.concatenate(inputs)), to_device(np.concatenate(targets)), to_device(cu_seqlens),
+                     int(np.diff(cu_seqlens).max()))
+
+    def state_dict(self) -> dict[str, int]:
+        return dict(self.position)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.position = dict(state)
+
+
+@torch.no_grad()
+def evaluate_sft_loss(model: GPT, loader: SFTLoader, steps: int, backend: str) -> float:
+    """Mean cross-entropy per trained (mask 1) token over `steps` batches of `loader`, summed over ranks."""
+    model.eval()
+    totals = torch.zeros(2, device=loader.device, dtype=torch.float64)
+    for _ in range(steps):
+        batch = loader.next_batch()
+        loss = model(batch.inputs, batch.cu_seqlens, batch.max_seqlen, batch.targets, backend=backend,
+                     loss_reduction="sum")
+        totals += torch.stack([loss.double(), (batch.targets >= 0).sum().double()])
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    model.train()
+    return float(totals[0] / totals[1].clamp(min=1))
+
+
+@torch.no_grad()
+def last_token_logits(model: GPT, prompts: Sequence[Sequence[int]], backend: str, device: str, pack_tokens: int = 0
+                      ) -> Tensor:
+    """Logits (len(prompts), vocab) at the last position of each prompt. Prompts (cut from the left to
+    max_seq_len) are packed back to back into passes of up to `pack_tokens` tokens; 0 runs one prompt per pass."""
+    prompts = [list(p)[-model.config.max_seq_len:] for p in prompts]
+    rows, pack, size = [], [], 0
+    for i, prompt in enumerate(prompts):
+        pack.append(prompt)
+        size += len(prompt)
+        if i + 1 == len(prompts) or size + len(prompts[i + 1]) > pack_tokens:
+            lengths = [len(p) for p in pack]
+            inputs = torch.tensor([t for p in pack for t in p], device=device)
+            cu_seqlens = torch.tensor(np.cumsum([0, *lengths]), dtype=torch.int32, device=device)
+            logits = model(inputs, cu_seqlens, max(lengths), backend=backend)
+            rows.append(logits[cu_seqlens[1:].long() - 1])
+            pack, size = [], 0
+    return torch.cat(rows) if rows else torch.zeros(0, model.config.vocab_size, device=device)
+
+
+def letter_ids(tokenizer: Tokenizer, letters: Sequence[str]) -> list[int]:
+    """The token of each answer letter, as the model writes it right after <|assistant_start|>."""
+    ids = [tokenizer.encode(letter) for letter in letters]
+    if any(len(i) != 1 for i in ids):
+        raise ValueError(f"answer letters {list(letters)} must each be one token")
+    return [i[0] for i in ids]
+
+
+def choose_letters(model: GPT, tokenizer: Tokenizer, questions: Sequence[Any], backend: str, device: str,
+                   pack_tokens: int = 0) -> list[int]:
+    """For questions with .prompt() (messages) and .letters: the index of the allowed letter with the highest
+    logit after <|assistant_start|> (ties go to the first)."""
+    prompts = [render_for_completion(tokenizer, q.prompt()) for q in questions]
+    model.eval()
+    logits = last_token_logits(model, prompts, backend, device, pack_tokens)
+    model.train()
+    return [int(row[letter_ids(tokenizer, q.letters)].argmax()) for row, q in zip(logits, questions)]
+
+
+def generate_reply(engine: Engine, messages: Sequence[dict[str, Any]], max_tokens: int) -> str:
+    """The greedy reply to a conversation, tool calls shown as by show_parts; empty when the prompt leaves no room
+    in the model's context."""
+    prompt = render_for_completion(engine.tokenizer, messages)
+    if len(prompt) >= engine.model.config.max_seq_len:
+        return ""
+    tokens, _ = engine.generate(prompt, max_tokens=max_tokens, temperature=0.0)
+    return show_parts(assistant_parts(engine.tokenizer, tokens[0]))
+
+
+# The sandbox for generated code. Each program runs in a fresh interpreter (-I -S -B: no environment variables,
+# no site-packages, no bytecode files) in a temporary folder that is deleted afterwards, in its own process group
+# (killed whole at the time limit), with a scrubbed environment and no stdin, under resource limits (address space,
+# CPU seconds, file size, open files, no core dumps), and with an audit hook installed before the program starts.
+# Audit hooks cannot be removed; this one refuses sockets, new processes (fork, exec, spawn, system, subprocess),
+# signals to other processes, ctypes, links, and any file write, delete, rename or permission change outside the
+# temporary folder. Output goes to files there (capped by the file-size limit), not to pipes. This stops accidents
+# and plain hostile code; it is not a container: run untrusted code at scale in one with no network.
+
+SANDBOX_GUARD = r"""
+import os, resource, sys
+program, memory, cpu = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+for kind, value in ((resource.RLIMIT_AS, memory), (resource.RLIMIT_CPU, cpu), (resource.RLIMIT_FSIZE, 1 << 24),
+                    (resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_CORE, 0)):
+    hard = resource.getrlimit(kind)[1]
+    value = value if hard == resource.RLIM_INFINITY else min(value, hard)
+    resource.setrlimit(kind, (value, value))
+root = os.path.realpath(os.getcwd())
+source = open(program, encoding="utf-8").read()
+BLOCKED = {"os.system", "os.exec", "os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "os.kill", "os.killpg",
+           "subprocess.Popen", "socket.__new__", "socket.connect", "socket.bind", "socket.getaddrinfo",
+           "socket.sendto", "ctypes.dlopen", "ctypes.dlsym", "os.symlink", "os.link", "os.chroot"}
+PATHS = {"os.remove", "os.rmdir", "os.rename", "os.mkdir", "os.chmod", "os.chown", "os.truncate", "os.utime",
+         "os.mkfifo", "os.mknod", "os.chflags", "os.lchflags", "shutil.rmtree", "shutil.move", "shutil.copyfile",
+         "shutil.copytree", "shutil.chown"}
+MODULES = {"ctypes", "_ctypes", "_posixsubprocess", "_socket", "socket", "mmap", "_xxsubinterpreters"}
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+def inside(path):
+    if isinstance(path, int):
+        return True  # an open descriptor: it was checked when it was opened
+    path = os.path.realpath(os.fsdecode(path))
+    return path == root or path.startswith(root + os.sep) or path == os.devnull
+def audit(event, args):
+    if event in BLOCKED:
+        raise PermissionError(f"sandbox: {event} is not allowed")
+    if event == "import" and args[0].partition(".")[0] in MODULES:
+        raise ImportError(f"sandbox: importing {args[0]} is not allowed")
+    if event == "open" and args[0] is not None:
+        mode, flags = args[1], args[2]
+        writes = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (isinstance(flags, int) and flags & WRITE_FLAGS)
+        if writes and not inside(args[0]):
+            raise PermissionError(f"sandbox: writing {args[0]!r} outside the sandbox folder")
+    if event in PATHS and not all(inside(a) for a in args if isinstance(a, (str, bytes, os.PathLike))):
+        raise PermissionError(f"sandbox: {event} outside the sandbox folder")
+sys.addaudithook(audit)
+def refuse(*args, **kwargs):
+    raise PermissionError("sandbox: os._exit is not allowed")
+os._exit = refuse
+del sys.argv[1:]
+try:
+    exec(compile(source, program, "exec"), {"__name__": "__main__"})
+except SystemExit as stop:
+    sys.stderr.write(f"sandbox: the program exited ({stop.code!r}) before it finished\n")
+    sys.exit(3)
+"""
+
+
+@dataclass
+class SandboxResult:
+    status: str  # passed (ran to the end, exit code 0) | failed | timeout
+    returncode: int | None
+    stdout: str
+    stderr: str
+    seconds: float
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "passed"
+
+
+def run_sandboxed(program: str, timeout_s: float = 10.0, memory_mb: int = 1024, output_chars: int = 4000
+                  ) -> SandboxResult:
+    """Run a Python program in the sandbox described above; the last `output_chars` of its stdout and stderr."""
+    import contextlib
+    import signal
+    import subprocess
+    import tempfile
+
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="decoderstack_sandbox_") as folder:
+        Path(folder, "program.py").write_text(program, encoding="utf-8")
+        env = {"PATH": "/usr/bin:/bin", "HOME": folder, "TMPDIR": folder, "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1"}
+        with open(Path(folder, "stdout"), "wb") as out, open(Path(folder, "stderr"), "wb") as err:
+            process = subprocess.Popen([sys.executable, "-I", "-S", "-B", "-c", SANDBOX_GUARD, "program.py",
+                                        str(memory_mb << 20), str(math.ceil(timeout_s) + 1)], cwd=folder, env=env,
+                                       stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True)
+            try:
+                returncode = process.wait(timeout=timeout_s)
+                status = "passed" if returncode == 0 else "failed"
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):  # it may have ended just now
+                    os.killpg(process.pid, signal.SIGKILL)
+                returncode, status = process.wait(), "timeout"
+        read = lambda name: Path(folder, name).read_text(encoding="utf-8", errors="replace")[-output_chars:]
+        return SandboxResult(status, returncode, read("stdout"), read("stderr"), time.time() - started)
+
+
+@dataclass
+class ChatTask:
+    """A chat eval. kind "choice": examples have .prompt() (messages), .letters and .gold (the right index), and are
+    scored by letter. kind "generate": examples have .prompt() and .check(reply) -> bool, and are scored by greedy
+    generation of up to max_tokens tokens. `baseline` is the accuracy of random guessing."""
+    name: str
+    kind: str
+    examples: Sequence[Any]
+    baseline: float = 0.0
+    max_tokens: int = 256
+
+
+def evaluate_chat_task(model: GPT, tokenizer: Tokenizer, task: ChatTask, backend: str, device: str,
+                       pack_tokens: int = 0) -> dict[str, Any]:
+    """Accuracy of one task. Under torch.distributed each rank scores the examples with index % world == rank."""
+    world_size, rank = _world()
+    mine = list(task.examples)[rank::world_size]
+    started = time.time()
+    if task.kind == "choice":
+        chosen = choose_letters(model, tokenizer, mine, backend, device, pack_tokens)
+        correct = [c == q.gold for c, q in zip(chosen, mine)]
+    elif task.kind == "generate":
+        engine = Engine(model, tokenizer, backend)
+        correct = [bool(ex.check(generate_reply(engine, ex.prompt(), task.max_tokens))) for ex in mine]
+    else:
+        raise ValueError(f"unknown chat task kind {task.kind!r}: choice or generate")
+    counts = torch.tensor([float(sum(correct)), float(len(correct))], device=device, dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(counts)
+    accuracy = float(counts[0] / counts[1]) if counts[1] else 0.0
+    return {"accuracy": accuracy, "centered": centered_accuracy(accuracy, task.baseline), "baseline": task.baseline,
+            "examples": int(counts[1]), "seconds": round(time.time() - started, 2)}
+
+
+def evaluate_chat(model: GPT, tokenizer: Tokenizer, tasks: Sequence[ChatTask], backend: str, device: str,
+                  pack_tokens: int = 0) -> dict[str, Any]:
+    """{"tasks": {name: result}, "chatcore": mean centred accuracy}: ChatCORE, nanochat's one-number summary."""
+    results = {task.name: evaluate_chat_task(model, tokenizer, task, backend, device, pack_tokens) for task in tasks}
+    chatcore = float(np.mean([r["centered"] for r in results.values()])) if results else float("nan")
+    return {"tasks": results, "chatcore": chatcore}
+
+
+def chat_table(stages: dict[str, dict[str, Any]]) -> str:
+    """A text table of accuracy per task (rows) for each stage (columns), e.g. {"base": ..., "sft": ...}."""
+    names = list(dict.fromkeys(name for stage in stages.values() for name in stage["tasks"]))
+    lines = [f"{'task':<16}" + "".join(f"{stage:>12}" for stage in stages)]
+    for name in names:
+        cells = [stage["tasks"].get(name, {}).get("accuracy") for stage in stages.values()]
+        lines.append(f"{name:<16}" + "".join(f"{'-' if c is None else f'{c:.3f}':>12}" for c in cells))
+    lines.append(f"{'ChatCORE':<16}" + "".join(f"{stage['chatcore']:>12.3f}" for stage in stages.values()))
+    return "\n".join(lines)
+
+
+def plot_chat_results(stages: dict[str, dict[str, Any]], title: str = "chat evals") -> Any:
+    """A bar chart of accuracy per task, one bar per stage (before / after SFT, after RL), random guessing dashed.
+    Returns the matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(name for stage in stages.values() for name in stage["tasks"]))
+    width = 0.8 / max(len(stages), 1)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(names)), 3.8))
+    for i, (stage, results) in enumerate(stages.items()):
+        values = [results["tasks"].get(name, {}).get("accuracy", 0.0) for name in names]
+        ax.bar(np.arange(len(names)) + (i - (len(stages) - 1) / 2) * width, values, width, label=stage)
+    for j, name in enumerate(names):
+        baseline = next(s["tasks"][name]["baseline"] for s in stages.values() if name in s["tasks"])
+        ax.hlines(baseline, j - 0.45, j + 0.45, colors="black", linestyles="dashed", lw=0.8)
+    ax.set_xticks(range(len(names)), names)
+    ax.set(ylabel="accuracy", ylim=(0, 1), title=title)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# 15. Reinforcement learning (used by 02_sharding, 06_rl)
+# ---------------------------------------------------------------------------------------------
+# On-policy policy gradient on tasks with a checkable answer (GSM8K). 02_sharding writes the prompts once:
+# shards/<task>/<split>.bin holds each rendered prompt (ending in <|assistant_start|>) back to back, and
+# <split>.records.bin one int32 row per prompt with the columns of PROMPT_RECORD_FIELDS. Each step, 06_rl samples
+# several completions per prompt with the Engine (one prefill per prompt), rewards each, turns rewards into
+# advantages within the prompt's group, and raises the log-probability of the sampled tokens in proportion to
+# their advantage. The rollouts are packed back to back for one varlen forward pass, like pretraining documents.
+
+PROMPT_RECORD_FIELDS = ("prompt_start", "prompt_end", "problem", "gold")
+
+
+@dataclass
+class TaskPrompt:
+    ids: list[int]  # the rendered conversation, ending in <|assistant_start|>
+    gold: str  # the reference answer a completion is rewarded against
+    problem: int  # index of the problem in its split
+
+
+def write_prompt_shard(directory: Path, split: str, prompts: Sequence[TaskPrompt], vocab_size: int) -> Path:
+    """`split`.bin (the prompts back to back) and its records side file. Gold answers are stored as int32, which
+    holds every GSM8K answer; anything else is an error naming the problem."""
+    records, offset = [], 0
+    for prompt in prompts:
+        if not prompt.gold.lstrip("-").isdigit() or not -2**31 <= int(prompt.gold) < 2**31:
+            raise ValueError(f"problem {prompt.problem}: gold answer {prompt.gold!r} is not an int32 integer")
+        records.append((offset, offset + len(prompt.ids), prompt.problem, int(prompt.gold)))
+        offset += len(prompt.ids)
+    path = Path(directory) / f"{split}.bin"
+    tokens = np.concatenate([np.asarray(p.ids, dtype=np.uint32) for p in prompts]) if prompts else np.zeros(0)
+    write_shard(path, tokens, "tokens", vocab_size)
+    table = np.asarray(records, dtype=np.int32).reshape(-1, len(PROMPT_RECORD_FIELDS))
+    write_shard(side_file(path, "records"), table, "records")
+    return path
+
+
+def read_prompt_shard(directory: Path, split: str, vocab_size: int | None = None) -> list[TaskPrompt]:
+    path = require_artifact(Path(directory) / f"{split}.bin", made_by="02_sharding")
+    tokens, records = read_shard(path, vocab_size), read_shard(side_file(path, "records"))
+    return [TaskPrompt(np.asarray(tokens[start:end]).tolist(), str(gold), int(problem))
+            for start, end, problem, gold in records.tolist()]
+
+
+class PromptSampler:
+    """Prompts in a seeded random order, a new order each epoch. Its position is a small dict, saved in checkpoints
+    (save_checkpoint calls it the loader), so a resumed run asks the same questions as an uninterrupted one."""
+
+    def __init__(self, prompts: Sequence[TaskPrompt], seed: int = 0):
+        if not prompts:
+            raise ValueError("no prompts to sample from")
+        self.prompts, self.seed = list(prompts), seed
+        self.position = {"epoch": 0, "offset": 0}
+
+    def order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng((self.seed, epoch)).permutation(len(self.prompts))
+
+    def next_prompts(self, count: int) -> list[TaskPrompt]:
+        chosen = []
+        while len(chosen) < count:
+            if self.position["offset"] == len(self.prompts):
+                self.position = {"epoch": self.position["epoch"] + 1, "offset": 0}
+            index = self.order(self.position["epoch"])[self.position["offset"]]
+            chosen.append(self.prompts[index])
+            self.position["offset"] += 1
+        return chosen
+
+    def state_dict(self) -> dict[str, int]:
+        return dict(self.position)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.position = dict(state)
+
+
+@dataclass
+class RolloutGroup:
+    """The completions sampled for one prompt. sequences[i] is the prompt followed by completion i; masks[i] is 1 on
+    the tokens the model sampled and 0 on the prompt and on tool output the engine forced in."""
+    prompt: TaskPrompt
+    sequences: list[list[int]]
+    masks: list[list[int]]
+    completions: list[str]  # decoded completion texts
+    rewards: list[float]
+
+
+RewardFunction = typing.Callable[[str, str], float]  # (completion text, gold answer) -> reward
+
+
+def generate_rollouts(engine: Engine, prompt: TaskPrompt, reward_fn: RewardFunction, num_samples: int,
+                      max_tokens: int, temperature: float = 1.0, top_k: int | None = None, seed: int = 0
+                      ) -> RolloutGroup:
+    """`num_samples` completions of one prompt from one prefill (the Engine runs the calculator), each rewarded."""
+    completions, masks = engine.generate(prompt.ids, num_samples, max_tokens, temperature, top_k, seed=seed)
+    texts = [engine.tokenizer.decode(completion) for completion in completions]
+    return RolloutGroup(prompt, [[*prompt.ids, *completion] for completion in completions],
+                        [[0] * len(prompt.ids) + mask for mask in masks], texts,
+                        [reward_fn(text, prompt.gold) for text in texts])
+
+
+def group_advantages(rewards: Tensor) -> Tensor:
+    """Advantages (prompts, samples) from rewards (prompts, samples): each reward minus its prompt's mean reward.
+
+    The group mean is the baseline of GRPO: a sample is pushed up when it beat its siblings on the same question,
+    down when it did worse, and a question every sample got right (or wrong) teaches nothing. Unlike GRPO we do not
+    divide by the group's standard deviation: with 0/1 rewards that scales up the questions nearly always (or
+    never) solved, whose std is smallest, a difficulty bias (Liu et al. 2025, "Dr. GRPO"); nanochat drops it too.
+    """
+    return rewards - rewards.mean(dim=1, keepdim=True)
+
+
+@dataclass
+class RLBatch:
+    """Rollouts packed back to back: targets are -1 except at sampled tokens, where weights hold the advantage."""
+    inputs: Tensor  # (T,)
+    targets: Tensor  # (T,)
+    weights: Tensor  # (T,) fp32
+    cu_seqlens: Tensor  # (sequences + 1,) int32
+    max_seqlen: int
+
+
+def pack_rollouts(sequences: Sequence[Sequence[int]], masks: Sequence[Sequence[int]], advantages: Sequence[float],
+                  device: str) -> RLBatch:
+    """One varlen batch: position t of a sequence predicts token t + 1, which is trained only where mask[t + 1] = 1
+    (a sampled token); prompt and forced tool-output tokens get target -1 and weight 0."""
+    inputs, targets, weights = [], [], []
+    for seq, mask, advantage in zip(sequences, masks, advantages):
+        sampled = np.asarray(mask[1:], dtype=bool)
+        inputs.append(np.asarray(seq[:-1], dtype=np.int64))
+        targets.append(np.where(sampled, np.asarray(seq[1:], dtype=np.int64), -1))
+        weights.append(sampled * np.float32(advantage))
+    lengths = [len(seq) - 1 for seq in sequences]
+    to_device = lambda parts, dtype: torch.from_numpy(np.concatenate(parts).astype(dtype)).to(device)
+    cu_seqlens = torch.tensor(np.cumsum([0, *lengths]), dtype=torch.int32, device=device)
+    return RLBatch(to_device(inputs, np.int64), to_device(targets, np.int64), to_device(weights, np.float32),
+                   cu_seqlens, max(lengths))
+
+
+def policy_gradient_loss(model: nn.Module, batch: RLBatch, sampled_tokens: int, backend: str) -> Tensor:
+    """-sum(advantage x log p(sampled token)) / sampled_tokens: REINFORCE with the group baseline, averaged per token
+    (DAPO's token-level mean, so long and short answers weigh the same per token) over all `sampled_tokens` of the
+    step, those in other passes included. Only sampled tokens carry weight: the gradient with respect to the
+    prompt's and the tool output's log-probabilities is zero.
+
+    There is no importance ratio and no clipping (PPO): the samples come from the very weights being updated and
+    each batch of rollouts makes one optimizer step, so the ratio is exactly 1. There is no KL penalty to the SFT
+    model either: it would need a second model's forward pass, and a short run at a small learning rate stays close
+    to where it started anyway (nanochat, DAPO and Dr. GRPO drop it too); watch pass@k on the test prompts instead.
+    Sampling at temperature 1 without top-k keeps the samples exactly from the policy being trained."""
+    nll = model(batch.inputs, batch.cu_seqlens, batch.max_seqlen, batch.targets, backend=backend,
+                loss_reduction="none")
+    return (batch.weights * nll).sum() / max(sampled_tokens, 1)
+
+
+def token_budget_chunks(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Indices grouped in order so that each group's lengths sum to at most max_tokens (a longer item goes alone)."""
+    chunks: list[list[int]] = []
+    total = 0
+    for i, length in enumerate(lengths):
+        if not chunks or total + length > max_tokens:
+            chunks.append([])
+            total = 0
+        chunks[-1].append(i)
+        total += length
+    return chunks
+
+
+def policy_gradient_backward(model: nn.Module, groups: Sequence[RolloutGroup], backend: str, pass_tokens: int,
+                             device: str, loss_scaler: LossScaler | None = None) -> dict[str, float]:
+    """Accumulate the policy-gradient loss of a step's rollouts into .grad, in packed passes of at most
+    `pass_tokens` tokens (scaled by `loss_scaler` in fp16; step with loss_scaler.step then). Rollouts with zero
+    advantage (every sibling got the same reward) have zero gradient and are skipped, which saves their forward and
+    backward passes without changing the result."""
+    advantages = group_advantages(torch.tensor([g.rewards for g in groups], dtype=torch.float32))
+    rollouts = [(seq, mask, adv) for group, row in zip(groups, advantages.tolist())
+                for seq, mask, adv in zip(group.sequences, group.masks, row) if adv != 0.0]
+    sampled_tokens = sum(sum(mask) for group in groups for mask in group.masks)
+    loss = torch.zeros((), device=device)
+    lengths = [len(seq) - 1 for seq, _, _ in rollouts]
+    chunks = token_budget_chunks(lengths, pass_tokens)
+    for chunk in chunks:
+        batch = pack_rollouts(*zip(*(rollouts[i] for i in chunk)), device=device)
+        pass_loss = policy_gradient_loss(model, batch, sampled_tokens, backend)
+        (loss_scaler.scale(pass_loss) if loss_scaler else pass_loss).backward()
+        loss += pass_loss.detach()
+    return {"loss": float(loss), "sampled_tokens": sampled_tokens, "trained_sequences": len(rollouts),
+            "trained_tokens": sum(lengths), "passes": len(chunks)}
+
+
+def pass_at_k(samples: int, correct: int, k: int) -> float:
+    """Unbiased pass@k from `samples` completions of which `correct` were right (Chen et al. 2021): the chance that
+    k of them drawn without replacement include a right one, 1 - C(samples - correct, k) / C(samples, k)."""
+    if k > samples:
+        raise ValueError(f"pass@{k} needs at least {k} samples per prompt, got {samples}")
+    if samples - correct < k:
+        return 1.0
+    return 1.0 - float(np.prod(1.0 - k / np.arange(samples - correct + 1, samples + 1)))
+
+
+def evaluate_pass_at_k(engine: Engine, prompts: Sequence[TaskPrompt], reward_fn: RewardFunction, num_samples: int,
+                       max_tokens: int, temperature: float = 1.0, top_k: int | None = None, seed: int = 0
+                       ) -> dict[str, float]:
+    """Mean pass@k over `prompts` for k = 1, 2, 4, ... up to num_samples (and num_samples itself), from
+    `num_samples` completions per prompt; a completion counts as right when it earns the full reward of 1. Also
+    the mean reward. Prompt i samples with seed + i * num_samples, so an evaluation is repeatable."""
+    groups = [generate_rollouts(engine, prompt, reward_fn, num_samples, max_tokens, temperature, top_k,
+                                seed + i * num_samples) for i, prompt in enumerate(prompts)]
+    correct = [sum(reward >= 1.0 for reward in group.rewards) for group in groups]
+    ks = sorted({num_samples, *(2**i for i in range(num_samples.bit_length()) if 2**i <= num_samples)})
+    results = {f"pass@{k}": float(np.mean([pass_at_k(num_samples, c, k) for c in correct])) for k in ks}
+    results["mean_reward"] = float(np.mean([np.mean(group.rewards) for group in groups]))
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# 16. Runtime set-up (first cell of every notebook)
+# ---------------------------------------------------------------------------------------------
+# A notebook's first cell finds the project (in a fresh Colab runtime it clones REPO_URL into COLAB_CHECKOUT),
+# puts it on sys.path and calls setup_runtime(). In Colab that installs what requirements.txt asks for and the
+# runtime lacks, and on request keeps STACK_HOME on Google Drive: every Colab notebook runs on its own machine,
+# so Drive is how 02 finds the tokenizer 01 made, and how artifacts survive a restart. Anywhere, it prints the
+# GPU, the preset and the dtype; outside Colab it installs nothing. Each decision is a function of a
+# RuntimeContext, so tests can play Colab with fake installs and nothing downloaded.
+
+REPO_URL = "https://github.com/decoderstack/decoderstack"  # the first cell clones it; the README's badges open it
+COLAB_CHECKOUT = Path("/content/decoderstack")
+DRIVE_MOUNT = Path("/content/drive")
+DRIVE_STACK_HOME = DRIVE_MOUNT / "MyDrive" / "decoderstack"
+RUNTIME_OWNED = frozenset({"torch", "triton"})  # never pip-installed: the runtime's builds match its CUDA driver
+
+
+def in_colab(environ: typing.Mapping[str, str], modules: typing.Container[str] = sys.modules) -> bool:
+    """Colab kernels set COLAB_* variables (COLAB_RELEASE_TAG, COLAB_GPU, ...) and have google.colab loaded."""
+    return any(name.startswith("COLAB_") for name in environ) or "google.colab" in modules
+
+
+def colab_drive_hint(environ: typing.Mapping[str, str]) -> str:
+    """What a missing artifact means in Colab when STACK_HOME is not on Drive; empty elsewhere."""
+    if not in_colab(environ) or stack_home(environ).is_relative_to(DRIVE_MOUNT):
+        return ""
+    return ("\nIn Colab every notebook runs on its own machine: tick use_drive in the first cell of each notebook "
+            f"so that they share STACK_HOME on Google Drive ({DRIVE_STACK_HOME}), then run the notebook named above.")
+
+
+def requirement_lines(path: Path) -> list[str]:
+    """The requirements of a pip requirements file, without comments, blank lines and options such as -r."""
+    lines = (line.split("#", 1)[0].strip() for line in Path(path).read_text().splitlines())
+    return [line for line in lines if line and not line.startswith("-")]
+
+
+def installed_distributions() -> dict[str, str]:
+    """{normalised distribution name: version} of what this Python has installed."""
+    import importlib.metadata
+
+    from packaging.utils import canonicalize_name
+
+    return {canonicalize_name(d.metadata["Name"]): d.version for d in importlib.metadata.distributions()
+            if d.metadata["Name"]}
+
+
+def missing_requirements(lines: Sequence[str], installed: typing.Mapping[str, str]) -> list[str]:
+    """The requirement lines that `installed` ({normalised name: version}) does not satisfy. A line whose
+    environment marker is false here (triton off Linux) is not needed."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    missing = []
+    for line in lines:
+        requirement = Requirement(line)
+        if requirement.marker is not None and not requirement.marker.evaluate():
+            continue
+        version = installed.get(canonicalize_name(requirement.name))
+        if version is None or not requirement.specifier.contains(version, prereleases=True):
+            missing.append(line)
+    return missing
+
+
+def run_command(command: list[str]) -> str:
+    """Run a command, raise on failure, return what it printed."""
+    return subprocess.run(command, check=True, capture_output=True, text=True).stdout
+
+
+def mount_google_drive(mount_point: str) -> None:
+    """Colab asks the user for access to their Drive, then mounts it."""
+    from google.colab import drive
+
+    drive.mount(mount_point)
+
+
+@dataclass
+class RuntimeContext:
+    """What setup_runtime sees and acts through; tests build one with made-up values and fake actions."""
+    environ: typing.MutableMapping[str, str]
+    argv: Sequence[str]  # a twin's --key=value arguments (for the preset it will use)
+    installed: typing.Mapping[str, str]  # {normalised distribution name: version}
+    gpu: GpuInfo | None
+    colab: bool
+    drive_mounted: bool
+    run: typing.Callable[[list[str]], str]  # pip and git
+    mount_drive: typing.Callable[[str], None]
+
+    @classmethod
+    def current(cls) -> RuntimeContext:
+        return cls(os.environ, script_argv(), installed_distributions(), current_gpu(), in_colab(os.environ),
+                   (DRIVE_MOUNT / "MyDrive").is_dir(), run_command, mount_google_drive)
+
+
+@dataclass(frozen=True)
+class RuntimePlan:
+    """What setup_runtime does and reports, decided from a RuntimeContext alone."""
+    stack_home: Path
+    mount_drive: bool
+    missing: tuple[str, ...]  # requirement lines this runtime does not satisfy
+    install: tuple[str, ...]  # those pip installs: in Colab only, never torch or triton
+    preset: str
+    tier: str | None  # the Colab GPU whose sizes the colab preset takes
+    dtype: torch.dtype
+    notes: tuple[str, ...]
+
+
+def plan_runtime(context: RuntimeContext, requirements: Sequence[str], use_drive: bool) -> RuntimePlan:
+    """Decide the set-up: Drive only in Colab and only when asked; installs only in Colab."""
+    from packaging.requirements import Requirement
+
+    environ, notes = context.environ, []
+    drive = use_drive and context.colab
+    home = DRIVE_STACK_HOME if drive else stack_home(environ)
+    if use_drive and not context.colab:
+        notes.append(f"use_drive applies in Colab only; STACK_HOME stays {home}")
+    elif context.colab and not drive:
+        notes.append("STACK_HOME is on this runtime's disk: the next notebook (its own machine) will not see it; "
+                     "tick use_drive to keep artifacts on Google Drive")
+    missing = missing_requirements(requirements, context.installed)
+    owned = [line for line in missing if Requirement(line).name in RUNTIME_OWNED]
+    install = [line for line in missing if line not in owned] if context.colab else []
+    if owned:
+        notes.append(f"{', '.join(owned)} not satisfied: torch and triton stay as this runtime has them")
+    if missing and not context.colab:
+        notes.append(f"missing {', '.join(missing)}: run python3 -m pip install -r requirements.txt")
+    if context.colab and context.gpu is None:
+        notes.append("no GPU: choose Runtime > Change runtime type > GPU (T4 is free) for the colab preset")
+    cli = parse_cli_overrides(context.argv)
+    preset = choose_preset(cli, environ, context.gpu)
+    tier = colab_gpu_tier(context.gpu, environ.get("STACK_COLAB_GPU", "")) if preset == "colab" else None
+    return RuntimePlan(home, drive and not context.drive_mounted, tuple(missing), tuple(install), preset, tier,
+                       compute_dtype_for(context.gpu, environ.get("STACK_DTYPE", "auto")), tuple(notes))
+
+
+def describe_runtime(plan: RuntimePlan, gpu: GpuInfo | None, commit: str) -> str:
+    """The lines the first cell prints."""
+    hardware = (f"{gpu.name}, {gpu.memory_gb:.1f} GB, compute capability {gpu.capability[0]}.{gpu.capability[1]}"
+                if gpu else "none (CPU)")
+    sizes = f" ({plan.tier} sizes)" if plan.tier else ""
+    scaling = " with loss scaling" if plan.dtype == torch.float16 else ""
+    lines = [f"DecoderStack {Path(__file__).resolve().parent} at commit {commit}; torch {torch.__version__}",
+             f"GPU: {hardware}", f"preset: {plan.preset}{sizes}; compute dtype: {str(plan.dtype)[6:]}{scaling}",
+             f"STACK_HOME: {plan.stack_home}"]
+    lines += [f"installed: {', '.join(plan.install)}"] if plan.install else []
+    return "\n".join(lines + [f"note: {note}" for note in plan.notes])
+
+
+def project_commit(run: typing.Callable[[list[str]], str]) -> str:
+    try:
+        return run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "--short", "HEAD"]).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+
+
+def setup_runtime(use_drive: bool = False, context: RuntimeContext | None = None) -> RuntimePlan:
+    """The first cell's call: make this runtime ready and say what it has. `use_drive` (or STACK_DRIVE=1) keeps
+    STACK_HOME on Google Drive in Colab. Returns the plan it carried out."""
+    context = context or RuntimeContext.current()
+    use_drive = use_drive or parse_value("STACK_DRIVE", context.environ.get("STACK_DRIVE", "false"), bool)
+    plan = plan_runtime(context, requirement_lines(Path(__file__).resolve().parent / "requirements.txt"), use_drive)
+    if plan.mount_drive:
+        context.mount_drive(str(DRIVE_MOUNT))
+    context.environ["STACK_HOME"] = str(plan.stack_home)
+    if plan.install:
+        context.run([sys.executable, "-m", "pip", "install", "-q", *plan.install])
+    if context.environ.get("RANK", "0") == "0":
+        print(describe_runtime(plan, context.gpu, project_commit(context.run)))
+    return plan
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1732,7 +3310,6 @@ def run_pipeline(overrides: Sequence[str]) -> None:
     reads if it has that setting. Stops at the first notebook that fails."""
     if any(not arg.startswith("--preset") for arg in overrides):
         raise ConfigError("the pipeline takes only --preset=...; set other options as STACK_<NAME>=value")
-    import subprocess
 
     notebooks = sorted(Path(__file__).resolve().parent.glob("notebooks/[0-9][0-9]_*.py"))
     for twin in notebooks:

@@ -30,25 +30,43 @@
 # Run it top to bottom. The same file runs headless: `python notebooks/01_tokenizer.py --vocab_size=65536`.
 
 # %% [markdown]
-# ## Set-up
-# The first cell finds `stackcore.py` (the project's one shared module) whether you run from the project root or
-# from `notebooks/`. The config below is a dataclass: its defaults, then the preset's values, then `STACK_*`
-# environment variables, then `--key=value` arguments (only when run as a script) decide each setting.
+# ## Get the runtime ready
+# This cell runs first in every notebook. It finds the project (the checkout you run in or, in a fresh Google Colab
+# runtime, a clone in `/content/decoderstack`), puts it on `sys.path` and calls `sc.setup_runtime()`. In Colab that
+# installs what `requirements.txt` asks for and the runtime lacks (never torch); anywhere it prints the GPU, its
+# memory, the preset and the compute dtype, and elsewhere it installs nothing. In Colab, tick **use_drive** to keep
+# `STACK_HOME` (every artifact) on Google Drive: each Colab notebook runs on its own machine, so Drive is how the
+# next notebook finds what this one makes, and how artifacts survive a restart. Google asks for access once.
 
 # %%
 import os
+import subprocess
 import sys
 
+use_drive = False  # @param {type:"boolean"}
 ROOT = os.path.abspath(".." if os.path.basename(os.getcwd()) == "notebooks" else ".")
+if not os.path.isfile(os.path.join(ROOT, "stackcore.py")):  # not in a checkout: a fresh Colab runtime
+    ROOT = "/content/decoderstack"
+    if not os.path.isdir(ROOT):
+        subprocess.run(["git", "clone", "--depth=1", "https://github.com/decoderstack/decoderstack", ROOT], check=True)
 sys.path.insert(0, ROOT)
+import stackcore as sc
 
+sc.setup_runtime(use_drive)
+
+# %% [markdown]
+# ## Set-up
+# `stackcore.py` is the project's one shared module. The config below is a dataclass: its defaults, then the
+# preset's values, then `STACK_*` environment variables, then `--key=value` arguments (only when run as a script)
+# decide each setting.
+
+# %%
 import json
 import time
 from dataclasses import dataclass
 
 import matplotlib.pyplot as plt
 
-import stackcore as sc
 from data.pretrain import CorpusConfig, iter_documents
 
 

@@ -25,21 +25,44 @@
 #    with several processes, each document prefixed by `<|bos|>`;
 # 3. look at what was written;
 # 4. render and tokenize the CORE evaluation tasks for `04_core_eval`;
-# 5. optionally push your shards to the Hub so your next Colab session can download them instead.
+# 5. render the conversations of the fine-tuning mixture, with their loss masks, for `05_sft`;
+# 6. render the GSM8K questions as prompts, with their answers, for `06_rl`;
+# 7. optionally push your shards to the Hub so your next Colab session can download them instead.
 #
 # Headless: `python notebooks/02_sharding.py --shard_tokens=50000000`.
+
+# %% [markdown]
+# ## Get the runtime ready
+# This cell runs first in every notebook. It finds the project (the checkout you run in or, in a fresh Google Colab
+# runtime, a clone in `/content/decoderstack`), puts it on `sys.path` and calls `sc.setup_runtime()`. In Colab that
+# installs what `requirements.txt` asks for and the runtime lacks (never torch); anywhere it prints the GPU, its
+# memory, the preset and the compute dtype, and elsewhere it installs nothing. In Colab, tick **use_drive** to keep
+# `STACK_HOME` (every artifact) on Google Drive: each Colab notebook runs on its own machine, so Drive is how the
+# next notebook finds what this one makes, and how artifacts survive a restart. Google asks for access once.
+
+# %%
+import os
+import subprocess
+import sys
+
+use_drive = False  # @param {type:"boolean"}
+ROOT = os.path.abspath(".." if os.path.basename(os.getcwd()) == "notebooks" else ".")
+if not os.path.isfile(os.path.join(ROOT, "stackcore.py")):  # not in a checkout: a fresh Colab runtime
+    ROOT = "/content/decoderstack"
+    if not os.path.isdir(ROOT):
+        subprocess.run(["git", "clone", "--depth=1", "https://github.com/decoderstack/decoderstack", ROOT], check=True)
+sys.path.insert(0, ROOT)
+import stackcore as sc
+
+sc.setup_runtime(use_drive)
 
 # %% [markdown]
 # ## Set-up
 # The corpus settings are the ones `01_tokenizer` used (the same `CorpusConfig`), so both read the same documents.
 
 # %%
-import os
-import sys
-
-ROOT = os.path.abspath(".." if os.path.basename(os.getcwd()) == "notebooks" else ".")
-sys.path.insert(0, ROOT)
-
+import collections
+import itertools
 import json
 import time
 from dataclasses import dataclass
@@ -48,14 +71,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 from tqdm.auto import tqdm
 
-import stackcore as sc
-from data import core
+from data import core, gsm8k, sft
 from data.hub import pull_shards, push_shards
 from data.pretrain import CorpusConfig, iter_documents
 
 
 @dataclass
-class ShardingConfig(CorpusConfig):
+class ShardingConfig(CorpusConfig, sft.SFTMixture, gsm8k.GsmPromptConfig):
     max_chars: int = 0  # characters of training text to tokenize (0: all the downloaded shards)
     shard_tokens: int = 100_000_000  # tokens per shard file (modded-nanogpt's size)
     val_docs: int = 2000  # validation documents to tokenize
@@ -169,6 +191,112 @@ for task in core.available_tasks(bundle):
     print(f"{task.label:<34} {len(chosen):>6} examples {len(sc.read_shard(path)):>10,} tokens")
 sc.write_core_manifest(core_dir, manifest)
 print(f"{len(manifest)} CORE tasks written to {core_dir}")
+
+# %% [markdown]
+# ## The conversations for fine-tuning
+# `05_sft` teaches the pretrained model to chat. Its data is a mixture of conversations (`data/sft.py`): general
+# chat (SmolTalk), multiple-choice questions answered with a letter (MMLU, ARC), maths with calculator calls
+# (GSM8K), spelling and letter counting with a python call, and a few conversations about who the model is. The
+# `sft_*` settings say how many conversations each source gives; the tiny preset uses generated chats and the data
+# on this machine only.
+#
+# A conversation becomes tokens with `sc.render_conversation`: `<|bos|>`, then each turn between its special tokens.
+# It also returns a **loss mask**, 1 on the tokens the model should learn to write (the assistant's text, its
+# calculator expressions, `<|assistant_end|>`) and 0 on everything it is given (the user's words, the calculator's
+# output, which the engine writes at inference time). Here is one, the trained tokens in brackets:
+
+# %%
+example = sft.synthetic_conversations(1, seed=0)[0]
+ids, mask = sc.render_conversation(tokenizer, example)
+pieces = []
+for trained, run in itertools.groupby(zip(ids, mask), key=lambda pair: pair[1]):
+    text = tokenizer.decode([token for token, _ in run])
+    pieces.append(f"[{text}]" if trained else text)
+print("".join(pieces))
+print(f"{len(ids)} tokens, {sum(mask)} trained on")
+
+# %% [markdown]
+# ## Write the conversation shards
+# Every conversation is rendered (by several processes), cut to `sft_max_tokens`, and written whole into
+# `shards/sft/train_*.bin`, back to back like pretraining documents, each starting with `<|bos|>`. Its mask goes to
+# the parallel side file `train_*.mask.bin`, one byte per token. A spread-out `sft_val` of them go to `val_*.bin`
+# instead, for the validation loss of `05_sft`. The loader of `05_sft` shuffles conversations every epoch, so the
+# order here (source by source) does not matter.
+
+# %%
+sft_dir = sc.artifact_dir("shards") / "sft"
+for old in sft_dir.glob("*.bin"):
+    old.unlink()
+writers = {split: sc.ConversationWriter(sft_dir, split, cfg.shard_tokens, tokenizer.vocab_size, tokenizer.bos_id)
+           for split in ("train", "val")}
+val_stride = max(2, sum(cfg.counts().values()) // max(cfg.sft_val, 1))
+sources = []  # the source of each conversation, in order, filled as the renderers consume the mixture
+
+
+def mixture_conversations():
+    for source, conversation in sft.iter_mixture(cfg):
+        sources.append(source)
+        yield conversation
+
+
+stats = collections.defaultdict(collections.Counter)
+lengths = collections.defaultdict(list)
+workers = cfg.workers or os.cpu_count() or 1
+rendered = sc.render_parallel(tokenizer_dir, mixture_conversations(), cfg.sft_max_tokens, workers)
+for n, (ids, mask) in enumerate(tqdm(rendered, total=sum(cfg.counts().values()), desc="sft", unit="conv")):
+    split = "val" if n % val_stride == 0 and stats["val"]["conversations"] < cfg.sft_val else "train"
+    writers[split].add(ids, mask)
+    for key in (split, sources[n]):
+        stats[key].update(conversations=1, tokens=len(ids), trained=int(mask.sum()))
+    lengths[sources[n]].append(len(ids))
+for writer in writers.values():
+    writer.flush()
+print(f"{'source':<14} {'conversations':>13} {'tokens':>12} {'trained':>8}")
+for key in (*sft.SFT_SOURCES, "train", "val"):
+    if stats[key]["conversations"]:
+        row = stats[key]
+        print(f"{key:<14} {row['conversations']:>13,} {row['tokens']:>12,} {row['trained'] / row['tokens']:>8.1%}")
+report["sft"] = {key: dict(stats[key]) for key in stats}
+(run_dir / "summary.json").write_text(json.dumps(report, indent=1))
+
+# %% [markdown]
+# The lengths decide how well conversations pack: `05_sft` fills each batch with whole conversations, so many short
+# ones (a letter answer) and a few long ones (a SmolTalk chat) share a batch without padding.
+
+# %%
+fig, ax = plt.subplots(figsize=(8, 3))
+for source, values in lengths.items():
+    ax.hist(values, bins=40, alpha=0.6, label=source)
+ax.set(xlabel="tokens per conversation", ylabel="conversations", yscale="log", title="conversation lengths")
+ax.legend()
+fig.tight_layout()
+fig.savefig(run_dir / "sft_lengths.png", dpi=120)
+plt.show()
+
+# %% [markdown]
+# ## The GSM8K prompts for reinforcement learning
+# `06_rl` asks the fine-tuned model grade-school maths questions (GSM8K), samples several answers to each, and
+# rewards the ones whose final `#### N` is right. Here each question is rendered as a conversation and cut right
+# after `<|assistant_start|>` (`sc.render_for_completion`): the exact prompt the engine continues. The prompts go
+# back to back into `shards/gsm8k/<split>.bin`; the side file `<split>.records.bin` holds one row per prompt with its
+# start and end offsets, the problem's index and the gold answer (GSM8K answers are all integers). The problems come
+# from the Hub (`openai/gsm8k`), a local copy (`--rl_gsm8k_source=folder` with `train.jsonl` and `test.jsonl`) or,
+# in the tiny preset, a generator of small problems in the same format.
+
+# %%
+gsm8k_dir = sc.artifact_dir("shards") / "gsm8k"
+report["gsm8k"] = {}
+for split, limit in (("train", cfg.rl_train_prompts), ("test", cfg.rl_test_prompts)):
+    problems = gsm8k.load_problems(split, cfg.rl_gsm8k_source)[:limit or None]
+    prompts = [sc.TaskPrompt(sc.render_for_completion(tokenizer, problem.prompt()), problem.gold, i)
+               for i, problem in enumerate(problems)]
+    sc.write_prompt_shard(gsm8k_dir, split, prompts, tokenizer.vocab_size)
+    lengths = [len(prompt.ids) for prompt in prompts]
+    report["gsm8k"][split] = {"prompts": len(prompts), "tokens": sum(lengths), "longest": max(lengths)}
+    print(f"GSM8K {split:>5}: {len(prompts):>5,} prompts, {sum(lengths):>9,} tokens, longest {max(lengths)}")
+(run_dir / "summary.json").write_text(json.dumps(report, indent=1))
+first = sc.read_prompt_shard(gsm8k_dir, "test", tokenizer.vocab_size)[0]
+print(f"the first test prompt, as the engine sees it (gold answer {first.gold}):\n{tokenizer.decode(first.ids)}")
 
 # %% [markdown]
 # ## Optional: push to the Hub

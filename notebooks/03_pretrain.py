@@ -32,18 +32,38 @@
 # `torchrun --nproc_per_node=8 notebooks/03_pretrain.py --preset=node`.
 
 # %% [markdown]
+# ## Get the runtime ready
+# This cell runs first in every notebook. It finds the project (the checkout you run in or, in a fresh Google Colab
+# runtime, a clone in `/content/decoderstack`), puts it on `sys.path` and calls `sc.setup_runtime()`. In Colab that
+# installs what `requirements.txt` asks for and the runtime lacks (never torch); anywhere it prints the GPU, its
+# memory, the preset and the compute dtype, and elsewhere it installs nothing. In Colab, tick **use_drive** to keep
+# `STACK_HOME` (every artifact) on Google Drive: each Colab notebook runs on its own machine, so Drive is how the
+# next notebook finds what this one makes, and how artifacts survive a restart. Google asks for access once.
+
+# %%
+import os
+import subprocess
+import sys
+
+use_drive = False  # @param {type:"boolean"}
+ROOT = os.path.abspath(".." if os.path.basename(os.getcwd()) == "notebooks" else ".")
+if not os.path.isfile(os.path.join(ROOT, "stackcore.py")):  # not in a checkout: a fresh Colab runtime
+    ROOT = "/content/decoderstack"
+    if not os.path.isdir(ROOT):
+        subprocess.run(["git", "clone", "--depth=1", "https://github.com/decoderstack/decoderstack", ROOT], check=True)
+sys.path.insert(0, ROOT)
+import stackcore as sc
+
+sc.setup_runtime(use_drive)
+
+# %% [markdown]
 # ## Set-up
 # `tokens_per_step` is the global batch; each rank runs forward/backward passes of `micro_tokens` tokens and
 # accumulates gradients until the global batch is reached.
 
 # %%
-import os
-import sys
-
-ROOT = os.path.abspath(".." if os.path.basename(os.getcwd()) == "notebooks" else ".")
-sys.path.insert(0, ROOT)
-
 import dataclasses
+import gc
 import json
 import time
 from dataclasses import dataclass
@@ -51,8 +71,6 @@ from dataclasses import dataclass
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-
-import stackcore as sc
 
 
 @dataclass
@@ -69,9 +87,11 @@ class PretrainConfig(sc.StackConfig):
     window_schedule: bool = True  # grow the short attention window from 128 tokens to seq_len/2 during training
     eval_every: int = 250  # steps between validation bits-per-byte measurements (and at the end)
     eval_tokens: int = 2_097_152  # validation tokens per measurement
+    eval_batch_tokens: int = 0  # tokens per validation forward pass; 0: micro_tokens (shorter rows cover a small
+    # validation split without repeating it)
     save_every: int = 1000  # steps between checkpoints (and at the end)
     attention: str = "auto"  # auto | flash | varlen | flex | sdpa
-    compile: bool = True  # torch.compile the model on GPUs
+    compile: bool = True  # torch.compile the model's layers and loss on GPUs (GPT.compile_layers)
     run_name: str = "pretrain"  # name of the run folder and checkpoint folder
     resume: bool = True  # continue from the newest checkpoint of this run if there is one
     wandb: bool = False  # log to Weights & Biases (needs `pip install wandb` and a login)
@@ -81,6 +101,10 @@ class PretrainConfig(sc.StackConfig):
                      steps=100, eval_every=25, eval_tokens=8192, save_every=50, compile=False),
         "colab": dict(depth=8, seq_len=1024, tokens_per_step=131_072, micro_tokens=16_384, steps=1000,
                       eval_every=100, eval_tokens=524_288, save_every=200),
+        # the colab preset fits the GPU it finds (sc.colab_gpu_tier): the sizes above are an L4's; on an H100 the
+        # colab preset is the speedrun
+        "colab_t4": dict(depth=6, tokens_per_step=65_536, micro_tokens=8_192, steps=600, eval_tokens=262_144),
+        "colab_a100": dict(depth=12, seq_len=2048, tokens_per_step=262_144, micro_tokens=32_768, steps=600),
         "speedrun": dict(),
         "node": dict(depth=20, steps=4000, save_every=500),
     }
@@ -106,8 +130,9 @@ log(f"device {device} x {dist_info.world_size} rank(s); {accum_steps} micro-step
 # %% [markdown]
 # ## The model
 # Everything follows from `depth`: width is 64 × depth and heads are `head_dim` wide, as in nanochat. Weights stay
-# in fp32 for the optimizer; matrix products run in bf16 on GPUs that have it. The attention backend is the
-# fastest one that works here and matches the reference on a small check (see `sc.available_attention_backends`).
+# in fp32 for the optimizer; matrix products run in bf16 on GPUs that have it (fp16 on a T4, whose loss is then
+# scaled so that small gradients survive: `sc.LossScaler`). The attention backend is the fastest one that works
+# here and matches the reference on a small check (see `sc.available_attention_backends`).
 
 # %%
 model_config = sc.GPTConfig(vocab_size=tokenizer.vocab_size, depth=cfg.depth, model_dim=cfg.model_dim,
@@ -116,7 +141,7 @@ model = sc.GPT(model_config).to(device)
 compute_dtype = sc.pick_compute_dtype(device)
 model.set_compute_dtype(compute_dtype)
 backend = sc.pick_attention_backend(device, cfg.attention)
-forward = torch.compile(model) if cfg.compile and device.startswith("cuda") else model
+forward = model.compile_layers() if cfg.compile and device.startswith("cuda") else model
 params = model.num_params()
 flops_per_token = model.flops_per_token(cfg.seq_len)
 log(f"model: depth {cfg.depth}, width {model_config.dim}, {model_config.n_heads} heads; "
@@ -132,6 +157,7 @@ log(f"attention backend: {backend} (available here: {sc.available_attention_back
 
 # %%
 optimizers = sc.build_optimizers(model)
+loss_scaler = sc.LossScaler(compute_dtype, device)  # fp16 only; a plain optimizer step otherwise
 
 
 def schedule(step: int) -> list:
@@ -152,8 +178,9 @@ shard_dir = sc.require_artifact(sc.artifact_dir("shards") / "pretrain", made_by=
 loader_args = dict(tokens=cfg.micro_tokens, bos_id=tokenizer.bos_id, vocab_size=tokenizer.vocab_size,
                    max_doc_len=cfg.seq_len, rank=dist_info.rank, world_size=dist_info.world_size, device=device)
 train_loader = sc.PretrainLoader(shard_dir, "train", **loader_args)
-val_loader = sc.PretrainLoader(shard_dir, "val", **loader_args)
-val_steps = max(1, cfg.eval_tokens // (cfg.micro_tokens * dist_info.world_size))
+val_loader = sc.PretrainLoader(shard_dir, "val",
+                               **{**loader_args, "tokens": cfg.eval_batch_tokens or cfg.micro_tokens})
+val_steps = max(1, cfg.eval_tokens // (val_loader.tokens * dist_info.world_size))
 example = train_loader.next_batch()
 train_loader.load_state_dict({"shard": 0, "offset": 0, "epoch": 0})
 log(f"first batch: {len(example.cu_seqlens) - 1} documents in {len(example.inputs)} tokens, "
@@ -194,14 +221,21 @@ run_log = sc.RunLog(run_dir, enabled=dist_info.master, wandb_run=wandb_run)
 # %% [markdown]
 # ## The training loop
 # One optimizer step = `accum_steps` forward/backward passes per rank. The log line shows the loss, throughput,
-# MFU (model FLOPs over the GPU's peak) and the time left. The first steps are slow on a GPU while `torch.compile`
-# builds the kernels.
+# MFU (model FLOPs over the GPU's peak) and the time left. The first step is slow on a GPU while `torch.compile`
+# builds the kernels: one graph per kind of block, reused by every layer of that kind (`GPT.compile_layers`), so
+# neither the depth nor the growing attention window adds compilations. Steady-state throughput leaves that step out.
 
 # %%
 peak = sc.peak_flops(device)
 train_seconds, tokens_seen = 0.0, start_step * cfg.tokens_per_step
-first_step_seconds = None
+step_times = []  # seconds per optimizer step of this process; the first one includes the compilation
 val_bpb = float("nan")
+
+
+def peak_memory_gb() -> float | None:
+    return round(torch.cuda.max_memory_allocated() / 1e9, 2) if device.startswith("cuda") else None
+
+
 for step in range(start_step, cfg.steps + 1):
     last = step == cfg.steps
     if step % cfg.eval_every == 0 or last:
@@ -222,11 +256,14 @@ for step in range(start_step, cfg.steps + 1):
         batch = train_loader.next_batch()
         loss = forward(batch.inputs, batch.cu_seqlens, batch.max_seqlen, batch.targets, windows=windows,
                        backend=backend)
-        (loss / accum_steps).backward()
-    sc.step_optimizers(optimizers)
+        loss_scaler.scale(loss / accum_steps).backward()
+    loss_scaler.step(optimizers)
     train_loss = loss.item()  # one sync per step: the loss of the last micro-batch
     step_seconds = time.time() - t0
-    first_step_seconds = first_step_seconds if first_step_seconds is not None else step_seconds
+    step_times.append(step_seconds)
+    if len(step_times) == 1:  # keep what set-up and compilation left behind out of every later garbage collection
+        gc.collect()
+        gc.freeze()
     train_seconds += step_seconds
     tokens_seen += cfg.tokens_per_step
     tokens_per_second = cfg.tokens_per_step / step_seconds
@@ -235,8 +272,8 @@ for step in range(start_step, cfg.steps + 1):
     log(f"step {step + 1:5d}/{cfg.steps} | loss {train_loss:.4f} | {tokens_per_second:,.0f} tok/s | "
         f"MFU {mfu:.1%} | {step_seconds * 1000:.0f} ms | elapsed {sc.format_duration(train_seconds)} | "
         f"left {sc.format_duration(remaining)} | epoch {train_loader.position['epoch']}")
-    run_log.log(step=step + 1, loss=train_loss, tokens_per_second=tokens_per_second, mfu=mfu,
-                step_seconds=step_seconds, tokens=tokens_seen, train_seconds=train_seconds)
+    run_log.log(step=step + 1, loss=train_loss, tokens_per_second=tokens_per_second, mfu=mfu, step_seconds=step_seconds,
+                tokens=tokens_seen, train_seconds=train_seconds, peak_memory_GB=peak_memory_gb())
 
 # %% [markdown]
 # ## Curves
@@ -260,16 +297,22 @@ if dist_info.master:
 # %% [markdown]
 # ## Summary
 # The final checkpoint in `STACK_HOME/checkpoints/<run>` is what `04_core_eval`, `05_sft` and `07_chat` load.
+# Throughput is the steady state: the median step after the first, which compiles (timed apart as
+# `first_step_seconds`). MFU counts 6 FLOPs per matmul parameter plus attention as if every document were `seq_len`
+# tokens long at the final windows; packed documents are shorter, so its attention term is an upper bound.
 
 # %%
-steps_timed = cfg.steps - start_step
+steady_step = float(np.median(step_times[1:])) if len(step_times) > 1 else None
 summary = {
     "run": cfg.run_name, "preset": cfg.preset, "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
     "ranks": dist_info.world_size, "attention": backend, "parameters": params["total"], "steps": cfg.steps,
     "tokens": tokens_seen, "final_val_bpb": round(val_bpb, 4), "train_seconds": round(train_seconds, 1),
-    "first_step_seconds": round(first_step_seconds, 2) if first_step_seconds else None,
-    "tokens_per_second": round(steps_timed * cfg.tokens_per_step / train_seconds) if steps_timed else None,
-    "peak_memory_GB": round(torch.cuda.max_memory_allocated() / 1e9, 2) if device.startswith("cuda") else None,
+    "first_step_seconds": round(step_times[0], 2) if step_times else None,
+    "step_seconds": round(steady_step, 4) if steady_step else None,
+    "tokens_per_second": round(cfg.tokens_per_step / steady_step) if steady_step else None,
+    "mfu": round(flops_per_token * cfg.tokens_per_step / steady_step / (peak * dist_info.world_size), 4)
+    if steady_step and peak else None,
+    "peak_memory_GB": peak_memory_gb(),
 }
 if dist_info.master:
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -30,17 +30,36 @@
 # `torchrun --nproc_per_node=8 notebooks/04_core_eval.py` (each rank scores a slice of every task).
 
 # %% [markdown]
+# ## Get the runtime ready
+# This cell runs first in every notebook. It finds the project (the checkout you run in or, in a fresh Google Colab
+# runtime, a clone in `/content/decoderstack`), puts it on `sys.path` and calls `sc.setup_runtime()`. In Colab that
+# installs what `requirements.txt` asks for and the runtime lacks (never torch); anywhere it prints the GPU, its
+# memory, the preset and the compute dtype, and elsewhere it installs nothing. In Colab, tick **use_drive** to keep
+# `STACK_HOME` (every artifact) on Google Drive: each Colab notebook runs on its own machine, so Drive is how the
+# next notebook finds what this one makes, and how artifacts survive a restart. Google asks for access once.
+
+# %%
+import os
+import subprocess
+import sys
+
+use_drive = False  # @param {type:"boolean"}
+ROOT = os.path.abspath(".." if os.path.basename(os.getcwd()) == "notebooks" else ".")
+if not os.path.isfile(os.path.join(ROOT, "stackcore.py")):  # not in a checkout: a fresh Colab runtime
+    ROOT = "/content/decoderstack"
+    if not os.path.isdir(ROOT):
+        subprocess.run(["git", "clone", "--depth=1", "https://github.com/decoderstack/decoderstack", ROOT], check=True)
+sys.path.insert(0, ROOT)
+import stackcore as sc
+
+sc.setup_runtime(use_drive)
+
+# %% [markdown]
 # ## Set-up
 # The checkpoint is the newest one of `run_name` unless `checkpoint` names a file. The model runs in the compute
 # dtype of this device with the fastest attention backend that works here.
 
 # %%
-import os
-import sys
-
-ROOT = os.path.abspath(".." if os.path.basename(os.getcwd()) == "notebooks" else ".")
-sys.path.insert(0, ROOT)
-
 import json
 import time
 from dataclasses import dataclass
@@ -48,8 +67,6 @@ from dataclasses import dataclass
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-
-import stackcore as sc
 
 
 @dataclass
@@ -91,14 +108,17 @@ log(f"checkpoint {checkpoint_path} (step {checkpoint['step']}), {model.num_param
 
 # %%
 started = time.time()
-results = sc.evaluate_core(model, shards, backend, device, cfg.pack_tokens)
+results = sc.evaluate_core(model, shards, backend, device, cfg.pack_tokens, log=log)
 packed_seconds = time.time() - started
 log(f"{'task':<34} {'kind':<18} {'examples':>8} {'accuracy':>9} {'baseline':>9} {'centred':>8}")
 for shard in shards:
     task = results["tasks"][shard.label]
     log(f"{shard.label:<34} {shard.kind:<18} {task['examples']:>8} {task['accuracy']:>9.3f} "
         f"{task['baseline']:>9.3f} {task['centered']:>8.3f}")
-log(f"CORE {results['core']:.4f} in {sc.format_duration(packed_seconds)} ({packed_seconds:.1f} s)")
+scored_tokens = sum(int((s.records[:, 2] - s.records[:, 0]).sum()) for s in shards)
+scored_examples = sum(task["examples"] for task in results["tasks"].values())
+log(f"CORE {results['core']:.4f} in {sc.format_duration(packed_seconds)} ({packed_seconds:.1f} s, "
+    f"{scored_tokens / packed_seconds:,.0f} tokens/s, {scored_examples / packed_seconds:,.1f} examples/s)")
 
 # %% [markdown]
 # ## Packed against one prompt at a time
@@ -152,7 +172,8 @@ val_bpb = sc.evaluate_bpb(model, val_loader, val_steps, token_bytes.to(device), 
 summary = {"checkpoint": str(checkpoint_path), "step": checkpoint["step"], "preset": cfg.preset,
            "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
            "ranks": dist_info.world_size, "attention": backend, "core": results["core"], "val_bpb": val_bpb,
-           "seconds": round(packed_seconds, 2), "tasks": results["tasks"],
+           "seconds": round(packed_seconds, 2), "tokens_per_second": round(scored_tokens / packed_seconds),
+           "tasks": results["tasks"],
            "speed": {name: round(seconds, 3) for name, (_, seconds) in timings.items()}}
 if dist_info.master:
     (run_dir / "results.json").write_text(json.dumps(summary, indent=1))

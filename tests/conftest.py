@@ -5,6 +5,10 @@ from pathlib import Path
 
 import pytest
 
+# pytest -n 2 runs two workers on CI's two cores, and each notebook under test starts its own process: one thread
+# per process keeps them from fighting over the cores (a decode step ran ~100x slower with 2 threads per process).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))

@@ -13,6 +13,7 @@ import warnings
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 import torch.multiprocessing as mp
 
 import stackcore as part
@@ -114,6 +115,21 @@ def test_window_one_attends_to_itself_only():
         torch.testing.assert_close(part.attention(q, k, v, cu_seqlens, 5, 1, backend), v)
 
 
+@pytest.mark.parametrize("window", [None, 4])
+def test_flex_takes_a_prebuilt_block_mask(window):
+    # the model builds one BlockMask per window outside torch.compile and passes it down as the window
+    torch.manual_seed(0)
+    cu_seqlens, total = cu_seqlens_of(DOC_LENGTHS), sum(DOC_LENGTHS)
+    q, k, v = (torch.randn(total, 3, 16, requires_grad=True) for _ in range(3))
+    mask = part.flex_block_mask(cu_seqlens, total, window)
+    expected = naive_attention(q, k, v, cu_seqlens, window)
+    torch.testing.assert_close(part.attention(q, k, v, cu_seqlens, max(DOC_LENGTHS), mask, "flex").double(),
+                               expected, atol=1e-5, rtol=1e-5)  # CPU autograd: dense SDPA from the mask's mask_mod
+    with torch.no_grad():
+        torch.testing.assert_close(part.attention(q, k, v, cu_seqlens, max(DOC_LENGTHS), mask, "flex").double(),
+                                   expected, atol=1e-5, rtol=1e-5)
+
+
 def test_positions_and_document_ids():
     cu_seqlens = cu_seqlens_of([2, 1, 3])
     assert part.document_ids(cu_seqlens, 6).tolist() == [0, 0, 1, 2, 2, 2]
@@ -206,6 +222,94 @@ def test_max_seqlen_is_checked():
     inputs, _, cu_seqlens, _ = packed_batch([9], 256)
     with pytest.raises(ValueError, match="max_seq_len"):
         model(inputs, cu_seqlens, 9)
+
+
+def reference_softcapped_ce(h, weight, targets, softcap, reduction):
+    return F.cross_entropy(softcap * torch.tanh((h @ weight.T).float() / softcap), targets, ignore_index=-1,
+                           reduction=reduction)
+
+
+@pytest.mark.parametrize("compile_backend", [None, "inductor"])
+def test_chunked_softcapped_cross_entropy_matches_reference(compile_backend):
+    torch.manual_seed(0)
+    h = torch.randn(37, 16, requires_grad=True)
+    weight = (3 * torch.randn(50, 16)).requires_grad_()  # logits well past the cap of 5
+    targets = torch.randint(0, 50, (37,))
+    targets[[3, 20]] = -1
+    for reduction in ("mean", "sum"):  # 5 chunks of 8 rows, the last one short
+        loss = part.softcapped_cross_entropy(h, weight, targets, 5.0, reduction, chunk_tokens=8,
+                                             compile_backend=compile_backend)
+        expected = reference_softcapped_ce(h, weight, targets, 5.0, reduction)
+        torch.testing.assert_close(loss, expected)
+        grads = torch.autograd.grad(3 * loss, (h, weight))
+        for grad, expected_grad in zip(grads, torch.autograd.grad(3 * expected, (h, weight))):
+            torch.testing.assert_close(grad, expected_grad, atol=1e-5, rtol=1e-5)
+    per_token = part.softcapped_cross_entropy(h, weight, targets, 5.0, "none", chunk_tokens=8)
+    with torch.no_grad():
+        chunked = part.softcapped_cross_entropy(h, weight, targets, 5.0, "none", chunk_tokens=8)
+        torch.testing.assert_close(part.softcapped_cross_entropy(h, weight, targets, 5.0, "sum", chunk_tokens=8),
+                                   per_token.sum())
+    torch.testing.assert_close(chunked, per_token.detach())
+    assert chunked[3] == chunked[20] == 0
+    with pytest.raises(ValueError, match="reduction"):
+        part.softcapped_cross_entropy(h, weight, targets, 5.0, "max")
+
+
+def test_chunked_softcapped_cross_entropy_in_bf16():
+    # bf16 activations, fp32 master weight: the weight gradient is summed over chunks in fp32
+    torch.manual_seed(1)
+    h = torch.randn(300, 32).bfloat16().requires_grad_()
+    weight = torch.randn(64, 32).requires_grad_()
+    targets = torch.randint(0, 64, (300,))
+    loss = part.softcapped_cross_entropy(h, weight, targets, 15.0, chunk_tokens=64)
+    expected = reference_softcapped_ce(h, weight.bfloat16(), targets, 15.0, "mean")
+    grads = torch.autograd.grad(loss, (h, weight))
+    expected_grads = torch.autograd.grad(expected, (h, weight))
+    assert grads[0].dtype == torch.bfloat16 and grads[1].dtype == torch.float32
+    torch.testing.assert_close(loss, expected, atol=1e-3, rtol=1e-3)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad.float(), expected_grad.float(), atol=2e-4, rtol=2e-2)
+
+
+def dense_window_attention(q, k, v, cu_seqlens, max_seqlen, window):
+    """Masked SDPA with the window as a Python int (None: full), like the varlen and flash backends take it."""
+    doc = part.document_ids(cu_seqlens, q.size(0))
+    i = torch.arange(q.size(0))[:, None]
+    allowed = (doc[:, None] == doc[None, :]) & (i >= i.T)
+    if window is not None:
+        allowed = allowed & (i - i.T < window)
+    return F.scaled_dot_product_attention(*(t.transpose(0, 1) for t in (q, k, v)), attn_mask=allowed).transpose(0, 1)
+
+
+@pytest.mark.parametrize("backend", ["flex", "int_window"])
+def test_compiled_layers_match_eager_and_never_recompile(backend, monkeypatch):
+    # 6 layers: value embeddings in layers 0 and 5, full windows in layers 3 and 5. The first step compiles a
+    # graph per block structure (int_window: 4; flex, whose windows are all BlockMasks: 2), four for the residual
+    # mixing (with and without a U-net skip, and with the inputs that alias: x is x0 in layer 0, the skip is x in
+    # layer 3) and one for the loss; new packings and windows compile nothing more.
+    monkeypatch.setitem(part._ATTENTION_FUNCTIONS, "int_window", dense_window_attention)
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    config = tiny_config(depth=6, n_value_embeds=1)
+    eager, compiled = perturbed_model(config), perturbed_model(config).compile_layers(backend="aot_eager")
+    graphs = []
+    for step, (lengths, window) in enumerate([([3, 1, 11, 6], 4), ([7, 14], 4), ([5, 5, 5, 6], 8), ([21], 12)]):
+        inputs, targets, cu_seqlens, max_seqlen = packed_batch(lengths, config.vocab_size, seed=step)
+        windows = eager.layer_windows(window)
+        losses = [model(inputs, cu_seqlens, max_seqlen, targets, windows=windows, backend=backend)
+                  for model in (eager, compiled)]
+        torch.testing.assert_close(losses[1], losses[0])
+        for loss in losses:
+            loss.backward()
+        for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
+            torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-5, msg=name)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs == [(4 if backend == "int_window" else 2) + 4 + 1] * 4, graphs
+    if backend == "int_window":  # evaluation runs eagerly (flex's own eager path would count graphs of its own)
+        with torch.no_grad():
+            compiled(inputs, cu_seqlens, max_seqlen, targets, windows=windows, backend=backend)
+        assert counters["stats"]["unique_graphs"] == graphs[-1]
 
 
 def test_bf16_compute_dtype_runs_close_to_fp32():

@@ -1,0 +1,196 @@
+"""Inference speed of the KV-cache engine against the bound that memory bandwidth sets.
+
+A decode step must read every weight matrix once and the keys and values each query attends to, so
+    tokens/s <= batch x bandwidth / (weight bytes + KV-cache bytes read per step).
+This script builds a randomly initialised model (speed does not depend on the weights), measures the device's
+copy bandwidth, then times: prefill (one prompt of --prompt_len tokens), eager decode steps of `forward_cached`
+at each batch size, the same steps replayed as one CUDA graph (GPU only), and `Engine.generate` end to end
+(sampling and tool bookkeeping included). Prints one table and writes the figures as JSON to --out.
+
+    python baselines/bench_decode.py                     # GPU: depth 12, bf16, prompt 1792, 255 decode steps
+    python baselines/bench_decode.py --depth=2 --prompt_len=64 --decode=16   # CPU smoke test
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+
+import stackcore as sc
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str, repeats: int = 3) -> float:
+    """Median wall time of fn() in seconds, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        started = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: str) -> float:
+    """Bytes per second moved by a large device-to-device copy (each byte read once and written once)."""
+    nbytes = (1 << 30) if device.startswith("cuda") else (64 << 20)
+    source = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    return 2 * nbytes / timed(lambda: target.copy_(source), device, repeats=5)
+
+
+def bytes_per_decode_step(model: sc.GPT, batch: int, context: float, dtype: torch.dtype) -> float:
+    """Weights (all but the embedding tables, of which a step reads one row per row of the batch) plus the keys
+    and values every layer's query reads at a mean context of `context` tokens."""
+    element = torch.empty((), dtype=dtype).element_size()
+    tables = [model.wte, *model.value_embeds]
+    table_params = {id(table.weight) for table in tables}
+    weights = sum(p.numel() for p in model.parameters() if id(p) not in table_params) * element
+    rows = batch * len(tables) * model.config.dim * element
+    keys = sum(min(window or context, context) for window in model.layer_windows())
+    return weights + rows + batch * keys * 2 * model.config.dim * element
+
+
+def prefilled_cache(model: sc.GPT, batch: int, prompt: torch.Tensor, steps: int, backend: str) -> sc.KVCache:
+    cache = sc.KVCache(model.config, batch, len(prompt) + steps, prompt.device, model.compute_dtype)
+    sc.forward_cached(model, prompt[None], cache, backend)
+    cache.broadcast_first_row()
+    return cache
+
+
+def eager_decoder(model, batch, prompt, steps, backend):
+    """A function running `steps` greedy decode steps of forward_cached, one token per row each, after the
+    prefilled prompt (prefilled once: each run rewinds the cache to the prompt)."""
+    cache = prefilled_cache(model, batch, prompt, steps, backend)
+
+    def run() -> None:
+        cache.length = len(prompt)
+        ids = torch.zeros(batch, 1, dtype=torch.long, device=prompt.device)
+        for _ in range(steps):
+            ids = sc.forward_cached(model, ids, cache, backend)[:, -1].argmax(-1, keepdim=True)
+
+    return run
+
+
+def graph_decoder(model, batch, prompt, steps, backend):
+    """A function running `steps` greedy steps by replaying one captured CUDA graph of a decode step, and the
+    largest logit difference of its first steps against eager decoding."""
+    cache = prefilled_cache(model, batch, prompt, steps, backend)
+    ids = torch.zeros(batch, 1, dtype=torch.long, device=prompt.device)
+    position = torch.tensor([len(prompt)], device=prompt.device)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up before capture, as torch.cuda.graphs requires
+        for _ in range(3):
+            sc.forward_cached(model, ids, cache, backend, position=position)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        logits = sc.forward_cached(model, ids, cache, backend, position=position)
+        next_ids = logits[:, -1].argmax(-1, keepdim=True)
+
+    def run(n: int = steps, check: sc.KVCache | None = None) -> float:
+        position.fill_(len(prompt))
+        ids.zero_()
+        worst = 0.0
+        for _ in range(n):
+            if check is not None:  # eager decoding of the same tokens
+                expected = sc.forward_cached(model, ids.clone(), check, backend)
+            graph.replay()
+            if check is not None:
+                worst = max(worst, (expected - logits).abs().max().item())
+            ids.copy_(next_ids)
+            position.add_(1)
+        return worst
+
+    difference = run(8, check=prefilled_cache(model, batch, prompt, steps, backend))
+    return run, difference
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--depth", type=int, default=12)
+    parser.add_argument("--vocab_size", type=int, default=32768)
+    parser.add_argument("--prompt_len", type=int, default=1792)
+    parser.add_argument("--decode", type=int, default=255, help="decode steps per measurement")
+    parser.add_argument("--batches", default="1,16", help="decode batch sizes, comma-separated")
+    parser.add_argument("--attention", default="auto", help="prefill backend: auto | flash | varlen | flex | sdpa")
+    parser.add_argument("--cuda_graph", type=int, default=1, help="also time CUDA-graph decode steps (GPU only)")
+    parser.add_argument("--out", default="bench_decode.json")
+    args = parser.parse_args()
+
+    device = sc.pick_device()
+    dtype = sc.pick_compute_dtype(device)
+    backend = sc.pick_attention_backend(device, args.attention)
+    torch.manual_seed(0)
+    config = sc.GPTConfig(vocab_size=args.vocab_size, depth=args.depth,
+                          max_seq_len=max(2048, args.prompt_len + args.decode))
+    model = sc.GPT(config).to(device)
+    for parameter in model.parameters():  # the zero-initialised projections get small values: non-trivial logits
+        if parameter.ndim == 2 and not parameter.any():
+            torch.nn.init.normal_(parameter, std=0.02)
+    model.set_compute_dtype(dtype)
+    model.to(dtype)  # inference keeps no fp32 master weights: a step reads each weight once, in the compute dtype
+    model.eval()
+    prompt = torch.randint(0, args.vocab_size, (args.prompt_len,), device=device)
+    bandwidth = copy_bandwidth(device)
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
+    results = {"device": name, "dtype": str(dtype), "attention": backend, "depth": args.depth,
+               "params": model.num_params()["total"], "prompt_len": args.prompt_len, "decode_steps": args.decode,
+               "copy_bandwidth_GBps": bandwidth / 1e9, "decode": {}}
+    rows = [("device", name), ("model", f"depth {args.depth}, {results['params'] / 1e6:.1f} M params, {dtype}"),
+            ("copy bandwidth", f"{bandwidth / 1e9:,.0f} GB/s")]
+
+    with torch.inference_mode():
+        seconds = timed(lambda: prefilled_cache(model, 1, prompt, 0, backend), device)
+        results["prefill_tokens_per_s"] = args.prompt_len / seconds
+        rows.append((f"prefill ({args.prompt_len} tokens, {backend})", f"{args.prompt_len / seconds:,.0f} tokens/s"))
+        context = args.prompt_len + (args.decode - 1) / 2  # mean number of cached positions over the steps
+        for batch in (int(b) for b in args.batches.split(",")):
+            bound = batch * bandwidth / bytes_per_decode_step(model, batch, context, dtype)
+            entry = results["decode"][str(batch)] = {"bound_tokens_per_s": bound}
+            rows.append((f"batch {batch}: bandwidth bound", f"{bound:,.0f} tokens/s"))
+            measures = {"eager": eager_decoder(model, batch, prompt, args.decode, backend)}
+            if args.cuda_graph and device.startswith("cuda"):
+                try:
+                    run, difference = graph_decoder(model, batch, prompt, args.decode, backend)
+                    entry["cuda_graph_max_logit_diff"] = difference
+                    rows.append((f"batch {batch}: CUDA graph vs eager", f"max logit difference {difference:.3g}"))
+                    measures["cuda_graph"] = run
+                except Exception as error:  # an optional path: report it and go on
+                    rows.append((f"batch {batch}: CUDA graph", f"skipped ({type(error).__name__}: {error})"[:120]))
+            for label, run in measures.items():
+                rate = batch * args.decode / timed(run, device)
+                entry[f"{label}_tokens_per_s"] = rate
+                rows.append((f"batch {batch}: decode {label}", f"{rate:,.0f} tokens/s ({rate / bound:.1%} of bound)"))
+    engine = sc.Engine(model, sc.Tokenizer({bytes([i]): i for i in range(256)}), backend)
+    for batch in (int(b) for b in args.batches.split(",")):
+        generated = []
+        seconds = timed(lambda: generated.append(engine.generate(prompt.tolist(), batch, args.decode, top_k=50)),
+                        device)
+        tokens = sum(map(len, generated[-1][0]))
+        rate = tokens / seconds  # prefill included: the end-to-end figure
+        results["decode"][str(batch)]["engine_tokens_per_s"] = rate
+        rows.append((f"batch {batch}: Engine.generate (prefill incl.)", f"{rate:,.0f} tokens/s ({tokens} tokens)"))
+
+    width = max(len(label) for label, _ in rows)
+    print("\n".join(f"{label:<{width}}  {value}" for label, value in rows))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+        print(f"written {args.out}")
+
+
+if __name__ == "__main__":
+    main()

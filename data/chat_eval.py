@@ -1,0 +1,160 @@
+"""The chat evaluations of 05_sft (and 06_rl): which examples each task asks, from where, as `stackcore.ChatTask`s.
+
+| task | kind | examples | public home |
+| --- | --- | --- | --- |
+| arc_easy, arc_challenge | letter choice | ARC test splits (2,376 and 1,172) | `allenai/ai2_arc` |
+| mmlu | letter choice | MMLU test (14,042, 57 subjects) | `cais/mmlu` (`all/test-*`) |
+| gsm8k | generation + calculator, final `#### N` | GSM8K test (1,319) | `openai/gsm8k` (data/gsm8k.py) |
+| humaneval | generation, then the tests run in the sandbox | 164 problems | `openai/openai_humaneval` |
+| spelling | generation, letter counting, final `#### N` | words held out of the SFT spelling set | a word list |
+| colours | letter choice | generated colour questions (the offline `tiny` preset) | generated here |
+
+Choice tasks are scored by the allowed letter with the highest logit; generative tasks by greedy decoding and a check
+of the reply (stackcore section 14). Each task reads the Hub or a local copy, like data/sft.py.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from data import gsm8k
+from data.sft import (SHARED_DATA, HubTable, choice_questions, colour_questions, letter_counts, load_words, read_rows,
+                      selection_passes, table_files, word_split)
+from stackcore import ChatTask, StackConfig, run_sandboxed
+
+HUMANEVAL = HubTable("openai/openai_humaneval", {"test": ("openai_humaneval/test-00000-of-00001.parquet",)})
+CHAT_TASKS = ("arc_easy", "arc_challenge", "mmlu", "gsm8k", "humaneval", "spelling", "colours")
+CHOICE_SPLITS = {"arc_easy": "test", "arc_challenge": "test", "mmlu": "test"}
+TINY_HUMANEVAL = SHARED_DATA / "humaneval"
+TINY_GSM8K = SHARED_DATA / "gsm8k"
+
+
+@dataclass(frozen=True)
+class FinalAnswer:
+    """A question whose reply must end with `#### N` equal to `gold` (GSM8K, letter counting)."""
+    messages: tuple
+    gold: str
+
+    def prompt(self) -> list[dict]:
+        return list(self.messages)
+
+    def check(self, reply: str) -> bool:
+        return gsm8k.reward(reply, self.gold) == 1.0
+
+
+FENCE = re.compile(r"```[a-zA-Z0-9_+-]*\n(.*?)(?:```|$)", re.S)
+
+
+def extract_code(reply: str) -> str:
+    """The first fenced code block of a reply, or the whole reply when it has none."""
+    match = FENCE.search(reply)
+    return match.group(1) if match else reply
+
+
+@dataclass(frozen=True)
+class CodeProblem:
+    """A HumanEval problem: the model completes `stub` (signature and docstring); its code must pass `test`."""
+    task_id: str
+    stub: str
+    test: str
+    entry_point: str
+    canonical_solution: str = ""
+
+    def prompt(self) -> list[dict]:
+        return [{"role": "user", "content": f"Complete this Python function. Reply with the code only.\n\n"
+                                            f"```python\n{self.stub}```"}]
+
+    def program(self, reply: str) -> str:
+        """The stub (its imports and helper functions included), then the reply's code: a whole function that
+        replaces the stub's, or the body that completes it; then the tests and the call that runs them."""
+        code = extract_code(reply)
+        whole = re.search(rf"def\s+{re.escape(self.entry_point)}\s*\(", code) is not None
+        separator = "\n\n" if whole else ""
+        return f"{self.stub}{separator}{code}\n\n{self.test}\n\ncheck({self.entry_point})\n"
+
+    def check(self, reply: str) -> bool:
+        return run_sandboxed(self.program(reply), timeout_s=10.0).passed
+
+
+def code_problem(row: dict) -> CodeProblem:
+    return CodeProblem(row["task_id"], row["prompt"], row["test"], row["entry_point"], row.get("canonical_solution", ""))
+
+
+def humaneval_problems(source: str = "hub", endpoint: str | None = None) -> list[CodeProblem]:
+    """The 164 problems from the Hub, or from a local human_eval.jsonl file (or a folder holding one)."""
+    if source == "hub":
+        paths = table_files(HUMANEVAL, "test", endpoint=endpoint)
+    else:
+        path = Path(source).expanduser()
+        paths = [path / "human_eval.jsonl" if path.is_dir() else path]
+    return [code_problem(row) for row in read_rows(paths)]
+
+
+def subset(items: list, count: int, seed: int) -> list:
+    """All items (count 0 or more than there are), else a seeded random `count` of them, in their order."""
+    if not count or count >= len(items):
+        return items
+    return [items[i] for i in selection_passes(len(items), count, seed)[0]]
+
+
+@dataclass
+class ChatEvalConfig(StackConfig):
+    """Which chat evals to run and on how many examples."""
+    chat_tasks: str = "arc_easy,arc_challenge,mmlu,gsm8k,humaneval,spelling"  # comma-separated, from CHAT_TASKS
+    chat_choice_examples: int = 0  # examples per letter-choice task (0: all)
+    chat_generate_examples: int = 250  # examples per generative task (0: all; generation is the slow part)
+    chat_max_tokens: int = 512  # longest generated reply
+    chat_local_dir: str = ""  # a folder of local copies: <dir>/<task>/ (a repo mirror or test.jsonl), else the Hub
+    chat_gsm8k_source: str = "hub"  # data/gsm8k.py's source: hub | synthetic | a folder of test.jsonl
+    chat_humaneval_source: str = "hub"  # hub, or a human_eval.jsonl file (or its folder)
+    chat_words: str = ""  # word list for spelling (as data/sft.py's sft_words)
+    chat_seed: int = 0
+    PRESETS = {
+        "tiny": dict(chat_tasks="colours,spelling,gsm8k" + (",humaneval" if TINY_HUMANEVAL.is_dir() else ""),
+                     chat_choice_examples=48, chat_generate_examples=3, chat_max_tokens=40,
+                     chat_gsm8k_source=str(TINY_GSM8K) if TINY_GSM8K.is_dir() else "synthetic",
+                     chat_humaneval_source=str(TINY_HUMANEVAL), chat_words="builtin"),
+        "colab": dict(chat_choice_examples=1000, chat_generate_examples=100),
+    }
+
+    def task_names(self) -> list[str]:
+        names = [name.strip() for name in self.chat_tasks.split(",") if name.strip()]
+        unknown = sorted(set(names) - set(CHAT_TASKS))
+        if unknown:
+            raise ValueError(f"unknown chat task(s) {unknown}; valid: {', '.join(CHAT_TASKS)}")
+        return names
+
+
+def load_task(cfg: ChatEvalConfig, name: str, endpoint: str | None = None) -> ChatTask:
+    """One task, its examples subsampled as the config says."""
+    choice_count, generate_count, seed = cfg.chat_choice_examples, cfg.chat_generate_examples, cfg.chat_seed
+    local = str(Path(cfg.chat_local_dir).expanduser() / name) if cfg.chat_local_dir else ""
+    if name in CHOICE_SPLITS:
+        questions, _ = choice_questions(name, CHOICE_SPLITS[name], local, endpoint)
+        examples = subset(list(questions()), choice_count, seed)
+        return ChatTask(name, "choice", examples, baseline=sum(1 / len(q.letters) for q in examples) / len(examples))
+    if name == "colours":
+        return ChatTask(name, "choice", colour_questions(choice_count or 200, seed + 1), baseline=0.25)
+    if name == "gsm8k":
+        problems = subset(gsm8k.load_problems("test", cfg.chat_gsm8k_source, endpoint), generate_count, seed)
+        return ChatTask(name, "generate", [FinalAnswer(tuple(p.prompt()), p.gold) for p in problems],
+                        max_tokens=cfg.chat_max_tokens)
+    if name == "humaneval":
+        problems = subset(humaneval_problems(cfg.chat_humaneval_source, endpoint), generate_count, seed)
+        return ChatTask(name, "generate", problems, max_tokens=cfg.chat_max_tokens)
+    if name == "spelling":
+        words = word_split(load_words(cfg.chat_words), "test")
+        questions = letter_counts(words, generate_count or 500, seed + 2)
+        return ChatTask(name, "generate", [FinalAnswer(tuple(q.prompt()), q.gold) for q in questions],
+                        max_tokens=cfg.chat_max_tokens)
+    raise ValueError(f"unknown chat task {name!r}; valid: {', '.join(CHAT_TASKS)}")
+
+
+def load_chat_tasks(cfg: ChatEvalConfig, endpoint: str | None = None) -> list[ChatTask]:
+    return [load_task(cfg, name, endpoint) for name in cfg.task_names()]
+
+
+def describe_tasks(tasks: list[ChatTask]) -> str:
+    return "\n".join(f"{t.name:<14} {t.kind:<9} {len(t.examples):>6} examples, random guessing {t.baseline:.2f}"
+                     for t in tasks)

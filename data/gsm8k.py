@@ -1,0 +1,195 @@
+"""GSM8K (Cobbe et al., 2021): grade-school maths word problems with worked solutions. 05_sft trains on them as
+conversations and scores them as a chat eval; 06_rl samples answers to them and rewards the right final number.
+
+A solution marks every calculation as `<<expression=result>>` and ends with the final answer after `####`:
+
+    Natalia sold 48/2 = <<48/2=24>>24 clips in May. ... #### 72
+
+Each annotation becomes a calculator call in the assistant message: a `python` part holding the expression (what
+the model learns to write) and a `python_output` part holding the result (what the engine computes and forces at
+run time), between the text parts around it; the last part is the text that ends in `#### N`.
+
+Problems come from the Hub (`openai/gsm8k`, config `main`: one parquet file per split, fetched with
+huggingface_hub), from a local folder of `train.jsonl` / `test.jsonl` with `question` and `answer` fields (the layout
+of the original repository, openai/grade-school-math), or, for the offline `tiny` preset, from a generator of small
+problems written in the same format.
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from data.synthetic import NAMES, THINGS
+from stackcore import StackConfig, artifact_dir
+
+HUB_REPO = "openai/gsm8k"
+SPLITS = ("train", "test")
+SYNTHETIC_COUNTS = {"train": 2000, "test": 200}  # problems per split of the generated set
+CALCULATION = re.compile(r"<<([^<>]*)>>")
+FINAL_ANSWER = re.compile(r"####\s*([-$.0-9][-$0-9,.]*)")
+NUMBER = re.compile(r"-?[0-9]+(\.[0-9]+)?")
+
+
+@dataclass
+class GsmPromptConfig(StackConfig):
+    """Which GSM8K problems 02_sharding tokenizes into prompts for 06_rl (a base of its config)."""
+    rl_gsm8k_source: str = "hub"  # hub | synthetic | a folder of train.jsonl / test.jsonl
+    rl_train_prompts: int = 0  # train problems to tokenize, from the start of the split (0: all 7,473)
+    rl_test_prompts: int = 0  # test problems (0: all 1,319)
+    PRESETS = {"tiny": dict(rl_gsm8k_source="synthetic", rl_train_prompts=256, rl_test_prompts=64)}
+
+
+class GsmDataError(ValueError):
+    """A problem file that is missing, malformed or lacks a final answer; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    question: str
+    answer: str  # the worked solution with its <<expression=result>> annotations, ending in `#### N`
+
+    @property
+    def gold(self) -> str:
+        """The final answer, normalised as parse_final_answer() normalises the model's."""
+        gold = parse_final_answer(self.answer)
+        if gold is None:
+            raise GsmDataError(f"no '#### N' final answer in {self.answer[-80:]!r}")
+        return gold
+
+    def prompt(self) -> list[dict]:
+        """The conversation up to the question: what the model is asked to complete."""
+        return [{"role": "user", "content": self.question}]
+
+    def conversation(self) -> list[dict]:
+        """The question and the worked solution as an assistant message with calculator calls."""
+        return [*self.prompt(), {"role": "assistant", "content": assistant_parts(self.answer)}]
+
+
+# --- Answers and rewards ----------------------------------------------------------------------------------------
+
+def assistant_parts(answer: str) -> list[dict]:
+    """Split a solution into text / python (the expression) / python_output (the result) parts; empty text between
+    two calculations is dropped."""
+    parts = []
+    pieces = CALCULATION.split(answer)  # text, annotation, text, annotation, ..., text
+    for i, piece in enumerate(pieces):
+        if i % 2:
+            expression, _, result = piece.rpartition("=")
+            parts += [{"type": "python", "text": expression}, {"type": "python_output", "text": result}]
+        elif piece:
+            parts.append({"type": "text", "text": piece})
+    return parts
+
+
+def normalise_number(text: str) -> str | None:
+    """'1,080' -> '1080', '$5' -> '5', '10.0' -> '10', '2.50' -> '2.5', '7.' -> '7', '.5' -> '0.5'; None if no number
+    is left."""
+    text = text.replace(",", "").replace("$", "").rstrip(".")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    text = re.sub(r"^(-?)\.", r"\g<1>0.", text)
+    return text if NUMBER.fullmatch(text) else None
+
+
+def parse_final_answer(text: str) -> str | None:
+    """The number after the first `####` (GSM8K's final-answer mark, which the model learns to write), normalised;
+    None when there is no such mark or no number after it."""
+    match = FINAL_ANSWER.search(text)
+    return normalise_number(match.group(1)) if match else None
+
+
+def reward(completion_text: str, gold: str) -> float:
+    """1.0 when the completion's final answer equals `gold` (both normalised), else 0.0: the reward of 06_rl and the
+    correctness of the GSM8K chat eval."""
+    answer = parse_final_answer(completion_text)
+    return float(answer is not None and answer == normalise_number(gold))
+
+
+# --- Reading problems -------------------------------------------------------------------------------------------
+
+def hub_filename(split: str, config: str = "main") -> str:
+    return f"{config}/{split}-00000-of-00001.parquet"
+
+
+def download_split(split: str, dest: Path, endpoint: str | None = None, config: str = "main") -> Path:
+    """Fetch one split's parquet file from the Hub into `dest` (kept there: a second call does not download again).
+    `endpoint` points huggingface_hub at another server (tests use a local one)."""
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(HUB_REPO, hub_filename(split, config), repo_type="dataset", local_dir=dest,
+                                endpoint=endpoint))
+
+
+def check_record(record: object, where: str) -> Problem:
+    if not isinstance(record, dict) or not isinstance(record.get("question"), str) \
+            or not isinstance(record.get("answer"), str):
+        raise GsmDataError(f"{where}: expected an object with string fields 'question' and 'answer'")
+    problem = Problem(record["question"], record["answer"])
+    if parse_final_answer(problem.answer) is None:
+        raise GsmDataError(f"{where}: the answer has no '#### N' final answer")
+    return problem
+
+
+def read_problems(path: Path) -> list[Problem]:
+    """Problems of one .jsonl or .parquet file, in file order."""
+    path = Path(path)
+    if not path.is_file():
+        raise GsmDataError(f"{path}: no such GSM8K file")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(path, columns=["question", "answer"]).to_pylist()
+        return [check_record(row, f"{path}: row {i}") for i, row in enumerate(rows)]
+    problems = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise GsmDataError(f"{path}:{line_no}: not JSON ({error})") from None
+                problems.append(check_record(record, f"{path}:{line_no}"))
+    return problems
+
+
+def load_problems(split: str, source: str = "hub", endpoint: str | None = None) -> list[Problem]:
+    """The problems of `split` ("train" or "test") from `source`: "hub" (downloaded once into
+    STACK_HOME/downloads/gsm8k), "synthetic" (generated, offline), or a folder holding `<split>.jsonl`."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown GSM8K split {split!r}; valid: {', '.join(SPLITS)}")
+    if source == "hub":
+        return read_problems(download_split(split, artifact_dir("downloads") / "gsm8k", endpoint))
+    if source == "synthetic":
+        return synthetic_problems(SYNTHETIC_COUNTS[split], seed=SPLITS.index(split))
+    return read_problems(Path(source).expanduser() / f"{split}.jsonl")
+
+
+# --- Small generated problems for offline runs ------------------------------------------------------------------
+
+def synthetic_problem(rng: random.Random) -> Problem:
+    """One or two calculations in GSM8K's format, e.g. 'Ada has 12 maps and finds 7 more. ...'."""
+    name, things = rng.choice(NAMES), rng.choice(THINGS)
+    a, b, c = rng.randint(2, 20), rng.randint(2, 9), rng.randint(1, 30)
+    kind = rng.randrange(3)
+    if kind == 0:
+        question = f"{name} has {a} {things} and finds {c} more. How many {things} does {name} have now?"
+        steps = [(f"{a}+{c}", a + c, f"{name} has {a} + {c} = ", " {things} now.")]
+    elif kind == 1:
+        question = f"{name} has {a + c} {things} and gives away {c}. How many {things} are left?"
+        steps = [(f"{a + c}-{c}", a, f"{name} keeps {a + c} - {c} = ", " {things}.")]
+    else:
+        question = (f"{name} buys {b} boxes of {a} {things} and finds {c} more. "
+                    f"How many {things} does {name} have?")
+        steps = [(f"{b}*{a}", a * b, f"The boxes hold {b} * {a} = ", " {things}.\n"),
+                 (f"{a * b}+{c}", a * b + c, f"With the {c} found, {name} has {a * b} + {c} = ", " {things}.")]
+    lines = [f"{before}<<{expr}={value}>>{value}{after.format(things=things)}" for expr, value, before, after in steps]
+    return Problem(question, "".join(lines) + f"\n#### {steps[-1][1]}")
+
+
+def synthetic_problems(count: int, seed: int = 0) -> list[Problem]:
+    """`count` generated problems, the same for the same seed."""
+    rng = random.Random(seed)
+    return [synthetic_problem(rng) for _ in range(count)]

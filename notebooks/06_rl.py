@@ -1,0 +1,315 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: -all
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 06 · Reinforcement learning on GSM8K with the calculator
+#
+# Fine-tuning showed the model worked solutions to copy. Reinforcement learning lets it practise instead: the model
+# answers a maths question several times, a program checks each final answer, and the answers that did better than
+# their siblings become more likely. No one writes the solutions; a reward of 1 for a right `#### N` and 0 otherwise
+# is all the teaching signal. The model keeps its calculator: when it writes an expression between the python
+# tokens, the engine computes it and forces the result in, and the training leaves those forced tokens alone.
+#
+# Steps:
+# 1. set-up: the newest checkpoint of `05_sft` and the GSM8K prompt shards of `02_sharding`;
+# 2. a first look: several sampled answers to one question, with their rewards and advantages;
+# 3. the optimizer, at a small fraction of the pretraining learning rates;
+# 4. the training loop, in view: rollouts, advantages, the policy-gradient step, pass@k on test questions every
+#    `eval_every` steps, checkpoints that let you stop and resume;
+# 5. curves, the same question answered again, and a summary.
+#
+# Headless: `python notebooks/06_rl.py --steps=200`.
+
+# %% [markdown]
+# ## Get the runtime ready
+# This cell runs first in every notebook. It finds the project (the checkout you run in or, in a fresh Google Colab
+# runtime, a clone in `/content/decoderstack`), puts it on `sys.path` and calls `sc.setup_runtime()`. In Colab that
+# installs what `requirements.txt` asks for and the runtime lacks (never torch); anywhere it prints the GPU, its
+# memory, the preset and the compute dtype, and elsewhere it installs nothing. In Colab, tick **use_drive** to keep
+# `STACK_HOME` (every artifact) on Google Drive: each Colab notebook runs on its own machine, so Drive is how the
+# next notebook finds what this one makes, and how artifacts survive a restart. Google asks for access once.
+
+# %%
+import os
+import subprocess
+import sys
+
+use_drive = False  # @param {type:"boolean"}
+ROOT = os.path.abspath(".." if os.path.basename(os.getcwd()) == "notebooks" else ".")
+if not os.path.isfile(os.path.join(ROOT, "stackcore.py")):  # not in a checkout: a fresh Colab runtime
+    ROOT = "/content/decoderstack"
+    if not os.path.isdir(ROOT):
+        subprocess.run(["git", "clone", "--depth=1", "https://github.com/decoderstack/decoderstack", ROOT], check=True)
+sys.path.insert(0, ROOT)
+import stackcore as sc
+
+sc.setup_runtime(use_drive)
+
+# %% [markdown]
+# ## Set-up
+# The starting point is the newest checkpoint of `05_sft` (or `checkpoint` if you name a file). Without one, the
+# notebook falls back to the base model of `03_pretrain` with a warning: it runs, but a model that has never seen
+# the chat format almost never writes `#### N`, so its rewards stay at zero and nothing is learned.
+
+# %%
+import json
+import time
+from dataclasses import dataclass
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+from data import gsm8k
+
+
+@dataclass
+class RLConfig(sc.StackConfig):
+    checkpoint: str = ""  # a checkpoint to start from (default: the newest of 05_sft, else of 03_pretrain)
+    steps: int = 460  # optimizer steps (460 x 16 prompts: about one pass over the 7,473 training questions)
+    prompts_per_step: int = 16  # questions per step
+    samples_per_prompt: int = 16  # answers sampled per question: the group whose mean reward is the baseline
+    max_new_tokens: int = 256  # longest answer, tool output included
+    temperature: float = 1.0  # 1.0 and no top-k sample exactly from the policy being trained
+    top_k: int = 0  # 0: no top-k cut
+    lr_frac: float = 0.05  # learning rates as a fraction of the pretraining ones (nanochat's choice)
+    pass_tokens: int = 65_536  # tokens per forward/backward pass over the packed rollouts
+    eval_every: int = 60  # steps between pass@k evaluations (and at the start and the end)
+    eval_prompts: int = 400  # test questions per evaluation
+    eval_samples: int = 8  # answers per test question: pass@1 ... pass@eval_samples
+    save_every: int = 60  # steps between checkpoints (and at the end)
+    attention: str = "auto"  # auto | flash | varlen | flex | sdpa
+    run_name: str = "rl"  # name of the run folder and checkpoint folder (07_chat looks for "rl")
+    resume: bool = True  # continue from the newest checkpoint of this run if there is one
+    seed: int = 0
+    PRESETS = {
+        "tiny": dict(steps=4, prompts_per_step=2, samples_per_prompt=4, max_new_tokens=16, pass_tokens=2048,
+                     eval_every=2, eval_prompts=4, eval_samples=4, save_every=2),
+        "colab": dict(steps=200, prompts_per_step=8, samples_per_prompt=8, pass_tokens=16_384, eval_every=50,
+                      eval_prompts=200, save_every=50),
+    }
+
+
+cfg = sc.configure(RLConfig)
+print(sc.describe_config(cfg))
+top_k = cfg.top_k or None
+dist_info = sc.init_distributed()
+if dist_info.world_size > 1:
+    raise RuntimeError("06_rl runs in one process on one GPU: start it with python, not torchrun")
+device = dist_info.device
+torch.manual_seed(cfg.seed)
+run_dir = sc.artifact_dir("runs") / cfg.run_name
+checkpoint_dir = sc.artifact_dir("checkpoints") / cfg.run_name
+
+
+def starting_checkpoint() -> str:
+    checkpoints = sc.artifact_dir("checkpoints")
+    if cfg.checkpoint:
+        return cfg.checkpoint
+    sft = sc.latest_checkpoint(checkpoints / "sft")
+    if sft is not None:
+        return str(sft)
+    base = sc.latest_checkpoint(checkpoints / "pretrain")
+    if base is None:
+        raise sc.MissingArtifactError(f"no checkpoint in {checkpoints / 'sft'} (nor a base model in "
+                                      f"{checkpoints / 'pretrain'}): run notebooks/05_sft first "
+                                      f"(STACK_HOME is {sc.stack_home()})")
+    print(f"WARNING: no SFT checkpoint in {checkpoints / 'sft'}; starting from the base model {base}. It does not "
+          f"know the chat format, so expect zero rewards: run notebooks/05_sft first.")
+    return str(base)
+
+
+start_path = starting_checkpoint()
+model, start_checkpoint = sc.model_from_checkpoint(start_path, device)
+compute_dtype = sc.pick_compute_dtype(device)
+model.set_compute_dtype(compute_dtype)
+backend = sc.pick_attention_backend(device, cfg.attention)
+tokenizer = sc.Tokenizer.load(sc.artifact_dir("tokenizer"))
+engine = sc.Engine(model, tokenizer, backend)
+print(f"starting from {start_path} (step {start_checkpoint['step']}): {model.num_params()['total']:,} parameters, "
+      f"attention {backend}, device {device}")
+
+# %% [markdown]
+# ## The questions
+# `02_sharding` rendered every question as the prompt the engine continues, ending in `<|assistant_start|>`, with
+# its gold answer beside it. A question whose prompt leaves no room for `max_new_tokens` of answer in the model's
+# context is left out. Training questions come in a seeded random order, a new one each epoch.
+
+# %%
+prompt_dir = sc.artifact_dir("shards") / "gsm8k"
+longest_prompt = model.config.max_seq_len - cfg.max_new_tokens
+train_prompts, test_prompts = ([p for p in sc.read_prompt_shard(prompt_dir, split, tokenizer.vocab_size)
+                                if len(p.ids) <= longest_prompt] for split in ("train", "test"))
+test_prompts = test_prompts[:cfg.eval_prompts]
+sampler = sc.PromptSampler(train_prompts, cfg.seed)
+print(f"{len(train_prompts):,} training questions, {len(test_prompts):,} test questions for pass@k "
+      f"(prompts of at most {longest_prompt} tokens)")
+
+# %% [markdown]
+# ## A first look: one question, several answers
+# The engine prefills the question once and samples `samples_per_prompt` answers from it. Each answer is rewarded
+# (1 if its `#### N` equals the gold answer), and its **advantage** is its reward minus the mean reward of its group.
+# A right answer among wrong ones gets a large positive advantage; when every answer is right (or every one wrong)
+# all advantages are zero and the question teaches nothing this step. We do not divide by the group's standard
+# deviation as GRPO does (see `sc.group_advantages`). In the mask, 0 marks the tokens the engine forced in (the
+# calculator's output): they get no gradient.
+
+# %%
+example_prompt = test_prompts[0]
+group = sc.generate_rollouts(engine, example_prompt, gsm8k.reward, cfg.samples_per_prompt, cfg.max_new_tokens,
+                             cfg.temperature, top_k, seed=cfg.seed)
+advantages = sc.group_advantages(torch.tensor([group.rewards]))[0]
+print(tokenizer.decode(example_prompt.ids), f"\n(gold answer: {example_prompt.gold})\n")
+for text, mask, reward, advantage in list(zip(group.completions, group.masks, group.rewards, advantages))[:4]:
+    forced = len(mask) - len(example_prompt.ids) - sum(mask)
+    print(f"reward {reward:.0f} | advantage {advantage:+.2f} | {forced} forced tokens | {text[:300]!r}")
+
+# %% [markdown]
+# ## The optimizer
+# The same Muon + AdamW pair as pretraining, with every learning rate scaled by `lr_frac` and decayed linearly to
+# zero over the run. Each step's rollouts are sampled from the current weights and used for exactly one update, so
+# the method stays on-policy: no importance ratios, no clipping, and no KL penalty to the starting model (see
+# `sc.policy_gradient_loss` for why).
+
+# %%
+optimizers = sc.build_optimizers(model)
+for optimizer in optimizers:
+    for param_group in optimizer.param_groups:
+        param_group["initial_lr"] *= cfg.lr_frac
+loss_scaler = sc.LossScaler(compute_dtype, device)  # fp16 only (a T4); a plain optimizer step otherwise
+
+# %% [markdown]
+# ## Resume
+# If this run already has a checkpoint, continue from it: weights, optimizer state and the position in the question
+# order. Otherwise start a fresh log.
+
+# %%
+start_step = 0
+latest = sc.latest_checkpoint(checkpoint_dir) if cfg.resume else None
+if latest is not None:
+    checkpoint = sc.load_checkpoint(latest, device)
+    model.load_state_dict(checkpoint["model"])
+    sc.restore_training_state(latest, optimizers, sampler, dist_info)
+    start_step = checkpoint["step"]
+    print(f"resumed from {latest} at step {start_step}")
+else:
+    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+run_log = sc.RunLog(run_dir)
+
+# %% [markdown]
+# ## The training loop
+# Each step: take `prompts_per_step` questions, sample `samples_per_prompt` answers to each (the rollouts), reward
+# them, and accumulate the gradient of the policy-gradient loss: the advantage times the log-probability of each
+# sampled token, averaged over all sampled tokens of the step. Rollouts whose advantage is zero are skipped (their
+# gradient is zero); the others are packed back to back into passes of `pass_tokens` tokens, like pretraining
+# documents. Every `eval_every` steps, pass@k on the test questions: the chance that at least one of k sampled
+# answers is right (pass@1 is the plain accuracy of one sample).
+
+# %%
+def evaluate(step: int) -> None:
+    results = sc.evaluate_pass_at_k(engine, test_prompts, gsm8k.reward, cfg.eval_samples, cfg.max_new_tokens,
+                                    cfg.temperature, top_k, seed=2**40)  # the same samples' seeds every time
+    print(f"step {step:4d}/{cfg.steps} | " + " | ".join(f"{k} {v:.3f}" for k, v in results.items()))
+    run_log.log(step=step, **results)
+
+
+totals = {"rollout_seconds": 0.0, "update_seconds": 0.0, "answer_tokens": 0}
+for step in range(start_step, cfg.steps + 1):
+    last = step == cfg.steps
+    if (step % cfg.eval_every == 0 or last) and (step > start_step or start_step == 0):  # resumed: done already
+        evaluate(step)
+    if step > start_step and (step % cfg.save_every == 0 or last):
+        saved = sc.save_checkpoint(checkpoint_dir, step, model, optimizers, sampler, cfg, dist_info,
+                                   {"start_checkpoint": start_path})
+        print(f"saved {saved}")
+    if last:
+        break
+    t0 = time.time()
+    first_seed = cfg.seed + step * cfg.prompts_per_step * cfg.samples_per_prompt  # every answer its own seed
+    groups = [sc.generate_rollouts(engine, prompt, gsm8k.reward, cfg.samples_per_prompt, cfg.max_new_tokens,
+                                   cfg.temperature, top_k, seed=first_seed + i * cfg.samples_per_prompt)
+              for i, prompt in enumerate(sampler.next_prompts(cfg.prompts_per_step))]
+    t1 = time.time()
+    sc.apply_schedule(optimizers, 1.0 - step / cfg.steps)
+    stats = sc.policy_gradient_backward(model, groups, backend, cfg.pass_tokens, device, loss_scaler)
+    loss_scaler.step(optimizers)
+    t2 = time.time()
+    answer_tokens = sum(len(seq) - len(g.prompt.ids) for g in groups for seq in g.sequences)
+    reward = float(np.mean([g.rewards for g in groups]))
+    for key, value in (("rollout_seconds", t1 - t0), ("update_seconds", t2 - t1), ("answer_tokens", answer_tokens)):
+        totals[key] += value
+    print(f"step {step + 1:4d}/{cfg.steps} | reward {reward:.3f} | {answer_tokens / (t1 - t0):,.0f} answer tok/s "
+          f"| {stats['trained_sequences']} rollouts trained | loss {stats['loss']:+.4f} | rollouts {t1 - t0:.1f} s "
+          f"| update {t2 - t1:.1f} s")
+    run_log.log(step=step + 1, reward=reward, answer_tokens=answer_tokens / (len(groups) * cfg.samples_per_prompt),
+                rollout_seconds=t1 - t0, update_seconds=t2 - t1, **stats)
+
+# %% [markdown]
+# ## Curves
+# Left: the mean reward of each step's rollouts, which is the training accuracy at temperature `temperature`
+# (noisy: few questions per step). Right: pass@k on the same test questions at every evaluation. RL mostly sharpens
+# the model: pass@1 rises towards pass@k, since it learns to give more often the answers it could already find.
+
+# %%
+records = run_log.read()
+train_log = [r for r in records if "reward" in r]
+eval_log = [r for r in records if "pass@1" in r]
+fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.5))
+left.plot([r["step"] for r in train_log], [r["reward"] for r in train_log], lw=1, label="step")
+if len(train_log) >= 10:
+    window = np.ones(10) / 10
+    left.plot([r["step"] for r in train_log][9:], np.convolve([r["reward"] for r in train_log], window, "valid"),
+              label="mean of 10")
+left.set(xlabel="step", ylabel="mean reward", title="training reward")
+left.legend()
+for key in (k for k in eval_log[0] if k.startswith("pass@")):
+    right.plot([r["step"] for r in eval_log], [r[key] for r in eval_log], marker="o", label=key)
+right.set(xlabel="step", ylabel="fraction of test questions", title="GSM8K pass@k")
+right.legend()
+fig.tight_layout()
+fig.savefig(run_dir / "curves.png", dpi=120)
+plt.show()
+
+# %% [markdown]
+# ## The same question again
+# The first question, answered by the trained model with the same seed as before.
+
+# %%
+before = np.mean(group.rewards)
+group = sc.generate_rollouts(engine, example_prompt, gsm8k.reward, cfg.samples_per_prompt, cfg.max_new_tokens,
+                             cfg.temperature, top_k, seed=cfg.seed)
+print(f"gold answer {example_prompt.gold}; mean reward {np.mean(group.rewards):.2f} (before training: {before:.2f})")
+for text, reward in list(zip(group.completions, group.rewards))[:4]:
+    print(f"reward {reward:.0f} | {text[:300]!r}")
+
+# %% [markdown]
+# ## Summary
+# The final checkpoint in `STACK_HOME/checkpoints/rl` is what `07_chat` loads first.
+
+# %%
+first_eval, final_eval = eval_log[0], eval_log[-1]
+summary = {
+    "run": cfg.run_name, "preset": cfg.preset, "start_checkpoint": start_path, "steps": cfg.steps,
+    "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu", "attention": backend,
+    "prompts_per_step": cfg.prompts_per_step, "samples_per_prompt": cfg.samples_per_prompt,
+    "pass_at_k_start": {k: v for k, v in first_eval.items() if k != "step"},
+    "pass_at_k_final": {k: v for k, v in final_eval.items() if k != "step"},
+    "final_train_reward": train_log[-1]["reward"] if train_log else None,
+    "rollout_seconds": round(totals["rollout_seconds"], 1), "update_seconds": round(totals["update_seconds"], 1),
+    "rollout_tokens_per_second": (round(totals["answer_tokens"] / totals["rollout_seconds"])
+                                  if totals["rollout_seconds"] else None),
+}
+(run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+print(json.dumps(summary, indent=1))

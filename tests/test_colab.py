@@ -1,0 +1,303 @@
+"""The Colab path: the first cell of every notebook, setup_runtime in a simulated Colab (fake installs, fake pip, git
+and Drive; nothing downloaded), the GPU -> preset mapping, fp16 loss scaling, and the messages a notebook stops with
+when an earlier notebook's artifact is missing."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import jupytext
+import pytest
+import torch
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+import stackcore as sc
+from conftest import ROOT
+
+T4 = sc.GpuInfo("Tesla T4", (7, 5), 15.8)
+V100 = sc.GpuInfo("Tesla V100-SXM2-16GB", (7, 0), 17.2)
+L4 = sc.GpuInfo("NVIDIA L4", (8, 9), 23.7)
+A10G = sc.GpuInfo("NVIDIA A10G", (8, 6), 23.9)
+RTX5090 = sc.GpuInfo("NVIDIA GeForce RTX 5090", (12, 0), 34.2)
+A100_40 = sc.GpuInfo("NVIDIA A100-SXM4-40GB", (8, 0), 42.5)
+A100_80 = sc.GpuInfo("NVIDIA A100-SXM4-80GB", (8, 0), 85.1)
+H100 = sc.GpuInfo("NVIDIA H100 80GB HBM3", (9, 0), 85.0)
+H200 = sc.GpuInfo("NVIDIA H200", (9, 0), 150.0)
+COLAB_ENV = {"COLAB_RELEASE_TAG": "release-colab-20261120-060000", "COLAB_GPU": "1"}
+REQUIREMENTS = {canonicalize_name(Requirement(line).name): line
+                for line in sc.requirement_lines(ROOT / "requirements.txt")}
+# a runtime that has every requirement at the lowest version it allows (each line is name>=version)
+SATISFIED = {name: next(iter(Requirement(line).specifier)).version for name, line in REQUIREMENTS.items()}
+
+
+# ----- the GPU decides the preset's sizes and the dtype
+
+
+@pytest.mark.parametrize("gpu, tier, preset, dtype", [
+    (T4, "t4", "colab", torch.float16), (V100, "t4", "colab", torch.float16),
+    (L4, "l4", "colab", torch.bfloat16), (A10G, "l4", "colab", torch.bfloat16),
+    (RTX5090, "l4", "colab", torch.bfloat16), (A100_40, "a100", "colab", torch.bfloat16),
+    (A100_80, "a100", "colab", torch.bfloat16), (H100, "h100", "speedrun", torch.bfloat16),
+    (H200, "h100", "speedrun", torch.bfloat16), (None, None, "tiny", torch.float32),
+], ids=lambda v: v.name if isinstance(v, sc.GpuInfo) else None)
+def test_gpu_decides_tier_preset_and_dtype(gpu, tier, preset, dtype):
+    assert sc.colab_gpu_tier(gpu) == tier
+    assert sc.auto_preset(gpu) == preset
+    assert sc.compute_dtype_for(gpu) == dtype
+
+
+def test_several_gpus_mean_node_and_overrides_win():
+    assert sc.auto_preset(H100, world_size=8) == "node"
+    assert sc.colab_gpu_tier(H100, override="t4") == "t4"
+    assert sc.compute_dtype_for(T4, "float32") == torch.float32
+    with pytest.raises(sc.ConfigError, match="valid: t4, l4, a100, h100"):
+        sc.colab_gpu_tier(T4, override="p100")
+    with pytest.raises(sc.ConfigError, match="valid: auto, bfloat16, float16, float32"):
+        sc.compute_dtype_for(T4, "fp8")
+
+
+@dataclass
+class TrainConfig(sc.StackConfig):
+    depth: int = 12
+    steps: int = 2000
+    attention: str = "auto"
+    PRESETS = {"colab": dict(depth=8, steps=1000), "colab_t4": dict(depth=6, attention="sdpa"),
+               "speedrun": dict(steps=3000)}
+
+
+@pytest.mark.parametrize("gpu, environ, expected", [
+    (T4, {}, (6, 1000, "sdpa")),  # the colab table, then colab_t4
+    (L4, {}, (8, 1000, "auto")),  # no colab_l4 table: the colab sizes
+    (H100, {}, (12, 3000, "auto")),  # colab on an H100 is the speedrun
+    (H100, {"STACK_COLAB_GPU": "t4"}, (6, 1000, "sdpa")),  # preview the T4 sizes on a bigger GPU
+    (None, {}, (8, 1000, "auto")),  # colab asked for without a GPU: its own table
+])
+def test_colab_preset_fits_the_gpu(monkeypatch, gpu, environ, expected):
+    monkeypatch.setattr(sc, "current_gpu", lambda device="cuda": gpu)
+    cfg = sc.configure(TrainConfig, ["--preset=colab"], environ)
+    assert (cfg.depth, cfg.steps, cfg.attention) == expected
+    assert sc.configure(TrainConfig, ["--preset=colab", "--depth=4"], environ).depth == 4
+
+
+def test_auto_preset_follows_the_gpu(monkeypatch):
+    monkeypatch.setattr(sc, "current_gpu", lambda device="cuda": T4)
+    assert sc.configure(TrainConfig, [], {}).preset == "colab"
+    monkeypatch.setattr(sc, "current_gpu", lambda device="cuda": H100)
+    assert sc.configure(TrainConfig, [], {}).preset == "speedrun"
+
+
+# ----- fp16 loss scaling
+
+
+def tiny_model_and_batch():
+    torch.manual_seed(0)
+    model = sc.GPT(sc.GPTConfig(vocab_size=64, depth=2, model_dim=32, head_dim=16, max_seq_len=32))
+    ids = torch.randint(0, 64, (65,))
+    return model, (ids[:-1], torch.tensor([0, 32, 64], dtype=torch.int32), 32, ids[1:])
+
+
+def test_loss_scaler_trains_in_fp16_mode_and_skips_overflowing_steps():
+    model, batch = tiny_model_and_batch()
+    optimizers, scaler = sc.build_optimizers(model), sc.LossScaler(torch.float16, "cpu")
+    losses = []
+    for _ in range(3):
+        loss = model(*batch)
+        scaler.scale(loss).backward()
+        scaler.step(optimizers)
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] and all(p.grad is None for p in model.parameters())
+    scale, head = scaler.scaler.get_scale(), model.lm_head.weight.detach().clone()
+    scaler.scale(model(*batch)).backward()
+    model.lm_head.weight.grad[0, 0] = float("inf")
+    scaler.step(optimizers)
+    assert torch.equal(head, model.lm_head.weight)  # Adam, whose gradients overflowed, skipped its step
+    assert scaler.scaler.get_scale() == scale / 2
+
+
+def test_loss_scaler_is_a_plain_step_without_fp16(monkeypatch):
+    model, batch = tiny_model_and_batch()
+    optimizers, scaler = sc.build_optimizers(model), sc.LossScaler(torch.bfloat16, "cpu")
+    loss = model(*batch)
+    assert scaler.scale(loss) is loss
+    loss.backward()
+    scaler.step(optimizers)
+    assert all(p.grad is None for p in model.parameters())
+    monkeypatch.setattr(sc, "_world", lambda: (2, 0))
+    with pytest.raises(sc.ConfigError, match="STACK_DTYPE=float32"):
+        sc.LossScaler(torch.float16, "cpu")
+
+
+# ----- setup_runtime in a simulated Colab
+
+
+@dataclass
+class Recorder:
+    """Fake pip/git runner and Drive mount: records every call, downloads nothing."""
+    commands: list
+    mounts: list
+
+    def run(self, command):
+        self.commands.append(command)
+        return "abc1234\n"
+
+    def mount(self, mount_point):
+        self.mounts.append(mount_point)
+
+
+def colab_context(environ=None, installed=None, gpu=T4, colab=True, drive_mounted=False):
+    recorder = Recorder([], [])
+    context = sc.RuntimeContext(dict(COLAB_ENV if colab else {}, **(environ or {})), [],
+                                SATISFIED if installed is None else installed, gpu, colab, drive_mounted,
+                                recorder.run, recorder.mount)
+    return context, recorder
+
+
+def pip_installs(recorder):
+    return [command[5:] for command in recorder.commands if command[1:4] == ["-m", "pip", "install"]]
+
+
+def test_colab_is_detected_by_its_variables_or_module():
+    assert sc.in_colab(COLAB_ENV, modules={})
+    assert sc.in_colab({}, modules={"google.colab": object()})
+    assert not sc.in_colab({"HOME": "/root"}, modules={})
+
+
+def test_colab_installs_only_what_it_lacks_and_never_torch(capsys):
+    installed = {name: version for name, version in SATISFIED.items() if name not in ("rustbpe", "jupytext")}
+    installed.update(torch="2.0.0+cu118", tiktoken="0.0.1")  # torch too old, tiktoken too old
+    context, recorder = colab_context(installed=installed)
+    plan = sc.setup_runtime(context=context)
+    wanted = [REQUIREMENTS[name] for name in ("tiktoken", "rustbpe", "jupytext")]
+    assert pip_installs(recorder) == [sorted(wanted, key=list(REQUIREMENTS.values()).index)]
+    assert set(plan.missing) == {REQUIREMENTS["torch"], *wanted}
+    out = capsys.readouterr().out
+    assert f"{REQUIREMENTS['torch']} not satisfied: torch and triton stay as this runtime has them" in out
+    assert "GPU: Tesla T4, 15.8 GB, compute capability 7.5" in out
+    assert "preset: colab (t4 sizes); compute dtype: float16 with loss scaling" in out
+    assert "commit abc1234" in out
+
+
+def test_a_ready_runtime_installs_nothing(capsys):
+    context, recorder = colab_context(gpu=A100_40)
+    plan = sc.setup_runtime(context=context)
+    assert pip_installs(recorder) == [] and plan.missing == ()
+    assert "preset: colab (a100 sizes); compute dtype: bfloat16" in capsys.readouterr().out
+
+
+def test_outside_colab_nothing_is_installed_or_mounted(capsys, stack_home):
+    context, recorder = colab_context({"STACK_HOME": str(stack_home)}, {"torch": "9.9"}, gpu=None, colab=False)
+    plan = sc.setup_runtime(use_drive=True, context=context)
+    assert pip_installs(recorder) == [] and recorder.mounts == [] and not plan.mount_drive
+    assert plan.stack_home == stack_home and plan.preset == "tiny"
+    out = capsys.readouterr().out
+    assert "use_drive applies in Colab only" in out and "python3 -m pip install -r requirements.txt" in out
+
+
+def test_drive_is_mounted_only_when_asked(capsys):
+    context, recorder = colab_context()
+    plan = sc.setup_runtime(context=context)
+    assert recorder.mounts == [] and plan.stack_home != sc.DRIVE_STACK_HOME
+    assert "tick use_drive" in capsys.readouterr().out
+    context, recorder = colab_context()
+    plan = sc.setup_runtime(use_drive=True, context=context)
+    assert recorder.mounts == [str(sc.DRIVE_MOUNT)] and plan.stack_home == sc.DRIVE_STACK_HOME
+    assert context.environ["STACK_HOME"] == str(sc.DRIVE_STACK_HOME)
+
+
+def test_drive_by_variable_and_no_second_mount():
+    context, recorder = colab_context(environ={"STACK_DRIVE": "1"}, drive_mounted=True)
+    plan = sc.setup_runtime(context=context)
+    assert recorder.mounts == [] and plan.stack_home == sc.DRIVE_STACK_HOME
+
+
+def test_colab_without_a_gpu_says_how_to_get_one(capsys):
+    plan = sc.setup_runtime(context=colab_context(gpu=None)[0])
+    assert plan.preset == "tiny" and "Change runtime type" in capsys.readouterr().out
+
+
+def test_requirement_check_reads_versions_names_and_markers():
+    lines = ["numpy>=1.26", "huggingface_hub>=0.30", "triton>=3.3; sys_platform == 'nowhere'", "tqdm>=4.66"]
+    installed = {"numpy": "1.24.0", "huggingface-hub": "0.36.0"}
+    assert sc.missing_requirements(lines, installed) == ["numpy>=1.26", "tqdm>=4.66"]
+    assert sc.missing_requirements(sc.requirement_lines(ROOT / "requirements.txt"), SATISFIED) == []
+
+
+# ----- the first cell: find or clone the project, then setup_runtime
+
+
+def first_code_cell(twin):
+    return next(cell.source for cell in jupytext.read(twin).cells if cell.cell_type == "code")
+
+
+TWINS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.py"))
+
+
+def test_every_notebook_opens_with_the_same_set_up_cell():
+    cells = {twin.name: first_code_cell(twin) for twin in TWINS}
+    assert len(set(cells.values())) == 1, f"first code cells differ: {sorted(cells)}"
+    cell = cells[TWINS[0].name]
+    assert f'"{sc.REPO_URL}"' in cell and f'"{sc.COLAB_CHECKOUT}"' in cell and "sc.setup_runtime(use_drive)" in cell
+
+
+def test_readme_badges_open_the_repository_the_first_cell_clones():
+    badges = re.findall(r"colab\.research\.google\.com/github/([\w.-]+/[\w.-]+)/blob/main/(notebooks/\S+?\.ipynb)",
+                        (ROOT / "README.md").read_text())
+    assert badges and {repo for repo, _ in badges} == {sc.REPO_URL.removeprefix("https://github.com/")}
+    assert all((ROOT / path).is_file() for _, path in badges)
+
+
+@pytest.mark.parametrize("where, clones", [("elsewhere", True), ("root", False), ("notebooks", False)])
+def test_first_cell_clones_only_outside_a_checkout(monkeypatch, tmp_path, where, clones):
+    calls = []
+    monkeypatch.chdir({"elsewhere": tmp_path, "root": ROOT, "notebooks": ROOT / "notebooks"}[where])
+    monkeypatch.setattr(subprocess, "run", lambda command, check: calls.append(command))
+    monkeypatch.setattr(sc, "setup_runtime", lambda use_drive: calls.append(("setup_runtime", use_drive)))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    namespace = {}
+    exec(first_code_cell(TWINS[0]), namespace)
+    expected_root = str(sc.COLAB_CHECKOUT) if clones else str(ROOT)
+    assert namespace["ROOT"] == expected_root and sys.path[0] == expected_root
+    clone = [["git", "clone", "--depth=1", sc.REPO_URL, str(sc.COLAB_CHECKOUT)]] if clones else []
+    assert calls == [*clone, ("setup_runtime", False)]
+
+
+# ----- a notebook whose input is missing names the notebook to run first and where it looked
+
+
+def run_twin(name, stack_home, *args):
+    env = {**os.environ, "STACK_HOME": str(stack_home), "STACK_PRESET": "tiny"}
+    env.pop("COLAB_RELEASE_TAG", None)
+    return subprocess.run([sys.executable, f"notebooks/{name}.py", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize("twin, made_by, looked_in", [
+    ("02_sharding", "01_tokenizer", "tokenizer/tokenizer.tiktoken"),
+    ("03_pretrain", "01_tokenizer", "tokenizer/token_bytes.npy"),
+    ("04_core_eval", "03_pretrain", "checkpoints/pretrain"),
+])
+def test_twin_against_an_empty_stack_home(stack_home, twin, made_by, looked_in):
+    result = run_twin(twin, stack_home)
+    assert result.returncode != 0
+    error = result.stderr.strip().splitlines()[-1]
+    assert "MissingArtifactError" in error and f"run notebooks/{made_by} first" in error, result.stderr[-2000:]
+    assert str(stack_home / looked_in) in error
+
+
+def test_pretrain_with_a_tokenizer_but_no_shards(stack_home, tiny_tokenizer):
+    shutil.copytree(tiny_tokenizer, stack_home / "tokenizer")
+    result = run_twin("03_pretrain", stack_home)
+    error = result.stderr.strip().splitlines()[-1]
+    assert "run notebooks/02_sharding first" in error and str(stack_home / "shards" / "pretrain") in error
+
+
+def test_in_colab_a_missing_artifact_says_to_share_stack_home_on_drive(monkeypatch, stack_home):
+    monkeypatch.setenv("COLAB_RELEASE_TAG", "release-colab")
+    with pytest.raises(sc.MissingArtifactError, match="tick use_drive"):
+        sc.require_artifact(stack_home / "tokenizer" / "tokenizer.json", "01_tokenizer")
+    monkeypatch.setenv("STACK_HOME", str(sc.DRIVE_STACK_HOME))
+    error = sc.MissingArtifactError("x not found: run notebooks/01_tokenizer first")
+    assert str(error) == "x not found: run notebooks/01_tokenizer first"

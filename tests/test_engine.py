@@ -1,0 +1,310 @@
+"""The chat format, the calculator and the KV-cache engine (section 13 of stackcore): cached decoding against the
+full forward pass, batch-invariant sampling, stopping, tool forcing, and the chat session, loop and widget."""
+import pytest
+import torch
+
+import stackcore as sc
+
+TOLERANCE = 1e-4  # fp32 on the CPU: cached and full passes differ only in summation order (seen: ~2e-6)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: one thread per process is faster than contending for the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_tokenizer):
+    return sc.Tokenizer.load(tiny_tokenizer)
+
+
+def random_model(vocab_size: int = 512, short_window: int = 0, seed: int = 0) -> sc.GPT:
+    """A small GPT whose zero-initialised layers are filled with noise, so every path changes the logits."""
+    torch.manual_seed(seed)
+    model = sc.GPT(sc.GPTConfig(vocab_size=vocab_size, depth=4, model_dim=64, head_dim=16, max_seq_len=96,
+                                short_window=short_window))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    return model.eval()
+
+
+# --- the KV cache ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("short_window", [0, 5], ids=["full", "window5"])
+@pytest.mark.parametrize("backend", sc.available_attention_backends("cpu"))
+def test_cached_decoding_matches_the_full_forward_pass(backend, short_window):
+    model = random_model(short_window=short_window)
+    ids = torch.randint(0, 512, (40,), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(ids, torch.tensor([0, 40], dtype=torch.int32), 40, backend=backend)
+        for prefill in (1, 12):
+            cache = sc.KVCache(model.config, 1, 40, "cpu", torch.float32)
+            pieces = [sc.forward_cached(model, ids[None, :prefill], cache, backend)[0]]
+            pieces += [sc.forward_cached(model, ids[None, t:t + 1], cache, backend)[0] for t in range(prefill, 40)]
+            assert cache.length == 40
+            torch.testing.assert_close(torch.cat(pieces), full, atol=TOLERANCE, rtol=0)
+        cache = sc.KVCache(model.config, 1, 40, "cpu", torch.float32)  # a chunk after a non-empty cache
+        chunks = [sc.forward_cached(model, ids[None, a:b], cache, backend)[0] for a, b in ((0, 9), (9, 40))]
+        torch.testing.assert_close(torch.cat(chunks), full, atol=TOLERANCE, rtol=0)
+
+
+def test_static_decode_step_matches_the_dynamic_one():
+    """The tensor-position step (what a CUDA graph replays) against the usual decode, on 2 rows, with windows."""
+    model = random_model(short_window=5)
+    ids = torch.randint(0, 512, (2, 30), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        dynamic, static = (sc.KVCache(model.config, 2, 30, "cpu", torch.float32) for _ in range(2))
+        sc.forward_cached(model, ids[:, :10], dynamic)
+        sc.forward_cached(model, ids[:, :10], static)
+        position = torch.tensor([10])
+        for t in range(10, 30):
+            expected = sc.forward_cached(model, ids[:, t:t + 1], dynamic)
+            torch.testing.assert_close(sc.forward_cached(model, ids[:, t:t + 1], static, position=position), expected,
+                                       atol=TOLERANCE, rtol=0)
+            position += 1
+        torch.testing.assert_close(static.k, dynamic.k)
+        with pytest.raises(ValueError, match="one token per cache row"):
+            sc.forward_cached(model, ids[:1, :1], static, position=position)
+
+
+def test_cache_overflow_raises():
+    model = random_model()
+    cache = sc.KVCache(model.config, 1, 4, "cpu", torch.float32)
+    with pytest.raises(ValueError, match="exceed"):
+        sc.forward_cached(model, torch.zeros(1, 5, dtype=torch.long), cache)
+
+
+# --- sampling ----------------------------------------------------------------------------------------------------
+
+def test_batched_samples_equal_samples_one_at_a_time(tokenizer):
+    engine = sc.Engine(random_model(), tokenizer)
+    prompt = tokenizer.encode("Once upon a time", prepend_bos=True)
+    kwargs = dict(max_tokens=20, temperature=1.0, top_k=50, top_p=0.9)
+    batch, masks = engine.generate(prompt, num_samples=3, seed=7, **kwargs)
+    alone = [engine.generate(prompt, num_samples=1, seed=7 + i, **kwargs)[0][0] for i in range(3)]
+    assert batch == alone
+    assert len({tuple(row) for row in batch}) > 1  # different seeds, different samples
+    assert all(len(mask) == len(row) and set(mask) <= {0, 1} for row, mask in zip(batch, masks))
+    assert engine.generate(prompt, num_samples=3, seed=7, **kwargs)[0] == batch  # seeded: reproducible
+
+
+def test_sample_tokens_respects_top_k_and_greedy():
+    logits = torch.tensor([[0.0, 5.0, 4.0, -1.0]]).repeat(200, 1)
+    generators = [torch.Generator().manual_seed(i) for i in range(200)]
+    assert set(sc.sample_tokens(logits, generators, temperature=1.0, top_k=2).tolist()) == {1, 2}
+    assert set(sc.sample_tokens(logits, generators, temperature=1.0, top_p=0.5).tolist()) == {1}
+    assert sc.sample_tokens(logits, generators, temperature=0.0).tolist() == [1] * 200
+
+
+class ScriptedModel:
+    """Stands in for forward_cached: makes the token at each position of `script` overwhelmingly likely."""
+
+    def __init__(self, script: list[int], vocab_size: int):
+        self.script, self.vocab_size = script, vocab_size
+
+    def __call__(self, model, ids, cache, backend="sdpa"):
+        B, T = ids.shape
+        logits = torch.zeros(B, T, self.vocab_size)
+        for t in range(T):
+            position = cache.length + t + 1
+            logits[:, t, self.script[min(position, len(self.script) - 1)]] = 30.0
+        cache.length += T
+        return logits
+
+
+def test_greedy_stops_at_assistant_end(tokenizer, monkeypatch):
+    end = tokenizer.special_id("<|assistant_end|>")
+    prompt = sc.render_for_completion(tokenizer, [{"role": "user", "content": "hi"}])
+    answer = tokenizer.encode("hello there")
+    script = prompt + answer + [end] + tokenizer.encode(" and more")
+    monkeypatch.setattr(sc, "forward_cached", ScriptedModel(script, tokenizer.vocab_size))
+    tokens, masks = sc.Engine(random_model(), tokenizer).generate(prompt, num_samples=2, max_tokens=50,
+                                                                 temperature=0.0)
+    assert tokens == [answer + [end]] * 2 and masks == [[1] * (len(answer) + 1)] * 2
+    short, _ = sc.Engine(random_model(), tokenizer).generate(prompt, max_tokens=3, temperature=0.0)
+    assert short == [answer[:3]]
+
+
+def test_tool_call_result_is_forced_between_output_tokens(tokenizer, monkeypatch):
+    special = tokenizer.special_id
+    prompt = sc.render_for_completion(tokenizer, [{"role": "user", "content": "6 times 7?"}])
+    call = [special("<|python_start|>"), *tokenizer.encode("6*7"), special("<|python_end|>")]
+    forced = [special("<|output_start|>"), *tokenizer.encode("42"), special("<|output_end|>")]
+    wrong = [special("<|output_start|>"), *tokenizer.encode("41"), special("<|output_end|>")]  # what the model "thinks"
+    tail = [*tokenizer.encode(" so 42"), special("<|assistant_end|>")]
+    monkeypatch.setattr(sc, "forward_cached", ScriptedModel(prompt + call + wrong + tail, tokenizer.vocab_size))
+    engine = sc.Engine(random_model(), tokenizer)
+    tokens, masks = engine.generate(prompt, max_tokens=40, temperature=0.0)
+    assert len(wrong) == len(forced)  # so the script stays aligned with the forced tokens
+    assert tokens[0] == call + forced + tail
+    assert masks[0] == [1] * len(call) + [0] * len(forced) + [1] * len(tail)
+    assert sc.assistant_parts(tokenizer, tokens[0]) == [
+        {"type": "python", "text": "6*7"}, {"type": "python_output", "text": "42"}, {"type": "text", "text": " so 42"}]
+
+
+def test_prompt_too_long_for_the_model_raises(tokenizer):
+    engine = sc.Engine(random_model(), tokenizer)
+    with pytest.raises(ValueError, match="leaves no room"):
+        engine.generate([tokenizer.bos_id] * 96)
+    with pytest.raises(ValueError, match="empty"):
+        engine.generate([])
+
+
+# --- the calculator ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("expression, expected", [
+    ("1 + 2", "3"), ("10 / 4", "2.5"), ("10 / 5", "2"), ("7 // 2", "3"), ("7 % 3", "1"), ("-3 ** 2", "-9"),
+    ("2 ** 10", "1024"), ("(1 + 2) * 3", "9"), ("1 / 3", "0.3333333333"), ("2.5 * 4", "10"), ("2 ** -1", "0.5"),
+    ("'strawberry'.count('r')", "3"), ("len('hello')", "5"), ("'ab' * 3", "ababab"), ("'Hi'.upper()", "HI"),
+    ("' x '.strip()", "x"), ("'a-b'.replace('-', '+')", "a+b"), ("len('a b c'.split())", "3"),
+])
+def test_calculator_evaluates(expression, expected):
+    assert sc.calculate(expression) == expected
+
+
+@pytest.mark.parametrize("expression", [
+    "", "1 +", "x", "1 / 0", "10 ** 10 ** 10", "9 ** 99999", "'a' * 10 ** 9", "'ab' * 100000", "(-8) ** 0.5",
+    "-" * 100 + "1", "(" * 250 + "1" + ")" * 250, "1" + "+1" * 400, "().__class__", "''.__class__.__mro__",
+    "__import__('os').system('true')", "open('/etc/passwd').read()", "(lambda: 1)()", "[x for x in 'ab']",
+    "{1: 2}", "[1, 2]", "print(1)", "'a'.join(['b'])", "'abc'.upper(1, 2, 3)", "'%s' % 1", "True + 1",
+    "'a'.replace('', 'x' * 5000)", "len(1)", "1 if 1 else 2", "x := 1", "a.b",
+])
+def test_calculator_refuses_without_raising(expression):
+    result = sc.calculate(expression)
+    assert result.startswith("error: ") and len(result) < 200
+
+
+def test_calculator_times_out():
+    assert sc.calculate("1 + 2", timeout_s=-1.0) == "error: timed out"
+
+
+# --- the chat format ---------------------------------------------------------------------------------------------
+
+def test_render_conversation_ids_and_mask(tokenizer):
+    special, encode = tokenizer.special_id, tokenizer.encode
+    conversation = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 2+3?"},
+        {"role": "assistant", "content": [{"type": "text", "text": "It is "}, {"type": "python", "text": "2+3"},
+                                          {"type": "python_output", "text": "5"}, {"type": "text", "text": "."}]},
+        {"role": "user", "content": "Thanks"},
+        {"role": "assistant", "content": "Bye"},
+    ]
+    ids, mask = sc.render_conversation(tokenizer, conversation)
+    expected = [
+        ([tokenizer.bos_id, special("<|user_start|>"), *encode("Be brief.\n\nWhat is 2+3?"), special("<|user_end|>"),
+          special("<|assistant_start|>")], 0),
+        (encode("It is "), 1),
+        ([special("<|python_start|>"), *encode("2+3"), special("<|python_end|>")], 1),
+        ([special("<|output_start|>"), *encode("5"), special("<|output_end|>")], 0),
+        ([*encode("."), special("<|assistant_end|>")], 1),
+        ([special("<|user_start|>"), *encode("Thanks"), special("<|user_end|>"), special("<|assistant_start|>")], 0),
+        ([*encode("Bye"), special("<|assistant_end|>")], 1),
+    ]
+    assert ids == [t for tokens, _ in expected for t in tokens]
+    assert mask == [m for tokens, m in expected for _ in tokens]
+    assert sc.render_conversation(tokenizer, conversation, max_tokens=7) == (ids[:7], mask[:7])
+    completion = sc.render_for_completion(tokenizer, conversation)
+    assert completion == ids[:len(ids) - len(encode("Bye")) - 1]
+    assert completion[-1] == special("<|assistant_start|>")
+
+
+@pytest.mark.parametrize("conversation, message", [
+    ([], "non-empty"),
+    ("hello", "non-empty"),
+    ([{"role": "user"}], "'role' and 'content'"),
+    ([{"role": "assistant", "content": "hi"}], "expected role 'user'"),
+    ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "expected role 'assistant'"),
+    ([{"role": "system", "content": "s"}], "followed by a user message"),
+    ([{"role": "user", "content": "a"}, {"role": "system", "content": "s"}], "expected role 'assistant'"),
+    ([{"role": "user", "content": [{"type": "text", "text": "a"}]}], "must be a string"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": [{"type": "code", "text": "x"}]}], "part 0"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": [{"type": "text", "text": 3}]}], "part 0"),
+    ([{"role": "tool", "content": "a"}], "expected role 'user'"),
+])
+def test_bad_conversations_raise(tokenizer, conversation, message):
+    with pytest.raises(ValueError, match=message):
+        sc.render_conversation(tokenizer, conversation)
+
+
+def test_render_for_completion_needs_a_user_turn(tokenizer):
+    with pytest.raises(ValueError, match="ends with a user message"):
+        sc.render_for_completion(tokenizer, [{"role": "system", "content": "s"}])
+
+
+# --- chatting ----------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def scripted_session(tokenizer, monkeypatch):
+    """A session whose model answers every turn with a calculator call and a sentence."""
+    special = tokenizer.special_id
+    reply = [*tokenizer.encode("Sure "), special("<|python_start|>"), *tokenizer.encode("2+2"),
+             special("<|python_end|>"), special("<|output_start|>"), *tokenizer.encode("4"),
+             special("<|output_end|>"), *tokenizer.encode(" é!"), special("<|assistant_end|>")]
+
+    def answer(model, ids, cache, backend="sdpa"):
+        B, T = ids.shape
+        history = (ids[0].tolist() if cache.length == 0 else answer.fed + ids[0].tolist())
+        answer.fed = history
+        start = max(i for i, t in enumerate(history) if t == special("<|assistant_start|>")) + 1
+        logits = torch.zeros(B, T, tokenizer.vocab_size)
+        logits[:, -1, reply[min(len(history) - start, len(reply) - 1)]] = 30.0
+        cache.length += T
+        return logits
+
+    monkeypatch.setattr(sc, "forward_cached", answer)
+    return sc.ChatSession(sc.Engine(random_model(), tokenizer), temperature=0.0, max_tokens=40)
+
+
+def test_chat_session_streams_and_keeps_history(scripted_session):
+    pieces = list(scripted_session.reply("What is 2+2?"))
+    assert "".join(pieces) == "Sure [calculator: 2+2 = 4] é!" and len(pieces) > 3
+    assert scripted_session.messages[-1] == {"role": "assistant", "content": [
+        {"type": "text", "text": "Sure "}, {"type": "python", "text": "2+2"},
+        {"type": "python_output", "text": "4"}, {"type": "text", "text": " é!"}]}
+    assert sc.show_parts(scripted_session.messages[-1]["content"]) == "".join(pieces)
+    "".join(scripted_session.reply("Again?"))
+    assert [m["role"] for m in scripted_session.messages] == ["user", "assistant"] * 2
+    scripted_session.clear()
+    assert scripted_session.messages == []
+
+
+def test_chat_loop_reads_until_an_empty_line(scripted_session):
+    inputs, written = iter(["hi", "clear", "hello", ""]), []
+    sc.chat_loop(scripted_session, read=lambda _: next(inputs), write=lambda *a, **k: written.append("".join(a)))
+    assert "".join(written).count("[calculator: 2+2 = 4]") == 2
+    assert len(scripted_session.messages) == 2  # "clear" dropped the first exchange
+
+
+def test_chat_panel_callbacks(scripted_session):
+    pytest.importorskip("ipywidgets")
+    panel = sc.ChatPanel(scripted_session)
+    panel.text.value = "What is 2+2?"
+    panel.temperature.value = 0.0
+    panel.send()
+    assert panel.text.value == "" and "[calculator: 2+2 = 4]" in panel.history.value
+    assert "What is 2+2?" in panel.history.value
+    panel.send()  # empty text box: nothing happens
+    assert len(scripted_session.messages) == 2
+    panel.clear()
+    assert scripted_session.messages == [] and panel.history.value == ""
+
+
+def test_find_chat_checkpoint_prefers_chat_runs(stack_home):
+    with pytest.raises(sc.MissingArtifactError, match="03_pretrain"):
+        sc.find_chat_checkpoint()
+    with pytest.raises(sc.MissingArtifactError, match="05_sft"):
+        sc.find_chat_checkpoint("sft")
+    root = sc.artifact_dir("checkpoints")
+    for run in ("pretrain", "sft"):
+        (root / run).mkdir()
+        (root / run / "step_000010.pt").write_bytes(b"")
+        if run == "pretrain":
+            assert sc.find_chat_checkpoint() == root / "pretrain" / "step_000010.pt"
+    assert sc.find_chat_checkpoint() == root / "sft" / "step_000010.pt"
+    assert sc.find_chat_checkpoint("pretrain") == root / "pretrain" / "step_000010.pt"

@@ -1,0 +1,51 @@
+"""The guides in tutorials/: every ```bash block runs, guide after guide, from the repository root, in the tiny
+preset on the CPU, with one STACK_HOME (later guides use what earlier ones made). ```text blocks (GPU, node,
+network) are not run."""
+import os
+import re
+import subprocess
+import time
+
+from conftest import ROOT
+
+TUTORIALS = ROOT / "tutorials"
+GUIDES = sorted(TUTORIALS.glob("[0-9][0-9]_*.md"))
+FENCE = re.compile(r"^```(\w*)[ \t]*$", re.M)
+
+
+def code_blocks(text: str) -> list[tuple[str, str]]:
+    """(language, body) of each fenced block: fences alternate between opening (with a language) and closing."""
+    fences = list(FENCE.finditer(text))
+    assert len(fences) % 2 == 0, "an unclosed ``` fence"
+    return [(opening.group(1), text[opening.end() + 1:closing.start()])
+            for opening, closing in zip(fences[::2], fences[1::2])]
+
+
+def test_guides_are_listed_and_every_block_says_whether_it_runs():
+    index = (TUTORIALS / "README.md").read_text()
+    assert GUIDES
+    for guide in GUIDES:
+        assert f"]({guide.name})" in index, f"{guide.name} is missing from tutorials/README.md"
+        languages = {language for language, _ in code_blocks(guide.read_text())}
+        assert languages <= {"bash", "text"}, f"{guide.name}: blocks must be ```bash (run) or ```text (not run)"
+
+
+def test_every_bash_block_runs_in_the_tiny_preset(tmp_path):
+    home = tmp_path / "stack_home"
+    env = {**os.environ, "STACK_HOME": str(home), "STACK_PRESET": "tiny", "PYTHONUNBUFFERED": "1",
+           "OMP_NUM_THREADS": "1"}
+    outputs = {}
+    for guide in GUIDES:
+        for _, block in (b for b in code_blocks(guide.read_text()) if b[0] == "bash"):
+            started = time.time()
+            result = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=ROOT, env=env, capture_output=True,
+                                    text=True, timeout=900)
+            print(f"{time.time() - started:6.1f} s  {guide.name}: {block.splitlines()[0][:70]}", flush=True)
+            assert result.returncode == 0, f"{guide.name}:\n{block}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+            outputs[guide.name] = outputs.get(guide.name, "") + result.stdout
+    assert (home / "checkpoints" / "ddp" / "step_000004.rank1.pt").is_file()
+    assert (home / "vocab_384" / "runs" / "pretrain" / "summary.json").is_file()
+    assert "Self CPU" in outputs["04_profiler_trace.md"] and (home / "runs" / "profile" / "trace.json").is_file()
+    assert "| 994.0 | 527453 | 40.2 | 51.6 |" in outputs["05_adding_a_record.md"]
+    errors = [float(e) for e in re.findall(r"max \|decode - full\| = (\S+)", outputs["06_kv_cache_and_left_out_tricks.md"])]
+    assert len(errors) == 3 and errors[0] < 1e-5 and errors[1] > 0.1 and errors[2] < 1e-5
