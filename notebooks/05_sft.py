@@ -129,7 +129,8 @@ if base_path is None:
     raise sc.MissingArtifactError(f"no checkpoint in {sc.artifact_dir('checkpoints') / cfg.base_run}: run "
                                   f"notebooks/03_pretrain first (STACK_HOME is {sc.stack_home()})")
 model, base_checkpoint = sc.model_from_checkpoint(base_path, device)
-model.set_compute_dtype(sc.pick_compute_dtype(device))
+compute_dtype = sc.pick_compute_dtype(device)
+model.set_compute_dtype(compute_dtype)
 backend = sc.pick_attention_backend(device, cfg.attention)
 forward = torch.compile(model, dynamic=True) if cfg.compile and device.startswith("cuda") else model
 seq_len = model.config.max_seq_len
@@ -186,6 +187,7 @@ log(sc.chat_table({"base": before}))
 
 # %%
 optimizers = sc.build_optimizers(model)
+loss_scaler = sc.LossScaler(compute_dtype, device)  # fp16 only (a T4); a plain optimizer step otherwise
 for optimizer in optimizers:
     for group in optimizer.param_groups:
         group["initial_lr"] *= cfg.lr_scale
@@ -241,9 +243,9 @@ for step in range(start_step, steps + 1):
     for batch in batches:
         loss = forward(batch.inputs, batch.cu_seqlens, batch.max_seqlen, batch.targets, backend=backend,
                        loss_reduction="sum") / trained
-        loss.backward()
+        loss_scaler.scale(loss).backward()
         step_loss += loss.detach()
-    sc.step_optimizers(optimizers)
+    loss_scaler.step(optimizers)
     train_loss = float(step_loss)  # one sync per step
     step_seconds = time.time() - t0
     train_seconds += step_seconds
