@@ -11,7 +11,6 @@ at each batch size, the same steps replayed as one CUDA graph (GPU only), and `E
     python baselines/bench_decode.py --depth=2 --prompt_len=64 --decode=16   # CPU smoke test
 """
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -22,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 
 import stackcore as sc
+from baselines.benchlib import report
 
 
 def synchronize(device: str) -> None:
@@ -184,12 +184,7 @@ def main() -> None:
         results["decode"][str(batch)]["engine_tokens_per_s"] = rate
         rows.append((f"batch {batch}: Engine.generate (prefill incl.)", f"{rate:,.0f} tokens/s ({tokens} tokens)"))
 
-    width = max(len(label) for label, _ in rows)
-    print("\n".join(f"{label:<{width}}  {value}" for label, value in rows))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
-        print(f"written {args.out}")
+    report(rows, results, args.out)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ compiled. Prints one table and writes the figures as JSON to --out.
 """
 import argparse
 import itertools
-import json
 import os
 import random
 import statistics
@@ -26,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 
 import stackcore as sc
+from baselines.benchlib import report
 
 
 def synchronize(device: str) -> None:
@@ -133,12 +133,7 @@ def main() -> None:
             ("RL step", f"{median['step_s']:.2f} s ({median['rollout_s'] / median['step_s']:.0%} in rollouts)")]
     if results["peak_memory_GB"] is not None:
         rows.append(("peak memory", f"{results['peak_memory_GB']:.1f} GB"))
-    width = max(len(label) for label, _ in rows)
-    print("\n".join(f"{label:<{width}}  {value}" for label, value in rows))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=1)
-        print(f"written {args.out}")
+    report(rows, results, args.out)
 
 
 if __name__ == "__main__":

@@ -267,11 +267,12 @@ for step in range(start_step, cfg.steps + 1):
     train_seconds += step_seconds
     tokens_seen += cfg.tokens_per_step
     tokens_per_second = cfg.tokens_per_step / step_seconds
-    mfu = flops_per_token * tokens_per_second / (peak * dist_info.world_size) if peak else float("nan")
+    mfu = flops_per_token * tokens_per_second / (peak * dist_info.world_size) if peak else None  # no peak on a CPU
     remaining = (cfg.steps - step - 1) * train_seconds / (step + 1 - start_step)
     log(f"step {step + 1:5d}/{cfg.steps} | loss {train_loss:.4f} | {tokens_per_second:,.0f} tok/s | "
-        f"MFU {mfu:.1%} | {step_seconds * 1000:.0f} ms | elapsed {sc.format_duration(train_seconds)} | "
-        f"left {sc.format_duration(remaining)} | epoch {train_loader.position['epoch']}")
+        f"MFU {'n/a' if mfu is None else f'{mfu:.1%}'} | {step_seconds * 1000:.0f} ms | "
+        f"elapsed {sc.format_duration(train_seconds)} | left {sc.format_duration(remaining)} | "
+        f"epoch {train_loader.position['epoch']}")
     run_log.log(step=step + 1, loss=train_loss, tokens_per_second=tokens_per_second, mfu=mfu, step_seconds=step_seconds,
                 tokens=tokens_seen, train_seconds=train_seconds, peak_memory_GB=peak_memory_gb())
 
