@@ -1749,6 +1749,15 @@ class RunLog:
         return [json.loads(line) for line in open(self.path)] if self.path.exists() else []
 
 
+def accumulation_steps(tokens_per_step: int, micro_tokens: int, world_size: int) -> int:
+    """Forward/backward passes per rank in one optimizer step: the global batch over what all ranks take per pass."""
+    steps, remainder = divmod(tokens_per_step, micro_tokens * world_size)
+    if steps < 1 or remainder:
+        raise ConfigError(f"tokens_per_step ({tokens_per_step}) must be a multiple of micro_tokens x ranks "
+                          f"({micro_tokens} x {world_size})")
+    return steps
+
+
 def format_duration(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"

@@ -116,10 +116,7 @@ device = dist_info.device
 torch.manual_seed(cfg.seed)
 log = print if dist_info.master else (lambda *args, **kwargs: None)
 log(sc.describe_config(cfg))
-accum_steps, remainder = divmod(cfg.tokens_per_step, cfg.micro_tokens * dist_info.world_size)
-if accum_steps < 1 or remainder:
-    raise ValueError(f"tokens_per_step ({cfg.tokens_per_step}) must be a multiple of micro_tokens x ranks "
-                     f"({cfg.micro_tokens} x {dist_info.world_size})")
+accum_steps = sc.accumulation_steps(cfg.tokens_per_step, cfg.micro_tokens, dist_info.world_size)
 run_dir = sc.artifact_dir("runs") / cfg.run_name
 checkpoint_dir = sc.artifact_dir("checkpoints") / cfg.run_name
 tokenizer_dir = sc.artifact_dir("tokenizer")

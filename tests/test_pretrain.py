@@ -154,3 +154,11 @@ def test_checkpoint_resume_is_bit_identical(tmp_path):
 def test_missing_checkpoint_names_the_notebook(tmp_path):
     with pytest.raises(sc.MissingArtifactError, match="03_pretrain"):
         sc.load_checkpoint(tmp_path / "step_000001.pt")
+
+
+def test_accumulation_steps_split_the_global_batch_or_explain_why_not():
+    assert sc.accumulation_steps(524_288, 65_536, 1) == 8
+    assert sc.accumulation_steps(524_288, 65_536, 8) == 1
+    for tokens_per_step, micro_tokens, world_size in ((100_000, 65_536, 1), (65_536, 65_536, 2)):
+        with pytest.raises(sc.ConfigError, match="multiple of micro_tokens x ranks"):
+            sc.accumulation_steps(tokens_per_step, micro_tokens, world_size)
