@@ -14,7 +14,7 @@ Sections (and the notebooks that call them):
  11. Checkpoints and run logs ......... 03-07
  12. CORE evaluation .................. 02_sharding, 04_core_eval
  13. Chat format, calculator, engine .. 05_sft, 06_rl, 07_chat (render conversations, KV-cache generation)
- 14. SFT and chat evaluations ....... 02_sharding, 05_sft, 06_rl (conversation shards, SFT loader, chat evals)
+ 14. SFT and chat evaluations ......... 02_sharding, 05_sft, 06_rl (conversation shards, SFT loader, chat evals)
  15. Reinforcement learning ........... 02_sharding, 06_rl (GSM8K prompt shards, rollouts, policy gradient)
  16. Runtime set-up ................... every notebook (the first cell: Colab installs, Drive, GPU report)
 
