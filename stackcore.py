@@ -1559,6 +1559,20 @@ def host_to_device(array: np.ndarray, device: str | torch.device) -> Tensor:
     return tensor.to(device, non_blocking=True)
 
 
+def token_budget_chunks(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Indices grouped in order so that each group's lengths sum to at most max_tokens (a longer item goes alone):
+    how CORE scoring, letter scoring and RL passes pack variable-length sequences into varlen forward passes."""
+    chunks: list[list[int]] = []
+    total = 0
+    for i, length in enumerate(lengths):
+        if not chunks or total + length > max_tokens:
+            chunks.append([])
+            total = 0
+        chunks[-1].append(i)
+        total += length
+    return chunks
+
+
 class PretrainLoader:
     """Endless BOS-aligned batches from token shards, `tokens` per rank per call, wrapping around at the end."""
 
@@ -1711,14 +1725,23 @@ def load_checkpoint(path: Path, device: str = "cpu") -> dict[str, Any]:
     return torch.load(require_artifact(Path(path), made_by="03_pretrain"), map_location=device, weights_only=False)
 
 
-def restore_training_state(path: Path, optimizers: list[torch.optim.Optimizer], loader: PretrainLoader,
-                           dist_info: DistInfo) -> None:
+def resume_training(path: Path, model: GPT, optimizers: list[torch.optim.Optimizer], loader: Any,
+                    dist_info: DistInfo) -> int:
+    """Continue a run from checkpoint `path`: the model's weights, then this rank's optimizer and loader (or
+    sampler) state from its side file. Returns the checkpoint's step. A checkpoint of another model shape stops
+    with a message instead of a confusing state-dict error."""
+    checkpoint = load_checkpoint(path, dist_info.device)
+    if checkpoint["model_config"] != dataclasses.asdict(model.config):
+        raise ValueError(f"{path} holds a different model ({checkpoint['model_config']}); "
+                         f"use --run_name=<new name> or --resume=false")
+    model.load_state_dict(checkpoint["model"])
     rank_path = Path(path).with_name(f"{Path(path).stem}.rank{dist_info.rank}.pt")
     state = torch.load(require_artifact(rank_path, made_by="03_pretrain"), map_location=dist_info.device,
                        weights_only=False)
     for optimizer, optimizer_state in zip(optimizers, state["optimizers"]):
         optimizer.load_state_dict(optimizer_state)
     loader.load_state_dict(state["loader"])
+    return checkpoint["step"]
 
 
 def model_from_checkpoint(path: Path, device: str) -> tuple[GPT, dict[str, Any]]:
@@ -1904,16 +1927,9 @@ def score_core_records(model: GPT, tokens: np.ndarray, records: np.ndarray, back
                        pack_tokens: int = 0) -> np.ndarray:
     """(mean loss, exact) for each record. Sequences are packed into passes of up to `pack_tokens` tokens;
     pack_tokens=0 runs one sequence per pass (the reference the packed path must match)."""
-    scores, pack, pack_size = [], [], 0
-    for record in records:
-        seq = core_sequence(tokens, record, model.config.max_seq_len)
-        if pack and pack_size + len(seq[0]) - 1 > pack_tokens:
-            scores.append(_score_pack(model, pack, backend, device))
-            pack, pack_size = [], 0
-        pack.append(seq)
-        pack_size += len(seq[0]) - 1
-    if pack:
-        scores.append(_score_pack(model, pack, backend, device))
+    seqs = [core_sequence(tokens, record, model.config.max_seq_len) for record in records]
+    scores = [_score_pack(model, [seqs[i] for i in chunk], backend, device)
+              for chunk in token_budget_chunks([len(seq) - 1 for seq, _ in seqs], pack_tokens)]
     return torch.cat(scores).cpu().numpy() if scores else np.zeros((0, 2), dtype=np.float32)
 
 
@@ -2678,9 +2694,9 @@ class SFTLoader:
             if self.position["cursor"] == len(order):  # an epoch's last batch may be short; the next starts afresh
                 self.position = {"epoch": self.position["epoch"] + 1, "cursor": 0}
                 break
-        to_device = lambda a: torch.from_numpy(a).to(self.device, non_blocking=True)
         cu_seqlens = np.asarray([0, *ends], dtype=np.int32)
-        return Batch(to_device(np.concatenate(inputs)), to_device(np.concatenate(targets)), to_device(cu_seqlens),
+        return Batch(host_to_device(np.concatenate(inputs), self.device),
+                     host_to_device(np.concatenate(targets), self.device), host_to_device(cu_seqlens, self.device),
                      int(np.diff(cu_seqlens).max()))
 
     def state_dict(self) -> dict[str, int]:
@@ -2712,17 +2728,13 @@ def last_token_logits(model: GPT, prompts: Sequence[Sequence[int]], backend: str
     """Logits (len(prompts), vocab) at the last position of each prompt. Prompts (cut from the left to
     max_seq_len) are packed back to back into passes of up to `pack_tokens` tokens; 0 runs one prompt per pass."""
     prompts = [list(p)[-model.config.max_seq_len:] for p in prompts]
-    rows, pack, size = [], [], 0
-    for i, prompt in enumerate(prompts):
-        pack.append(prompt)
-        size += len(prompt)
-        if i + 1 == len(prompts) or size + len(prompts[i + 1]) > pack_tokens:
-            lengths = [len(p) for p in pack]
-            inputs = torch.tensor([t for p in pack for t in p], device=device)
-            cu_seqlens = torch.tensor(np.cumsum([0, *lengths]), dtype=torch.int32, device=device)
-            logits = model(inputs, cu_seqlens, max(lengths), backend=backend)
-            rows.append(logits[cu_seqlens[1:].long() - 1])
-            pack, size = [], 0
+    rows = []
+    for chunk in token_budget_chunks([len(p) for p in prompts], pack_tokens):
+        lengths = [len(prompts[i]) for i in chunk]
+        inputs = torch.tensor([t for i in chunk for t in prompts[i]], device=device)
+        cu_seqlens = torch.tensor(np.cumsum([0, *lengths]), dtype=torch.int32, device=device)
+        logits = model(inputs, cu_seqlens, max(lengths), backend=backend)
+        rows.append(logits[cu_seqlens[1:].long() - 1])
     return torch.cat(rows) if rows else torch.zeros(0, model.config.vocab_size, device=device)
 
 
@@ -3057,10 +3069,10 @@ def pack_rollouts(sequences: Sequence[Sequence[int]], masks: Sequence[Sequence[i
         targets.append(np.where(sampled, np.asarray(seq[1:], dtype=np.int64), -1))
         weights.append(sampled * np.float32(advantage))
     lengths = [len(seq) - 1 for seq in sequences]
-    to_device = lambda parts, dtype: torch.from_numpy(np.concatenate(parts).astype(dtype)).to(device)
-    cu_seqlens = torch.tensor(np.cumsum([0, *lengths]), dtype=torch.int32, device=device)
-    return RLBatch(to_device(inputs, np.int64), to_device(targets, np.int64), to_device(weights, np.float32),
-                   cu_seqlens, max(lengths))
+    cu_seqlens = np.cumsum([0, *lengths]).astype(np.int32)
+    return RLBatch(host_to_device(np.concatenate(inputs), device), host_to_device(np.concatenate(targets), device),
+                   host_to_device(np.concatenate(weights).astype(np.float32), device),
+                   host_to_device(cu_seqlens, device), max(lengths))
 
 
 def policy_gradient_loss(model: nn.Module, batch: RLBatch, sampled_tokens: int, backend: str) -> Tensor:
@@ -3077,19 +3089,6 @@ def policy_gradient_loss(model: nn.Module, batch: RLBatch, sampled_tokens: int, 
     nll = model(batch.inputs, batch.cu_seqlens, batch.max_seqlen, batch.targets, backend=backend,
                 loss_reduction="none")
     return (batch.weights * nll).sum() / max(sampled_tokens, 1)
-
-
-def token_budget_chunks(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """Indices grouped in order so that each group's lengths sum to at most max_tokens (a longer item goes alone)."""
-    chunks: list[list[int]] = []
-    total = 0
-    for i, length in enumerate(lengths):
-        if not chunks or total + length > max_tokens:
-            chunks.append([])
-            total = 0
-        chunks[-1].append(i)
-        total += length
-    return chunks
 
 
 def policy_gradient_backward(model: nn.Module, groups: Sequence[RolloutGroup], backend: str, pass_tokens: int,

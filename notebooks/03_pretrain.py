@@ -198,13 +198,7 @@ def validation_bpb() -> float:
 start_step = 0
 latest = sc.latest_checkpoint(checkpoint_dir) if cfg.resume else None
 if latest is not None:
-    checkpoint = sc.load_checkpoint(latest, device)
-    if checkpoint["model_config"] != dataclasses.asdict(model_config):
-        raise ValueError(f"{latest} holds a different model ({checkpoint['model_config']}); "
-                         f"use --run_name=<new name> or --resume=false")
-    model.load_state_dict(checkpoint["model"])
-    sc.restore_training_state(latest, optimizers, train_loader, dist_info)
-    start_step = checkpoint["step"]
+    start_step = sc.resume_training(latest, model, optimizers, train_loader, dist_info)
     log(f"resumed from {latest} at step {start_step}")
 elif dist_info.master:
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)

@@ -197,10 +197,7 @@ for optimizer in optimizers:
 # %%
 start_step = 0
 if latest is not None:
-    checkpoint = sc.load_checkpoint(latest, device)
-    model.load_state_dict(checkpoint["model"])
-    sc.restore_training_state(latest, optimizers, train_loader, dist_info)
-    start_step = checkpoint["step"]
+    start_step = sc.resume_training(latest, model, optimizers, train_loader, dist_info)
     log(f"resumed from {latest} at step {start_step}")
 elif dist_info.master:
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)

@@ -199,10 +199,7 @@ loss_scaler = sc.LossScaler(compute_dtype, device)  # fp16 only (a T4); a plain 
 start_step = 0
 latest = sc.latest_checkpoint(checkpoint_dir) if cfg.resume else None
 if latest is not None:
-    checkpoint = sc.load_checkpoint(latest, device)
-    model.load_state_dict(checkpoint["model"])
-    sc.restore_training_state(latest, optimizers, sampler, dist_info)
-    start_step = checkpoint["step"]
+    start_step = sc.resume_training(latest, model, optimizers, sampler, dist_info)
     print(f"resumed from {latest} at step {start_step}")
 else:
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)

@@ -142,13 +142,17 @@ def test_checkpoint_resume_is_bit_identical(tmp_path):
     train(*first, range(5))
     path = sc.save_checkpoint(tmp_path / "ckpt", 5, first[0], first[1], first[2], sc.GPTConfig(), dist_info)
     assert sc.latest_checkpoint(tmp_path / "ckpt") == path
-    model, checkpoint = sc.model_from_checkpoint(path, "cpu")
+    model = tiny_model(seed=2)  # other weights: resuming must replace them
     optimizers = sc.build_optimizers(model)
     loader = make()[2]
-    sc.restore_training_state(path, optimizers, loader, dist_info)
-    train(model, optimizers, loader, range(checkpoint["step"], 10))
+    step = sc.resume_training(path, model, optimizers, loader, dist_info)
+    assert step == 5
+    train(model, optimizers, loader, range(step, 10))
     for (name, a), b in zip(straight[0].state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), name
+    other = sc.GPT(sc.GPTConfig(vocab_size=512, depth=2, model_dim=64, head_dim=32, max_seq_len=64))
+    with pytest.raises(ValueError, match="different model"):
+        sc.resume_training(path, other, sc.build_optimizers(other), make()[2], dist_info)
 
 
 def test_missing_checkpoint_names_the_notebook(tmp_path):
