@@ -3,9 +3,9 @@
 A decode step must read every weight matrix once and the keys and values each query attends to, so
     tokens/s <= batch x bandwidth / (weight bytes + KV-cache bytes read per step).
 This script builds a randomly initialised model (speed does not depend on the weights), measures the device's
-copy bandwidth, then times: prefill (one prompt of --prompt_len tokens), eager decode steps of `forward_cached`
-at each batch size, the same steps replayed as one CUDA graph (GPU only), and `Engine.generate` end to end
-(sampling and tool bookkeeping included). Prints one table and writes the figures as JSON to --out.
+copy bandwidth, then times: prefill (one prompt of --prompt_len tokens), eager decode steps (sc.DecodeStep) at
+each batch size, the same steps replayed as one CUDA graph (GPU only), and `Engine.generate` end to end (sampling,
+tool bookkeeping and, on a GPU, the graph capture included). Prints one table and writes the figures as JSON to --out.
 
     python baselines/bench_decode.py                     # GPU: depth 12, bf16, prompt 1792, 255 decode steps
     python baselines/bench_decode.py --depth=2 --prompt_len=64 --decode=16   # CPU smoke test
@@ -69,53 +69,28 @@ def prefilled_cache(model: sc.GPT, batch: int, prompt: torch.Tensor, steps: int,
     return cache
 
 
-def eager_decoder(model, batch, prompt, steps, backend):
-    """A function running `steps` greedy decode steps of forward_cached, one token per row each, after the
-    prefilled prompt (prefilled once: each run rewinds the cache to the prompt)."""
+def decoder(model, batch, prompt, steps, backend, cuda_graph: bool):
+    """A function running `steps` greedy decode steps (sc.DecodeStep: eager, or one CUDA graph replayed) after the
+    prefilled prompt, which is prefilled once: each run rewinds the rows' positions to the prompt's end."""
     cache = prefilled_cache(model, batch, prompt, steps, backend)
+    step = sc.DecodeStep(model, cache, torch.full((batch,), len(prompt), device=prompt.device), backend, cuda_graph)
 
-    def run() -> None:
-        cache.length = len(prompt)
-        ids = torch.zeros(batch, 1, dtype=torch.long, device=prompt.device)
-        for _ in range(steps):
-            ids = sc.forward_cached(model, ids, cache, backend)[:, -1].argmax(-1, keepdim=True)
+    def run(n: int = steps) -> list[torch.Tensor]:
+        step.positions.fill_(len(prompt))
+        ids = torch.zeros(batch, dtype=torch.long, device=prompt.device)
+        logits = []
+        for _ in range(n):
+            logits.append(step(ids))
+            ids = logits[-1].argmax(-1)
+        return logits
 
     return run
 
 
-def graph_decoder(model, batch, prompt, steps, backend):
-    """A function running `steps` greedy steps by replaying one captured CUDA graph of a decode step, and the
-    largest logit difference of its first steps against eager decoding."""
-    cache = prefilled_cache(model, batch, prompt, steps, backend)
-    ids = torch.zeros(batch, 1, dtype=torch.long, device=prompt.device)
-    position = torch.tensor([len(prompt)], device=prompt.device)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm-up before capture, as torch.cuda.graphs requires
-        for _ in range(3):
-            sc.forward_cached(model, ids, cache, backend, position=position)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        logits = sc.forward_cached(model, ids, cache, backend, position=position)
-        next_ids = logits[:, -1].argmax(-1, keepdim=True)
-
-    def run(n: int = steps, check: sc.KVCache | None = None) -> float:
-        position.fill_(len(prompt))
-        ids.zero_()
-        worst = 0.0
-        for _ in range(n):
-            if check is not None:  # eager decoding of the same tokens
-                expected = sc.forward_cached(model, ids.clone(), check, backend)
-            graph.replay()
-            if check is not None:
-                worst = max(worst, (expected - logits).abs().max().item())
-            ids.copy_(next_ids)
-            position.add_(1)
-        return worst
-
-    difference = run(8, check=prefilled_cache(model, batch, prompt, steps, backend))
-    return run, difference
+def graph_difference(model, batch, prompt, steps, backend) -> float:
+    """Largest logit difference over 8 greedy steps between the CUDA-graph step and the eager one."""
+    eager, graph = (decoder(model, batch, prompt, steps, backend, cuda_graph) for cuda_graph in (False, True))
+    return max((a - b).abs().max().item() for a, b in zip(eager(8), graph(8)))
 
 
 def main() -> None:
@@ -161,13 +136,13 @@ def main() -> None:
             bound = batch * bandwidth / bytes_per_decode_step(model, batch, context, dtype)
             entry = results["decode"][str(batch)] = {"bound_tokens_per_s": bound}
             rows.append((f"batch {batch}: bandwidth bound", f"{bound:,.0f} tokens/s"))
-            measures = {"eager": eager_decoder(model, batch, prompt, args.decode, backend)}
+            measures = {"eager": decoder(model, batch, prompt, args.decode, backend, cuda_graph=False)}
             if args.cuda_graph and device.startswith("cuda"):
                 try:
-                    run, difference = graph_decoder(model, batch, prompt, args.decode, backend)
+                    difference = graph_difference(model, batch, prompt, args.decode, backend)
                     entry["cuda_graph_max_logit_diff"] = difference
                     rows.append((f"batch {batch}: CUDA graph vs eager", f"max logit difference {difference:.3g}"))
-                    measures["cuda_graph"] = run
+                    measures["cuda_graph"] = decoder(model, batch, prompt, args.decode, backend, cuda_graph=True)
                 except Exception as error:  # an optional path: report it and go on
                     rows.append((f"batch {batch}: CUDA graph", f"skipped ({type(error).__name__}: {error})"[:120]))
             for label, run in measures.items():

@@ -96,8 +96,7 @@ def main() -> None:
     def step(seed: int) -> dict[str, float]:
         synchronize(device)
         t0 = time.perf_counter()
-        groups = [sc.generate_rollouts(engine, prompt, coin_flip, args.samples, args.max_new_tokens,
-                                       seed=seed + i * args.samples) for i, prompt in enumerate(prompts)]
+        groups = sc.generate_rollouts(engine, prompts, coin_flip, args.samples, args.max_new_tokens, seed=seed)
         synchronize(device)
         t1 = time.perf_counter()
         stats = sc.policy_gradient_backward(model, groups, backend, args.pass_tokens, device)

@@ -168,8 +168,8 @@ print(f"{len(train_prompts):,} training questions, {len(test_prompts):,} test qu
 
 # %%
 example_prompt = test_prompts[0]
-group = sc.generate_rollouts(engine, example_prompt, gsm8k.reward, cfg.samples_per_prompt, cfg.max_new_tokens,
-                             cfg.temperature, top_k, seed=cfg.seed)
+group, = sc.generate_rollouts(engine, [example_prompt], gsm8k.reward, cfg.samples_per_prompt, cfg.max_new_tokens,
+                              cfg.temperature, top_k, seed=cfg.seed)
 advantages = sc.group_advantages(torch.tensor([group.rewards]))[0]
 print(tokenizer.decode(example_prompt.ids), f"\n(gold answer: {example_prompt.gold})\n")
 for text, mask, reward, advantage in list(zip(group.completions, group.masks, group.rewards, advantages))[:4]:
@@ -235,9 +235,8 @@ for step in range(start_step, cfg.steps + 1):
         break
     t0 = time.time()
     first_seed = cfg.seed + step * cfg.prompts_per_step * cfg.samples_per_prompt  # every answer its own seed
-    groups = [sc.generate_rollouts(engine, prompt, gsm8k.reward, cfg.samples_per_prompt, cfg.max_new_tokens,
-                                   cfg.temperature, top_k, seed=first_seed + i * cfg.samples_per_prompt)
-              for i, prompt in enumerate(sampler.next_prompts(cfg.prompts_per_step))]
+    groups = sc.generate_rollouts(engine, sampler.next_prompts(cfg.prompts_per_step), gsm8k.reward,
+                                  cfg.samples_per_prompt, cfg.max_new_tokens, cfg.temperature, top_k, seed=first_seed)
     t1 = time.time()
     sc.apply_schedule(optimizers, 1.0 - step / cfg.steps)
     stats = sc.policy_gradient_backward(model, groups, backend, cfg.pass_tokens, device, loss_scaler)
@@ -285,8 +284,8 @@ plt.show()
 
 # %%
 before = np.mean(group.rewards)
-group = sc.generate_rollouts(engine, example_prompt, gsm8k.reward, cfg.samples_per_prompt, cfg.max_new_tokens,
-                             cfg.temperature, top_k, seed=cfg.seed)
+group, = sc.generate_rollouts(engine, [example_prompt], gsm8k.reward, cfg.samples_per_prompt, cfg.max_new_tokens,
+                              cfg.temperature, top_k, seed=cfg.seed)
 print(f"gold answer {example_prompt.gold}; mean reward {np.mean(group.rewards):.2f} (before training: {before:.2f})")
 for text, reward in list(zip(group.completions, group.rewards))[:4]:
     print(f"reward {reward:.0f} | {text[:300]!r}")

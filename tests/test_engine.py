@@ -54,21 +54,27 @@ def test_cached_decoding_matches_the_full_forward_pass(backend, short_window):
 
 
 def test_static_decode_step_matches_the_dynamic_one():
-    """The tensor-position step (what a CUDA graph replays) against the usual decode, on 2 rows, with windows."""
+    """The tensor-position step (what a CUDA graph replays) against the usual decode, with windows, on 2 rows whose
+    prompts have different lengths (10 and 6 tokens): each row must match its own single-row decode."""
     model = random_model(short_window=5)
     ids = torch.randint(0, 512, (2, 30), generator=torch.Generator().manual_seed(2))
+    lengths = [10, 6]
     with torch.no_grad():
-        dynamic, static = (sc.KVCache(model.config, 2, 30, "cpu", torch.float32) for _ in range(2))
-        sc.forward_cached(model, ids[:, :10], dynamic)
-        sc.forward_cached(model, ids[:, :10], static)
-        position = torch.tensor([10])
-        for t in range(10, 30):
-            expected = sc.forward_cached(model, ids[:, t:t + 1], dynamic)
-            torch.testing.assert_close(sc.forward_cached(model, ids[:, t:t + 1], static, position=position), expected,
+        alone = [sc.KVCache(model.config, 1, 30, "cpu", torch.float32) for _ in lengths]
+        static = sc.KVCache(model.config, 2, 30, "cpu", torch.float32)
+        for row, length in enumerate(lengths):
+            sc.forward_cached(model, ids[row:row + 1, :length], alone[row])
+            sc.forward_cached(model, ids[row:row + 1, :length], static.rows(row, row + 1))
+        position = torch.tensor(lengths)
+        for step in range(14):
+            feed = torch.stack([ids[row, length + step] for row, length in enumerate(lengths)])[:, None]
+            expected = torch.cat([sc.forward_cached(model, feed[row:row + 1], alone[row]) for row in range(2)])
+            torch.testing.assert_close(sc.forward_cached(model, feed, static, position=position), expected,
                                        atol=TOLERANCE, rtol=0)
             position += 1
-        torch.testing.assert_close(static.k, dynamic.k)
-        with pytest.raises(ValueError, match="one token per cache row"):
+        for row, length in enumerate(lengths):
+            torch.testing.assert_close(static.k[:, row, :, :length + 14], alone[row].k[:, 0, :, :length + 14])
+        with pytest.raises(ValueError, match="one position per cache row"):
             sc.forward_cached(model, ids[:1, :1], static, position=position)
 
 
@@ -93,6 +99,19 @@ def test_batched_samples_equal_samples_one_at_a_time(tokenizer):
     assert engine.generate(prompt, num_samples=3, seed=7, **kwargs)[0] == batch  # seeded: reproducible
 
 
+def test_prompts_of_different_lengths_decode_together_as_they_do_alone(tokenizer):
+    """Rows at different positions (a 3-token and a longer prompt, 2 samples each) against each prompt alone; the
+    long prompt leaves less room than max_tokens in max_seq_len, so its rows also stop at different lengths."""
+    engine = sc.Engine(random_model(), tokenizer)
+    prompts = [tokenizer.encode("Hi", prepend_bos=True), tokenizer.encode("The quick brown fox " * 4, prepend_bos=True)]
+    assert len(prompts[1]) > 96 - 40 > len(prompts[0])
+    kwargs = dict(max_tokens=40, temperature=1.0, top_k=50)
+    together, masks = engine.generate_batch(prompts, num_samples=2, seed=3, **kwargs)
+    alone = [row for i, prompt in enumerate(prompts) for row in engine.generate(prompt, 2, seed=3 + 2 * i, **kwargs)[0]]
+    assert together == alone
+    assert [len(row) for row in together[2:]] == [96 - len(prompts[1])] * 2 and len(together[0]) <= 40
+
+
 def test_sample_tokens_respects_top_k_and_greedy():
     logits = torch.tensor([[0.0, 5.0, 4.0, -1.0]]).repeat(200, 1)
     generators = [torch.Generator().manual_seed(i) for i in range(200)]
@@ -107,13 +126,15 @@ class ScriptedModel:
     def __init__(self, script: list[int], vocab_size: int):
         self.script, self.vocab_size = script, vocab_size
 
-    def __call__(self, model, ids, cache, backend="sdpa"):
+    def __call__(self, model, ids, cache, backend="sdpa", position=None):
         B, T = ids.shape
         logits = torch.zeros(B, T, self.vocab_size)
-        for t in range(T):
-            position = cache.length + t + 1
-            logits[:, t, self.script[min(position, len(self.script) - 1)]] = 30.0
-        cache.length += T
+        for row in range(B):
+            for t in range(T):
+                at = (cache.length + t if position is None else int(position[row])) + 1  # the position predicted
+                logits[row, t, self.script[min(at, len(self.script) - 1)]] = 30.0
+        if position is None:
+            cache.length += T
         return logits
 
 
@@ -247,9 +268,9 @@ def scripted_session(tokenizer, monkeypatch):
              special("<|python_end|>"), special("<|output_start|>"), *tokenizer.encode("4"),
              special("<|output_end|>"), *tokenizer.encode(" é!"), special("<|assistant_end|>")]
 
-    def answer(model, ids, cache, backend="sdpa"):
+    def answer(model, ids, cache, backend="sdpa", position=None):
         B, T = ids.shape
-        history = (ids[0].tolist() if cache.length == 0 else answer.fed + ids[0].tolist())
+        history = (ids[0].tolist() if position is None else answer.fed + ids[0].tolist())  # prefill, or a step
         answer.fed = history
         start = max(i for i, t in enumerate(history) if t == special("<|assistant_start|>")) + 1
         logits = torch.zeros(B, T, tokenizer.vocab_size)

@@ -251,20 +251,24 @@ def odd_length_reward(text: str, gold: str) -> float:
 
 def test_rollouts_mask_the_prompt_and_carry_rewards(tiny_tokenizer):
     model, engine, prompts = tiny_policy(tiny_tokenizer)
-    group = sc.generate_rollouts(engine, prompts[0], odd_length_reward, num_samples=4, max_tokens=10, seed=3)
+    group, = sc.generate_rollouts(engine, prompts[:1], odd_length_reward, num_samples=4, max_tokens=10, seed=3)
     prompt_length = len(prompts[0].ids)
     for sequence, mask, text, reward in zip(group.sequences, group.masks, group.completions, group.rewards):
         assert sequence[:prompt_length] == prompts[0].ids and len(mask) == len(sequence)
         assert set(mask[:prompt_length]) == {0} and prompt_length < len(sequence) <= prompt_length + 10
         assert text == engine.tokenizer.decode(sequence[prompt_length:]) and reward == len(text) % 2
-    again = sc.generate_rollouts(engine, prompts[0], odd_length_reward, num_samples=4, max_tokens=10, seed=3)
+    again, = sc.generate_rollouts(engine, prompts[:1], odd_length_reward, num_samples=4, max_tokens=10, seed=3)
     assert again.sequences == group.sequences  # seeded
+    # decoded together with another prompt, and a row budget that splits the prompts over two engine calls
+    for max_rows in (256, 4):
+        pair = sc.generate_rollouts(engine, prompts[1::-1], odd_length_reward, num_samples=4, max_tokens=10, seed=-1,
+                                    max_rows=max_rows)
+        assert pair[1].sequences == group.sequences and pair[0].prompt == prompts[1]
 
 
 def test_one_rl_step_changes_the_weights_and_passes_do_not_change_the_gradient(tiny_tokenizer):
     model, engine, prompts = tiny_policy(tiny_tokenizer)
-    groups = [sc.generate_rollouts(engine, prompt, odd_length_reward, num_samples=4, max_tokens=12, seed=10 * i)
-              for i, prompt in enumerate(prompts)]
+    groups = sc.generate_rollouts(engine, prompts, odd_length_reward, num_samples=4, max_tokens=12, seed=0)
     assert any(len(set(group.rewards)) > 1 for group in groups), "pick seeds that give mixed rewards"
 
     gradients = []
