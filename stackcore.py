@@ -30,6 +30,7 @@ import json
 import math
 import operator
 import os
+import random
 import subprocess
 import sys
 import time
@@ -2328,10 +2329,12 @@ def forward_cached(model: GPT, ids: Tensor, cache: KVCache, backend: str = "sdpa
     return config.softcap * torch.tanh(logits / config.softcap)
 
 
-def sample_tokens(logits: Tensor, generators: Sequence[torch.Generator], temperature: float = 1.0,
-                  top_k: int | None = None, top_p: float | None = None) -> Tensor:
-    """One token per row of logits (B, vocab); row i draws from generators[i] only, so a row's samples do not
-    depend on the other rows in the batch. Temperature 0 is greedy (argmax)."""
+def sample_tokens(logits: Tensor, uniforms: Tensor, temperature: float = 1.0, top_k: int | None = None,
+                  top_p: float | None = None) -> Tensor:
+    """One token per row of logits (B, vocab), by inverse transform: row i takes the first token whose cumulative
+    probability exceeds uniforms[i] (B values in [0, 1)). A row's token depends on its own uniform only, so the
+    caller makes rows independent of each other by drawing each row's uniforms from its own seeded generator;
+    the whole batch is then one vectorised draw, not a multinomial call per row. Temperature 0 is greedy (argmax)."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -2343,7 +2346,9 @@ def sample_tokens(logits: Tensor, generators: Sequence[torch.Generator], tempera
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         sorted_probs[sorted_probs.cumsum(dim=-1) - sorted_probs > top_p] = 0.0  # keep the top token always
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    return torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, generators)])
+    cumulative = probs.cumsum(dim=-1)
+    targets = uniforms.to(cumulative)[:, None] * cumulative[:, -1:]  # scaled: the cut rows no longer sum to 1
+    return torch.searchsorted(cumulative, targets, right=True).squeeze(1).clamp_(max=logits.size(-1) - 1)
 
 
 @dataclass
@@ -2374,7 +2379,8 @@ class DecodeStep:
         return forward_cached(self.model, self.tokens, self.cache, self.backend, position=self.positions)[:, -1]
 
     def _capture(self) -> torch.cuda.CUDAGraph:
-        saved = (self.cache.k.clone(), self.cache.v.clone())  # warm-up steps write junk at the rows' positions
+        """Warm-up steps run for real and write keys and values at the rows' next positions, which the first real
+        step overwrites before any query reads them; capturing runs nothing."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm up on a side stream before capture, as torch.cuda.graphs requires
@@ -2384,8 +2390,6 @@ class DecodeStep:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self.logits = self._forward()
-        self.cache.k.copy_(saved[0])
-        self.cache.v.copy_(saved[1])
         return graph
 
     def __call__(self, tokens: Tensor) -> Tensor:
@@ -2462,8 +2466,8 @@ class Engine:
                      ) -> Iterator[tuple[list[int], list[int]]]:
         """Yield, each step, the new token of every row and whether it was sampled (1) or forced (0); a row that
         has finished yields -1 (and 0). Rows are prompt-major: row r continues prompts[r // num_samples]. Row r
-        samples with a torch.Generator seeded with seed + r, so a row's tokens do not depend on the other rows:
-        row r of a batch equals a single sample of its prompt with that seed."""
+        draws its uniforms (sample_tokens) from random.Random(seed + r), so a row's tokens do not depend on the
+        other rows: row r of a batch equals a single sample of its prompt with that seed."""
         if max_tokens <= 0:
             raise ValueError(f"max_tokens must be positive, got {max_tokens}")
         cache, logits, limits = self._prefill(prompts, num_samples, max_tokens)
@@ -2471,13 +2475,14 @@ class Engine:
         positions = torch.tensor([len(p) for p in prompts for _ in range(num_samples)], device=device)
         step = DecodeStep(self.model, cache, positions, self.backend,
                           self.cuda_graph and max(limits) >= self.graph_min_tokens)
-        generators = [torch.Generator(device=device).manual_seed(seed + r) for r in range(len(limits))]
+        generators = [random.Random(seed + r) for r in range(len(limits))]
         rows = [_RowState(limit) for limit in limits]
         while True:
             sampling = [r for r, row in enumerate(rows) if not row.done and not row.forced]
             chosen = logits if len(sampling) == len(rows) else logits[sampling]
-            drawn = dict(zip(sampling, sample_tokens(chosen, [generators[r] for r in sampling], temperature, top_k,
-                                                     top_p).tolist() if sampling else []))
+            uniforms = torch.tensor([generators[r].random() for r in sampling], device=device)
+            drawn = dict(zip(sampling, sample_tokens(chosen, uniforms, temperature, top_k, top_p).tolist()
+                             if sampling else []))
             tokens = [-1 if row.done else drawn[r] if r in drawn else row.forced.pop(0) for r, row in enumerate(rows)]
             for row, token in zip(rows, tokens):
                 if token >= 0:

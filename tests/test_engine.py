@@ -114,10 +114,23 @@ def test_prompts_of_different_lengths_decode_together_as_they_do_alone(tokenizer
 
 def test_sample_tokens_respects_top_k_and_greedy():
     logits = torch.tensor([[0.0, 5.0, 4.0, -1.0]]).repeat(200, 1)
-    generators = [torch.Generator().manual_seed(i) for i in range(200)]
-    assert set(sc.sample_tokens(logits, generators, temperature=1.0, top_k=2).tolist()) == {1, 2}
-    assert set(sc.sample_tokens(logits, generators, temperature=1.0, top_p=0.5).tolist()) == {1}
-    assert sc.sample_tokens(logits, generators, temperature=0.0).tolist() == [1] * 200
+    uniforms = torch.rand(200, generator=torch.Generator().manual_seed(0))
+    assert set(sc.sample_tokens(logits, uniforms, temperature=1.0, top_k=2).tolist()) == {1, 2}
+    assert set(sc.sample_tokens(logits, uniforms, temperature=1.0, top_p=0.5).tolist()) == {1}
+    assert sc.sample_tokens(logits, uniforms, temperature=0.0).tolist() == [1] * 200
+
+
+def test_sample_tokens_draws_from_the_softmax():
+    """Inverse-transform sampling: the frequencies of 20,000 draws match softmax(logits / temperature), and the
+    edges of [0, 1) map to the first and last token with any probability."""
+    logits = torch.tensor([[1.0, 2.0, 0.5, -1.0]])
+    expected = (logits / 0.8).softmax(-1)[0]
+    uniforms = torch.rand(20_000, generator=torch.Generator().manual_seed(1))
+    tokens = sc.sample_tokens(logits.expand(20_000, -1), uniforms, temperature=0.8)
+    frequencies = torch.bincount(tokens, minlength=4).float() / 20_000
+    torch.testing.assert_close(frequencies, expected, atol=0.015, rtol=0)
+    edges = sc.sample_tokens(logits.expand(2, -1), torch.tensor([0.0, 1.0 - 1e-7]), temperature=1.0, top_k=3)
+    assert edges.tolist() == [0, 2]
 
 
 class ScriptedModel:

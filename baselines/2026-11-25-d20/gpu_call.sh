@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# One device call on two H100s of one host (nvidia-h100-x2), both busy at once:
+#   GPU 0, ours: the speedrun at depth 20 (nanochat's width: 1,280, head dim 128; seq 2048, 524,288 tokens per step)
+#          for 15 steps; a full CORE pass of that checkpoint and of a 2-step depth-12 checkpoint (speed, not
+#          score), one task also one example at a time; a profiler summary of a depth-12 training step.
+#   GPU 1, nanochat: base_train at depth 20 in bf16 and in fp8, 15 steps each, its defaults otherwise.
+# Artifacts as in ../2026-11-25-pipeline/gpu_call.sh (.gpu/home.tar.xz, built on a CPU by notebooks 01 and 02).
+# usage (repo root): OUT=<folder> bash baselines/2026-11-25-d20/gpu_call.sh LIMIT_SECONDS
+set -u
+LIMIT=${1:-580}
+FINAL=${OUT:-$PWD/gpu-out}
+OUT=/tmp/gpu-call
+export STACK_HOME=/tmp/stack
+mkdir -p "$OUT/vs" "$STACK_HOME"
+left() { echo $(( LIMIT - SECONDS )); }
+part() {  # log name, cap seconds, reserve seconds, command...: run with min(cap, time left - reserve) seconds
+  local name=$1 cap=$2 reserve=$3; shift 3
+  local t=$(( $(left) - reserve )); [ "$t" -gt "$cap" ] && t=$cap
+  [ "$t" -gt 10 ] || { echo "=== $name skipped: ${t}s" | tee -a "$OUT/summary.txt"; return; }
+  echo "=== $name: timeout ${t}s, start ${SECONDS}s" | tee -a "$OUT/summary.txt"
+  timeout -k 5 "$t" "$@" > "$OUT/$name.log" 2>&1
+  echo "=== $name: exit $? at ${SECONDS}s" | tee -a "$OUT/summary.txt"
+}
+tar xJf .gpu/home.tar.xz -C "$STACK_HOME" && echo "artifacts unpacked at ${SECONDS}s" | tee "$OUT/summary.txt"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__)"
+  git rev-parse HEAD; git status --short | head; } > "$OUT/env.txt" 2>&1
+D=$PWD/.gpu/data
+
+ours() {
+  export CUDA_VISIBLE_DEVICES=0
+  part 03_d20 200 330 python3 baselines/bench_pretrain.py --depth=20 --steps=15 --eval_every=15 --timeout=190 \
+    --out="$OUT/vs" --data="$D/english"
+  if grep -q "OutOfMemoryError" "$OUT/03_d20.log"; then  # half the micro-batch, two accumulation steps
+    mv "$OUT/03_d20.log" "$OUT/03_d20_oom.log"
+    part 03_d20 200 300 python3 baselines/bench_pretrain.py --depth=20 --steps=15 --eval_every=15 --timeout=190 \
+      --out="$OUT/vs" --data="$D/english" -- --micro_tokens=32768
+  fi
+  part 04_core_d20 150 170 python3 notebooks/04_core_eval.py --preset=speedrun --run_name=ours_d20 --compare_tasks=1
+  cp "$STACK_HOME/runs/04_core_eval/results.json" "$OUT/core_d20.json" 2>/dev/null
+  part 03_d12 90 120 python3 baselines/bench_pretrain.py --depth=12 --steps=2 --eval_every=2 --timeout=85 \
+    --out="$OUT/vs" --data="$D/english"
+  part 04_core_d12 90 50 python3 notebooks/04_core_eval.py --preset=speedrun --run_name=ours_d12 --compare_tasks=1
+  cp "$STACK_HOME/runs/04_core_eval/results.json" "$OUT/core_d12.json" 2>/dev/null
+  part profile_d12 45 3 python3 tutorials/profile_step.py --preset=speedrun --steps=3
+}
+peer() {
+  export CUDA_VISIBLE_DEVICES=1
+  part nanochat_d20_bf16 260 280 env ITERS=15 OUT="$OUT/vs/peer" DATA="$D" bash .gpu/peer/run.sh 20:bf16
+  part nanochat_d20_fp8 260 5 env ITERS=15 OUT="$OUT/vs/peer" DATA="$D" bash .gpu/peer/run.sh 20:fp8
+}
+ours & peer & wait
+timeout 60 python3 baselines/vs_nanochat.py --out="$OUT/vs" --depths 20 > "$OUT/vs/table.txt" 2>&1
+mkdir -p "$FINAL" && tar czf "$FINAL/gpu_call.tgz" -C "$OUT" . && cp "$OUT/summary.txt" "$OUT/vs/table.txt" "$FINAL/"
+cat "$OUT/vs/table.txt" "$OUT/summary.txt"
+grep -h -E "steady state|Peak memory|tokens/s|examples/s|CORE" "$OUT"/*.log "$OUT"/vs/peer/*.log 2>/dev/null | tail -40
