@@ -35,6 +35,7 @@ import subprocess
 import sys
 import time
 import typing
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -2373,7 +2374,12 @@ class DecodeStep:
         self.model, self.cache, self.backend = model, cache, backend
         self.positions = positions.clone()  # (B,) the position each row's next token goes to
         self.tokens = torch.zeros(len(positions), 1, dtype=torch.long, device=positions.device)
-        self.graph = self._capture() if cuda_graph and positions.is_cuda else None
+        self.graph = None
+        if cuda_graph and positions.is_cuda:
+            try:
+                self.graph = self._capture()
+            except RuntimeError as error:  # e.g. a backend that syncs with the host: fall back to eager steps
+                warnings.warn(f"decoding without a CUDA graph, its capture failed: {error}")
 
     def _forward(self) -> Tensor:
         return forward_cached(self.model, self.tokens, self.cache, self.backend, position=self.positions)[:, -1]
