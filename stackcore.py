@@ -1451,11 +1451,13 @@ class Muon(torch.optim.Optimizer):
 
 
 def build_optimizers(model: GPT, muon_lr: float | None = None, adam_lrs: dict[str, float] | None = None,
-                     weight_decay: float = 0.0, method: str = "polar_express") -> list[torch.optim.Optimizer]:
+                     weight_decay: float = 0.0, method: str = "polar_express", lr_scale: float = 1.0
+                     ) -> list[torch.optim.Optimizer]:
     """[AdamW(embedding, value_embeds, head, scalars), Muon(hidden matrices)] with model.param_groups() lrs.
 
-    `adam_lrs` overrides per kind (e.g. {"head": 0.004}); `weight_decay` is Muon's (Adam groups use none).
-    Every group records "initial_lr" so that apply_schedule() can scale it.
+    `adam_lrs` overrides per kind (e.g. {"head": 0.004}); `weight_decay` is Muon's (Adam groups use none);
+    `lr_scale` multiplies every learning rate (fine-tuning uses a fraction of pretraining's). Every group records
+    "initial_lr" so that apply_schedule() can scale it.
     """
     groups = model.param_groups()
     adam_lrs = adam_lrs or {}
@@ -1473,6 +1475,7 @@ def build_optimizers(model: GPT, muon_lr: float | None = None, adam_lrs: dict[st
                 weight_decay=weight_decay, method=method)
     for optimizer in (adam, muon):
         for group in optimizer.param_groups:
+            group["lr"] *= lr_scale
             group["initial_lr"] = group["lr"]
     return [adam, muon]
 

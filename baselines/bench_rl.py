@@ -83,10 +83,7 @@ def main() -> None:
     model = sc.GPT(config).to(device)
     model.set_compute_dtype(dtype)
     engine = sc.Engine(model, tokenizer, backend)
-    optimizers = sc.build_optimizers(model)
-    for optimizer in optimizers:  # 06_rl's learning rates: 5% of pretraining's
-        for group in optimizer.param_groups:
-            group["lr"] *= 0.05
+    optimizers = sc.build_optimizers(model, lr_scale=0.05)  # 06_rl's learning rates: 5% of pretraining's
     prompts = random_prompts(tokenizer, args.prompts, args.prompt_len, seed=1)
     coin = random.Random(2)
 

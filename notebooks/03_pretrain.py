@@ -84,6 +84,8 @@ class PretrainConfig(sc.StackConfig):
     steps: int = 2000
     warmup_steps: int = 0
     cooldown_frac: float = 0.4  # the last 40% of steps decay the learning rates linearly to zero
+    lr_scale: float = 1.0  # multiplies every learning rate (sc.GPT.param_groups has the defaults)
+    weight_decay: float = 0.0  # Muon's decoupled weight decay: a regulariser for runs that repeat their data
     window_schedule: bool = True  # grow the short attention window from 128 tokens to seq_len/2 during training
     eval_every: int = 250  # steps between validation bits-per-byte measurements (and at the end)
     eval_tokens: int = 2_097_152  # validation tokens per measurement
@@ -153,7 +155,7 @@ log(f"attention backend: {backend} (available here: {sc.available_attention_back
 # warms up from 0.85 to 0.95; the short attention window grows as training goes on (long context is learned late).
 
 # %%
-optimizers = sc.build_optimizers(model)
+optimizers = sc.build_optimizers(model, weight_decay=cfg.weight_decay, lr_scale=cfg.lr_scale)
 loss_scaler = sc.LossScaler(compute_dtype, device)  # fp16 only; a plain optimizer step otherwise
 
 

@@ -183,11 +183,8 @@ log(sc.chat_table({"base": before}))
 # scaled by `lr_scale`, flat and then decayed to zero over the last `cooldown_frac` of the steps.
 
 # %%
-optimizers = sc.build_optimizers(model)
+optimizers = sc.build_optimizers(model, lr_scale=cfg.lr_scale)
 loss_scaler = sc.LossScaler(compute_dtype, device)  # fp16 only (a T4); a plain optimizer step otherwise
-for optimizer in optimizers:
-    for group in optimizer.param_groups:
-        group["initial_lr"] *= cfg.lr_scale
 
 # %% [markdown]
 # ## Resume

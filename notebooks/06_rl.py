@@ -184,10 +184,7 @@ for text, mask, reward, advantage in list(zip(group.completions, group.masks, gr
 # `sc.policy_gradient_loss` for why).
 
 # %%
-optimizers = sc.build_optimizers(model)
-for optimizer in optimizers:
-    for param_group in optimizer.param_groups:
-        param_group["initial_lr"] *= cfg.lr_frac
+optimizers = sc.build_optimizers(model, lr_scale=cfg.lr_frac)
 loss_scaler = sc.LossScaler(compute_dtype, device)  # fp16 only (a T4); a plain optimizer step otherwise
 
 # %% [markdown]
