@@ -710,7 +710,8 @@ def _flash_window(window: int | None) -> tuple[int, int]:
 
 
 def _sdpa_attention(q, k, v, cu_seqlens, max_seqlen, window):
-    """Reference backend: one F.scaled_dot_product_attention call per document."""
+    """Reference backend: one F.scaled_dot_product_attention call per document. `window` may also be a mask_mod
+    over the packed indices (shared_prefix_mask_mod), evaluated densely over each document."""
     outputs = []
     bounds = cu_seqlens.tolist()
     for start, end in zip(bounds[:-1], bounds[1:]):
@@ -718,7 +719,10 @@ def _sdpa_attention(q, k, v, cu_seqlens, max_seqlen, window):
             continue
         qd, kd, vd = (t[start:end].transpose(0, 1) for t in (q, k, v))  # (H, L, D)
         length = end - start
-        if window is None or window >= length:
+        if callable(window):
+            tokens = torch.arange(start, end, device=q.device)
+            out = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=window(0, 0, tokens[:, None], tokens))
+        elif window is None or window >= length:
             out = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True)
         else:
             offset = torch.arange(length, device=q.device)
@@ -728,24 +732,52 @@ def _sdpa_attention(q, k, v, cu_seqlens, max_seqlen, window):
     return torch.cat(outputs)
 
 
+def _window_limit(window: int | None, total_len: int, device: torch.device) -> Tensor:
+    """The window as a tensor, not a Python int, so that masks of every window share one compiled kernel."""
+    return torch.full((), total_len + 1 if window is None else window, device=device)
+
+
 def _document_mask_mod(doc_ids: Tensor, window: int | None):
-    """FlexAttention mask_mod: same document, causal, and inside the sliding window (None: the whole document).
-    The window is captured as a tensor, not a Python int, so that masks of every window share one compiled kernel."""
-    limit = torch.full((), doc_ids.numel() + 1 if window is None else window, device=doc_ids.device)
+    """FlexAttention mask_mod: same document, causal, and inside the sliding window (None: the whole document)."""
+    limit = _window_limit(window, doc_ids.numel(), doc_ids.device)
 
     def mask_mod(b, h, q_idx, kv_idx):
         return (doc_ids[q_idx] == doc_ids[kv_idx]) & (q_idx >= kv_idx) & (q_idx - kv_idx < limit)
     return mask_mod
 
 
+def build_block_mask(mask_mod, total_len: int, device: torch.device) -> BlockMask:
+    """FlexAttention block mask of `mask_mod` over a packed row of total_len tokens."""
+    kwargs = {}
+    if device.type == "cuda" and "_compile" in inspect.signature(create_block_mask).parameters:
+        kwargs["_compile"] = True  # avoids materialising the dense T x T mask on the GPU
+    return create_block_mask(mask_mod, None, None, total_len, total_len, device=device, **kwargs)
+
+
+FLEX_BLOCK_SIZE = 128  # FlexAttention's default block: block masks cover a packed row in whole blocks
+
+
 def flex_block_mask(cu_seqlens: Tensor, total_len: int, window: int | None) -> BlockMask:
     """FlexAttention block mask of one packing and window, built from tensors only (no host sync). The model builds
     one per window and batch, outside torch.compile, and passes it down as the layers' `window`."""
     mask_mod = _document_mask_mod(document_ids(cu_seqlens, total_len), window)
-    kwargs = {}
-    if cu_seqlens.is_cuda and "_compile" in inspect.signature(create_block_mask).parameters:
-        kwargs["_compile"] = True  # avoids materialising the dense T x T mask on the GPU
-    return create_block_mask(mask_mod, None, None, total_len, total_len, device=cu_seqlens.device, **kwargs)
+    return build_block_mask(mask_mod, total_len, cu_seqlens.device)
+
+
+def shared_prefix_mask_mod(documents: Tensor, branches: Tensor, positions: Tensor, window: int | None):
+    """FlexAttention mask_mod for packed prefix trees (CORE's choices after one few-shot context). Per packed token
+    (T,): its document, its branch (0: the prefix that every branch of the document shares; b > 0: branch b's own
+    tokens, after the prefix) and its position in its branch's sequence (prefix + own tokens). A query sees the
+    earlier tokens of its document's prefix and of its own branch less than `window` positions back: exactly the
+    attention of each branch's sequence run alone. The model takes it as a layer's window on sdpa, and as a
+    BlockMask (build_block_mask) on flex, with the positions."""
+    limit = _window_limit(window, documents.numel(), documents.device)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        seen_branch = (branches[kv_idx] == 0) | (branches[kv_idx] == branches[q_idx])
+        return ((documents[q_idx] == documents[kv_idx]) & (q_idx >= kv_idx) & seen_branch
+                & (positions[q_idx] - positions[kv_idx] < limit))
+    return mask_mod
 
 
 @lru_cache(maxsize=1)
@@ -1175,13 +1207,18 @@ class GPT(nn.Module):
         return windows
 
     def forward(self, input_ids: Tensor, cu_seqlens: Tensor, max_seqlen: int, target_ids: Tensor | None = None,
-                *, windows: list[int | None] | None = None, backend: str = "sdpa",
-                loss_reduction: str = "mean") -> Tensor:
+                *, windows: list[Any] | None = None, backend: str = "sdpa",
+                loss_reduction: str = "mean", positions: Tensor | None = None,
+                logit_positions: Tensor | None = None) -> Tensor:
         """input_ids (T,) packed documents with boundaries cu_seqlens (B+1,) int32.
 
         Returns fp32 logits (T, vocab) without targets; with targets, the cross-entropy over targets != -1
         reduced by `loss_reduction` ("mean", "sum", or "none" for per-token losses, 0 at ignored tokens).
-        `windows` defaults to layer_windows().
+        `windows` defaults to layer_windows(): an int or None per layer, or a mask of the caller's own, a
+        prebuilt BlockMask on flex or a mask_mod on sdpa. With `positions` (T,), the rotary positions (default:
+        each token's position in its document), such masks lay tokens out other than as plain documents (CORE's
+        shared prefixes, shared_prefix_mask_mod). `logit_positions` (N,) keeps only those rows of the last hidden
+        state for the head: logits (N, vocab), or N targets, so that no compute goes to logits nobody reads.
         """
         config = self.config
         if max_seqlen > config.max_seq_len:
@@ -1189,12 +1226,13 @@ class GPT(nn.Module):
         windows = self.layer_windows() if windows is None else windows
         if len(windows) != config.depth:
             raise ValueError(f"need one window per layer ({config.depth}), got {len(windows)}")
-        positions = positions_in_documents(cu_seqlens, input_ids.size(0))
+        positions = positions_in_documents(cu_seqlens, input_ids.size(0)) if positions is None else positions
         cos, sin = self.rotary_cos[positions], self.rotary_sin[positions]
         x0 = norm(self.wte(input_ids).to(self.compute_dtype))
         value_embeds = [table(input_ids).to(self.compute_dtype) for table in self.value_embeds]
         if backend == "flex":  # block masks: one per window, built here, outside any compiled region
-            masks = {window: flex_block_mask(cu_seqlens, input_ids.size(0), window) for window in set(windows)}
+            masks = {window: window if isinstance(window, BlockMask)
+                     else flex_block_mask(cu_seqlens, input_ids.size(0), window) for window in set(windows)}
             windows = [masks[window] for window in windows]
         compile_backend = self.compile_backend if torch.is_grad_enabled() else None
         # sdpa loops over the documents on the host, which torch.compile cannot trace: its layers run eagerly
@@ -1211,6 +1249,8 @@ class GPT(nn.Module):
             x = run_block(block, x, value_embed, cos, sin, cu_seqlens, max_seqlen, windows[i], backend)
             if i < n_skip:
                 skips.append(x)
+        if logit_positions is not None:
+            x = x[logit_positions]
         if target_ids is None:
             return soft_cap(self.lm_head(norm(x)), config.softcap)
         return softcapped_cross_entropy(norm(x), self.lm_head.weight, target_ids, config.softcap, loss_reduction,
@@ -1794,9 +1834,11 @@ def format_duration(seconds: float) -> str:
 # (BOS, context, continuation) per (example, choice), and <task>.records.bin, one int32 row per sequence with
 # the columns of CORE_RECORD_FIELDS: token offsets of the sequence start, the continuation start and the end,
 # then the example index (in the task file), the choice index and 1 on the gold choice. tasks.json lists the
-# tasks with their type and random baseline. Scoring packs many sequences into one varlen forward pass: a
-# multiple-choice or schema example is right when its gold choice has the lowest mean continuation loss; a
-# language-modelling example when greedy decoding reproduces the continuation exactly.
+# tasks with their type and random baseline. Scoring packs many examples into one forward pass, each as a prefix
+# tree: the context its choices share runs once, then each choice's own tokens, masked so that every choice
+# attends exactly as its sequence would alone. A multiple-choice or schema example is right when its gold choice
+# has the lowest mean continuation loss; a language-modelling example when greedy decoding reproduces the
+# continuation exactly.
 
 CORE_RECORD_FIELDS = ("seq_start", "cont_start", "seq_end", "example", "choice", "gold")
 CORE_MANIFEST = "tasks.json"
