@@ -712,7 +712,8 @@ def _flash_window(window: int | None) -> tuple[int, int]:
 
 
 def _sdpa_attention(q, k, v, cu_seqlens, max_seqlen, window):
-    """Reference backend: one F.scaled_dot_product_attention call per document."""
+    """Reference backend: one F.scaled_dot_product_attention call per document. `window` may also be a mask_mod
+    over the packed indices (shared_prefix_mask_mod), evaluated densely over each document."""
     outputs = []
     bounds = cu_seqlens.tolist()
     for start, end in zip(bounds[:-1], bounds[1:]):
@@ -720,7 +721,10 @@ def _sdpa_attention(q, k, v, cu_seqlens, max_seqlen, window):
             continue
         qd, kd, vd = (t[start:end].transpose(0, 1) for t in (q, k, v))  # (H, L, D)
         length = end - start
-        if window is None or window >= length:
+        if callable(window):
+            tokens = torch.arange(start, end, device=q.device)
+            out = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=window(0, 0, tokens[:, None], tokens))
+        elif window is None or window >= length:
             out = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True)
         else:
             offset = torch.arange(length, device=q.device)
@@ -730,24 +734,52 @@ def _sdpa_attention(q, k, v, cu_seqlens, max_seqlen, window):
     return torch.cat(outputs)
 
 
+def _window_limit(window: int | None, total_len: int, device: torch.device) -> Tensor:
+    """The window as a tensor, not a Python int, so that masks of every window share one compiled kernel."""
+    return torch.full((), total_len + 1 if window is None else window, device=device)
+
+
 def _document_mask_mod(doc_ids: Tensor, window: int | None):
-    """FlexAttention mask_mod: same document, causal, and inside the sliding window (None: the whole document).
-    The window is captured as a tensor, not a Python int, so that masks of every window share one compiled kernel."""
-    limit = torch.full((), doc_ids.numel() + 1 if window is None else window, device=doc_ids.device)
+    """FlexAttention mask_mod: same document, causal, and inside the sliding window (None: the whole document)."""
+    limit = _window_limit(window, doc_ids.numel(), doc_ids.device)
 
     def mask_mod(b, h, q_idx, kv_idx):
         return (doc_ids[q_idx] == doc_ids[kv_idx]) & (q_idx >= kv_idx) & (q_idx - kv_idx < limit)
     return mask_mod
 
 
+def build_block_mask(mask_mod, total_len: int, device: torch.device) -> BlockMask:
+    """FlexAttention block mask of `mask_mod` over a packed row of total_len tokens."""
+    kwargs = {}
+    if device.type == "cuda" and "_compile" in inspect.signature(create_block_mask).parameters:
+        kwargs["_compile"] = True  # avoids materialising the dense T x T mask on the GPU
+    return create_block_mask(mask_mod, None, None, total_len, total_len, device=device, **kwargs)
+
+
+FLEX_BLOCK_SIZE = 128  # FlexAttention's default block: block masks cover a packed row in whole blocks
+
+
 def flex_block_mask(cu_seqlens: Tensor, total_len: int, window: int | None) -> BlockMask:
     """FlexAttention block mask of one packing and window, built from tensors only (no host sync). The model builds
     one per window and batch, outside torch.compile, and passes it down as the layers' `window`."""
     mask_mod = _document_mask_mod(document_ids(cu_seqlens, total_len), window)
-    kwargs = {}
-    if cu_seqlens.is_cuda and "_compile" in inspect.signature(create_block_mask).parameters:
-        kwargs["_compile"] = True  # avoids materialising the dense T x T mask on the GPU
-    return create_block_mask(mask_mod, None, None, total_len, total_len, device=cu_seqlens.device, **kwargs)
+    return build_block_mask(mask_mod, total_len, cu_seqlens.device)
+
+
+def shared_prefix_mask_mod(documents: Tensor, branches: Tensor, positions: Tensor, window: int | None):
+    """FlexAttention mask_mod for packed prefix trees (CORE's choices after one few-shot context). Per packed token
+    (T,): its document, its branch (0: the prefix that every branch of the document shares; b > 0: branch b's own
+    tokens, after the prefix) and its position in its branch's sequence (prefix + own tokens). A query sees the
+    earlier tokens of its document's prefix and of its own branch less than `window` positions back: exactly the
+    attention of each branch's sequence run alone. The model takes it as a layer's window on sdpa, and as a
+    BlockMask (build_block_mask) on flex, with the positions."""
+    limit = _window_limit(window, documents.numel(), documents.device)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        seen_branch = (branches[kv_idx] == 0) | (branches[kv_idx] == branches[q_idx])
+        return ((documents[q_idx] == documents[kv_idx]) & (q_idx >= kv_idx) & seen_branch
+                & (positions[q_idx] - positions[kv_idx] < limit))
+    return mask_mod
 
 
 @lru_cache(maxsize=1)
@@ -1177,13 +1209,18 @@ class GPT(nn.Module):
         return windows
 
     def forward(self, input_ids: Tensor, cu_seqlens: Tensor, max_seqlen: int, target_ids: Tensor | None = None,
-                *, windows: list[int | None] | None = None, backend: str = "sdpa",
-                loss_reduction: str = "mean") -> Tensor:
+                *, windows: list[Any] | None = None, backend: str = "sdpa",
+                loss_reduction: str = "mean", positions: Tensor | None = None,
+                logit_positions: Tensor | None = None) -> Tensor:
         """input_ids (T,) packed documents with boundaries cu_seqlens (B+1,) int32.
 
         Returns fp32 logits (T, vocab) without targets; with targets, the cross-entropy over targets != -1
         reduced by `loss_reduction` ("mean", "sum", or "none" for per-token losses, 0 at ignored tokens).
-        `windows` defaults to layer_windows().
+        `windows` defaults to layer_windows(): an int or None per layer, or a mask of the caller's own, a
+        prebuilt BlockMask on flex or a mask_mod on sdpa. With `positions` (T,), the rotary positions (default:
+        each token's position in its document), such masks lay tokens out other than as plain documents (CORE's
+        shared prefixes, shared_prefix_mask_mod). `logit_positions` (N,) keeps only those rows of the last hidden
+        state for the head: logits (N, vocab), or N targets, so that no compute goes to logits nobody reads.
         """
         config = self.config
         if max_seqlen > config.max_seq_len:
@@ -1191,12 +1228,13 @@ class GPT(nn.Module):
         windows = self.layer_windows() if windows is None else windows
         if len(windows) != config.depth:
             raise ValueError(f"need one window per layer ({config.depth}), got {len(windows)}")
-        positions = positions_in_documents(cu_seqlens, input_ids.size(0))
+        positions = positions_in_documents(cu_seqlens, input_ids.size(0)) if positions is None else positions
         cos, sin = self.rotary_cos[positions], self.rotary_sin[positions]
         x0 = norm(self.wte(input_ids).to(self.compute_dtype))
         value_embeds = [table(input_ids).to(self.compute_dtype) for table in self.value_embeds]
         if backend == "flex":  # block masks: one per window, built here, outside any compiled region
-            masks = {window: flex_block_mask(cu_seqlens, input_ids.size(0), window) for window in set(windows)}
+            masks = {window: window if isinstance(window, BlockMask)
+                     else flex_block_mask(cu_seqlens, input_ids.size(0), window) for window in set(windows)}
             windows = [masks[window] for window in windows]
         compile_backend = self.compile_backend if torch.is_grad_enabled() else None
         # sdpa loops over the documents on the host, which torch.compile cannot trace: its layers run eagerly
@@ -1213,6 +1251,8 @@ class GPT(nn.Module):
             x = run_block(block, x, value_embed, cos, sin, cu_seqlens, max_seqlen, windows[i], backend)
             if i < n_skip:
                 skips.append(x)
+        if logit_positions is not None:
+            x = x[logit_positions]
         if target_ids is None:
             return soft_cap(self.lm_head(norm(x)), config.softcap)
         return softcapped_cross_entropy(norm(x), self.lm_head.weight, target_ids, config.softcap, loss_reduction,
@@ -1799,9 +1839,11 @@ def format_duration(seconds: float) -> str:
 # (BOS, context, continuation) per (example, choice), and <task>.records.bin, one int32 row per sequence with
 # the columns of CORE_RECORD_FIELDS: token offsets of the sequence start, the continuation start and the end,
 # then the example index (in the task file), the choice index and 1 on the gold choice. tasks.json lists the
-# tasks with their type and random baseline. Scoring packs many sequences into one varlen forward pass: a
-# multiple-choice or schema example is right when its gold choice has the lowest mean continuation loss; a
-# language-modelling example when greedy decoding reproduces the continuation exactly.
+# tasks with their type and random baseline. Scoring packs many examples into one forward pass, each as a prefix
+# tree: the context its choices share runs once, then each choice's own tokens, masked so that every choice
+# attends exactly as its sequence would alone. A multiple-choice or schema example is right when its gold choice
+# has the lowest mean continuation loss; a language-modelling example when greedy decoding reproduces the
+# continuation exactly.
 
 CORE_RECORD_FIELDS = ("seq_start", "cont_start", "seq_end", "example", "choice", "gold")
 CORE_MANIFEST = "tasks.json"
@@ -1825,13 +1867,12 @@ class CoreShard:
     records: np.ndarray  # (sequences, len(CORE_RECORD_FIELDS)) int32
 
 
-def common_prefix_length(seqs: list[list[int]]) -> int:
-    length = 0
-    for column in zip(*seqs):
-        if any(token != column[0] for token in column):
-            break
-        length += 1
-    return length
+def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens all of `seqs` (lists or arrays) share."""
+    shortest = min(len(seq) for seq in seqs)
+    heads = np.stack([np.asarray(seq[:shortest]) for seq in seqs])
+    differs = (heads != heads[0]).any(axis=0)
+    return int(differs.argmax()) if differs.any() else shortest
 
 
 def continuation_starts(example: CoreExample, seqs: list[list[int]], context_lengths: list[int]) -> list[int]:
@@ -1901,40 +1942,141 @@ def read_core_shards(directory: Path, vocab_size: int | None = None) -> list[Cor
     return shards
 
 
-def core_sequence(tokens: np.ndarray, record: np.ndarray, max_seq_len: int) -> tuple[np.ndarray, int]:
-    """A record's tokens and continuation start, cut from the left to fit max_seq_len (as nanochat does)."""
-    seq_start, cont_start, seq_end = (int(v) for v in record[:3])
-    cut = max(0, seq_end - seq_start - max_seq_len)
-    return np.asarray(tokens[seq_start + cut:seq_end], dtype=np.int64), max(cont_start - seq_start - cut, 1)
+def _cut_choices(tokens: np.ndarray, spans: np.ndarray, max_seq_len: int) -> list[tuple[np.ndarray, int]]:
+    cut = max(0, int((spans[:, 2] - spans[:, 0]).max()) - max_seq_len)
+    choices = []
+    for seq_start, cont_start, seq_end in spans.tolist():
+        skip = min(cut, seq_end - seq_start - 2)  # less only for a choice far shorter than the longest
+        seq = np.asarray(tokens[seq_start + skip:seq_end], dtype=np.int64)
+        choices.append((seq, max(cont_start - seq_start - skip, 1)))
+    return choices
 
 
-def _score_pack(model: GPT, pack: list[tuple[np.ndarray, int]], backend: str, device: str) -> Tensor:
-    """(mean continuation loss, 1 if greedy decoding gives the continuation exactly) per sequence of one pass."""
-    lengths = [len(seq) - 1 for seq, _ in pack]
-    inputs = torch.from_numpy(np.concatenate([seq[:-1] for seq, _ in pack])).to(device)
-    cu_seqlens = torch.tensor(np.cumsum([0, *lengths]), dtype=torch.int32, device=device)
-    offsets = np.cumsum([0, *lengths[:-1]])
-    # the prediction of token t of a sequence sits at input position t - 1
-    positions = np.concatenate([np.arange(o + start - 1, o + len(seq) - 1) for o, (seq, start) in zip(offsets, pack)])
-    targets = np.concatenate([seq[start:] for seq, start in pack])
-    owners = np.concatenate([np.full(len(seq) - start, i) for i, (seq, start) in enumerate(pack)])
-    logits = model(inputs, cu_seqlens, max(lengths), backend=backend)[torch.from_numpy(positions).to(device)]
-    targets_t, owners_t = torch.from_numpy(targets).to(device), torch.from_numpy(owners).to(device)
-    losses = F.cross_entropy(logits, targets_t, reduction="none")
-    misses = (logits.argmax(-1) != targets_t).float()
-    sums = torch.zeros(len(pack), 3, device=device)
-    sums.index_add_(0, owners_t, torch.stack([losses, misses, torch.ones_like(losses)], 1))
+def core_examples(tokens: np.ndarray, records: np.ndarray, max_seq_len: int) -> list[list[tuple[np.ndarray, int]]]:
+    """Per example (a run of records with one example index, as write_core_shard writes them), per choice: its
+    tokens and continuation start. An example longer than max_seq_len loses the same tokens from the left of every
+    choice, as many as its longest choice is over, so that all choices keep one shared context. (nanochat cuts each
+    choice alone; a choice with a shorter continuation then sees a few more context tokens than here, only in
+    examples over max_seq_len.) At least one token stays before the continuation."""
+    example_ids = records[:, CORE_RECORD_FIELDS.index("example")]
+    groups = np.split(records[:, :3].astype(np.int64), np.flatnonzero(np.diff(example_ids)) + 1)
+    return [_cut_choices(tokens, spans, max_seq_len) for spans in groups if len(spans)]
+
+
+def shared_prefix_length(choices: list[tuple[np.ndarray, int]]) -> int:
+    """Input tokens (all but each sequence's last) that every choice of an example shares."""
+    return common_prefix_length([seq[:-1] for seq, _ in choices])
+
+
+def shared_prefix_cost(choices: list[tuple[np.ndarray, int]]) -> int:
+    """Input tokens of an example packed as a prefix tree: the shared prefix once, then each choice's own rest."""
+    shared = shared_prefix_length(choices)
+    return shared + sum(len(seq) - 1 - shared for seq, _ in choices)
+
+
+def core_input_tokens(shard: CoreShard, max_seq_len: int, pack_tokens: int) -> int:
+    """Tokens that scoring `shard` feeds the model, padding aside: every choice's sequence one at a time
+    (pack_tokens=0), or each example's shared prefix once plus its choices' own tokens (packed). The shared prefix
+    is mostly the few-shot context, 3-4x the continuation tokens in multiple-choice tasks: on the 18 tasks of the
+    shared data at max_seq_len 2048 sharing takes a full pass from about 98.3M to 32.0M tokens
+    (bigbench_language_identification 70.6M -> 17.7M, boolq 11.1M -> 5.5M, arc_easy 3.8M -> 1.0M)."""
+    examples = core_examples(shard.tokens, shard.records, max_seq_len)
+    if pack_tokens == 0:
+        return sum(len(seq) - 1 for choices in examples for seq, _ in choices)
+    return sum(shared_prefix_cost(choices) for choices in examples)
+
+
+@dataclass
+class CorePack:
+    """Examples laid out for one forward pass, each as a prefix tree: the input tokens its choices share, then
+    each choice's own. Per packed token: its example (document), branch (0: the shared prefix; c + 1: choice c's
+    own tokens) and rotary position in its choice's sequence; padding is one more document, at position 0. Per
+    scored prediction: its packed index, its target token and the choice (in pack order) it belongs to."""
+    inputs: np.ndarray
+    documents: np.ndarray
+    branches: np.ndarray
+    positions: np.ndarray
+    scored: np.ndarray
+    targets: np.ndarray
+    owners: np.ndarray
+    choices: int
+
+
+def pack_core_examples(examples: Sequence[list[tuple[np.ndarray, int]]], pad_to: int = 1) -> CorePack:
+    """Whole examples (core_examples) in one CorePack, padded to a multiple of `pad_to` tokens."""
+    pieces, scored, targets = [], [], []  # pieces: (tokens, document, branch, positions)
+    offset = 0
+    for document, choices in enumerate(examples):
+        shared, prefix_offset = shared_prefix_length(choices), offset
+        pieces.append((choices[0][0][:shared], document, 0, np.arange(shared)))
+        offset += shared
+        for branch, (seq, start) in enumerate(choices, 1):
+            pieces.append((seq[shared:-1], document, branch, np.arange(shared, len(seq) - 1)))
+            inputs = np.arange(start - 1, len(seq) - 1)  # the prediction of token t sits at input t - 1
+            scored.append(np.where(inputs < shared, prefix_offset + inputs, offset + inputs - shared))
+            targets.append(seq[start:])
+            offset += len(seq) - 1 - shared
+    padding = -offset % pad_to
+    pieces.append((np.zeros(padding, dtype=np.int64), len(examples), 0, np.zeros(padding, dtype=np.int64)))
+    columns = [(tokens, np.full(len(tokens), document), np.full(len(tokens), branch), positions)
+               for tokens, document, branch, positions in pieces]
+    inputs, documents, branches, positions = (np.concatenate(column) for column in zip(*columns))
+    owners = np.concatenate([np.full(len(t), i) for i, t in enumerate(targets)])
+    return CorePack(inputs, documents, branches, positions, np.concatenate(scored), np.concatenate(targets), owners,
+                    len(targets))
+
+
+def _shared_prefix_windows(model: GPT, documents: Tensor, branches: Tensor, positions: Tensor, backend: str
+                           ) -> list[Any]:
+    """Per layer, the pack's prefix-tree mask for the layer's window: a BlockMask on flex, else (sdpa) the mask_mod
+    itself, which the sdpa backend evaluates densely, one example at a time."""
+    windows = model.layer_windows()
+    masks = {}
+    for window in set(windows):
+        mask_mod = shared_prefix_mask_mod(documents, branches, positions, window)
+        masks[window] = build_block_mask(mask_mod, len(documents), documents.device) if backend == "flex" else mask_mod
+    return [masks[window] for window in windows]
+
+
+def _score_pack(model: GPT, pack: CorePack, backend: str, device: str) -> Tensor:
+    """(mean continuation loss, 1 if greedy decoding gives the continuation exactly) per choice of one pass. A pack
+    without branches (one sequence per example) is plain documents, which any backend attends as usual; one with
+    branches needs its own masks (flex or sdpa)."""
+    inputs, documents, branches, positions, scored, targets, owners = (
+        host_to_device(array, device) for array in (pack.inputs, pack.documents, pack.branches, pack.positions,
+                                                    pack.scored, pack.targets, pack.owners))
+    starts = np.flatnonzero(np.diff(pack.documents)) + 1
+    cu_seqlens = host_to_device(np.array([0, *starts, len(pack.inputs)], dtype=np.int32), device)
+    windows = _shared_prefix_windows(model, documents, branches, positions, backend) if pack.branches.any() else None
+    logits = model(inputs, cu_seqlens, int(pack.positions.max()) + 1, backend=backend, windows=windows,
+                   positions=positions, logit_positions=scored)
+    losses = F.cross_entropy(logits, targets, reduction="none")
+    misses = (logits.argmax(-1) != targets).float()
+    sums = torch.zeros(pack.choices, 3, device=device)
+    sums.index_add_(0, owners, torch.stack([losses, misses, torch.ones_like(losses)], 1))
     return torch.stack([sums[:, 0] / sums[:, 2], (sums[:, 1] == 0).float()], 1)
 
 
 @torch.no_grad()
 def score_core_records(model: GPT, tokens: np.ndarray, records: np.ndarray, backend: str, device: str,
                        pack_tokens: int = 0) -> np.ndarray:
-    """(mean loss, exact) for each record. Sequences are packed into passes of up to `pack_tokens` tokens;
-    pack_tokens=0 runs one sequence per pass (the reference the packed path must match)."""
-    seqs = [core_sequence(tokens, record, model.config.max_seq_len) for record in records]
-    scores = [_score_pack(model, [seqs[i] for i in chunk], backend, device)
-              for chunk in token_budget_chunks([len(seq) - 1 for seq, _ in seqs], pack_tokens)]
+    """(mean loss, exact) for each record, in order. pack_tokens=0 runs one choice's sequence per pass on
+    `backend`: the reference the packed path must match. Otherwise whole examples, each a prefix tree whose shared
+    context runs once (pack_core_examples), go into passes of up to `pack_tokens` input tokens (a larger example
+    alone). Only a mask function can express the branches, so those passes run on flex, whatever `backend` is
+    (flash and varlen know document boundaries only), except on sdpa (the CPU, GPUs before Ampere), which evaluates
+    the same mask_mod densely per example: flex uncompiled on the CPU would build dense masks over whole passes.
+    Flex passes are padded to a multiple of pack_tokens (rounded up to whole flex blocks), so that compiled flex
+    and its block masks see one shape and do not recompile per pass."""
+    examples = core_examples(tokens, records, model.config.max_seq_len)
+    if pack_tokens == 0:
+        packs = (pack_core_examples([[choice]]) for choices in examples for choice in choices)
+    else:
+        backend = "sdpa" if backend == "sdpa" else "flex"
+        pad_to = -(-pack_tokens // FLEX_BLOCK_SIZE) * FLEX_BLOCK_SIZE if backend == "flex" else 1
+        chunks = token_budget_chunks([shared_prefix_cost(choices) for choices in examples], pack_tokens)
+        packs = (pack_core_examples([examples[i] for i in chunk], pad_to) for chunk in chunks)
+    scores = [_score_pack(model, pack, backend, device) for pack in packs]
     return torch.cat(scores).cpu().numpy() if scores else np.zeros((0, 2), dtype=np.float32)
 
 

@@ -22,7 +22,7 @@
 #
 # Steps:
 # 1. set-up: load the newest checkpoint of `03_pretrain` and the task shards of `02_sharding`;
-# 2. score every task, packing many prompts into each forward pass;
+# 2. score every task, packing many examples into each forward pass, each choice's shared context only once;
 # 3. compare with scoring one prompt at a time (the same answers, far slower);
 # 4. a table and a bar chart per task, the checkpoint's validation bits per byte, and a results file.
 #
@@ -102,9 +102,12 @@ log(f"checkpoint {checkpoint_path} (step {checkpoint['step']}), {model.num_param
 # %% [markdown]
 # ## Score every task
 # A multiple-choice or schema example is right when its gold choice has the lowest mean loss over the continuation
-# tokens; a language-modelling example when greedy decoding gives the continuation token for token. Prompts of
-# different lengths are packed back to back into one sequence of up to `pack_tokens` tokens, with document
-# boundaries in `cu_seqlens`, so no compute goes to padding.
+# tokens; a language-modelling example when greedy decoding gives the continuation token for token. Examples of
+# different lengths are packed back to back into one sequence of up to `pack_tokens` tokens. The choices of an
+# example share their start (mostly the few-shot context, 3-4x the continuation tokens in the multiple-choice
+# tasks), so each example goes in as a tree: the shared tokens once, then each choice's own tokens, with a
+# FlexAttention mask that lets every choice see the shared part and itself only, exactly as if it ran alone.
+# That cuts the tokens of a full pass about threefold (98M to 32M on the 18 tasks of the full data).
 
 # %%
 started = time.time()
@@ -115,15 +118,16 @@ for shard in shards:
     task = results["tasks"][shard.label]
     log(f"{shard.label:<34} {shard.kind:<18} {task['examples']:>8} {task['accuracy']:>9.3f} "
         f"{task['baseline']:>9.3f} {task['centered']:>8.3f}")
-scored_tokens = sum(int((s.records[:, 2] - s.records[:, 0]).sum()) for s in shards)
+fed_tokens = sum(sc.core_input_tokens(s, model.config.max_seq_len, cfg.pack_tokens) for s in shards)
 scored_examples = sum(task["examples"] for task in results["tasks"].values())
 log(f"CORE {results['core']:.4f} in {sc.format_duration(packed_seconds)} ({packed_seconds:.1f} s, "
-    f"{scored_tokens / packed_seconds:,.0f} tokens/s, {scored_examples / packed_seconds:,.1f} examples/s)")
+    f"{fed_tokens:,} tokens fed, {fed_tokens / packed_seconds:,.0f} tokens/s, "
+    f"{scored_examples / packed_seconds:,.1f} examples/s)")
 
 # %% [markdown]
 # ## Packed against one prompt at a time
 # The same tasks scored with one prompt per forward pass must give the same answers; the packed passes keep the
-# accelerator busy, which is where the speed-up comes from.
+# accelerator busy and run each shared context once, which is where the speed-up comes from.
 
 # %%
 compared = shards[:cfg.compare_tasks]
@@ -131,11 +135,15 @@ timings = {}
 for name, pack_tokens in (("packed", cfg.pack_tokens), ("one_by_one", 0)):
     started = time.time()
     timings[name] = (sc.evaluate_core(model, compared, backend, device, pack_tokens), time.time() - started)
+    tokens = sum(sc.core_input_tokens(s, model.config.max_seq_len, pack_tokens) for s in compared)
+    examples = sum(task["examples"] for task in timings[name][0]["tasks"].values())
+    log(f"{name}: {timings[name][1]:.2f} s, {tokens:,} tokens fed ({tokens / timings[name][1]:,.0f}/s), "
+        f"{examples / timings[name][1]:,.1f} examples/s")
 same = all(timings["packed"][0]["tasks"][s.label]["accuracy"] == timings["one_by_one"][0]["tasks"][s.label]["accuracy"]
            for s in compared)
 if compared:
-    log(f"{len(compared)} task(s): packed {timings['packed'][1]:.2f} s, one at a time {timings['one_by_one'][1]:.2f} s "
-        f"({timings['one_by_one'][1] / max(timings['packed'][1], 1e-9):.1f}x); same accuracies: {same}")
+    log(f"{len(compared)} task(s): packed {timings['one_by_one'][1] / max(timings['packed'][1], 1e-9):.1f}x faster "
+        f"than one at a time; same accuracies: {same}")
 
 # %% [markdown]
 # ## Centred accuracy per task
@@ -172,7 +180,7 @@ val_bpb = sc.evaluate_bpb(model, val_loader, val_steps, token_bytes.to(device), 
 summary = {"checkpoint": str(checkpoint_path), "step": checkpoint["step"], "preset": cfg.preset,
            "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
            "ranks": dist_info.world_size, "attention": backend, "core": results["core"], "val_bpb": val_bpb,
-           "seconds": round(packed_seconds, 2), "tokens_per_second": round(scored_tokens / packed_seconds),
+           "seconds": round(packed_seconds, 2), "tokens_per_second": round(fed_tokens / packed_seconds),
            "tasks": results["tasks"],
            "speed": {name: round(seconds, 3) for name, (_, seconds) in timings.items()}}
 if dist_info.master:

@@ -13,6 +13,8 @@ import stackcore as sc
 from conftest import SHARED_DATA
 from data import core
 
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # CPU scoring
+
 REAL_BUNDLE = SHARED_DATA / "core"
 REAL_COUNTS = {  # examples per task in the shared copy (hellaswag, squad and coqa are absent there)
     "jeopardy": 2117, "bigbench_qa_wikidata": 20321, "arc_easy": 2376, "arc_challenge": 1172, "copa": 100,
@@ -36,8 +38,12 @@ class BigramStub(nn.Module):
             table[token, successor] = 10.0
         self.register_buffer("table", table)
 
-    def forward(self, input_ids, cu_seqlens, max_seqlen, target_ids=None, *, backend="sdpa", **kwargs):
-        return self.table[input_ids]
+    def forward(self, input_ids, cu_seqlens, max_seqlen, target_ids=None, *, backend="sdpa", logit_positions=None,
+                **kwargs):
+        return self.table[input_ids if logit_positions is None else input_ids[logit_positions]]
+
+    def layer_windows(self):
+        return [None] * self.config.depth
 
 
 def shard_of(kind: str, examples: list[tuple[int, list[tuple[list[int], int]]]], baseline: float = 0.0):
@@ -100,8 +106,20 @@ def test_core_is_the_mean_centred_accuracy():
 
 def test_long_sequences_are_cut_from_the_left():
     tokens = np.arange(100) % 16
-    seq, start = sc.core_sequence(tokens, np.array([10, 90, 100, 0, 0, 1]), max_seq_len=64)
+    [[(seq, start)]] = sc.core_examples(tokens, np.array([[10, 90, 100, 0, 0, 1]]), max_seq_len=64)
     assert len(seq) == 64 and seq[-1] == tokens[99] and seq[start] == tokens[90]
+
+
+def test_long_examples_lose_one_context_cut_for_every_choice():
+    # two choices share the context 0..89; the longer is 6 tokens over, so both lose the same 6 context tokens
+    # (nanochat would cut the shorter one by 2 only). A context cut away entirely still leaves one token before
+    # the continuation.
+    tokens = np.arange(200) % 16
+    records = np.array([[0, 90, 100, 0, 0, 1], [100, 190, 196, 0, 1, 0], [0, 3, 100, 1, 0, 1]])
+    [first, second], [(seq, start)] = sc.core_examples(tokens, records, max_seq_len=94)
+    assert [len(s) for s, _ in (first, second)] == [94, 90] and first[1] == second[1] == 84
+    assert first[0][0] == tokens[6] and second[0][0] == tokens[106]
+    assert len(seq) == 94 and start == 1 and seq[0] == tokens[6]
 
 
 # --- the real tiny GPT: packed scoring equals one prompt at a time -------------------------------------------
@@ -121,14 +139,18 @@ def synthetic_shards(tiny_tokenizer, tmp_path):
     return tokenizer, sc.read_core_shards(tmp_path / "core", tokenizer.vocab_size)
 
 
-def test_packed_scoring_equals_one_prompt_at_a_time(synthetic_shards):
-    tokenizer, shards = synthetic_shards
+def random_gpt(**config):
     torch.manual_seed(0)
-    model = sc.GPT(sc.GPTConfig(vocab_size=tokenizer.vocab_size, depth=2, model_dim=64, head_dim=32,
-                                max_seq_len=512))
+    model = sc.GPT(sc.GPTConfig(**{"depth": 2, "model_dim": 64, "head_dim": 32, **config}))
     with torch.no_grad():  # the zero-initialised projections would make every prediction uniform
         for param in (model.lm_head.weight, *(b.attn.c_proj.weight for b in model.blocks)):
             param.normal_(std=0.3)
+    return model.eval()
+
+
+def test_packed_scoring_equals_one_prompt_at_a_time(synthetic_shards):
+    tokenizer, shards = synthetic_shards
+    model = random_gpt(vocab_size=tokenizer.vocab_size, max_seq_len=512)
     assert len(shards) == 22
     for shard in shards:
         reference = sc.score_core_records(model, shard.tokens, shard.records, "sdpa", "cpu", 0)
@@ -137,6 +159,63 @@ def test_packed_scoring_equals_one_prompt_at_a_time(synthetic_shards):
         np.testing.assert_allclose(packed, reference, rtol=1e-4, atol=1e-4, err_msg=shard.label)
         assert (sc.core_correct(shard.kind, shard.records, packed)
                 == sc.core_correct(shard.kind, shard.records, reference)).all()
+
+
+def hand_shards(rng):
+    """Random tokens in the three layouts: a shared context with 4 continuations (two of them starting alike),
+    option contexts after a shared few-shot part with one continuation, single sequences. The last example of each
+    is longer than max_seq_len 64."""
+    def tokens(n):
+        return rng.integers(1, 64, n).tolist()
+
+    mc, schema, lm = [], [], []
+    for context_len in (20, 33, 90):
+        context, first = tokens(context_len), tokens(1)
+        continuations = [first + tokens(2), first + tokens(4), tokens(1), tokens(6)]
+        mc.append((1, [(context + c, context_len) for c in continuations]))
+        shots, continuation = tokens(context_len - 5), tokens(5)
+        options = [shots + tokens(n) for n in (3, 6)]
+        schema.append((0, [(o + continuation, len(o)) for o in options]))
+        lm.append((0, [(context + continuation, context_len)]))
+    return [shard_of("multiple_choice", mc), shard_of("schema", schema), shard_of("language_modeling", lm)]
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])  # the mask_mod evaluated densely per example, or FlexAttention
+@pytest.mark.parametrize("pack_tokens", [1, 150, 1000])  # 1: each example alone; 1000: one pass per task
+def test_shared_prefix_scores_equal_one_sequence_at_a_time(pack_tokens, backend):
+    model = random_gpt(vocab_size=64, depth=4, max_seq_len=64, short_window=16)
+    assert model.layer_windows() == [16, 16, 16, None]  # sequences run past the sliding window
+    for shard in hand_shards(np.random.default_rng(0)):
+        reference = sc.score_core_records(model, shard.tokens, shard.records, "sdpa", "cpu", 0)
+        shared = sc.score_core_records(model, shard.tokens, shard.records, backend, "cpu", pack_tokens)
+        assert reference[:, 0].std() > 0, "the model should not be uniform"
+        np.testing.assert_allclose(shared[:, 0], reference[:, 0], rtol=1e-4, atol=1e-4, err_msg=shard.kind)
+        assert (shared[:, 1] == reference[:, 1]).all(), shard.kind
+
+
+def test_packs_share_each_context_once():
+    mc, schema, lm = hand_shards(np.random.default_rng(0))
+    fed = {shard.kind: (sc.core_input_tokens(shard, 64, 0), sc.core_input_tokens(shard, 64, 100))
+           for shard in (mc, schema, lm)}
+    assert fed["language_modeling"][0] == fed["language_modeling"][1]
+    # multiple choice: the 4 choices of a context run it once (the third context is cut from 90 tokens to 58)
+    one_by_one, packed = fed["multiple_choice"]
+    assert one_by_one - packed == 3 * (20 + 33 + 58)
+    examples = sc.core_examples(mc.tokens, mc.records, 64)
+    pack = sc.pack_core_examples(examples[:2], pad_to=128)
+    assert len(pack.inputs) == 128 and pack.choices == 8 and pack.documents.max() == 2  # 2 is the padding
+    assert (pack.branches[:20] == 0).all() and (pack.positions[:21] == np.arange(21)).all()
+    assert (pack.targets == np.concatenate([seq[start:] for choices in examples[:2] for seq, start in choices])).all()
+
+
+def test_logit_positions_keep_rows_of_the_full_logits():
+    model = random_gpt(vocab_size=64, max_seq_len=64)
+    inputs = torch.randint(0, 64, (40,))
+    cu_seqlens = torch.tensor([0, 25, 40], dtype=torch.int32)
+    rows = torch.tensor([3, 0, 24, 25, 39])
+    with torch.no_grad():
+        full = model(inputs, cu_seqlens, 25)
+        torch.testing.assert_close(model(inputs, cu_seqlens, 25, logit_positions=rows), full[rows])
 
 
 def test_records_point_at_the_continuation_tokens(synthetic_shards):
