@@ -1867,6 +1867,13 @@ class CoreShard:
     records: np.ndarray  # (sequences, len(CORE_RECORD_FIELDS)) int32
 
 
+def first_examples(shard: CoreShard, count: int) -> CoreShard:
+    """The shard cut to its first `count` examples (all their choices), e.g. to time a slow path on a sample."""
+    examples = shard.records[:, CORE_RECORD_FIELDS.index("example")]
+    kept = np.unique(examples)[:count]
+    return dataclasses.replace(shard, records=shard.records[np.isin(examples, kept)])
+
+
 def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
     """How many leading tokens all of `seqs` (lists or arrays) share."""
     shortest = min(len(seq) for seq in seqs)

@@ -124,38 +124,45 @@ def main() -> None:
     results = {"device": name, "dtype": str(dtype), "attention": backend, "depth": args.depth,
                "params": model.num_params()["total"], "prompt_len": args.prompt_len, "decode_steps": args.decode,
                "copy_bandwidth_GBps": bandwidth / 1e9, "decode": {}}
-    rows = [("device", name), ("model", f"depth {args.depth}, {results['params'] / 1e6:.1f} M params, {dtype}"),
-            ("copy bandwidth", f"{bandwidth / 1e9:,.0f} GB/s")]
+    rows = []
+
+    def add(row: tuple[str, str]) -> None:  # printed at once too: a run cut short keeps what it measured
+        rows.append(row)
+        print(*row, sep=": ", flush=True)
+
+    for row in (("device", name), ("model", f"depth {args.depth}, {results['params'] / 1e6:.1f} M params, {dtype}"),
+                ("copy bandwidth", f"{bandwidth / 1e9:,.0f} GB/s")):
+        add(row)
 
     with torch.inference_mode():
         seconds = timed(lambda: prefilled_cache(model, 1, prompt, 0, backend), device)
         results["prefill_tokens_per_s"] = args.prompt_len / seconds
-        rows.append((f"prefill ({args.prompt_len} tokens, {backend})", f"{args.prompt_len / seconds:,.0f} tokens/s"))
+        add((f"prefill ({args.prompt_len} tokens, {backend})", f"{args.prompt_len / seconds:,.0f} tokens/s"))
         context = args.prompt_len + (args.decode - 1) / 2  # mean number of cached positions over the steps
         for batch in (int(b) for b in args.batches.split(",")):
             bound = batch * bandwidth / bytes_per_decode_step(model, batch, context, dtype)
             entry = results["decode"][str(batch)] = {"bound_tokens_per_s": bound}
-            rows.append((f"batch {batch}: bandwidth bound", f"{bound:,.0f} tokens/s"))
+            add((f"batch {batch}: bandwidth bound", f"{bound:,.0f} tokens/s"))
             measures = {"eager": decoder(model, batch, prompt, args.decode, backend, cuda_graph=False)}
             if args.cuda_graph and device.startswith("cuda"):
                 try:
                     difference = graph_difference(model, batch, prompt, args.decode, backend)
                     entry["cuda_graph_max_logit_diff"] = difference
-                    rows.append((f"batch {batch}: CUDA graph vs eager", f"max logit difference {difference:.3g}"))
+                    add((f"batch {batch}: CUDA graph vs eager", f"max logit difference {difference:.3g}"))
                     measures["cuda_graph"] = decoder(model, batch, prompt, args.decode, backend, cuda_graph=True)
                 except Exception as error:  # an optional path: report it and go on
-                    rows.append((f"batch {batch}: CUDA graph", f"skipped ({type(error).__name__}: {error})"[:120]))
+                    add((f"batch {batch}: CUDA graph", f"skipped ({type(error).__name__}: {error})"[:120]))
             for label, run in measures.items():
                 rate = batch * args.decode / timed(run, device)
                 entry[f"{label}_tokens_per_s"] = rate
-                rows.append((f"batch {batch}: decode {label}", f"{rate:,.0f} tokens/s ({rate / bound:.1%} of bound)"))
+                add((f"batch {batch}: decode {label}", f"{rate:,.0f} tokens/s ({rate / bound:.1%} of bound)"))
     engine = sc.Engine(model, sc.Tokenizer({bytes([i]): i for i in range(256)}), backend)
     if device.startswith("cuda"):  # the engine's graph path against its eager path, on prompts of two lengths
         prompts = [prompt[:len(prompt) // 3].tolist(), prompt.tolist()]
         outputs = [sc.Engine(model, engine.tokenizer, backend, cuda_graph=graph).generate_batch(
             prompts, 4, 64, temperature=0.0)[0] for graph in (True, False)]
         results["engine_graph_equals_eager"] = outputs[0] == outputs[1]
-        rows.append(("Engine greedy tokens, CUDA graph vs eager", "identical" if outputs[0] == outputs[1] else
+        add(("Engine greedy tokens, CUDA graph vs eager", "identical" if outputs[0] == outputs[1] else
                      f"differ in {sum(a != b for a, b in zip(*outputs))} of {len(outputs[0])} rows"))
     for batch in (int(b) for b in args.batches.split(",")):
         generated = []
@@ -164,7 +171,7 @@ def main() -> None:
         tokens = sum(map(len, generated[-1][0]))
         rate = tokens / seconds  # prefill included: the end-to-end figure
         results["decode"][str(batch)]["engine_tokens_per_s"] = rate
-        rows.append((f"batch {batch}: Engine.generate (prefill incl.)", f"{rate:,.0f} tokens/s ({tokens} tokens)"))
+        add((f"batch {batch}: Engine.generate (prefill incl.)", f"{rate:,.0f} tokens/s ({tokens} tokens)"))
 
     report(rows, results, args.out)
 

@@ -379,3 +379,11 @@ def test_distributed_counts_match_one_process(tmp_path):
     results = [queue.get(timeout=60) for _ in range(2)]
     assert results[0] == results[1] == single and single["examples"] == 7
     assert json.dumps(single)
+
+
+def test_first_examples_keeps_whole_examples():
+    records = np.array([[0, 1, 2, e, c, int(c == 0)] for e in (4, 4, 7, 7, 7, 9) for c in range(1)], dtype=np.int32)
+    records[:, 4] = [0, 1, 0, 1, 2, 0]
+    shard = sc.CoreShard("t", "multiple_choice", 0.25, np.zeros(3, dtype=np.int64), records)
+    assert sc.first_examples(shard, 2).records.tolist() == records[:5].tolist()
+    assert len(sc.first_examples(shard, 10).records) == 6 and len(sc.first_examples(shard, 0).records) == 0
