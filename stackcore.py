@@ -875,8 +875,10 @@ def _backend_works(name: str, device: torch.device) -> bool:
     cu_seqlens = torch.tensor([0, 1, 13, 40], device=device, dtype=torch.int32)
     try:
         for window in (None, 5):
-            out = (_flex_attention(q, k, v, cu_seqlens, 27, window, compiled=False) if name == "flex"
-                   else _ATTENTION_FUNCTIONS[name](q, k, v, cu_seqlens, 27, window))
+            with warnings.catch_warnings():  # flex uncompiled, on purpose: torch warns about it
+                warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+                out = (_flex_attention(q, k, v, cu_seqlens, 27, window, compiled=False) if name == "flex"
+                       else _ATTENTION_FUNCTIONS[name](q, k, v, cu_seqlens, 27, window))
             expected = _sdpa_attention(q, k, v, cu_seqlens, 27, window)
             if not torch.allclose(out.float(), expected.float(), atol=3e-2, rtol=3e-2):
                 return False
@@ -2074,16 +2076,18 @@ def score_core_records(model: GPT, tokens: np.ndarray, records: np.ndarray, back
     (flash and varlen know document boundaries only), except on sdpa (the CPU, GPUs before Ampere), which evaluates
     the same mask_mod densely per example: flex uncompiled on the CPU would build dense masks over whole passes.
     Flex passes are padded to a multiple of pack_tokens (rounded up to whole flex blocks), so that compiled flex
-    and its block masks see one shape and do not recompile per pass."""
+    and its block masks see one shape and do not recompile per pass. Passes without branches (language-modelling
+    tasks) are plain documents and run on `backend`."""
     examples = core_examples(tokens, records, model.config.max_seq_len)
+    tree_backend = backend
     if pack_tokens == 0:
         packs = (pack_core_examples([[choice]]) for choices in examples for choice in choices)
     else:
-        backend = "sdpa" if backend == "sdpa" else "flex"
-        pad_to = -(-pack_tokens // FLEX_BLOCK_SIZE) * FLEX_BLOCK_SIZE if backend == "flex" else 1
+        tree_backend = "sdpa" if backend == "sdpa" else "flex"
+        pad_to = -(-pack_tokens // FLEX_BLOCK_SIZE) * FLEX_BLOCK_SIZE if tree_backend == "flex" else 1
         chunks = token_budget_chunks([shared_prefix_cost(choices) for choices in examples], pack_tokens)
         packs = (pack_core_examples([examples[i] for i in chunk], pad_to) for chunk in chunks)
-    scores = [_score_pack(model, pack, backend, device) for pack in packs]
+    scores = [_score_pack(model, pack, tree_backend if pack.branches.any() else backend, device) for pack in packs]
     return torch.cat(scores).cpu().numpy() if scores else np.zeros((0, 2), dtype=np.float32)
 
 

@@ -134,6 +134,14 @@ def main() -> None:
                 ("copy bandwidth", f"{bandwidth / 1e9:,.0f} GB/s")):
         add(row)
 
+    tokenizer = sc.Tokenizer({bytes([i]): i for i in range(256)})  # any id decodes; no tool calls happen
+    if device.startswith("cuda"):  # the engine's graph path against its eager path, on prompts of two lengths
+        prompts = [prompt[:len(prompt) // 3].tolist(), prompt.tolist()]
+        outputs = [sc.Engine(model, tokenizer, backend, cuda_graph=graph).generate_batch(
+            prompts, 4, 64, temperature=0.0)[0] for graph in (True, False)]
+        results["engine_graph_equals_eager"] = outputs[0] == outputs[1]
+        add(("Engine greedy tokens, CUDA graph vs eager", "identical" if outputs[0] == outputs[1] else
+             f"differ in {sum(a != b for a, b in zip(*outputs))} of {len(outputs[0])} rows"))
     with torch.inference_mode():
         seconds = timed(lambda: prefilled_cache(model, 1, prompt, 0, backend), device)
         results["prefill_tokens_per_s"] = args.prompt_len / seconds
@@ -156,14 +164,7 @@ def main() -> None:
                 rate = batch * args.decode / timed(run, device)
                 entry[f"{label}_tokens_per_s"] = rate
                 add((f"batch {batch}: decode {label}", f"{rate:,.0f} tokens/s ({rate / bound:.1%} of bound)"))
-    engine = sc.Engine(model, sc.Tokenizer({bytes([i]): i for i in range(256)}), backend)
-    if device.startswith("cuda"):  # the engine's graph path against its eager path, on prompts of two lengths
-        prompts = [prompt[:len(prompt) // 3].tolist(), prompt.tolist()]
-        outputs = [sc.Engine(model, engine.tokenizer, backend, cuda_graph=graph).generate_batch(
-            prompts, 4, 64, temperature=0.0)[0] for graph in (True, False)]
-        results["engine_graph_equals_eager"] = outputs[0] == outputs[1]
-        add(("Engine greedy tokens, CUDA graph vs eager", "identical" if outputs[0] == outputs[1] else
-                     f"differ in {sum(a != b for a, b in zip(*outputs))} of {len(outputs[0])} rows"))
+    engine = sc.Engine(model, tokenizer, backend)
     for batch in (int(b) for b in args.batches.split(",")):
         generated = []
         seconds = timed(lambda: generated.append(engine.generate(prompt.tolist(), batch, args.decode, top_k=50)),

@@ -1,0 +1,54 @@
+"""Where a packed CORE pass spends its time: torch.profiler over the passes of one task's first examples.
+
+    python3 baselines/profile_core.py --depth=20 --task=bigbench_language_identification --examples=200
+
+The model is randomly initialised (the cost of a pass does not depend on the weights) and the task's eval shard
+comes from STACK_HOME (02_sharding). Prints the wall time and tokens/s of the scoring, then the profiler's table of
+the most expensive ops by device time (with their host time: building packs and block masks shows there).
+"""
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import stackcore as sc
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--depth", type=int, default=20)
+    parser.add_argument("--task", default="bigbench_language_identification")
+    parser.add_argument("--examples", type=int, default=200, help="first examples of the task to score")
+    parser.add_argument("--pack_tokens", type=int, default=32_768)
+    parser.add_argument("--rows", type=int, default=18, help="rows of the op table")
+    args = parser.parse_args()
+
+    device = sc.pick_device()
+    backend = sc.pick_attention_backend(device, "auto")
+    shards = {s.label: s for s in sc.read_core_shards(sc.artifact_dir("shards") / "core")}
+    shard = sc.first_examples(shards[args.task], args.examples)
+    model = sc.GPT(sc.GPTConfig(vocab_size=int(shard.tokens.max()) + 1 if device == "cpu" else 32768,
+                                depth=args.depth)).to(device)
+    model.set_compute_dtype(sc.pick_compute_dtype(device))
+    model.eval()
+    score = lambda: sc.score_core_records(model, shard.tokens, shard.records, backend, device, args.pack_tokens)
+    score()  # compiles flex and its mask builder
+    tokens = sc.core_input_tokens(shard, model.config.max_seq_len, args.pack_tokens)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with profile(activities=activities) as prof:
+        started = time.perf_counter()
+        score()
+        seconds = time.perf_counter() - started
+    print(f"{args.task}, first {args.examples} examples, depth {args.depth}, {device}: {seconds:.2f} s for "
+          f"{tokens:,} tokens fed ({tokens / seconds:,.0f} tokens/s, {args.examples / seconds:,.0f} examples/s)")
+    sort = "cuda_time_total" if device.startswith("cuda") else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=args.rows, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
