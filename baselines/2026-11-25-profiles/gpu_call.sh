@@ -29,7 +29,7 @@ D=$PWD/.gpu/data
 
 ours() {
   export CUDA_VISIBLE_DEVICES=0
-  part 03_d12 80 220 python3 baselines/bench_pretrain.py --depth=12 --steps=2 --eval_every=2 --timeout=75 \
+  part 03_d12 80 220 python3 baselines/bench_pretrain.py --depth=12 --steps=2 --eval_every=2 --timeout=68 \
     --out="$OUT/vs" --data="$D/english"
   part 04_core_d12 120 100 python3 notebooks/04_core_eval.py --preset=speedrun --run_name=ours_d12 --compare_examples=10
   cp "$STACK_HOME/runs/04_core_eval/results.json" "$OUT/core_d12.json" 2>/dev/null
