@@ -8,26 +8,7 @@
 #          decode benchmark at depths 12 and 20 and a profile of one depth-12 training step.
 # Artifacts as in ../2026-11-25-pipeline/gpu_call.sh (.gpu/home.tar.xz, built on a CPU by notebooks 01 and 02).
 # usage (repo root): OUT=<folder> bash baselines/2026-11-25-d20/gpu_call.sh LIMIT_SECONDS
-set -u
-LIMIT=${1:-580}
-FINAL=${OUT:-$PWD/gpu-out}
-OUT=/tmp/gpu-call
-export STACK_HOME=/tmp/stack
-mkdir -p "$OUT/vs" "$STACK_HOME"
-left() { echo $(( LIMIT - SECONDS )); }
-part() {  # log name, cap seconds, reserve seconds, command...: run with min(cap, time left - reserve) seconds
-  local name=$1 cap=$2 reserve=$3; shift 3
-  local t=$(( $(left) - reserve )); [ "$t" -gt "$cap" ] && t=$cap
-  [ "$t" -gt 10 ] || { echo "=== $name skipped: ${t}s" | tee -a "$OUT/summary.txt"; return; }
-  echo "=== $name: timeout ${t}s, start ${SECONDS}s" | tee -a "$OUT/summary.txt"
-  timeout -k 5 "$t" "$@" > "$OUT/$name.log" 2>&1
-  echo "=== $name: exit $? at ${SECONDS}s" | tee -a "$OUT/summary.txt"
-}
-tar xJf .gpu/home.tar.xz -C "$STACK_HOME" && echo "artifacts unpacked at ${SECONDS}s" | tee "$OUT/summary.txt"
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python3 -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__)"
-  git rev-parse HEAD; git status --short | head; } > "$OUT/env.txt" 2>&1
-D=$PWD/.gpu/data
+source baselines/gpu_call_lib.sh "$@"
 
 ours() {
   export CUDA_VISIBLE_DEVICES=0
@@ -57,6 +38,6 @@ peer() {
 }
 ours & peer & wait
 timeout 60 python3 baselines/vs_nanochat.py --out="$OUT/vs" --depths 20 > "$OUT/vs/table.txt" 2>&1
-mkdir -p "$FINAL" && tar czf "$FINAL/gpu_call.tgz" -C "$OUT" . && cp "$OUT/summary.txt" "$OUT/vs/table.txt" "$FINAL/"
+pack_results vs/table.txt
 cat "$OUT/vs/table.txt" "$OUT/summary.txt"
 grep -h -E "steady state|Peak memory|tokens/s|examples/s|CORE" "$OUT"/*.log "$OUT"/vs/peer/*.log 2>/dev/null | tail -40

@@ -10,26 +10,7 @@
 # The tokenizer and every shard were built on a CPU by notebooks 01 and 02 (see ../2026-11-25-vs-nanochat/README.md)
 # and travel as .gpu/home.tar.xz. Each part has its own timeout, so a slow part never costs the ones after it.
 # usage (repo root): OUT=<folder> bash baselines/2026-11-25-pipeline/gpu_call.sh LIMIT_SECONDS
-set -u
-LIMIT=${1:-580}
-FINAL=${OUT:-$PWD/gpu-out}
-OUT=/tmp/gpu-call
-export STACK_HOME=/tmp/stack
-mkdir -p "$OUT/vs" "$STACK_HOME"
-left() { echo $(( LIMIT - SECONDS )); }
-part() {  # log name, cap seconds, reserve seconds, command...: run with min(cap, time left - reserve) seconds
-  local name=$1 cap=$2 reserve=$3; shift 3
-  local t=$(( $(left) - reserve )); [ "$t" -gt "$cap" ] && t=$cap
-  [ "$t" -gt 10 ] || { echo "=== $name skipped: ${t}s" | tee -a "$OUT/summary.txt"; return; }
-  echo "=== $name: timeout ${t}s, start ${SECONDS}s" | tee -a "$OUT/summary.txt"
-  timeout -k 5 "$t" "$@" > "$OUT/$name.log" 2>&1
-  echo "=== $name: exit $? at ${SECONDS}s" | tee -a "$OUT/summary.txt"
-}
-tar xJf .gpu/home.tar.xz -C "$STACK_HOME" && echo "artifacts unpacked at ${SECONDS}s" | tee "$OUT/summary.txt"
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python3 -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__)"
-  git rev-parse HEAD; git status --short | head; } > "$OUT/env.txt" 2>&1
-D=$PWD/.gpu/data
+source baselines/gpu_call_lib.sh "$@"
 CHAT="--chat_tasks=gsm8k,humaneval,spelling --chat_gsm8k_source=$D/gsm8k --chat_words=$D/words/words_en.txt
       --chat_humaneval_source=$D/humaneval/human_eval.jsonl"
 
@@ -37,7 +18,7 @@ ours() {
   export CUDA_VISIBLE_DEVICES=0
   part 03_pretrain 200 330 python3 baselines/bench_pretrain.py --depth=12 --steps=60 --eval_every=10 --timeout=190 \
     --out="$OUT/vs" --data="$D/english" -- --warmup_steps=3 --cooldown_frac=0.5
-  part 04_core_eval 140 200 python3 notebooks/04_core_eval.py --preset=speedrun --run_name=ours_d12 --compare_tasks=1
+  part 04_core_eval 140 200 python3 notebooks/04_core_eval.py --preset=speedrun --run_name=ours_d12 --compare_examples=10
   part 05_sft 150 80 python3 notebooks/05_sft.py --preset=speedrun --base_run=ours_d12 --chat_generate_examples=250 --chat_max_tokens=256 $CHAT
   part 06_rl 150 25 python3 notebooks/06_rl.py --preset=speedrun --steps=12 --eval_every=12 --eval_prompts=200 \
     --save_every=12
@@ -57,5 +38,5 @@ timeout 60 python3 baselines/vs_nanochat.py --out="$OUT/vs" --depths 12 > "$OUT/
 for run in "$STACK_HOME"/runs/*/; do  # results, metrics and plots of every run (no checkpoints)
   mkdir -p "$OUT/runs/$(basename "$run")" && cp "$run"/*.json* "$run"/*.png "$OUT/runs/$(basename "$run")/" 2>/dev/null
 done
-mkdir -p "$FINAL" && tar czf "$FINAL/gpu_call.tgz" -C "$OUT" . && cp "$OUT/summary.txt" "$OUT/vs/table.txt" "$FINAL/"
+pack_results vs/table.txt
 cat "$OUT/vs/table.txt" "$OUT/summary.txt"; grep -h -E "tokens/s|CORE|chatcore|pass@1" "$OUT"/0*.log | tail -40

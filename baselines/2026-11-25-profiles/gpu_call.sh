@@ -6,26 +6,7 @@
 #          and 20, which first checks the engine's CUDA-graph decoding against its eager decoding.
 # Artifacts as in ../2026-11-25-pipeline/gpu_call.sh (.gpu/home.tar.xz, built on a CPU by notebooks 01 and 02).
 # usage (repo root): OUT=<folder> bash baselines/2026-11-25-profiles/gpu_call.sh LIMIT_SECONDS
-set -u
-LIMIT=${1:-580}
-FINAL=${OUT:-$PWD/gpu-out}
-OUT=/tmp/gpu-call
-export STACK_HOME=/tmp/stack
-mkdir -p "$OUT/vs" "$STACK_HOME"
-left() { echo $(( LIMIT - SECONDS )); }
-part() {  # log name, cap seconds, reserve seconds, command...: run with min(cap, time left - reserve) seconds
-  local name=$1 cap=$2 reserve=$3; shift 3
-  local t=$(( $(left) - reserve )); [ "$t" -gt "$cap" ] && t=$cap
-  [ "$t" -gt 10 ] || { echo "=== $name skipped: ${t}s" | tee -a "$OUT/summary.txt"; return; }
-  echo "=== $name: timeout ${t}s, start ${SECONDS}s" | tee -a "$OUT/summary.txt"
-  timeout -k 5 "$t" "$@" > "$OUT/$name.log" 2>&1
-  echo "=== $name: exit $? at ${SECONDS}s" | tee -a "$OUT/summary.txt"
-}
-tar xJf .gpu/home.tar.xz -C "$STACK_HOME" && echo "artifacts unpacked at ${SECONDS}s" | tee "$OUT/summary.txt"
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python3 -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__)"
-  git rev-parse HEAD; git status --short | head; } > "$OUT/env.txt" 2>&1
-D=$PWD/.gpu/data
+source baselines/gpu_call_lib.sh "$@"
 
 ours() {
   export CUDA_VISIBLE_DEVICES=0
@@ -45,6 +26,6 @@ peer() {
     --out="$OUT/decode_d20.json"
 }
 ours & peer & wait
-mkdir -p "$FINAL" && tar czf "$FINAL/gpu_call.tgz" -C "$OUT" . && cp "$OUT/summary.txt" "$FINAL/"
+pack_results
 cat "$OUT/summary.txt"
 grep -h -E "CORE |packed|one_by_one|first 10|tokens fed|Engine greedy|cuda_graph|eager" "$OUT"/*.log | tail -40

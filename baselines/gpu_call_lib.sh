@@ -1,0 +1,28 @@
+# What every device-call script of baselines/<date>-*/gpu_call.sh starts with; source it from the repo root:
+#     source baselines/gpu_call_lib.sh "$@"        (its first argument is LIMIT, the call's seconds)
+# It sets LIMIT, FINAL (the device tool's $OUT, where the results go back), OUT (a scratch folder for logs) and D
+# (the carried data), unpacks the artifacts built on a CPU (.gpu/home.tar.xz) into STACK_HOME, writes env.txt, and
+# defines `part` (one step with its own timeout, so a slow step never costs the ones after it) and `pack_results`.
+set -u
+LIMIT=${1:-580}
+FINAL=${OUT:-$PWD/gpu-out}
+OUT=/tmp/gpu-call
+export STACK_HOME=/tmp/stack
+D=$PWD/.gpu/data
+mkdir -p "$OUT/vs" "$STACK_HOME"
+left() { echo $(( LIMIT - SECONDS )); }
+part() {  # log name, cap seconds, reserve seconds, command...: run with min(cap, time left - reserve) seconds
+  local name=$1 cap=$2 reserve=$3; shift 3
+  local t=$(( $(left) - reserve )); [ "$t" -gt "$cap" ] && t=$cap
+  [ "$t" -gt 10 ] || { echo "=== $name skipped: ${t}s" | tee -a "$OUT/summary.txt"; return; }
+  echo "=== $name: timeout ${t}s, start ${SECONDS}s" | tee -a "$OUT/summary.txt"
+  timeout -k 5 "$t" "$@" > "$OUT/$name.log" 2>&1
+  echo "=== $name: exit $? at ${SECONDS}s" | tee -a "$OUT/summary.txt"
+}
+pack_results() {  # files under OUT to send back beside the archive of everything
+  mkdir -p "$FINAL" && tar czf "$FINAL/gpu_call.tgz" -C "$OUT" . && (cd "$OUT" && cp summary.txt "$@" "$FINAL/")
+}
+tar xJf .gpu/home.tar.xz -C "$STACK_HOME" && echo "artifacts unpacked at ${SECONDS}s" | tee "$OUT/summary.txt"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__)"
+  git rev-parse HEAD; git status --short | head; } > "$OUT/env.txt" 2>&1
