@@ -2388,7 +2388,7 @@ class KVCache:
         shape = (config.depth, batch_size, config.n_heads, capacity, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0  # positions filled, the same for every row
+        self.length = 0  # positions filled, the same for every row (steps at tensor positions leave it alone)
 
     @property
     def capacity(self) -> int:
