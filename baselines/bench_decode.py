@@ -21,12 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 
 import stackcore as sc
-from baselines.benchlib import report
-
-
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+from baselines.benchlib import filler_tokenizer, report, synchronize
 
 
 def timed(fn, device: str, repeats: int = 3) -> float:
@@ -134,7 +129,7 @@ def main() -> None:
                 ("copy bandwidth", f"{bandwidth / 1e9:,.0f} GB/s")):
         add(row)
 
-    tokenizer = sc.Tokenizer({bytes([i]): i for i in range(256)})  # any id decodes; no tool calls happen
+    tokenizer = filler_tokenizer(args.vocab_size)
     if device.startswith("cuda"):  # the engine's graph path against its eager path, on prompts of two lengths
         prompts = [prompt[:len(prompt) // 3].tolist(), prompt.tolist()]
         outputs = [sc.Engine(model, tokenizer, backend, cuda_graph=graph).generate_batch(

@@ -13,7 +13,6 @@ compiled. Prints one table and writes the figures as JSON to --out.
         --max_new_tokens=8 --repeats=1                # CPU smoke test
 """
 import argparse
-import itertools
 import os
 import random
 import statistics
@@ -25,24 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 
 import stackcore as sc
-from baselines.benchlib import report
-
-
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def filler_tokenizer(vocab_size: int) -> sc.Tokenizer:
-    """A tokenizer of exactly vocab_size ids: the 256 bytes, then byte pairs, then the special tokens."""
-    merges = vocab_size - len(sc.SPECIAL_TOKENS)
-    if not 256 <= merges <= 256 * 257:
-        specials = len(sc.SPECIAL_TOKENS)
-        raise ValueError(f"vocab_size must be in [{256 + specials}, {256 * 257 + specials}]")
-    ranks = {bytes([i]): i for i in range(256)}
-    pairs = (bytes(pair) for pair in itertools.product(range(256), repeat=2))
-    ranks.update((pair, rank) for rank, pair in zip(range(256, merges), pairs))
-    return sc.Tokenizer(ranks)
+from baselines.benchlib import filler_tokenizer, report, synchronize
 
 
 def random_prompts(tokenizer: sc.Tokenizer, count: int, length: int, seed: int) -> list[sc.TaskPrompt]:

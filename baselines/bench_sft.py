@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 import stackcore as sc
+from baselines.benchlib import synchronize
 
 Conversation = tuple[np.ndarray, np.ndarray]  # token ids (BOS first) and loss mask
 
@@ -122,8 +123,7 @@ def run_path(name: str, model: sc.GPT, initial_state: dict, groups: list[list[Co
     times, losses, useful, computed, micro = [], [], 0, 0, 0
     for step, group in enumerate(groups):
         batches = make(group, args.batch_tokens, device)  # data preparation is not timed
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        synchronize(device)
         t0 = time.perf_counter()
         trained = sum((b.targets >= 0).sum() for b in batches)
         loss_sum = 0.0

@@ -31,6 +31,8 @@ def main() -> None:
     device = sc.pick_device()
     backend = sc.pick_attention_backend(device, "auto")
     shards = {s.label: s for s in sc.read_core_shards(sc.artifact_dir("shards") / "core")}
+    if args.task not in shards:
+        parser.error(f"no CORE task {args.task!r} in STACK_HOME's eval shards; there are: {', '.join(shards)}")
     shard = sc.first_examples(shards[args.task], args.examples)
     model = sc.GPT(sc.GPTConfig(vocab_size=int(shard.tokens.max()) + 1 if device == "cpu" else 32768,
                                 depth=args.depth)).to(device)
