@@ -1191,8 +1191,11 @@ class GPT(nn.Module):
         the residual mixing has at most 4 small graphs (with or without a U-net skip; inputs that alias in the
         first layer and, for an even depth, the first layer after the middle) and the loss one graph per chunk
         shape. Embeddings and the layer loop stay eager. Windows and document lengths are dynamic, so a growing
-        window recompiles nothing. Without gradients (evaluation), and for the layers with the sdpa attention
-        backend, the model runs eagerly. `backend` is torch.compile's. Returns the model."""
+        window recompiles nothing. Evaluation (no gradients) compiles the same regions once more, without a
+        backward: CORE and validation passes are as elementwise-heavy as training. Layers with the sdpa attention
+        backend run eagerly. `backend` is torch.compile's. Returns the model."""
+        # training and evaluation graphs together reach dynamo's default limit (8 per function) for the blocks
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
         self.compile_backend = backend
         return self
 
@@ -1238,7 +1241,7 @@ class GPT(nn.Module):
             masks = {window: window if isinstance(window, BlockMask)
                      else flex_block_mask(cu_seqlens, input_ids.size(0), window) for window in set(windows)}
             windows = [masks[window] for window in windows]
-        compile_backend = self.compile_backend if torch.is_grad_enabled() else None
+        compile_backend = self.compile_backend
         # sdpa loops over the documents on the host, which torch.compile cannot trace: its layers run eagerly
         mix, run_block = (_compiled_layer_functions(compile_backend) if compile_backend and backend != "sdpa"
                           else (residual_mix, _run_block))

@@ -1,6 +1,6 @@
 """Where a packed CORE pass spends its time: torch.profiler over the passes of one task's first examples.
 
-    python3 baselines/profile_core.py --depth=20 --task=bigbench_language_identification --examples=200
+    python3 baselines/profile_core.py --depth=20 --task=bigbench_language_identification --examples=200 --compile=1
 
 The model is randomly initialised (the cost of a pass does not depend on the weights) and the task's eval shard
 comes from STACK_HOME (02_sharding). Prints the wall time and tokens/s of the scoring, then the profiler's table of
@@ -26,6 +26,7 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=200, help="first examples of the task to score")
     parser.add_argument("--pack_tokens", type=int, default=32_768)
     parser.add_argument("--rows", type=int, default=18, help="rows of the op table")
+    parser.add_argument("--compile", type=int, default=1, help="1: layers compiled on a GPU, as notebook 04 runs them")
     args = parser.parse_args()
 
     device = sc.pick_device()
@@ -38,8 +39,10 @@ def main() -> None:
                                 depth=args.depth)).to(device)
     model.set_compute_dtype(sc.pick_compute_dtype(device))
     model.eval()
+    if args.compile and device.startswith("cuda"):
+        model.compile_layers()
     score = lambda: sc.score_core_records(model, shard.tokens, shard.records, backend, device, args.pack_tokens)
-    score()  # compiles flex and its mask builder
+    score()  # compiles the layers, flex and its mask builder
     tokens = sc.core_input_tokens(shard, model.config.max_seq_len, args.pack_tokens)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
     with profile(activities=activities) as prof:

@@ -193,6 +193,23 @@ def test_shared_prefix_scores_equal_one_sequence_at_a_time(pack_tokens, backend)
         assert (shared[:, 1] == reference[:, 1]).all(), shard.kind
 
 
+def test_compiled_layers_score_like_eager_and_compile_once_per_layout():
+    # every pass (one example each) brings new prefix-tree masks, BlockMasks over new tensors: the compiled blocks
+    # must take them as inputs, not recompile per pass. aot_eager: dynamo's tracing and guards, no C++ compiler
+    from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
+    torch._dynamo.reset()
+    model = random_gpt(vocab_size=64, depth=4, max_seq_len=64, short_window=16)
+    compiled = random_gpt(vocab_size=64, depth=4, max_seq_len=64, short_window=16).compile_layers("aot_eager")
+    entries = []
+    for shard in hand_shards(np.random.default_rng(0)) * 2:
+        reference = sc.score_core_records(model, shard.tokens, shard.records, "sdpa", "cpu", 0)
+        scores = sc.score_core_records(compiled, shard.tokens, shard.records, "flex", "cpu", 40)
+        np.testing.assert_allclose(scores[:, 0], reference[:, 0], rtol=1e-4, atol=1e-4, err_msg=shard.kind)
+        assert (scores[:, 1] == reference[:, 1]).all(), shard.kind
+        entries.append(len(_debug_get_cache_entry_list(sc._run_block.__code__)))
+    assert entries[2:] == [2] * 4, entries  # branches, then plain documents (language modelling); nothing more
+
+
 def test_packs_share_each_context_once():
     mc, schema, lm = hand_shards(np.random.default_rng(0))
     fed = {shard.kind: (sc.core_input_tokens(shard, 64, 0), sc.core_input_tokens(shard, 64, 100))
