@@ -824,10 +824,15 @@ def _flash_varlen_function():
 
 
 def _flash_attention(q, k, v, cu_seqlens, max_seqlen, window):
-    # FA2, FA3 and FA4 share the leading positional arguments and the causal / window_size keywords;
-    # FA4 (and some FA3 builds) return (out, lse).
-    out = _flash_varlen_function()(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
-                                   causal=True, window_size=_flash_window(window))
+    # FA2, FA3 and FA4 share these keywords (FA4 has another argument before cu_seqlens_q). An unlimited left
+    # window is -1 for FA2 and FA3 but None for FA4, which reads -1 as a window. FA4 (and some FA3 builds) return
+    # (out, lse).
+    function = _flash_varlen_function()
+    left, right = _flash_window(window)
+    if left < 0 and function.__module__.startswith("flash_attn.cute"):
+        left = None
+    out = function(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
+                   max_seqlen_k=max_seqlen, causal=True, window_size=(left, right))
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -995,7 +1000,8 @@ class CausalSelfAttention(nn.Module):
         # v <- value_mix[0] * v + value_mix[1] * value_embed (only in layers fed by a value-embedding table)
         self.value_mix = nn.Parameter(torch.full((2,), 0.5)) if has_value_embed else None
 
-    def forward(self, x, value_embed, cos, sin, cu_seqlens, max_seqlen, window, backend):
+    def forward(self, x, value_embed, cos, sin, cu_seqlens, max_seqlen, window, backend, keep=None):
+        """`keep` (N,): only those rows of the output (all rows still attend), see Block."""
         T = x.size(0)
         q = self.c_q(x).view(T, self.n_heads, self.head_dim)
         k = self.c_k(x).view(T, self.n_heads, self.head_dim)
@@ -1003,8 +1009,8 @@ class CausalSelfAttention(nn.Module):
         if value_embed is not None:
             v = self.value_mix[0] * v + self.value_mix[1] * value_embed.view_as(v)
         q, k = apply_rotary(norm(q), cos, sin), apply_rotary(norm(k), cos, sin)  # QK-norm, then rotary
-        y = attention(q, k, v, cu_seqlens, max_seqlen, window, backend)
-        return self.c_proj(y.reshape(T, -1))
+        y = attention(q, k, v, cu_seqlens, max_seqlen, window, backend).reshape(T, -1)
+        return self.c_proj(y if keep is None else y[keep])
 
 
 class MLP(nn.Module):
@@ -1023,8 +1029,11 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, has_value_embed)
         self.mlp = MLP(config)
 
-    def forward(self, x, value_embed, cos, sin, cu_seqlens, max_seqlen, window, backend):
-        x = x + self.attn(norm(x), value_embed, cos, sin, cu_seqlens, max_seqlen, window, backend)
+    def forward(self, x, value_embed, cos, sin, cu_seqlens, max_seqlen, window, backend, keep=None):
+        """With `keep` (N,) the output has only those rows: in the last layer nothing reads the others, so their
+        attention projection, MLP and residual are skipped (every row still serves as a key and value)."""
+        y = self.attn(norm(x), value_embed, cos, sin, cu_seqlens, max_seqlen, window, backend, keep)
+        x = x + y if keep is None else x[keep] + y
         return x + self.mlp(norm(x))
 
 
@@ -1185,6 +1194,15 @@ class GPT(nn.Module):
             if isinstance(module, CastedLinear):
                 module.compute_dtype = dtype
 
+    def cast_weights_for_inference(self) -> "GPT":
+        """Evaluation only: the matrices and embeddings stored in the compute dtype, so that no pass casts them from
+        fp32 again (at depth 20 that re-cast is ~2% of a CORE pass) and they take half the memory. Training needs
+        the fp32 master weights: do not train the model afterwards. Returns the model."""
+        for param in self.parameters():
+            if param.ndim >= 2:
+                param.data = param.data.to(self.compute_dtype)
+        return self
+
     def compile_layers(self, backend: str = "inductor") -> "GPT":
         """Regional torch.compile for training: a block's graph is shared by every layer of the same structure
         (with or without a value embedding; int or None window, while flex passes BlockMasks: at most 4 graphs),
@@ -1224,8 +1242,9 @@ class GPT(nn.Module):
         `windows` defaults to layer_windows(): an int or None per layer, or a mask of the caller's own, a
         prebuilt BlockMask on flex or a mask_mod on sdpa. With `positions` (T,), the rotary positions (default:
         each token's position in its document), such masks lay tokens out other than as plain documents (CORE's
-        shared prefixes, shared_prefix_mask_mod). `logit_positions` (N,) keeps only those rows of the last hidden
-        state for the head: logits (N, vocab), or N targets, so that no compute goes to logits nobody reads.
+        shared prefixes, shared_prefix_mask_mod). `logit_positions` (N,) keeps only those rows of the last layer's
+        output for the head: logits (N, vocab), or N targets, so that no compute goes to rows nobody reads (the last
+        layer's projections and MLP included: CORE reads one row in thousands in some tasks).
         """
         config = self.config
         if max_seqlen > config.max_seq_len:
@@ -1253,11 +1272,10 @@ class GPT(nn.Module):
             x = mix(x, x0, self.resid_lambdas[i], self.x0_lambdas[i], *skip)
             table = self.value_embed_index(i)
             value_embed = None if table is None else value_embeds[table]
-            x = run_block(block, x, value_embed, cos, sin, cu_seqlens, max_seqlen, windows[i], backend)
+            keep = logit_positions if i == config.depth - 1 else None
+            x = run_block(block, x, value_embed, cos, sin, cu_seqlens, max_seqlen, windows[i], backend, keep)
             if i < n_skip:
                 skips.append(x)
-        if logit_positions is not None:
-            x = x[logit_positions]
         if target_ids is None:
             return soft_cap(self.lm_head(norm(x)), config.softcap)
         return softcapped_cross_entropy(norm(x), self.lm_head.weight, target_ids, config.softcap, loss_reduction,

@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--pack_tokens", type=int, default=32_768)
     parser.add_argument("--rows", type=int, default=18, help="rows of the op table")
     parser.add_argument("--compile", type=int, default=1, help="1: layers compiled on a GPU, as notebook 04 runs them")
+    parser.add_argument("--stacks", type=int, default=0, help="1: also the Python stacks of memory copies and sets")
     args = parser.parse_args()
 
     device = sc.pick_device()
@@ -38,14 +39,14 @@ def main() -> None:
     model = sc.GPT(sc.GPTConfig(vocab_size=int(shard.tokens.max()) + 1 if device == "cpu" else 32768,
                                 depth=args.depth)).to(device)
     model.set_compute_dtype(sc.pick_compute_dtype(device))
-    model.eval()
+    model.cast_weights_for_inference().eval()
     if args.compile and device.startswith("cuda"):
         model.compile_layers()
     score = lambda: sc.score_core_records(model, shard.tokens, shard.records, backend, device, args.pack_tokens)
     score()  # compiles the layers, flex and its mask builder
     tokens = sc.core_input_tokens(shard, model.config.max_seq_len, args.pack_tokens)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, with_stack=bool(args.stacks)) as prof:
         started = time.perf_counter()
         score()
         seconds = time.perf_counter() - started
@@ -53,6 +54,16 @@ def main() -> None:
           f"{tokens:,} tokens fed ({tokens / seconds:,.0f} tokens/s, {args.examples / seconds:,.0f} examples/s)")
     sort = "cuda_time_total" if device.startswith("cuda") else "cpu_time_total"
     print(prof.key_averages().table(sort_by=sort, row_limit=args.rows, max_name_column_width=60))
+    if args.stacks:
+        print_copy_stacks(prof)
+
+
+def print_copy_stacks(prof: profile) -> None:
+    """Where the memory copies and memsets come from: the Python stack of each group of launches."""
+    for event in prof.key_averages(group_by_stack_n=10):
+        if any(word in event.key.lower() for word in ("memcpy", "memset")) and event.stack:
+            print(f"--- {event.key}: {event.count} calls, device {event.device_time_total / 1e3:.1f} ms")
+            print("\n".join(event.stack))
 
 
 if __name__ == "__main__":

@@ -95,6 +95,7 @@ if checkpoint_path is None:
                                   f"notebooks/03_pretrain first (STACK_HOME is {sc.stack_home()})")
 model, checkpoint = sc.model_from_checkpoint(checkpoint_path, device)
 model.set_compute_dtype(sc.pick_compute_dtype(device))
+model.cast_weights_for_inference()  # evaluation only: no fp32 master weights to keep
 backend = sc.pick_attention_backend(device, cfg.attention)
 if cfg.compile and device.startswith("cuda"):
     model.compile_layers()

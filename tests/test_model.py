@@ -130,6 +130,41 @@ def test_flex_takes_a_prebuilt_block_mask(window):
                                    expected, atol=1e-5, rtol=1e-5)
 
 
+def fake_flash_varlen(fa4: bool):
+    """A flash_attn_varlen_func with FA2's or FA4's calling conventions, computed by naive_attention: FA4 has `qv`
+    before cu_seqlens_q, returns (out, lse) and takes None, not -1, for an unlimited left window."""
+    def reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, window_size):
+        assert causal and window_size[1] == 0 and cu_seqlens_q is cu_seqlens_k and max_seqlen_q == max_seqlen_k
+        left = window_size[0]
+        assert (left is None or left >= 0) if fa4 else (left is not None), f"unlimited window passed as {left}"
+        window = None if left is None or left < 0 else left + 1
+        return naive_attention(q, k, v, cu_seqlens_q, window).to(q.dtype)
+
+    def fa2(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False, window_size=(-1, -1)):
+        return reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, window_size)
+
+    def fa4(q, k, v, qv=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
+            causal=False, window_size=(None, None)):
+        assert qv is None
+        out = reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, window_size)
+        return out, torch.zeros(q.size(1), q.size(0))
+
+    function = fa4 if fa4 else fa2
+    function.__module__ = "flash_attn.cute.interface" if fa4 else "flash_attn.flash_attn_interface"
+    return function
+
+
+@pytest.mark.parametrize("fa4", [False, True])
+@pytest.mark.parametrize("window", [None, 4])
+def test_flash_backend_speaks_fa2_and_fa4_conventions(fa4, window, monkeypatch):
+    monkeypatch.setattr(part, "_flash_varlen_function", lambda: fake_flash_varlen(fa4))
+    torch.manual_seed(0)
+    cu_seqlens = cu_seqlens_of(DOC_LENGTHS)
+    q, k, v = torch.randn(3, sum(DOC_LENGTHS), 3, 16)
+    torch.testing.assert_close(part.attention(q, k, v, cu_seqlens, max(DOC_LENGTHS), window, "flash").double(),
+                               naive_attention(q, k, v, cu_seqlens, window), atol=1e-5, rtol=1e-5)
+
+
 def test_positions_and_document_ids():
     cu_seqlens = cu_seqlens_of([2, 1, 3])
     assert part.document_ids(cu_seqlens, 6).tolist() == [0, 0, 1, 2, 2, 2]
@@ -332,6 +367,21 @@ def test_bf16_compute_dtype_runs_close_to_fp32():
     assert bf16_loss.dtype == torch.float32
     assert abs(bf16_loss.item() - fp32_loss.item()) < 0.05
     assert model.lm_head.weight.dtype == torch.float32  # master weights stay fp32
+
+
+def test_weights_cast_for_inference_give_the_same_logits():
+    # the matmuls saw bf16 copies of the fp32 master weights; stored in bf16 they give the very same logits
+    config = tiny_config()
+    model = perturbed_model(config)
+    model.set_compute_dtype(torch.bfloat16)
+    inputs, _, cu_seqlens, max_seqlen = packed_batch([10, 6], config.vocab_size)
+    with torch.no_grad():
+        before = model(inputs, cu_seqlens, max_seqlen)
+        model.cast_weights_for_inference()
+        after = model(inputs, cu_seqlens, max_seqlen)
+    assert torch.equal(after, before)
+    assert {p.dtype for p in model.parameters() if p.ndim >= 2} == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters() if p.ndim < 2} == {torch.float32}  # the scalars keep fp32
 
 
 def test_unet_skips_and_x0_mixing_feed_the_documented_layers():
