@@ -26,12 +26,14 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=200, help="first examples of the task to score")
     parser.add_argument("--pack_tokens", type=int, default=32_768)
     parser.add_argument("--rows", type=int, default=18, help="rows of the op table")
+    parser.add_argument("--attention", default="auto", help="attention backend (pick_attention_backend)")
     parser.add_argument("--compile", type=int, default=1, help="1: layers compiled on a GPU, as notebook 04 runs them")
-    parser.add_argument("--stacks", type=int, default=0, help="1: also the Python stacks of memory copies and sets")
+    parser.add_argument("--trace", default="", help="also write the profile, with shapes and Python stacks, as a "
+                                                    "Chrome trace to this file")
     args = parser.parse_args()
 
     device = sc.pick_device()
-    backend = sc.pick_attention_backend(device, "auto")
+    backend = sc.pick_attention_backend(device, args.attention)
     shards = {s.label: s for s in sc.read_core_shards(sc.artifact_dir("shards") / "core")}
     if args.task not in shards:
         parser.error(f"no CORE task {args.task!r} in STACK_HOME's eval shards; there are: {', '.join(shards)}")
@@ -46,24 +48,16 @@ def main() -> None:
     score()  # compiles the layers, flex and its mask builder
     tokens = sc.core_input_tokens(shard, model.config.max_seq_len, args.pack_tokens)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
-    with profile(activities=activities, with_stack=bool(args.stacks)) as prof:
+    with profile(activities=activities, record_shapes=bool(args.trace), with_stack=bool(args.trace)) as prof:
         started = time.perf_counter()
         score()
         seconds = time.perf_counter() - started
-    print(f"{args.task}, first {args.examples} examples, depth {args.depth}, {device}: {seconds:.2f} s for "
+    print(f"{args.task}, first {args.examples} examples, depth {args.depth}, {device}, {backend}: {seconds:.2f} s for "
           f"{tokens:,} tokens fed ({tokens / seconds:,.0f} tokens/s, {args.examples / seconds:,.0f} examples/s)")
     sort = "cuda_time_total" if device.startswith("cuda") else "cpu_time_total"
     print(prof.key_averages().table(sort_by=sort, row_limit=args.rows, max_name_column_width=60))
-    if args.stacks:
-        print_copy_stacks(prof)
-
-
-def print_copy_stacks(prof: profile) -> None:
-    """Where the memory copies and memsets come from: the Python stack of each group of launches."""
-    for event in prof.key_averages(group_by_stack_n=10):
-        if any(word in event.key.lower() for word in ("memcpy", "memset")) and event.stack:
-            print(f"--- {event.key}: {event.count} calls, device {event.device_time_total / 1e3:.1f} ms")
-            print("\n".join(event.stack))
+    if args.trace:
+        prof.export_chrome_trace(args.trace)
 
 
 if __name__ == "__main__":
