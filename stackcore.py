@@ -823,7 +823,7 @@ def _flash_varlen_function():
     return None
 
 
-def _flash_attention(q, k, v, cu_seqlens, max_seqlen, window):
+def _call_flash(q, k, v, cu_seqlens, max_seqlen, window):
     # FA2, FA3 and FA4 share these keywords (FA4 has another argument before cu_seqlens_q). An unlimited left
     # window is -1 for FA2 and FA3 but None for FA4, which reads -1 as a window. FA4 (and some FA3 builds) return
     # (out, lse).
@@ -834,6 +834,25 @@ def _flash_attention(q, k, v, cu_seqlens, max_seqlen, window):
     out = function(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_seqlen,
                    max_seqlen_k=max_seqlen, causal=True, window_size=(left, right))
     return out[0] if isinstance(out, tuple) else out
+
+
+@torch.library.custom_op("stackcore::flash_forward", mutates_args=())
+def _flash_forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, window: int) -> Tensor:
+    """FlashAttention's forward as one op that torch.compile does not look into (window 0: unlimited). FA4 is
+    plain Python around CuTe kernels: traced, it breaks every compiled layer in two, and the host time of the
+    extra graphs outweighs its faster kernel (measured at depth 20, CORE scoring)."""
+    return _call_flash(q, k, v, cu_seqlens, max_seqlen, window or None).contiguous()  # the layout of the fake
+
+
+@_flash_forward.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, window):
+    return torch.empty_like(q)
+
+
+def _flash_attention(q, k, v, cu_seqlens, max_seqlen, window):
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return _call_flash(q, k, v, cu_seqlens, max_seqlen, window)  # FlashAttention's own autograd
+    return _flash_forward(q, k, v, cu_seqlens, max_seqlen, window or 0)
 
 
 _ATTENTION_FUNCTIONS = {
@@ -1163,6 +1182,7 @@ class GPT(nn.Module):
         self.register_buffer("rotary_cos", cos, persistent=False)
         self.register_buffer("rotary_sin", sin, persistent=False)
         self.compile_backend: str | None = None  # see compile_layers()
+        self.compile_evaluation = False
         self.init_weights()
 
     @torch.no_grad()
@@ -1203,18 +1223,20 @@ class GPT(nn.Module):
                 param.data = param.data.to(self.compute_dtype)
         return self
 
-    def compile_layers(self, backend: str = "inductor") -> "GPT":
+    def compile_layers(self, backend: str = "inductor", evaluation: bool = False) -> "GPT":
         """Regional torch.compile for training: a block's graph is shared by every layer of the same structure
         (with or without a value embedding; int or None window, while flex passes BlockMasks: at most 4 graphs),
         the residual mixing has at most 4 small graphs (with or without a U-net skip; inputs that alias in the
         first layer and, for an even depth, the first layer after the middle) and the loss one graph per chunk
         shape. Embeddings and the layer loop stay eager. Windows and document lengths are dynamic, so a growing
-        window recompiles nothing. Evaluation (no gradients) compiles the same regions once more, without a
-        backward: CORE and validation passes are as elementwise-heavy as training. Layers with the sdpa attention
-        backend run eagerly. `backend` is torch.compile's. Returns the model."""
+        window recompiles nothing. Passes without gradients run eagerly unless `evaluation`: then they compile the
+        same regions once more, without a backward (about 30 s at depth 20, worth it for a CORE pass, where fused
+        elementwise work takes a depth-20 pass from 109 s to 69 s on an H100, not for a short training run's
+        validation). Layers with the sdpa attention backend run eagerly. `backend` is torch.compile's. Returns the
+        model."""
         # training and evaluation graphs together reach dynamo's default limit (8 per function) for the blocks
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
-        self.compile_backend = backend
+        self.compile_backend, self.compile_evaluation = backend, evaluation
         return self
 
     def value_embed_index(self, layer: int) -> int | None:
@@ -1260,7 +1282,7 @@ class GPT(nn.Module):
             masks = {window: window if isinstance(window, BlockMask)
                      else flex_block_mask(cu_seqlens, input_ids.size(0), window) for window in set(windows)}
             windows = [masks[window] for window in windows]
-        compile_backend = self.compile_backend
+        compile_backend = self.compile_backend if torch.is_grad_enabled() or self.compile_evaluation else None
         # sdpa loops over the documents on the host, which torch.compile cannot trace: its layers run eagerly
         mix, run_block = (_compiled_layer_functions(compile_backend) if compile_backend and backend != "sdpa"
                           else (residual_mix, _run_block))
@@ -2097,8 +2119,8 @@ def score_core_records(model: GPT, tokens: np.ndarray, records: np.ndarray, back
     (flash and varlen know document boundaries only), except on sdpa (the CPU, GPUs before Ampere), which evaluates
     the same mask_mod densely per example: flex uncompiled on the CPU would build dense masks over whole passes.
     Flex passes are padded to a multiple of pack_tokens (rounded up to whole flex blocks), so that compiled flex
-    and its block masks see one shape and do not recompile per pass. Passes without branches (language-modelling
-    tasks) are plain documents and run on `backend`."""
+    and its block masks see one shape and do not recompile per pass. Passes without branches (language modelling,
+    single-token continuations) are plain documents and run on `backend`, unpadded."""
     examples = core_examples(tokens, records, model.config.max_seq_len)
     tree_backend = backend
     if pack_tokens == 0:
@@ -2106,8 +2128,10 @@ def score_core_records(model: GPT, tokens: np.ndarray, records: np.ndarray, back
     else:
         tree_backend = "sdpa" if backend == "sdpa" else "flex"
         pad_to = -(-pack_tokens // FLEX_BLOCK_SIZE) * FLEX_BLOCK_SIZE if tree_backend == "flex" else 1
-        chunks = token_budget_chunks([shared_prefix_cost(choices) for choices in examples], pack_tokens)
-        packs = (pack_core_examples([examples[i] for i in chunk], pad_to) for chunk in chunks)
+        costs = [shared_prefix_cost(choices) for choices in examples]
+        branched = [cost > shared_prefix_length(choices) for cost, choices in zip(costs, examples)]
+        packs = (pack_core_examples([examples[i] for i in chunk], pad_to if any(branched[i] for i in chunk) else 1)
+                 for chunk in token_budget_chunks(costs, pack_tokens))
     scores = [_score_pack(model, pack, tree_backend if pack.branches.any() else backend, device) for pack in packs]
     return torch.cat(scores).cpu().numpy() if scores else np.zeros((0, 2), dtype=np.float32)
 

@@ -43,7 +43,7 @@ def main() -> None:
     model.set_compute_dtype(sc.pick_compute_dtype(device))
     model.cast_weights_for_inference().eval()
     if args.compile and device.startswith("cuda"):
-        model.compile_layers()
+        model.compile_layers(evaluation=True)
     score = lambda: sc.score_core_records(model, shard.tokens, shard.records, backend, device, args.pack_tokens)
     score()  # compiles the layers, flex and its mask builder
     tokens = sc.core_input_tokens(shard, model.config.max_seq_len, args.pack_tokens)

@@ -98,7 +98,7 @@ model.set_compute_dtype(sc.pick_compute_dtype(device))
 model.cast_weights_for_inference()  # evaluation only: no fp32 master weights to keep
 backend = sc.pick_attention_backend(device, cfg.attention)
 if cfg.compile and device.startswith("cuda"):
-    model.compile_layers()
+    model.compile_layers(evaluation=True)
 tokenizer_dir = sc.artifact_dir("tokenizer")
 tokenizer = sc.Tokenizer.load(tokenizer_dir)
 shards = sc.read_core_shards(sc.artifact_dir("shards") / "core", tokenizer.vocab_size)

@@ -199,7 +199,7 @@ def test_compiled_layers_score_like_eager_and_compile_once_per_layout():
     from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
     torch._dynamo.reset()
     model = random_gpt(vocab_size=64, depth=4, max_seq_len=64, short_window=16)
-    compiled = random_gpt(vocab_size=64, depth=4, max_seq_len=64, short_window=16).compile_layers("aot_eager")
+    compiled = random_gpt(vocab_size=64, depth=4, max_seq_len=64, short_window=16).compile_layers("aot_eager", evaluation=True)
     entries = []
     for shard in hand_shards(np.random.default_rng(0)) * 2:
         reference = sc.score_core_records(model, shard.tokens, shard.records, "sdpa", "cpu", 0)
@@ -210,6 +210,23 @@ def test_compiled_layers_score_like_eager_and_compile_once_per_layout():
     # passes with branches, then plain documents (language modelling), each a graph for the layers and one for the
     # last layer, which keeps only the scored rows; nothing more after that
     assert entries == [2, 2, 4, 4, 4, 4], entries
+
+
+def test_only_passes_with_branches_are_padded(monkeypatch):
+    # flex passes keep one shape (padded to whole pack_tokens); plain documents go to varlen/flash unpadded
+    lengths = []
+    real = sc._score_pack
+    monkeypatch.setattr(sc, "_score_pack", lambda model, pack, *args: lengths.append(len(pack.inputs))
+                        or real(model, pack, *args))
+    model = random_gpt(vocab_size=64, depth=2, max_seq_len=64)
+    for shard in hand_shards(np.random.default_rng(0)):
+        lengths.clear()
+        sc.score_core_records(model, shard.tokens, shard.records, "flex", "cpu", 40)
+        fed = sc.core_input_tokens(shard, 64, 40)
+        if shard.kind == "language_modeling":
+            assert sum(lengths) == fed, lengths
+        else:
+            assert all(n % 128 == 0 for n in lengths) and sum(lengths) > fed, lengths
 
 
 def test_packs_share_each_context_once():

@@ -157,12 +157,38 @@ def fake_flash_varlen(fa4: bool):
 @pytest.mark.parametrize("fa4", [False, True])
 @pytest.mark.parametrize("window", [None, 4])
 def test_flash_backend_speaks_fa2_and_fa4_conventions(fa4, window, monkeypatch):
+    # with gradients FlashAttention's own function is called; without, the stackcore::flash_forward op around it
     monkeypatch.setattr(part, "_flash_varlen_function", lambda: fake_flash_varlen(fa4))
     torch.manual_seed(0)
     cu_seqlens = cu_seqlens_of(DOC_LENGTHS)
     q, k, v = torch.randn(3, sum(DOC_LENGTHS), 3, 16)
-    torch.testing.assert_close(part.attention(q, k, v, cu_seqlens, max(DOC_LENGTHS), window, "flash").double(),
-                               naive_attention(q, k, v, cu_seqlens, window), atol=1e-5, rtol=1e-5)
+    expected = naive_attention(q, k, v, cu_seqlens, window)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            out = part.attention(*(t.requires_grad_(grad) for t in (q, k, v)), cu_seqlens, max(DOC_LENGTHS), window,
+                                 "flash")
+        torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_layers_call_flash_as_one_op(monkeypatch):
+    # evaluation through compiled layers: each block's graph holds the flash op whole, not FlashAttention's Python
+    monkeypatch.setattr(part, "_flash_varlen_function", lambda: fake_flash_varlen(True))
+    torch._dynamo.reset()
+    graphs = []
+
+    def recording_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    config = tiny_config(depth=2)
+    eager, compiled = (perturbed_model(config),
+                       perturbed_model(config).compile_layers(recording_backend, evaluation=True))
+    inputs, _, cu_seqlens, max_seqlen = packed_batch([7, 12, 3], config.vocab_size)
+    with torch.no_grad():
+        logits = [model(inputs, cu_seqlens, max_seqlen, backend="flash") for model in (eager, compiled)]
+    torch.testing.assert_close(logits[1], logits[0])
+    ops = [sum(node.target == torch.ops.stackcore.flash_forward.default for node in g.graph.nodes) for g in graphs]
+    assert sorted(ops) == [0, 0, 1, 1], ops  # two residual-mix graphs, two block graphs with one call each
 
 
 def test_positions_and_document_ids():
@@ -327,7 +353,7 @@ def test_compiled_layers_match_eager_and_never_recompile(backend, monkeypatch):
     torch._dynamo.reset()
     counters.clear()
     config = tiny_config(depth=6, n_value_embeds=1)
-    eager, compiled = perturbed_model(config), perturbed_model(config).compile_layers(backend="aot_eager")
+    eager, compiled = perturbed_model(config), perturbed_model(config).compile_layers("aot_eager", evaluation=True)
     graphs = []
     for step, (lengths, window) in enumerate([([3, 1, 11, 6], 4), ([7, 14], 4), ([5, 5, 5, 6], 8), ([21], 12)]):
         inputs, targets, cu_seqlens, max_seqlen = packed_batch(lengths, config.vocab_size, seed=step)
@@ -346,6 +372,9 @@ def test_compiled_layers_match_eager_and_never_recompile(backend, monkeypatch):
     from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
     trained = [len(_debug_get_cache_entry_list(f.__code__)) for f in (part._run_block, part.residual_mix)]
     assert trained == [4 if backend == "int_window" else 2, 4], trained
+    with torch.no_grad():  # compiled for training only: evaluation stays eager
+        perturbed_model(config).compile_layers("aot_eager")(inputs, cu_seqlens, max_seqlen, backend=backend)
+    assert [len(_debug_get_cache_entry_list(f.__code__)) for f in (part._run_block, part.residual_mix)] == trained
     with torch.no_grad():
         for step, lengths in enumerate([[9, 2, 4], [30], [1, 6, 13]]):
             inputs, targets, cu_seqlens, max_seqlen = packed_batch(lengths, config.vocab_size, seed=10 + step)
