@@ -1077,6 +1077,14 @@ def _compiled_layer_functions(backend: str):
             torch.compile(_run_block, dynamic=True, backend=backend))
 
 
+@lru_cache(maxsize=None)
+def _compiled_layer_stack(backend: str):
+    """GPT.run_layers as one graph, for evaluation (compile_layers(evaluation=True)): one compiled call per pass
+    instead of two per layer, each of which costs host time (guards, a Python call) that a forward-only pass has
+    no backward to hide behind."""
+    return torch.compile(GPT.run_layers, dynamic=True, backend=backend)
+
+
 def soft_cap(logits: Tensor, softcap: float) -> Tensor:
     """softcap * tanh(logits / softcap) in fp32: logits squashed smoothly into (-softcap, softcap)."""
     return softcap * torch.tanh(logits.float() / softcap)
@@ -1229,10 +1237,10 @@ class GPT(nn.Module):
         the residual mixing has at most 4 small graphs (with or without a U-net skip; inputs that alias in the
         first layer and, for an even depth, the first layer after the middle) and the loss one graph per chunk
         shape. Embeddings and the layer loop stay eager. Windows and document lengths are dynamic, so a growing
-        window recompiles nothing. Passes without gradients run eagerly unless `evaluation`: then they compile the
-        same regions once more, without a backward (about 30 s at depth 20, worth it for a CORE pass, where fused
-        elementwise work takes a depth-20 pass from 109 s to 69 s on an H100, not for a short training run's
-        validation). Layers with the sdpa attention backend run eagerly. `backend` is torch.compile's. Returns the
+        window recompiles nothing. Passes without gradients run eagerly unless `evaluation`: then all layers compile
+        as one graph per kind of pass (_compiled_layer_stack), worth its compile time for a CORE pass, where fused
+        elementwise work took a depth-20 pass from 109 s to 69 s on an H100, not for a short training run's
+        validation. Layers with the sdpa attention backend run eagerly. `backend` is torch.compile's. Returns the
         model."""
         # training and evaluation graphs together reach dynamo's default limit (8 per function) for the blocks
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
@@ -1283,25 +1291,38 @@ class GPT(nn.Module):
                      else flex_block_mask(cu_seqlens, input_ids.size(0), window) for window in set(windows)}
             windows = [masks[window] for window in windows]
         compile_backend = self.compile_backend if torch.is_grad_enabled() or self.compile_evaluation else None
+        layer_args = (x0, value_embeds, cos, sin, cu_seqlens, max_seqlen, windows, backend, logit_positions)
         # sdpa loops over the documents on the host, which torch.compile cannot trace: its layers run eagerly
-        mix, run_block = (_compiled_layer_functions(compile_backend) if compile_backend and backend != "sdpa"
-                          else (residual_mix, _run_block))
-        n_skip = config.depth // 2
-        x, skips = x0, []
-        for i, block in enumerate(self.blocks):
-            mirror = config.depth - 1 - i
-            skip = (skips[mirror], self.skip_weights[mirror]) if mirror < n_skip else ()
-            x = mix(x, x0, self.resid_lambdas[i], self.x0_lambdas[i], *skip)
-            table = self.value_embed_index(i)
-            value_embed = None if table is None else value_embeds[table]
-            keep = logit_positions if i == config.depth - 1 else None
-            x = run_block(block, x, value_embed, cos, sin, cu_seqlens, max_seqlen, windows[i], backend, keep)
-            if i < n_skip:
-                skips.append(x)
+        if not compile_backend or backend == "sdpa":
+            x = self.run_layers(*layer_args)
+        elif torch.is_grad_enabled():
+            x = self.run_layers(*layer_args, *_compiled_layer_functions(compile_backend))
+        else:
+            x = _compiled_layer_stack(compile_backend)(self, *layer_args)
         if target_ids is None:
             return soft_cap(self.lm_head(norm(x)), config.softcap)
         return softcapped_cross_entropy(norm(x), self.lm_head.weight, target_ids, config.softcap, loss_reduction,
                                         compile_backend=compile_backend)
+
+    def run_layers(self, x0: Tensor, value_embeds: list[Tensor], cos: Tensor, sin: Tensor, cu_seqlens: Tensor,
+                   max_seqlen: int, windows: list[Any], backend: str, logit_positions: Tensor | None,
+                   mix: typing.Callable = residual_mix, run_block: typing.Callable = _run_block) -> Tensor:
+        """The blocks, with the residual mixing and U-net skips, from the embeddings x0 to the last hidden state
+        (only the rows `logit_positions` of it, when given). `mix` and `run_block` are the compiled ones in
+        training (compile_layers)."""
+        n_skip = self.config.depth // 2
+        x, skips = x0, []
+        for i, block in enumerate(self.blocks):
+            mirror = self.config.depth - 1 - i
+            skip = (skips[mirror], self.skip_weights[mirror]) if mirror < n_skip else ()
+            x = mix(x, x0, self.resid_lambdas[i], self.x0_lambdas[i], *skip)
+            table = self.value_embed_index(i)
+            value_embed = None if table is None else value_embeds[table]
+            keep = logit_positions if i == self.config.depth - 1 else None
+            x = run_block(block, x, value_embed, cos, sin, cu_seqlens, max_seqlen, windows[i], backend, keep)
+            if i < n_skip:
+                skips.append(x)
+        return x
 
     def parameter_kinds(self) -> dict[str, list[nn.Parameter]]:
         """Parameters by kind: matrices (2D weights inside blocks), embedding, value_embeds, head, scalars."""

@@ -206,10 +206,9 @@ def test_compiled_layers_score_like_eager_and_compile_once_per_layout():
         scores = sc.score_core_records(compiled, shard.tokens, shard.records, "flex", "cpu", 40)
         np.testing.assert_allclose(scores[:, 0], reference[:, 0], rtol=1e-4, atol=1e-4, err_msg=shard.kind)
         assert (scores[:, 1] == reference[:, 1]).all(), shard.kind
-        entries.append(len(_debug_get_cache_entry_list(sc._run_block.__code__)))
-    # passes with branches, then plain documents (language modelling), each a graph for the layers and one for the
-    # last layer, which keeps only the scored rows; nothing more after that
-    assert entries == [2, 2, 4, 4, 4, 4], entries
+        entries.append(len(_debug_get_cache_entry_list(sc.GPT.run_layers.__code__)))
+    # one graph for passes with branches, one for plain documents (language modelling); nothing more after that
+    assert entries == [1, 1, 2, 2, 2, 2], entries
 
 
 def test_only_passes_with_branches_are_padded(monkeypatch):

@@ -188,7 +188,7 @@ def test_compiled_layers_call_flash_as_one_op(monkeypatch):
         logits = [model(inputs, cu_seqlens, max_seqlen, backend="flash") for model in (eager, compiled)]
     torch.testing.assert_close(logits[1], logits[0])
     ops = [sum(node.target == torch.ops.stackcore.flash_forward.default for node in g.graph.nodes) for g in graphs]
-    assert sorted(ops) == [0, 0, 1, 1], ops  # two residual-mix graphs, two block graphs with one call each
+    assert ops == [2], ops  # one graph over both layers, a call per layer
 
 
 def test_positions_and_document_ids():
@@ -367,22 +367,25 @@ def test_compiled_layers_match_eager_and_never_recompile(backend, monkeypatch):
             torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-5, msg=name)
         graphs.append(counters["stats"]["unique_graphs"])
     assert graphs == [(4 if backend == "int_window" else 2) + 4 + 1] * 4, graphs
-    # evaluation (no gradients) compiles the blocks and the mixing once more (the loss's no-grad path is eager),
-    # then new packings compile nothing. Counted per function: on the CPU, flex's own eager path compiles per shape
+    # evaluation (no gradients) compiles all layers as one graph (the loss's no-grad path is eager), then new
+    # packings compile nothing. Counted per function: on the CPU, flex's own eager path compiles per shape
     from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
-    trained = [len(_debug_get_cache_entry_list(f.__code__)) for f in (part._run_block, part.residual_mix)]
-    assert trained == [4 if backend == "int_window" else 2, 4], trained
+
+    def entries():
+        return [len(_debug_get_cache_entry_list(f.__code__))
+                for f in (part._run_block, part.residual_mix, part.GPT.run_layers)]
+    trained = entries()
+    assert trained == [4 if backend == "int_window" else 2, 4, 0], trained
     with torch.no_grad():  # compiled for training only: evaluation stays eager
         perturbed_model(config).compile_layers("aot_eager")(inputs, cu_seqlens, max_seqlen, backend=backend)
-    assert [len(_debug_get_cache_entry_list(f.__code__)) for f in (part._run_block, part.residual_mix)] == trained
+    assert entries() == trained
     with torch.no_grad():
         for step, lengths in enumerate([[9, 2, 4], [30], [1, 6, 13]]):
             inputs, targets, cu_seqlens, max_seqlen = packed_batch(lengths, config.vocab_size, seed=10 + step)
             losses = [model(inputs, cu_seqlens, max_seqlen, targets, windows=windows, backend=backend,
                             loss_reduction="none") for model in (eager, compiled)]
             torch.testing.assert_close(losses[1], losses[0])
-            evaluated = [len(_debug_get_cache_entry_list(f.__code__)) for f in (part._run_block, part.residual_mix)]
-            assert evaluated == [2 * n for n in trained], (step, evaluated)
+            assert entries() == trained[:2] + [1], (step, entries())
 
 
 def test_bf16_compute_dtype_runs_close_to_fp32():

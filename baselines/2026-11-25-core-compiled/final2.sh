@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Last device call (nvidia-h100-x2): full CORE passes of notebook 04 (18 tasks of ../shared/data/core, compiled
+# layers, first 10 examples of each task also one at a time) with evaluation compiled as one graph over all layers.
+# GPU 0: a 1-step depth-20 checkpoint and its pass; GPU 1: a 2-step depth-12 checkpoint and its pass, done before
+# the depth-20 pass starts (GPU 1's compile workers capped at 8 threads). Both on varlen, no flash-attn.
+# usage (repo root): OUT=<folder> bash baselines/2026-11-25-core-compiled/final2.sh LIMIT_SECONDS
+source baselines/gpu_call_lib.sh "$@"
+for home in /tmp/stack20 /tmp/stack12; do mkdir -p $home && tar xJf .gpu/home.tar.xz -C $home; done
+checkpoint() {  # depth steps cap
+  part 03_d$1 "$3" 3 python3 baselines/bench_pretrain.py --depth="$1" --steps="$2" --eval_every="$2" \
+    --timeout=$(( $3 - 10 )) --out="$OUT/vs" --data="$D/english"
+}
+core() {  # log name, cap, reserve, flags...
+  local name=$1 cap=$2 reserve=$3; shift 3
+  part "$name" "$cap" "$reserve" python3 notebooks/04_core_eval.py --preset=speedrun --compare_examples=10 "$@"
+  cp "$STACK_HOME/runs/04_core_eval/results.json" "$OUT/$name.json" 2>/dev/null
+}
+deep() {
+  export CUDA_VISIBLE_DEVICES=0 STACK_HOME=/tmp/stack20
+  checkpoint 20 1 150
+  core 04_core_d20 270 3 --run_name=ours_d20 --attention=varlen
+}
+shallow() {
+  export CUDA_VISIBLE_DEVICES=1 STACK_HOME=/tmp/stack12 TORCHINDUCTOR_COMPILE_THREADS=8
+  checkpoint 12 2 90
+  core 04_core_d12 130 3 --run_name=ours_d12 --attention=varlen
+}
+deep & shallow & wait
+pack_results 04_core_d20.json 04_core_d12.json
+cat "$OUT/summary.txt"
+grep -h -E "warm-up|CORE |packed|one_by_one|first 10|in [0-9.]+ s$|Error|error" "$OUT"/04*.log | grep -v Warning | tail -70
