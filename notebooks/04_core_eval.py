@@ -115,12 +115,14 @@ log(f"checkpoint {checkpoint_path} (step {checkpoint['step']}), {model.num_param
 # FlexAttention mask that lets every choice see the shared part and itself only, exactly as if it ran alone.
 # That cuts the tokens of a full pass about threefold (98M to 32M on the 18 tasks of the full data).
 #
-# A warm-up on the first two examples of every task comes first: on a GPU it compiles the layers for every kind of
-# pass (with branches, plain documents), a one-time cost kept apart from the timed pass.
+# A warm-up on the first two examples of every task comes first, packed and one prompt at a time: on a GPU it
+# compiles the layers (one graph over all of them) for every kind of pass, a one-time cost (about 1.5 minutes at
+# depth 20 on an H100) kept apart from the timed passes.
 
 # %%
 started = time.time()
-sc.evaluate_core(model, [sc.first_examples(shard, 2) for shard in shards], backend, device, cfg.pack_tokens)
+for pack_tokens in (cfg.pack_tokens, 0):
+    sc.evaluate_core(model, [sc.first_examples(shard, 2) for shard in shards], backend, device, pack_tokens)
 warmup_seconds = time.time() - started
 log(f"warm-up: {warmup_seconds:.1f} s")
 started = time.time()
