@@ -1224,8 +1224,8 @@ class GPT(nn.Module):
 
     def cast_weights_for_inference(self) -> "GPT":
         """Evaluation only: the matrices and embeddings stored in the compute dtype, so that no pass casts them from
-        fp32 again (at depth 20 that re-cast is ~2% of a CORE pass) and they take half the memory. Training needs
-        the fp32 master weights: do not train the model afterwards. Returns the model."""
+        fp32 again (a copy of every matrix per pass) and they take half the memory. Training needs the fp32 master
+        weights: do not train the model afterwards. Returns the model."""
         for param in self.parameters():
             if param.ndim >= 2:
                 param.data = param.data.to(self.compute_dtype)
@@ -1239,10 +1239,11 @@ class GPT(nn.Module):
         shape. Embeddings and the layer loop stay eager. Windows and document lengths are dynamic, so a growing
         window recompiles nothing. Passes without gradients run eagerly unless `evaluation`: then all layers compile
         as one graph per kind of pass (_compiled_layer_stack), worth its compile time for a CORE pass, where fused
-        elementwise work took a depth-20 pass from 109 s to 69 s on an H100, not for a short training run's
+        elementwise work took a depth-20 pass from 109 s to 64 s on an H100, not for a short training run's
         validation. Layers with the sdpa attention backend run eagerly. `backend` is torch.compile's. Returns the
         model."""
-        # training and evaluation graphs together reach dynamo's default limit (8 per function) for the blocks
+        # evaluation's graph per kind of pass and per shape specialisation (one document, one scored row) can pass
+        # dynamo's default limit of 8 per function in a CORE run with its one-at-a-time comparison
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
         self.compile_backend, self.compile_evaluation = backend, evaluation
         return self

@@ -2,7 +2,8 @@
 #     source baselines/gpu_call_lib.sh "$@"        (its first argument is LIMIT, the call's seconds)
 # It sets LIMIT, FINAL (the device tool's $OUT, where the results go back), OUT (a scratch folder for logs) and D
 # (the carried data), unpacks the artifacts built on a CPU (.gpu/home.tar.xz) into STACK_HOME, writes env.txt, and
-# defines `part` (one step with its own timeout, so a slow step never costs the ones after it) and `pack_results`.
+# defines `part` (one step with its own timeout, so a slow step never costs the ones after it), `checkpoint` and
+# `core` (a short training run, notebook 04) and `pack_results`.
 set -u
 LIMIT=${1:-580}
 FINAL=${OUT:-$PWD/gpu-out}
@@ -18,6 +19,15 @@ part() {  # log name, cap seconds, reserve seconds, command...: run with min(cap
   echo "=== $name: timeout ${t}s, start ${SECONDS}s" | tee -a "$OUT/summary.txt"
   timeout -k 5 "$t" "$@" > "$OUT/$name.log" 2>&1
   echo "=== $name: exit $? at ${SECONDS}s" | tee -a "$OUT/summary.txt"
+}
+checkpoint() {  # depth, steps, cap seconds: a short run of 03 (bench_pretrain) that leaves a checkpoint to score
+  part 03_d$1 "$3" 3 python3 baselines/bench_pretrain.py --depth="$1" --steps="$2" --eval_every="$2" \
+    --timeout=$(( $3 - 10 )) --out="$OUT/vs" --data="$D/english"
+}
+core() {  # log name, cap, reserve, flags...: notebook 04 (speedrun preset), its results.json kept as OUT/<name>.json
+  local name=$1 cap=$2 reserve=$3; shift 3
+  part "$name" "$cap" "$reserve" python3 notebooks/04_core_eval.py --preset=speedrun "$@"
+  cp "$STACK_HOME/runs/04_core_eval/results.json" "$OUT/$name.json" 2>/dev/null
 }
 pack_results() {  # files under OUT to send back beside the archive of everything
   mkdir -p "$FINAL" && tar czf "$FINAL/gpu_call.tgz" -C "$OUT" . && (cd "$OUT" && cp summary.txt "$@" "$FINAL/")

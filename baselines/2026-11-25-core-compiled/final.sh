@@ -11,27 +11,18 @@ mkdir -p /tmp/w && cat /tmp/p1/cu13.part.aa .parts/p2/cu13.part.ab > $wheel
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .parts/p2/*.whl $wheel \
   > "$OUT/pip.log" 2>&1; echo "pip: $? at ${SECONDS}s" | tee -a "$OUT/summary.txt"
 D20=/tmp/stack20/checkpoints/ours_d20/step_000001.pt
-checkpoint() {  # depth steps cap
-  part 03_d$1 "$3" 3 python3 baselines/bench_pretrain.py --depth="$1" --steps="$2" --eval_every="$2" \
-    --timeout=$(( $3 - 10 )) --out="$OUT/vs" --data="$D/english"
-}
-core() {  # log name, cap, reserve, flags...
-  local name=$1 cap=$2 reserve=$3; shift 3
-  part "$name" "$cap" "$reserve" python3 notebooks/04_core_eval.py --preset=speedrun --compare_examples=10 "$@"
-  cp "$STACK_HOME/runs/04_core_eval/results.json" "$OUT/$name.json" 2>/dev/null
-}
 deep() {
   export CUDA_VISIBLE_DEVICES=0 STACK_HOME=/tmp/stack20
   checkpoint 20 1 150
-  core 04_core_d20 220 3 --run_name=ours_d20 --attention=varlen
+  core 04_core_d20 220 3 --compare_examples=10 --run_name=ours_d20 --attention=varlen
 }
 shallow() {
   export CUDA_VISIBLE_DEVICES=1 STACK_HOME=/tmp/stack12
   checkpoint 12 2 100
-  core 04_core_d12 110 190 --run_name=ours_d12 --attention=varlen
+  core 04_core_d12 110 190 --compare_examples=10 --run_name=ours_d12 --attention=varlen
   while [ ! -f $D20 ] && [ "$(left)" -gt 200 ]; do sleep 2; done
   export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages
-  core 04_core_d20_fa4 240 3 --checkpoint=$D20 --attention=flash
+  core 04_core_d20_fa4 240 3 --compare_examples=10 --checkpoint=$D20 --attention=flash
 }
 deep & shallow & wait
 pack_results 04_core_d20.json 04_core_d12.json 04_core_d20_fa4.json

@@ -6,24 +6,15 @@
 # usage (repo root): OUT=<folder> bash baselines/2026-11-25-core-compiled/final2.sh LIMIT_SECONDS
 source baselines/gpu_call_lib.sh "$@"
 for home in /tmp/stack20 /tmp/stack12; do mkdir -p $home && tar xJf .gpu/home.tar.xz -C $home; done
-checkpoint() {  # depth steps cap
-  part 03_d$1 "$3" 3 python3 baselines/bench_pretrain.py --depth="$1" --steps="$2" --eval_every="$2" \
-    --timeout=$(( $3 - 10 )) --out="$OUT/vs" --data="$D/english"
-}
-core() {  # log name, cap, reserve, flags...
-  local name=$1 cap=$2 reserve=$3; shift 3
-  part "$name" "$cap" "$reserve" python3 notebooks/04_core_eval.py --preset=speedrun --compare_examples=10 "$@"
-  cp "$STACK_HOME/runs/04_core_eval/results.json" "$OUT/$name.json" 2>/dev/null
-}
 deep() {
   export CUDA_VISIBLE_DEVICES=0 STACK_HOME=/tmp/stack20
   checkpoint 20 1 150
-  core 04_core_d20 270 3 --run_name=ours_d20 --attention=varlen
+  core 04_core_d20 270 3 --compare_examples=10 --run_name=ours_d20 --attention=varlen
 }
 shallow() {
   export CUDA_VISIBLE_DEVICES=1 STACK_HOME=/tmp/stack12 TORCHINDUCTOR_COMPILE_THREADS=8
   checkpoint 12 2 90
-  core 04_core_d12 130 3 --run_name=ours_d12 --attention=varlen
+  core 04_core_d12 130 3 --compare_examples=10 --run_name=ours_d12 --attention=varlen
 }
 deep & shallow & wait
 pack_results 04_core_d20.json 04_core_d12.json

@@ -8,15 +8,6 @@
 source baselines/gpu_call_lib.sh "$@"
 mkdir -p /tmp/stack20 && tar xJf .gpu/home.tar.xz -C /tmp/stack20  # the depth-20 runs' own STACK_HOME
 
-checkpoint() {  # depth steps cap
-  part 03_d$1 "$3" 3 python3 baselines/bench_pretrain.py --depth="$1" --steps="$2" --eval_every="$2" \
-    --timeout=$(( $3 - 10 )) --out="$OUT/vs" --data="$D/english"
-}
-core() {  # log name, cap, reserve, flags...
-  local name=$1 cap=$2 reserve=$3; shift 3
-  part "$name" "$cap" "$reserve" python3 notebooks/04_core_eval.py --preset=speedrun "$@"
-  cp "$STACK_HOME/runs/04_core_eval/results.json" "$OUT/$name.json" 2>/dev/null
-}
 deep() {
   export CUDA_VISIBLE_DEVICES=0 STACK_HOME=/tmp/stack20
   checkpoint 20 1 150
