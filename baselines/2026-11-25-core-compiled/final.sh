@@ -14,15 +14,15 @@ D20=/tmp/stack20/checkpoints/ours_d20/step_000001.pt
 deep() {
   export CUDA_VISIBLE_DEVICES=0 STACK_HOME=/tmp/stack20
   checkpoint 20 1 150
-  core 04_core_d20 220 3 --compare_examples=10 --run_name=ours_d20 --attention=varlen
+  core 04_core_d20 220 3 --compile=true --compare_examples=10 --run_name=ours_d20 --attention=varlen
 }
 shallow() {
   export CUDA_VISIBLE_DEVICES=1 STACK_HOME=/tmp/stack12
   checkpoint 12 2 100
-  core 04_core_d12 110 190 --compare_examples=10 --run_name=ours_d12 --attention=varlen
+  core 04_core_d12 110 190 --compile=true --compare_examples=10 --run_name=ours_d12 --attention=varlen
   while [ ! -f $D20 ] && [ "$(left)" -gt 200 ]; do sleep 2; done
   export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages
-  core 04_core_d20_fa4 240 3 --compare_examples=10 --checkpoint=$D20 --attention=flash
+  core 04_core_d20_fa4 240 3 --compile=true --compare_examples=10 --checkpoint=$D20 --attention=flash
 }
 deep & shallow & wait
 pack_results 04_core_d20.json 04_core_d12.json 04_core_d20_fa4.json

@@ -9,12 +9,12 @@ for home in /tmp/stack20 /tmp/stack12; do mkdir -p $home && tar xJf .gpu/home.ta
 deep() {
   export CUDA_VISIBLE_DEVICES=0 STACK_HOME=/tmp/stack20
   checkpoint 20 1 150
-  core 04_core_d20 270 3 --compare_examples=10 --run_name=ours_d20 --attention=varlen
+  core 04_core_d20 270 3 --compile=true --compare_examples=10 --run_name=ours_d20 --attention=varlen
 }
 shallow() {
   export CUDA_VISIBLE_DEVICES=1 STACK_HOME=/tmp/stack12 TORCHINDUCTOR_COMPILE_THREADS=8
   checkpoint 12 2 90
-  core 04_core_d12 130 3 --compare_examples=10 --run_name=ours_d12 --attention=varlen
+  core 04_core_d12 130 3 --compile=true --compare_examples=10 --run_name=ours_d12 --attention=varlen
 }
 deep & shallow & wait
 pack_results 04_core_d20.json 04_core_d12.json

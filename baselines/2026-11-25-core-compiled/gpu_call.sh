@@ -11,13 +11,13 @@ mkdir -p /tmp/stack20 && tar xJf .gpu/home.tar.xz -C /tmp/stack20  # the depth-2
 deep() {
   export CUDA_VISIBLE_DEVICES=0 STACK_HOME=/tmp/stack20
   checkpoint 20 1 150
-  core 04_core_d20 300 3 --run_name=ours_d20 --compare_examples=10
+  core 04_core_d20 300 3 --run_name=ours_d20 --compare_examples=10 --compile=true
 }
 shallow() {
   export CUDA_VISIBLE_DEVICES=1
   part profile_core_d20 100 300 python3 baselines/profile_core.py --depth=20 --compile=1 --rows=30
   checkpoint 12 2 90
-  core 04_core_d12 150 100 --run_name=ours_d12 --compare_examples=10
+  core 04_core_d12 150 100 --run_name=ours_d12 --compare_examples=10 --compile=true
   core 04_core_d12_eager 110 3 --run_name=ours_d12 --compare_examples=0 --compile=false
 }
 deep & shallow & wait
