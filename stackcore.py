@@ -1566,6 +1566,10 @@ def build_optimizers(model: GPT, muon_lr: float | None = None, adam_lrs: dict[st
     `lr_scale` multiplies every learning rate (fine-tuning uses a fraction of pretraining's). Every group records
     "initial_lr" so that apply_schedule() can scale it.
     """
+    low_precision = sorted({str(p.dtype) for p in model.parameters() if p.dtype != torch.float32})
+    if low_precision:
+        raise ValueError(f"the model holds {', '.join(low_precision)} weights (cast_weights_for_inference): training "
+                         f"needs fp32 master weights; load the checkpoint again to train")
     groups = model.param_groups()
     adam_lrs = adam_lrs or {}
     adam_groups = [g for g in groups if g["optimizer"] == "adam"]

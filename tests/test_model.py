@@ -414,6 +414,8 @@ def test_weights_cast_for_inference_give_the_same_logits():
     assert torch.equal(after, before)
     assert {p.dtype for p in model.parameters() if p.ndim >= 2} == {torch.bfloat16}
     assert {p.dtype for p in model.parameters() if p.ndim < 2} == {torch.float32}  # the scalars keep fp32
+    with pytest.raises(ValueError, match="fp32 master weights"):
+        part.build_optimizers(model)
 
 
 def test_unet_skips_and_x0_mixing_feed_the_documented_layers():
