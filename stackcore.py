@@ -2081,9 +2081,10 @@ class CorePack:
 
 
 def pack_core_examples(examples: Sequence[list[tuple[np.ndarray, int]]], pad_to: int = 1) -> CorePack:
-    """Whole examples (core_examples) in one CorePack, padded to a multiple of `pad_to` tokens."""
+    """Whole examples (core_examples) in one CorePack. A pack with branches (choices with input tokens of their own)
+    is padded to a multiple of `pad_to` tokens, the one shape its flex passes compile for; plain documents are not."""
     pieces, scored, targets = [], [], []  # pieces: (tokens, document, branch, positions)
-    offset = 0
+    offset = own_tokens = 0
     for document, choices in enumerate(examples):
         shared, prefix_offset = shared_prefix_length(choices), offset
         pieces.append((choices[0][0][:shared], document, 0, np.arange(shared)))
@@ -2094,7 +2095,8 @@ def pack_core_examples(examples: Sequence[list[tuple[np.ndarray, int]]], pad_to:
             scored.append(np.where(inputs < shared, prefix_offset + inputs, offset + inputs - shared))
             targets.append(seq[start:])
             offset += len(seq) - 1 - shared
-    padding = -offset % pad_to
+            own_tokens += len(seq) - 1 - shared
+    padding = -offset % pad_to if own_tokens else 0
     pieces.append((np.zeros(padding, dtype=np.int64), len(examples), 0, np.zeros(padding, dtype=np.int64)))
     columns = [(tokens, np.full(len(tokens), document), np.full(len(tokens), branch), positions)
                for tokens, document, branch, positions in pieces]
@@ -2154,10 +2156,8 @@ def score_core_records(model: GPT, tokens: np.ndarray, records: np.ndarray, back
     else:
         tree_backend = "sdpa" if backend == "sdpa" else "flex"
         pad_to = -(-pack_tokens // FLEX_BLOCK_SIZE) * FLEX_BLOCK_SIZE if tree_backend == "flex" else 1
-        costs = [shared_prefix_cost(choices) for choices in examples]
-        branched = [cost > shared_prefix_length(choices) for cost, choices in zip(costs, examples)]
-        packs = (pack_core_examples([examples[i] for i in chunk], pad_to if any(branched[i] for i in chunk) else 1)
-                 for chunk in token_budget_chunks(costs, pack_tokens))
+        chunks = token_budget_chunks([shared_prefix_cost(choices) for choices in examples], pack_tokens)
+        packs = (pack_core_examples([examples[i] for i in chunk], pad_to) for chunk in chunks)
     scores = [_score_pack(model, pack, tree_backend if pack.branches.any() else backend, device) for pack in packs]
     return torch.cat(scores).cpu().numpy() if scores else np.zeros((0, 2), dtype=np.float32)
 

@@ -2,8 +2,8 @@
 #     source baselines/gpu_call_lib.sh "$@"        (its first argument is LIMIT, the call's seconds)
 # It sets LIMIT, FINAL (the device tool's $OUT, where the results go back), OUT (a scratch folder for logs) and D
 # (the carried data), unpacks the artifacts built on a CPU (.gpu/home.tar.xz) into STACK_HOME, writes env.txt, and
-# defines `part` (one step with its own timeout, so a slow step never costs the ones after it), `checkpoint` and
-# `core` (a short training run, notebook 04) and `pack_results`.
+# defines `part` (one step with its own timeout, so a slow step never costs the ones after it), `checkpoint` (a short
+# training run that leaves a checkpoint), `core` (notebook 04) and `pack_results`.
 set -u
 LIMIT=${1:-580}
 FINAL=${OUT:-$PWD/gpu-out}

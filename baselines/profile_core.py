@@ -27,7 +27,7 @@ def main() -> None:
     parser.add_argument("--pack_tokens", type=int, default=32_768)
     parser.add_argument("--rows", type=int, default=18, help="rows of the op table")
     parser.add_argument("--attention", default="auto", help="attention backend (pick_attention_backend)")
-    parser.add_argument("--compile", type=int, default=1, help="1: layers compiled on a GPU, as notebook 04 runs them")
+    parser.add_argument("--compile", type=int, default=1, help="1: layers compiled on a GPU (04's --compile=true)")
     parser.add_argument("--trace", default="", help="also write the profile, with shapes and Python stacks, as a "
                                                     "Chrome trace to this file")
     args = parser.parse_args()
