@@ -1077,12 +1077,21 @@ def _compiled_layer_functions(backend: str):
             torch.compile(_run_block, dynamic=True, backend=backend))
 
 
+# Inductor settings of evaluation's graph (settings this torch lacks are left out). Unfused addmm: inductor turns
+# `x + x_in @ W` into addmm, which in bf16 first copies the residual x into its output and has the GEMM read it
+# back; as mm + add, the add joins the elementwise kernel that reads x next anyway (the norm, the residual mixing).
+EVAL_INDUCTOR_OPTIONS = {"keep_addmm_fused_for_half_dtypes": False}
+
+
 @lru_cache(maxsize=None)
 def _compiled_layer_stack(backend: str):
     """GPT.run_layers as one graph, for evaluation (compile_layers(evaluation=True)): one compiled call per pass
     instead of two per layer, each of which costs host time (guards, a Python call) that a forward-only pass has
     no backward to hide behind."""
-    return torch.compile(GPT.run_layers, dynamic=True, backend=backend)
+    import torch._inductor.config as inductor_config
+    options = {k: v for k, v in EVAL_INDUCTOR_OPTIONS.items() if hasattr(inductor_config, k)}
+    return torch.compile(GPT.run_layers, dynamic=True, backend=backend,
+                         **({"options": options} if backend == "inductor" and options else {}))
 
 
 def soft_cap(logits: Tensor, softcap: float) -> Tensor:
@@ -1943,6 +1952,15 @@ def first_examples(shard: CoreShard, count: int) -> CoreShard:
     examples = shard.records[:, CORE_RECORD_FIELDS.index("example")]
     kept = np.unique(examples)[:count]
     return dataclasses.replace(shard, records=shard.records[np.isin(examples, kept)])
+
+
+def first_pack(shard: CoreShard, pack_tokens: int, max_seq_len: int) -> CoreShard:
+    """The shard cut to the examples of its first packed pass (score_core_records' packing): a warm-up on passes of
+    the sizes a full evaluation feeds, since kernels are tuned or built on first use for the shapes they see then
+    (inductor's autotuning of dynamic-shape kernels, FlashAttention-4's variants for many or long documents)."""
+    sample = first_examples(shard, pack_tokens)  # an example costs at least one token
+    costs = [shared_prefix_cost(choices) for choices in core_examples(sample.tokens, sample.records, max_seq_len)]
+    return first_examples(shard, len(token_budget_chunks(costs, pack_tokens)[0]) if costs else 0)
 
 
 def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:

@@ -422,3 +422,14 @@ def test_first_examples_keeps_whole_examples():
     shard = sc.CoreShard("t", "multiple_choice", 0.25, np.zeros(3, dtype=np.int64), records)
     assert sc.first_examples(shard, 2).records.tolist() == records[:5].tolist()
     assert len(sc.first_examples(shard, 10).records) == 6 and len(sc.first_examples(shard, 0).records) == 0
+
+
+def test_first_pack_is_the_first_packed_pass():
+    # multiple choice: cost = shared prefix (3 inputs) + 1 own input per choice = 5 per example
+    shard = shard_of("multiple_choice", [(0, [([0, 1, 2, 3, 5], 3), ([0, 1, 2, 4, 5], 3)]) for _ in range(9)])
+    examples = sc.core_examples(shard.tokens, shard.records, 64)
+    assert [sc.shared_prefix_cost(choices) for choices in examples] == [5] * 9
+    first = sc.first_pack(shard, 12, 64)
+    assert first.records.tolist() == shard.records[:4].tolist()  # two examples of 5 fit 12 tokens, a third not
+    assert len(sc.first_pack(shard, 3, 64).records) == 2  # an example over the budget goes alone
+    assert len(sc.first_pack(shard, 1000, 64).records) == 18
