@@ -72,6 +72,7 @@ except ImportError:
 
 PRESET_NAMES = ("tiny", "colab", "speedrun", "node")
 ConfigT = TypeVar("ConfigT")
+ItemT = TypeVar("ItemT")
 
 
 class ConfigError(ValueError):
@@ -1080,7 +1081,7 @@ def _compiled_layer_functions(backend: str):
 # Inductor settings of evaluation's graph (settings this torch lacks are left out). Unfused addmm: inductor turns
 # `x + x_in @ W` into addmm, which in bf16 first copies the residual x into its output and has the GEMM read it
 # back; as mm + add, the add joins the elementwise kernel that reads x next anyway (the norm, the residual mixing).
-EVAL_INDUCTOR_OPTIONS = {"keep_addmm_fused_for_half_dtypes": False}
+EVAL_INDUCTOR_OPTIONS: dict[str, Any] = {}
 
 
 @lru_cache(maxsize=None)
@@ -1684,18 +1685,28 @@ def host_to_device(array: np.ndarray, device: str | torch.device) -> Tensor:
     return tensor.to(device, non_blocking=True)
 
 
-def token_budget_chunks(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """Indices grouped in order so that each group's lengths sum to at most max_tokens (a longer item goes alone):
-    how CORE scoring, letter scoring and RL passes pack variable-length sequences into varlen forward passes."""
-    chunks: list[list[int]] = []
+def budget_chunks(items: Iterable[ItemT], cost: typing.Callable[[ItemT], int], max_tokens: int
+                  ) -> Iterator[list[ItemT]]:
+    """Items grouped in order so that each group's costs sum to at most max_tokens (a costlier item goes alone),
+    lazily: a group is ready as soon as the item after it is known, so its forward pass can run while the host
+    prepares the next one (CORE scoring)."""
+    chunk: list[ItemT] = []
     total = 0
-    for i, length in enumerate(lengths):
-        if not chunks or total + length > max_tokens:
-            chunks.append([])
-            total = 0
-        chunks[-1].append(i)
-        total += length
-    return chunks
+    for item in items:
+        item_cost = cost(item)
+        if chunk and total + item_cost > max_tokens:
+            yield chunk
+            chunk, total = [], 0
+        chunk.append(item)
+        total += item_cost
+    if chunk:
+        yield chunk
+
+
+def token_budget_chunks(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Indices grouped by budget_chunks: how letter scoring and RL passes pack variable-length sequences into
+    varlen forward passes."""
+    return [[i for i, _ in chunk] for chunk in budget_chunks(enumerate(lengths), operator.itemgetter(1), max_tokens)]
 
 
 class PretrainLoader:
@@ -1958,9 +1969,8 @@ def first_pack(shard: CoreShard, pack_tokens: int, max_seq_len: int) -> CoreShar
     """The shard cut to the examples of its first packed pass (score_core_records' packing): a warm-up on passes of
     the sizes a full evaluation feeds, since kernels are tuned or built on first use for the shapes they see then
     (inductor's autotuning of dynamic-shape kernels, FlashAttention-4's variants for many or long documents)."""
-    sample = first_examples(shard, pack_tokens)  # an example costs at least one token
-    costs = [shared_prefix_cost(choices) for choices in core_examples(sample.tokens, sample.records, max_seq_len)]
-    return first_examples(shard, len(token_budget_chunks(costs, pack_tokens)[0]) if costs else 0)
+    examples = core_examples(shard.tokens, shard.records, max_seq_len)
+    return first_examples(shard, len(next(budget_chunks(examples, shared_prefix_cost, pack_tokens), [])))
 
 
 def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
@@ -2048,15 +2058,16 @@ def _cut_choices(tokens: np.ndarray, spans: np.ndarray, max_seq_len: int) -> lis
     return choices
 
 
-def core_examples(tokens: np.ndarray, records: np.ndarray, max_seq_len: int) -> list[list[tuple[np.ndarray, int]]]:
-    """Per example (a run of records with one example index, as write_core_shard writes them), per choice: its
+def core_examples(tokens: np.ndarray, records: np.ndarray, max_seq_len: int
+                  ) -> Iterator[list[tuple[np.ndarray, int]]]:
+    """Per example, lazily (a run of records with one example index, as write_core_shard writes them), per choice: its
     tokens and continuation start. An example longer than max_seq_len loses the same tokens from the left of every
     choice, as many as its longest choice is over, so that all choices keep one shared context. (nanochat cuts each
     choice alone; a choice with a shorter continuation then sees a few more context tokens than here, only in
     examples over max_seq_len.) At least one token stays before the continuation."""
     example_ids = records[:, CORE_RECORD_FIELDS.index("example")]
     groups = np.split(records[:, :3].astype(np.int64), np.flatnonzero(np.diff(example_ids)) + 1)
-    return [_cut_choices(tokens, spans, max_seq_len) for spans in groups if len(spans)]
+    return (_cut_choices(tokens, spans, max_seq_len) for spans in groups if len(spans))
 
 
 def shared_prefix_length(choices: list[tuple[np.ndarray, int]]) -> int:
@@ -2174,8 +2185,8 @@ def score_core_records(model: GPT, tokens: np.ndarray, records: np.ndarray, back
     else:
         tree_backend = "sdpa" if backend == "sdpa" else "flex"
         pad_to = -(-pack_tokens // FLEX_BLOCK_SIZE) * FLEX_BLOCK_SIZE if tree_backend == "flex" else 1
-        chunks = token_budget_chunks([shared_prefix_cost(choices) for choices in examples], pack_tokens)
-        packs = (pack_core_examples([examples[i] for i in chunk], pad_to) for chunk in chunks)
+        packs = (pack_core_examples(chunk, pad_to)
+                 for chunk in budget_chunks(examples, shared_prefix_cost, pack_tokens))
     scores = [_score_pack(model, pack, tree_backend if pack.branches.any() else backend, device) for pack in packs]
     return torch.cat(scores).cpu().numpy() if scores else np.zeros((0, 2), dtype=np.float32)
 
@@ -2186,11 +2197,12 @@ def core_correct(kind: str, records: np.ndarray, scores: np.ndarray) -> np.ndarr
     examples = records[:, CORE_RECORD_FIELDS.index("example")]
     gold = records[:, CORE_RECORD_FIELDS.index("gold")]
     _, first, group = np.unique(examples, return_index=True, return_inverse=True)
-    correct = np.zeros(len(first), dtype=bool)
-    for g in range(len(first)):
-        rows = np.flatnonzero(group == g)
-        chosen = rows[0] if kind == "language_modeling" else rows[np.argmin(scores[rows, 0])]
-        correct[g] = scores[chosen, 1] == 1 if kind == "language_modeling" else gold[chosen] == 1
+    if kind == "language_modeling":
+        correct = scores[first, 1] == 1
+    else:  # records sorted by example, then mean loss, then position: each example's first is its pick
+        order = np.lexsort((np.arange(len(records)), scores[:, 0], group))
+        picks = order[np.flatnonzero(np.diff(group[order], prepend=-1))]
+        correct = gold[picks] == 1
     return correct[np.argsort(first)]
 
 

@@ -236,7 +236,7 @@ def test_packs_share_each_context_once():
     # multiple choice: the 4 choices of a context run it once (the third context is cut from 90 tokens to 58)
     one_by_one, packed = fed["multiple_choice"]
     assert one_by_one - packed == 3 * (20 + 33 + 58)
-    examples = sc.core_examples(mc.tokens, mc.records, 64)
+    examples = list(sc.core_examples(mc.tokens, mc.records, 64))
     pack = sc.pack_core_examples(examples[:2], pad_to=128)
     assert len(pack.inputs) == 128 and pack.choices == 8 and pack.documents.max() == 2  # 2 is the padding
     assert (pack.branches[:20] == 0).all() and (pack.positions[:21] == np.arange(21)).all()
@@ -422,6 +422,31 @@ def test_first_examples_keeps_whole_examples():
     shard = sc.CoreShard("t", "multiple_choice", 0.25, np.zeros(3, dtype=np.int64), records)
     assert sc.first_examples(shard, 2).records.tolist() == records[:5].tolist()
     assert len(sc.first_examples(shard, 10).records) == 6 and len(sc.first_examples(shard, 0).records) == 0
+
+
+def test_core_correct_ties_go_to_the_first_choice_and_examples_keep_their_order():
+    # examples 7, 3, 5 (in this order), two or three choices each; gold marks the right one
+    records = np.array([[0, 0, 0, e, c, g] for e, c, g in
+                        [(7, 0, 0), (7, 1, 1), (3, 0, 1), (3, 1, 0), (3, 2, 0), (5, 0, 0), (5, 1, 1)]], dtype=np.int32)
+    losses = [2.0, 2.0,  # tie: the first choice is picked, which is wrong
+              1.5, 0.5, 0.5,  # the second choice wins the tie with the third, wrong
+              3.0, 1.0]  # right
+    scores = np.stack([losses, np.zeros(7)], 1)
+    assert sc.core_correct("multiple_choice", records, scores).tolist() == [False, False, True]
+    records[3, 5], records[2, 5] = 1, 0
+    assert sc.core_correct("schema", records, scores).tolist() == [False, True, True]
+
+
+def test_budget_chunks_are_lazy():
+    produced = []
+
+    def items():
+        for i in range(6):
+            produced.append(i)
+            yield i
+    chunks = sc.budget_chunks(items(), lambda item: 3, 7)
+    assert next(chunks) == [0, 1] and produced == [0, 1, 2]  # ready once the item that overflows is seen
+    assert list(chunks) == [[2, 3], [4, 5]]
 
 
 def test_first_pack_is_the_first_packed_pass():
