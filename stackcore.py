@@ -1078,9 +1078,10 @@ def _compiled_layer_functions(backend: str):
             torch.compile(_run_block, dynamic=True, backend=backend))
 
 
-# Inductor settings of evaluation's graph (settings this torch lacks are left out). Unfused addmm: inductor turns
-# `x + x_in @ W` into addmm, which in bf16 first copies the residual x into its output and has the GEMM read it
-# back; as mm + add, the add joins the elementwise kernel that reads x next anyway (the norm, the residual mixing).
+# Inductor settings of evaluation's graph, for experiments (baselines/profile_core.py --inductor); settings this
+# torch lacks are left out. None beat the defaults in a depth-20 CORE pass on an H100: unfused bf16 addmm (its
+# residual add moved into the next elementwise kernel) was 1.5% slower, coordinate-descent tuning 1.3% and
+# max-autotune GEMMs 2.4% (baselines/2026-11-25-core-60s).
 EVAL_INDUCTOR_OPTIONS: dict[str, Any] = {}
 
 
