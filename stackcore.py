@@ -1080,8 +1080,8 @@ def _compiled_layer_functions(backend: str):
 
 # Inductor settings of evaluation's graph, for experiments (baselines/profile_core.py --inductor); settings this
 # torch lacks are left out. None beat the defaults in a depth-20 CORE pass on an H100: unfused bf16 addmm (its
-# residual add moved into the next elementwise kernel) was 1.5% slower, coordinate-descent tuning 1.3% and
-# max-autotune GEMMs 2.4% (baselines/2026-11-25-core-60s).
+# residual add moved into the next elementwise kernel) was 1.5% slower, and adding coordinate-descent tuning or
+# max-autotune GEMMs to it 1.3% and 2.4% slower (baselines/2026-11-25-core-60s).
 EVAL_INDUCTOR_OPTIONS: dict[str, Any] = {}
 
 
@@ -1250,7 +1250,7 @@ class GPT(nn.Module):
         shape. Embeddings and the layer loop stay eager. Windows and document lengths are dynamic, so a growing
         window recompiles nothing. Passes without gradients run eagerly unless `evaluation`: then all layers compile
         as one graph per kind of pass (_compiled_layer_stack), worth its compile time for a CORE pass, where fused
-        elementwise work took a depth-20 pass from 109 s to 64 s on an H100, not for a short training run's
+        elementwise work took a depth-20 pass from 109 s to 61 s on an H100, not for a short training run's
         validation. Layers with the sdpa attention backend run eagerly. `backend` is torch.compile's. Returns the
         model."""
         # evaluation's graph per kind of pass and per shape specialisation (one document, one scored row) can pass
