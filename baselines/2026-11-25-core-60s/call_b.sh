@@ -8,12 +8,9 @@
 # profile, then depth 12 on FlashAttention-4.
 # usage (repo root): OUT=<folder> bash baselines/2026-11-25-core-60s/call_b.sh LIMIT_SECONDS
 source baselines/gpu_call_lib.sh "$@"
-for home in /tmp/stack20 /tmp/stack12; do mkdir -p $home && tar xJf .gpu/home.tar.xz -C $home; done
-wheel=/tmp/w/nvidia_cutlass_dsl_libs_cu13-4.8.1-cp312-cp312-manylinux_2_28_x86_64.whl
-mkdir -p /tmp/w && cat /tmp/p1/cu13.part.aa .parts/p2/cu13.part.ab > $wheel
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .parts/p2/*.whl $wheel \
-  > "$OUT/pip.log" 2>&1; echo "pip: $? at ${SECONDS}s" | tee -a "$OUT/summary.txt"
-export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages
+unpack_home /tmp/stack20 /tmp/stack12
+install_fa4 /tmp/p1
+export PYTHONPATH=$FA4_PYTHONPATH
 python3 -c "import flash_attn.cute, stackcore as sc; print(sc._flash_varlen_function().__module__)" >> "$OUT/env.txt" 2>&1
 random_checkpoint() {  # depth
   part ckpt_d$1 60 3 python3 baselines/2026-11-25-core-60s/random_checkpoint.py --depth=$1 --run_name=ours_d$1

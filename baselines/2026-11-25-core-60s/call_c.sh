@@ -6,12 +6,9 @@
 # GPU 0 on FlashAttention-4 (--attention=flash), GPU 1 on FlashAttention-2 (varlen), the baseline in the same call.
 # usage (repo root): OUT=<folder> bash baselines/2026-11-25-core-60s/call_c.sh LIMIT_SECONDS
 source baselines/gpu_call_lib.sh "$@"
-for home in /tmp/stack_fa4 /tmp/stack_fa2; do mkdir -p $home && tar xJf .gpu/home.tar.xz -C $home; done
-wheel=/tmp/w/nvidia_cutlass_dsl_libs_cu13-4.8.1-cp312-cp312-manylinux_2_28_x86_64.whl
-mkdir -p /tmp/w && cat /tmp/p1/cu13.part.aa .parts/p2/cu13.part.ab > $wheel
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .parts/p2/*.whl $wheel \
-  > "$OUT/pip.log" 2>&1; echo "pip: $? at ${SECONDS}s" | tee -a "$OUT/summary.txt"
-export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages TORCHINDUCTOR_COMPILE_THREADS=8
+unpack_home /tmp/stack_fa4 /tmp/stack_fa2
+install_fa4 /tmp/p1
+export PYTHONPATH=$FA4_PYTHONPATH TORCHINDUCTOR_COMPILE_THREADS=8
 run_d20() {  # gpu, attention backend, cap seconds
   export CUDA_VISIBLE_DEVICES=$1 STACK_HOME=/tmp/stack_$2
   part ckpt_$2 60 3 python3 baselines/2026-11-25-core-60s/random_checkpoint.py --depth=20 --run_name=ours_d20

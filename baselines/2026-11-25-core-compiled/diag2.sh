@@ -6,11 +6,8 @@
 # profile with cuBLAS instead of cuBLASLt.
 # usage (repo root): OUT=<folder> bash baselines/2026-11-25-core-compiled/diag2.sh LIMIT_SECONDS
 source baselines/gpu_call_lib.sh "$@"
-wheel=/tmp/w/nvidia_cutlass_dsl_libs_cu13-4.8.1-cp312-cp312-manylinux_2_28_x86_64.whl
-mkdir -p /tmp/w && cat .parts/p1/cu13.part.aa .parts/p2/cu13.part.ab > $wheel
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .parts/p2/*.whl $wheel \
-  > "$OUT/pip.log" 2>&1; echo "pip: $? at ${SECONDS}s" | tee -a "$OUT/summary.txt"
-fa4() { PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages "$@"; }
+install_fa4 .parts/p1
+fa4() { PYTHONPATH=$FA4_PYTHONPATH "$@"; }
 first() {
   export CUDA_VISIBLE_DEVICES=0
   part fa4_check 150 100 fa4 python3 -c "import sys, time; sys.path.insert(0, '.'); t = time.time()

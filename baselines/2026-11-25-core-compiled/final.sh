@@ -5,11 +5,8 @@
 # GPU 1: a 2-step depth-12 checkpoint and its pass (varlen), then the depth-20 checkpoint's pass on FlashAttention-4.
 # usage (repo root): OUT=<folder> bash baselines/2026-11-25-core-compiled/final.sh LIMIT_SECONDS
 source baselines/gpu_call_lib.sh "$@"
-for home in /tmp/stack20 /tmp/stack12; do mkdir -p $home && tar xJf .gpu/home.tar.xz -C $home; done
-wheel=/tmp/w/nvidia_cutlass_dsl_libs_cu13-4.8.1-cp312-cp312-manylinux_2_28_x86_64.whl
-mkdir -p /tmp/w && cat /tmp/p1/cu13.part.aa .parts/p2/cu13.part.ab > $wheel
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .parts/p2/*.whl $wheel \
-  > "$OUT/pip.log" 2>&1; echo "pip: $? at ${SECONDS}s" | tee -a "$OUT/summary.txt"
+unpack_home /tmp/stack20 /tmp/stack12
+install_fa4 /tmp/p1
 D20=/tmp/stack20/checkpoints/ours_d20/step_000001.pt
 deep() {
   export CUDA_VISIBLE_DEVICES=0 STACK_HOME=/tmp/stack20
@@ -21,7 +18,7 @@ shallow() {
   checkpoint 12 2 100
   core 04_core_d12 110 190 --compile=true --compare_examples=10 --run_name=ours_d12 --attention=varlen
   while [ ! -f $D20 ] && [ "$(left)" -gt 200 ]; do sleep 2; done
-  export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages
+  export PYTHONPATH=$FA4_PYTHONPATH
   core 04_core_d20_fa4 240 3 --compile=true --compare_examples=10 --checkpoint=$D20 --attention=flash
 }
 deep & shallow & wait

@@ -5,7 +5,7 @@
 # the depth-20 pass starts (GPU 1's compile workers capped at 8 threads). Both on varlen, no flash-attn.
 # usage (repo root): OUT=<folder> bash baselines/2026-11-25-core-compiled/final2.sh LIMIT_SECONDS
 source baselines/gpu_call_lib.sh "$@"
-for home in /tmp/stack20 /tmp/stack12; do mkdir -p $home && tar xJf .gpu/home.tar.xz -C $home; done
+unpack_home /tmp/stack20 /tmp/stack12
 deep() {
   export CUDA_VISIBLE_DEVICES=0 STACK_HOME=/tmp/stack20
   checkpoint 20 1 150

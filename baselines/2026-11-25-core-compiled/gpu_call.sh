@@ -6,7 +6,7 @@
 # ../2026-11-25-pipeline/gpu_call.sh (.gpu/home.tar.xz, built on a CPU by notebooks 01 and 02).
 # usage (repo root): OUT=<folder> bash baselines/2026-11-25-core-compiled/gpu_call.sh LIMIT_SECONDS
 source baselines/gpu_call_lib.sh "$@"
-mkdir -p /tmp/stack20 && tar xJf .gpu/home.tar.xz -C /tmp/stack20  # the depth-20 runs' own STACK_HOME
+unpack_home /tmp/stack20  # the depth-20 runs' own STACK_HOME
 
 deep() {
   export CUDA_VISIBLE_DEVICES=0 STACK_HOME=/tmp/stack20
