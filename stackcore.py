@@ -1078,8 +1078,7 @@ def _compiled_layer_functions(backend: str):
             torch.compile(_run_block, dynamic=True, backend=backend))
 
 
-# Inductor settings of evaluation's graph, for experiments (baselines/profile_core.py --inductor); settings this
-# torch lacks are left out. None beat the defaults in a depth-20 CORE pass on an H100: unfused bf16 addmm (its
+# Inductor settings of evaluation's graph, for experiments (baselines/profile_core.py --inductor). None beat the defaults in a depth-20 CORE pass on an H100: unfused bf16 addmm (its
 # residual add moved into the next elementwise kernel) was 1.5% slower, and adding coordinate-descent tuning or
 # max-autotune GEMMs to it 1.3% and 2.4% slower (baselines/2026-11-25-core-60s).
 EVAL_INDUCTOR_OPTIONS: dict[str, Any] = {}
@@ -1090,10 +1089,8 @@ def _compiled_layer_stack(backend: str):
     """GPT.run_layers as one graph, for evaluation (compile_layers(evaluation=True)): one compiled call per pass
     instead of two per layer, each of which costs host time (guards, a Python call) that a forward-only pass has
     no backward to hide behind."""
-    import torch._inductor.config as inductor_config
-    options = {k: v for k, v in EVAL_INDUCTOR_OPTIONS.items() if hasattr(inductor_config, k)}
-    return torch.compile(GPT.run_layers, dynamic=True, backend=backend,
-                         **({"options": options} if backend == "inductor" and options else {}))
+    options = dict(EVAL_INDUCTOR_OPTIONS) if backend == "inductor" and EVAL_INDUCTOR_OPTIONS else {}
+    return torch.compile(GPT.run_layers, dynamic=True, backend=backend, **({"options": options} if options else {}))
 
 
 def soft_cap(logits: Tensor, softcap: float) -> Tensor:
@@ -2061,8 +2058,8 @@ def _cut_choices(tokens: np.ndarray, spans: np.ndarray, max_seq_len: int) -> lis
 
 def core_examples(tokens: np.ndarray, records: np.ndarray, max_seq_len: int
                   ) -> Iterator[list[tuple[np.ndarray, int]]]:
-    """Per example, lazily (a run of records with one example index, as write_core_shard writes them), per choice: its
-    tokens and continuation start. An example longer than max_seq_len loses the same tokens from the left of every
+    """Lazily, per example (a run of records with one example index, as write_core_shard writes them), per choice:
+    its tokens and continuation start. An example longer than max_seq_len loses the same tokens from the left of every
     choice, as many as its longest choice is over, so that all choices keep one shared context. (nanochat cuts each
     choice alone; a choice with a shorter continuation then sees a few more context tokens than here, only in
     examples over max_seq_len.) At least one token stays before the continuation."""
@@ -2148,16 +2145,19 @@ def _shared_prefix_windows(model: GPT, documents: Tensor, branches: Tensor, posi
     return [masks[window] for window in windows]
 
 
-def _score_pack(model: GPT, pack: CorePack, backend: str, device: str) -> Tensor:
+def _score_pack(model: GPT, pack: CorePack, backend: str, tree_backend: str, device: str) -> Tensor:
     """(mean continuation loss, 1 if greedy decoding gives the continuation exactly) per choice of one pass. A pack
-    without branches (one sequence per example) is plain documents, which any backend attends as usual; one with
-    branches needs its own masks (flex or sdpa)."""
+    without branches (one sequence per example) is plain documents, which `backend` attends as usual; one with
+    branches needs its own masks, on `tree_backend` (flex or sdpa)."""
     inputs, documents, branches, positions, scored, targets, owners = (
         host_to_device(array, device) for array in (pack.inputs, pack.documents, pack.branches, pack.positions,
                                                     pack.scored, pack.targets, pack.owners))
     starts = np.flatnonzero(np.diff(pack.documents)) + 1
     cu_seqlens = host_to_device(np.array([0, *starts, len(pack.inputs)], dtype=np.int32), device)
-    windows = _shared_prefix_windows(model, documents, branches, positions, backend) if pack.branches.any() else None
+    windows = None
+    if pack.branches.any():
+        backend = tree_backend
+        windows = _shared_prefix_windows(model, documents, branches, positions, backend)
     logits = model(inputs, cu_seqlens, int(pack.positions.max()) + 1, backend=backend, windows=windows,
                    positions=positions, logit_positions=scored)
     losses = F.cross_entropy(logits, targets, reduction="none")
@@ -2188,7 +2188,7 @@ def score_core_records(model: GPT, tokens: np.ndarray, records: np.ndarray, back
         pad_to = -(-pack_tokens // FLEX_BLOCK_SIZE) * FLEX_BLOCK_SIZE if tree_backend == "flex" else 1
         packs = (pack_core_examples(chunk, pad_to)
                  for chunk in budget_chunks(examples, shared_prefix_cost, pack_tokens))
-    scores = [_score_pack(model, pack, tree_backend if pack.branches.any() else backend, device) for pack in packs]
+    scores = [_score_pack(model, pack, backend, tree_backend, device) for pack in packs]
     return torch.cat(scores).cpu().numpy() if scores else np.zeros((0, 2), dtype=np.float32)
 
 

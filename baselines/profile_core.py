@@ -18,6 +18,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
+import torch._inductor.config as inductor_config
 from torch.profiler import ProfilerActivity, profile
 
 import stackcore as sc
@@ -52,7 +53,12 @@ def main() -> None:
 
     for option in args.inductor:
         key, _, value = option.partition("=")
-        sc.EVAL_INDUCTOR_OPTIONS[key] = ast.literal_eval(value)
+        if not hasattr(inductor_config, key):
+            parser.error(f"--inductor={option}: torch {torch.__version__} has no inductor setting {key!r}")
+        try:
+            sc.EVAL_INDUCTOR_OPTIONS[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            parser.error(f"--inductor={option}: the value must be a Python literal (True, 8, 'max-autotune')")
     device = sc.pick_device()
     backend = sc.pick_attention_backend(device, args.attention)
     shards = {s.label: s for s in sc.read_core_shards(sc.artifact_dir("shards") / "core")}

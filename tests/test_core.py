@@ -3,6 +3,9 @@ import csv
 import json
 import random
 import re
+import runpy
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -458,3 +461,13 @@ def test_first_pack_is_the_first_packed_pass():
     assert first.records.tolist() == shard.records[:4].tolist()  # two examples of 5 fit 12 tokens, a third not
     assert len(sc.first_pack(shard, 3, 64).records) == 2  # an example over the budget goes alone
     assert len(sc.first_pack(shard, 1000, 64).records) == 18
+
+
+@pytest.mark.parametrize("option, message", [("max_autotun=True", "no inductor setting 'max_autotun'"),
+                                             ("max_autotune=yes please", "must be a Python literal")])
+def test_profile_core_rejects_bad_inductor_options(option, message, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["profile_core.py", f"--inductor={option}"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(Path(__file__).resolve().parents[1] / "baselines" / "profile_core.py"), run_name="__main__")
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert sc.EVAL_INDUCTOR_OPTIONS == {}
