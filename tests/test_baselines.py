@@ -138,10 +138,14 @@ def test_vs_nanochat_compares_times_to_the_peers_best_bpb(tmp_path):
     (peer / "nanochat_d12_bf16.log").write_text(NANOCHAT_LOG)
     theirs = vs_nanochat.parse_nanochat_log(peer / "nanochat_d12_bf16.log")
     assert theirs["best_val_bpb"] == 1.82 and theirs["target_seconds"] == 62.0 and theirs["target_step"] == 3
-    runs = [bench.summarize({"step_seconds": [30.0, 1.0, 1.0], "tokens_per_step": 524288, "val": val}, 1.52)
-            for val in (evaluations((2, 31.0, 1.9), (3, 32.0, 1.8)), evaluations((2, 31.0, 1.81), (3, 32.0, 1.5)))]
+    runs = [bench.summarize({"seed": seed, "step_seconds": [30.0, 1.0, 1.0], "tokens_per_step": 524288,
+                             "peak_memory_GB": 1.0, "val": val}, 1.52)
+            for seed, val in enumerate((evaluations((2, 31.0, 1.9), (3, 32.0, 1.8)),
+                                        evaluations((2, 31.0, 1.81), (3, 32.0, 1.5))))]
     ours = {"runs": runs, "spread": bench.aggregate(runs), "target_bpb": 1.52}
     table = "\n".join(vs_nanochat.depth_rows(12, ours, [theirs]))
     assert "| d12 training s to nanochat's best bpb 1.8200 (compilation counted) | 31.5 ± 0.7 (31.0 to 32.0) | " \
            "62.0 | 0.51 missed |" in table
-    assert "| d12 training s to the target 1.52 (compilation counted) | 32.0 (1 of 2 runs) |" in table
+    assert "| d12 training s to the target 1.52 (compilation counted) | 32.0 (1 of 2 runs) | - |" in table
+    assert "| d12 training s to nanochat's best bpb 1.8200 (without compilation) | 2.5 ± 0.7" in table
+    assert "| d12 runs: seeds (steps done) / nanochat variant (steps done) | 0 (3), 1 (3) | defaults (3) |" in table
