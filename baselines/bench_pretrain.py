@@ -282,11 +282,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.out.mkdir(parents=True, exist_ok=True)
     prepare_artifacts(args.data, args.vocab_size, workers=min(8, os.cpu_count() or 1))
     eval_tokens = validation_rows(args.eval_batch_tokens) * args.eval_batch_tokens
-    runs = [run_seed(args, name, seed, eval_tokens, extra) for seed in args.seeds]
-    summary = {"system": "ours", "name": name, "depth": args.depth, "data": str(args.data), "target_bpb": args.target,
-               "seeds": args.seeds, "spread": aggregate(runs), "runs": runs}
-    (args.out / f"{name}.json").write_text(json.dumps(summary, indent=1))
-    print(f"{name}, {len(runs)} seeds: time to val bpb {args.target} "
+    runs: list[dict[str, Any]] = []
+    for seed in args.seeds:  # the summary is rewritten after each seed, so a run cut short keeps the seeds it ran
+        runs.append(run_seed(args, name, seed, eval_tokens, extra))
+        summary = {"system": "ours", "name": name, "depth": args.depth, "data": str(args.data),
+                   "target_bpb": args.target, "seeds": args.seeds, "spread": aggregate(runs), "runs": runs}
+        (args.out / f"{name}.json").write_text(json.dumps(summary, indent=1))
+    print(f"{name}, {len(runs)} of {len(args.seeds)} seeds: time to val bpb {args.target} "
           f"{fmt_spread(summary['spread']['target_seconds'], '.1f')} s, at step "
           f"{fmt_spread(summary['spread']['target_step'], '.1f')}; final val bpb "
           f"{fmt_spread(summary['spread']['final_val_bpb'], '.4f')}", flush=True)

@@ -9,7 +9,8 @@
 #   PEER  nanochat's folder with run.sh, nanochat/ and wheels/
 # env: OUT (logs, JSON, table.txt, vs_nanochat.md, plots; default ./vs-out), STEPS (60), EVAL_EVERY (10),
 #      SEEDS (ours, one after another; default 0,1), TARGET (ours, default bench_pretrain's 1.52),
-#      OURS_ARGS (more 03_pretrain flags), PEER_WARMUP (also run nanochat with this many warm-up steps),
+#      OURS_ARGS (more bench_pretrain / 03_pretrain flags), PEER_ARGS (more base_train flags; a CPU smoke test:
+#      '--max-seq-len=256 --device-batch-size=2 --total-batch-size=512'), PEER_WARMUP (also run nanochat with this many warm-up steps),
 #      PEER_EVAL_TOKENS (nanochat's tokens per evaluation; default 196,608 = three of its 32 x 2048 batches,
 #      within the books' validation split, so no validation token counts twice),
 #      OURS_GPU and PEER_GPU (GPU indices: with both set, the two systems run at the same time, one per GPU;
@@ -52,7 +53,7 @@ ours() {  # gpu (may be empty), seconds
 peer() {  # gpu (may be empty), seconds, output folder, more base_train flags
   echo "=== nanochat d$DEPTH ($3): at most $2 s, from ${SECONDS}s"
   CUDA_VISIBLE_DEVICES=${1:-${CUDA_VISIBLE_DEVICES:-}} ITERS=$STEPS CORPUS=$CORPUS DATA=$(dirname "$DATA") \
-    OUT="$OUT/$3" EXTRA="$PEER_EVAL ${4:-}" timeout -k 10 "$2" bash "$PEER/run.sh" "$DEPTH:bf16" > "$OUT/$3.out" 2>&1
+    OUT="$OUT/$3" EXTRA="$PEER_EVAL ${PEER_ARGS:-} ${4:-}" timeout -k 10 "$2" bash "$PEER/run.sh" "$DEPTH:bf16" > "$OUT/$3.out" 2>&1
   echo "=== nanochat d$DEPTH ($3): exit $? at ${SECONDS}s"; tail -n 3 "$OUT/$3.out"
 }
 peers() {  # gpu, seconds: nanochat's defaults, then the warm-up variant if asked for
