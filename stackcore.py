@@ -31,6 +31,7 @@ import math
 import operator
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -76,7 +77,8 @@ ItemT = TypeVar("ItemT")
 
 
 class ConfigError(ValueError):
-    """A bad configuration: unknown key, unparsable value or unknown preset."""
+    """A bad configuration: unknown key, unparsable value, a value the setting does not allow, unknown preset, or a
+    STACK_HOME that cannot be written."""
 
 
 def in_notebook_kernel() -> bool:
@@ -147,12 +149,95 @@ def auto_preset(gpu: GpuInfo | None, world_size: int = 1) -> str:
     return "speedrun" if colab_gpu_tier(gpu) == "h100" else "colab"
 
 
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+INT64_MAX = 2**63 - 1  # settings end up in numpy and torch integers
+
+
+@dataclass(frozen=True)
+class Allowed:
+    """What one setting may hold, declared in its config's LIMITS table: a number from `low` to `high` (both
+    included, unless `above` leaves `low` out), one of `choices`, or a run name (`run_name`: one plain folder name,
+    so that the run stays inside STACK_HOME; `optional` lets it be empty)."""
+    low: float = -math.inf
+    high: float = math.inf
+    above: bool = False
+    choices: tuple[str, ...] = ()
+    run_name: bool = False
+    optional: bool = False
+
+    def describe(self) -> str:
+        if self.choices:
+            return "one of " + ", ".join(self.choices)
+        if self.run_name:
+            return ("a folder name of letters, digits, '.', '-' and '_' (nothing that leaves STACK_HOME)"
+                    + (", or empty" if self.optional else ""))
+        low = f"> {self.low:g}" if self.above else f">= {self.low:g}"
+        return low if self.high == math.inf else f"{low} and <= {self.high:g}"
+
+    def admits(self, value: Any) -> bool:
+        if self.choices:
+            return value in self.choices
+        if self.run_name:
+            return (self.optional and value == "") or (RUN_NAME.fullmatch(value) is not None and value != "..")
+        return (value > self.low if self.above else value >= self.low) and value <= self.high
+
+
+def at_least(low: float, high: float = math.inf) -> Allowed:
+    return Allowed(low, high)
+
+
+def above(low: float, high: float = math.inf) -> Allowed:
+    return Allowed(low, high, above=True)
+
+
+def one_of(*choices: str) -> Allowed:
+    return Allowed(choices=choices)
+
+
+def run_name(optional: bool = False) -> Allowed:
+    return Allowed(run_name=True, optional=optional)
+
+
+def check_setting(name: str, value: Any, kind: Any, allowed: Allowed | None) -> None:
+    """Stop with a ConfigError naming the setting, its value and what it may hold when `value` is not of the field's
+    type, not finite, outside int64, or not `allowed`."""
+    expected = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}.get(kind, (object,))
+    if not isinstance(value, expected) or (kind in (int, float) and isinstance(value, bool)):
+        raise ConfigError(f"{name}={value!r}: {name} must be of type {kind.__name__}")
+    if kind is float and not math.isfinite(value):
+        raise ConfigError(f"{name}={value!r}: {name} must be a finite number"
+                          + (f" {allowed.describe()}" if allowed else ""))
+    if kind is int and abs(value) > INT64_MAX:
+        raise ConfigError(f"{name}={value!r}: {name} must be at most {INT64_MAX}")
+    if allowed is not None and not allowed.admits(value):
+        raise ConfigError(f"{name}={value!r}: {name} must be {allowed.describe()}")
+
+
 @dataclass
 class StackConfig:
     """Base of every notebook's config. Subclasses add fields and a PRESETS table {preset: {field: value}};
-    presets of parent classes apply first, so a shared base (the corpus, say) keeps its own presets."""
+    presets of parent classes apply first, so a shared base (the corpus, say) keeps its own presets. A LIMITS table
+    {field: Allowed} beside the fields says what each setting may hold; configure calls validate(), which checks
+    every field (numbers must also be finite), so a notebook never meets a setting it cannot use."""
     preset: str = ""
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
+    LIMITS: ClassVar[dict[str, Allowed]] = {}
+
+    @classmethod
+    def limits(cls) -> dict[str, Allowed]:
+        """The LIMITS of this class and its bases; a limit for a field the class lacks is a mistake in the table."""
+        merged = {name: allowed for klass in reversed(cls.__mro__)
+                  for name, allowed in vars(klass).get("LIMITS", {}).items()}
+        stray = sorted(set(merged) - {f.name for f in dataclasses.fields(cls)})
+        if stray:
+            raise ConfigError(f"{cls.__name__}.LIMITS names settings it does not have: {', '.join(stray)}")
+        return merged
+
+    def validate(self) -> None:
+        """Check every setting against its type and LIMITS (a hook: subclasses add checks across settings)."""
+        kinds, limits = typing.get_type_hints(type(self)), self.limits()
+        for field in dataclasses.fields(self):
+            check_setting(field.name, getattr(self, field.name), kinds[field.name], limits.get(field.name))
 
 
 def preset_tables(preset: str, tier: str | None) -> tuple[str, ...]:
@@ -195,7 +280,9 @@ def configure(cls: type[ConfigT], argv: Sequence[str] | None = None,
     values.update({n: environ[f"STACK_{n.upper()}"] for n in names if f"STACK_{n.upper()}" in environ})
     values.update(cli)
     parsed = {name: parse_value(name, raw, kinds[name]) for name, raw in values.items()}
-    return cls(preset=preset, **parsed)
+    config = cls(preset=preset, **parsed)
+    config.validate()
+    return config
 
 
 def describe_config(cfg: Any) -> str:
@@ -221,7 +308,13 @@ def artifact_dir(kind: str, create: bool = True) -> Path:
         raise ValueError(f"unknown artifact kind {kind!r}; valid: {', '.join(ARTIFACT_KINDS)}")
     path = stack_home() / kind
     if create:
-        path.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            if not os.access(path, os.W_OK):
+                raise PermissionError(13, "Permission denied")
+        except OSError as error:
+            raise ConfigError(f"STACK_HOME {stack_home()} is not writable ({error.strerror}: {path}); point "
+                              f"STACK_HOME at a folder you can write") from None
     return path
 
 
@@ -692,6 +785,7 @@ def symmetric_matmul(x: Tensor, alpha: float = 1.0, addend: Tensor | None = None
 # also takes a prebuilt BlockMask as `window` (flex_block_mask), so that no mask is built inside torch.compile.
 
 ATTENTION_BACKENDS = ("flash", "varlen", "flex", "sdpa")  # preference order for "auto"
+ATTENTION_SETTING = one_of("auto", *ATTENTION_BACKENDS)  # what a notebook's `attention` setting may be
 
 
 def document_ids(cu_seqlens: Tensor, total_len: int) -> Tensor:

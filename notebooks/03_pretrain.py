@@ -110,6 +110,14 @@ class PretrainConfig(sc.StackConfig):
         "speedrun": dict(),
         "node": dict(depth=20, steps=4000, save_every=500),
     }
+    LIMITS = {
+        "depth": sc.above(0), "model_dim": sc.at_least(0), "head_dim": sc.above(0), "seq_len": sc.above(0),
+        "tokens_per_step": sc.above(0), "micro_tokens": sc.above(0), "steps": sc.above(0),
+        "warmup_steps": sc.at_least(0), "cooldown_frac": sc.at_least(0, 1), "lr_scale": sc.above(0),
+        "weight_decay": sc.at_least(0), "eval_every": sc.above(0), "eval_tokens": sc.above(0),
+        "eval_batch_tokens": sc.at_least(0), "save_every": sc.above(0), "attention": sc.ATTENTION_SETTING,
+        "run_name": sc.run_name(), "seed": sc.at_least(0),
+    }
 
 
 cfg = sc.configure(PretrainConfig)

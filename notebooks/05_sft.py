@@ -100,6 +100,13 @@ class SFTConfig(ChatEvalConfig):
                      pack_tokens=4096),
         "colab": dict(tokens_per_step=131_072, micro_tokens=16_384, steps=1000, pack_tokens=16_384),
     }
+    LIMITS = {
+        "base_run": sc.run_name(), "run_name": sc.run_name(), "tokens_per_step": sc.above(0),
+        "micro_tokens": sc.above(0), "steps": sc.at_least(0), "lr_scale": sc.above(0),
+        "cooldown_frac": sc.at_least(0, 1),
+        "eval_every": sc.above(0), "eval_steps": sc.above(0), "save_every": sc.above(0), "pack_tokens": sc.above(0),
+        "attention": sc.ATTENTION_SETTING, "seed": sc.at_least(0),
+    }
 
 
 cfg = sc.configure(SFTConfig)
