@@ -93,10 +93,10 @@ cfg = sc.configure(ChatConfig)
 print(sc.describe_config(cfg))
 device = sc.pick_device()
 checkpoint_path = cfg.checkpoint or sc.find_chat_checkpoint(cfg.run_name)
-model, checkpoint = sc.model_from_checkpoint(checkpoint_path, device)
+tokenizer = sc.Tokenizer.load(sc.artifact_dir("tokenizer"))
+model, checkpoint = sc.model_from_checkpoint(checkpoint_path, device, tokenizer.vocab_size)
 model.set_compute_dtype(sc.pick_compute_dtype(device))
 model.to(model.compute_dtype).eval()  # no fp32 master weights at inference: a decode step reads every weight once
-tokenizer = sc.Tokenizer.load(sc.artifact_dir("tokenizer"))
 engine = sc.Engine(model, tokenizer, backend=sc.pick_attention_backend(device, cfg.attention))
 print(f"{checkpoint_path} (step {checkpoint['step']}): {model.num_params()['total']:,} parameters, "
       f"attention {engine.backend}, KV cache {model.kv_bytes_per_token(model.compute_dtype):,} bytes per token")
