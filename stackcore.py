@@ -2014,13 +2014,15 @@ def read_checkpoint_file(path: Path, device: str = "cpu", made_by: str | None = 
     path, made_by = Path(path), made_by or checkpoint_maker(path)
     require_artifact(path, made_by)
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols before refusing them
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=device, weights_only=True)
     except Exception as error:  # zip, pickle and storage errors all mean one thing here: unusable
         reason = ("it holds Python objects other than tensors, numbers and strings, refused because loading them "
                   "could run code" if "weights_only" in str(error).lower() or "Unsupported global" in str(error)
                   else f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'unreadable'}")
         raise DamagedCheckpointError(f"{path} is damaged or not a DecoderStack checkpoint ({reason}); it is written "
-                                     f"by notebooks/{made_by}: run that again") from None
+                                     f"by notebooks/{made_by}: run it again") from None
     missing = [key for key in keys if key not in state] if isinstance(state, dict) else list(keys)
     if missing:
         raise DamagedCheckpointError(f"{path} is not a DecoderStack checkpoint (no {', '.join(missing)}); they are "
@@ -2082,7 +2084,7 @@ def resume_training(directory: Path, model: GPT, optimizers: list[torch.optim.Op
     and loader (or sampler) state. A damaged newest checkpoint is reported and the previous one taken. Returns
     (step, checkpoint), or (0, None) when the folder has none. A checkpoint of another model shape stops with a
     message instead of a confusing state-dict error."""
-    paths = checkpoint_paths(directory)
+    paths, damages = checkpoint_paths(directory), []
     for path in reversed(paths):
         try:
             checkpoint = read_checkpoint_file(path, dist_info.device, made_by)
@@ -2098,11 +2100,12 @@ def resume_training(directory: Path, model: GPT, optimizers: list[torch.optim.Op
                 optimizer.load_state_dict(optimizer_state)
             loader.load_state_dict(rank_state["loader"])
             return checkpoint["step"], path
-        log(f"WARNING: {damage or 'another rank could not read its part of ' + str(path)}; "
-            f"trying the checkpoint before it")
+        damages.append(str(damage or f"another rank could not read its part of {path}"))
+        log(f"WARNING: {damages[-1]}; trying the checkpoint before it")
     if paths:
-        raise CheckpointError(f"no usable checkpoint in {directory} (all {len(paths)} are damaged): delete them, "
-                              f"or start a new run with --run_name=<new name> or --resume=false")
+        raise CheckpointError(f"no usable checkpoint in {directory}: all {len(paths)} are damaged (the newest: "
+                              f"{damages[0]}); delete them, or start a new run with --run_name=<new name> or "
+                              f"--resume=false")
     return 0, None
 
 
