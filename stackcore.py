@@ -149,26 +149,26 @@ def auto_preset(gpu: GpuInfo | None, world_size: int = 1) -> str:
     return "speedrun" if colab_gpu_tier(gpu) == "h100" else "colab"
 
 
-RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 INT64_MAX = 2**63 - 1  # settings end up in numpy and torch integers
 
 
 @dataclass(frozen=True)
 class Allowed:
     """What one setting may hold, declared in its config's LIMITS table: a number from `low` to `high` (both
-    included, unless `above` leaves `low` out), one of `choices`, or a run name (`run_name`: one plain folder name,
-    so that the run stays inside STACK_HOME; `optional` lets it be empty)."""
+    included, unless `above` leaves `low` out), one of `choices`, or a run name (`folder`: one plain folder name, so
+    that the run stays inside STACK_HOME; `optional` lets it be empty)."""
     low: float = -math.inf
     high: float = math.inf
     above: bool = False
     choices: tuple[str, ...] = ()
-    run_name: bool = False
+    folder: bool = False
     optional: bool = False
 
     def describe(self) -> str:
         if self.choices:
             return "one of " + ", ".join(self.choices)
-        if self.run_name:
+        if self.folder:
             return ("a folder name of letters, digits, '.', '-' and '_' (nothing that leaves STACK_HOME)"
                     + (", or empty" if self.optional else ""))
         low = f"> {self.low:g}" if self.above else f">= {self.low:g}"
@@ -177,8 +177,8 @@ class Allowed:
     def admits(self, value: Any) -> bool:
         if self.choices:
             return value in self.choices
-        if self.run_name:
-            return (self.optional and value == "") or (RUN_NAME.fullmatch(value) is not None and value != "..")
+        if self.folder:
+            return (self.optional and value == "") or (FOLDER_NAME.fullmatch(value) is not None and value != "..")
         return (value > self.low if self.above else value >= self.low) and value <= self.high
 
 
@@ -194,8 +194,8 @@ def one_of(*choices: str) -> Allowed:
     return Allowed(choices=choices)
 
 
-def run_name(optional: bool = False) -> Allowed:
-    return Allowed(run_name=True, optional=optional)
+def folder_name(optional: bool = False) -> Allowed:
+    return Allowed(folder=True, optional=optional)
 
 
 def check_setting(name: str, value: Any, kind: Any, allowed: Allowed | None) -> None:

@@ -116,7 +116,7 @@ class PretrainConfig(sc.StackConfig):
         "warmup_steps": sc.at_least(0), "cooldown_frac": sc.at_least(0, 1), "lr_scale": sc.above(0),
         "weight_decay": sc.at_least(0), "eval_every": sc.above(0), "eval_tokens": sc.above(0),
         "eval_batch_tokens": sc.at_least(0), "save_every": sc.above(0), "attention": sc.ATTENTION_SETTING,
-        "run_name": sc.run_name(), "seed": sc.at_least(0),
+        "run_name": sc.folder_name(), "seed": sc.at_least(0),
     }
 
 

@@ -101,7 +101,7 @@ class SFTConfig(ChatEvalConfig):
         "colab": dict(tokens_per_step=131_072, micro_tokens=16_384, steps=1000, pack_tokens=16_384),
     }
     LIMITS = {
-        "base_run": sc.run_name(), "run_name": sc.run_name(), "tokens_per_step": sc.above(0),
+        "base_run": sc.folder_name(), "run_name": sc.folder_name(), "tokens_per_step": sc.above(0),
         "micro_tokens": sc.above(0), "steps": sc.at_least(0), "lr_scale": sc.above(0),
         "cooldown_frac": sc.at_least(0, 1),
         "eval_every": sc.above(0), "eval_steps": sc.above(0), "save_every": sc.above(0), "pack_tokens": sc.above(0),

@@ -104,7 +104,7 @@ class RLConfig(sc.StackConfig):
         "steps": sc.above(0), "prompts_per_step": sc.above(0), "samples_per_prompt": sc.above(0),
         "max_new_tokens": sc.above(0), "temperature": sc.at_least(0), "top_k": sc.at_least(0), "lr_frac": sc.above(0),
         "pass_tokens": sc.above(0), "eval_every": sc.above(0), "eval_prompts": sc.above(0), "eval_samples": sc.above(0),
-        "save_every": sc.above(0), "attention": sc.ATTENTION_SETTING, "run_name": sc.run_name(),
+        "save_every": sc.above(0), "attention": sc.ATTENTION_SETTING, "run_name": sc.folder_name(),
         "seed": sc.at_least(0),
     }
 

@@ -85,7 +85,7 @@ class ChatConfig(sc.StackConfig):
     chat: bool = True  # twin only: chat in the terminal when stdin is a terminal
     attention: str = "auto"  # auto | flash | varlen | flex | sdpa
     PRESETS = {"tiny": dict(max_tokens=24)}
-    LIMITS = {"run_name": sc.run_name(optional=True), "temperature": sc.at_least(0), "top_k": sc.at_least(0),
+    LIMITS = {"run_name": sc.folder_name(optional=True), "temperature": sc.at_least(0), "top_k": sc.at_least(0),
               "max_tokens": sc.above(0), "seed": sc.at_least(0), "attention": sc.ATTENTION_SETTING}
 
 

@@ -91,7 +91,7 @@ def test_environment_values_are_validated_too():
 
 
 RUN_NAME_FIELDS = [(name, field) for name, cls in CONFIGS.items() for field, allowed in cls.limits().items()
-                   if allowed.run_name]
+                   if allowed.folder]
 ESCAPES = ("../../x", "..", ".", "/tmp/x", "a/b", "a\\b", "~/x", " x", "x\n", "-rf", "")
 
 
