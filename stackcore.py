@@ -31,6 +31,7 @@ import math
 import operator
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -76,7 +77,8 @@ ItemT = TypeVar("ItemT")
 
 
 class ConfigError(ValueError):
-    """A bad configuration: unknown key, unparsable value or unknown preset."""
+    """A bad configuration: unknown key, unparsable value, a value the setting does not allow, unknown preset, or a
+    STACK_HOME that cannot be written."""
 
 
 def in_notebook_kernel() -> bool:
@@ -147,12 +149,95 @@ def auto_preset(gpu: GpuInfo | None, world_size: int = 1) -> str:
     return "speedrun" if colab_gpu_tier(gpu) == "h100" else "colab"
 
 
+FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+INT64_MAX = 2**63 - 1  # settings end up in numpy and torch integers
+
+
+@dataclass(frozen=True)
+class Allowed:
+    """What one setting may hold, declared in its config's LIMITS table: a number from `low` to `high` (both
+    included, unless `above` leaves `low` out), one of `choices`, or a run name (`folder`: one plain folder name, so
+    that the run stays inside STACK_HOME; `optional` lets it be empty)."""
+    low: float = -math.inf
+    high: float = math.inf
+    above: bool = False
+    choices: tuple[str, ...] = ()
+    folder: bool = False
+    optional: bool = False
+
+    def describe(self) -> str:
+        if self.choices:
+            return "one of " + ", ".join(self.choices)
+        if self.folder:
+            return ("a folder name of letters, digits, '.', '-' and '_' (nothing that leaves STACK_HOME)"
+                    + (", or empty" if self.optional else ""))
+        low = f"> {self.low:g}" if self.above else f">= {self.low:g}"
+        return low if self.high == math.inf else f"{low} and <= {self.high:g}"
+
+    def admits(self, value: Any) -> bool:
+        if self.choices:
+            return value in self.choices
+        if self.folder:
+            return (self.optional and value == "") or (FOLDER_NAME.fullmatch(value) is not None and value != "..")
+        return (value > self.low if self.above else value >= self.low) and value <= self.high
+
+
+def at_least(low: float, high: float = math.inf) -> Allowed:
+    return Allowed(low, high)
+
+
+def above(low: float, high: float = math.inf) -> Allowed:
+    return Allowed(low, high, above=True)
+
+
+def one_of(*choices: str) -> Allowed:
+    return Allowed(choices=choices)
+
+
+def folder_name(optional: bool = False) -> Allowed:
+    return Allowed(folder=True, optional=optional)
+
+
+def check_setting(name: str, value: Any, kind: Any, allowed: Allowed | None) -> None:
+    """Stop with a ConfigError naming the setting, its value and what it may hold when `value` is not of the field's
+    type, not finite, outside int64, or not `allowed`."""
+    expected = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}.get(kind, (object,))
+    if not isinstance(value, expected) or (kind in (int, float) and isinstance(value, bool)):
+        raise ConfigError(f"{name}={value!r}: {name} must be of type {kind.__name__}")
+    if kind is float and not math.isfinite(value):
+        raise ConfigError(f"{name}={value!r}: {name} must be a finite number"
+                          + (f" {allowed.describe()}" if allowed else ""))
+    if kind is int and abs(value) > INT64_MAX:
+        raise ConfigError(f"{name}={value!r}: {name} must be at most {INT64_MAX}")
+    if allowed is not None and not allowed.admits(value):
+        raise ConfigError(f"{name}={value!r}: {name} must be {allowed.describe()}")
+
+
 @dataclass
 class StackConfig:
     """Base of every notebook's config. Subclasses add fields and a PRESETS table {preset: {field: value}};
-    presets of parent classes apply first, so a shared base (the corpus, say) keeps its own presets."""
+    presets of parent classes apply first, so a shared base (the corpus, say) keeps its own presets. A LIMITS table
+    {field: Allowed} beside the fields says what each setting may hold; configure calls validate(), which checks
+    every field (numbers must also be finite), so a notebook never meets a setting it cannot use."""
     preset: str = ""
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
+    LIMITS: ClassVar[dict[str, Allowed]] = {}
+
+    @classmethod
+    def limits(cls) -> dict[str, Allowed]:
+        """The LIMITS of this class and its bases; a limit for a field the class lacks is a mistake in the table."""
+        merged = {name: allowed for klass in reversed(cls.__mro__)
+                  for name, allowed in vars(klass).get("LIMITS", {}).items()}
+        stray = sorted(set(merged) - {f.name for f in dataclasses.fields(cls)})
+        if stray:
+            raise ConfigError(f"{cls.__name__}.LIMITS names settings it does not have: {', '.join(stray)}")
+        return merged
+
+    def validate(self) -> None:
+        """Check every setting against its type and LIMITS (a hook: subclasses add checks across settings)."""
+        kinds, limits = typing.get_type_hints(type(self)), self.limits()
+        for field in dataclasses.fields(self):
+            check_setting(field.name, getattr(self, field.name), kinds[field.name], limits.get(field.name))
 
 
 def preset_tables(preset: str, tier: str | None) -> tuple[str, ...]:
@@ -195,7 +280,9 @@ def configure(cls: type[ConfigT], argv: Sequence[str] | None = None,
     values.update({n: environ[f"STACK_{n.upper()}"] for n in names if f"STACK_{n.upper()}" in environ})
     values.update(cli)
     parsed = {name: parse_value(name, raw, kinds[name]) for name, raw in values.items()}
-    return cls(preset=preset, **parsed)
+    config = cls(preset=preset, **parsed)
+    config.validate()
+    return config
 
 
 def describe_config(cfg: Any) -> str:
@@ -221,7 +308,13 @@ def artifact_dir(kind: str, create: bool = True) -> Path:
         raise ValueError(f"unknown artifact kind {kind!r}; valid: {', '.join(ARTIFACT_KINDS)}")
     path = stack_home() / kind
     if create:
-        path.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            if not os.access(path, os.W_OK):
+                raise PermissionError(13, "Permission denied")
+        except OSError as error:
+            raise ConfigError(f"STACK_HOME {stack_home()} is not writable ({error.strerror}: {path}); point "
+                              f"STACK_HOME at a folder you can write") from None
     return path
 
 
@@ -692,6 +785,7 @@ def symmetric_matmul(x: Tensor, alpha: float = 1.0, addend: Tensor | None = None
 # also takes a prebuilt BlockMask as `window` (flex_block_mask), so that no mask is built inside torch.compile.
 
 ATTENTION_BACKENDS = ("flash", "varlen", "flex", "sdpa")  # preference order for "auto"
+ATTENTION_SETTING = one_of("auto", *ATTENTION_BACKENDS)  # what a notebook's `attention` setting may be
 
 
 def document_ids(cu_seqlens: Tensor, total_len: int) -> Tensor:
@@ -1542,7 +1636,7 @@ class Muon(torch.optim.Optimizer):
                 if p.grad is not None:
                     grads[i] = p.grad
             own_grads = _reduce_scatter_mean(grads, world_size, rank)
-            own_params = params[rank * per_rank:(rank + 1) * per_rank]
+            own_params = self._share(params, world_size, rank)
             update = torch.zeros_like(own_grads)
             if own_params:
                 update[:len(own_params)] = self._orthogonal_update(group, own_params, own_grads[:len(own_params)])
@@ -1550,6 +1644,23 @@ class Muon(torch.optim.Optimizer):
             rows, cols = params[0].shape
             torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
             torch._foreach_add_(params, updates, alpha=-group["lr"] * max(1.0, rows / cols) ** 0.5)
+
+    @staticmethod
+    def _share(params: list[Tensor], world_size: int, rank: int) -> list[Tensor]:
+        """The matrices of a shape group that `rank` orthogonalises (and keeps momentum for)."""
+        per_rank = -(-len(params) // world_size)
+        return params[rank * per_rank:(rank + 1) * per_rank]
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load, then keep momentum only for this rank's share: a checkpoint saved by another number of ranks
+        arrives as every rank's share together (see resume_training)."""
+        super().load_state_dict(state_dict)
+        world_size, rank = _world()
+        for group in self.param_groups:
+            own = {id(p) for p in self._share(group["params"], world_size, rank)}
+            for p in group["params"]:
+                if id(p) not in own:
+                    self.state.pop(p, None)
 
     def _orthogonal_update(self, group: dict, params: list[Tensor], grads: Tensor) -> Tensor:
         buffers = []
@@ -1709,6 +1820,7 @@ def token_budget_chunks(lengths: Sequence[int], max_tokens: int) -> list[list[in
 
 class PretrainLoader:
     """Endless BOS-aligned batches from token shards, `tokens` per rank per call, wrapping around at the end."""
+    position_shared = True  # every rank holds the same position: a checkpoint resumes under any number of ranks
 
     def __init__(self, shard_dir: Path, split: str, tokens: int, bos_id: int, vocab_size: int, max_doc_len: int,
                  rank: int = 0, world_size: int = 1, device: str = "cpu"):
@@ -1826,10 +1938,45 @@ def init_distributed() -> DistInfo:
     return DistInfo(rank, world_size, local_rank, device)
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used here: damaged, not ours, of another model or vocabulary, or of a run that
+    cannot resume as asked. The message names the file and the notebook that writes it."""
+
+
+class DamagedCheckpointError(CheckpointError):
+    """A file that does not load (truncated, corrupted, foreign, or holding Python objects): resuming falls back to
+    the previous checkpoint."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss (or weights): it stops before anything is saved."""
+
+
+CHECKPOINT_MAKERS = {"pretrain": "03_pretrain", "sft": "05_sft", "rl": "06_rl"}  # default run name: its notebook
+
+
+def checkpoint_maker(path: Path) -> str:
+    """The notebook that writes checkpoints in `path`'s folder, known from the default run names."""
+    return CHECKPOINT_MAKERS.get(Path(path).parent.name, "03_pretrain, 05_sft or 06_rl")
+
+
+def check_finite_loss(loss: float, step: int, what: str = "training loss") -> None:
+    """Stop training on a NaN or infinite loss, before the next checkpoint could save what caused it."""
+    if not math.isfinite(loss):
+        raise NonFiniteLossError(f"the {what} is {loss} at step {step}: training stopped and nothing was saved (the "
+                                 f"newest checkpoint holds the last good weights); lower --lr_scale or check the data")
+
+
 def save_checkpoint(directory: Path, step: int, model: nn.Module, optimizers: list[torch.optim.Optimizer],
-                    loader: PretrainLoader, config: Any, dist_info: DistInfo, extra: dict | None = None) -> Path:
-    """`step_NNNNNN.pt` (model, config, step; rank 0) and `step_NNNNNN.rankR.pt` (optimizer and loader state of
-    each rank: distributed Muon keeps each rank's momentum share apart). Written atomically."""
+                    loader: Any, config: Any, dist_info: DistInfo, extra: dict | None = None) -> Path:
+    """`step_NNNNNN.pt` (model, configs, step and world size; rank 0) and `step_NNNNNN.rankR.pt` (optimizer and
+    loader state of each rank: distributed Muon keeps each rank's momentum share apart). Written atomically, as
+    tensors, numbers, strings and plain containers only, so that they load with torch.load(weights_only=True).
+    Weights that are not finite are never written."""
+    broken = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if broken:
+        raise NonFiniteLossError(f"step {step}: {len(broken)} weight tensor(s) hold NaN or infinite values "
+                                 f"({', '.join(broken[:3])}): not saved; lower --lr_scale or check the data")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"step_{step:06d}.pt"
@@ -1837,7 +1984,8 @@ def save_checkpoint(directory: Path, step: int, model: nn.Module, optimizers: li
     atomic_save({"optimizers": [o.state_dict() for o in optimizers], "loader": loader.state_dict()}, rank_path)
     if dist_info.master:
         atomic_save({"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
-                     "config": dataclasses.asdict(config), "step": step, **(extra or {})}, path)
+                     "config": dataclasses.asdict(config), "step": step, "world_size": dist_info.world_size,
+                     **(extra or {})}, path)
     if dist.is_initialized():
         dist.barrier()
     return path
@@ -1849,37 +1997,136 @@ def atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def checkpoint_paths(directory: Path) -> list[Path]:
+    """The rank-0 checkpoints of a run folder, oldest first."""
+    return sorted(Path(directory).glob("step_??????.pt"))
+
+
 def latest_checkpoint(directory: Path) -> Path | None:
-    paths = sorted(Path(directory).glob("step_??????.pt"))
+    paths = checkpoint_paths(directory)
     return paths[-1] if paths else None
 
 
-def load_checkpoint(path: Path, device: str = "cpu") -> dict[str, Any]:
+def read_checkpoint_file(path: Path, device: str = "cpu", made_by: str | None = None,
+                         keys: Sequence[str] = ("model", "model_config", "step")) -> dict[str, Any]:
+    """torch.load with weights_only=True (a checkpoint holding other Python objects is refused unread: unpickling
+    them could run code), with errors that name the file and the notebook that writes it."""
+    path, made_by = Path(path), made_by or checkpoint_maker(path)
+    require_artifact(path, made_by)
+    try:
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols before refusing them
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as error:  # zip, pickle and storage errors all mean one thing here: unusable
+        reason = ("it holds Python objects other than tensors, numbers and strings, refused because loading them "
+                  "could run code" if "weights_only" in str(error).lower() or "Unsupported global" in str(error)
+                  else f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'unreadable'}")
+        raise DamagedCheckpointError(f"{path} is damaged or not a DecoderStack checkpoint ({reason}); it is written "
+                                     f"by notebooks/{made_by}: run it again") from None
+    missing = [key for key in keys if key not in state] if isinstance(state, dict) else list(keys)
+    if missing:
+        raise DamagedCheckpointError(f"{path} is not a DecoderStack checkpoint (no {', '.join(missing)}); they are "
+                                     f"written by notebooks/{made_by}")
+    return state
+
+
+def load_checkpoint(path: Path, device: str = "cpu", made_by: str | None = None) -> dict[str, Any]:
     """The rank-0 checkpoint (model weights, configs, step)."""
-    return torch.load(require_artifact(Path(path), made_by="03_pretrain"), map_location=device, weights_only=False)
+    return read_checkpoint_file(path, device, made_by)
 
 
-def resume_training(path: Path, model: GPT, optimizers: list[torch.optim.Optimizer], loader: Any,
-                    dist_info: DistInfo) -> int:
-    """Continue a run from checkpoint `path`: the model's weights, then this rank's optimizer and loader (or
-    sampler) state from its side file. Returns the checkpoint's step. A checkpoint of another model shape stops
-    with a message instead of a confusing state-dict error."""
-    checkpoint = load_checkpoint(path, dist_info.device)
-    if checkpoint["model_config"] != dataclasses.asdict(model.config):
-        raise ValueError(f"{path} holds a different model ({checkpoint['model_config']}); "
-                         f"use --run_name=<new name> or --resume=false")
-    model.load_state_dict(checkpoint["model"])
-    rank_path = Path(path).with_name(f"{Path(path).stem}.rank{dist_info.rank}.pt")
-    state = torch.load(require_artifact(rank_path, made_by="03_pretrain"), map_location=dist_info.device,
-                       weights_only=False)
-    for optimizer, optimizer_state in zip(optimizers, state["optimizers"]):
-        optimizer.load_state_dict(optimizer_state)
-    loader.load_state_dict(state["loader"])
-    return checkpoint["step"]
+def check_vocabulary(path: Path, checkpoint: dict[str, Any], vocab_size: int) -> None:
+    """A model must use the tokenizer it was trained with: other ids would index past its embedding or mean other
+    text."""
+    model_vocab = checkpoint["model_config"]["vocab_size"]
+    if model_vocab != vocab_size:
+        raise CheckpointError(f"{path} holds a model with a vocabulary of {model_vocab} tokens, but the tokenizer "
+                              f"in {artifact_dir('tokenizer', create=False)} has {vocab_size}: it was trained with "
+                              f"another tokenizer; use that tokenizer's STACK_HOME or train the model again")
 
 
-def model_from_checkpoint(path: Path, device: str) -> tuple[GPT, dict[str, Any]]:
-    checkpoint = load_checkpoint(path, device)
+def _rank_states(path: Path, checkpoint: dict[str, Any], loader: Any, dist_info: DistInfo, made_by: str
+                 ) -> dict[str, Any]:
+    """This rank's optimizer and loader state. Saved by another number of ranks, it is rebuilt from every rank's
+    file when the loader's position is the same on every rank (`position_shared`): per-parameter optimizer state is
+    the union of the files (AdamW's is the same on every rank, Muon's momentum sits with the rank that owned the
+    matrix; Muon.load_state_dict keeps this rank's share)."""
+    saved = checkpoint.get("world_size") or len(list(path.parent.glob(f"{path.stem}.rank*.pt")))
+    if saved == dist_info.world_size:
+        return read_checkpoint_file(path.with_name(f"{path.stem}.rank{dist_info.rank}.pt"), dist_info.device,
+                                    made_by, keys=("optimizers", "loader"))
+    if not getattr(loader, "position_shared", False):
+        raise CheckpointError(f"{path} was saved by {saved} process(es) and this run has {dist_info.world_size}: "
+                              f"{type(loader).__name__} keeps a separate position on each rank, which cannot be "
+                              f"split again; resume with {saved} process(es), or start a new run with "
+                              f"--run_name=<new name>")
+    states = [read_checkpoint_file(path.with_name(f"{path.stem}.rank{rank}.pt"), dist_info.device, made_by,
+                                   keys=("optimizers", "loader")) for rank in range(saved)]
+    optimizers = [{"param_groups": parts[0]["param_groups"],
+                   "state": {key: value for part in parts for key, value in part["state"].items()}}
+                  for parts in zip(*(state["optimizers"] for state in states))]
+    return {"optimizers": optimizers, "loader": states[0]["loader"]}
+
+
+def _all_ranks_agree(ok: bool) -> bool:
+    """True when `ok` holds on every rank, so that all ranks fall back to the same checkpoint."""
+    if not dist.is_initialized():
+        return ok
+    flag = torch.tensor(int(ok), device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def resume_training(directory: Path, model: GPT, optimizers: list[torch.optim.Optimizer], loader: Any,
+                    dist_info: DistInfo, made_by: str, log: typing.Callable[[str], None] = print
+                    ) -> tuple[int, Path | None]:
+    """Continue a run from the newest usable checkpoint in `directory`: the model's weights, then the optimizer
+    and loader (or sampler) state. A damaged newest checkpoint is reported and the previous one taken. Returns
+    (step, checkpoint), or (0, None) when the folder has none. A checkpoint of another model shape stops with a
+    message instead of a confusing state-dict error."""
+    paths, damages = checkpoint_paths(directory), []
+    for path in reversed(paths):
+        try:
+            checkpoint = read_checkpoint_file(path, dist_info.device, made_by)
+            if checkpoint["model_config"] != dataclasses.asdict(model.config):
+                raise CheckpointError(f"{path} holds a different model ({checkpoint['model_config']}); "
+                                      f"use --run_name=<new name> or --resume=false")
+            rank_state, damage = _rank_states(path, checkpoint, loader, dist_info, made_by), None
+        except DamagedCheckpointError as error:
+            damage = error
+        if _all_ranks_agree(damage is None):
+            model.load_state_dict(checkpoint["model"])
+            for optimizer, optimizer_state in zip(optimizers, rank_state["optimizers"]):
+                optimizer.load_state_dict(optimizer_state)
+            loader.load_state_dict(rank_state["loader"])
+            return checkpoint["step"], path
+        damages.append(str(damage or f"another rank could not read its part of {path}"))
+        log(f"WARNING: {damages[-1]}; trying the checkpoint before it")
+    if paths:
+        raise CheckpointError(f"no usable checkpoint in {directory}: all {len(paths)} are damaged (the newest: "
+                              f"{damages[0]}); delete them, or start a new run with --run_name=<new name> or "
+                              f"--resume=false")
+    return 0, None
+
+
+def run_is_complete(start_step: int, steps: int, run_name: str, checkpoint: Path | None,
+                    log: typing.Callable[[str], None] = print) -> bool:
+    """True (and says so) when a resumed run has already reached `steps`: it then trains nothing and leaves its
+    summary as it is. A larger --steps continues it."""
+    if checkpoint is None or start_step < steps:
+        return False
+    log(f"run {run_name!r} is already complete: {checkpoint} is at step {start_step} and --steps={steps}, so "
+        f"nothing is trained and its summary is left as it is. To train it further pass --steps=<more than "
+        f"{start_step}>; to start another run pass --run_name=<new name> (or --resume=false to start this one over)")
+    return True
+
+
+def model_from_checkpoint(path: Path, device: str, vocab_size: int | None = None, made_by: str | None = None
+                          ) -> tuple[GPT, dict[str, Any]]:
+    """The model of a checkpoint; with `vocab_size`, refused unless it matches the tokenizer's."""
+    checkpoint = load_checkpoint(path, device, made_by)
+    if vocab_size is not None:
+        check_vocabulary(path, checkpoint, vocab_size)
     model = GPT(GPTConfig(**checkpoint["model_config"])).to(device)
     model.load_state_dict(checkpoint["model"])
     return model, checkpoint

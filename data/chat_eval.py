@@ -21,7 +21,7 @@ from pathlib import Path
 from data import gsm8k
 from data.sft import (SHARED_DATA, HubTable, choice_questions, colour_questions, letter_counts, load_words, read_rows,
                       selection_passes, table_files, word_split)
-from stackcore import ChatTask, StackConfig, run_sandboxed
+from stackcore import ChatTask, StackConfig, above, at_least, run_sandboxed
 
 HUMANEVAL = HubTable("openai/openai_humaneval", {"test": ("openai_humaneval/test-00000-of-00001.parquet",)})
 CHAT_TASKS = ("arc_easy", "arc_challenge", "mmlu", "gsm8k", "humaneval", "spelling", "colours")
@@ -117,6 +117,8 @@ class ChatEvalConfig(StackConfig):
                      chat_humaneval_source=str(TINY_HUMANEVAL), chat_words="builtin"),
         "colab": dict(chat_choice_examples=1000, chat_generate_examples=100),
     }
+    LIMITS = {"chat_choice_examples": at_least(0), "chat_generate_examples": at_least(0),
+              "chat_max_tokens": above(0), "chat_seed": at_least(0)}
 
     def task_names(self) -> list[str]:
         names = [name.strip() for name in self.chat_tasks.split(",") if name.strip()]

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data.synthetic import NAMES, THINGS
-from stackcore import StackConfig, artifact_dir
+from stackcore import StackConfig, artifact_dir, at_least
 
 HUB_REPO = "openai/gsm8k"
 SPLITS = ("train", "test")
@@ -40,6 +40,7 @@ class GsmPromptConfig(StackConfig):
     rl_train_prompts: int = 0  # train problems to tokenize, from the start of the split (0: all 7,473)
     rl_test_prompts: int = 0  # test problems (0: all 1,319)
     PRESETS = {"tiny": dict(rl_gsm8k_source="synthetic", rl_train_prompts=256, rl_test_prompts=64)}
+    LIMITS = {"rl_train_prompts": at_least(0), "rl_test_prompts": at_least(0)}
 
 
 class GsmDataError(ValueError):

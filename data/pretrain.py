@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Iterator
 
 from data.synthetic import synthetic_documents
-from stackcore import StackConfig, artifact_dir
+from stackcore import StackConfig, above, artifact_dir, one_of
 
 
 @dataclass(frozen=True)
@@ -126,6 +126,7 @@ class CorpusConfig(StackConfig):
     local_files: str = ""  # corpus=local: glob of training files (.txt, .jsonl, .jsonl.gz, .parquet)
     local_val_files: str = ""  # corpus=local: glob of validation files
     PRESETS = {"tiny": dict(corpus="synthetic"), "colab": dict(train_shards=4)}
+    LIMITS = {"corpus": one_of(*CORPUS_NAMES), "train_shards": above(0)}
 
     def resolve(self) -> CorpusFiles:
         return resolve_corpus(self.corpus, self.train_shards, self.local_files, self.local_val_files,

@@ -33,7 +33,7 @@ import numpy as np
 from data import gsm8k
 from data.core import COLORS, THING_COLORS
 from data.synthetic import synthetic_documents
-from stackcore import StackConfig, artifact_dir, chat_turns
+from stackcore import StackConfig, above, artifact_dir, at_least, chat_turns
 
 Conversation = list[dict]
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # the dev machines' offline copies, if any
@@ -367,6 +367,10 @@ class SFTMixture(StackConfig):
         "colab": dict(sft_smoltalk=100_000, sft_mmlu=100_000, sft_gsm8k=15_000, sft_spelling=20_000,
                       sft_identity=500, sft_max_tokens=1024),
     }
+    LIMITS = {**{name: at_least(0) for name in ("sft_smoltalk", "sft_mmlu", "sft_gsm8k", "sft_arc_easy",
+                                                "sft_arc_challenge", "sft_spelling", "sft_identity", "sft_synthetic",
+                                                "sft_seed")},
+              "sft_val": above(0), "sft_max_tokens": above(0)}
 
     def counts(self) -> dict[str, int]:
         return {source: getattr(self, f"sft_{source}") for source in SFT_SOURCES}

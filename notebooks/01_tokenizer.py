@@ -76,6 +76,8 @@ class TokenizerConfig(CorpusConfig):
     max_chars: int = 2_000_000_000  # characters of training text fed to BPE (nanochat uses 2 B)
     heldout_docs: int = 200  # validation documents used to measure compression
     PRESETS = {"tiny": dict(vocab_size=512, max_chars=2_000_000), "colab": dict(max_chars=500_000_000)}
+    LIMITS = {"vocab_size": sc.above(256 + len(sc.SPECIAL_TOKENS), 2**32), "max_chars": sc.above(0),
+              "heldout_docs": sc.above(0)}
 
 
 cfg = sc.configure(TokenizerConfig)

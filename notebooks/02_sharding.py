@@ -88,6 +88,8 @@ class ShardingConfig(CorpusConfig, sft.SFTMixture, gsm8k.GsmPromptConfig):
     core_max_examples: int = 0  # examples per CORE task (0: all)
     PRESETS = {"tiny": dict(shard_tokens=200_000, val_docs=100, workers=2, core_max_examples=8),
                "colab": dict(shard_tokens=50_000_000)}
+    LIMITS = {"max_chars": sc.at_least(0), "shard_tokens": sc.above(0), "val_docs": sc.above(0),
+              "workers": sc.at_least(0), "core_max_examples": sc.at_least(0)}
 
 
 cfg = sc.configure(ShardingConfig)

@@ -110,6 +110,14 @@ class PretrainConfig(sc.StackConfig):
         "speedrun": dict(),
         "node": dict(depth=20, steps=4000, save_every=500),
     }
+    LIMITS = {
+        "depth": sc.above(0), "model_dim": sc.at_least(0), "head_dim": sc.above(0), "seq_len": sc.above(0),
+        "tokens_per_step": sc.above(0), "micro_tokens": sc.above(0), "steps": sc.above(0),
+        "warmup_steps": sc.at_least(0), "cooldown_frac": sc.at_least(0, 1), "lr_scale": sc.above(0),
+        "weight_decay": sc.at_least(0), "eval_every": sc.above(0), "eval_tokens": sc.above(0),
+        "eval_batch_tokens": sc.at_least(0), "save_every": sc.above(0), "attention": sc.ATTENTION_SETTING,
+        "run_name": sc.folder_name(), "seed": sc.at_least(0),
+    }
 
 
 cfg = sc.configure(PretrainConfig)
@@ -194,13 +202,15 @@ def validation_bpb() -> float:
 # %% [markdown]
 # ## Resume
 # If this run already has a checkpoint, pick up where it stopped: weights, optimizer state and the loader's
-# position, so the continuation is the same as an uninterrupted run.
+# position, so the continuation is the same as an uninterrupted run (also under another number of processes). A
+# damaged newest checkpoint is reported and the one before it taken. A run that has already reached `steps` trains
+# nothing and keeps its summary: pass a larger `--steps` to continue it, or a new `--run_name`.
 
 # %%
-start_step = 0
-latest = sc.latest_checkpoint(checkpoint_dir) if cfg.resume else None
+start_step, latest = (sc.resume_training(checkpoint_dir, model, optimizers, train_loader, dist_info, "03_pretrain",
+                                         log) if cfg.resume else (0, None))
+complete = sc.run_is_complete(start_step, cfg.steps, cfg.run_name, latest, log)
 if latest is not None:
-    start_step = sc.resume_training(latest, model, optimizers, train_loader, dist_info)
     log(f"resumed from {latest} at step {start_step}")
 elif dist_info.master:
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
@@ -229,7 +239,7 @@ def peak_memory_gb() -> float | None:
     return round(torch.cuda.max_memory_allocated() / 1e9, 2) if device.startswith("cuda") else None
 
 
-for step in range(start_step, cfg.steps + 1):
+for step in range(start_step, start_step if complete else cfg.steps + 1):
     last = step == cfg.steps
     if step % cfg.eval_every == 0 or last:
         val_bpb = validation_bpb()
@@ -252,6 +262,7 @@ for step in range(start_step, cfg.steps + 1):
         loss_scaler.scale(loss / accum_steps).backward()
     loss_scaler.step(optimizers)
     train_loss = loss.item()  # one sync per step: the loss of the last micro-batch
+    sc.check_finite_loss(train_loss, step + 1)
     step_seconds = time.time() - t0
     step_times.append(step_seconds)
     if len(step_times) == 1:  # keep what set-up and compilation left behind out of every later garbage collection
@@ -308,7 +319,7 @@ summary = {
     if steady_step and peak else None,
     "peak_memory_GB": peak_memory_gb(),
 }
-if dist_info.master:
+if dist_info.master and not complete:
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     log(json.dumps(summary, indent=1))
 if torch.distributed.is_initialized():

@@ -85,6 +85,8 @@ class CoreEvalConfig(sc.StackConfig):
     attention: str = "auto"  # auto | flash | varlen | flex | sdpa
     compile: bool = False  # torch.compile the layers on GPUs for faster passes after a 1-1.5 minute warm-up
     PRESETS = {"tiny": dict(pack_tokens=4096)}
+    LIMITS = {"run_name": sc.folder_name(), "pack_tokens": sc.above(0), "compare_examples": sc.at_least(0),
+              "attention": sc.ATTENTION_SETTING}
 
 
 cfg = sc.configure(CoreEvalConfig)

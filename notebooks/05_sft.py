@@ -100,6 +100,13 @@ class SFTConfig(ChatEvalConfig):
                      pack_tokens=4096),
         "colab": dict(tokens_per_step=131_072, micro_tokens=16_384, steps=1000, pack_tokens=16_384),
     }
+    LIMITS = {
+        "base_run": sc.folder_name(), "run_name": sc.folder_name(), "tokens_per_step": sc.above(0),
+        "micro_tokens": sc.above(0), "steps": sc.at_least(0), "lr_scale": sc.above(0),
+        "cooldown_frac": sc.at_least(0, 1),
+        "eval_every": sc.above(0), "eval_steps": sc.above(0), "save_every": sc.above(0), "pack_tokens": sc.above(0),
+        "attention": sc.ATTENTION_SETTING, "seed": sc.at_least(0),
+    }
 
 
 cfg = sc.configure(SFTConfig)
@@ -125,7 +132,7 @@ base_path = cfg.checkpoint or sc.latest_checkpoint(sc.artifact_dir("checkpoints"
 if base_path is None:
     raise sc.MissingArtifactError(f"no checkpoint in {sc.artifact_dir('checkpoints') / cfg.base_run}: run "
                                   f"notebooks/03_pretrain first (STACK_HOME is {sc.stack_home()})")
-model, base_checkpoint = sc.model_from_checkpoint(base_path, device)
+model, base_checkpoint = sc.model_from_checkpoint(base_path, device, tokenizer.vocab_size, "03_pretrain")
 compute_dtype = sc.pick_compute_dtype(device)
 model.set_compute_dtype(compute_dtype)
 backend = sc.pick_attention_backend(device, cfg.attention)
@@ -168,8 +175,7 @@ log(f"first batch: {len(example.cu_seqlens) - 1} conversations in {len(example.i
 tasks = load_chat_tasks(cfg)
 log(describe_tasks(tasks))
 before_file = run_dir / "chat_before.json"
-latest = sc.latest_checkpoint(checkpoint_dir) if cfg.resume else None
-if latest is not None and before_file.exists():
+if sc.latest_checkpoint(checkpoint_dir) is not None and cfg.resume and before_file.exists():
     before = json.loads(before_file.read_text())
 else:
     before = sc.evaluate_chat(model, tokenizer, tasks, backend, device, cfg.pack_tokens)
@@ -189,12 +195,15 @@ loss_scaler = sc.LossScaler(compute_dtype, device)  # fp16 only (a T4); a plain 
 # %% [markdown]
 # ## Resume
 # If this run already has a checkpoint, continue from it: the fine-tuned weights, the optimizer state and the
-# loader's place in its shuffled epoch.
+# loader's place in its shuffled epoch (with the same number of processes: each rank has its own place). A damaged
+# newest checkpoint is reported and the one before it taken. A run that has already reached `steps` trains nothing
+# and keeps its results file: pass a larger `--steps` to continue it, or a new `--run_name`.
 
 # %%
-start_step = 0
+start_step, latest = (sc.resume_training(checkpoint_dir, model, optimizers, train_loader, dist_info, "05_sft",
+                                         log) if cfg.resume else (0, None))
+complete = sc.run_is_complete(start_step, steps, cfg.run_name, latest, log)
 if latest is not None:
-    start_step = sc.resume_training(latest, model, optimizers, train_loader, dist_info)
     log(f"resumed from {latest} at step {start_step}")
 elif dist_info.master:
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
@@ -210,7 +219,7 @@ run_log = sc.RunLog(run_dir, enabled=dist_info.master)
 # %%
 val_loss = float("nan")
 train_seconds = 0.0
-for step in range(start_step, steps + 1):
+for step in range(start_step, start_step if complete else steps + 1):
     last = step == steps
     if step % cfg.eval_every == 0 or last:
         val_loader.load_state_dict({"epoch": 0, "cursor": 0})
@@ -238,6 +247,7 @@ for step in range(start_step, steps + 1):
         step_loss += loss.detach()
     loss_scaler.step(optimizers)
     train_loss = float(step_loss)  # one sync per step
+    sc.check_finite_loss(train_loss, step + 1)
     step_seconds = time.time() - t0
     train_seconds += step_seconds
     tokens = sum(len(batch.inputs) for batch in batches)
@@ -289,7 +299,7 @@ results = {"base_checkpoint": str(base_path), "steps": steps, "preset": cfg.pres
            "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
            "ranks": dist_info.world_size, "attention": backend, "final_val_loss": val_loss,
            "train_seconds": round(train_seconds, 1), "chat": stages, "config": dataclasses.asdict(cfg)}
-if dist_info.master:
+if dist_info.master and not complete:
     (run_dir / "results.json").write_text(json.dumps(results, indent=1))
     log(f"val loss {val_loss:.4f} | ChatCORE {before['chatcore']:.3f} -> {after['chatcore']:.3f} | "
         f"written {run_dir / 'results.json'}")

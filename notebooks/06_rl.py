@@ -100,6 +100,13 @@ class RLConfig(sc.StackConfig):
         "colab": dict(steps=200, prompts_per_step=8, samples_per_prompt=8, pass_tokens=16_384, eval_every=50,
                       eval_prompts=200, save_every=50),
     }
+    LIMITS = {
+        "steps": sc.above(0), "prompts_per_step": sc.above(0), "samples_per_prompt": sc.above(0),
+        "max_new_tokens": sc.above(0), "temperature": sc.at_least(0), "top_k": sc.at_least(0), "lr_frac": sc.above(0),
+        "pass_tokens": sc.above(0), "eval_every": sc.above(0), "eval_prompts": sc.above(0), "eval_samples": sc.above(0),
+        "save_every": sc.above(0), "attention": sc.ATTENTION_SETTING, "run_name": sc.folder_name(),
+        "seed": sc.at_least(0),
+    }
 
 
 cfg = sc.configure(RLConfig)
@@ -132,11 +139,11 @@ def starting_checkpoint() -> str:
 
 
 start_path = starting_checkpoint()
-model, start_checkpoint = sc.model_from_checkpoint(start_path, device)
+tokenizer = sc.Tokenizer.load(sc.artifact_dir("tokenizer"))
+model, start_checkpoint = sc.model_from_checkpoint(start_path, device, tokenizer.vocab_size)
 compute_dtype = sc.pick_compute_dtype(device)
 model.set_compute_dtype(compute_dtype)
 backend = sc.pick_attention_backend(device, cfg.attention)
-tokenizer = sc.Tokenizer.load(sc.artifact_dir("tokenizer"))
 engine = sc.Engine(model, tokenizer, backend)
 print(f"starting from {start_path} (step {start_checkpoint['step']}): {model.num_params()['total']:,} parameters, "
       f"attention {backend}, device {device}")
@@ -190,13 +197,15 @@ loss_scaler = sc.LossScaler(compute_dtype, device)  # fp16 only (a T4); a plain 
 # %% [markdown]
 # ## Resume
 # If this run already has a checkpoint, continue from it: weights, optimizer state and the position in the question
-# order. Otherwise start a fresh log.
+# order (a damaged newest checkpoint is reported and the one before it taken). Otherwise start a fresh log. A run
+# that has already reached `steps` trains nothing and keeps its summary: pass a larger `--steps` to continue it, or a
+# new `--run_name`.
 
 # %%
-start_step = 0
-latest = sc.latest_checkpoint(checkpoint_dir) if cfg.resume else None
+start_step, latest = (sc.resume_training(checkpoint_dir, model, optimizers, sampler, dist_info, "06_rl")
+                      if cfg.resume else (0, None))
+complete = sc.run_is_complete(start_step, cfg.steps, cfg.run_name, latest)
 if latest is not None:
-    start_step = sc.resume_training(latest, model, optimizers, sampler, dist_info)
     print(f"resumed from {latest} at step {start_step}")
 else:
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
@@ -220,7 +229,7 @@ def evaluate(step: int) -> None:
 
 
 totals = {"rollout_seconds": 0.0, "update_seconds": 0.0, "answer_tokens": 0}
-for step in range(start_step, cfg.steps + 1):
+for step in range(start_step, start_step if complete else cfg.steps + 1):
     last = step == cfg.steps
     if (step % cfg.eval_every == 0 or last) and (step > start_step or start_step == 0):  # resumed: done already
         evaluate(step)
@@ -237,6 +246,7 @@ for step in range(start_step, cfg.steps + 1):
     t1 = time.time()
     sc.apply_schedule(optimizers, 1.0 - step / cfg.steps)
     stats = sc.policy_gradient_backward(model, groups, backend, cfg.pass_tokens, device, loss_scaler)
+    sc.check_finite_loss(stats["loss"], step + 1)
     loss_scaler.step(optimizers)
     t2 = time.time()
     answer_tokens = sum(len(seq) - len(g.prompt.ids) for g in groups for seq in g.sequences)
@@ -304,5 +314,6 @@ summary = {
     "rollout_tokens_per_second": (round(totals["answer_tokens"] / totals["rollout_seconds"])
                                   if totals["rollout_seconds"] else None),
 }
-(run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-print(json.dumps(summary, indent=1))
+if not complete:
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary, indent=1))

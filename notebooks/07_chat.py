@@ -85,16 +85,18 @@ class ChatConfig(sc.StackConfig):
     chat: bool = True  # twin only: chat in the terminal when stdin is a terminal
     attention: str = "auto"  # auto | flash | varlen | flex | sdpa
     PRESETS = {"tiny": dict(max_tokens=24)}
+    LIMITS = {"run_name": sc.folder_name(optional=True), "temperature": sc.at_least(0), "top_k": sc.at_least(0),
+              "max_tokens": sc.above(0), "seed": sc.at_least(0), "attention": sc.ATTENTION_SETTING}
 
 
 cfg = sc.configure(ChatConfig)
 print(sc.describe_config(cfg))
 device = sc.pick_device()
 checkpoint_path = cfg.checkpoint or sc.find_chat_checkpoint(cfg.run_name)
-model, checkpoint = sc.model_from_checkpoint(checkpoint_path, device)
+tokenizer = sc.Tokenizer.load(sc.artifact_dir("tokenizer"))
+model, checkpoint = sc.model_from_checkpoint(checkpoint_path, device, tokenizer.vocab_size)
 model.set_compute_dtype(sc.pick_compute_dtype(device))
 model.to(model.compute_dtype).eval()  # no fp32 master weights at inference: a decode step reads every weight once
-tokenizer = sc.Tokenizer.load(sc.artifact_dir("tokenizer"))
 engine = sc.Engine(model, tokenizer, backend=sc.pick_attention_backend(device, cfg.attention))
 print(f"{checkpoint_path} (step {checkpoint['step']}): {model.num_params()['total']:,} parameters, "
       f"attention {engine.backend}, KV cache {model.kv_bytes_per_token(model.compute_dtype):,} bytes per token")
