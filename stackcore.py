@@ -12,7 +12,7 @@ Sections (and the notebooks that call them):
   9. Pretraining loader ............... 03_pretrain
  10. Evaluation: bits per byte ........ 03_pretrain, 04_core_eval
  11. Checkpoints and run logs ......... 03-07
- 12. CORE evaluation .................. 02_sharding, 04_core_eval
+ 12. CORE evaluation .................. 04_core_eval (02_sharding writes its shards with data/core.py)
  13. Chat format, calculator, engine .. 05_sft, 06_rl, 07_chat (render conversations, KV-cache generation)
  14. SFT and chat evaluations ......... 02_sharding, 05_sft, 06_rl (conversation shards, SFT loader, chat evals)
  15. Reinforcement learning ........... 02_sharding, 06_rl (GSM8K prompt shards, rollouts, policy gradient)
@@ -1921,10 +1921,10 @@ def format_duration(seconds: float) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# 12. CORE evaluation (used by 02_sharding, 04_core_eval)
+# 12. CORE evaluation (used by 04_core_eval)
 # ---------------------------------------------------------------------------------------------
-# The 22 tasks of the DCLM paper, scored as nanochat does (data/core.py reads and renders them). 02_sharding
-# tokenizes every rendered example once into shards/core/<task>.bin, a token shard holding one full sequence
+# The 22 tasks of the DCLM paper, scored as nanochat does (data/core.py reads, renders and tokenizes them). 02_sharding
+# writes every rendered example once into shards/core/<task>.bin, a token shard holding one full sequence
 # (BOS, context, continuation) per (example, choice), and <task>.records.bin, one int32 row per sequence with
 # the columns of CORE_RECORD_FIELDS: token offsets of the sequence start, the continuation start and the end,
 # then the example index (in the task file), the choice index and 1 on the gold choice. tasks.json lists the
@@ -1936,15 +1936,6 @@ def format_duration(seconds: float) -> str:
 
 CORE_RECORD_FIELDS = ("seq_start", "cont_start", "seq_end", "example", "choice", "gold")
 CORE_MANIFEST = "tasks.json"
-
-
-@dataclass
-class CoreExample:
-    """One rendered example: choice i is the text contexts[i] + continuations[i]; only the continuation is scored."""
-    kind: str  # multiple_choice | schema | language_modeling
-    contexts: list[str]
-    continuations: list[str]
-    gold: int
 
 
 @dataclass
@@ -1977,63 +1968,6 @@ def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
     heads = np.stack([np.asarray(seq[:shortest]) for seq in seqs])
     differs = (heads != heads[0]).any(axis=0)
     return int(differs.argmax()) if differs.any() else shortest
-
-
-def continuation_starts(example: CoreExample, seqs: list[list[int]], context_lengths: list[int]) -> list[int]:
-    """Where each choice's continuation begins, as nanochat finds it in token space: after the tokens all choices
-    share (multiple choice), before the tokens all options share (schema), after the context alone (language
-    modelling). Always at least one scored token, never the BOS."""
-    if example.kind == "multiple_choice":
-        starts = [common_prefix_length(seqs)] * len(seqs)
-    elif example.kind == "schema":
-        shared = common_prefix_length([s[::-1] for s in seqs])
-        starts = [len(s) - shared for s in seqs]
-    else:
-        starts = context_lengths
-    return [min(max(start, 1), len(s) - 1) for start, s in zip(starts, seqs)]
-
-
-def tokenize_core_examples(tokenizer: Tokenizer, examples: Sequence[CoreExample]) -> list[list[tuple[list[int], int]]]:
-    """Per example, per choice: (BOS + full text tokens, continuation start). Language-modelling texts are
-    stripped of surrounding whitespace, so the context's trailing space joins the continuation's first token."""
-    def full_texts(ex: CoreExample) -> list[str]:
-        texts = [c + x for c, x in zip(ex.contexts, ex.continuations)]
-        return [texts[0].strip()] if ex.kind == "language_modeling" else texts
-
-    fulls = tokenizer.encode_batch([t for ex in examples for t in full_texts(ex)], prepend_bos=True)
-    lm_contexts = [ex.contexts[0].strip() for ex in examples if ex.kind == "language_modeling"]
-    context_lengths = iter(len(ids) for ids in tokenizer.encode_batch(lm_contexts, prepend_bos=True))
-    result, position = [], 0
-    for ex in examples:
-        seqs = fulls[position:position + len(ex.contexts)]
-        position += len(seqs)
-        lengths = [next(context_lengths)] if ex.kind == "language_modeling" else []
-        result.append(list(zip(seqs, continuation_starts(ex, seqs, lengths))))
-    return result
-
-
-def write_core_shard(directory: Path, label: str, examples: Sequence[tuple[int, CoreExample]],
-                     tokenizer: Tokenizer) -> Path:
-    """Tokenize (example index, rendered example) pairs into `label`.bin and its records side file."""
-    tokenized = tokenize_core_examples(tokenizer, [ex for _, ex in examples])
-    sequences, records, offset = [], [], 0
-    for (index, ex), choices in zip(examples, tokenized):
-        for choice, (seq, start) in enumerate(choices):
-            records.append((offset, offset + start, offset + len(seq), index, choice, int(choice == ex.gold)))
-            sequences.append(np.asarray(seq, dtype=np.uint32))
-            offset += len(seq)
-    path = Path(directory) / f"{label}.bin"
-    write_shard(path, np.concatenate(sequences), "tokens", tokenizer.vocab_size)
-    table = np.asarray(records, dtype=np.int32).reshape(-1, len(CORE_RECORD_FIELDS))
-    write_shard(side_file(path, "records"), table, "records")
-    return path
-
-
-def write_core_manifest(directory: Path, tasks: list[dict[str, Any]]) -> Path:
-    """tasks.json: one {label, kind, baseline, examples} per task written, in CORE order."""
-    path = Path(directory) / CORE_MANIFEST
-    path.write_text(json.dumps(tasks, indent=1))
-    return path
 
 
 def read_core_shards(directory: Path, vocab_size: int | None = None) -> list[CoreShard]:

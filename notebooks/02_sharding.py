@@ -186,10 +186,10 @@ for task in core.available_tasks(bundle):
     examples = core.load_examples(bundle, task)
     chosen = core.chosen_indices(len(examples), cfg.core_max_examples)
     rendered = [(i, core.render_example(task, examples, i)) for i in chosen]
-    path = sc.write_core_shard(core_dir, task.label, rendered, tokenizer)
+    path = core.write_core_shard(core_dir, task.label, rendered, tokenizer)
     manifest.append({"label": task.label, "kind": task.kind, "baseline": task.baseline, "examples": len(chosen)})
     print(f"{task.label:<34} {len(chosen):>6} examples {len(sc.read_shard(path)):>10,} tokens")
-sc.write_core_manifest(core_dir, manifest)
+core.write_core_manifest(core_dir, manifest)
 print(f"{len(manifest)} CORE tasks written to {core_dir}")
 
 # %% [markdown]

@@ -135,10 +135,10 @@ def synthetic_shards(tiny_tokenizer, tmp_path):
     for task in core.CORE_TASKS:
         examples = core.load_examples(bundle, task)
         chosen = core.chosen_indices(len(examples), 6)
-        sc.write_core_shard(tmp_path / "core", task.label, [(i, core.render_example(task, examples, i))
+        core.write_core_shard(tmp_path / "core", task.label, [(i, core.render_example(task, examples, i))
                                                            for i in chosen], tokenizer)
         manifest.append({"label": task.label, "kind": task.kind, "baseline": task.baseline, "examples": 6})
-    sc.write_core_manifest(tmp_path / "core", manifest)
+    core.write_core_manifest(tmp_path / "core", manifest)
     return tokenizer, sc.read_core_shards(tmp_path / "core", tokenizer.vocab_size)
 
 
@@ -390,7 +390,7 @@ def test_real_examples_tokenize_into_shards(tiny_tokenizer, tmp_path):
         task = core.TASKS_BY_LABEL[label]
         examples = core.load_examples(REAL_BUNDLE, task)
         chosen = core.chosen_indices(len(examples), 5)
-        path = sc.write_core_shard(tmp_path, label, [(i, core.render_example(task, examples, i)) for i in chosen],
+        path = core.write_core_shard(tmp_path, label, [(i, core.render_example(task, examples, i)) for i in chosen],
                                    tokenizer)
         records = sc.read_shard(sc.side_file(path, "records"))
         assert records.shape[1] == len(sc.CORE_RECORD_FIELDS) and sorted(set(records[:, 3])) == chosen
