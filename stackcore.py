@@ -15,7 +15,7 @@ Sections (and the notebooks that call them):
  12. CORE evaluation .................. 04_core_eval (02_sharding writes its shards with data/core.py)
  13. Chat format, calculator, engine .. 05_sft, 06_rl, 07_chat (render conversations, KV-cache generation)
  14. SFT and chat evaluations ......... 02_sharding, 05_sft, 06_rl (conversation shards, SFT loader, chat evals)
- 15. Reinforcement learning ........... 02_sharding, 06_rl (GSM8K prompt shards, rollouts, policy gradient)
+ 15. Reinforcement learning ........... 06_rl (rollouts, policy gradient; data/gsm8k.py holds the prompt shards)
  16. Runtime set-up ................... every notebook (the first cell: Colab installs, Drive, GPU report)
 
 The notebooks keep the training loops in view; this file holds the reusable and performance-critical parts.
@@ -3239,47 +3239,19 @@ def plot_chat_results(stages: dict[str, dict[str, Any]], title: str = "chat eval
 
 
 # ---------------------------------------------------------------------------------------------
-# 15. Reinforcement learning (used by 02_sharding, 06_rl)
+# 15. Reinforcement learning (used by 06_rl)
 # ---------------------------------------------------------------------------------------------
-# On-policy policy gradient on tasks with a checkable answer (GSM8K). 02_sharding writes the prompts once:
-# shards/<task>/<split>.bin holds each rendered prompt (ending in <|assistant_start|>) back to back, and
-# <split>.records.bin one int32 row per prompt with the columns of PROMPT_RECORD_FIELDS. Each step, 06_rl samples
+# On-policy policy gradient on tasks with a checkable answer (GSM8K). 02_sharding writes the rendered prompts once
+# into shards/<task>/ (data/gsm8k.py: write_prompt_shard, read_prompt_shard). Each step, 06_rl samples
 # several completions per prompt with the Engine (one prefill per prompt), rewards each, turns rewards into
 # advantages within the prompt's group, and raises the log-probability of the sampled tokens in proportion to
 # their advantage. The rollouts are packed back to back for one varlen forward pass, like pretraining documents.
-
-PROMPT_RECORD_FIELDS = ("prompt_start", "prompt_end", "problem", "gold")
-
 
 @dataclass
 class TaskPrompt:
     ids: list[int]  # the rendered conversation, ending in <|assistant_start|>
     gold: str  # the reference answer a completion is rewarded against
     problem: int  # index of the problem in its split
-
-
-def write_prompt_shard(directory: Path, split: str, prompts: Sequence[TaskPrompt], vocab_size: int) -> Path:
-    """`split`.bin (the prompts back to back) and its records side file. Gold answers are stored as int32, which
-    holds every GSM8K answer; anything else is an error naming the problem."""
-    records, offset = [], 0
-    for prompt in prompts:
-        if not prompt.gold.lstrip("-").isdigit() or not -2**31 <= int(prompt.gold) < 2**31:
-            raise ValueError(f"problem {prompt.problem}: gold answer {prompt.gold!r} is not an int32 integer")
-        records.append((offset, offset + len(prompt.ids), prompt.problem, int(prompt.gold)))
-        offset += len(prompt.ids)
-    path = Path(directory) / f"{split}.bin"
-    tokens = np.concatenate([np.asarray(p.ids, dtype=np.uint32) for p in prompts]) if prompts else np.zeros(0)
-    write_shard(path, tokens, "tokens", vocab_size)
-    table = np.asarray(records, dtype=np.int32).reshape(-1, len(PROMPT_RECORD_FIELDS))
-    write_shard(side_file(path, "records"), table, "records")
-    return path
-
-
-def read_prompt_shard(directory: Path, split: str, vocab_size: int | None = None) -> list[TaskPrompt]:
-    path = require_artifact(Path(directory) / f"{split}.bin", made_by="02_sharding")
-    tokens, records = read_shard(path, vocab_size), read_shard(side_file(path, "records"))
-    return [TaskPrompt(np.asarray(tokens[start:end]).tolist(), str(gold), int(problem))
-            for start, end, problem, gold in records.tolist()]
 
 
 class PromptSampler:

@@ -290,12 +290,12 @@ for split, limit in (("train", cfg.rl_train_prompts), ("test", cfg.rl_test_promp
     problems = gsm8k.load_problems(split, cfg.rl_gsm8k_source)[:limit or None]
     prompts = [sc.TaskPrompt(sc.render_for_completion(tokenizer, problem.prompt()), problem.gold, i)
                for i, problem in enumerate(problems)]
-    sc.write_prompt_shard(gsm8k_dir, split, prompts, tokenizer.vocab_size)
+    gsm8k.write_prompt_shard(gsm8k_dir, split, prompts, tokenizer.vocab_size)
     lengths = [len(prompt.ids) for prompt in prompts]
     report["gsm8k"][split] = {"prompts": len(prompts), "tokens": sum(lengths), "longest": max(lengths)}
     print(f"GSM8K {split:>5}: {len(prompts):>5,} prompts, {sum(lengths):>9,} tokens, longest {max(lengths)}")
 (run_dir / "summary.json").write_text(json.dumps(report, indent=1))
-first = sc.read_prompt_shard(gsm8k_dir, "test", tokenizer.vocab_size)[0]
+first = gsm8k.read_prompt_shard(gsm8k_dir, "test", tokenizer.vocab_size)[0]
 print(f"the first test prompt, as the engine sees it (gold answer {first.gold}):\n{tokenizer.decode(first.ids)}")
 
 # %% [markdown]

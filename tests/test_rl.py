@@ -1,5 +1,5 @@
 """GSM8K and reinforcement learning: the dataset adapter (data/gsm8k.py: answers to calculator conversations, final
-answer parsing, rewards, the Hub download) and stackcore section 15 (prompt shards, advantages, the policy-gradient
+answer parsing, rewards, the Hub download, prompt shards) and stackcore section 15 (advantages, the policy-gradient
 loss over sampled tokens only, rollouts with the Engine, pass@k)."""
 from __future__ import annotations
 
@@ -154,13 +154,13 @@ def test_hub_download_reads_the_parquet_files_once(hub, tmp_path, stack_home):
 def test_prompt_shards_round_trip(tmp_path):
     prompts = [sc.TaskPrompt([1, 5, 7, 3], "72", 0), sc.TaskPrompt([1, 9, 3], "-4", 5),
                sc.TaskPrompt([1, 2, 2, 2, 3], "192000000", 9)]
-    path = sc.write_prompt_shard(tmp_path, "train", prompts, vocab_size=16)
-    assert sc.read_prompt_shard(tmp_path, "train", vocab_size=16) == prompts
-    assert sc.read_shard(sc.side_file(path, "records")).shape == (3, len(sc.PROMPT_RECORD_FIELDS))
+    path = gsm8k.write_prompt_shard(tmp_path, "train", prompts, vocab_size=16)
+    assert gsm8k.read_prompt_shard(tmp_path, "train", vocab_size=16) == prompts
+    assert sc.read_shard(sc.side_file(path, "records")).shape == (3, len(gsm8k.PROMPT_RECORD_FIELDS))
     with pytest.raises(ValueError, match="problem 4: gold answer '2.5'"):
-        sc.write_prompt_shard(tmp_path, "test", [sc.TaskPrompt([1, 2], "2.5", 4)], vocab_size=16)
+        gsm8k.write_prompt_shard(tmp_path, "test", [sc.TaskPrompt([1, 2], "2.5", 4)], vocab_size=16)
     with pytest.raises(sc.MissingArtifactError, match="02_sharding"):
-        sc.read_prompt_shard(tmp_path, "test")
+        gsm8k.read_prompt_shard(tmp_path, "test")
 
 
 # --- advantages, packing and the loss ---------------------------------------------------------------------------
