@@ -1,4 +1,5 @@
-"""The chat evaluations of 05_sft (and 06_rl): which examples each task asks, from where, as `stackcore.ChatTask`s.
+"""The chat evaluations of 05_sft (and 06_rl): which examples each task asks, from where, as `stackcore.ChatTask`s;
+and their results as a table and a chart.
 
 | task | kind | examples | public home |
 | --- | --- | --- | --- |
@@ -17,6 +18,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from data import gsm8k
 from data.sft import (SHARED_DATA, HubTable, choice_questions, colour_questions, letter_counts, load_words, read_rows,
@@ -158,3 +162,37 @@ def load_chat_tasks(cfg: ChatEvalConfig, endpoint: str | None = None) -> list[Ch
 def describe_tasks(tasks: list[ChatTask]) -> str:
     return "\n".join(f"{t.name:<14} {t.kind:<9} {len(t.examples):>6} examples, random guessing {t.baseline:.2f}"
                      for t in tasks)
+
+
+# --- Results as a table and a chart (05_sft) ---------------------------------------------------------------------
+
+def chat_table(stages: dict[str, dict[str, Any]]) -> str:
+    """A text table of accuracy per task (rows) for each stage (columns), e.g. {"base": ..., "sft": ...}."""
+    names = list(dict.fromkeys(name for stage in stages.values() for name in stage["tasks"]))
+    lines = [f"{'task':<16}" + "".join(f"{stage:>12}" for stage in stages)]
+    for name in names:
+        cells = [stage["tasks"].get(name, {}).get("accuracy") for stage in stages.values()]
+        lines.append(f"{name:<16}" + "".join(f"{'-' if c is None else f'{c:.3f}':>12}" for c in cells))
+    lines.append(f"{'ChatCORE':<16}" + "".join(f"{stage['chatcore']:>12.3f}" for stage in stages.values()))
+    return "\n".join(lines)
+
+
+def plot_chat_results(stages: dict[str, dict[str, Any]], title: str = "chat evals") -> Any:
+    """A bar chart of accuracy per task, one bar per stage (before / after SFT, after RL), random guessing dashed.
+    Returns the matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(name for stage in stages.values() for name in stage["tasks"]))
+    width = 0.8 / max(len(stages), 1)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(names)), 3.8))
+    for i, (stage, results) in enumerate(stages.items()):
+        values = [results["tasks"].get(name, {}).get("accuracy", 0.0) for name in names]
+        ax.bar(np.arange(len(names)) + (i - (len(stages) - 1) / 2) * width, values, width, label=stage)
+    for j, name in enumerate(names):
+        baseline = next(s["tasks"][name]["baseline"] for s in stages.values() if name in s["tasks"])
+        ax.hlines(baseline, j - 0.45, j + 0.45, colors="black", linestyles="dashed", lw=0.8)
+    ax.set_xticks(range(len(names)), names)
+    ax.set(ylabel="accuracy", ylim=(0, 1), title=title)
+    ax.legend()
+    fig.tight_layout()
+    return fig

@@ -180,10 +180,10 @@ def test_chat_table_and_plot(tmp_path):
     before = {"tasks": {"arc_easy": {"accuracy": 0.25, "baseline": 0.25, "centered": 0.0},
                         "gsm8k": {"accuracy": 0.0, "baseline": 0.0, "centered": 0.0}}, "chatcore": 0.0}
     after = {"tasks": {"arc_easy": {"accuracy": 0.4, "baseline": 0.25, "centered": 0.2}}, "chatcore": 0.2}
-    table = sc.chat_table({"base": before, "sft": after})
+    table = chat_eval.chat_table({"base": before, "sft": after})
     assert "arc_easy" in table and "0.400" in table and "ChatCORE" in table
     assert table.splitlines()[2].split() == ["gsm8k", "0.000", "-"]
-    sc.plot_chat_results({"base": before, "sft": after}).savefig(tmp_path / "chart.png")
+    chat_eval.plot_chat_results({"base": before, "sft": after}).savefig(tmp_path / "chart.png")
     assert (tmp_path / "chart.png").stat().st_size > 1000
 
 
