@@ -2720,26 +2720,7 @@ class Engine:
         return self.generate_batch([prompt], num_samples, max_tokens, temperature, top_k, top_p, seed)
 
 
-# Chatting: a ChatSession keeps the history and streams replies; the notebook's widget (ChatPanel) and terminal
-# loop (chat_loop) are thin layers over it, so tests drive them as plain function calls.
-
-CHAT_CHECKPOINT_RUNS = {"rl": "06_rl", "sft": "05_sft"}  # chat runs and the notebooks that train them
-
-
-def find_chat_checkpoint(run_name: str = "") -> Path:
-    """The newest checkpoint of run `run_name`; by default that of the newest chat run (06_rl, 05_sft), else
-    that of 03_pretrain's base model."""
-    root = artifact_dir("checkpoints")
-    runs = [run_name] if run_name else list(CHAT_CHECKPOINT_RUNS)
-    found = [path for path in (latest_checkpoint(root / run) for run in runs) if path is not None]
-    if not found and not run_name:
-        found = [path for path in [latest_checkpoint(root / "pretrain")] if path is not None]
-    if not found:
-        made_by = CHAT_CHECKPOINT_RUNS.get(run_name, "03_pretrain")
-        raise MissingArtifactError(f"no checkpoint under {root / (run_name or 'pretrain')} (nor of a chat run): "
-                                   f"run notebooks/{made_by} first (STACK_HOME is {stack_home()})")
-    return max(found, key=lambda path: path.stat().st_mtime)
-
+# A reply back into message parts, and as text: the chat evals check it; 07_chat (notebooks/chat_session.py) shows it.
 
 def assistant_parts(tokenizer: Tokenizer, ids: Sequence[int]) -> list[dict[str, str]]:
     """Generated tokens (after <|assistant_start|>) back to message parts, up to a stop token; the inverse of
@@ -2764,116 +2745,6 @@ def show_parts(parts: Sequence[dict[str, str]]) -> str:
     """An assistant reply as plain text, with tool calls shown as [calculator: expression = result]."""
     templates = {"text": "{}", "python": "[calculator: {}", "python_output": " = {}]"}
     return "".join(templates[part["type"]].format(part["text"]) for part in parts)
-
-
-def show_tokens(tokenizer: Tokenizer, ids: Sequence[int]) -> str:
-    """show_parts(assistant_parts(tokenizer, ids)) token by token: text only grows as tokens arrive, so a
-    streaming display can print the difference."""
-    shown = {"<|python_start|>": "[calculator: ", "<|output_start|>": " = ", "<|output_end|>": "]"}
-    special = {tokenizer.special_id(name): name for name in SPECIAL_TOKENS}
-    pieces, run = [], []
-    for token in ids:
-        if token not in special:
-            run.append(token)
-            continue
-        pieces.append(tokenizer.decode(run))
-        run = []
-        if special[token] in ("<|assistant_end|>", "<|bos|>"):
-            break
-        pieces.append(shown.get(special[token], ""))
-    return "".join(pieces) + tokenizer.decode(run)
-
-
-class ChatSession:
-    """A conversation with a model: the message history and a streaming `reply`."""
-
-    def __init__(self, engine: Engine, temperature: float = 0.6, top_k: int | None = 50, max_tokens: int = 256,
-                 seed: int = 0, system: str | None = None):
-        self.engine, self.temperature, self.top_k, self.max_tokens = engine, temperature, top_k, max_tokens
-        self.seed, self.system = seed, system
-        self.messages: list[dict[str, Any]] = []
-        self.clear()
-
-    def clear(self) -> None:
-        self.messages = [{"role": "system", "content": self.system}] if self.system else []
-
-    def reply(self, text: str) -> Iterator[str]:
-        """Add the user's message, then yield the reply as it is generated, piece by piece (tool calls shown as by
-        show_parts). Once the generator is exhausted, the reply is part of the history."""
-        self.messages.append({"role": "user", "content": text})
-        prompt = render_for_completion(self.engine.tokenizer, self.messages)
-        ids: list[int] = []
-        shown = ""
-        for tokens, _ in self.engine.stream(prompt, max_tokens=self.max_tokens, temperature=self.temperature,
-                                            top_k=self.top_k, seed=self.seed + len(self.messages)):
-            ids.append(tokens[0])
-            now = show_tokens(self.engine.tokenizer, ids)
-            if not now.endswith("\ufffd"):  # wait for the rest of a character split across tokens
-                yield now[len(shown):]
-                shown = now
-        self.messages.append({"role": "assistant", "content": assistant_parts(self.engine.tokenizer, ids)})
-
-
-def chat_loop(session: ChatSession, read: typing.Callable[[str], str] = input,
-              write: typing.Callable[..., Any] = print) -> None:
-    """A terminal chat: 'clear' starts over; 'quit', an empty line or end of input stops."""
-    while True:
-        try:
-            text = read("you> ").strip()
-        except EOFError:
-            break
-        if text in ("", "quit", "exit"):
-            break
-        if text == "clear":
-            session.clear()
-            continue
-        write("assistant> ", end="", flush=True)
-        for piece in session.reply(text):
-            write(piece, end="", flush=True)
-        write()
-
-
-class ChatPanel:
-    """The notebook's chat widget: the history, a text box with a send button, a temperature slider and a clear
-    button. `send` and `clear` are the button callbacks; a test calls them directly."""
-
-    def __init__(self, session: ChatSession):
-        import ipywidgets as widgets
-
-        self.session = session
-        self.history = widgets.HTML()
-        self.text = widgets.Text(placeholder="Ask something, then press Send", layout={"width": "60%"})
-        self.temperature = widgets.FloatSlider(value=session.temperature, min=0.0, max=1.5, step=0.05,
-                                               description="temperature")
-        send, clear = widgets.Button(description="Send"), widgets.Button(description="Clear")
-        send.on_click(self.send)
-        clear.on_click(self.clear)
-        self.widget = widgets.VBox([self.history, widgets.HBox([self.text, send, clear]), self.temperature])
-        self.render()
-
-    def render(self, pending: str | None = None) -> None:
-        """Show the history, and a reply still being generated."""
-        import html
-
-        lines = [(m["role"], m["content"] if isinstance(m["content"], str) else show_parts(m["content"]))
-                 for m in self.session.messages]
-        lines += [("assistant", pending)] if pending is not None else []
-        self.history.value = "".join(f"<p><b>{role}:</b> {html.escape(text)}</p>" for role, text in lines)
-
-    def send(self, _button: Any = None) -> None:
-        text, self.text.value = self.text.value.strip(), ""
-        if not text:
-            return
-        self.session.temperature = self.temperature.value
-        reply = ""
-        for piece in self.session.reply(text):
-            reply += piece
-            self.render(reply)
-        self.render()
-
-    def clear(self, _button: Any = None) -> None:
-        self.session.clear()
-        self.render()
 
 
 # ---------------------------------------------------------------------------------------------
