@@ -23,15 +23,13 @@ from typing import Any
 import numpy as np
 
 from data import gsm8k
-from data.sft import (SHARED_DATA, HubTable, choice_questions, colour_questions, letter_counts, load_words, read_rows,
+from data.sft import (HubTable, choice_questions, colour_questions, letter_counts, load_words, read_rows,
                       selection_passes, table_files, word_split)
 from stackcore import ChatTask, StackConfig, run_sandboxed
 
 HUMANEVAL = HubTable("openai/openai_humaneval", {"test": ("openai_humaneval/test-00000-of-00001.parquet",)})
 CHAT_TASKS = ("arc_easy", "arc_challenge", "mmlu", "gsm8k", "humaneval", "spelling", "colours")
 CHOICE_SPLITS = {"arc_easy": "test", "arc_challenge": "test", "mmlu": "test"}
-TINY_HUMANEVAL = SHARED_DATA / "humaneval"
-TINY_GSM8K = SHARED_DATA / "gsm8k"
 
 
 @dataclass(frozen=True)
@@ -115,10 +113,8 @@ class ChatEvalConfig(StackConfig):
     chat_words: str = ""  # word list for spelling (as data/sft.py's sft_words)
     chat_seed: int = 0
     PRESETS = {
-        "tiny": dict(chat_tasks="colours,spelling,gsm8k" + (",humaneval" if TINY_HUMANEVAL.is_dir() else ""),
-                     chat_choice_examples=48, chat_generate_examples=3, chat_max_tokens=40,
-                     chat_gsm8k_source=str(TINY_GSM8K) if TINY_GSM8K.is_dir() else "synthetic",
-                     chat_humaneval_source=str(TINY_HUMANEVAL), chat_words="builtin"),
+        "tiny": dict(chat_tasks="colours,spelling,gsm8k", chat_choice_examples=48, chat_generate_examples=3,
+                     chat_max_tokens=40, chat_gsm8k_source="synthetic", chat_words="builtin"),
         "colab": dict(chat_choice_examples=1000, chat_generate_examples=100),
     }
 

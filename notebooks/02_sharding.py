@@ -197,8 +197,7 @@ print(f"{len(manifest)} CORE tasks written to {core_dir}")
 # `05_sft` teaches the pretrained model to chat. Its data is a mixture of conversations (`data/sft.py`): general
 # chat (SmolTalk), multiple-choice questions answered with a letter (MMLU, ARC), maths with calculator calls
 # (GSM8K), spelling and letter counting with a python call, and a few conversations about who the model is. The
-# `sft_*` settings say how many conversations each source gives; the tiny preset uses generated chats and the data
-# on this machine only.
+# `sft_*` settings say how many conversations each source gives; the tiny preset uses generated data only, offline.
 #
 # A conversation becomes tokens with `sc.render_conversation`: `<|bos|>`, then each turn between its special tokens.
 # It also returns a **loss mask**, 1 on the tokens the model should learn to write (the assistant's text, its

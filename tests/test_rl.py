@@ -22,12 +22,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import stackcore as sc  # noqa: E402
-from conftest import SHARED_DATA  # noqa: E402
 from data import gsm8k  # noqa: E402
 from test_hub import hub  # noqa: E402,F401  (the fixture: a local stand-in for the Hub)
 
-REAL_GSM8K = SHARED_DATA / "gsm8k"
-needs_real_gsm8k = pytest.mark.skipif(not (REAL_GSM8K / "test.jsonl").is_file(), reason="no shared GSM8K data")
 
 
 @pytest.fixture(autouse=True)
@@ -82,13 +79,12 @@ def test_reward_is_one_exactly_for_the_right_final_answer(completion, gold, expe
     assert gsm8k.reward(completion, gold) == expected
 
 
-@needs_real_gsm8k
-def test_every_shared_problem_parses_and_the_calculator_agrees_with_the_annotations():
+def test_every_shared_problem_parses_and_the_calculator_agrees_with_the_annotations(real_data):
     """Every line of the shared GSM8K copy: a gold answer, parts that rebuild the answer exactly, and tool outputs
     that sc.calculate reproduces (so SFT teaches the outputs the engine will force at run time)."""
     calls = agreed = 0
     for split, count in (("train", 7473), ("test", 1319)):
-        problems = gsm8k.load_problems(split, str(REAL_GSM8K))
+        problems = gsm8k.load_problems(split, str(real_data / "gsm8k"))
         assert len(problems) == count
         for problem in problems:
             parts = gsm8k.assistant_parts(problem.answer)
