@@ -12,10 +12,10 @@ Sections (and the notebooks that call them):
   9. Pretraining loader ............... 03_pretrain
  10. Evaluation: bits per byte ........ 03_pretrain, 04_core_eval
  11. Checkpoints and run logs ......... 03-07
- 12. CORE evaluation .................. 02_sharding, 04_core_eval
+ 12. CORE evaluation .................. 04_core_eval (02_sharding writes its shards with data/core.py)
  13. Chat format, calculator, engine .. 05_sft, 06_rl, 07_chat (render conversations, KV-cache generation)
  14. SFT and chat evaluations ......... 02_sharding, 05_sft, 06_rl (conversation shards, SFT loader, chat evals)
- 15. Reinforcement learning ........... 02_sharding, 06_rl (GSM8K prompt shards, rollouts, policy gradient)
+ 15. Reinforcement learning ........... 06_rl (rollouts, policy gradient; data/gsm8k.py holds the prompt shards)
  16. Runtime set-up ................... every notebook (the first cell: Colab installs, Drive, GPU report)
 
 The notebooks keep the training loops in view; this file holds the reusable and performance-critical parts.
@@ -2168,10 +2168,10 @@ def format_duration(seconds: float) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# 12. CORE evaluation (used by 02_sharding, 04_core_eval)
+# 12. CORE evaluation (used by 04_core_eval)
 # ---------------------------------------------------------------------------------------------
-# The 22 tasks of the DCLM paper, scored as nanochat does (data/core.py reads and renders them). 02_sharding
-# tokenizes every rendered example once into shards/core/<task>.bin, a token shard holding one full sequence
+# The 22 tasks of the DCLM paper, scored as nanochat does (data/core.py reads, renders and tokenizes them). 02_sharding
+# writes every rendered example once into shards/core/<task>.bin, a token shard holding one full sequence
 # (BOS, context, continuation) per (example, choice), and <task>.records.bin, one int32 row per sequence with
 # the columns of CORE_RECORD_FIELDS: token offsets of the sequence start, the continuation start and the end,
 # then the example index (in the task file), the choice index and 1 on the gold choice. tasks.json lists the
@@ -2183,15 +2183,6 @@ def format_duration(seconds: float) -> str:
 
 CORE_RECORD_FIELDS = ("seq_start", "cont_start", "seq_end", "example", "choice", "gold")
 CORE_MANIFEST = "tasks.json"
-
-
-@dataclass
-class CoreExample:
-    """One rendered example: choice i is the text contexts[i] + continuations[i]; only the continuation is scored."""
-    kind: str  # multiple_choice | schema | language_modeling
-    contexts: list[str]
-    continuations: list[str]
-    gold: int
 
 
 @dataclass
@@ -2224,63 +2215,6 @@ def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
     heads = np.stack([np.asarray(seq[:shortest]) for seq in seqs])
     differs = (heads != heads[0]).any(axis=0)
     return int(differs.argmax()) if differs.any() else shortest
-
-
-def continuation_starts(example: CoreExample, seqs: list[list[int]], context_lengths: list[int]) -> list[int]:
-    """Where each choice's continuation begins, as nanochat finds it in token space: after the tokens all choices
-    share (multiple choice), before the tokens all options share (schema), after the context alone (language
-    modelling). Always at least one scored token, never the BOS."""
-    if example.kind == "multiple_choice":
-        starts = [common_prefix_length(seqs)] * len(seqs)
-    elif example.kind == "schema":
-        shared = common_prefix_length([s[::-1] for s in seqs])
-        starts = [len(s) - shared for s in seqs]
-    else:
-        starts = context_lengths
-    return [min(max(start, 1), len(s) - 1) for start, s in zip(starts, seqs)]
-
-
-def tokenize_core_examples(tokenizer: Tokenizer, examples: Sequence[CoreExample]) -> list[list[tuple[list[int], int]]]:
-    """Per example, per choice: (BOS + full text tokens, continuation start). Language-modelling texts are
-    stripped of surrounding whitespace, so the context's trailing space joins the continuation's first token."""
-    def full_texts(ex: CoreExample) -> list[str]:
-        texts = [c + x for c, x in zip(ex.contexts, ex.continuations)]
-        return [texts[0].strip()] if ex.kind == "language_modeling" else texts
-
-    fulls = tokenizer.encode_batch([t for ex in examples for t in full_texts(ex)], prepend_bos=True)
-    lm_contexts = [ex.contexts[0].strip() for ex in examples if ex.kind == "language_modeling"]
-    context_lengths = iter(len(ids) for ids in tokenizer.encode_batch(lm_contexts, prepend_bos=True))
-    result, position = [], 0
-    for ex in examples:
-        seqs = fulls[position:position + len(ex.contexts)]
-        position += len(seqs)
-        lengths = [next(context_lengths)] if ex.kind == "language_modeling" else []
-        result.append(list(zip(seqs, continuation_starts(ex, seqs, lengths))))
-    return result
-
-
-def write_core_shard(directory: Path, label: str, examples: Sequence[tuple[int, CoreExample]],
-                     tokenizer: Tokenizer) -> Path:
-    """Tokenize (example index, rendered example) pairs into `label`.bin and its records side file."""
-    tokenized = tokenize_core_examples(tokenizer, [ex for _, ex in examples])
-    sequences, records, offset = [], [], 0
-    for (index, ex), choices in zip(examples, tokenized):
-        for choice, (seq, start) in enumerate(choices):
-            records.append((offset, offset + start, offset + len(seq), index, choice, int(choice == ex.gold)))
-            sequences.append(np.asarray(seq, dtype=np.uint32))
-            offset += len(seq)
-    path = Path(directory) / f"{label}.bin"
-    write_shard(path, np.concatenate(sequences), "tokens", tokenizer.vocab_size)
-    table = np.asarray(records, dtype=np.int32).reshape(-1, len(CORE_RECORD_FIELDS))
-    write_shard(side_file(path, "records"), table, "records")
-    return path
-
-
-def write_core_manifest(directory: Path, tasks: list[dict[str, Any]]) -> Path:
-    """tasks.json: one {label, kind, baseline, examples} per task written, in CORE order."""
-    path = Path(directory) / CORE_MANIFEST
-    path.write_text(json.dumps(tasks, indent=1))
-    return path
 
 
 def read_core_shards(directory: Path, vocab_size: int | None = None) -> list[CoreShard]:
@@ -3033,26 +2967,7 @@ class Engine:
         return self.generate_batch([prompt], num_samples, max_tokens, temperature, top_k, top_p, seed)
 
 
-# Chatting: a ChatSession keeps the history and streams replies; the notebook's widget (ChatPanel) and terminal
-# loop (chat_loop) are thin layers over it, so tests drive them as plain function calls.
-
-CHAT_CHECKPOINT_RUNS = {"rl": "06_rl", "sft": "05_sft"}  # chat runs and the notebooks that train them
-
-
-def find_chat_checkpoint(run_name: str = "") -> Path:
-    """The newest checkpoint of run `run_name`; by default that of the newest chat run (06_rl, 05_sft), else
-    that of 03_pretrain's base model."""
-    root = artifact_dir("checkpoints")
-    runs = [run_name] if run_name else list(CHAT_CHECKPOINT_RUNS)
-    found = [path for path in (latest_checkpoint(root / run) for run in runs) if path is not None]
-    if not found and not run_name:
-        found = [path for path in [latest_checkpoint(root / "pretrain")] if path is not None]
-    if not found:
-        made_by = CHAT_CHECKPOINT_RUNS.get(run_name, "03_pretrain")
-        raise MissingArtifactError(f"no checkpoint under {root / (run_name or 'pretrain')} (nor of a chat run): "
-                                   f"run notebooks/{made_by} first (STACK_HOME is {stack_home()})")
-    return max(found, key=lambda path: path.stat().st_mtime)
-
+# A reply back into message parts, and as text: the chat evals check it; 07_chat (notebooks/chat_session.py) shows it.
 
 def assistant_parts(tokenizer: Tokenizer, ids: Sequence[int]) -> list[dict[str, str]]:
     """Generated tokens (after <|assistant_start|>) back to message parts, up to a stop token; the inverse of
@@ -3077,116 +2992,6 @@ def show_parts(parts: Sequence[dict[str, str]]) -> str:
     """An assistant reply as plain text, with tool calls shown as [calculator: expression = result]."""
     templates = {"text": "{}", "python": "[calculator: {}", "python_output": " = {}]"}
     return "".join(templates[part["type"]].format(part["text"]) for part in parts)
-
-
-def show_tokens(tokenizer: Tokenizer, ids: Sequence[int]) -> str:
-    """show_parts(assistant_parts(tokenizer, ids)) token by token: text only grows as tokens arrive, so a
-    streaming display can print the difference."""
-    shown = {"<|python_start|>": "[calculator: ", "<|output_start|>": " = ", "<|output_end|>": "]"}
-    special = {tokenizer.special_id(name): name for name in SPECIAL_TOKENS}
-    pieces, run = [], []
-    for token in ids:
-        if token not in special:
-            run.append(token)
-            continue
-        pieces.append(tokenizer.decode(run))
-        run = []
-        if special[token] in ("<|assistant_end|>", "<|bos|>"):
-            break
-        pieces.append(shown.get(special[token], ""))
-    return "".join(pieces) + tokenizer.decode(run)
-
-
-class ChatSession:
-    """A conversation with a model: the message history and a streaming `reply`."""
-
-    def __init__(self, engine: Engine, temperature: float = 0.6, top_k: int | None = 50, max_tokens: int = 256,
-                 seed: int = 0, system: str | None = None):
-        self.engine, self.temperature, self.top_k, self.max_tokens = engine, temperature, top_k, max_tokens
-        self.seed, self.system = seed, system
-        self.messages: list[dict[str, Any]] = []
-        self.clear()
-
-    def clear(self) -> None:
-        self.messages = [{"role": "system", "content": self.system}] if self.system else []
-
-    def reply(self, text: str) -> Iterator[str]:
-        """Add the user's message, then yield the reply as it is generated, piece by piece (tool calls shown as by
-        show_parts). Once the generator is exhausted, the reply is part of the history."""
-        self.messages.append({"role": "user", "content": text})
-        prompt = render_for_completion(self.engine.tokenizer, self.messages)
-        ids: list[int] = []
-        shown = ""
-        for tokens, _ in self.engine.stream(prompt, max_tokens=self.max_tokens, temperature=self.temperature,
-                                            top_k=self.top_k, seed=self.seed + len(self.messages)):
-            ids.append(tokens[0])
-            now = show_tokens(self.engine.tokenizer, ids)
-            if not now.endswith("\ufffd"):  # wait for the rest of a character split across tokens
-                yield now[len(shown):]
-                shown = now
-        self.messages.append({"role": "assistant", "content": assistant_parts(self.engine.tokenizer, ids)})
-
-
-def chat_loop(session: ChatSession, read: typing.Callable[[str], str] = input,
-              write: typing.Callable[..., Any] = print) -> None:
-    """A terminal chat: 'clear' starts over; 'quit', an empty line or end of input stops."""
-    while True:
-        try:
-            text = read("you> ").strip()
-        except EOFError:
-            break
-        if text in ("", "quit", "exit"):
-            break
-        if text == "clear":
-            session.clear()
-            continue
-        write("assistant> ", end="", flush=True)
-        for piece in session.reply(text):
-            write(piece, end="", flush=True)
-        write()
-
-
-class ChatPanel:
-    """The notebook's chat widget: the history, a text box with a send button, a temperature slider and a clear
-    button. `send` and `clear` are the button callbacks; a test calls them directly."""
-
-    def __init__(self, session: ChatSession):
-        import ipywidgets as widgets
-
-        self.session = session
-        self.history = widgets.HTML()
-        self.text = widgets.Text(placeholder="Ask something, then press Send", layout={"width": "60%"})
-        self.temperature = widgets.FloatSlider(value=session.temperature, min=0.0, max=1.5, step=0.05,
-                                               description="temperature")
-        send, clear = widgets.Button(description="Send"), widgets.Button(description="Clear")
-        send.on_click(self.send)
-        clear.on_click(self.clear)
-        self.widget = widgets.VBox([self.history, widgets.HBox([self.text, send, clear]), self.temperature])
-        self.render()
-
-    def render(self, pending: str | None = None) -> None:
-        """Show the history, and a reply still being generated."""
-        import html
-
-        lines = [(m["role"], m["content"] if isinstance(m["content"], str) else show_parts(m["content"]))
-                 for m in self.session.messages]
-        lines += [("assistant", pending)] if pending is not None else []
-        self.history.value = "".join(f"<p><b>{role}:</b> {html.escape(text)}</p>" for role, text in lines)
-
-    def send(self, _button: Any = None) -> None:
-        text, self.text.value = self.text.value.strip(), ""
-        if not text:
-            return
-        self.session.temperature = self.temperature.value
-        reply = ""
-        for piece in self.session.reply(text):
-            reply += piece
-            self.render(reply)
-        self.render()
-
-    def clear(self, _button: Any = None) -> None:
-        self.session.clear()
-        self.render()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3519,80 +3324,20 @@ def evaluate_chat(model: GPT, tokenizer: Tokenizer, tasks: Sequence[ChatTask], b
     return {"tasks": results, "chatcore": chatcore}
 
 
-def chat_table(stages: dict[str, dict[str, Any]]) -> str:
-    """A text table of accuracy per task (rows) for each stage (columns), e.g. {"base": ..., "sft": ...}."""
-    names = list(dict.fromkeys(name for stage in stages.values() for name in stage["tasks"]))
-    lines = [f"{'task':<16}" + "".join(f"{stage:>12}" for stage in stages)]
-    for name in names:
-        cells = [stage["tasks"].get(name, {}).get("accuracy") for stage in stages.values()]
-        lines.append(f"{name:<16}" + "".join(f"{'-' if c is None else f'{c:.3f}':>12}" for c in cells))
-    lines.append(f"{'ChatCORE':<16}" + "".join(f"{stage['chatcore']:>12.3f}" for stage in stages.values()))
-    return "\n".join(lines)
-
-
-def plot_chat_results(stages: dict[str, dict[str, Any]], title: str = "chat evals") -> Any:
-    """A bar chart of accuracy per task, one bar per stage (before / after SFT, after RL), random guessing dashed.
-    Returns the matplotlib figure."""
-    import matplotlib.pyplot as plt
-
-    names = list(dict.fromkeys(name for stage in stages.values() for name in stage["tasks"]))
-    width = 0.8 / max(len(stages), 1)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(names)), 3.8))
-    for i, (stage, results) in enumerate(stages.items()):
-        values = [results["tasks"].get(name, {}).get("accuracy", 0.0) for name in names]
-        ax.bar(np.arange(len(names)) + (i - (len(stages) - 1) / 2) * width, values, width, label=stage)
-    for j, name in enumerate(names):
-        baseline = next(s["tasks"][name]["baseline"] for s in stages.values() if name in s["tasks"])
-        ax.hlines(baseline, j - 0.45, j + 0.45, colors="black", linestyles="dashed", lw=0.8)
-    ax.set_xticks(range(len(names)), names)
-    ax.set(ylabel="accuracy", ylim=(0, 1), title=title)
-    ax.legend()
-    fig.tight_layout()
-    return fig
-
-
 # ---------------------------------------------------------------------------------------------
-# 15. Reinforcement learning (used by 02_sharding, 06_rl)
+# 15. Reinforcement learning (used by 06_rl)
 # ---------------------------------------------------------------------------------------------
-# On-policy policy gradient on tasks with a checkable answer (GSM8K). 02_sharding writes the prompts once:
-# shards/<task>/<split>.bin holds each rendered prompt (ending in <|assistant_start|>) back to back, and
-# <split>.records.bin one int32 row per prompt with the columns of PROMPT_RECORD_FIELDS. Each step, 06_rl samples
+# On-policy policy gradient on tasks with a checkable answer (GSM8K). 02_sharding writes the rendered prompts once
+# into shards/<task>/ (data/gsm8k.py: write_prompt_shard, read_prompt_shard). Each step, 06_rl samples
 # several completions per prompt with the Engine (one prefill per prompt), rewards each, turns rewards into
 # advantages within the prompt's group, and raises the log-probability of the sampled tokens in proportion to
 # their advantage. The rollouts are packed back to back for one varlen forward pass, like pretraining documents.
-
-PROMPT_RECORD_FIELDS = ("prompt_start", "prompt_end", "problem", "gold")
-
 
 @dataclass
 class TaskPrompt:
     ids: list[int]  # the rendered conversation, ending in <|assistant_start|>
     gold: str  # the reference answer a completion is rewarded against
     problem: int  # index of the problem in its split
-
-
-def write_prompt_shard(directory: Path, split: str, prompts: Sequence[TaskPrompt], vocab_size: int) -> Path:
-    """`split`.bin (the prompts back to back) and its records side file. Gold answers are stored as int32, which
-    holds every GSM8K answer; anything else is an error naming the problem."""
-    records, offset = [], 0
-    for prompt in prompts:
-        if not prompt.gold.lstrip("-").isdigit() or not -2**31 <= int(prompt.gold) < 2**31:
-            raise ValueError(f"problem {prompt.problem}: gold answer {prompt.gold!r} is not an int32 integer")
-        records.append((offset, offset + len(prompt.ids), prompt.problem, int(prompt.gold)))
-        offset += len(prompt.ids)
-    path = Path(directory) / f"{split}.bin"
-    tokens = np.concatenate([np.asarray(p.ids, dtype=np.uint32) for p in prompts]) if prompts else np.zeros(0)
-    write_shard(path, tokens, "tokens", vocab_size)
-    table = np.asarray(records, dtype=np.int32).reshape(-1, len(PROMPT_RECORD_FIELDS))
-    write_shard(side_file(path, "records"), table, "records")
-    return path
-
-
-def read_prompt_shard(directory: Path, split: str, vocab_size: int | None = None) -> list[TaskPrompt]:
-    path = require_artifact(Path(directory) / f"{split}.bin", made_by="02_sharding")
-    tokens, records = read_shard(path, vocab_size), read_shard(side_file(path, "records"))
-    return [TaskPrompt(np.asarray(tokens[start:end]).tolist(), str(gold), int(problem))
-            for start, end, problem, gold in records.tolist()]
 
 
 class PromptSampler:

@@ -188,10 +188,10 @@ for task in core.available_tasks(bundle):
     examples = core.load_examples(bundle, task)
     chosen = core.chosen_indices(len(examples), cfg.core_max_examples)
     rendered = [(i, core.render_example(task, examples, i)) for i in chosen]
-    path = sc.write_core_shard(core_dir, task.label, rendered, tokenizer)
+    path = core.write_core_shard(core_dir, task.label, rendered, tokenizer)
     manifest.append({"label": task.label, "kind": task.kind, "baseline": task.baseline, "examples": len(chosen)})
     print(f"{task.label:<34} {len(chosen):>6} examples {len(sc.read_shard(path)):>10,} tokens")
-sc.write_core_manifest(core_dir, manifest)
+core.write_core_manifest(core_dir, manifest)
 print(f"{len(manifest)} CORE tasks written to {core_dir}")
 
 # %% [markdown]
@@ -199,8 +199,7 @@ print(f"{len(manifest)} CORE tasks written to {core_dir}")
 # `05_sft` teaches the pretrained model to chat. Its data is a mixture of conversations (`data/sft.py`): general
 # chat (SmolTalk), multiple-choice questions answered with a letter (MMLU, ARC), maths with calculator calls
 # (GSM8K), spelling and letter counting with a python call, and a few conversations about who the model is. The
-# `sft_*` settings say how many conversations each source gives; the tiny preset uses generated chats and the data
-# on this machine only.
+# `sft_*` settings say how many conversations each source gives; the tiny preset uses generated data only, offline.
 #
 # A conversation becomes tokens with `sc.render_conversation`: `<|bos|>`, then each turn between its special tokens.
 # It also returns a **loss mask**, 1 on the tokens the model should learn to write (the assistant's text, its
@@ -292,12 +291,12 @@ for split, limit in (("train", cfg.rl_train_prompts), ("test", cfg.rl_test_promp
     problems = gsm8k.load_problems(split, cfg.rl_gsm8k_source)[:limit or None]
     prompts = [sc.TaskPrompt(sc.render_for_completion(tokenizer, problem.prompt()), problem.gold, i)
                for i, problem in enumerate(problems)]
-    sc.write_prompt_shard(gsm8k_dir, split, prompts, tokenizer.vocab_size)
+    gsm8k.write_prompt_shard(gsm8k_dir, split, prompts, tokenizer.vocab_size)
     lengths = [len(prompt.ids) for prompt in prompts]
     report["gsm8k"][split] = {"prompts": len(prompts), "tokens": sum(lengths), "longest": max(lengths)}
     print(f"GSM8K {split:>5}: {len(prompts):>5,} prompts, {sum(lengths):>9,} tokens, longest {max(lengths)}")
 (run_dir / "summary.json").write_text(json.dumps(report, indent=1))
-first = sc.read_prompt_shard(gsm8k_dir, "test", tokenizer.vocab_size)[0]
+first = gsm8k.read_prompt_shard(gsm8k_dir, "test", tokenizer.vocab_size)[0]
 print(f"the first test prompt, as the engine sees it (gold answer {first.gold}):\n{tokenizer.decode(first.ids)}")
 
 # %% [markdown]

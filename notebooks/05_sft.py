@@ -74,7 +74,7 @@ from dataclasses import dataclass
 import matplotlib.pyplot as plt
 import torch
 
-from data.chat_eval import ChatEvalConfig, describe_tasks, load_chat_tasks
+from data.chat_eval import ChatEvalConfig, chat_table, describe_tasks, load_chat_tasks, plot_chat_results
 
 
 @dataclass
@@ -181,7 +181,7 @@ else:
     before = sc.evaluate_chat(model, tokenizer, tasks, backend, device, cfg.pack_tokens)
     if dist_info.master:
         before_file.write_text(json.dumps(before, indent=1))
-log(sc.chat_table({"base": before}))
+log(chat_table({"base": before}))
 
 # %% [markdown]
 # ## Optimizers and schedule
@@ -283,9 +283,9 @@ if dist_info.master:
 # %%
 after = sc.evaluate_chat(model, tokenizer, tasks, backend, device, cfg.pack_tokens)
 stages = {"base": before, "sft": after}
-log(sc.chat_table(stages))
+log(chat_table(stages))
 if dist_info.master:
-    figure = sc.plot_chat_results(stages, title=f"chat evals before and after SFT ({steps} steps)")
+    figure = plot_chat_results(stages, title=f"chat evals before and after SFT ({steps} steps)")
     figure.savefig(run_dir / "chat_evals.png", dpi=120)
     plt.show()
 

@@ -157,7 +157,7 @@ print(f"starting from {start_path} (step {start_checkpoint['step']}): {model.num
 # %%
 prompt_dir = sc.artifact_dir("shards") / "gsm8k"
 longest_prompt = model.config.max_seq_len - cfg.max_new_tokens
-train_prompts, test_prompts = ([p for p in sc.read_prompt_shard(prompt_dir, split, tokenizer.vocab_size)
+train_prompts, test_prompts = ([p for p in gsm8k.read_prompt_shard(prompt_dir, split, tokenizer.vocab_size)
                                 if len(p.ids) <= longest_prompt] for split in ("train", "test"))
 test_prompts = test_prompts[:cfg.eval_prompts]
 sampler = sc.PromptSampler(train_prompts, cfg.seed)

@@ -30,8 +30,8 @@
 # 5. chat: a widget in the notebook, a terminal loop in the twin (`python notebooks/07_chat.py`), or one answer
 #    with `--prompt="..."`.
 #
-# All the machinery lives in section 13 of `stackcore.py` (`render_conversation`, `calculate`, `Engine`,
-# `ChatSession`); this notebook shows it working.
+# The machinery lives in section 13 of `stackcore.py` (`render_conversation`, `calculate`, `Engine`); the chat
+# itself (`ChatSession`, its widget and terminal loop) in `notebooks/chat_session.py`. This notebook shows it working.
 
 # %% [markdown]
 # ## Get the runtime ready
@@ -72,6 +72,8 @@ from dataclasses import dataclass
 
 import torch
 
+from notebooks.chat_session import ChatPanel, ChatSession, chat_loop, find_chat_checkpoint
+
 
 @dataclass
 class ChatConfig(sc.StackConfig):
@@ -92,7 +94,7 @@ class ChatConfig(sc.StackConfig):
 cfg = sc.configure(ChatConfig)
 print(sc.describe_config(cfg))
 device = sc.pick_device()
-checkpoint_path = cfg.checkpoint or sc.find_chat_checkpoint(cfg.run_name)
+checkpoint_path = cfg.checkpoint or find_chat_checkpoint(cfg.run_name)
 tokenizer = sc.Tokenizer.load(sc.artifact_dir("tokenizer"))
 model, checkpoint = sc.model_from_checkpoint(checkpoint_path, device, tokenizer.vocab_size)
 model.set_compute_dtype(sc.pick_compute_dtype(device))
@@ -199,10 +201,14 @@ for expression in ("12 * 7", "10 / 4", "2 ** 100", "'strawberry'.count('r')", "1
 # A `ChatSession` keeps the history and streams each reply; tool calls appear as `[calculator: expression =
 # result]`. A base model from `03_pretrain` has never seen a conversation, so expect text that merely continues;
 # after `05_sft` it answers. The question below is `--prompt` when given.
+#
+# The history stays within the model's context: when the prompt plus a full reply (`max_tokens`) no longer fits,
+# the oldest exchanges are dropped (a system prompt stays). A turn that fails changes nothing, so the conversation
+# goes on.
 
 # %%
-session = sc.ChatSession(engine, temperature=cfg.temperature, top_k=cfg.top_k or None, max_tokens=cfg.max_tokens,
-                         seed=cfg.seed)
+session = ChatSession(engine, temperature=cfg.temperature, top_k=cfg.top_k or None, max_tokens=cfg.max_tokens,
+                      seed=cfg.seed)
 question = cfg.prompt or "Hello! What is 12 times 7?"
 print(f"you> {question}\nassistant> ", end="")
 for piece in session.reply(question):
@@ -218,7 +224,7 @@ print()
 if sc.in_notebook_kernel():
     from IPython.display import display
 
-    panel = sc.ChatPanel(session)
+    panel = ChatPanel(session)
     display(panel.widget)
 elif cfg.chat and not cfg.prompt and sys.stdin.isatty():
-    sc.chat_loop(session)
+    chat_loop(session)

@@ -1,5 +1,5 @@
 """The chat format, the calculator and the KV-cache engine (section 13 of stackcore): cached decoding against the
-full forward pass, batch-invariant sampling, stopping, tool forcing, and the chat session, loop and widget."""
+full forward pass, batch-invariant sampling, stopping, tool forcing. The chat session is tested in test_chat.py."""
 import pytest
 import torch
 
@@ -269,76 +269,3 @@ def test_bad_conversations_raise(tokenizer, conversation, message):
 def test_render_for_completion_needs_a_user_turn(tokenizer):
     with pytest.raises(ValueError, match="ends with a user message"):
         sc.render_for_completion(tokenizer, [{"role": "system", "content": "s"}])
-
-
-# --- chatting ----------------------------------------------------------------------------------------------------
-
-@pytest.fixture
-def scripted_session(tokenizer, monkeypatch):
-    """A session whose model answers every turn with a calculator call and a sentence."""
-    special = tokenizer.special_id
-    reply = [*tokenizer.encode("Sure "), special("<|python_start|>"), *tokenizer.encode("2+2"),
-             special("<|python_end|>"), special("<|output_start|>"), *tokenizer.encode("4"),
-             special("<|output_end|>"), *tokenizer.encode(" é!"), special("<|assistant_end|>")]
-
-    def answer(model, ids, cache, backend="sdpa", position=None):
-        B, T = ids.shape
-        history = (ids[0].tolist() if position is None else answer.fed + ids[0].tolist())  # prefill, or a step
-        answer.fed = history
-        start = max(i for i, t in enumerate(history) if t == special("<|assistant_start|>")) + 1
-        logits = torch.zeros(B, T, tokenizer.vocab_size)
-        logits[:, -1, reply[min(len(history) - start, len(reply) - 1)]] = 30.0
-        cache.length += T
-        return logits
-
-    monkeypatch.setattr(sc, "forward_cached", answer)
-    return sc.ChatSession(sc.Engine(random_model(), tokenizer), temperature=0.0, max_tokens=40)
-
-
-def test_chat_session_streams_and_keeps_history(scripted_session):
-    pieces = list(scripted_session.reply("What is 2+2?"))
-    assert "".join(pieces) == "Sure [calculator: 2+2 = 4] é!" and len(pieces) > 3
-    assert scripted_session.messages[-1] == {"role": "assistant", "content": [
-        {"type": "text", "text": "Sure "}, {"type": "python", "text": "2+2"},
-        {"type": "python_output", "text": "4"}, {"type": "text", "text": " é!"}]}
-    assert sc.show_parts(scripted_session.messages[-1]["content"]) == "".join(pieces)
-    "".join(scripted_session.reply("Again?"))
-    assert [m["role"] for m in scripted_session.messages] == ["user", "assistant"] * 2
-    scripted_session.clear()
-    assert scripted_session.messages == []
-
-
-def test_chat_loop_reads_until_an_empty_line(scripted_session):
-    inputs, written = iter(["hi", "clear", "hello", ""]), []
-    sc.chat_loop(scripted_session, read=lambda _: next(inputs), write=lambda *a, **k: written.append("".join(a)))
-    assert "".join(written).count("[calculator: 2+2 = 4]") == 2
-    assert len(scripted_session.messages) == 2  # "clear" dropped the first exchange
-
-
-def test_chat_panel_callbacks(scripted_session):
-    pytest.importorskip("ipywidgets")
-    panel = sc.ChatPanel(scripted_session)
-    panel.text.value = "What is 2+2?"
-    panel.temperature.value = 0.0
-    panel.send()
-    assert panel.text.value == "" and "[calculator: 2+2 = 4]" in panel.history.value
-    assert "What is 2+2?" in panel.history.value
-    panel.send()  # empty text box: nothing happens
-    assert len(scripted_session.messages) == 2
-    panel.clear()
-    assert scripted_session.messages == [] and panel.history.value == ""
-
-
-def test_find_chat_checkpoint_prefers_chat_runs(stack_home):
-    with pytest.raises(sc.MissingArtifactError, match="03_pretrain"):
-        sc.find_chat_checkpoint()
-    with pytest.raises(sc.MissingArtifactError, match="05_sft"):
-        sc.find_chat_checkpoint("sft")
-    root = sc.artifact_dir("checkpoints")
-    for run in ("pretrain", "sft"):
-        (root / run).mkdir()
-        (root / run / "step_000010.pt").write_bytes(b"")
-        if run == "pretrain":
-            assert sc.find_chat_checkpoint() == root / "pretrain" / "step_000010.pt"
-    assert sc.find_chat_checkpoint() == root / "sft" / "step_000010.pt"
-    assert sc.find_chat_checkpoint("pretrain") == root / "pretrain" / "step_000010.pt"
