@@ -2736,13 +2736,7 @@ class Engine:
         """A cache with each prompt prefilled once into its num_samples rows; the logits of each row's first token
         (B, vocab); and how many tokens each row may emit (max_tokens, or less where max_seq_len is near)."""
         model, device = self.model, self.model.rotary_cos.device
-        max_len = model.config.max_seq_len
-        for prompt in prompts:
-            if not prompt:
-                raise ValueError("a prompt is empty: start it with <|bos|> (see render_for_completion)")
-            if len(prompt) >= max_len:
-                raise ValueError(f"a prompt of {len(prompt)} tokens leaves no room in max_seq_len {max_len}")
-        limits = [min(max_tokens, max_len - len(prompt)) for prompt in prompts]
+        limits = [min(max_tokens, model.config.max_seq_len - len(prompt)) for prompt in prompts]
         capacity = max(len(prompt) + limit for prompt, limit in zip(prompts, limits))
         cache = KVCache(model.config, len(prompts) * num_samples, capacity, device, model.compute_dtype)
         groups = [cache.rows(i * num_samples, (i + 1) * num_samples) for i in range(len(prompts))]
@@ -2755,16 +2749,55 @@ class Engine:
         logits = torch.cat(first).repeat_interleave(num_samples, dim=0)
         return cache, logits, [limit for limit in limits for _ in range(num_samples)]
 
-    @torch.inference_mode()
+    def check_arguments(self, prompts: Sequence[Sequence[int]], num_samples: int, max_tokens: int,
+                        temperature: float, top_k: int | None, top_p: float | None) -> None:
+        """ValueError, naming the argument, for anything generation cannot take. Each prompt must leave the model's
+        context room for one token at least; max_tokens is a cap, cut to the room a prompt leaves."""
+        def is_int(value: Any) -> bool:
+            return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+        def is_number(value: Any) -> bool:
+            return isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+
+        for name, value in (("num_samples", num_samples), ("max_tokens", max_tokens)):
+            if not is_int(value) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if top_k is not None and (not is_int(top_k) or top_k < 1):
+            raise ValueError(f"top_k must be None (no cut) or an integer >= 1, got {top_k!r}")
+        if not is_number(temperature) or not math.isfinite(temperature) or temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+        if top_p is not None and (not is_number(top_p) or not 0 < top_p <= 1):
+            raise ValueError(f"top_p must be None (no cut) or a number in (0, 1], got {top_p!r}")
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
+            raise ValueError(f"prompts must be a non-empty list of token id lists, got {prompts!r:.80}")
+        vocab_size, context = self.model.config.vocab_size, self.model.config.max_seq_len
+        for i, prompt in enumerate(prompts):
+            if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Sequence):
+                raise ValueError(f"prompt {i} must be a list of token ids, got {prompt!r:.80}")
+            if not prompt:
+                raise ValueError(f"prompt {i} is empty: start it with <|bos|> (see render_for_completion)")
+            bad = [token for token in prompt if not is_int(token) or not 0 <= token < vocab_size]
+            if bad:
+                raise ValueError(f"prompt {i} holds {bad[0]!r}, not a token id of the model's vocabulary "
+                                 f"(0..{vocab_size - 1})")
+            if len(prompt) >= context:
+                raise ValueError(f"prompt {i} of {len(prompt)} tokens leaves no room to generate in the model's "
+                                 f"context (max_seq_len {context})")
+
     def stream_batch(self, prompts: Sequence[Sequence[int]], num_samples: int = 1, max_tokens: int = 256,
                      temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0
                      ) -> Iterator[tuple[list[int], list[int]]]:
         """Yield, each step, the new token of every row and whether it was sampled (1) or forced (0); a row that
         has finished yields -1 (and 0). Rows are prompt-major: row r continues prompts[r // num_samples]. Row r
         draws its uniforms (sample_tokens) from random.Random(seed + r), so a row's tokens do not depend on the
-        other rows: row r of a batch equals a single sample of its prompt with that seed."""
-        if max_tokens <= 0:
-            raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+        other rows: row r of a batch equals a single sample of its prompt with that seed. Bad arguments raise here,
+        before the first step (check_arguments)."""
+        self.check_arguments(prompts, num_samples, max_tokens, temperature, top_k, top_p)
+        return self._decode(prompts, num_samples, max_tokens, temperature, top_k, top_p, seed)
+
+    @torch.inference_mode()
+    def _decode(self, prompts: Sequence[Sequence[int]], num_samples: int, max_tokens: int, temperature: float,
+                top_k: int | None, top_p: float | None, seed: int) -> Iterator[tuple[list[int], list[int]]]:
         cache, logits, limits = self._prefill(prompts, num_samples, max_tokens)
         device = logits.device
         step = DecodeStep(self.model, cache, self.backend, self.cuda_graph and max(limits) >= self.graph_min_tokens)
@@ -2797,11 +2830,11 @@ class Engine:
         """Each row's generated tokens (the prompt excluded, the stop token included; rows as in stream_batch) and
         a mask of the same length: 1 where the token was sampled, 0 where the engine forced it (tool output). RL
         trains on the 1s."""
+        steps = self.stream_batch(prompts, num_samples, max_tokens, temperature, top_k, top_p, seed)
         rows = len(prompts) * num_samples
         tokens: list[list[int]] = [[] for _ in range(rows)]
         masks: list[list[int]] = [[] for _ in range(rows)]
-        for step_tokens, step_sampled in self.stream_batch(prompts, num_samples, max_tokens, temperature, top_k,
-                                                           top_p, seed):
+        for step_tokens, step_sampled in steps:
             for r, (token, sampled) in enumerate(zip(step_tokens, step_sampled)):
                 if token >= 0:
                     tokens[r].append(token)
