@@ -2,14 +2,15 @@
 
 Sections (and the notebooks that call them):
   1. Configuration and presets ........ every notebook (the first cell builds its config here)
-  2. Artifacts and devices ............ every notebook (STACK_HOME layout, GPU tier, dtype, fp16 loss scaling)
+  2. Artifacts and devices ............ every notebook (STACK_HOME layout, GPU tier, dtype)
   3. Tokenizer ........................ 01_tokenizer, 02_sharding, 07_chat
   4. Shards ........................... 02_sharding writes them; 03-06 read them
   5. Triton kernels ................... 03_pretrain (through the optimizer)
   6. Attention backends ............... 03-07 (through the model)
   7. Model ............................ 03-07
-  8. Optimizer and schedules .......... 03_pretrain, 05_sft, 06_rl
+  8. Optimizer and schedules .......... 03_pretrain, 05_sft, 06_rl (Muon, AdamW, fp16 loss scaling)
   9. Pretraining loader ............... 03_pretrain
+ 9b. Batching ......................... 03-06 (token budgets, host-to-device copies)
  10. Evaluation: bits per byte ........ 03_pretrain, 04_core_eval
  11. Checkpoints and run logs ......... 03-07
  12. CORE evaluation .................. 02_sharding, 04_core_eval
@@ -305,30 +306,6 @@ def compute_dtype_for(gpu: GpuInfo | None, requested: str = "auto") -> torch.dty
 def pick_compute_dtype(device: str) -> torch.dtype:
     """The matmul dtype on `device`: STACK_DTYPE if set, else compute_dtype_for's automatic choice."""
     return compute_dtype_for(current_gpu(device), os.environ.get("STACK_DTYPE", "auto"))
-
-
-class LossScaler:
-    """Loss scaling for fp16 training (GPUs without bf16, such as the T4). torch.amp.GradScaler multiplies the loss
-    so that small gradients do not flush to zero in fp16, divides the gradients back before the optimizer step,
-    skips the step of an optimizer whose gradients overflowed and adapts the scale as it goes. For bf16 and fp32
-    it is a plain step_optimizers. One process only: under torchrun each rank would skip steps on its own."""
-
-    def __init__(self, compute_dtype: torch.dtype, device: str):
-        enabled = compute_dtype == torch.float16
-        if enabled and _world()[0] > 1:
-            raise ConfigError("fp16 loss scaling runs in one process only: under torchrun set STACK_DTYPE=float32")
-        self.scaler = torch.amp.GradScaler(torch.device(device).type, enabled=enabled)
-
-    def scale(self, loss: Tensor) -> Tensor:
-        return self.scaler.scale(loss)
-
-    def step(self, optimizers: list[torch.optim.Optimizer]) -> None:
-        if not self.scaler.is_enabled():
-            return step_optimizers(optimizers)
-        for optimizer in optimizers:
-            self.scaler.step(optimizer)
-            optimizer.zero_grad(set_to_none=True)
-        self.scaler.update()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -840,8 +817,8 @@ def _call_flash(q, k, v, cu_seqlens, max_seqlen, window):
 @torch.library.custom_op("stackcore::flash_forward", mutates_args=())
 def _flash_forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, window: int) -> Tensor:
     """FlashAttention's forward as one op that torch.compile does not look into (window 0: unlimited). FA4 is
-    plain Python around CuTe kernels: traced, it breaks every compiled layer in two, and the host time of the
-    extra graphs outweighs its faster kernel (measured at depth 20, CORE scoring)."""
+    plain Python around CuTe kernels: traced, it breaks every compiled layer in two, and each extra graph costs host
+    time (guards, a Python call) in every layer of every pass (baselines/2026-11-25-core-60s)."""
     return _call_flash(q, k, v, cu_seqlens, max_seqlen, window or None).contiguous()  # the layout of the fake
 
 
@@ -1748,6 +1725,30 @@ def step_optimizers(optimizers: list[torch.optim.Optimizer]) -> None:
         optimizer.zero_grad(set_to_none=True)
 
 
+class LossScaler:
+    """Loss scaling for fp16 training (GPUs without bf16, such as the T4). torch.amp.GradScaler multiplies the loss
+    so that small gradients do not flush to zero in fp16, divides the gradients back before the optimizer step,
+    skips the step of an optimizer whose gradients overflowed and adapts the scale as it goes. For bf16 and fp32
+    it is a plain step_optimizers. One process only: under torchrun each rank would skip steps on its own."""
+
+    def __init__(self, compute_dtype: torch.dtype, device: str):
+        enabled = compute_dtype == torch.float16
+        if enabled and _world()[0] > 1:
+            raise ConfigError("fp16 loss scaling runs in one process only: under torchrun set STACK_DTYPE=float32")
+        self.scaler = torch.amp.GradScaler(torch.device(device).type, enabled=enabled)
+
+    def scale(self, loss: Tensor) -> Tensor:
+        return self.scaler.scale(loss)
+
+    def step(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        if not self.scaler.is_enabled():
+            return step_optimizers(optimizers)
+        for optimizer in optimizers:
+            self.scaler.step(optimizer)
+            optimizer.zero_grad(set_to_none=True)
+        self.scaler.update()
+
+
 def apply_schedule(optimizers: list[torch.optim.Optimizer], lr_mult: float, momentum: float | None = None) -> None:
     """Set every group's lr to initial_lr * lr_mult and, if given, Muon's momentum."""
     for optimizer in optimizers:
@@ -1810,39 +1811,6 @@ def document_boundaries(inputs: np.ndarray, bos_id: int, max_doc_len: int) -> np
     return np.asarray([*bounds, len(inputs)], dtype=np.int32)
 
 
-def host_to_device(array: np.ndarray, device: str | torch.device) -> Tensor:
-    """`array` as a tensor on `device`. A copy to a GPU goes through pinned memory, so that it is asynchronous and
-    the host can queue more work meanwhile (a copy from pageable memory may wait for the GPU)."""
-    tensor = torch.from_numpy(array)
-    if torch.device(device).type == "cuda":
-        tensor = tensor.pin_memory()
-    return tensor.to(device, non_blocking=True)
-
-
-def budget_chunks(items: Iterable[ItemT], cost: typing.Callable[[ItemT], int], max_tokens: int
-                  ) -> Iterator[list[ItemT]]:
-    """Items grouped in order so that each group's costs sum to at most max_tokens (a costlier item goes alone),
-    lazily: a group is ready as soon as the item after it is known, so its forward pass can run while the host
-    prepares the next one (CORE scoring)."""
-    chunk: list[ItemT] = []
-    total = 0
-    for item in items:
-        item_cost = cost(item)
-        if chunk and total + item_cost > max_tokens:
-            yield chunk
-            chunk, total = [], 0
-        chunk.append(item)
-        total += item_cost
-    if chunk:
-        yield chunk
-
-
-def token_budget_chunks(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """Indices grouped by budget_chunks: how letter scoring and RL passes pack variable-length sequences into
-    varlen forward passes."""
-    return [[i for i, _ in chunk] for chunk in budget_chunks(enumerate(lengths), operator.itemgetter(1), max_tokens)]
-
-
 class PretrainLoader:
     """Endless BOS-aligned batches from token shards, `tokens` per rank per call, wrapping around at the end."""
 
@@ -1895,6 +1863,45 @@ class PretrainLoader:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.position = dict(state)
         self._load_shard()
+
+
+# ---------------------------------------------------------------------------------------------
+# 9b. Batching (used by the loaders, CORE, chat evaluations and RL)
+# ---------------------------------------------------------------------------------------------
+# Every packed forward pass gets its tokens the same way: grouped under a token budget on the host, then copied to
+# the device without waiting for it.
+
+def host_to_device(array: np.ndarray, device: str | torch.device) -> Tensor:
+    """`array` as a tensor on `device`. A copy to a GPU goes through pinned memory, so that it is asynchronous and
+    the host can queue more work meanwhile (a copy from pageable memory may wait for the GPU)."""
+    tensor = torch.from_numpy(array)
+    if torch.device(device).type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
+def budget_chunks(items: Iterable[ItemT], cost: typing.Callable[[ItemT], int], max_tokens: int
+                  ) -> Iterator[list[ItemT]]:
+    """Items grouped in order so that each group's costs sum to at most max_tokens (a costlier item goes alone),
+    lazily: a group is ready as soon as the item after it is known, so its forward pass can run while the host
+    prepares the next one (CORE scoring)."""
+    chunk: list[ItemT] = []
+    total = 0
+    for item in items:
+        item_cost = cost(item)
+        if chunk and total + item_cost > max_tokens:
+            yield chunk
+            chunk, total = [], 0
+        chunk.append(item)
+        total += item_cost
+    if chunk:
+        yield chunk
+
+
+def token_budget_chunks(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Indices grouped by budget_chunks: how letter scoring and RL passes pack variable-length sequences into
+    varlen forward passes."""
+    return [[i for i, _ in chunk] for chunk in budget_chunks(enumerate(lengths), operator.itemgetter(1), max_tokens)]
 
 
 # ---------------------------------------------------------------------------------------------
