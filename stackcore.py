@@ -1109,7 +1109,8 @@ class CausalSelfAttention(nn.Module):
         v = self.c_v(x).view(T, self.n_heads, self.head_dim)
         if value_embed is not None:
             v = self.value_mix[0] * v + self.value_mix[1] * value_embed.view_as(v)
-        q, k = apply_rotary(norm(q), batch.cos, batch.sin), apply_rotary(norm(k), batch.cos, batch.sin)  # QK-norm
+        q, k = norm(q), norm(k)  # QK-norm, then rotary
+        q, k = apply_rotary(q, batch.cos, batch.sin), apply_rotary(k, batch.cos, batch.sin)
         if batch.cache is not None:
             batch.cache.write(self.layer, k, v, batch.positions)
         if batch.reads_cache:

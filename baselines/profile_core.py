@@ -78,7 +78,8 @@ def main() -> None:
     label = f"{args.task}, first {args.examples} examples, depth {args.depth}, {device}, {backend}"
     timed = [timed_seconds(score, device) for _ in range(args.timed)]
     if timed:
-        print(f"{label}, inductor options {inductor_options}: timed passes {', '.join(f'{t:.3f}' for t in timed)} s; best "
+        print(f"{label}, inductor options {inductor_options}: timed passes "
+              f"{', '.join(f'{t:.3f}' for t in timed)} s; best "
               f"{min(timed):.3f} s, {tokens / min(timed):,.0f} tokens/s")
     if not args.rows:
         return
