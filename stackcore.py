@@ -2,14 +2,15 @@
 
 Sections (and the notebooks that call them):
   1. Configuration and presets ........ every notebook (the first cell builds its config here)
-  2. Artifacts and devices ............ every notebook (STACK_HOME layout, GPU tier, dtype, fp16 loss scaling)
+  2. Artifacts and devices ............ every notebook (STACK_HOME layout, GPU tier, dtype)
   3. Tokenizer ........................ 01_tokenizer, 02_sharding, 07_chat
   4. Shards ........................... 02_sharding writes them; 03-06 read them
   5. Triton kernels ................... 03_pretrain (through the optimizer)
   6. Attention backends ............... 03-07 (through the model)
   7. Model ............................ 03-07
-  8. Optimizer and schedules .......... 03_pretrain, 05_sft, 06_rl
+  8. Optimizer and schedules .......... 03_pretrain, 05_sft, 06_rl (Muon, AdamW, fp16 loss scaling)
   9. Pretraining loader ............... 03_pretrain
+ 9b. Batching ......................... 03-06 (token budgets, host-to-device copies)
  10. Evaluation: bits per byte ........ 03_pretrain, 04_core_eval
  11. Checkpoints and run logs ......... 03-07
  12. CORE evaluation .................. 04_core_eval (02_sharding writes its shards with data/core.py)
@@ -398,30 +399,6 @@ def compute_dtype_for(gpu: GpuInfo | None, requested: str = "auto") -> torch.dty
 def pick_compute_dtype(device: str) -> torch.dtype:
     """The matmul dtype on `device`: STACK_DTYPE if set, else compute_dtype_for's automatic choice."""
     return compute_dtype_for(current_gpu(device), os.environ.get("STACK_DTYPE", "auto"))
-
-
-class LossScaler:
-    """Loss scaling for fp16 training (GPUs without bf16, such as the T4). torch.amp.GradScaler multiplies the loss
-    so that small gradients do not flush to zero in fp16, divides the gradients back before the optimizer step,
-    skips the step of an optimizer whose gradients overflowed and adapts the scale as it goes. For bf16 and fp32
-    it is a plain step_optimizers. One process only: under torchrun each rank would skip steps on its own."""
-
-    def __init__(self, compute_dtype: torch.dtype, device: str):
-        enabled = compute_dtype == torch.float16
-        if enabled and _world()[0] > 1:
-            raise ConfigError("fp16 loss scaling runs in one process only: under torchrun set STACK_DTYPE=float32")
-        self.scaler = torch.amp.GradScaler(torch.device(device).type, enabled=enabled)
-
-    def scale(self, loss: Tensor) -> Tensor:
-        return self.scaler.scale(loss)
-
-    def step(self, optimizers: list[torch.optim.Optimizer]) -> None:
-        if not self.scaler.is_enabled():
-            return step_optimizers(optimizers)
-        for optimizer in optimizers:
-            self.scaler.step(optimizer)
-            optimizer.zero_grad(set_to_none=True)
-        self.scaler.update()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -934,8 +911,8 @@ def _call_flash(q, k, v, cu_seqlens, max_seqlen, window):
 @torch.library.custom_op("stackcore::flash_forward", mutates_args=())
 def _flash_forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, window: int) -> Tensor:
     """FlashAttention's forward as one op that torch.compile does not look into (window 0: unlimited). FA4 is
-    plain Python around CuTe kernels: traced, it breaks every compiled layer in two, and the host time of the
-    extra graphs outweighs its faster kernel (measured at depth 20, CORE scoring)."""
+    plain Python around CuTe kernels: traced, it breaks every compiled layer in two, and each extra graph costs host
+    time (guards, a Python call) in every layer of every pass (baselines/2026-11-25-core-60s)."""
     return _call_flash(q, k, v, cu_seqlens, max_seqlen, window or None).contiguous()  # the layout of the fake
 
 
@@ -1103,9 +1080,111 @@ class CastedLinear(nn.Linear):
         return F.linear(x.to(self.compute_dtype), self.weight.to(self.compute_dtype))
 
 
+class KVCache:
+    """Keys and values of every layer for `batch_size` rows of up to `capacity` positions: two preallocated
+    (depth, batch, heads, capacity, head_dim) tensors, and each row's filled length `lengths` (B,), a tensor, so
+    that a decode step replayed as a CUDA graph advances it. GPT.forward(ids (B, L), kv_cache=cache) puts L new
+    tokens of every row at the row's next positions. A row at capacity keeps overwriting its last position (the
+    engine steps rows that have finished; their tokens are never read)."""
+
+    def __init__(self, config: GPTConfig, batch_size: int, capacity: int, device: torch.device | str,
+                 dtype: torch.dtype):
+        if not 1 <= capacity <= config.max_seq_len:
+            raise ValueError(f"cache capacity {capacity} must be in 1..max_seq_len ({config.max_seq_len})")
+        shape = (config.depth, batch_size, config.n_heads, capacity, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.empty = True  # no pass has written these rows: the next pass is a prefill (host-side, no sync)
+        self.parent: KVCache | None = None  # the cache whose rows this one views (rows())
+
+    @property
+    def capacity(self) -> int:
+        return self.k.size(3)
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.size(1)
+
+    def packing(self, ids: Tensor) -> tuple[Tensor, Tensor, int, Tensor]:
+        """New tokens ids (B, L) as a packed pass: flat ids (B * L,), boundaries with one document per row, L, and
+        each token's position in its row (B * L,)."""
+        if ids.ndim != 2 or ids.size(0) != self.batch_size:
+            raise ValueError(f"a pass through a KV cache of {self.batch_size} rows takes ids of shape "
+                             f"({self.batch_size}, tokens), got {tuple(ids.shape)}")
+        B, L = ids.shape
+        if self.empty and L > self.capacity:
+            raise ValueError(f"{L} tokens exceed the cache's capacity of {self.capacity} positions")
+        positions = self.lengths[:, None] + torch.arange(L, device=ids.device)
+        cu_seqlens = torch.arange(0, B * L + 1, L, dtype=torch.int32, device=ids.device)
+        return ids.reshape(-1), cu_seqlens, L, positions.clamp_(max=self.capacity - 1).view(-1)
+
+    def write(self, layer: int, k: Tensor, v: Tensor, positions: Tensor) -> None:
+        """Store a layer's keys and values (B * L, heads, head_dim) of L new tokens per row at their positions."""
+        B = self.batch_size
+        rows, at = torch.arange(B, device=k.device)[:, None], positions.view(B, -1)
+        self.k[layer, rows, :, at] = k.view(B, at.size(1), *k.shape[1:])
+        self.v[layer, rows, :, at] = v.view(B, at.size(1), *v.shape[1:])
+
+    def attend(self, layer: int, q: Tensor, window: int | None, positions: Tensor) -> Tensor:
+        """Attention of queries (B * L, heads, head_dim) at `positions` to the cached keys of their row that are at
+        most window - 1 positions back (None: all earlier ones). It reads the whole capacity under a mask, so that
+        no shape depends on the lengths."""
+        B = self.batch_size
+        at = positions.view(B, -1)
+        since = at[:, :, None] - torch.arange(self.capacity, device=q.device)  # (B, L, capacity)
+        visible = (since >= 0) & (since < (window or self.capacity))
+        y = F.scaled_dot_product_attention(q.view(B, at.size(1), *q.shape[1:]).transpose(1, 2), self.k[layer],
+                                           self.v[layer], attn_mask=visible[:, None])
+        return y.transpose(1, 2).reshape(q.shape)
+
+    def advance(self, tokens: int) -> None:
+        """After a pass of `tokens` per row: the rows are longer, and neither they nor the caches they are part of
+        are empty any more."""
+        self.lengths.add_(tokens).clamp_(max=self.capacity)
+        cache = self
+        while cache is not None:
+            cache.empty, cache = False, cache.parent
+
+    def broadcast_first_row(self) -> None:
+        """Copy row 0 into every row: several samples continue one prefilled prompt without prefilling again."""
+        self.k[:, 1:] = self.k[:, :1]
+        self.v[:, 1:] = self.v[:, :1]
+        self.lengths[1:] = self.lengths[0]
+
+    def rows(self, start: int, stop: int) -> KVCache:
+        """The rows start..stop-1 of this cache, sharing its memory: a pass through the view fills those rows. The
+        view is empty while this cache is (take views of a new cache before prefilling any of them)."""
+        view = object.__new__(KVCache)
+        view.k, view.v, view.lengths = self.k[:, start:stop], self.v[:, start:stop], self.lengths[start:stop]
+        view.empty, view.parent = self.empty, self
+        return view
+
+
+@dataclass(frozen=True)
+class AttentionBatch:
+    """What every layer's attention reads in one pass; GPT.forward builds it once (the per-layer inputs, the window
+    and the value embedding, go to each layer beside it).
+
+    Without a cache the tokens are packed documents (cu_seqlens, max_seqlen) that attend within their document
+    through `backend`: training, evaluation. With a cache, document b is the new tokens of cache row b, at
+    `positions` in that row; each layer writes their keys and values into the cache, and then either attends within
+    the new tokens through `backend` like training (a prefill into empty rows) or, when `reads_cache`, attends from
+    the new tokens to everything cached in their row (decoding, KVCache.attend)."""
+    cu_seqlens: Tensor  # (documents + 1,) int32 boundaries of the packed tokens
+    max_seqlen: int  # the longest document
+    cos: Tensor  # (T, head_dim / 2) rotary angles of each packed token
+    sin: Tensor
+    backend: str = "sdpa"  # the attention backend (ATTENTION_BACKENDS)
+    cache: KVCache | None = None
+    positions: Tensor | None = None  # (T,) each token's position in its cache row (with a cache)
+    reads_cache: bool = False
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig, has_value_embed: bool):
+    def __init__(self, config: GPTConfig, layer: int, has_value_embed: bool):
         super().__init__()
+        self.layer = layer  # which layer of a KV cache this attention writes and reads
         self.n_heads, self.head_dim = config.n_heads, config.head_dim
         self.c_q = CastedLinear(config.dim, config.dim)
         self.c_k = CastedLinear(config.dim, config.dim)
@@ -1114,17 +1193,26 @@ class CausalSelfAttention(nn.Module):
         # v <- value_mix[0] * v + value_mix[1] * value_embed (only in layers fed by a value-embedding table)
         self.value_mix = nn.Parameter(torch.full((2,), 0.5)) if has_value_embed else None
 
-    def forward(self, x, value_embed, cos, sin, cu_seqlens, max_seqlen, window, backend, keep=None):
-        """`keep` (N,): only those rows of the output (all rows still attend), see Block."""
+    def forward(self, x: Tensor, value_embed: Tensor | None, window: Any, batch: AttentionBatch,
+                logit_rows: Tensor | None = None) -> Tensor:
+        """x (T, dim) -> (T, dim), or only the rows `logit_rows` (N,) of the output (all rows still attend), see
+        Block. `window`: an int or None (GPT.layer_windows), or the caller's mask (GPT.forward)."""
         T = x.size(0)
         q = self.c_q(x).view(T, self.n_heads, self.head_dim)
         k = self.c_k(x).view(T, self.n_heads, self.head_dim)
         v = self.c_v(x).view(T, self.n_heads, self.head_dim)
         if value_embed is not None:
             v = self.value_mix[0] * v + self.value_mix[1] * value_embed.view_as(v)
-        q, k = apply_rotary(norm(q), cos, sin), apply_rotary(norm(k), cos, sin)  # QK-norm, then rotary
-        y = attention(q, k, v, cu_seqlens, max_seqlen, window, backend).reshape(T, -1)
-        return self.c_proj(y if keep is None else y[keep])
+        q, k = norm(q), norm(k)  # QK-norm, then rotary
+        q, k = apply_rotary(q, batch.cos, batch.sin), apply_rotary(k, batch.cos, batch.sin)
+        if batch.cache is not None:
+            batch.cache.write(self.layer, k, v, batch.positions)
+        if batch.reads_cache:
+            y = batch.cache.attend(self.layer, q, window, batch.positions)
+        else:
+            y = attention(q, k, v, batch.cu_seqlens, batch.max_seqlen, window, batch.backend)
+        y = y.reshape(T, -1)
+        return self.c_proj(y if logit_rows is None else y[logit_rows])
 
 
 class MLP(nn.Module):
@@ -1138,16 +1226,17 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig, has_value_embed: bool):
+    def __init__(self, config: GPTConfig, layer: int, has_value_embed: bool):
         super().__init__()
-        self.attn = CausalSelfAttention(config, has_value_embed)
+        self.attn = CausalSelfAttention(config, layer, has_value_embed)
         self.mlp = MLP(config)
 
-    def forward(self, x, value_embed, cos, sin, cu_seqlens, max_seqlen, window, backend, keep=None):
-        """With `keep` (N,) the output has only those rows: in the last layer nothing reads the others, so their
-        attention projection, MLP and residual are skipped (every row still serves as a key and value)."""
-        y = self.attn(norm(x), value_embed, cos, sin, cu_seqlens, max_seqlen, window, backend, keep)
-        x = x + y if keep is None else x[keep] + y
+    def forward(self, x: Tensor, value_embed: Tensor | None, window: Any, batch: AttentionBatch,
+                logit_rows: Tensor | None = None) -> Tensor:
+        """With `logit_rows` (N,) the output has only those rows: in the last layer nothing reads the others, so
+        their attention projection, MLP and residual are skipped (every row still serves as a key and value)."""
+        y = self.attn(norm(x), value_embed, window, batch, logit_rows)
+        x = x + y if logit_rows is None else x[logit_rows] + y
         return x + self.mlp(norm(x))
 
 
@@ -1165,26 +1254,20 @@ def _run_block(block: Block, *args: Any) -> Tensor:
 
 
 @lru_cache(maxsize=None)
-def _compiled_layer_functions(backend: str):
+def _compiled_layer_functions(compile_backend: str):
     """residual_mix and _run_block under torch.compile with dynamic shapes: the block is an argument, so all
     layers of one structure share a graph, and ints (windows, longest document) are symbolic from the start."""
-    return (torch.compile(residual_mix, dynamic=True, backend=backend),
-            torch.compile(_run_block, dynamic=True, backend=backend))
-
-
-# Inductor settings of evaluation's graph, for experiments (baselines/profile_core.py --inductor). None beat the defaults in a depth-20 CORE pass on an H100: unfused bf16 addmm (its
-# residual add moved into the next elementwise kernel) was 1.5% slower, and adding coordinate-descent tuning or
-# max-autotune GEMMs to it 1.3% and 2.4% slower (baselines/2026-11-25-core-60s).
-EVAL_INDUCTOR_OPTIONS: dict[str, Any] = {}
+    return (torch.compile(residual_mix, dynamic=True, backend=compile_backend),
+            torch.compile(_run_block, dynamic=True, backend=compile_backend))
 
 
 @lru_cache(maxsize=None)
-def _compiled_layer_stack(backend: str):
+def _compiled_layer_stack(compile_backend: str, inductor_options: tuple[tuple[str, Any], ...] = ()):
     """GPT.run_layers as one graph, for evaluation (compile_layers(evaluation=True)): one compiled call per pass
     instead of two per layer, each of which costs host time (guards, a Python call) that a forward-only pass has
-    no backward to hide behind."""
-    options = dict(EVAL_INDUCTOR_OPTIONS) if backend == "inductor" and EVAL_INDUCTOR_OPTIONS else {}
-    return torch.compile(GPT.run_layers, dynamic=True, backend=backend, **({"options": options} if options else {}))
+    no backward to hide behind. `inductor_options`: (name, value) pairs of torch._inductor.config for this graph."""
+    options = {"options": dict(inductor_options)} if inductor_options else {}
+    return torch.compile(GPT.run_layers, dynamic=True, backend=compile_backend, **options)
 
 
 def soft_cap(logits: Tensor, softcap: float) -> Tensor:
@@ -1206,8 +1289,8 @@ def _softcapped_ce_rows(logits: Tensor, targets: Tensor, softcap: float) -> tupl
 
 
 @lru_cache(maxsize=None)
-def _compiled_ce_rows(backend: str):
-    return torch.compile(_softcapped_ce_rows, backend=backend)
+def _compiled_ce_rows(compile_backend: str):
+    return torch.compile(_softcapped_ce_rows, backend=compile_backend)
 
 
 def _chunked_ce_losses(h: Tensor, weight: Tensor, targets: Tensor, softcap: float, chunk_tokens: int) -> Tensor:
@@ -1282,7 +1365,7 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.dim)
         self.value_embeds = nn.ModuleList(nn.Embedding(config.vocab_size, config.dim)
                                           for _ in range(config.value_embed_tables))
-        self.blocks = nn.ModuleList(Block(config, self.value_embed_index(i) is not None)
+        self.blocks = nn.ModuleList(Block(config, i, self.value_embed_index(i) is not None)
                                     for i in range(config.depth))
         self.lm_head = CastedLinear(config.dim, config.vocab_size)
         self.resid_lambdas = nn.Parameter(torch.ones(config.depth))   # block input = resid * x + x0 * x0
@@ -1293,6 +1376,7 @@ class GPT(nn.Module):
         self.register_buffer("rotary_sin", sin, persistent=False)
         self.compile_backend: str | None = None  # see compile_layers()
         self.compile_evaluation = False
+        self.inductor_options: tuple[tuple[str, Any], ...] = ()
         self.init_weights()
 
     @torch.no_grad()
@@ -1333,21 +1417,31 @@ class GPT(nn.Module):
                 param.data = param.data.to(self.compute_dtype)
         return self
 
-    def compile_layers(self, backend: str = "inductor", evaluation: bool = False) -> "GPT":
+    def compile_layers(self, compile_backend: str = "inductor", evaluation: bool = False,
+                       inductor_options: dict[str, Any] | None = None) -> "GPT":
         """Regional torch.compile for training: a block's graph is shared by every layer of the same structure
         (with or without a value embedding; int or None window, while flex passes BlockMasks: at most 4 graphs),
         the residual mixing has at most 4 small graphs (with or without a U-net skip; inputs that alias in the
         first layer and, for an even depth, the first layer after the middle) and the loss one graph per chunk
         shape. Embeddings and the layer loop stay eager. Windows and document lengths are dynamic, so a growing
         window recompiles nothing. Passes without gradients run eagerly unless `evaluation`: then all layers compile
-        as one graph per kind of pass (_compiled_layer_stack), worth its compile time for a CORE pass, where fused
-        elementwise work took a depth-20 pass from 109 s to 61 s on an H100, not for a short training run's
-        validation. Layers with the sdpa attention backend run eagerly. `backend` is torch.compile's. Returns the
-        model."""
+        as one graph per kind of pass (_compiled_layer_stack), which fuses the elementwise work across layers and
+        makes one compiled call per pass: worth its compile time for a long evaluation such as CORE, not for a short
+        training run's validation. Layers with the sdpa attention backend, and passes through a KV cache, run
+        eagerly. `compile_backend` is torch.compile's; `inductor_options` (settings of torch._inductor.config, with
+        hashable values) apply to the evaluation graph, for experiments (baselines/profile_core.py --inductor).
+        Returns the model."""
+        if inductor_options and compile_backend != "inductor":
+            raise ValueError(f"inductor_options need the inductor compile backend, not {compile_backend!r}")
         # evaluation's graph per kind of pass and per shape specialisation (one document, one scored row) can pass
         # dynamo's default limit of 8 per function in a CORE run with its one-at-a-time comparison
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
-        self.compile_backend, self.compile_evaluation = backend, evaluation
+        options = tuple(sorted((inductor_options or {}).items()))
+        try:
+            hash(options)
+        except TypeError:
+            raise ValueError(f"inductor_options values must be hashable (bools, numbers, strings): {options}") from None
+        self.compile_backend, self.compile_evaluation, self.inductor_options = compile_backend, evaluation, options
         return self
 
     def value_embed_index(self, layer: int) -> int | None:
@@ -1364,55 +1458,75 @@ class GPT(nn.Module):
         windows[-1] = None
         return windows
 
-    def forward(self, input_ids: Tensor, cu_seqlens: Tensor, max_seqlen: int, target_ids: Tensor | None = None,
-                *, windows: list[Any] | None = None, backend: str = "sdpa",
-                loss_reduction: str = "mean", positions: Tensor | None = None,
-                logit_positions: Tensor | None = None) -> Tensor:
-        """input_ids (T,) packed documents with boundaries cu_seqlens (B+1,) int32.
+    def forward(self, input_ids: Tensor, cu_seqlens: Tensor | None = None, max_seqlen: int = 0,
+                target_ids: Tensor | None = None, *, windows: list[Any] | None = None, backend: str = "sdpa",
+                loss_reduction: str = "mean", positions: Tensor | None = None, logit_rows: Tensor | None = None,
+                kv_cache: KVCache | None = None) -> Tensor:
+        """The one forward pass of training, evaluation, prefill and decoding.
 
-        Returns fp32 logits (T, vocab) without targets; with targets, the cross-entropy over targets != -1
-        reduced by `loss_reduction` ("mean", "sum", or "none" for per-token losses, 0 at ignored tokens).
-        `windows` defaults to layer_windows(): an int or None per layer, or a mask of the caller's own, a
+        input_ids (T,) packed documents with boundaries cu_seqlens (B+1,) int32, the longest max_seqlen tokens
+        (default: one document). Returns fp32 logits (T, vocab) without targets; with targets, the cross-entropy over
+        targets != -1 reduced by `loss_reduction` ("mean", "sum", or "none" for per-token losses, 0 at ignored
+        tokens). `windows` defaults to layer_windows(): an int or None per layer, or a mask of the caller's own, a
         prebuilt BlockMask on flex or a mask_mod on sdpa. With `positions` (T,), the rotary positions (default:
         each token's position in its document), such masks lay tokens out other than as plain documents (CORE's
-        shared prefixes, shared_prefix_mask_mod). `logit_positions` (N,) keeps only those rows of the last layer's
-        output for the head: logits (N, vocab), or N targets, so that no compute goes to rows nobody reads (the last
-        layer's projections and MLP included: CORE reads one row in thousands in some tasks).
+        shared prefixes, shared_prefix_mask_mod). `logit_rows` (N,) are the rows the head reads: only those rows of
+        the last layer's output go on, giving logits (N, vocab) or N targets, so that no compute goes to rows nobody
+        reads (the last layer's projections and MLP included: CORE reads one row in thousands in some tasks).
+
+        With `kv_cache`, input_ids is (B, L): L new tokens for each of the cache's B rows, continuing what the rows
+        hold (KVCache: positions and boundaries come from it, targets are not taken, windows are ints or None). The
+        logits are (B, L, vocab), or (N, vocab) for `logit_rows` of the flattened B * L tokens; the cache advances by
+        L. Its empty rows are a prefill, through `backend` like training; else the new tokens attend to the cache.
         """
         config = self.config
+        shape = input_ids.shape
+        if kv_cache is not None:
+            if target_ids is not None or positions is not None:
+                raise ValueError("a pass through a KV cache takes no target_ids or positions: the cache places tokens")
+            input_ids, cu_seqlens, max_seqlen, positions = kv_cache.packing(input_ids)
+        elif cu_seqlens is None:
+            cu_seqlens = torch.tensor([0, input_ids.size(0)], dtype=torch.int32, device=input_ids.device)
+            max_seqlen = input_ids.size(0)
         if max_seqlen > config.max_seq_len:
             raise ValueError(f"max_seqlen {max_seqlen} exceeds config.max_seq_len {config.max_seq_len}")
         windows = self.layer_windows() if windows is None else windows
         if len(windows) != config.depth:
             raise ValueError(f"need one window per layer ({config.depth}), got {len(windows)}")
-        positions = positions_in_documents(cu_seqlens, input_ids.size(0)) if positions is None else positions
-        cos, sin = self.rotary_cos[positions], self.rotary_sin[positions]
-        x0 = norm(self.wte(input_ids).to(self.compute_dtype))
-        value_embeds = [table(input_ids).to(self.compute_dtype) for table in self.value_embeds]
-        if backend == "flex":  # block masks: one per window, built here, outside any compiled region
+        reads_cache = kv_cache is not None and not kv_cache.empty
+        if backend == "flex" and not reads_cache:  # block masks: one per window, built outside any compiled region
             masks = {window: window if isinstance(window, BlockMask)
                      else flex_block_mask(cu_seqlens, input_ids.size(0), window) for window in set(windows)}
             windows = [masks[window] for window in windows]
-        compile_backend = self.compile_backend if torch.is_grad_enabled() or self.compile_evaluation else None
-        layer_args = (x0, value_embeds, cos, sin, cu_seqlens, max_seqlen, windows, backend, logit_positions)
+        positions = positions_in_documents(cu_seqlens, input_ids.size(0)) if positions is None else positions
+        batch = AttentionBatch(cu_seqlens, max_seqlen, self.rotary_cos[positions], self.rotary_sin[positions], backend,
+                               kv_cache, positions if kv_cache is not None else None, reads_cache)
+        x0 = norm(self.wte(input_ids).to(self.compute_dtype))
+        value_embeds = [table(input_ids).to(self.compute_dtype) for table in self.value_embeds]
+        layer_args = (x0, value_embeds, windows, batch, logit_rows)
+        compiled = torch.is_grad_enabled() or self.compile_evaluation
+        compile_backend = self.compile_backend if compiled and kv_cache is None else None
         # sdpa loops over the documents on the host, which torch.compile cannot trace: its layers run eagerly
         if not compile_backend or backend == "sdpa":
             x = self.run_layers(*layer_args)
         elif torch.is_grad_enabled():
             x = self.run_layers(*layer_args, *_compiled_layer_functions(compile_backend))
         else:
-            x = _compiled_layer_stack(compile_backend)(self, *layer_args)
-        if target_ids is None:
-            return soft_cap(self.lm_head(norm(x)), config.softcap)
-        return softcapped_cross_entropy(norm(x), self.lm_head.weight, target_ids, config.softcap, loss_reduction,
-                                        compile_backend=compile_backend)
+            x = _compiled_layer_stack(compile_backend, self.inductor_options)(self, *layer_args)
+        if kv_cache is not None:
+            kv_cache.advance(max_seqlen)
+        if target_ids is not None:
+            return softcapped_cross_entropy(norm(x), self.lm_head.weight, target_ids, config.softcap, loss_reduction,
+                                            compile_backend=compile_backend)
+        logits = soft_cap(self.lm_head(norm(x)), config.softcap)
+        return logits.view(*shape, -1) if kv_cache is not None and logit_rows is None else logits
 
-    def run_layers(self, x0: Tensor, value_embeds: list[Tensor], cos: Tensor, sin: Tensor, cu_seqlens: Tensor,
-                   max_seqlen: int, windows: list[Any], backend: str, logit_positions: Tensor | None,
-                   mix: typing.Callable = residual_mix, run_block: typing.Callable = _run_block) -> Tensor:
+    def run_layers(self, x0: Tensor, value_embeds: list[Tensor], windows: list[Any], batch: AttentionBatch,
+                   logit_rows: Tensor | None = None, mix: typing.Callable = residual_mix,
+                   run_block: typing.Callable = _run_block) -> Tensor:
         """The blocks, with the residual mixing and U-net skips, from the embeddings x0 to the last hidden state
-        (only the rows `logit_positions` of it, when given). `mix` and `run_block` are the compiled ones in
-        training (compile_layers)."""
+        (only the rows `logit_rows` of it, when given). `mix` and `run_block` are the compiled ones in training
+        (compile_layers)."""
         n_skip = self.config.depth // 2
         x, skips = x0, []
         for i, block in enumerate(self.blocks):
@@ -1421,8 +1535,8 @@ class GPT(nn.Module):
             x = mix(x, x0, self.resid_lambdas[i], self.x0_lambdas[i], *skip)
             table = self.value_embed_index(i)
             value_embed = None if table is None else value_embeds[table]
-            keep = logit_positions if i == self.config.depth - 1 else None
-            x = run_block(block, x, value_embed, cos, sin, cu_seqlens, max_seqlen, windows[i], backend, keep)
+            last = i == self.config.depth - 1
+            x = run_block(block, x, value_embed, windows[i], batch, logit_rows if last else None)
             if i < n_skip:
                 skips.append(x)
         return x
@@ -1723,6 +1837,30 @@ def step_optimizers(optimizers: list[torch.optim.Optimizer]) -> None:
         optimizer.zero_grad(set_to_none=True)
 
 
+class LossScaler:
+    """Loss scaling for fp16 training (GPUs without bf16, such as the T4). torch.amp.GradScaler multiplies the loss
+    so that small gradients do not flush to zero in fp16, divides the gradients back before the optimizer step,
+    skips the step of an optimizer whose gradients overflowed and adapts the scale as it goes. For bf16 and fp32
+    it is a plain step_optimizers. One process only: under torchrun each rank would skip steps on its own."""
+
+    def __init__(self, compute_dtype: torch.dtype, device: str):
+        enabled = compute_dtype == torch.float16
+        if enabled and _world()[0] > 1:
+            raise ConfigError("fp16 loss scaling runs in one process only: under torchrun set STACK_DTYPE=float32")
+        self.scaler = torch.amp.GradScaler(torch.device(device).type, enabled=enabled)
+
+    def scale(self, loss: Tensor) -> Tensor:
+        return self.scaler.scale(loss)
+
+    def step(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        if not self.scaler.is_enabled():
+            return step_optimizers(optimizers)
+        for optimizer in optimizers:
+            self.scaler.step(optimizer)
+            optimizer.zero_grad(set_to_none=True)
+        self.scaler.update()
+
+
 def apply_schedule(optimizers: list[torch.optim.Optimizer], lr_mult: float, momentum: float | None = None) -> None:
     """Set every group's lr to initial_lr * lr_mult and, if given, Muon's momentum."""
     for optimizer in optimizers:
@@ -1785,39 +1923,6 @@ def document_boundaries(inputs: np.ndarray, bos_id: int, max_doc_len: int) -> np
     return np.asarray([*bounds, len(inputs)], dtype=np.int32)
 
 
-def host_to_device(array: np.ndarray, device: str | torch.device) -> Tensor:
-    """`array` as a tensor on `device`. A copy to a GPU goes through pinned memory, so that it is asynchronous and
-    the host can queue more work meanwhile (a copy from pageable memory may wait for the GPU)."""
-    tensor = torch.from_numpy(array)
-    if torch.device(device).type == "cuda":
-        tensor = tensor.pin_memory()
-    return tensor.to(device, non_blocking=True)
-
-
-def budget_chunks(items: Iterable[ItemT], cost: typing.Callable[[ItemT], int], max_tokens: int
-                  ) -> Iterator[list[ItemT]]:
-    """Items grouped in order so that each group's costs sum to at most max_tokens (a costlier item goes alone),
-    lazily: a group is ready as soon as the item after it is known, so its forward pass can run while the host
-    prepares the next one (CORE scoring)."""
-    chunk: list[ItemT] = []
-    total = 0
-    for item in items:
-        item_cost = cost(item)
-        if chunk and total + item_cost > max_tokens:
-            yield chunk
-            chunk, total = [], 0
-        chunk.append(item)
-        total += item_cost
-    if chunk:
-        yield chunk
-
-
-def token_budget_chunks(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """Indices grouped by budget_chunks: how letter scoring and RL passes pack variable-length sequences into
-    varlen forward passes."""
-    return [[i for i, _ in chunk] for chunk in budget_chunks(enumerate(lengths), operator.itemgetter(1), max_tokens)]
-
-
 class PretrainLoader:
     """Endless BOS-aligned batches from token shards, `tokens` per rank per call, wrapping around at the end."""
     position_shared = True  # every rank holds the same position: a checkpoint resumes under any number of ranks
@@ -1871,6 +1976,45 @@ class PretrainLoader:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.position = dict(state)
         self._load_shard()
+
+
+# ---------------------------------------------------------------------------------------------
+# 9b. Batching (used by the loaders, CORE, chat evaluations and RL)
+# ---------------------------------------------------------------------------------------------
+# Every packed forward pass gets its tokens the same way: grouped under a token budget on the host, then copied to
+# the device without waiting for it.
+
+def host_to_device(array: np.ndarray, device: str | torch.device) -> Tensor:
+    """`array` as a tensor on `device`. A copy to a GPU goes through pinned memory, so that it is asynchronous and
+    the host can queue more work meanwhile (a copy from pageable memory may wait for the GPU)."""
+    tensor = torch.from_numpy(array)
+    if torch.device(device).type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
+def budget_chunks(items: Iterable[ItemT], cost: typing.Callable[[ItemT], int], max_tokens: int
+                  ) -> Iterator[list[ItemT]]:
+    """Items grouped in order so that each group's costs sum to at most max_tokens (a costlier item goes alone),
+    lazily: a group is ready as soon as the item after it is known, so its forward pass can run while the host
+    prepares the next one (CORE scoring)."""
+    chunk: list[ItemT] = []
+    total = 0
+    for item in items:
+        item_cost = cost(item)
+        if chunk and total + item_cost > max_tokens:
+            yield chunk
+            chunk, total = [], 0
+        chunk.append(item)
+        total += item_cost
+    if chunk:
+        yield chunk
+
+
+def token_budget_chunks(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Indices grouped by budget_chunks: how letter scoring and RL passes pack variable-length sequences into
+    varlen forward passes."""
+    return [[i for i, _ in chunk] for chunk in budget_chunks(enumerate(lengths), operator.itemgetter(1), max_tokens)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2340,7 +2484,7 @@ def _score_pack(model: GPT, pack: CorePack, backend: str, tree_backend: str, dev
         backend = tree_backend
         windows = _shared_prefix_windows(model, documents, branches, positions, backend)
     logits = model(inputs, cu_seqlens, int(pack.positions.max()) + 1, backend=backend, windows=windows,
-                   positions=positions, logit_positions=scored)
+                   positions=positions, logit_rows=scored)
     losses = F.cross_entropy(logits, targets, reduction="none")
     misses = (logits.argmax(-1) != targets).float()
     sums = torch.zeros(pack.choices, 3, device=device)
@@ -2658,116 +2802,9 @@ def calculate(expression: str, timeout_s: float = 0.5) -> str:
 
 
 # The inference engine. Every row of a batch advances in lockstep, one token per step: a row either samples its
-# next token or takes one the engine forces (the calculator's output). Rows may continue different prompts. The KV cache keeps every layer's keys and
-# values of the positions so far, so a step runs the model on one new token per row. forward_cached repeats
-# GPT.forward's computation (value embeddings, U-net skips, x0 mixing, soft cap) on top of the cache; the tests
-# check that it gives the same logits as GPT.forward.
-
-class KVCache:
-    """Preallocated keys and values of every layer: two (depth, batch, heads, capacity, head_dim) tensors."""
-
-    def __init__(self, config: GPTConfig, batch_size: int, capacity: int, device: torch.device | str,
-                 dtype: torch.dtype):
-        shape = (config.depth, batch_size, config.n_heads, capacity, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0  # positions filled, the same for every row (steps at tensor positions leave it alone)
-
-    @property
-    def capacity(self) -> int:
-        return self.k.size(3)
-
-    def broadcast_first_row(self) -> None:
-        """Copy row 0 into every row: several samples continue one prefilled prompt without prefilling again."""
-        self.k[:, 1:] = self.k[:, :1]
-        self.v[:, 1:] = self.v[:, :1]
-
-    def rows(self, start: int, stop: int) -> KVCache:
-        """An empty cache over rows start..stop-1 that shares this one's memory: prefilling it fills those rows."""
-        view = object.__new__(KVCache)
-        view.k, view.v, view.length = self.k[:, start:stop], self.v[:, start:stop], 0
-        return view
-
-
-def _cached_attention(attn: CausalSelfAttention, x: Tensor, value_embed: Tensor | None, cos: Tensor, sin: Tensor,
-                      cache: KVCache, layer: int, window: int | None, backend: str, position: Tensor | None
-                      ) -> Tensor:
-    """CausalSelfAttention.forward for x (B, T, dim) at positions cache.length.. (or at `position`), reading and
-    extending the cache."""
-    B, T, _ = x.shape
-    q, k, v = (linear(x).view(B, T, attn.n_heads, attn.head_dim) for linear in (attn.c_q, attn.c_k, attn.c_v))
-    if value_embed is not None:
-        v = attn.value_mix[0] * v + attn.value_mix[1] * value_embed.view_as(v)
-    q, k = apply_rotary(norm(q), cos, sin), apply_rotary(norm(k), cos, sin)
-    if position is not None:  # static shapes (CUDA graphs): row b writes at position[b] and reads the cache up to it
-        rows = torch.arange(B, device=x.device)
-        cache.k[layer, rows, :, position] = k[:, 0]
-        cache.v[layer, rows, :, position] = v[:, 0]
-        keys = torch.arange(cache.capacity, device=x.device)[None]  # (1, capacity)
-        since = position[:, None] - keys  # (B, capacity): how far back each key is
-        visible = (since >= 0) & (since < (window or cache.capacity))
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), cache.k[layer], cache.v[layer],
-                                           attn_mask=visible[:, None, None, :])
-        return attn.c_proj(y.transpose(1, 2).reshape(B, T, -1))
-    start, end = cache.length, cache.length + T
-    cache.k[layer, :B, :, start:end] = k.transpose(1, 2)
-    cache.v[layer, :B, :, start:end] = v.transpose(1, 2)
-    if start == 0 and B == 1:  # a prompt's prefill: the training attention backend, one document
-        cu_seqlens = torch.tensor([0, T], device=x.device, dtype=torch.int32)
-        y = attention(q[0], k[0], v[0], cu_seqlens, T, window, backend)[None]
-    else:  # decode (and prefill after a cache that is not empty): the queries attend to the cache
-        first = 0 if window is None else max(0, start - window + 1)  # the oldest key any query here may see
-        keys = torch.arange(first, end, device=x.device)
-        queries = torch.arange(start, end, device=x.device)[:, None]
-        visible = (keys <= queries) & (queries - keys < (window or end))
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), cache.k[layer, :B, :, first:end],
-                                           cache.v[layer, :B, :, first:end], attn_mask=None if T == 1 else visible)
-        y = y.transpose(1, 2)
-    return attn.c_proj(y.reshape(B, T, -1))
-
-
-def forward_cached(model: GPT, ids: Tensor, cache: KVCache, backend: str = "sdpa", position: Tensor | None = None
-                   ) -> Tensor:
-    """Logits (B, T, vocab), fp32, of ids (B, T) that continue the cache's B rows; extends the cache by T.
-
-    Rows must not exceed the cache's batch; a batch-1 prompt into an empty cache uses `backend` like training.
-    With `position` (a (B,) int64 tensor), row b's one token goes to position[b] of row b, for every row of the
-    cache, and cache.length is left to the caller: rows may hold prompts of different lengths, and no shape depends
-    on the positions, so a CUDA graph can replay the step.
-    """
-    config = model.config
-    B, T = ids.shape
-    start = cache.length
-    if position is not None:
-        if T != 1 or B != cache.k.size(1) or position.shape != (B,):
-            raise ValueError(f"a step at tensor positions takes one token and one position per cache row, got ids "
-                             f"of shape {(B, T)} and positions of shape {tuple(position.shape)}")
-        cos, sin = model.rotary_cos[position][:, None], model.rotary_sin[position][:, None]  # (B, 1, head_dim / 2)
-    elif start + T > min(cache.capacity, config.max_seq_len):
-        raise ValueError(f"{start + T} positions exceed the cache ({cache.capacity}) or max_seq_len "
-                         f"({config.max_seq_len})")
-    else:
-        cos, sin = model.rotary_cos[start:start + T], model.rotary_sin[start:start + T]
-    x0 = norm(model.wte(ids).to(model.compute_dtype))
-    value_embeds = [table(ids).to(model.compute_dtype) for table in model.value_embeds]
-    n_skip = config.depth // 2
-    x, skips = x0, []
-    for i, (block, window) in enumerate(zip(model.blocks, model.layer_windows())):
-        if i >= config.depth - n_skip:
-            mirror = config.depth - 1 - i
-            x = x + model.skip_weights[mirror] * skips[mirror]
-        x = model.resid_lambdas[i] * x + model.x0_lambdas[i] * x0
-        table = model.value_embed_index(i)
-        value_embed = None if table is None else value_embeds[table]
-        x = x + _cached_attention(block.attn, norm(x), value_embed, cos, sin, cache, i, window, backend, position)
-        x = x + block.mlp(norm(x))
-        if i < n_skip:
-            skips.append(x)
-    if position is None:
-        cache.length = start + T
-    logits = model.lm_head(norm(x)).float()
-    return config.softcap * torch.tanh(logits / config.softcap)
-
+# next token or takes one the engine forces (the calculator's output). Rows may continue different prompts. The KV
+# cache (KVCache, in the model section) keeps every layer's keys and values of the positions so far, so a step runs
+# GPT.forward on one new token per row.
 
 def sample_tokens(logits: Tensor, uniforms: Tensor, temperature: float = 1.0, top_k: int | None = None,
                   top_p: float | None = None) -> Tensor:
@@ -2801,37 +2838,41 @@ class _RowState:
 
 
 class DecodeStep:
-    """One decode step of every cache row at per-row positions: logits (B, vocab) = step(tokens (B,)).
+    """One decode step of every cache row: logits (B, vocab) = step(tokens (B,)), row b's token going to the next
+    position of row b (rows may hold prompts of different lengths).
 
     On a GPU the step is captured once as a CUDA graph and replayed: an eager step launches hundreds of small
-    kernels and leaves the GPU idle between them (measured on an H100 at depth 12: 117 tokens/s eager against 746
-    replayed for one sequence; baselines/2026-11-25-vs-nanochat). The graph reads the tokens and positions from
-    fixed buffers, so replaying it needs no host work but two copies. Elsewhere the step runs eagerly.
+    kernels, and the GPU idles between them while the host queues the next (baselines/2026-11-25-vs-nanochat
+    compares the two). The graph reads the tokens from a fixed buffer and the positions from the cache's lengths,
+    which the step advances itself, so replaying it needs no host work but one copy. Elsewhere the step runs
+    eagerly.
     """
 
-    def __init__(self, model: GPT, cache: KVCache, positions: Tensor, backend: str, cuda_graph: bool):
+    def __init__(self, model: GPT, cache: KVCache, backend: str, cuda_graph: bool):
         self.model, self.cache, self.backend = model, cache, backend
-        self.positions = positions.clone()  # (B,) the position each row's next token goes to
-        self.tokens = torch.zeros(len(positions), 1, dtype=torch.long, device=positions.device)
+        self.tokens = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=cache.k.device)
         self.graph = None
-        if cuda_graph and positions.is_cuda:
+        if cuda_graph and self.tokens.is_cuda:
             try:
                 self.graph = self._capture()
             except RuntimeError as error:  # e.g. a backend that syncs with the host: fall back to eager steps
                 warnings.warn(f"decoding without a CUDA graph, its capture failed: {error}")
 
     def _forward(self) -> Tensor:
-        return forward_cached(self.model, self.tokens, self.cache, self.backend, position=self.positions)[:, -1]
+        return self.model(self.tokens, kv_cache=self.cache, backend=self.backend)[:, -1]
 
     def _capture(self) -> torch.cuda.CUDAGraph:
-        """Warm-up steps run for real and write keys and values at the rows' next positions, which the first real
-        step overwrites before any query reads them; capturing runs nothing."""
+        """Warm-up steps run for real: they write keys and values at the rows' next positions, which the first real
+        step overwrites before any query reads them, and the rows' lengths are put back after them. Capturing runs
+        nothing."""
+        lengths = self.cache.lengths.clone()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm up on a side stream before capture, as torch.cuda.graphs requires
             for _ in range(2):
                 self._forward()
         torch.cuda.current_stream().wait_stream(stream)
+        self.cache.lengths.copy_(lengths)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self.logits = self._forward()
@@ -2840,12 +2881,9 @@ class DecodeStep:
     def __call__(self, tokens: Tensor) -> Tensor:
         self.tokens.copy_(tokens[:, None])
         if self.graph is None:
-            logits = self._forward()
-        else:
-            self.graph.replay()
-            logits = self.logits.clone()
-        self.positions.add_(1).clamp_(max=self.cache.capacity - 1)  # finished rows may run past their end
-        return logits
+            return self._forward()
+        self.graph.replay()
+        return self.logits.clone()
 
 
 class Engine:
@@ -2887,39 +2925,71 @@ class Engine:
         """A cache with each prompt prefilled once into its num_samples rows; the logits of each row's first token
         (B, vocab); and how many tokens each row may emit (max_tokens, or less where max_seq_len is near)."""
         model, device = self.model, self.model.rotary_cos.device
-        max_len = model.config.max_seq_len
-        for prompt in prompts:
-            if not prompt:
-                raise ValueError("a prompt is empty: start it with <|bos|> (see render_for_completion)")
-            if len(prompt) >= max_len:
-                raise ValueError(f"a prompt of {len(prompt)} tokens leaves no room in max_seq_len {max_len}")
-        limits = [min(max_tokens, max_len - len(prompt)) for prompt in prompts]
+        limits = [min(max_tokens, model.config.max_seq_len - len(prompt)) for prompt in prompts]
         capacity = max(len(prompt) + limit for prompt, limit in zip(prompts, limits))
         cache = KVCache(model.config, len(prompts) * num_samples, capacity, device, model.compute_dtype)
+        groups = [cache.rows(i * num_samples, (i + 1) * num_samples) for i in range(len(prompts))]
         first = []
-        for i, prompt in enumerate(prompts):
-            group = cache.rows(i * num_samples, (i + 1) * num_samples)
+        for group, prompt in zip(groups, prompts):
             ids = torch.tensor([list(prompt)], device=device)
-            first.append(forward_cached(model, ids, group.rows(0, 1), self.backend)[:, -1])
+            last = torch.tensor([len(prompt) - 1], device=device)
+            first.append(model(ids, kv_cache=group.rows(0, 1), backend=self.backend, logit_rows=last))
             group.broadcast_first_row()
         logits = torch.cat(first).repeat_interleave(num_samples, dim=0)
         return cache, logits, [limit for limit in limits for _ in range(num_samples)]
 
-    @torch.inference_mode()
+    def check_arguments(self, prompts: Sequence[Sequence[int]], num_samples: int, max_tokens: int,
+                        temperature: float, top_k: int | None, top_p: float | None) -> None:
+        """ValueError, naming the argument, for anything generation cannot take. Each prompt must leave the model's
+        context room for one token at least; max_tokens is a cap, cut to the room a prompt leaves."""
+        def is_int(value: Any) -> bool:
+            return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+        def is_number(value: Any) -> bool:
+            return isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+
+        for name, value in (("num_samples", num_samples), ("max_tokens", max_tokens)):
+            if not is_int(value) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if top_k is not None and (not is_int(top_k) or top_k < 1):
+            raise ValueError(f"top_k must be None (no cut) or an integer >= 1, got {top_k!r}")
+        if not is_number(temperature) or not math.isfinite(temperature) or temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+        if top_p is not None and (not is_number(top_p) or not 0 < top_p <= 1):
+            raise ValueError(f"top_p must be None (no cut) or a number in (0, 1], got {top_p!r}")
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
+            raise ValueError(f"prompts must be a non-empty list of token id lists, got {prompts!r:.80}")
+        vocab_size, context = self.model.config.vocab_size, self.model.config.max_seq_len
+        for i, prompt in enumerate(prompts):
+            if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Sequence):
+                raise ValueError(f"prompt {i} must be a list of token ids, got {prompt!r:.80}")
+            if not prompt:
+                raise ValueError(f"prompt {i} is empty: start it with <|bos|> (see render_for_completion)")
+            bad = [token for token in prompt if not is_int(token) or not 0 <= token < vocab_size]
+            if bad:
+                raise ValueError(f"prompt {i} holds {bad[0]!r}, not a token id of the model's vocabulary "
+                                 f"(0..{vocab_size - 1})")
+            if len(prompt) >= context:
+                raise ValueError(f"prompt {i} of {len(prompt)} tokens leaves no room to generate in the model's "
+                                 f"context (max_seq_len {context})")
+
     def stream_batch(self, prompts: Sequence[Sequence[int]], num_samples: int = 1, max_tokens: int = 256,
                      temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0
                      ) -> Iterator[tuple[list[int], list[int]]]:
         """Yield, each step, the new token of every row and whether it was sampled (1) or forced (0); a row that
         has finished yields -1 (and 0). Rows are prompt-major: row r continues prompts[r // num_samples]. Row r
         draws its uniforms (sample_tokens) from random.Random(seed + r), so a row's tokens do not depend on the
-        other rows: row r of a batch equals a single sample of its prompt with that seed."""
-        if max_tokens <= 0:
-            raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+        other rows: row r of a batch equals a single sample of its prompt with that seed. Bad arguments raise here,
+        before the first step (check_arguments)."""
+        self.check_arguments(prompts, num_samples, max_tokens, temperature, top_k, top_p)
+        return self._decode(prompts, num_samples, max_tokens, temperature, top_k, top_p, seed)
+
+    @torch.inference_mode()
+    def _decode(self, prompts: Sequence[Sequence[int]], num_samples: int, max_tokens: int, temperature: float,
+                top_k: int | None, top_p: float | None, seed: int) -> Iterator[tuple[list[int], list[int]]]:
         cache, logits, limits = self._prefill(prompts, num_samples, max_tokens)
         device = logits.device
-        positions = torch.tensor([len(p) for p in prompts for _ in range(num_samples)], device=device)
-        step = DecodeStep(self.model, cache, positions, self.backend,
-                          self.cuda_graph and max(limits) >= self.graph_min_tokens)
+        step = DecodeStep(self.model, cache, self.backend, self.cuda_graph and max(limits) >= self.graph_min_tokens)
         generators = [random.Random(seed + r) for r in range(len(limits))]
         rows = [_RowState(limit) for limit in limits]
         while True:
@@ -2949,11 +3019,11 @@ class Engine:
         """Each row's generated tokens (the prompt excluded, the stop token included; rows as in stream_batch) and
         a mask of the same length: 1 where the token was sampled, 0 where the engine forced it (tool output). RL
         trains on the 1s."""
+        steps = self.stream_batch(prompts, num_samples, max_tokens, temperature, top_k, top_p, seed)
         rows = len(prompts) * num_samples
         tokens: list[list[int]] = [[] for _ in range(rows)]
         masks: list[list[int]] = [[] for _ in range(rows)]
-        for step_tokens, step_sampled in self.stream_batch(prompts, num_samples, max_tokens, temperature, top_k,
-                                                           top_p, seed):
+        for step_tokens, step_sampled in steps:
             for r, (token, sampled) in enumerate(zip(step_tokens, step_sampled)):
                 if token >= 0:
                     tokens[r].append(token)

@@ -84,7 +84,7 @@ class RLConfig(sc.StackConfig):
     max_new_tokens: int = 256  # longest answer, tool output included
     temperature: float = 1.0  # 1.0 and no top-k sample exactly from the policy being trained
     top_k: int = 0  # 0: no top-k cut
-    lr_frac: float = 0.05  # learning rates as a fraction of the pretraining ones (nanochat's choice)
+    lr_scale: float = 0.05  # learning rates as a fraction of the pretraining ones (nanochat's choice)
     pass_tokens: int = 65_536  # tokens per forward/backward pass over the packed rollouts
     eval_every: int = 60  # steps between pass@k evaluations (and at the start and the end)
     eval_prompts: int = 400  # test questions per evaluation
@@ -102,7 +102,7 @@ class RLConfig(sc.StackConfig):
     }
     LIMITS = {
         "steps": sc.above(0), "prompts_per_step": sc.above(0), "samples_per_prompt": sc.above(0),
-        "max_new_tokens": sc.above(0), "temperature": sc.at_least(0), "top_k": sc.at_least(0), "lr_frac": sc.above(0),
+        "max_new_tokens": sc.above(0), "temperature": sc.at_least(0), "top_k": sc.at_least(0), "lr_scale": sc.above(0),
         "pass_tokens": sc.above(0), "eval_every": sc.above(0), "eval_prompts": sc.above(0), "eval_samples": sc.above(0),
         "save_every": sc.above(0), "attention": sc.ATTENTION_SETTING, "run_name": sc.folder_name(),
         "seed": sc.at_least(0),
@@ -185,13 +185,13 @@ for text, mask, reward, advantage in list(zip(group.completions, group.masks, gr
 
 # %% [markdown]
 # ## The optimizer
-# The same Muon + AdamW pair as pretraining, with every learning rate scaled by `lr_frac` and decayed linearly to
+# The same Muon + AdamW pair as pretraining, with every learning rate scaled by `lr_scale` and decayed linearly to
 # zero over the run. Each step's rollouts are sampled from the current weights and used for exactly one update, so
 # the method stays on-policy: no importance ratios, no clipping, and no KL penalty to the starting model (see
 # `sc.policy_gradient_loss` for why).
 
 # %%
-optimizers = sc.build_optimizers(model, lr_scale=cfg.lr_frac)
+optimizers = sc.build_optimizers(model, lr_scale=cfg.lr_scale)
 loss_scaler = sc.LossScaler(compute_dtype, device)  # fp16 only (a T4); a plain optimizer step otherwise
 
 # %% [markdown]

@@ -106,21 +106,21 @@ print(f"{checkpoint_path} (step {checkpoint['step']}): {model.num_params()['tota
 # %% [markdown]
 # ## The KV cache: prefill, then decode
 # The prompt goes through the model in one pass (the *prefill*), which fills the cache with its keys and values.
-# Each decode step then feeds one token at position `cache.length`: its query attends to the cached keys (only the
-# last `window` of them in the sliding-window layers), and its own key and value are appended. Everything else,
-# value embeddings, U-net skips, the x0 mix and the soft cap, is the training forward pass unchanged, so the
-# logits must match a full forward pass over the same tokens up to float rounding.
+# Each decode step then feeds one token at the row's next position (`cache.lengths`): its query attends to the
+# cached keys (only the last `window` of them in the sliding-window layers), and its own key and value are
+# appended. Both are the training forward pass, `model(ids, kv_cache=cache)`: the same attention, value
+# embeddings, U-net skips, x0 mix and soft cap, so the logits must match a full forward pass over the same tokens
+# up to float rounding.
 
 # %%
 prompt = tokenizer.encode("The capital of France is", prepend_bos=True)
 ids = torch.tensor(prompt + tokenizer.encode(" Paris, and the capital of Italy is Rome."), device=device)
 with torch.no_grad():
-    bounds = torch.tensor([0, len(ids)], device=device, dtype=torch.int32)  # one document
-    full = model(ids, bounds, len(ids), backend=engine.backend)
+    full = model(ids, backend=engine.backend)  # one document
     cache = sc.KVCache(model.config, 1, len(ids), device, model.compute_dtype)
-    steps = [sc.forward_cached(model, ids[None, :len(prompt)], cache, engine.backend)[0]]  # prefill
+    steps = [model(ids[None, :len(prompt)], kv_cache=cache, backend=engine.backend)[0]]  # prefill
     for t in range(len(prompt), len(ids)):  # decode, one token a step
-        steps.append(sc.forward_cached(model, ids[None, t:t + 1], cache, engine.backend)[0])
+        steps.append(model(ids[None, t:t + 1], kv_cache=cache, backend=engine.backend)[0])
 print(f"{len(prompt)} prompt tokens prefilled, {len(ids) - len(prompt)} decoded: largest logit difference against "
       f"the full forward pass {(torch.cat(steps) - full).abs().max().item():.2e}")
 
@@ -161,7 +161,7 @@ print(repr(tokenizer.decode(cached[0])))
 # %%
 for text in ("Once upon a time", "The number of days in a week is"):
     samples, _ = engine.generate(tokenizer.encode(text, prepend_bos=True), num_samples=3, max_tokens=cfg.max_tokens,
-                                 temperature=1.0, top_k=cfg.top_k, seed=cfg.seed)
+                                 temperature=1.0, top_k=cfg.top_k or None, seed=cfg.seed)
     print(text)
     for row in samples:
         print("   ->", repr(tokenizer.decode(row)))

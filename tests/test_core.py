@@ -39,9 +39,9 @@ class BigramStub(nn.Module):
             table[token, successor] = 10.0
         self.register_buffer("table", table)
 
-    def forward(self, input_ids, cu_seqlens, max_seqlen, target_ids=None, *, backend="sdpa", logit_positions=None,
+    def forward(self, input_ids, cu_seqlens, max_seqlen, target_ids=None, *, backend="sdpa", logit_rows=None,
                 **kwargs):
-        return self.table[input_ids if logit_positions is None else input_ids[logit_positions]]
+        return self.table[input_ids if logit_rows is None else input_ids[logit_rows]]
 
     def layer_windows(self):
         return [None] * self.config.depth
@@ -212,6 +212,23 @@ def test_compiled_layers_score_like_eager_and_compile_once_per_layout():
     assert entries == [1, 1, 2, 2, 2, 2], entries
 
 
+def test_inductor_options_reach_the_evaluation_graph(monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda function, **kwargs: compiled.append((function, kwargs)) or function)
+    sc._compiled_layer_stack.cache_clear()
+    model = random_gpt(vocab_size=64, max_seq_len=64)
+    model.compile_layers(evaluation=True, inductor_options={"max_autotune": True})
+    with torch.no_grad():
+        model(torch.randint(0, 64, (20,)), backend="flex")
+    sc._compiled_layer_stack.cache_clear()
+    assert [kwargs for function, kwargs in compiled if function is sc.GPT.run_layers] == [
+        dict(dynamic=True, backend="inductor", options={"max_autotune": True})]
+    with pytest.raises(ValueError, match="need the inductor compile backend, not 'aot_eager'"):
+        model.compile_layers("aot_eager", inductor_options={"max_autotune": True})
+    with pytest.raises(ValueError, match="must be hashable"):
+        model.compile_layers(inductor_options={"max_autotune": [True]})
+
+
 def test_only_passes_with_branches_are_padded(monkeypatch):
     # flex passes keep one shape (padded to whole pack_tokens); plain documents go to varlen/flash unpadded
     lengths = []
@@ -244,14 +261,14 @@ def test_packs_share_each_context_once():
     assert (pack.targets == np.concatenate([seq[start:] for choices in examples[:2] for seq, start in choices])).all()
 
 
-def test_logit_positions_keep_rows_of_the_full_logits():
+def test_logit_rows_keep_rows_of_the_full_logits():
     model = random_gpt(vocab_size=64, max_seq_len=64)
     inputs = torch.randint(0, 64, (40,))
     cu_seqlens = torch.tensor([0, 25, 40], dtype=torch.int32)
     rows = torch.tensor([3, 0, 24, 25, 39])
     with torch.no_grad():
         full = model(inputs, cu_seqlens, 25)
-        torch.testing.assert_close(model(inputs, cu_seqlens, 25, logit_positions=rows), full[rows])
+        torch.testing.assert_close(model(inputs, cu_seqlens, 25, logit_rows=rows), full[rows])
 
 
 def test_records_point_at_the_continuation_tokens(synthetic_shards):
@@ -463,4 +480,3 @@ def test_profile_core_rejects_bad_inductor_options(option, message, monkeypatch,
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(str(Path(__file__).resolve().parents[1] / "baselines" / "profile_core.py"), run_name="__main__")
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
-    assert sc.EVAL_INDUCTOR_OPTIONS == {}
