@@ -24,10 +24,11 @@ checkpoint() {  # depth, steps, cap seconds: a short run of 03 (bench_pretrain) 
   part 03_d$1 "$3" 3 python3 baselines/bench_pretrain.py --depth="$1" --steps="$2" --eval_every="$2" \
     --timeout=$(( $3 - 10 )) --out="$OUT/vs" --data="$D/english"
 }
-core() {  # log name, cap, reserve, flags...: notebook 04 (speedrun preset), its results.json kept as OUT/<name>.json
+core() {  # log name, cap, reserve, flags...: notebook 04 (speedrun preset, benchmark timings on), its summary.json
+  # kept as OUT/<name>.json
   local name=$1 cap=$2 reserve=$3; shift 3
-  part "$name" "$cap" "$reserve" python3 notebooks/04_core_eval.py --preset=speedrun "$@"
-  cp "$STACK_HOME/runs/04_core_eval/results.json" "$OUT/$name.json" 2>/dev/null
+  part "$name" "$cap" "$reserve" python3 notebooks/04_core_eval.py --preset=speedrun --benchmark=true "$@"
+  cp "$STACK_HOME/runs/04_core_eval/summary.json" "$OUT/$name.json" 2>/dev/null
 }
 unpack_home() {  # folders: each gets the artifacts of .gpu/home.tar.xz, to serve as a STACK_HOME of its own
   for home in "$@"; do mkdir -p "$home" && tar xJf .gpu/home.tar.xz -C "$home"; done
