@@ -280,8 +280,8 @@ if dist_info.master:
     plt.show()
 
 # %% [markdown]
-# ## The results file
-# `runs/sft/results.json` holds both evaluations, the losses and the run's settings; the checkpoint in
+# ## The summary file
+# `runs/sft/summary.json` holds both evaluations, the losses and the run's settings; the checkpoint in
 # `checkpoints/sft` is what `06_rl` and `07_chat` load.
 
 # %%
@@ -290,8 +290,8 @@ results = {"base_checkpoint": str(base_path), "steps": steps, "preset": cfg.pres
            "ranks": dist_info.world_size, "attention": backend, "final_val_loss": val_loss,
            "train_seconds": round(train_seconds, 1), "chat": stages, "config": dataclasses.asdict(cfg)}
 if dist_info.master:
-    (run_dir / "results.json").write_text(json.dumps(results, indent=1))
+    (run_dir / "summary.json").write_text(json.dumps(results, indent=1))
     log(f"val loss {val_loss:.4f} | ChatCORE {before['chatcore']:.3f} -> {after['chatcore']:.3f} | "
-        f"written {run_dir / 'results.json'}")
+        f"written {run_dir / 'summary.json'}")
 if torch.distributed.is_initialized():
     torch.distributed.destroy_process_group()
