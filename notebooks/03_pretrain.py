@@ -220,8 +220,9 @@ def schedule(step: int) -> list:
 # Gradients of weight matrices are nearly low-rank: a few directions dominate. Adam scales each entry by its own
 # history; on its first step that is the entry's sign, and the update keeps the gradient's few dominant directions.
 # Muon replaces the update by its nearest orthogonal matrix (`sc.orthogonalize`, a few Polar Express iterations):
-# the same directions, each with the same strength, so rare directions learn as fast as common ones. Below, one
-# step of each, from a fresh state, on two copies of one matrix of the model's shape, given the same gradient; the
+# the same directions, each with the same strength, so rare directions learn as fast as common ones. Below, a
+# made-up gradient for a matrix of the model's shape, its i-th direction 1/i as strong as the first, and one step of
+# each optimizer from a fresh state on two copies of the matrix (`sc.Muon` with the source printed, and AdamW); the
 # singular values of the updates, each scaled to its largest, tell the difference.
 
 # %%
@@ -229,7 +230,7 @@ log(inspect.getsource(sc.Muon._orthogonal_update))
 shape = model.parameter_kinds()["matrices"][0].shape
 generator = torch.Generator().manual_seed(0)
 directions = [torch.linalg.qr(torch.randn(n, n, generator=generator))[0] for n in shape]
-strengths = 0.5 ** torch.arange(min(shape), dtype=torch.float32)  # a steep, nearly low-rank spectrum
+strengths = 1 / torch.arange(1, min(shape) + 1, dtype=torch.float32)  # direction i is 1/i as strong as the first
 gradient = directions[0][:, :len(strengths)] @ torch.diag(strengths) @ directions[1][:, :len(strengths)].T
 updates = {}
 for name, make in (("Muon", lambda w: sc.Muon([w], lr=1.0)), ("Adam", lambda w: torch.optim.AdamW([w], lr=1.0,
