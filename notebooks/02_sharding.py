@@ -172,6 +172,32 @@ plt.show()
 (run_dir / "summary.json").write_text(json.dumps(report, indent=1))
 
 # %% [markdown]
+# ## Look inside: a shard's header and a document boundary
+# A shard is a header of 256 int32 followed by the tokens, nothing else: that is why the loader can memory-map it
+# and slice any range without parsing. The header's first five numbers say what follows (modded-nanogpt's magic
+# number and version, the token count, then ours: the vocabulary the ids were checked against and the record
+# width); the rest is reserved, zero. Read raw with numpy here, they are what `sc.read_shard` checks on every open.
+# Then the token stream around the start of the second document: `<|bos|>` is the only boundary there is, and the
+# document lengths in the histogram above are the gaps between them.
+
+# %%
+first_shard = sc.list_shards(shard_dir, "train")[0]
+header = np.fromfile(first_shard, dtype=np.int32, count=sc.HEADER_INTS)
+kind, dtype = sc.SHARD_VERSIONS[int(header[1])]
+for name, value in zip(("magic", "version", "count", "vocabulary", "record width"), header[:5]):
+    print(f"{name:>12}: {value}")
+print(f"{'reserved':>12}: {np.count_nonzero(header[5:])} non-zero of {len(header) - 5}")
+print(f"{first_shard.name}: {first_shard.stat().st_size:,} bytes = {sc.HEADER_BYTES} header + {header[2]:,} {kind} "
+      f"x {np.dtype(dtype).itemsize} bytes ({np.dtype(dtype).name})\n")
+stream = sc.read_shard(first_shard, tokenizer.vocab_size)
+boundary = int(np.flatnonzero(stream == tokenizer.bos_id)[1])
+print(f"{'position':>9} {'id':>6}  text")
+for position in range(max(boundary - 6, 0), min(boundary + 7, len(stream))):
+    token = int(stream[position])
+    mark = "   <- a new document starts" if token == tokenizer.bos_id else ""
+    print(f"{position:>9} {token:>6}  {tokenizer.decode([token])!r}{mark}")
+
+# %% [markdown]
 # ## The CORE evaluation tasks
 # `04_core_eval` scores the model on the 22 tasks of the DCLM paper. Each example is rendered into its prompt texts
 # (few-shot examples first, drawn with a fixed seed per example) and tokenized here once: `shards/core/<task>.bin`

@@ -163,6 +163,39 @@ log(f"first batch: {len(example.cu_seqlens) - 1} conversations in {len(example.i
     f"{example.max_seqlen}, {int((example.targets >= 0).sum())} trained tokens")
 
 # %% [markdown]
+# ## Look inside: what the model is trained on
+# The first conversation of the first training shard, read back from `shards/sft` with its loss-mask side file,
+# token by token: green tokens have mask 1 and are trained on (what the assistant writes, its calculator calls,
+# `<|assistant_end|>`), grey ones are context only (the user's turns, the calculator's output, the special tokens
+# that open a turn). The loader turns mask 0 into target -1, which the loss skips. Newlines show as `\n`, other
+# characters outside ASCII as their escapes.
+
+# %%
+import numpy as np
+
+first_sft_shard = sc.list_shards(sft_dir, "train")[0]
+stream_ids = sc.read_shard(first_sft_shard, tokenizer.vocab_size)
+stream_mask = sc.read_shard(sc.side_file(first_sft_shard, "mask"))
+later_starts = np.flatnonzero(stream_ids[1:] == tokenizer.bos_id)
+conversation_end = int(later_starts[0]) + 1 if len(later_starts) else len(stream_ids)
+shown = min(conversation_end, 300)
+line_chars, column, row = 150, 0, 0
+rows = 1 + len(tokenizer.decode(stream_ids[:shown].tolist())) * 2 // line_chars  # room for the gaps between tokens
+fig, ax = plt.subplots(figsize=(12, 0.6 + 0.22 * rows))
+for token, trained in zip(stream_ids[:shown].tolist(), stream_mask[:shown].tolist()):
+    text = tokenizer.decode([token]).encode("ascii", "backslashreplace").decode().replace("\n", "\\n")
+    if column + len(text) > line_chars:
+        column, row = 0, row + 1
+    ax.text(column, -row, text, family="monospace", fontsize=8.5, va="center",
+            bbox=dict(facecolor="palegreen" if trained else "whitesmoke", edgecolor="none", pad=1))
+    column += len(text) + 1
+ax.set(xlim=(0, line_chars), ylim=(-row - 0.7, 0.7), title=f"{shown} of {conversation_end} tokens; green: trained "
+       f"on ({int(stream_mask[:conversation_end].sum())} tokens)")
+ax.axis("off")
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
 # ## Before fine-tuning: the chat evals of the base model
 # Multiple-choice tasks render the question as a user turn, then `<|assistant_start|>`, and read which allowed
 # letter gets the highest logit (many questions per packed forward pass). Generative tasks let the model answer by
@@ -290,8 +323,8 @@ if dist_info.master:
     plt.show()
 
 # %% [markdown]
-# ## The results file
-# `runs/sft/results.json` holds both evaluations, the losses and the run's settings; the checkpoint in
+# ## The summary file
+# `runs/sft/summary.json` holds both evaluations, the losses and the run's settings; the checkpoint in
 # `checkpoints/sft` is what `06_rl` and `07_chat` load.
 
 # %%
@@ -300,8 +333,8 @@ results = {"base_checkpoint": str(base_path), "steps": steps, "preset": cfg.pres
            "ranks": dist_info.world_size, "attention": backend, "final_val_loss": val_loss,
            "train_seconds": round(train_seconds, 1), "chat": stages, "config": dataclasses.asdict(cfg)}
 if dist_info.master and not complete:
-    (run_dir / "results.json").write_text(json.dumps(results, indent=1))
+    (run_dir / "summary.json").write_text(json.dumps(results, indent=1))
     log(f"val loss {val_loss:.4f} | ChatCORE {before['chatcore']:.3f} -> {after['chatcore']:.3f} | "
-        f"written {run_dir / 'results.json'}")
+        f"written {run_dir / 'summary.json'}")
 if torch.distributed.is_initialized():
     torch.distributed.destroy_process_group()

@@ -184,6 +184,33 @@ for text, mask, reward, advantage in list(zip(group.completions, group.masks, gr
     print(f"reward {reward:.0f} | advantage {advantage:+.2f} | {forced} forced tokens | {text[:300]!r}")
 
 # %% [markdown]
+# ## Look inside: rewards and advantages of one group
+# `sc.group_advantages` is one line, printed below from `stackcore`: each reward minus its group's mean. On the left,
+# the group sampled above; when all its rewards are equal (a small model often gets every answer wrong), every
+# advantage is zero and the group adds nothing to the gradient. On the right, the same function on a made-up group
+# of eight answers, three of them right: the right ones are pushed up by 1 - 3/8, the wrong ones down by 3/8, and
+# the pushes sum to zero.
+
+# %%
+import inspect
+
+print(inspect.getsource(sc.group_advantages))
+made_up = torch.tensor([[1.0, 0, 0, 1, 0, 0, 1, 0]])
+fig, axes = plt.subplots(1, 2, figsize=(11, 3), sharey=True)
+for ax, rewards, title in ((axes[0], torch.tensor([group.rewards]), f"sampled group (gold {example_prompt.gold})"),
+                           (axes[1], made_up, "made-up group: 3 of 8 right")):
+    group_advantage = sc.group_advantages(rewards)[0]
+    samples = np.arange(rewards.shape[1])
+    ax.bar(samples - 0.2, rewards[0].numpy(), 0.4, label="reward")
+    ax.bar(samples + 0.2, group_advantage.numpy(), 0.4, label="advantage")
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set(xlabel="answer", title=title)
+    print(f"{title}: rewards {rewards[0].tolist()} -> advantages {[round(a, 3) for a in group_advantage.tolist()]}")
+axes[0].legend()
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
 # ## The optimizer
 # The same Muon + AdamW pair as pretraining, with every learning rate scaled by `lr_scale` and decayed linearly to
 # zero over the run. Each step's rollouts are sampled from the current weights and used for exactly one update, so

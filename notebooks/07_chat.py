@@ -152,6 +152,38 @@ print(f"{n} tokens: recomputing {recompute_seconds:.2f} s, with the cache {cache
 print(repr(tokenizer.decode(cached[0])))
 
 # %% [markdown]
+# ## Look inside: the cache filling, step by step
+# A fresh `sc.KVCache` is two zero tensors of shape (layers, rows, heads, capacity, head_dim), allocated once for the
+# longest sequence the generation may reach. The prefill writes the prompt's keys and values at positions
+# 0 .. prompt-1 in one pass; each decode step writes one more position and moves the row's `cache.lengths` entry on. Drawn below,
+# the first layer's cache after each step: the size of the value stored at each position (mean over heads), blank
+# where nothing is stored yet. Nothing already written changes: a step only reads it, which is why a decode step
+# costs one token of compute, and reading the cache (its bytes grow with the length) is what bounds its speed.
+
+# %%
+import matplotlib.pyplot as plt
+
+decode_steps = 6
+cache = sc.KVCache(model.config, 1, len(prompt) + decode_steps, device, model.compute_dtype)
+snapshots, stages, token = [], [], torch.tensor([prompt], device=device)
+with torch.no_grad():
+    for stage in ["prefill", *(f"decode {i + 1}" for i in range(decode_steps))]:
+        logits = model(token, kv_cache=cache, backend=engine.backend)
+        snapshots.append(cache.v[0, 0].float().norm(dim=-1).mean(0).cpu())  # layer 0, row 0: (capacity,)
+        stages.append(f"{stage}: {tokenizer.decode(token[0].tolist())!r}")
+        filled_positions = int(cache.lengths[0])
+        print(f"after {stage:>9}: {filled_positions:>3} positions filled, "
+              f"{filled_positions * model.kv_bytes_per_token(model.compute_dtype):,} bytes of keys and values in use")
+        token = logits[:, -1:].argmax(-1)  # greedy: the next input is the likeliest token
+filled = torch.stack(snapshots)
+fig, ax = plt.subplots(figsize=(10, 3))
+ax.imshow(filled.masked_fill(filled == 0, float("nan")).numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+ax.set_yticks(range(len(stages)), stages, fontsize=7)
+ax.set(xlabel="cache position", title=f"layer 0's values in the cache (capacity {cache.capacity})")
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
 # ## Sampling
 # Temperature divides the logits before the softmax (0 means always the likeliest token); top-k keeps only the k
 # likeliest tokens. `num_samples` rows share one prefill: the engine copies the prompt's cache into every row, and
@@ -165,6 +197,37 @@ for text in ("Once upon a time", "The number of days in a week is"):
     print(text)
     for row in samples:
         print("   ->", repr(tokenizer.decode(row)))
+
+# %% [markdown]
+# ## Look inside: temperature, top-k and top-p on one distribution
+# The model's logits for the token after "The capital of France is", limited to its 30 likeliest tokens to keep the
+# plot readable, go through `sc.sample_tokens` (the engine's own sampler) with 4,000 evenly spaced uniforms: the
+# share of draws each token gets is the distribution that setting samples from. Temperature below 1 sharpens it
+# towards the likeliest token (0 is greedy), above 1 flattens it; top-k keeps the k likeliest tokens; top-p keeps
+# the fewest likeliest tokens whose probabilities add up to p. Both cuts renormalise what they keep.
+
+# %%
+with torch.no_grad():
+    bounds = torch.tensor([0, len(prompt)], device=device, dtype=torch.int32)
+    next_logits = model(torch.tensor(prompt, device=device), bounds, len(prompt), backend=engine.backend)[-1]
+candidates = next_logits.float().cpu().topk(30)
+draws = 4000
+uniforms = (torch.arange(draws) + 0.5) / draws
+settings = {"temperature 0.5": dict(temperature=0.5), "temperature 1": dict(temperature=1.0),
+            "temperature 1.5": dict(temperature=1.5), "top-k 5": dict(temperature=1.0, top_k=5),
+            "top-p 0.5": dict(temperature=1.0, top_p=0.5)}
+fig, ax = plt.subplots(figsize=(11, 3.5))
+for name, options in settings.items():
+    picks = sc.sample_tokens(candidates.values.expand(draws, -1), uniforms, **options)
+    shares = torch.bincount(picks, minlength=len(candidates.values)) / draws
+    ax.plot(shares.numpy(), marker="o", ms=3, label=name)
+    print(f"{name:>16}: {int((shares > 0).sum()):>2} tokens drawn; likeliest {shares[0]:.2f}")
+ax.set_xticks(range(len(candidates.indices)), [repr(tokenizer.decode([i])) for i in candidates.indices.tolist()],
+              rotation=75, fontsize=7)
+ax.set(ylabel="share of draws", title="next token after 'The capital of France is'")
+ax.legend(fontsize=8)
+fig.tight_layout()
+plt.show()
 
 # %% [markdown]
 # ## The chat format and the calculator
@@ -228,3 +291,25 @@ if sc.in_notebook_kernel():
     display(panel.widget)
 elif cfg.chat and not cfg.prompt and sys.stdin.isatty():
     chat_loop(session)
+
+# %% [markdown]
+# ## The report card
+# Every notebook leaves a `summary.json` and its figures in `STACK_HOME/runs/<run>`. `sc.write_report` gathers them
+# into one Markdown file, `STACK_HOME/report.md`: the tokenizer's compression, the shards, the pretraining run and its
+# bits-per-byte curve, the CORE table, the chat evals before and after fine-tuning, GSM8K before and after RL, the
+# timings, the hardware each notebook ran on and the commit. A notebook you have not run shows as "not run". Keep
+# the file (with the `runs/` folder beside it, where its figures are) to share what your run achieved; the pipeline
+# (`python3 stackcore.py pipeline`) writes it too, at its end.
+
+# %%
+report_path = sc.write_report(sc.stack_home())
+print(f"written {report_path}")
+report_text = report_path.read_text(encoding="utf-8")
+if sc.in_notebook_kernel():  # the figures' links are relative to STACK_HOME: show them as images here
+    from IPython.display import Image, Markdown, display
+
+    display(Markdown("\n".join(line for line in report_text.splitlines() if not line.startswith("!["))))
+    for figure in sorted(sc.stack_home().glob("runs/*/*.png")):
+        display(Image(filename=str(figure), width=640))
+else:
+    print(report_text)
