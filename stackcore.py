@@ -3771,6 +3771,16 @@ def run_pipeline(overrides: Sequence[str]) -> None:
         started = time.time()
         subprocess.run([sys.executable, str(twin), *overrides], check=True)
         print(f"=== {twin.name} done in {format_duration(time.time() - started)} ===", flush=True)
+    print(describe_run_outputs(artifact_dir("runs")))
+
+
+def describe_run_outputs(runs: Path) -> str:
+    """Where a pipeline's plots and summaries are: each run folder with the files it holds."""
+    lines = [f"Plots and summaries, under {runs}:"]
+    for run in sorted(path for path in runs.iterdir() if path.is_dir()):
+        files = sorted(path.name for path in run.iterdir() if path.suffix in (".png", ".json"))
+        lines += [f"  {run.name}/: {', '.join(files)}"] if files else []
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -167,7 +167,7 @@ right.set(xlabel="tokens per document (first shard)", ylabel="documents", yscale
 fig.tight_layout()
 fig.savefig(run_dir / "shards.png", dpi=120)
 plt.show()
-(run_dir / "summary.json").write_text(json.dumps(report, indent=1))
+(run_dir / "summary.json").write_text(json.dumps(report, indent=1));
 
 # %% [markdown]
 # ## The CORE evaluation tasks
@@ -257,7 +257,7 @@ for key in (*sft.SFT_SOURCES, "train", "val"):
         row = stats[key]
         print(f"{key:<14} {row['conversations']:>13,} {row['tokens']:>12,} {row['trained'] / row['tokens']:>8.1%}")
 report["sft"] = {key: dict(stats[key]) for key in stats}
-(run_dir / "summary.json").write_text(json.dumps(report, indent=1))
+(run_dir / "summary.json").write_text(json.dumps(report, indent=1));
 
 # %% [markdown]
 # The lengths decide how well conversations pack: `05_sft` fills each batch with whole conversations, so many short

@@ -1,5 +1,6 @@
 """Every notebook has a py:percent twin with the same cells, and the notebooks run top to bottom (nbval) in the
 tiny preset, in order, sharing one STACK_HOME; the twins run headless, also under torchrun on CPU."""
+import ast
 import json
 import os
 import subprocess
@@ -64,3 +65,21 @@ def test_twins_run_headless_and_under_torchrun(stack_home):
     bad = subprocess.run([sys.executable, "notebooks/03_pretrain.py", "--stepz=4"], cwd=ROOT, env=env,
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "valid keys" in bad.stderr
+
+
+QUIET_CALLS = {"print", "log", "display", "plt.show", "sc.setup_runtime", "sc.chat_loop"}  # they return None
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
+def test_no_cell_shows_a_stray_return_value(notebook):
+    """A cell whose last line is a call shows what the call returns (`write_text` shows a byte count): such a line
+    ends with `;`, unless the call is one that returns None. A bare name at the end is meant to be shown."""
+    for cell in jupytext.read(notebook.with_suffix(".py")).cells:
+        if cell.cell_type != "code":
+            continue
+        last = ast.parse(cell.source).body[-1]
+        if isinstance(last, ast.Expr) and isinstance(last.value, ast.Call):
+            called = ast.unparse(last.value.func)
+            line = cell.source.rstrip().splitlines()[-1]
+            assert called in QUIET_CALLS or called.endswith(".mkdir") or line.endswith(";"), \
+                f"{notebook.name}: the cell ending {line.strip()!r} shows the value of {called}(...): end it with ;"
