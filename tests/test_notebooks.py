@@ -83,3 +83,36 @@ def test_no_cell_shows_a_stray_return_value(notebook):
             line = cell.source.rstrip().splitlines()[-1]
             assert called in QUIET_CALLS or called.endswith(".mkdir") or line.endswith(";"), \
                 f"{notebook.name}: the cell ending {line.strip()!r} shows the value of {called}(...): end it with ;"
+
+
+def test_a_streamed_reply_is_one_growing_output_in_a_notebook(monkeypatch, capsys):
+    """07's chat cell in a kernel: one display, updated piece by piece (a notebook saves one output, not one per
+    piece); as a script it prints the pieces."""
+    import IPython.display
+
+    import stackcore as sc
+
+    cell = next(c.source for c in jupytext.read(ROOT / "notebooks" / "07_chat.py").cells
+                if c.cell_type == "code" and "session.reply(question)" in c.source)
+    cell = "question = " + cell.split("question = ", 1)[1]  # from the question on: no engine needed
+
+    class Session:
+        def reply(self, text):
+            yield from ["Hel", "lo", "!"]
+
+    class Handle:
+        def __init__(self):
+            self.updates = []
+
+        def update(self, obj):
+            self.updates.append(obj.data)
+
+    handles = []
+    monkeypatch.setattr(IPython.display, "display",
+                        lambda obj, display_id: handles.append(Handle()) or handles[-1])
+    cfg = type("Cfg", (), {"prompt": "Hi"})()
+    for kernel in (True, False):
+        monkeypatch.setattr(sc, "in_notebook_kernel", lambda: kernel)
+        exec(cell, {"sc": sc, "session": Session(), "cfg": cfg})
+    assert len(handles) == 1 and handles[0].updates[-1] == "assistant> Hello!"
+    assert capsys.readouterr().out == "you> Hi\nyou> Hi\nassistant> Hello!\n"
