@@ -161,9 +161,12 @@ for split in ("train", "val"):
 
 fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3))
 left.bar(range(len(tokens_per_shard)), tokens_per_shard)
-left.set(xlabel="train shard", ylabel="tokens", title="tokens per shard")
+left.set_xticks(range(len(tokens_per_shard)))
+left.set(xlabel="train shard (index)", ylabel="tokens", title="tokens per train shard")
 right.hist(doc_lengths, bins=50)
-right.set(xlabel="tokens per document (first shard)", ylabel="documents", yscale="log", title="document lengths")
+right.set(xlabel="tokens per document", ylabel="documents", yscale="log",
+          title="document lengths in the first train shard")
+fig.suptitle(f"shards of {cfg.pretokenized_repo or cfg.corpus + ' corpus'}, {tokenizer.vocab_size}-token vocabulary")
 fig.tight_layout()
 fig.savefig(run_dir / "shards.png", dpi=120)
 plt.show()
@@ -267,7 +270,8 @@ report["sft"] = {key: dict(stats[key]) for key in stats}
 fig, ax = plt.subplots(figsize=(8, 3))
 for source, values in lengths.items():
     ax.hist(values, bins=40, alpha=0.6, label=source)
-ax.set(xlabel="tokens per conversation", ylabel="conversations", yscale="log", title="conversation lengths")
+ax.set(xlabel="tokens per conversation", ylabel="conversations", yscale="log",
+       title="conversation lengths in the SFT mixture, by source")
 ax.legend()
 fig.tight_layout()
 fig.savefig(run_dir / "sft_lengths.png", dpi=120)

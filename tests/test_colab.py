@@ -332,3 +332,14 @@ def test_in_colab_a_missing_artifact_says_to_share_stack_home_on_drive(monkeypat
     monkeypatch.setenv("STACK_HOME", str(sc.DRIVE_STACK_HOME))
     error = sc.MissingArtifactError("x not found: run notebooks/01_tokenizer first")
     assert str(error) == "x not found: run notebooks/01_tokenizer first"
+
+
+# widget classes that ipywidgets 7.7 (Colab's) and 8.x both have
+WIDGETS_IN_7_AND_8 = {"HTML", "Text", "Textarea", "Button", "FloatSlider", "IntSlider", "VBox", "HBox", "Output",
+                      "Label", "Layout", "Dropdown", "Checkbox"}
+
+
+def test_the_chat_panel_uses_widgets_that_colabs_ipywidgets_has():
+    sources = (ROOT / "stackcore.py").read_text() + (ROOT / "notebooks" / "07_chat.py").read_text()
+    used = set(re.findall(r"\bwidgets\.(\w+)", sources))
+    assert used and used <= WIDGETS_IN_7_AND_8, used - WIDGETS_IN_7_AND_8

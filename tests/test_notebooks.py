@@ -5,11 +5,13 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import jupytext
 import pytest
 
 from conftest import ROOT
+from plot_check import figures_that_do_not_explain_themselves
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
@@ -42,11 +44,17 @@ def tiny_env(stack_home):
     return {**os.environ, "STACK_HOME": str(stack_home), "STACK_PRESET": "tiny", "PYTHONUNBUFFERED": "1"}
 
 
-def test_notebooks_run_in_order_with_nbval(stack_home):
+def test_notebooks_run_in_order_with_nbval(stack_home, tmp_path):
+    """... and every plot they save has a title and axes that say what they show (tests/plot_check.py)."""
+    plot_log = tmp_path / "plots.jsonl"
+    env = {**tiny_env(stack_home), "MPLBACKEND": "module://plot_check", "PLOT_CHECK_LOG": str(plot_log),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))}
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval-lax",
-                             *map(str, NOTEBOOKS)], cwd=ROOT, env=tiny_env(stack_home), capture_output=True,
-                            text=True, timeout=1200)
+                             *map(str, NOTEBOOKS)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    saved = {Path(json.loads(line)["file"]).name for line in plot_log.read_text().splitlines()}
+    assert {"compression.png", "shards.png", "core.png", "chat_evals.png"} <= saved
+    assert figures_that_do_not_explain_themselves(plot_log) == []
     summary = json.loads((stack_home / "runs" / "pretrain" / "summary.json").read_text())
     assert summary["final_val_bpb"] < 1.5  # from about 3 bits per byte at initialisation
 
