@@ -2,7 +2,7 @@
 
 Sections (and the notebooks that call them):
   1. Configuration and presets ........ every notebook (the first cell builds its config here)
-  2. Artifacts and devices ............ every notebook (STACK_HOME layout, GPU tier, dtype, fp16 loss scaling)
+  2. Artifacts and devices ............ every notebook (STACK_HOME layout, GPU tier, dtype, CPU threads, loss scaling)
   3. Tokenizer ........................ 01_tokenizer, 02_sharding, 07_chat
   4. Shards ........................... 02_sharding writes them; 03-06 read them
   5. Triton kernels ................... 03_pretrain (through the optimizer)
@@ -299,6 +299,33 @@ def require_artifact(path: Path, made_by: str) -> Path:
 
 def pick_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def set_cpu_threads(environ: typing.Mapping[str, str] = os.environ) -> int:
+    """On a machine without a GPU, give torch half the cores this process may use, at most 4 (1 per process under
+    torchrun), unless OMP_NUM_THREADS says otherwise: OpenMP threads that spin while another process holds their
+    cores slow every matmul down. Returns the count torch uses."""
+    if "OMP_NUM_THREADS" not in environ and not torch.cuda.is_available():
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        processes = int(environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(1 if processes > 1 else max(1, min(4, cores // 2)))
+    return torch.get_num_threads()
+
+
+def silence_triton_teardown() -> None:
+    """On a machine without a GPU, triton (which torch imports too) prints nanobind's leak report of its bindings
+    to stderr while the interpreter shuts down, after the run's own output. From the exit handlers on, stderr goes
+    to /dev/null when triton is loaded, as triton does in its own compile workers (_compile_warmup_pool.py).
+    Exit handlers run last-registered first: what registers after this call still writes to stderr."""
+    def drop_stderr() -> None:
+        if "triton" in sys.modules:
+            sys.stderr.flush()
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+
+    if not torch.cuda.is_available():
+        import atexit
+
+        atexit.register(drop_stderr)
 
 
 @dataclass(frozen=True)
@@ -3667,41 +3694,6 @@ def mount_google_drive(mount_point: str) -> None:
     drive.mount(mount_point)
 
 
-def set_cpu_threads(environ: typing.Mapping[str, str] = os.environ) -> int:
-    """On a machine without a GPU, give torch half the cores this process may use, at most 4 (1 per process under
-    torchrun), unless OMP_NUM_THREADS says otherwise: OpenMP threads that spin while another process holds their
-    cores slow every matmul down. Returns the count torch uses."""
-    if "OMP_NUM_THREADS" not in environ and not torch.cuda.is_available():
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        processes = int(environ.get("LOCAL_WORLD_SIZE", "1"))
-        torch.set_num_threads(1 if processes > 1 else max(1, min(4, cores // 2)))
-    return torch.get_num_threads()
-
-
-def silence_triton_teardown() -> None:
-    """On a machine without a GPU, triton (which torch imports too) prints nanobind's leak report of its bindings
-    to stderr while the interpreter shuts down, after the run's own output. From the exit handlers on, stderr goes
-    to /dev/null when triton is loaded, as triton does in its own compile workers (_compile_warmup_pool.py).
-    Exit handlers run last-registered first: what registers after this call still writes to stderr."""
-    def drop_stderr() -> None:
-        if "triton" in sys.modules:
-            sys.stderr.flush()
-            os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
-
-    if not torch.cuda.is_available():
-        import atexit
-
-        atexit.register(drop_stderr)
-
-
-def project_commit() -> str:
-    try:
-        return subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "--short", "HEAD"],
-                              check=True, capture_output=True, text=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
-
-
 def setup_runtime(use_drive: bool = False, colab: bool | None = None,
                   pip: typing.Callable[[Sequence[str]], None] = pip_install,
                   mount_drive: typing.Callable[[str], None] = mount_google_drive) -> None:
@@ -3747,7 +3739,10 @@ def describe_runtime(gpu: GpuInfo | None, threads: int, installed: Sequence[str]
                 if gpu else f"none (CPU, {threads} torch thread{'s' * (threads > 1)})")
     sizes = f" ({tier} sizes)" if tier else ""
     scaling = " with loss scaling" if dtype == torch.float16 else ""
-    lines = [f"DecoderStack {Path(__file__).resolve().parent} at commit {project_commit()}; torch {torch.__version__}",
+    root = Path(__file__).resolve().parent
+    git = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    commit = git.stdout.strip() if git.returncode == 0 else "unknown (not a git checkout)"
+    lines = [f"DecoderStack {root} at commit {commit}; torch {torch.__version__}",
              f"GPU: {hardware}", f"preset: {preset}{sizes}; compute dtype: {str(dtype)[6:]}{scaling}",
              f"STACK_HOME: {stack_home()}"]
     lines += [f"installed: {', '.join(installed)}"] if installed else []
