@@ -184,9 +184,9 @@ if dist_info.master:
     ax.set_xticks(range(len(labels)), labels, rotation=75, fontsize=8)
     examples = sorted({results["tasks"][label]["examples"] for label in labels})
     per_task = f"{examples[0]}" if len(examples) == 1 else f"{examples[0]}-{examples[-1]}"
-    source = "synthetic examples, tiny preset" if cfg.preset == "tiny" else "examples"
-    ax.set(ylabel="centred accuracy (0: random guessing)",
-           title=f"CORE {results['core']:.4f} at step {checkpoint['step']}: {per_task} {source} per task")
+    source = "synthetic examples per task (tiny preset)" if cfg.preset == "tiny" else "examples per task"
+    ax.set(ylabel="centred accuracy\n(0: random guessing)",
+           title=f"CORE {results['core']:.4f} at step {checkpoint['step']}, on {per_task} {source}")
     fig.tight_layout()
     fig.savefig(run_dir / "core.png", dpi=120)
     plt.show()
