@@ -2,7 +2,7 @@
 
 Sections (and the notebooks that call them):
   1. Configuration and presets ........ every notebook (the first cell builds its config here)
-  2. Artifacts and devices ............ every notebook (STACK_HOME layout, GPU tier, dtype)
+  2. Artifacts and devices ............ every notebook (STACK_HOME layout, GPU tier, dtype, CPU threads)
   3. Tokenizer ........................ 01_tokenizer, 02_sharding, 07_chat
   4. Shards ........................... 02_sharding writes them; 03-06 read them
   5. Triton kernels ................... 03_pretrain (through the optimizer)
@@ -24,6 +24,7 @@ The notebooks keep the training loops in view; this file holds the reusable and 
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import importlib
 import inspect
@@ -262,22 +263,76 @@ def script_argv() -> list[str]:
     return [] if in_notebook_kernel() else sys.argv[1:]
 
 
+@contextlib.contextmanager
+def config_errors_end_the_script() -> Iterator[None]:
+    """In a twin run as a script, a ConfigError prints its one-line message and exits with status 2 (a usage
+    error, as argparse does) instead of a traceback; in a notebook kernel it stays an exception."""
+    try:
+        yield
+    except ConfigError as error:
+        if in_notebook_kernel():
+            raise
+        print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+# STACK_ variables that are not notebook settings
+KNOWN_STACK_VARIABLES = frozenset({"STACK_HOME", "STACK_PRESET", "STACK_COLAB_GPU", "STACK_DTYPE", "STACK_DRIVE",
+                                   "STACK_TEST_DATA"})
+
+
+def misspelt_stack_variables(names: Sequence[str], environ: typing.Mapping[str, str]) -> list[str]:
+    """Warnings for STACK_ variables that are neither a setting of `names` nor a known variable but look like one
+    (difflib finds a close match). A variable that matches nothing here is left alone: the pipeline sets each
+    notebook's settings for all of them."""
+    import difflib
+
+    valid = {f"STACK_{name.upper()}" for name in names} | KNOWN_STACK_VARIABLES
+    found = []
+    for variable in sorted(v for v in environ if v.startswith("STACK_") and v not in valid):
+        close = difflib.get_close_matches(variable, sorted(valid), n=1, cutoff=0.8)
+        if close:
+            found.append(f"{variable} is not a setting here and is ignored; did you mean {close[0]}?")
+    return found
+
+
+def usage(cls: type, preset: str, tier: str | None) -> str:
+    """--help: every option with its default in the preset that applies."""
+    defaults = {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
+                for f in dataclasses.fields(cls) if f.name != "preset"}
+    defaults.update(preset_values(cls, preset, tier))
+    width = max(len(name) for name in defaults) + 2
+    lines = [f"usage: python {sys.argv[0]} [--preset={'|'.join(PRESET_NAMES)}] [--option=value ...]",
+             f"Each option can also be set as STACK_<OPTION>=value. Defaults of the {preset} preset:"]
+    return "\n".join(lines + [f"  --{name:<{width}} {value!r}" for name, value in defaults.items()])
+
+
 def configure(cls: type[ConfigT], argv: Sequence[str] | None = None,
               environ: typing.Mapping[str, str] | None = None) -> ConfigT:
-    """Build a notebook's config. argv defaults to script_argv(). STACK_COLAB_GPU=t4|l4|a100|h100 makes the colab
-    preset take that GPU's sizes whatever GPU is here."""
-    argv = script_argv() if argv is None else argv
+    """Build a notebook's config. argv defaults to script_argv(); in a script, --help prints the options and
+    exits, and a bad option or value exits with status 2 (config_errors_end_the_script). STACK_COLAB_GPU=
+    t4|l4|a100|h100 makes the colab preset take that GPU's sizes whatever GPU is here."""
+    if argv is None:
+        with config_errors_end_the_script():
+            return configure(cls, script_argv(), environ)
     environ = os.environ if environ is None else environ
-    cli = parse_cli_overrides(argv)
+    wants_help = any(arg in ("-h", "--help") for arg in argv)
+    cli = parse_cli_overrides([arg for arg in argv if arg not in ("-h", "--help")])
     gpu = current_gpu()
     preset = choose_preset(cli, environ, gpu)
+    tier = colab_gpu_tier(gpu, environ.get("STACK_COLAB_GPU", ""))
+    if wants_help:
+        print(usage(cls, preset, tier))
+        raise SystemExit(0)
     kinds = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.name != "preset"]
     unknown = sorted(set(cli) - set(names))
     if unknown:
         raise ConfigError(f"unknown option(s) {', '.join('--' + k for k in unknown)} for {cls.__name__}; "
                           f"valid keys: {', '.join(names)}")
-    values = preset_values(cls, preset, colab_gpu_tier(gpu, environ.get("STACK_COLAB_GPU", "")))
+    for warning in misspelt_stack_variables(names, environ):
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    values = preset_values(cls, preset, tier)
     values.update({n: environ[f"STACK_{n.upper()}"] for n in names if f"STACK_{n.upper()}" in environ})
     values.update(cli)
     parsed = {name: parse_value(name, raw, kinds[name]) for name, raw in values.items()}
@@ -338,6 +393,33 @@ def require_artifact(path: Path, made_by: str) -> Path:
 
 def pick_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def set_cpu_threads(environ: typing.Mapping[str, str] = os.environ) -> int:
+    """On a machine without a GPU, give torch half the cores this process may use, at most 4 (1 per process under
+    torchrun), unless OMP_NUM_THREADS says otherwise: OpenMP threads that spin while another process holds their
+    cores slow every matmul down. Returns the count torch uses."""
+    if "OMP_NUM_THREADS" not in environ and not torch.cuda.is_available():
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        processes = int(environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(1 if processes > 1 else max(1, min(4, cores // 2)))
+    return torch.get_num_threads()
+
+
+def silence_triton_teardown() -> None:
+    """On a machine without a GPU, triton (which torch imports too) prints nanobind's leak report of its bindings
+    to stderr while the interpreter shuts down, after the run's own output. From the exit handlers on, stderr goes
+    to /dev/null when triton is loaded, as triton does in its own compile workers (_compile_warmup_pool.py).
+    Exit handlers run last-registered first: what registers after this call still writes to stderr."""
+    def drop_stderr() -> None:
+        if "triton" in sys.modules:
+            sys.stderr.flush()
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+
+    if not torch.cuda.is_available():
+        import atexit
+
+        atexit.register(drop_stderr)
 
 
 @dataclass(frozen=True)
@@ -3672,11 +3754,10 @@ def evaluate_pass_at_k(engine: Engine, prompts: Sequence[TaskPrompt], reward_fn:
 # 16. Runtime set-up (first cell of every notebook)
 # ---------------------------------------------------------------------------------------------
 # A notebook's first cell finds the project (in a fresh Colab runtime it clones REPO_URL into COLAB_CHECKOUT),
-# puts it on sys.path and calls setup_runtime(). In Colab that installs what requirements.txt asks for and the
-# runtime lacks, and on request keeps STACK_HOME on Google Drive: every Colab notebook runs on its own machine,
-# so Drive is how 02 finds the tokenizer 01 made, and how artifacts survive a restart. Anywhere, it prints the
-# GPU, the preset and the dtype; outside Colab it installs nothing. Each decision is a function of a
-# RuntimeContext, so tests can play Colab with fake installs and nothing downloaded.
+# puts it on sys.path and calls setup_runtime(), which prints the GPU, the preset and the dtype anywhere, sets the
+# CPU thread count, and in Colab alone installs what requirements.txt asks for and the runtime lacks and, on
+# request, keeps STACK_HOME on Google Drive: every Colab notebook runs on its own machine, so Drive is how 02 finds
+# the tokenizer 01 made. Tests play Colab by passing `colab`, `pip` and `mount_drive` and faking the package lists.
 
 REPO_URL = "https://github.com/decoderstack/decoderstack"  # the first cell clones it; the README's badges open it
 COLAB_CHECKOUT = Path("/content/decoderstack")
@@ -3714,6 +3795,17 @@ def installed_distributions() -> dict[str, str]:
             if d.metadata["Name"]}
 
 
+def imported_distributions() -> set[str]:
+    """Normalised names of the distributions whose modules this process has imported already."""
+    import importlib.metadata
+
+    from packaging.utils import canonicalize_name
+
+    owners = importlib.metadata.packages_distributions()
+    loaded = {name.partition(".")[0] for name in list(sys.modules)}
+    return {canonicalize_name(dist) for module in loaded for dist in owners.get(module, ())}
+
+
 def missing_requirements(lines: Sequence[str], installed: typing.Mapping[str, str]) -> list[str]:
     """The requirement lines that `installed` ({normalised name: version}) does not satisfy. A line whose
     environment marker is false here (triton off Linux) is not needed."""
@@ -3731,9 +3823,23 @@ def missing_requirements(lines: Sequence[str], installed: typing.Mapping[str, st
     return missing
 
 
-def run_command(command: list[str]) -> str:
-    """Run a command, raise on failure, return what it printed."""
-    return subprocess.run(command, check=True, capture_output=True, text=True).stdout
+def colab_installs(missing: Sequence[str], imported: typing.Container[str]) -> tuple[list[str], list[str]]:
+    """(what pip installs, notes) for Colab. Never torch or triton; never a package the kernel has imported: pip
+    would replace its files under the live modules (Colab's widget manager broke that way with ipywidgets)."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    owned = [line for line in missing if Requirement(line).name in RUNTIME_OWNED]
+    loaded = [line for line in missing if line not in owned and canonicalize_name(Requirement(line).name) in imported]
+    notes = [f"{', '.join(owned)} not satisfied: torch and triton stay as this runtime has them"] if owned else []
+    if loaded:
+        notes.append(f"{', '.join(loaded)} not satisfied but already imported: run python3 -m pip install "
+                     f"{' '.join(repr(line) for line in loaded)}, then Runtime > Restart session")
+    return [line for line in missing if line not in owned + loaded], notes
+
+
+def pip_install(lines: Sequence[str]) -> None:
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", *lines], check=True)
 
 
 def mount_google_drive(mount_point: str) -> None:
@@ -3743,99 +3849,59 @@ def mount_google_drive(mount_point: str) -> None:
     drive.mount(mount_point)
 
 
-@dataclass
-class RuntimeContext:
-    """What setup_runtime sees and acts through; tests build one with made-up values and fake actions."""
-    environ: typing.MutableMapping[str, str]
-    argv: Sequence[str]  # a twin's --key=value arguments (for the preset it will use)
-    installed: typing.Mapping[str, str]  # {normalised distribution name: version}
-    gpu: GpuInfo | None
-    colab: bool
-    drive_mounted: bool
-    run: typing.Callable[[list[str]], str]  # pip and git
-    mount_drive: typing.Callable[[str], None]
-
-    @classmethod
-    def current(cls) -> RuntimeContext:
-        return cls(os.environ, script_argv(), installed_distributions(), current_gpu(), in_colab(os.environ),
-                   (DRIVE_MOUNT / "MyDrive").is_dir(), run_command, mount_google_drive)
-
-
-@dataclass(frozen=True)
-class RuntimePlan:
-    """What setup_runtime does and reports, decided from a RuntimeContext alone."""
-    stack_home: Path
-    mount_drive: bool
-    missing: tuple[str, ...]  # requirement lines this runtime does not satisfy
-    install: tuple[str, ...]  # those pip installs: in Colab only, never torch or triton
-    preset: str
-    tier: str | None  # the Colab GPU whose sizes the colab preset takes
-    dtype: torch.dtype
-    notes: tuple[str, ...]
-
-
-def plan_runtime(context: RuntimeContext, requirements: Sequence[str], use_drive: bool) -> RuntimePlan:
-    """Decide the set-up: Drive only in Colab and only when asked; installs only in Colab."""
-    from packaging.requirements import Requirement
-
-    environ, notes = context.environ, []
-    drive = use_drive and context.colab
-    home = DRIVE_STACK_HOME if drive else stack_home(environ)
-    if use_drive and not context.colab:
-        notes.append(f"use_drive applies in Colab only; STACK_HOME stays {home}")
-    elif context.colab and not drive:
+def setup_runtime(use_drive: bool = False, colab: bool | None = None,
+                  pip: typing.Callable[[Sequence[str]], None] = pip_install,
+                  mount_drive: typing.Callable[[str], None] = mount_google_drive) -> None:
+    """The first cell's call: make this runtime ready and print what it has. `use_drive` (or STACK_DRIVE=1) keeps
+    STACK_HOME on Google Drive in Colab. `colab` (default: detected), `pip` and `mount_drive` are for tests."""
+    colab = in_colab(os.environ) if colab is None else colab
+    use_drive = use_drive or parse_value("STACK_DRIVE", os.environ.get("STACK_DRIVE", "false"), bool)
+    notes, install = [], []
+    if colab and use_drive:
+        if not (DRIVE_MOUNT / "MyDrive").is_dir():
+            mount_drive(str(DRIVE_MOUNT))
+        os.environ["STACK_HOME"] = str(DRIVE_STACK_HOME)
+    elif colab:
         notes.append("STACK_HOME is on this runtime's disk: the next notebook (its own machine) will not see it; "
                      "tick use_drive to keep artifacts on Google Drive")
-    missing = missing_requirements(requirements, context.installed)
-    owned = [line for line in missing if Requirement(line).name in RUNTIME_OWNED]
-    install = [line for line in missing if line not in owned] if context.colab else []
-    if owned:
-        notes.append(f"{', '.join(owned)} not satisfied: torch and triton stay as this runtime has them")
-    if missing and not context.colab:
+    elif use_drive:
+        notes.append(f"use_drive applies in Colab only; STACK_HOME stays {stack_home()}")
+    missing = missing_requirements(requirement_lines(Path(__file__).resolve().parent / "requirements.txt"),
+                                   installed_distributions())
+    if colab:
+        install, colab_notes = colab_installs(missing, imported_distributions())
+        notes += colab_notes
+        if install:
+            pip(install)
+    elif missing:
         notes.append(f"missing {', '.join(missing)}: run python3 -m pip install -r requirements.txt")
-    if context.colab and context.gpu is None:
+    gpu = current_gpu()
+    if colab and gpu is None:
         notes.append("no GPU: choose Runtime > Change runtime type > GPU (T4 is free) for the colab preset")
-    cli = parse_cli_overrides(context.argv)
-    preset = choose_preset(cli, environ, context.gpu)
-    tier = colab_gpu_tier(context.gpu, environ.get("STACK_COLAB_GPU", "")) if preset == "colab" else None
-    return RuntimePlan(home, drive and not context.drive_mounted, tuple(missing), tuple(install), preset, tier,
-                       compute_dtype_for(context.gpu, environ.get("STACK_DTYPE", "auto")), tuple(notes))
+    threads = set_cpu_threads()
+    silence_triton_teardown()
+    if os.environ.get("RANK", "0") == "0":
+        print(describe_runtime(gpu, threads, install, notes))
 
 
-def describe_runtime(plan: RuntimePlan, gpu: GpuInfo | None, commit: str) -> str:
+def describe_runtime(gpu: GpuInfo | None, threads: int, installed: Sequence[str], notes: Sequence[str]) -> str:
     """The lines the first cell prints."""
+    with config_errors_end_the_script():
+        preset = choose_preset(parse_cli_overrides(script_argv()), os.environ, gpu)
+        tier = colab_gpu_tier(gpu, os.environ.get("STACK_COLAB_GPU", "")) if preset == "colab" else None
+        dtype = compute_dtype_for(gpu, os.environ.get("STACK_DTYPE", "auto"))
     hardware = (f"{gpu.name}, {gpu.memory_gb:.1f} GB, compute capability {gpu.capability[0]}.{gpu.capability[1]}"
-                if gpu else "none (CPU)")
-    sizes = f" ({plan.tier} sizes)" if plan.tier else ""
-    scaling = " with loss scaling" if plan.dtype == torch.float16 else ""
-    lines = [f"DecoderStack {Path(__file__).resolve().parent} at commit {commit}; torch {torch.__version__}",
-             f"GPU: {hardware}", f"preset: {plan.preset}{sizes}; compute dtype: {str(plan.dtype)[6:]}{scaling}",
-             f"STACK_HOME: {plan.stack_home}"]
-    lines += [f"installed: {', '.join(plan.install)}"] if plan.install else []
-    return "\n".join(lines + [f"note: {note}" for note in plan.notes])
-
-
-def project_commit(run: typing.Callable[[list[str]], str]) -> str:
-    try:
-        return run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "--short", "HEAD"]).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
-
-
-def setup_runtime(use_drive: bool = False, context: RuntimeContext | None = None) -> RuntimePlan:
-    """The first cell's call: make this runtime ready and say what it has. `use_drive` (or STACK_DRIVE=1) keeps
-    STACK_HOME on Google Drive in Colab. Returns the plan it carried out."""
-    context = context or RuntimeContext.current()
-    use_drive = use_drive or parse_value("STACK_DRIVE", context.environ.get("STACK_DRIVE", "false"), bool)
-    plan = plan_runtime(context, requirement_lines(Path(__file__).resolve().parent / "requirements.txt"), use_drive)
-    if plan.mount_drive:
-        context.mount_drive(str(DRIVE_MOUNT))
-    context.environ["STACK_HOME"] = str(plan.stack_home)
-    if plan.install:
-        context.run([sys.executable, "-m", "pip", "install", "-q", *plan.install])
-    if context.environ.get("RANK", "0") == "0":
-        print(describe_runtime(plan, context.gpu, project_commit(context.run)))
-    return plan
+                if gpu else f"none (CPU, {threads} torch thread{'s' * (threads > 1)})")
+    sizes = f" ({tier} sizes)" if tier else ""
+    scaling = " with loss scaling" if dtype == torch.float16 else ""
+    root = Path(__file__).resolve().parent
+    git = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    commit = git.stdout.strip() if git.returncode == 0 else "unknown (not a git checkout)"
+    lines = [f"DecoderStack {root} at commit {commit}; torch {torch.__version__}",
+             f"GPU: {hardware}", f"preset: {preset}{sizes}; compute dtype: {str(dtype)[6:]}{scaling}",
+             f"STACK_HOME: {stack_home()}"]
+    lines += [f"installed: {', '.join(installed)}"] if installed else []
+    return "\n".join(lines + [f"note: {note}" for note in notes])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3855,7 +3921,17 @@ def run_pipeline(overrides: Sequence[str]) -> None:
         started = time.time()
         subprocess.run([sys.executable, str(twin), *overrides], check=True)
         print(f"=== {twin.name} done in {format_duration(time.time() - started)} ===", flush=True)
+    print(describe_run_outputs(artifact_dir("runs")))
     print(f"report card: {write_report(stack_home())}")
+
+
+def describe_run_outputs(runs: Path) -> str:
+    """Where a pipeline's plots and summaries are: each run folder with the files it holds."""
+    lines = [f"Plots and summaries, under {runs}:"]
+    for run in sorted(path for path in runs.iterdir() if path.is_dir()):
+        files = sorted(path.name for path in run.iterdir() if path.suffix in (".png", ".json"))
+        lines += [f"  {run.name}/: {', '.join(files)}"] if files else []
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
