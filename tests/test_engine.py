@@ -216,6 +216,33 @@ def test_batched_samples_equal_samples_one_at_a_time(tokenizer):
     assert engine.generate(prompt, num_samples=3, seed=7, **kwargs)[0] == batch  # seeded: reproducible
 
 
+def test_chunk_length_and_compilation_change_no_token(tokenizer):
+    """Sampled with top-k and top-p from prompts of different lengths: every sync_every, and the step compiled
+    (aot_eager: the traced graph, on the CPU), give the tokens of one step per sync."""
+    prompts = [tokenizer.encode("Hi", prepend_bos=True), tokenizer.encode("The quick brown fox", prepend_bos=True)]
+    kwargs = dict(num_samples=2, max_tokens=24, temperature=0.9, top_k=40, top_p=0.8, seed=5)
+    model = random_model()
+    reference = sc.Engine(model, tokenizer, sync_every=1).generate_batch(prompts, **kwargs)
+    for options in (dict(sync_every=5), dict(sync_every=16), dict(sync_every=7, compile_backend="aot_eager")):
+        assert sc.Engine(model, tokenizer, **options).generate_batch(prompts, **kwargs) == reference, options
+
+
+def test_greedy_decoding_equals_the_full_forward_pass(tokenizer):
+    """Greedy generation from three prompts prefilled together (packed), in chunks of 4, compiled: each row is the
+    argmax continuation that full forward passes without a cache give."""
+    model = random_model(short_window=5)
+    prompts = [tokenizer.encode(text, prepend_bos=True) for text in ("Hi", "Once upon a time", "A b c d e f g")]
+    engine = sc.Engine(model, tokenizer, sync_every=4, compile_backend="aot_eager")
+    tokens, masks = engine.generate_batch(prompts, max_tokens=10, temperature=0.0)
+    with torch.no_grad():
+        for prompt, row in zip(prompts, tokens):
+            ids = list(prompt)
+            for _ in range(len(row)):
+                ids.append(int(model(torch.tensor(ids))[-1].argmax()))
+            assert row == ids[len(prompt):]
+    assert all(mask == [1] * len(row) for row, mask in zip(tokens, masks))
+
+
 def test_prompts_of_different_lengths_decode_together_as_they_do_alone(tokenizer):
     """Rows at different positions (a 3-token and a longer prompt, 2 samples each) against each prompt alone; the
     long prompt leaves less room than max_tokens in max_seq_len, so its rows also stop at different lengths."""
@@ -259,15 +286,14 @@ class ScriptedModel(sc.GPT):
         self.script, self.prompt_length = script, 0
 
     def forward(self, input_ids, *_, kv_cache, logit_rows=None, **__):
-        B, T = input_ids.shape
-        if kv_cache.empty:
-            self.prompt_length = T
-        logits = torch.zeros(B, T, self.config.vocab_size)
-        for row in range(B):
-            for t in range(T):
-                logits[row, t, self.script(int(kv_cache.lengths[row]) + t + 1, self.prompt_length)] = 30.0
-        kv_cache.advance(T)
-        return logits if logit_rows is None else logits.view(B * T, -1)[logit_rows]
+        ids, _, _, positions = kv_cache.packing(input_ids)
+        if kv_cache.empty:  # the prefill (one prompt in these tests)
+            self.prompt_length = ids.numel()
+        logits = torch.zeros(ids.numel(), self.config.vocab_size)
+        for t, position in enumerate(positions.tolist()):
+            logits[t, self.script(position + 1, self.prompt_length)] = 30.0
+        kv_cache.advance(input_ids.size(-1))
+        return logits.view(*input_ids.shape, -1) if logit_rows is None else logits[logit_rows]
 
 
 def following(script: list[int]):
@@ -287,14 +313,17 @@ def test_greedy_stops_at_assistant_end(tokenizer):
     assert short == [answer[:3]]
 
 
-def test_tool_call_result_is_forced_between_output_tokens(tokenizer):
+@pytest.mark.parametrize("sync_every", [1, 3, 16])
+def test_tool_call_result_is_forced_between_output_tokens(tokenizer, sync_every):
+    """Whatever the chunk length: the call closes mid-chunk or at its end, the result comes in the next chunk(s)."""
     special = tokenizer.special_id
     prompt = sc.render_for_completion(tokenizer, [{"role": "user", "content": "6 times 7?"}])
     call = [special("<|python_start|>"), *tokenizer.encode("6*7"), special("<|python_end|>")]
     forced = [special("<|output_start|>"), *tokenizer.encode("42"), special("<|output_end|>")]
     wrong = [special("<|output_start|>"), *tokenizer.encode("41"), special("<|output_end|>")]  # what the model "thinks"
     tail = [*tokenizer.encode(" so 42"), special("<|assistant_end|>")]
-    engine = sc.Engine(ScriptedModel(tokenizer.vocab_size, following(prompt + call + wrong + tail)), tokenizer)
+    engine = sc.Engine(ScriptedModel(tokenizer.vocab_size, following(prompt + call + wrong + tail)), tokenizer,
+                       sync_every=sync_every)
     tokens, masks = engine.generate(prompt, max_tokens=40, temperature=0.0)
     assert len(wrong) == len(forced)  # so the script stays aligned with the forced tokens
     assert tokens[0] == call + forced + tail
