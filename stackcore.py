@@ -3094,8 +3094,9 @@ def _compiled_decode_step(compile_backend: str):
     """decode_step under torch.compile: the embeddings, every layer, the head and the sampling as one graph, whose
     elementwise work (norms, rotary, residual mixing, soft-cap, the sampling's masks) inductor fuses into a few
     kernels. Inductor's default mode: max-autotune's matmul search adds minutes of compilation per shape, for
-    matrix-vector products that cuBLAS already runs at the speed of memory."""
-    return torch.compile(decode_step, backend=compile_backend)
+    matrix-vector products that cuBLAS already runs at the speed of memory. Dynamic shapes from the start, so that a
+    new batch size or cache capacity (every generation allocates its own cache) reuses the one graph."""
+    return torch.compile(decode_step, backend=compile_backend, dynamic=True)
 
 
 @dataclass
