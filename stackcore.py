@@ -3050,7 +3050,8 @@ class DecodeState:
 
         return cls(zeros(rows, vocab_size, dtype=torch.float32), zeros(rows, dtype=torch.float32),
                    zeros(rows, dtype=torch.float32), zeros(rows, chunk, dtype=torch.float32), zeros(rows),
-                   zeros(rows, chunk), zeros(rows), zeros(rows), zeros(rows, chunk), zeros(rows, chunk, dtype=torch.bool),
+                   zeros(rows, chunk), zeros(rows), zeros(rows), zeros(rows, chunk),
+                   zeros(rows, chunk, dtype=torch.bool),
                    zeros(), zeros(rows), zeros(rows, dtype=torch.bool), zeros(rows, dtype=torch.bool),
                    torch.tensor(sorted(stop_ids), device=device))
 
@@ -3124,7 +3125,8 @@ class DecodeStep:
 
     def __init__(self, model: GPT, cache: KVCache, backend: str, sampling: Sampling, stop_ids: Sequence[int],
                  python_end: int, chunk: int = 16, cuda_graph: bool = True, compile_backend: str | None = None):
-        self.model, self.cache, self.backend, self.sampling, self.python_end = model, cache, backend, sampling, python_end
+        self.model, self.cache, self.backend = model, cache, backend
+        self.sampling, self.python_end = sampling, python_end
         device = cache.k.device
         self.state = DecodeState.allocate(cache.batch_size, model.config.vocab_size, chunk, stop_ids, device)
         self.function = _compiled_decode_step(compile_backend) if compile_backend else decode_step
@@ -3261,7 +3263,8 @@ class Engine:
                                    num_samples)
             ids = torch.tensor([token for i in group for token in prompts[i]], device=device)
             logits[group] = model(ids, kv_cache=packed, backend=self.backend, logit_rows=packed.last_tokens())
-        return cache, logits.repeat_interleave(num_samples, dim=0), [limit for limit in limits for _ in range(num_samples)]
+        row_limits = [limit for limit in limits for _ in range(num_samples)]
+        return cache, logits.repeat_interleave(num_samples, dim=0), row_limits
 
     def check_arguments(self, prompts: Sequence[Sequence[int]], num_samples: int, max_tokens: int,
                         temperature: float, top_k: int | None, top_p: float | None) -> None:

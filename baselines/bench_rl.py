@@ -1,4 +1,4 @@
-"""Speed of one step of 06_rl: rollouts (Engine.generate with the calculator, one prefill per prompt) and the update
+"""Speed of one step of 06_rl: rollouts (Engine.generate with the calculator, the prompts prefilled together in packed passes) and the update
 (the packed policy-gradient forward/backward and the optimizer step).
 
 The model is randomly initialised and the prompts are random tokens ending in <|assistant_start|>: speed does not
@@ -6,7 +6,8 @@ depend on the weights, and a random model never stops early, so every answer run
 case). The tokenizer is a filler vocabulary of all byte pairs, so that any sampled id decodes. Rewards are seeded
 coin flips, so that nearly every group has mixed rewards and nearly every rollout is trained, as in the costliest
 step of a real run. The model is used as 06_rl uses it: fp32 master weights, matmuls in the compute dtype, not
-compiled (its rollout engine compiles its decode step on a GPU unless --compile=none). Prints one table and writes the figures as JSON to --out.
+compiled (its rollout engine compiles its decode step on a GPU unless --compile=none). Prints one table and writes
+the figures as JSON to --out.
 
     python baselines/bench_rl.py                     # GPU: depth 12, 32 prompts x 8 samples (256 rollouts)
     python baselines/bench_rl.py --compile=none --sync_every=1 --cuda_graph=0   # the uncompiled, per-token engine
@@ -103,7 +104,8 @@ def main() -> None:
     results = {"device": name, "dtype": str(dtype), "attention": backend, "depth": args.depth,
                "params": model.num_params()["total"], "prompts": args.prompts, "samples": args.samples,
                "prompt_len": args.prompt_len, "compile": args.compile, "sync_every": args.sync_every,
-               "cuda_graph": bool(args.cuda_graph), "max_new_tokens": args.max_new_tokens, "pass_tokens": args.pass_tokens,
+               "cuda_graph": bool(args.cuda_graph), "max_new_tokens": args.max_new_tokens,
+               "pass_tokens": args.pass_tokens,
                "repeats": args.repeats, "median": median, "runs": runs,
                "peak_memory_GB": torch.cuda.max_memory_allocated() / 1e9 if device.startswith("cuda") else None}
     rows = [("device", name),
