@@ -1,5 +1,5 @@
-"""Speed of one step of 06_rl: rollouts (Engine.generate with the calculator, the prompts prefilled together in packed passes) and the update
-(the packed policy-gradient forward/backward and the optimizer step).
+"""Speed of one step of 06_rl: rollouts (Engine.generate with the calculator, the prompts prefilled together in
+packed passes) and the update (the packed policy-gradient forward/backward and the optimizer step).
 
 The model is randomly initialised and the prompts are random tokens ending in <|assistant_start|>: speed does not
 depend on the weights, and a random model never stops early, so every answer runs to --max_new_tokens (the slowest
