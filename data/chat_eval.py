@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data import gsm8k
+from data.sandbox import run_sandboxed
 from data.sft import (SHARED_DATA, HubTable, choice_questions, colour_questions, letter_counts, load_words, read_rows,
                       selection_passes, table_files, word_split)
-from stackcore import ChatTask, StackConfig, run_sandboxed
+from stackcore import ChatTask, StackConfig
 
 HUMANEVAL = HubTable("openai/openai_humaneval", {"test": ("openai_humaneval/test-00000-of-00001.parquet",)})
 CHAT_TASKS = ("arc_easy", "arc_challenge", "mmlu", "gsm8k", "humaneval", "spelling", "colours")
