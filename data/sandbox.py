@@ -16,9 +16,9 @@ Inside, a guard (GUARD) sets resource limits (address space, CPU seconds, file s
 dumps), reads the program and a random nonce from its stdin, installs an audit hook, and runs the program. Only
 when the program returns normally, its tests included, does the guard write the nonce to a pipe that the harness
 owns: that is the verdict. An exit status, a printed "passed" or a replaced file proves nothing, and the program
-cannot learn the nonce: it lives in the guard's frame, and the hook refuses every way to a frame (sys._getframe,
-traceback and generator frames, tracing, gc) and, where /proc still exists, the files under it. The environment
-holds only PATH and LANG. The harness kills the whole process group at the time limit.
+cannot learn the nonce: it runs in a thread whose frames do not lead back to the guard's, and the hook refuses the
+other ways in (other threads' frames, gc, ctypes, /proc where it still exists) and tracing, which could jump over
+the tests. The environment holds only PATH and LANG. The harness kills the whole process group at the time limit.
 
 The audit hook is the second layer: it refuses sockets, new processes, signals, ctypes, links, changing folder, and
 any write, delete, rename or permission change outside the working folder, including those through directory or
@@ -74,11 +74,13 @@ print("isolated" if isolated else "open")
 """
 
 # The guard, run as `python -I -S -B -c GUARD verdict_fd memory_bytes cpu_seconds processes file_bytes open_files`
-# with the nonce and the program on stdin. Its state lives in main()'s frame and the hook's closure, not in
-# __main__'s globals, where the program could reach it.
+# with the nonce and the program on stdin. The program runs in a second thread that C code starts (deque draining
+# chain(map(exec, ...), iter(release, None))), so its frames lead back to no Python frame of the guard's, and the lock
+# is released only if exec returned. The main thread keeps the nonce in main()'s frame and, until the program has
+# run to its end, calls nothing the program could have replaced (every function it needs is bound beforehand).
 GUARD = r"""
-import os, resource, sys
-import typing  # before the hook: HumanEval's stubs import from it, and it looks at frames while it loads
+import _thread, collections, itertools, os, resource, sys
+import typing  # before the limits: HumanEval's stubs import from it
 
 
 def set_limits(memory, cpu, processes, file_bytes, open_files):
@@ -99,17 +101,16 @@ def read_stdin():
 
 
 def make_hook(root):
-    stat = os.stat  # the C functions themselves: a program that replaces os.stat or os.path does not change these
+    stat, lstat, readlink = os.stat, os.lstat, os.readlink  # C functions: replacing os.stat later changes nothing
     refused = frozenset({
         "os.system", "os.exec", "os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "os.kill", "os.killpg",
         "signal.pthread_kill", "subprocess.Popen", "pty.spawn", "socket.__new__", "socket.connect", "socket.bind",
         "socket.getaddrinfo", "socket.sendto", "mmap.__new__", "ctypes.dlopen", "ctypes.dlsym", "os.symlink",
-        "os.link", "os.chroot", "os.chdir", "sys._getframe", "sys._current_frames", "sys.settrace", "sys.setprofile",
-        "sys.monitoring.register_callback", "sys.remote_exec", "gc.get_objects", "gc.get_referrers",
-        "gc.get_referents"})
-    modules = frozenset({"ctypes", "_ctypes", "_posixsubprocess", "gc", "_testcapi", "_testinternalcapi",
+        "os.link", "os.chroot", "os.chdir", "sys._current_frames", "sys.settrace", "sys.setprofile",
+        "sys._settraceallthreads", "sys._setprofileallthreads", "sys.monitoring.register_callback", "sys.remote_exec",
+        "gc.get_objects", "gc.get_referrers", "gc.get_referents"})
+    modules = frozenset({"ctypes", "_ctypes", "_posixsubprocess", "_testcapi", "_testinternalcapi",
                          "_xxsubinterpreters", "_interpreters"})  # the ways around the events above
-    frames = frozenset({"tb_frame", "gi_frame", "cr_frame", "ag_frame"})
     changes = frozenset({"os.remove", "os.rmdir", "os.rename", "os.mkdir", "os.chmod", "os.chown", "os.truncate",
                          "os.utime", "os.mkfifo", "os.mknod", "os.chflags", "os.lchflags", "os.setxattr",
                          "os.removexattr", "shutil.rmtree", "shutil.move", "shutil.copyfile", "shutil.copytree",
@@ -119,21 +120,33 @@ def make_hook(root):
                              "os.mknod", "shutil.rmtree"})  # events whose last argument is dir_fd (-1: none)
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 
-    def absolute(path):
-        # lexical: the working folder never changes (os.chdir is refused) and links cannot be made
+    def resolve(path):
+        # the real path, links followed with the functions bound above (os.path's can be replaced by the program)
         path = path.decode("utf-8", "surrogateescape") if type(path) is bytes else path
-        parts = []
-        for part in (path if path.startswith("/") else root + "/" + path).split("/"):
+        pending = (path if path.startswith("/") else root + "/" + path).split("/")[::-1]
+        done, links = [], 0
+        while pending:
+            part = pending.pop()
             if part == "..":
-                parts = parts[:-1]
+                done = done[:-1]
             elif part not in ("", "."):
-                parts.append(part)
-        return "/" + "/".join(parts)
+                try:
+                    link = lstat("/" + "/".join([*done, part])).st_mode & 0o170000 == 0o120000 and links < 40
+                except (OSError, ValueError):
+                    link = False
+                if link:
+                    links += 1
+                    target = readlink("/" + "/".join([*done, part]))
+                    done = [] if target.startswith("/") else done
+                    pending.extend(target.split("/")[::-1])
+                else:
+                    done.append(part)
+        return "/" + "/".join(done)
 
     def inside(path):
         if type(path) not in (str, bytes):
             return False  # a descriptor, or an object whose __fspath__ could answer differently the second time
-        path = absolute(path)
+        path = resolve(path)
         return path == root or path.startswith(root + "/") or path == "/dev/null"
 
     def is_folder(path):
@@ -147,13 +160,11 @@ def make_hook(root):
             raise PermissionError(f"sandbox: {event} is not allowed")
         if event == "import" and args[0].partition(".")[0] in modules:
             raise ImportError(f"sandbox: importing {args[0]} is not allowed")
-        if event == "object.__getattr__" and args[1] in frames:
-            raise PermissionError(f"sandbox: {args[1]} is not allowed")
         if event == "open" and type(args[0]) in (str, bytes):
-            path, mode, flags = absolute(args[0]), args[1], args[2]
+            path, mode, flags = resolve(args[0]), args[1], args[2]
             writes = (type(mode) is str and any(c in mode for c in "wax+")
                       or type(flags) is int and flags & write_flags)
-            if path == "/proc" or path.startswith(("/proc/", "/dev/fd")):
+            if path == "/proc" or path.startswith("/proc/"):
                 raise PermissionError(f"sandbox: opening {args[0]!r} is not allowed")
             if not inside(path) and (writes or is_folder(path)):
                 raise PermissionError(f"sandbox: opening {args[0]!r} outside the sandbox folder")
@@ -173,14 +184,26 @@ def main():
     set_limits(memory, cpu, processes, file_bytes, open_files)
     nonce, _, source = read_stdin().partition(b"\n")
     del sys.argv[1:]
+    for name in set(os.environ) - {"PATH", "LANG"}:  # bubblewrap sets PWD
+        del os.environ[name]
+    code = compile(source, "program.py", "exec")
+    finished = _thread.allocate_lock()
+    finished.acquire()
+    wait, threads, write, leave, anything = finished.acquire, _thread._count, os.write, os._exit, BaseException
     sys.addaudithook(make_hook(os.getcwd()))
+    _thread.start_new_thread(collections.deque, (itertools.chain(map(exec, (code,), ({"__name__": "__main__"},)),
+                                                                  iter(finished.release, None)), 0))
     try:
-        exec(compile(source, "program.py", "exec"), {"__name__": "__main__"})
-    except SystemExit as stop:
-        sys.stderr.write(f"sandbox: the program exited ({stop.code!r}) before it finished\n")
-        raise SystemExit(3) from None
-    sys.stdout.flush()
-    os.write(verdict, nonce)
+        while not wait(True, 0.05):
+            if threads() == 0 and not wait(False):
+                write(2, b"sandbox: the program stopped before its end (an exception or an exit)\n")
+                leave(3)
+        write(verdict, nonce)
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except anything:
+        leave(3)
+    leave(0)  # not waiting for threads the program left behind
 
 
 main()
@@ -250,17 +273,23 @@ def probe(prefix: tuple[str, ...], user: int | None) -> str:
 
 
 @lru_cache(maxsize=1)
-def launcher() -> Launcher:
-    """The first launcher that isolates on this machine, else the plain one; probed once per process."""
+def launchers() -> tuple[Launcher, ...]:
+    """Every launcher that works on this machine, the isolating ones first, the plain one last; each under the
+    first user it works as (nobody before the caller, when the caller is root). Probed once per process."""
     users = [NOBODY, None] if os.geteuid() == 0 else [None]
-    for name, prefix in isolation_prefixes():
-        for user in users:
-            if probe(prefix, user) == "isolated":
-                return Launcher(name, prefix, user)
-    for user in users:
-        if probe((), user):
-            return Launcher("none", (), user)
-    raise SandboxError(f"{sys.executable} does not run with an empty environment: no sandbox is possible")
+    found = []
+    for name, prefix in [*isolation_prefixes(), ("none", ())]:
+        user = next((user for user in users if probe(prefix, user) == ("isolated" if prefix else "open")), -1)
+        if user != -1:
+            found.append(Launcher(name, prefix, user))
+    if not found or found[-1].isolated:
+        raise SandboxError(f"{sys.executable} does not run with an empty environment here: no sandbox is possible")
+    return tuple(found)
+
+
+def launcher() -> Launcher:
+    """The launcher programs run with: the first of launchers()."""
+    return launchers()[0]
 
 
 @lru_cache(maxsize=1)
