@@ -501,16 +501,34 @@ def shard_version(kind: str, vocab_size: int = 0) -> int:
     return {"mask": 3, "records": 4}[kind]
 
 
+def check_shard_items(path: Path, items: np.ndarray, kind: str, vocab_size: int, dtype: type) -> None:
+    """Refuse what the shard's dtype would silently change: floats (cast to integers) and values outside the dtype's
+    range (wrapped around), token ids outside [0, vocab_size), records that are not a 2-D table."""
+    if items.size and not (np.issubdtype(items.dtype, np.integer) or items.dtype == np.bool_):
+        raise ShardError(f"{path}: {kind} must be integers, got an array of {items.dtype}")
+    if kind == "records" and items.ndim != 2:
+        raise ShardError(f"{path}: records must be a 2-D table, got shape {items.shape}")
+    if not items.size:
+        return
+    low, high = int(items.min()), int(items.max())
+    limit = np.iinfo(dtype)
+    if kind == "tokens" and (low < 0 or (vocab_size and high >= vocab_size)):
+        raise ShardError(f"{path}: token ids must lie in [0, {vocab_size}), got [{low}, {high}]")
+    if low < limit.min or high > limit.max:
+        hint = ": pass the tokenizer's vocab_size, so that the shard stores uint32" if kind == "tokens" else ""
+        raise ShardError(f"{path}: {kind} values [{low}, {high}] do not fit {limit.dtype} "
+                         f"[{limit.min}, {limit.max}]{hint}")
+
+
 def write_shard(path: Path, items: np.ndarray, kind: str = "tokens", vocab_size: int = 0) -> Path:
     """Write one shard atomically (a temporary file renamed into place, so a crash never leaves half a shard).
     `records` are 2-D int32 arrays; their width goes in the header."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     version = shard_version(kind, vocab_size)
     dtype = SHARD_VERSIONS[version][1]
     items = np.asarray(items)
-    if kind == "tokens" and items.size and (items.min() < 0 or (vocab_size and items.max() >= vocab_size)):
-        raise ShardError(f"{path}: token ids must lie in [0, {vocab_size})")
+    check_shard_items(path, items, kind, vocab_size, dtype)
+    path.parent.mkdir(parents=True, exist_ok=True)
     width = items.shape[1] if kind == "records" else 1
     header = np.zeros(HEADER_INTS, dtype=np.int32)
     header[:5] = (SHARD_MAGIC, version, items.shape[0], vocab_size, width)
@@ -1740,9 +1758,16 @@ class PretrainLoader:
 
     def _take_row(self) -> np.ndarray:
         start = self._next_start(self.position["offset"])
-        while start is None:
+        for _ in self.paths:  # each shard once from its start (the current one last): a row starts somewhere or nowhere
+            if start is not None:
+                break
             self._advance_shard()
             start = self._next_start(0)
+        if start is None:
+            raise ShardError(f"{self.paths[0].parent}: no shard of {', '.join(p.name for p in self.paths)} has a "
+                             f"document start (BOS id {self.bos_id}) followed by {self.tokens} tokens, so no row of "
+                             f"{self.tokens} tokens can begin at a document: wrong bos_id, or shards written without "
+                             f"BOS, or rows longer than the shards' documents allow")
         self.position["offset"] = start + self.tokens
         return np.asarray(self.shard[start:start + self.tokens + 1], dtype=np.int64)
 

@@ -96,7 +96,7 @@ def test_loader_cuts_long_conversations_and_checks_masks(tmp_path, tokenizer):
     write_conversations(tmp_path, tokenizer, [long])
     loader = sc.SFTLoader(tmp_path, "train", 64, tokenizer.bos_id, tokenizer.vocab_size, max_seq_len=64)
     assert len(loader.next_batch().inputs) == 64
-    sc.write_shard(sc.side_file(tmp_path / "train_000000.bin", "mask"), np.zeros(3), "mask")
+    sc.write_shard(sc.side_file(tmp_path / "train_000000.bin", "mask"), np.zeros(3, np.uint8), "mask")
     with pytest.raises(sc.ShardError, match="mask values"):
         sc.SFTLoader(tmp_path, "train", 64, tokenizer.bos_id, tokenizer.vocab_size, 64)
 
