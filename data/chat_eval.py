@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data import gsm8k
+from data.records import field
 from data.sandbox import run_sandboxed
-from data.sft import (SHARED_DATA, HubTable, choice_questions, colour_questions, letter_counts, load_words, read_rows,
+from data.sft import (SHARED_DATA, HubTable, choice_questions, colour_questions, letter_counts, load_words, rows,
                       selection_passes, table_files, word_split)
 from stackcore import ChatTask, StackConfig
 
@@ -79,7 +80,8 @@ class CodeProblem:
 
 
 def code_problem(row: dict) -> CodeProblem:
-    return CodeProblem(row["task_id"], row["prompt"], row["test"], row["entry_point"], row.get("canonical_solution", ""))
+    return CodeProblem(*(field(row, name) for name in ("task_id", "prompt", "test", "entry_point")),
+                       row.get("canonical_solution") or "")
 
 
 def humaneval_problems(source: str = "hub", endpoint: str | None = None) -> list[CodeProblem]:
@@ -89,7 +91,7 @@ def humaneval_problems(source: str = "hub", endpoint: str | None = None) -> list
     else:
         path = Path(source).expanduser()
         paths = [path / "human_eval.jsonl" if path.is_dir() else path]
-    return [code_problem(row) for row in read_rows(paths)]
+    return list(rows(paths, code_problem))
 
 
 def subset(items: list, count: int, seed: int) -> list:

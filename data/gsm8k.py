@@ -16,12 +16,12 @@ problems written in the same format.
 """
 from __future__ import annotations
 
-import json
 import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from data.records import DataFileError, read_records
 from data.synthetic import NAMES, THINGS
 from stackcore import StackConfig, artifact_dir
 
@@ -42,7 +42,7 @@ class GsmPromptConfig(StackConfig):
     PRESETS = {"tiny": dict(rl_gsm8k_source="synthetic", rl_train_prompts=256, rl_test_prompts=64)}
 
 
-class GsmDataError(ValueError):
+class GsmDataError(DataFileError):
     """A problem file that is missing, malformed or lacks a final answer; the message names the file and line."""
 
 
@@ -138,21 +138,8 @@ def read_problems(path: Path) -> list[Problem]:
     path = Path(path)
     if not path.is_file():
         raise GsmDataError(f"{path}: no such GSM8K file")
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        rows = pq.read_table(path, columns=["question", "answer"]).to_pylist()
-        return [check_record(row, f"{path}: row {i}") for i, row in enumerate(rows)]
-    problems = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise GsmDataError(f"{path}:{line_no}: not JSON ({error})") from None
-                problems.append(check_record(record, f"{path}:{line_no}"))
-    return problems
+    columns = ["question", "answer"] if path.suffix == ".parquet" else None
+    return [check_record(record, where) for where, record in read_records([path], GsmDataError, columns)]
 
 
 def load_problems(split: str, source: str = "hub", endpoint: str | None = None) -> list[Problem]:

@@ -75,9 +75,10 @@ print("isolated" if isolated else "open")
 
 # The guard, run as `python -I -S -B -c GUARD verdict_fd memory_bytes cpu_seconds processes file_bytes open_files`
 # with the nonce and the program on stdin. The program runs in a second thread that C code starts (deque draining
-# chain(map(exec, ...), iter(release, None))), so its frames lead back to no Python frame of the guard's, and the lock
-# is released only if exec returned. The main thread keeps the nonce in main()'s frame and, until the program has
-# run to its end, calls nothing the program could have replaced (every function it needs is bound beforehand).
+# chain(..., map(exec, ...), iter(finished.release, None))), so its frames lead back to no Python frame of the
+# guard's, and `finished` is released only if exec returned. The main thread keeps the nonce in main()'s frame and,
+# until the program has run to its end, calls nothing the program could have replaced (every function it needs is
+# bound beforehand).
 GUARD = r"""
 import _thread, collections, itertools, os, resource, sys
 import typing  # before the limits: HumanEval's stubs import from it
@@ -187,13 +188,16 @@ def main():
     for name in set(os.environ) - {"PATH", "LANG"}:  # bubblewrap sets PWD
         del os.environ[name]
     code = compile(source, "program.py", "exec")
-    finished = _thread.allocate_lock()
+    started, finished = _thread.allocate_lock(), _thread.allocate_lock()
+    started.acquire()
     finished.acquire()
     wait, threads, write, leave, anything = finished.acquire, _thread._count, os.write, os._exit, BaseException
     sys.addaudithook(make_hook(os.getcwd()))
-    _thread.start_new_thread(collections.deque, (itertools.chain(map(exec, (code,), ({"__name__": "__main__"},)),
-                                                                  iter(finished.release, None)), 0))
+    steps = itertools.chain(iter(started.release, None), map(exec, (code,), ({"__name__": "__main__"},)),
+                            iter(finished.release, None))
+    _thread.start_new_thread(collections.deque, (steps, 0))
     try:
+        started.acquire()  # from here on the thread counts in threads() until it ends
         while not wait(True, 0.05):
             if threads() == 0 and not wait(False):
                 write(2, b"sandbox: the program stopped before its end (an exception or an exit)\n")

@@ -328,6 +328,7 @@ def test_local_mirrors_and_jsonl_folders(tmp_path):
     jsonl.mkdir()
     (jsonl / "train.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
                                                                 {"role": "assistant", "content": "hello"}]}) + "\n")
-    assert list(sft.read_rows(sft.table_files(sft.SMOLTALK, "train", str(jsonl))))[0]["messages"][1]["content"] == "hello"
+    paths = sft.table_files(sft.SMOLTALK, "train", str(jsonl))
+    assert list(sft.rows(paths, sft.smoltalk_conversation))[0][1]["content"] == "hello"
     with pytest.raises(sft.SFTDataError, match="neither a mirror"):
         sft.table_files(sft.SMOLTALK, "test", str(jsonl))
