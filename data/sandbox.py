@@ -3,14 +3,16 @@
 The boundary is the operating system's. Each program runs in a separate process, in its own user, network, pid,
 mount and IPC namespaces where the machine permits them: no network (only a loopback that is down), the whole file
 system read-only apart from a private, empty /tmp that is its working folder, no /proc (so no way into its own
-memory or another process's), and the pid namespace ends every process it started when it ends. Two launchers are
-tried, once per process (`launcher()`): bubblewrap (`bwrap`) when installed, then `unshare` from util-linux with
-a small set-up step (mount_setattr makes every mount read-only, then tmpfs goes over /proc and /tmp). A probe runs
-each under the root user's stand-in `nobody` (when the caller is root and nobody can run this Python) and then as
-the caller, and keeps the first that reports a read-only root, a writable /tmp and no network interface but `lo`.
-Colab runs notebooks as root inside a gVisor container; whether that container grants namespaces is what the
-probe finds out there. Where nothing isolates, every run says so (a RuntimeWarning, once) and the program runs in
-a temporary folder with the limits and the audit hook below only: that is not a boundary.
+memory or another process's), no capabilities, and the pid namespace ends every process it started when it ends.
+Two launchers are tried, once per process (`launchers()`): bubblewrap (`bwrap`) when installed, then `unshare` from
+util-linux with a small set-up step (mount_setattr makes every mount read-only, then tmpfs goes over /proc and /tmp).
+A probe runs each as the unprivileged user `nobody` (when the caller is root and nobody may run this Python), else
+as the caller, and keeps the first that reports a read-only root, a writable /tmp, an empty /proc and no network
+interface but `lo`. Colab runs notebooks as root in a container; whether that container grants namespaces is what
+the probe finds out there. Where nothing isolates, every evaluation says so before its first program runs (a
+RuntimeWarning) and programs run in a temporary folder with the limits and the audit hook below only: that is not a
+boundary. A program whose user is root outside its namespaces (a root caller when nobody cannot run this Python)
+is not held to the process limit: the kernel exempts root's user id; the audit hook still refuses fork.
 
 Inside, a guard (GUARD) sets resource limits (address space, CPU seconds, file size, open files, processes, no core
 dumps), reads the program and a random nonce from its stdin, installs an audit hook, and runs the program. Only

@@ -1,5 +1,5 @@
 """Supervised fine-tuning and chat evals: conversation shards with their masks, the packing SFT loader, letter
-scoring, the code sandbox, GSM8K answers on the real data, and the SFT / chat-eval adapters against a local Hub."""
+scoring, GSM8K answers on the real data, and the SFT / chat-eval adapters against a local Hub."""
 from __future__ import annotations
 
 import json
