@@ -326,10 +326,12 @@ ISOLATION = [
 ]
 
 
-@pytest.mark.skipif(not ISOLATING, reason="no isolation on this machine: test_without_isolation_it_says_so")
-@pytest.mark.parametrize("chosen", ISOLATING, ids=[chosen.name for chosen in ISOLATING])
+@pytest.mark.parametrize("chosen", ISOLATING or [LAUNCHERS[-1]], ids=[chosen.name for chosen in ISOLATING or LAUNCHERS])
 @pytest.mark.parametrize("name,code", ISOLATION, ids=[case[0] for case in ISOLATION])
 def test_isolation(place, chosen, name, code):
+    if not chosen.isolated:  # nothing isolates on this machine: what is true is that runs say so
+        assert sandbox.launcher() == chosen and "no operating-system isolation" in chosen.describe()
+        return
     done = plain(chosen, code.format(parent=os.getpid(), **place))
     assert done.returncode == 0, done.stderr
     untouched(place)
