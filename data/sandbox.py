@@ -194,6 +194,7 @@ def main():
     started.acquire()
     finished.acquire()
     wait, threads, write, leave, anything = finished.acquire, _thread._count, os.write, os._exit, BaseException
+    flushes = sys.stdout.flush, sys.stderr.flush  # the real streams', whatever the program puts in sys.stdout
     sys.addaudithook(make_hook(os.getcwd()))
     steps = itertools.chain(iter(started.release, None), map(exec, (code,), ({"__name__": "__main__"},)),
                             iter(finished.release, None))
@@ -202,11 +203,13 @@ def main():
         started.acquire()  # from here on the thread counts in threads() until it ends
         while not wait(True, 0.05):
             if threads() == 0 and not wait(False):
+                for flush in flushes:
+                    flush()
                 write(2, b"sandbox: the program stopped before its end (an exception or an exit)\n")
                 leave(3)
         write(verdict, nonce)
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for flush in flushes:
+            flush()
     except anything:
         leave(3)
     leave(0)  # not waiting for threads the program left behind
@@ -341,7 +344,7 @@ def run_sandboxed(program: str, timeout_s: float = 10.0, memory_mb: int = 1024, 
             verdict = read_available(verdict_read, len(nonce) + 1)
         finally:
             os.close(verdict_read)
-        status = "timeout" if not finished else "passed" if verdict == nonce and returncode == 0 else "failed"
+        status = "timeout" if not finished else "passed" if verdict == nonce else "failed"
         return SandboxResult(status, returncode, read_tail(Path(folder, "stdout"), output_chars),
                              read_tail(Path(folder, "stderr"), output_chars), time.time() - started, chosen.isolated)
 
