@@ -2,20 +2,21 @@
 
 Sections (and the notebooks that call them):
   1. Configuration and presets ........ every notebook (the first cell builds its config here)
-  2. Artifacts and devices ............ every notebook (STACK_HOME layout, GPU tier, dtype, fp16 loss scaling)
+  2. Artifacts and devices ............ every notebook (STACK_HOME layout, GPU tier, dtype)
   3. Tokenizer ........................ 01_tokenizer, 02_sharding, 07_chat
   4. Shards ........................... 02_sharding writes them; 03-06 read them
   5. Triton kernels ................... 03_pretrain (through the optimizer)
   6. Attention backends ............... 03-07 (through the model)
   7. Model ............................ 03-07
-  8. Optimizer and schedules .......... 03_pretrain, 05_sft, 06_rl
+  8. Optimizer and schedules .......... 03_pretrain, 05_sft, 06_rl (Muon, AdamW, fp16 loss scaling)
   9. Pretraining loader ............... 03_pretrain
+ 9b. Batching ......................... 03-06 (token budgets, host-to-device copies)
  10. Evaluation: bits per byte ........ 03_pretrain, 04_core_eval
- 11. Checkpoints and run logs ......... 03-07
- 12. CORE evaluation .................. 02_sharding, 04_core_eval
+ 11. Checkpoints and run logs ......... 03-07 (and the report card: the pipeline's end, 07_chat's last cell)
+ 12. CORE evaluation .................. 04_core_eval (02_sharding writes its shards with data/core.py)
  13. Chat format, calculator, engine .. 05_sft, 06_rl, 07_chat (render conversations, KV-cache generation)
  14. SFT and chat evaluations ......... 02_sharding, 05_sft, 06_rl (conversation shards, SFT loader, chat evals)
- 15. Reinforcement learning ........... 02_sharding, 06_rl (GSM8K prompt shards, rollouts, policy gradient)
+ 15. Reinforcement learning ........... 06_rl (rollouts, policy gradient; data/gsm8k.py holds the prompt shards)
  16. Runtime set-up ................... every notebook (the first cell: Colab installs, Drive, GPU report)
 
 The notebooks keep the training loops in view; this file holds the reusable and performance-critical parts.
@@ -31,6 +32,7 @@ import math
 import operator
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -76,7 +78,8 @@ ItemT = TypeVar("ItemT")
 
 
 class ConfigError(ValueError):
-    """A bad configuration: unknown key, unparsable value or unknown preset."""
+    """A bad configuration: unknown key, unparsable value, a value the setting does not allow, unknown preset, or a
+    STACK_HOME that cannot be written."""
 
 
 def in_notebook_kernel() -> bool:
@@ -147,12 +150,95 @@ def auto_preset(gpu: GpuInfo | None, world_size: int = 1) -> str:
     return "speedrun" if colab_gpu_tier(gpu) == "h100" else "colab"
 
 
+FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+INT64_MAX = 2**63 - 1  # settings end up in numpy and torch integers
+
+
+@dataclass(frozen=True)
+class Allowed:
+    """What one setting may hold, declared in its config's LIMITS table: a number from `low` to `high` (both
+    included, unless `above` leaves `low` out), one of `choices`, or a run name (`folder`: one plain folder name, so
+    that the run stays inside STACK_HOME; `optional` lets it be empty)."""
+    low: float = -math.inf
+    high: float = math.inf
+    above: bool = False
+    choices: tuple[str, ...] = ()
+    folder: bool = False
+    optional: bool = False
+
+    def describe(self) -> str:
+        if self.choices:
+            return "one of " + ", ".join(self.choices)
+        if self.folder:
+            return ("a folder name of letters, digits, '.', '-' and '_' (nothing that leaves STACK_HOME)"
+                    + (", or empty" if self.optional else ""))
+        low = f"> {self.low:g}" if self.above else f">= {self.low:g}"
+        return low if self.high == math.inf else f"{low} and <= {self.high:g}"
+
+    def admits(self, value: Any) -> bool:
+        if self.choices:
+            return value in self.choices
+        if self.folder:
+            return (self.optional and value == "") or (FOLDER_NAME.fullmatch(value) is not None and value != "..")
+        return (value > self.low if self.above else value >= self.low) and value <= self.high
+
+
+def at_least(low: float, high: float = math.inf) -> Allowed:
+    return Allowed(low, high)
+
+
+def above(low: float, high: float = math.inf) -> Allowed:
+    return Allowed(low, high, above=True)
+
+
+def one_of(*choices: str) -> Allowed:
+    return Allowed(choices=choices)
+
+
+def folder_name(optional: bool = False) -> Allowed:
+    return Allowed(folder=True, optional=optional)
+
+
+def check_setting(name: str, value: Any, kind: Any, allowed: Allowed | None) -> None:
+    """Stop with a ConfigError naming the setting, its value and what it may hold when `value` is not of the field's
+    type, not finite, outside int64, or not `allowed`."""
+    expected = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}.get(kind, (object,))
+    if not isinstance(value, expected) or (kind in (int, float) and isinstance(value, bool)):
+        raise ConfigError(f"{name}={value!r}: {name} must be of type {kind.__name__}")
+    if kind is float and not math.isfinite(value):
+        raise ConfigError(f"{name}={value!r}: {name} must be a finite number"
+                          + (f" {allowed.describe()}" if allowed else ""))
+    if kind is int and abs(value) > INT64_MAX:
+        raise ConfigError(f"{name}={value!r}: {name} must be at most {INT64_MAX}")
+    if allowed is not None and not allowed.admits(value):
+        raise ConfigError(f"{name}={value!r}: {name} must be {allowed.describe()}")
+
+
 @dataclass
 class StackConfig:
     """Base of every notebook's config. Subclasses add fields and a PRESETS table {preset: {field: value}};
-    presets of parent classes apply first, so a shared base (the corpus, say) keeps its own presets."""
+    presets of parent classes apply first, so a shared base (the corpus, say) keeps its own presets. A LIMITS table
+    {field: Allowed} beside the fields says what each setting may hold; configure calls validate(), which checks
+    every field (numbers must also be finite), so a notebook never meets a setting it cannot use."""
     preset: str = ""
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
+    LIMITS: ClassVar[dict[str, Allowed]] = {}
+
+    @classmethod
+    def limits(cls) -> dict[str, Allowed]:
+        """The LIMITS of this class and its bases; a limit for a field the class lacks is a mistake in the table."""
+        merged = {name: allowed for klass in reversed(cls.__mro__)
+                  for name, allowed in vars(klass).get("LIMITS", {}).items()}
+        stray = sorted(set(merged) - {f.name for f in dataclasses.fields(cls)})
+        if stray:
+            raise ConfigError(f"{cls.__name__}.LIMITS names settings it does not have: {', '.join(stray)}")
+        return merged
+
+    def validate(self) -> None:
+        """Check every setting against its type and LIMITS (a hook: subclasses add checks across settings)."""
+        kinds, limits = typing.get_type_hints(type(self)), self.limits()
+        for field in dataclasses.fields(self):
+            check_setting(field.name, getattr(self, field.name), kinds[field.name], limits.get(field.name))
 
 
 def preset_tables(preset: str, tier: str | None) -> tuple[str, ...]:
@@ -195,7 +281,9 @@ def configure(cls: type[ConfigT], argv: Sequence[str] | None = None,
     values.update({n: environ[f"STACK_{n.upper()}"] for n in names if f"STACK_{n.upper()}" in environ})
     values.update(cli)
     parsed = {name: parse_value(name, raw, kinds[name]) for name, raw in values.items()}
-    return cls(preset=preset, **parsed)
+    config = cls(preset=preset, **parsed)
+    config.validate()
+    return config
 
 
 def describe_config(cfg: Any) -> str:
@@ -221,7 +309,13 @@ def artifact_dir(kind: str, create: bool = True) -> Path:
         raise ValueError(f"unknown artifact kind {kind!r}; valid: {', '.join(ARTIFACT_KINDS)}")
     path = stack_home() / kind
     if create:
-        path.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            if not os.access(path, os.W_OK):
+                raise PermissionError(13, "Permission denied")
+        except OSError as error:
+            raise ConfigError(f"STACK_HOME {stack_home()} is not writable ({error.strerror}: {path}); point "
+                              f"STACK_HOME at a folder you can write") from None
     return path
 
 
@@ -305,30 +399,6 @@ def compute_dtype_for(gpu: GpuInfo | None, requested: str = "auto") -> torch.dty
 def pick_compute_dtype(device: str) -> torch.dtype:
     """The matmul dtype on `device`: STACK_DTYPE if set, else compute_dtype_for's automatic choice."""
     return compute_dtype_for(current_gpu(device), os.environ.get("STACK_DTYPE", "auto"))
-
-
-class LossScaler:
-    """Loss scaling for fp16 training (GPUs without bf16, such as the T4). torch.amp.GradScaler multiplies the loss
-    so that small gradients do not flush to zero in fp16, divides the gradients back before the optimizer step,
-    skips the step of an optimizer whose gradients overflowed and adapts the scale as it goes. For bf16 and fp32
-    it is a plain step_optimizers. One process only: under torchrun each rank would skip steps on its own."""
-
-    def __init__(self, compute_dtype: torch.dtype, device: str):
-        enabled = compute_dtype == torch.float16
-        if enabled and _world()[0] > 1:
-            raise ConfigError("fp16 loss scaling runs in one process only: under torchrun set STACK_DTYPE=float32")
-        self.scaler = torch.amp.GradScaler(torch.device(device).type, enabled=enabled)
-
-    def scale(self, loss: Tensor) -> Tensor:
-        return self.scaler.scale(loss)
-
-    def step(self, optimizers: list[torch.optim.Optimizer]) -> None:
-        if not self.scaler.is_enabled():
-            return step_optimizers(optimizers)
-        for optimizer in optimizers:
-            self.scaler.step(optimizer)
-            optimizer.zero_grad(set_to_none=True)
-        self.scaler.update()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -710,6 +780,7 @@ def symmetric_matmul(x: Tensor, alpha: float = 1.0, addend: Tensor | None = None
 # also takes a prebuilt BlockMask as `window` (flex_block_mask), so that no mask is built inside torch.compile.
 
 ATTENTION_BACKENDS = ("flash", "varlen", "flex", "sdpa")  # preference order for "auto"
+ATTENTION_SETTING = one_of("auto", *ATTENTION_BACKENDS)  # what a notebook's `attention` setting may be
 
 
 def document_ids(cu_seqlens: Tensor, total_len: int) -> Tensor:
@@ -858,8 +929,8 @@ def _call_flash(q, k, v, cu_seqlens, max_seqlen, window):
 @torch.library.custom_op("stackcore::flash_forward", mutates_args=())
 def _flash_forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, window: int) -> Tensor:
     """FlashAttention's forward as one op that torch.compile does not look into (window 0: unlimited). FA4 is
-    plain Python around CuTe kernels: traced, it breaks every compiled layer in two, and the host time of the
-    extra graphs outweighs its faster kernel (measured at depth 20, CORE scoring)."""
+    plain Python around CuTe kernels: traced, it breaks every compiled layer in two, and each extra graph costs host
+    time (guards, a Python call) in every layer of every pass (baselines/2026-11-25-core-60s)."""
     return _call_flash(q, k, v, cu_seqlens, max_seqlen, window or None).contiguous()  # the layout of the fake
 
 
@@ -1027,9 +1098,111 @@ class CastedLinear(nn.Linear):
         return F.linear(x.to(self.compute_dtype), self.weight.to(self.compute_dtype))
 
 
+class KVCache:
+    """Keys and values of every layer for `batch_size` rows of up to `capacity` positions: two preallocated
+    (depth, batch, heads, capacity, head_dim) tensors, and each row's filled length `lengths` (B,), a tensor, so
+    that a decode step replayed as a CUDA graph advances it. GPT.forward(ids (B, L), kv_cache=cache) puts L new
+    tokens of every row at the row's next positions. A row at capacity keeps overwriting its last position (the
+    engine steps rows that have finished; their tokens are never read)."""
+
+    def __init__(self, config: GPTConfig, batch_size: int, capacity: int, device: torch.device | str,
+                 dtype: torch.dtype):
+        if not 1 <= capacity <= config.max_seq_len:
+            raise ValueError(f"cache capacity {capacity} must be in 1..max_seq_len ({config.max_seq_len})")
+        shape = (config.depth, batch_size, config.n_heads, capacity, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.empty = True  # no pass has written these rows: the next pass is a prefill (host-side, no sync)
+        self.parent: KVCache | None = None  # the cache whose rows this one views (rows())
+
+    @property
+    def capacity(self) -> int:
+        return self.k.size(3)
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.size(1)
+
+    def packing(self, ids: Tensor) -> tuple[Tensor, Tensor, int, Tensor]:
+        """New tokens ids (B, L) as a packed pass: flat ids (B * L,), boundaries with one document per row, L, and
+        each token's position in its row (B * L,)."""
+        if ids.ndim != 2 or ids.size(0) != self.batch_size:
+            raise ValueError(f"a pass through a KV cache of {self.batch_size} rows takes ids of shape "
+                             f"({self.batch_size}, tokens), got {tuple(ids.shape)}")
+        B, L = ids.shape
+        if self.empty and L > self.capacity:
+            raise ValueError(f"{L} tokens exceed the cache's capacity of {self.capacity} positions")
+        positions = self.lengths[:, None] + torch.arange(L, device=ids.device)
+        cu_seqlens = torch.arange(0, B * L + 1, L, dtype=torch.int32, device=ids.device)
+        return ids.reshape(-1), cu_seqlens, L, positions.clamp_(max=self.capacity - 1).view(-1)
+
+    def write(self, layer: int, k: Tensor, v: Tensor, positions: Tensor) -> None:
+        """Store a layer's keys and values (B * L, heads, head_dim) of L new tokens per row at their positions."""
+        B = self.batch_size
+        rows, at = torch.arange(B, device=k.device)[:, None], positions.view(B, -1)
+        self.k[layer, rows, :, at] = k.view(B, at.size(1), *k.shape[1:])
+        self.v[layer, rows, :, at] = v.view(B, at.size(1), *v.shape[1:])
+
+    def attend(self, layer: int, q: Tensor, window: int | None, positions: Tensor) -> Tensor:
+        """Attention of queries (B * L, heads, head_dim) at `positions` to the cached keys of their row that are at
+        most window - 1 positions back (None: all earlier ones). It reads the whole capacity under a mask, so that
+        no shape depends on the lengths."""
+        B = self.batch_size
+        at = positions.view(B, -1)
+        since = at[:, :, None] - torch.arange(self.capacity, device=q.device)  # (B, L, capacity)
+        visible = (since >= 0) & (since < (window or self.capacity))
+        y = F.scaled_dot_product_attention(q.view(B, at.size(1), *q.shape[1:]).transpose(1, 2), self.k[layer],
+                                           self.v[layer], attn_mask=visible[:, None])
+        return y.transpose(1, 2).reshape(q.shape)
+
+    def advance(self, tokens: int) -> None:
+        """After a pass of `tokens` per row: the rows are longer, and neither they nor the caches they are part of
+        are empty any more."""
+        self.lengths.add_(tokens).clamp_(max=self.capacity)
+        cache = self
+        while cache is not None:
+            cache.empty, cache = False, cache.parent
+
+    def broadcast_first_row(self) -> None:
+        """Copy row 0 into every row: several samples continue one prefilled prompt without prefilling again."""
+        self.k[:, 1:] = self.k[:, :1]
+        self.v[:, 1:] = self.v[:, :1]
+        self.lengths[1:] = self.lengths[0]
+
+    def rows(self, start: int, stop: int) -> KVCache:
+        """The rows start..stop-1 of this cache, sharing its memory: a pass through the view fills those rows. The
+        view is empty while this cache is (take views of a new cache before prefilling any of them)."""
+        view = object.__new__(KVCache)
+        view.k, view.v, view.lengths = self.k[:, start:stop], self.v[:, start:stop], self.lengths[start:stop]
+        view.empty, view.parent = self.empty, self
+        return view
+
+
+@dataclass(frozen=True)
+class AttentionBatch:
+    """What every layer's attention reads in one pass; GPT.forward builds it once (the per-layer inputs, the window
+    and the value embedding, go to each layer beside it).
+
+    Without a cache the tokens are packed documents (cu_seqlens, max_seqlen) that attend within their document
+    through `backend`: training, evaluation. With a cache, document b is the new tokens of cache row b, at
+    `positions` in that row; each layer writes their keys and values into the cache, and then either attends within
+    the new tokens through `backend` like training (a prefill into empty rows) or, when `reads_cache`, attends from
+    the new tokens to everything cached in their row (decoding, KVCache.attend)."""
+    cu_seqlens: Tensor  # (documents + 1,) int32 boundaries of the packed tokens
+    max_seqlen: int  # the longest document
+    cos: Tensor  # (T, head_dim / 2) rotary angles of each packed token
+    sin: Tensor
+    backend: str = "sdpa"  # the attention backend (ATTENTION_BACKENDS)
+    cache: KVCache | None = None
+    positions: Tensor | None = None  # (T,) each token's position in its cache row (with a cache)
+    reads_cache: bool = False
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig, has_value_embed: bool):
+    def __init__(self, config: GPTConfig, layer: int, has_value_embed: bool):
         super().__init__()
+        self.layer = layer  # which layer of a KV cache this attention writes and reads
         self.n_heads, self.head_dim = config.n_heads, config.head_dim
         self.c_q = CastedLinear(config.dim, config.dim)
         self.c_k = CastedLinear(config.dim, config.dim)
@@ -1038,17 +1211,26 @@ class CausalSelfAttention(nn.Module):
         # v <- value_mix[0] * v + value_mix[1] * value_embed (only in layers fed by a value-embedding table)
         self.value_mix = nn.Parameter(torch.full((2,), 0.5)) if has_value_embed else None
 
-    def forward(self, x, value_embed, cos, sin, cu_seqlens, max_seqlen, window, backend, keep=None):
-        """`keep` (N,): only those rows of the output (all rows still attend), see Block."""
+    def forward(self, x: Tensor, value_embed: Tensor | None, window: Any, batch: AttentionBatch,
+                logit_rows: Tensor | None = None) -> Tensor:
+        """x (T, dim) -> (T, dim), or only the rows `logit_rows` (N,) of the output (all rows still attend), see
+        Block. `window`: an int or None (GPT.layer_windows), or the caller's mask (GPT.forward)."""
         T = x.size(0)
         q = self.c_q(x).view(T, self.n_heads, self.head_dim)
         k = self.c_k(x).view(T, self.n_heads, self.head_dim)
         v = self.c_v(x).view(T, self.n_heads, self.head_dim)
         if value_embed is not None:
             v = self.value_mix[0] * v + self.value_mix[1] * value_embed.view_as(v)
-        q, k = apply_rotary(norm(q), cos, sin), apply_rotary(norm(k), cos, sin)  # QK-norm, then rotary
-        y = attention(q, k, v, cu_seqlens, max_seqlen, window, backend).reshape(T, -1)
-        return self.c_proj(y if keep is None else y[keep])
+        q, k = norm(q), norm(k)  # QK-norm, then rotary
+        q, k = apply_rotary(q, batch.cos, batch.sin), apply_rotary(k, batch.cos, batch.sin)
+        if batch.cache is not None:
+            batch.cache.write(self.layer, k, v, batch.positions)
+        if batch.reads_cache:
+            y = batch.cache.attend(self.layer, q, window, batch.positions)
+        else:
+            y = attention(q, k, v, batch.cu_seqlens, batch.max_seqlen, window, batch.backend)
+        y = y.reshape(T, -1)
+        return self.c_proj(y if logit_rows is None else y[logit_rows])
 
 
 class MLP(nn.Module):
@@ -1062,16 +1244,17 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig, has_value_embed: bool):
+    def __init__(self, config: GPTConfig, layer: int, has_value_embed: bool):
         super().__init__()
-        self.attn = CausalSelfAttention(config, has_value_embed)
+        self.attn = CausalSelfAttention(config, layer, has_value_embed)
         self.mlp = MLP(config)
 
-    def forward(self, x, value_embed, cos, sin, cu_seqlens, max_seqlen, window, backend, keep=None):
-        """With `keep` (N,) the output has only those rows: in the last layer nothing reads the others, so their
-        attention projection, MLP and residual are skipped (every row still serves as a key and value)."""
-        y = self.attn(norm(x), value_embed, cos, sin, cu_seqlens, max_seqlen, window, backend, keep)
-        x = x + y if keep is None else x[keep] + y
+    def forward(self, x: Tensor, value_embed: Tensor | None, window: Any, batch: AttentionBatch,
+                logit_rows: Tensor | None = None) -> Tensor:
+        """With `logit_rows` (N,) the output has only those rows: in the last layer nothing reads the others, so
+        their attention projection, MLP and residual are skipped (every row still serves as a key and value)."""
+        y = self.attn(norm(x), value_embed, window, batch, logit_rows)
+        x = x + y if logit_rows is None else x[logit_rows] + y
         return x + self.mlp(norm(x))
 
 
@@ -1089,26 +1272,20 @@ def _run_block(block: Block, *args: Any) -> Tensor:
 
 
 @lru_cache(maxsize=None)
-def _compiled_layer_functions(backend: str):
+def _compiled_layer_functions(compile_backend: str):
     """residual_mix and _run_block under torch.compile with dynamic shapes: the block is an argument, so all
     layers of one structure share a graph, and ints (windows, longest document) are symbolic from the start."""
-    return (torch.compile(residual_mix, dynamic=True, backend=backend),
-            torch.compile(_run_block, dynamic=True, backend=backend))
-
-
-# Inductor settings of evaluation's graph, for experiments (baselines/profile_core.py --inductor). None beat the defaults in a depth-20 CORE pass on an H100: unfused bf16 addmm (its
-# residual add moved into the next elementwise kernel) was 1.5% slower, and adding coordinate-descent tuning or
-# max-autotune GEMMs to it 1.3% and 2.4% slower (baselines/2026-11-25-core-60s).
-EVAL_INDUCTOR_OPTIONS: dict[str, Any] = {}
+    return (torch.compile(residual_mix, dynamic=True, backend=compile_backend),
+            torch.compile(_run_block, dynamic=True, backend=compile_backend))
 
 
 @lru_cache(maxsize=None)
-def _compiled_layer_stack(backend: str):
+def _compiled_layer_stack(compile_backend: str, inductor_options: tuple[tuple[str, Any], ...] = ()):
     """GPT.run_layers as one graph, for evaluation (compile_layers(evaluation=True)): one compiled call per pass
     instead of two per layer, each of which costs host time (guards, a Python call) that a forward-only pass has
-    no backward to hide behind."""
-    options = dict(EVAL_INDUCTOR_OPTIONS) if backend == "inductor" and EVAL_INDUCTOR_OPTIONS else {}
-    return torch.compile(GPT.run_layers, dynamic=True, backend=backend, **({"options": options} if options else {}))
+    no backward to hide behind. `inductor_options`: (name, value) pairs of torch._inductor.config for this graph."""
+    options = {"options": dict(inductor_options)} if inductor_options else {}
+    return torch.compile(GPT.run_layers, dynamic=True, backend=compile_backend, **options)
 
 
 def soft_cap(logits: Tensor, softcap: float) -> Tensor:
@@ -1130,8 +1307,8 @@ def _softcapped_ce_rows(logits: Tensor, targets: Tensor, softcap: float) -> tupl
 
 
 @lru_cache(maxsize=None)
-def _compiled_ce_rows(backend: str):
-    return torch.compile(_softcapped_ce_rows, backend=backend)
+def _compiled_ce_rows(compile_backend: str):
+    return torch.compile(_softcapped_ce_rows, backend=compile_backend)
 
 
 def _chunked_ce_losses(h: Tensor, weight: Tensor, targets: Tensor, softcap: float, chunk_tokens: int) -> Tensor:
@@ -1206,7 +1383,7 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.dim)
         self.value_embeds = nn.ModuleList(nn.Embedding(config.vocab_size, config.dim)
                                           for _ in range(config.value_embed_tables))
-        self.blocks = nn.ModuleList(Block(config, self.value_embed_index(i) is not None)
+        self.blocks = nn.ModuleList(Block(config, i, self.value_embed_index(i) is not None)
                                     for i in range(config.depth))
         self.lm_head = CastedLinear(config.dim, config.vocab_size)
         self.resid_lambdas = nn.Parameter(torch.ones(config.depth))   # block input = resid * x + x0 * x0
@@ -1217,6 +1394,7 @@ class GPT(nn.Module):
         self.register_buffer("rotary_sin", sin, persistent=False)
         self.compile_backend: str | None = None  # see compile_layers()
         self.compile_evaluation = False
+        self.inductor_options: tuple[tuple[str, Any], ...] = ()
         self.init_weights()
 
     @torch.no_grad()
@@ -1257,21 +1435,31 @@ class GPT(nn.Module):
                 param.data = param.data.to(self.compute_dtype)
         return self
 
-    def compile_layers(self, backend: str = "inductor", evaluation: bool = False) -> "GPT":
+    def compile_layers(self, compile_backend: str = "inductor", evaluation: bool = False,
+                       inductor_options: dict[str, Any] | None = None) -> "GPT":
         """Regional torch.compile for training: a block's graph is shared by every layer of the same structure
         (with or without a value embedding; int or None window, while flex passes BlockMasks: at most 4 graphs),
         the residual mixing has at most 4 small graphs (with or without a U-net skip; inputs that alias in the
         first layer and, for an even depth, the first layer after the middle) and the loss one graph per chunk
         shape. Embeddings and the layer loop stay eager. Windows and document lengths are dynamic, so a growing
         window recompiles nothing. Passes without gradients run eagerly unless `evaluation`: then all layers compile
-        as one graph per kind of pass (_compiled_layer_stack), worth its compile time for a CORE pass, where fused
-        elementwise work took a depth-20 pass from 109 s to 61 s on an H100, not for a short training run's
-        validation. Layers with the sdpa attention backend run eagerly. `backend` is torch.compile's. Returns the
-        model."""
+        as one graph per kind of pass (_compiled_layer_stack), which fuses the elementwise work across layers and
+        makes one compiled call per pass: worth its compile time for a long evaluation such as CORE, not for a short
+        training run's validation. Layers with the sdpa attention backend, and passes through a KV cache, run
+        eagerly. `compile_backend` is torch.compile's; `inductor_options` (settings of torch._inductor.config, with
+        hashable values) apply to the evaluation graph, for experiments (baselines/profile_core.py --inductor).
+        Returns the model."""
+        if inductor_options and compile_backend != "inductor":
+            raise ValueError(f"inductor_options need the inductor compile backend, not {compile_backend!r}")
         # evaluation's graph per kind of pass and per shape specialisation (one document, one scored row) can pass
         # dynamo's default limit of 8 per function in a CORE run with its one-at-a-time comparison
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
-        self.compile_backend, self.compile_evaluation = backend, evaluation
+        options = tuple(sorted((inductor_options or {}).items()))
+        try:
+            hash(options)
+        except TypeError:
+            raise ValueError(f"inductor_options values must be hashable (bools, numbers, strings): {options}") from None
+        self.compile_backend, self.compile_evaluation, self.inductor_options = compile_backend, evaluation, options
         return self
 
     def value_embed_index(self, layer: int) -> int | None:
@@ -1288,55 +1476,75 @@ class GPT(nn.Module):
         windows[-1] = None
         return windows
 
-    def forward(self, input_ids: Tensor, cu_seqlens: Tensor, max_seqlen: int, target_ids: Tensor | None = None,
-                *, windows: list[Any] | None = None, backend: str = "sdpa",
-                loss_reduction: str = "mean", positions: Tensor | None = None,
-                logit_positions: Tensor | None = None) -> Tensor:
-        """input_ids (T,) packed documents with boundaries cu_seqlens (B+1,) int32.
+    def forward(self, input_ids: Tensor, cu_seqlens: Tensor | None = None, max_seqlen: int = 0,
+                target_ids: Tensor | None = None, *, windows: list[Any] | None = None, backend: str = "sdpa",
+                loss_reduction: str = "mean", positions: Tensor | None = None, logit_rows: Tensor | None = None,
+                kv_cache: KVCache | None = None) -> Tensor:
+        """The one forward pass of training, evaluation, prefill and decoding.
 
-        Returns fp32 logits (T, vocab) without targets; with targets, the cross-entropy over targets != -1
-        reduced by `loss_reduction` ("mean", "sum", or "none" for per-token losses, 0 at ignored tokens).
-        `windows` defaults to layer_windows(): an int or None per layer, or a mask of the caller's own, a
+        input_ids (T,) packed documents with boundaries cu_seqlens (B+1,) int32, the longest max_seqlen tokens
+        (default: one document). Returns fp32 logits (T, vocab) without targets; with targets, the cross-entropy over
+        targets != -1 reduced by `loss_reduction` ("mean", "sum", or "none" for per-token losses, 0 at ignored
+        tokens). `windows` defaults to layer_windows(): an int or None per layer, or a mask of the caller's own, a
         prebuilt BlockMask on flex or a mask_mod on sdpa. With `positions` (T,), the rotary positions (default:
         each token's position in its document), such masks lay tokens out other than as plain documents (CORE's
-        shared prefixes, shared_prefix_mask_mod). `logit_positions` (N,) keeps only those rows of the last layer's
-        output for the head: logits (N, vocab), or N targets, so that no compute goes to rows nobody reads (the last
-        layer's projections and MLP included: CORE reads one row in thousands in some tasks).
+        shared prefixes, shared_prefix_mask_mod). `logit_rows` (N,) are the rows the head reads: only those rows of
+        the last layer's output go on, giving logits (N, vocab) or N targets, so that no compute goes to rows nobody
+        reads (the last layer's projections and MLP included: CORE reads one row in thousands in some tasks).
+
+        With `kv_cache`, input_ids is (B, L): L new tokens for each of the cache's B rows, continuing what the rows
+        hold (KVCache: positions and boundaries come from it, targets are not taken, windows are ints or None). The
+        logits are (B, L, vocab), or (N, vocab) for `logit_rows` of the flattened B * L tokens; the cache advances by
+        L. Its empty rows are a prefill, through `backend` like training; else the new tokens attend to the cache.
         """
         config = self.config
+        shape = input_ids.shape
+        if kv_cache is not None:
+            if target_ids is not None or positions is not None:
+                raise ValueError("a pass through a KV cache takes no target_ids or positions: the cache places tokens")
+            input_ids, cu_seqlens, max_seqlen, positions = kv_cache.packing(input_ids)
+        elif cu_seqlens is None:
+            cu_seqlens = torch.tensor([0, input_ids.size(0)], dtype=torch.int32, device=input_ids.device)
+            max_seqlen = input_ids.size(0)
         if max_seqlen > config.max_seq_len:
             raise ValueError(f"max_seqlen {max_seqlen} exceeds config.max_seq_len {config.max_seq_len}")
         windows = self.layer_windows() if windows is None else windows
         if len(windows) != config.depth:
             raise ValueError(f"need one window per layer ({config.depth}), got {len(windows)}")
-        positions = positions_in_documents(cu_seqlens, input_ids.size(0)) if positions is None else positions
-        cos, sin = self.rotary_cos[positions], self.rotary_sin[positions]
-        x0 = norm(self.wte(input_ids).to(self.compute_dtype))
-        value_embeds = [table(input_ids).to(self.compute_dtype) for table in self.value_embeds]
-        if backend == "flex":  # block masks: one per window, built here, outside any compiled region
+        reads_cache = kv_cache is not None and not kv_cache.empty
+        if backend == "flex" and not reads_cache:  # block masks: one per window, built outside any compiled region
             masks = {window: window if isinstance(window, BlockMask)
                      else flex_block_mask(cu_seqlens, input_ids.size(0), window) for window in set(windows)}
             windows = [masks[window] for window in windows]
-        compile_backend = self.compile_backend if torch.is_grad_enabled() or self.compile_evaluation else None
-        layer_args = (x0, value_embeds, cos, sin, cu_seqlens, max_seqlen, windows, backend, logit_positions)
+        positions = positions_in_documents(cu_seqlens, input_ids.size(0)) if positions is None else positions
+        batch = AttentionBatch(cu_seqlens, max_seqlen, self.rotary_cos[positions], self.rotary_sin[positions], backend,
+                               kv_cache, positions if kv_cache is not None else None, reads_cache)
+        x0 = norm(self.wte(input_ids).to(self.compute_dtype))
+        value_embeds = [table(input_ids).to(self.compute_dtype) for table in self.value_embeds]
+        layer_args = (x0, value_embeds, windows, batch, logit_rows)
+        compiled = torch.is_grad_enabled() or self.compile_evaluation
+        compile_backend = self.compile_backend if compiled and kv_cache is None else None
         # sdpa loops over the documents on the host, which torch.compile cannot trace: its layers run eagerly
         if not compile_backend or backend == "sdpa":
             x = self.run_layers(*layer_args)
         elif torch.is_grad_enabled():
             x = self.run_layers(*layer_args, *_compiled_layer_functions(compile_backend))
         else:
-            x = _compiled_layer_stack(compile_backend)(self, *layer_args)
-        if target_ids is None:
-            return soft_cap(self.lm_head(norm(x)), config.softcap)
-        return softcapped_cross_entropy(norm(x), self.lm_head.weight, target_ids, config.softcap, loss_reduction,
-                                        compile_backend=compile_backend)
+            x = _compiled_layer_stack(compile_backend, self.inductor_options)(self, *layer_args)
+        if kv_cache is not None:
+            kv_cache.advance(max_seqlen)
+        if target_ids is not None:
+            return softcapped_cross_entropy(norm(x), self.lm_head.weight, target_ids, config.softcap, loss_reduction,
+                                            compile_backend=compile_backend)
+        logits = soft_cap(self.lm_head(norm(x)), config.softcap)
+        return logits.view(*shape, -1) if kv_cache is not None and logit_rows is None else logits
 
-    def run_layers(self, x0: Tensor, value_embeds: list[Tensor], cos: Tensor, sin: Tensor, cu_seqlens: Tensor,
-                   max_seqlen: int, windows: list[Any], backend: str, logit_positions: Tensor | None,
-                   mix: typing.Callable = residual_mix, run_block: typing.Callable = _run_block) -> Tensor:
+    def run_layers(self, x0: Tensor, value_embeds: list[Tensor], windows: list[Any], batch: AttentionBatch,
+                   logit_rows: Tensor | None = None, mix: typing.Callable = residual_mix,
+                   run_block: typing.Callable = _run_block) -> Tensor:
         """The blocks, with the residual mixing and U-net skips, from the embeddings x0 to the last hidden state
-        (only the rows `logit_positions` of it, when given). `mix` and `run_block` are the compiled ones in
-        training (compile_layers)."""
+        (only the rows `logit_rows` of it, when given). `mix` and `run_block` are the compiled ones in training
+        (compile_layers)."""
         n_skip = self.config.depth // 2
         x, skips = x0, []
         for i, block in enumerate(self.blocks):
@@ -1345,8 +1553,8 @@ class GPT(nn.Module):
             x = mix(x, x0, self.resid_lambdas[i], self.x0_lambdas[i], *skip)
             table = self.value_embed_index(i)
             value_embed = None if table is None else value_embeds[table]
-            keep = logit_positions if i == self.config.depth - 1 else None
-            x = run_block(block, x, value_embed, cos, sin, cu_seqlens, max_seqlen, windows[i], backend, keep)
+            last = i == self.config.depth - 1
+            x = run_block(block, x, value_embed, windows[i], batch, logit_rows if last else None)
             if i < n_skip:
                 skips.append(x)
         return x
@@ -1560,7 +1768,7 @@ class Muon(torch.optim.Optimizer):
                 if p.grad is not None:
                     grads[i] = p.grad
             own_grads = _reduce_scatter_mean(grads, world_size, rank)
-            own_params = params[rank * per_rank:(rank + 1) * per_rank]
+            own_params = self._share(params, world_size, rank)
             update = torch.zeros_like(own_grads)
             if own_params:
                 update[:len(own_params)] = self._orthogonal_update(group, own_params, own_grads[:len(own_params)])
@@ -1568,6 +1776,23 @@ class Muon(torch.optim.Optimizer):
             rows, cols = params[0].shape
             torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
             torch._foreach_add_(params, updates, alpha=-group["lr"] * max(1.0, rows / cols) ** 0.5)
+
+    @staticmethod
+    def _share(params: list[Tensor], world_size: int, rank: int) -> list[Tensor]:
+        """The matrices of a shape group that `rank` orthogonalises (and keeps momentum for)."""
+        per_rank = -(-len(params) // world_size)
+        return params[rank * per_rank:(rank + 1) * per_rank]
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load, then keep momentum only for this rank's share: a checkpoint saved by another number of ranks
+        arrives as every rank's share together (see resume_training)."""
+        super().load_state_dict(state_dict)
+        world_size, rank = _world()
+        for group in self.param_groups:
+            own = {id(p) for p in self._share(group["params"], world_size, rank)}
+            for p in group["params"]:
+                if id(p) not in own:
+                    self.state.pop(p, None)
 
     def _orthogonal_update(self, group: dict, params: list[Tensor], grads: Tensor) -> Tensor:
         buffers = []
@@ -1628,6 +1853,30 @@ def step_optimizers(optimizers: list[torch.optim.Optimizer]) -> None:
     for optimizer in optimizers:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+
+class LossScaler:
+    """Loss scaling for fp16 training (GPUs without bf16, such as the T4). torch.amp.GradScaler multiplies the loss
+    so that small gradients do not flush to zero in fp16, divides the gradients back before the optimizer step,
+    skips the step of an optimizer whose gradients overflowed and adapts the scale as it goes. For bf16 and fp32
+    it is a plain step_optimizers. One process only: under torchrun each rank would skip steps on its own."""
+
+    def __init__(self, compute_dtype: torch.dtype, device: str):
+        enabled = compute_dtype == torch.float16
+        if enabled and _world()[0] > 1:
+            raise ConfigError("fp16 loss scaling runs in one process only: under torchrun set STACK_DTYPE=float32")
+        self.scaler = torch.amp.GradScaler(torch.device(device).type, enabled=enabled)
+
+    def scale(self, loss: Tensor) -> Tensor:
+        return self.scaler.scale(loss)
+
+    def step(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        if not self.scaler.is_enabled():
+            return step_optimizers(optimizers)
+        for optimizer in optimizers:
+            self.scaler.step(optimizer)
+            optimizer.zero_grad(set_to_none=True)
+        self.scaler.update()
 
 
 def apply_schedule(optimizers: list[torch.optim.Optimizer], lr_mult: float, momentum: float | None = None) -> None:
@@ -1692,41 +1941,9 @@ def document_boundaries(inputs: np.ndarray, bos_id: int, max_doc_len: int) -> np
     return np.asarray([*bounds, len(inputs)], dtype=np.int32)
 
 
-def host_to_device(array: np.ndarray, device: str | torch.device) -> Tensor:
-    """`array` as a tensor on `device`. A copy to a GPU goes through pinned memory, so that it is asynchronous and
-    the host can queue more work meanwhile (a copy from pageable memory may wait for the GPU)."""
-    tensor = torch.from_numpy(array)
-    if torch.device(device).type == "cuda":
-        tensor = tensor.pin_memory()
-    return tensor.to(device, non_blocking=True)
-
-
-def budget_chunks(items: Iterable[ItemT], cost: typing.Callable[[ItemT], int], max_tokens: int
-                  ) -> Iterator[list[ItemT]]:
-    """Items grouped in order so that each group's costs sum to at most max_tokens (a costlier item goes alone),
-    lazily: a group is ready as soon as the item after it is known, so its forward pass can run while the host
-    prepares the next one (CORE scoring)."""
-    chunk: list[ItemT] = []
-    total = 0
-    for item in items:
-        item_cost = cost(item)
-        if chunk and total + item_cost > max_tokens:
-            yield chunk
-            chunk, total = [], 0
-        chunk.append(item)
-        total += item_cost
-    if chunk:
-        yield chunk
-
-
-def token_budget_chunks(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """Indices grouped by budget_chunks: how letter scoring and RL passes pack variable-length sequences into
-    varlen forward passes."""
-    return [[i for i, _ in chunk] for chunk in budget_chunks(enumerate(lengths), operator.itemgetter(1), max_tokens)]
-
-
 class PretrainLoader:
     """Endless BOS-aligned batches from token shards, `tokens` per rank per call, wrapping around at the end."""
+    position_shared = True  # every rank holds the same position: a checkpoint resumes under any number of ranks
 
     def __init__(self, shard_dir: Path, split: str, tokens: int, bos_id: int, vocab_size: int, max_doc_len: int,
                  rank: int = 0, world_size: int = 1, device: str = "cpu"):
@@ -1784,6 +2001,45 @@ class PretrainLoader:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.position = dict(state)
         self._load_shard()
+
+
+# ---------------------------------------------------------------------------------------------
+# 9b. Batching (used by the loaders, CORE, chat evaluations and RL)
+# ---------------------------------------------------------------------------------------------
+# Every packed forward pass gets its tokens the same way: grouped under a token budget on the host, then copied to
+# the device without waiting for it.
+
+def host_to_device(array: np.ndarray, device: str | torch.device) -> Tensor:
+    """`array` as a tensor on `device`. A copy to a GPU goes through pinned memory, so that it is asynchronous and
+    the host can queue more work meanwhile (a copy from pageable memory may wait for the GPU)."""
+    tensor = torch.from_numpy(array)
+    if torch.device(device).type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
+def budget_chunks(items: Iterable[ItemT], cost: typing.Callable[[ItemT], int], max_tokens: int
+                  ) -> Iterator[list[ItemT]]:
+    """Items grouped in order so that each group's costs sum to at most max_tokens (a costlier item goes alone),
+    lazily: a group is ready as soon as the item after it is known, so its forward pass can run while the host
+    prepares the next one (CORE scoring)."""
+    chunk: list[ItemT] = []
+    total = 0
+    for item in items:
+        item_cost = cost(item)
+        if chunk and total + item_cost > max_tokens:
+            yield chunk
+            chunk, total = [], 0
+        chunk.append(item)
+        total += item_cost
+    if chunk:
+        yield chunk
+
+
+def token_budget_chunks(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Indices grouped by budget_chunks: how letter scoring and RL passes pack variable-length sequences into
+    varlen forward passes."""
+    return [[i for i, _ in chunk] for chunk in budget_chunks(enumerate(lengths), operator.itemgetter(1), max_tokens)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1851,10 +2107,45 @@ def init_distributed() -> DistInfo:
     return DistInfo(rank, world_size, local_rank, device)
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used here: damaged, not ours, of another model or vocabulary, or of a run that
+    cannot resume as asked. The message names the file and the notebook that writes it."""
+
+
+class DamagedCheckpointError(CheckpointError):
+    """A file that does not load (truncated, corrupted, foreign, or holding Python objects): resuming falls back to
+    the previous checkpoint."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss (or weights): it stops before anything is saved."""
+
+
+CHECKPOINT_MAKERS = {"pretrain": "03_pretrain", "sft": "05_sft", "rl": "06_rl"}  # default run name: its notebook
+
+
+def checkpoint_maker(path: Path) -> str:
+    """The notebook that writes checkpoints in `path`'s folder, known from the default run names."""
+    return CHECKPOINT_MAKERS.get(Path(path).parent.name, "03_pretrain, 05_sft or 06_rl")
+
+
+def check_finite_loss(loss: float, step: int, what: str = "training loss") -> None:
+    """Stop training on a NaN or infinite loss, before the next checkpoint could save what caused it."""
+    if not math.isfinite(loss):
+        raise NonFiniteLossError(f"the {what} is {loss} at step {step}: training stopped and nothing was saved (the "
+                                 f"newest checkpoint holds the last good weights); lower --lr_scale or check the data")
+
+
 def save_checkpoint(directory: Path, step: int, model: nn.Module, optimizers: list[torch.optim.Optimizer],
-                    loader: PretrainLoader, config: Any, dist_info: DistInfo, extra: dict | None = None) -> Path:
-    """`step_NNNNNN.pt` (model, config, step; rank 0) and `step_NNNNNN.rankR.pt` (optimizer and loader state of
-    each rank: distributed Muon keeps each rank's momentum share apart). Written atomically."""
+                    loader: Any, config: Any, dist_info: DistInfo, extra: dict | None = None) -> Path:
+    """`step_NNNNNN.pt` (model, configs, step and world size; rank 0) and `step_NNNNNN.rankR.pt` (optimizer and
+    loader state of each rank: distributed Muon keeps each rank's momentum share apart). Written atomically, as
+    tensors, numbers, strings and plain containers only, so that they load with torch.load(weights_only=True).
+    Weights that are not finite are never written."""
+    broken = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if broken:
+        raise NonFiniteLossError(f"step {step}: {len(broken)} weight tensor(s) hold NaN or infinite values "
+                                 f"({', '.join(broken[:3])}): not saved; lower --lr_scale or check the data")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"step_{step:06d}.pt"
@@ -1862,7 +2153,8 @@ def save_checkpoint(directory: Path, step: int, model: nn.Module, optimizers: li
     atomic_save({"optimizers": [o.state_dict() for o in optimizers], "loader": loader.state_dict()}, rank_path)
     if dist_info.master:
         atomic_save({"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
-                     "config": dataclasses.asdict(config), "step": step, **(extra or {})}, path)
+                     "config": dataclasses.asdict(config), "step": step, "world_size": dist_info.world_size,
+                     **(extra or {})}, path)
     if dist.is_initialized():
         dist.barrier()
     return path
@@ -1874,37 +2166,136 @@ def atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def checkpoint_paths(directory: Path) -> list[Path]:
+    """The rank-0 checkpoints of a run folder, oldest first."""
+    return sorted(Path(directory).glob("step_??????.pt"))
+
+
 def latest_checkpoint(directory: Path) -> Path | None:
-    paths = sorted(Path(directory).glob("step_??????.pt"))
+    paths = checkpoint_paths(directory)
     return paths[-1] if paths else None
 
 
-def load_checkpoint(path: Path, device: str = "cpu") -> dict[str, Any]:
+def read_checkpoint_file(path: Path, device: str = "cpu", made_by: str | None = None,
+                         keys: Sequence[str] = ("model", "model_config", "step")) -> dict[str, Any]:
+    """torch.load with weights_only=True (a checkpoint holding other Python objects is refused unread: unpickling
+    them could run code), with errors that name the file and the notebook that writes it."""
+    path, made_by = Path(path), made_by or checkpoint_maker(path)
+    require_artifact(path, made_by)
+    try:
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols before refusing them
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as error:  # zip, pickle and storage errors all mean one thing here: unusable
+        reason = ("it holds Python objects other than tensors, numbers and strings, refused because loading them "
+                  "could run code" if "weights_only" in str(error).lower() or "Unsupported global" in str(error)
+                  else f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'unreadable'}")
+        raise DamagedCheckpointError(f"{path} is damaged or not a DecoderStack checkpoint ({reason}); it is written "
+                                     f"by notebooks/{made_by}: run it again") from None
+    missing = [key for key in keys if key not in state] if isinstance(state, dict) else list(keys)
+    if missing:
+        raise DamagedCheckpointError(f"{path} is not a DecoderStack checkpoint (no {', '.join(missing)}); they are "
+                                     f"written by notebooks/{made_by}")
+    return state
+
+
+def load_checkpoint(path: Path, device: str = "cpu", made_by: str | None = None) -> dict[str, Any]:
     """The rank-0 checkpoint (model weights, configs, step)."""
-    return torch.load(require_artifact(Path(path), made_by="03_pretrain"), map_location=device, weights_only=False)
+    return read_checkpoint_file(path, device, made_by)
 
 
-def resume_training(path: Path, model: GPT, optimizers: list[torch.optim.Optimizer], loader: Any,
-                    dist_info: DistInfo) -> int:
-    """Continue a run from checkpoint `path`: the model's weights, then this rank's optimizer and loader (or
-    sampler) state from its side file. Returns the checkpoint's step. A checkpoint of another model shape stops
-    with a message instead of a confusing state-dict error."""
-    checkpoint = load_checkpoint(path, dist_info.device)
-    if checkpoint["model_config"] != dataclasses.asdict(model.config):
-        raise ValueError(f"{path} holds a different model ({checkpoint['model_config']}); "
-                         f"use --run_name=<new name> or --resume=false")
-    model.load_state_dict(checkpoint["model"])
-    rank_path = Path(path).with_name(f"{Path(path).stem}.rank{dist_info.rank}.pt")
-    state = torch.load(require_artifact(rank_path, made_by="03_pretrain"), map_location=dist_info.device,
-                       weights_only=False)
-    for optimizer, optimizer_state in zip(optimizers, state["optimizers"]):
-        optimizer.load_state_dict(optimizer_state)
-    loader.load_state_dict(state["loader"])
-    return checkpoint["step"]
+def check_vocabulary(path: Path, checkpoint: dict[str, Any], vocab_size: int) -> None:
+    """A model must use the tokenizer it was trained with: other ids would index past its embedding or mean other
+    text."""
+    model_vocab = checkpoint["model_config"]["vocab_size"]
+    if model_vocab != vocab_size:
+        raise CheckpointError(f"{path} holds a model with a vocabulary of {model_vocab} tokens, but the tokenizer "
+                              f"in {artifact_dir('tokenizer', create=False)} has {vocab_size}: it was trained with "
+                              f"another tokenizer; use that tokenizer's STACK_HOME or train the model again")
 
 
-def model_from_checkpoint(path: Path, device: str) -> tuple[GPT, dict[str, Any]]:
-    checkpoint = load_checkpoint(path, device)
+def _rank_states(path: Path, checkpoint: dict[str, Any], loader: Any, dist_info: DistInfo, made_by: str
+                 ) -> dict[str, Any]:
+    """This rank's optimizer and loader state. Saved by another number of ranks, it is rebuilt from every rank's
+    file when the loader's position is the same on every rank (`position_shared`): per-parameter optimizer state is
+    the union of the files (AdamW's is the same on every rank, Muon's momentum sits with the rank that owned the
+    matrix; Muon.load_state_dict keeps this rank's share)."""
+    saved = checkpoint.get("world_size") or len(list(path.parent.glob(f"{path.stem}.rank*.pt")))
+    if saved == dist_info.world_size:
+        return read_checkpoint_file(path.with_name(f"{path.stem}.rank{dist_info.rank}.pt"), dist_info.device,
+                                    made_by, keys=("optimizers", "loader"))
+    if not getattr(loader, "position_shared", False):
+        raise CheckpointError(f"{path} was saved by {saved} process(es) and this run has {dist_info.world_size}: "
+                              f"{type(loader).__name__} keeps a separate position on each rank, which cannot be "
+                              f"split again; resume with {saved} process(es), or start a new run with "
+                              f"--run_name=<new name>")
+    states = [read_checkpoint_file(path.with_name(f"{path.stem}.rank{rank}.pt"), dist_info.device, made_by,
+                                   keys=("optimizers", "loader")) for rank in range(saved)]
+    optimizers = [{"param_groups": parts[0]["param_groups"],
+                   "state": {key: value for part in parts for key, value in part["state"].items()}}
+                  for parts in zip(*(state["optimizers"] for state in states))]
+    return {"optimizers": optimizers, "loader": states[0]["loader"]}
+
+
+def _all_ranks_agree(ok: bool) -> bool:
+    """True when `ok` holds on every rank, so that all ranks fall back to the same checkpoint."""
+    if not dist.is_initialized():
+        return ok
+    flag = torch.tensor(int(ok), device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def resume_training(directory: Path, model: GPT, optimizers: list[torch.optim.Optimizer], loader: Any,
+                    dist_info: DistInfo, made_by: str, log: typing.Callable[[str], None] = print
+                    ) -> tuple[int, Path | None]:
+    """Continue a run from the newest usable checkpoint in `directory`: the model's weights, then the optimizer
+    and loader (or sampler) state. A damaged newest checkpoint is reported and the previous one taken. Returns
+    (step, checkpoint), or (0, None) when the folder has none. A checkpoint of another model shape stops with a
+    message instead of a confusing state-dict error."""
+    paths, damages = checkpoint_paths(directory), []
+    for path in reversed(paths):
+        try:
+            checkpoint = read_checkpoint_file(path, dist_info.device, made_by)
+            if checkpoint["model_config"] != dataclasses.asdict(model.config):
+                raise CheckpointError(f"{path} holds a different model ({checkpoint['model_config']}); "
+                                      f"use --run_name=<new name> or --resume=false")
+            rank_state, damage = _rank_states(path, checkpoint, loader, dist_info, made_by), None
+        except DamagedCheckpointError as error:
+            damage = error
+        if _all_ranks_agree(damage is None):
+            model.load_state_dict(checkpoint["model"])
+            for optimizer, optimizer_state in zip(optimizers, rank_state["optimizers"]):
+                optimizer.load_state_dict(optimizer_state)
+            loader.load_state_dict(rank_state["loader"])
+            return checkpoint["step"], path
+        damages.append(str(damage or f"another rank could not read its part of {path}"))
+        log(f"WARNING: {damages[-1]}; trying the checkpoint before it")
+    if paths:
+        raise CheckpointError(f"no usable checkpoint in {directory}: all {len(paths)} are damaged (the newest: "
+                              f"{damages[0]}); delete them, or start a new run with --run_name=<new name> or "
+                              f"--resume=false")
+    return 0, None
+
+
+def run_is_complete(start_step: int, steps: int, run_name: str, checkpoint: Path | None,
+                    log: typing.Callable[[str], None] = print) -> bool:
+    """True (and says so) when a resumed run has already reached `steps`: it then trains nothing and leaves its
+    summary as it is. A larger --steps continues it."""
+    if checkpoint is None or start_step < steps:
+        return False
+    log(f"run {run_name!r} is already complete: {checkpoint} is at step {start_step} and --steps={steps}, so "
+        f"nothing is trained and its summary is left as it is. To train it further pass --steps=<more than "
+        f"{start_step}>; to start another run pass --run_name=<new name> (or --resume=false to start this one over)")
+    return True
+
+
+def model_from_checkpoint(path: Path, device: str, vocab_size: int | None = None, made_by: str | None = None
+                          ) -> tuple[GPT, dict[str, Any]]:
+    """The model of a checkpoint; with `vocab_size`, refused unless it matches the tokenizer's."""
+    checkpoint = load_checkpoint(path, device, made_by)
+    if vocab_size is not None:
+        check_vocabulary(path, checkpoint, vocab_size)
     model = GPT(GPTConfig(**checkpoint["model_config"])).to(device)
     model.load_state_dict(checkpoint["model"])
     return model, checkpoint
@@ -1945,11 +2336,104 @@ def format_duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+# The report card, as nanochat's report.md: STACK_HOME/report.md gathers what each notebook left in its run folder
+# (summary.json and the figures beside it), so a learner can keep and share what their run achieved. A notebook not
+# run yet gets a line that says so. The run folders are the notebooks' default run names.
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
+    """Lines of a Markdown table; floats print with 4 significant digits."""
+    def cell(value: Any) -> str:
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    return ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header),
+            *("| " + " | ".join(cell(v) for v in row) + " |" for row in rows)]
+
+
+def _report_tokenizer(summary: dict[str, Any]) -> list[str]:
+    return [f"Vocabulary of {summary['vocab_size']:,} tokens trained on {summary['train_chars']:,} characters.", "",
+            *markdown_table(("encoding", "bytes per token on held-out text"), summary["bytes_per_token"].items())]
+
+
+def _report_shards(summary: dict[str, Any]) -> list[str]:
+    rows = [(split, summary[split]["shards"], summary[split]["tokens"], summary[split]["documents"])
+            for split in ("train", "val")]
+    return markdown_table(("split", "shards", "tokens", "documents"), rows)
+
+
+def _report_pretraining(summary: dict[str, Any]) -> list[str]:
+    keys = ("parameters", "steps", "tokens", "final_val_bpb", "tokens_per_second", "mfu", "peak_memory_GB")
+    return markdown_table(("", "value"), ((key, summary.get(key)) for key in keys))
+
+
+def _report_core(summary: dict[str, Any]) -> list[str]:
+    rows = ((label, task["examples"], task["accuracy"], task["baseline"], task["centered"])
+            for label, task in summary["tasks"].items())
+    return [f"CORE **{summary['core']:.4f}** at step {summary['step']}; validation bits per byte "
+            f"{summary['val_bpb']:.4f}.", "",
+            *markdown_table(("task", "examples", "accuracy", "baseline", "centred"), rows)]
+
+
+def _report_sft(summary: dict[str, Any]) -> list[str]:
+    stages = summary["chat"]
+    tasks = dict.fromkeys(name for stage in stages.values() for name in stage["tasks"])
+    rows = [(name, *(stage["tasks"].get(name, {}).get("accuracy", "-") for stage in stages.values())) for name in tasks]
+    rows.append(("ChatCORE", *(stage["chatcore"] for stage in stages.values())))
+    return [f"{summary['steps']} steps, final validation loss {summary['final_val_loss']:.4f}. Chat evals "
+            f"(accuracy per task, before and after):", "", *markdown_table(("task", *stages), rows)]
+
+
+def _report_rl(summary: dict[str, Any]) -> list[str]:
+    start, final = summary["pass_at_k_start"], summary["pass_at_k_final"]
+    return [f"{summary['steps']} steps of {summary['prompts_per_step']} GSM8K questions x "
+            f"{summary['samples_per_prompt']} answers.", "",
+            *markdown_table(("GSM8K (test)", "before RL", "after RL"), ((k, start[k], final.get(k)) for k in start))]
+
+
+REPORT_RUNS = (("01 · Tokenizer", "01_tokenizer", _report_tokenizer), ("02 · Shards", "02_sharding", _report_shards),
+               ("03 · Pretraining", "pretrain", _report_pretraining), ("04 · CORE", "04_core_eval", _report_core),
+               ("05 · Supervised fine-tuning", "sft", _report_sft), ("06 · Reinforcement learning", "rl", _report_rl))
+REPORT_SECONDS = ("train_seconds", "seconds", "rollout_seconds", "update_seconds")  # the timings a summary may hold
+
+
+def write_report(home: Path) -> Path:
+    """Write `home/report.md`: per notebook its summary's key figures and its plots (or "not run"), then the
+    timings, the hardware each notebook ran on, and the commit. Returns the path."""
+    home = Path(home)
+    lines = ["# DecoderStack report card", "",
+             f"Written {time.strftime('%Y-%m-%d %H:%M')} at commit {project_commit(run_command)}.", ""]
+    timings, devices = [], {}
+    for title, folder, section in REPORT_RUNS:
+        run_dir = home / "runs" / folder
+        lines += [f"## {title}", ""]
+        try:
+            summary = json.loads((run_dir / "summary.json").read_text())
+            lines += section(summary)
+        except FileNotFoundError:
+            lines += [f"Not run (no `runs/{folder}/summary.json`).", ""]
+            continue
+        except (ValueError, KeyError, TypeError) as error:
+            lines += [f"`runs/{folder}/summary.json` is unreadable ({type(error).__name__}: {error}).", ""]
+            continue
+        lines += ["", *(f"![{folder} {png.stem}](runs/{folder}/{png.name})" for png in sorted(run_dir.glob("*.png"))),
+                  ""]
+        timings += [(title, key, summary[key]) for key in REPORT_SECONDS if summary.get(key) is not None]
+        if "device" in summary:
+            devices[title] = (f"{summary['device']} x {summary.get('ranks', 1)}, preset {summary['preset']}, "
+                              f"attention {summary['attention']}")
+    lines += ["## Timings", "", *markdown_table(("notebook", "what", "seconds"), timings), "",
+              "## Hardware", "", *markdown_table(("notebook", "device x ranks, preset, attention"), devices.items())]
+    home.mkdir(parents=True, exist_ok=True)
+    path = home / "report.md"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
 # ---------------------------------------------------------------------------------------------
-# 12. CORE evaluation (used by 02_sharding, 04_core_eval)
+# 12. CORE evaluation (used by 04_core_eval)
 # ---------------------------------------------------------------------------------------------
-# The 22 tasks of the DCLM paper, scored as nanochat does (data/core.py reads and renders them). 02_sharding
-# tokenizes every rendered example once into shards/core/<task>.bin, a token shard holding one full sequence
+# The 22 tasks of the DCLM paper, scored as nanochat does (data/core.py reads, renders and tokenizes them). 02_sharding
+# writes every rendered example once into shards/core/<task>.bin, a token shard holding one full sequence
 # (BOS, context, continuation) per (example, choice), and <task>.records.bin, one int32 row per sequence with
 # the columns of CORE_RECORD_FIELDS: token offsets of the sequence start, the continuation start and the end,
 # then the example index (in the task file), the choice index and 1 on the gold choice. tasks.json lists the
@@ -1961,15 +2445,6 @@ def format_duration(seconds: float) -> str:
 
 CORE_RECORD_FIELDS = ("seq_start", "cont_start", "seq_end", "example", "choice", "gold")
 CORE_MANIFEST = "tasks.json"
-
-
-@dataclass
-class CoreExample:
-    """One rendered example: choice i is the text contexts[i] + continuations[i]; only the continuation is scored."""
-    kind: str  # multiple_choice | schema | language_modeling
-    contexts: list[str]
-    continuations: list[str]
-    gold: int
 
 
 @dataclass
@@ -2002,63 +2477,6 @@ def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
     heads = np.stack([np.asarray(seq[:shortest]) for seq in seqs])
     differs = (heads != heads[0]).any(axis=0)
     return int(differs.argmax()) if differs.any() else shortest
-
-
-def continuation_starts(example: CoreExample, seqs: list[list[int]], context_lengths: list[int]) -> list[int]:
-    """Where each choice's continuation begins, as nanochat finds it in token space: after the tokens all choices
-    share (multiple choice), before the tokens all options share (schema), after the context alone (language
-    modelling). Always at least one scored token, never the BOS."""
-    if example.kind == "multiple_choice":
-        starts = [common_prefix_length(seqs)] * len(seqs)
-    elif example.kind == "schema":
-        shared = common_prefix_length([s[::-1] for s in seqs])
-        starts = [len(s) - shared for s in seqs]
-    else:
-        starts = context_lengths
-    return [min(max(start, 1), len(s) - 1) for start, s in zip(starts, seqs)]
-
-
-def tokenize_core_examples(tokenizer: Tokenizer, examples: Sequence[CoreExample]) -> list[list[tuple[list[int], int]]]:
-    """Per example, per choice: (BOS + full text tokens, continuation start). Language-modelling texts are
-    stripped of surrounding whitespace, so the context's trailing space joins the continuation's first token."""
-    def full_texts(ex: CoreExample) -> list[str]:
-        texts = [c + x for c, x in zip(ex.contexts, ex.continuations)]
-        return [texts[0].strip()] if ex.kind == "language_modeling" else texts
-
-    fulls = tokenizer.encode_batch([t for ex in examples for t in full_texts(ex)], prepend_bos=True)
-    lm_contexts = [ex.contexts[0].strip() for ex in examples if ex.kind == "language_modeling"]
-    context_lengths = iter(len(ids) for ids in tokenizer.encode_batch(lm_contexts, prepend_bos=True))
-    result, position = [], 0
-    for ex in examples:
-        seqs = fulls[position:position + len(ex.contexts)]
-        position += len(seqs)
-        lengths = [next(context_lengths)] if ex.kind == "language_modeling" else []
-        result.append(list(zip(seqs, continuation_starts(ex, seqs, lengths))))
-    return result
-
-
-def write_core_shard(directory: Path, label: str, examples: Sequence[tuple[int, CoreExample]],
-                     tokenizer: Tokenizer) -> Path:
-    """Tokenize (example index, rendered example) pairs into `label`.bin and its records side file."""
-    tokenized = tokenize_core_examples(tokenizer, [ex for _, ex in examples])
-    sequences, records, offset = [], [], 0
-    for (index, ex), choices in zip(examples, tokenized):
-        for choice, (seq, start) in enumerate(choices):
-            records.append((offset, offset + start, offset + len(seq), index, choice, int(choice == ex.gold)))
-            sequences.append(np.asarray(seq, dtype=np.uint32))
-            offset += len(seq)
-    path = Path(directory) / f"{label}.bin"
-    write_shard(path, np.concatenate(sequences), "tokens", tokenizer.vocab_size)
-    table = np.asarray(records, dtype=np.int32).reshape(-1, len(CORE_RECORD_FIELDS))
-    write_shard(side_file(path, "records"), table, "records")
-    return path
-
-
-def write_core_manifest(directory: Path, tasks: list[dict[str, Any]]) -> Path:
-    """tasks.json: one {label, kind, baseline, examples} per task written, in CORE order."""
-    path = Path(directory) / CORE_MANIFEST
-    path.write_text(json.dumps(tasks, indent=1))
-    return path
 
 
 def read_core_shards(directory: Path, vocab_size: int | None = None) -> list[CoreShard]:
@@ -2184,7 +2602,7 @@ def _score_pack(model: GPT, pack: CorePack, backend: str, tree_backend: str, dev
         backend = tree_backend
         windows = _shared_prefix_windows(model, documents, branches, positions, backend)
     logits = model(inputs, cu_seqlens, int(pack.positions.max()) + 1, backend=backend, windows=windows,
-                   positions=positions, logit_positions=scored)
+                   positions=positions, logit_rows=scored)
     losses = F.cross_entropy(logits, targets, reduction="none")
     misses = (logits.argmax(-1) != targets).float()
     sums = torch.zeros(pack.choices, 3, device=device)
@@ -2502,116 +2920,9 @@ def calculate(expression: str, timeout_s: float = 0.5) -> str:
 
 
 # The inference engine. Every row of a batch advances in lockstep, one token per step: a row either samples its
-# next token or takes one the engine forces (the calculator's output). Rows may continue different prompts. The KV cache keeps every layer's keys and
-# values of the positions so far, so a step runs the model on one new token per row. forward_cached repeats
-# GPT.forward's computation (value embeddings, U-net skips, x0 mixing, soft cap) on top of the cache; the tests
-# check that it gives the same logits as GPT.forward.
-
-class KVCache:
-    """Preallocated keys and values of every layer: two (depth, batch, heads, capacity, head_dim) tensors."""
-
-    def __init__(self, config: GPTConfig, batch_size: int, capacity: int, device: torch.device | str,
-                 dtype: torch.dtype):
-        shape = (config.depth, batch_size, config.n_heads, capacity, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0  # positions filled, the same for every row (steps at tensor positions leave it alone)
-
-    @property
-    def capacity(self) -> int:
-        return self.k.size(3)
-
-    def broadcast_first_row(self) -> None:
-        """Copy row 0 into every row: several samples continue one prefilled prompt without prefilling again."""
-        self.k[:, 1:] = self.k[:, :1]
-        self.v[:, 1:] = self.v[:, :1]
-
-    def rows(self, start: int, stop: int) -> KVCache:
-        """An empty cache over rows start..stop-1 that shares this one's memory: prefilling it fills those rows."""
-        view = object.__new__(KVCache)
-        view.k, view.v, view.length = self.k[:, start:stop], self.v[:, start:stop], 0
-        return view
-
-
-def _cached_attention(attn: CausalSelfAttention, x: Tensor, value_embed: Tensor | None, cos: Tensor, sin: Tensor,
-                      cache: KVCache, layer: int, window: int | None, backend: str, position: Tensor | None
-                      ) -> Tensor:
-    """CausalSelfAttention.forward for x (B, T, dim) at positions cache.length.. (or at `position`), reading and
-    extending the cache."""
-    B, T, _ = x.shape
-    q, k, v = (linear(x).view(B, T, attn.n_heads, attn.head_dim) for linear in (attn.c_q, attn.c_k, attn.c_v))
-    if value_embed is not None:
-        v = attn.value_mix[0] * v + attn.value_mix[1] * value_embed.view_as(v)
-    q, k = apply_rotary(norm(q), cos, sin), apply_rotary(norm(k), cos, sin)
-    if position is not None:  # static shapes (CUDA graphs): row b writes at position[b] and reads the cache up to it
-        rows = torch.arange(B, device=x.device)
-        cache.k[layer, rows, :, position] = k[:, 0]
-        cache.v[layer, rows, :, position] = v[:, 0]
-        keys = torch.arange(cache.capacity, device=x.device)[None]  # (1, capacity)
-        since = position[:, None] - keys  # (B, capacity): how far back each key is
-        visible = (since >= 0) & (since < (window or cache.capacity))
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), cache.k[layer], cache.v[layer],
-                                           attn_mask=visible[:, None, None, :])
-        return attn.c_proj(y.transpose(1, 2).reshape(B, T, -1))
-    start, end = cache.length, cache.length + T
-    cache.k[layer, :B, :, start:end] = k.transpose(1, 2)
-    cache.v[layer, :B, :, start:end] = v.transpose(1, 2)
-    if start == 0 and B == 1:  # a prompt's prefill: the training attention backend, one document
-        cu_seqlens = torch.tensor([0, T], device=x.device, dtype=torch.int32)
-        y = attention(q[0], k[0], v[0], cu_seqlens, T, window, backend)[None]
-    else:  # decode (and prefill after a cache that is not empty): the queries attend to the cache
-        first = 0 if window is None else max(0, start - window + 1)  # the oldest key any query here may see
-        keys = torch.arange(first, end, device=x.device)
-        queries = torch.arange(start, end, device=x.device)[:, None]
-        visible = (keys <= queries) & (queries - keys < (window or end))
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), cache.k[layer, :B, :, first:end],
-                                           cache.v[layer, :B, :, first:end], attn_mask=None if T == 1 else visible)
-        y = y.transpose(1, 2)
-    return attn.c_proj(y.reshape(B, T, -1))
-
-
-def forward_cached(model: GPT, ids: Tensor, cache: KVCache, backend: str = "sdpa", position: Tensor | None = None
-                   ) -> Tensor:
-    """Logits (B, T, vocab), fp32, of ids (B, T) that continue the cache's B rows; extends the cache by T.
-
-    Rows must not exceed the cache's batch; a batch-1 prompt into an empty cache uses `backend` like training.
-    With `position` (a (B,) int64 tensor), row b's one token goes to position[b] of row b, for every row of the
-    cache, and cache.length is left to the caller: rows may hold prompts of different lengths, and no shape depends
-    on the positions, so a CUDA graph can replay the step.
-    """
-    config = model.config
-    B, T = ids.shape
-    start = cache.length
-    if position is not None:
-        if T != 1 or B != cache.k.size(1) or position.shape != (B,):
-            raise ValueError(f"a step at tensor positions takes one token and one position per cache row, got ids "
-                             f"of shape {(B, T)} and positions of shape {tuple(position.shape)}")
-        cos, sin = model.rotary_cos[position][:, None], model.rotary_sin[position][:, None]  # (B, 1, head_dim / 2)
-    elif start + T > min(cache.capacity, config.max_seq_len):
-        raise ValueError(f"{start + T} positions exceed the cache ({cache.capacity}) or max_seq_len "
-                         f"({config.max_seq_len})")
-    else:
-        cos, sin = model.rotary_cos[start:start + T], model.rotary_sin[start:start + T]
-    x0 = norm(model.wte(ids).to(model.compute_dtype))
-    value_embeds = [table(ids).to(model.compute_dtype) for table in model.value_embeds]
-    n_skip = config.depth // 2
-    x, skips = x0, []
-    for i, (block, window) in enumerate(zip(model.blocks, model.layer_windows())):
-        if i >= config.depth - n_skip:
-            mirror = config.depth - 1 - i
-            x = x + model.skip_weights[mirror] * skips[mirror]
-        x = model.resid_lambdas[i] * x + model.x0_lambdas[i] * x0
-        table = model.value_embed_index(i)
-        value_embed = None if table is None else value_embeds[table]
-        x = x + _cached_attention(block.attn, norm(x), value_embed, cos, sin, cache, i, window, backend, position)
-        x = x + block.mlp(norm(x))
-        if i < n_skip:
-            skips.append(x)
-    if position is None:
-        cache.length = start + T
-    logits = model.lm_head(norm(x)).float()
-    return config.softcap * torch.tanh(logits / config.softcap)
-
+# next token or takes one the engine forces (the calculator's output). Rows may continue different prompts. The KV
+# cache (KVCache, in the model section) keeps every layer's keys and values of the positions so far, so a step runs
+# GPT.forward on one new token per row.
 
 def sample_tokens(logits: Tensor, uniforms: Tensor, temperature: float = 1.0, top_k: int | None = None,
                   top_p: float | None = None) -> Tensor:
@@ -2645,37 +2956,41 @@ class _RowState:
 
 
 class DecodeStep:
-    """One decode step of every cache row at per-row positions: logits (B, vocab) = step(tokens (B,)).
+    """One decode step of every cache row: logits (B, vocab) = step(tokens (B,)), row b's token going to the next
+    position of row b (rows may hold prompts of different lengths).
 
     On a GPU the step is captured once as a CUDA graph and replayed: an eager step launches hundreds of small
-    kernels and leaves the GPU idle between them (measured on an H100 at depth 12: 117 tokens/s eager against 746
-    replayed for one sequence; baselines/2026-11-25-vs-nanochat). The graph reads the tokens and positions from
-    fixed buffers, so replaying it needs no host work but two copies. Elsewhere the step runs eagerly.
+    kernels, and the GPU idles between them while the host queues the next (baselines/2026-11-25-vs-nanochat
+    compares the two). The graph reads the tokens from a fixed buffer and the positions from the cache's lengths,
+    which the step advances itself, so replaying it needs no host work but one copy. Elsewhere the step runs
+    eagerly.
     """
 
-    def __init__(self, model: GPT, cache: KVCache, positions: Tensor, backend: str, cuda_graph: bool):
+    def __init__(self, model: GPT, cache: KVCache, backend: str, cuda_graph: bool):
         self.model, self.cache, self.backend = model, cache, backend
-        self.positions = positions.clone()  # (B,) the position each row's next token goes to
-        self.tokens = torch.zeros(len(positions), 1, dtype=torch.long, device=positions.device)
+        self.tokens = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=cache.k.device)
         self.graph = None
-        if cuda_graph and positions.is_cuda:
+        if cuda_graph and self.tokens.is_cuda:
             try:
                 self.graph = self._capture()
             except RuntimeError as error:  # e.g. a backend that syncs with the host: fall back to eager steps
                 warnings.warn(f"decoding without a CUDA graph, its capture failed: {error}")
 
     def _forward(self) -> Tensor:
-        return forward_cached(self.model, self.tokens, self.cache, self.backend, position=self.positions)[:, -1]
+        return self.model(self.tokens, kv_cache=self.cache, backend=self.backend)[:, -1]
 
     def _capture(self) -> torch.cuda.CUDAGraph:
-        """Warm-up steps run for real and write keys and values at the rows' next positions, which the first real
-        step overwrites before any query reads them; capturing runs nothing."""
+        """Warm-up steps run for real: they write keys and values at the rows' next positions, which the first real
+        step overwrites before any query reads them, and the rows' lengths are put back after them. Capturing runs
+        nothing."""
+        lengths = self.cache.lengths.clone()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm up on a side stream before capture, as torch.cuda.graphs requires
             for _ in range(2):
                 self._forward()
         torch.cuda.current_stream().wait_stream(stream)
+        self.cache.lengths.copy_(lengths)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self.logits = self._forward()
@@ -2684,12 +2999,9 @@ class DecodeStep:
     def __call__(self, tokens: Tensor) -> Tensor:
         self.tokens.copy_(tokens[:, None])
         if self.graph is None:
-            logits = self._forward()
-        else:
-            self.graph.replay()
-            logits = self.logits.clone()
-        self.positions.add_(1).clamp_(max=self.cache.capacity - 1)  # finished rows may run past their end
-        return logits
+            return self._forward()
+        self.graph.replay()
+        return self.logits.clone()
 
 
 class Engine:
@@ -2731,39 +3043,71 @@ class Engine:
         """A cache with each prompt prefilled once into its num_samples rows; the logits of each row's first token
         (B, vocab); and how many tokens each row may emit (max_tokens, or less where max_seq_len is near)."""
         model, device = self.model, self.model.rotary_cos.device
-        max_len = model.config.max_seq_len
-        for prompt in prompts:
-            if not prompt:
-                raise ValueError("a prompt is empty: start it with <|bos|> (see render_for_completion)")
-            if len(prompt) >= max_len:
-                raise ValueError(f"a prompt of {len(prompt)} tokens leaves no room in max_seq_len {max_len}")
-        limits = [min(max_tokens, max_len - len(prompt)) for prompt in prompts]
+        limits = [min(max_tokens, model.config.max_seq_len - len(prompt)) for prompt in prompts]
         capacity = max(len(prompt) + limit for prompt, limit in zip(prompts, limits))
         cache = KVCache(model.config, len(prompts) * num_samples, capacity, device, model.compute_dtype)
+        groups = [cache.rows(i * num_samples, (i + 1) * num_samples) for i in range(len(prompts))]
         first = []
-        for i, prompt in enumerate(prompts):
-            group = cache.rows(i * num_samples, (i + 1) * num_samples)
+        for group, prompt in zip(groups, prompts):
             ids = torch.tensor([list(prompt)], device=device)
-            first.append(forward_cached(model, ids, group.rows(0, 1), self.backend)[:, -1])
+            last = torch.tensor([len(prompt) - 1], device=device)
+            first.append(model(ids, kv_cache=group.rows(0, 1), backend=self.backend, logit_rows=last))
             group.broadcast_first_row()
         logits = torch.cat(first).repeat_interleave(num_samples, dim=0)
         return cache, logits, [limit for limit in limits for _ in range(num_samples)]
 
-    @torch.inference_mode()
+    def check_arguments(self, prompts: Sequence[Sequence[int]], num_samples: int, max_tokens: int,
+                        temperature: float, top_k: int | None, top_p: float | None) -> None:
+        """ValueError, naming the argument, for anything generation cannot take. Each prompt must leave the model's
+        context room for one token at least; max_tokens is a cap, cut to the room a prompt leaves."""
+        def is_int(value: Any) -> bool:
+            return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+        def is_number(value: Any) -> bool:
+            return isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+
+        for name, value in (("num_samples", num_samples), ("max_tokens", max_tokens)):
+            if not is_int(value) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if top_k is not None and (not is_int(top_k) or top_k < 1):
+            raise ValueError(f"top_k must be None (no cut) or an integer >= 1, got {top_k!r}")
+        if not is_number(temperature) or not math.isfinite(temperature) or temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+        if top_p is not None and (not is_number(top_p) or not 0 < top_p <= 1):
+            raise ValueError(f"top_p must be None (no cut) or a number in (0, 1], got {top_p!r}")
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
+            raise ValueError(f"prompts must be a non-empty list of token id lists, got {prompts!r:.80}")
+        vocab_size, context = self.model.config.vocab_size, self.model.config.max_seq_len
+        for i, prompt in enumerate(prompts):
+            if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Sequence):
+                raise ValueError(f"prompt {i} must be a list of token ids, got {prompt!r:.80}")
+            if not prompt:
+                raise ValueError(f"prompt {i} is empty: start it with <|bos|> (see render_for_completion)")
+            bad = [token for token in prompt if not is_int(token) or not 0 <= token < vocab_size]
+            if bad:
+                raise ValueError(f"prompt {i} holds {bad[0]!r}, not a token id of the model's vocabulary "
+                                 f"(0..{vocab_size - 1})")
+            if len(prompt) >= context:
+                raise ValueError(f"prompt {i} of {len(prompt)} tokens leaves no room to generate in the model's "
+                                 f"context (max_seq_len {context})")
+
     def stream_batch(self, prompts: Sequence[Sequence[int]], num_samples: int = 1, max_tokens: int = 256,
                      temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0
                      ) -> Iterator[tuple[list[int], list[int]]]:
         """Yield, each step, the new token of every row and whether it was sampled (1) or forced (0); a row that
         has finished yields -1 (and 0). Rows are prompt-major: row r continues prompts[r // num_samples]. Row r
         draws its uniforms (sample_tokens) from random.Random(seed + r), so a row's tokens do not depend on the
-        other rows: row r of a batch equals a single sample of its prompt with that seed."""
-        if max_tokens <= 0:
-            raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+        other rows: row r of a batch equals a single sample of its prompt with that seed. Bad arguments raise here,
+        before the first step (check_arguments)."""
+        self.check_arguments(prompts, num_samples, max_tokens, temperature, top_k, top_p)
+        return self._decode(prompts, num_samples, max_tokens, temperature, top_k, top_p, seed)
+
+    @torch.inference_mode()
+    def _decode(self, prompts: Sequence[Sequence[int]], num_samples: int, max_tokens: int, temperature: float,
+                top_k: int | None, top_p: float | None, seed: int) -> Iterator[tuple[list[int], list[int]]]:
         cache, logits, limits = self._prefill(prompts, num_samples, max_tokens)
         device = logits.device
-        positions = torch.tensor([len(p) for p in prompts for _ in range(num_samples)], device=device)
-        step = DecodeStep(self.model, cache, positions, self.backend,
-                          self.cuda_graph and max(limits) >= self.graph_min_tokens)
+        step = DecodeStep(self.model, cache, self.backend, self.cuda_graph and max(limits) >= self.graph_min_tokens)
         generators = [random.Random(seed + r) for r in range(len(limits))]
         rows = [_RowState(limit) for limit in limits]
         while True:
@@ -2793,11 +3137,11 @@ class Engine:
         """Each row's generated tokens (the prompt excluded, the stop token included; rows as in stream_batch) and
         a mask of the same length: 1 where the token was sampled, 0 where the engine forced it (tool output). RL
         trains on the 1s."""
+        steps = self.stream_batch(prompts, num_samples, max_tokens, temperature, top_k, top_p, seed)
         rows = len(prompts) * num_samples
         tokens: list[list[int]] = [[] for _ in range(rows)]
         masks: list[list[int]] = [[] for _ in range(rows)]
-        for step_tokens, step_sampled in self.stream_batch(prompts, num_samples, max_tokens, temperature, top_k,
-                                                           top_p, seed):
+        for step_tokens, step_sampled in steps:
             for r, (token, sampled) in enumerate(zip(step_tokens, step_sampled)):
                 if token >= 0:
                     tokens[r].append(token)
@@ -2811,26 +3155,7 @@ class Engine:
         return self.generate_batch([prompt], num_samples, max_tokens, temperature, top_k, top_p, seed)
 
 
-# Chatting: a ChatSession keeps the history and streams replies; the notebook's widget (ChatPanel) and terminal
-# loop (chat_loop) are thin layers over it, so tests drive them as plain function calls.
-
-CHAT_CHECKPOINT_RUNS = {"rl": "06_rl", "sft": "05_sft"}  # chat runs and the notebooks that train them
-
-
-def find_chat_checkpoint(run_name: str = "") -> Path:
-    """The newest checkpoint of run `run_name`; by default that of the newest chat run (06_rl, 05_sft), else
-    that of 03_pretrain's base model."""
-    root = artifact_dir("checkpoints")
-    runs = [run_name] if run_name else list(CHAT_CHECKPOINT_RUNS)
-    found = [path for path in (latest_checkpoint(root / run) for run in runs) if path is not None]
-    if not found and not run_name:
-        found = [path for path in [latest_checkpoint(root / "pretrain")] if path is not None]
-    if not found:
-        made_by = CHAT_CHECKPOINT_RUNS.get(run_name, "03_pretrain")
-        raise MissingArtifactError(f"no checkpoint under {root / (run_name or 'pretrain')} (nor of a chat run): "
-                                   f"run notebooks/{made_by} first (STACK_HOME is {stack_home()})")
-    return max(found, key=lambda path: path.stat().st_mtime)
-
+# A reply back into message parts, and as text: the chat evals check it; 07_chat (notebooks/chat_session.py) shows it.
 
 def assistant_parts(tokenizer: Tokenizer, ids: Sequence[int]) -> list[dict[str, str]]:
     """Generated tokens (after <|assistant_start|>) back to message parts, up to a stop token; the inverse of
@@ -2855,116 +3180,6 @@ def show_parts(parts: Sequence[dict[str, str]]) -> str:
     """An assistant reply as plain text, with tool calls shown as [calculator: expression = result]."""
     templates = {"text": "{}", "python": "[calculator: {}", "python_output": " = {}]"}
     return "".join(templates[part["type"]].format(part["text"]) for part in parts)
-
-
-def show_tokens(tokenizer: Tokenizer, ids: Sequence[int]) -> str:
-    """show_parts(assistant_parts(tokenizer, ids)) token by token: text only grows as tokens arrive, so a
-    streaming display can print the difference."""
-    shown = {"<|python_start|>": "[calculator: ", "<|output_start|>": " = ", "<|output_end|>": "]"}
-    special = {tokenizer.special_id(name): name for name in SPECIAL_TOKENS}
-    pieces, run = [], []
-    for token in ids:
-        if token not in special:
-            run.append(token)
-            continue
-        pieces.append(tokenizer.decode(run))
-        run = []
-        if special[token] in ("<|assistant_end|>", "<|bos|>"):
-            break
-        pieces.append(shown.get(special[token], ""))
-    return "".join(pieces) + tokenizer.decode(run)
-
-
-class ChatSession:
-    """A conversation with a model: the message history and a streaming `reply`."""
-
-    def __init__(self, engine: Engine, temperature: float = 0.6, top_k: int | None = 50, max_tokens: int = 256,
-                 seed: int = 0, system: str | None = None):
-        self.engine, self.temperature, self.top_k, self.max_tokens = engine, temperature, top_k, max_tokens
-        self.seed, self.system = seed, system
-        self.messages: list[dict[str, Any]] = []
-        self.clear()
-
-    def clear(self) -> None:
-        self.messages = [{"role": "system", "content": self.system}] if self.system else []
-
-    def reply(self, text: str) -> Iterator[str]:
-        """Add the user's message, then yield the reply as it is generated, piece by piece (tool calls shown as by
-        show_parts). Once the generator is exhausted, the reply is part of the history."""
-        self.messages.append({"role": "user", "content": text})
-        prompt = render_for_completion(self.engine.tokenizer, self.messages)
-        ids: list[int] = []
-        shown = ""
-        for tokens, _ in self.engine.stream(prompt, max_tokens=self.max_tokens, temperature=self.temperature,
-                                            top_k=self.top_k, seed=self.seed + len(self.messages)):
-            ids.append(tokens[0])
-            now = show_tokens(self.engine.tokenizer, ids)
-            if not now.endswith("\ufffd"):  # wait for the rest of a character split across tokens
-                yield now[len(shown):]
-                shown = now
-        self.messages.append({"role": "assistant", "content": assistant_parts(self.engine.tokenizer, ids)})
-
-
-def chat_loop(session: ChatSession, read: typing.Callable[[str], str] = input,
-              write: typing.Callable[..., Any] = print) -> None:
-    """A terminal chat: 'clear' starts over; 'quit', an empty line or end of input stops."""
-    while True:
-        try:
-            text = read("you> ").strip()
-        except EOFError:
-            break
-        if text in ("", "quit", "exit"):
-            break
-        if text == "clear":
-            session.clear()
-            continue
-        write("assistant> ", end="", flush=True)
-        for piece in session.reply(text):
-            write(piece, end="", flush=True)
-        write()
-
-
-class ChatPanel:
-    """The notebook's chat widget: the history, a text box with a send button, a temperature slider and a clear
-    button. `send` and `clear` are the button callbacks; a test calls them directly."""
-
-    def __init__(self, session: ChatSession):
-        import ipywidgets as widgets
-
-        self.session = session
-        self.history = widgets.HTML()
-        self.text = widgets.Text(placeholder="Ask something, then press Send", layout={"width": "60%"})
-        self.temperature = widgets.FloatSlider(value=session.temperature, min=0.0, max=1.5, step=0.05,
-                                               description="temperature")
-        send, clear = widgets.Button(description="Send"), widgets.Button(description="Clear")
-        send.on_click(self.send)
-        clear.on_click(self.clear)
-        self.widget = widgets.VBox([self.history, widgets.HBox([self.text, send, clear]), self.temperature])
-        self.render()
-
-    def render(self, pending: str | None = None) -> None:
-        """Show the history, and a reply still being generated."""
-        import html
-
-        lines = [(m["role"], m["content"] if isinstance(m["content"], str) else show_parts(m["content"]))
-                 for m in self.session.messages]
-        lines += [("assistant", pending)] if pending is not None else []
-        self.history.value = "".join(f"<p><b>{role}:</b> {html.escape(text)}</p>" for role, text in lines)
-
-    def send(self, _button: Any = None) -> None:
-        text, self.text.value = self.text.value.strip(), ""
-        if not text:
-            return
-        self.session.temperature = self.temperature.value
-        reply = ""
-        for piece in self.session.reply(text):
-            reply += piece
-            self.render(reply)
-        self.render()
-
-    def clear(self, _button: Any = None) -> None:
-        self.session.clear()
-        self.render()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3200,80 +3415,20 @@ def evaluate_chat(model: GPT, tokenizer: Tokenizer, tasks: Sequence[ChatTask], b
     return {"tasks": results, "chatcore": chatcore}
 
 
-def chat_table(stages: dict[str, dict[str, Any]]) -> str:
-    """A text table of accuracy per task (rows) for each stage (columns), e.g. {"base": ..., "sft": ...}."""
-    names = list(dict.fromkeys(name for stage in stages.values() for name in stage["tasks"]))
-    lines = [f"{'task':<16}" + "".join(f"{stage:>12}" for stage in stages)]
-    for name in names:
-        cells = [stage["tasks"].get(name, {}).get("accuracy") for stage in stages.values()]
-        lines.append(f"{name:<16}" + "".join(f"{'-' if c is None else f'{c:.3f}':>12}" for c in cells))
-    lines.append(f"{'ChatCORE':<16}" + "".join(f"{stage['chatcore']:>12.3f}" for stage in stages.values()))
-    return "\n".join(lines)
-
-
-def plot_chat_results(stages: dict[str, dict[str, Any]], title: str = "chat evals") -> Any:
-    """A bar chart of accuracy per task, one bar per stage (before / after SFT, after RL), random guessing dashed.
-    Returns the matplotlib figure."""
-    import matplotlib.pyplot as plt
-
-    names = list(dict.fromkeys(name for stage in stages.values() for name in stage["tasks"]))
-    width = 0.8 / max(len(stages), 1)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(names)), 3.8))
-    for i, (stage, results) in enumerate(stages.items()):
-        values = [results["tasks"].get(name, {}).get("accuracy", 0.0) for name in names]
-        ax.bar(np.arange(len(names)) + (i - (len(stages) - 1) / 2) * width, values, width, label=stage)
-    for j, name in enumerate(names):
-        baseline = next(s["tasks"][name]["baseline"] for s in stages.values() if name in s["tasks"])
-        ax.hlines(baseline, j - 0.45, j + 0.45, colors="black", linestyles="dashed", lw=0.8)
-    ax.set_xticks(range(len(names)), names)
-    ax.set(ylabel="accuracy", ylim=(0, 1), title=title)
-    ax.legend()
-    fig.tight_layout()
-    return fig
-
-
 # ---------------------------------------------------------------------------------------------
-# 15. Reinforcement learning (used by 02_sharding, 06_rl)
+# 15. Reinforcement learning (used by 06_rl)
 # ---------------------------------------------------------------------------------------------
-# On-policy policy gradient on tasks with a checkable answer (GSM8K). 02_sharding writes the prompts once:
-# shards/<task>/<split>.bin holds each rendered prompt (ending in <|assistant_start|>) back to back, and
-# <split>.records.bin one int32 row per prompt with the columns of PROMPT_RECORD_FIELDS. Each step, 06_rl samples
+# On-policy policy gradient on tasks with a checkable answer (GSM8K). 02_sharding writes the rendered prompts once
+# into shards/<task>/ (data/gsm8k.py: write_prompt_shard, read_prompt_shard). Each step, 06_rl samples
 # several completions per prompt with the Engine (one prefill per prompt), rewards each, turns rewards into
 # advantages within the prompt's group, and raises the log-probability of the sampled tokens in proportion to
 # their advantage. The rollouts are packed back to back for one varlen forward pass, like pretraining documents.
-
-PROMPT_RECORD_FIELDS = ("prompt_start", "prompt_end", "problem", "gold")
-
 
 @dataclass
 class TaskPrompt:
     ids: list[int]  # the rendered conversation, ending in <|assistant_start|>
     gold: str  # the reference answer a completion is rewarded against
     problem: int  # index of the problem in its split
-
-
-def write_prompt_shard(directory: Path, split: str, prompts: Sequence[TaskPrompt], vocab_size: int) -> Path:
-    """`split`.bin (the prompts back to back) and its records side file. Gold answers are stored as int32, which
-    holds every GSM8K answer; anything else is an error naming the problem."""
-    records, offset = [], 0
-    for prompt in prompts:
-        if not prompt.gold.lstrip("-").isdigit() or not -2**31 <= int(prompt.gold) < 2**31:
-            raise ValueError(f"problem {prompt.problem}: gold answer {prompt.gold!r} is not an int32 integer")
-        records.append((offset, offset + len(prompt.ids), prompt.problem, int(prompt.gold)))
-        offset += len(prompt.ids)
-    path = Path(directory) / f"{split}.bin"
-    tokens = np.concatenate([np.asarray(p.ids, dtype=np.uint32) for p in prompts]) if prompts else np.zeros(0)
-    write_shard(path, tokens, "tokens", vocab_size)
-    table = np.asarray(records, dtype=np.int32).reshape(-1, len(PROMPT_RECORD_FIELDS))
-    write_shard(side_file(path, "records"), table, "records")
-    return path
-
-
-def read_prompt_shard(directory: Path, split: str, vocab_size: int | None = None) -> list[TaskPrompt]:
-    path = require_artifact(Path(directory) / f"{split}.bin", made_by="02_sharding")
-    tokens, records = read_shard(path, vocab_size), read_shard(side_file(path, "records"))
-    return [TaskPrompt(np.asarray(tokens[start:end]).tolist(), str(gold), int(problem))
-            for start, end, problem, gold in records.tolist()]
 
 
 class PromptSampler:
@@ -3628,6 +3783,7 @@ def run_pipeline(overrides: Sequence[str]) -> None:
         started = time.time()
         subprocess.run([sys.executable, str(twin), *overrides], check=True)
         print(f"=== {twin.name} done in {format_duration(time.time() - started)} ===", flush=True)
+    print(f"report card: {write_report(stack_home())}")
 
 
 if __name__ == "__main__":

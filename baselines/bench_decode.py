@@ -59,19 +59,19 @@ def bytes_per_decode_step(model: sc.GPT, batch: int, context: float, dtype: torc
 
 def prefilled_cache(model: sc.GPT, batch: int, prompt: torch.Tensor, steps: int, backend: str) -> sc.KVCache:
     cache = sc.KVCache(model.config, batch, len(prompt) + steps, prompt.device, model.compute_dtype)
-    sc.forward_cached(model, prompt[None], cache, backend)
+    model(prompt[None], kv_cache=cache.rows(0, 1), backend=backend)
     cache.broadcast_first_row()
     return cache
 
 
 def decoder(model, batch, prompt, steps, backend, cuda_graph: bool):
     """A function running `steps` greedy decode steps (sc.DecodeStep: eager, or one CUDA graph replayed) after the
-    prefilled prompt, which is prefilled once: each run rewinds the rows' positions to the prompt's end."""
+    prefilled prompt, which is prefilled once: each run rewinds the rows' lengths to the prompt's end."""
     cache = prefilled_cache(model, batch, prompt, steps, backend)
-    step = sc.DecodeStep(model, cache, torch.full((batch,), len(prompt), device=prompt.device), backend, cuda_graph)
+    step = sc.DecodeStep(model, cache, backend, cuda_graph)
 
     def run(n: int = steps) -> list[torch.Tensor]:
-        step.positions.fill_(len(prompt))
+        cache.lengths.fill_(len(prompt))
         ids = torch.zeros(batch, dtype=torch.long, device=prompt.device)
         logits = []
         for _ in range(n):

@@ -7,7 +7,7 @@ The model is randomly initialised (the cost of a pass does not depend on the wei
 comes from STACK_HOME (02_sharding). Prints the wall time and tokens/s of the scoring, then the profiler's table of
 the most expensive ops by device time (with their host time: building packs and block masks shows there).
 `--timed=N` first times N passes without the profiler (the best is the figure to compare); `--inductor` sets an
-inductor option of the compiled evaluation graph (stackcore.EVAL_INDUCTOR_OPTIONS) to compare settings.
+inductor option of the compiled evaluation graph (GPT.compile_layers' inductor_options) to compare settings.
 """
 import argparse
 import ast
@@ -51,12 +51,13 @@ def main() -> None:
                                                     "Chrome trace to this file")
     args = parser.parse_args()
 
+    inductor_options = {}
     for option in args.inductor:
         key, _, value = option.partition("=")
         if not hasattr(inductor_config, key):
             parser.error(f"--inductor={option}: torch {torch.__version__} has no inductor setting {key!r}")
         try:
-            sc.EVAL_INDUCTOR_OPTIONS[key] = ast.literal_eval(value)
+            inductor_options[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             parser.error(f"--inductor={option}: the value must be a Python literal (True, 8, 'max-autotune')")
     device = sc.pick_device()
@@ -70,14 +71,15 @@ def main() -> None:
     model.set_compute_dtype(sc.pick_compute_dtype(device))
     model.cast_weights_for_inference().eval()
     if args.compile and device.startswith("cuda"):
-        model.compile_layers(evaluation=True)
+        model.compile_layers(evaluation=True, inductor_options=inductor_options)
     score = lambda: sc.score_core_records(model, shard.tokens, shard.records, backend, device, args.pack_tokens)
     score()  # compiles the layers, flex and its mask builder
     tokens = sc.core_input_tokens(shard, model.config.max_seq_len, args.pack_tokens)
     label = f"{args.task}, first {args.examples} examples, depth {args.depth}, {device}, {backend}"
     timed = [timed_seconds(score, device) for _ in range(args.timed)]
     if timed:
-        print(f"{label}, {sc.EVAL_INDUCTOR_OPTIONS}: timed passes {', '.join(f'{t:.3f}' for t in timed)} s; best "
+        print(f"{label}, inductor options {inductor_options}: timed passes "
+              f"{', '.join(f'{t:.3f}' for t in timed)} s; best "
               f"{min(timed):.3f} s, {tokens / min(timed):,.0f} tokens/s")
     if not args.rows:
         return

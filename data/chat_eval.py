@@ -1,4 +1,5 @@
-"""The chat evaluations of 05_sft (and 06_rl): which examples each task asks, from where, as `stackcore.ChatTask`s.
+"""The chat evaluations of 05_sft (and 06_rl): which examples each task asks, from where, as `stackcore.ChatTask`s;
+and their results as a table and a chart.
 
 | task | kind | examples | public home |
 | --- | --- | --- | --- |
@@ -17,19 +18,20 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from data import gsm8k
 from data.records import field
 from data.sandbox import run_sandboxed
-from data.sft import (SHARED_DATA, HubTable, choice_questions, colour_questions, letter_counts, load_words, rows,
-                      selection_passes, table_files, word_split)
-from stackcore import ChatTask, StackConfig
+from data.sft import (HubTable, choice_questions, colour_questions, letter_counts, load_words, rows, selection_passes,
+                      table_files, word_split)
+from stackcore import ChatTask, StackConfig, above, at_least
 
 HUMANEVAL = HubTable("openai/openai_humaneval", {"test": ("openai_humaneval/test-00000-of-00001.parquet",)})
 CHAT_TASKS = ("arc_easy", "arc_challenge", "mmlu", "gsm8k", "humaneval", "spelling", "colours")
 CHOICE_SPLITS = {"arc_easy": "test", "arc_challenge": "test", "mmlu": "test"}
-TINY_HUMANEVAL = SHARED_DATA / "humaneval"
-TINY_GSM8K = SHARED_DATA / "gsm8k"
 
 
 @dataclass(frozen=True)
@@ -114,12 +116,12 @@ class ChatEvalConfig(StackConfig):
     chat_words: str = ""  # word list for spelling (as data/sft.py's sft_words)
     chat_seed: int = 0
     PRESETS = {
-        "tiny": dict(chat_tasks="colours,spelling,gsm8k" + (",humaneval" if TINY_HUMANEVAL.is_dir() else ""),
-                     chat_choice_examples=48, chat_generate_examples=3, chat_max_tokens=40,
-                     chat_gsm8k_source=str(TINY_GSM8K) if TINY_GSM8K.is_dir() else "synthetic",
-                     chat_humaneval_source=str(TINY_HUMANEVAL), chat_words="builtin"),
+        "tiny": dict(chat_tasks="colours,spelling,gsm8k", chat_choice_examples=48, chat_generate_examples=3,
+                     chat_max_tokens=40, chat_gsm8k_source="synthetic", chat_words="builtin"),
         "colab": dict(chat_choice_examples=1000, chat_generate_examples=100),
     }
+    LIMITS = {"chat_choice_examples": at_least(0), "chat_generate_examples": at_least(0),
+              "chat_max_tokens": above(0), "chat_seed": at_least(0)}
 
     def task_names(self) -> list[str]:
         names = [name.strip() for name in self.chat_tasks.split(",") if name.strip()]
@@ -161,3 +163,37 @@ def load_chat_tasks(cfg: ChatEvalConfig, endpoint: str | None = None) -> list[Ch
 def describe_tasks(tasks: list[ChatTask]) -> str:
     return "\n".join(f"{t.name:<14} {t.kind:<9} {len(t.examples):>6} examples, random guessing {t.baseline:.2f}"
                      for t in tasks)
+
+
+# --- Results as a table and a chart (05_sft) ---------------------------------------------------------------------
+
+def chat_table(stages: dict[str, dict[str, Any]]) -> str:
+    """A text table of accuracy per task (rows) for each stage (columns), e.g. {"base": ..., "sft": ...}."""
+    names = list(dict.fromkeys(name for stage in stages.values() for name in stage["tasks"]))
+    lines = [f"{'task':<16}" + "".join(f"{stage:>12}" for stage in stages)]
+    for name in names:
+        cells = [stage["tasks"].get(name, {}).get("accuracy") for stage in stages.values()]
+        lines.append(f"{name:<16}" + "".join(f"{'-' if c is None else f'{c:.3f}':>12}" for c in cells))
+    lines.append(f"{'ChatCORE':<16}" + "".join(f"{stage['chatcore']:>12.3f}" for stage in stages.values()))
+    return "\n".join(lines)
+
+
+def plot_chat_results(stages: dict[str, dict[str, Any]], title: str = "chat evals") -> Any:
+    """A bar chart of accuracy per task, one bar per stage (before / after SFT, after RL), random guessing dashed.
+    Returns the matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(name for stage in stages.values() for name in stage["tasks"]))
+    width = 0.8 / max(len(stages), 1)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(names)), 3.8))
+    for i, (stage, results) in enumerate(stages.items()):
+        values = [results["tasks"].get(name, {}).get("accuracy", 0.0) for name in names]
+        ax.bar(np.arange(len(names)) + (i - (len(stages) - 1) / 2) * width, values, width, label=stage)
+    for j, name in enumerate(names):
+        baseline = next(s["tasks"][name]["baseline"] for s in stages.values() if name in s["tasks"])
+        ax.hlines(baseline, j - 0.45, j + 0.45, colors="black", linestyles="dashed", lw=0.8)
+    ax.set_xticks(range(len(names)), names)
+    ax.set(ylabel="accuracy", ylim=(0, 1), title=title)
+    ax.legend()
+    fig.tight_layout()
+    return fig

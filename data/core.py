@@ -13,9 +13,13 @@ import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
 
 from data.records import DataFileError, jsonl_records
-from stackcore import CoreExample, artifact_dir
+from stackcore import (CORE_MANIFEST, CORE_RECORD_FIELDS, Tokenizer, artifact_dir, common_prefix_length, side_file,
+                       write_shard)
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 TASK_KINDS = ("multiple_choice", "schema", "language_modeling")
@@ -38,6 +42,15 @@ class CoreTask:
     shots: int
     delimiter: str  # between the context and the continuation
     baseline: float  # accuracy of random guessing, in [0, 1]
+
+
+@dataclass
+class CoreExample:
+    """One rendered example: choice i is the text contexts[i] + continuations[i]; only the continuation is scored."""
+    kind: str  # multiple_choice | schema | language_modeling
+    contexts: list[str]
+    continuations: list[str]
+    gold: int
 
 
 def _task(label: str, file: str, kind: str, shots: int, baseline_percent: float, delimiter: str = " ") -> CoreTask:
@@ -194,6 +207,67 @@ def chosen_indices(count: int, max_examples: int) -> list[int]:
     indices = list(range(count))
     random.Random(SUBSAMPLE_SEED).shuffle(indices)
     return sorted(indices[:max_examples])
+
+
+# --- Tokenized into shards (02_sharding) -----------------------------------------------------------------
+# The layout 04_core_eval reads (stackcore section 12): per task, one token sequence per (example, choice) in
+# <label>.bin, one CORE_RECORD_FIELDS row per sequence in its records side file, and tasks.json listing them.
+
+def continuation_starts(example: CoreExample, seqs: list[list[int]], context_lengths: list[int]) -> list[int]:
+    """Where each choice's continuation begins, as nanochat finds it in token space: after the tokens all choices
+    share (multiple choice), before the tokens all options share (schema), after the context alone (language
+    modelling). Always at least one scored token, never the BOS."""
+    if example.kind == MC:
+        starts = [common_prefix_length(seqs)] * len(seqs)
+    elif example.kind == SCHEMA:
+        shared = common_prefix_length([s[::-1] for s in seqs])
+        starts = [len(s) - shared for s in seqs]
+    else:
+        starts = context_lengths
+    return [min(max(start, 1), len(s) - 1) for start, s in zip(starts, seqs)]
+
+
+def tokenize_core_examples(tokenizer: Tokenizer, examples: Sequence[CoreExample]) -> list[list[tuple[list[int], int]]]:
+    """Per example, per choice: (BOS + full text tokens, continuation start). Language-modelling texts are
+    stripped of surrounding whitespace, so the context's trailing space joins the continuation's first token."""
+    def full_texts(ex: CoreExample) -> list[str]:
+        texts = [c + x for c, x in zip(ex.contexts, ex.continuations)]
+        return [texts[0].strip()] if ex.kind == LM else texts
+
+    fulls = tokenizer.encode_batch([t for ex in examples for t in full_texts(ex)], prepend_bos=True)
+    lm_contexts = [ex.contexts[0].strip() for ex in examples if ex.kind == LM]
+    context_lengths = iter(len(ids) for ids in tokenizer.encode_batch(lm_contexts, prepend_bos=True))
+    result, position = [], 0
+    for ex in examples:
+        seqs = fulls[position:position + len(ex.contexts)]
+        position += len(seqs)
+        lengths = [next(context_lengths)] if ex.kind == LM else []
+        result.append(list(zip(seqs, continuation_starts(ex, seqs, lengths))))
+    return result
+
+
+def write_core_shard(directory: Path, label: str, examples: Sequence[tuple[int, CoreExample]],
+                     tokenizer: Tokenizer) -> Path:
+    """Tokenize (example index, rendered example) pairs into `label`.bin and its records side file."""
+    tokenized = tokenize_core_examples(tokenizer, [ex for _, ex in examples])
+    sequences, records, offset = [], [], 0
+    for (index, ex), choices in zip(examples, tokenized):
+        for choice, (seq, start) in enumerate(choices):
+            records.append((offset, offset + start, offset + len(seq), index, choice, int(choice == ex.gold)))
+            sequences.append(np.asarray(seq, dtype=np.uint32))
+            offset += len(seq)
+    path = Path(directory) / f"{label}.bin"
+    write_shard(path, np.concatenate(sequences), "tokens", tokenizer.vocab_size)
+    table = np.asarray(records, dtype=np.int32).reshape(-1, len(CORE_RECORD_FIELDS))
+    write_shard(side_file(path, "records"), table, "records")
+    return path
+
+
+def write_core_manifest(directory: Path, tasks: list[dict[str, Any]]) -> Path:
+    """tasks.json: one {label, kind, baseline, examples} per task written, in CORE order."""
+    path = Path(directory) / CORE_MANIFEST
+    path.write_text(json.dumps(tasks, indent=1))
+    return path
 
 
 # --- A tiny synthetic bundle for offline runs ------------------------------------------------------------------

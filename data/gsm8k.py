@@ -20,10 +20,14 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
+
+import numpy as np
 
 from data.records import DataFileError, read_records
 from data.synthetic import NAMES, THINGS
-from stackcore import StackConfig, artifact_dir
+from stackcore import (StackConfig, TaskPrompt, artifact_dir, at_least, read_shard, require_artifact, side_file,
+                       write_shard)
 
 HUB_REPO = "openai/gsm8k"
 SPLITS = ("train", "test")
@@ -40,6 +44,7 @@ class GsmPromptConfig(StackConfig):
     rl_train_prompts: int = 0  # train problems to tokenize, from the start of the split (0: all 7,473)
     rl_test_prompts: int = 0  # test problems (0: all 1,319)
     PRESETS = {"tiny": dict(rl_gsm8k_source="synthetic", rl_train_prompts=256, rl_test_prompts=64)}
+    LIMITS = {"rl_train_prompts": at_least(0), "rl_test_prompts": at_least(0)}
 
 
 class GsmDataError(DataFileError):
@@ -152,6 +157,37 @@ def load_problems(split: str, source: str = "hub", endpoint: str | None = None) 
     if source == "synthetic":
         return synthetic_problems(SYNTHETIC_COUNTS[split], seed=SPLITS.index(split))
     return read_problems(Path(source).expanduser() / f"{split}.jsonl")
+
+
+# --- Prompt shards for 06_rl (written by 02_sharding) ------------------------------------------------------
+# <split>.bin holds each rendered prompt (ending in <|assistant_start|>) back to back; <split>.records.bin one
+# int32 row per prompt with the columns of PROMPT_RECORD_FIELDS.
+
+PROMPT_RECORD_FIELDS = ("prompt_start", "prompt_end", "problem", "gold")
+
+
+def write_prompt_shard(directory: Path, split: str, prompts: Sequence[TaskPrompt], vocab_size: int) -> Path:
+    """`split`.bin (the prompts back to back) and its records side file. Gold answers are stored as int32, which
+    holds every GSM8K answer; anything else is an error naming the problem."""
+    records, offset = [], 0
+    for prompt in prompts:
+        if not prompt.gold.lstrip("-").isdigit() or not -2**31 <= int(prompt.gold) < 2**31:
+            raise ValueError(f"problem {prompt.problem}: gold answer {prompt.gold!r} is not an int32 integer")
+        records.append((offset, offset + len(prompt.ids), prompt.problem, int(prompt.gold)))
+        offset += len(prompt.ids)
+    path = Path(directory) / f"{split}.bin"
+    tokens = np.concatenate([np.asarray(p.ids, dtype=np.uint32) for p in prompts]) if prompts else np.zeros(0)
+    write_shard(path, tokens, "tokens", vocab_size)
+    table = np.asarray(records, dtype=np.int32).reshape(-1, len(PROMPT_RECORD_FIELDS))
+    write_shard(side_file(path, "records"), table, "records")
+    return path
+
+
+def read_prompt_shard(directory: Path, split: str, vocab_size: int | None = None) -> list[TaskPrompt]:
+    path = require_artifact(Path(directory) / f"{split}.bin", made_by="02_sharding")
+    tokens, records = read_shard(path, vocab_size), read_shard(side_file(path, "records"))
+    return [TaskPrompt(np.asarray(tokens[start:end]).tolist(), str(gold), int(problem))
+            for start, end, problem, gold in records.tolist()]
 
 
 # --- Small generated problems for offline runs ------------------------------------------------------------------

@@ -10,7 +10,7 @@ from typing import Iterator
 
 from data.records import DataFileError, converted, field, read_records
 from data.synthetic import synthetic_documents
-from stackcore import StackConfig, artifact_dir
+from stackcore import StackConfig, above, artifact_dir, one_of
 
 
 @dataclass(frozen=True)
@@ -119,6 +119,7 @@ class CorpusConfig(StackConfig):
     local_files: str = ""  # corpus=local: glob of training files (.txt, .jsonl, .jsonl.gz, .jsonl.xz, .parquet)
     local_val_files: str = ""  # corpus=local: glob of validation files
     PRESETS = {"tiny": dict(corpus="synthetic"), "colab": dict(train_shards=4)}
+    LIMITS = {"corpus": one_of(*CORPUS_NAMES), "train_shards": above(0)}
 
     def resolve(self) -> CorpusFiles:
         return resolve_corpus(self.corpus, self.train_shards, self.local_files, self.local_val_files,

@@ -32,11 +32,10 @@ from data import gsm8k
 from data.core import COLORS, THING_COLORS
 from data.records import DataFileError, converted, count_records, field, read_records
 from data.synthetic import synthetic_documents
-from stackcore import StackConfig, artifact_dir, chat_turns
+from stackcore import StackConfig, above, artifact_dir, at_least, chat_turns
 
 Conversation = list[dict]
 T = TypeVar("T")
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # the dev machines' offline copies, if any
 WORDS_URL = "https://raw.githubusercontent.com/dwyl/english-words/master/words_alpha.txt"
 LETTERS = "ABCDEFGHIJ"
 
@@ -330,7 +329,6 @@ def synthetic_conversations(count: int, seed: int) -> list[Conversation]:
 # --- The mixture ------------------------------------------------------------------------------------------------
 
 SFT_SOURCES = ("smoltalk", "mmlu", "gsm8k", "arc_easy", "arc_challenge", "spelling", "identity", "synthetic")
-TINY_GSM8K = SHARED_DATA / "gsm8k"
 
 
 @dataclass
@@ -355,10 +353,14 @@ class SFTMixture(StackConfig):
     PRESETS = {
         "tiny": dict(sft_smoltalk=0, sft_mmlu=0, sft_gsm8k=96, sft_arc_easy=0, sft_arc_challenge=0, sft_spelling=300,
                      sft_identity=60, sft_synthetic=900, sft_val=64, sft_words="builtin", sft_max_tokens=256,
-                     sft_gsm8k_source=str(TINY_GSM8K) if TINY_GSM8K.is_dir() else "synthetic"),
+                     sft_gsm8k_source="synthetic"),
         "colab": dict(sft_smoltalk=100_000, sft_mmlu=100_000, sft_gsm8k=15_000, sft_spelling=20_000,
                       sft_identity=500, sft_max_tokens=1024),
     }
+    LIMITS = {**{name: at_least(0) for name in ("sft_smoltalk", "sft_mmlu", "sft_gsm8k", "sft_arc_easy",
+                                                "sft_arc_challenge", "sft_spelling", "sft_identity", "sft_synthetic",
+                                                "sft_seed")},
+              "sft_val": above(0), "sft_max_tokens": above(0)}
 
     def counts(self) -> dict[str, int]:
         return {source: getattr(self, f"sft_{source}") for source in SFT_SOURCES}

@@ -76,6 +76,8 @@ class TokenizerConfig(CorpusConfig):
     max_chars: int = 2_000_000_000  # characters of training text fed to BPE (nanochat uses 2 B)
     heldout_docs: int = 200  # validation documents used to measure compression
     PRESETS = {"tiny": dict(vocab_size=512, max_chars=2_000_000), "colab": dict(max_chars=500_000_000)}
+    LIMITS = {"vocab_size": sc.above(256 + len(sc.SPECIAL_TOKENS), 2**32), "max_chars": sc.above(0),
+              "heldout_docs": sc.above(0)}
 
 
 cfg = sc.configure(TokenizerConfig)
@@ -119,6 +121,26 @@ train_seconds = time.time() - t0
 tokenizer.save(out_dir)
 print(f"trained a {tokenizer.vocab_size}-token vocabulary on {chars_seen / 1e6:.1f} M characters "
       f"in {train_seconds:.1f} s; saved to {out_dir}")
+
+# %% [markdown]
+# ## Look inside: the first merges, learned on one sentence
+# The same trainer on a single sentence shows what BPE does. Tokens 0-255 are the bytes; every token after that is
+# one merge: the most frequent adjacent pair of tokens in the text so far (counted inside the pieces the split
+# pattern cuts, never across them) becomes a new token, and every occurrence of the pair is replaced by it. Repeated
+# pieces such as `at` and ` the` earn their tokens first. Below, each merge with the two tokens it joins.
+
+# %%
+sentence = "the cat sat on the mat, and the cat ate the rat that sat on the hat."
+toy = sc.Tokenizer.train([sentence], 256 + len(sc.SPECIAL_TOKENS) + 12)
+merges = sorted((rank, piece) for piece, rank in toy.ranks.items() if rank >= 256)
+print(f"{'rank':>4}  {'left':>8} + {'right':<8} -> token")
+for rank, piece in merges:
+    left, right = next((piece[:i], piece[i:]) for i in range(1, len(piece))
+                       if toy.ranks.get(piece[:i], rank) < rank and toy.ranks.get(piece[i:], rank) < rank)
+    print(f"{rank:>4}  {left.decode()!r:>8} + {right.decode()!r:<8} -> {piece.decode()!r}")
+toy_ids = toy.encode(sentence)
+print(f"the sentence: {len(sentence.encode())} bytes -> {len(toy_ids)} tokens:",
+      " | ".join(toy.decode([i]) for i in toy_ids))
 
 # %% [markdown]
 # ## What the tokens look like
@@ -165,6 +187,35 @@ ax.barh(list(compression), list(compression.values()), color="tab:blue")
 ax.set_xlabel("bytes per token on held-out text (higher compresses better)")
 fig.tight_layout()
 fig.savefig(run_dir / "compression.png", dpi=120)
+plt.show()
+
+# %% [markdown]
+# ## Look inside: bytes per token as the vocabulary grows
+# Each merge shortens the text a little, and the first merges (the most frequent pairs) shorten it most. Small
+# tokenizers trained on a slice of the same training text, measured on the same held-out documents, show the curve:
+# steep at first, then flatter, so doubling a large vocabulary buys less compression while the embedding table and
+# the output layer grow with it. A vocabulary the slice cannot fill is left out.
+
+# %%
+slice_docs = list(iter_documents(files, "train", 1_000_000))
+vocab_curve = {}
+for size in (300, 400, 512, 1024, 2048, 4096):
+    try:
+        small = sc.Tokenizer.train(slice_docs, size)
+    except ValueError:  # the slice supports fewer merges than this size asks for
+        print(f"vocabulary {size:>5}: left out, more merges than the slice supports")
+        continue
+    vocab_curve[size] = sc.bytes_per_token(small.encode, heldout)
+    print(f"vocabulary {size:>5}: {vocab_curve[size]:.3f} bytes/token")
+
+fig, ax = plt.subplots(figsize=(6, 3))
+ax.plot(list(vocab_curve), list(vocab_curve.values()), marker="o", label="trained on a 1 M-character slice")
+ax.scatter([tokenizer.vocab_size], [compression[f"ours ({tokenizer.vocab_size})"]], color="tab:red", zorder=3,
+           label=f"ours, trained above on {chars_seen / 1e6:.0f} M characters")
+ax.set(xscale="log", xlabel="vocabulary size", ylabel="bytes per token (held-out)", title="compression against vocabulary")
+ax.legend(fontsize=8)
+fig.tight_layout()
+fig.savefig(run_dir / "vocab_curve.png", dpi=120)
 plt.show()
 
 # %% [markdown]

@@ -88,6 +88,8 @@ class ShardingConfig(CorpusConfig, sft.SFTMixture, gsm8k.GsmPromptConfig):
     core_max_examples: int = 0  # examples per CORE task (0: all)
     PRESETS = {"tiny": dict(shard_tokens=200_000, val_docs=100, workers=2, core_max_examples=8),
                "colab": dict(shard_tokens=50_000_000)}
+    LIMITS = {"max_chars": sc.at_least(0), "shard_tokens": sc.above(0), "val_docs": sc.above(0),
+              "workers": sc.at_least(0), "core_max_examples": sc.at_least(0)}
 
 
 cfg = sc.configure(ShardingConfig)
@@ -170,6 +172,32 @@ plt.show()
 (run_dir / "summary.json").write_text(json.dumps(report, indent=1))
 
 # %% [markdown]
+# ## Look inside: a shard's header and a document boundary
+# A shard is a header of 256 int32 followed by the tokens, nothing else: that is why the loader can memory-map it
+# and slice any range without parsing. The header's first five numbers say what follows (modded-nanogpt's magic
+# number and version, the token count, then ours: the vocabulary the ids were checked against and the record
+# width); the rest is reserved, zero. Read raw with numpy here, they are what `sc.read_shard` checks on every open.
+# Then the token stream around the start of the second document: `<|bos|>` is the only boundary there is, and the
+# document lengths in the histogram above are the gaps between them.
+
+# %%
+first_shard = sc.list_shards(shard_dir, "train")[0]
+header = np.fromfile(first_shard, dtype=np.int32, count=sc.HEADER_INTS)
+kind, dtype = sc.SHARD_VERSIONS[int(header[1])]
+for name, value in zip(("magic", "version", "count", "vocabulary", "record width"), header[:5]):
+    print(f"{name:>12}: {value}")
+print(f"{'reserved':>12}: {np.count_nonzero(header[5:])} non-zero of {len(header) - 5}")
+print(f"{first_shard.name}: {first_shard.stat().st_size:,} bytes = {sc.HEADER_BYTES} header + {header[2]:,} {kind} "
+      f"x {np.dtype(dtype).itemsize} bytes ({np.dtype(dtype).name})\n")
+stream = sc.read_shard(first_shard, tokenizer.vocab_size)
+boundary = int(np.flatnonzero(stream == tokenizer.bos_id)[1])
+print(f"{'position':>9} {'id':>6}  text")
+for position in range(max(boundary - 6, 0), min(boundary + 7, len(stream))):
+    token = int(stream[position])
+    mark = "   <- a new document starts" if token == tokenizer.bos_id else ""
+    print(f"{position:>9} {token:>6}  {tokenizer.decode([token])!r}{mark}")
+
+# %% [markdown]
 # ## The CORE evaluation tasks
 # `04_core_eval` scores the model on the 22 tasks of the DCLM paper. Each example is rendered into its prompt texts
 # (few-shot examples first, drawn with a fixed seed per example) and tokenized here once: `shards/core/<task>.bin`
@@ -186,10 +214,10 @@ for task in core.available_tasks(bundle):
     examples = core.load_examples(bundle, task)
     chosen = core.chosen_indices(len(examples), cfg.core_max_examples)
     rendered = [(i, core.render_example(task, examples, i)) for i in chosen]
-    path = sc.write_core_shard(core_dir, task.label, rendered, tokenizer)
+    path = core.write_core_shard(core_dir, task.label, rendered, tokenizer)
     manifest.append({"label": task.label, "kind": task.kind, "baseline": task.baseline, "examples": len(chosen)})
     print(f"{task.label:<34} {len(chosen):>6} examples {len(sc.read_shard(path)):>10,} tokens")
-sc.write_core_manifest(core_dir, manifest)
+core.write_core_manifest(core_dir, manifest)
 print(f"{len(manifest)} CORE tasks written to {core_dir}")
 
 # %% [markdown]
@@ -197,8 +225,7 @@ print(f"{len(manifest)} CORE tasks written to {core_dir}")
 # `05_sft` teaches the pretrained model to chat. Its data is a mixture of conversations (`data/sft.py`): general
 # chat (SmolTalk), multiple-choice questions answered with a letter (MMLU, ARC), maths with calculator calls
 # (GSM8K), spelling and letter counting with a python call, and a few conversations about who the model is. The
-# `sft_*` settings say how many conversations each source gives; the tiny preset uses generated chats and the data
-# on this machine only.
+# `sft_*` settings say how many conversations each source gives; the tiny preset uses generated data only, offline.
 #
 # A conversation becomes tokens with `sc.render_conversation`: `<|bos|>`, then each turn between its special tokens.
 # It also returns a **loss mask**, 1 on the tokens the model should learn to write (the assistant's text, its
@@ -290,12 +317,12 @@ for split, limit in (("train", cfg.rl_train_prompts), ("test", cfg.rl_test_promp
     problems = gsm8k.load_problems(split, cfg.rl_gsm8k_source)[:limit or None]
     prompts = [sc.TaskPrompt(sc.render_for_completion(tokenizer, problem.prompt()), problem.gold, i)
                for i, problem in enumerate(problems)]
-    sc.write_prompt_shard(gsm8k_dir, split, prompts, tokenizer.vocab_size)
+    gsm8k.write_prompt_shard(gsm8k_dir, split, prompts, tokenizer.vocab_size)
     lengths = [len(prompt.ids) for prompt in prompts]
     report["gsm8k"][split] = {"prompts": len(prompts), "tokens": sum(lengths), "longest": max(lengths)}
     print(f"GSM8K {split:>5}: {len(prompts):>5,} prompts, {sum(lengths):>9,} tokens, longest {max(lengths)}")
 (run_dir / "summary.json").write_text(json.dumps(report, indent=1))
-first = sc.read_prompt_shard(gsm8k_dir, "test", tokenizer.vocab_size)[0]
+first = gsm8k.read_prompt_shard(gsm8k_dir, "test", tokenizer.vocab_size)[0]
 print(f"the first test prompt, as the engine sees it (gold answer {first.gold}):\n{tokenizer.decode(first.ids)}")
 
 # %% [markdown]

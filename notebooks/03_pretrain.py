@@ -110,6 +110,14 @@ class PretrainConfig(sc.StackConfig):
         "speedrun": dict(),
         "node": dict(depth=20, steps=4000, save_every=500),
     }
+    LIMITS = {
+        "depth": sc.above(0), "model_dim": sc.at_least(0), "head_dim": sc.above(0), "seq_len": sc.above(0),
+        "tokens_per_step": sc.above(0), "micro_tokens": sc.above(0), "steps": sc.above(0),
+        "warmup_steps": sc.at_least(0), "cooldown_frac": sc.at_least(0, 1), "lr_scale": sc.above(0),
+        "weight_decay": sc.at_least(0), "eval_every": sc.above(0), "eval_tokens": sc.above(0),
+        "eval_batch_tokens": sc.at_least(0), "save_every": sc.above(0), "attention": sc.ATTENTION_SETTING,
+        "run_name": sc.folder_name(), "seed": sc.at_least(0),
+    }
 
 
 cfg = sc.configure(PretrainConfig)
@@ -149,6 +157,54 @@ log(f"attention backend: {backend} (available here: {sc.available_attention_back
     f"compute dtype {compute_dtype}; {flops_per_token / 1e9:.2f} GFLOP per token")
 
 # %% [markdown]
+# ## Look inside: one block, and where the parameters and FLOPs are
+# The model is `depth` copies of one block (attention, then an MLP, each added to the residual stream after an
+# RMS norm) between an embedding table and an output head. Its source is printed from `stackcore` below, as it
+# runs. The model counts itself: `num_params()` groups the parameters by the optimizer that updates them (hidden
+# matrices go to Muon, the rest to Adam), and `flops_per_token(seq_len)` is 6 FLOPs per matmul weight per token
+# (forward and backward) plus attention, which grows with the context a query sees.
+
+# %%
+import inspect
+
+log(inspect.getsource(sc.Block))
+kinds = {kind: count for kind, count in params.items() if kind != "total"}
+matmul_flops = 6 * (params["matrices"] + params["head"])  # embedding lookups are free
+flops_parts = {"matmuls (6 x weights)": matmul_flops, "attention (QK and AV)": flops_per_token - matmul_flops}
+for kind, count in kinds.items():
+    log(f"{kind:>14}: {count:>12,} parameters ({count / params['total']:.1%})")
+for part, flops in flops_parts.items():
+    log(f"{part:>22}: {flops / 1e6:>10.2f} MFLOP per token ({flops / flops_per_token:.1%})")
+fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3))
+left.barh(list(kinds), list(kinds.values()), color="tab:blue")
+left.set(xlabel="parameters", title=f"{params['total'] / 1e6:.1f} M parameters by kind")
+right.barh(list(flops_parts), [f / 1e6 for f in flops_parts.values()], color="tab:orange")
+right.set(xlabel="MFLOP per token (training)", title=f"FLOPs per token at seq_len {cfg.seq_len}")
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
+# ## Look inside: rotary angles
+# Attention knows where tokens are only through rotary embeddings: each pair of dimensions of a query or key is
+# rotated by an angle that grows with the token's position, at a frequency that falls from pair to pair. The score
+# between a query and a key then depends on how far apart they are, never on where they sit. `sc.rotary_tables`
+# builds the cos and sin tables; the fast pairs turn many times across a short context, the slow ones barely turn
+# across the whole one.
+
+# %%
+cos, sin = sc.rotary_tables(cfg.seq_len, model_config.head_dim)
+fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3))
+image = left.imshow(cos.T, aspect="auto", cmap="RdBu", interpolation="nearest")
+left.set(xlabel="position", ylabel="dimension pair", title="cos(angle) per position and pair")
+fig.colorbar(image, ax=left)
+for pair in (0, model_config.head_dim // 8, model_config.head_dim // 4, model_config.head_dim // 2 - 1):
+    right.plot(torch.atan2(sin[:, pair], cos[:, pair]).numpy(), lw=0.8, label=f"pair {pair}")
+right.set(xlabel="position", ylabel="angle (wrapped to ±π)", title="rotation of four pairs")
+right.legend(fontsize=7)
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
 # ## Optimizers and schedules
 # Muon updates the hidden matrices with orthogonalised momentum; AdamW takes the embeddings, the head and the
 # scalars. Learning rates stay flat, then fall linearly over the last `cooldown_frac` of training; Muon's momentum
@@ -166,6 +222,63 @@ def schedule(step: int) -> list:
              else cfg.seq_len // 2)
     return model.layer_windows(short)
 
+
+# %% [markdown]
+# ## Look inside: what Muon does to an update
+# Gradients of weight matrices are nearly low-rank: a few directions dominate. Adam scales each entry by its own
+# history; on its first step that is the entry's sign, and the update keeps the gradient's few dominant directions.
+# Muon replaces the update by its nearest orthogonal matrix (`sc.orthogonalize`, a few Polar Express iterations):
+# the same directions, each with the same strength, so rare directions learn as fast as common ones. Below, a
+# made-up gradient for a matrix of the model's shape, its i-th direction 1/i as strong as the first, and one step of
+# each optimizer from a fresh state on two copies of the matrix (`sc.Muon` with the source printed, and AdamW); the
+# singular values of the updates, each scaled to its largest, tell the difference.
+
+# %%
+log(inspect.getsource(sc.Muon._orthogonal_update))
+shape = model.parameter_kinds()["matrices"][0].shape
+generator = torch.Generator().manual_seed(0)
+directions = [torch.linalg.qr(torch.randn(n, n, generator=generator))[0] for n in shape]
+strengths = 1 / torch.arange(1, min(shape) + 1, dtype=torch.float32)  # direction i is 1/i as strong as the first
+gradient = directions[0][:, :len(strengths)] @ torch.diag(strengths) @ directions[1][:, :len(strengths)].T
+updates = {}
+for name, make in (("Muon", lambda w: sc.Muon([w], lr=1.0)), ("Adam", lambda w: torch.optim.AdamW([w], lr=1.0,
+                                                                                                  weight_decay=0))):
+    weight = torch.nn.Parameter(torch.zeros(shape))
+    weight.grad = gradient.clone()
+    make(weight).step()
+    updates[name] = -weight.detach()
+fig, ax = plt.subplots(figsize=(6, 3))
+for name, matrix in (("gradient", gradient), *updates.items()):
+    values = torch.linalg.svdvals(matrix)
+    ax.plot((values / values[0]).numpy(), label=name)
+ax.set(yscale="log", xlabel="singular value index", ylabel="relative to the largest",
+       title=f"one update of a {shape[0]}x{shape[1]} matrix")
+ax.legend()
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
+# ## Look inside: the schedules
+# `schedule(step)` above sets every learning rate and Muon's momentum for a step and returns the attention window
+# of every layer. Called for every step of this run and read back from the optimizers, it draws itself: the
+# learning rates stay flat and fall to zero over the last `cooldown_frac`; Muon's momentum warms up; the short
+# window grows (the long layers always see the whole document).
+
+# %%
+muon = next(o for o in optimizers if isinstance(o, sc.Muon))
+traced = []
+for step in range(cfg.steps + 1):
+    windows = schedule(step)
+    group = muon.param_groups[0]
+    traced.append((group["lr"] / group["initial_lr"], group["momentum"], min(w or cfg.seq_len for w in windows)))
+schedule(0)  # leave the optimizers as the first step wants them
+fig, axes = plt.subplots(1, 3, figsize=(12, 3))
+for ax, values, label in zip(axes, zip(*traced), ("learning-rate multiplier", "Muon momentum",
+                                                  "short attention window (tokens)")):
+    ax.plot(values)
+    ax.set(xlabel="step", title=label)
+fig.tight_layout()
+plt.show()
 
 # %% [markdown]
 # ## The data
@@ -192,15 +305,48 @@ def validation_bpb() -> float:
 
 
 # %% [markdown]
-# ## Resume
-# If this run already has a checkpoint, pick up where it stopped: weights, optimizer state and the loader's
-# position, so the continuation is the same as an uninterrupted run.
+# ## Look inside: a packed batch
+# Two short documents, each starting with `<|bos|>`, packed into one row as the loader packs them: no padding, and
+# `cu_seqlens` (from `sc.document_boundaries`) holds where each document starts and the row ends. Attention is causal
+# and stays inside a document, so the mask is block-diagonal: each block a lower triangle. The backend never builds
+# that mask; it takes `cu_seqlens` and runs each document on its own, which the cell checks (the packed row gives
+# the same output as each document alone). On the right, the documents of the first real batch.
 
 # %%
-start_step = 0
-latest = sc.latest_checkpoint(checkpoint_dir) if cfg.resume else None
+documents = ["The cat sat on the mat.", "Rain fell all day."]
+packed_ids = np.concatenate([tokenizer.encode(text, prepend_bos=True) for text in documents])
+toy_cu = torch.from_numpy(sc.document_boundaries(packed_ids, tokenizer.bos_id, cfg.seq_len))
+length = len(packed_ids)
+doc_of = sc.document_ids(toy_cu, length)
+toy_mask = (doc_of[:, None] == doc_of[None, :]) & torch.ones(length, length, dtype=torch.bool).tril()
+log(f"{length} tokens: {[tokenizer.decode([t]) for t in packed_ids]}")
+log(f"cu_seqlens {toy_cu.tolist()}; positions inside documents {sc.positions_in_documents(toy_cu, length).tolist()}")
+q, k, v = (torch.randn(length, 2, model_config.head_dim, device=device, dtype=compute_dtype) for _ in range(3))
+packed_out = sc.attention(q, k, v, toy_cu.to(device), int(toy_cu.diff().max()), backend=backend)
+alone_out = torch.cat([sc.attention(q[a:b], k[a:b], v[a:b], torch.tensor([0, b - a], device=device, dtype=torch.int32),
+                                    b - a, backend=backend) for a, b in zip(toy_cu[:-1].tolist(), toy_cu[1:].tolist())])
+log(f"packed against each document alone: largest difference {(packed_out - alone_out).abs().max().item():.1e}")
+fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+left.imshow(toy_mask.numpy(), cmap="gray", interpolation="nearest")
+left.set(xlabel="key position", ylabel="query position", title=f"block-diagonal causal mask, cu_seqlens {toy_cu.tolist()}")
+right.bar(range(len(example.cu_seqlens) - 1), example.cu_seqlens.diff().cpu().numpy())
+right.set(xlabel="document in the batch", ylabel="tokens",
+          title=f"first batch: {len(example.cu_seqlens) - 1} documents in {len(example.inputs)} tokens")
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
+# ## Resume
+# If this run already has a checkpoint, pick up where it stopped: weights, optimizer state and the loader's
+# position, so the continuation is the same as an uninterrupted run (also under another number of processes). A
+# damaged newest checkpoint is reported and the one before it taken. A run that has already reached `steps` trains
+# nothing and keeps its summary: pass a larger `--steps` to continue it, or a new `--run_name`.
+
+# %%
+start_step, latest = (sc.resume_training(checkpoint_dir, model, optimizers, train_loader, dist_info, "03_pretrain",
+                                         log) if cfg.resume else (0, None))
+complete = sc.run_is_complete(start_step, cfg.steps, cfg.run_name, latest, log)
 if latest is not None:
-    start_step = sc.resume_training(latest, model, optimizers, train_loader, dist_info)
     log(f"resumed from {latest} at step {start_step}")
 elif dist_info.master:
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
@@ -229,7 +375,7 @@ def peak_memory_gb() -> float | None:
     return round(torch.cuda.max_memory_allocated() / 1e9, 2) if device.startswith("cuda") else None
 
 
-for step in range(start_step, cfg.steps + 1):
+for step in range(start_step, start_step if complete else cfg.steps + 1):
     last = step == cfg.steps
     if step % cfg.eval_every == 0 or last:
         val_bpb = validation_bpb()
@@ -252,6 +398,7 @@ for step in range(start_step, cfg.steps + 1):
         loss_scaler.scale(loss / accum_steps).backward()
     loss_scaler.step(optimizers)
     train_loss = loss.item()  # one sync per step: the loss of the last micro-batch
+    sc.check_finite_loss(train_loss, step + 1)
     step_seconds = time.time() - t0
     step_times.append(step_seconds)
     if len(step_times) == 1:  # keep what set-up and compilation left behind out of every later garbage collection
@@ -308,7 +455,7 @@ summary = {
     if steady_step and peak else None,
     "peak_memory_GB": peak_memory_gb(),
 }
-if dist_info.master:
+if dist_info.master and not complete:
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     log(json.dumps(summary, indent=1))
 if torch.distributed.is_initialized():

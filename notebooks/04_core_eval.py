@@ -22,9 +22,12 @@
 #
 # Steps:
 # 1. set-up: load the newest checkpoint of `03_pretrain` and the task shards of `02_sharding`;
-# 2. score every task, packing many examples into each forward pass, each choice's shared context only once;
-# 3. compare with scoring one prompt at a time (the same answers, far slower);
-# 4. a table and a bar chart per task, the checkpoint's validation bits per byte, and a results file.
+# 2. look inside: one example as a prefix tree, its attention mask, and the same scores as one prompt at a time;
+# 3. score every task, packing many examples into each forward pass, each choice's shared context only once;
+# 4. a table and a bar chart per task, the checkpoint's validation bits per byte, and a summary file.
+#
+# With `benchmark=True` (the `baselines/` scripts pass it) it also times a warm-up apart from the scored pass and
+# scores the first examples of every task again one prompt at a time, to compare speeds.
 #
 # Headless: `python notebooks/04_core_eval.py --checkpoint=path/to/step_002000.pt`; on a node:
 # `torchrun --nproc_per_node=8 notebooks/04_core_eval.py` (each rank scores a slice of every task).
@@ -60,11 +63,13 @@ sc.setup_runtime(use_drive)
 # dtype of this device with the fastest attention backend that works here.
 #
 # `compile=True` compiles the layers on a GPU. Scoring is forward passes only, where the many small elementwise
-# steps between the matmuls (norms, rotary, ReLU², the residual mixing) cost as much as the matmuls themselves
-# unless `torch.compile` fuses them. On an H100 that makes a full depth-20 pass 1.8x faster (61 s instead of 109 s;
-# 56 s with FlashAttention-4 installed, which `attention="auto"` picks) and a depth-12 pass 2.2x faster, but
-# compiling takes 1 to 3 minutes first. So it pays when one process scores more than once, and the default leaves
-# it off: for a single evaluation the eager pass finishes first.
+# steps between the matmuls (norms, rotary, ReLU², the residual mixing) weigh as much as the matmuls themselves
+# unless `torch.compile` fuses them. Compiling costs minutes before the first pass, so it pays when one process
+# scores more than once; the default leaves it off, since for a single evaluation the eager pass finishes first.
+#
+# Measured (H100, depth 12 and 20, eager against compiled):
+# [record 2026-11-25-core-compiled](../baselines/2026-11-25-core-compiled/README.md);
+# with FlashAttention-4: [record 2026-11-25-core-60s](../baselines/2026-11-25-core-60s/README.md).
 
 # %%
 import json
@@ -81,10 +86,13 @@ class CoreEvalConfig(sc.StackConfig):
     run_name: str = "pretrain"  # the 03_pretrain run whose newest checkpoint is evaluated
     checkpoint: str = ""  # a checkpoint file to evaluate instead
     pack_tokens: int = 32_768  # tokens per packed forward pass
-    compare_examples: int = 50  # first examples of every task also scored one prompt at a time (0: skip)
+    benchmark: bool = False  # time a warm-up apart and compare with one prompt at a time (the baselines/ scripts)
+    compare_examples: int = 50  # with benchmark: first examples of every task also scored one prompt at a time
     attention: str = "auto"  # auto | flash | varlen | flex | sdpa
     compile: bool = False  # torch.compile the layers on GPUs for faster passes after a 1-1.5 minute warm-up
     PRESETS = {"tiny": dict(pack_tokens=4096)}
+    LIMITS = {"run_name": sc.folder_name(), "pack_tokens": sc.above(0), "compare_examples": sc.at_least(0),
+              "attention": sc.ATTENTION_SETTING}
 
 
 cfg = sc.configure(CoreEvalConfig)
@@ -111,27 +119,79 @@ log(f"checkpoint {checkpoint_path} (step {checkpoint['step']}), {model.num_param
     f"attention {backend}; {len(shards)} CORE tasks, {sum(len(s.records) for s in shards):,} prompts")
 
 # %% [markdown]
+# ## Look inside: one example as a prefix tree
+# Take the first example of the first task with several choices. `sc.core_examples` gives each choice as one token
+# sequence (`<|bos|>`, context, continuation) and where its scored continuation starts. `sc.pack_core_examples`
+# lays the example out as a tree: the input tokens all choices share (branch 0), then each choice's own tokens
+# (branch c + 1), each with its position in its choice's sequence, so the rotary angles are those of the choice
+# run alone. `sc.shared_prefix_mask_mod` says which earlier token each token may attend to: the shared prefix and
+# its own branch, never a sibling branch. Drawn below: white where attention is allowed.
+#
+# Why the shared context is scored once: causal attention means a token's hidden states depend only on the tokens
+# before it. The shared prefix comes before every choice's own tokens, so its states are the same in every choice's
+# sequence; computing them once and letting every branch attend to them gives each choice exactly the logits it
+# would get alone. The cell checks that: the same example scored packed and one prompt at a time.
+
+# %%
+choice_column, gold_column = (sc.CORE_RECORD_FIELDS.index(field) for field in ("choice", "gold"))
+tree_shard = next(s for s in shards if s.records[:, choice_column].max() > 0)
+first_records = sc.first_examples(tree_shard, 1).records
+choices = next(sc.core_examples(tree_shard.tokens, first_records, model.config.max_seq_len))
+pack = sc.pack_core_examples([choices])
+mask_mod = sc.shared_prefix_mask_mod(*(torch.from_numpy(a) for a in (pack.documents, pack.branches, pack.positions)),
+                                     None)
+index = torch.arange(len(pack.inputs))
+tree_mask = mask_mod(0, 0, index[:, None], index[None, :]).numpy()
+shared = sc.shared_prefix_length(choices)
+log(f"{tree_shard.label}, example 0: {len(choices)} choices; {shared} shared input tokens, own tokens per choice "
+    f"{[int((pack.branches == b).sum()) for b in range(1, len(choices) + 1)]}")
+log(f"tokens fed: {sc.shared_prefix_cost(choices)} as a tree, {sum(len(seq) - 1 for seq, _ in choices)} one "
+    f"choice at a time")
+for c, (seq, start) in enumerate(choices):
+    log(f"  choice {c}{' (gold)' if first_records[c, gold_column] else ''}: ...{tokenizer.decode(seq[max(shared - 8, 1):start])!r}"
+        f" -> scored {tokenizer.decode(seq[start:])!r}")
+packed_scores = sc.score_core_records(model, tree_shard.tokens, first_records, backend, device, cfg.pack_tokens)
+alone_scores = sc.score_core_records(model, tree_shard.tokens, first_records, backend, device, 0)
+log(f"{'choice':>6} {'mean loss packed':>17} {'one at a time':>14}")
+for c, (packed_loss, alone_loss) in enumerate(zip(packed_scores[:, 0], alone_scores[:, 0])):
+    log(f"{c:>6} {packed_loss:>17.4f} {alone_loss:>14.4f}")
+if dist_info.master:
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.imshow(tree_mask, cmap="gray", interpolation="nearest")
+    for boundary in np.flatnonzero(np.diff(pack.branches)) + 0.5:
+        ax.axhline(boundary, color="tab:red", lw=0.6)
+        ax.axvline(boundary, color="tab:red", lw=0.6)
+    ax.set(xlabel="key (packed token)", ylabel="query (packed token)",
+           title=f"prefix-tree mask: shared context, then {len(choices)} choices")
+    fig.tight_layout()
+    fig.savefig(run_dir / "prefix_tree_mask.png", dpi=120)
+    plt.show()
+
+# %% [markdown]
 # ## Score every task
 # A multiple-choice or schema example is right when its gold choice has the lowest mean loss over the continuation
 # tokens; a language-modelling example when greedy decoding gives the continuation token for token. Examples of
 # different lengths are packed back to back into one sequence of up to `pack_tokens` tokens. The choices of an
-# example share their start (mostly the few-shot context, 3-4x the continuation tokens in the multiple-choice
-# tasks), so each example goes in as a tree: the shared tokens once, then each choice's own tokens, with a
+# example share their start (mostly the few-shot context, far longer than the continuations), so each example goes
+# in as a tree: the shared tokens once, then each choice's own tokens, with a
 # FlexAttention mask that lets every choice see the shared part and itself only, exactly as if it ran alone.
-# That cuts the tokens of a full pass about threefold (98M to 32M on the 18 tasks of the full data).
+# The tokens fed shrink by the shared context times (choices - 1) per example, as the look inside above counted.
 #
-# A warm-up comes first: the first packed pass of every task, and its first two examples one prompt at a time. It
-# compiles FlexAttention for the prefix-tree passes and, with `compile=True`, the layers (one graph over all of
-# them) for every kind of pass, one-time costs kept apart from the timed passes. Full-size passes, because kernels
-# tuned on first use keep what suited the sizes they saw then.
+# With `benchmark=True`, a warm-up comes first: the first packed pass of every task, and its first two examples one
+# prompt at a time. It compiles FlexAttention for the prefix-tree passes and, with `compile=True`, the layers (one
+# graph over all of them) for every kind of pass, one-time costs kept apart from the timed passes. Full-size
+# passes, because kernels tuned on first use keep what suited the sizes they saw then. Without it, those one-time
+# costs fall inside the scored pass, which is what a single evaluation pays anyway.
 
 # %%
-started = time.time()
-sc.evaluate_core(model, [sc.first_pack(shard, cfg.pack_tokens, model.config.max_seq_len) for shard in shards],
-                 backend, device, cfg.pack_tokens)
-sc.evaluate_core(model, [sc.first_examples(shard, 2) for shard in shards], backend, device)
-warmup_seconds = time.time() - started
-log(f"warm-up: {warmup_seconds:.1f} s")
+warmup_seconds = None
+if cfg.benchmark:
+    started = time.time()
+    sc.evaluate_core(model, [sc.first_pack(shard, cfg.pack_tokens, model.config.max_seq_len) for shard in shards],
+                     backend, device, cfg.pack_tokens)
+    sc.evaluate_core(model, [sc.first_examples(shard, 2) for shard in shards], backend, device)
+    warmup_seconds = round(time.time() - started, 2)
+    log(f"warm-up: {warmup_seconds:.1f} s")
 started = time.time()
 results = sc.evaluate_core(model, shards, backend, device, cfg.pack_tokens, log=log)
 packed_seconds = time.time() - started
@@ -147,27 +207,30 @@ log(f"CORE {results['core']:.4f} in {sc.format_duration(packed_seconds)} ({packe
     f"{scored_examples / packed_seconds:,.1f} examples/s)")
 
 # %% [markdown]
-# ## Packed against one prompt at a time
-# The first `compare_examples` examples of every task, scored again with one prompt per forward pass, must give
-# the same answers; the packed passes keep the accelerator busy and run each shared context once, which is where
-# the speed-up comes from.
+# ## Benchmark only: packed against one prompt at a time
+# With `benchmark=True`, the first `compare_examples` examples of every task are scored again with one prompt per
+# forward pass: the same answers, and the time both ways. The packed passes keep the accelerator busy and run each
+# shared context once, which is where the speed-up comes from. Off by default: the look inside above already showed
+# on one example that both ways give the same scores.
 
 # %%
-compared = [sc.first_examples(shard, cfg.compare_examples) for shard in shards] if cfg.compare_examples else []
 timings = {}
-for name, pack_tokens in (("packed", cfg.pack_tokens), ("one_by_one", 0)):
-    started = time.time()
-    timings[name] = (sc.evaluate_core(model, compared, backend, device, pack_tokens), time.time() - started)
-    tokens = sum(sc.core_input_tokens(s, model.config.max_seq_len, pack_tokens) for s in compared)
-    examples = sum(task["examples"] for task in timings[name][0]["tasks"].values())
-    log(f"{name}: {timings[name][1]:.2f} s, {tokens:,} tokens fed ({tokens / timings[name][1]:,.0f}/s), "
-        f"{examples / timings[name][1]:,.1f} examples/s")
-same = all(timings["packed"][0]["tasks"][s.label]["accuracy"] == timings["one_by_one"][0]["tasks"][s.label]["accuracy"]
-           for s in compared)
-if compared:
+if cfg.benchmark:
+    compared = [sc.first_examples(shard, cfg.compare_examples) for shard in shards]
+    for name, pack_tokens in (("packed", cfg.pack_tokens), ("one_by_one", 0)):
+        started = time.time()
+        timings[name] = (sc.evaluate_core(model, compared, backend, device, pack_tokens), time.time() - started)
+        tokens = sum(sc.core_input_tokens(s, model.config.max_seq_len, pack_tokens) for s in compared)
+        examples = sum(task["examples"] for task in timings[name][0]["tasks"].values())
+        log(f"{name}: {timings[name][1]:.2f} s, {tokens:,} tokens fed ({tokens / timings[name][1]:,.0f}/s), "
+            f"{examples / timings[name][1]:,.1f} examples/s")
+    same = all(timings["packed"][0]["tasks"][s.label]["accuracy"]
+               == timings["one_by_one"][0]["tasks"][s.label]["accuracy"] for s in compared)
     speedup = timings["one_by_one"][1] / max(timings["packed"][1], 1e-9)
     log(f"first {cfg.compare_examples} examples of each task: packed {speedup:.1f}x faster than one at a time; "
         f"same accuracies: {same}")
+else:
+    log("benchmark=False: no warm-up timing and no one-prompt-at-a-time comparison")
 
 # %% [markdown]
 # ## Centred accuracy per task
@@ -188,9 +251,9 @@ if dist_info.master:
     plt.show()
 
 # %% [markdown]
-# ## Validation bits per byte and the results file
+# ## Validation bits per byte and the summary file
 # Bits per byte on the same validation tokens `03_pretrain` measured, so the two numbers sit side by side in
-# `runs/04_core_eval/results.json`.
+# `runs/04_core_eval/summary.json` (which the report card of `07_chat` reads).
 
 # %%
 train_config = checkpoint["config"]
@@ -204,12 +267,12 @@ val_bpb = sc.evaluate_bpb(model, val_loader, val_steps, token_bytes.to(device), 
 summary = {"checkpoint": str(checkpoint_path), "step": checkpoint["step"], "preset": cfg.preset,
            "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
            "ranks": dist_info.world_size, "attention": backend, "core": results["core"], "val_bpb": val_bpb,
-           "seconds": round(packed_seconds, 2), "warmup_seconds": round(warmup_seconds, 2),
+           "seconds": round(packed_seconds, 2), "warmup_seconds": warmup_seconds,
            "tokens_per_second": round(fed_tokens / packed_seconds),
            "tasks": results["tasks"],
            "speed": {name: round(seconds, 3) for name, (_, seconds) in timings.items()}}
 if dist_info.master:
-    (run_dir / "results.json").write_text(json.dumps(summary, indent=1))
-    log(f"val bpb {val_bpb:.4f} | CORE {results['core']:.4f} | written {run_dir / 'results.json'}")
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    log(f"val bpb {val_bpb:.4f} | CORE {results['core']:.4f} | written {run_dir / 'summary.json'}")
 if torch.distributed.is_initialized():
     torch.distributed.destroy_process_group()

@@ -74,7 +74,7 @@ from dataclasses import dataclass
 import matplotlib.pyplot as plt
 import torch
 
-from data.chat_eval import ChatEvalConfig, describe_tasks, load_chat_tasks
+from data.chat_eval import ChatEvalConfig, chat_table, describe_tasks, load_chat_tasks, plot_chat_results
 
 
 @dataclass
@@ -99,6 +99,13 @@ class SFTConfig(ChatEvalConfig):
         "tiny": dict(tokens_per_step=2048, micro_tokens=2048, steps=20, eval_every=10, eval_steps=2, save_every=10,
                      pack_tokens=4096),
         "colab": dict(tokens_per_step=131_072, micro_tokens=16_384, steps=1000, pack_tokens=16_384),
+    }
+    LIMITS = {
+        "base_run": sc.folder_name(), "run_name": sc.folder_name(), "tokens_per_step": sc.above(0),
+        "micro_tokens": sc.above(0), "steps": sc.at_least(0), "lr_scale": sc.above(0),
+        "cooldown_frac": sc.at_least(0, 1),
+        "eval_every": sc.above(0), "eval_steps": sc.above(0), "save_every": sc.above(0), "pack_tokens": sc.above(0),
+        "attention": sc.ATTENTION_SETTING, "seed": sc.at_least(0),
     }
 
 
@@ -125,7 +132,7 @@ base_path = cfg.checkpoint or sc.latest_checkpoint(sc.artifact_dir("checkpoints"
 if base_path is None:
     raise sc.MissingArtifactError(f"no checkpoint in {sc.artifact_dir('checkpoints') / cfg.base_run}: run "
                                   f"notebooks/03_pretrain first (STACK_HOME is {sc.stack_home()})")
-model, base_checkpoint = sc.model_from_checkpoint(base_path, device)
+model, base_checkpoint = sc.model_from_checkpoint(base_path, device, tokenizer.vocab_size, "03_pretrain")
 compute_dtype = sc.pick_compute_dtype(device)
 model.set_compute_dtype(compute_dtype)
 backend = sc.pick_attention_backend(device, cfg.attention)
@@ -156,6 +163,39 @@ log(f"first batch: {len(example.cu_seqlens) - 1} conversations in {len(example.i
     f"{example.max_seqlen}, {int((example.targets >= 0).sum())} trained tokens")
 
 # %% [markdown]
+# ## Look inside: what the model is trained on
+# The first conversation of the first training shard, read back from `shards/sft` with its loss-mask side file,
+# token by token: green tokens have mask 1 and are trained on (what the assistant writes, its calculator calls,
+# `<|assistant_end|>`), grey ones are context only (the user's turns, the calculator's output, the special tokens
+# that open a turn). The loader turns mask 0 into target -1, which the loss skips. Newlines show as `\n`, other
+# characters outside ASCII as their escapes.
+
+# %%
+import numpy as np
+
+first_sft_shard = sc.list_shards(sft_dir, "train")[0]
+stream_ids = sc.read_shard(first_sft_shard, tokenizer.vocab_size)
+stream_mask = sc.read_shard(sc.side_file(first_sft_shard, "mask"))
+later_starts = np.flatnonzero(stream_ids[1:] == tokenizer.bos_id)
+conversation_end = int(later_starts[0]) + 1 if len(later_starts) else len(stream_ids)
+shown = min(conversation_end, 300)
+line_chars, column, row = 150, 0, 0
+rows = 1 + len(tokenizer.decode(stream_ids[:shown].tolist())) * 2 // line_chars  # room for the gaps between tokens
+fig, ax = plt.subplots(figsize=(12, 0.6 + 0.22 * rows))
+for token, trained in zip(stream_ids[:shown].tolist(), stream_mask[:shown].tolist()):
+    text = tokenizer.decode([token]).encode("ascii", "backslashreplace").decode().replace("\n", "\\n")
+    if column + len(text) > line_chars:
+        column, row = 0, row + 1
+    ax.text(column, -row, text, family="monospace", fontsize=8.5, va="center",
+            bbox=dict(facecolor="palegreen" if trained else "whitesmoke", edgecolor="none", pad=1))
+    column += len(text) + 1
+ax.set(xlim=(0, line_chars), ylim=(-row - 0.7, 0.7), title=f"{shown} of {conversation_end} tokens; green: trained "
+       f"on ({int(stream_mask[:conversation_end].sum())} tokens)")
+ax.axis("off")
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
 # ## Before fine-tuning: the chat evals of the base model
 # Multiple-choice tasks render the question as a user turn, then `<|assistant_start|>`, and read which allowed
 # letter gets the highest logit (many questions per packed forward pass). Generative tasks let the model answer by
@@ -168,14 +208,13 @@ log(f"first batch: {len(example.cu_seqlens) - 1} conversations in {len(example.i
 tasks = load_chat_tasks(cfg)
 log(describe_tasks(tasks))
 before_file = run_dir / "chat_before.json"
-latest = sc.latest_checkpoint(checkpoint_dir) if cfg.resume else None
-if latest is not None and before_file.exists():
+if sc.latest_checkpoint(checkpoint_dir) is not None and cfg.resume and before_file.exists():
     before = json.loads(before_file.read_text())
 else:
     before = sc.evaluate_chat(model, tokenizer, tasks, backend, device, cfg.pack_tokens)
     if dist_info.master:
         before_file.write_text(json.dumps(before, indent=1))
-log(sc.chat_table({"base": before}))
+log(chat_table({"base": before}))
 
 # %% [markdown]
 # ## Optimizers and schedule
@@ -189,12 +228,15 @@ loss_scaler = sc.LossScaler(compute_dtype, device)  # fp16 only (a T4); a plain 
 # %% [markdown]
 # ## Resume
 # If this run already has a checkpoint, continue from it: the fine-tuned weights, the optimizer state and the
-# loader's place in its shuffled epoch.
+# loader's place in its shuffled epoch (with the same number of processes: each rank has its own place). A damaged
+# newest checkpoint is reported and the one before it taken. A run that has already reached `steps` trains nothing
+# and keeps its results file: pass a larger `--steps` to continue it, or a new `--run_name`.
 
 # %%
-start_step = 0
+start_step, latest = (sc.resume_training(checkpoint_dir, model, optimizers, train_loader, dist_info, "05_sft",
+                                         log) if cfg.resume else (0, None))
+complete = sc.run_is_complete(start_step, steps, cfg.run_name, latest, log)
 if latest is not None:
-    start_step = sc.resume_training(latest, model, optimizers, train_loader, dist_info)
     log(f"resumed from {latest} at step {start_step}")
 elif dist_info.master:
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
@@ -210,7 +252,7 @@ run_log = sc.RunLog(run_dir, enabled=dist_info.master)
 # %%
 val_loss = float("nan")
 train_seconds = 0.0
-for step in range(start_step, steps + 1):
+for step in range(start_step, start_step if complete else steps + 1):
     last = step == steps
     if step % cfg.eval_every == 0 or last:
         val_loader.load_state_dict({"epoch": 0, "cursor": 0})
@@ -238,6 +280,7 @@ for step in range(start_step, steps + 1):
         step_loss += loss.detach()
     loss_scaler.step(optimizers)
     train_loss = float(step_loss)  # one sync per step
+    sc.check_finite_loss(train_loss, step + 1)
     step_seconds = time.time() - t0
     train_seconds += step_seconds
     tokens = sum(len(batch.inputs) for batch in batches)
@@ -273,15 +316,15 @@ if dist_info.master:
 # %%
 after = sc.evaluate_chat(model, tokenizer, tasks, backend, device, cfg.pack_tokens)
 stages = {"base": before, "sft": after}
-log(sc.chat_table(stages))
+log(chat_table(stages))
 if dist_info.master:
-    figure = sc.plot_chat_results(stages, title=f"chat evals before and after SFT ({steps} steps)")
+    figure = plot_chat_results(stages, title=f"chat evals before and after SFT ({steps} steps)")
     figure.savefig(run_dir / "chat_evals.png", dpi=120)
     plt.show()
 
 # %% [markdown]
-# ## The results file
-# `runs/sft/results.json` holds both evaluations, the losses and the run's settings; the checkpoint in
+# ## The summary file
+# `runs/sft/summary.json` holds both evaluations, the losses and the run's settings; the checkpoint in
 # `checkpoints/sft` is what `06_rl` and `07_chat` load.
 
 # %%
@@ -289,9 +332,9 @@ results = {"base_checkpoint": str(base_path), "steps": steps, "preset": cfg.pres
            "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
            "ranks": dist_info.world_size, "attention": backend, "final_val_loss": val_loss,
            "train_seconds": round(train_seconds, 1), "chat": stages, "config": dataclasses.asdict(cfg)}
-if dist_info.master:
-    (run_dir / "results.json").write_text(json.dumps(results, indent=1))
+if dist_info.master and not complete:
+    (run_dir / "summary.json").write_text(json.dumps(results, indent=1))
     log(f"val loss {val_loss:.4f} | ChatCORE {before['chatcore']:.3f} -> {after['chatcore']:.3f} | "
-        f"written {run_dir / 'results.json'}")
+        f"written {run_dir / 'summary.json'}")
 if torch.distributed.is_initialized():
     torch.distributed.destroy_process_group()

@@ -84,7 +84,7 @@ class RLConfig(sc.StackConfig):
     max_new_tokens: int = 256  # longest answer, tool output included
     temperature: float = 1.0  # 1.0 and no top-k sample exactly from the policy being trained
     top_k: int = 0  # 0: no top-k cut
-    lr_frac: float = 0.05  # learning rates as a fraction of the pretraining ones (nanochat's choice)
+    lr_scale: float = 0.05  # learning rates as a fraction of the pretraining ones (nanochat's choice)
     pass_tokens: int = 65_536  # tokens per forward/backward pass over the packed rollouts
     eval_every: int = 60  # steps between pass@k evaluations (and at the start and the end)
     eval_prompts: int = 400  # test questions per evaluation
@@ -99,6 +99,13 @@ class RLConfig(sc.StackConfig):
                      eval_every=2, eval_prompts=4, eval_samples=4, save_every=2),
         "colab": dict(steps=200, prompts_per_step=8, samples_per_prompt=8, pass_tokens=16_384, eval_every=50,
                       eval_prompts=200, save_every=50),
+    }
+    LIMITS = {
+        "steps": sc.above(0), "prompts_per_step": sc.above(0), "samples_per_prompt": sc.above(0),
+        "max_new_tokens": sc.above(0), "temperature": sc.at_least(0), "top_k": sc.at_least(0), "lr_scale": sc.above(0),
+        "pass_tokens": sc.above(0), "eval_every": sc.above(0), "eval_prompts": sc.above(0), "eval_samples": sc.above(0),
+        "save_every": sc.above(0), "attention": sc.ATTENTION_SETTING, "run_name": sc.folder_name(),
+        "seed": sc.at_least(0),
     }
 
 
@@ -132,11 +139,11 @@ def starting_checkpoint() -> str:
 
 
 start_path = starting_checkpoint()
-model, start_checkpoint = sc.model_from_checkpoint(start_path, device)
+tokenizer = sc.Tokenizer.load(sc.artifact_dir("tokenizer"))
+model, start_checkpoint = sc.model_from_checkpoint(start_path, device, tokenizer.vocab_size)
 compute_dtype = sc.pick_compute_dtype(device)
 model.set_compute_dtype(compute_dtype)
 backend = sc.pick_attention_backend(device, cfg.attention)
-tokenizer = sc.Tokenizer.load(sc.artifact_dir("tokenizer"))
 engine = sc.Engine(model, tokenizer, backend)
 print(f"starting from {start_path} (step {start_checkpoint['step']}): {model.num_params()['total']:,} parameters, "
       f"attention {backend}, device {device}")
@@ -150,7 +157,7 @@ print(f"starting from {start_path} (step {start_checkpoint['step']}): {model.num
 # %%
 prompt_dir = sc.artifact_dir("shards") / "gsm8k"
 longest_prompt = model.config.max_seq_len - cfg.max_new_tokens
-train_prompts, test_prompts = ([p for p in sc.read_prompt_shard(prompt_dir, split, tokenizer.vocab_size)
+train_prompts, test_prompts = ([p for p in gsm8k.read_prompt_shard(prompt_dir, split, tokenizer.vocab_size)
                                 if len(p.ids) <= longest_prompt] for split in ("train", "test"))
 test_prompts = test_prompts[:cfg.eval_prompts]
 sampler = sc.PromptSampler(train_prompts, cfg.seed)
@@ -177,26 +184,55 @@ for text, mask, reward, advantage in list(zip(group.completions, group.masks, gr
     print(f"reward {reward:.0f} | advantage {advantage:+.2f} | {forced} forced tokens | {text[:300]!r}")
 
 # %% [markdown]
+# ## Look inside: rewards and advantages of one group
+# `sc.group_advantages` is one line, printed below from `stackcore`: each reward minus its group's mean. On the left,
+# the group sampled above; when all its rewards are equal (a small model often gets every answer wrong), every
+# advantage is zero and the group adds nothing to the gradient. On the right, the same function on a made-up group
+# of eight answers, three of them right: the right ones are pushed up by 1 - 3/8, the wrong ones down by 3/8, and
+# the pushes sum to zero.
+
+# %%
+import inspect
+
+print(inspect.getsource(sc.group_advantages))
+made_up = torch.tensor([[1.0, 0, 0, 1, 0, 0, 1, 0]])
+fig, axes = plt.subplots(1, 2, figsize=(11, 3), sharey=True)
+for ax, rewards, title in ((axes[0], torch.tensor([group.rewards]), f"sampled group (gold {example_prompt.gold})"),
+                           (axes[1], made_up, "made-up group: 3 of 8 right")):
+    group_advantage = sc.group_advantages(rewards)[0]
+    samples = np.arange(rewards.shape[1])
+    ax.bar(samples - 0.2, rewards[0].numpy(), 0.4, label="reward")
+    ax.bar(samples + 0.2, group_advantage.numpy(), 0.4, label="advantage")
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set(xlabel="answer", title=title)
+    print(f"{title}: rewards {rewards[0].tolist()} -> advantages {[round(a, 3) for a in group_advantage.tolist()]}")
+axes[0].legend()
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
 # ## The optimizer
-# The same Muon + AdamW pair as pretraining, with every learning rate scaled by `lr_frac` and decayed linearly to
+# The same Muon + AdamW pair as pretraining, with every learning rate scaled by `lr_scale` and decayed linearly to
 # zero over the run. Each step's rollouts are sampled from the current weights and used for exactly one update, so
 # the method stays on-policy: no importance ratios, no clipping, and no KL penalty to the starting model (see
 # `sc.policy_gradient_loss` for why).
 
 # %%
-optimizers = sc.build_optimizers(model, lr_scale=cfg.lr_frac)
+optimizers = sc.build_optimizers(model, lr_scale=cfg.lr_scale)
 loss_scaler = sc.LossScaler(compute_dtype, device)  # fp16 only (a T4); a plain optimizer step otherwise
 
 # %% [markdown]
 # ## Resume
 # If this run already has a checkpoint, continue from it: weights, optimizer state and the position in the question
-# order. Otherwise start a fresh log.
+# order (a damaged newest checkpoint is reported and the one before it taken). Otherwise start a fresh log. A run
+# that has already reached `steps` trains nothing and keeps its summary: pass a larger `--steps` to continue it, or a
+# new `--run_name`.
 
 # %%
-start_step = 0
-latest = sc.latest_checkpoint(checkpoint_dir) if cfg.resume else None
+start_step, latest = (sc.resume_training(checkpoint_dir, model, optimizers, sampler, dist_info, "06_rl")
+                      if cfg.resume else (0, None))
+complete = sc.run_is_complete(start_step, cfg.steps, cfg.run_name, latest)
 if latest is not None:
-    start_step = sc.resume_training(latest, model, optimizers, sampler, dist_info)
     print(f"resumed from {latest} at step {start_step}")
 else:
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
@@ -220,7 +256,7 @@ def evaluate(step: int) -> None:
 
 
 totals = {"rollout_seconds": 0.0, "update_seconds": 0.0, "answer_tokens": 0}
-for step in range(start_step, cfg.steps + 1):
+for step in range(start_step, start_step if complete else cfg.steps + 1):
     last = step == cfg.steps
     if (step % cfg.eval_every == 0 or last) and (step > start_step or start_step == 0):  # resumed: done already
         evaluate(step)
@@ -237,6 +273,7 @@ for step in range(start_step, cfg.steps + 1):
     t1 = time.time()
     sc.apply_schedule(optimizers, 1.0 - step / cfg.steps)
     stats = sc.policy_gradient_backward(model, groups, backend, cfg.pass_tokens, device, loss_scaler)
+    sc.check_finite_loss(stats["loss"], step + 1)
     loss_scaler.step(optimizers)
     t2 = time.time()
     answer_tokens = sum(len(seq) - len(g.prompt.ids) for g in groups for seq in g.sequences)
@@ -304,5 +341,6 @@ summary = {
     "rollout_tokens_per_second": (round(totals["answer_tokens"] / totals["rollout_seconds"])
                                   if totals["rollout_seconds"] else None),
 }
-(run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-print(json.dumps(summary, indent=1))
+if not complete:
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary, indent=1))

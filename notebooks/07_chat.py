@@ -30,8 +30,8 @@
 # 5. chat: a widget in the notebook, a terminal loop in the twin (`python notebooks/07_chat.py`), or one answer
 #    with `--prompt="..."`.
 #
-# All the machinery lives in section 13 of `stackcore.py` (`render_conversation`, `calculate`, `Engine`,
-# `ChatSession`); this notebook shows it working.
+# The machinery lives in section 13 of `stackcore.py` (`render_conversation`, `calculate`, `Engine`); the chat
+# itself (`ChatSession`, its widget and terminal loop) in `notebooks/chat_session.py`. This notebook shows it working.
 
 # %% [markdown]
 # ## Get the runtime ready
@@ -72,6 +72,8 @@ from dataclasses import dataclass
 
 import torch
 
+from notebooks.chat_session import ChatPanel, ChatSession, chat_loop, find_chat_checkpoint
+
 
 @dataclass
 class ChatConfig(sc.StackConfig):
@@ -85,16 +87,18 @@ class ChatConfig(sc.StackConfig):
     chat: bool = True  # twin only: chat in the terminal when stdin is a terminal
     attention: str = "auto"  # auto | flash | varlen | flex | sdpa
     PRESETS = {"tiny": dict(max_tokens=24)}
+    LIMITS = {"run_name": sc.folder_name(optional=True), "temperature": sc.at_least(0), "top_k": sc.at_least(0),
+              "max_tokens": sc.above(0), "seed": sc.at_least(0), "attention": sc.ATTENTION_SETTING}
 
 
 cfg = sc.configure(ChatConfig)
 print(sc.describe_config(cfg))
 device = sc.pick_device()
-checkpoint_path = cfg.checkpoint or sc.find_chat_checkpoint(cfg.run_name)
-model, checkpoint = sc.model_from_checkpoint(checkpoint_path, device)
+checkpoint_path = cfg.checkpoint or find_chat_checkpoint(cfg.run_name)
+tokenizer = sc.Tokenizer.load(sc.artifact_dir("tokenizer"))
+model, checkpoint = sc.model_from_checkpoint(checkpoint_path, device, tokenizer.vocab_size)
 model.set_compute_dtype(sc.pick_compute_dtype(device))
 model.to(model.compute_dtype).eval()  # no fp32 master weights at inference: a decode step reads every weight once
-tokenizer = sc.Tokenizer.load(sc.artifact_dir("tokenizer"))
 engine = sc.Engine(model, tokenizer, backend=sc.pick_attention_backend(device, cfg.attention))
 print(f"{checkpoint_path} (step {checkpoint['step']}): {model.num_params()['total']:,} parameters, "
       f"attention {engine.backend}, KV cache {model.kv_bytes_per_token(model.compute_dtype):,} bytes per token")
@@ -102,21 +106,21 @@ print(f"{checkpoint_path} (step {checkpoint['step']}): {model.num_params()['tota
 # %% [markdown]
 # ## The KV cache: prefill, then decode
 # The prompt goes through the model in one pass (the *prefill*), which fills the cache with its keys and values.
-# Each decode step then feeds one token at position `cache.length`: its query attends to the cached keys (only the
-# last `window` of them in the sliding-window layers), and its own key and value are appended. Everything else,
-# value embeddings, U-net skips, the x0 mix and the soft cap, is the training forward pass unchanged, so the
-# logits must match a full forward pass over the same tokens up to float rounding.
+# Each decode step then feeds one token at the row's next position (`cache.lengths`): its query attends to the
+# cached keys (only the last `window` of them in the sliding-window layers), and its own key and value are
+# appended. Both are the training forward pass, `model(ids, kv_cache=cache)`: the same attention, value
+# embeddings, U-net skips, x0 mix and soft cap, so the logits must match a full forward pass over the same tokens
+# up to float rounding.
 
 # %%
 prompt = tokenizer.encode("The capital of France is", prepend_bos=True)
 ids = torch.tensor(prompt + tokenizer.encode(" Paris, and the capital of Italy is Rome."), device=device)
 with torch.no_grad():
-    bounds = torch.tensor([0, len(ids)], device=device, dtype=torch.int32)  # one document
-    full = model(ids, bounds, len(ids), backend=engine.backend)
+    full = model(ids, backend=engine.backend)  # one document
     cache = sc.KVCache(model.config, 1, len(ids), device, model.compute_dtype)
-    steps = [sc.forward_cached(model, ids[None, :len(prompt)], cache, engine.backend)[0]]  # prefill
+    steps = [model(ids[None, :len(prompt)], kv_cache=cache, backend=engine.backend)[0]]  # prefill
     for t in range(len(prompt), len(ids)):  # decode, one token a step
-        steps.append(sc.forward_cached(model, ids[None, t:t + 1], cache, engine.backend)[0])
+        steps.append(model(ids[None, t:t + 1], kv_cache=cache, backend=engine.backend)[0])
 print(f"{len(prompt)} prompt tokens prefilled, {len(ids) - len(prompt)} decoded: largest logit difference against "
       f"the full forward pass {(torch.cat(steps) - full).abs().max().item():.2e}")
 
@@ -148,6 +152,38 @@ print(f"{n} tokens: recomputing {recompute_seconds:.2f} s, with the cache {cache
 print(repr(tokenizer.decode(cached[0])))
 
 # %% [markdown]
+# ## Look inside: the cache filling, step by step
+# A fresh `sc.KVCache` is two zero tensors of shape (layers, rows, heads, capacity, head_dim), allocated once for the
+# longest sequence the generation may reach. The prefill writes the prompt's keys and values at positions
+# 0 .. prompt-1 in one pass; each decode step writes one more position and moves the row's `cache.lengths` entry on. Drawn below,
+# the first layer's cache after each step: the size of the value stored at each position (mean over heads), blank
+# where nothing is stored yet. Nothing already written changes: a step only reads it, which is why a decode step
+# costs one token of compute, and reading the cache (its bytes grow with the length) is what bounds its speed.
+
+# %%
+import matplotlib.pyplot as plt
+
+decode_steps = 6
+cache = sc.KVCache(model.config, 1, len(prompt) + decode_steps, device, model.compute_dtype)
+snapshots, stages, token = [], [], torch.tensor([prompt], device=device)
+with torch.no_grad():
+    for stage in ["prefill", *(f"decode {i + 1}" for i in range(decode_steps))]:
+        logits = model(token, kv_cache=cache, backend=engine.backend)
+        snapshots.append(cache.v[0, 0].float().norm(dim=-1).mean(0).cpu())  # layer 0, row 0: (capacity,)
+        stages.append(f"{stage}: {tokenizer.decode(token[0].tolist())!r}")
+        filled_positions = int(cache.lengths[0])
+        print(f"after {stage:>9}: {filled_positions:>3} positions filled, "
+              f"{filled_positions * model.kv_bytes_per_token(model.compute_dtype):,} bytes of keys and values in use")
+        token = logits[:, -1:].argmax(-1)  # greedy: the next input is the likeliest token
+filled = torch.stack(snapshots)
+fig, ax = plt.subplots(figsize=(10, 3))
+ax.imshow(filled.masked_fill(filled == 0, float("nan")).numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+ax.set_yticks(range(len(stages)), stages, fontsize=7)
+ax.set(xlabel="cache position", title=f"layer 0's values in the cache (capacity {cache.capacity})")
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
 # ## Sampling
 # Temperature divides the logits before the softmax (0 means always the likeliest token); top-k keeps only the k
 # likeliest tokens. `num_samples` rows share one prefill: the engine copies the prompt's cache into every row, and
@@ -157,10 +193,41 @@ print(repr(tokenizer.decode(cached[0])))
 # %%
 for text in ("Once upon a time", "The number of days in a week is"):
     samples, _ = engine.generate(tokenizer.encode(text, prepend_bos=True), num_samples=3, max_tokens=cfg.max_tokens,
-                                 temperature=1.0, top_k=cfg.top_k, seed=cfg.seed)
+                                 temperature=1.0, top_k=cfg.top_k or None, seed=cfg.seed)
     print(text)
     for row in samples:
         print("   ->", repr(tokenizer.decode(row)))
+
+# %% [markdown]
+# ## Look inside: temperature, top-k and top-p on one distribution
+# The model's logits for the token after "The capital of France is", limited to its 30 likeliest tokens to keep the
+# plot readable, go through `sc.sample_tokens` (the engine's own sampler) with 4,000 evenly spaced uniforms: the
+# share of draws each token gets is the distribution that setting samples from. Temperature below 1 sharpens it
+# towards the likeliest token (0 is greedy), above 1 flattens it; top-k keeps the k likeliest tokens; top-p keeps
+# the fewest likeliest tokens whose probabilities add up to p. Both cuts renormalise what they keep.
+
+# %%
+with torch.no_grad():
+    bounds = torch.tensor([0, len(prompt)], device=device, dtype=torch.int32)
+    next_logits = model(torch.tensor(prompt, device=device), bounds, len(prompt), backend=engine.backend)[-1]
+candidates = next_logits.float().cpu().topk(30)
+draws = 4000
+uniforms = (torch.arange(draws) + 0.5) / draws
+settings = {"temperature 0.5": dict(temperature=0.5), "temperature 1": dict(temperature=1.0),
+            "temperature 1.5": dict(temperature=1.5), "top-k 5": dict(temperature=1.0, top_k=5),
+            "top-p 0.5": dict(temperature=1.0, top_p=0.5)}
+fig, ax = plt.subplots(figsize=(11, 3.5))
+for name, options in settings.items():
+    picks = sc.sample_tokens(candidates.values.expand(draws, -1), uniforms, **options)
+    shares = torch.bincount(picks, minlength=len(candidates.values)) / draws
+    ax.plot(shares.numpy(), marker="o", ms=3, label=name)
+    print(f"{name:>16}: {int((shares > 0).sum()):>2} tokens drawn; likeliest {shares[0]:.2f}")
+ax.set_xticks(range(len(candidates.indices)), [repr(tokenizer.decode([i])) for i in candidates.indices.tolist()],
+              rotation=75, fontsize=7)
+ax.set(ylabel="share of draws", title="next token after 'The capital of France is'")
+ax.legend(fontsize=8)
+fig.tight_layout()
+plt.show()
 
 # %% [markdown]
 # ## The chat format and the calculator
@@ -197,10 +264,14 @@ for expression in ("12 * 7", "10 / 4", "2 ** 100", "'strawberry'.count('r')", "1
 # A `ChatSession` keeps the history and streams each reply; tool calls appear as `[calculator: expression =
 # result]`. A base model from `03_pretrain` has never seen a conversation, so expect text that merely continues;
 # after `05_sft` it answers. The question below is `--prompt` when given.
+#
+# The history stays within the model's context: when the prompt plus a full reply (`max_tokens`) no longer fits,
+# the oldest exchanges are dropped (a system prompt stays). A turn that fails changes nothing, so the conversation
+# goes on.
 
 # %%
-session = sc.ChatSession(engine, temperature=cfg.temperature, top_k=cfg.top_k or None, max_tokens=cfg.max_tokens,
-                         seed=cfg.seed)
+session = ChatSession(engine, temperature=cfg.temperature, top_k=cfg.top_k or None, max_tokens=cfg.max_tokens,
+                      seed=cfg.seed)
 question = cfg.prompt or "Hello! What is 12 times 7?"
 print(f"you> {question}\nassistant> ", end="")
 for piece in session.reply(question):
@@ -216,7 +287,29 @@ print()
 if sc.in_notebook_kernel():
     from IPython.display import display
 
-    panel = sc.ChatPanel(session)
+    panel = ChatPanel(session)
     display(panel.widget)
 elif cfg.chat and not cfg.prompt and sys.stdin.isatty():
-    sc.chat_loop(session)
+    chat_loop(session)
+
+# %% [markdown]
+# ## The report card
+# Every notebook leaves a `summary.json` and its figures in `STACK_HOME/runs/<run>`. `sc.write_report` gathers them
+# into one Markdown file, `STACK_HOME/report.md`: the tokenizer's compression, the shards, the pretraining run and its
+# bits-per-byte curve, the CORE table, the chat evals before and after fine-tuning, GSM8K before and after RL, the
+# timings, the hardware each notebook ran on and the commit. A notebook you have not run shows as "not run". Keep
+# the file (with the `runs/` folder beside it, where its figures are) to share what your run achieved; the pipeline
+# (`python3 stackcore.py pipeline`) writes it too, at its end.
+
+# %%
+report_path = sc.write_report(sc.stack_home())
+print(f"written {report_path}")
+report_text = report_path.read_text(encoding="utf-8")
+if sc.in_notebook_kernel():  # the figures' links are relative to STACK_HOME: show them as images here
+    from IPython.display import Image, Markdown, display
+
+    display(Markdown("\n".join(line for line in report_text.splitlines() if not line.startswith("!["))))
+    for figure in sorted(sc.stack_home().glob("runs/*/*.png")):
+        display(Image(filename=str(figure), width=640))
+else:
+    print(report_text)

@@ -10,8 +10,13 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
+
+# The real datasets are an opt-in: STACK_TEST_DATA names a folder laid out like the dev machines' shared/data (core/,
+# gsm8k/, humaneval/, english/); .ci/run sets it when ../shared/data sits beside the checkout. The product never
+# reads such a folder. A test that asks for the real_data fixture skips, naming the variable, when it is unset, and
+# fails when it is set to a folder that lacks what the test reads.
+TEST_DATA_VARIABLE = "STACK_TEST_DATA"
 
 
 @pytest.fixture(autouse=True)
@@ -20,6 +25,16 @@ def stack_home(tmp_path, monkeypatch):
     monkeypatch.setenv("STACK_HOME", str(home))
     monkeypatch.delenv("STACK_PRESET", raising=False)
     return home
+
+
+@pytest.fixture
+def real_data() -> Path:
+    """The folder STACK_TEST_DATA names."""
+    folder = os.environ.get(TEST_DATA_VARIABLE, "")
+    if not folder:
+        pytest.skip(f"real datasets are opt-in: set {TEST_DATA_VARIABLE} to a copy of shared/data (.ci/run does when "
+                    f"../shared/data is beside the checkout)")
+    return Path(folder).expanduser()
 
 
 @pytest.fixture(scope="session")

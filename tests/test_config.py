@@ -64,8 +64,14 @@ def test_unknown_preset_and_stray_argument():
         sc.configure(DemoConfig, ["steps=3"], {"STACK_PRESET": "tiny"})
 
 
-def test_auto_preset_is_tiny_on_cpu():
-    assert sc.configure(DemoConfig, [], {}).preset == "tiny"
+@pytest.mark.parametrize("gpu, preset", [
+    (None, "tiny"), (sc.GpuInfo("NVIDIA H100 80GB HBM3", (9, 0), 85.0), "speedrun"),
+    (sc.GpuInfo("Tesla T4", (7, 5), 15.8), "colab"),
+], ids=["cpu", "h100", "t4"])
+def test_auto_preset_follows_the_gpu_probe(monkeypatch, gpu, preset):
+    """The probe is faked, so the test means the same on a machine with a GPU as on one without."""
+    monkeypatch.setattr(sc, "current_gpu", lambda device="cuda": gpu)
+    assert sc.configure(DemoConfig, [], {}).preset == preset
 
 
 def test_artifacts_live_under_stack_home(stack_home):

@@ -13,12 +13,10 @@ import torch
 import torch.nn as nn
 
 import stackcore as sc
-from conftest import SHARED_DATA
 from data import core
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # CPU scoring
 
-REAL_BUNDLE = SHARED_DATA / "core"
 REAL_COUNTS = {  # examples per task in the shared copy (hellaswag, squad and coqa are absent there)
     "jeopardy": 2117, "bigbench_qa_wikidata": 20321, "arc_easy": 2376, "arc_challenge": 1172, "copa": 100,
     "commonsense_qa": 1221, "piqa": 1838, "openbook_qa": 500, "lambada_openai": 5153, "winograd": 273,
@@ -41,9 +39,9 @@ class BigramStub(nn.Module):
             table[token, successor] = 10.0
         self.register_buffer("table", table)
 
-    def forward(self, input_ids, cu_seqlens, max_seqlen, target_ids=None, *, backend="sdpa", logit_positions=None,
+    def forward(self, input_ids, cu_seqlens, max_seqlen, target_ids=None, *, backend="sdpa", logit_rows=None,
                 **kwargs):
-        return self.table[input_ids if logit_positions is None else input_ids[logit_positions]]
+        return self.table[input_ids if logit_rows is None else input_ids[logit_rows]]
 
     def layer_windows(self):
         return [None] * self.config.depth
@@ -135,10 +133,10 @@ def synthetic_shards(tiny_tokenizer, tmp_path):
     for task in core.CORE_TASKS:
         examples = core.load_examples(bundle, task)
         chosen = core.chosen_indices(len(examples), 6)
-        sc.write_core_shard(tmp_path / "core", task.label, [(i, core.render_example(task, examples, i))
+        core.write_core_shard(tmp_path / "core", task.label, [(i, core.render_example(task, examples, i))
                                                            for i in chosen], tokenizer)
         manifest.append({"label": task.label, "kind": task.kind, "baseline": task.baseline, "examples": 6})
-    sc.write_core_manifest(tmp_path / "core", manifest)
+    core.write_core_manifest(tmp_path / "core", manifest)
     return tokenizer, sc.read_core_shards(tmp_path / "core", tokenizer.vocab_size)
 
 
@@ -214,6 +212,23 @@ def test_compiled_layers_score_like_eager_and_compile_once_per_layout():
     assert entries == [1, 1, 2, 2, 2, 2], entries
 
 
+def test_inductor_options_reach_the_evaluation_graph(monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda function, **kwargs: compiled.append((function, kwargs)) or function)
+    sc._compiled_layer_stack.cache_clear()
+    model = random_gpt(vocab_size=64, max_seq_len=64)
+    model.compile_layers(evaluation=True, inductor_options={"max_autotune": True})
+    with torch.no_grad():
+        model(torch.randint(0, 64, (20,)), backend="flex")
+    sc._compiled_layer_stack.cache_clear()
+    assert [kwargs for function, kwargs in compiled if function is sc.GPT.run_layers] == [
+        dict(dynamic=True, backend="inductor", options={"max_autotune": True})]
+    with pytest.raises(ValueError, match="need the inductor compile backend, not 'aot_eager'"):
+        model.compile_layers("aot_eager", inductor_options={"max_autotune": True})
+    with pytest.raises(ValueError, match="must be hashable"):
+        model.compile_layers(inductor_options={"max_autotune": [True]})
+
+
 def test_only_passes_with_branches_are_padded(monkeypatch):
     # flex passes keep one shape (padded to whole pack_tokens); plain documents go to varlen/flash unpadded
     lengths = []
@@ -246,14 +261,14 @@ def test_packs_share_each_context_once():
     assert (pack.targets == np.concatenate([seq[start:] for choices in examples[:2] for seq, start in choices])).all()
 
 
-def test_logit_positions_keep_rows_of_the_full_logits():
+def test_logit_rows_keep_rows_of_the_full_logits():
     model = random_gpt(vocab_size=64, max_seq_len=64)
     inputs = torch.randint(0, 64, (40,))
     cu_seqlens = torch.tensor([0, 25, 40], dtype=torch.int32)
     rows = torch.tensor([3, 0, 24, 25, 39])
     with torch.no_grad():
         full = model(inputs, cu_seqlens, 25)
-        torch.testing.assert_close(model(inputs, cu_seqlens, 25, logit_positions=rows), full[rows])
+        torch.testing.assert_close(model(inputs, cu_seqlens, 25, logit_rows=rows), full[rows])
 
 
 def test_records_point_at_the_continuation_tokens(synthetic_shards):
@@ -351,30 +366,26 @@ def test_tiny_preset_bundle_is_generated_offline(stack_home):
 
 # --- the real bundle layout -------------------------------------------------------------------------------------
 
-needs_real_bundle = pytest.mark.skipif(not (REAL_BUNDLE / "eval_data").is_dir(), reason="no shared CORE data")
-
-
 def test_task_table_has_the_22_core_tasks():
     assert len(core.CORE_TASKS) == 22 and len(core.TASKS_BY_LABEL) == 22
     assert all(t.kind in core.TASK_KINDS and 0 <= t.baseline < 1 for t in core.CORE_TASKS)
 
 
-@needs_real_bundle
-def test_adapters_read_the_real_bundle():
-    tasks = core.available_tasks(core.find_bundle(str(REAL_BUNDLE)))
-    counts = {task.label: len(core.load_examples(REAL_BUNDLE, task)) for task in tasks}
+def test_adapters_read_the_real_bundle(real_data):
+    bundle = real_data / "core"
+    tasks = core.available_tasks(core.find_bundle(str(bundle)))
+    counts = {task.label: len(core.load_examples(bundle, task)) for task in tasks}
     assert counts == REAL_COUNTS and sum(counts.values()) == 52_400
     for task in tasks:  # every example renders
-        examples = core.load_examples(REAL_BUNDLE, task)
+        examples = core.load_examples(bundle, task)
         assert core.render_example(task, examples, len(examples) - 1).contexts
 
 
-@needs_real_bundle
-def test_task_table_agrees_with_the_dclm_files():
-    with open(REAL_BUNDLE / "eval_meta_data.csv") as f:
+def test_task_table_agrees_with_the_dclm_files(real_data):
+    with open(real_data / "core" / "eval_meta_data.csv") as f:
         baselines = {row["Eval Task"]: float(row["Random baseline"]) / 100 for row in csv.DictReader(f)}
     yaml = pytest.importorskip("yaml")
-    config = {t["label"]: t for t in yaml.safe_load((REAL_BUNDLE / "dclm_heavy.yaml").read_text())["icl_tasks"]}
+    config = {t["label"]: t for t in yaml.safe_load((real_data / "core" / "dclm_heavy.yaml").read_text())["icl_tasks"]}
     for task in core.CORE_TASKS:
         entry = config[task.label]
         assert task.baseline == pytest.approx(baselines[task.label]), task.label
@@ -383,14 +394,13 @@ def test_task_table_agrees_with_the_dclm_files():
         assert entry.get("continuation_delimiter", " ") == task.delimiter, task.label
 
 
-@needs_real_bundle
-def test_real_examples_tokenize_into_shards(tiny_tokenizer, tmp_path):
+def test_real_examples_tokenize_into_shards(real_data, tiny_tokenizer, tmp_path):
     tokenizer = sc.Tokenizer.load(tiny_tokenizer)
     for label in ("arc_easy", "winogrande", "lambada_openai"):
         task = core.TASKS_BY_LABEL[label]
-        examples = core.load_examples(REAL_BUNDLE, task)
+        examples = core.load_examples(real_data / "core", task)
         chosen = core.chosen_indices(len(examples), 5)
-        path = sc.write_core_shard(tmp_path, label, [(i, core.render_example(task, examples, i)) for i in chosen],
+        path = core.write_core_shard(tmp_path, label, [(i, core.render_example(task, examples, i)) for i in chosen],
                                    tokenizer)
         records = sc.read_shard(sc.side_file(path, "records"))
         assert records.shape[1] == len(sc.CORE_RECORD_FIELDS) and sorted(set(records[:, 3])) == chosen
@@ -470,4 +480,3 @@ def test_profile_core_rejects_bad_inductor_options(option, message, monkeypatch,
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(str(Path(__file__).resolve().parents[1] / "baselines" / "profile_core.py"), run_name="__main__")
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
-    assert sc.EVAL_INDUCTOR_OPTIONS == {}

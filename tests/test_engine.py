@@ -1,5 +1,5 @@
 """The chat format, the calculator and the KV-cache engine (section 13 of stackcore): cached decoding against the
-full forward pass, batch-invariant sampling, stopping, tool forcing, and the chat session, loop and widget."""
+full forward pass, batch-invariant sampling, stopping, tool forcing. The chat session is tested in test_chat.py."""
 import pytest
 import torch
 
@@ -22,11 +22,11 @@ def tokenizer(tiny_tokenizer):
     return sc.Tokenizer.load(tiny_tokenizer)
 
 
-def random_model(vocab_size: int = 512, short_window: int = 0, seed: int = 0) -> sc.GPT:
+def random_model(vocab_size: int = 512, short_window: int = 0, seed: int = 0, value_embeds: int = 3) -> sc.GPT:
     """A small GPT whose zero-initialised layers are filled with noise, so every path changes the logits."""
     torch.manual_seed(seed)
     model = sc.GPT(sc.GPTConfig(vocab_size=vocab_size, depth=4, model_dim=64, head_dim=16, max_seq_len=96,
-                                short_window=short_window))
+                                short_window=short_window, n_value_embeds=value_embeds))
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(0.1 * torch.randn_like(parameter))
@@ -35,54 +35,99 @@ def random_model(vocab_size: int = 512, short_window: int = 0, seed: int = 0) ->
 
 # --- the KV cache ------------------------------------------------------------------------------------------------
 
+def cached_logits(model, ids, pieces, backend="sdpa"):
+    """Logits of ids (B, T) fed through a new KV cache in pieces of the given lengths (the first is the prefill)."""
+    cache = sc.KVCache(model.config, ids.size(0), ids.size(1), "cpu", torch.float32)
+    bounds = [0, *torch.tensor(pieces).cumsum(0).tolist()]
+    logits = torch.cat([model(ids[:, a:b], kv_cache=cache, backend=backend) for a, b in zip(bounds, bounds[1:])], 1)
+    assert cache.lengths.tolist() == [bounds[-1]] * ids.size(0) and not cache.empty
+    return logits
+
+
+@pytest.mark.parametrize("value_embeds", [3, 0], ids=["value_embeds", "no_value_embeds"])
 @pytest.mark.parametrize("short_window", [0, 5], ids=["full", "window5"])
 @pytest.mark.parametrize("backend", sc.available_attention_backends("cpu"))
-def test_cached_decoding_matches_the_full_forward_pass(backend, short_window):
-    model = random_model(short_window=short_window)
-    ids = torch.randint(0, 512, (40,), generator=torch.Generator().manual_seed(1))
+def test_cached_decoding_matches_the_full_forward_pass(backend, short_window, value_embeds):
+    """Prefill then one token a step, and chunks after a non-empty cache, against GPT.forward over all 40 tokens."""
+    model = random_model(short_window=short_window, value_embeds=value_embeds)
+    ids = torch.randint(0, 512, (1, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        full = model(ids, torch.tensor([0, 40], dtype=torch.int32), 40, backend=backend)
-        for prefill in (1, 12):
-            cache = sc.KVCache(model.config, 1, 40, "cpu", torch.float32)
-            pieces = [sc.forward_cached(model, ids[None, :prefill], cache, backend)[0]]
-            pieces += [sc.forward_cached(model, ids[None, t:t + 1], cache, backend)[0] for t in range(prefill, 40)]
-            assert cache.length == 40
-            torch.testing.assert_close(torch.cat(pieces), full, atol=TOLERANCE, rtol=0)
-        cache = sc.KVCache(model.config, 1, 40, "cpu", torch.float32)  # a chunk after a non-empty cache
-        chunks = [sc.forward_cached(model, ids[None, a:b], cache, backend)[0] for a, b in ((0, 9), (9, 40))]
-        torch.testing.assert_close(torch.cat(chunks), full, atol=TOLERANCE, rtol=0)
+        full = model(ids[0], backend=backend)
+        for pieces in ([1] * 40, [12] + [1] * 28, [9, 31], [9, 20, 11]):
+            torch.testing.assert_close(cached_logits(model, ids, pieces, backend)[0], full, atol=TOLERANCE, rtol=0)
 
 
-def test_static_decode_step_matches_the_dynamic_one():
-    """The tensor-position step (what a CUDA graph replays) against the usual decode, with windows, on 2 rows whose
-    prompts have different lengths (10 and 6 tokens): each row must match its own single-row decode."""
+@pytest.mark.parametrize("backend", sc.available_attention_backends("cpu"))
+def test_rows_prefill_and_decode_together_as_they_do_alone(backend):
+    """Three rows prefilled in one pass through `backend`, then decoded together: each row matches its own forward."""
+    model = random_model(short_window=5)
+    ids = torch.randint(0, 512, (3, 30), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        together = cached_logits(model, ids, [14] + [1] * 16, backend)
+        for row in range(3):
+            torch.testing.assert_close(together[row], model(ids[row], backend=backend), atol=TOLERANCE, rtol=0)
+
+
+def test_rows_at_different_positions_step_together():
+    """Rows prefilled apart through views (prompts of 10 and 6 tokens), then stepped together by DecodeStep (what a
+    CUDA graph replays): each row matches its own single-row decode, and the caches hold the same keys."""
     model = random_model(short_window=5)
     ids = torch.randint(0, 512, (2, 30), generator=torch.Generator().manual_seed(2))
     lengths = [10, 6]
     with torch.no_grad():
         alone = [sc.KVCache(model.config, 1, 30, "cpu", torch.float32) for _ in lengths]
-        static = sc.KVCache(model.config, 2, 30, "cpu", torch.float32)
+        shared = sc.KVCache(model.config, 2, 30, "cpu", torch.float32)
+        views = [shared.rows(row, row + 1) for row in range(2)]
         for row, length in enumerate(lengths):
-            sc.forward_cached(model, ids[row:row + 1, :length], alone[row])
-            sc.forward_cached(model, ids[row:row + 1, :length], static.rows(row, row + 1))
-        position = torch.tensor(lengths)
-        for step in range(14):
-            feed = torch.stack([ids[row, length + step] for row, length in enumerate(lengths)])[:, None]
-            expected = torch.cat([sc.forward_cached(model, feed[row:row + 1], alone[row]) for row in range(2)])
-            torch.testing.assert_close(sc.forward_cached(model, feed, static, position=position), expected,
-                                       atol=TOLERANCE, rtol=0)
-            position += 1
+            model(ids[row:row + 1, :length], kv_cache=alone[row])
+            model(ids[row:row + 1, :length], kv_cache=views[row])
+        assert shared.lengths.tolist() == lengths and not shared.empty
+        step = sc.DecodeStep(model, shared, "sdpa", cuda_graph=False)
+        for t in range(14):
+            feed = torch.stack([ids[row, length + t] for row, length in enumerate(lengths)])
+            expected = torch.cat([model(feed[row, None, None], kv_cache=alone[row])[:, -1] for row in range(2)])
+            torch.testing.assert_close(step(feed), expected, atol=TOLERANCE, rtol=0)
         for row, length in enumerate(lengths):
-            torch.testing.assert_close(static.k[:, row, :, :length + 14], alone[row].k[:, 0, :, :length + 14])
-        with pytest.raises(ValueError, match="one position per cache row"):
-            sc.forward_cached(model, ids[:1, :1], static, position=position)
+            torch.testing.assert_close(shared.k[:, row, :, :length + 14], alone[row].k[:, 0, :, :length + 14])
+        assert shared.lengths.tolist() == [length + 14 for length in lengths]
 
 
-def test_cache_overflow_raises():
+def test_a_view_of_a_filled_cache_reads_the_cache():
+    """A view taken after a prefill is not empty: its next pass attends to what the rows hold."""
+    model = random_model()
+    ids = torch.randint(0, 512, (1, 20), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        cache = sc.KVCache(model.config, 1, 20, "cpu", torch.float32)
+        model(ids[:, :8], kv_cache=cache)
+        view = cache.rows(0, 1)
+        assert not view.empty
+        torch.testing.assert_close(model(ids[:, 8:], kv_cache=view)[0], model(ids[0])[8:], atol=TOLERANCE, rtol=0)
+
+
+def test_logit_rows_of_a_cached_pass():
+    model = random_model()
+    ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(5))
+    rows = torch.tensor([8, 17])  # each row's last token, in the flattened 2 x 9 tokens
+    with torch.no_grad():
+        full = model(ids, kv_cache=sc.KVCache(model.config, 2, 9, "cpu", torch.float32))
+        last = model(ids, kv_cache=sc.KVCache(model.config, 2, 9, "cpu", torch.float32), logit_rows=rows)
+    torch.testing.assert_close(last, full[:, -1])
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda model, cache: model(torch.zeros(1, 5, dtype=torch.long), kv_cache=cache), "exceed the cache's capacity"),
+    (lambda model, cache: model(torch.zeros(2, 1, dtype=torch.long), kv_cache=cache), r"ids of shape \(1, tokens\)"),
+    (lambda model, cache: model(torch.zeros(3, dtype=torch.long), kv_cache=cache), r"ids of shape \(1, tokens\)"),
+    (lambda model, cache: model(torch.zeros(1, 2, dtype=torch.long), kv_cache=cache,
+                                target_ids=torch.zeros(2, dtype=torch.long)), "no target_ids or positions"),
+    (lambda model, cache: sc.KVCache(model.config, 1, 97, "cpu", torch.float32), r"capacity 97 must be in 1..max"),
+    (lambda model, cache: sc.KVCache(model.config, 1, 0, "cpu", torch.float32), r"capacity 0 must be in 1..max"),
+])
+def test_bad_cached_passes_raise(make, message):
     model = random_model()
     cache = sc.KVCache(model.config, 1, 4, "cpu", torch.float32)
-    with pytest.raises(ValueError, match="exceed"):
-        sc.forward_cached(model, torch.zeros(1, 5, dtype=torch.long), cache)
+    with pytest.raises(ValueError, match=message):
+        make(model, cache)
 
 
 # --- sampling ----------------------------------------------------------------------------------------------------
@@ -133,46 +178,51 @@ def test_sample_tokens_draws_from_the_softmax():
     assert edges.tolist() == [0, 2]
 
 
-class ScriptedModel:
-    """Stands in for forward_cached: makes the token at each position of `script` overwhelmingly likely."""
+class ScriptedModel(sc.GPT):
+    """A small GPT whose passes through a KV cache ignore its weights: at each position the token
+    `script(position predicted, prompt length)` becomes overwhelmingly likely."""
 
-    def __init__(self, script: list[int], vocab_size: int):
-        self.script, self.vocab_size = script, vocab_size
+    def __init__(self, vocab_size: int, script):
+        super().__init__(sc.GPTConfig(vocab_size=vocab_size, depth=2, model_dim=32, head_dim=16, max_seq_len=96))
+        self.script, self.prompt_length = script, 0
 
-    def __call__(self, model, ids, cache, backend="sdpa", position=None):
-        B, T = ids.shape
-        logits = torch.zeros(B, T, self.vocab_size)
+    def forward(self, input_ids, *_, kv_cache, logit_rows=None, **__):
+        B, T = input_ids.shape
+        if kv_cache.empty:
+            self.prompt_length = T
+        logits = torch.zeros(B, T, self.config.vocab_size)
         for row in range(B):
             for t in range(T):
-                at = (cache.length + t if position is None else int(position[row])) + 1  # the position predicted
-                logits[row, t, self.script[min(at, len(self.script) - 1)]] = 30.0
-        if position is None:
-            cache.length += T
-        return logits
+                logits[row, t, self.script(int(kv_cache.lengths[row]) + t + 1, self.prompt_length)] = 30.0
+        kv_cache.advance(T)
+        return logits if logit_rows is None else logits.view(B * T, -1)[logit_rows]
 
 
-def test_greedy_stops_at_assistant_end(tokenizer, monkeypatch):
+def following(script: list[int]):
+    """A ScriptedModel script: the tokens of `script` in order, its last one after its end."""
+    return lambda at, _: script[min(at, len(script) - 1)]
+
+
+def test_greedy_stops_at_assistant_end(tokenizer):
     end = tokenizer.special_id("<|assistant_end|>")
     prompt = sc.render_for_completion(tokenizer, [{"role": "user", "content": "hi"}])
     answer = tokenizer.encode("hello there")
     script = prompt + answer + [end] + tokenizer.encode(" and more")
-    monkeypatch.setattr(sc, "forward_cached", ScriptedModel(script, tokenizer.vocab_size))
-    tokens, masks = sc.Engine(random_model(), tokenizer).generate(prompt, num_samples=2, max_tokens=50,
-                                                                 temperature=0.0)
+    engine = sc.Engine(ScriptedModel(tokenizer.vocab_size, following(script)), tokenizer)
+    tokens, masks = engine.generate(prompt, num_samples=2, max_tokens=50, temperature=0.0)
     assert tokens == [answer + [end]] * 2 and masks == [[1] * (len(answer) + 1)] * 2
-    short, _ = sc.Engine(random_model(), tokenizer).generate(prompt, max_tokens=3, temperature=0.0)
+    short, _ = engine.generate(prompt, max_tokens=3, temperature=0.0)
     assert short == [answer[:3]]
 
 
-def test_tool_call_result_is_forced_between_output_tokens(tokenizer, monkeypatch):
+def test_tool_call_result_is_forced_between_output_tokens(tokenizer):
     special = tokenizer.special_id
     prompt = sc.render_for_completion(tokenizer, [{"role": "user", "content": "6 times 7?"}])
     call = [special("<|python_start|>"), *tokenizer.encode("6*7"), special("<|python_end|>")]
     forced = [special("<|output_start|>"), *tokenizer.encode("42"), special("<|output_end|>")]
     wrong = [special("<|output_start|>"), *tokenizer.encode("41"), special("<|output_end|>")]  # what the model "thinks"
     tail = [*tokenizer.encode(" so 42"), special("<|assistant_end|>")]
-    monkeypatch.setattr(sc, "forward_cached", ScriptedModel(prompt + call + wrong + tail, tokenizer.vocab_size))
-    engine = sc.Engine(random_model(), tokenizer)
+    engine = sc.Engine(ScriptedModel(tokenizer.vocab_size, following(prompt + call + wrong + tail)), tokenizer)
     tokens, masks = engine.generate(prompt, max_tokens=40, temperature=0.0)
     assert len(wrong) == len(forced)  # so the script stays aligned with the forced tokens
     assert tokens[0] == call + forced + tail
@@ -269,76 +319,3 @@ def test_bad_conversations_raise(tokenizer, conversation, message):
 def test_render_for_completion_needs_a_user_turn(tokenizer):
     with pytest.raises(ValueError, match="ends with a user message"):
         sc.render_for_completion(tokenizer, [{"role": "system", "content": "s"}])
-
-
-# --- chatting ----------------------------------------------------------------------------------------------------
-
-@pytest.fixture
-def scripted_session(tokenizer, monkeypatch):
-    """A session whose model answers every turn with a calculator call and a sentence."""
-    special = tokenizer.special_id
-    reply = [*tokenizer.encode("Sure "), special("<|python_start|>"), *tokenizer.encode("2+2"),
-             special("<|python_end|>"), special("<|output_start|>"), *tokenizer.encode("4"),
-             special("<|output_end|>"), *tokenizer.encode(" é!"), special("<|assistant_end|>")]
-
-    def answer(model, ids, cache, backend="sdpa", position=None):
-        B, T = ids.shape
-        history = (ids[0].tolist() if position is None else answer.fed + ids[0].tolist())  # prefill, or a step
-        answer.fed = history
-        start = max(i for i, t in enumerate(history) if t == special("<|assistant_start|>")) + 1
-        logits = torch.zeros(B, T, tokenizer.vocab_size)
-        logits[:, -1, reply[min(len(history) - start, len(reply) - 1)]] = 30.0
-        cache.length += T
-        return logits
-
-    monkeypatch.setattr(sc, "forward_cached", answer)
-    return sc.ChatSession(sc.Engine(random_model(), tokenizer), temperature=0.0, max_tokens=40)
-
-
-def test_chat_session_streams_and_keeps_history(scripted_session):
-    pieces = list(scripted_session.reply("What is 2+2?"))
-    assert "".join(pieces) == "Sure [calculator: 2+2 = 4] é!" and len(pieces) > 3
-    assert scripted_session.messages[-1] == {"role": "assistant", "content": [
-        {"type": "text", "text": "Sure "}, {"type": "python", "text": "2+2"},
-        {"type": "python_output", "text": "4"}, {"type": "text", "text": " é!"}]}
-    assert sc.show_parts(scripted_session.messages[-1]["content"]) == "".join(pieces)
-    "".join(scripted_session.reply("Again?"))
-    assert [m["role"] for m in scripted_session.messages] == ["user", "assistant"] * 2
-    scripted_session.clear()
-    assert scripted_session.messages == []
-
-
-def test_chat_loop_reads_until_an_empty_line(scripted_session):
-    inputs, written = iter(["hi", "clear", "hello", ""]), []
-    sc.chat_loop(scripted_session, read=lambda _: next(inputs), write=lambda *a, **k: written.append("".join(a)))
-    assert "".join(written).count("[calculator: 2+2 = 4]") == 2
-    assert len(scripted_session.messages) == 2  # "clear" dropped the first exchange
-
-
-def test_chat_panel_callbacks(scripted_session):
-    pytest.importorskip("ipywidgets")
-    panel = sc.ChatPanel(scripted_session)
-    panel.text.value = "What is 2+2?"
-    panel.temperature.value = 0.0
-    panel.send()
-    assert panel.text.value == "" and "[calculator: 2+2 = 4]" in panel.history.value
-    assert "What is 2+2?" in panel.history.value
-    panel.send()  # empty text box: nothing happens
-    assert len(scripted_session.messages) == 2
-    panel.clear()
-    assert scripted_session.messages == [] and panel.history.value == ""
-
-
-def test_find_chat_checkpoint_prefers_chat_runs(stack_home):
-    with pytest.raises(sc.MissingArtifactError, match="03_pretrain"):
-        sc.find_chat_checkpoint()
-    with pytest.raises(sc.MissingArtifactError, match="05_sft"):
-        sc.find_chat_checkpoint("sft")
-    root = sc.artifact_dir("checkpoints")
-    for run in ("pretrain", "sft"):
-        (root / run).mkdir()
-        (root / run / "step_000010.pt").write_bytes(b"")
-        if run == "pretrain":
-            assert sc.find_chat_checkpoint() == root / "pretrain" / "step_000010.pt"
-    assert sc.find_chat_checkpoint() == root / "sft" / "step_000010.pt"
-    assert sc.find_chat_checkpoint("pretrain") == root / "pretrain" / "step_000010.pt"

@@ -61,6 +61,18 @@ def test_twins_run_headless_and_under_torchrun(stack_home):
     summary = json.loads((stack_home / "runs" / "ddp" / "summary.json").read_text())
     assert summary["ranks"] == 2 and summary["steps"] == 4
     assert (stack_home / "checkpoints" / "ddp" / "step_000004.rank1.pt").is_file()
+    summary_file = stack_home / "runs" / "ddp" / "summary.json"
+    before = summary_file.read_bytes()
+    again = subprocess.run([sys.executable, "notebooks/03_pretrain.py", "--steps=4", "--run_name=ddp"], cwd=ROOT,
+                           env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "'ddp' is already complete" in again.stdout, again.stdout[-4000:] + again.stderr
+    assert "--steps=<more than 4>" in again.stdout and summary_file.read_bytes() == before
+    longer = subprocess.run([sys.executable, "notebooks/03_pretrain.py", "--steps=6", "--eval_every=2",
+                             "--run_name=ddp"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert longer.returncode == 0, longer.stdout[-4000:] + longer.stderr[-4000:]
+    assert "resumed from" in longer.stdout and "step_000004.pt at step 4" in longer.stdout  # 2 ranks' files, 1 process
+    summary = json.loads(summary_file.read_text())
+    assert summary["ranks"] == 1 and summary["steps"] == 6 and summary["tokens"] == 6 * 4096
     bad = subprocess.run([sys.executable, "notebooks/03_pretrain.py", "--stepz=4"], cwd=ROOT, env=env,
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "valid keys" in bad.stderr

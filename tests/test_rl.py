@@ -1,5 +1,5 @@
 """GSM8K and reinforcement learning: the dataset adapter (data/gsm8k.py: answers to calculator conversations, final
-answer parsing, rewards, the Hub download) and stackcore section 15 (prompt shards, advantages, the policy-gradient
+answer parsing, rewards, the Hub download, prompt shards) and stackcore section 15 (advantages, the policy-gradient
 loss over sampled tokens only, rollouts with the Engine, pass@k)."""
 from __future__ import annotations
 
@@ -22,12 +22,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import stackcore as sc  # noqa: E402
-from conftest import SHARED_DATA  # noqa: E402
 from data import gsm8k  # noqa: E402
 from test_hub import hub  # noqa: E402,F401  (the fixture: a local stand-in for the Hub)
 
-REAL_GSM8K = SHARED_DATA / "gsm8k"
-needs_real_gsm8k = pytest.mark.skipif(not (REAL_GSM8K / "test.jsonl").is_file(), reason="no shared GSM8K data")
 
 
 @pytest.fixture(autouse=True)
@@ -82,13 +79,12 @@ def test_reward_is_one_exactly_for_the_right_final_answer(completion, gold, expe
     assert gsm8k.reward(completion, gold) == expected
 
 
-@needs_real_gsm8k
-def test_every_shared_problem_parses_and_the_calculator_agrees_with_the_annotations():
+def test_every_shared_problem_parses_and_the_calculator_agrees_with_the_annotations(real_data):
     """Every line of the shared GSM8K copy: a gold answer, parts that rebuild the answer exactly, and tool outputs
     that sc.calculate reproduces (so SFT teaches the outputs the engine will force at run time)."""
     calls = agreed = 0
     for split, count in (("train", 7473), ("test", 1319)):
-        problems = gsm8k.load_problems(split, str(REAL_GSM8K))
+        problems = gsm8k.load_problems(split, str(real_data / "gsm8k"))
         assert len(problems) == count
         for problem in problems:
             parts = gsm8k.assistant_parts(problem.answer)
@@ -154,13 +150,13 @@ def test_hub_download_reads_the_parquet_files_once(hub, tmp_path, stack_home):
 def test_prompt_shards_round_trip(tmp_path):
     prompts = [sc.TaskPrompt([1, 5, 7, 3], "72", 0), sc.TaskPrompt([1, 9, 3], "-4", 5),
                sc.TaskPrompt([1, 2, 2, 2, 3], "192000000", 9)]
-    path = sc.write_prompt_shard(tmp_path, "train", prompts, vocab_size=16)
-    assert sc.read_prompt_shard(tmp_path, "train", vocab_size=16) == prompts
-    assert sc.read_shard(sc.side_file(path, "records")).shape == (3, len(sc.PROMPT_RECORD_FIELDS))
+    path = gsm8k.write_prompt_shard(tmp_path, "train", prompts, vocab_size=16)
+    assert gsm8k.read_prompt_shard(tmp_path, "train", vocab_size=16) == prompts
+    assert sc.read_shard(sc.side_file(path, "records")).shape == (3, len(gsm8k.PROMPT_RECORD_FIELDS))
     with pytest.raises(ValueError, match="problem 4: gold answer '2.5'"):
-        sc.write_prompt_shard(tmp_path, "test", [sc.TaskPrompt([1, 2], "2.5", 4)], vocab_size=16)
+        gsm8k.write_prompt_shard(tmp_path, "test", [sc.TaskPrompt([1, 2], "2.5", 4)], vocab_size=16)
     with pytest.raises(sc.MissingArtifactError, match="02_sharding"):
-        sc.read_prompt_shard(tmp_path, "test")
+        gsm8k.read_prompt_shard(tmp_path, "test")
 
 
 # --- advantages, packing and the loss ---------------------------------------------------------------------------

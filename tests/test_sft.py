@@ -16,7 +16,6 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import SHARED_DATA  # noqa: E402
 from test_hub import hub  # noqa: E402,F401  (the local Hub fixture)
 
 import stackcore as sc  # noqa: E402
@@ -179,19 +178,15 @@ def test_chat_table_and_plot(tmp_path):
     before = {"tasks": {"arc_easy": {"accuracy": 0.25, "baseline": 0.25, "centered": 0.0},
                         "gsm8k": {"accuracy": 0.0, "baseline": 0.0, "centered": 0.0}}, "chatcore": 0.0}
     after = {"tasks": {"arc_easy": {"accuracy": 0.4, "baseline": 0.25, "centered": 0.2}}, "chatcore": 0.2}
-    table = sc.chat_table({"base": before, "sft": after})
+    table = chat_eval.chat_table({"base": before, "sft": after})
     assert "arc_easy" in table and "0.400" in table and "ChatCORE" in table
     assert table.splitlines()[2].split() == ["gsm8k", "0.000", "-"]
-    sc.plot_chat_results({"base": before, "sft": after}).savefig(tmp_path / "chart.png")
+    chat_eval.plot_chat_results({"base": before, "sft": after}).savefig(tmp_path / "chart.png")
     assert (tmp_path / "chart.png").stat().st_size > 1000
 
 
-HUMANEVAL_FILE = SHARED_DATA / "humaneval" / "human_eval.jsonl"
-
-
-@pytest.mark.skipif(not HUMANEVAL_FILE.is_file(), reason="no shared HumanEval data")
-def test_humaneval_canonical_solutions_pass_and_wrong_ones_fail():
-    problems = chat_eval.humaneval_problems(str(HUMANEVAL_FILE))
+def test_humaneval_canonical_solutions_pass_and_wrong_ones_fail(real_data):
+    problems = chat_eval.humaneval_problems(str(real_data / "humaneval" / "human_eval.jsonl"))
     assert len(problems) == 164
     with ThreadPoolExecutor(2) as pool:
         passed = list(pool.map(lambda p: p.check(p.canonical_solution), problems))
@@ -208,13 +203,9 @@ def test_humaneval_canonical_solutions_pass_and_wrong_ones_fail():
 
 # --- GSM8K, spelling and the other conversation sources ----------------------------------------------------------
 
-GSM8K_FILES = sorted((SHARED_DATA / "gsm8k").glob("*.jsonl"))
-
-
-@pytest.mark.skipif(not GSM8K_FILES, reason="no shared GSM8K data")
-def test_gsm8k_final_answers_parse_on_every_line(tokenizer):
+def test_gsm8k_final_answers_parse_on_every_line(real_data, tokenizer):
     count = 0
-    for path in GSM8K_FILES:
+    for path in [real_data / "gsm8k" / f"{split}.jsonl" for split in gsm8k.SPLITS]:
         for line in path.read_text().splitlines():
             record = json.loads(line)
             expected = record["answer"].rsplit("####", 1)[1].strip().replace(",", "")
@@ -281,9 +272,8 @@ def serve_sft_sources(root: Path) -> dict[str, list[dict]]:
     for subset in ("ARC-Easy", "ARC-Challenge"):
         for split in ("train", "test"):
             parquet_bytes(root / sft.ARC[subset].repo_id / sft.ARC[subset].files[split][0], arc)
-    he = json.loads(HUMANEVAL_FILE.read_text().splitlines()[0]) if HUMANEVAL_FILE.is_file() else {
-        "task_id": "HumanEval/0", "prompt": "def f(x):\n", "canonical_solution": "    return x\n",
-        "test": "def check(c):\n    assert c(2) == 2\n", "entry_point": "f"}
+    he = {"task_id": "HumanEval/0", "prompt": "def f(x):\n", "canonical_solution": "    return x\n",
+          "test": "def check(c):\n    assert c(2) == 2\n", "entry_point": "f"}
     parquet_bytes(root / chat_eval.HUMANEVAL.repo_id / chat_eval.HUMANEVAL.files["test"][0], [he])
     return {"smoltalk": smol, "mmlu": mmlu, "arc": arc}
 

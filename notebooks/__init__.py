@@ -1,0 +1,1 @@
+"""The course notebooks' helper modules (the notebooks themselves are NN_name.ipynb with their .py twins)."""

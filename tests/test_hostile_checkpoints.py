@@ -1,0 +1,247 @@
+"""Hostile checkpoints: damaged, truncated, empty, foreign and code-running files are refused with a message naming
+the file and the notebook that writes it; resume falls back to the previous good checkpoint; a vocabulary that does
+not match the tokenizer is refused; a complete run says so; another number of processes resumes or says why not;
+a NaN or infinite loss stops training before anything is saved."""
+import math
+import os
+import pickle
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+import stackcore as sc
+
+BOS = 511
+SINGLE = sc.DistInfo(0, 1, 0, "cpu")
+
+
+def tiny_model(seed=0, vocab=512):
+    torch.manual_seed(seed)
+    return sc.GPT(sc.GPTConfig(vocab_size=vocab, depth=2, model_dim=64, head_dim=32, max_seq_len=64))
+
+
+def make_loader(directory):
+    if not (directory / "train_000000.bin").exists():
+        rng = np.random.default_rng(0)
+        docs = [np.concatenate([[BOS], rng.integers(0, 500, rng.integers(5, 60))]) for _ in range(200)]
+        sc.write_shard(directory / "train_000000.bin", np.concatenate(docs), vocab_size=512)
+    return sc.PretrainLoader(directory, "train", tokens=64, bos_id=BOS, vocab_size=512, max_doc_len=64)
+
+
+def train_and_save(tmp_path, steps=(1, 2), run="pretrain", dist_info=SINGLE, seed=0):
+    """A tiny run that saves after each of `steps`; returns its checkpoint folder and the last model."""
+    model, loader = tiny_model(seed), make_loader(tmp_path / "shards")
+    optimizers = sc.build_optimizers(model)
+    directory = tmp_path / "checkpoints" / run
+    for step in steps:
+        batch = loader.next_batch()
+        model(batch.inputs, batch.cu_seqlens, batch.max_seqlen, batch.targets).backward()
+        sc.step_optimizers(optimizers)
+        sc.save_checkpoint(directory, step, model, optimizers, loader, sc.GPTConfig(), dist_info)
+    return directory, model
+
+
+def fresh(tmp_path):
+    model = tiny_model(seed=7)
+    return model, sc.build_optimizers(model), make_loader(tmp_path / "shards")
+
+
+class Hostile:
+    """Unpickling this runs a shell command that creates a marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+
+
+def flip_bytes(path):
+    data = bytearray(path.read_bytes())
+    for i in range(100, len(data), 97):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+DAMAGES = {
+    "truncated": truncate,
+    "empty": lambda path: path.write_bytes(b""),
+    "random bytes": lambda path: path.write_bytes(np.random.default_rng(0).bytes(4096)),
+    "text": lambda path: path.write_text('{"model": "not a tensor"}'),
+    "zip of other files": lambda path: zipfile.ZipFile(path, "w").writestr("hello.txt", "hi"),
+    "flipped bytes": flip_bytes,
+    "foreign torch file": lambda path: torch.save({"weights": torch.zeros(3)}, path),
+    "a list": lambda path: torch.save([1, 2, 3], path),
+    "half a zip": lambda path: path.write_bytes(b"PK\x03\x04" + b"\x00" * 100),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+@pytest.mark.parametrize("run, notebook", [("pretrain", "03_pretrain"), ("sft", "05_sft"), ("rl", "06_rl")])
+def test_damaged_checkpoint_names_file_and_notebook(tmp_path, damage, run, notebook):
+    directory, _ = train_and_save(tmp_path, steps=(1,), run=run)
+    path = directory / "step_000001.pt"
+    DAMAGES[damage](path)
+    with pytest.raises(sc.DamagedCheckpointError) as error:
+        sc.load_checkpoint(path)
+    message = str(error.value)
+    assert str(path) in message and f"notebooks/{notebook}" in message, message
+    assert "Traceback" not in message and len(message.splitlines()) == 1
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle"])
+@pytest.mark.parametrize("where", ["model", "config", "rank file"])
+def test_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path, writer, where):
+    directory, _ = train_and_save(tmp_path, steps=(1,))
+    marker = tmp_path / "pwned"
+    path = directory / ("step_000001.rank0.pt" if where == "rank file" else "step_000001.pt")
+    state = torch.load(path, weights_only=True)
+    state["loader" if where == "rank file" else where] = Hostile(marker)
+    if writer == "pickle":
+        path.write_bytes(pickle.dumps(state))
+    else:
+        torch.save(state, path)
+    with pytest.raises(sc.CheckpointError) as error:
+        if where == "rank file":
+            sc.resume_training(directory, *fresh(tmp_path), SINGLE, "03_pretrain")
+        else:
+            sc.load_checkpoint(path)
+    assert not marker.exists()
+    assert str(path) in str(error.value) and "could run code" in str(error.value)
+
+
+def test_checkpoints_hold_only_plain_data(tmp_path):
+    directory, _ = train_and_save(tmp_path, steps=(1,))
+    for path in directory.glob("*.pt"):
+        torch.load(path, weights_only=True)  # raises on anything but tensors, numbers, strings and containers
+
+
+@pytest.mark.parametrize("damaged", ["step_000002.pt", "step_000002.rank0.pt"])
+@pytest.mark.parametrize("damage", ["truncated", "empty", "flipped bytes", "foreign torch file"])
+def test_resume_falls_back_to_the_previous_good_checkpoint(tmp_path, damaged, damage):
+    directory, _ = train_and_save(tmp_path, steps=(1, 2))
+    DAMAGES[damage](directory / damaged)
+    said = []
+    step, path = sc.resume_training(directory, *fresh(tmp_path), SINGLE, "03_pretrain", said.append)
+    assert (step, path) == (1, directory / "step_000001.pt")
+    assert len(said) == 1 and "WARNING" in said[0] and str(directory / damaged) in said[0]
+    assert "trying the checkpoint before it" in said[0]
+
+
+def test_resume_with_every_checkpoint_damaged_says_so(tmp_path):
+    directory, _ = train_and_save(tmp_path, steps=(1, 2))
+    for path in directory.glob("step_??????.pt"):
+        truncate(path)
+    with pytest.raises(sc.CheckpointError, match=r"no usable checkpoint in .*all 2 are damaged \(the newest: .*step_000002.pt.*--run_name"):
+        sc.resume_training(directory, *fresh(tmp_path), SINGLE, "03_pretrain", lambda line: None)
+
+
+def test_resume_of_an_empty_folder_starts_from_zero(tmp_path):
+    assert sc.resume_training(tmp_path / "none", *fresh(tmp_path), SINGLE, "03_pretrain") == (0, None)
+
+
+@pytest.mark.parametrize("vocab", [1024, 256, 511, 513])
+def test_vocabulary_that_does_not_match_the_tokenizer_is_refused(tmp_path, vocab):
+    directory, _ = train_and_save(tmp_path, steps=(1,))
+    with pytest.raises(sc.CheckpointError) as error:
+        sc.model_from_checkpoint(directory / "step_000001.pt", "cpu", vocab_size=vocab)
+    message = str(error.value)
+    assert "vocabulary of 512 tokens" in message and f"has {vocab}" in message and "another tokenizer" in message
+    model, _ = sc.model_from_checkpoint(directory / "step_000001.pt", "cpu", vocab_size=512)
+    assert model.config.vocab_size == 512
+
+
+@pytest.mark.parametrize("start, steps, complete", [(100, 100, True), (100, 10, True), (100, 200, False),
+                                                    (0, 100, False), (99, 100, False)])
+def test_complete_run_says_so_and_points_to_run_name_and_steps(start, steps, complete, tmp_path):
+    said = []
+    checkpoint = tmp_path / f"step_{start:06d}.pt" if start else None
+    assert sc.run_is_complete(start, steps, "pretrain", checkpoint, said.append) is complete
+    if complete:
+        assert "'pretrain' is already complete" in said[0] and f"--steps={steps}" in said[0]
+        assert f"--steps=<more than {start}>" in said[0] and "--run_name=<new name>" in said[0]
+        assert "summary is left as it is" in said[0]
+    else:
+        assert said == []
+
+
+def test_resume_from_more_ranks_merges_their_optimizer_shares(tmp_path):
+    """Two ranks' files (each here holding the full state, as a single process saves it) resume in one process."""
+    directory, trained = train_and_save(tmp_path, steps=(1,), dist_info=sc.DistInfo(0, 2, 0, "cpu"))
+    model, optimizers, loader = fresh(tmp_path)
+    with pytest.raises(sc.MissingArtifactError, match=r"step_000001.rank1.pt not found"):
+        sc.resume_training(directory, model, optimizers, loader, SINGLE, "03_pretrain")
+    rank0 = directory / "step_000001.rank0.pt"
+    (directory / "step_000001.rank1.pt").write_bytes(rank0.read_bytes())
+    assert sc.resume_training(directory, model, optimizers, loader, SINGLE, "03_pretrain")[0] == 1
+    assert all(torch.equal(a, b) for a, b in zip(trained.state_dict().values(), model.state_dict().values()))
+    assert len(optimizers[1].state) == len(optimizers[1].param_groups[0]["params"]) + sum(
+        len(g["params"]) for g in optimizers[1].param_groups[1:])
+
+
+def test_resume_from_one_rank_in_two_keeps_each_ranks_momentum_share(tmp_path, monkeypatch):
+    directory, _ = train_and_save(tmp_path, steps=(1,))
+    model, optimizers, loader = fresh(tmp_path)
+    monkeypatch.setattr(sc, "_world", lambda: (2, 1))
+    step, _ = sc.resume_training(directory, model, optimizers, loader, sc.DistInfo(1, 2, 1, "cpu"), "03_pretrain")
+    assert step == 1
+    for group in optimizers[1].param_groups:
+        own = sc.Muon._share(group["params"], 2, 1)
+        assert [p for p in group["params"] if p in optimizers[1].state] == own
+
+
+def test_loader_with_a_position_per_rank_says_why_it_cannot_resume(tmp_path):
+    class PerRankLoader:
+        def state_dict(self):
+            return {"cursor": 0}
+
+    directory, _ = train_and_save(tmp_path, steps=(1,))
+    model = tiny_model(seed=7)
+    with pytest.raises(sc.CheckpointError) as error:
+        sc.resume_training(directory, model, sc.build_optimizers(model), PerRankLoader(), sc.DistInfo(0, 2, 0, "cpu"),
+                           "05_sft")
+    message = str(error.value)
+    assert "saved by 1 process(es) and this run has 2" in message and "PerRankLoader keeps a separate position" in message
+    assert "resume with 1 process(es)" in message and "not found" not in message
+
+
+@pytest.mark.parametrize("loss", [math.nan, math.inf, -math.inf])
+def test_non_finite_loss_stops_training(loss):
+    with pytest.raises(sc.NonFiniteLossError, match=rf"the training loss is {loss} at step 7: training stopped"):
+        sc.check_finite_loss(loss, 7)
+
+
+@pytest.mark.parametrize("loss", [0.0, 3.5, 1e30])
+def test_finite_loss_passes(loss):
+    sc.check_finite_loss(loss, 1)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_non_finite_weights_are_never_saved(tmp_path, value):
+    model, optimizers, loader = fresh(tmp_path)
+    with torch.no_grad():
+        next(p for p in model.parameters() if p.ndim == 2)[0, 0] = value
+    with pytest.raises(sc.NonFiniteLossError, match="NaN or infinite values"):
+        sc.save_checkpoint(tmp_path / "ckpt", 3, model, optimizers, loader, sc.GPTConfig(), SINGLE)
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_nan_learning_rate_stops_before_the_first_save(tmp_path):
+    """What --lr_scale=nan did before settings were checked: the weights go NaN, and nothing is written."""
+    model, loader = tiny_model(), make_loader(tmp_path / "shards")
+    optimizers = sc.build_optimizers(model, lr_scale=math.nan)
+    with pytest.raises(sc.NonFiniteLossError):
+        for step in range(1, 4):
+            batch = loader.next_batch()
+            loss = model(batch.inputs, batch.cu_seqlens, batch.max_seqlen, batch.targets)
+            sc.check_finite_loss(loss.item(), step)
+            loss.backward()
+            sc.step_optimizers(optimizers)
+            sc.save_checkpoint(tmp_path / "ckpt", step, model, optimizers, loader, sc.GPTConfig(), SINGLE)
+    assert not (tmp_path / "ckpt").exists() or not list((tmp_path / "ckpt").glob("*.pt"))

@@ -1,0 +1,157 @@
+"""Hostile settings: every numeric setting of every notebook given NaN, infinities, zero, negatives, huge numbers and
+wrong types; run names that would leave STACK_HOME; unknown choices; an unwritable STACK_HOME. Each is refused with
+a ConfigError that names the setting and the value."""
+import ast
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+import stackcore as sc
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+NOTEBOOK_NAMES = ("01_tokenizer", "02_sharding", "03_pretrain", "04_core_eval", "05_sft", "06_rl", "07_chat")
+
+
+def notebook_config(name: str) -> type:
+    """The config dataclass of a notebook, built from its imports and class definition without running its cells."""
+    tree = ast.parse((NOTEBOOKS / f"{name}.py").read_text())
+    keep = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))
+            or (isinstance(node, ast.ClassDef) and node.name.endswith("Config"))]
+    namespace = {"sc": sc, "dataclass": dataclass}
+    exec(compile(ast.Module(body=keep, type_ignores=[]), f"{name}.py", "exec"), namespace)
+    return next(value for node in keep if isinstance(node, ast.ClassDef) for value in [namespace[node.name]])
+
+
+CONFIGS = {name: notebook_config(name) for name in NOTEBOOK_NAMES}
+
+
+def numeric_fields(cls: type) -> list[tuple[str, type]]:
+    kinds = typing.get_type_hints(cls)
+    return [(f.name, kinds[f.name]) for f in dataclasses.fields(cls) if kinds[f.name] in (int, float)]
+
+
+def hostile_numbers(kind: type, allowed: sc.Allowed) -> list[str]:
+    """Values a setting must refuse: non-numbers always; NaN, infinities and 1e30 for floats (1e30 only where a
+    bound exists); for ints anything beyond int64 or not an integer; 0 and negatives where the range excludes them."""
+    values = ["abc", "1.5e", "[]"]
+    values += ["nan", "inf", "-inf"] + (["1e30"] if allowed.high < 1e30 else []) if kind is float else ["1e30", "0.5"]
+    values += [raw for raw in ("0", "-1", "-1e9") if not allowed.admits(float(raw))]
+    return values
+
+
+CASES = [pytest.param(name, field, raw, id=f"{name}-{field}={raw}")
+         for name, cls in CONFIGS.items() for field, kind in numeric_fields(cls)
+         for raw in hostile_numbers(kind, cls.limits()[field])]
+
+
+@pytest.mark.parametrize("name, field, raw", CASES)
+def test_hostile_number_is_refused_naming_setting_and_value(name, field, raw):
+    with pytest.raises(sc.ConfigError) as error:
+        sc.configure(CONFIGS[name], [f"--{field}={raw}"], {})
+    message = str(error.value)
+    kind = typing.get_type_hints(CONFIGS[name])[field]
+    try:
+        shown = repr(sc.parse_value(field, raw, kind))  # a parsed value is shown as parsed (1e30 as an integer)
+    except sc.ConfigError:
+        shown = repr(raw)
+    assert f"{field}" in message and shown in message, message
+
+
+@pytest.mark.parametrize("name", NOTEBOOK_NAMES)
+def test_every_numeric_setting_declares_its_range(name):
+    cls = CONFIGS[name]
+    assert [field for field, _ in numeric_fields(cls) if field not in cls.limits()] == []
+
+
+@pytest.mark.parametrize("name", NOTEBOOK_NAMES)
+@pytest.mark.parametrize("preset", sc.PRESET_NAMES)
+def test_every_preset_passes_its_own_limits(name, preset):
+    config = sc.configure(CONFIGS[name], [f"--preset={preset}"], {})
+    assert config.preset == preset
+
+
+def test_range_error_says_what_is_allowed():
+    with pytest.raises(sc.ConfigError, match=r"save_every=0: save_every must be > 0"):
+        sc.configure(CONFIGS["03_pretrain"], ["--save_every=0"], {})
+    with pytest.raises(sc.ConfigError, match=r"lr_scale=nan: lr_scale must be a finite number > 0"):
+        sc.configure(CONFIGS["03_pretrain"], ["--lr_scale=nan"], {})
+    with pytest.raises(sc.ConfigError, match=r"cooldown_frac=1.5: cooldown_frac must be >= 0 and <= 1"):
+        sc.configure(CONFIGS["05_sft"], ["--cooldown_frac=1.5"], {})
+    with pytest.raises(sc.ConfigError, match=r"depth=1\d{30}: depth must be at most 9223372036854775807"):
+        sc.configure(CONFIGS["03_pretrain"], ["--depth=1e30"], {})
+
+
+def test_environment_values_are_validated_too():
+    with pytest.raises(sc.ConfigError, match=r"steps=-5: steps must be > 0"):
+        sc.configure(CONFIGS["06_rl"], [], {"STACK_STEPS": "-5"})
+
+
+RUN_NAME_FIELDS = [(name, field) for name, cls in CONFIGS.items() for field, allowed in cls.limits().items()
+                   if allowed.folder]
+ESCAPES = ("../../x", "..", ".", "/tmp/x", "a/b", "a\\b", "~/x", " x", "x\n", "-rf", "")
+
+
+@pytest.mark.parametrize("name, field", RUN_NAME_FIELDS)
+@pytest.mark.parametrize("raw", ESCAPES)
+def test_run_names_stay_inside_stack_home(name, field, raw):
+    allowed = CONFIGS[name].limits()[field]
+    if raw == "" and allowed.optional:
+        assert sc.configure(CONFIGS[name], [f"--{field}="], {}).__dict__[field] == ""
+        return
+    with pytest.raises(sc.ConfigError, match="nothing that leaves STACK_HOME") as error:
+        sc.configure(CONFIGS[name], [f"--{field}={raw}"], {})
+    assert f"{field}={raw!r}" in str(error.value)
+
+
+@pytest.mark.parametrize("raw", ["pretrain", "run-2", "depth_20.b"])
+def test_plain_run_names_are_accepted(raw):
+    assert sc.configure(CONFIGS["03_pretrain"], [f"--run_name={raw}"], {}).run_name == raw
+
+
+CHOICE_FIELDS = [(name, field, allowed) for name, cls in CONFIGS.items() for field, allowed in cls.limits().items()
+                 if allowed.choices]
+
+
+@pytest.mark.parametrize("name, field, allowed", CHOICE_FIELDS)
+def test_unknown_choices_are_refused_with_the_valid_ones(name, field, allowed):
+    with pytest.raises(sc.ConfigError) as error:
+        sc.configure(CONFIGS[name], [f"--{field}=fastest"], {})
+    assert f"{field}='fastest'" in str(error.value) and all(choice in str(error.value) for choice in allowed.choices)
+
+
+def test_limits_naming_a_missing_setting_are_a_mistake():
+    @dataclass
+    class Broken(sc.StackConfig):
+        steps: int = 1
+        LIMITS = {"step": sc.above(0)}
+
+    with pytest.raises(sc.ConfigError, match="Broken.LIMITS names settings it does not have: step"):
+        sc.configure(Broken, [], {})
+
+
+def test_values_of_the_wrong_type_are_refused_in_code_too():
+    config = CONFIGS["03_pretrain"]()
+    for field, value in (("depth", True), ("depth", 2.5), ("lr_scale", "1"), ("run_name", 3), ("compile", 1)):
+        bad = dataclasses.replace(config, **{field: value})
+        with pytest.raises(sc.ConfigError, match=f"{field}=.*must be of type"):
+            bad.validate()
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_non_finite_floats_are_refused_in_code(value):
+    with pytest.raises(sc.ConfigError, match="must be a finite number"):
+        dataclasses.replace(CONFIGS["06_rl"](), temperature=value).validate()
+
+
+def test_unwritable_stack_home_is_one_line_naming_the_path(tmp_path, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("STACK_HOME", str(blocker / "home"))
+    with pytest.raises(sc.ConfigError) as error:
+        sc.artifact_dir("runs")
+    message = str(error.value)
+    assert "\n" not in message and str(blocker / "home") in message and "not writable" in message

@@ -1,0 +1,72 @@
+"""The report card: STACK_HOME/report.md gathers every notebook's summary and figures, says "not run" for the
+notebooks that have not run, names a damaged summary instead of failing, and ends the pipeline."""
+import json
+import subprocess
+from pathlib import Path
+
+import stackcore as sc
+
+
+def write_summary(home, folder, summary, figures=()):
+    run_dir = home / "runs" / folder
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    for name in figures:
+        (run_dir / name).write_bytes(b"\x89PNG")
+
+
+CORE_SUMMARY = {"step": 100, "core": 0.1234, "val_bpb": 0.98765, "device": "NVIDIA H100", "ranks": 8,
+                "preset": "node", "attention": "flash", "seconds": 56.4,
+                "tasks": {"arc_easy": {"examples": 8, "accuracy": 0.5, "baseline": 0.25, "centered": 0.3333}}}
+
+
+def test_a_home_without_runs_reports_every_notebook_as_not_run(stack_home):
+    text = sc.write_report(stack_home).read_text()
+    assert (stack_home / "report.md").is_file()
+    for _, folder, _ in sc.REPORT_RUNS:
+        assert f"Not run (no `runs/{folder}/summary.json`)" in text
+
+
+def test_the_report_holds_each_summary_its_figures_timings_and_hardware(stack_home):
+    write_summary(stack_home, "01_tokenizer", {"vocab_size": 32768, "train_chars": 2_000_000, "train_seconds": 12.5,
+                                               "bytes_per_token": {"ours (32768)": 4.51, "gpt2 (50257)": 4.38}},
+                  ["compression.png"])
+    write_summary(stack_home, "04_core_eval", CORE_SUMMARY, ["core.png", "prefix_tree_mask.png"])
+    stages = {"base": {"tasks": {"arc_easy": {"accuracy": 0.25, "baseline": 0.25}}, "chatcore": 0.0},
+              "sft": {"tasks": {"arc_easy": {"accuracy": 0.4, "baseline": 0.25}}, "chatcore": 0.2}}
+    write_summary(stack_home, "sft", {"steps": 20, "final_val_loss": 1.5, "chat": stages, "device": "cpu", "ranks": 1,
+                                      "preset": "tiny", "attention": "sdpa", "train_seconds": 3.0})
+    text = sc.write_report(stack_home).read_text()
+    assert "| ours (32768) | 4.51 |" in text and "| gpt2 (50257) | 4.38 |" in text
+    assert "CORE **0.1234** at step 100" in text and "| arc_easy | 8 | 0.5 | 0.25 | 0.3333 |" in text
+    assert "![01_tokenizer compression](runs/01_tokenizer/compression.png)" in text
+    assert "![04_core_eval prefix_tree_mask](runs/04_core_eval/prefix_tree_mask.png)" in text
+    assert "| arc_easy | 0.25 | 0.4 |\n| ChatCORE | 0 | 0.2 |" in text
+    assert "| 04 · CORE | seconds | 56.4 |" in text and "| 01 · Tokenizer | train_seconds | 12.5 |" in text
+    assert "| 04 · CORE | NVIDIA H100 x 8, preset node, attention flash |" in text
+    assert "Not run (no `runs/pretrain/summary.json`)" in text and "Not run (no `runs/rl/summary.json`)" in text
+
+
+def test_a_damaged_summary_is_named_and_the_rest_still_reported(stack_home):
+    write_summary(stack_home, "04_core_eval", CORE_SUMMARY)
+    (stack_home / "runs" / "pretrain").mkdir(parents=True)
+    (stack_home / "runs" / "pretrain" / "summary.json").write_text('{"steps": 10')  # cut short by a crash
+    write_summary(stack_home, "rl", {"steps": 4})  # missing keys: an older or foreign summary
+    text = sc.write_report(stack_home).read_text()
+    assert "`runs/pretrain/summary.json` is unreadable (JSONDecodeError" in text
+    assert "`runs/rl/summary.json` is unreadable (KeyError" in text
+    assert "CORE **0.1234**" in text
+
+
+def test_the_pipeline_ends_with_the_report(stack_home, monkeypatch, capsys):
+    ran = []
+
+    def fake_run(command, **kwargs):  # the twins and `git rev-parse`, not run
+        ran.append(command)
+        return subprocess.CompletedProcess(command, 0, stdout="abc1234\n")
+
+    monkeypatch.setattr(sc.subprocess, "run", fake_run)
+    sc.run_pipeline(["--preset=tiny"])
+    assert [Path(command[1]).name for command in ran[:2]] == ["01_tokenizer.py", "02_sharding.py"]
+    assert f"report card: {stack_home / 'report.md'}" in capsys.readouterr().out
+    assert "at commit abc1234" in (stack_home / "report.md").read_text()
