@@ -653,16 +653,34 @@ def shard_version(kind: str, vocab_size: int = 0) -> int:
     return {"mask": 3, "records": 4}[kind]
 
 
+def check_shard_items(path: Path, items: np.ndarray, kind: str, vocab_size: int, dtype: type) -> None:
+    """Refuse what the shard's dtype would silently change: floats (cast to integers) and values outside the dtype's
+    range (wrapped around), token ids outside [0, vocab_size), records that are not a 2-D table."""
+    if items.size and not (np.issubdtype(items.dtype, np.integer) or items.dtype == np.bool_):
+        raise ShardError(f"{path}: {kind} must be integers, got an array of {items.dtype}")
+    if kind == "records" and items.ndim != 2:
+        raise ShardError(f"{path}: records must be a 2-D table, got shape {items.shape}")
+    if not items.size:
+        return
+    low, high = int(items.min()), int(items.max())
+    limit = np.iinfo(dtype)
+    if kind == "tokens" and (low < 0 or (vocab_size and high >= vocab_size)):
+        raise ShardError(f"{path}: token ids must lie in [0, {vocab_size}), got [{low}, {high}]")
+    if low < limit.min or high > limit.max:
+        hint = ": pass the tokenizer's vocab_size, so that the shard stores uint32" if kind == "tokens" else ""
+        raise ShardError(f"{path}: {kind} values [{low}, {high}] do not fit {limit.dtype} "
+                         f"[{limit.min}, {limit.max}]{hint}")
+
+
 def write_shard(path: Path, items: np.ndarray, kind: str = "tokens", vocab_size: int = 0) -> Path:
     """Write one shard atomically (a temporary file renamed into place, so a crash never leaves half a shard).
     `records` are 2-D int32 arrays; their width goes in the header."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     version = shard_version(kind, vocab_size)
     dtype = SHARD_VERSIONS[version][1]
     items = np.asarray(items)
-    if kind == "tokens" and items.size and (items.min() < 0 or (vocab_size and items.max() >= vocab_size)):
-        raise ShardError(f"{path}: token ids must lie in [0, {vocab_size})")
+    check_shard_items(path, items, kind, vocab_size, dtype)
+    path.parent.mkdir(parents=True, exist_ok=True)
     width = items.shape[1] if kind == "records" else 1
     header = np.zeros(HEADER_INTS, dtype=np.int32)
     header[:5] = (SHARD_MAGIC, version, items.shape[0], vocab_size, width)
@@ -2119,9 +2137,16 @@ class PretrainLoader:
 
     def _take_row(self) -> np.ndarray:
         start = self._next_start(self.position["offset"])
-        while start is None:
+        for _ in self.paths:  # each shard once from its start (the current one last): a row starts somewhere or nowhere
+            if start is not None:
+                break
             self._advance_shard()
             start = self._next_start(0)
+        if start is None:
+            raise ShardError(f"{self.paths[0].parent}: no shard of {', '.join(p.name for p in self.paths)} has a "
+                             f"document start (BOS id {self.bos_id}) followed by {self.tokens} tokens, so no row of "
+                             f"{self.tokens} tokens can begin at a document: wrong bos_id, or shards written without "
+                             f"BOS, or rows longer than the shards' documents allow")
         self.position["offset"] = start + self.tokens
         return np.asarray(self.shard[start:start + self.tokens + 1], dtype=np.int64)
 
@@ -3509,7 +3534,7 @@ def show_parts(parts: Sequence[dict[str, str]]) -> str:
 # where the mask is 0, so the loss counts the assistant's own tokens only.
 # Chat evals ask questions in the chat format. Multiple choice: the allowed letter with the highest logit after
 # <|assistant_start|>, many prompts per varlen forward pass. Generative tasks: greedy decoding with the Engine
-# (calculator included), then a check of the reply; generated code runs in a sandboxed subprocess.
+# (calculator included), then a check of the reply; generated code runs in data/sandbox.py's sandbox.
 
 class ConversationWriter(ShardWriter):
     """A ShardWriter for rendered conversations: add(ids, mask); each shard's mask goes to its side file, written
@@ -3687,103 +3712,6 @@ def generate_replies(engine: Engine, conversations: Sequence[Sequence[dict[str, 
         for i, row in zip(chunk, tokens):
             replies[i] = show_parts(assistant_parts(engine.tokenizer, row))
     return replies
-
-
-# The sandbox for generated code. Each program runs in a fresh interpreter (-I -S -B: no environment variables,
-# no site-packages, no bytecode files) in a temporary folder that is deleted afterwards, in its own process group
-# (killed whole at the time limit), with a scrubbed environment and no stdin, under resource limits (address space,
-# CPU seconds, file size, open files, no core dumps), and with an audit hook installed before the program starts.
-# Audit hooks cannot be removed; this one refuses sockets, new processes (fork, exec, spawn, system, subprocess),
-# signals to other processes, ctypes, links, and any file write, delete, rename or permission change outside the
-# temporary folder. Output goes to files there (capped by the file-size limit), not to pipes. This stops accidents
-# and plain hostile code; it is not a container: run untrusted code at scale in one with no network.
-
-SANDBOX_GUARD = r"""
-import os, resource, sys
-program, memory, cpu = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-for kind, value in ((resource.RLIMIT_AS, memory), (resource.RLIMIT_CPU, cpu), (resource.RLIMIT_FSIZE, 1 << 24),
-                    (resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_CORE, 0)):
-    hard = resource.getrlimit(kind)[1]
-    value = value if hard == resource.RLIM_INFINITY else min(value, hard)
-    resource.setrlimit(kind, (value, value))
-root = os.path.realpath(os.getcwd())
-source = open(program, encoding="utf-8").read()
-BLOCKED = {"os.system", "os.exec", "os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "os.kill", "os.killpg",
-           "subprocess.Popen", "socket.__new__", "socket.connect", "socket.bind", "socket.getaddrinfo",
-           "socket.sendto", "ctypes.dlopen", "ctypes.dlsym", "os.symlink", "os.link", "os.chroot"}
-PATHS = {"os.remove", "os.rmdir", "os.rename", "os.mkdir", "os.chmod", "os.chown", "os.truncate", "os.utime",
-         "os.mkfifo", "os.mknod", "os.chflags", "os.lchflags", "shutil.rmtree", "shutil.move", "shutil.copyfile",
-         "shutil.copytree", "shutil.chown"}
-MODULES = {"ctypes", "_ctypes", "_posixsubprocess", "_socket", "socket", "mmap", "_xxsubinterpreters"}
-WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
-def inside(path):
-    if isinstance(path, int):
-        return True  # an open descriptor: it was checked when it was opened
-    path = os.path.realpath(os.fsdecode(path))
-    return path == root or path.startswith(root + os.sep) or path == os.devnull
-def audit(event, args):
-    if event in BLOCKED:
-        raise PermissionError(f"sandbox: {event} is not allowed")
-    if event == "import" and args[0].partition(".")[0] in MODULES:
-        raise ImportError(f"sandbox: importing {args[0]} is not allowed")
-    if event == "open" and args[0] is not None:
-        mode, flags = args[1], args[2]
-        writes = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (isinstance(flags, int) and flags & WRITE_FLAGS)
-        if writes and not inside(args[0]):
-            raise PermissionError(f"sandbox: writing {args[0]!r} outside the sandbox folder")
-    if event in PATHS and not all(inside(a) for a in args if isinstance(a, (str, bytes, os.PathLike))):
-        raise PermissionError(f"sandbox: {event} outside the sandbox folder")
-sys.addaudithook(audit)
-def refuse(*args, **kwargs):
-    raise PermissionError("sandbox: os._exit is not allowed")
-os._exit = refuse
-del sys.argv[1:]
-try:
-    exec(compile(source, program, "exec"), {"__name__": "__main__"})
-except SystemExit as stop:
-    sys.stderr.write(f"sandbox: the program exited ({stop.code!r}) before it finished\n")
-    sys.exit(3)
-"""
-
-
-@dataclass
-class SandboxResult:
-    status: str  # passed (ran to the end, exit code 0) | failed | timeout
-    returncode: int | None
-    stdout: str
-    stderr: str
-    seconds: float
-
-    @property
-    def passed(self) -> bool:
-        return self.status == "passed"
-
-
-def run_sandboxed(program: str, timeout_s: float = 10.0, memory_mb: int = 1024, output_chars: int = 4000
-                  ) -> SandboxResult:
-    """Run a Python program in the sandbox described above; the last `output_chars` of its stdout and stderr."""
-    import contextlib
-    import signal
-    import subprocess
-    import tempfile
-
-    started = time.time()
-    with tempfile.TemporaryDirectory(prefix="decoderstack_sandbox_") as folder:
-        Path(folder, "program.py").write_text(program, encoding="utf-8")
-        env = {"PATH": "/usr/bin:/bin", "HOME": folder, "TMPDIR": folder, "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1"}
-        with open(Path(folder, "stdout"), "wb") as out, open(Path(folder, "stderr"), "wb") as err:
-            process = subprocess.Popen([sys.executable, "-I", "-S", "-B", "-c", SANDBOX_GUARD, "program.py",
-                                        str(memory_mb << 20), str(math.ceil(timeout_s) + 1)], cwd=folder, env=env,
-                                       stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True)
-            try:
-                returncode = process.wait(timeout=timeout_s)
-                status = "passed" if returncode == 0 else "failed"
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):  # it may have ended just now
-                    os.killpg(process.pid, signal.SIGKILL)
-                returncode, status = process.wait(), "timeout"
-        read = lambda name: Path(folder, name).read_text(encoding="utf-8", errors="replace")[-output_chars:]
-        return SandboxResult(status, returncode, read("stdout"), read("stderr"), time.time() - started)
 
 
 @dataclass
