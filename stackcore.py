@@ -1013,30 +1013,41 @@ def _backend_importable(name: str, device: torch.device) -> bool:
     return True
 
 
+def _matches_sdpa(attend: typing.Callable, device: torch.device, dtype: torch.dtype, backward: bool = True) -> bool:
+    """A tiny forward (and backward) of `attend` against the sdpa reference, without and with a window: catches
+    window-convention and calling-convention mistakes, in the backward's too."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    q, k, v, upstream = torch.randn(4, 40, 2, 64, device=device, dtype=dtype, generator=generator)
+    cu_seqlens = torch.tensor([0, 1, 13, 40], device=device, dtype=torch.int32)
+    for window in (None, 5):
+        results = []
+        for function in (attend, _sdpa_attention):
+            inputs = [t.detach().requires_grad_(backward) for t in (q, k, v)]
+            out = function(*inputs, cu_seqlens, 27, window)
+            results.append([out, *(torch.autograd.grad(out, inputs, upstream) if backward else ())])
+        if not all(torch.allclose(a.float(), b.float(), atol=3e-2, rtol=3e-2) for a, b in zip(*results)):
+            return False
+    return True
+
+
 @lru_cache(maxsize=None)
 def _backend_works(name: str, device: torch.device) -> bool:
-    """Import check plus a tiny forward against the sdpa reference (catches window-convention mistakes).
+    """Import check plus a tiny forward and backward against the sdpa reference (_matches_sdpa).
 
-    flex is checked uncompiled; its torch.compile'd CUDA path is first exercised by the first real call.
+    flex is checked uncompiled and forward only; its torch.compile'd CUDA path is first exercised by the first real
+    call.
     """
     if not _backend_importable(name, device):
         return False
     if name == "sdpa":
         return True
     dtype = compute_dtype_for(current_gpu(device))
-    generator = torch.Generator(device=device).manual_seed(0)
-    q, k, v = torch.randn(3, 40, 2, 64, device=device, dtype=dtype, generator=generator)
-    cu_seqlens = torch.tensor([0, 1, 13, 40], device=device, dtype=torch.int32)
     try:
-        for window in (None, 5):
-            with warnings.catch_warnings():  # flex uncompiled, on purpose: torch warns about it
-                warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-                out = (_flex_attention(q, k, v, cu_seqlens, 27, window, compiled=False) if name == "flex"
-                       else _ATTENTION_FUNCTIONS[name](q, k, v, cu_seqlens, 27, window))
-            expected = _sdpa_attention(q, k, v, cu_seqlens, 27, window)
-            if not torch.allclose(out.float(), expected.float(), atol=3e-2, rtol=3e-2):
-                return False
-        return True
+        with warnings.catch_warnings():  # flex uncompiled, on purpose: torch warns about it
+            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+            if name == "flex":
+                return _matches_sdpa(lambda *args: _flex_attention(*args, compiled=False), device, dtype, False)
+            return _matches_sdpa(_ATTENTION_FUNCTIONS[name], device, dtype)
     except Exception:
         return False
 
