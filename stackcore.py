@@ -726,17 +726,6 @@ def quantize_fp8(x: Tensor, dtype: torch.dtype) -> Fp8Tensor:
     return Fp8Tensor((x.float() / scale).clamp(-limit, limit).to(dtype).contiguous(), scale)
 
 
-@lru_cache(maxsize=None)
-def _compiled_quantize_fp8():
-    return torch.compile(quantize_fp8, dynamic=True)
-
-
-def quantize_fp8_fast(x: Tensor, dtype: torch.dtype) -> Fp8Tensor:
-    """quantize_fp8, compiled on CUDA into a reduction and one elementwise pass (eager, it would write an fp32 copy
-    of x and several temporaries); eager elsewhere. For the calls that torch.compile does not trace."""
-    return _compiled_quantize_fp8()(x, dtype) if x.is_cuda else quantize_fp8(x, dtype)
-
-
 def fp8_shapes_ok(*dims: int) -> bool:
     """Whether matmuls over these dimensions (tokens, inputs, outputs) fit torch._scaled_mm, forward and backward."""
     return all(dim % FP8_DIM_MULTIPLE == 0 for dim in dims)
@@ -756,46 +745,27 @@ def fp8_supported(device: str | torch.device, compute_dtype: torch.dtype) -> boo
     return gpu is not None and gpu.has_fp8 and compute_dtype == torch.bfloat16
 
 
-@torch.library.custom_op("stackcore::fp8_linear", mutates_args=())
-def _fp8_linear_op(x: Tensor, weight: Tensor, grad_format: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """x @ weight.T with both in e4m3, plus the quantised x and weight (data, scale) that the backward reuses: half
-    the memory of bf16 activations, and no second quantisation. `grad_format` is the backward's. An op that torch.compile does not look into (dynamo
-    fails on two such autograd.Functions in one dynamic-shape graph)."""
-    x8, w8 = quantize_fp8_fast(x, torch.float8_e4m3fn), quantize_fp8_fast(weight, torch.float8_e4m3fn)
-    return fp8_mm(x8, w8, x.dtype, fast_accum=True), *x8, *w8
+class _Fp8Linear(torch.autograd.Function):
+    """x @ weight.T from x (M, K), quantised here to e4m3, and the weight (N, K) quantised by the caller (w_data,
+    w_scale; `weight` itself only carries the gradient to the master weight). The output's gradient is quantised to
+    `grad_dtype`. The quantised x and weight are kept for the backward: half the memory of bf16 activations, and no
+    second quantisation. (Quantising the weight inside the function fails under torch.compile with dynamic shapes:
+    dynamo cannot lift the weight's symbolic sizes into a second such function of the same graph.)"""
 
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, w_data: Tensor, w_scale: Tensor, grad_dtype: torch.dtype) -> Tensor:
+        x8 = quantize_fp8(x, torch.float8_e4m3fn)
+        ctx.save_for_backward(x8.data, x8.scale, w_data, w_scale)
+        ctx.grad_dtype, ctx.weight_dtype = grad_dtype, weight.dtype
+        return fp8_mm(x8, Fp8Tensor(w_data, w_scale), x.dtype, fast_accum=True)
 
-@_fp8_linear_op.register_fake
-def _(x, weight, grad_format):
-    scale = x.new_empty((), dtype=torch.float32)
-    return (x.new_empty(x.size(0), weight.size(0)), torch.empty_like(x, dtype=torch.float8_e4m3fn), scale,
-            torch.empty_like(weight, dtype=torch.float8_e4m3fn), scale.clone())
-
-
-@torch.library.custom_op("stackcore::fp8_linear_backward", mutates_args=())
-def _fp8_linear_backward_op(grad_out: Tensor, x_data: Tensor, x_scale: Tensor, w_data: Tensor, w_scale: Tensor,
-                            grad_format: str, weight_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    g8 = quantize_fp8_fast(grad_out, FP8_FORMATS[grad_format])
-    return fp8_linear_grads(g8, Fp8Tensor(x_data, x_scale), Fp8Tensor(w_data, w_scale), grad_out.dtype, weight_dtype)
-
-
-@_fp8_linear_backward_op.register_fake
-def _(grad_out, x_data, x_scale, w_data, w_scale, grad_format, weight_dtype):
-    return torch.empty_like(x_data, dtype=grad_out.dtype), torch.empty_like(w_data, dtype=weight_dtype)
-
-
-def _fp8_linear_setup(ctx, inputs, output):
-    x, weight, ctx.grad_format = inputs
-    ctx.weight_dtype = weight.dtype
-    ctx.save_for_backward(*output[1:])
-
-
-def _fp8_linear_backward(ctx, grad_out, *unused):
-    grad_x, grad_weight = _fp8_linear_backward_op(grad_out, *ctx.saved_tensors, ctx.grad_format, ctx.weight_dtype)
-    return grad_x, grad_weight, None
-
-
-_fp8_linear_op.register_autograd(_fp8_linear_backward, setup_context=_fp8_linear_setup)
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x_data, x_scale, w_data, w_scale = ctx.saved_tensors
+        g8 = quantize_fp8(grad_out, ctx.grad_dtype)
+        grads = fp8_linear_grads(g8, Fp8Tensor(x_data, x_scale), Fp8Tensor(w_data, w_scale), grad_out.dtype,
+                                 ctx.weight_dtype)
+        return *grads, None, None, None
 
 
 def fp8_linear_grads(g8: Fp8Tensor, x8: Fp8Tensor, w8: Fp8Tensor, x_dtype: torch.dtype,
@@ -808,7 +778,8 @@ def fp8_linear_grads(g8: Fp8Tensor, x8: Fp8Tensor, w8: Fp8Tensor, x_dtype: torch
 def fp8_linear(x: Tensor, weight: Tensor, grad_format: str = "e5m2") -> Tensor:
     """x (M, K) @ weight (N, K).T through fp8 matmuls forward and backward, in x's dtype (bf16); weight's gradient in
     weight's dtype. M, K and N must be multiples of 16 (fp8_shapes_ok). Traceable by torch.compile."""
-    return _fp8_linear_op(x, weight, grad_format)[0]
+    w8 = quantize_fp8(weight.detach(), torch.float8_e4m3fn)
+    return _Fp8Linear.apply(x, weight, w8.data, w8.scale, FP8_FORMATS[grad_format])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1280,7 +1251,7 @@ def _ce_chunk(h: Tensor, w: Tensor, w8: Fp8Tensor | None, targets: Tensor, softc
         losses, grad_logits = rows(h @ w.mT, targets, softcap)
         return losses, grad_logits @ w, (grad_logits.mT @ h).float()
     rows = _compiled_ce_rows(compile_backend, fp8=True) if compile_backend else _softcapped_ce_rows_fp8
-    h8 = quantize_fp8_fast(h, torch.float8_e4m3fn)
+    h8 = quantize_fp8(h, torch.float8_e4m3fn)
     losses, g8 = rows(fp8_mm(h8, w8, h.dtype, fast_accum=True), targets, softcap, FP8_FORMATS[fp8_grad_format])
     return losses, *fp8_linear_grads(g8, h8, w8, h.dtype, torch.float32)
 
@@ -1299,7 +1270,7 @@ class _SoftcappedCrossEntropySum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, softcap, chunk_tokens, compile_backend, fp8_grad_format):
         w = weight.to(h.dtype)
-        w8 = quantize_fp8_fast(weight, torch.float8_e4m3fn) if fp8_grad_format else None
+        w8 = quantize_fp8(weight, torch.float8_e4m3fn) if fp8_grad_format else None
         total = torch.zeros((), device=h.device, dtype=torch.float32)
         grad_h = torch.empty_like(h)
         grad_w = torch.zeros_like(weight, dtype=torch.float32)  # summed over chunks in fp32
