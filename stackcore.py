@@ -717,12 +717,13 @@ def fp8_scale(amax: Tensor, dtype: torch.dtype) -> Tensor:
     return amax.float().clamp(min=FP8_MIN_AMAX) / torch.finfo(dtype).max
 
 
-def quantize_fp8(x: Tensor, dtype: torch.dtype) -> Fp8Tensor:
-    """x in `dtype` with one scale from its amax. Entries are clamped to the format's range before the cast (a cast
-    out of range gives NaN or inf on some devices, 448 on others), so the top entry never overflows through the
-    rounding of x / scale. A NaN or inf in x makes the scale NaN or inf, as it would make a bf16 matmul's output."""
+def quantize_fp8(x: Tensor, dtype: torch.dtype, amax: Tensor | None = None) -> Fp8Tensor:
+    """x in `dtype` with one scale from its amax, or from a known bound `amax` of |x| (which saves a pass over x).
+    Entries are clamped to the format's range before the cast (a cast out of range gives NaN or inf on some devices,
+    448 on others), so the top entry never overflows through the rounding of x / scale, nor an entry past a bound
+    that was too small. A NaN or inf in x makes the scale NaN or inf, as it would make a bf16 matmul's output."""
     limit = torch.finfo(dtype).max
-    scale = fp8_scale(x.abs().amax(), dtype)
+    scale = fp8_scale(x.abs().amax() if amax is None else amax, dtype)
     return Fp8Tensor((x.float() / scale).clamp(-limit, limit).to(dtype).contiguous(), scale)
 
 
@@ -1230,11 +1231,14 @@ def _softcapped_ce_rows(logits: Tensor, targets: Tensor, softcap: float) -> tupl
 
 
 def _softcapped_ce_rows_fp8(logits: Tensor, targets: Tensor, softcap: float, grad_dtype: torch.dtype
-                            ) -> tuple[Tensor, Fp8Tensor]:
-    """_softcapped_ce_rows with the gradient quantised for the fp8 head (in the same compiled graph, so that the
-    bf16 gradient of a chunk is never written out whole)."""
+                            ) -> tuple[Tensor, Fp8Tensor, Fp8Tensor]:
+    """_softcapped_ce_rows with the gradient quantised for the fp8 head, row-major and transposed (the weight
+    gradient's first operand), in the same compiled graph: the chunk's gradient is never written out in bf16, nor
+    transposed by a separate pass. Its scale comes from a bound, not from a pass over it: softmax minus one-hot lies
+    in [-1, 1] and the soft cap's derivative in [0, 1]."""
     losses, grad = _softcapped_ce_rows(logits, targets, softcap)
-    return losses, quantize_fp8(grad, grad_dtype)
+    g8 = quantize_fp8(grad, grad_dtype, amax=grad.new_ones((), dtype=torch.float32))
+    return losses, g8, g8.transposed()
 
 
 @lru_cache(maxsize=None)
@@ -1242,18 +1246,20 @@ def _compiled_ce_rows(backend: str, fp8: bool = False):
     return torch.compile(_softcapped_ce_rows_fp8 if fp8 else _softcapped_ce_rows, backend=backend)
 
 
-def _ce_chunk(h: Tensor, w: Tensor, w8: Fp8Tensor | None, targets: Tensor, softcap: float,
+def _ce_chunk(h: Tensor, w: Tensor, w8: tuple[Fp8Tensor, Fp8Tensor] | None, targets: Tensor, softcap: float,
               compile_backend: str | None, fp8_grad_format: str | None) -> tuple[Tensor, Tensor, Tensor]:
     """One chunk's per-row losses and gradients (h's, and the head's in fp32) from the head `w` in h's dtype. The
-    matmuls run in fp8 when `w8`, the quantised head, is given and the chunk's shape fits (fp8_shapes_ok)."""
+    matmuls run in fp8 when `w8`, the quantised head and its transpose, is given and the chunk's shape fits
+    (fp8_shapes_ok)."""
     if w8 is None or not fp8_shapes_ok(h.size(0), *w.shape):
         rows = _compiled_ce_rows(compile_backend) if compile_backend else _softcapped_ce_rows
         losses, grad_logits = rows(h @ w.mT, targets, softcap)
         return losses, grad_logits @ w, (grad_logits.mT @ h).float()
     rows = _compiled_ce_rows(compile_backend, fp8=True) if compile_backend else _softcapped_ce_rows_fp8
     h8 = quantize_fp8(h, torch.float8_e4m3fn)
-    losses, g8 = rows(fp8_mm(h8, w8, h.dtype, fast_accum=True), targets, softcap, FP8_FORMATS[fp8_grad_format])
-    return losses, *fp8_linear_grads(g8, h8, w8, h.dtype, torch.float32)
+    logits = fp8_mm(h8, w8[0], h.dtype, fast_accum=True)
+    losses, g8, g8_transposed = rows(logits, targets, softcap, FP8_FORMATS[fp8_grad_format])
+    return losses, fp8_mm(g8, w8[1], h.dtype), fp8_mm(g8_transposed, h8.transposed(), torch.float32)
 
 
 def _chunked_ce_losses(h: Tensor, weight: Tensor, targets: Tensor, softcap: float, chunk_tokens: int) -> Tensor:
@@ -1271,12 +1277,13 @@ class _SoftcappedCrossEntropySum(torch.autograd.Function):
     def forward(ctx, h, weight, targets, softcap, chunk_tokens, compile_backend, fp8_grad_format):
         w = weight.to(h.dtype)
         w8 = quantize_fp8(weight, torch.float8_e4m3fn) if fp8_grad_format else None
+        head8 = None if w8 is None else (w8, w8.transposed())
         total = torch.zeros((), device=h.device, dtype=torch.float32)
         grad_h = torch.empty_like(h)
         grad_w = torch.zeros_like(weight, dtype=torch.float32)  # summed over chunks in fp32
         for start in range(0, h.size(0), chunk_tokens):
             part = slice(start, start + chunk_tokens)
-            losses, grad_h[part], grad_w_part = _ce_chunk(h[part], w, w8, targets[part], softcap,
+            losses, grad_h[part], grad_w_part = _ce_chunk(h[part], w, head8, targets[part], softcap,
                                                           compile_backend, fp8_grad_format)
             total += losses.sum()
             grad_w += grad_w_part

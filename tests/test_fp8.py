@@ -54,15 +54,16 @@ def test_amax_bookkeeping(dtype):
     q = sc.quantize_fp8(negative, dtype)
     assert q.scale.item() == pytest.approx(negative.abs().max().item() / top, rel=1e-6)  # amax of |x|, not of x
     assert q.data.float().min().item() == -top and (q.data.float() < 0).all()
+    bound = sc.quantize_fp8(negative, dtype, amax=torch.tensor(4.0))  # a known bound instead of a pass over x
+    assert bound.scale.item() == pytest.approx(4.0 / top, rel=1e-7)
 
 
 @pytest.mark.parametrize("dtype", [E4M3, E5M2])
-def test_values_beyond_the_range_saturate(dtype, monkeypatch):
-    # a scale smaller than amax / max (as a stale or shared scale would be) puts entries past the format's range:
-    # they clamp to its largest value instead of becoming inf or NaN
-    monkeypatch.setattr(sc, "fp8_scale", lambda amax, fmt: amax.float() / torch.finfo(fmt).max / 4)
+def test_values_beyond_the_range_saturate(dtype):
+    # a bound below the true amax (a stale or wrong one) puts entries past the format's range: they clamp to its
+    # largest value instead of becoming inf or NaN
     x = torch.tensor([[1.0, -1.0, 0.1, -0.01] * 4])
-    data = sc.quantize_fp8(x, dtype).data.float()
+    data = sc.quantize_fp8(x, dtype, amax=torch.tensor(0.25)).data.float()
     top = torch.finfo(dtype).max
     assert torch.isfinite(data).all()
     assert data[0, :2].tolist() == [top, -top]
