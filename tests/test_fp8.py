@@ -118,12 +118,12 @@ def test_fp8_linear_matches_the_emulation(grad_format, monkeypatch):
     out.backward(upstream)
     assert out.dtype == x.grad.dtype == torch.bfloat16 and weight.grad.dtype == torch.float32
 
-    xe, we, ge = emulate(x.detach(), E4M3), emulate(weight.detach(), E4M3), emulate(upstream, sc.FP8_FORMATS[grad_format])
+    grad = sc.FP8_FORMATS[grad_format]
+    xe, we, ge = emulate(x.detach(), E4M3), emulate(weight.detach(), E4M3), emulate(upstream, grad)
     torch.testing.assert_close(out.double(), xe @ we.T, rtol=1e-2, atol=1e-2)  # bf16 output rounding
     torch.testing.assert_close(x.grad.double(), ge @ we, rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(weight.grad.double(), ge.T @ xe, rtol=1e-5, atol=1e-5)  # fp32 output
     # forward, grad_x, grad_weight; gradients in their format, fast accumulation only in the forward
-    grad = sc.FP8_FORMATS[grad_format]
     assert calls == [(E4M3, E4M3, torch.bfloat16, True), (grad, E4M3, torch.bfloat16, False),
                      (grad, E4M3, torch.float32, False)]
 
@@ -205,7 +205,8 @@ def test_shapes_that_do_not_fit_take_the_bf16_path(monkeypatch):
     model.set_fp8(True)
     monkeypatch.setattr(torch, "_scaled_mm", lambda *args, **kwargs: pytest.fail("fp8 matmul with 15 rows"))
     x = torch.randn(15, 64, dtype=torch.bfloat16, requires_grad=True)
-    torch.testing.assert_close(model.blocks[0].mlp.c_fc(x), torch.nn.functional.linear(x, model.blocks[0].mlp.c_fc.weight.bfloat16()))
+    linear = model.blocks[0].mlp.c_fc
+    torch.testing.assert_close(linear(x), torch.nn.functional.linear(x, linear.weight.bfloat16()))
 
 
 def test_fp8_under_torch_compile_matches_eager():
