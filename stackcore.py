@@ -951,9 +951,16 @@ def _(q, k, v, cu_seqlens, max_seqlen, window):
     return torch.empty_like(q)
 
 
+@torch.compiler.disable
+def _flash_with_grad(q, k, v, cu_seqlens, max_seqlen, window):
+    """FlashAttention's own autograd, run outside torch.compile's graphs: traced, FA4's Python breaks a compiled
+    layer at many places and recompiles per window (one break here instead)."""
+    return _call_flash(q, k, v, cu_seqlens, max_seqlen, window)
+
+
 def _flash_attention(q, k, v, cu_seqlens, max_seqlen, window):
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        return _call_flash(q, k, v, cu_seqlens, max_seqlen, window)  # FlashAttention's own autograd
+        return _flash_with_grad(q, k, v, cu_seqlens, max_seqlen, window)
     return _flash_forward(q, k, v, cu_seqlens, max_seqlen, window or 0)
 
 
