@@ -6,6 +6,7 @@ Sections (and the notebooks that call them):
   3. Tokenizer ........................ 01_tokenizer, 02_sharding, 07_chat
   4. Shards ........................... 02_sharding writes them; 03-06 read them
   5. Triton kernels ................... 03_pretrain (through the optimizer)
+ 5b. fp8 matmuls ...................... 03_pretrain (through the model's MLPs and head)
   6. Attention backends ............... 03-07 (through the model)
   7. Model ............................ 03-07
   8. Optimizer and schedules .......... 03_pretrain, 05_sft, 06_rl (Muon, AdamW, fp16 loss scaling)
@@ -433,6 +434,10 @@ class GpuInfo:
     def has_bf16(self) -> bool:
         return self.capability >= (8, 0)
 
+    @property
+    def has_fp8(self) -> bool:
+        return self.capability >= (8, 9)
+
 
 def current_gpu(device: str | torch.device = "cuda") -> GpuInfo | None:
     """The GPU `device` names (the current one for plain "cuda"), or None for the CPU or a machine without CUDA."""
@@ -853,6 +858,102 @@ def symmetric_matmul(x: Tensor, alpha: float = 1.0, addend: Tensor | None = None
 
 
 # ---------------------------------------------------------------------------------------------
+# 5b. fp8 matmuls (used by 03_pretrain, through CastedLinear and the loss)
+# ---------------------------------------------------------------------------------------------
+# torch._scaled_mm multiplies two fp8 matrices on tensor cores (CUDA compute capability 8.9 and up) and rescales the
+# fp32 accumulator: out = scale_a * scale_b * (a @ b). Each operand is quantised with one scale for the whole tensor,
+# from its own absolute maximum (current scaling): x ~ x_fp8 * scale with scale = amax / the format's largest value,
+# so the largest entry lands on the top of the format's range. Activations and weights are e4m3 (more mantissa),
+# gradients e5m2 by default (more exponent range). The master weights stay fp32 and the outputs come back in the
+# compute dtype: fp8 exists only inside the matmul, and checkpoints never see it.
+
+FP8_FORMATS = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+FP8_MIN_AMAX = 1e-12  # floor of amax: an all-zero tensor gets a tiny finite scale (zeros stay zeros), never 0/0
+FP8_DIM_MULTIPLE = 16  # torch._scaled_mm on CUDA: the inner dimension and both of the second operand's
+
+
+class Fp8Tensor(typing.NamedTuple):
+    """A quantised matrix: `data` (fp8, row-major) times `scale` (fp32 scalar) approximates the original."""
+    data: Tensor
+    scale: Tensor
+
+    def transposed(self) -> "Fp8Tensor":
+        """The transpose, row-major again (torch._scaled_mm wants its operands in fixed layouts)."""
+        return Fp8Tensor(self.data.t().contiguous(), self.scale)
+
+
+def fp8_scale(amax: Tensor, dtype: torch.dtype) -> Tensor:
+    """fp32 dequantisation scale for a tensor whose largest absolute entry is `amax`: amax / dtype's largest value."""
+    return amax.float().clamp(min=FP8_MIN_AMAX) / torch.finfo(dtype).max
+
+
+def quantize_fp8(x: Tensor, dtype: torch.dtype, amax: Tensor | None = None) -> Fp8Tensor:
+    """x in `dtype` with one scale from its amax, or from a known bound `amax` of |x| (which saves a pass over x).
+    Entries are clamped to the format's range before the cast (a cast out of range gives NaN or inf on some devices,
+    448 on others), so the top entry never overflows through the rounding of x / scale, nor an entry past a bound
+    that was too small. A NaN or inf in x makes the scale NaN or inf, as it would make a bf16 matmul's output."""
+    limit = torch.finfo(dtype).max
+    scale = fp8_scale(x.abs().amax() if amax is None else amax, dtype)
+    return Fp8Tensor((x.float() / scale).clamp(-limit, limit).to(dtype).contiguous(), scale)
+
+
+def fp8_shapes_ok(*dims: int) -> bool:
+    """Whether matmuls over these dimensions (tokens, inputs, outputs) fit torch._scaled_mm, forward and backward."""
+    return all(dim % FP8_DIM_MULTIPLE == 0 for dim in dims)
+
+
+def fp8_mm(a: Fp8Tensor, b: Fp8Tensor, out_dtype: torch.dtype, fast_accum: bool = False) -> Tensor:
+    """a @ b.T in `out_dtype` for a (M, K) and b (N, K), both row-major: b.T is then the column-major second operand
+    that torch._scaled_mm requires. Fast accumulation (no periodic promotion of the tensor-core partial sums to fp32)
+    suits the forward's short inner dimension; the weight gradient's sum over all tokens keeps full accumulation."""
+    return torch._scaled_mm(a.data, b.data.t(), scale_a=a.scale, scale_b=b.scale, out_dtype=out_dtype,
+                            use_fast_accum=fast_accum)
+
+
+def fp8_supported(device: str | torch.device, compute_dtype: torch.dtype) -> bool:
+    """fp8 matmuls run here: a CUDA GPU of compute capability 8.9 or more (L4, H100, H200) computing in bf16."""
+    gpu = current_gpu(device)
+    return gpu is not None and gpu.has_fp8 and compute_dtype == torch.bfloat16
+
+
+class _Fp8Linear(torch.autograd.Function):
+    """x @ weight.T from x (M, K), quantised here to e4m3, and the weight (N, K) quantised by the caller (w_data,
+    w_scale; `weight` itself only carries the gradient to the master weight). The output's gradient is quantised to
+    `grad_dtype`. The quantised x and weight are kept for the backward: half the memory of bf16 activations, and no
+    second quantisation. (Quantising the weight inside the function fails under torch.compile with dynamic shapes:
+    dynamo cannot lift the weight's symbolic sizes into a second such function of the same graph.)"""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, w_data: Tensor, w_scale: Tensor, grad_dtype: torch.dtype) -> Tensor:
+        x8 = quantize_fp8(x, torch.float8_e4m3fn)
+        ctx.save_for_backward(x8.data, x8.scale, w_data, w_scale)
+        ctx.grad_dtype, ctx.weight_dtype = grad_dtype, weight.dtype
+        return fp8_mm(x8, Fp8Tensor(w_data, w_scale), x.dtype, fast_accum=True)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x_data, x_scale, w_data, w_scale = ctx.saved_tensors
+        g8 = quantize_fp8(grad_out, ctx.grad_dtype)
+        grads = fp8_linear_grads(g8, Fp8Tensor(x_data, x_scale), Fp8Tensor(w_data, w_scale), grad_out.dtype,
+                                 ctx.weight_dtype)
+        return *grads, None, None, None
+
+
+def fp8_linear_grads(g8: Fp8Tensor, x8: Fp8Tensor, w8: Fp8Tensor, x_dtype: torch.dtype,
+                     weight_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Gradients of x @ weight.T from the quantised output gradient (M, N), x (M, K) and weight (N, K):
+    grad_x = grad_out @ weight in `x_dtype`, grad_weight = grad_out.T @ x in `weight_dtype`."""
+    return fp8_mm(g8, w8.transposed(), x_dtype), fp8_mm(g8.transposed(), x8.transposed(), weight_dtype)
+
+
+def fp8_linear(x: Tensor, weight: Tensor, grad_format: str = "e5m2") -> Tensor:
+    """x (M, K) @ weight (N, K).T through fp8 matmuls forward and backward, in x's dtype (bf16); weight's gradient in
+    weight's dtype. M, K and N must be multiples of 16 (fp8_shapes_ok). Traceable by torch.compile."""
+    w8 = quantize_fp8(weight.detach(), torch.float8_e4m3fn)
+    return _Fp8Linear.apply(x, weight, w8.data, w8.scale, FP8_FORMATS[grad_format])
+
+
+# ---------------------------------------------------------------------------------------------
 # 6. Attention backends (used by notebooks 03-07, through the model)
 # ---------------------------------------------------------------------------------------------
 # All backends take packed documents: q, k, v of shape (T, H, D) with the documents concatenated,
@@ -1021,9 +1122,16 @@ def _(q, k, v, cu_seqlens, max_seqlen, window):
     return torch.empty_like(q)
 
 
+@torch.compiler.disable
+def _flash_with_grad(q, k, v, cu_seqlens, max_seqlen, window):
+    """FlashAttention's own autograd, run outside torch.compile's graphs: traced, FA4's Python breaks a compiled
+    layer at many places and recompiles per window (one break here instead)."""
+    return _call_flash(q, k, v, cu_seqlens, max_seqlen, window)
+
+
 def _flash_attention(q, k, v, cu_seqlens, max_seqlen, window):
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        return _call_flash(q, k, v, cu_seqlens, max_seqlen, window)  # FlashAttention's own autograd
+        return _flash_with_grad(q, k, v, cu_seqlens, max_seqlen, window)
     return _flash_forward(q, k, v, cu_seqlens, max_seqlen, window or 0)
 
 
@@ -1055,30 +1163,41 @@ def _backend_importable(name: str, device: torch.device) -> bool:
     return True
 
 
+def _matches_sdpa(attend: typing.Callable, device: torch.device, dtype: torch.dtype, backward: bool = True) -> bool:
+    """A tiny forward (and backward) of `attend` against the sdpa reference, without and with a window: catches
+    window-convention and calling-convention mistakes, in the backward's too."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    q, k, v, upstream = torch.randn(4, 40, 2, 64, device=device, dtype=dtype, generator=generator)
+    cu_seqlens = torch.tensor([0, 1, 13, 40], device=device, dtype=torch.int32)
+    for window in (None, 5):
+        results = []
+        for function in (attend, _sdpa_attention):
+            inputs = [t.detach().requires_grad_(backward) for t in (q, k, v)]
+            out = function(*inputs, cu_seqlens, 27, window)
+            results.append([out, *(torch.autograd.grad(out, inputs, upstream) if backward else ())])
+        if not all(torch.allclose(a.float(), b.float(), atol=3e-2, rtol=3e-2) for a, b in zip(*results)):
+            return False
+    return True
+
+
 @lru_cache(maxsize=None)
 def _backend_works(name: str, device: torch.device) -> bool:
-    """Import check plus a tiny forward against the sdpa reference (catches window-convention mistakes).
+    """Import check plus a tiny forward and backward against the sdpa reference (_matches_sdpa).
 
-    flex is checked uncompiled; its torch.compile'd CUDA path is first exercised by the first real call.
+    flex is checked uncompiled and forward only; its torch.compile'd CUDA path is first exercised by the first real
+    call.
     """
     if not _backend_importable(name, device):
         return False
     if name == "sdpa":
         return True
     dtype = compute_dtype_for(current_gpu(device))
-    generator = torch.Generator(device=device).manual_seed(0)
-    q, k, v = torch.randn(3, 40, 2, 64, device=device, dtype=dtype, generator=generator)
-    cu_seqlens = torch.tensor([0, 1, 13, 40], device=device, dtype=torch.int32)
     try:
-        for window in (None, 5):
-            with warnings.catch_warnings():  # flex uncompiled, on purpose: torch warns about it
-                warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-                out = (_flex_attention(q, k, v, cu_seqlens, 27, window, compiled=False) if name == "flex"
-                       else _ATTENTION_FUNCTIONS[name](q, k, v, cu_seqlens, 27, window))
-            expected = _sdpa_attention(q, k, v, cu_seqlens, 27, window)
-            if not torch.allclose(out.float(), expected.float(), atol=3e-2, rtol=3e-2):
-                return False
-        return True
+        with warnings.catch_warnings():  # flex uncompiled, on purpose: torch warns about it
+            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+            if name == "flex":
+                return _matches_sdpa(lambda *args: _flex_attention(*args, compiled=False), device, dtype, False)
+            return _matches_sdpa(_ATTENTION_FUNCTIONS[name], device, dtype)
     except Exception:
         return False
 
@@ -1170,14 +1289,21 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class CastedLinear(nn.Linear):
-    """Bias-free linear layer: fp32 master weight, weight and input cast to `compute_dtype` for the matmul."""
+    """Bias-free linear layer: fp32 master weight, weight and input cast to `compute_dtype` for the matmul. With
+    `fp8_grad_format` set (GPT.set_fp8), passes with gradients multiply in fp8 instead (fp8_linear), where the shapes
+    fit; passes without gradients (evaluation, decoding) stay in the compute dtype."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
         self.compute_dtype = torch.float32
+        self.fp8_grad_format: str | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x.to(self.compute_dtype), self.weight.to(self.compute_dtype))
+        x = x.to(self.compute_dtype)
+        if (self.fp8_grad_format and torch.is_grad_enabled() and x.dim() == 2
+                and fp8_shapes_ok(x.size(0), *self.weight.shape)):
+            return fp8_linear(x, self.weight, self.fp8_grad_format)
+        return F.linear(x, self.weight.to(self.compute_dtype))
 
 
 @lru_cache(maxsize=1)
@@ -1468,9 +1594,36 @@ def _softcapped_ce_rows(logits: Tensor, targets: Tensor, softcap: float) -> tupl
     return loss, (grad * (1 - (capped / softcap) ** 2)).to(logits.dtype)
 
 
+def _softcapped_ce_rows_fp8(logits: Tensor, targets: Tensor, softcap: float, grad_dtype: torch.dtype
+                            ) -> tuple[Tensor, Fp8Tensor, Fp8Tensor]:
+    """_softcapped_ce_rows with the gradient quantised for the fp8 head, row-major and transposed (the weight
+    gradient's first operand), in the same compiled graph: the chunk's gradient is never written out in bf16, nor
+    transposed by a separate pass. Its scale comes from a bound, not from a pass over it: softmax minus one-hot lies
+    in [-1, 1] and the soft cap's derivative in [0, 1]."""
+    losses, grad = _softcapped_ce_rows(logits, targets, softcap)
+    g8 = quantize_fp8(grad, grad_dtype, amax=grad.new_ones((), dtype=torch.float32))
+    return losses, g8, g8.transposed()
+
+
 @lru_cache(maxsize=None)
-def _compiled_ce_rows(compile_backend: str):
-    return torch.compile(_softcapped_ce_rows, backend=compile_backend)
+def _compiled_ce_rows(compile_backend: str, fp8: bool = False):
+    return torch.compile(_softcapped_ce_rows_fp8 if fp8 else _softcapped_ce_rows, backend=compile_backend)
+
+
+def _ce_chunk(h: Tensor, w: Tensor, w8: tuple[Fp8Tensor, Fp8Tensor] | None, targets: Tensor, softcap: float,
+              compile_backend: str | None, fp8_grad_format: str | None) -> tuple[Tensor, Tensor, Tensor]:
+    """One chunk's per-row losses and gradients (h's, and the head's in fp32) from the head `w` in h's dtype. The
+    matmuls run in fp8 when `w8`, the quantised head and its transpose, is given and the chunk's shape fits
+    (fp8_shapes_ok)."""
+    if w8 is None or not fp8_shapes_ok(h.size(0), *w.shape):
+        rows = _compiled_ce_rows(compile_backend) if compile_backend else _softcapped_ce_rows
+        losses, grad_logits = rows(h @ w.mT, targets, softcap)
+        return losses, grad_logits @ w, (grad_logits.mT @ h).float()
+    rows = _compiled_ce_rows(compile_backend, fp8=True) if compile_backend else _softcapped_ce_rows_fp8
+    h8 = quantize_fp8(h, torch.float8_e4m3fn)
+    logits = fp8_mm(h8, w8[0], h.dtype, fast_accum=True)
+    losses, g8, g8_transposed = rows(logits, targets, softcap, FP8_FORMATS[fp8_grad_format])
+    return losses, fp8_mm(g8, w8[1], h.dtype), fp8_mm(g8_transposed, h8.transposed(), torch.float32)
 
 
 def _chunked_ce_losses(h: Tensor, weight: Tensor, targets: Tensor, softcap: float, chunk_tokens: int) -> Tensor:
@@ -1485,33 +1638,36 @@ class _SoftcappedCrossEntropySum(torch.autograd.Function):
     (tokens x vocab) fp32 logits never exist whole, and backward only scales them."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, softcap, chunk_tokens, compile_backend):
-        rows = _compiled_ce_rows(compile_backend) if compile_backend else _softcapped_ce_rows
+    def forward(ctx, h, weight, targets, softcap, chunk_tokens, compile_backend, fp8_grad_format):
         w = weight.to(h.dtype)
+        w8 = quantize_fp8(weight, torch.float8_e4m3fn) if fp8_grad_format else None
+        head8 = None if w8 is None else (w8, w8.transposed())
         total = torch.zeros((), device=h.device, dtype=torch.float32)
         grad_h = torch.empty_like(h)
         grad_w = torch.zeros_like(weight, dtype=torch.float32)  # summed over chunks in fp32
         for start in range(0, h.size(0), chunk_tokens):
             part = slice(start, start + chunk_tokens)
-            losses, grad_logits = rows(h[part] @ w.mT, targets[part], softcap)
+            losses, grad_h[part], grad_w_part = _ce_chunk(h[part], w, head8, targets[part], softcap,
+                                                          compile_backend, fp8_grad_format)
             total += losses.sum()
-            grad_h[part] = grad_logits @ w
-            grad_w += grad_logits.mT @ h[part]
+            grad_w += grad_w_part
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
         return total
 
     @staticmethod
     def backward(ctx, grad_output):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_output.to(grad_h.dtype), grad_w * grad_output, None, None, None, None
+        return grad_h * grad_output.to(grad_h.dtype), grad_w * grad_output, None, None, None, None, None
 
 
 def softcapped_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, softcap: float, reduction: str = "mean",
-                             chunk_tokens: int = 8192, compile_backend: str | None = None) -> Tensor:
+                             chunk_tokens: int = 8192, compile_backend: str | None = None,
+                             fp8_grad_format: str | None = None) -> Tensor:
     """F.cross_entropy(soft_cap(h @ weight.T, softcap), targets, ignore_index=-1, reduction=reduction), computed
     `chunk_tokens` rows of logits at a time, so that memory holds chunk x vocab logits instead of tokens x vocab.
     With gradients and reduction "mean" or "sum", each chunk's gradient is formed at once (fused by torch.compile
-    with `compile_backend`, e.g. "inductor"); per-token losses ("none") that need gradients take the plain path."""
+    with `compile_backend`, e.g. "inductor"), its matmuls in fp8 with `fp8_grad_format` (the gradients' format, see
+    fp8_linear); per-token losses ("none") that need gradients take the plain path."""
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"unknown reduction {reduction!r}; use 'mean', 'sum' or 'none'")
     needs_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
@@ -1519,7 +1675,8 @@ def softcapped_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, softcap
         return F.cross_entropy(soft_cap(F.linear(h, weight.to(h.dtype)), softcap), targets, ignore_index=-1,
                                reduction="none")
     if needs_grad:
-        total = _SoftcappedCrossEntropySum.apply(h, weight, targets, softcap, chunk_tokens, compile_backend)
+        total = _SoftcappedCrossEntropySum.apply(h, weight, targets, softcap, chunk_tokens, compile_backend,
+                                                 fp8_grad_format)
     else:
         losses = _chunked_ce_losses(h, weight, targets, softcap, chunk_tokens)
         if reduction == "none":
@@ -1587,6 +1744,15 @@ class GPT(nn.Module):
         for module in self.modules():
             if isinstance(module, CastedLinear):
                 module.compute_dtype = dtype
+
+    def set_fp8(self, enabled: bool, grad_format: str = "e5m2") -> None:
+        """fp8 matmuls (fp8_linear) for the MLP projections and the head in passes with gradients: e4m3 activations
+        and weights, gradients in `grad_format` (e5m2 or e4m3). Needs bf16 on a GPU with fp8 (fp8_supported); the
+        weights, their optimizer and checkpoints are unchanged."""
+        if grad_format not in FP8_FORMATS:
+            raise ValueError(f"unknown fp8 gradient format {grad_format!r}; valid: {', '.join(FP8_FORMATS)}")
+        for linear in (self.lm_head, *(layer for block in self.blocks for layer in (block.mlp.c_fc, block.mlp.c_proj))):
+            linear.fp8_grad_format = grad_format if enabled else None
 
     def cast_weights_for_inference(self) -> "GPT":
         """Evaluation only: the matrices and embeddings stored in the compute dtype, so that no pass casts them from
@@ -1697,7 +1863,7 @@ class GPT(nn.Module):
             kv_cache.advance(max_seqlen)
         if target_ids is not None:
             return softcapped_cross_entropy(norm(x), self.lm_head.weight, target_ids, config.softcap, loss_reduction,
-                                            compile_backend=compile_backend)
+                                            compile_backend=compile_backend, fp8_grad_format=self.lm_head.fp8_grad_format)
         logits = soft_cap(self.lm_head(norm(x)), config.softcap)
         return logits.view(*shape, -1) if kv_cache is not None and logit_rows is None else logits
 

@@ -94,6 +94,7 @@ class PretrainConfig(sc.StackConfig):
     save_every: int = 1000  # steps between checkpoints (and at the end)
     attention: str = "auto"  # auto | flash | varlen | flex | sdpa
     compile: bool = True  # torch.compile the model's layers and loss on GPUs (GPT.compile_layers)
+    fp8: bool = False  # fp8 matmuls in the MLPs and the head where the GPU has them (GPT.set_fp8)
     run_name: str = "pretrain"  # name of the run folder and checkpoint folder
     resume: bool = True  # continue from the newest checkpoint of this run if there is one
     wandb: bool = False  # log to Weights & Biases (needs `pip install wandb` and a login)
@@ -107,7 +108,6 @@ class PretrainConfig(sc.StackConfig):
         # colab preset is the speedrun
         "colab_t4": dict(depth=6, tokens_per_step=65_536, micro_tokens=8_192, steps=600, eval_tokens=262_144),
         "colab_a100": dict(depth=12, seq_len=2048, tokens_per_step=262_144, micro_tokens=32_768, steps=600),
-        "speedrun": dict(),
         "node": dict(depth=20, steps=4000, save_every=500),
     }
     LIMITS = {
@@ -138,8 +138,12 @@ log(f"device {device} x {dist_info.world_size} rank(s); {accum_steps} micro-step
 # ## The model
 # Everything follows from `depth`: width is 64 × depth and heads are `head_dim` wide, as in nanochat. Weights stay
 # in fp32 for the optimizer; matrix products run in bf16 on GPUs that have it (fp16 on a T4, whose loss is then
-# scaled so that small gradients survive: `sc.LossScaler`). The attention backend is the fastest one that works
-# here and matches the reference on a small check (see `sc.available_attention_backends`).
+# scaled so that small gradients survive: `sc.LossScaler`). With `--fp8=true` and a GPU that has fp8 tensor cores
+# (compute capability 8.9 and up: L4, H100, H200), the MLPs' and the head's matrix products run in fp8 in training,
+# each operand scaled by its largest entry (`sc.fp8_linear`). It is off by default: scaling and casting every
+# operand adds passes over the activations, and until a record in `baselines/` shows the faster matmuls repay them,
+# bf16 stays the default. The attention backend is the fastest one that works here and matches the reference on a
+# small check (see `sc.available_attention_backends`).
 
 # %%
 model_config = sc.GPTConfig(vocab_size=tokenizer.vocab_size, depth=cfg.depth, model_dim=cfg.model_dim,
@@ -147,6 +151,8 @@ model_config = sc.GPTConfig(vocab_size=tokenizer.vocab_size, depth=cfg.depth, mo
 model = sc.GPT(model_config).to(device)
 compute_dtype = sc.pick_compute_dtype(device)
 model.set_compute_dtype(compute_dtype)
+fp8 = cfg.fp8 and sc.fp8_supported(device, compute_dtype)
+model.set_fp8(fp8)
 backend = sc.pick_attention_backend(device, cfg.attention)
 forward = model.compile_layers() if cfg.compile and device.startswith("cuda") else model
 params = model.num_params()
@@ -154,7 +160,8 @@ flops_per_token = model.flops_per_token(cfg.seq_len)
 log(f"model: depth {cfg.depth}, width {model_config.dim}, {model_config.n_heads} heads; "
     f"{params['total'] / 1e6:.1f} M parameters ({params['matrices'] / 1e6:.1f} M in hidden matrices)")
 log(f"attention backend: {backend} (available here: {sc.available_attention_backends(device)}); "
-    f"compute dtype {compute_dtype}; {flops_per_token / 1e9:.2f} GFLOP per token")
+    f"compute dtype {compute_dtype}, fp8 matmuls {'on' if fp8 else 'off'}; "
+    f"{flops_per_token / 1e9:.2f} GFLOP per token")
 
 # %% [markdown]
 # ## Look inside: one block, and where the parameters and FLOPs are
