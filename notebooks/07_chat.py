@@ -305,15 +305,17 @@ elif cfg.chat and not cfg.prompt and sys.stdin.isatty():
 
 # %% [markdown]
 # ## The report card
-# Every notebook leaves a `summary.json` and its figures in `STACK_HOME/runs/<run>`. `sc.write_report` gathers them
-# into one Markdown file, `STACK_HOME/report.md`: the tokenizer's compression, the shards, the pretraining run and its
-# bits-per-byte curve, the CORE table, the chat evals before and after fine-tuning, GSM8K before and after RL, the
-# timings, the hardware each notebook ran on and the commit. A notebook you have not run shows as "not run". Keep
-# the file (with the `runs/` folder beside it, where its figures are) to share what your run achieved; the pipeline
-# (`python3 stackcore.py pipeline`) writes it too, at its end.
+# Every notebook leaves a `summary.json` and its figures in `STACK_HOME/runs/<run>`. `write_report`
+# (`notebooks/report.py`) gathers them into one Markdown file, `STACK_HOME/report.md`: the tokenizer's compression,
+# the shards, the pretraining run and its bits-per-byte curve, the CORE table, the chat evals before and after
+# fine-tuning, GSM8K before and after RL, the timings, the hardware each notebook ran on and the commit. A notebook
+# you have not run shows as "not run". Keep the file (with the `runs/` folder beside it, where its figures are) to
+# share what your run achieved; the pipeline (`python3 stackcore.py pipeline`) writes it too, at its end.
 
 # %%
-report_path = sc.write_report(sc.stack_home())
+from notebooks.report import write_report
+
+report_path = write_report(sc.stack_home())
 print(f"written {report_path}")
 report_text = report_path.read_text(encoding="utf-8")
 if sc.in_notebook_kernel():  # the figures' links are relative to STACK_HOME: show them as images here
