@@ -15,7 +15,7 @@ Sections (and the notebooks that call them):
  11. Checkpoints and run logs ......... 03-07
  12. CORE evaluation .................. 04_core_eval (02_sharding writes its shards with data/core.py)
  13. Chat format, calculator, engine .. 05_sft, 06_rl, 07_chat (render conversations, KV-cache generation)
- 14. SFT and chat evaluations ......... 02_sharding, 05_sft, 06_rl (conversation shards, SFT loader, chat evals)
+ 14. Supervised fine-tuning ........... 02_sharding, 05_sft (conversation shards, SFT loader; chat evals: data/)
  15. Reinforcement learning ........... 06_rl (rollouts, policy gradient; data/gsm8k.py holds the prompt shards)
 The first cell of every notebook (Colab installs, Drive, GPU report) is notebooks/runtime.py; the report card (the
 pipeline's end, 07_chat's last cell) is notebooks/report.py.
@@ -3158,16 +3158,15 @@ def show_parts(parts: Sequence[dict[str, str]]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# 14. Supervised fine-tuning and chat evaluations (used by 02_sharding, 05_sft, 06_rl)
+# 14. Supervised fine-tuning (used by 02_sharding, 05_sft)
 # ---------------------------------------------------------------------------------------------
 # 02_sharding renders every conversation of the SFT mixture (data/sft.py) with render_conversation into
 # shards/sft/train_*.bin and val_*.bin: whole conversations back to back, each starting with <|bos|>, and beside each
 # shard its loss mask (name.mask.bin, one uint8 per token, 1 on what the assistant writes). The SFT loader packs
 # whole conversations, never cut, into one varlen row of at most `tokens` tokens, with no padding; targets are -1
 # where the mask is 0, so the loss counts the assistant's own tokens only.
-# Chat evals ask questions in the chat format. Multiple choice: the allowed letter with the highest logit after
-# <|assistant_start|>, many prompts per varlen forward pass. Generative tasks: greedy decoding with the Engine
-# (calculator included), then a check of the reply; generated code runs in a sandboxed subprocess.
+# The chat evals (letter choice, greedy generation, ChatCORE) are data/chat_eval.py's; the code they generate runs
+# in the sandbox at the end of this section.
 
 class ConversationWriter(ShardWriter):
     """A ShardWriter for rendered conversations: add(ids, mask); each shard's mask goes to its side file, written
@@ -3297,56 +3296,6 @@ def evaluate_sft_loss(model: GPT, loader: SFTLoader, steps: int, backend: str) -
     return float(totals[0] / totals[1].clamp(min=1))
 
 
-@torch.no_grad()
-def last_token_logits(model: GPT, prompts: Sequence[Sequence[int]], backend: str, device: str, pack_tokens: int = 0
-                      ) -> Tensor:
-    """Logits (len(prompts), vocab) at the last position of each prompt. Prompts (cut from the left to
-    max_seq_len) are packed back to back into passes of up to `pack_tokens` tokens; 0 runs one prompt per pass."""
-    prompts = [list(p)[-model.config.max_seq_len:] for p in prompts]
-    rows = []
-    for chunk in token_budget_chunks([len(p) for p in prompts], pack_tokens):
-        lengths = [len(prompts[i]) for i in chunk]
-        inputs = torch.tensor([t for i in chunk for t in prompts[i]], device=device)
-        cu_seqlens = torch.tensor(np.cumsum([0, *lengths]), dtype=torch.int32, device=device)
-        logits = model(inputs, cu_seqlens, max(lengths), backend=backend)
-        rows.append(logits[cu_seqlens[1:].long() - 1])
-    return torch.cat(rows) if rows else torch.zeros(0, model.config.vocab_size, device=device)
-
-
-def letter_ids(tokenizer: Tokenizer, letters: Sequence[str]) -> list[int]:
-    """The token of each answer letter, as the model writes it right after <|assistant_start|>."""
-    ids = [tokenizer.encode(letter) for letter in letters]
-    if any(len(i) != 1 for i in ids):
-        raise ValueError(f"answer letters {list(letters)} must each be one token")
-    return [i[0] for i in ids]
-
-
-def choose_letters(model: GPT, tokenizer: Tokenizer, questions: Sequence[Any], backend: str, device: str,
-                   pack_tokens: int = 0) -> list[int]:
-    """For questions with .prompt() (messages) and .letters: the index of the allowed letter with the highest
-    logit after <|assistant_start|> (ties go to the first)."""
-    prompts = [render_for_completion(tokenizer, q.prompt()) for q in questions]
-    model.eval()
-    logits = last_token_logits(model, prompts, backend, device, pack_tokens)
-    model.train()
-    return [int(row[letter_ids(tokenizer, q.letters)].argmax()) for row, q in zip(logits, questions)]
-
-
-def generate_replies(engine: Engine, conversations: Sequence[Sequence[dict[str, Any]]], max_tokens: int,
-                     batch_size: int = 64) -> list[str]:
-    """The greedy reply to each conversation, tool calls shown as by show_parts, `batch_size` conversations decoded
-    together; an empty reply where the prompt leaves no room in the model's context."""
-    prompts = [render_for_completion(engine.tokenizer, messages) for messages in conversations]
-    fits = [i for i, prompt in enumerate(prompts) if len(prompt) < engine.model.config.max_seq_len]
-    replies = [""] * len(prompts)
-    for first in range(0, len(fits), batch_size):
-        chunk = fits[first:first + batch_size]
-        tokens, _ = engine.generate_batch([prompts[i] for i in chunk], max_tokens=max_tokens, temperature=0.0)
-        for i, row in zip(chunk, tokens):
-            replies[i] = show_parts(assistant_parts(engine.tokenizer, row))
-    return replies
-
-
 # The sandbox for generated code. Each program runs in a fresh interpreter (-I -S -B: no environment variables,
 # no site-packages, no bytecode files) in a temporary folder that is deleted afterwards, in its own process group
 # (killed whole at the time limit), with a scrubbed environment and no stdin, under resource limits (address space,
@@ -3442,49 +3391,6 @@ def run_sandboxed(program: str, timeout_s: float = 10.0, memory_mb: int = 1024, 
                 returncode, status = process.wait(), "timeout"
         read = lambda name: Path(folder, name).read_text(encoding="utf-8", errors="replace")[-output_chars:]
         return SandboxResult(status, returncode, read("stdout"), read("stderr"), time.time() - started)
-
-
-@dataclass
-class ChatTask:
-    """A chat eval. kind "choice": examples have .prompt() (messages), .letters and .gold (the right index), and are
-    scored by letter. kind "generate": examples have .prompt() and .check(reply) -> bool, and are scored by greedy
-    generation of up to max_tokens tokens. `baseline` is the accuracy of random guessing."""
-    name: str
-    kind: str
-    examples: Sequence[Any]
-    baseline: float = 0.0
-    max_tokens: int = 256
-
-
-def evaluate_chat_task(model: GPT, tokenizer: Tokenizer, task: ChatTask, backend: str, device: str,
-                       pack_tokens: int = 0) -> dict[str, Any]:
-    """Accuracy of one task. Under torch.distributed each rank scores the examples with index % world == rank."""
-    world_size, rank = _world()
-    mine = list(task.examples)[rank::world_size]
-    started = time.time()
-    if task.kind == "choice":
-        chosen = choose_letters(model, tokenizer, mine, backend, device, pack_tokens)
-        correct = [c == q.gold for c, q in zip(chosen, mine)]
-    elif task.kind == "generate":
-        engine = Engine(model, tokenizer, backend)
-        replies = generate_replies(engine, [ex.prompt() for ex in mine], task.max_tokens)
-        correct = [bool(ex.check(reply)) for ex, reply in zip(mine, replies)]
-    else:
-        raise ValueError(f"unknown chat task kind {task.kind!r}: choice or generate")
-    counts = torch.tensor([float(sum(correct)), float(len(correct))], device=device, dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(counts)
-    accuracy = float(counts[0] / counts[1]) if counts[1] else 0.0
-    return {"accuracy": accuracy, "centered": centered_accuracy(accuracy, task.baseline), "baseline": task.baseline,
-            "examples": int(counts[1]), "seconds": round(time.time() - started, 2)}
-
-
-def evaluate_chat(model: GPT, tokenizer: Tokenizer, tasks: Sequence[ChatTask], backend: str, device: str,
-                  pack_tokens: int = 0) -> dict[str, Any]:
-    """{"tasks": {name: result}, "chatcore": mean centred accuracy}: ChatCORE, nanochat's one-number summary."""
-    results = {task.name: evaluate_chat_task(model, tokenizer, task, backend, device, pack_tokens) for task in tasks}
-    chatcore = float(np.mean([r["centered"] for r in results.values()])) if results else float("nan")
-    return {"tasks": results, "chatcore": chatcore}
 
 
 # ---------------------------------------------------------------------------------------------

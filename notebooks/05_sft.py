@@ -76,7 +76,8 @@ from dataclasses import dataclass
 import matplotlib.pyplot as plt
 import torch
 
-from data.chat_eval import ChatEvalConfig, chat_table, describe_tasks, load_chat_tasks, plot_chat_results
+from data.chat_eval import (ChatEvalConfig, chat_table, describe_tasks, evaluate_chat, load_chat_tasks,
+                            plot_chat_results)
 
 
 @dataclass
@@ -213,7 +214,7 @@ before_file = run_dir / "chat_before.json"
 if sc.latest_checkpoint(checkpoint_dir) is not None and cfg.resume and before_file.exists():
     before = json.loads(before_file.read_text())
 else:
-    before = sc.evaluate_chat(model, tokenizer, tasks, backend, device, cfg.pack_tokens)
+    before = evaluate_chat(model, tokenizer, tasks, backend, device, cfg.pack_tokens)
     if dist_info.master:
         before_file.write_text(json.dumps(before, indent=1))
 log(chat_table({"base": before}))
@@ -322,7 +323,7 @@ if dist_info.master:
 # the bars move.
 
 # %%
-after = sc.evaluate_chat(model, tokenizer, tasks, backend, device, cfg.pack_tokens)
+after = evaluate_chat(model, tokenizer, tasks, backend, device, cfg.pack_tokens)
 stages = {"base": before, "sft": after}
 log(chat_table(stages))
 if dist_info.master:
