@@ -622,22 +622,28 @@ def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield batch
 
 
-def tokenize_parallel(tokenizer_dir: Path, docs: Iterable[str], workers: int, batch_docs: int = 256
-                      ) -> Iterator[np.ndarray]:
-    """Token ids of each document, BOS first, in input order, encoded by `workers` processes (each loads the
-    tokenizer once). With workers <= 1 it encodes in this process, which is faster for small inputs."""
+def map_with_tokenizer(tokenizer_dir: Path, work: typing.Callable[[Any], list[ItemT]], batches: Iterable[Any],
+                       workers: int) -> Iterator[ItemT]:
+    """Every item of work(batch) for each batch, in input order, from `workers` processes that each load the
+    tokenizer once into _worker_tokenizer. With workers <= 1 it works in this process (faster for small inputs)."""
     if workers <= 1:
         _load_worker_tokenizer(str(tokenizer_dir))
-        for batch in batched(docs, batch_docs):
-            yield from _encode_with_bos(batch)
+        for batch in batches:
+            yield from work(batch)
         return
     import multiprocessing
 
     # fork: a spawned worker would re-run the calling script, which is a notebook twin with no __main__ guard
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     with multiprocessing.get_context(method).Pool(workers, _load_worker_tokenizer, (str(tokenizer_dir),)) as pool:
-        for encoded in pool.imap(_encode_with_bos, batched(docs, batch_docs), chunksize=1):
-            yield from encoded
+        for results in pool.imap(work, batches, chunksize=1):
+            yield from results
+
+
+def tokenize_parallel(tokenizer_dir: Path, docs: Iterable[str], workers: int, batch_docs: int = 256
+                      ) -> Iterator[np.ndarray]:
+    """Token ids of each document, BOS first, in input order, encoded by `workers` processes."""
+    return map_with_tokenizer(tokenizer_dir, _encode_with_bos, batched(docs, batch_docs), workers)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3200,19 +3206,9 @@ def _render_worker(batch: tuple[list[Any], int | None]) -> list[tuple[np.ndarray
 
 def render_parallel(tokenizer_dir: Path, conversations: Iterable[Sequence[dict[str, Any]]], max_tokens: int | None,
                     workers: int, batch_size: int = 256) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(ids, mask) of every conversation, in input order, rendered by `workers` processes (see tokenize_parallel)."""
+    """(ids, mask) of every conversation, in input order, rendered by `workers` processes."""
     batches = ((batch, max_tokens) for batch in batched(conversations, batch_size))
-    if workers <= 1:
-        _load_worker_tokenizer(str(tokenizer_dir))
-        for batch in batches:
-            yield from _render_worker(batch)
-        return
-    import multiprocessing
-
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with multiprocessing.get_context(method).Pool(workers, _load_worker_tokenizer, (str(tokenizer_dir),)) as pool:
-        for rendered in pool.imap(_render_worker, batches, chunksize=1):
-            yield from rendered
+    return map_with_tokenizer(tokenizer_dir, _render_worker, batches, workers)
 
 
 class SFTLoader:

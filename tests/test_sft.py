@@ -60,6 +60,15 @@ def test_conversation_shards_round_trip_with_their_masks(tmp_path, tokenizer):
         writer.add([5, 6], [0, 1])
 
 
+def test_parallel_rendering_keeps_order_and_masks(tiny_tokenizer, tokenizer):
+    convs = conversations(12)
+    serial = [sc.render_conversation(tokenizer, c, 64) for c in convs]
+    for workers in (1, 2):
+        got = [(ids.tolist(), mask.tolist())
+               for ids, mask in sc.render_parallel(tiny_tokenizer, convs, 64, workers, batch_size=5)]
+        assert got == [(list(ids), list(mask)) for ids, mask in serial]
+
+
 def test_loader_packs_whole_conversations_once_per_epoch_without_padding(tmp_path, tokenizer):
     rendered, _ = write_conversations(tmp_path, tokenizer, conversations())
     loader = sc.SFTLoader(tmp_path, "train", tokens=256, bos_id=tokenizer.bos_id, vocab_size=tokenizer.vocab_size,
