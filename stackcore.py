@@ -13,12 +13,13 @@ Sections (and the notebooks that call them):
   9. Pretraining loader ............... 03_pretrain
  9b. Batching ......................... 03-06 (token budgets, host-to-device copies)
  10. Evaluation: bits per byte ........ 03_pretrain, 04_core_eval
- 11. Checkpoints and run logs ......... 03-07 (and the report card: the pipeline's end, 07_chat's last cell)
+ 11. Checkpoints and run logs ......... 03-07
  12. CORE evaluation .................. 04_core_eval (02_sharding writes its shards with data/core.py)
  13. Chat format, calculator, engine .. 05_sft, 06_rl, 07_chat (render conversations, KV-cache generation)
- 14. SFT and chat evaluations ......... 02_sharding, 05_sft, 06_rl (conversation shards, SFT loader, chat evals)
+ 14. Supervised fine-tuning ........... 02_sharding, 05_sft (conversation shards, SFT loader; chat evals: data/)
  15. Reinforcement learning ........... 06_rl (rollouts, policy gradient; data/gsm8k.py holds the prompt shards)
- 16. Runtime set-up ................... every notebook (the first cell: Colab installs, Drive, GPU report)
+The first cell of every notebook (Colab installs, Drive, GPU report) is notebooks/runtime.py; the report card (the
+pipeline's end, 07_chat's last cell) is notebooks/report.py.
 
 The notebooks keep the training loops in view; this file holds the reusable and performance-critical parts.
 """
@@ -383,6 +384,16 @@ class MissingArtifactError(FileNotFoundError):
         return super().__str__() + colab_drive_hint(os.environ)
 
 
+def colab_drive_hint(environ: typing.Mapping[str, str]) -> str:
+    """What a missing artifact means in Colab when STACK_HOME is not on Drive; empty elsewhere."""
+    from notebooks.runtime import DRIVE_MOUNT, DRIVE_STACK_HOME, in_colab  # the first cell's Colab and Drive set-up
+
+    if not in_colab(environ) or stack_home(environ).is_relative_to(DRIVE_MOUNT):
+        return ""
+    return ("\nIn Colab every notebook runs on its own machine: tick use_drive in the first cell of each notebook "
+            f"so that they share STACK_HOME on Google Drive ({DRIVE_STACK_HOME}), then run the notebook named above.")
+
+
 def require_artifact(path: Path, made_by: str) -> Path:
     """Return `path` if it exists, else stop with a message naming the notebook that makes it."""
     path = Path(path)
@@ -616,22 +627,28 @@ def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield batch
 
 
-def tokenize_parallel(tokenizer_dir: Path, docs: Iterable[str], workers: int, batch_docs: int = 256
-                      ) -> Iterator[np.ndarray]:
-    """Token ids of each document, BOS first, in input order, encoded by `workers` processes (each loads the
-    tokenizer once). With workers <= 1 it encodes in this process, which is faster for small inputs."""
+def map_with_tokenizer(tokenizer_dir: Path, work: typing.Callable[[Any], list[ItemT]], batches: Iterable[Any],
+                       workers: int) -> Iterator[ItemT]:
+    """Every item of work(batch) for each batch, in input order, from `workers` processes that each load the
+    tokenizer once into _worker_tokenizer. With workers <= 1 it works in this process (faster for small inputs)."""
     if workers <= 1:
         _load_worker_tokenizer(str(tokenizer_dir))
-        for batch in batched(docs, batch_docs):
-            yield from _encode_with_bos(batch)
+        for batch in batches:
+            yield from work(batch)
         return
     import multiprocessing
 
     # fork: a spawned worker would re-run the calling script, which is a notebook twin with no __main__ guard
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     with multiprocessing.get_context(method).Pool(workers, _load_worker_tokenizer, (str(tokenizer_dir),)) as pool:
-        for encoded in pool.imap(_encode_with_bos, batched(docs, batch_docs), chunksize=1):
-            yield from encoded
+        for results in pool.imap(work, batches, chunksize=1):
+            yield from results
+
+
+def tokenize_parallel(tokenizer_dir: Path, docs: Iterable[str], workers: int, batch_docs: int = 256
+                      ) -> Iterator[np.ndarray]:
+    """Token ids of each document, BOS first, in input order, encoded by `workers` processes."""
+    return map_with_tokenizer(tokenizer_dir, _encode_with_bos, batched(docs, batch_docs), workers)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2664,99 +2681,6 @@ def format_duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-# The report card, as nanochat's report.md: STACK_HOME/report.md gathers what each notebook left in its run folder
-# (summary.json and the figures beside it), so a learner can keep and share what their run achieved. A notebook not
-# run yet gets a line that says so. The run folders are the notebooks' default run names.
-
-
-def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
-    """Lines of a Markdown table; floats print with 4 significant digits."""
-    def cell(value: Any) -> str:
-        return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-    return ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header),
-            *("| " + " | ".join(cell(v) for v in row) + " |" for row in rows)]
-
-
-def _report_tokenizer(summary: dict[str, Any]) -> list[str]:
-    return [f"Vocabulary of {summary['vocab_size']:,} tokens trained on {summary['train_chars']:,} characters.", "",
-            *markdown_table(("encoding", "bytes per token on held-out text"), summary["bytes_per_token"].items())]
-
-
-def _report_shards(summary: dict[str, Any]) -> list[str]:
-    rows = [(split, summary[split]["shards"], summary[split]["tokens"], summary[split]["documents"])
-            for split in ("train", "val")]
-    return markdown_table(("split", "shards", "tokens", "documents"), rows)
-
-
-def _report_pretraining(summary: dict[str, Any]) -> list[str]:
-    keys = ("parameters", "steps", "tokens", "final_val_bpb", "tokens_per_second", "mfu", "peak_memory_GB")
-    return markdown_table(("", "value"), ((key, summary.get(key)) for key in keys))
-
-
-def _report_core(summary: dict[str, Any]) -> list[str]:
-    rows = ((label, task["examples"], task["accuracy"], task["baseline"], task["centered"])
-            for label, task in summary["tasks"].items())
-    return [f"CORE **{summary['core']:.4f}** at step {summary['step']}; validation bits per byte "
-            f"{summary['val_bpb']:.4f}.", "",
-            *markdown_table(("task", "examples", "accuracy", "baseline", "centred"), rows)]
-
-
-def _report_sft(summary: dict[str, Any]) -> list[str]:
-    stages = summary["chat"]
-    tasks = dict.fromkeys(name for stage in stages.values() for name in stage["tasks"])
-    rows = [(name, *(stage["tasks"].get(name, {}).get("accuracy", "-") for stage in stages.values())) for name in tasks]
-    rows.append(("ChatCORE", *(stage["chatcore"] for stage in stages.values())))
-    return [f"{summary['steps']} steps, final validation loss {summary['final_val_loss']:.4f}. Chat evals "
-            f"(accuracy per task, before and after):", "", *markdown_table(("task", *stages), rows)]
-
-
-def _report_rl(summary: dict[str, Any]) -> list[str]:
-    start, final = summary["pass_at_k_start"], summary["pass_at_k_final"]
-    return [f"{summary['steps']} steps of {summary['prompts_per_step']} GSM8K questions x "
-            f"{summary['samples_per_prompt']} answers.", "",
-            *markdown_table(("GSM8K (test)", "before RL", "after RL"), ((k, start[k], final.get(k)) for k in start))]
-
-
-REPORT_RUNS = (("01 · Tokenizer", "01_tokenizer", _report_tokenizer), ("02 · Shards", "02_sharding", _report_shards),
-               ("03 · Pretraining", "pretrain", _report_pretraining), ("04 · CORE", "04_core_eval", _report_core),
-               ("05 · Supervised fine-tuning", "sft", _report_sft), ("06 · Reinforcement learning", "rl", _report_rl))
-REPORT_SECONDS = ("train_seconds", "seconds", "rollout_seconds", "update_seconds")  # the timings a summary may hold
-
-
-def write_report(home: Path) -> Path:
-    """Write `home/report.md`: per notebook its summary's key figures and its plots (or "not run"), then the
-    timings, the hardware each notebook ran on, and the commit. Returns the path."""
-    home = Path(home)
-    lines = ["# DecoderStack report card", "",
-             f"Written {time.strftime('%Y-%m-%d %H:%M')} at commit {project_commit(run_command)}.", ""]
-    timings, devices = [], {}
-    for title, folder, section in REPORT_RUNS:
-        run_dir = home / "runs" / folder
-        lines += [f"## {title}", ""]
-        try:
-            summary = json.loads((run_dir / "summary.json").read_text())
-            lines += section(summary)
-        except FileNotFoundError:
-            lines += [f"Not run (no `runs/{folder}/summary.json`).", ""]
-            continue
-        except (ValueError, KeyError, TypeError) as error:
-            lines += [f"`runs/{folder}/summary.json` is unreadable ({type(error).__name__}: {error}).", ""]
-            continue
-        lines += ["", *(f"![{folder} {png.stem}](runs/{folder}/{png.name})" for png in sorted(run_dir.glob("*.png"))),
-                  ""]
-        timings += [(title, key, summary[key]) for key in REPORT_SECONDS if summary.get(key) is not None]
-        if "device" in summary:
-            devices[title] = (f"{summary['device']} x {summary.get('ranks', 1)}, preset {summary['preset']}, "
-                              f"attention {summary['attention']}")
-    lines += ["## Timings", "", *markdown_table(("notebook", "what", "seconds"), timings), "",
-              "## Hardware", "", *markdown_table(("notebook", "device x ranks, preset, attention"), devices.items())]
-    home.mkdir(parents=True, exist_ok=True)
-    path = home / "report.md"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
-
-
 # ---------------------------------------------------------------------------------------------
 # 12. CORE evaluation (used by 04_core_eval)
 # ---------------------------------------------------------------------------------------------
@@ -3691,16 +3615,15 @@ def show_parts(parts: Sequence[dict[str, str]]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# 14. Supervised fine-tuning and chat evaluations (used by 02_sharding, 05_sft, 06_rl)
+# 14. Supervised fine-tuning (used by 02_sharding, 05_sft)
 # ---------------------------------------------------------------------------------------------
 # 02_sharding renders every conversation of the SFT mixture (data/sft.py) with render_conversation into
 # shards/sft/train_*.bin and val_*.bin: whole conversations back to back, each starting with <|bos|>, and beside each
 # shard its loss mask (name.mask.bin, one uint8 per token, 1 on what the assistant writes). The SFT loader packs
 # whole conversations, never cut, into one varlen row of at most `tokens` tokens, with no padding; targets are -1
 # where the mask is 0, so the loss counts the assistant's own tokens only.
-# Chat evals ask questions in the chat format. Multiple choice: the allowed letter with the highest logit after
-# <|assistant_start|>, many prompts per varlen forward pass. Generative tasks: greedy decoding with the Engine
-# (calculator included), then a check of the reply; generated code runs in data/sandbox.py's sandbox.
+# The chat evals (letter choice, greedy generation, ChatCORE) are data/chat_eval.py's; the code they generate runs
+# in data/sandbox.py's sandbox.
 
 class ConversationWriter(ShardWriter):
     """A ShardWriter for rendered conversations: add(ids, mask); each shard's mask goes to its side file, written
@@ -3734,19 +3657,9 @@ def _render_worker(batch: tuple[list[Any], int | None]) -> list[tuple[np.ndarray
 
 def render_parallel(tokenizer_dir: Path, conversations: Iterable[Sequence[dict[str, Any]]], max_tokens: int | None,
                     workers: int, batch_size: int = 256) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(ids, mask) of every conversation, in input order, rendered by `workers` processes (see tokenize_parallel)."""
+    """(ids, mask) of every conversation, in input order, rendered by `workers` processes."""
     batches = ((batch, max_tokens) for batch in batched(conversations, batch_size))
-    if workers <= 1:
-        _load_worker_tokenizer(str(tokenizer_dir))
-        for batch in batches:
-            yield from _render_worker(batch)
-        return
-    import multiprocessing
-
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with multiprocessing.get_context(method).Pool(workers, _load_worker_tokenizer, (str(tokenizer_dir),)) as pool:
-        for rendered in pool.imap(_render_worker, batches, chunksize=1):
-            yield from rendered
+    return map_with_tokenizer(tokenizer_dir, _render_worker, batches, workers)
 
 
 class SFTLoader:
@@ -3830,97 +3743,6 @@ def evaluate_sft_loss(model: GPT, loader: SFTLoader, steps: int, backend: str) -
     return float(totals[0] / totals[1].clamp(min=1))
 
 
-@torch.no_grad()
-def last_token_logits(model: GPT, prompts: Sequence[Sequence[int]], backend: str, device: str, pack_tokens: int = 0
-                      ) -> Tensor:
-    """Logits (len(prompts), vocab) at the last position of each prompt. Prompts (cut from the left to
-    max_seq_len) are packed back to back into passes of up to `pack_tokens` tokens; 0 runs one prompt per pass."""
-    prompts = [list(p)[-model.config.max_seq_len:] for p in prompts]
-    rows = []
-    for chunk in token_budget_chunks([len(p) for p in prompts], pack_tokens):
-        lengths = [len(prompts[i]) for i in chunk]
-        inputs = torch.tensor([t for i in chunk for t in prompts[i]], device=device)
-        cu_seqlens = torch.tensor(np.cumsum([0, *lengths]), dtype=torch.int32, device=device)
-        logits = model(inputs, cu_seqlens, max(lengths), backend=backend)
-        rows.append(logits[cu_seqlens[1:].long() - 1])
-    return torch.cat(rows) if rows else torch.zeros(0, model.config.vocab_size, device=device)
-
-
-def letter_ids(tokenizer: Tokenizer, letters: Sequence[str]) -> list[int]:
-    """The token of each answer letter, as the model writes it right after <|assistant_start|>."""
-    ids = [tokenizer.encode(letter) for letter in letters]
-    if any(len(i) != 1 for i in ids):
-        raise ValueError(f"answer letters {list(letters)} must each be one token")
-    return [i[0] for i in ids]
-
-
-def choose_letters(model: GPT, tokenizer: Tokenizer, questions: Sequence[Any], backend: str, device: str,
-                   pack_tokens: int = 0) -> list[int]:
-    """For questions with .prompt() (messages) and .letters: the index of the allowed letter with the highest
-    logit after <|assistant_start|> (ties go to the first)."""
-    prompts = [render_for_completion(tokenizer, q.prompt()) for q in questions]
-    model.eval()
-    logits = last_token_logits(model, prompts, backend, device, pack_tokens)
-    model.train()
-    return [int(row[letter_ids(tokenizer, q.letters)].argmax()) for row, q in zip(logits, questions)]
-
-
-def generate_replies(engine: Engine, conversations: Sequence[Sequence[dict[str, Any]]], max_tokens: int,
-                     batch_size: int = 64) -> list[str]:
-    """The greedy reply to each conversation, tool calls shown as by show_parts, `batch_size` conversations decoded
-    together; an empty reply where the prompt leaves no room in the model's context."""
-    prompts = [render_for_completion(engine.tokenizer, messages) for messages in conversations]
-    fits = [i for i, prompt in enumerate(prompts) if len(prompt) < engine.model.config.max_seq_len]
-    replies = [""] * len(prompts)
-    for first in range(0, len(fits), batch_size):
-        chunk = fits[first:first + batch_size]
-        tokens, _ = engine.generate_batch([prompts[i] for i in chunk], max_tokens=max_tokens, temperature=0.0)
-        for i, row in zip(chunk, tokens):
-            replies[i] = show_parts(assistant_parts(engine.tokenizer, row))
-    return replies
-
-
-@dataclass
-class ChatTask:
-    """A chat eval. kind "choice": examples have .prompt() (messages), .letters and .gold (the right index), and are
-    scored by letter. kind "generate": examples have .prompt() and .check(reply) -> bool, and are scored by greedy
-    generation of up to max_tokens tokens. `baseline` is the accuracy of random guessing."""
-    name: str
-    kind: str
-    examples: Sequence[Any]
-    baseline: float = 0.0
-    max_tokens: int = 256
-
-
-def evaluate_chat_task(model: GPT, tokenizer: Tokenizer, task: ChatTask, backend: str, device: str,
-                       pack_tokens: int = 0) -> dict[str, Any]:
-    """Accuracy of one task. Under torch.distributed each rank scores the examples with index % world == rank."""
-    world_size, rank = _world()
-    mine = list(task.examples)[rank::world_size]
-    started = time.time()
-    if task.kind == "choice":
-        chosen = choose_letters(model, tokenizer, mine, backend, device, pack_tokens)
-        correct = [c == q.gold for c, q in zip(chosen, mine)]
-    elif task.kind == "generate":
-        engine = Engine(model, tokenizer, backend)
-        replies = generate_replies(engine, [ex.prompt() for ex in mine], task.max_tokens)
-        correct = [bool(ex.check(reply)) for ex, reply in zip(mine, replies)]
-    else:
-        raise ValueError(f"unknown chat task kind {task.kind!r}: choice or generate")
-    counts = torch.tensor([float(sum(correct)), float(len(correct))], device=device, dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(counts)
-    accuracy = float(counts[0] / counts[1]) if counts[1] else 0.0
-    return {"accuracy": accuracy, "centered": centered_accuracy(accuracy, task.baseline), "baseline": task.baseline,
-            "examples": int(counts[1]), "seconds": round(time.time() - started, 2)}
-
-
-def evaluate_chat(model: GPT, tokenizer: Tokenizer, tasks: Sequence[ChatTask], backend: str, device: str,
-                  pack_tokens: int = 0) -> dict[str, Any]:
-    """{"tasks": {name: result}, "chatcore": mean centred accuracy}: ChatCORE, nanochat's one-number summary."""
-    results = {task.name: evaluate_chat_task(model, tokenizer, task, backend, device, pack_tokens) for task in tasks}
-    chatcore = float(np.mean([r["centered"] for r in results.values()])) if results else float("nan")
-    return {"tasks": results, "chatcore": chatcore}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -4105,160 +3927,6 @@ def evaluate_pass_at_k(engine: Engine, prompts: Sequence[TaskPrompt], reward_fn:
 
 
 # ---------------------------------------------------------------------------------------------
-# 16. Runtime set-up (first cell of every notebook)
-# ---------------------------------------------------------------------------------------------
-# A notebook's first cell finds the project (in a fresh Colab runtime it clones REPO_URL into COLAB_CHECKOUT),
-# puts it on sys.path and calls setup_runtime(), which prints the GPU, the preset and the dtype anywhere, sets the
-# CPU thread count, and in Colab alone installs what requirements.txt asks for and the runtime lacks and, on
-# request, keeps STACK_HOME on Google Drive: every Colab notebook runs on its own machine, so Drive is how 02 finds
-# the tokenizer 01 made. Tests play Colab by passing `colab`, `pip` and `mount_drive` and faking the package lists.
-
-REPO_URL = "https://github.com/decoderstack/decoderstack"  # the first cell clones it; the README's badges open it
-COLAB_CHECKOUT = Path("/content/decoderstack")
-DRIVE_MOUNT = Path("/content/drive")
-DRIVE_STACK_HOME = DRIVE_MOUNT / "MyDrive" / "decoderstack"
-RUNTIME_OWNED = frozenset({"torch", "triton"})  # never pip-installed: the runtime's builds match its CUDA driver
-
-
-def in_colab(environ: typing.Mapping[str, str], modules: typing.Container[str] = sys.modules) -> bool:
-    """Colab kernels set COLAB_* variables (COLAB_RELEASE_TAG, COLAB_GPU, ...) and have google.colab loaded."""
-    return any(name.startswith("COLAB_") for name in environ) or "google.colab" in modules
-
-
-def colab_drive_hint(environ: typing.Mapping[str, str]) -> str:
-    """What a missing artifact means in Colab when STACK_HOME is not on Drive; empty elsewhere."""
-    if not in_colab(environ) or stack_home(environ).is_relative_to(DRIVE_MOUNT):
-        return ""
-    return ("\nIn Colab every notebook runs on its own machine: tick use_drive in the first cell of each notebook "
-            f"so that they share STACK_HOME on Google Drive ({DRIVE_STACK_HOME}), then run the notebook named above.")
-
-
-def requirement_lines(path: Path) -> list[str]:
-    """The requirements of a pip requirements file, without comments, blank lines and options such as -r."""
-    lines = (line.split("#", 1)[0].strip() for line in Path(path).read_text().splitlines())
-    return [line for line in lines if line and not line.startswith("-")]
-
-
-def installed_distributions() -> dict[str, str]:
-    """{normalised distribution name: version} of what this Python has installed."""
-    import importlib.metadata
-
-    from packaging.utils import canonicalize_name
-
-    return {canonicalize_name(d.metadata["Name"]): d.version for d in importlib.metadata.distributions()
-            if d.metadata["Name"]}
-
-
-def imported_distributions() -> set[str]:
-    """Normalised names of the distributions whose modules this process has imported already."""
-    import importlib.metadata
-
-    from packaging.utils import canonicalize_name
-
-    owners = importlib.metadata.packages_distributions()
-    loaded = {name.partition(".")[0] for name in list(sys.modules)}
-    return {canonicalize_name(dist) for module in loaded for dist in owners.get(module, ())}
-
-
-def missing_requirements(lines: Sequence[str], installed: typing.Mapping[str, str]) -> list[str]:
-    """The requirement lines that `installed` ({normalised name: version}) does not satisfy. A line whose
-    environment marker is false here (triton off Linux) is not needed."""
-    from packaging.requirements import Requirement
-    from packaging.utils import canonicalize_name
-
-    missing = []
-    for line in lines:
-        requirement = Requirement(line)
-        if requirement.marker is not None and not requirement.marker.evaluate():
-            continue
-        version = installed.get(canonicalize_name(requirement.name))
-        if version is None or not requirement.specifier.contains(version, prereleases=True):
-            missing.append(line)
-    return missing
-
-
-def colab_installs(missing: Sequence[str], imported: typing.Container[str]) -> tuple[list[str], list[str]]:
-    """(what pip installs, notes) for Colab. Never torch or triton; never a package the kernel has imported: pip
-    would replace its files under the live modules (Colab's widget manager broke that way with ipywidgets)."""
-    from packaging.requirements import Requirement
-    from packaging.utils import canonicalize_name
-
-    owned = [line for line in missing if Requirement(line).name in RUNTIME_OWNED]
-    loaded = [line for line in missing if line not in owned and canonicalize_name(Requirement(line).name) in imported]
-    notes = [f"{', '.join(owned)} not satisfied: torch and triton stay as this runtime has them"] if owned else []
-    if loaded:
-        notes.append(f"{', '.join(loaded)} not satisfied but already imported: run python3 -m pip install "
-                     f"{' '.join(repr(line) for line in loaded)}, then Runtime > Restart session")
-    return [line for line in missing if line not in owned + loaded], notes
-
-
-def pip_install(lines: Sequence[str]) -> None:
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", *lines], check=True)
-
-
-def mount_google_drive(mount_point: str) -> None:
-    """Colab asks the user for access to their Drive, then mounts it."""
-    from google.colab import drive
-
-    drive.mount(mount_point)
-
-
-def setup_runtime(use_drive: bool = False, colab: bool | None = None,
-                  pip: typing.Callable[[Sequence[str]], None] = pip_install,
-                  mount_drive: typing.Callable[[str], None] = mount_google_drive) -> None:
-    """The first cell's call: make this runtime ready and print what it has. `use_drive` (or STACK_DRIVE=1) keeps
-    STACK_HOME on Google Drive in Colab. `colab` (default: detected), `pip` and `mount_drive` are for tests."""
-    colab = in_colab(os.environ) if colab is None else colab
-    use_drive = use_drive or parse_value("STACK_DRIVE", os.environ.get("STACK_DRIVE", "false"), bool)
-    notes, install = [], []
-    if colab and use_drive:
-        if not (DRIVE_MOUNT / "MyDrive").is_dir():
-            mount_drive(str(DRIVE_MOUNT))
-        os.environ["STACK_HOME"] = str(DRIVE_STACK_HOME)
-    elif colab:
-        notes.append("STACK_HOME is on this runtime's disk: the next notebook (its own machine) will not see it; "
-                     "tick use_drive to keep artifacts on Google Drive")
-    elif use_drive:
-        notes.append(f"use_drive applies in Colab only; STACK_HOME stays {stack_home()}")
-    missing = missing_requirements(requirement_lines(Path(__file__).resolve().parent / "requirements.txt"),
-                                   installed_distributions())
-    if colab:
-        install, colab_notes = colab_installs(missing, imported_distributions())
-        notes += colab_notes
-        if install:
-            pip(install)
-    elif missing:
-        notes.append(f"missing {', '.join(missing)}: run python3 -m pip install -r requirements.txt")
-    gpu = current_gpu()
-    if colab and gpu is None:
-        notes.append("no GPU: choose Runtime > Change runtime type > GPU (T4 is free) for the colab preset")
-    threads = set_cpu_threads()
-    silence_triton_teardown()
-    if os.environ.get("RANK", "0") == "0":
-        print(describe_runtime(gpu, threads, install, notes))
-
-
-def describe_runtime(gpu: GpuInfo | None, threads: int, installed: Sequence[str], notes: Sequence[str]) -> str:
-    """The lines the first cell prints."""
-    with config_errors_end_the_script():
-        preset = choose_preset(parse_cli_overrides(script_argv()), os.environ, gpu)
-        tier = colab_gpu_tier(gpu, os.environ.get("STACK_COLAB_GPU", "")) if preset == "colab" else None
-        dtype = compute_dtype_for(gpu, os.environ.get("STACK_DTYPE", "auto"))
-    hardware = (f"{gpu.name}, {gpu.memory_gb:.1f} GB, compute capability {gpu.capability[0]}.{gpu.capability[1]}"
-                if gpu else f"none (CPU, {threads} torch thread{'s' * (threads > 1)})")
-    sizes = f" ({tier} sizes)" if tier else ""
-    scaling = " with loss scaling" if dtype == torch.float16 else ""
-    root = Path(__file__).resolve().parent
-    git = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    commit = git.stdout.strip() if git.returncode == 0 else "unknown (not a git checkout)"
-    lines = [f"DecoderStack {root} at commit {commit}; torch {torch.__version__}",
-             f"GPU: {hardware}", f"preset: {preset}{sizes}; compute dtype: {str(dtype)[6:]}{scaling}",
-             f"STACK_HOME: {stack_home()}"]
-    lines += [f"installed: {', '.join(installed)}"] if installed else []
-    return "\n".join(lines + [f"note: {note}" for note in notes])
-
-
-# ---------------------------------------------------------------------------------------------
 # The whole pipeline from the command line: `python stackcore.py pipeline [--key=value ...]`
 # ---------------------------------------------------------------------------------------------
 
@@ -4275,6 +3943,8 @@ def run_pipeline(overrides: Sequence[str]) -> None:
         started = time.time()
         subprocess.run([sys.executable, str(twin), *overrides], check=True)
         print(f"=== {twin.name} done in {format_duration(time.time() - started)} ===", flush=True)
+    from notebooks.report import write_report
+
     print(describe_run_outputs(artifact_dir("runs")))
     print(f"report card: {write_report(stack_home())}")
 

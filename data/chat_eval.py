@@ -1,4 +1,4 @@
-"""The chat evaluations of 05_sft (and 06_rl): which examples each task asks, from where, as `stackcore.ChatTask`s;
+"""The chat evaluations of 05_sft: which examples each task asks and from where (as ChatTasks), how they are scored,
 and their results as a table and a chart.
 
 | task | kind | examples | public home |
@@ -10,24 +10,130 @@ and their results as a table and a chart.
 | spelling | generation, letter counting, final `#### N` | words held out of the SFT spelling set | a word list |
 | colours | letter choice | generated colour questions (the offline `tiny` preset) | generated here |
 
-Choice tasks are scored by the allowed letter with the highest logit; generative tasks by greedy decoding and a check
-of the reply (stackcore section 14). Each task reads the Hub or a local copy, like data/sft.py.
+Every task asks its questions in the chat format. Choice tasks are scored by the allowed letter with the highest logit
+after <|assistant_start|>, many prompts per varlen forward pass; generative tasks by greedy decoding with the Engine
+(calculator included) and a check of the reply, generated code running in stackcore's sandbox. ChatCORE, nanochat's
+one-number summary, is the mean accuracy above random guessing. Each task reads the Hub or a local copy, like
+data/sft.py.
 """
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
 
 from data import gsm8k
 from data.records import field
 from data.sandbox import run_sandboxed
 from data.sft import (HubTable, choice_questions, colour_questions, letter_counts, load_words, rows, selection_passes,
                       table_files, word_split)
-from stackcore import ChatTask, StackConfig, above, at_least
+from stackcore import (GPT, Engine, StackConfig, Tokenizer, _world, above, assistant_parts, at_least,
+                       centered_accuracy, render_for_completion, show_parts, token_budget_chunks)
+
+
+# --- Scoring: letter choice, greedy generation, ChatCORE -------------------------------------------------------------
+
+@dataclass
+class ChatTask:
+    """A chat eval. kind "choice": examples have .prompt() (messages), .letters and .gold (the right index), and are
+    scored by letter. kind "generate": examples have .prompt() and .check(reply) -> bool, and are scored by greedy
+    generation of up to max_tokens tokens. `baseline` is the accuracy of random guessing."""
+    name: str
+    kind: str
+    examples: Sequence[Any]
+    baseline: float = 0.0
+    max_tokens: int = 256
+
+
+def evaluate_chat_task(model: GPT, tokenizer: Tokenizer, task: ChatTask, backend: str, device: str,
+                       pack_tokens: int = 0) -> dict[str, Any]:
+    """Accuracy of one task. Under torch.distributed each rank scores the examples with index % world == rank."""
+    world_size, rank = _world()
+    mine = list(task.examples)[rank::world_size]
+    started = time.time()
+    if task.kind == "choice":
+        chosen = choose_letters(model, tokenizer, mine, backend, device, pack_tokens)
+        correct = [c == q.gold for c, q in zip(chosen, mine)]
+    elif task.kind == "generate":
+        engine = Engine(model, tokenizer, backend)
+        replies = generate_replies(engine, [ex.prompt() for ex in mine], task.max_tokens)
+        correct = [bool(ex.check(reply)) for ex, reply in zip(mine, replies)]
+    else:
+        raise ValueError(f"unknown chat task kind {task.kind!r}: choice or generate")
+    counts = torch.tensor([float(sum(correct)), float(len(correct))], device=device, dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(counts)
+    accuracy = float(counts[0] / counts[1]) if counts[1] else 0.0
+    return {"accuracy": accuracy, "centered": centered_accuracy(accuracy, task.baseline), "baseline": task.baseline,
+            "examples": int(counts[1]), "seconds": round(time.time() - started, 2)}
+
+
+def evaluate_chat(model: GPT, tokenizer: Tokenizer, tasks: Sequence[ChatTask], backend: str, device: str,
+                  pack_tokens: int = 0) -> dict[str, Any]:
+    """{"tasks": {name: result}, "chatcore": mean centred accuracy}: ChatCORE, nanochat's one-number summary."""
+    results = {task.name: evaluate_chat_task(model, tokenizer, task, backend, device, pack_tokens) for task in tasks}
+    chatcore = float(np.mean([r["centered"] for r in results.values()])) if results else float("nan")
+    return {"tasks": results, "chatcore": chatcore}
+
+
+@torch.no_grad()
+def last_token_logits(model: GPT, prompts: Sequence[Sequence[int]], backend: str, device: str, pack_tokens: int = 0
+                      ) -> Tensor:
+    """Logits (len(prompts), vocab) at the last position of each prompt. Prompts (cut from the left to
+    max_seq_len) are packed back to back into passes of up to `pack_tokens` tokens; 0 runs one prompt per pass."""
+    prompts = [list(p)[-model.config.max_seq_len:] for p in prompts]
+    rows = []
+    for chunk in token_budget_chunks([len(p) for p in prompts], pack_tokens):
+        lengths = [len(prompts[i]) for i in chunk]
+        inputs = torch.tensor([t for i in chunk for t in prompts[i]], device=device)
+        cu_seqlens = torch.tensor(np.cumsum([0, *lengths]), dtype=torch.int32, device=device)
+        logits = model(inputs, cu_seqlens, max(lengths), backend=backend)
+        rows.append(logits[cu_seqlens[1:].long() - 1])
+    return torch.cat(rows) if rows else torch.zeros(0, model.config.vocab_size, device=device)
+
+
+def letter_ids(tokenizer: Tokenizer, letters: Sequence[str]) -> list[int]:
+    """The token of each answer letter, as the model writes it right after <|assistant_start|>."""
+    ids = [tokenizer.encode(letter) for letter in letters]
+    if any(len(i) != 1 for i in ids):
+        raise ValueError(f"answer letters {list(letters)} must each be one token")
+    return [i[0] for i in ids]
+
+
+def choose_letters(model: GPT, tokenizer: Tokenizer, questions: Sequence[Any], backend: str, device: str,
+                   pack_tokens: int = 0) -> list[int]:
+    """For questions with .prompt() (messages) and .letters: the index of the allowed letter with the highest
+    logit after <|assistant_start|> (ties go to the first)."""
+    prompts = [render_for_completion(tokenizer, q.prompt()) for q in questions]
+    model.eval()
+    logits = last_token_logits(model, prompts, backend, device, pack_tokens)
+    model.train()
+    return [int(row[letter_ids(tokenizer, q.letters)].argmax()) for row, q in zip(logits, questions)]
+
+
+def generate_replies(engine: Engine, conversations: Sequence[Sequence[dict[str, Any]]], max_tokens: int,
+                     batch_size: int = 64) -> list[str]:
+    """The greedy reply to each conversation, tool calls shown as by show_parts, `batch_size` conversations decoded
+    together; an empty reply where the prompt leaves no room in the model's context."""
+    prompts = [render_for_completion(engine.tokenizer, messages) for messages in conversations]
+    fits = [i for i, prompt in enumerate(prompts) if len(prompt) < engine.model.config.max_seq_len]
+    replies = [""] * len(prompts)
+    for first in range(0, len(fits), batch_size):
+        chunk = fits[first:first + batch_size]
+        tokens, _ = engine.generate_batch([prompts[i] for i in chunk], max_tokens=max_tokens, temperature=0.0)
+        for i, row in zip(chunk, tokens):
+            replies[i] = show_parts(assistant_parts(engine.tokenizer, row))
+    return replies
+
+
+# --- The tasks and their examples ------------------------------------------------------------------------------------
 
 HUMANEVAL = HubTable("openai/openai_humaneval", {"test": ("openai_humaneval/test-00000-of-00001.parquet",)})
 CHAT_TASKS = ("arc_easy", "arc_challenge", "mmlu", "gsm8k", "humaneval", "spelling", "colours")

@@ -34,11 +34,12 @@
 # %% [markdown]
 # ## Get the runtime ready
 # This cell runs first in every notebook. It finds the project (the checkout you run in or, in a fresh Google Colab
-# runtime, a clone in `/content/decoderstack`), puts it on `sys.path` and calls `sc.setup_runtime()`. In Colab that
-# installs what `requirements.txt` asks for and the runtime lacks (never torch); anywhere it prints the GPU, its
-# memory, the preset and the compute dtype, and elsewhere it installs nothing. In Colab, tick **use_drive** to keep
-# `STACK_HOME` (every artifact) on Google Drive: each Colab notebook runs on its own machine, so Drive is how the
-# next notebook finds what this one makes, and how artifacts survive a restart. Google asks for access once.
+# runtime, a clone in `/content/decoderstack`), puts it on `sys.path` and calls `setup_runtime()` from
+# `notebooks/runtime.py`, then imports `stackcore`. In Colab, `setup_runtime` first installs what `requirements.txt`
+# asks for and the runtime lacks (never torch); anywhere it prints the GPU, its memory, the preset and the compute
+# dtype, and elsewhere it installs nothing. In Colab, tick **use_drive** to keep `STACK_HOME` (every artifact) on
+# Google Drive: each Colab notebook runs on its own machine, so Drive is how the next notebook finds what this one
+# makes, and how artifacts survive a restart. Google asks for access once.
 
 # %%
 import os
@@ -52,9 +53,10 @@ if not os.path.isfile(os.path.join(ROOT, "stackcore.py")):  # not in a checkout:
     if not os.path.isdir(ROOT):
         subprocess.run(["git", "clone", "--depth=1", "https://github.com/decoderstack/decoderstack", ROOT], check=True)
 sys.path.insert(0, ROOT)
-import stackcore as sc
+from notebooks.runtime import setup_runtime
 
-sc.setup_runtime(use_drive)
+setup_runtime(use_drive)  # installs what a Colab runtime lacks, so stackcore is imported after it
+import stackcore as sc
 
 # %% [markdown]
 # ## Set-up

@@ -36,11 +36,12 @@
 # %% [markdown]
 # ## Get the runtime ready
 # This cell runs first in every notebook. It finds the project (the checkout you run in or, in a fresh Google Colab
-# runtime, a clone in `/content/decoderstack`), puts it on `sys.path` and calls `sc.setup_runtime()`. In Colab that
-# installs what `requirements.txt` asks for and the runtime lacks (never torch); anywhere it prints the GPU, its
-# memory, the preset and the compute dtype, and elsewhere it installs nothing. In Colab, tick **use_drive** to keep
-# `STACK_HOME` (every artifact) on Google Drive: each Colab notebook runs on its own machine, so Drive is how the
-# next notebook finds what this one makes, and how artifacts survive a restart. Google asks for access once.
+# runtime, a clone in `/content/decoderstack`), puts it on `sys.path` and calls `setup_runtime()` from
+# `notebooks/runtime.py`, then imports `stackcore`. In Colab, `setup_runtime` first installs what `requirements.txt`
+# asks for and the runtime lacks (never torch); anywhere it prints the GPU, its memory, the preset and the compute
+# dtype, and elsewhere it installs nothing. In Colab, tick **use_drive** to keep `STACK_HOME` (every artifact) on
+# Google Drive: each Colab notebook runs on its own machine, so Drive is how the next notebook finds what this one
+# makes, and how artifacts survive a restart. Google asks for access once.
 
 # %%
 import os
@@ -54,9 +55,10 @@ if not os.path.isfile(os.path.join(ROOT, "stackcore.py")):  # not in a checkout:
     if not os.path.isdir(ROOT):
         subprocess.run(["git", "clone", "--depth=1", "https://github.com/decoderstack/decoderstack", ROOT], check=True)
 sys.path.insert(0, ROOT)
-import stackcore as sc
+from notebooks.runtime import setup_runtime
 
-sc.setup_runtime(use_drive)
+setup_runtime(use_drive)  # installs what a Colab runtime lacks, so stackcore is imported after it
+import stackcore as sc
 
 # %% [markdown]
 # ## Set-up
@@ -303,15 +305,17 @@ elif cfg.chat and not cfg.prompt and sys.stdin.isatty():
 
 # %% [markdown]
 # ## The report card
-# Every notebook leaves a `summary.json` and its figures in `STACK_HOME/runs/<run>`. `sc.write_report` gathers them
-# into one Markdown file, `STACK_HOME/report.md`: the tokenizer's compression, the shards, the pretraining run and its
-# bits-per-byte curve, the CORE table, the chat evals before and after fine-tuning, GSM8K before and after RL, the
-# timings, the hardware each notebook ran on and the commit. A notebook you have not run shows as "not run". Keep
-# the file (with the `runs/` folder beside it, where its figures are) to share what your run achieved; the pipeline
-# (`python3 stackcore.py pipeline`) writes it too, at its end.
+# Every notebook leaves a `summary.json` and its figures in `STACK_HOME/runs/<run>`. `write_report`
+# (`notebooks/report.py`) gathers them into one Markdown file, `STACK_HOME/report.md`: the tokenizer's compression,
+# the shards, the pretraining run and its bits-per-byte curve, the CORE table, the chat evals before and after
+# fine-tuning, GSM8K before and after RL, the timings, the hardware each notebook ran on and the commit. A notebook
+# you have not run shows as "not run". Keep the file (with the `runs/` folder beside it, where its figures are) to
+# share what your run achieved; the pipeline (`python3 stackcore.py pipeline`) writes it too, at its end.
 
 # %%
-report_path = sc.write_report(sc.stack_home())
+from notebooks.report import write_report
+
+report_path = write_report(sc.stack_home())
 print(f"written {report_path}")
 report_text = report_path.read_text(encoding="utf-8")
 if sc.in_notebook_kernel():  # the figures' links are relative to STACK_HOME: show them as images here

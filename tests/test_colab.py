@@ -16,6 +16,7 @@ from packaging.utils import canonicalize_name
 
 import stackcore as sc
 from conftest import ROOT
+from notebooks import runtime as rt
 
 T4 = sc.GpuInfo("Tesla T4", (7, 5), 15.8)
 V100 = sc.GpuInfo("Tesla V100-SXM2-16GB", (7, 0), 17.2)
@@ -28,7 +29,7 @@ H100 = sc.GpuInfo("NVIDIA H100 80GB HBM3", (9, 0), 85.0)
 H200 = sc.GpuInfo("NVIDIA H200", (9, 0), 150.0)
 COLAB_ENV = {"COLAB_RELEASE_TAG": "release-colab-20261120-060000", "COLAB_GPU": "1"}
 REQUIREMENTS = {canonicalize_name(Requirement(line).name): line
-                for line in sc.requirement_lines(ROOT / "requirements.txt")}
+                for line in rt.requirement_lines(ROOT / "requirements.txt")}
 # a runtime that has every requirement at the lowest version it allows (each line is name>=version)
 SATISFIED = {name: next(iter(Requirement(line).specifier)).version for name, line in REQUIREMENTS.items()}
 
@@ -154,22 +155,22 @@ def runtime(monkeypatch, stack_home):
             monkeypatch.delenv(name, raising=False)
         for name, value in {"STACK_HOME": str(stack_home), **(COLAB_ENV if colab else {}), **(environ or {})}.items():
             monkeypatch.setenv(name, value)
-        monkeypatch.setattr(sc, "installed_distributions", lambda: SATISFIED if installed is None else installed)
-        monkeypatch.setattr(sc, "imported_distributions", lambda: set(imported))
+        monkeypatch.setattr(rt, "installed_distributions", lambda: SATISFIED if installed is None else installed)
+        monkeypatch.setattr(rt, "imported_distributions", lambda: set(imported))
         monkeypatch.setattr(sc, "current_gpu", lambda device="cuda": gpu)
         monkeypatch.setattr(sc, "script_argv", lambda: [])
-        monkeypatch.setattr(sc, "DRIVE_MOUNT", stack_home / ("mounted" if drive_mounted else "drive"))
+        monkeypatch.setattr(rt, "DRIVE_MOUNT", stack_home / ("mounted" if drive_mounted else "drive"))
         (stack_home / "mounted" / "MyDrive").mkdir(parents=True, exist_ok=True)
         recorder = Recorder([], [])
-        assert sc.setup_runtime(use_drive, colab=colab, pip=recorder.pip, mount_drive=recorder.mount) is None
+        assert rt.setup_runtime(use_drive, colab=colab, pip=recorder.pip, mount_drive=recorder.mount) is None
         return recorder
     return set_up
 
 
 def test_colab_is_detected_by_its_variables_or_module():
-    assert sc.in_colab(COLAB_ENV, modules={})
-    assert sc.in_colab({}, modules={"google.colab": object()})
-    assert not sc.in_colab({"HOME": "/root"}, modules={})
+    assert rt.in_colab(COLAB_ENV, modules={})
+    assert rt.in_colab({}, modules={"google.colab": object()})
+    assert not rt.in_colab({"HOME": "/root"}, modules={})
 
 
 def test_colab_installs_only_what_it_lacks_and_never_torch(runtime, capsys):
@@ -196,11 +197,11 @@ def test_colab_never_upgrades_a_package_the_kernel_has_imported(runtime, capsys)
 def test_colabs_own_ipywidgets_satisfies_the_requirements():
     """Colab has shipped ipywidgets 7.7.1; the chat panel works with 7.x and 8.x, so neither is upgraded."""
     for version in ("7.7.1", "8.1.5"):
-        assert sc.missing_requirements([REQUIREMENTS["ipywidgets"]], {"ipywidgets": version}) == []
+        assert rt.missing_requirements([REQUIREMENTS["ipywidgets"]], {"ipywidgets": version}) == []
 
 
 def test_imported_distributions_names_what_this_process_loaded():
-    assert {"numpy", "torch"} <= sc.imported_distributions()
+    assert {"numpy", "torch"} <= rt.imported_distributions()
 
 
 def test_a_ready_runtime_installs_nothing(runtime, capsys):
@@ -221,13 +222,13 @@ def test_drive_is_mounted_only_when_asked(runtime, capsys):
     recorder = runtime()
     assert recorder.mounts == [] and "tick use_drive" in capsys.readouterr().out
     recorder = runtime(use_drive=True)
-    assert recorder.mounts == [str(sc.DRIVE_MOUNT)]
-    assert os.environ["STACK_HOME"] == str(sc.DRIVE_STACK_HOME)
+    assert recorder.mounts == [str(rt.DRIVE_MOUNT)]
+    assert os.environ["STACK_HOME"] == str(rt.DRIVE_STACK_HOME)
 
 
 def test_drive_by_variable_and_no_second_mount(runtime):
     recorder = runtime(environ={"STACK_DRIVE": "1"}, drive_mounted=True)
-    assert recorder.mounts == [] and os.environ["STACK_HOME"] == str(sc.DRIVE_STACK_HOME)
+    assert recorder.mounts == [] and os.environ["STACK_HOME"] == str(rt.DRIVE_STACK_HOME)
 
 
 def test_colab_without_a_gpu_says_how_to_get_one(runtime, capsys):
@@ -252,8 +253,8 @@ def test_cpu_runs_pick_their_thread_count(monkeypatch, environ, cores, local_wor
 def test_requirement_check_reads_versions_names_and_markers():
     lines = ["numpy>=1.26", "huggingface_hub>=0.30", "triton>=3.3; sys_platform == 'nowhere'", "tqdm>=4.66"]
     installed = {"numpy": "1.24.0", "huggingface-hub": "0.36.0"}
-    assert sc.missing_requirements(lines, installed) == ["numpy>=1.26", "tqdm>=4.66"]
-    assert sc.missing_requirements(sc.requirement_lines(ROOT / "requirements.txt"), SATISFIED) == []
+    assert rt.missing_requirements(lines, installed) == ["numpy>=1.26", "tqdm>=4.66"]
+    assert rt.missing_requirements(rt.requirement_lines(ROOT / "requirements.txt"), SATISFIED) == []
 
 
 # ----- the first cell: find or clone the project, then setup_runtime
@@ -270,13 +271,22 @@ def test_every_notebook_opens_with_the_same_set_up_cell():
     cells = {twin.name: first_code_cell(twin) for twin in TWINS}
     assert len(set(cells.values())) == 1, f"first code cells differ: {sorted(cells)}"
     cell = cells[TWINS[0].name]
-    assert f'"{sc.REPO_URL}"' in cell and f'"{sc.COLAB_CHECKOUT}"' in cell and "sc.setup_runtime(use_drive)" in cell
+    assert f'"{rt.REPO_URL}"' in cell and f'"{rt.COLAB_CHECKOUT}"' in cell
+    assert cell.index("setup_runtime(use_drive)") < cell.index("import stackcore as sc")  # installs come first
+
+
+def test_the_runtime_module_loads_with_the_standard_library_alone():
+    """A fresh Colab runtime imports notebooks/runtime.py before it has what requirements.txt lists (-S: without
+    the start-up hooks that site-packages install)."""
+    probe = "import sys, notebooks.runtime; print(' '.join(sorted({m.partition('.')[0] for m in sys.modules})))"
+    loaded = subprocess.run([sys.executable, "-S", "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert set(loaded.stdout.split()) - set(sys.stdlib_module_names) == {"__main__", "notebooks"}
 
 
 def test_readme_badges_open_the_repository_the_first_cell_clones():
     badges = re.findall(r"colab\.research\.google\.com/github/([\w.-]+/[\w.-]+)/blob/main/(notebooks/\S+?\.ipynb)",
                         (ROOT / "README.md").read_text())
-    assert badges and {repo for repo, _ in badges} == {sc.REPO_URL.removeprefix("https://github.com/")}
+    assert badges and {repo for repo, _ in badges} == {rt.REPO_URL.removeprefix("https://github.com/")}
     assert all((ROOT / path).is_file() for _, path in badges)
 
 
@@ -285,13 +295,13 @@ def test_first_cell_clones_only_outside_a_checkout(monkeypatch, tmp_path, where,
     calls = []
     monkeypatch.chdir({"elsewhere": tmp_path, "root": ROOT, "notebooks": ROOT / "notebooks"}[where])
     monkeypatch.setattr(subprocess, "run", lambda command, check: calls.append(command))
-    monkeypatch.setattr(sc, "setup_runtime", lambda use_drive: calls.append(("setup_runtime", use_drive)))
+    monkeypatch.setattr(rt, "setup_runtime", lambda use_drive: calls.append(("setup_runtime", use_drive)))
     monkeypatch.setattr(sys, "path", list(sys.path))
     namespace = {}
     exec(first_code_cell(TWINS[0]), namespace)
-    expected_root = str(sc.COLAB_CHECKOUT) if clones else str(ROOT)
+    expected_root = str(rt.COLAB_CHECKOUT) if clones else str(ROOT)
     assert namespace["ROOT"] == expected_root and sys.path[0] == expected_root
-    clone = [["git", "clone", "--depth=1", sc.REPO_URL, str(sc.COLAB_CHECKOUT)]] if clones else []
+    clone = [["git", "clone", "--depth=1", rt.REPO_URL, str(rt.COLAB_CHECKOUT)]] if clones else []
     assert calls == [*clone, ("setup_runtime", False)]
 
 
@@ -329,7 +339,7 @@ def test_in_colab_a_missing_artifact_says_to_share_stack_home_on_drive(monkeypat
     monkeypatch.setenv("COLAB_RELEASE_TAG", "release-colab")
     with pytest.raises(sc.MissingArtifactError, match="tick use_drive"):
         sc.require_artifact(stack_home / "tokenizer" / "tokenizer.json", "01_tokenizer")
-    monkeypatch.setenv("STACK_HOME", str(sc.DRIVE_STACK_HOME))
+    monkeypatch.setenv("STACK_HOME", str(rt.DRIVE_STACK_HOME))
     error = sc.MissingArtifactError("x not found: run notebooks/01_tokenizer first")
     assert str(error) == "x not found: run notebooks/01_tokenizer first"
 

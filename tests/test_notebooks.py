@@ -88,7 +88,7 @@ def test_twins_run_headless_and_under_torchrun(stack_home):
     assert bad.returncode == 2 and "valid keys" in bad.stderr and "Traceback" not in bad.stderr
 
 
-QUIET_CALLS = {"print", "log", "display", "plt.show", "sc.setup_runtime", "chat_loop"}  # they return None
+QUIET_CALLS = {"print", "log", "display", "plt.show", "setup_runtime", "chat_loop"}  # they return None
 
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)

@@ -5,6 +5,7 @@ import subprocess
 from pathlib import Path
 
 import stackcore as sc
+from notebooks.report import REPORT_RUNS, write_report
 
 
 def write_summary(home, folder, summary, figures=()):
@@ -21,9 +22,9 @@ CORE_SUMMARY = {"step": 100, "core": 0.1234, "val_bpb": 0.98765, "device": "NVID
 
 
 def test_a_home_without_runs_reports_every_notebook_as_not_run(stack_home):
-    text = sc.write_report(stack_home).read_text()
+    text = write_report(stack_home).read_text()
     assert (stack_home / "report.md").is_file()
-    for _, folder, _ in sc.REPORT_RUNS:
+    for _, folder, _ in REPORT_RUNS:
         assert f"Not run (no `runs/{folder}/summary.json`)" in text
 
 
@@ -36,7 +37,7 @@ def test_the_report_holds_each_summary_its_figures_timings_and_hardware(stack_ho
               "sft": {"tasks": {"arc_easy": {"accuracy": 0.4, "baseline": 0.25}}, "chatcore": 0.2}}
     write_summary(stack_home, "sft", {"steps": 20, "final_val_loss": 1.5, "chat": stages, "device": "cpu", "ranks": 1,
                                       "preset": "tiny", "attention": "sdpa", "train_seconds": 3.0})
-    text = sc.write_report(stack_home).read_text()
+    text = write_report(stack_home).read_text()
     assert "| ours (32768) | 4.51 |" in text and "| gpt2 (50257) | 4.38 |" in text
     assert "CORE **0.1234** at step 100" in text and "| arc_easy | 8 | 0.5 | 0.25 | 0.3333 |" in text
     assert "![01_tokenizer compression](runs/01_tokenizer/compression.png)" in text
@@ -52,7 +53,7 @@ def test_a_damaged_summary_is_named_and_the_rest_still_reported(stack_home):
     (stack_home / "runs" / "pretrain").mkdir(parents=True)
     (stack_home / "runs" / "pretrain" / "summary.json").write_text('{"steps": 10')  # cut short by a crash
     write_summary(stack_home, "rl", {"steps": 4})  # missing keys: an older or foreign summary
-    text = sc.write_report(stack_home).read_text()
+    text = write_report(stack_home).read_text()
     assert "`runs/pretrain/summary.json` is unreadable (JSONDecodeError" in text
     assert "`runs/rl/summary.json` is unreadable (KeyError" in text
     assert "CORE **0.1234**" in text

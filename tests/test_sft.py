@@ -59,6 +59,15 @@ def test_conversation_shards_round_trip_with_their_masks(tmp_path, tokenizer):
         writer.add([5, 6], [0, 1])
 
 
+def test_parallel_rendering_keeps_order_and_masks(tiny_tokenizer, tokenizer):
+    convs = conversations(12)
+    serial = [sc.render_conversation(tokenizer, c, 64) for c in convs]
+    for workers in (1, 2):
+        got = [(ids.tolist(), mask.tolist())
+               for ids, mask in sc.render_parallel(tiny_tokenizer, convs, 64, workers, batch_size=5)]
+        assert got == [(list(ids), list(mask)) for ids, mask in serial]
+
+
 def test_loader_packs_whole_conversations_once_per_epoch_without_padding(tmp_path, tokenizer):
     rendered, _ = write_conversations(tmp_path, tokenizer, conversations())
     loader = sc.SFTLoader(tmp_path, "train", tokens=256, bos_id=tokenizer.bos_id, vocab_size=tokenizer.vocab_size,
@@ -127,8 +136,8 @@ def test_packed_losses_equal_one_conversation_at_a_time(tmp_path, tokenizer):
     assert (packed[~trained] == 0).all()
 
     prompts = [ids[:n] for (ids, _), n in zip(rendered, (5, 9, 30, 2, 17, 11))]
-    torch.testing.assert_close(sc.last_token_logits(model, prompts, "sdpa", "cpu", pack_tokens=64),
-                               sc.last_token_logits(model, prompts, "sdpa", "cpu", pack_tokens=0),
+    torch.testing.assert_close(chat_eval.last_token_logits(model, prompts, "sdpa", "cpu", pack_tokens=64),
+                               chat_eval.last_token_logits(model, prompts, "sdpa", "cpu", pack_tokens=0),
                                rtol=1e-4, atol=1e-5)
 
 
@@ -156,22 +165,22 @@ class PreferenceStub(nn.Module):
 
 def test_letter_scoring_takes_the_best_allowed_letter_of_each_packed_prompt(tokenizer):
     questions = sft.colour_questions(6, seed=0)
-    letters = sc.letter_ids(tokenizer, "ABCD")
+    letters = chat_eval.letter_ids(tokenizer, "ABCD")
     wanted = [0, 3, 1, 2, 2, 0]
     for pack_tokens in (0, 10_000):
         stub = PreferenceStub(tokenizer.vocab_size, [letters[w] for w in wanted], tokenizer.encode("Z")[0])
-        assert sc.choose_letters(stub, tokenizer, questions, "sdpa", "cpu", pack_tokens) == wanted
+        assert chat_eval.choose_letters(stub, tokenizer, questions, "sdpa", "cpu", pack_tokens) == wanted
         assert stub.passes == (6 if pack_tokens == 0 else 1)
 
     golds = [q.gold for q in questions]
     answers = [golds[0], (golds[1] + 1) % 4, golds[2], golds[3], golds[4], golds[5]]  # one wrong in six
     stub = PreferenceStub(tokenizer.vocab_size, [letters[a] for a in answers], tokenizer.encode("Z")[0])
-    result = sc.evaluate_chat_task(stub, tokenizer, sc.ChatTask("colours", "choice", questions, baseline=0.25),
-                                   "sdpa", "cpu", pack_tokens=10_000)
+    task = chat_eval.ChatTask("colours", "choice", questions, baseline=0.25)
+    result = chat_eval.evaluate_chat_task(stub, tokenizer, task, "sdpa", "cpu", pack_tokens=10_000)
     assert result["accuracy"] == pytest.approx(5 / 6) and result["examples"] == 6
     assert result["centered"] == pytest.approx((5 / 6 - 0.25) / 0.75)
     with pytest.raises(ValueError, match="one token"):
-        sc.letter_ids(tokenizer, ["AB"])
+        chat_eval.letter_ids(tokenizer, ["AB"])
 
 
 def test_chat_table_and_plot(tmp_path):

@@ -1,0 +1,166 @@
+"""The first cell of every notebook: get the runtime ready, then say what it has.
+
+The cell finds the project (in a fresh Colab runtime it clones REPO_URL into COLAB_CHECKOUT), puts it on sys.path and
+calls setup_runtime(). In Colab alone, that installs what requirements.txt asks for and the runtime lacks and, on
+request, keeps STACK_HOME on Google Drive: every Colab notebook runs on its own machine, so Drive is how 02 finds the
+tokenizer 01 made. Anywhere, it sets the CPU thread count and prints the GPU, the preset and the dtype.
+
+This module imports only the standard library when it loads, and stackcore only after the installs, so that a fresh
+runtime gets what stackcore needs before stackcore is imported. Tests play Colab by passing `colab`, `pip` and
+`mount_drive` and faking the package lists.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Container, Mapping, Sequence
+
+if TYPE_CHECKING:
+    from stackcore import GpuInfo
+
+ROOT = Path(__file__).resolve().parents[1]
+REPO_URL = "https://github.com/decoderstack/decoderstack"  # the first cell clones it; the README's badges open it
+COLAB_CHECKOUT = Path("/content/decoderstack")
+DRIVE_MOUNT = Path("/content/drive")
+DRIVE_STACK_HOME = DRIVE_MOUNT / "MyDrive" / "decoderstack"
+RUNTIME_OWNED = frozenset({"torch", "triton"})  # never pip-installed: the runtime's builds match its CUDA driver
+
+
+def in_colab(environ: Mapping[str, str], modules: Container[str] = sys.modules) -> bool:
+    """Colab kernels set COLAB_* variables (COLAB_RELEASE_TAG, COLAB_GPU, ...) and have google.colab loaded."""
+    return any(name.startswith("COLAB_") for name in environ) or "google.colab" in modules
+
+
+def requirement_lines(path: Path) -> list[str]:
+    """The requirements of a pip requirements file, without comments, blank lines and options such as -r."""
+    lines = (line.split("#", 1)[0].strip() for line in Path(path).read_text().splitlines())
+    return [line for line in lines if line and not line.startswith("-")]
+
+
+def installed_distributions() -> dict[str, str]:
+    """{normalised distribution name: version} of what this Python has installed."""
+    import importlib.metadata
+
+    from packaging.utils import canonicalize_name
+
+    return {canonicalize_name(d.metadata["Name"]): d.version for d in importlib.metadata.distributions()
+            if d.metadata["Name"]}
+
+
+def imported_distributions() -> set[str]:
+    """Normalised names of the distributions whose modules this process has imported already."""
+    import importlib.metadata
+
+    from packaging.utils import canonicalize_name
+
+    owners = importlib.metadata.packages_distributions()
+    loaded = {name.partition(".")[0] for name in list(sys.modules)}
+    return {canonicalize_name(dist) for module in loaded for dist in owners.get(module, ())}
+
+
+def missing_requirements(lines: Sequence[str], installed: Mapping[str, str]) -> list[str]:
+    """The requirement lines that `installed` ({normalised name: version}) does not satisfy. A line whose
+    environment marker is false here (triton off Linux) is not needed."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    missing = []
+    for line in lines:
+        requirement = Requirement(line)
+        if requirement.marker is not None and not requirement.marker.evaluate():
+            continue
+        version = installed.get(canonicalize_name(requirement.name))
+        if version is None or not requirement.specifier.contains(version, prereleases=True):
+            missing.append(line)
+    return missing
+
+
+def colab_installs(missing: Sequence[str], imported: Container[str]) -> tuple[list[str], list[str]]:
+    """(what pip installs, notes) for Colab. Never torch or triton; never a package the kernel has imported: pip
+    would replace its files under the live modules (Colab's widget manager broke that way with ipywidgets)."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    owned = [line for line in missing if Requirement(line).name in RUNTIME_OWNED]
+    loaded = [line for line in missing if line not in owned and canonicalize_name(Requirement(line).name) in imported]
+    notes = [f"{', '.join(owned)} not satisfied: torch and triton stay as this runtime has them"] if owned else []
+    if loaded:
+        notes.append(f"{', '.join(loaded)} not satisfied but already imported: run python3 -m pip install "
+                     f"{' '.join(repr(line) for line in loaded)}, then Runtime > Restart session")
+    return [line for line in missing if line not in owned + loaded], notes
+
+
+def pip_install(lines: Sequence[str]) -> None:
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", *lines], check=True)
+
+
+def mount_google_drive(mount_point: str) -> None:
+    """Colab asks the user for access to their Drive, then mounts it."""
+    from google.colab import drive
+
+    drive.mount(mount_point)
+
+
+def setup_runtime(use_drive: bool = False, colab: bool | None = None,
+                  pip: Callable[[Sequence[str]], None] = pip_install,
+                  mount_drive: Callable[[str], None] = mount_google_drive) -> None:
+    """The first cell's call: make this runtime ready and print what it has. `use_drive` (or STACK_DRIVE=1) keeps
+    STACK_HOME on Google Drive in Colab. `colab` (default: detected), `pip` and `mount_drive` are for tests."""
+    colab = in_colab(os.environ) if colab is None else colab
+    missing = missing_requirements(requirement_lines(ROOT / "requirements.txt"), installed_distributions())
+    notes, install = [], []
+    if colab:
+        install, notes = colab_installs(missing, imported_distributions())
+        if install:
+            pip(install)
+    elif missing:
+        notes.append(f"missing {', '.join(missing)}: run python3 -m pip install -r requirements.txt")
+
+    import stackcore as sc  # after the installs
+
+    use_drive = use_drive or sc.parse_value("STACK_DRIVE", os.environ.get("STACK_DRIVE", "false"), bool)
+    if colab and use_drive:
+        if not (DRIVE_MOUNT / "MyDrive").is_dir():
+            mount_drive(str(DRIVE_MOUNT))
+        os.environ["STACK_HOME"] = str(DRIVE_STACK_HOME)
+    elif colab:
+        notes.append("STACK_HOME is on this runtime's disk: the next notebook (its own machine) will not see it; "
+                     "tick use_drive to keep artifacts on Google Drive")
+    elif use_drive:
+        notes.append(f"use_drive applies in Colab only; STACK_HOME stays {sc.stack_home()}")
+    gpu = sc.current_gpu()
+    if colab and gpu is None:
+        notes.append("no GPU: choose Runtime > Change runtime type > GPU (T4 is free) for the colab preset")
+    threads = sc.set_cpu_threads()
+    sc.silence_triton_teardown()
+    if os.environ.get("RANK", "0") == "0":
+        print(describe_runtime(gpu, threads, install, notes))
+
+
+def project_commit() -> str:
+    """The checkout's short commit hash (the set-up cell and the report card name it)."""
+    git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return git.stdout.strip() if git.returncode == 0 else "unknown (not a git checkout)"
+
+
+def describe_runtime(gpu: GpuInfo | None, threads: int, installed: Sequence[str], notes: Sequence[str]) -> str:
+    """The lines the first cell prints."""
+    import torch
+
+    import stackcore as sc
+
+    with sc.config_errors_end_the_script():
+        preset = sc.choose_preset(sc.parse_cli_overrides(sc.script_argv()), os.environ, gpu)
+        tier = sc.colab_gpu_tier(gpu, os.environ.get("STACK_COLAB_GPU", "")) if preset == "colab" else None
+        dtype = sc.compute_dtype_for(gpu, os.environ.get("STACK_DTYPE", "auto"))
+    hardware = (f"{gpu.name}, {gpu.memory_gb:.1f} GB, compute capability {gpu.capability[0]}.{gpu.capability[1]}"
+                if gpu else f"none (CPU, {threads} torch thread{'s' * (threads > 1)})")
+    sizes = f" ({tier} sizes)" if tier else ""
+    scaling = " with loss scaling" if dtype == torch.float16 else ""
+    lines = [f"DecoderStack {ROOT} at commit {project_commit()}; torch {torch.__version__}",
+             f"GPU: {hardware}", f"preset: {preset}{sizes}; compute dtype: {str(dtype)[6:]}{scaling}",
+             f"STACK_HOME: {sc.stack_home()}"]
+    lines += [f"installed: {', '.join(installed)}"] if installed else []
+    return "\n".join(lines + [f"note: {note}" for note in notes])
