@@ -2762,8 +2762,11 @@ def score_core_records(model: GPT, tokens: np.ndarray, records: np.ndarray, back
     the same mask_mod densely per example: flex uncompiled on the CPU would build dense masks over whole passes.
     Flex passes are padded to a multiple of pack_tokens (rounded up to whole flex blocks), so that compiled flex
     and its block masks see one shape and do not recompile per pass. Passes without branches (language modelling,
-    single-token continuations) are plain documents and run on `backend`, unpadded."""
+    single-token continuations) are plain documents and run on `backend`, unpadded. A model that reads its rows as
+    plain documents only (GPTConfig.plain_documents_only: the key offset, paired heads) packs every choice whole."""
     examples = core_examples(tokens, records, model.config.max_seq_len)
+    if pack_tokens and model.config.plain_documents_only:  # no prefix trees: each choice a document of its own
+        examples = ([choice] for choices in examples for choice in choices)
     tree_backend = backend
     if pack_tokens == 0:
         packs = (pack_core_examples([[choice]]) for choices in examples for choice in choices)
