@@ -1074,6 +1074,14 @@ class GPTConfig:
         return self.key_offset or bool(self.paired_head_layers)
 
 
+def layer_list(name: str, text: str) -> tuple[int, ...]:
+    """Layer indices from a setting such as "0,2,5,9" ("" for none); a ConfigError names the setting."""
+    try:
+        return tuple(int(part) for part in text.replace(" ", "").split(",") if part)
+    except ValueError:
+        raise ConfigError(f"bad value {text!r} for {name}: expected layer numbers separated by commas") from None
+
+
 MODDED_PAIRED_LAYERS = (0, 2, 5, 9)  # the paired-head layers of modded-nanogpt's train_gpt.py
 
 

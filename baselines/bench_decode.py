@@ -97,6 +97,8 @@ def main() -> None:
     parser.add_argument("--batches", default="1,16", help="decode batch sizes, comma-separated")
     parser.add_argument("--attention", default="auto", help="prefill backend: auto | flash | varlen | flex | sdpa")
     parser.add_argument("--cuda_graph", type=int, default=1, help="also time CUDA-graph decode steps (GPU only)")
+    parser.add_argument("--key_offset", type=int, default=0, help="1: modded-nanogpt's key offset (sc.GPTConfig)")
+    parser.add_argument("--paired_heads", default="", help="paired-head layers, comma-separated, e.g. 0,2,5,9")
     parser.add_argument("--out", default="bench_decode.json")
     args = parser.parse_args()
 
@@ -105,7 +107,8 @@ def main() -> None:
     backend = sc.pick_attention_backend(device, args.attention)
     torch.manual_seed(0)
     config = sc.GPTConfig(vocab_size=args.vocab_size, depth=args.depth,
-                          max_seq_len=max(2048, args.prompt_len + args.decode))
+                          max_seq_len=max(2048, args.prompt_len + args.decode), key_offset=bool(args.key_offset),
+                          paired_head_layers=sc.layer_list("--paired_heads", args.paired_heads))
     model = sc.GPT(config).to(device)
     for parameter in model.parameters():  # the zero-initialised projections get small values: non-trivial logits
         if parameter.ndim == 2 and not parameter.any():
@@ -117,6 +120,7 @@ def main() -> None:
     bandwidth = copy_bandwidth(device)
     name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
     results = {"device": name, "dtype": str(dtype), "attention": backend, "depth": args.depth,
+               "key_offset": config.key_offset, "paired_head_layers": list(config.paired_head_layers),
                "params": model.num_params()["total"], "prompt_len": args.prompt_len, "decode_steps": args.decode,
                "copy_bandwidth_GBps": bandwidth / 1e9, "decode": {}}
     rows = []
