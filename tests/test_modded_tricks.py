@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import stackcore as sc
+from test_engine import one_thread  # noqa: F401 (autouse: these tiny models run faster on one thread)
 
 TOLERANCE = 1e-4  # fp32 on the CPU: cached and full passes differ only in summation order
 BACKENDS = sc.available_attention_backends("cpu")
@@ -16,14 +17,6 @@ TRICKS = {
     "paired": dict(paired_head_layers=(0, 2)),
     "modded": dict(key_offset=True, paired_head_layers=(0, 2)),
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tricked_model(tricks: dict, short_window: int = 0, seed: int = 0, vocab_size: int = 128) -> sc.GPT:
