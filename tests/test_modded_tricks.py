@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import stackcore as sc
-from test_engine import one_thread  # noqa: F401 (autouse: these tiny models run faster on one thread)
+from test_engine import force, greedy_step, one_thread  # noqa: F401 (one_thread: autouse, one thread is faster)
 
 TOLERANCE = 1e-4  # fp32 on the CPU: cached and full passes differ only in summation order
 BACKENDS = sc.available_attention_backends("cpu")
@@ -138,44 +138,94 @@ def test_packed_documents_see_nothing_of_their_neighbours(tricks, backend):
                                        rtol=0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("compile_backend", [None, "aot_eager"], ids=["eager", "compiled"])
 @pytest.mark.parametrize("tricks", list(TRICKS))
-def test_rows_prefilled_apart_step_together(tricks, backend):
-    """Rows prefilled through views (prompts of 10 and 6 tokens), then stepped together by DecodeStep: each row
-    matches its own full forward, so the carried key halves follow their rows."""
+def test_rows_prefilled_apart_step_together(tricks, compile_backend):
+    """Rows prefilled through views (prompts of 10 and 6 tokens), then stepped together by DecodeStep in chunks of
+    4, fed their tokens as forced tokens: each row's logits match its own full forward, so the carried key halves
+    follow their rows."""
     model = tricked_model(TRICKS[tricks], short_window=5)
     ids = torch.randint(0, 128, (2, 30), generator=torch.Generator().manual_seed(4))
     lengths = [10, 6]
     with torch.no_grad():
         shared = sc.KVCache(model.config, 2, 30, "cpu", torch.float32)
-        logits = [[model(ids[row:row + 1, :length], kv_cache=shared.rows(row, row + 1), backend=backend)[0]]
-                  for row, length in enumerate(lengths)]
-        step = sc.DecodeStep(model, shared, backend, cuda_graph=False)
-        for t in range(14):
-            out = step(torch.stack([ids[row, length + t] for row, length in enumerate(lengths)]))
-            for row in range(2):
-                logits[row].append(out[row, None])
         for row, length in enumerate(lengths):
-            full = model(ids[row, :length + 14], backend=backend)
-            torch.testing.assert_close(torch.cat(logits[row]), full, atol=TOLERANCE, rtol=0)
+            model(ids[row:row + 1, :length], kv_cache=shared.rows(row, row + 1))
+        step = greedy_step(model, shared, compile_backend=compile_backend)
+        step.start(torch.zeros(2, 128), [20, 20])
+        feed = torch.stack([ids[row, length:length + 8] for row, length in enumerate(lengths)])
+        fulls = [model(ids[row, :length + 8]) for row, length in enumerate(lengths)]
+        for first in (0, 4):
+            force(step, feed[:, first:first + 4])
+            for t in range(first, first + 4):
+                step()
+                expected = torch.stack([full[length + t] for full, length in zip(fulls, lengths)])
+                torch.testing.assert_close(step.state.logits, expected, atol=TOLERANCE, rtol=0)
+            step.read_chunk()
 
 
 @pytest.mark.parametrize("tricks", list(TRICKS))
-def test_engine_samples_of_several_prompts_match_each_prompt_alone(tricks, tiny_tokenizer):
-    """Prompts of different lengths, two samples each (broadcast_first_row copies the carried state), greedy: the
-    batch equals each prompt alone, and each greedy reply is the argmax of the full forward pass at every token."""
+def test_a_waiting_row_keeps_its_carried_half(tricks):
+    """Row 0 emits <|python_end|> (here id 7) in the first step of a chunk and waits while row 1 goes on; when row 0
+    resumes, its next token still follows the right predecessor: its logits equal the full pass over its tokens."""
+    model = tricked_model(TRICKS[tricks])
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        cache = sc.KVCache(model.config, 2, 30, "cpu", torch.float32)
+        model(ids, kv_cache=cache)
+        step = sc.DecodeStep(model, cache, "sdpa", sc.Sampling(temperature=0.0), stop_ids=[5], python_end=7,
+                             chunk=4, cuda_graph=False)
+        step.start(torch.zeros(2, 128), [20, 20])
+        force(step, torch.tensor([[7, 1, 1], [3, 4, 6]]))
+        for _ in range(3):
+            step()
+        assert step.read_chunk()[0] == [[7, -1, -1, -1], [3, 4, 6, -1]]
+        force(step, torch.tensor([[2], [9]]))
+        step()
+        for row, tokens in enumerate(([7, 2], [3, 4, 6, 9])):
+            full = model(torch.cat([ids[row], torch.tensor(tokens)]))[-1]
+            torch.testing.assert_close(step.state.logits[row], full, atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("tricks", list(TRICKS))
+def test_prompts_prefilled_together_in_one_packed_pass(tricks, backend):
+    """Prompts of 7, 12 and 3 tokens in one packed pass (PackedPrompts), each into its 2 rows, then 4 more tokens in
+    every row: each row matches its prompt's own full forward pass."""
+    model = tricked_model(TRICKS[tricks], short_window=5)
+    ids = torch.randint(0, 128, (40,), generator=torch.Generator().manual_seed(7))
+    lengths = [7, 12, 3]
+    prompts = [ids[:length] for length in lengths]
+    with torch.no_grad():
+        cache = sc.KVCache(model.config, 6, 30, "cpu", torch.float32)
+        packed = sc.PackedPrompts(cache, lengths, [0, 2, 4], copies=2)
+        first = model(torch.cat(prompts), kv_cache=packed, backend=backend, logit_rows=packed.last_tokens())
+        continuation = ids[20:24]
+        nexts = model(continuation.expand(6, 4), kv_cache=cache, backend=backend)
+        for i, prompt in enumerate(prompts):
+            full = model(torch.cat([prompt, continuation]), backend=backend)
+            torch.testing.assert_close(first[i], full[len(prompt) - 1], atol=TOLERANCE, rtol=0)
+            for row in (2 * i, 2 * i + 1):
+                torch.testing.assert_close(nexts[row], full[len(prompt):], atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize("tricks", list(TRICKS))
+def test_engine_decodes_several_prompts_as_the_full_pass_and_alone(tricks, tiny_tokenizer):
+    """Prompts of different lengths, two samples each, greedy, in compiled chunks of 4: the batch equals each prompt
+    alone, and each reply is the argmax of full forward passes without a cache."""
     tokenizer = sc.Tokenizer.load(tiny_tokenizer)
     model = tricked_model(TRICKS[tricks], short_window=5, vocab_size=tokenizer.vocab_size)
-    engine = sc.Engine(model, tokenizer)
+    engine = sc.Engine(model, tokenizer, sync_every=4, compile_backend="aot_eager")
     prompts = [tokenizer.encode("Hi", prepend_bos=True), tokenizer.encode("The quick brown fox", prepend_bos=True)]
-    together, _ = engine.generate_batch(prompts, num_samples=2, max_tokens=12, temperature=0.0)
-    alone = [row for prompt in prompts for row in engine.generate(prompt, 2, max_tokens=12, temperature=0.0)[0]]
+    together, _ = engine.generate_batch(prompts, num_samples=2, max_tokens=10, temperature=0.0)
+    alone = [row for prompt in prompts for row in engine.generate(prompt, 2, max_tokens=10, temperature=0.0)[0]]
     assert together == alone
     with torch.no_grad():
-        for i, prompt in enumerate(prompts):
-            sequence = torch.tensor(prompt + together[2 * i])
-            expected = model(sequence)[len(prompt) - 1:-1].argmax(-1).tolist()
-            assert together[2 * i][:len(expected)] == expected[:len(together[2 * i])]
+        for prompt, row in zip(prompts, together[::2]):
+            tokens = list(prompt)
+            for _ in range(len(row)):
+                tokens.append(int(model(torch.tensor(tokens))[-1].argmax()))
+            assert row == tokens[len(prompt):]
 
 
 # --- training, compiled, CORE ------------------------------------------------------------------------------------
