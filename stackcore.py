@@ -1255,6 +1255,12 @@ class GPTConfig:
     short_window: int = 0  # sliding window of "S" layers; 0 means max_seq_len // 2
     window_pattern: str = "SSSL"  # tiled over the layers; the last layer is always "L" (full causal)
     n_value_embeds: int = 3  # table i feeds layer i and layer depth-1-i; capped at depth // 2
+    # modded-nanogpt #169: rotary turns only the first half of each head's dimensions, and in the long-window layers
+    # (the "L" layers and the last, not paired) the other, stationary half of each key is the previous token's
+    key_offset: bool = False
+    # modded-nanogpt #191: in these layers each pair of adjacent heads attends as one head over its two keys per
+    # token, interleaved into a sequence twice as long (modded pairs layers 0, 2, 5 and 9: MODDED_PAIRED_LAYERS)
+    paired_head_layers: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.dim % self.head_dim:
@@ -1265,6 +1271,14 @@ class GPTConfig:
             raise ValueError(f"window_pattern {self.window_pattern!r} must be a non-empty string of 'S' and 'L'")
         if self.n_value_embeds < 0:
             raise ValueError(f"n_value_embeds {self.n_value_embeds} must be >= 0")
+        if self.key_offset and self.head_dim % 4:
+            raise ValueError(f"key_offset needs head_dim {self.head_dim} divisible by 4 (a rotating half of pairs)")
+        self.paired_head_layers = tuple(sorted(set(self.paired_head_layers)))  # a checkpoint stores a list
+        outside = [layer for layer in self.paired_head_layers if not 0 <= layer < self.depth]
+        if outside:
+            raise ValueError(f"paired_head_layers {outside} are not layers of a depth-{self.depth} model")
+        if self.paired_head_layers and self.n_heads % 2:
+            raise ValueError(f"paired_head_layers need an even number of heads, not {self.n_heads}")
 
     @property
     def dim(self) -> int:
@@ -1284,6 +1298,35 @@ class GPTConfig:
         """The resolved short (sliding) window."""
         return self.short_window or self.max_seq_len // 2
 
+    @property
+    def rotary_dims(self) -> int:
+        """How many leading dimensions of each head rotary turns: half with the key offset (the rest stays put)."""
+        return self.head_dim // 2 if self.key_offset else self.head_dim
+
+    @property
+    def plain_documents_only(self) -> bool:
+        """The key offset (a token's predecessor) and paired heads (two keys per token) read a packed row as plain
+        documents: a caller's mask (CORE's shared prefixes) cannot tell them another layout."""
+        return self.key_offset or bool(self.paired_head_layers)
+
+
+def layer_list(name: str, text: str) -> tuple[int, ...]:
+    """Layer indices from a setting such as "0,2,5,9" ("" for none); a ConfigError names the setting."""
+    try:
+        return tuple(int(part) for part in text.replace(" ", "").split(",") if part)
+    except ValueError:
+        raise ConfigError(f"bad value {text!r} for {name}: expected layer numbers separated by commas") from None
+
+
+MODDED_PAIRED_LAYERS = (0, 2, 5, 9)  # the paired-head layers of modded-nanogpt's train_gpt.py
+
+
+def modded_architecture(config: GPTConfig) -> GPTConfig:
+    """`config` with modded-nanogpt's two tricks that our GPT leaves off by default: the key offset, and paired
+    heads in modded's layers (those that the depth has)."""
+    paired = tuple(layer for layer in MODDED_PAIRED_LAYERS if layer < config.depth)
+    return dataclasses.replace(config, key_offset=True, paired_head_layers=paired)
+
 
 def norm(x: Tensor) -> Tensor:
     """RMSNorm without learned parameters."""
@@ -1299,10 +1342,13 @@ def rotary_tables(max_seq_len: int, head_dim: int, base: float = 10000.0,
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate the two halves of the head dimension of x (T, H, D) by per-token angles (T, D/2)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
-    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+    """Rotate the first R = 2 * cos.size(-1) dimensions of x (T, H, D) by per-token angles cos, sin (T, R/2), pairing
+    dimension i with i + R/2; the other D - R stay put (GPTConfig.rotary_dims). Paired heads pass x (T, H/2, 2, D)
+    with angles (T, 2, R/2): one angle per head of a pair."""
+    rotated = 2 * cos.size(-1)
+    x1, x2 = x[..., :rotated].chunk(2, dim=-1)
+    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, x[..., rotated:]), dim=-1)
 
 
 class CastedLinear(nn.Linear):
@@ -1372,8 +1418,20 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.advancing = torch.ones(batch_size, dtype=torch.long, device=device)
+        self.carried = self.carried_state(config, batch_size, device, dtype)
         self.empty = True  # no pass has written these rows: the next pass is a prefill (host-side, no sync)
         self.parent: KVCache | None = None  # the cache whose rows this one views (rows(), PackedPrompts)
+
+    @staticmethod
+    def carried_state(config: GPTConfig, batch_size: int, device: torch.device | str, dtype: torch.dtype
+                      ) -> dict[str, Tensor]:
+        """State beyond the keys and values that a model's layers carry from one pass to the next, each tensor
+        (depth, batch, ...) like the keys, so that rows() and PackedPrompts view it. With the key offset: "previous_half", each row's last token's own stationary key half (offset_keys)."""
+        if not config.key_offset:
+            return {}
+        half = config.head_dim - config.rotary_dims
+        return {"previous_half": torch.zeros(config.depth, batch_size, config.n_heads, half, device=device,
+                                             dtype=dtype)}
 
     @property
     def capacity(self) -> int:
@@ -1438,6 +1496,7 @@ class KVCache:
         view = object.__new__(KVCache)
         view.k, view.v, view.lengths = self.k[:, start:stop], self.v[:, start:stop], self.lengths[start:stop]
         view.advancing, view.empty, view.parent = self.advancing[start:stop], self.empty, self
+        view.carried = {name: state[:, start:stop] for name, state in self.carried.items()}
         return view
 
 
@@ -1458,6 +1517,7 @@ class PackedPrompts(KVCache):
             raise ValueError(f"a prompt of {max(prompt_lengths)} tokens exceeds the cache's capacity of "
                              f"{cache.capacity} positions")
         self.k, self.v, self.lengths, self.advancing = cache.k, cache.v, cache.lengths, cache.advancing
+        self.carried = cache.carried
         self.empty, self.parent = True, cache
         self.cu_seqlens = F.pad(sizes.cumsum(0), (1, 0)).to(torch.int32)
         self.total, self.longest = int(sizes.sum()), int(sizes.max())
@@ -1502,12 +1562,77 @@ class AttentionBatch:
     cache: KVCache | None = None
     positions: Tensor | None = None  # (T,) each token's position in its cache row (with a cache)
     reads_cache: bool = False
+    previous: Tensor | None = None  # (T,) with the key offset: each token's predecessor in its document (a start: itself)
+    paired_cos: Tensor | None = None  # (T, 2, rotary_dims / 2) with paired heads: angles at interleaved positions
+    paired_sin: Tensor | None = None  # 2t and 2t + 1, for the first and second head of a pair
+
+
+def offset_keys(k: Tensor, batch: AttentionBatch, layer: int) -> Tensor:
+    """The partial key offset (modded-nanogpt #169): keys (T, H, D) whose stationary half (the dimensions rotary
+    leaves alone) is replaced by the previous token's own, so that a query can look for "the token after a t-1 like
+    this one" in one layer. A document's first token has no predecessor and keeps its own half: unlike modded, no
+    key sees across a document boundary, so a prompt decodes as it trains. Through a cache the first new token of a
+    row takes the half its row's last token left in KVCache.carried["previous_half"], which then takes the row's
+    new last token's own half (if the row advances); a packed prefill (PackedPrompts) leaves there each prompt's
+    last token's half in the prompt's rows."""
+    half = k.size(-1) // 2
+    own = k[..., half:]
+    shifted = own[batch.previous]
+    cache = batch.cache
+    if isinstance(cache, PackedPrompts):  # prompts from position 0: each prompt's rows keep its last token's half
+        carried = cache.carried["previous_half"][layer]
+        last = own[cache.last_tokens()]
+        carried[cache.filled_rows] = last.repeat_interleave(cache.filled_rows.numel() // last.size(0), dim=0)
+    elif cache is not None:
+        carried = cache.carried["previous_half"][layer]  # (B, H, half)
+        rows = carried.size(0)
+        own_rows, shifted_rows = own.view(rows, -1, *own.shape[1:]), shifted.view(rows, -1, *own.shape[1:])
+        continues = batch.positions.view(rows, -1)[:, 0, None, None] > 0  # the row held tokens before this pass
+        first = torch.where(continues, carried, shifted_rows[:, 0])
+        shifted = torch.cat((first[:, None], shifted_rows[:, 1:]), dim=1).view_as(own)
+        advances = cache.advancing[:, None, None] > 0  # a row that does not advance repeats its position next pass
+        carried.copy_(torch.where(advances, own_rows[:, -1], carried))
+    return torch.cat((k[..., :half], shifted), dim=-1)
+
+
+def interleave_pairs(x: Tensor) -> Tensor:
+    """(T, H, D) -> (2T, H/2, D): the pairs of adjacent heads as H/2 heads over sequences twice as long, row 2t + i
+    holding token t's head 2j + i in head j (modded-nanogpt #191)."""
+    T, H, D = x.shape
+    return x.view(T, H // 2, 2, D).transpose(1, 2).reshape(2 * T, H // 2, D)
+
+
+def split_pairs(y: Tensor) -> Tensor:
+    """The inverse of interleave_pairs: (2T, H/2, D) -> (T, H, D)."""
+    T2, pairs, D = y.shape
+    return y.view(T2 // 2, 2, pairs, D).transpose(1, 2).reshape(T2 // 2, 2 * pairs, D)
+
+
+def paired_cache_attention(cache: KVCache, layer: int, q: Tensor, window: int | None, positions: Tensor) -> Tensor:
+    """Paired-head attention of queries (B * L, H, D) at `positions` over their rows' cache, laid out as in the full
+    pass: query i of a pair (i = 0, 1) of the token at position p sits at interleaved position 2p + i and sees the
+    cached keys at 2s + i' from 2p + i - window + 1 to 2p + i (so not its own token's second key when i = 0).
+    The cache keeps its plain layout: a pair's two heads viewed as one of 2 x capacity keys (key i' * capacity + s),
+    whose order a softmax does not care about; only the mask knows the interleaved positions."""
+    B, H, capacity, D = cache.k[layer].shape
+    L = positions.numel() // B
+    queries = q.view(B, L, H // 2, 2, D).permute(0, 2, 3, 1, 4).reshape(B, H // 2, 2 * L, D)
+    keys, values = (t.view(B, H // 2, 2 * capacity, D) for t in (cache.k[layer], cache.v[layer]))
+    which = torch.arange(2, device=q.device)[:, None]
+    query_at = (2 * positions.view(B, 1, L) + which).view(B, 2 * L)
+    key_at = (2 * torch.arange(capacity, device=q.device) + which).view(2 * capacity)
+    since = query_at[:, :, None] - key_at  # (B, 2L, 2 capacity)
+    visible = (since >= 0) & (since < (window or 2 * capacity))
+    y = F.scaled_dot_product_attention(queries, keys, values, attn_mask=visible[:, None])
+    return y.view(B, H // 2, 2, L, D).permute(0, 3, 1, 2, 4).reshape(q.shape)
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig, layer: int, has_value_embed: bool):
+    def __init__(self, config: GPTConfig, layer: int, has_value_embed: bool, paired: bool = False,
+                 key_offset: bool = False):
         super().__init__()
         self.layer = layer  # which layer of a KV cache this attention writes and reads
+        self.paired, self.key_offset = paired, key_offset  # GPTConfig's tricks, if this layer takes them
         self.n_heads, self.head_dim = config.n_heads, config.head_dim
         self.c_q = CastedLinear(config.dim, config.dim)
         self.c_k = CastedLinear(config.dim, config.dim)
@@ -1527,11 +1652,22 @@ class CausalSelfAttention(nn.Module):
         if value_embed is not None:
             v = self.value_mix[0] * v + self.value_mix[1] * value_embed.view_as(v)
         q, k = norm(q), norm(k)  # QK-norm, then rotary
-        q, k = apply_rotary(q, batch.cos, batch.sin), apply_rotary(k, batch.cos, batch.sin)
+        if self.paired:  # each head of a pair turned to its own interleaved position
+            q, k = (apply_rotary(t.view(T, -1, 2, self.head_dim), batch.paired_cos, batch.paired_sin).view_as(t)
+                    for t in (q, k))
+        else:
+            q, k = apply_rotary(q, batch.cos, batch.sin), apply_rotary(k, batch.cos, batch.sin)
+        if self.key_offset:
+            k = offset_keys(k, batch, self.layer)
         if batch.cache is not None:
             batch.cache.write(self.layer, k, v, batch.positions)
-        if batch.reads_cache:
+        if batch.reads_cache and self.paired:
+            y = paired_cache_attention(batch.cache, self.layer, q, window, batch.positions)
+        elif batch.reads_cache:
             y = batch.cache.attend(self.layer, q, window, batch.positions)
+        elif self.paired:  # the window counts interleaved positions, as in modded: w of them are w / 2 tokens
+            y = split_pairs(attention(*map(interleave_pairs, (q, k, v)), 2 * batch.cu_seqlens, 2 * batch.max_seqlen,
+                                      window, batch.backend))
         else:
             y = attention(q, k, v, batch.cu_seqlens, batch.max_seqlen, window, batch.backend)
         y = y.reshape(T, -1)
@@ -1549,9 +1685,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig, layer: int, has_value_embed: bool):
+    def __init__(self, config: GPTConfig, layer: int, has_value_embed: bool, paired: bool = False,
+                 key_offset: bool = False):
         super().__init__()
-        self.attn = CausalSelfAttention(config, layer, has_value_embed)
+        self.attn = CausalSelfAttention(config, layer, has_value_embed, paired, key_offset)
         self.mlp = MLP(config)
 
     def forward(self, x: Tensor, value_embed: Tensor | None, window: Any, batch: AttentionBatch,
@@ -1719,13 +1856,13 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.dim)
         self.value_embeds = nn.ModuleList(nn.Embedding(config.vocab_size, config.dim)
                                           for _ in range(config.value_embed_tables))
-        self.blocks = nn.ModuleList(Block(config, i, self.value_embed_index(i) is not None)
+        self.blocks = nn.ModuleList(Block(config, i, self.value_embed_index(i) is not None, *self.layer_tricks(i))
                                     for i in range(config.depth))
         self.lm_head = CastedLinear(config.dim, config.vocab_size)
         self.resid_lambdas = nn.Parameter(torch.ones(config.depth))   # block input = resid * x + x0 * x0
         self.x0_lambdas = nn.Parameter(torch.zeros(config.depth))
         self.skip_weights = nn.Parameter(torch.ones(config.depth // 2))  # U-net: layer i -> layer depth-1-i
-        cos, sin = rotary_tables(config.max_seq_len, config.head_dim)
+        cos, sin = self.rotary()
         self.register_buffer("rotary_cos", cos, persistent=False)
         self.register_buffer("rotary_sin", sin, persistent=False)
         self.compile_backend: str | None = None  # see compile_layers()
@@ -1751,7 +1888,7 @@ class GPT(nn.Module):
         self.resid_lambdas.fill_(1.0)
         self.x0_lambdas.fill_(0.0)
         self.skip_weights.fill_(1.0)
-        cos, sin = rotary_tables(self.config.max_seq_len, self.config.head_dim, device=self.rotary_cos.device)
+        cos, sin = self.rotary(self.rotary_cos.device)
         self.rotary_cos.copy_(cos)
         self.rotary_sin.copy_(sin)
 
@@ -1807,6 +1944,20 @@ class GPT(nn.Module):
         self.compile_backend, self.compile_evaluation, self.inductor_options = compile_backend, evaluation, options
         return self
 
+    def rotary(self, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+        """The rotary tables: config.rotary_dims wide, and twice max_seq_len long with paired heads, whose second
+        head of a pair turns at position 2t + 1."""
+        config = self.config
+        length = config.max_seq_len * (2 if config.paired_head_layers else 1)
+        return rotary_tables(length, config.rotary_dims, device=device)
+
+    def layer_tricks(self, layer: int) -> tuple[bool, bool]:
+        """(paired heads, key offset) of `layer`: pairs where config.paired_head_layers says, the key offset in the
+        other long-window layers (those whose window is always None), as in modded-nanogpt."""
+        paired = layer in self.config.paired_head_layers
+        long_window = self.layer_windows()[layer] is None
+        return paired, self.config.key_offset and long_window and not paired
+
     def value_embed_index(self, layer: int) -> int | None:
         """Which value-embedding table feeds `layer` (U-net symmetric), or None."""
         mirrored = min(layer, self.config.depth - 1 - layer)
@@ -1856,14 +2007,17 @@ class GPT(nn.Module):
         windows = self.layer_windows() if windows is None else windows
         if len(windows) != config.depth:
             raise ValueError(f"need one window per layer ({config.depth}), got {len(windows)}")
+        if config.plain_documents_only and not all(window is None or isinstance(window, int) for window in windows):
+            raise ValueError("a model with key_offset or paired_head_layers takes windows as ints or None, not masks: "
+                             "it reads the packed tokens as plain documents (GPTConfig.plain_documents_only)")
         reads_cache = kv_cache is not None and not kv_cache.empty
-        if backend == "flex" and not reads_cache:  # block masks: one per window, built outside any compiled region
-            masks = {window: window if isinstance(window, BlockMask)
-                     else flex_block_mask(cu_seqlens, input_ids.size(0), window) for window in set(windows)}
-            windows = [masks[window] for window in windows]
-        positions = positions_in_documents(cu_seqlens, input_ids.size(0)) if positions is None else positions
+        if backend == "flex" and not reads_cache:
+            windows = self.flex_masks(windows, cu_seqlens, input_ids.size(0))
+        in_documents = positions_in_documents(cu_seqlens, input_ids.size(0))
+        positions = in_documents if positions is None else positions
         batch = AttentionBatch(cu_seqlens, max_seqlen, self.rotary_cos[positions], self.rotary_sin[positions], backend,
-                               kv_cache, positions if kv_cache is not None else None, reads_cache)
+                               kv_cache, positions if kv_cache is not None else None, reads_cache,
+                               *self.trick_inputs(positions, in_documents))
         x0 = norm(self.wte(input_ids).to(self.compute_dtype))
         value_embeds = [table(input_ids).to(self.compute_dtype) for table in self.value_embeds]
         layer_args = (x0, value_embeds, windows, batch, logit_rows)
@@ -1883,6 +2037,30 @@ class GPT(nn.Module):
                                             compile_backend=compile_backend, fp8_grad_format=self.lm_head.fp8_grad_format)
         logits = soft_cap(self.lm_head(norm(x)), config.softcap)
         return logits.view(*shape, -1) if kv_cache is not None and logit_rows is None else logits
+
+    def flex_masks(self, windows: list[Any], cu_seqlens: Tensor, total_len: int) -> list[Any]:
+        """Each layer's window as a FlexAttention block mask, one per window (and per length: paired layers attend
+        over twice the tokens), built outside any compiled region; a BlockMask given by the caller stays."""
+        masks: dict[tuple[Any, bool], Any] = {}
+        for window, block in zip(windows, self.blocks):
+            key = (window, block.attn.paired)
+            if key not in masks:
+                scale = 2 if block.attn.paired else 1
+                masks[key] = (window if isinstance(window, BlockMask)
+                              else flex_block_mask(scale * cu_seqlens, scale * total_len, window))
+        return [masks[window, block.attn.paired] for window, block in zip(windows, self.blocks)]
+
+    def trick_inputs(self, positions: Tensor, in_documents: Tensor) -> tuple[Tensor | None, ...]:
+        """AttentionBatch's inputs for the key offset (each token's predecessor: itself at a document start) and
+        for paired heads (rotary angles at interleaved positions 2p and 2p + 1); None where the model has neither."""
+        config = self.config
+        previous = paired_cos = paired_sin = None
+        if config.key_offset:
+            previous = torch.arange(positions.numel(), device=positions.device) - (in_documents > 0).long()
+        if config.paired_head_layers:
+            interleaved = 2 * positions[:, None] + torch.arange(2, device=positions.device)
+            paired_cos, paired_sin = self.rotary_cos[interleaved], self.rotary_sin[interleaved]
+        return previous, paired_cos, paired_sin
 
     def run_layers(self, x0: Tensor, value_embeds: list[Tensor], windows: list[Any], batch: AttentionBatch,
                    logit_rows: Tensor | None = None, mix: typing.Callable = residual_mix,
@@ -1938,11 +2116,14 @@ class GPT(nn.Module):
         attention: QK^T and AV cost 4 * n_heads * head_dim FLOPs per (query, key) pair forward, x3 for
         forward + backward, times the mean number of keys a query sees: seq_len / 2 for causal layers
         (12 * n_heads * head_dim * seq_len / 2 per layer) and w - w^2 / (2 seq_len) for a window w < seq_len.
-        Norms, softmax and other elementwise work are not counted. `windows` defaults to layer_windows().
+        Norms, softmax and other elementwise work are not counted. `windows` defaults to layer_windows(). Paired
+        layers count their interleaved sequence.
         """
         counts = self.num_params()
         windows = self.layer_windows() if windows is None else windows
-        attended = [seq_len / 2 if w is None or w >= seq_len else w - w * w / (2 * seq_len) for w in windows]
+        # a paired layer runs its H / 2 heads over 2 * seq_len interleaved positions: the work of H heads over those
+        lengths = [seq_len * (2 if block.attn.paired else 1) for block in self.blocks]
+        attended = [n / 2 if w is None or w >= n else w - w * w / (2 * n) for w, n in zip(windows, lengths)]
         return 6 * (counts["matrices"] + counts["head"]) + 12 * self.config.n_heads * self.config.head_dim * sum(attended)
 
     def kv_bytes_per_token(self, dtype: torch.dtype = torch.bfloat16) -> int:
@@ -2873,8 +3054,11 @@ def score_core_records(model: GPT, tokens: np.ndarray, records: np.ndarray, back
     the same mask_mod densely per example: flex uncompiled on the CPU would build dense masks over whole passes.
     Flex passes are padded to a multiple of pack_tokens (rounded up to whole flex blocks), so that compiled flex
     and its block masks see one shape and do not recompile per pass. Passes without branches (language modelling,
-    single-token continuations) are plain documents and run on `backend`, unpadded."""
+    single-token continuations) are plain documents and run on `backend`, unpadded. A model that reads its rows as
+    plain documents only (GPTConfig.plain_documents_only: the key offset, paired heads) packs every choice whole."""
     examples = core_examples(tokens, records, model.config.max_seq_len)
+    if pack_tokens and model.config.plain_documents_only:  # no prefix trees: each choice a document of its own
+        examples = ([choice] for choices in examples for choice in choices)
     tree_backend = backend
     if pack_tokens == 0:
         packs = (pack_core_examples([[choice]]) for choices in examples for choice in choices)
@@ -3344,8 +3528,9 @@ class DecodeStep:
     def _capture(self) -> torch.cuda.CUDAGraph:
         """Warm-up steps (which compile) run for real: they write keys and values at the rows' next positions,
         which the first real step overwrites before any query reads them, and every buffer they change is put back
-        afterwards. Capturing runs nothing."""
-        saved = [buffer.clone() for buffer in (*self.state.buffers(), self.cache.lengths)]
+        afterwards (the carried state of KVCache.carried_state too). Capturing runs nothing."""
+        buffers = (*self.state.buffers(), self.cache.lengths, *self.cache.carried.values())
+        saved = [buffer.clone() for buffer in buffers]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm up on a side stream before capture, as torch.cuda.graphs requires
@@ -3355,7 +3540,7 @@ class DecodeStep:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self._run()
-        for buffer, value in zip((*self.state.buffers(), self.cache.lengths), saved):
+        for buffer, value in zip(buffers, saved):
             buffer.copy_(value)
         return graph
 

@@ -60,9 +60,11 @@ def bytes_per_decode_step(model: sc.GPT, batch: int, context: float, dtype: torc
     return weights + rows + batch * keys * 2 * model.config.dim * element
 
 
-def random_model(depth: int, vocab_size: int, max_seq_len: int, device: str, dtype: torch.dtype) -> sc.GPT:
+def random_model(depth: int, vocab_size: int, max_seq_len: int, device: str, dtype: torch.dtype,
+                 key_offset: bool = False, paired_head_layers: tuple[int, ...] = ()) -> sc.GPT:
     torch.manual_seed(0)
-    model = sc.GPT(sc.GPTConfig(vocab_size=vocab_size, depth=depth, max_seq_len=max_seq_len)).to(device)
+    model = sc.GPT(sc.GPTConfig(vocab_size=vocab_size, depth=depth, max_seq_len=max_seq_len, key_offset=key_offset,
+                                paired_head_layers=paired_head_layers)).to(device)
     for parameter in model.parameters():  # the zero-initialised projections get small values: non-trivial logits
         if parameter.ndim == 2 and not parameter.any():
             torch.nn.init.normal_(parameter, std=0.02)
@@ -107,6 +109,8 @@ def main() -> None:
     parser.add_argument("--sync_every", type=int, default=16, help="steps between host syncs")
     parser.add_argument("--attention", default="auto", help="prefill backend: auto | flash | varlen | flex | sdpa")
     parser.add_argument("--compile", default="auto", help="the step's torch.compile backend: auto | inductor | none")
+    parser.add_argument("--key_offset", type=int, default=0, help="1: modded-nanogpt's key offset (sc.GPTConfig)")
+    parser.add_argument("--paired_heads", default="", help="paired-head layers, comma-separated, e.g. 0,2,5,9")
     parser.add_argument("--out", default="bench_decode.json")
     args = parser.parse_args()
     if args.decode % args.sync_every:
@@ -122,7 +126,8 @@ def main() -> None:
     results = {"device": name, "dtype": str(dtype), "attention": backend, "compile": args.compile,
                "decode_attention": "flash_attn_with_kvcache" if sc._flash_kvcache_function() and device != "cpu"
                else "sdpa", "prompt_len": args.prompt_len, "decode_steps": args.decode, "sync_every": args.sync_every,
-               "copy_bandwidth_GBps": bandwidth / 1e9, "depths": {}}
+               "copy_bandwidth_GBps": bandwidth / 1e9, "key_offset": bool(args.key_offset),
+               "paired_heads": args.paired_heads, "depths": {}}
     rows = []
 
     def add(row: tuple[str, str]) -> None:  # printed at once too: a run cut short keeps what it measured
@@ -132,7 +137,8 @@ def main() -> None:
     add(("device", f"{name}, copy bandwidth {bandwidth / 1e9:,.0f} GB/s, decode attention "
                    f"{results['decode_attention']}"))
     for depth in (int(d) for d in args.depths.split(",")):
-        model = random_model(depth, args.vocab_size, max(2048, args.prompt_len + args.decode), device, dtype)
+        model = random_model(depth, args.vocab_size, max(2048, args.prompt_len + args.decode), device, dtype,
+                             bool(args.key_offset), sc.layer_list("--paired_heads", args.paired_heads))
         engine = sc.Engine(model, tokenizer, backend, compile_backend=compile_backend, sync_every=args.sync_every)
         entry = results["depths"][str(depth)] = {"params": model.num_params()["total"], "batches": {}}
         add((f"depth {depth}", f"{entry['params'] / 1e6:.1f} M params, {dtype}"))

@@ -80,6 +80,9 @@ class PretrainConfig(sc.StackConfig):
     depth: int = 12  # the one knob that sizes the model (width 64 x depth, heads of head_dim)
     model_dim: int = 0  # 0: 64 x depth
     head_dim: int = 128
+    arch: str = "ours"  # ours | modded: ours plus modded-nanogpt's key offset and paired heads (sc.modded_architecture)
+    key_offset: bool = False  # modded-nanogpt's partial key offset in the long-window layers (sc.GPTConfig)
+    paired_heads: str = ""  # layers with paired-head attention, comma-separated, e.g. 0,2,5,9 (sc.GPTConfig)
     seq_len: int = 2048  # longest document piece the model sees (longer documents are cut)
     tokens_per_step: int = 524_288  # global batch in tokens
     micro_tokens: int = 65_536  # tokens per forward/backward pass on one GPU
@@ -113,7 +116,8 @@ class PretrainConfig(sc.StackConfig):
         "node": dict(depth=20, steps=4000, save_every=500),
     }
     LIMITS = {
-        "depth": sc.above(0), "model_dim": sc.at_least(0), "head_dim": sc.above(0), "seq_len": sc.above(0),
+        "depth": sc.above(0), "model_dim": sc.at_least(0), "head_dim": sc.above(0), "arch": sc.one_of("ours", "modded"),
+        "seq_len": sc.above(0),
         "tokens_per_step": sc.above(0), "micro_tokens": sc.above(0), "steps": sc.above(0),
         "warmup_steps": sc.at_least(0), "cooldown_frac": sc.at_least(0, 1), "lr_scale": sc.above(0),
         "weight_decay": sc.at_least(0), "eval_every": sc.above(0), "eval_tokens": sc.above(0),
@@ -149,7 +153,10 @@ log(f"device {device} x {dist_info.world_size} rank(s); {accum_steps} micro-step
 
 # %%
 model_config = sc.GPTConfig(vocab_size=tokenizer.vocab_size, depth=cfg.depth, model_dim=cfg.model_dim,
-                            head_dim=cfg.head_dim, max_seq_len=cfg.seq_len)
+                            head_dim=cfg.head_dim, max_seq_len=cfg.seq_len, key_offset=cfg.key_offset,
+                            paired_head_layers=sc.layer_list("paired_heads", cfg.paired_heads))
+if cfg.arch == "modded":
+    model_config = sc.modded_architecture(model_config)
 model = sc.GPT(model_config).to(device)
 compute_dtype = sc.pick_compute_dtype(device)
 model.set_compute_dtype(compute_dtype)
@@ -159,7 +166,8 @@ backend = sc.pick_attention_backend(device, cfg.attention)
 forward = model.compile_layers() if cfg.compile and device.startswith("cuda") else model
 params = model.num_params()
 flops_per_token = model.flops_per_token(cfg.seq_len)
-log(f"model: depth {cfg.depth}, width {model_config.dim}, {model_config.n_heads} heads; "
+log(f"model: depth {cfg.depth}, width {model_config.dim}, {model_config.n_heads} heads, key offset "
+    f"{model_config.key_offset}, paired heads in layers {list(model_config.paired_head_layers)}; "
     f"{params['total'] / 1e6:.1f} M parameters ({params['matrices'] / 1e6:.1f} M in hidden matrices)")
 log(f"attention backend: {backend} (available here: {sc.available_attention_backends(device)}); "
     f"compute dtype {compute_dtype}, fp8 matmuls {'on' if fp8 else 'off'}; "
