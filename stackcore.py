@@ -3594,13 +3594,13 @@ class Engine:
     stepping, masked. A row that emits <|python_end|> waits, masked, for the rest of the chunk (the chunk's tokens
     after a call would be computed without its result); at the sync point the host evaluates the call and hands
     the result to the next chunk as forced tokens. `cuda_graph` replays the step as a CUDA graph on a GPU once a
-    generation is long enough to repay the capture (`graph_min_tokens`); `compile_backend` compiles the step
-    ("auto": inductor on a GPU, eager elsewhere; None: eager). `prefill_tokens` caps the tokens of one packed
-    prefill pass.
+    generation is long enough to repay the capture (`graph_min_tokens`); `compile_backend` compiles the step (None,
+    the default: the captured step runs eagerly; inductor's dynamic-shape code generation failed on this step on an
+    H200, see baselines/2026-11-30-decode-graph). `prefill_tokens` caps the tokens of one packed prefill pass.
     """
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, backend: str = "sdpa", cuda_graph: bool = True,
-                 graph_min_tokens: int = 32, compile_backend: str | None = "auto", sync_every: int = 16,
+                 graph_min_tokens: int = 32, compile_backend: str | None = None, sync_every: int = 16,
                  prefill_tokens: int = 32768):
         if not isinstance(sync_every, int) or sync_every < 1:
             raise ValueError(f"sync_every must be an integer >= 1, got {sync_every!r}")
@@ -3608,8 +3608,7 @@ class Engine:
             raise ValueError(f"prefill_tokens must be an integer >= 1, got {prefill_tokens!r}")
         self.model, self.tokenizer, self.backend = model, tokenizer, backend
         self.cuda_graph, self.graph_min_tokens = cuda_graph, graph_min_tokens
-        on_gpu = model.rotary_cos.is_cuda
-        self.compile_backend = ("inductor" if on_gpu else None) if compile_backend == "auto" else compile_backend
+        self.compile_backend = compile_backend
         self.sync_every, self.prefill_tokens = sync_every, prefill_tokens
         special = tokenizer.special_id
         self.stop_ids = {special("<|assistant_end|>"), tokenizer.bos_id}

@@ -5,9 +5,9 @@ A decode step must read every weight matrix once and the keys and values each qu
 For each depth, this script builds a randomly initialised model (speed does not depend on the weights), measures
 the device's copy bandwidth, prefills one prompt of --prompt_len tokens into every row (PackedPrompts), then times
 at each batch size: the engine's decode step (sc.DecodeStep: sampling with top-k on the device, chunks of
---sync_every steps read back once, on a GPU compiled and replayed as one CUDA graph), and `Engine.generate` end to
-end (prefill, chunk bookkeeping and the graph capture included). It first checks that the compiled, captured
-engine gives the greedy tokens of the eager one. Prints one table and writes the figures as JSON to --out.
+--sync_every steps read back once, on a GPU replayed as one CUDA graph, compiled with --compile=inductor), and
+`Engine.generate` end to end (prefill, chunk bookkeeping and the graph capture included). It first checks that the
+captured engine gives the greedy tokens of the eager one. Prints one table and writes the figures as JSON to --out.
 RL's rollout step is baselines/bench_rl.py.
 
     python baselines/bench_decode.py                     # GPU: depths 12 and 20, batches 1, 16, 64, 256
@@ -108,7 +108,7 @@ def main() -> None:
     parser.add_argument("--batches", default="1,16,64,256", help="decode batch sizes, comma-separated")
     parser.add_argument("--sync_every", type=int, default=16, help="steps between host syncs")
     parser.add_argument("--attention", default="auto", help="prefill backend: auto | flash | varlen | flex | sdpa")
-    parser.add_argument("--compile", default="auto", help="the step's torch.compile backend: auto | inductor | none")
+    parser.add_argument("--compile", default="none", help="the step's torch.compile backend: none | inductor")
     parser.add_argument("--key_offset", type=int, default=0, help="1: modded-nanogpt's key offset (sc.GPTConfig)")
     parser.add_argument("--paired_heads", default="", help="paired-head layers, comma-separated, e.g. 0,2,5,9")
     parser.add_argument("--out", default="bench_decode.json")

@@ -6,11 +6,11 @@ depend on the weights, and a random model never stops early, so every answer run
 case). The tokenizer is a filler vocabulary of all byte pairs, so that any sampled id decodes. Rewards are seeded
 coin flips, so that nearly every group has mixed rewards and nearly every rollout is trained, as in the costliest
 step of a real run. The model is used as 06_rl uses it: fp32 master weights, matmuls in the compute dtype, not
-compiled (its rollout engine compiles its decode step on a GPU unless --compile=none). Prints one table and writes
+compiled (--compile=inductor compiles the rollout engine's decode step). Prints one table and writes
 the figures as JSON to --out.
 
     python baselines/bench_rl.py                     # GPU: depth 12, 32 prompts x 8 samples (256 rollouts)
-    python baselines/bench_rl.py --compile=none --sync_every=1 --cuda_graph=0   # the uncompiled, per-token engine
+    python baselines/bench_rl.py --sync_every=1 --cuda_graph=0   # the per-token engine, not captured
     python baselines/bench_rl.py --depth=2 --vocab_size=1024 --prompts=2 --samples=2 --prompt_len=16 \\
         --max_new_tokens=8 --repeats=1                # CPU smoke test
 """
@@ -53,8 +53,8 @@ def main() -> None:
     parser.add_argument("--max_new_tokens", type=int, default=256)
     parser.add_argument("--pass_tokens", type=int, default=65_536, help="tokens per forward/backward pass")
     parser.add_argument("--attention", default="auto", help="auto | flash | varlen | flex | sdpa")
-    parser.add_argument("--compile", default="auto", help="the engine's decode-step compile backend: auto | "
-                                                              "inductor | none")
+    parser.add_argument("--compile", default="none", help="the engine's decode-step compile backend: none | "
+                                                              "inductor")
     parser.add_argument("--sync_every", type=int, default=16, help="engine decode steps between host syncs")
     parser.add_argument("--cuda_graph", type=int, default=1, help="replay the engine's decode step as a CUDA graph")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps after one warm-up step (median kept)")
