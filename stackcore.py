@@ -2247,7 +2247,7 @@ def _rank_states(path: Path, checkpoint: dict[str, Any], loader: Any, dist_info:
     return {"optimizers": optimizers, "loader": states[0]["loader"]}
 
 
-def _all_ranks_agree(ok: bool) -> bool:
+def all_ranks_agree(ok: bool) -> bool:
     """True when `ok` holds on every rank, so that all ranks fall back to the same checkpoint."""
     if not dist.is_initialized():
         return ok
@@ -2264,6 +2264,9 @@ def resume_training(directory: Path, model: GPT, optimizers: list[torch.optim.Op
     (step, checkpoint), or (0, None) when the folder has none. A checkpoint of another model shape stops with a
     message instead of a confusing state-dict error."""
     paths, damages = checkpoint_paths(directory), []
+    if not all_ranks_agree(sum_over_ranks([len(paths)])[0] == len(paths) * dist_info.world_size):
+        raise CheckpointError(f"the ranks see different checkpoints in {directory}: with several nodes, STACK_HOME "
+                              f"must be one shared filesystem (or pass --resume=false)")
     for path in reversed(paths):
         try:
             checkpoint = read_checkpoint_file(path, dist_info.device, made_by)
@@ -2273,7 +2276,7 @@ def resume_training(directory: Path, model: GPT, optimizers: list[torch.optim.Op
             rank_state, damage = _rank_states(path, checkpoint, loader, dist_info, made_by), None
         except DamagedCheckpointError as error:
             damage = error
-        if _all_ranks_agree(damage is None):
+        if all_ranks_agree(damage is None):
             model.load_state_dict(checkpoint["model"])
             for optimizer, optimizer_state in zip(optimizers, rank_state["optimizers"]):
                 optimizer.load_state_dict(optimizer_state)
@@ -3349,7 +3352,7 @@ def sft_backward(model: nn.Module, batches: Sequence[Batch], backend: str, loss_
     step_optimizers averages the gradients over ranks, so the update is that of one process taking every rank's
     batches. A batch of long answers and one of one-letter answers weigh by their trained tokens, wherever they ran.
     """
-    local = [sum(int((batch.targets >= 0).sum()) for batch in batches), sum(len(batch.inputs) for batch in batches)]
+    local = [int(sum((batch.targets >= 0).sum() for batch in batches)), sum(len(batch.inputs) for batch in batches)]
     trained, tokens = sum_over_ranks(local)
     world_size, _ = _world()
     divisor = max(trained, 1.0) / world_size
