@@ -1586,6 +1586,48 @@ class GPT(nn.Module):
         """KV-cache bytes per token (keys and values of every layer; value embeds need no cache)."""
         return 2 * self.config.depth * self.config.dim * torch.empty((), dtype=dtype).element_size()
 
+    def memory_estimate(self, micro_tokens: int, world_size: int = 1, dtype: torch.dtype = torch.bfloat16,
+                        chunk_tokens: int = 8192) -> dict[str, int]:
+        """An estimate of the bytes one GPU needs to train, counted from the model's own sizes, for passes of
+        `micro_tokens` tokens among `world_size` ranks. The terms are added as if alive together (an upper bound:
+        Muon's step buffers come after the activations are freed):
+
+        - weights, gradients: fp32 master copies, 4 bytes per parameter each;
+        - adam_state: AdamW's two fp32 moments for embeddings, value embeddings, head and scalars;
+        - muon_momentum: one fp32 buffer per matrix, kept only for this rank's share of each shape group;
+        - muon_step: the largest shape group's stacked gradients and gathered updates (fp32), alive during step();
+        - weight_copies: the `dtype` copies of the matrices and head that CastedLinear makes and autograd keeps;
+        - activations: what autograd keeps per token in `dtype`, from the code: per layer the block input (1 x dim),
+          the attention's norm output, q and k before and after QK-norm and rotary, v and its output (8 x dim), the
+          MLP's input and norm output (2 x dim) and its hidden activation before and after squaring
+          (2 x mlp_ratio x dim); plus the embeddings (x0 and one per value-embedding table) and the final norm;
+        - logits: one chunk of fp32 logits and their gradient in the fused cross-entropy.
+
+        Not counted: the CUDA context and allocator slack, torch.compile's workspaces, norm statistics, fragmentation.
+        torch.compile fuses some activations away; the SDPA reference (CPU, T4) also keeps each document's attention
+        matrix. Shrinking micro_tokens (the accumulation steps keep the global batch) is what lowers the peak."""
+        counts = self.num_params()
+        config, fp32, elem = self.config, 4, torch.empty((), dtype=dtype).element_size()
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for p in self.parameter_kinds()["matrices"]:
+            groups.setdefault(tuple(p.shape), []).append(p.numel())
+        shares = [-(-len(sizes) // world_size) * sizes[0] for sizes in groups.values()]  # ceil share per group
+        padded = [-(-len(sizes) // world_size) * world_size * sizes[0] for sizes in groups.values()]
+        per_layer = 1 + 8 + 2 + 2 * config.mlp_ratio
+        per_token = config.depth * per_layer + 1 + config.value_embed_tables + 1
+        estimate = {
+            "weights": fp32 * counts["total"],
+            "gradients": fp32 * counts["total"],
+            "adam_state": 2 * fp32 * (counts["total"] - counts["matrices"]),
+            "muon_momentum": fp32 * sum(shares),
+            "muon_step": 2 * fp32 * max(padded, default=0),
+            "weight_copies": elem * (counts["matrices"] + counts["head"]) if dtype != torch.float32 else 0,
+            "activations": elem * micro_tokens * config.dim * per_token,
+            "logits": 2 * fp32 * min(micro_tokens, chunk_tokens) * config.vocab_size,
+        }
+        estimate["total"] = sum(estimate.values())
+        return estimate
+
 
 # ---------------------------------------------------------------------------------------------
 # 8. Optimizer and schedules (used by 03_pretrain, 05_sft, 06_rl)
