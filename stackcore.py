@@ -3746,7 +3746,8 @@ def policy_gradient_backward(model: nn.Module, groups: Sequence[RolloutGroup], b
     rollouts = [(seq, mask, adv) for group, row in zip(groups, advantages.tolist())
                 for seq, mask, adv in zip(group.sequences, group.masks, row) if adv != 0.0]
     world_size, _ = _world()
-    all_sampled, = sum_over_ranks([sum(sum(mask) for group in groups for mask in group.masks)])
+    all_sampled, trained_sequences = sum_over_ranks([sum(sum(mask) for group in groups for mask in group.masks),
+                                                     len(rollouts)])
     sampled_tokens = all_sampled / world_size  # gradients are averaged over ranks: see sft_backward
     loss = torch.zeros((), device=device)
     lengths = [len(seq) - 1 for seq, _, _ in rollouts]
@@ -3756,7 +3757,9 @@ def policy_gradient_backward(model: nn.Module, groups: Sequence[RolloutGroup], b
         pass_loss = policy_gradient_loss(model, batch, sampled_tokens, backend)
         (loss_scaler.scale(pass_loss) if loss_scaler else pass_loss).backward()
         loss += pass_loss.detach()
-    loss_sum, trained_sequences, trained_tokens = sum_over_ranks([float(loss), len(rollouts), sum(lengths)])
+    if not rollouts and trained_sequences:  # other ranks train: every rank must bring a gradient to average
+        (sum(p.sum() for p in model.parameters()) * 0.0).backward()
+    loss_sum, trained_tokens = sum_over_ranks([float(loss), sum(lengths)])
     return {"loss": loss_sum / world_size, "sampled_tokens": int(all_sampled),
             "trained_sequences": int(trained_sequences), "trained_tokens": int(trained_tokens), "passes": len(chunks)}
 

@@ -123,11 +123,14 @@ def test_sft_step_on_two_ranks_equals_one_process_with_the_same_global_batch(tmp
 
 # --- RL -----------------------------------------------------------------------------------------------------------
 
-def fixed_rollouts() -> list[sc.RolloutGroup]:
-    """Four prompts of four answers each, with forced (mask 0) tokens inside some answers and fixed mixed rewards:
-    the rollouts and rewards are data, so the comparison does not depend on sampling."""
+MIXED = [[1, 0, 0, 1], [0, 0, 0, 0], [1, 1, 0, 1], [0, 1, 0, 0]]  # the second group teaches nothing
+IDLE_RANK_ZERO = [[1, 1, 1, 1], [0, 0, 0, 0], [1, 0, 0, 0], [0, 1, 1, 0]]  # rank 0's two groups teach nothing
+
+
+def fixed_rollouts(rewards: list[list[int]]) -> list[sc.RolloutGroup]:
+    """Four prompts of four answers each, with forced (mask 0) tokens inside some answers and fixed rewards: the
+    rollouts and rewards are data, so the comparison does not depend on sampling."""
     rng = np.random.default_rng(0)
-    rewards = [[1, 0, 0, 1], [0, 0, 0, 0], [1, 1, 0, 1], [0, 1, 0, 0]]  # the second group teaches nothing
     groups = []
     for problem, row in enumerate(rewards):
         prompt = sc.TaskPrompt(rng.integers(1, VOCAB, int(rng.integers(4, 9))).tolist(), "0", problem)
@@ -141,23 +144,26 @@ def fixed_rollouts() -> list[sc.RolloutGroup]:
     return groups
 
 
-def rl_step(pass_tokens: int) -> dict:
+def rl_step(rewards: list[list[int]], pass_tokens: int) -> dict:
     """One policy-gradient step as 06_rl takes it: this rank's contiguous share of the step's prompts."""
-    share = sc.rank_share(len(fixed_rollouts()))
+    groups = fixed_rollouts(rewards)
+    share = sc.rank_share(len(groups))
     model = perturbed_model()
     optimizers = sc.build_optimizers(model)
-    stats = sc.policy_gradient_backward(model, fixed_rollouts()[share.start:share.stop], "sdpa", pass_tokens, "cpu")
+    stats = sc.policy_gradient_backward(model, groups[share.start:share.stop], "sdpa", pass_tokens, "cpu")
     return step_and_record(model, optimizers, stats)
 
 
-def test_policy_gradient_on_two_ranks_equals_one_process_on_the_same_rollouts(tmp_path):
+@pytest.mark.parametrize("rewards, trained", [(MIXED, 12), (IDLE_RANK_ZERO, 8)])
+def test_policy_gradient_on_two_ranks_equals_one_process_on_the_same_rollouts(tmp_path, rewards, trained):
     torch.set_num_threads(1)
-    single = rl_step(10_000)
-    groups = fixed_rollouts()
+    single = rl_step(rewards, 10_000)
+    groups = fixed_rollouts(rewards)
     assert single["stats"]["sampled_tokens"] == sum(sum(mask) for group in groups for mask in group.masks)
-    assert single["stats"]["trained_sequences"] == 12
-    # rank 0 takes groups 0 and 1 (one of which teaches nothing), rank 1 groups 2 and 3; passes of 40 tokens
-    assert_same_update(single, on_two_ranks(rl_step, tmp_path, 40))
+    assert single["stats"]["trained_sequences"] == trained
+    # rank 0 takes groups 0 and 1, rank 1 groups 2 and 3, in passes of at most 40 tokens; with IDLE_RANK_ZERO
+    # rank 0 has nothing to train and still takes part in the gradient average
+    assert_same_update(single, on_two_ranks(rl_step, tmp_path, rewards, 40))
 
 
 def pass_at_k(tokenizer_dir: Path) -> dict[str, float]:
