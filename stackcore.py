@@ -2306,7 +2306,8 @@ def resume_training(directory: Path, model: GPT, optimizers: list[torch.optim.Op
     (step, checkpoint), or (0, None) when the folder has none. A checkpoint of another model shape stops with a
     message instead of a confusing state-dict error."""
     paths, damages = checkpoint_paths(directory), []
-    if not all_ranks_agree(sum_over_ranks([len(paths)])[0] == len(paths) * dist_info.world_size):
+    seen, ranks = sum_over_ranks([len(paths), 1])
+    if not all_ranks_agree(seen == len(paths) * ranks):
         raise CheckpointError(f"the ranks see different checkpoints in {directory}: with several nodes, STACK_HOME "
                               f"must be one shared filesystem (or pass --resume=false)")
     for path in reversed(paths):

@@ -271,3 +271,32 @@ def test_memory_estimate_follows_the_models_sizes():
     assert model.memory_estimate(8192, 1)["activations"] == 2 * one["activations"]
     assert one["total"] == sum(value for key, value in one.items() if key != "total")
     assert model.memory_estimate(4096, 1, torch.float32)["weight_copies"] == 0
+
+
+# --- ranks that see different checkpoints -------------------------------------------------------------------------
+
+def resume_where_rank_one_sees_nothing(directory: Path, empty: Path) -> str:
+    model = perturbed_model()
+    try:
+        sc.resume_training(directory if dist.get_rank() == 0 else empty, model, sc.build_optimizers(model), None,
+                           sc.DistInfo(dist.get_rank(), 2, 0, "cpu"), "03_pretrain", log=lambda message: None)
+    except sc.CheckpointError as error:
+        return str(error)
+    return "resumed"
+
+
+def test_ranks_that_see_different_checkpoints_stop_together_instead_of_waiting(tmp_path):
+    """Several nodes with a STACK_HOME each: rank 0 finds a checkpoint, rank 1 none. Both stop with the reason."""
+    model = perturbed_model()
+    directory = tmp_path / "checkpoints" / "pretrain"
+
+    class NoLoader:
+        def state_dict(self):
+            return {}
+
+    sc.save_checkpoint(directory, 1, model, sc.build_optimizers(model), NoLoader(), sc.GPTConfig(),
+                       sc.DistInfo(0, 1, 0, "cpu"))
+    (tmp_path / "empty").mkdir()
+    messages = on_two_ranks(resume_where_rank_one_sees_nothing, tmp_path, directory, tmp_path / "empty")
+    assert all("the ranks see different checkpoints" in message and "shared filesystem" in message
+               for message in messages), messages
