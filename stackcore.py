@@ -2,7 +2,7 @@
 
 Sections (and the notebooks that call them):
   1. Configuration and presets ........ every notebook (the first cell builds its config here)
-  2. Artifacts and devices ............ every notebook (STACK_HOME layout, GPU tier, dtype)
+  2. Artifacts and devices ............ every notebook (STACK_HOME layout, GPU tier, dtype, CPU threads)
   3. Tokenizer ........................ 01_tokenizer, 02_sharding, 07_chat
   4. Shards ........................... 02_sharding writes them; 03-06 read them
   5. Triton kernels ................... 03_pretrain (through the optimizer)
@@ -24,6 +24,7 @@ The notebooks keep the training loops in view; this file holds the reusable and 
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import importlib
 import inspect
@@ -262,22 +263,76 @@ def script_argv() -> list[str]:
     return [] if in_notebook_kernel() else sys.argv[1:]
 
 
+@contextlib.contextmanager
+def config_errors_end_the_script() -> Iterator[None]:
+    """In a twin run as a script, a ConfigError prints its one-line message and exits with status 2 (a usage
+    error, as argparse does) instead of a traceback; in a notebook kernel it stays an exception."""
+    try:
+        yield
+    except ConfigError as error:
+        if in_notebook_kernel():
+            raise
+        print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+# STACK_ variables that are not notebook settings
+KNOWN_STACK_VARIABLES = frozenset({"STACK_HOME", "STACK_PRESET", "STACK_COLAB_GPU", "STACK_DTYPE", "STACK_DRIVE",
+                                   "STACK_TEST_DATA"})
+
+
+def misspelt_stack_variables(names: Sequence[str], environ: typing.Mapping[str, str]) -> list[str]:
+    """Warnings for STACK_ variables that are neither a setting of `names` nor a known variable but look like one
+    (difflib finds a close match). A variable that matches nothing here is left alone: the pipeline sets each
+    notebook's settings for all of them."""
+    import difflib
+
+    valid = {f"STACK_{name.upper()}" for name in names} | KNOWN_STACK_VARIABLES
+    found = []
+    for variable in sorted(v for v in environ if v.startswith("STACK_") and v not in valid):
+        close = difflib.get_close_matches(variable, sorted(valid), n=1, cutoff=0.8)
+        if close:
+            found.append(f"{variable} is not a setting here and is ignored; did you mean {close[0]}?")
+    return found
+
+
+def usage(cls: type, preset: str, tier: str | None) -> str:
+    """--help: every option with its default in the preset that applies."""
+    defaults = {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
+                for f in dataclasses.fields(cls) if f.name != "preset"}
+    defaults.update(preset_values(cls, preset, tier))
+    width = max(len(name) for name in defaults) + 2
+    lines = [f"usage: python {sys.argv[0]} [--preset={'|'.join(PRESET_NAMES)}] [--option=value ...]",
+             f"Each option can also be set as STACK_<OPTION>=value. Defaults of the {preset} preset:"]
+    return "\n".join(lines + [f"  --{name:<{width}} {value!r}" for name, value in defaults.items()])
+
+
 def configure(cls: type[ConfigT], argv: Sequence[str] | None = None,
               environ: typing.Mapping[str, str] | None = None) -> ConfigT:
-    """Build a notebook's config. argv defaults to script_argv(). STACK_COLAB_GPU=t4|l4|a100|h100 makes the colab
-    preset take that GPU's sizes whatever GPU is here."""
-    argv = script_argv() if argv is None else argv
+    """Build a notebook's config. argv defaults to script_argv(); in a script, --help prints the options and
+    exits, and a bad option or value exits with status 2 (config_errors_end_the_script). STACK_COLAB_GPU=
+    t4|l4|a100|h100 makes the colab preset take that GPU's sizes whatever GPU is here."""
+    if argv is None:
+        with config_errors_end_the_script():
+            return configure(cls, script_argv(), environ)
     environ = os.environ if environ is None else environ
-    cli = parse_cli_overrides(argv)
+    wants_help = any(arg in ("-h", "--help") for arg in argv)
+    cli = parse_cli_overrides([arg for arg in argv if arg not in ("-h", "--help")])
     gpu = current_gpu()
     preset = choose_preset(cli, environ, gpu)
+    tier = colab_gpu_tier(gpu, environ.get("STACK_COLAB_GPU", ""))
+    if wants_help:
+        print(usage(cls, preset, tier))
+        raise SystemExit(0)
     kinds = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.name != "preset"]
     unknown = sorted(set(cli) - set(names))
     if unknown:
         raise ConfigError(f"unknown option(s) {', '.join('--' + k for k in unknown)} for {cls.__name__}; "
                           f"valid keys: {', '.join(names)}")
-    values = preset_values(cls, preset, colab_gpu_tier(gpu, environ.get("STACK_COLAB_GPU", "")))
+    for warning in misspelt_stack_variables(names, environ):
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    values = preset_values(cls, preset, tier)
     values.update({n: environ[f"STACK_{n.upper()}"] for n in names if f"STACK_{n.upper()}" in environ})
     values.update(cli)
     parsed = {name: parse_value(name, raw, kinds[name]) for name, raw in values.items()}
@@ -338,6 +393,33 @@ def require_artifact(path: Path, made_by: str) -> Path:
 
 def pick_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def set_cpu_threads(environ: typing.Mapping[str, str] = os.environ) -> int:
+    """On a machine without a GPU, give torch half the cores this process may use, at most 4 (1 per process under
+    torchrun), unless OMP_NUM_THREADS says otherwise: OpenMP threads that spin while another process holds their
+    cores slow every matmul down. Returns the count torch uses."""
+    if "OMP_NUM_THREADS" not in environ and not torch.cuda.is_available():
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        processes = int(environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(1 if processes > 1 else max(1, min(4, cores // 2)))
+    return torch.get_num_threads()
+
+
+def silence_triton_teardown() -> None:
+    """On a machine without a GPU, triton (which torch imports too) prints nanobind's leak report of its bindings
+    to stderr while the interpreter shuts down, after the run's own output. From the exit handlers on, stderr goes
+    to /dev/null when triton is loaded, as triton does in its own compile workers (_compile_warmup_pool.py).
+    Exit handlers run last-registered first: what registers after this call still writes to stderr."""
+    def drop_stderr() -> None:
+        if "triton" in sys.modules:
+            sys.stderr.flush()
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+
+    if not torch.cuda.is_available():
+        import atexit
+
+        atexit.register(drop_stderr)
 
 
 @dataclass(frozen=True)
@@ -571,16 +653,34 @@ def shard_version(kind: str, vocab_size: int = 0) -> int:
     return {"mask": 3, "records": 4}[kind]
 
 
+def check_shard_items(path: Path, items: np.ndarray, kind: str, vocab_size: int, dtype: type) -> None:
+    """Refuse what the shard's dtype would silently change: floats (cast to integers) and values outside the dtype's
+    range (wrapped around), token ids outside [0, vocab_size), records that are not a 2-D table."""
+    if items.size and not (np.issubdtype(items.dtype, np.integer) or items.dtype == np.bool_):
+        raise ShardError(f"{path}: {kind} must be integers, got an array of {items.dtype}")
+    if kind == "records" and items.ndim != 2:
+        raise ShardError(f"{path}: records must be a 2-D table, got shape {items.shape}")
+    if not items.size:
+        return
+    low, high = int(items.min()), int(items.max())
+    limit = np.iinfo(dtype)
+    if kind == "tokens" and (low < 0 or (vocab_size and high >= vocab_size)):
+        raise ShardError(f"{path}: token ids must lie in [0, {vocab_size}), got [{low}, {high}]")
+    if low < limit.min or high > limit.max:
+        hint = ": pass the tokenizer's vocab_size, so that the shard stores uint32" if kind == "tokens" else ""
+        raise ShardError(f"{path}: {kind} values [{low}, {high}] do not fit {limit.dtype} "
+                         f"[{limit.min}, {limit.max}]{hint}")
+
+
 def write_shard(path: Path, items: np.ndarray, kind: str = "tokens", vocab_size: int = 0) -> Path:
     """Write one shard atomically (a temporary file renamed into place, so a crash never leaves half a shard).
     `records` are 2-D int32 arrays; their width goes in the header."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     version = shard_version(kind, vocab_size)
     dtype = SHARD_VERSIONS[version][1]
     items = np.asarray(items)
-    if kind == "tokens" and items.size and (items.min() < 0 or (vocab_size and items.max() >= vocab_size)):
-        raise ShardError(f"{path}: token ids must lie in [0, {vocab_size})")
+    check_shard_items(path, items, kind, vocab_size, dtype)
+    path.parent.mkdir(parents=True, exist_ok=True)
     width = items.shape[1] if kind == "records" else 1
     header = np.zeros(HEADER_INTS, dtype=np.int32)
     header[:5] = (SHARD_MAGIC, version, items.shape[0], vocab_size, width)
@@ -1080,12 +1180,45 @@ class CastedLinear(nn.Linear):
         return F.linear(x.to(self.compute_dtype), self.weight.to(self.compute_dtype))
 
 
+@lru_cache(maxsize=1)
+def _flash_kvcache_function():
+    """flash_attn_with_kvcache of FA3 (flash_attn_interface) or FA2 (flash_attn), whichever imports: a decode
+    kernel that reads each row's cache only up to its length and splits long rows across thread blocks. FA4's
+    CuTe interface (flash_attn.cute) is not tried: it has no cache entry point with this signature."""
+    for module_name in ("flash_attn_interface", "flash_attn"):
+        try:
+            return importlib.import_module(module_name).flash_attn_with_kvcache
+        except Exception:  # ImportError, or a broken CUDA install raising anything else
+            continue
+    return None
+
+
+def _flash_kvcache_usable(q: Tensor) -> bool:
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _flash_kvcache_function() is not None
+
+
+@torch.library.custom_op("stackcore::flash_decode", mutates_args=())
+def _flash_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens: Tensor, window: int) -> Tensor:
+    """Queries (B, L, H, D) against the cache rows (B, capacity, H, D; a transposed view is fine, only the last
+    dimension must be contiguous), row b holding seqlens[b] positions, causal, window 0 meaning unlimited. One op
+    that torch.compile keeps whole, as _flash_forward."""
+    left, right = _flash_window(window or None)
+    out = _flash_kvcache_function()(q, k_cache, v_cache, cache_seqlens=seqlens, causal=True, window_size=(left, right))
+    return (out[0] if isinstance(out, tuple) else out).contiguous()
+
+
+@_flash_decode.register_fake
+def _(q, k_cache, v_cache, seqlens, window):
+    return torch.empty_like(q)
+
+
 class KVCache:
     """Keys and values of every layer for `batch_size` rows of up to `capacity` positions: two preallocated
     (depth, batch, heads, capacity, head_dim) tensors, and each row's filled length `lengths` (B,), a tensor, so
     that a decode step replayed as a CUDA graph advances it. GPT.forward(ids (B, L), kv_cache=cache) puts L new
-    tokens of every row at the row's next positions. A row at capacity keeps overwriting its last position (the
-    engine steps rows that have finished; their tokens are never read)."""
+    tokens of every row at the row's next positions. A pass advances only the rows whose `advancing` entry is 1
+    (all, unless a decode step masks finished or waiting rows: DecodeStep); a row that does not advance has its
+    next position overwritten by its next pass. A row at capacity keeps overwriting its last position."""
 
     def __init__(self, config: GPTConfig, batch_size: int, capacity: int, device: torch.device | str,
                  dtype: torch.dtype):
@@ -1095,8 +1228,9 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.advancing = torch.ones(batch_size, dtype=torch.long, device=device)
         self.empty = True  # no pass has written these rows: the next pass is a prefill (host-side, no sync)
-        self.parent: KVCache | None = None  # the cache whose rows this one views (rows())
+        self.parent: KVCache | None = None  # the cache whose rows this one views (rows(), PackedPrompts)
 
     @property
     def capacity(self) -> int:
@@ -1128,10 +1262,16 @@ class KVCache:
 
     def attend(self, layer: int, q: Tensor, window: int | None, positions: Tensor) -> Tensor:
         """Attention of queries (B * L, heads, head_dim) at `positions` to the cached keys of their row that are at
-        most window - 1 positions back (None: all earlier ones). It reads the whole capacity under a mask, so that
+        most window - 1 positions back (None: all earlier ones). FlashAttention's cache kernel reads each row only
+        up to its length (flash_decode_attention); without it, SDPA reads the whole capacity under a mask, so that
         no shape depends on the lengths."""
         B = self.batch_size
         at = positions.view(B, -1)
+        if _flash_kvcache_usable(q):
+            seqlens = (at[:, -1] + 1).to(torch.int32)  # FlashAttention aligns the L queries to the end of the row
+            y = _flash_decode(q.view(B, at.size(1), *q.shape[1:]), self.k[layer].transpose(1, 2),
+                              self.v[layer].transpose(1, 2), seqlens, window or 0)
+            return y.reshape(q.shape)
         since = at[:, :, None] - torch.arange(self.capacity, device=q.device)  # (B, L, capacity)
         visible = (since >= 0) & (since < (window or self.capacity))
         y = F.scaled_dot_product_attention(q.view(B, at.size(1), *q.shape[1:]).transpose(1, 2), self.k[layer],
@@ -1139,26 +1279,66 @@ class KVCache:
         return y.transpose(1, 2).reshape(q.shape)
 
     def advance(self, tokens: int) -> None:
-        """After a pass of `tokens` per row: the rows are longer, and neither they nor the caches they are part of
-        are empty any more."""
-        self.lengths.add_(tokens).clamp_(max=self.capacity)
+        """After a pass of `tokens` per row: the advancing rows are longer, and neither they nor the caches they are
+        part of are empty any more."""
+        self.lengths.add_(tokens * self.advancing).clamp_(max=self.capacity)
+        self._mark_filled()
+
+    def _mark_filled(self) -> None:
         cache = self
         while cache is not None:
             cache.empty, cache = False, cache.parent
-
-    def broadcast_first_row(self) -> None:
-        """Copy row 0 into every row: several samples continue one prefilled prompt without prefilling again."""
-        self.k[:, 1:] = self.k[:, :1]
-        self.v[:, 1:] = self.v[:, :1]
-        self.lengths[1:] = self.lengths[0]
 
     def rows(self, start: int, stop: int) -> KVCache:
         """The rows start..stop-1 of this cache, sharing its memory: a pass through the view fills those rows. The
         view is empty while this cache is (take views of a new cache before prefilling any of them)."""
         view = object.__new__(KVCache)
         view.k, view.v, view.lengths = self.k[:, start:stop], self.v[:, start:stop], self.lengths[start:stop]
-        view.empty, view.parent = self.empty, self
+        view.advancing, view.empty, view.parent = self.advancing[start:stop], self.empty, self
         return view
+
+
+class PackedPrompts(KVCache):
+    """A prefill of prompts of different lengths in one packed pass, the varlen layout of training (cu_seqlens),
+    into empty rows of `cache`: each token's key and value go straight into the `copies` rows from
+    first_rows[i] on of its prompt i (the rows of its samples), so that no row is copied afterwards.
+    GPT.forward(ids (T,), kv_cache=PackedPrompts(...), logit_rows=last_tokens()) fills them and gives each
+    prompt's next-token logits."""
+
+    def __init__(self, cache: KVCache, prompt_lengths: Sequence[int], first_rows: Sequence[int], copies: int = 1):
+        device = cache.k.device
+        sizes = torch.tensor(list(prompt_lengths), device=device)
+        if sizes.numel() != len(first_rows) or sizes.numel() == 0 or int(sizes.min()) < 1:
+            raise ValueError(f"need one first row per non-empty prompt, got lengths {list(prompt_lengths)} "
+                             f"and rows {list(first_rows)}")
+        if max(prompt_lengths) > cache.capacity:
+            raise ValueError(f"a prompt of {max(prompt_lengths)} tokens exceeds the cache's capacity of "
+                             f"{cache.capacity} positions")
+        self.k, self.v, self.lengths, self.advancing = cache.k, cache.v, cache.lengths, cache.advancing
+        self.empty, self.parent = True, cache
+        self.cu_seqlens = F.pad(sizes.cumsum(0), (1, 0)).to(torch.int32)
+        self.total, self.longest = int(sizes.sum()), int(sizes.max())
+        rows = torch.tensor(list(first_rows), device=device)[:, None] + torch.arange(copies, device=device)
+        self.token_rows = rows[document_ids(self.cu_seqlens, self.total)]  # (T, copies)
+        self.filled_rows, self.row_lengths = rows.flatten(), sizes.repeat_interleave(copies)
+
+    def last_tokens(self) -> Tensor:
+        """Index of each prompt's last token in the packed pass: the logit_rows of its next-token logits."""
+        return self.cu_seqlens[1:].long() - 1
+
+    def packing(self, ids: Tensor) -> tuple[Tensor, Tensor, int, Tensor]:
+        if ids.ndim != 1 or ids.numel() != self.total:
+            raise ValueError(f"a packed prefill of prompts of {self.total} tokens in all takes ids of shape "
+                             f"({self.total},), got {tuple(ids.shape)}")
+        return ids, self.cu_seqlens, self.longest, positions_in_documents(self.cu_seqlens, self.total)
+
+    def write(self, layer: int, k: Tensor, v: Tensor, positions: Tensor) -> None:
+        self.k[layer, self.token_rows, :, positions[:, None]] = k[:, None]
+        self.v[layer, self.token_rows, :, positions[:, None]] = v[:, None]
+
+    def advance(self, tokens: int) -> None:
+        self.lengths[self.filled_rows] = self.row_lengths
+        self._mark_filled()
 
 
 @dataclass(frozen=True)
@@ -1999,9 +2179,16 @@ class PretrainLoader:
 
     def _take_row(self) -> np.ndarray:
         start = self._next_start(self.position["offset"])
-        while start is None:
+        for _ in self.paths:  # each shard once from its start (the current one last): a row starts somewhere or nowhere
+            if start is not None:
+                break
             self._advance_shard()
             start = self._next_start(0)
+        if start is None:
+            raise ShardError(f"{self.paths[0].parent}: no shard of {', '.join(p.name for p in self.paths)} has a "
+                             f"document start (BOS id {self.bos_id}) followed by {self.tokens} tokens, so no row of "
+                             f"{self.tokens} tokens can begin at a document: wrong bos_id, or shards written without "
+                             f"BOS, or rows longer than the shards' documents allow")
         self.position["offset"] = start + self.tokens
         return np.asarray(self.shard[start:start + self.tokens + 1], dtype=np.int64)
 
@@ -2980,101 +3167,256 @@ def calculate(expression: str, timeout_s: float = 0.5) -> str:
 # cache (KVCache, in the model section) keeps every layer's keys and values of the positions so far, so a step runs
 # GPT.forward on one new token per row.
 
-def sample_tokens(logits: Tensor, uniforms: Tensor, temperature: float = 1.0, top_k: int | None = None,
-                  top_p: float | None = None) -> Tensor:
+def sample_tokens(logits: Tensor, uniforms: Tensor, temperature: float | Tensor = 1.0, top_k: int | None = None,
+                  top_p: float | Tensor | None = None) -> Tensor:
     """One token per row of logits (B, vocab), by inverse transform: row i takes the first token whose cumulative
     probability exceeds uniforms[i] (B values in [0, 1)). A row's token depends on its own uniform only, so the
     caller makes rows independent of each other by drawing each row's uniforms from its own seeded generator;
-    the whole batch is then one vectorised draw, not a multinomial call per row. Temperature 0 is greedy (argmax)."""
-    if temperature <= 0:
+    the whole batch is then one vectorised draw, not a multinomial call per row. Temperature 0 (a number) is greedy
+    (argmax). `temperature` and `top_p` may be per-row tensors (B,), so that a captured step reads their values
+    from buffers; no operation here waits for the host, so the draw runs inside a CUDA graph."""
+    if not isinstance(temperature, Tensor) and temperature <= 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    logits = logits.float() / (temperature[:, None] if isinstance(temperature, Tensor) else temperature)
     if top_k and top_k < logits.size(-1):
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = logits.softmax(dim=-1)
-    if top_p is not None and top_p < 1.0:
+    if isinstance(top_p, Tensor) or (top_p is not None and top_p < 1.0):
+        cut = top_p[:, None] if isinstance(top_p, Tensor) else top_p
         sorted_probs, order = probs.sort(dim=-1, descending=True)
-        sorted_probs[sorted_probs.cumsum(dim=-1) - sorted_probs > top_p] = 0.0  # keep the top token always
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+        sorted_probs = sorted_probs.masked_fill(sorted_probs.cumsum(dim=-1) - sorted_probs > cut, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)  # the top token is always kept
     cumulative = probs.cumsum(dim=-1)
     targets = uniforms.to(cumulative)[:, None] * cumulative[:, -1:]  # scaled: the cut rows no longer sum to 1
     return torch.searchsorted(cumulative, targets, right=True).squeeze(1).clamp_(max=logits.size(-1) - 1)
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How a generation picks its tokens, the same for every row. What changes the step's operations (greedy or
+    not, top_k, whether top_p cuts) is fixed when a step is built; the values of temperature and top_p go to
+    per-row buffers (DecodeState)."""
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+    @property
+    def cuts_top_p(self) -> bool:
+        return not self.greedy and self.top_p is not None and self.top_p < 1.0
+
+
+@dataclass
+class DecodeState:
+    """The device buffers one decode step reads and writes, per row (B rows, chunks of `chunk` steps). The host
+    fills the inputs at each sync point (Engine) and reads the outputs back once per chunk."""
+    logits: Tensor  # (B, vocab) fp32: each row's next-token logits (the step samples them, then replaces them)
+    temperature: Tensor  # (B,) fp32
+    top_p: Tensor  # (B,) fp32
+    uniforms: Tensor  # (B, chunk) fp32: each row's next uniforms, used one per sampled token
+    draws: Tensor  # (B,) long: uniforms used in this chunk
+    forced: Tensor  # (B, chunk) long: tokens the row must take next (tool output), in order
+    forced_len: Tensor  # (B,) long: how many of them there are
+    forced_at: Tensor  # (B,) long: how many of them the row took in this chunk
+    emitted: Tensor  # (B, chunk) long: the token of each step of the chunk, -1 where the row was idle
+    sampled: Tensor  # (B, chunk) bool: the token was sampled, not forced
+    step: Tensor  # () long: steps run in this chunk
+    left: Tensor  # (B,) long: tokens the row may still emit
+    done: Tensor  # (B,) bool: the row emitted a stop token or its last allowed one
+    waiting: Tensor  # (B,) bool: the row emitted <|python_end|>: idle until the host has answered the call
+    stop_ids: Tensor  # (S,) long
+
+    @classmethod
+    def allocate(cls, rows: int, vocab_size: int, chunk: int, stop_ids: Sequence[int], device: torch.device
+                 ) -> "DecodeState":
+        def zeros(*shape: int, dtype: torch.dtype = torch.long) -> Tensor:
+            return torch.zeros(shape, dtype=dtype, device=device)
+
+        return cls(zeros(rows, vocab_size, dtype=torch.float32), zeros(rows, dtype=torch.float32),
+                   zeros(rows, dtype=torch.float32), zeros(rows, chunk, dtype=torch.float32), zeros(rows),
+                   zeros(rows, chunk), zeros(rows), zeros(rows), zeros(rows, chunk),
+                   zeros(rows, chunk, dtype=torch.bool),
+                   zeros(), zeros(rows), zeros(rows, dtype=torch.bool), zeros(rows, dtype=torch.bool),
+                   torch.tensor(sorted(stop_ids), device=device))
+
+    def buffers(self) -> list[Tensor]:
+        return [getattr(self, field.name) for field in dataclasses.fields(self)]
+
+
+def decode_step(model: GPT, cache: KVCache, state: DecodeState, backend: str, sampling: Sampling,
+                python_end: int) -> None:
+    """One token for every row, then the forward pass that gives the next logits, all on the device: a row that is
+    neither done nor waiting takes its next forced token or samples one (its next uniform), records it in the
+    chunk's column `state.step`, and feeds it to the model; the others feed a token too (every shape stays fixed)
+    but record -1, keep their logits and do not advance in the cache. A row that emits a stop token or its last
+    allowed token is done; one that emits <|python_end|> waits: the host evaluates the call at the next sync point
+    and queues the result as forced tokens (Engine._decode)."""
+    active = ~(state.done | state.waiting)
+    last = state.uniforms.size(1) - 1
+    uniform = state.uniforms.gather(1, state.draws.clamp(max=last)[:, None])[:, 0]
+    temperature = 0.0 if sampling.greedy else state.temperature
+    drawn = sample_tokens(state.logits, uniform, temperature, sampling.top_k,
+                          state.top_p if sampling.cuts_top_p else None)
+    forcing = state.forced_at < state.forced_len
+    token = torch.where(forcing, state.forced.gather(1, state.forced_at.clamp(max=last)[:, None])[:, 0], drawn)
+    column = state.step.expand(token.size(0), 1)
+    state.emitted.scatter_(1, column, torch.where(active, token, -1)[:, None])
+    state.sampled.scatter_(1, column, (active & ~forcing)[:, None])
+    state.draws.add_(active & ~forcing)
+    state.forced_at.add_(active & forcing)
+    state.left.sub_(active.long())
+    stops = (token[:, None] == state.stop_ids).any(dim=1) | (state.left == 0)
+    state.done.logical_or_(active & stops)
+    state.waiting.logical_or_(active & ~stops & (token == python_end))
+    cache.advancing.copy_(active)
+    logits = model(token[:, None], kv_cache=cache, backend=backend)[:, -1]
+    state.logits.copy_(torch.where(active[:, None], logits, state.logits))
+    state.step.add_(1)
+
+
+@lru_cache(maxsize=None)
+def _compiled_decode_step(compile_backend: str):
+    """decode_step under torch.compile: the embeddings, every layer, the head and the sampling as one graph, whose
+    elementwise work (norms, rotary, residual mixing, soft-cap, the sampling's masks) inductor fuses into a few
+    kernels. Inductor's default mode: max-autotune's matmul search adds minutes of compilation per shape, for
+    matrix-vector products that cuBLAS already runs at the speed of memory. Dynamic shapes from the start, so that a
+    new batch size or cache capacity (every generation allocates its own cache) reuses the one graph."""
+    return torch.compile(decode_step, backend=compile_backend, dynamic=True)
+
+
 @dataclass
 class _RowState:
-    """Where one row of a generation is: tokens queued for forcing, an expression being written, tokens left, done."""
+    """Where one row of a generation is, host side: tokens queued for forcing, an expression being written, tokens
+    left, done, and the uniforms drawn from its generator but not used yet."""
     left: int  # tokens this row may still emit
     forced: list[int] = dataclasses.field(default_factory=list)
     expression: list[int] | None = None  # tokens after <|python_start|>; None outside a tool call
     done: bool = False
+    uniforms: list[float] = dataclasses.field(default_factory=list)
 
 
 class DecodeStep:
-    """One decode step of every cache row: logits (B, vocab) = step(tokens (B,)), row b's token going to the next
-    position of row b (rows may hold prompts of different lengths).
+    """decode_step over a cache and its DecodeState: one call emits one token for every row and computes the next
+    logits, with no host sync; the host reads a whole chunk of tokens back at once (read_chunk).
 
     On a GPU the step is captured once as a CUDA graph and replayed: an eager step launches hundreds of small
-    kernels, and the GPU idles between them while the host queues the next (baselines/2026-11-25-vs-nanochat
-    compares the two). The graph reads the tokens from a fixed buffer and the positions from the cache's lengths,
-    which the step advances itself, so replaying it needs no host work but one copy. Elsewhere the step runs
-    eagerly.
+    kernels, and the GPU idles between them while the host queues the next. With `compile_backend` the captured
+    step is the torch.compile'd decode_step (its few fused kernels). We capture it ourselves rather than use
+    mode="reduce-overhead": our buffers (the cache, the state) are fixed, so one replay is one graph launch, with
+    no guard evaluation, no copy of inputs into the graph's pool and no re-recording when a new generation brings a
+    new cache. Elsewhere the step runs eagerly (or compiled: backend "aot_eager" checks the traced step on a CPU).
     """
 
-    def __init__(self, model: GPT, cache: KVCache, backend: str, cuda_graph: bool):
+    def __init__(self, model: GPT, cache: KVCache, backend: str, sampling: Sampling, stop_ids: Sequence[int],
+                 python_end: int, chunk: int = 16, cuda_graph: bool = True, compile_backend: str | None = None):
         self.model, self.cache, self.backend = model, cache, backend
-        self.tokens = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=cache.k.device)
+        self.sampling, self.python_end = sampling, python_end
+        device = cache.k.device
+        self.state = DecodeState.allocate(cache.batch_size, model.config.vocab_size, chunk, stop_ids, device)
+        self.function = _compiled_decode_step(compile_backend) if compile_backend else decode_step
         self.graph = None
-        if cuda_graph and self.tokens.is_cuda:
+        if cuda_graph and device.type == "cuda":
             try:
                 self.graph = self._capture()
-            except RuntimeError as error:  # e.g. a backend that syncs with the host: fall back to eager steps
+            except RuntimeError as error:  # e.g. a backend that syncs with the host: fall back to uncaptured steps
                 warnings.warn(f"decoding without a CUDA graph, its capture failed: {error}")
 
-    def _forward(self) -> Tensor:
-        return self.model(self.tokens, kv_cache=self.cache, backend=self.backend)[:, -1]
+    @property
+    def chunk(self) -> int:
+        return self.state.uniforms.size(1)
+
+    def _run(self) -> None:
+        self.function(self.model, self.cache, self.state, self.backend, self.sampling, self.python_end)
 
     def _capture(self) -> torch.cuda.CUDAGraph:
-        """Warm-up steps run for real: they write keys and values at the rows' next positions, which the first real
-        step overwrites before any query reads them, and the rows' lengths are put back after them. Capturing runs
-        nothing."""
-        lengths = self.cache.lengths.clone()
+        """Warm-up steps (which compile) run for real: they write keys and values at the rows' next positions,
+        which the first real step overwrites before any query reads them, and every buffer they change is put back
+        afterwards. Capturing runs nothing."""
+        saved = [buffer.clone() for buffer in (*self.state.buffers(), self.cache.lengths)]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm up on a side stream before capture, as torch.cuda.graphs requires
             for _ in range(2):
-                self._forward()
+                self._run()
         torch.cuda.current_stream().wait_stream(stream)
-        self.cache.lengths.copy_(lengths)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self.logits = self._forward()
+            self._run()
+        for buffer, value in zip((*self.state.buffers(), self.cache.lengths), saved):
+            buffer.copy_(value)
         return graph
 
-    def __call__(self, tokens: Tensor) -> Tensor:
-        self.tokens.copy_(tokens[:, None])
+    def start(self, logits: Tensor, limits: Sequence[int]) -> None:
+        """A generation begins: each row's first logits (B, vocab) and how many tokens it may emit."""
+        state = self.state
+        state.logits.copy_(logits)
+        state.left.copy_(torch.tensor(list(limits)))
+        state.temperature.fill_(max(self.sampling.temperature, 1e-6))
+        state.top_p.fill_(self.sampling.top_p or 1.0)
+        state.done.zero_()
+
+    def begin_chunk(self, uniforms: Tensor, forced: Tensor, forced_len: Tensor) -> None:
+        """Host inputs of the next chunk, (B, chunk), (B, chunk) and (B,) on the host: every waiting row resumes."""
+        state = self.state
+        for buffer, value in ((state.uniforms, uniforms), (state.forced, forced), (state.forced_len, forced_len)):
+            buffer.copy_(value, non_blocking=True)
+        for buffer in (state.draws, state.forced_at, state.step, state.waiting):
+            buffer.zero_()
+        state.emitted.fill_(-1)
+
+    def __call__(self) -> None:
         if self.graph is None:
-            return self._forward()
-        self.graph.replay()
-        return self.logits.clone()
+            self._run()
+        else:
+            self.graph.replay()
+
+    def read_chunk(self) -> tuple[list[list[int]], list[list[bool]], list[int], list[int]]:
+        """Per row: the chunk's tokens (-1 where idle), which were sampled, uniforms used, forced tokens taken. One
+        copy to the host, the chunk's only sync."""
+        state = self.state
+        packed = torch.cat([state.emitted, state.sampled.long(), state.draws[:, None], state.forced_at[:, None]], 1)
+        rows = packed.tolist()
+        chunk = self.chunk
+        return ([row[:chunk] for row in rows], [[bool(s) for s in row[chunk:2 * chunk]] for row in rows],
+                [row[-2] for row in rows], [row[-1] for row in rows])
 
 
 class Engine:
     """KV-cache generation with the calculator tool, over a GPT and its tokenizer.
 
-    Several prompts of different lengths decode together: each is prefilled once into its own rows of the cache,
-    then every row advances one token a step at its own position. A row stops after it emits <|assistant_end|> or
-    <|bos|> (kept as its last token) or after max_tokens tokens. When a row closes a tool call (<|python_start|>
-    expression <|python_end|>), the engine evaluates the expression with `calculate` and forces <|output_start|>
-    result <|output_end|> into that row, one token a step. `cuda_graph` replays decode steps as a CUDA graph on a
-    GPU once a generation is long enough to repay the capture (`graph_min_tokens`).
+    Several prompts of different lengths decode together: they are prefilled together in packed passes (the
+    varlen layout of training, PackedPrompts) straight into their num_samples rows each, then every row advances
+    one token a step at its own position. A row stops after it emits <|assistant_end|> or <|bos|> (kept as its last
+    token) or after max_tokens tokens. When a row closes a tool call (<|python_start|> expression <|python_end|>),
+    the engine evaluates the expression with `calculate` and forces <|output_start|> result <|output_end|> into
+    that row, one token a step.
+
+    Steps run on the device in chunks of `sync_every` (DecodeStep): sampling, forcing and the stop rules run inside
+    the step, and the host reads the chunk's tokens back once at its end. A row that finished mid-chunk keeps
+    stepping, masked. A row that emits <|python_end|> waits, masked, for the rest of the chunk (the chunk's tokens
+    after a call would be computed without its result); at the sync point the host evaluates the call and hands
+    the result to the next chunk as forced tokens. `cuda_graph` replays the step as a CUDA graph on a GPU once a
+    generation is long enough to repay the capture (`graph_min_tokens`); `compile_backend` compiles the step
+    ("auto": inductor on a GPU, eager elsewhere; None: eager). `prefill_tokens` caps the tokens of one packed
+    prefill pass.
     """
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, backend: str = "sdpa", cuda_graph: bool = True,
-                 graph_min_tokens: int = 32):
+                 graph_min_tokens: int = 32, compile_backend: str | None = "auto", sync_every: int = 16,
+                 prefill_tokens: int = 32768):
+        if not isinstance(sync_every, int) or sync_every < 1:
+            raise ValueError(f"sync_every must be an integer >= 1, got {sync_every!r}")
+        if not isinstance(prefill_tokens, int) or prefill_tokens < 1:
+            raise ValueError(f"prefill_tokens must be an integer >= 1, got {prefill_tokens!r}")
         self.model, self.tokenizer, self.backend = model, tokenizer, backend
         self.cuda_graph, self.graph_min_tokens = cuda_graph, graph_min_tokens
+        on_gpu = model.rotary_cos.is_cuda
+        self.compile_backend = ("inductor" if on_gpu else None) if compile_backend == "auto" else compile_backend
+        self.sync_every, self.prefill_tokens = sync_every, prefill_tokens
         special = tokenizer.special_id
         self.stop_ids = {special("<|assistant_end|>"), tokenizer.bos_id}
         self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
@@ -3096,21 +3438,21 @@ class Engine:
 
     def _prefill(self, prompts: Sequence[Sequence[int]], num_samples: int, max_tokens: int
                  ) -> tuple[KVCache, Tensor, list[int]]:
-        """A cache with each prompt prefilled once into its num_samples rows; the logits of each row's first token
-        (B, vocab); and how many tokens each row may emit (max_tokens, or less where max_seq_len is near)."""
+        """A cache with each prompt prefilled once into its num_samples rows, by packed passes of up to
+        prefill_tokens tokens; the logits of each row's first token (B, vocab); and how many tokens each row may
+        emit (max_tokens, or less where max_seq_len is near)."""
         model, device = self.model, self.model.rotary_cos.device
         limits = [min(max_tokens, model.config.max_seq_len - len(prompt)) for prompt in prompts]
         capacity = max(len(prompt) + limit for prompt, limit in zip(prompts, limits))
         cache = KVCache(model.config, len(prompts) * num_samples, capacity, device, model.compute_dtype)
-        groups = [cache.rows(i * num_samples, (i + 1) * num_samples) for i in range(len(prompts))]
-        first = []
-        for group, prompt in zip(groups, prompts):
-            ids = torch.tensor([list(prompt)], device=device)
-            last = torch.tensor([len(prompt) - 1], device=device)
-            first.append(model(ids, kv_cache=group.rows(0, 1), backend=self.backend, logit_rows=last))
-            group.broadcast_first_row()
-        logits = torch.cat(first).repeat_interleave(num_samples, dim=0)
-        return cache, logits, [limit for limit in limits for _ in range(num_samples)]
+        logits = torch.empty(len(prompts), model.config.vocab_size, device=device)
+        for group in token_budget_chunks([len(prompt) for prompt in prompts], self.prefill_tokens):
+            packed = PackedPrompts(cache, [len(prompts[i]) for i in group], [i * num_samples for i in group],
+                                   num_samples)
+            ids = torch.tensor([token for i in group for token in prompts[i]], device=device)
+            logits[group] = model(ids, kv_cache=packed, backend=self.backend, logit_rows=packed.last_tokens())
+        row_limits = [limit for limit in limits for _ in range(num_samples)]
+        return cache, logits.repeat_interleave(num_samples, dim=0), row_limits
 
     def check_arguments(self, prompts: Sequence[Sequence[int]], num_samples: int, max_tokens: int,
                         temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -3151,35 +3493,60 @@ class Engine:
                      temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0
                      ) -> Iterator[tuple[list[int], list[int]]]:
         """Yield, each step, the new token of every row and whether it was sampled (1) or forced (0); a row that
-        has finished yields -1 (and 0). Rows are prompt-major: row r continues prompts[r // num_samples]. Row r
+        has finished, or waits for a tool call's result, yields -1 (and 0). The steps arrive in bursts of up to
+        sync_every, the engine's chunks. Rows are prompt-major: row r continues prompts[r // num_samples]. Row r
         draws its uniforms (sample_tokens) from random.Random(seed + r), so a row's tokens do not depend on the
         other rows: row r of a batch equals a single sample of its prompt with that seed. Bad arguments raise here,
         before the first step (check_arguments)."""
         self.check_arguments(prompts, num_samples, max_tokens, temperature, top_k, top_p)
         return self._decode(prompts, num_samples, max_tokens, temperature, top_k, top_p, seed)
 
+    @staticmethod
+    def _chunk_inputs(rows: list[_RowState], generators: list[random.Random], chunk: int, greedy: bool
+                      ) -> tuple[Tensor, Tensor, Tensor]:
+        """DecodeStep.begin_chunk's inputs: each row's next `chunk` uniforms (kept in row.uniforms until used, so
+        that row r's k-th sampled token takes the k-th draw of its generator whatever the chunks) and its next
+        forced tokens."""
+        uniforms = torch.zeros(len(rows), chunk)
+        forced = torch.zeros(len(rows), chunk, dtype=torch.long)
+        forced_len = torch.zeros(len(rows), dtype=torch.long)
+        for r, row in enumerate(rows):
+            if not greedy:
+                row.uniforms += [generators[r].random() for _ in range(chunk - len(row.uniforms))]
+                uniforms[r] = torch.tensor(row.uniforms)
+            queued = row.forced[:chunk]
+            forced[r, :len(queued)] = torch.tensor(queued, dtype=torch.long)
+            forced_len[r] = len(queued)
+        return uniforms, forced, forced_len
+
     @torch.inference_mode()
     def _decode(self, prompts: Sequence[Sequence[int]], num_samples: int, max_tokens: int, temperature: float,
                 top_k: int | None, top_p: float | None, seed: int) -> Iterator[tuple[list[int], list[int]]]:
         cache, logits, limits = self._prefill(prompts, num_samples, max_tokens)
-        device = logits.device
-        step = DecodeStep(self.model, cache, self.backend, self.cuda_graph and max(limits) >= self.graph_min_tokens)
+        sampling = Sampling(temperature, top_k, top_p)
+        chunk = min(self.sync_every, max(limits))
+        step = DecodeStep(self.model, cache, self.backend, sampling, sorted(self.stop_ids), self.python_end, chunk,
+                          self.cuda_graph and max(limits) >= self.graph_min_tokens, self.compile_backend)
+        step.start(logits, limits)
         generators = [random.Random(seed + r) for r in range(len(limits))]
         rows = [_RowState(limit) for limit in limits]
         while True:
-            sampling = [r for r, row in enumerate(rows) if not row.done and not row.forced]
-            chosen = logits if len(sampling) == len(rows) else logits[sampling]
-            uniforms = torch.tensor([generators[r].random() for r in sampling], device=device)
-            drawn = dict(zip(sampling, sample_tokens(chosen, uniforms, temperature, top_k, top_p).tolist()
-                             if sampling else []))
-            tokens = [-1 if row.done else drawn[r] if r in drawn else row.forced.pop(0) for r, row in enumerate(rows)]
-            for row, token in zip(rows, tokens):
-                if token >= 0:
-                    self._observe(row, token)
-            yield tokens, [int(r in drawn) for r in range(len(rows))]
+            step.begin_chunk(*self._chunk_inputs(rows, generators, chunk, sampling.greedy))
+            for _ in range(min(chunk, max(row.left for row in rows if not row.done))):
+                step()
+            emitted, sampled, draws, taken = step.read_chunk()
+            for row, used, took in zip(rows, draws, taken):
+                del row.uniforms[:used], row.forced[:took]
+            for column in range(chunk):
+                tokens = [emitted[r][column] for r in range(len(rows))]
+                if all(token < 0 for token in tokens):
+                    continue
+                for row, token in zip(rows, tokens):
+                    if token >= 0:
+                        self._observe(row, token)
+                yield tokens, [int(sampled[r][column]) for r in range(len(rows))]
             if all(row.done for row in rows):
                 return
-            logits = step(torch.tensor([max(token, 0) for token in tokens], device=device))
 
     def stream(self, prompt: Sequence[int], num_samples: int = 1, max_tokens: int = 256, temperature: float = 1.0,
                top_k: int | None = None, top_p: float | None = None, seed: int = 0
@@ -3248,7 +3615,7 @@ def show_parts(parts: Sequence[dict[str, str]]) -> str:
 # where the mask is 0, so the loss counts the assistant's own tokens only.
 # Chat evals ask questions in the chat format. Multiple choice: the allowed letter with the highest logit after
 # <|assistant_start|>, many prompts per varlen forward pass. Generative tasks: greedy decoding with the Engine
-# (calculator included), then a check of the reply; generated code runs in a sandboxed subprocess.
+# (calculator included), then a check of the reply; generated code runs in data/sandbox.py's sandbox.
 
 class ConversationWriter(ShardWriter):
     """A ShardWriter for rendered conversations: add(ids, mask); each shard's mask goes to its side file, written
@@ -3457,103 +3824,6 @@ def generate_replies(engine: Engine, conversations: Sequence[Sequence[dict[str, 
         for i, row in zip(chunk, tokens):
             replies[i] = show_parts(assistant_parts(engine.tokenizer, row))
     return replies
-
-
-# The sandbox for generated code. Each program runs in a fresh interpreter (-I -S -B: no environment variables,
-# no site-packages, no bytecode files) in a temporary folder that is deleted afterwards, in its own process group
-# (killed whole at the time limit), with a scrubbed environment and no stdin, under resource limits (address space,
-# CPU seconds, file size, open files, no core dumps), and with an audit hook installed before the program starts.
-# Audit hooks cannot be removed; this one refuses sockets, new processes (fork, exec, spawn, system, subprocess),
-# signals to other processes, ctypes, links, and any file write, delete, rename or permission change outside the
-# temporary folder. Output goes to files there (capped by the file-size limit), not to pipes. This stops accidents
-# and plain hostile code; it is not a container: run untrusted code at scale in one with no network.
-
-SANDBOX_GUARD = r"""
-import os, resource, sys
-program, memory, cpu = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-for kind, value in ((resource.RLIMIT_AS, memory), (resource.RLIMIT_CPU, cpu), (resource.RLIMIT_FSIZE, 1 << 24),
-                    (resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_CORE, 0)):
-    hard = resource.getrlimit(kind)[1]
-    value = value if hard == resource.RLIM_INFINITY else min(value, hard)
-    resource.setrlimit(kind, (value, value))
-root = os.path.realpath(os.getcwd())
-source = open(program, encoding="utf-8").read()
-BLOCKED = {"os.system", "os.exec", "os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "os.kill", "os.killpg",
-           "subprocess.Popen", "socket.__new__", "socket.connect", "socket.bind", "socket.getaddrinfo",
-           "socket.sendto", "ctypes.dlopen", "ctypes.dlsym", "os.symlink", "os.link", "os.chroot"}
-PATHS = {"os.remove", "os.rmdir", "os.rename", "os.mkdir", "os.chmod", "os.chown", "os.truncate", "os.utime",
-         "os.mkfifo", "os.mknod", "os.chflags", "os.lchflags", "shutil.rmtree", "shutil.move", "shutil.copyfile",
-         "shutil.copytree", "shutil.chown"}
-MODULES = {"ctypes", "_ctypes", "_posixsubprocess", "_socket", "socket", "mmap", "_xxsubinterpreters"}
-WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
-def inside(path):
-    if isinstance(path, int):
-        return True  # an open descriptor: it was checked when it was opened
-    path = os.path.realpath(os.fsdecode(path))
-    return path == root or path.startswith(root + os.sep) or path == os.devnull
-def audit(event, args):
-    if event in BLOCKED:
-        raise PermissionError(f"sandbox: {event} is not allowed")
-    if event == "import" and args[0].partition(".")[0] in MODULES:
-        raise ImportError(f"sandbox: importing {args[0]} is not allowed")
-    if event == "open" and args[0] is not None:
-        mode, flags = args[1], args[2]
-        writes = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (isinstance(flags, int) and flags & WRITE_FLAGS)
-        if writes and not inside(args[0]):
-            raise PermissionError(f"sandbox: writing {args[0]!r} outside the sandbox folder")
-    if event in PATHS and not all(inside(a) for a in args if isinstance(a, (str, bytes, os.PathLike))):
-        raise PermissionError(f"sandbox: {event} outside the sandbox folder")
-sys.addaudithook(audit)
-def refuse(*args, **kwargs):
-    raise PermissionError("sandbox: os._exit is not allowed")
-os._exit = refuse
-del sys.argv[1:]
-try:
-    exec(compile(source, program, "exec"), {"__name__": "__main__"})
-except SystemExit as stop:
-    sys.stderr.write(f"sandbox: the program exited ({stop.code!r}) before it finished\n")
-    sys.exit(3)
-"""
-
-
-@dataclass
-class SandboxResult:
-    status: str  # passed (ran to the end, exit code 0) | failed | timeout
-    returncode: int | None
-    stdout: str
-    stderr: str
-    seconds: float
-
-    @property
-    def passed(self) -> bool:
-        return self.status == "passed"
-
-
-def run_sandboxed(program: str, timeout_s: float = 10.0, memory_mb: int = 1024, output_chars: int = 4000
-                  ) -> SandboxResult:
-    """Run a Python program in the sandbox described above; the last `output_chars` of its stdout and stderr."""
-    import contextlib
-    import signal
-    import subprocess
-    import tempfile
-
-    started = time.time()
-    with tempfile.TemporaryDirectory(prefix="decoderstack_sandbox_") as folder:
-        Path(folder, "program.py").write_text(program, encoding="utf-8")
-        env = {"PATH": "/usr/bin:/bin", "HOME": folder, "TMPDIR": folder, "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1"}
-        with open(Path(folder, "stdout"), "wb") as out, open(Path(folder, "stderr"), "wb") as err:
-            process = subprocess.Popen([sys.executable, "-I", "-S", "-B", "-c", SANDBOX_GUARD, "program.py",
-                                        str(memory_mb << 20), str(math.ceil(timeout_s) + 1)], cwd=folder, env=env,
-                                       stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True)
-            try:
-                returncode = process.wait(timeout=timeout_s)
-                status = "passed" if returncode == 0 else "failed"
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):  # it may have ended just now
-                    os.killpg(process.pid, signal.SIGKILL)
-                returncode, status = process.wait(), "timeout"
-        read = lambda name: Path(folder, name).read_text(encoding="utf-8", errors="replace")[-output_chars:]
-        return SandboxResult(status, returncode, read("stdout"), read("stderr"), time.time() - started)
 
 
 @dataclass
@@ -3799,11 +4069,10 @@ def evaluate_pass_at_k(engine: Engine, prompts: Sequence[TaskPrompt], reward_fn:
 # 16. Runtime set-up (first cell of every notebook)
 # ---------------------------------------------------------------------------------------------
 # A notebook's first cell finds the project (in a fresh Colab runtime it clones REPO_URL into COLAB_CHECKOUT),
-# puts it on sys.path and calls setup_runtime(). In Colab that installs what requirements.txt asks for and the
-# runtime lacks, and on request keeps STACK_HOME on Google Drive: every Colab notebook runs on its own machine,
-# so Drive is how 02 finds the tokenizer 01 made, and how artifacts survive a restart. Anywhere, it prints the
-# GPU, the preset and the dtype; outside Colab it installs nothing. Each decision is a function of a
-# RuntimeContext, so tests can play Colab with fake installs and nothing downloaded.
+# puts it on sys.path and calls setup_runtime(), which prints the GPU, the preset and the dtype anywhere, sets the
+# CPU thread count, and in Colab alone installs what requirements.txt asks for and the runtime lacks and, on
+# request, keeps STACK_HOME on Google Drive: every Colab notebook runs on its own machine, so Drive is how 02 finds
+# the tokenizer 01 made. Tests play Colab by passing `colab`, `pip` and `mount_drive` and faking the package lists.
 
 REPO_URL = "https://github.com/decoderstack/decoderstack"  # the first cell clones it; the README's badges open it
 COLAB_CHECKOUT = Path("/content/decoderstack")
@@ -3841,6 +4110,17 @@ def installed_distributions() -> dict[str, str]:
             if d.metadata["Name"]}
 
 
+def imported_distributions() -> set[str]:
+    """Normalised names of the distributions whose modules this process has imported already."""
+    import importlib.metadata
+
+    from packaging.utils import canonicalize_name
+
+    owners = importlib.metadata.packages_distributions()
+    loaded = {name.partition(".")[0] for name in list(sys.modules)}
+    return {canonicalize_name(dist) for module in loaded for dist in owners.get(module, ())}
+
+
 def missing_requirements(lines: Sequence[str], installed: typing.Mapping[str, str]) -> list[str]:
     """The requirement lines that `installed` ({normalised name: version}) does not satisfy. A line whose
     environment marker is false here (triton off Linux) is not needed."""
@@ -3858,9 +4138,23 @@ def missing_requirements(lines: Sequence[str], installed: typing.Mapping[str, st
     return missing
 
 
-def run_command(command: list[str]) -> str:
-    """Run a command, raise on failure, return what it printed."""
-    return subprocess.run(command, check=True, capture_output=True, text=True).stdout
+def colab_installs(missing: Sequence[str], imported: typing.Container[str]) -> tuple[list[str], list[str]]:
+    """(what pip installs, notes) for Colab. Never torch or triton; never a package the kernel has imported: pip
+    would replace its files under the live modules (Colab's widget manager broke that way with ipywidgets)."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    owned = [line for line in missing if Requirement(line).name in RUNTIME_OWNED]
+    loaded = [line for line in missing if line not in owned and canonicalize_name(Requirement(line).name) in imported]
+    notes = [f"{', '.join(owned)} not satisfied: torch and triton stay as this runtime has them"] if owned else []
+    if loaded:
+        notes.append(f"{', '.join(loaded)} not satisfied but already imported: run python3 -m pip install "
+                     f"{' '.join(repr(line) for line in loaded)}, then Runtime > Restart session")
+    return [line for line in missing if line not in owned + loaded], notes
+
+
+def pip_install(lines: Sequence[str]) -> None:
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", *lines], check=True)
 
 
 def mount_google_drive(mount_point: str) -> None:
@@ -3870,99 +4164,59 @@ def mount_google_drive(mount_point: str) -> None:
     drive.mount(mount_point)
 
 
-@dataclass
-class RuntimeContext:
-    """What setup_runtime sees and acts through; tests build one with made-up values and fake actions."""
-    environ: typing.MutableMapping[str, str]
-    argv: Sequence[str]  # a twin's --key=value arguments (for the preset it will use)
-    installed: typing.Mapping[str, str]  # {normalised distribution name: version}
-    gpu: GpuInfo | None
-    colab: bool
-    drive_mounted: bool
-    run: typing.Callable[[list[str]], str]  # pip and git
-    mount_drive: typing.Callable[[str], None]
-
-    @classmethod
-    def current(cls) -> RuntimeContext:
-        return cls(os.environ, script_argv(), installed_distributions(), current_gpu(), in_colab(os.environ),
-                   (DRIVE_MOUNT / "MyDrive").is_dir(), run_command, mount_google_drive)
-
-
-@dataclass(frozen=True)
-class RuntimePlan:
-    """What setup_runtime does and reports, decided from a RuntimeContext alone."""
-    stack_home: Path
-    mount_drive: bool
-    missing: tuple[str, ...]  # requirement lines this runtime does not satisfy
-    install: tuple[str, ...]  # those pip installs: in Colab only, never torch or triton
-    preset: str
-    tier: str | None  # the Colab GPU whose sizes the colab preset takes
-    dtype: torch.dtype
-    notes: tuple[str, ...]
-
-
-def plan_runtime(context: RuntimeContext, requirements: Sequence[str], use_drive: bool) -> RuntimePlan:
-    """Decide the set-up: Drive only in Colab and only when asked; installs only in Colab."""
-    from packaging.requirements import Requirement
-
-    environ, notes = context.environ, []
-    drive = use_drive and context.colab
-    home = DRIVE_STACK_HOME if drive else stack_home(environ)
-    if use_drive and not context.colab:
-        notes.append(f"use_drive applies in Colab only; STACK_HOME stays {home}")
-    elif context.colab and not drive:
+def setup_runtime(use_drive: bool = False, colab: bool | None = None,
+                  pip: typing.Callable[[Sequence[str]], None] = pip_install,
+                  mount_drive: typing.Callable[[str], None] = mount_google_drive) -> None:
+    """The first cell's call: make this runtime ready and print what it has. `use_drive` (or STACK_DRIVE=1) keeps
+    STACK_HOME on Google Drive in Colab. `colab` (default: detected), `pip` and `mount_drive` are for tests."""
+    colab = in_colab(os.environ) if colab is None else colab
+    use_drive = use_drive or parse_value("STACK_DRIVE", os.environ.get("STACK_DRIVE", "false"), bool)
+    notes, install = [], []
+    if colab and use_drive:
+        if not (DRIVE_MOUNT / "MyDrive").is_dir():
+            mount_drive(str(DRIVE_MOUNT))
+        os.environ["STACK_HOME"] = str(DRIVE_STACK_HOME)
+    elif colab:
         notes.append("STACK_HOME is on this runtime's disk: the next notebook (its own machine) will not see it; "
                      "tick use_drive to keep artifacts on Google Drive")
-    missing = missing_requirements(requirements, context.installed)
-    owned = [line for line in missing if Requirement(line).name in RUNTIME_OWNED]
-    install = [line for line in missing if line not in owned] if context.colab else []
-    if owned:
-        notes.append(f"{', '.join(owned)} not satisfied: torch and triton stay as this runtime has them")
-    if missing and not context.colab:
+    elif use_drive:
+        notes.append(f"use_drive applies in Colab only; STACK_HOME stays {stack_home()}")
+    missing = missing_requirements(requirement_lines(Path(__file__).resolve().parent / "requirements.txt"),
+                                   installed_distributions())
+    if colab:
+        install, colab_notes = colab_installs(missing, imported_distributions())
+        notes += colab_notes
+        if install:
+            pip(install)
+    elif missing:
         notes.append(f"missing {', '.join(missing)}: run python3 -m pip install -r requirements.txt")
-    if context.colab and context.gpu is None:
+    gpu = current_gpu()
+    if colab and gpu is None:
         notes.append("no GPU: choose Runtime > Change runtime type > GPU (T4 is free) for the colab preset")
-    cli = parse_cli_overrides(context.argv)
-    preset = choose_preset(cli, environ, context.gpu)
-    tier = colab_gpu_tier(context.gpu, environ.get("STACK_COLAB_GPU", "")) if preset == "colab" else None
-    return RuntimePlan(home, drive and not context.drive_mounted, tuple(missing), tuple(install), preset, tier,
-                       compute_dtype_for(context.gpu, environ.get("STACK_DTYPE", "auto")), tuple(notes))
+    threads = set_cpu_threads()
+    silence_triton_teardown()
+    if os.environ.get("RANK", "0") == "0":
+        print(describe_runtime(gpu, threads, install, notes))
 
 
-def describe_runtime(plan: RuntimePlan, gpu: GpuInfo | None, commit: str) -> str:
+def describe_runtime(gpu: GpuInfo | None, threads: int, installed: Sequence[str], notes: Sequence[str]) -> str:
     """The lines the first cell prints."""
+    with config_errors_end_the_script():
+        preset = choose_preset(parse_cli_overrides(script_argv()), os.environ, gpu)
+        tier = colab_gpu_tier(gpu, os.environ.get("STACK_COLAB_GPU", "")) if preset == "colab" else None
+        dtype = compute_dtype_for(gpu, os.environ.get("STACK_DTYPE", "auto"))
     hardware = (f"{gpu.name}, {gpu.memory_gb:.1f} GB, compute capability {gpu.capability[0]}.{gpu.capability[1]}"
-                if gpu else "none (CPU)")
-    sizes = f" ({plan.tier} sizes)" if plan.tier else ""
-    scaling = " with loss scaling" if plan.dtype == torch.float16 else ""
-    lines = [f"DecoderStack {Path(__file__).resolve().parent} at commit {commit}; torch {torch.__version__}",
-             f"GPU: {hardware}", f"preset: {plan.preset}{sizes}; compute dtype: {str(plan.dtype)[6:]}{scaling}",
-             f"STACK_HOME: {plan.stack_home}"]
-    lines += [f"installed: {', '.join(plan.install)}"] if plan.install else []
-    return "\n".join(lines + [f"note: {note}" for note in plan.notes])
-
-
-def project_commit(run: typing.Callable[[list[str]], str]) -> str:
-    try:
-        return run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "--short", "HEAD"]).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
-
-
-def setup_runtime(use_drive: bool = False, context: RuntimeContext | None = None) -> RuntimePlan:
-    """The first cell's call: make this runtime ready and say what it has. `use_drive` (or STACK_DRIVE=1) keeps
-    STACK_HOME on Google Drive in Colab. Returns the plan it carried out."""
-    context = context or RuntimeContext.current()
-    use_drive = use_drive or parse_value("STACK_DRIVE", context.environ.get("STACK_DRIVE", "false"), bool)
-    plan = plan_runtime(context, requirement_lines(Path(__file__).resolve().parent / "requirements.txt"), use_drive)
-    if plan.mount_drive:
-        context.mount_drive(str(DRIVE_MOUNT))
-    context.environ["STACK_HOME"] = str(plan.stack_home)
-    if plan.install:
-        context.run([sys.executable, "-m", "pip", "install", "-q", *plan.install])
-    if context.environ.get("RANK", "0") == "0":
-        print(describe_runtime(plan, context.gpu, project_commit(context.run)))
-    return plan
+                if gpu else f"none (CPU, {threads} torch thread{'s' * (threads > 1)})")
+    sizes = f" ({tier} sizes)" if tier else ""
+    scaling = " with loss scaling" if dtype == torch.float16 else ""
+    root = Path(__file__).resolve().parent
+    git = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    commit = git.stdout.strip() if git.returncode == 0 else "unknown (not a git checkout)"
+    lines = [f"DecoderStack {root} at commit {commit}; torch {torch.__version__}",
+             f"GPU: {hardware}", f"preset: {preset}{sizes}; compute dtype: {str(dtype)[6:]}{scaling}",
+             f"STACK_HOME: {stack_home()}"]
+    lines += [f"installed: {', '.join(installed)}"] if installed else []
+    return "\n".join(lines + [f"note: {note}" for note in notes])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3982,7 +4236,17 @@ def run_pipeline(overrides: Sequence[str]) -> None:
         started = time.time()
         subprocess.run([sys.executable, str(twin), *overrides], check=True)
         print(f"=== {twin.name} done in {format_duration(time.time() - started)} ===", flush=True)
+    print(describe_run_outputs(artifact_dir("runs")))
     print(f"report card: {write_report(stack_home())}")
+
+
+def describe_run_outputs(runs: Path) -> str:
+    """Where a pipeline's plots and summaries are: each run folder with the files it holds."""
+    lines = [f"Plots and summaries, under {runs}:"]
+    for run in sorted(path for path in runs.iterdir() if path.is_dir()):
+        files = sorted(path.name for path in run.iterdir() if path.suffix in (".png", ".json"))
+        lines += [f"  {run.name}/: {', '.join(files)}"] if files else []
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,17 @@
-"""Inference speed of the KV-cache engine against the bound that memory bandwidth sets.
+"""Decode speed of the KV-cache engine against the bound that memory bandwidth sets.
 
 A decode step must read every weight matrix once and the keys and values each query attends to, so
     tokens/s <= batch x bandwidth / (weight bytes + KV-cache bytes read per step).
-This script builds a randomly initialised model (speed does not depend on the weights), measures the device's
-copy bandwidth, then times: prefill (one prompt of --prompt_len tokens), eager decode steps (sc.DecodeStep) at
-each batch size, the same steps replayed as one CUDA graph (GPU only), and `Engine.generate` end to end (sampling,
-tool bookkeeping and, on a GPU, the graph capture included). Prints one table and writes the figures as JSON to --out.
+For each depth, this script builds a randomly initialised model (speed does not depend on the weights), measures
+the device's copy bandwidth, prefills one prompt of --prompt_len tokens into every row (PackedPrompts), then times
+at each batch size: the engine's decode step (sc.DecodeStep: sampling with top-k on the device, chunks of
+--sync_every steps read back once, on a GPU compiled and replayed as one CUDA graph), and `Engine.generate` end to
+end (prefill, chunk bookkeeping and the graph capture included). It first checks that the compiled, captured
+engine gives the greedy tokens of the eager one. Prints one table and writes the figures as JSON to --out.
+RL's rollout step is baselines/bench_rl.py.
 
-    python baselines/bench_decode.py                     # GPU: depth 12, bf16, prompt 1792, 255 decode steps
-    python baselines/bench_decode.py --depth=2 --prompt_len=64 --decode=16   # CPU smoke test
+    python baselines/bench_decode.py                     # GPU: depths 12 and 20, batches 1, 16, 64, 256
+    python baselines/bench_decode.py --depths=2 --vocab_size=1024 --prompt_len=64 --decode=16 --batches=1,4  # CPU
 """
 import argparse
 import os
@@ -57,118 +60,106 @@ def bytes_per_decode_step(model: sc.GPT, batch: int, context: float, dtype: torc
     return weights + rows + batch * keys * 2 * model.config.dim * element
 
 
-def prefilled_cache(model: sc.GPT, batch: int, prompt: torch.Tensor, steps: int, backend: str) -> sc.KVCache:
-    cache = sc.KVCache(model.config, batch, len(prompt) + steps, prompt.device, model.compute_dtype)
-    model(prompt[None], kv_cache=cache.rows(0, 1), backend=backend)
-    cache.broadcast_first_row()
-    return cache
-
-
-def decoder(model, batch, prompt, steps, backend, cuda_graph: bool):
-    """A function running `steps` greedy decode steps (sc.DecodeStep: eager, or one CUDA graph replayed) after the
-    prefilled prompt, which is prefilled once: each run rewinds the rows' lengths to the prompt's end."""
-    cache = prefilled_cache(model, batch, prompt, steps, backend)
-    step = sc.DecodeStep(model, cache, backend, cuda_graph)
-
-    def run(n: int = steps) -> list[torch.Tensor]:
-        cache.lengths.fill_(len(prompt))
-        ids = torch.zeros(batch, dtype=torch.long, device=prompt.device)
-        logits = []
-        for _ in range(n):
-            logits.append(step(ids))
-            ids = logits[-1].argmax(-1)
-        return logits
-
-    return run
-
-
-def graph_difference(model, batch, prompt, steps, backend) -> float:
-    """Largest logit difference over 8 greedy steps between the CUDA-graph step and the eager one."""
-    eager, graph = (decoder(model, batch, prompt, steps, backend, cuda_graph) for cuda_graph in (False, True))
-    return max((a - b).abs().max().item() for a, b in zip(eager(8), graph(8)))
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--depth", type=int, default=12)
-    parser.add_argument("--vocab_size", type=int, default=32768)
-    parser.add_argument("--prompt_len", type=int, default=1792)
-    parser.add_argument("--decode", type=int, default=255, help="decode steps per measurement")
-    parser.add_argument("--batches", default="1,16", help="decode batch sizes, comma-separated")
-    parser.add_argument("--attention", default="auto", help="prefill backend: auto | flash | varlen | flex | sdpa")
-    parser.add_argument("--cuda_graph", type=int, default=1, help="also time CUDA-graph decode steps (GPU only)")
-    parser.add_argument("--out", default="bench_decode.json")
-    args = parser.parse_args()
-
-    device = sc.pick_device()
-    dtype = sc.pick_compute_dtype(device)
-    backend = sc.pick_attention_backend(device, args.attention)
+def random_model(depth: int, vocab_size: int, max_seq_len: int, device: str, dtype: torch.dtype) -> sc.GPT:
     torch.manual_seed(0)
-    config = sc.GPTConfig(vocab_size=args.vocab_size, depth=args.depth,
-                          max_seq_len=max(2048, args.prompt_len + args.decode))
-    model = sc.GPT(config).to(device)
+    model = sc.GPT(sc.GPTConfig(vocab_size=vocab_size, depth=depth, max_seq_len=max_seq_len)).to(device)
     for parameter in model.parameters():  # the zero-initialised projections get small values: non-trivial logits
         if parameter.ndim == 2 and not parameter.any():
             torch.nn.init.normal_(parameter, std=0.02)
     model.set_compute_dtype(dtype)
     model.to(dtype)  # inference keeps no fp32 master weights: a step reads each weight once, in the compute dtype
-    model.eval()
-    prompt = torch.randint(0, args.vocab_size, (args.prompt_len,), device=device)
-    bandwidth = copy_bandwidth(device)
+    return model.eval()
+
+
+def step_runner(engine: sc.Engine, batch: int, prompt: torch.Tensor, steps: int):
+    """A function running `steps` engine decode steps (top-k 50 sampling) of `batch` rows continuing the prompt,
+    in chunks of engine.sync_every read back to the host; the prompt is prefilled once, each run rewinds the rows."""
+    model = engine.model
+    cache = sc.KVCache(model.config, batch, len(prompt) + steps, prompt.device, model.compute_dtype)
+    packed = sc.PackedPrompts(cache, [len(prompt)], [0], copies=batch)
+    logits = model(prompt, kv_cache=packed, backend=engine.backend, logit_rows=packed.last_tokens())
+    chunk = engine.sync_every
+    step = sc.DecodeStep(model, cache, engine.backend, sc.Sampling(top_k=50), stop_ids=[-1], python_end=-1,
+                         chunk=chunk, cuda_graph=engine.cuda_graph, compile_backend=engine.compile_backend)
+    uniforms = torch.rand(batch, chunk)
+    no_forcing = (torch.zeros(batch, chunk, dtype=torch.long), torch.zeros(batch, dtype=torch.long))
+
+    def run() -> None:
+        cache.lengths.fill_(len(prompt))
+        step.start(logits.expand(batch, -1), [steps] * batch)
+        for _ in range(steps // chunk):
+            step.begin_chunk(uniforms, *no_forcing)
+            for _ in range(chunk):
+                step()
+            step.read_chunk()
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--depths", default="12,20", help="model depths, comma-separated")
+    parser.add_argument("--vocab_size", type=int, default=32768)
+    parser.add_argument("--prompt_len", type=int, default=1024)
+    parser.add_argument("--decode", type=int, default=256, help="decode steps per measurement (a multiple of "
+                                                                 "--sync_every)")
+    parser.add_argument("--batches", default="1,16,64,256", help="decode batch sizes, comma-separated")
+    parser.add_argument("--sync_every", type=int, default=16, help="steps between host syncs")
+    parser.add_argument("--attention", default="auto", help="prefill backend: auto | flash | varlen | flex | sdpa")
+    parser.add_argument("--compile", default="auto", help="the step's torch.compile backend: auto | inductor | none")
+    parser.add_argument("--out", default="bench_decode.json")
+    args = parser.parse_args()
+    if args.decode % args.sync_every:
+        parser.error(f"--decode {args.decode} must be a multiple of --sync_every {args.sync_every}")
+
+    device = sc.pick_device()
+    dtype = sc.pick_compute_dtype(device)
+    backend = sc.pick_attention_backend(device, args.attention)
+    compile_backend = None if args.compile == "none" else args.compile
     name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
-    results = {"device": name, "dtype": str(dtype), "attention": backend, "depth": args.depth,
-               "params": model.num_params()["total"], "prompt_len": args.prompt_len, "decode_steps": args.decode,
-               "copy_bandwidth_GBps": bandwidth / 1e9, "decode": {}}
+    bandwidth = copy_bandwidth(device)
+    tokenizer = filler_tokenizer(args.vocab_size)
+    results = {"device": name, "dtype": str(dtype), "attention": backend, "compile": args.compile,
+               "decode_attention": "flash_attn_with_kvcache" if sc._flash_kvcache_function() and device != "cpu"
+               else "sdpa", "prompt_len": args.prompt_len, "decode_steps": args.decode, "sync_every": args.sync_every,
+               "copy_bandwidth_GBps": bandwidth / 1e9, "depths": {}}
     rows = []
 
     def add(row: tuple[str, str]) -> None:  # printed at once too: a run cut short keeps what it measured
         rows.append(row)
         print(*row, sep=": ", flush=True)
 
-    for row in (("device", name), ("model", f"depth {args.depth}, {results['params'] / 1e6:.1f} M params, {dtype}"),
-                ("copy bandwidth", f"{bandwidth / 1e9:,.0f} GB/s")):
-        add(row)
-
-    tokenizer = filler_tokenizer(args.vocab_size)
-    if device.startswith("cuda"):  # the engine's graph path against its eager path, on prompts of two lengths
+    add(("device", f"{name}, copy bandwidth {bandwidth / 1e9:,.0f} GB/s, decode attention "
+                   f"{results['decode_attention']}"))
+    for depth in (int(d) for d in args.depths.split(",")):
+        model = random_model(depth, args.vocab_size, max(2048, args.prompt_len + args.decode), device, dtype)
+        engine = sc.Engine(model, tokenizer, backend, compile_backend=compile_backend, sync_every=args.sync_every)
+        entry = results["depths"][str(depth)] = {"params": model.num_params()["total"], "batches": {}}
+        add((f"depth {depth}", f"{entry['params'] / 1e6:.1f} M params, {dtype}"))
+        prompt = torch.randint(0, args.vocab_size - len(sc.SPECIAL_TOKENS), (args.prompt_len,), device=device)
+        eager = sc.Engine(model, tokenizer, backend, cuda_graph=False, compile_backend=None, sync_every=1)
         prompts = [prompt[:len(prompt) // 3].tolist(), prompt.tolist()]
-        outputs = [sc.Engine(model, tokenizer, backend, cuda_graph=graph).generate_batch(
-            prompts, 4, 64, temperature=0.0)[0] for graph in (True, False)]
-        results["engine_graph_equals_eager"] = outputs[0] == outputs[1]
-        add(("Engine greedy tokens, CUDA graph vs eager", "identical" if outputs[0] == outputs[1] else
-             f"differ in {sum(a != b for a, b in zip(*outputs))} of {len(outputs[0])} rows"))
-    with torch.inference_mode():
-        seconds = timed(lambda: prefilled_cache(model, 1, prompt, 0, backend), device)
-        results["prefill_tokens_per_s"] = args.prompt_len / seconds
-        add((f"prefill ({args.prompt_len} tokens, {backend})", f"{args.prompt_len / seconds:,.0f} tokens/s"))
+        same = [e.generate_batch(prompts, 2, 32, temperature=0.0)[0] for e in (engine, eager)]
+        entry["greedy_tokens_equal_eager"] = same[0] == same[1]
+        add((f"depth {depth}: greedy tokens, engine vs eager", "identical" if same[0] == same[1] else
+             f"differ in {sum(a != b for a, b in zip(*same))} of {len(same[0])} rows"))
         context = args.prompt_len + (args.decode - 1) / 2  # mean number of cached positions over the steps
         for batch in (int(b) for b in args.batches.split(",")):
             bound = batch * bandwidth / bytes_per_decode_step(model, batch, context, dtype)
-            entry = results["decode"][str(batch)] = {"bound_tokens_per_s": bound}
-            add((f"batch {batch}: bandwidth bound", f"{bound:,.0f} tokens/s"))
-            measures = {"eager": decoder(model, batch, prompt, args.decode, backend, cuda_graph=False)}
-            if args.cuda_graph and device.startswith("cuda"):
-                try:
-                    difference = graph_difference(model, batch, prompt, args.decode, backend)
-                    entry["cuda_graph_max_logit_diff"] = difference
-                    add((f"batch {batch}: CUDA graph vs eager", f"max logit difference {difference:.3g}"))
-                    measures["cuda_graph"] = decoder(model, batch, prompt, args.decode, backend, cuda_graph=True)
-                except Exception as error:  # an optional path: report it and go on
-                    add((f"batch {batch}: CUDA graph", f"skipped ({type(error).__name__}: {error})"[:120]))
-            for label, run in measures.items():
-                rate = batch * args.decode / timed(run, device)
-                entry[f"{label}_tokens_per_s"] = rate
-                add((f"batch {batch}: decode {label}", f"{rate:,.0f} tokens/s ({rate / bound:.1%} of bound)"))
-    engine = sc.Engine(model, tokenizer, backend)
-    for batch in (int(b) for b in args.batches.split(",")):
-        generated = []
-        seconds = timed(lambda: generated.append(engine.generate(prompt.tolist(), batch, args.decode, top_k=50)),
-                        device)
-        tokens = sum(map(len, generated[-1][0]))
-        rate = tokens / seconds  # prefill included: the end-to-end figure
-        results["decode"][str(batch)]["engine_tokens_per_s"] = rate
-        add((f"batch {batch}: Engine.generate (prefill incl.)", f"{rate:,.0f} tokens/s ({tokens} tokens)"))
-
+            with torch.inference_mode():
+                step_rate = batch * args.decode / timed(step_runner(engine, batch, prompt, args.decode), device)
+            generated = []
+            seconds = timed(lambda: generated.append(engine.generate(prompt.tolist(), batch, args.decode, top_k=50)),
+                            device)
+            engine_rate = sum(map(len, generated[-1][0])) / seconds  # prefill included: the end-to-end figure
+            entry["batches"][str(batch)] = {"bound_tokens_per_s": bound, "step_tokens_per_s": step_rate,
+                                            "engine_tokens_per_s": engine_rate}
+            add((f"depth {depth}, batch {batch}", f"bound {bound:,.0f} tokens/s; step {step_rate:,.0f} "
+                                                  f"({step_rate / bound:.1%}); Engine.generate {engine_rate:,.0f} "
+                                                  f"({engine_rate / step_rate:.0%} of the step rate)"))
+        del model, engine, eager
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
     report(rows, results, args.out)
 
 

@@ -1,14 +1,16 @@
-"""Speed of one step of 06_rl: rollouts (Engine.generate with the calculator, one prefill per prompt) and the update
-(the packed policy-gradient forward/backward and the optimizer step).
+"""Speed of one step of 06_rl: rollouts (Engine.generate with the calculator, the prompts prefilled together in
+packed passes) and the update (the packed policy-gradient forward/backward and the optimizer step).
 
 The model is randomly initialised and the prompts are random tokens ending in <|assistant_start|>: speed does not
 depend on the weights, and a random model never stops early, so every answer runs to --max_new_tokens (the slowest
 case). The tokenizer is a filler vocabulary of all byte pairs, so that any sampled id decodes. Rewards are seeded
 coin flips, so that nearly every group has mixed rewards and nearly every rollout is trained, as in the costliest
 step of a real run. The model is used as 06_rl uses it: fp32 master weights, matmuls in the compute dtype, not
-compiled. Prints one table and writes the figures as JSON to --out.
+compiled (its rollout engine compiles its decode step on a GPU unless --compile=none). Prints one table and writes
+the figures as JSON to --out.
 
-    python baselines/bench_rl.py                     # GPU: depth 12, 16 prompts x 8 samples, 256 new tokens
+    python baselines/bench_rl.py                     # GPU: depth 12, 32 prompts x 8 samples (256 rollouts)
+    python baselines/bench_rl.py --compile=none --sync_every=1 --cuda_graph=0   # the uncompiled, per-token engine
     python baselines/bench_rl.py --depth=2 --vocab_size=1024 --prompts=2 --samples=2 --prompt_len=16 \\
         --max_new_tokens=8 --repeats=1                # CPU smoke test
 """
@@ -45,12 +47,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--depth", type=int, default=12)
     parser.add_argument("--vocab_size", type=int, default=32768)
-    parser.add_argument("--prompts", type=int, default=16, help="prompts per step")
+    parser.add_argument("--prompts", type=int, default=32, help="prompts per step")
     parser.add_argument("--samples", type=int, default=8, help="samples per prompt")
     parser.add_argument("--prompt_len", type=int, default=160, help="tokens per prompt (GSM8K: about 100-250)")
     parser.add_argument("--max_new_tokens", type=int, default=256)
     parser.add_argument("--pass_tokens", type=int, default=65_536, help="tokens per forward/backward pass")
     parser.add_argument("--attention", default="auto", help="auto | flash | varlen | flex | sdpa")
+    parser.add_argument("--compile", default="auto", help="the engine's decode-step compile backend: auto | "
+                                                              "inductor | none")
+    parser.add_argument("--sync_every", type=int, default=16, help="engine decode steps between host syncs")
+    parser.add_argument("--cuda_graph", type=int, default=1, help="replay the engine's decode step as a CUDA graph")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps after one warm-up step (median kept)")
     parser.add_argument("--out", default="bench_rl.json")
     args = parser.parse_args()
@@ -64,7 +70,8 @@ def main() -> None:
                           max_seq_len=max(2048, args.prompt_len + args.max_new_tokens))
     model = sc.GPT(config).to(device)
     model.set_compute_dtype(dtype)
-    engine = sc.Engine(model, tokenizer, backend)
+    engine = sc.Engine(model, tokenizer, backend, cuda_graph=bool(args.cuda_graph), sync_every=args.sync_every,
+                       compile_backend=None if args.compile == "none" else args.compile)
     optimizers = sc.build_optimizers(model, lr_scale=0.05)  # 06_rl's learning rates: 5% of pretraining's
     prompts = random_prompts(tokenizer, args.prompts, args.prompt_len, seed=1)
     coin = random.Random(2)
@@ -96,7 +103,9 @@ def main() -> None:
     name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
     results = {"device": name, "dtype": str(dtype), "attention": backend, "depth": args.depth,
                "params": model.num_params()["total"], "prompts": args.prompts, "samples": args.samples,
-               "prompt_len": args.prompt_len, "max_new_tokens": args.max_new_tokens, "pass_tokens": args.pass_tokens,
+               "prompt_len": args.prompt_len, "compile": args.compile, "sync_every": args.sync_every,
+               "cuda_graph": bool(args.cuda_graph), "max_new_tokens": args.max_new_tokens,
+               "pass_tokens": args.pass_tokens,
                "repeats": args.repeats, "median": median, "runs": runs,
                "peak_memory_GB": torch.cuda.max_memory_allocated() / 1e9 if device.startswith("cuda") else None}
     rows = [("device", name),

@@ -23,9 +23,11 @@ from typing import Any
 import numpy as np
 
 from data import gsm8k
-from data.sft import (HubTable, choice_questions, colour_questions, letter_counts, load_words, read_rows,
-                      selection_passes, table_files, word_split)
-from stackcore import ChatTask, StackConfig, above, at_least, run_sandboxed
+from data.records import field
+from data.sandbox import run_sandboxed
+from data.sft import (HubTable, choice_questions, colour_questions, letter_counts, load_words, rows, selection_passes,
+                      table_files, word_split)
+from stackcore import ChatTask, StackConfig, above, at_least
 
 HUMANEVAL = HubTable("openai/openai_humaneval", {"test": ("openai_humaneval/test-00000-of-00001.parquet",)})
 CHAT_TASKS = ("arc_easy", "arc_challenge", "mmlu", "gsm8k", "humaneval", "spelling", "colours")
@@ -80,7 +82,8 @@ class CodeProblem:
 
 
 def code_problem(row: dict) -> CodeProblem:
-    return CodeProblem(row["task_id"], row["prompt"], row["test"], row["entry_point"], row.get("canonical_solution", ""))
+    return CodeProblem(*(field(row, name) for name in ("task_id", "prompt", "test", "entry_point")),
+                       row.get("canonical_solution") or "")
 
 
 def humaneval_problems(source: str = "hub", endpoint: str | None = None) -> list[CodeProblem]:
@@ -90,7 +93,7 @@ def humaneval_problems(source: str = "hub", endpoint: str | None = None) -> list
     else:
         path = Path(source).expanduser()
         paths = [path / "human_eval.jsonl" if path.is_dir() else path]
-    return [code_problem(row) for row in read_rows(paths)]
+    return list(rows(paths, code_problem))
 
 
 def subset(items: list, count: int, seed: int) -> list:

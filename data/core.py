@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from data.records import DataFileError, jsonl_records
 from stackcore import (CORE_MANIFEST, CORE_RECORD_FIELDS, Tokenizer, artifact_dir, common_prefix_length, side_file,
                        write_shard)
 
@@ -29,7 +30,7 @@ FEWSHOT_SEED = 1234  # example i draws its few-shot examples with random.Random(
 SUBSAMPLE_SEED = 1337  # which examples a capped run keeps
 
 
-class CoreDataError(ValueError):
+class CoreDataError(DataFileError):
     """A task file that is missing, malformed or of an unknown type; the message names the file and line."""
 
 
@@ -131,35 +132,41 @@ def available_tasks(root: Path, tasks: tuple[CoreTask, ...] = CORE_TASKS) -> lis
 
 # --- Reading and rendering -------------------------------------------------------------------------------------
 
+FIELD_TYPES = {"query": str, "choices": list, "context_options": list, "continuation": str, "context": str,
+               "gold": int}
+
+
 def check_row(row: object, kind: str, where: str) -> dict:
     if not isinstance(row, dict):
         raise CoreDataError(f"{where}: expected a JSON object, got {type(row).__name__}")
     missing = [name for name in REQUIRED_FIELDS[kind] if name not in row]
     if missing:
         raise CoreDataError(f"{where}: {kind} example lacks field(s) {', '.join(missing)}")
+    wrong = [f"{name} is {type(row[name]).__name__}" for name in REQUIRED_FIELDS[kind]
+             if not isinstance(row[name], FIELD_TYPES[name]) or isinstance(row[name], bool)]
+    if wrong:
+        raise CoreDataError(f"{where}: {kind} example has {', '.join(wrong)}: expected "
+                            f"{', '.join(f'{n} {FIELD_TYPES[n].__name__}' for n in REQUIRED_FIELDS[kind])}")
     options = row.get("choices", row.get("context_options"))
-    if kind != LM and not (isinstance(row["gold"], int) and 0 <= row["gold"] < len(options)):
+    if kind == SCHEMA and not (options and all(isinstance(option, str) for option in options)):
+        raise CoreDataError(f"{where}: the context options must be strings, got {options!r}")
+    if kind != LM and not 0 <= row["gold"] < len(options):
         raise CoreDataError(f"{where}: gold {row['gold']!r} is not an index into the {len(options)} options")
     return row
 
 
 def load_examples(root: Path, task: CoreTask) -> list[dict]:
-    """Every example of a task, checked for the fields its type needs."""
+    """Every example of a task, checked for the fields its type needs, and for enough examples to draw its shots
+    from the others."""
     path = Path(root) / "eval_data" / task.file
     if task.kind not in REQUIRED_FIELDS:
         raise CoreDataError(f"{path}: unknown task type {task.kind!r} for {task.label}; known: {', '.join(TASK_KINDS)}")
     if not path.is_file():
         raise CoreDataError(f"{path}: task file not found")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise CoreDataError(f"{path}:{number}: not valid JSON ({error})") from None
-            rows.append(check_row(row, task.kind, f"{path}:{number}"))
+    rows = [check_row(row, task.kind, where) for where, row in jsonl_records(path, CoreDataError)]
+    if len(rows) <= task.shots:
+        raise CoreDataError(f"{path}: {len(rows)} example(s), but {task.label} draws {task.shots} few-shot examples "
+                            f"from the others: it needs at least {task.shots + 1}")
     return rows
 
 

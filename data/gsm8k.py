@@ -16,7 +16,6 @@ problems written in the same format.
 """
 from __future__ import annotations
 
-import json
 import random
 import re
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
+from data.records import DataFileError, read_records
 from data.synthetic import NAMES, THINGS
 from stackcore import (StackConfig, TaskPrompt, artifact_dir, at_least, read_shard, require_artifact, side_file,
                        write_shard)
@@ -47,7 +47,7 @@ class GsmPromptConfig(StackConfig):
     LIMITS = {"rl_train_prompts": at_least(0), "rl_test_prompts": at_least(0)}
 
 
-class GsmDataError(ValueError):
+class GsmDataError(DataFileError):
     """A problem file that is missing, malformed or lacks a final answer; the message names the file and line."""
 
 
@@ -143,21 +143,8 @@ def read_problems(path: Path) -> list[Problem]:
     path = Path(path)
     if not path.is_file():
         raise GsmDataError(f"{path}: no such GSM8K file")
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        rows = pq.read_table(path, columns=["question", "answer"]).to_pylist()
-        return [check_record(row, f"{path}: row {i}") for i, row in enumerate(rows)]
-    problems = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise GsmDataError(f"{path}:{line_no}: not JSON ({error})") from None
-                problems.append(check_record(record, f"{path}:{line_no}"))
-    return problems
+    columns = ["question", "answer"] if path.suffix == ".parquet" else None
+    return [check_record(record, where) for where, record in read_records([path], GsmDataError, columns)]
 
 
 def load_problems(split: str, source: str = "hub", endpoint: str | None = None) -> list[Problem]:

@@ -4,12 +4,11 @@ the validation split (nanochat's convention); they are downloaded with huggingfa
 from __future__ import annotations
 
 import glob
-import gzip
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from data.records import DataFileError, converted, field, read_records
 from data.synthetic import synthetic_documents
 from stackcore import StackConfig, above, artifact_dir, one_of
 
@@ -56,7 +55,8 @@ def download_hub_corpus(name: str, train_shards: int, dest: Path, endpoint: str 
 
 
 def local_corpus(train_glob: str, val_glob: str) -> CorpusFiles:
-    """Local .txt (one document per file), .jsonl / .jsonl.gz (a `text` field per line) or .parquet (`text` column)."""
+    """Local .txt (one document per file), .jsonl / .jsonl.gz / .jsonl.xz (a `text` field per line) or .parquet (`text`
+    column)."""
     def expand(pattern: str, role: str) -> list[Path]:
         paths = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
         if not paths:
@@ -80,26 +80,19 @@ def resolve_corpus(corpus: str, train_shards: int, local_files: str, local_val_f
 
 
 def read_documents(path: Path) -> Iterator[str]:
-    """The documents of one file, by its extension."""
+    """The documents of one file, by its extension; a bad record or a damaged file is an error naming the file (and
+    line)."""
     name = path.name
-    if name.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        table = pq.ParquetFile(path)
-        for group in range(table.num_row_groups):
-            yield from table.read_row_group(group, columns=["text"]).column("text").to_pylist()
-    elif name.endswith((".jsonl", ".jsonl.gz")):
-        with (gzip.open(path, "rt", encoding="utf-8") if name.endswith(".gz") else open(path, encoding="utf-8")) as f:
-            for line_no, line in enumerate(f, 1):
-                if line.strip():
-                    record = json.loads(line)
-                    if "text" not in record:
-                        raise ValueError(f"{path}:{line_no}: no 'text' field in this record")
-                    yield record["text"]
+    if name.endswith((".parquet", ".jsonl", ".jsonl.gz", ".jsonl.xz")):
+        yield from converted(read_records([path], columns=["text"] if name.endswith(".parquet") else None),
+                             lambda record: field(record, "text"))
     elif name.endswith(".txt"):
-        yield path.read_text(encoding="utf-8")
+        try:
+            yield path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise DataFileError(f"{path}: not readable as UTF-8 text ({error})") from None
     else:
-        raise ValueError(f"{path}: unsupported file type (use .txt, .jsonl, .jsonl.gz or .parquet)")
+        raise ValueError(f"{path}: unsupported file type (use .txt, .jsonl, .jsonl.gz, .jsonl.xz or .parquet)")
 
 
 def iter_documents(files: CorpusFiles, split: str, max_chars: int = 0) -> Iterator[str]:
@@ -123,7 +116,7 @@ class CorpusConfig(StackConfig):
     """Which pretraining text to use; shared by 01_tokenizer and 02_sharding so both read the same documents."""
     corpus: str = "climbmix"  # climbmix | fineweb-edu | local | synthetic
     train_shards: int = 8  # hub parquet shards to download for training (plus the validation shard)
-    local_files: str = ""  # corpus=local: glob of training files (.txt, .jsonl, .jsonl.gz, .parquet)
+    local_files: str = ""  # corpus=local: glob of training files (.txt, .jsonl, .jsonl.gz, .jsonl.xz, .parquet)
     local_val_files: str = ""  # corpus=local: glob of validation files
     PRESETS = {"tiny": dict(corpus="synthetic"), "colab": dict(train_shards=4)}
     LIMITS = {"corpus": one_of(*CORPUS_NAMES), "train_shards": above(0)}

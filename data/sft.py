@@ -18,29 +18,29 @@ subset.
 """
 from __future__ import annotations
 
-import gzip
-import json
 import random
 import re
 import urllib.request
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
 from data import gsm8k
 from data.core import COLORS, THING_COLORS
+from data.records import DataFileError, converted, count_records, field, read_records
 from data.synthetic import synthetic_documents
 from stackcore import StackConfig, above, artifact_dir, at_least, chat_turns
 
 Conversation = list[dict]
+T = TypeVar("T")
 WORDS_URL = "https://raw.githubusercontent.com/dwyl/english-words/master/words_alpha.txt"
 LETTERS = "ABCDEFGHIJ"
 
 
-class SFTDataError(ValueError):
+class SFTDataError(DataFileError):
     """A dataset file that is missing or has rows of the wrong shape; the message names the file."""
 
 
@@ -86,26 +86,9 @@ def table_files(table: HubTable, split: str, local_dir: str = "", endpoint: str 
             for name in table.files[split]]
 
 
-def read_rows(paths: Sequence[Path]) -> Iterator[dict]:
-    """Rows of parquet (read a row group at a time) or .jsonl / .jsonl.gz files, in order."""
-    for path in paths:
-        if path.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            table = pq.ParquetFile(path)
-            for group in range(table.num_row_groups):
-                yield from table.read_row_group(group).to_pylist()
-        else:
-            with (gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")) as f:
-                yield from (json.loads(line) for line in f if line.strip())
-
-
-def count_rows(paths: Sequence[Path]) -> int:
-    """Rows in the files (parquet from its footer, jsonl by reading)."""
-    import pyarrow.parquet as pq
-
-    return sum(pq.ParquetFile(p).metadata.num_rows if p.suffix == ".parquet" else sum(1 for _ in read_rows([p]))
-               for p in paths)
+def rows(paths: Sequence[Path], convert: Callable[[dict], T]) -> Iterator[T]:
+    """convert(row) for every row of the files, a bad row or file named with its place (data/records.py)."""
+    return converted(read_records(paths, SFTDataError), convert, SFTDataError)
 
 
 def selection_passes(size: int, count: int, seed: int) -> list[np.ndarray]:
@@ -150,19 +133,28 @@ class ChoiceQuestion:
         return [*self.prompt(), {"role": "assistant", "content": self.letters[self.gold]}]
 
 
+def choice_question(question: str, choices: Sequence, gold: int) -> ChoiceQuestion:
+    """A question whose choices are strings and whose answer is an index into them (IndexError otherwise)."""
+    if not choices or not all(isinstance(choice, str) for choice in choices) or len(choices) > len(LETTERS):
+        raise ValueError(f"choices must be 1 to {len(LETTERS)} strings, got {choices!r}")
+    if not 0 <= gold < len(choices):
+        raise IndexError(f"answer {gold} is not an index into the {len(choices)} choices")
+    return ChoiceQuestion(question, tuple(choices), tuple(LETTERS[:len(choices)]), gold)
+
+
 def mmlu_question(row: dict) -> ChoiceQuestion:
     """An MMLU row: question, subject, choices (4 strings), answer (index)."""
-    choices = tuple(row["choices"])
-    return ChoiceQuestion(row["question"], choices, tuple(LETTERS[:len(choices)]), int(row["answer"]))
+    return choice_question(field(row, "question"), field(row, "choices", list), field(row, "answer", int))
 
 
 def arc_question(row: dict) -> ChoiceQuestion:
     """An ARC row: question, choices {text, label}, answerKey. A few questions label their choices 1-4; they are
     relabelled A-D so that every answer is a letter."""
-    texts, labels = row["choices"]["text"], list(row["choices"]["label"])
-    if row["answerKey"] not in labels:
-        raise SFTDataError(f"ARC question {row.get('id')}: answer {row['answerKey']!r} not among {labels}")
-    return ChoiceQuestion(row["question"], tuple(texts), tuple(LETTERS[:len(texts)]), labels.index(row["answerKey"]))
+    choices = field(row, "choices", dict)
+    texts, labels = field(choices, "text", list), field(choices, "label", list)
+    if field(row, "answerKey") not in labels:
+        raise ValueError(f"ARC question {row.get('id')}: answer {row['answerKey']!r} not among {labels}")
+    return choice_question(field(row, "question"), texts, labels.index(row["answerKey"]))
 
 
 def colour_questions(count: int, seed: int) -> list[ChoiceQuestion]:
@@ -184,14 +176,14 @@ def choice_questions(name: str, split: str, local_dir: str = "", endpoint: str |
     table = MMLU if name == "mmlu" else ARC["ARC-Easy" if name == "arc_easy" else "ARC-Challenge"]
     convert = mmlu_question if name == "mmlu" else arc_question
     paths = table_files(table, split, local_dir, endpoint)
-    return (lambda: map(convert, read_rows(paths))), count_rows(paths)
+    return (lambda: rows(paths, convert)), count_records(paths, SFTDataError)
 
 
 # --- SmolTalk ---------------------------------------------------------------------------------------------------
 
 def smoltalk_conversation(row: dict) -> Conversation:
     """A SmolTalk row's `messages` (role, content), optional system message first."""
-    return [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+    return [{"role": field(m, "role"), "content": field(m, "content")} for m in field(row, "messages", list)]
 
 
 # --- Spelling ---------------------------------------------------------------------------------------------------
@@ -384,7 +376,7 @@ def source_conversations(mix: SFTMixture, source: str, endpoint: str | None = No
         return iter(())
     if source == "smoltalk":
         paths = table_files(SMOLTALK, "train", mix.local(source), endpoint)
-        return select(lambda: map(smoltalk_conversation, read_rows(paths)), count_rows(paths), count, seed)
+        return select(lambda: rows(paths, smoltalk_conversation), count_records(paths, SFTDataError), count, seed)
     if source in ("mmlu", "arc_easy", "arc_challenge"):
         questions, size = choice_questions(source, "auxiliary_train" if source == "mmlu" else "train",
                                            mix.local(source), endpoint)

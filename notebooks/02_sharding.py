@@ -163,13 +163,16 @@ for split in ("train", "val"):
 
 fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3))
 left.bar(range(len(tokens_per_shard)), tokens_per_shard)
-left.set(xlabel="train shard", ylabel="tokens", title="tokens per shard")
+left.set_xticks(range(len(tokens_per_shard)))
+left.set(xlabel="train shard (index)", ylabel="tokens", title="tokens per train shard")
 right.hist(doc_lengths, bins=50)
-right.set(xlabel="tokens per document (first shard)", ylabel="documents", yscale="log", title="document lengths")
+right.set(xlabel="tokens per document", ylabel="documents", yscale="log",
+          title="document lengths in the first train shard")
+fig.suptitle(f"shards of {cfg.pretokenized_repo or cfg.corpus + ' corpus'}, {tokenizer.vocab_size}-token vocabulary")
 fig.tight_layout()
 fig.savefig(run_dir / "shards.png", dpi=120)
 plt.show()
-(run_dir / "summary.json").write_text(json.dumps(report, indent=1))
+(run_dir / "summary.json").write_text(json.dumps(report, indent=1));
 
 # %% [markdown]
 # ## Look inside: a shard's header and a document boundary
@@ -284,7 +287,7 @@ for key in (*sft.SFT_SOURCES, "train", "val"):
         row = stats[key]
         print(f"{key:<14} {row['conversations']:>13,} {row['tokens']:>12,} {row['trained'] / row['tokens']:>8.1%}")
 report["sft"] = {key: dict(stats[key]) for key in stats}
-(run_dir / "summary.json").write_text(json.dumps(report, indent=1))
+(run_dir / "summary.json").write_text(json.dumps(report, indent=1));
 
 # %% [markdown]
 # The lengths decide how well conversations pack: `05_sft` fills each batch with whole conversations, so many short
@@ -294,7 +297,8 @@ report["sft"] = {key: dict(stats[key]) for key in stats}
 fig, ax = plt.subplots(figsize=(8, 3))
 for source, values in lengths.items():
     ax.hist(values, bins=40, alpha=0.6, label=source)
-ax.set(xlabel="tokens per conversation", ylabel="conversations", yscale="log", title="conversation lengths")
+ax.set(xlabel="tokens per conversation", ylabel="conversations", yscale="log",
+       title="conversation lengths in the SFT mixture, by source")
 ax.legend()
 fig.tight_layout()
 fig.savefig(run_dir / "sft_lengths.png", dpi=120)

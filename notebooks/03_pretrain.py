@@ -431,6 +431,7 @@ if dist_info.master:
     left.set(xlabel="step", ylabel="train loss (nats/token)", title="training loss")
     right.plot([r["step"] for r in val], [r["val_bpb"] for r in val], marker="o")
     right.set(xlabel="step", ylabel="bits per byte", title="validation bits per byte")
+    fig.suptitle(f"{params['total']:,} parameters, {cfg.preset} preset, {cfg.tokens_per_step:,} tokens per step")
     fig.tight_layout()
     fig.savefig(run_dir / "curves.png", dpi=120)
     plt.show()

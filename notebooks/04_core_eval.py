@@ -245,7 +245,11 @@ if dist_info.master:
     ax.bar(range(len(labels)), centred, color=["tab:green" if c > 0 else "tab:red" for c in centred])
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xticks(range(len(labels)), labels, rotation=75, fontsize=8)
-    ax.set(ylabel="centred accuracy", title=f"CORE {results['core']:.4f} (step {checkpoint['step']})")
+    examples = sorted({results["tasks"][label]["examples"] for label in labels})
+    per_task = f"{examples[0]}" if len(examples) == 1 else f"{examples[0]}-{examples[-1]}"
+    source = "synthetic examples per task (tiny preset)" if cfg.preset == "tiny" else "examples per task"
+    ax.set(ylabel="centred accuracy\n(0: random guessing)",
+           title=f"CORE {results['core']:.4f} at step {checkpoint['step']}, on {per_task} {source}")
     fig.tight_layout()
     fig.savefig(run_dir / "core.png", dpi=120)
     plt.show()

@@ -275,10 +275,19 @@ for expression in ("12 * 7", "10 / 4", "2 ** 100", "'strawberry'.count('r')", "1
 session = ChatSession(engine, temperature=cfg.temperature, top_k=cfg.top_k or None, max_tokens=cfg.max_tokens,
                       seed=cfg.seed)
 question = cfg.prompt or "Hello! What is 12 times 7?"
-print(f"you> {question}\nassistant> ", end="")
-for piece in session.reply(question):
-    print(piece, end="", flush=True)
-print()
+print(f"you> {question}")
+if sc.in_notebook_kernel():  # one output that grows with the reply, saved once in the notebook
+    from IPython.display import Pretty, display
+
+    reply, shown = "assistant> ", display(Pretty("assistant> "), display_id=True)
+    for piece in session.reply(question):
+        reply += piece
+        shown.update(Pretty(reply))
+else:
+    print("assistant> ", end="")
+    for piece in session.reply(question):
+        print(piece, end="", flush=True)
+    print()
 
 # %% [markdown]
 # In a notebook kernel the panel below goes on with the conversation (the slider sets the temperature, Clear

@@ -47,3 +47,12 @@ def tiny_tokenizer(tmp_path_factory):
     tokenizer = sc.Tokenizer.train(synthetic_documents(800, seed=3), 512)
     tokenizer.save(directory)
     return directory
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The hostile-input modules (tests/test_hostile_*.py) are the spec for bad input: say how many cases ran."""
+    reports = [report for outcome in ("passed", "failed") for report in terminalreporter.stats.get(outcome, [])
+               if report.when == "call" and "test_hostile_" in report.nodeid]
+    if reports:
+        failed = sum(report.failed for report in reports)
+        terminalreporter.write_line(f"hostile-input cases: {len(reports)} ran, {failed} failed")

@@ -135,28 +135,35 @@ def test_loss_scaler_is_a_plain_step_without_fp16(monkeypatch):
 
 @dataclass
 class Recorder:
-    """Fake pip/git runner and Drive mount: records every call, downloads nothing."""
-    commands: list
+    """Fake pip and Drive mount: records every call, downloads nothing."""
+    installs: list
     mounts: list
 
-    def run(self, command):
-        self.commands.append(command)
-        return "abc1234\n"
+    def pip(self, lines):
+        self.installs.append(list(lines))
 
     def mount(self, mount_point):
         self.mounts.append(mount_point)
 
 
-def colab_context(environ=None, installed=None, gpu=T4, colab=True, drive_mounted=False):
-    recorder = Recorder([], [])
-    context = sc.RuntimeContext(dict(COLAB_ENV if colab else {}, **(environ or {})), [],
-                                SATISFIED if installed is None else installed, gpu, colab, drive_mounted,
-                                recorder.run, recorder.mount)
-    return context, recorder
-
-
-def pip_installs(recorder):
-    return [command[5:] for command in recorder.commands if command[1:4] == ["-m", "pip", "install"]]
+@pytest.fixture
+def runtime(monkeypatch, stack_home):
+    """Play a runtime: set_up(...) runs setup_runtime with fake package lists, GPU and environment."""
+    def set_up(use_drive=False, installed=None, imported=(), gpu=T4, colab=True, drive_mounted=False, environ=None):
+        for name in [*COLAB_ENV, "STACK_DRIVE", "STACK_PRESET", "STACK_COLAB_GPU", "STACK_DTYPE"]:
+            monkeypatch.delenv(name, raising=False)
+        for name, value in {"STACK_HOME": str(stack_home), **(COLAB_ENV if colab else {}), **(environ or {})}.items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.setattr(sc, "installed_distributions", lambda: SATISFIED if installed is None else installed)
+        monkeypatch.setattr(sc, "imported_distributions", lambda: set(imported))
+        monkeypatch.setattr(sc, "current_gpu", lambda device="cuda": gpu)
+        monkeypatch.setattr(sc, "script_argv", lambda: [])
+        monkeypatch.setattr(sc, "DRIVE_MOUNT", stack_home / ("mounted" if drive_mounted else "drive"))
+        (stack_home / "mounted" / "MyDrive").mkdir(parents=True, exist_ok=True)
+        recorder = Recorder([], [])
+        assert sc.setup_runtime(use_drive, colab=colab, pip=recorder.pip, mount_drive=recorder.mount) is None
+        return recorder
+    return set_up
 
 
 def test_colab_is_detected_by_its_variables_or_module():
@@ -165,57 +172,81 @@ def test_colab_is_detected_by_its_variables_or_module():
     assert not sc.in_colab({"HOME": "/root"}, modules={})
 
 
-def test_colab_installs_only_what_it_lacks_and_never_torch(capsys):
+def test_colab_installs_only_what_it_lacks_and_never_torch(runtime, capsys):
     installed = {name: version for name, version in SATISFIED.items() if name not in ("rustbpe", "jupytext")}
     installed.update(torch="2.0.0+cu118", tiktoken="0.0.1")  # torch too old, tiktoken too old
-    context, recorder = colab_context(installed=installed)
-    plan = sc.setup_runtime(context=context)
+    recorder = runtime(installed=installed)
     wanted = [REQUIREMENTS[name] for name in ("tiktoken", "rustbpe", "jupytext")]
-    assert pip_installs(recorder) == [sorted(wanted, key=list(REQUIREMENTS.values()).index)]
-    assert set(plan.missing) == {REQUIREMENTS["torch"], *wanted}
+    assert recorder.installs == [sorted(wanted, key=list(REQUIREMENTS.values()).index)]
     out = capsys.readouterr().out
     assert f"{REQUIREMENTS['torch']} not satisfied: torch and triton stay as this runtime has them" in out
     assert "GPU: Tesla T4, 15.8 GB, compute capability 7.5" in out
     assert "preset: colab (t4 sizes); compute dtype: float16 with loss scaling" in out
-    assert "commit abc1234" in out
+    assert re.search(r"at commit \w+", out)
 
 
-def test_a_ready_runtime_installs_nothing(capsys):
-    context, recorder = colab_context(gpu=A100_40)
-    plan = sc.setup_runtime(context=context)
-    assert pip_installs(recorder) == [] and plan.missing == ()
+def test_colab_never_upgrades_a_package_the_kernel_has_imported(runtime, capsys):
+    installed = dict(SATISFIED, ipywidgets="7.6.0", tqdm="4.0.0")
+    recorder = runtime(installed=installed, imported={"ipywidgets"})
+    assert recorder.installs == [[REQUIREMENTS["tqdm"]]]
+    out = capsys.readouterr().out
+    assert f"{REQUIREMENTS['ipywidgets']} not satisfied but already imported" in out and "Restart session" in out
+
+
+def test_colabs_own_ipywidgets_satisfies_the_requirements():
+    """Colab has shipped ipywidgets 7.7.1; the chat panel works with 7.x and 8.x, so neither is upgraded."""
+    for version in ("7.7.1", "8.1.5"):
+        assert sc.missing_requirements([REQUIREMENTS["ipywidgets"]], {"ipywidgets": version}) == []
+
+
+def test_imported_distributions_names_what_this_process_loaded():
+    assert {"numpy", "torch"} <= sc.imported_distributions()
+
+
+def test_a_ready_runtime_installs_nothing(runtime, capsys):
+    assert runtime(gpu=A100_40).installs == []
     assert "preset: colab (a100 sizes); compute dtype: bfloat16" in capsys.readouterr().out
 
 
-def test_outside_colab_nothing_is_installed_or_mounted(capsys, stack_home):
-    context, recorder = colab_context({"STACK_HOME": str(stack_home)}, {"torch": "9.9"}, gpu=None, colab=False)
-    plan = sc.setup_runtime(use_drive=True, context=context)
-    assert pip_installs(recorder) == [] and recorder.mounts == [] and not plan.mount_drive
-    assert plan.stack_home == stack_home and plan.preset == "tiny"
+def test_outside_colab_nothing_is_installed_or_mounted(runtime, capsys, stack_home):
+    recorder = runtime(use_drive=True, installed={"torch": "9.9"}, gpu=None, colab=False)
+    assert recorder.installs == [] and recorder.mounts == []
+    assert os.environ["STACK_HOME"] == str(stack_home)
     out = capsys.readouterr().out
-    assert "use_drive applies in Colab only" in out and "python3 -m pip install -r requirements.txt" in out
+    assert "preset: tiny" in out and "use_drive applies in Colab only" in out
+    assert "python3 -m pip install -r requirements.txt" in out
 
 
-def test_drive_is_mounted_only_when_asked(capsys):
-    context, recorder = colab_context()
-    plan = sc.setup_runtime(context=context)
-    assert recorder.mounts == [] and plan.stack_home != sc.DRIVE_STACK_HOME
-    assert "tick use_drive" in capsys.readouterr().out
-    context, recorder = colab_context()
-    plan = sc.setup_runtime(use_drive=True, context=context)
-    assert recorder.mounts == [str(sc.DRIVE_MOUNT)] and plan.stack_home == sc.DRIVE_STACK_HOME
-    assert context.environ["STACK_HOME"] == str(sc.DRIVE_STACK_HOME)
+def test_drive_is_mounted_only_when_asked(runtime, capsys):
+    recorder = runtime()
+    assert recorder.mounts == [] and "tick use_drive" in capsys.readouterr().out
+    recorder = runtime(use_drive=True)
+    assert recorder.mounts == [str(sc.DRIVE_MOUNT)]
+    assert os.environ["STACK_HOME"] == str(sc.DRIVE_STACK_HOME)
 
 
-def test_drive_by_variable_and_no_second_mount():
-    context, recorder = colab_context(environ={"STACK_DRIVE": "1"}, drive_mounted=True)
-    plan = sc.setup_runtime(context=context)
-    assert recorder.mounts == [] and plan.stack_home == sc.DRIVE_STACK_HOME
+def test_drive_by_variable_and_no_second_mount(runtime):
+    recorder = runtime(environ={"STACK_DRIVE": "1"}, drive_mounted=True)
+    assert recorder.mounts == [] and os.environ["STACK_HOME"] == str(sc.DRIVE_STACK_HOME)
 
 
-def test_colab_without_a_gpu_says_how_to_get_one(capsys):
-    plan = sc.setup_runtime(context=colab_context(gpu=None)[0])
-    assert plan.preset == "tiny" and "Change runtime type" in capsys.readouterr().out
+def test_colab_without_a_gpu_says_how_to_get_one(runtime, capsys):
+    runtime(gpu=None)
+    out = capsys.readouterr().out
+    assert "preset: tiny" in out and "Change runtime type" in out
+
+
+@pytest.mark.parametrize("environ, cores, local_world, threads", [
+    ({}, 2, 1, 1), ({}, 6, 1, 3), ({}, 64, 1, 4), ({}, 64, 8, 1), ({"OMP_NUM_THREADS": "3"}, 64, 1, None)])
+def test_cpu_runs_pick_their_thread_count(monkeypatch, environ, cores, local_world, threads):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    before = torch.get_num_threads()
+    try:
+        got = sc.set_cpu_threads({**environ, "LOCAL_WORLD_SIZE": str(local_world)})
+        assert got == (before if threads is None else threads) == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_requirement_check_reads_versions_names_and_markers():
@@ -301,3 +332,14 @@ def test_in_colab_a_missing_artifact_says_to_share_stack_home_on_drive(monkeypat
     monkeypatch.setenv("STACK_HOME", str(sc.DRIVE_STACK_HOME))
     error = sc.MissingArtifactError("x not found: run notebooks/01_tokenizer first")
     assert str(error) == "x not found: run notebooks/01_tokenizer first"
+
+
+# widget classes that ipywidgets 7.7 (Colab's) and 8.x both have
+WIDGETS_IN_7_AND_8 = {"HTML", "Text", "Textarea", "Button", "FloatSlider", "IntSlider", "VBox", "HBox", "Output",
+                      "Label", "Layout", "Dropdown", "Checkbox"}
+
+
+def test_the_chat_panel_uses_widgets_that_colabs_ipywidgets_has():
+    sources = "".join((ROOT / "notebooks" / name).read_text() for name in ("chat_session.py", "07_chat.py"))
+    used = set(re.findall(r"\bwidgets\.(\w+)", sources))
+    assert used and used <= WIDGETS_IN_7_AND_8, used - WIDGETS_IN_7_AND_8

@@ -1,4 +1,9 @@
+import os
+import re
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -80,3 +85,69 @@ def test_artifacts_live_under_stack_home(stack_home):
         sc.artifact_dir("weights")
     with pytest.raises(sc.MissingArtifactError, match=r"run notebooks/01_tokenizer first"):
         sc.require_artifact(stack_home / "tokenizer" / "tokenizer.json", made_by="01_tokenizer")
+
+
+# ----- a twin's command line: --help, a bad option, misspelt STACK_ variables
+
+
+TWINS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("[0-9][0-9]_*.py"))
+
+
+def run_twin(twin, *args, **environ):
+    env = {**os.environ, "STACK_PRESET": "tiny", **environ}
+    return subprocess.run([sys.executable, str(twin), *args], cwd=twin.parents[1], env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize("twin", TWINS, ids=lambda path: path.stem)
+def test_help_lists_every_option_with_its_default_and_exits_0(twin):
+    result = run_twin(twin, "--help")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "usage: python" in result.stdout and "Defaults of the tiny preset:" in result.stdout
+    options = re.findall(r"^  --(\w+) +(\S.*)$", result.stdout.split("usage: python")[1], re.M)
+    assert len(options) >= 3 and len({name for name, _ in options}) == len(options), result.stdout
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("twin", TWINS, ids=lambda path: path.stem)
+def test_a_bad_option_is_one_line_and_exit_status_2(twin):
+    result = run_twin(twin, "--stepz=1")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"{twin.name}: error: " + result.stderr.strip().split(": error: ", 1)[1]]
+    assert "unknown option(s) --stepz" in result.stderr and "valid keys:" in result.stderr
+
+
+def test_usage_shows_the_presets_values():
+    text = sc.usage(ChildConfig, "tiny", None)
+    assert "--steps" in text and " 5" in text.split("--steps")[1].splitlines()[0]
+    assert "--extra" in text and " 7" in text.split("--extra")[1].splitlines()[0]
+    assert "--preset " not in text
+
+
+def test_config_errors_end_a_script_with_status_2(capsys):
+    with pytest.raises(SystemExit) as stop:
+        with sc.config_errors_end_the_script():
+            sc.configure(DemoConfig, ["--stepz=1"], {})
+    assert stop.value.code == 2
+    assert "error: unknown option(s) --stepz for DemoConfig" in capsys.readouterr().err
+
+
+def test_a_misspelt_stack_variable_is_warned_about(capsys):
+    cfg = sc.configure(DemoConfig, [], {"STACK_STEPZ": "1", "STACK_HOME": "/x", "STACK_TEST_DATA": "1",
+                                        "STACK_VOCAB_SIZE": "384"})
+    assert cfg.steps == 5  # ignored
+    err = capsys.readouterr().err
+    assert "STACK_STEPZ is not a setting here and is ignored; did you mean STACK_STEPS?" in err
+    assert "STACK_HOME" not in err and "STACK_TEST_DATA" not in err
+    assert "STACK_VOCAB_SIZE" not in err  # another notebook's setting (the pipeline sets them for all)
+
+
+def test_the_pipeline_ends_by_saying_where_its_plots_and_summaries_are(tmp_path):
+    for run, names in {"pretrain": ["curves.png", "summary.json", "metrics.jsonl"], "empty": []}.items():
+        (tmp_path / run).mkdir()
+        for name in names:
+            (tmp_path / run / name).write_text("")
+    assert sc.describe_run_outputs(tmp_path).splitlines() == [
+        f"Plots and summaries, under {tmp_path}:", "  pretrain/: curves.png, summary.json"]

@@ -68,9 +68,25 @@ def test_rows_prefill_and_decode_together_as_they_do_alone(backend):
             torch.testing.assert_close(together[row], model(ids[row], backend=backend), atol=TOLERANCE, rtol=0)
 
 
-def test_rows_at_different_positions_step_together():
+def greedy_step(model, cache, chunk=4, compile_backend=None):
+    """A DecodeStep that only forces tokens (greedy, stop ids the model never meets in these tests)."""
+    return sc.DecodeStep(model, cache, "sdpa", sc.Sampling(temperature=0.0), stop_ids=[-5], python_end=-6,
+                         chunk=chunk, cuda_graph=False, compile_backend=compile_backend)
+
+
+def force(step, tokens):
+    """begin_chunk with `tokens` (B, n) forced, n <= chunk."""
+    B, n = tokens.shape
+    forced = torch.zeros(B, step.chunk, dtype=torch.long)
+    forced[:, :n] = tokens
+    step.begin_chunk(torch.zeros(B, step.chunk), forced, torch.full((B,), n))
+
+
+@pytest.mark.parametrize("compile_backend", [None, "aot_eager"], ids=["eager", "compiled"])
+def test_rows_at_different_positions_step_together(compile_backend):
     """Rows prefilled apart through views (prompts of 10 and 6 tokens), then stepped together by DecodeStep (what a
-    CUDA graph replays): each row matches its own single-row decode, and the caches hold the same keys."""
+    CUDA graph replays) in chunks of 4, fed their tokens as forced tokens: each row's logits match its own
+    single-row decode, the cache holds the same keys, and the chunk's emitted tokens are the forced ones."""
     model = random_model(short_window=5)
     ids = torch.randint(0, 512, (2, 30), generator=torch.Generator().manual_seed(2))
     lengths = [10, 6]
@@ -82,14 +98,70 @@ def test_rows_at_different_positions_step_together():
             model(ids[row:row + 1, :length], kv_cache=alone[row])
             model(ids[row:row + 1, :length], kv_cache=views[row])
         assert shared.lengths.tolist() == lengths and not shared.empty
-        step = sc.DecodeStep(model, shared, "sdpa", cuda_graph=False)
-        for t in range(14):
-            feed = torch.stack([ids[row, length + t] for row, length in enumerate(lengths)])
-            expected = torch.cat([model(feed[row, None, None], kv_cache=alone[row])[:, -1] for row in range(2)])
-            torch.testing.assert_close(step(feed), expected, atol=TOLERANCE, rtol=0)
+        step = greedy_step(model, shared, compile_backend=compile_backend)
+        step.start(torch.zeros(2, 512), [20, 20])
+        feed = torch.stack([ids[row, length:length + 12] for row, length in enumerate(lengths)])  # (2, 12)
+        for first in range(0, 12, 4):
+            force(step, feed[:, first:first + 4])
+            for t in range(first, first + 4):
+                step()
+                expected = torch.cat([model(feed[row, None, t, None], kv_cache=alone[row])[:, -1] for row in range(2)])
+                torch.testing.assert_close(step.state.logits, expected, atol=TOLERANCE, rtol=0)
+            emitted, sampled, _, taken = step.read_chunk()
+            assert emitted == feed[:, first:first + 4].tolist() and taken == [4, 4]
+            assert not any(map(any, sampled))
         for row, length in enumerate(lengths):
-            torch.testing.assert_close(shared.k[:, row, :, :length + 14], alone[row].k[:, 0, :, :length + 14])
-        assert shared.lengths.tolist() == [length + 14 for length in lengths]
+            torch.testing.assert_close(shared.k[:, row, :, :length + 12], alone[row].k[:, 0, :, :length + 12])
+        assert shared.lengths.tolist() == [length + 12 for length in lengths]
+
+
+def test_finished_and_waiting_rows_step_masked():
+    """Row 0 emits a stop token, row 1 <|python_end|> (here id 7), in the first step of a chunk: the rest of the
+    chunk they record -1, keep their logits and length, while row 2 goes on; row 1 resumes in the next chunk."""
+    model = random_model()
+    ids = torch.randint(0, 512, (3, 8), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        cache = sc.KVCache(model.config, 3, 30, "cpu", torch.float32)
+        model(ids, kv_cache=cache)
+        step = sc.DecodeStep(model, cache, "sdpa", sc.Sampling(temperature=0.0), stop_ids=[5], python_end=7,
+                             chunk=4, cuda_graph=False)
+        step.start(torch.zeros(3, 512), [20, 20, 20])
+        force(step, torch.tensor([[5, 1, 1], [7, 1, 1], [3, 4, 6]]))
+        logits = []
+        for _ in range(3):
+            step()
+            logits.append(step.state.logits.clone())
+        emitted, _, _, taken = step.read_chunk()
+        assert emitted == [[5, -1, -1, -1], [7, -1, -1, -1], [3, 4, 6, -1]] and taken == [1, 1, 3]
+        assert cache.lengths.tolist() == [9, 9, 11] and step.state.done.tolist() == [True, False, False]
+        assert all(torch.equal(later[:2], logits[0][:2]) for later in logits[1:])
+        force(step, torch.tensor([[1], [2], [9]]))
+        step()
+        assert step.read_chunk()[0] == [[-1] * 4, [2, -1, -1, -1], [9, -1, -1, -1]]
+        expected = model(torch.cat([ids[1], torch.tensor([7, 2])])[None], kv_cache=sc.KVCache(
+            model.config, 1, 30, "cpu", torch.float32))[0, -1]
+        torch.testing.assert_close(step.state.logits[1], expected, atol=TOLERANCE, rtol=0)
+
+
+def test_prompts_prefilled_together_in_one_packed_pass():
+    """Prompts of 7, 12 and 3 tokens in one packed (varlen) pass, each into its 2 rows: the next-token logits and
+    the following decoded steps of every row match each prompt's own full forward pass."""
+    model = random_model(short_window=5)
+    ids = torch.randint(0, 512, (40,), generator=torch.Generator().manual_seed(7))
+    lengths = [7, 12, 3]
+    prompts = [ids[:length] for length in lengths]
+    with torch.no_grad():
+        cache = sc.KVCache(model.config, 6, 30, "cpu", torch.float32)
+        packed = sc.PackedPrompts(cache, lengths, [0, 2, 4], copies=2)
+        first = model(torch.cat(prompts), kv_cache=packed, logit_rows=packed.last_tokens())
+        assert cache.lengths.tolist() == [7, 7, 12, 12, 3, 3] and not cache.empty
+        continuation = ids[20:24]
+        nexts = model(continuation.expand(6, 4), kv_cache=cache)  # 4 more tokens in every row, one pass
+        for i, prompt in enumerate(prompts):
+            full = model(torch.cat([prompt, continuation]))
+            torch.testing.assert_close(first[i], full[len(prompt) - 1], atol=TOLERANCE, rtol=0)
+            for row in (2 * i, 2 * i + 1):
+                torch.testing.assert_close(nexts[row], full[len(prompt):], atol=TOLERANCE, rtol=0)
 
 
 def test_a_view_of_a_filled_cache_reads_the_cache():
@@ -144,6 +216,33 @@ def test_batched_samples_equal_samples_one_at_a_time(tokenizer):
     assert engine.generate(prompt, num_samples=3, seed=7, **kwargs)[0] == batch  # seeded: reproducible
 
 
+def test_chunk_length_and_compilation_change_no_token(tokenizer):
+    """Sampled with top-k and top-p from prompts of different lengths: every sync_every, and the step compiled
+    (aot_eager: the traced graph, on the CPU), give the tokens of one step per sync."""
+    prompts = [tokenizer.encode("Hi", prepend_bos=True), tokenizer.encode("The quick brown fox", prepend_bos=True)]
+    kwargs = dict(num_samples=2, max_tokens=24, temperature=0.9, top_k=40, top_p=0.8, seed=5)
+    model = random_model()
+    reference = sc.Engine(model, tokenizer, sync_every=1).generate_batch(prompts, **kwargs)
+    for options in (dict(sync_every=5), dict(sync_every=16), dict(sync_every=7, compile_backend="aot_eager")):
+        assert sc.Engine(model, tokenizer, **options).generate_batch(prompts, **kwargs) == reference, options
+
+
+def test_greedy_decoding_equals_the_full_forward_pass(tokenizer):
+    """Greedy generation from three prompts prefilled together (packed), in chunks of 4, compiled: each row is the
+    argmax continuation that full forward passes without a cache give."""
+    model = random_model(short_window=5)
+    prompts = [tokenizer.encode(text, prepend_bos=True) for text in ("Hi", "Once upon a time", "A b c d e f g")]
+    engine = sc.Engine(model, tokenizer, sync_every=4, compile_backend="aot_eager")
+    tokens, masks = engine.generate_batch(prompts, max_tokens=10, temperature=0.0)
+    with torch.no_grad():
+        for prompt, row in zip(prompts, tokens):
+            ids = list(prompt)
+            for _ in range(len(row)):
+                ids.append(int(model(torch.tensor(ids))[-1].argmax()))
+            assert row == ids[len(prompt):]
+    assert all(mask == [1] * len(row) for row, mask in zip(tokens, masks))
+
+
 def test_prompts_of_different_lengths_decode_together_as_they_do_alone(tokenizer):
     """Rows at different positions (a 3-token and a longer prompt, 2 samples each) against each prompt alone; the
     long prompt leaves less room than max_tokens in max_seq_len, so its rows also stop at different lengths."""
@@ -187,15 +286,14 @@ class ScriptedModel(sc.GPT):
         self.script, self.prompt_length = script, 0
 
     def forward(self, input_ids, *_, kv_cache, logit_rows=None, **__):
-        B, T = input_ids.shape
-        if kv_cache.empty:
-            self.prompt_length = T
-        logits = torch.zeros(B, T, self.config.vocab_size)
-        for row in range(B):
-            for t in range(T):
-                logits[row, t, self.script(int(kv_cache.lengths[row]) + t + 1, self.prompt_length)] = 30.0
-        kv_cache.advance(T)
-        return logits if logit_rows is None else logits.view(B * T, -1)[logit_rows]
+        ids, _, _, positions = kv_cache.packing(input_ids)
+        if kv_cache.empty:  # the prefill (one prompt in these tests)
+            self.prompt_length = ids.numel()
+        logits = torch.zeros(ids.numel(), self.config.vocab_size)
+        for t, position in enumerate(positions.tolist()):
+            logits[t, self.script(position + 1, self.prompt_length)] = 30.0
+        kv_cache.advance(input_ids.size(-1))
+        return logits.view(*input_ids.shape, -1) if logit_rows is None else logits[logit_rows]
 
 
 def following(script: list[int]):
@@ -215,14 +313,17 @@ def test_greedy_stops_at_assistant_end(tokenizer):
     assert short == [answer[:3]]
 
 
-def test_tool_call_result_is_forced_between_output_tokens(tokenizer):
+@pytest.mark.parametrize("sync_every", [1, 3, 16])
+def test_tool_call_result_is_forced_between_output_tokens(tokenizer, sync_every):
+    """Whatever the chunk length: the call closes mid-chunk or at its end, the result comes in the next chunk(s)."""
     special = tokenizer.special_id
     prompt = sc.render_for_completion(tokenizer, [{"role": "user", "content": "6 times 7?"}])
     call = [special("<|python_start|>"), *tokenizer.encode("6*7"), special("<|python_end|>")]
     forced = [special("<|output_start|>"), *tokenizer.encode("42"), special("<|output_end|>")]
     wrong = [special("<|output_start|>"), *tokenizer.encode("41"), special("<|output_end|>")]  # what the model "thinks"
     tail = [*tokenizer.encode(" so 42"), special("<|assistant_end|>")]
-    engine = sc.Engine(ScriptedModel(tokenizer.vocab_size, following(prompt + call + wrong + tail)), tokenizer)
+    engine = sc.Engine(ScriptedModel(tokenizer.vocab_size, following(prompt + call + wrong + tail)), tokenizer,
+                       sync_every=sync_every)
     tokens, masks = engine.generate(prompt, max_tokens=40, temperature=0.0)
     assert len(wrong) == len(forced)  # so the script stays aligned with the forced tokens
     assert tokens[0] == call + forced + tail

@@ -1,14 +1,17 @@
 """Every notebook has a py:percent twin with the same cells, and the notebooks run top to bottom (nbval) in the
 tiny preset, in order, sharing one STACK_HOME; the twins run headless, also under torchrun on CPU."""
+import ast
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import jupytext
 import pytest
 
 from conftest import ROOT
+from plot_check import figures_that_do_not_explain_themselves
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
@@ -41,11 +44,17 @@ def tiny_env(stack_home):
     return {**os.environ, "STACK_HOME": str(stack_home), "STACK_PRESET": "tiny", "PYTHONUNBUFFERED": "1"}
 
 
-def test_notebooks_run_in_order_with_nbval(stack_home):
+def test_notebooks_run_in_order_with_nbval(stack_home, tmp_path):
+    """... and every plot they save has a title and axes that say what they show (tests/plot_check.py)."""
+    plot_log = tmp_path / "plots.jsonl"
+    env = {**tiny_env(stack_home), "MPLBACKEND": "module://plot_check", "PLOT_CHECK_LOG": str(plot_log),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))}
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbval-lax",
-                             *map(str, NOTEBOOKS)], cwd=ROOT, env=tiny_env(stack_home), capture_output=True,
-                            text=True, timeout=1200)
+                             *map(str, NOTEBOOKS)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    saved = {Path(json.loads(line)["file"]).name for line in plot_log.read_text().splitlines()}
+    assert {"compression.png", "shards.png", "core.png", "chat_evals.png"} <= saved
+    assert figures_that_do_not_explain_themselves(plot_log) == []
     summary = json.loads((stack_home / "runs" / "pretrain" / "summary.json").read_text())
     assert summary["final_val_bpb"] < 1.5  # from about 3 bits per byte at initialisation
 
@@ -61,6 +70,7 @@ def test_twins_run_headless_and_under_torchrun(stack_home):
     summary = json.loads((stack_home / "runs" / "ddp" / "summary.json").read_text())
     assert summary["ranks"] == 2 and summary["steps"] == 4
     assert (stack_home / "checkpoints" / "ddp" / "step_000004.rank1.pt").is_file()
+    assert "nanobind" not in result.stdout + result.stderr  # triton's teardown report (sc.silence_triton_teardown)
     summary_file = stack_home / "runs" / "ddp" / "summary.json"
     before = summary_file.read_bytes()
     again = subprocess.run([sys.executable, "notebooks/03_pretrain.py", "--steps=4", "--run_name=ddp"], cwd=ROOT,
@@ -75,4 +85,55 @@ def test_twins_run_headless_and_under_torchrun(stack_home):
     assert summary["ranks"] == 1 and summary["steps"] == 6 and summary["tokens"] == 6 * 4096
     bad = subprocess.run([sys.executable, "notebooks/03_pretrain.py", "--stepz=4"], cwd=ROOT, env=env,
                          capture_output=True, text=True)
-    assert bad.returncode != 0 and "valid keys" in bad.stderr
+    assert bad.returncode == 2 and "valid keys" in bad.stderr and "Traceback" not in bad.stderr
+
+
+QUIET_CALLS = {"print", "log", "display", "plt.show", "sc.setup_runtime", "chat_loop"}  # they return None
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
+def test_no_cell_shows_a_stray_return_value(notebook):
+    """A cell whose last line is a call shows what the call returns (`write_text` shows a byte count): such a line
+    ends with `;`, unless the call is one that returns None. A bare name at the end is meant to be shown."""
+    for cell in jupytext.read(notebook.with_suffix(".py")).cells:
+        if cell.cell_type != "code":
+            continue
+        last = ast.parse(cell.source).body[-1]
+        if isinstance(last, ast.Expr) and isinstance(last.value, ast.Call):
+            called = ast.unparse(last.value.func)
+            line = cell.source.rstrip().splitlines()[-1]
+            assert called in QUIET_CALLS or called.endswith(".mkdir") or line.endswith(";"), \
+                f"{notebook.name}: the cell ending {line.strip()!r} shows the value of {called}(...): end it with ;"
+
+
+def test_a_streamed_reply_is_one_growing_output_in_a_notebook(monkeypatch, capsys):
+    """07's chat cell in a kernel: one display, updated piece by piece (a notebook saves one output, not one per
+    piece); as a script it prints the pieces."""
+    import IPython.display
+
+    import stackcore as sc
+
+    cell = next(c.source for c in jupytext.read(ROOT / "notebooks" / "07_chat.py").cells
+                if c.cell_type == "code" and "session.reply(question)" in c.source)
+    cell = "question = " + cell.split("question = ", 1)[1]  # from the question on: no engine needed
+
+    class Session:
+        def reply(self, text):
+            yield from ["Hel", "lo", "!"]
+
+    class Handle:
+        def __init__(self):
+            self.updates = []
+
+        def update(self, obj):
+            self.updates.append(obj.data)
+
+    handles = []
+    monkeypatch.setattr(IPython.display, "display",
+                        lambda obj, display_id: handles.append(Handle()) or handles[-1])
+    cfg = type("Cfg", (), {"prompt": "Hi"})()
+    for kernel in (True, False):
+        monkeypatch.setattr(sc, "in_notebook_kernel", lambda: kernel)
+        exec(cell, {"sc": sc, "session": Session(), "cfg": cfg})
+    assert len(handles) == 1 and handles[0].updates[-1] == "assistant> Hello!"
+    assert capsys.readouterr().out == "you> Hi\nyou> Hi\nassistant> Hello!\n"

@@ -116,7 +116,7 @@ def test_local_files_with_errors_name_the_file_and_line(tmp_path):
     good = json.dumps({"question": "q", "answer": "a <<1+1=2>>2\n#### 2"})
     (tmp_path / "train.jsonl").write_text(f"{good}\n\n{good}\n")
     assert [p.gold for p in gsm8k.load_problems("train", str(tmp_path))] == ["2", "2"]
-    for bad, message in (("{not json", "not JSON"), ('{"question": "q"}', "string fields"),
+    for bad, message in (("{not json", "not valid JSON"), ('{"question": "q"}', "string fields"),
                          ('{"question": "q", "answer": "no final answer"}', "no '#### N'")):
         (tmp_path / "test.jsonl").write_text(f"{good}\n{bad}\n")
         with pytest.raises(gsm8k.GsmDataError, match=rf"test.jsonl:2: .*{message}"):

@@ -1,9 +1,8 @@
 """Supervised fine-tuning and chat evals: conversation shards with their masks, the packing SFT loader, letter
-scoring, the code sandbox, GSM8K answers on the real data, and the SFT / chat-eval adapters against a local Hub."""
+scoring, GSM8K answers on the real data, and the SFT / chat-eval adapters against a local Hub."""
 from __future__ import annotations
 
 import json
-import socket
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -101,7 +100,7 @@ def test_loader_cuts_long_conversations_and_checks_masks(tmp_path, tokenizer):
     write_conversations(tmp_path, tokenizer, [long])
     loader = sc.SFTLoader(tmp_path, "train", 64, tokenizer.bos_id, tokenizer.vocab_size, max_seq_len=64)
     assert len(loader.next_batch().inputs) == 64
-    sc.write_shard(sc.side_file(tmp_path / "train_000000.bin", "mask"), np.zeros(3), "mask")
+    sc.write_shard(sc.side_file(tmp_path / "train_000000.bin", "mask"), np.zeros(3, np.uint8), "mask")
     with pytest.raises(sc.ShardError, match="mask values"):
         sc.SFTLoader(tmp_path, "train", 64, tokenizer.bos_id, tokenizer.vocab_size, 64)
 
@@ -189,54 +188,6 @@ def test_chat_table_and_plot(tmp_path):
     assert table.splitlines()[2].split() == ["gsm8k", "0.000", "-"]
     chat_eval.plot_chat_results({"base": before, "sft": after}).savefig(tmp_path / "chart.png")
     assert (tmp_path / "chart.png").stat().st_size > 1000
-
-
-# --- The sandbox -------------------------------------------------------------------------------------------------
-
-def test_sandbox_runs_passing_failing_and_hanging_programs():
-    passed = sc.run_sandboxed("import os\nopen('scratch.txt', 'w').write('hi')\nprint(os.getcwd())")
-    assert passed.passed and passed.returncode == 0
-    assert not Path(passed.stdout.strip()).exists()  # the working folder is gone afterwards
-    failed = sc.run_sandboxed("assert 1 + 1 == 3")
-    assert failed.status == "failed" and "AssertionError" in failed.stderr
-    for hang in ("while True:\n    pass", "import time\ntime.sleep(60)"):
-        result = sc.run_sandboxed(hang, timeout_s=1.0)
-        assert result.status == "timeout" and result.seconds < 10
-    memory = sc.run_sandboxed("x = bytearray(8 << 30)", memory_mb=512)
-    assert memory.status == "failed" and "MemoryError" in memory.stderr
-    early = sc.run_sandboxed("import sys\nsys.exit(0)\nassert False")
-    assert early.status == "failed" and "exited" in early.stderr  # skipping the tests is not passing them
-
-
-def test_sandbox_blocks_hostile_programs(tmp_path):
-    outside = tmp_path / "outside.txt"
-    marker = tmp_path / "marker"
-    victim = tmp_path / "victim.txt"
-    victim.write_text("keep me")
-    server = socket.create_server(("127.0.0.1", 0))
-    server.settimeout(0.2)
-    port = server.getsockname()[1]
-    programs = {
-        "write outside": f"open({str(outside)!r}, 'w').write('x')",
-        "os.open outside": f"import os\nos.open({str(outside)!r}, os.O_WRONLY | os.O_CREAT)",
-        "chdir then write": f"import os\nos.chdir({str(tmp_path)!r})\nopen('outside.txt', 'a')",
-        "delete": f"import os\nos.remove({str(victim)!r})",
-        "rename": f"import os\nos.rename({str(victim)!r}, 'stolen.txt')",
-        "os.system": f"import os\nos.system('touch {marker}')",
-        "subprocess": f"import subprocess\nsubprocess.run(['touch', {str(marker)!r}])",
-        "fork": "import os\nos.fork()",
-        "socket": f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1)",
-        "ctypes": "import ctypes\nctypes.CDLL(None)",
-        "os._exit": "import os\nos._exit(0)",
-    }
-    results = {name: sc.run_sandboxed(program, timeout_s=5.0) for name, program in programs.items()}
-    for name, result in results.items():
-        assert result.status == "failed", (name, result)
-        assert "sandbox:" in result.stderr, (name, result.stderr)
-    assert not outside.exists() and not marker.exists() and victim.read_text() == "keep me"
-    with pytest.raises(socket.timeout):
-        server.accept()  # nobody connected
-    server.close()
 
 
 def test_humaneval_canonical_solutions_pass_and_wrong_ones_fail(real_data):
@@ -372,6 +323,7 @@ def test_local_mirrors_and_jsonl_folders(tmp_path):
     jsonl.mkdir()
     (jsonl / "train.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
                                                                 {"role": "assistant", "content": "hello"}]}) + "\n")
-    assert list(sft.read_rows(sft.table_files(sft.SMOLTALK, "train", str(jsonl))))[0]["messages"][1]["content"] == "hello"
+    paths = sft.table_files(sft.SMOLTALK, "train", str(jsonl))
+    assert list(sft.rows(paths, sft.smoltalk_conversation))[0][1]["content"] == "hello"
     with pytest.raises(sft.SFTDataError, match="neither a mirror"):
         sft.table_files(sft.SMOLTALK, "test", str(jsonl))
