@@ -2130,6 +2130,48 @@ class GPT(nn.Module):
         """KV-cache bytes per token (keys and values of every layer; value embeds need no cache)."""
         return 2 * self.config.depth * self.config.dim * torch.empty((), dtype=dtype).element_size()
 
+    def memory_estimate(self, micro_tokens: int, world_size: int = 1, dtype: torch.dtype = torch.bfloat16,
+                        chunk_tokens: int = 8192) -> dict[str, int]:
+        """An estimate of the bytes one GPU needs to train, counted from the model's own sizes, for passes of
+        `micro_tokens` tokens among `world_size` ranks. The terms are added as if alive together (an upper bound:
+        Muon's step buffers come after the activations are freed):
+
+        - weights, gradients: fp32 master copies, 4 bytes per parameter each;
+        - adam_state: AdamW's two fp32 moments for embeddings, value embeddings, head and scalars;
+        - muon_momentum: one fp32 buffer per matrix, kept only for this rank's share of each shape group;
+        - muon_step: the largest shape group's stacked gradients and gathered updates (fp32), alive during step();
+        - weight_copies: the `dtype` copies of the matrices and head that CastedLinear makes and autograd keeps;
+        - activations: what autograd keeps per token in `dtype`, from the code: per layer the block input (1 x dim),
+          the attention's norm output, q and k before and after QK-norm and rotary, v and its output (8 x dim), the
+          MLP's input and norm output (2 x dim) and its hidden activation before and after squaring
+          (2 x mlp_ratio x dim); plus the embeddings (x0 and one per value-embedding table) and the final norm;
+        - logits: one chunk of fp32 logits and their gradient in the fused cross-entropy.
+
+        Not counted: the CUDA context and allocator slack, torch.compile's workspaces, norm statistics, fragmentation.
+        torch.compile fuses some activations away; the SDPA reference (CPU, T4) also keeps each document's attention
+        matrix. Shrinking micro_tokens (the accumulation steps keep the global batch) is what lowers the peak."""
+        counts = self.num_params()
+        config, fp32, elem = self.config, 4, torch.empty((), dtype=dtype).element_size()
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for p in self.parameter_kinds()["matrices"]:
+            groups.setdefault(tuple(p.shape), []).append(p.numel())
+        shares = [-(-len(sizes) // world_size) * sizes[0] for sizes in groups.values()]  # ceil share per group
+        padded = [-(-len(sizes) // world_size) * world_size * sizes[0] for sizes in groups.values()]
+        per_layer = 1 + 8 + 2 + 2 * config.mlp_ratio
+        per_token = config.depth * per_layer + 1 + config.value_embed_tables + 1
+        estimate = {
+            "weights": fp32 * counts["total"],
+            "gradients": fp32 * counts["total"],
+            "adam_state": 2 * fp32 * (counts["total"] - counts["matrices"]),
+            "muon_momentum": fp32 * sum(shares),
+            "muon_step": 2 * fp32 * max(padded, default=0),
+            "weight_copies": elem * (counts["matrices"] + counts["head"]) if dtype != torch.float32 else 0,
+            "activations": elem * micro_tokens * config.dim * per_token,
+            "logits": 2 * fp32 * min(micro_tokens, chunk_tokens) * config.vocab_size,
+        }
+        estimate["total"] = sum(estimate.values())
+        return estimate
+
 
 # ---------------------------------------------------------------------------------------------
 # 8. Optimizer and schedules (used by 03_pretrain, 05_sft, 06_rl)
@@ -2633,6 +2675,41 @@ def init_distributed() -> DistInfo:
     return DistInfo(rank, world_size, local_rank, device)
 
 
+def _collective_device() -> str:
+    """Where a small tensor must live for a collective: NCCL reduces on the GPU, gloo on the CPU."""
+    return "cuda" if dist.get_backend() == "nccl" else "cpu"
+
+
+def sum_over_ranks(values: Sequence[float]) -> list[float]:
+    """Each of `values` summed over all ranks in one all-reduce (the values themselves in one process): a step's
+    trained tokens, rewards or correct answers are counted per rank, and a mean over the global batch needs sums."""
+    if not dist.is_initialized():
+        return [float(value) for value in values]
+    totals = torch.tensor([float(value) for value in values], dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(totals)
+    return totals.tolist()
+
+
+def rank_share(count: int) -> range:
+    """The indices of `count` items this rank handles: a contiguous run of ceil(count / ranks) (the last ranks' may
+    be shorter or empty), so that item i keeps the seed its index gives it whatever the number of ranks."""
+    world_size, rank = _world()
+    per_rank = -(-count // world_size)
+    return range(min(rank * per_rank, count), min((rank + 1) * per_rank, count))
+
+
+def run_on_rank_zero_only(notebook: str) -> None:
+    """For a notebook that runs in one process (07_chat): under torchrun, rank 0 goes on alone, joining no process
+    group, and every other rank says so and exits with status 0, so that the launch ends cleanly."""
+    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return
+    if rank:
+        print(f"{notebook} runs in one process: rank {rank} of {world_size} has nothing to do and exits")
+        sys.exit(0)
+    print(f"{notebook} runs in one process: rank 0 of {world_size} goes on alone, the other ranks exit")
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used here: damaged, not ours, of another model or vocabulary, or of a run that
     cannot resume as asked. The message names the file and the notebook that writes it."""
@@ -2763,11 +2840,11 @@ def _rank_states(path: Path, checkpoint: dict[str, Any], loader: Any, dist_info:
     return {"optimizers": optimizers, "loader": states[0]["loader"]}
 
 
-def _all_ranks_agree(ok: bool) -> bool:
+def all_ranks_agree(ok: bool) -> bool:
     """True when `ok` holds on every rank, so that all ranks fall back to the same checkpoint."""
     if not dist.is_initialized():
         return ok
-    flag = torch.tensor(int(ok), device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    flag = torch.tensor(int(ok), device=_collective_device())
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
 
@@ -2780,6 +2857,10 @@ def resume_training(directory: Path, model: GPT, optimizers: list[torch.optim.Op
     (step, checkpoint), or (0, None) when the folder has none. A checkpoint of another model shape stops with a
     message instead of a confusing state-dict error."""
     paths, damages = checkpoint_paths(directory), []
+    seen, ranks = sum_over_ranks([len(paths), 1])
+    if not all_ranks_agree(seen == len(paths) * ranks):
+        raise CheckpointError(f"the ranks see different checkpoints in {directory}: with several nodes, STACK_HOME "
+                              f"must be one shared filesystem (or pass --resume=false)")
     for path in reversed(paths):
         try:
             checkpoint = read_checkpoint_file(path, dist_info.device, made_by)
@@ -2789,7 +2870,7 @@ def resume_training(directory: Path, model: GPT, optimizers: list[torch.optim.Op
             rank_state, damage = _rank_states(path, checkpoint, loader, dist_info, made_by), None
         except DamagedCheckpointError as error:
             damage = error
-        if _all_ranks_agree(damage is None):
+        if all_ranks_agree(damage is None):
             model.load_state_dict(checkpoint["model"])
             for optimizer, optimizer_state in zip(optimizers, rank_state["optimizers"]):
                 optimizer.load_state_dict(optimizer_state)
@@ -3847,9 +3928,13 @@ def render_parallel(tokenizer_dir: Path, conversations: Iterable[Sequence[dict[s
 
 
 class SFTLoader:
-    """Endless batches of whole conversations from conversation shards: each call packs the next conversations of a
-    seeded per-epoch shuffle into one row of at most `tokens` tokens (no padding); a batch never spans two epochs.
-    Rank r takes every world_size-th conversation. A conversation longer than max_seq_len + 1 tokens is cut."""
+    """Endless batches of whole conversations from conversation shards: each row packs the next conversations of a
+    seeded per-epoch shuffle, at most `tokens` tokens (no padding); a row never spans two epochs. Every rank walks
+    the same rows and keeps every world_size-th (rank r takes row r of each group of world_size), so world_size ranks
+    taking one batch each see exactly the rows one process takes in world_size calls: the same global batch, and a
+    position every rank shares (a checkpoint resumes under any number of ranks). A conversation longer than
+    max_seq_len + 1 tokens is cut."""
+    position_shared = True
 
     def __init__(self, shard_dir: Path, split: str, tokens: int, bos_id: int, vocab_size: int, max_seq_len: int,
                  rank: int = 0, world_size: int = 1, device: str = "cpu", seed: int = 0, shuffle: bool = True):
@@ -3870,36 +3955,40 @@ class SFTLoader:
             self.masks.append(mask)
         spans_all = np.concatenate(spans)
         self.spans = spans_all[spans_all[:, 2] - spans_all[:, 1] >= 2]  # at least one input and one target
-        if len(self.spans) < world_size:
-            raise ShardError(f"{shard_dir}: {len(self.spans)} '{split}' conversations for {world_size} rank(s)")
+        if not len(self.spans):
+            raise ShardError(f"{shard_dir}: no '{split}' conversation of at least two tokens")
         self.position = {"epoch": 0, "cursor": 0}
         self._order: tuple[int, np.ndarray] | None = None
 
     def order(self, epoch: int) -> np.ndarray:
-        """This rank's conversations (indices into spans) in the order of `epoch`."""
+        """The conversations (indices into spans) in the order of `epoch`, the same on every rank."""
         if self._order is None or self._order[0] != epoch:
             order = (np.random.default_rng(self.seed + epoch).permutation(len(self.spans)) if self.shuffle
                      else np.arange(len(self.spans)))
-            self._order = (epoch, order[self.rank::self.world_size])
+            self._order = (epoch, order)
         return self._order[1]
 
-    def next_batch(self) -> Batch:
-        inputs, targets, ends = [], [], []
+    def _next_row(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """The inputs and targets of the conversations packed into the next row."""
+        inputs, targets, used = [], [], 0
         while True:
             order = self.order(self.position["epoch"])
             shard, start, end = self.spans[order[self.position["cursor"]]]
-            if ends and ends[-1] + end - start - 1 > self.tokens:  # the next conversation starts a new batch
-                break
+            if inputs and used + end - start - 1 > self.tokens:  # the next conversation starts a new row
+                return inputs, targets
             ids = np.asarray(self.shards[shard][start:end], dtype=np.int64)
             mask = np.asarray(self.masks[shard][start + 1:end])
             inputs.append(ids[:-1])
             targets.append(np.where(mask == 1, ids[1:], -1))
-            ends.append((ends[-1] if ends else 0) + end - start - 1)  # where each conversation ends in the row
+            used += end - start - 1
             self.position["cursor"] += 1
-            if self.position["cursor"] == len(order):  # an epoch's last batch may be short; the next starts afresh
+            if self.position["cursor"] == len(order):  # an epoch's last row may be short; the next starts afresh
                 self.position = {"epoch": self.position["epoch"] + 1, "cursor": 0}
-                break
-        cu_seqlens = np.asarray([0, *ends], dtype=np.int32)
+                return inputs, targets
+
+    def next_batch(self) -> Batch:
+        inputs, targets = [self._next_row() for _ in range(self.world_size)][self.rank]
+        cu_seqlens = np.cumsum([0, *map(len, inputs)]).astype(np.int32)
         return Batch(host_to_device(np.concatenate(inputs), self.device),
                      host_to_device(np.concatenate(targets), self.device), host_to_device(cu_seqlens, self.device),
                      int(np.diff(cu_seqlens).max()))
@@ -3927,6 +4016,29 @@ def evaluate_sft_loss(model: GPT, loader: SFTLoader, steps: int, backend: str) -
     return float(totals[0] / totals[1].clamp(min=1))
 
 
+def sft_backward(model: nn.Module, batches: Sequence[Batch], backend: str, loss_scaler: LossScaler | None = None
+                 ) -> dict[str, float]:
+    """Accumulate into .grad the mean cross-entropy per trained token (target != -1) of one SFT step, whose global
+    batch is `batches` on every rank together, and return that loss and the step's token counts over all ranks.
+
+    Each batch's summed loss is divided by the step's trained tokens over all ranks, over the number of ranks:
+    step_optimizers averages the gradients over ranks, so the update is that of one process taking every rank's
+    batches. A batch of long answers and one of one-letter answers weigh by their trained tokens, wherever they ran.
+    """
+    local = [int(sum((batch.targets >= 0).sum() for batch in batches)), sum(len(batch.inputs) for batch in batches)]
+    trained, tokens = sum_over_ranks(local)
+    world_size, _ = _world()
+    divisor = max(trained, 1.0) / world_size
+    step_loss = torch.zeros((), device=batches[0].inputs.device)
+    for batch in batches:
+        loss = model(batch.inputs, batch.cu_seqlens, batch.max_seqlen, batch.targets, backend=backend,
+                     loss_reduction="sum") / divisor
+        (loss_scaler.scale(loss) if loss_scaler else loss).backward()
+        step_loss += loss.detach()
+    loss_sum, = sum_over_ranks([float(step_loss)])  # one sync per step
+    return {"loss": loss_sum / world_size, "trained_tokens": int(trained), "tokens": int(tokens)}
+
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3947,7 +4059,9 @@ class TaskPrompt:
 
 class PromptSampler:
     """Prompts in a seeded random order, a new order each epoch. Its position is a small dict, saved in checkpoints
-    (save_checkpoint calls it the loader), so a resumed run asks the same questions as an uninterrupted one."""
+    (save_checkpoint calls it the loader), so a resumed run asks the same questions as an uninterrupted one. Under
+    torchrun every rank draws the same prompts and keeps its share (rank_share), so the position is shared."""
+    position_shared = True
 
     def __init__(self, prompts: Sequence[TaskPrompt], seed: int = 0):
         if not prompts:
@@ -4069,11 +4183,15 @@ def policy_gradient_backward(model: nn.Module, groups: Sequence[RolloutGroup], b
     """Accumulate the policy-gradient loss of a step's rollouts into .grad, in packed passes of at most
     `pass_tokens` tokens (scaled by `loss_scaler` in fp16; step with loss_scaler.step then). Rollouts with zero
     advantage (every sibling got the same reward) have zero gradient and are skipped, which saves their forward and
-    backward passes without changing the result."""
+    backward passes without changing the result. Under torchrun `groups` are this rank's share of the step: the loss
+    is the mean over every rank's sampled tokens (as sft_backward) and the counts returned are over all ranks."""
     advantages = group_advantages(torch.tensor([g.rewards for g in groups], dtype=torch.float32))
     rollouts = [(seq, mask, adv) for group, row in zip(groups, advantages.tolist())
                 for seq, mask, adv in zip(group.sequences, group.masks, row) if adv != 0.0]
-    sampled_tokens = sum(sum(mask) for group in groups for mask in group.masks)
+    world_size, _ = _world()
+    all_sampled, trained_sequences = sum_over_ranks([sum(sum(mask) for group in groups for mask in group.masks),
+                                                     len(rollouts)])
+    sampled_tokens = all_sampled / world_size  # gradients are averaged over ranks: see sft_backward
     loss = torch.zeros((), device=device)
     lengths = [len(seq) - 1 for seq, _, _ in rollouts]
     chunks = token_budget_chunks(lengths, pass_tokens)
@@ -4082,8 +4200,11 @@ def policy_gradient_backward(model: nn.Module, groups: Sequence[RolloutGroup], b
         pass_loss = policy_gradient_loss(model, batch, sampled_tokens, backend)
         (loss_scaler.scale(pass_loss) if loss_scaler else pass_loss).backward()
         loss += pass_loss.detach()
-    return {"loss": float(loss), "sampled_tokens": sampled_tokens, "trained_sequences": len(rollouts),
-            "trained_tokens": sum(lengths), "passes": len(chunks)}
+    if not rollouts and trained_sequences:  # other ranks train: every rank must bring a gradient to average
+        (sum(p.sum() for p in model.parameters()) * 0.0).backward()
+    loss_sum, trained_tokens = sum_over_ranks([float(loss), sum(lengths)])
+    return {"loss": loss_sum / world_size, "sampled_tokens": int(all_sampled),
+            "trained_sequences": int(trained_sequences), "trained_tokens": int(trained_tokens), "passes": len(chunks)}
 
 
 def pass_at_k(samples: int, correct: int, k: int) -> float:
@@ -4101,12 +4222,18 @@ def evaluate_pass_at_k(engine: Engine, prompts: Sequence[TaskPrompt], reward_fn:
                        ) -> dict[str, float]:
     """Mean pass@k over `prompts` for k = 1, 2, 4, ... up to num_samples (and num_samples itself), from
     `num_samples` completions per prompt; a completion counts as right when it earns the full reward of 1. Also
-    the mean reward. Seeded as generate_rollouts, so an evaluation is repeatable."""
-    groups = generate_rollouts(engine, prompts, reward_fn, num_samples, max_tokens, temperature, top_k, seed)
+    the mean reward. Seeded as generate_rollouts, so an evaluation is repeatable; under torchrun each rank samples
+    its share of the prompts (rank_share) with the seeds one process would give them, and the means are over all."""
+    share = rank_share(len(prompts))
+    groups = generate_rollouts(engine, prompts[share.start:share.stop], reward_fn, num_samples, max_tokens,
+                               temperature, top_k, seed + share.start * num_samples)
     correct = [sum(reward >= 1.0 for reward in group.rewards) for group in groups]
     ks = sorted({num_samples, *(2**i for i in range(num_samples.bit_length()) if 2**i <= num_samples)})
-    results = {f"pass@{k}": float(np.mean([pass_at_k(num_samples, c, k) for c in correct])) for k in ks}
-    results["mean_reward"] = float(np.mean([np.mean(group.rewards) for group in groups]))
+    sums = sum_over_ranks([len(groups), *(sum(pass_at_k(num_samples, c, k) for c in correct) for k in ks),
+                           sum(np.mean(group.rewards) for group in groups)])
+    count = max(sums[0], 1.0)
+    results = {f"pass@{k}": total / count for k, total in zip(ks, sums[1:])}
+    results["mean_reward"] = sums[-1] / count
     return results
 
 

@@ -149,6 +149,8 @@ log(f"base model {base_path} (step {base_checkpoint['step']}): {model.num_params
 # Each batch is whole conversations from `shards/sft`, packed back to back up to `micro_tokens` tokens, their
 # boundaries in `cu_seqlens` so that attention stays inside each conversation. There is no padding: every token
 # computed is a real one. The targets are the next tokens where the loss mask is 1, and -1 (ignored) elsewhere.
+# Under torchrun every rank packs the same rows and keeps every `world_size`-th: the ranks together train on the
+# batches one process would take, and share one place in the data.
 
 # %%
 sft_dir = sc.require_artifact(sc.artifact_dir("shards") / "sft", made_by="02_sharding")
@@ -211,7 +213,7 @@ plt.show()
 tasks = load_chat_tasks(cfg)
 log(describe_tasks(tasks))
 before_file = run_dir / "chat_before.json"
-if sc.latest_checkpoint(checkpoint_dir) is not None and cfg.resume and before_file.exists():
+if sc.all_ranks_agree(sc.latest_checkpoint(checkpoint_dir) is not None and cfg.resume and before_file.exists()):
     before = json.loads(before_file.read_text())
 else:
     before = evaluate_chat(model, tokenizer, tasks, backend, device, cfg.pack_tokens)
@@ -231,7 +233,7 @@ loss_scaler = sc.LossScaler(compute_dtype, device)  # fp16 only (a T4); a plain 
 # %% [markdown]
 # ## Resume
 # If this run already has a checkpoint, continue from it: the fine-tuned weights, the optimizer state and the
-# loader's place in its shuffled epoch (with the same number of processes: each rank has its own place). A damaged
+# loader's place in its shuffled epoch (the same on every rank, so any number of processes can resume). A damaged
 # newest checkpoint is reported and the one before it taken. A run that has already reached `steps` trains nothing
 # and keeps its results file: pass a larger `--steps` to continue it, or a new `--run_name`.
 
@@ -248,9 +250,10 @@ run_log = sc.RunLog(run_dir, enabled=dist_info.master)
 # %% [markdown]
 # ## The training loop
 # Each step runs `accum_steps` packed batches per rank. The loss of a step is the mean over its trained tokens:
-# each batch's summed loss is divided by the number of trained tokens in the whole step, so a batch of long answers
-# and a batch of one-letter answers weigh by their tokens. The log line counts all tokens per second and the
-# share that was trained on.
+# `sc.sft_backward` divides each batch's summed loss by the number of trained tokens in the whole step, on every
+# rank together, so a batch of long answers and a batch of one-letter answers weigh by their tokens, and two GPUs
+# make the very update one GPU makes from the same batches. The log line counts all tokens per second (all ranks)
+# and the share that was trained on.
 
 # %%
 val_loss = float("nan")
@@ -274,23 +277,16 @@ for step in range(start_step, start_step if complete else steps + 1):
     t0 = time.time()
     sc.apply_schedule(optimizers, sc.lr_multiplier(step, steps, 0, cfg.cooldown_frac), sc.muon_momentum(step))
     batches = [train_loader.next_batch() for _ in range(accum_steps)]
-    trained = sum((batch.targets >= 0).sum() for batch in batches).clamp(min=1)
-    step_loss = 0.0
-    for batch in batches:
-        loss = forward(batch.inputs, batch.cu_seqlens, batch.max_seqlen, batch.targets, backend=backend,
-                       loss_reduction="sum") / trained
-        loss_scaler.scale(loss).backward()
-        step_loss += loss.detach()
+    stats = sc.sft_backward(forward, batches, backend, loss_scaler)
     loss_scaler.step(optimizers)
-    train_loss = float(step_loss)  # one sync per step
+    train_loss, tokens = stats["loss"], stats["tokens"]
     sc.check_finite_loss(train_loss, step + 1)
     step_seconds = time.time() - t0
     train_seconds += step_seconds
-    tokens = sum(len(batch.inputs) for batch in batches)
     log(f"step {step + 1:5d}/{steps} | loss {train_loss:.4f} | {tokens / step_seconds:,.0f} tok/s | "
-        f"trained {int(trained) / tokens:.0%} | {step_seconds * 1000:.0f} ms | "
+        f"trained {stats['trained_tokens'] / tokens:.0%} | {step_seconds * 1000:.0f} ms | "
         f"elapsed {sc.format_duration(train_seconds)} | epoch {train_loader.position['epoch']}")
-    run_log.log(step=step + 1, loss=train_loss, tokens=tokens, trained_tokens=int(trained),
+    run_log.log(step=step + 1, loss=train_loss, tokens=tokens, trained_tokens=stats["trained_tokens"],
                 tokens_per_second=tokens / step_seconds, train_seconds=train_seconds)
 
 # %% [markdown]

@@ -30,7 +30,9 @@
 #    `eval_every` steps, checkpoints that let you stop and resume;
 # 5. curves, the same question answered again, and a summary.
 #
-# Headless: `python notebooks/06_rl.py --steps=200`.
+# Headless: `python notebooks/06_rl.py --steps=200`; on several GPUs:
+# `torchrun --nproc_per_node=8 notebooks/06_rl.py` (each rank samples its share of every step's questions, and the
+# ranks make one update together).
 
 # %% [markdown]
 # ## Get the runtime ready
@@ -112,11 +114,13 @@ class RLConfig(sc.StackConfig):
 
 
 cfg = sc.configure(RLConfig)
-print(sc.describe_config(cfg))
 top_k = cfg.top_k or None
 dist_info = sc.init_distributed()
-if dist_info.world_size > 1:
-    raise RuntimeError("06_rl runs in one process on one GPU: start it with python, not torchrun")
+log = print if dist_info.master else (lambda *args, **kwargs: None)
+log(sc.describe_config(cfg))
+if cfg.prompts_per_step % dist_info.world_size:
+    raise sc.ConfigError(f"prompts_per_step ({cfg.prompts_per_step}) must be a multiple of the number of ranks "
+                         f"({dist_info.world_size}): each rank samples the same number of questions per step")
 device = dist_info.device
 torch.manual_seed(cfg.seed)
 run_dir = sc.artifact_dir("runs") / cfg.run_name
@@ -135,8 +139,8 @@ def starting_checkpoint() -> str:
         raise sc.MissingArtifactError(f"no checkpoint in {checkpoints / 'sft'} (nor a base model in "
                                       f"{checkpoints / 'pretrain'}): run notebooks/05_sft first "
                                       f"(STACK_HOME is {sc.stack_home()})")
-    print(f"WARNING: no SFT checkpoint in {checkpoints / 'sft'}; starting from the base model {base}. It does not "
-          f"know the chat format, so expect zero rewards: run notebooks/05_sft first.")
+    log(f"WARNING: no SFT checkpoint in {checkpoints / 'sft'}; starting from the base model {base}. It does not "
+        f"know the chat format, so expect zero rewards: run notebooks/05_sft first.")
     return str(base)
 
 
@@ -147,14 +151,15 @@ compute_dtype = sc.pick_compute_dtype(device)
 model.set_compute_dtype(compute_dtype)
 backend = sc.pick_attention_backend(device, cfg.attention)
 engine = sc.Engine(model, tokenizer, backend)
-print(f"starting from {start_path} (step {start_checkpoint['step']}): {model.num_params()['total']:,} parameters, "
-      f"attention {backend}, device {device}")
+log(f"starting from {start_path} (step {start_checkpoint['step']}): {model.num_params()['total']:,} parameters, "
+    f"attention {backend}, device {device} x {dist_info.world_size} rank(s)")
 
 # %% [markdown]
 # ## The questions
 # `02_sharding` rendered every question as the prompt the engine continues, ending in `<|assistant_start|>`, with
 # its gold answer beside it. A question whose prompt leaves no room for `max_new_tokens` of answer in the model's
-# context is left out. Training questions come in a seeded random order, a new one each epoch.
+# context is left out. Training questions come in a seeded random order, a new one each epoch. Under torchrun every
+# rank draws the same questions and samples answers to its own contiguous share of them.
 
 # %%
 prompt_dir = sc.artifact_dir("shards") / "gsm8k"
@@ -163,8 +168,8 @@ train_prompts, test_prompts = ([p for p in gsm8k.read_prompt_shard(prompt_dir, s
                                 if len(p.ids) <= longest_prompt] for split in ("train", "test"))
 test_prompts = test_prompts[:cfg.eval_prompts]
 sampler = sc.PromptSampler(train_prompts, cfg.seed)
-print(f"{len(train_prompts):,} training questions, {len(test_prompts):,} test questions for pass@k "
-      f"(prompts of at most {longest_prompt} tokens)")
+log(f"{len(train_prompts):,} training questions, {len(test_prompts):,} test questions for pass@k "
+    f"(prompts of at most {longest_prompt} tokens)")
 
 # %% [markdown]
 # ## A first look: one question, several answers
@@ -180,10 +185,10 @@ example_prompt = test_prompts[0]
 group, = sc.generate_rollouts(engine, [example_prompt], gsm8k.reward, cfg.samples_per_prompt, cfg.max_new_tokens,
                               cfg.temperature, top_k, seed=cfg.seed)
 advantages = sc.group_advantages(torch.tensor([group.rewards]))[0]
-print(tokenizer.decode(example_prompt.ids), f"\n(gold answer: {example_prompt.gold})\n")
+log(tokenizer.decode(example_prompt.ids), f"\n(gold answer: {example_prompt.gold})\n")
 for text, mask, reward, advantage in list(zip(group.completions, group.masks, group.rewards, advantages))[:4]:
     forced = len(mask) - len(example_prompt.ids) - sum(mask)
-    print(f"reward {reward:.0f} | advantage {advantage:+.2f} | {forced} forced tokens | {text[:300]!r}")
+    log(f"reward {reward:.0f} | advantage {advantage:+.2f} | {forced} forced tokens | {text[:300]!r}")
 
 # %% [markdown]
 # ## Look inside: rewards and advantages of one group
@@ -196,7 +201,7 @@ for text, mask, reward, advantage in list(zip(group.completions, group.masks, gr
 # %%
 import inspect
 
-print(inspect.getsource(sc.group_advantages))
+log(inspect.getsource(sc.group_advantages))
 made_up = torch.tensor([[1.0, 0, 0, 1, 0, 0, 1, 0]])
 fig, axes = plt.subplots(1, 2, figsize=(11, 3), sharey=True)
 for ax, rewards, title in ((axes[0], torch.tensor([group.rewards]), f"sampled group (gold {example_prompt.gold})"),
@@ -207,7 +212,7 @@ for ax, rewards, title in ((axes[0], torch.tensor([group.rewards]), f"sampled gr
     ax.bar(samples + 0.2, group_advantage.numpy(), 0.4, label="advantage")
     ax.axhline(0, color="black", lw=0.8)
     ax.set(xlabel="answer", title=title)
-    print(f"{title}: rewards {rewards[0].tolist()} -> advantages {[round(a, 3) for a in group_advantage.tolist()]}")
+    log(f"{title}: rewards {rewards[0].tolist()} -> advantages {[round(a, 3) for a in group_advantage.tolist()]}")
 axes[0].legend()
 fig.tight_layout()
 plt.show()
@@ -231,14 +236,14 @@ loss_scaler = sc.LossScaler(compute_dtype, device)  # fp16 only (a T4); a plain 
 # new `--run_name`.
 
 # %%
-start_step, latest = (sc.resume_training(checkpoint_dir, model, optimizers, sampler, dist_info, "06_rl")
+start_step, latest = (sc.resume_training(checkpoint_dir, model, optimizers, sampler, dist_info, "06_rl", log)
                       if cfg.resume else (0, None))
-complete = sc.run_is_complete(start_step, cfg.steps, cfg.run_name, latest)
+complete = sc.run_is_complete(start_step, cfg.steps, cfg.run_name, latest, log)
 if latest is not None:
-    print(f"resumed from {latest} at step {start_step}")
-else:
+    log(f"resumed from {latest} at step {start_step}")
+elif dist_info.master:
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-run_log = sc.RunLog(run_dir)
+run_log = sc.RunLog(run_dir, enabled=dist_info.master)
 
 # %% [markdown]
 # ## The training loop
@@ -248,12 +253,16 @@ run_log = sc.RunLog(run_dir)
 # gradient is zero); the others are packed back to back into passes of `pass_tokens` tokens, like pretraining
 # documents. Every `eval_every` steps, pass@k on the test questions: the chance that at least one of k sampled
 # answers is right (pass@1 is the plain accuracy of one sample).
+#
+# Under torchrun each rank samples its contiguous share of the step's questions with the seeds one process would
+# give them, and the loss is averaged over the sampled tokens of all ranks (`sc.policy_gradient_backward`), so the
+# ranks make the one update a single process makes from the same rollouts. pass@k is split the same way.
 
 # %%
 def evaluate(step: int) -> None:
     results = sc.evaluate_pass_at_k(engine, test_prompts, gsm8k.reward, cfg.eval_samples, cfg.max_new_tokens,
                                     cfg.temperature, top_k, seed=2**40)  # the same samples' seeds every time
-    print(f"step {step:4d}/{cfg.steps} | " + " | ".join(f"{k} {v:.3f}" for k, v in results.items()))
+    log(f"step {step:4d}/{cfg.steps} | " + " | ".join(f"{k} {v:.3f}" for k, v in results.items()))
     run_log.log(step=step, **results)
 
 
@@ -265,27 +274,32 @@ for step in range(start_step, start_step if complete else cfg.steps + 1):
     if step > start_step and (step % cfg.save_every == 0 or last):
         saved = sc.save_checkpoint(checkpoint_dir, step, model, optimizers, sampler, cfg, dist_info,
                                    {"start_checkpoint": start_path})
-        print(f"saved {saved}")
+        log(f"saved {saved}")
     if last:
         break
     t0 = time.time()
     first_seed = cfg.seed + step * cfg.prompts_per_step * cfg.samples_per_prompt  # every answer its own seed
-    groups = sc.generate_rollouts(engine, sampler.next_prompts(cfg.prompts_per_step), gsm8k.reward,
-                                  cfg.samples_per_prompt, cfg.max_new_tokens, cfg.temperature, top_k, seed=first_seed)
+    share = sc.rank_share(cfg.prompts_per_step)  # this rank's questions of the step
+    groups = sc.generate_rollouts(engine, sampler.next_prompts(cfg.prompts_per_step)[share.start:share.stop],
+                                  gsm8k.reward, cfg.samples_per_prompt, cfg.max_new_tokens, cfg.temperature, top_k,
+                                  seed=first_seed + share.start * cfg.samples_per_prompt)
     t1 = time.time()
     sc.apply_schedule(optimizers, 1.0 - step / cfg.steps)
     stats = sc.policy_gradient_backward(model, groups, backend, cfg.pass_tokens, device, loss_scaler)
     sc.check_finite_loss(stats["loss"], step + 1)
     loss_scaler.step(optimizers)
     t2 = time.time()
-    answer_tokens = sum(len(seq) - len(g.prompt.ids) for g in groups for seq in g.sequences)
-    reward = float(np.mean([g.rewards for g in groups]))
+    rollouts = cfg.prompts_per_step * cfg.samples_per_prompt  # over all ranks
+    answer_tokens, reward_sum = sc.sum_over_ranks([sum(len(seq) - len(g.prompt.ids)
+                                                       for g in groups for seq in g.sequences),
+                                                   sum(sum(g.rewards) for g in groups)])
+    reward = reward_sum / rollouts
     for key, value in (("rollout_seconds", t1 - t0), ("update_seconds", t2 - t1), ("answer_tokens", answer_tokens)):
         totals[key] += value
-    print(f"step {step + 1:4d}/{cfg.steps} | reward {reward:.3f} | {answer_tokens / (t1 - t0):,.0f} answer tok/s "
-          f"| {stats['trained_sequences']} rollouts trained | loss {stats['loss']:+.4f} | rollouts {t1 - t0:.1f} s "
-          f"| update {t2 - t1:.1f} s")
-    run_log.log(step=step + 1, reward=reward, answer_tokens=answer_tokens / (len(groups) * cfg.samples_per_prompt),
+    log(f"step {step + 1:4d}/{cfg.steps} | reward {reward:.3f} | {answer_tokens / (t1 - t0):,.0f} answer tok/s "
+        f"| {stats['trained_sequences']} rollouts trained | loss {stats['loss']:+.4f} | rollouts {t1 - t0:.1f} s "
+        f"| update {t2 - t1:.1f} s")
+    run_log.log(step=step + 1, reward=reward, answer_tokens=answer_tokens / rollouts,
                 rollout_seconds=t1 - t0, update_seconds=t2 - t1, **stats)
 
 # %% [markdown]
@@ -300,24 +314,25 @@ for step in range(start_step, start_step if complete else cfg.steps + 1):
 # `speedrun` presets are where the curves rise.
 
 # %%
-records = run_log.read()
-train_log = [r for r in records if "reward" in r]
-eval_log = [r for r in records if "pass@1" in r]
-fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.5))
-left.plot([r["step"] for r in train_log], [r["reward"] for r in train_log], lw=1, label="each step's rollouts")
-if len(train_log) >= 10:
-    window = np.ones(10) / 10
-    left.plot([r["step"] for r in train_log][9:], np.convolve([r["reward"] for r in train_log], window, "valid"),
-              label="mean of 10 steps")
-left.set(xlabel="step", ylabel="mean reward (1: correct answer)", title="training reward on GSM8K rollouts")
-left.legend()
-for key in (k for k in eval_log[0] if k.startswith("pass@")):
-    right.plot([r["step"] for r in eval_log], [r[key] for r in eval_log], marker="o", label=key)
-right.set(xlabel="step", ylabel="fraction of test questions solved", title="GSM8K test pass@k")
-right.legend()
-fig.tight_layout()
-fig.savefig(run_dir / "curves.png", dpi=120)
-plt.show()
+if dist_info.master:
+    records = run_log.read()
+    train_log = [r for r in records if "reward" in r]
+    eval_log = [r for r in records if "pass@1" in r]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.5))
+    left.plot([r["step"] for r in train_log], [r["reward"] for r in train_log], lw=1, label="each step's rollouts")
+    if len(train_log) >= 10:
+        window = np.ones(10) / 10
+        left.plot([r["step"] for r in train_log][9:], np.convolve([r["reward"] for r in train_log], window, "valid"),
+                  label="mean of 10 steps")
+    left.set(xlabel="step", ylabel="mean reward (1: correct answer)", title="training reward on GSM8K rollouts")
+    left.legend()
+    for key in (k for k in eval_log[0] if k.startswith("pass@")):
+        right.plot([r["step"] for r in eval_log], [r[key] for r in eval_log], marker="o", label=key)
+    right.set(xlabel="step", ylabel="fraction of test questions solved", title="GSM8K test pass@k")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(run_dir / "curves.png", dpi=120)
+    plt.show()
 
 # %% [markdown]
 # ## The same question again
@@ -327,27 +342,30 @@ plt.show()
 before = np.mean(group.rewards)
 group, = sc.generate_rollouts(engine, [example_prompt], gsm8k.reward, cfg.samples_per_prompt, cfg.max_new_tokens,
                               cfg.temperature, top_k, seed=cfg.seed)
-print(f"gold answer {example_prompt.gold}; mean reward {np.mean(group.rewards):.2f} (before training: {before:.2f})")
+log(f"gold answer {example_prompt.gold}; mean reward {np.mean(group.rewards):.2f} (before training: {before:.2f})")
 for text, reward in list(zip(group.completions, group.rewards))[:4]:
-    print(f"reward {reward:.0f} | {text[:300]!r}")
+    log(f"reward {reward:.0f} | {text[:300]!r}")
 
 # %% [markdown]
 # ## Summary
 # The final checkpoint in `STACK_HOME/checkpoints/rl` is what `07_chat` loads first.
 
 # %%
-first_eval, final_eval = eval_log[0], eval_log[-1]
-summary = {
-    "run": cfg.run_name, "preset": cfg.preset, "start_checkpoint": start_path, "steps": cfg.steps,
-    "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu", "attention": backend,
-    "prompts_per_step": cfg.prompts_per_step, "samples_per_prompt": cfg.samples_per_prompt,
-    "pass_at_k_start": {k: v for k, v in first_eval.items() if k != "step"},
-    "pass_at_k_final": {k: v for k, v in final_eval.items() if k != "step"},
-    "final_train_reward": train_log[-1]["reward"] if train_log else None,
-    "rollout_seconds": round(totals["rollout_seconds"], 1), "update_seconds": round(totals["update_seconds"], 1),
-    "rollout_tokens_per_second": (round(totals["answer_tokens"] / totals["rollout_seconds"])
-                                  if totals["rollout_seconds"] else None),
-}
-if not complete:
+if dist_info.master and not complete:
+    first_eval, final_eval = eval_log[0], eval_log[-1]
+    summary = {
+        "run": cfg.run_name, "preset": cfg.preset, "start_checkpoint": start_path, "steps": cfg.steps,
+        "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu", "attention": backend,
+        "ranks": dist_info.world_size, "prompts_per_step": cfg.prompts_per_step,
+        "samples_per_prompt": cfg.samples_per_prompt,
+        "pass_at_k_start": {k: v for k, v in first_eval.items() if k != "step"},
+        "pass_at_k_final": {k: v for k, v in final_eval.items() if k != "step"},
+        "final_train_reward": train_log[-1]["reward"] if train_log else None,
+        "rollout_seconds": round(totals["rollout_seconds"], 1), "update_seconds": round(totals["update_seconds"], 1),
+        "rollout_tokens_per_second": (round(totals["answer_tokens"] / totals["rollout_seconds"])
+                                      if totals["rollout_seconds"] else None),
+    }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
+if torch.distributed.is_initialized():
+    torch.distributed.destroy_process_group()
