@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 import stackcore as sc
+from notebooks.report import markdown_table
 
 GIB = 2**30
 
@@ -44,7 +45,7 @@ def memory_table(depths: list[int], micro_tokens: int = 65_536, small_micro_toke
     header = ["depth", "parameters", "weights, gradients, optimizer (GiB)",
               f"activations at {micro_tokens:,} tokens (GiB)", "total, 1 GPU (GiB)",
               f"total, {ranks} GPUs (GiB per GPU)", f"total at {small_micro_tokens:,} tokens, 1 GPU (GiB)"]
-    return "\n".join(sc.markdown_table(header, rows))
+    return "\n".join(markdown_table(header, rows))
 
 
 if __name__ == "__main__":
