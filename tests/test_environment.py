@@ -3,7 +3,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-import stackcore as sc
+from notebooks.runtime import requirement_lines
 from conftest import ROOT
 
 
@@ -18,7 +18,7 @@ def conda_dependencies():
 def test_conda_pip_section_matches_requirements_txt():
     pip_sections = [entry["pip"] for entry in conda_dependencies() if isinstance(entry, dict)]
     assert len(pip_sections) == 1
-    assert normalised(pip_sections[0]) == normalised(sc.requirement_lines(ROOT / "requirements.txt"))
+    assert normalised(pip_sections[0]) == normalised(requirement_lines(ROOT / "requirements.txt"))
 
 
 def test_conda_environment_brings_python_and_pip():
