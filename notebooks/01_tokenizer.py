@@ -132,6 +132,8 @@ print(f"trained a {tokenizer.vocab_size}-token vocabulary on {chars_seen / 1e6:.
 # pieces such as `at` and ` the` earn their tokens first. Below, each merge with the two tokens it joins.
 
 # %%
+# NBVAL_CHECK_OUTPUT
+# (the output is the same on every machine: the tests compare it with the saved one)
 sentence = "the cat sat on the mat, and the cat ate the rat that sat on the hat."
 toy = sc.Tokenizer.train([sentence], 256 + len(sc.SPECIAL_TOKENS) + 12)
 merges = sorted((rank, piece) for piece, rank in toy.ranks.items() if rank >= 256)

@@ -238,6 +238,8 @@ print(f"{len(manifest)} CORE tasks written to {core_dir}")
 # output, which the engine writes at inference time). Here is one, the trained tokens in brackets:
 
 # %%
+# NBVAL_CHECK_OUTPUT
+# (the output is the same on every machine: the tests compare it with the saved one)
 example = sft.synthetic_conversations(1, seed=0)[0]
 ids, mask = sc.render_conversation(tokenizer, example)
 pieces = []
