@@ -3887,8 +3887,9 @@ def show_parts(parts: Sequence[dict[str, str]]) -> str:
 # 02_sharding renders every conversation of the SFT mixture (data/sft.py) with render_conversation into
 # shards/sft/train_*.bin and val_*.bin: whole conversations back to back, each starting with <|bos|>, and beside each
 # shard its loss mask (name.mask.bin, one uint8 per token, 1 on what the assistant writes). The SFT loader packs
-# whole conversations, never cut, into one varlen row of at most `tokens` tokens, with no padding; targets are -1
-# where the mask is 0, so the loss counts the assistant's own tokens only.
+# whole conversations, never split across rows (one longer than max_seq_len + 1 tokens is cut), into one varlen row
+# of at most `tokens` tokens, with no padding; targets are -1 where the mask is 0, so the loss counts the
+# assistant's own tokens only.
 # The chat evals (letter choice, greedy generation, ChatCORE) are data/chat_eval.py's; the code they generate runs
 # in data/sandbox.py's sandbox.
 
