@@ -1428,7 +1428,8 @@ class KVCache:
     def carried_state(config: GPTConfig, batch_size: int, device: torch.device | str, dtype: torch.dtype
                       ) -> dict[str, Tensor]:
         """State beyond the keys and values that a model's layers carry from one pass to the next, each tensor
-        (depth, batch, ...) like the keys, so that rows() and PackedPrompts view it. With the key offset: "previous_half", each row's last token's own stationary key half (offset_keys)."""
+        (depth, batch, ...) like the keys, so that rows() and PackedPrompts view it. With the key offset:
+        "previous_half", each row's last token's own stationary key half (offset_keys)."""
         if not config.key_offset:
             return {}
         half = config.head_dim - config.rotary_dims
@@ -1564,7 +1565,7 @@ class AttentionBatch:
     cache: KVCache | None = None
     positions: Tensor | None = None  # (T,) each token's position in its cache row (with a cache)
     reads_cache: bool = False
-    previous: Tensor | None = None  # (T,) with the key offset: each token's predecessor in its document (a start: itself)
+    previous: Tensor | None = None  # (T,) key offset: each token's predecessor in its document (itself at a start)
     paired_cos: Tensor | None = None  # (T, 2, rotary_dims / 2) with paired heads: angles at interleaved positions
     paired_sin: Tensor | None = None  # 2t and 2t + 1, for the first and second head of a pair
 
@@ -2036,7 +2037,8 @@ class GPT(nn.Module):
             kv_cache.advance(max_seqlen)
         if target_ids is not None:
             return softcapped_cross_entropy(norm(x), self.lm_head.weight, target_ids, config.softcap, loss_reduction,
-                                            compile_backend=compile_backend, fp8_grad_format=self.lm_head.fp8_grad_format)
+                                            compile_backend=compile_backend,
+                                            fp8_grad_format=self.lm_head.fp8_grad_format)
         logits = soft_cap(self.lm_head(norm(x)), config.softcap)
         return logits.view(*shape, -1) if kv_cache is not None and logit_rows is None else logits
 
