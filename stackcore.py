@@ -3,21 +3,23 @@
 Sections (and the notebooks that call them):
   1. Configuration and presets ........ every notebook (the first cell builds its config here)
   2. Artifacts and devices ............ every notebook (STACK_HOME layout, GPU tier, dtype, CPU threads)
-  3. Tokenizer ........................ 01_tokenizer, 02_sharding, 07_chat
+  3. Tokenizer ........................ every notebook (01_tokenizer trains it; 02-07 load it)
   4. Shards ........................... 02_sharding writes them; 03-06 read them
   5. Triton kernels ................... 03_pretrain (through the optimizer)
  5b. fp8 matmuls ...................... 03_pretrain (through the model's MLPs and head)
   6. Attention backends ............... 03-07 (through the model)
   7. Model ............................ 03-07
   8. Optimizer and schedules .......... 03_pretrain, 05_sft, 06_rl (Muon, AdamW, fp16 loss scaling)
-  9. Pretraining loader ............... 03_pretrain
+  9. Pretraining loader ............... 03_pretrain, 04_core_eval (validation bits per byte)
  9b. Batching ......................... 03-06 (token budgets, host-to-device copies)
  10. Evaluation: bits per byte ........ 03_pretrain, 04_core_eval
- 11. Checkpoints and run logs ......... 03-07
+ 11. Checkpoints, distributed, logs ... 03-07
  12. CORE evaluation .................. 04_core_eval (02_sharding writes its shards with data/core.py)
- 13. Chat format, calculator, engine .. 05_sft, 06_rl, 07_chat (render conversations, KV-cache generation)
+ 13. Chat format, calculator, engine .. 02_sharding, 05_sft, 06_rl, 07_chat (render conversations, KV-cache
+                                        generation; 05's chat evaluations call it from data/chat_eval.py)
  14. Supervised fine-tuning ........... 02_sharding, 05_sft (conversation shards, SFT loader; chat evals: data/)
- 15. Reinforcement learning ........... 06_rl (rollouts, policy gradient; data/gsm8k.py holds the prompt shards)
+ 15. Reinforcement learning ........... 06_rl (rollouts, policy gradient); 02_sharding writes its prompt shards
+                                        with data/gsm8k.py
 The first cell of every notebook (Colab installs, Drive, GPU report) is notebooks/runtime.py; the report card (the
 pipeline's end, 07_chat's last cell) is notebooks/report.py.
 
@@ -500,7 +502,7 @@ def pick_compute_dtype(device: str) -> torch.dtype:
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. Tokenizer (used by 01_tokenizer, 02_sharding, 07_chat)
+# 3. Tokenizer (used by every notebook: 01_tokenizer trains it, 02-07 load it)
 # ---------------------------------------------------------------------------------------------
 # Byte-level BPE trained by rustbpe, run by tiktoken. Saved as tiktoken's own rank file plus a small JSON of the
 # split pattern and special tokens, so `tiktoken.Encoding(..., mergeable_ranks=load_tiktoken_bpe(file))` loads it.
@@ -1426,7 +1428,8 @@ class KVCache:
     def carried_state(config: GPTConfig, batch_size: int, device: torch.device | str, dtype: torch.dtype
                       ) -> dict[str, Tensor]:
         """State beyond the keys and values that a model's layers carry from one pass to the next, each tensor
-        (depth, batch, ...) like the keys, so that rows() and PackedPrompts view it. With the key offset: "previous_half", each row's last token's own stationary key half (offset_keys)."""
+        (depth, batch, ...) like the keys, so that rows() and PackedPrompts view it. With the key offset:
+        "previous_half", each row's last token's own stationary key half (offset_keys)."""
         if not config.key_offset:
             return {}
         half = config.head_dim - config.rotary_dims
@@ -1562,7 +1565,7 @@ class AttentionBatch:
     cache: KVCache | None = None
     positions: Tensor | None = None  # (T,) each token's position in its cache row (with a cache)
     reads_cache: bool = False
-    previous: Tensor | None = None  # (T,) with the key offset: each token's predecessor in its document (a start: itself)
+    previous: Tensor | None = None  # (T,) key offset: each token's predecessor in its document (itself at a start)
     paired_cos: Tensor | None = None  # (T, 2, rotary_dims / 2) with paired heads: angles at interleaved positions
     paired_sin: Tensor | None = None  # 2t and 2t + 1, for the first and second head of a pair
 
@@ -2034,7 +2037,8 @@ class GPT(nn.Module):
             kv_cache.advance(max_seqlen)
         if target_ids is not None:
             return softcapped_cross_entropy(norm(x), self.lm_head.weight, target_ids, config.softcap, loss_reduction,
-                                            compile_backend=compile_backend, fp8_grad_format=self.lm_head.fp8_grad_format)
+                                            compile_backend=compile_backend,
+                                            fp8_grad_format=self.lm_head.fp8_grad_format)
         logits = soft_cap(self.lm_head(norm(x)), config.softcap)
         return logits.view(*shape, -1) if kv_cache is not None and logit_rows is None else logits
 
@@ -2484,7 +2488,7 @@ def short_window_schedule(step: int, total_steps: int, final_window: int, start_
 
 
 # ---------------------------------------------------------------------------------------------
-# 9. Pretraining loader (used by 03_pretrain)
+# 9. Pretraining loader (used by 03_pretrain, 04_core_eval)
 # ---------------------------------------------------------------------------------------------
 # Each step, every rank takes `tokens` consecutive tokens that start at a BOS, so its batch is whole documents
 # (the last one cut to fit) packed into one row with cumulative lengths for varlen attention. Documents longer
@@ -3207,7 +3211,7 @@ def evaluate_core(model: GPT, shards: Sequence[CoreShard], backend: str, device:
 
 
 # ---------------------------------------------------------------------------------------------
-# 13. Chat format, calculator and inference engine (used by 05_sft, 06_rl, 07_chat)
+# 13. Chat format, calculator and inference engine (used by 02_sharding, 05_sft, 06_rl, 07_chat)
 # ---------------------------------------------------------------------------------------------
 # A conversation is a list of messages {"role": "system"|"user"|"assistant", "content": ...}. User and system
 # content is a string; assistant content is a string or a list of parts {"type": "text"|"python"|"python_output",
@@ -3885,8 +3889,9 @@ def show_parts(parts: Sequence[dict[str, str]]) -> str:
 # 02_sharding renders every conversation of the SFT mixture (data/sft.py) with render_conversation into
 # shards/sft/train_*.bin and val_*.bin: whole conversations back to back, each starting with <|bos|>, and beside each
 # shard its loss mask (name.mask.bin, one uint8 per token, 1 on what the assistant writes). The SFT loader packs
-# whole conversations, never cut, into one varlen row of at most `tokens` tokens, with no padding; targets are -1
-# where the mask is 0, so the loss counts the assistant's own tokens only.
+# whole conversations, never split across rows (one longer than max_seq_len + 1 tokens is cut), into one varlen row
+# of at most `tokens` tokens, with no padding; targets are -1 where the mask is 0, so the loss counts the
+# assistant's own tokens only.
 # The chat evals (letter choice, greedy generation, ChatCORE) are data/chat_eval.py's; the code they generate runs
 # in data/sandbox.py's sandbox.
 
@@ -4042,7 +4047,7 @@ def sft_backward(model: nn.Module, batches: Sequence[Batch], backend: str, loss_
 
 
 # ---------------------------------------------------------------------------------------------
-# 15. Reinforcement learning (used by 06_rl)
+# 15. Reinforcement learning (used by 02_sharding, 06_rl)
 # ---------------------------------------------------------------------------------------------
 # On-policy policy gradient on tasks with a checkable answer (GSM8K). 02_sharding writes the rendered prompts once
 # into shards/<task>/ (data/gsm8k.py: write_prompt_shard, read_prompt_shard). Each step, 06_rl samples

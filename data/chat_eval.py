@@ -12,9 +12,9 @@ and their results as a table and a chart.
 
 Every task asks its questions in the chat format. Choice tasks are scored by the allowed letter with the highest logit
 after <|assistant_start|>, many prompts per varlen forward pass; generative tasks by greedy decoding with the Engine
-(calculator included) and a check of the reply, generated code running in stackcore's sandbox. ChatCORE, nanochat's
-one-number summary, is the mean accuracy above random guessing. Each task reads the Hub or a local copy, like
-data/sft.py.
+(calculator included) and a check of the reply, generated code running in data/sandbox.py's sandbox. ChatCORE,
+nanochat's one-number summary, is the mean accuracy above random guessing. Each task reads the Hub or a local copy,
+like data/sft.py.
 """
 from __future__ import annotations
 

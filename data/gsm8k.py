@@ -169,13 +169,13 @@ PROMPT_RECORD_FIELDS = ("prompt_start", "prompt_end", "problem", "gold")
 def write_prompt_shard(directory: Path, split: str, prompts: Sequence[TaskPrompt], vocab_size: int) -> Path:
     """`split`.bin (the prompts back to back) and its records side file. Gold answers are stored as int32, which
     holds every GSM8K answer; anything else is an error naming the problem."""
+    path = Path(directory) / f"{split}.bin"
     records, offset = [], 0
     for prompt in prompts:
         if not prompt.gold.lstrip("-").isdigit() or not -2**31 <= int(prompt.gold) < 2**31:
-            raise ValueError(f"problem {prompt.problem}: gold answer {prompt.gold!r} is not an int32 integer")
+            raise ValueError(f"{path}: problem {prompt.problem}: gold answer {prompt.gold!r} is not an int32 integer")
         records.append((offset, offset + len(prompt.ids), prompt.problem, int(prompt.gold)))
         offset += len(prompt.ids)
-    path = Path(directory) / f"{split}.bin"
     tokens = np.concatenate([np.asarray(p.ids, dtype=np.uint32) for p in prompts]) if prompts else np.zeros(0)
     write_shard(path, tokens, "tokens", vocab_size)
     table = np.asarray(records, dtype=np.int32).reshape(-1, len(PROMPT_RECORD_FIELDS))

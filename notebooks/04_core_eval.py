@@ -91,7 +91,7 @@ class CoreEvalConfig(sc.StackConfig):
     benchmark: bool = False  # time a warm-up apart and compare with one prompt at a time (the baselines/ scripts)
     compare_examples: int = 50  # with benchmark: first examples of every task also scored one prompt at a time
     attention: str = "auto"  # auto | flash | varlen | flex | sdpa
-    compile: bool = False  # torch.compile the layers on GPUs for faster passes after a 1-1.5 minute warm-up
+    compile: bool = False  # torch.compile the layers on GPUs: faster passes after a compilation warm-up
     PRESETS = {"tiny": dict(pack_tokens=4096)}
     LIMITS = {"run_name": sc.folder_name(), "pack_tokens": sc.above(0), "compare_examples": sc.at_least(0),
               "attention": sc.ATTENTION_SETTING}

@@ -153,7 +153,7 @@ def test_prompt_shards_round_trip(tmp_path):
     path = gsm8k.write_prompt_shard(tmp_path, "train", prompts, vocab_size=16)
     assert gsm8k.read_prompt_shard(tmp_path, "train", vocab_size=16) == prompts
     assert sc.read_shard(sc.side_file(path, "records")).shape == (3, len(gsm8k.PROMPT_RECORD_FIELDS))
-    with pytest.raises(ValueError, match="problem 4: gold answer '2.5'"):
+    with pytest.raises(ValueError, match=r"test\.bin: problem 4: gold answer '2.5'"):
         gsm8k.write_prompt_shard(tmp_path, "test", [sc.TaskPrompt([1, 2], "2.5", 4)], vocab_size=16)
     with pytest.raises(sc.MissingArtifactError, match="02_sharding"):
         gsm8k.read_prompt_shard(tmp_path, "test")
