@@ -2259,13 +2259,6 @@ def orthogonalize(g: Tensor, method: str = "polar_express", steps: int = 5) -> T
     return x.mT if transposed else x
 
 
-def _world() -> tuple[int, int]:
-    """(world_size, rank); (1, 0) when torch.distributed is not initialised."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
-
-
 def _reduce_scatter_mean(stacked: Tensor, world_size: int, rank: int) -> Tensor:
     """Average `stacked` (world_size * n, ...) over ranks and return this rank's n entries."""
     if world_size == 1:
@@ -2297,7 +2290,7 @@ def _all_gather_stacked(own: Tensor, world_size: int) -> Tensor:
 
 def all_reduce_gradients(params: list[Tensor]) -> None:
     """Average .grad of `params` over all ranks (no-op when not distributed)."""
-    world_size, _ = _world()
+    world_size, _ = world_size_and_rank()
     grads = [p.grad for p in params if p.grad is not None]
     if world_size == 1 or not grads:
         return
@@ -2330,7 +2323,7 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        world_size, rank = _world()
+        world_size, rank = world_size_and_rank()
         for group in self.param_groups:
             params = group["params"]
             per_rank = -(-len(params) // world_size)  # ceil: the last rank's share may be padded
@@ -2359,7 +2352,7 @@ class Muon(torch.optim.Optimizer):
         """Load, then keep momentum only for this rank's share: a checkpoint saved by another number of ranks
         arrives as every rank's share together (see resume_training)."""
         super().load_state_dict(state_dict)
-        world_size, rank = _world()
+        world_size, rank = world_size_and_rank()
         for group in self.param_groups:
             own = {id(p) for p in self._share(group["params"], world_size, rank)}
             for p in group["params"]:
@@ -2435,7 +2428,7 @@ class LossScaler:
 
     def __init__(self, compute_dtype: torch.dtype, device: str):
         enabled = compute_dtype == torch.float16
-        if enabled and _world()[0] > 1:
+        if enabled and world_size_and_rank()[0] > 1:
             raise ConfigError("fp16 loss scaling runs in one process only: under torchrun set STACK_DTYPE=float32")
         self.scaler = torch.amp.GradScaler(torch.device(device).type, enabled=enabled)
 
@@ -2655,6 +2648,13 @@ def peak_flops(device: str) -> float | None:
     return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
 
 
+def world_size_and_rank() -> tuple[int, int]:
+    """(world_size, rank); (1, 0) when torch.distributed is not initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
 @dataclass
 class DistInfo:
     rank: int
@@ -2697,7 +2697,7 @@ def sum_over_ranks(values: Sequence[float]) -> list[float]:
 def rank_share(count: int) -> range:
     """The indices of `count` items this rank handles: a contiguous run of ceil(count / ranks) (the last ranks' may
     be shorter or empty), so that item i keeps the seed its index gives it whatever the number of ranks."""
-    world_size, rank = _world()
+    world_size, rank = world_size_and_rank()
     per_rank = -(-count // world_size)
     return range(min(rank * per_rank, count), min((rank + 1) * per_rank, count))
 
@@ -3180,7 +3180,7 @@ def evaluate_core_task(model: GPT, shard: CoreShard, backend: str, device: str, 
                        ) -> dict[str, float]:
     """Accuracy of one task. Under torch.distributed each rank scores the examples with index % world == rank
     and the counts are summed over ranks."""
-    world_size, rank = _world()
+    world_size, rank = world_size_and_rank()
     examples = shard.records[:, CORE_RECORD_FIELDS.index("example")]
     mine = shard.records[examples % world_size == rank]
     model.eval()
@@ -4032,7 +4032,7 @@ def sft_backward(model: nn.Module, batches: Sequence[Batch], backend: str, loss_
     """
     local = [int(sum((batch.targets >= 0).sum() for batch in batches)), sum(len(batch.inputs) for batch in batches)]
     trained, tokens = sum_over_ranks(local)
-    world_size, _ = _world()
+    world_size, _ = world_size_and_rank()
     divisor = max(trained, 1.0) / world_size
     step_loss = torch.zeros((), device=batches[0].inputs.device)
     for batch in batches:
@@ -4193,7 +4193,7 @@ def policy_gradient_backward(model: nn.Module, groups: Sequence[RolloutGroup], b
     advantages = group_advantages(torch.tensor([g.rewards for g in groups], dtype=torch.float32))
     rollouts = [(seq, mask, adv) for group, row in zip(groups, advantages.tolist())
                 for seq, mask, adv in zip(group.sequences, group.masks, row) if adv != 0.0]
-    world_size, _ = _world()
+    world_size, _ = world_size_and_rank()
     all_sampled, trained_sequences = sum_over_ranks([sum(sum(mask) for group in groups for mask in group.masks),
                                                      len(rollouts)])
     sampled_tokens = all_sampled / world_size  # gradients are averaged over ranks: see sft_backward

@@ -34,8 +34,8 @@ from data.records import field
 from data.sandbox import run_sandboxed
 from data.sft import (HubTable, choice_questions, colour_questions, letter_counts, load_words, rows, selection_passes,
                       table_files, word_split)
-from stackcore import (GPT, Engine, StackConfig, Tokenizer, _world, above, assistant_parts, at_least,
-                       centered_accuracy, render_for_completion, show_parts, token_budget_chunks)
+from stackcore import (GPT, Engine, StackConfig, Tokenizer, above, assistant_parts, at_least, centered_accuracy,
+                       render_for_completion, show_parts, token_budget_chunks, world_size_and_rank)
 
 
 # --- Scoring: letter choice, greedy generation, ChatCORE -------------------------------------------------------------
@@ -55,7 +55,7 @@ class ChatTask:
 def evaluate_chat_task(model: GPT, tokenizer: Tokenizer, task: ChatTask, backend: str, device: str,
                        pack_tokens: int = 0) -> dict[str, Any]:
     """Accuracy of one task. Under torch.distributed each rank scores the examples with index % world == rank."""
-    world_size, rank = _world()
+    world_size, rank = world_size_and_rank()
     mine = list(task.examples)[rank::world_size]
     started = time.time()
     if task.kind == "choice":

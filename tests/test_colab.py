@@ -126,7 +126,7 @@ def test_loss_scaler_is_a_plain_step_without_fp16(monkeypatch):
     loss.backward()
     scaler.step(optimizers)
     assert all(p.grad is None for p in model.parameters())
-    monkeypatch.setattr(sc, "_world", lambda: (2, 0))
+    monkeypatch.setattr(sc, "world_size_and_rank", lambda: (2, 0))
     with pytest.raises(sc.ConfigError, match="STACK_DTYPE=float32"):
         sc.LossScaler(torch.float16, "cpu")
 

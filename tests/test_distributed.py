@@ -185,7 +185,7 @@ def test_pass_at_k_on_two_ranks_equals_one_process(tmp_path, tiny_tokenizer):
 
 def test_rank_share_is_contiguous_and_covers_every_item(monkeypatch):
     for count, world_size in ((16, 2), (3, 2), (5, 4), (1, 8)):
-        monkeypatch.setattr(sc, "_world", lambda: (world_size, rank))
+        monkeypatch.setattr(sc, "world_size_and_rank", lambda: (world_size, rank))
         shares = []
         for rank in range(world_size):
             shares.extend(sc.rank_share(count))

@@ -188,7 +188,7 @@ def test_resume_from_more_ranks_merges_their_optimizer_shares(tmp_path):
 def test_resume_from_one_rank_in_two_keeps_each_ranks_momentum_share(tmp_path, monkeypatch):
     directory, _ = train_and_save(tmp_path, steps=(1,))
     model, optimizers, loader = fresh(tmp_path)
-    monkeypatch.setattr(sc, "_world", lambda: (2, 1))
+    monkeypatch.setattr(sc, "world_size_and_rank", lambda: (2, 1))
     step, _ = sc.resume_training(directory, model, optimizers, loader, sc.DistInfo(1, 2, 1, "cpu"), "03_pretrain")
     assert step == 1
     for group in optimizers[1].param_groups:
