@@ -76,6 +76,7 @@ except ImportError:
 # the dataclass default, the preset, a STACK_<NAME> environment variable, a --name=value argument (twins only).
 
 PRESET_NAMES = ("tiny", "colab", "speedrun", "node")
+HELP_FLAGS = ("-h", "--help")
 ConfigT = TypeVar("ConfigT")
 ItemT = TypeVar("ItemT")
 
@@ -96,9 +97,10 @@ def in_notebook_kernel() -> bool:
 
 
 def parse_cli_overrides(argv: Sequence[str]) -> dict[str, str]:
-    """`--key=value`, `--key value` and bare `--flag` (meaning true) into a dict of raw strings."""
+    """`--key=value`, `--key value` and bare `--flag` (meaning true) into a dict of raw strings. `-h` and `--help`
+    are left out: configure answers them, and the set-up cell, which reads the preset first, must not stop on them."""
     overrides: dict[str, str] = {}
-    args = list(argv)
+    args = [arg for arg in argv if arg not in HELP_FLAGS]
     while args:
         arg = args.pop(0)
         if not arg.startswith("--") or arg == "--":
@@ -318,8 +320,8 @@ def configure(cls: type[ConfigT], argv: Sequence[str] | None = None,
         with config_errors_end_the_script():
             return configure(cls, script_argv(), environ)
     environ = os.environ if environ is None else environ
-    wants_help = any(arg in ("-h", "--help") for arg in argv)
-    cli = parse_cli_overrides([arg for arg in argv if arg not in ("-h", "--help")])
+    wants_help = any(arg in HELP_FLAGS for arg in argv)
+    cli = parse_cli_overrides(argv)
     gpu = current_gpu()
     preset = choose_preset(cli, environ, gpu)
     tier = colab_gpu_tier(gpu, environ.get("STACK_COLAB_GPU", ""))

@@ -109,6 +109,17 @@ def test_help_lists_every_option_with_its_default_and_exits_0(twin):
     assert "Traceback" not in result.stderr
 
 
+def test_short_h_is_help_too():
+    """The set-up cell reads the preset from the command line before configure: it must let -h through."""
+    result = run_twin(TWINS[0], "-h")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "usage: python" in result.stdout and "unexpected argument" not in result.stderr
+
+
+def test_parse_cli_overrides_leaves_the_help_flags_to_configure():
+    assert sc.parse_cli_overrides(["-h", "--steps=3", "--help"]) == {"steps": "3"}
+
+
 @pytest.mark.parametrize("twin", TWINS, ids=lambda path: path.stem)
 def test_a_bad_option_is_one_line_and_exit_status_2(twin):
     result = run_twin(twin, "--stepz=1")
