@@ -4246,7 +4246,8 @@ def evaluate_pass_at_k(engine: Engine, prompts: Sequence[TaskPrompt], reward_fn:
 def run_pipeline(overrides: Sequence[str]) -> None:
     """Run every notebook's twin in order, each in its own process, with the same preset (by default tiny on a
     CPU, offline; the real sizes on a GPU). Other settings go in STACK_<NAME> variables, which each notebook
-    reads if it has that setting. Stops at the first notebook that fails."""
+    reads if it has that setting. Stops at the first notebook that fails. The twins get no standard input, so that
+    07_chat, run from a terminal, does not stop the pipeline at its interactive chat."""
     if any(not arg.startswith("--preset") for arg in overrides):
         raise ConfigError("the pipeline takes only --preset=...; set other options as STACK_<NAME>=value")
 
@@ -4254,7 +4255,7 @@ def run_pipeline(overrides: Sequence[str]) -> None:
     for twin in notebooks:
         print(f"\n=== {twin.name} ===", flush=True)
         started = time.time()
-        subprocess.run([sys.executable, str(twin), *overrides], check=True)
+        subprocess.run([sys.executable, str(twin), *overrides], check=True, stdin=subprocess.DEVNULL)
         print(f"=== {twin.name} done in {format_duration(time.time() - started)} ===", flush=True)
     from notebooks.report import write_report
 

@@ -155,6 +155,22 @@ def test_a_misspelt_stack_variable_is_warned_about(capsys):
     assert "STACK_VOCAB_SIZE" not in err  # another notebook's setting (the pipeline sets them for all)
 
 
+def test_the_pipeline_gives_its_twins_no_stdin(monkeypatch, tmp_path):
+    """From a terminal, 07_chat would otherwise open its interactive chat and the pipeline would wait on it."""
+    twin_calls, real_run = [], subprocess.run
+
+    def run(args, **kwargs):
+        if args[0] == sys.executable:
+            twin_calls.append(kwargs)
+            return subprocess.CompletedProcess(args, 0)
+        return real_run(args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "run", run)
+    monkeypatch.setenv("STACK_HOME", str(tmp_path))
+    sc.run_pipeline(["--preset=tiny"])
+    assert len(twin_calls) == 7 and all(kwargs.get("stdin") is subprocess.DEVNULL for kwargs in twin_calls)
+
+
 def test_the_pipeline_ends_by_saying_where_its_plots_and_summaries_are(tmp_path):
     for run, names in {"pretrain": ["curves.png", "summary.json", "metrics.jsonl"], "empty": []}.items():
         (tmp_path / run).mkdir()
