@@ -4255,7 +4255,9 @@ def run_pipeline(overrides: Sequence[str]) -> None:
     for twin in notebooks:
         print(f"\n=== {twin.name} ===", flush=True)
         started = time.time()
-        subprocess.run([sys.executable, str(twin), *overrides], check=True, stdin=subprocess.DEVNULL)
+        finished = subprocess.run([sys.executable, str(twin), *overrides], stdin=subprocess.DEVNULL)
+        if finished.returncode:  # the twin has printed why; a traceback of this loop would add nothing
+            raise SystemExit(f"=== {twin.name} failed (exit status {finished.returncode}): the pipeline stops here ===")
         print(f"=== {twin.name} done in {format_duration(time.time() - started)} ===", flush=True)
     from notebooks.report import write_report
 
@@ -4275,4 +4277,5 @@ def describe_run_outputs(runs: Path) -> str:
 if __name__ == "__main__":
     if sys.argv[1:2] != ["pipeline"]:
         sys.exit("usage: python stackcore.py pipeline [--preset=tiny|colab|speedrun|node]")
-    run_pipeline(sys.argv[2:])
+    with config_errors_end_the_script():
+        run_pipeline(sys.argv[2:])

@@ -171,6 +171,27 @@ def test_the_pipeline_gives_its_twins_no_stdin(monkeypatch, tmp_path):
     assert len(twin_calls) == 7 and all(kwargs.get("stdin") is subprocess.DEVNULL for kwargs in twin_calls)
 
 
+def test_the_pipeline_stops_at_a_failed_twin_with_one_line(monkeypatch, capsys):
+    ran = []
+
+    def run(args, **kwargs):
+        ran.append(args)
+        return subprocess.CompletedProcess(args, 2)
+
+    monkeypatch.setattr(subprocess, "run", run)
+    with pytest.raises(SystemExit, match=r"=== 01_tokenizer.py failed \(exit status 2\): the pipeline stops here ==="):
+        sc.run_pipeline(["--preset=huge"])
+    assert len(ran) == 1
+
+
+def test_a_pipeline_option_other_than_preset_is_one_line_and_exit_status_2():
+    result = subprocess.run([sys.executable, "stackcore.py", "pipeline", "--steps=3"], cwd=TWINS[0].parents[1],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == ("stackcore.py: error: the pipeline takes only --preset=...; set other options "
+                                     "as STACK_<NAME>=value")
+
+
 def test_the_pipeline_ends_by_saying_where_its_plots_and_summaries_are(tmp_path):
     for run, names in {"pretrain": ["curves.png", "summary.json", "metrics.jsonl"], "empty": []}.items():
         (tmp_path / run).mkdir()
