@@ -78,6 +78,7 @@ except ImportError:
 # the dataclass default, the preset, a STACK_<NAME> environment variable, a --name=value argument (twins only).
 
 PRESET_NAMES = ("tiny", "colab", "speedrun", "node")
+HELP_FLAGS = ("-h", "--help")
 ConfigT = TypeVar("ConfigT")
 ItemT = TypeVar("ItemT")
 
@@ -98,9 +99,10 @@ def in_notebook_kernel() -> bool:
 
 
 def parse_cli_overrides(argv: Sequence[str]) -> dict[str, str]:
-    """`--key=value`, `--key value` and bare `--flag` (meaning true) into a dict of raw strings."""
+    """`--key=value`, `--key value` and bare `--flag` (meaning true) into a dict of raw strings. `-h` and `--help`
+    are left out: configure answers them, and the set-up cell, which reads the preset first, must not stop on them."""
     overrides: dict[str, str] = {}
-    args = list(argv)
+    args = [arg for arg in argv if arg not in HELP_FLAGS]
     while args:
         arg = args.pop(0)
         if not arg.startswith("--") or arg == "--":
@@ -320,8 +322,8 @@ def configure(cls: type[ConfigT], argv: Sequence[str] | None = None,
         with config_errors_end_the_script():
             return configure(cls, script_argv(), environ)
     environ = os.environ if environ is None else environ
-    wants_help = any(arg in ("-h", "--help") for arg in argv)
-    cli = parse_cli_overrides([arg for arg in argv if arg not in ("-h", "--help")])
+    wants_help = any(arg in HELP_FLAGS for arg in argv)
+    cli = parse_cli_overrides(argv)
     gpu = current_gpu()
     preset = choose_preset(cli, environ, gpu)
     tier = colab_gpu_tier(gpu, environ.get("STACK_COLAB_GPU", ""))
@@ -4249,7 +4251,8 @@ def evaluate_pass_at_k(engine: Engine, prompts: Sequence[TaskPrompt], reward_fn:
 def run_pipeline(overrides: Sequence[str]) -> None:
     """Run every notebook's twin in order, each in its own process, with the same preset (by default tiny on a
     CPU, offline; the real sizes on a GPU). Other settings go in STACK_<NAME> variables, which each notebook
-    reads if it has that setting. Stops at the first notebook that fails."""
+    reads if it has that setting. Stops at the first notebook that fails. The twins get no standard input, so that
+    07_chat, run from a terminal, does not stop the pipeline at its interactive chat."""
     if any(not arg.startswith("--preset") for arg in overrides):
         raise ConfigError("the pipeline takes only --preset=...; set other options as STACK_<NAME>=value")
 
@@ -4257,7 +4260,9 @@ def run_pipeline(overrides: Sequence[str]) -> None:
     for twin in notebooks:
         print(f"\n=== {twin.name} ===", flush=True)
         started = time.time()
-        subprocess.run([sys.executable, str(twin), *overrides], check=True)
+        finished = subprocess.run([sys.executable, str(twin), *overrides], stdin=subprocess.DEVNULL)
+        if finished.returncode:  # the twin has printed why; a traceback of this loop would add nothing
+            raise SystemExit(f"=== {twin.name} failed (exit status {finished.returncode}): the pipeline stops here ===")
         print(f"=== {twin.name} done in {format_duration(time.time() - started)} ===", flush=True)
     from notebooks.report import write_report
 
@@ -4277,4 +4282,5 @@ def describe_run_outputs(runs: Path) -> str:
 if __name__ == "__main__":
     if sys.argv[1:2] != ["pipeline"]:
         sys.exit("usage: python stackcore.py pipeline [--preset=tiny|colab|speedrun|node]")
-    run_pipeline(sys.argv[2:])
+    with config_errors_end_the_script():
+        run_pipeline(sys.argv[2:])

@@ -322,10 +322,20 @@ def run_twin(name, stack_home, *args):
 ])
 def test_twin_against_an_empty_stack_home(stack_home, twin, made_by, looked_in):
     result = run_twin(twin, stack_home)
-    assert result.returncode != 0
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]  # the message alone (end_scripts_on_user_errors)
     error = result.stderr.strip().splitlines()[-1]
-    assert "MissingArtifactError" in error and f"run notebooks/{made_by} first" in error, result.stderr[-2000:]
+    assert error.startswith(f"{twin}.py: error: ") and f"run notebooks/{made_by} first" in error
     assert str(stack_home / looked_in) in error
+
+
+def test_other_errors_in_a_twin_keep_their_traceback(tmp_path):
+    script = tmp_path / "twin.py"
+    script.write_text("from notebooks.runtime import end_scripts_on_user_errors\n"
+                      "end_scripts_on_user_errors()\nraise KeyError('kept')\n")
+    result = subprocess.run([sys.executable, str(script)], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" in result.stderr and "KeyError: 'kept'" in result.stderr
 
 
 def test_pretrain_with_a_tokenizer_but_no_shards(stack_home, tiny_tokenizer):

@@ -109,6 +109,17 @@ def test_help_lists_every_option_with_its_default_and_exits_0(twin):
     assert "Traceback" not in result.stderr
 
 
+def test_short_h_is_help_too():
+    """The set-up cell reads the preset from the command line before configure: it must let -h through."""
+    result = run_twin(TWINS[0], "-h")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "usage: python" in result.stdout and "unexpected argument" not in result.stderr
+
+
+def test_parse_cli_overrides_leaves_the_help_flags_to_configure():
+    assert sc.parse_cli_overrides(["-h", "--steps=3", "--help"]) == {"steps": "3"}
+
+
 @pytest.mark.parametrize("twin", TWINS, ids=lambda path: path.stem)
 def test_a_bad_option_is_one_line_and_exit_status_2(twin):
     result = run_twin(twin, "--stepz=1")
@@ -142,6 +153,43 @@ def test_a_misspelt_stack_variable_is_warned_about(capsys):
     assert "STACK_STEPZ is not a setting here and is ignored; did you mean STACK_STEPS?" in err
     assert "STACK_HOME" not in err and "STACK_TEST_DATA" not in err
     assert "STACK_VOCAB_SIZE" not in err  # another notebook's setting (the pipeline sets them for all)
+
+
+def test_the_pipeline_gives_its_twins_no_stdin(monkeypatch, tmp_path):
+    """From a terminal, 07_chat would otherwise open its interactive chat and the pipeline would wait on it."""
+    twin_calls, real_run = [], subprocess.run
+
+    def run(args, **kwargs):
+        if args[0] == sys.executable:
+            twin_calls.append(kwargs)
+            return subprocess.CompletedProcess(args, 0)
+        return real_run(args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "run", run)
+    monkeypatch.setenv("STACK_HOME", str(tmp_path))
+    sc.run_pipeline(["--preset=tiny"])
+    assert len(twin_calls) == 7 and all(kwargs.get("stdin") is subprocess.DEVNULL for kwargs in twin_calls)
+
+
+def test_the_pipeline_stops_at_a_failed_twin_with_one_line(monkeypatch, capsys):
+    ran = []
+
+    def run(args, **kwargs):
+        ran.append(args)
+        return subprocess.CompletedProcess(args, 2)
+
+    monkeypatch.setattr(subprocess, "run", run)
+    with pytest.raises(SystemExit, match=r"=== 01_tokenizer.py failed \(exit status 2\): the pipeline stops here ==="):
+        sc.run_pipeline(["--preset=huge"])
+    assert len(ran) == 1
+
+
+def test_a_pipeline_option_other_than_preset_is_one_line_and_exit_status_2():
+    result = subprocess.run([sys.executable, "stackcore.py", "pipeline", "--steps=3"], cwd=TWINS[0].parents[1],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == ("stackcore.py: error: the pipeline takes only --preset=...; set other options "
+                                     "as STACK_<NAME>=value")
 
 
 def test_the_pipeline_ends_by_saying_where_its_plots_and_summaries_are(tmp_path):

@@ -307,7 +307,7 @@ def test_rl_twin_without_a_model_names_the_notebook_to_run(stack_home):
     result = subprocess.run([sys.executable, "notebooks/06_rl.py"], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=300)
     error = result.stderr.strip().splitlines()[-1]
-    assert result.returncode != 0 and "MissingArtifactError" in error and "run notebooks/05_sft first" in error
+    assert result.returncode == 1 and error.startswith("06_rl.py: error: ") and "run notebooks/05_sft first" in error
     assert str(stack_home / "checkpoints" / "sft") in error
 
 
