@@ -537,14 +537,14 @@ class Tokenizer:
 
         merges_wanted = vocab_size - len(SPECIAL_TOKENS)
         if merges_wanted < 256:
-            raise ValueError(f"vocab_size {vocab_size} is too small: it needs 256 byte tokens "
+            raise ConfigError(f"vocab_size {vocab_size} is too small: it needs 256 byte tokens "
                              f"+ {len(SPECIAL_TOKENS)} special tokens")
         trainer = rustbpe.Tokenizer()
         trainer.train_from_iterator(iter(texts), merges_wanted, pattern=SPLIT_PATTERN)
         ranks = {bytes(piece): rank for piece, rank in trainer.get_mergeable_ranks()}
         if len(ranks) < merges_wanted:
-            raise ValueError(f"the training text supports only {len(ranks)} merges, fewer than the "
-                             f"{merges_wanted} that vocab_size {vocab_size} asks for: give more text or a smaller vocab")
+            raise ConfigError(f"the training text supports only {len(ranks)} merges, fewer than the {merges_wanted} "
+                              f"that vocab_size {vocab_size} asks for: give more text or a smaller vocab")
         return cls(ranks, trainer.get_pattern(), name)
 
     def save(self, directory: Path) -> None:

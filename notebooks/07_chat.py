@@ -304,6 +304,8 @@ if sc.in_notebook_kernel():
     display(panel.widget)
 elif cfg.chat and not cfg.prompt and sys.stdin.isatty():
     chat_loop(session)
+elif cfg.chat and not cfg.prompt:
+    print("no terminal on standard input, so no chat: run this in a terminal, or pass --prompt=... for one reply")
 
 # %% [markdown]
 # ## The report card

@@ -1,11 +1,14 @@
 import gzip
 import json
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 import stackcore as sc
+from conftest import ROOT
 
 
 def random_unicode_text(rng: random.Random, length: int) -> str:
@@ -64,10 +67,17 @@ def test_saved_files_load_with_plain_tiktoken(tiny_tokenizer):
 
 
 def test_bad_inputs():
-    with pytest.raises(ValueError, match="too small"):
+    with pytest.raises(sc.ConfigError, match="too small"):
         sc.Tokenizer.train(["abc"], 100)
-    with pytest.raises(ValueError, match="supports only"):
+    with pytest.raises(sc.ConfigError, match="supports only"):
         sc.Tokenizer.train(["abc abc abc"], 2000)
+
+
+def test_a_vocabulary_the_text_cannot_support_ends_the_twin_in_one_line(stack_home):
+    result = subprocess.run([sys.executable, "notebooks/01_tokenizer.py", "--preset=tiny", "--vocab_size=4096"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "01_tokenizer.py: error: the training text supports only" in result.stderr
 
 
 def test_missing_tokenizer_names_the_notebook(tmp_path):
