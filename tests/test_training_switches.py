@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import stackcore as sc
+from test_distributed import on_two_ranks
 from test_hostile_config import CONFIGS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,6 +83,35 @@ def test_cautious_weight_decay_decays_only_where_update_and_weight_agree_in_sign
     torch.testing.assert_close(after(cautious_weight_decay=True),
                                start * (1 - lr * decay * agree.float()) + lr * update)
     torch.testing.assert_close(after(), start * (1 - lr * decay) + lr * update)
+
+
+SWITCHED = dict(lr=0.1, weight_decay=0.5, normuon=True, cautious_weight_decay=True)
+SHAPES = [(24, 8), (24, 8), (8, 24)]  # two shape groups, one split over two ranks, one left whole to rank 0
+
+
+def switched_muon_steps(grads_by_rank: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """Two steps of Muon with both switches on three matrices of two shapes, this rank's gradients (all ranks'
+    averaged: what Muon's reduce-scatter does); the weights after them."""
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else None
+    weights = [torch.nn.Parameter(torch.randn(shape, generator=torch.Generator().manual_seed(i)))
+               for i, shape in enumerate(SHAPES)]
+    optimizer = sc.Muon(weights, **SWITCHED)
+    for step in range(2):
+        for i, weight in enumerate(weights):
+            grads = [grads_by_rank[r][2 * i + step] for r in ([rank] if rank is not None else range(2))]
+            weight.grad = torch.stack(grads).mean(0)
+        optimizer.step()
+    return [weight.detach() for weight in weights]
+
+
+def test_switched_muon_on_two_ranks_equals_one_process(tmp_path):
+    """Each rank keeps the second moments of its share of the matrices, like their momentum."""
+    grads_by_rank = [[torch.randn(shape, generator=torch.Generator().manual_seed(100 * rank + 10 * i + step))
+                      for i, shape in enumerate(SHAPES) for step in range(2)] for rank in range(2)]
+    single = switched_muon_steps(grads_by_rank)
+    for result in on_two_ranks(switched_muon_steps, tmp_path, grads_by_rank):
+        for got, expected in zip(result, single):
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
 def test_build_optimizers_passes_the_switches_to_muon():
