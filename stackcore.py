@@ -2306,21 +2306,25 @@ class Muon(torch.optim.Optimizer):
 
     Parameters are grouped by shape so each group is orthogonalised in one batched call. The update is
     scaled by max(1, rows / cols) ** 0.5 (Keller Jordan's original choice), and weight decay is decoupled
-    (p <- p * (1 - lr * weight_decay)). When torch.distributed is initialised with several ranks, step()
+    (p <- p * (1 - lr * weight_decay)). Two switches, both off by default: `normuon` equalises the update's
+    neurons with a second-moment estimate (_normalize_neurons), and `cautious_weight_decay` decays only the
+    entries the update already shrinks (_decay). When torch.distributed is initialised with several ranks, step()
     averages the gradients itself with a reduce-scatter: each rank keeps momentum for and orthogonalises
     only its share of every shape group, then the updates are all-gathered, so every rank applies the
     same update (call it with the raw local gradients; step_optimizers does this).
     """
 
     def __init__(self, params, lr: float = 0.05, momentum: float = 0.95, weight_decay: float = 0.0,
-                 nesterov: bool = True, method: str = "polar_express", steps: int = 5):
+                 nesterov: bool = True, method: str = "polar_express", steps: int = 5, normuon: bool = False,
+                 beta2: float = 0.95, cautious_weight_decay: bool = False):
         params = list(params)
         if any(p.ndim != 2 for p in params):
             raise ValueError("Muon only optimises 2D matrices; give other parameters to AdamW")
         shapes = sorted({tuple(p.shape) for p in params})
         groups = [{"params": [p for p in params if tuple(p.shape) == shape]} for shape in shapes]
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
-                        method=method, steps=steps)
+                        method=method, steps=steps, normuon=normuon, beta2=beta2,
+                        cautious_weight_decay=cautious_weight_decay)
         super().__init__(groups, defaults)
 
     @torch.no_grad()
@@ -2339,10 +2343,24 @@ class Muon(torch.optim.Optimizer):
             update = torch.zeros_like(own_grads)
             if own_params:
                 update[:len(own_params)] = self._orthogonal_update(group, own_params, own_grads[:len(own_params)])
-            updates = _all_gather_stacked(update, world_size)[:len(params)].unbind(0)
+            updates = _all_gather_stacked(update, world_size)[:len(params)]
             rows, cols = params[0].shape
-            torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
-            torch._foreach_add_(params, updates, alpha=-group["lr"] * max(1.0, rows / cols) ** 0.5)
+            if group["weight_decay"]:
+                self._decay(group, params, updates)
+            torch._foreach_add_(params, updates.unbind(0), alpha=-group["lr"] * max(1.0, rows / cols) ** 0.5)
+
+    @staticmethod
+    def _decay(group: dict, params: list[Tensor], updates: Tensor) -> None:
+        """Decoupled weight decay p <- p * (1 - lr * weight_decay). Cautious (Chen et al. 2025, arXiv 2510.12402;
+        modded-nanogpt's and nanochat's Muon) decays only the entries where the update and the weight have the same
+        sign, that is where the step (p - lr * update) already moves the weight towards zero; elsewhere decay would
+        pull against the gradient."""
+        shrink = group["lr"] * group["weight_decay"]
+        if not group["cautious_weight_decay"]:
+            torch._foreach_mul_(params, 1 - shrink)
+            return
+        agree = updates * torch.stack(params) >= 0
+        torch._foreach_mul_(params, list((1 - shrink * agree.to(updates.dtype)).unbind(0)))
 
     @staticmethod
     def _share(params: list[Tensor], world_size: int, rank: int) -> list[Tensor]:
@@ -2372,15 +2390,33 @@ class Muon(torch.optim.Optimizer):
         torch._foreach_lerp_(buffers, list(grads.unbind(0)), 1 - momentum)  # EMA of gradients
         stacked = torch.stack(buffers)
         direction = grads.lerp(stacked, momentum) if group["nesterov"] else stacked
-        return orthogonalize(direction, group["method"], group["steps"]).to(grads.dtype)
+        update = orthogonalize(direction, group["method"], group["steps"]).to(grads.dtype)
+        return self._normalize_neurons(group, params, update) if group["normuon"] else update
+
+    def _normalize_neurons(self, group: dict, params: list[Tensor], update: Tensor) -> Tensor:
+        """NorMuon (Li et al. 2025, arXiv 2510.05491): divide each neuron's slice of the orthogonalised update by the
+        root of an EMA (beta2) of its mean square, then rescale the matrix to its former Frobenius norm, so the
+        learning rate keeps its meaning and only the balance between neurons changes. An orthogonal matrix has equal
+        norms along its short side, so the estimate is kept per slice of the long side (per row of a tall or square
+        matrix, per column of a wide one), as modded-nanogpt and nanochat do. The EMA starts at zero; the rescaling
+        cancels the bias a correction would remove."""
+        reduce = -1 if update.size(-2) >= update.size(-1) else -2  # average over the short side
+        mean_square = update.square().mean(dim=reduce, keepdim=True)
+        moments = [self.state[p].setdefault("second_moment", torch.zeros_like(m))
+                   for p, m in zip(params, mean_square)]
+        torch._foreach_lerp_(moments, list(mean_square.unbind(0)), 1 - group["beta2"])
+        normalized = update * torch.stack(moments).clamp_min(1e-20).rsqrt()
+        norms = update.norm(dim=(-2, -1), keepdim=True) / normalized.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-20)
+        return normalized * norms
 
 
 def build_optimizers(model: GPT, muon_lr: float | None = None, adam_lrs: dict[str, float] | None = None,
-                     weight_decay: float = 0.0, method: str = "polar_express", lr_scale: float = 1.0
-                     ) -> list[torch.optim.Optimizer]:
+                     weight_decay: float = 0.0, method: str = "polar_express", lr_scale: float = 1.0,
+                     normuon: bool = False, cautious_weight_decay: bool = False) -> list[torch.optim.Optimizer]:
     """[AdamW(embedding, value_embeds, head, scalars), Muon(hidden matrices)] with model.param_groups() lrs.
 
-    `adam_lrs` overrides per kind (e.g. {"head": 0.004}); `weight_decay` is Muon's (Adam groups use none);
+    `adam_lrs` overrides per kind (e.g. {"head": 0.004}); `weight_decay` is Muon's (Adam groups use none), and
+    `normuon` and `cautious_weight_decay` are Muon's switches (see Muon);
     `lr_scale` multiplies every learning rate (fine-tuning uses a fraction of pretraining's). Every group records
     "initial_lr" so that apply_schedule() can scale it.
     """
@@ -2401,7 +2437,7 @@ def build_optimizers(model: GPT, muon_lr: float | None = None, adam_lrs: dict[st
                              fused=True if on_cuda else None)
     matrices = next(g for g in groups if g["optimizer"] == "muon")
     muon = Muon(matrices["params"], lr=matrices["lr"] if muon_lr is None else muon_lr,
-                weight_decay=weight_decay, method=method)
+                weight_decay=weight_decay, method=method, normuon=normuon, cautious_weight_decay=cautious_weight_decay)
     for optimizer in (adam, muon):
         for group in optimizer.param_groups:
             group["lr"] *= lr_scale
@@ -2480,6 +2516,14 @@ def short_window_schedule(step: int, total_steps: int, final_window: int, start_
     recompilations / block masks) occur. Feed it to GPT.layer_windows()."""
     window = start_window + (final_window - start_window) * min(1.0, step / max(total_steps, 1))
     return max(start_window, min(final_window, int(window) // granularity * granularity))
+
+
+def batch_size_schedule(step: int, final_tokens: int, start_tokens: int, ramp_steps: int, granularity: int) -> int:
+    """Tokens in the optimizer step `step`: linear from start_tokens at step 0 to final_tokens at step ramp_steps,
+    then flat; rounded down to a multiple of `granularity` (one micro-batch on every rank), so the step takes whole
+    micro-batches and only the accumulation count changes (modded-nanogpt's records grow their batch early on)."""
+    tokens = start_tokens + (final_tokens - start_tokens) * min(1.0, step / ramp_steps) if ramp_steps else final_tokens
+    return max(granularity, min(final_tokens, int(tokens) // granularity * granularity))
 
 
 # ---------------------------------------------------------------------------------------------

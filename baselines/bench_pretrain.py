@@ -157,6 +157,14 @@ def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
     return [r for r in records if "loss" in r], [r for r in records if "val_bpb" in r]
 
 
+def full_batch_tokens(steps: list[dict]) -> int | None:
+    """Tokens in the run's last step: its full batch, also when 03's batch-size ramp (batch_start_tokens) made the
+    first steps smaller."""
+    if not steps:
+        return None
+    return steps[-1]["tokens"] - (steps[-2]["tokens"] if len(steps) > 1 else 0)
+
+
 def first_at_or_below(val: list[dict[str, Any]], target: float) -> dict[str, Any] | None:
     """The first evaluation (a record with step, tokens, train_seconds, val_bpb) at or below `target`; None if no
     evaluation got there."""
@@ -241,7 +249,7 @@ def run_seed(args: argparse.Namespace, name: str, seed: int, eval_tokens: int, e
     steps, val = read_metrics(metrics)
     result = summarize({
         "system": "ours", "name": run_name, "seed": seed, "depth": args.depth, "command": command[1:], **run,
-        "tokens_per_step": steps[0]["tokens"] // steps[0]["step"] if steps else None,
+        "tokens_per_step": full_batch_tokens(steps),
         "step_seconds": [r["step_seconds"] for r in steps],
         "val": [{k: r[k] for k in ("step", "tokens", "train_seconds", "val_bpb")} for r in val],
         "peak_memory_GB": steps[-1].get("peak_memory_GB") if steps else None, "eval_tokens": eval_tokens,

@@ -91,6 +91,10 @@ class PretrainConfig(sc.StackConfig):
     cooldown_frac: float = 0.4  # the last 40% of steps decay the learning rates linearly to zero
     lr_scale: float = 1.0  # multiplies every learning rate (sc.GPT.param_groups has the defaults)
     weight_decay: float = 0.0  # Muon's decoupled weight decay: a regulariser for runs that repeat their data
+    cautious_weight_decay: bool = False  # decay only where Muon's update and the weight agree in sign (sc.Muon._decay)
+    normuon: bool = False  # NorMuon: balance Muon's update across neurons by a second-moment estimate (sc.Muon)
+    batch_start_tokens: int = 0  # 0: off; else the first step's batch, growing linearly to tokens_per_step
+    batch_ramp_steps: int = 0  # steps over which the batch grows from batch_start_tokens (sc.batch_size_schedule)
     window_schedule: bool = True  # grow the short attention window from 128 tokens to seq_len/2 during training
     eval_every: int = 250  # steps between validation bits-per-byte measurements (and at the end)
     eval_tokens: int = 2_097_152  # validation tokens per measurement
@@ -120,10 +124,23 @@ class PretrainConfig(sc.StackConfig):
         "seq_len": sc.above(0),
         "tokens_per_step": sc.above(0), "micro_tokens": sc.above(0), "steps": sc.above(0),
         "warmup_steps": sc.at_least(0), "cooldown_frac": sc.at_least(0, 1), "lr_scale": sc.above(0),
-        "weight_decay": sc.at_least(0), "eval_every": sc.above(0), "eval_tokens": sc.above(0),
+        "weight_decay": sc.at_least(0), "batch_start_tokens": sc.at_least(0), "batch_ramp_steps": sc.at_least(0),
+        "eval_every": sc.above(0), "eval_tokens": sc.above(0),
         "eval_batch_tokens": sc.at_least(0), "save_every": sc.above(0), "attention": sc.ATTENTION_SETTING,
         "run_name": sc.folder_name(), "seed": sc.at_least(0),
     }
+
+    def validate(self) -> None:
+        """The switches that need another setting to do anything, and a batch ramp that fits the batch."""
+        super().validate()
+        if self.cautious_weight_decay and not self.weight_decay:
+            raise sc.ConfigError("cautious_weight_decay=True does nothing with weight_decay=0: set --weight_decay")
+        if self.batch_start_tokens and not self.batch_ramp_steps:
+            raise sc.ConfigError(f"batch_start_tokens={self.batch_start_tokens} needs batch_ramp_steps > 0 (the "
+                                 f"steps over which the batch grows to tokens_per_step)")
+        if self.batch_start_tokens % self.micro_tokens or self.batch_start_tokens > self.tokens_per_step:
+            raise sc.ConfigError(f"batch_start_tokens={self.batch_start_tokens} must be a multiple of micro_tokens "
+                                 f"({self.micro_tokens}) and at most tokens_per_step ({self.tokens_per_step})")
 
 
 cfg = sc.configure(PretrainConfig)
@@ -226,9 +243,11 @@ plt.show()
 # Muon updates the hidden matrices with orthogonalised momentum; AdamW takes the embeddings, the head and the
 # scalars. Learning rates stay flat, then fall linearly over the last `cooldown_frac` of training; Muon's momentum
 # warms up from 0.85 to 0.95; the short attention window grows as training goes on (long context is learned late).
+# With `batch_start_tokens` set, the batch grows too: the micro-batch stays, the number of micro-batches per step rises.
 
 # %%
-optimizers = sc.build_optimizers(model, weight_decay=cfg.weight_decay, lr_scale=cfg.lr_scale)
+optimizers = sc.build_optimizers(model, weight_decay=cfg.weight_decay, lr_scale=cfg.lr_scale, normuon=cfg.normuon,
+                                 cautious_weight_decay=cfg.cautious_weight_decay)
 loss_scaler = sc.LossScaler(compute_dtype, device)  # fp16 only; a plain optimizer step otherwise
 
 
@@ -238,6 +257,12 @@ def schedule(step: int) -> list:
     short = (sc.short_window_schedule(step, cfg.steps, cfg.seq_len // 2) if cfg.window_schedule
              else cfg.seq_len // 2)
     return model.layer_windows(short)
+
+
+def step_tokens(step: int) -> int:
+    """The global batch of optimizer step `step`: tokens_per_step, or on the batch-size ramp towards it."""
+    return sc.batch_size_schedule(step, cfg.tokens_per_step, cfg.batch_start_tokens or cfg.tokens_per_step,
+                                  cfg.batch_ramp_steps, cfg.micro_tokens * dist_info.world_size)
 
 
 # %% [markdown]
@@ -279,7 +304,7 @@ plt.show()
 # `schedule(step)` above sets every learning rate and Muon's momentum for a step and returns the attention window
 # of every layer. Called for every step of this run and read back from the optimizers, it draws itself: the
 # learning rates stay flat and fall to zero over the last `cooldown_frac`; Muon's momentum warms up; the short
-# window grows (the long layers always see the whole document).
+# window grows (the long layers always see the whole document); `step_tokens(step)` draws the batch size.
 
 # %%
 muon = next(o for o in optimizers if isinstance(o, sc.Muon))
@@ -287,11 +312,12 @@ traced = []
 for step in range(cfg.steps + 1):
     windows = schedule(step)
     group = muon.param_groups[0]
-    traced.append((group["lr"] / group["initial_lr"], group["momentum"], min(w or cfg.seq_len for w in windows)))
+    traced.append((group["lr"] / group["initial_lr"], group["momentum"], min(w or cfg.seq_len for w in windows),
+                   step_tokens(step)))
 schedule(0)  # leave the optimizers as the first step wants them
-fig, axes = plt.subplots(1, 3, figsize=(12, 3))
+fig, axes = plt.subplots(1, 4, figsize=(15, 3))
 for ax, values, label in zip(axes, zip(*traced), ("learning-rate multiplier", "Muon momentum",
-                                                  "short attention window (tokens)")):
+                                                  "short attention window (tokens)", "batch (tokens per step)")):
     ax.plot(values)
     ax.set(xlabel="step", title=label)
 fig.tight_layout()
@@ -376,15 +402,16 @@ run_log = sc.RunLog(run_dir, enabled=dist_info.master, wandb_run=wandb_run)
 
 # %% [markdown]
 # ## The training loop
-# One optimizer step = `accum_steps` forward/backward passes per rank. The log line shows the loss, throughput,
-# MFU (model FLOPs over the GPU's peak) and the time left. The first step is slow on a GPU while `torch.compile`
-# builds the kernels: one graph per kind of block, reused by every layer of that kind (`GPT.compile_layers`), so
-# neither the depth nor the growing attention window adds compilations. Steady-state throughput leaves that step out.
+# One optimizer step = `accum_steps` forward/backward passes per rank (fewer on a batch-size ramp). The log line
+# shows the loss, throughput, MFU (model FLOPs over the GPU's peak) and the time left. The first step is slow on a
+# GPU while `torch.compile` builds the kernels: one graph per kind of block, reused by every layer of that kind
+# (`GPT.compile_layers`), so neither the depth, the growing attention window nor the growing batch adds
+# compilations. Steady-state throughput leaves that step out.
 
 # %%
 peak = sc.peak_flops(device)
-train_seconds, tokens_seen = 0.0, start_step * cfg.tokens_per_step
-step_times = []  # seconds per optimizer step of this process; the first one includes the compilation
+train_seconds, tokens_seen = 0.0, sum(map(step_tokens, range(start_step)))
+step_times, step_rates = [], []  # seconds and tokens per second of each optimizer step; the first one compiles
 val_bpb = float("nan")
 
 
@@ -408,11 +435,12 @@ for step in range(start_step, start_step if complete else cfg.steps + 1):
         torch.cuda.synchronize()
     t0 = time.time()
     windows = schedule(step)
-    for _ in range(accum_steps):
+    micro_steps = step_tokens(step) // (cfg.micro_tokens * dist_info.world_size)
+    for _ in range(micro_steps):
         batch = train_loader.next_batch()
         loss = forward(batch.inputs, batch.cu_seqlens, batch.max_seqlen, batch.targets, windows=windows,
                        backend=backend)
-        loss_scaler.scale(loss / accum_steps).backward()
+        loss_scaler.scale(loss / micro_steps).backward()
     loss_scaler.step(optimizers)
     train_loss = loss.item()  # one sync per step: the loss of the last micro-batch
     sc.check_finite_loss(train_loss, step + 1)
@@ -422,8 +450,9 @@ for step in range(start_step, start_step if complete else cfg.steps + 1):
         gc.collect()
         gc.freeze()
     train_seconds += step_seconds
-    tokens_seen += cfg.tokens_per_step
-    tokens_per_second = cfg.tokens_per_step / step_seconds
+    tokens_seen += step_tokens(step)
+    tokens_per_second = step_tokens(step) / step_seconds
+    step_rates.append(tokens_per_second)
     mfu = flops_per_token * tokens_per_second / (peak * dist_info.world_size) if peak else None  # no peak on a CPU
     remaining = (cfg.steps - step - 1) * train_seconds / (step + 1 - start_step)
     log(f"step {step + 1:5d}/{cfg.steps} | loss {train_loss:.4f} | {tokens_per_second:,.0f} tok/s | "
@@ -456,21 +485,21 @@ if dist_info.master:
 # %% [markdown]
 # ## Summary
 # The final checkpoint in `STACK_HOME/checkpoints/<run>` is what `04_core_eval`, `05_sft` and `07_chat` load.
-# Throughput is the steady state: the median step after the first, which compiles (timed apart as
-# `first_step_seconds`). MFU counts 6 FLOPs per matmul parameter plus attention as if every document were `seq_len`
-# tokens long at the final windows; packed documents are shorter, so its attention term is an upper bound.
+# Throughput is the steady state: the median tokens per second of the steps after the first, which compiles (timed
+# apart as `first_step_seconds`). MFU counts 6 FLOPs per matmul parameter plus attention as if every document were
+# `seq_len` tokens long at the final windows; packed documents are shorter, so its attention term is an upper bound.
 
 # %%
 steady_step = float(np.median(step_times[1:])) if len(step_times) > 1 else None
+steady_rate = float(np.median(step_rates[1:])) if len(step_rates) > 1 else None
 summary = {
     "run": cfg.run_name, "preset": cfg.preset, "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
     "ranks": dist_info.world_size, "attention": backend, "parameters": params["total"], "steps": cfg.steps,
     "tokens": tokens_seen, "final_val_bpb": round(val_bpb, 4), "train_seconds": round(train_seconds, 1),
     "first_step_seconds": round(step_times[0], 2) if step_times else None,
     "step_seconds": round(steady_step, 4) if steady_step else None,
-    "tokens_per_second": round(cfg.tokens_per_step / steady_step) if steady_step else None,
-    "mfu": round(flops_per_token * cfg.tokens_per_step / steady_step / (peak * dist_info.world_size), 4)
-    if steady_step and peak else None,
+    "tokens_per_second": round(steady_rate) if steady_rate else None,
+    "mfu": round(flops_per_token * steady_rate / (peak * dist_info.world_size), 4) if steady_rate and peak else None,
     "peak_memory_GB": peak_memory_gb(),
 }
 if dist_info.master and not complete:
