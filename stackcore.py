@@ -4242,39 +4242,7 @@ def evaluate_pass_at_k(engine: Engine, prompts: Sequence[TaskPrompt], reward_fn:
     return results
 
 
-# ---------------------------------------------------------------------------------------------
-# The whole pipeline from the command line: `python stackcore.py pipeline [--key=value ...]`
-# ---------------------------------------------------------------------------------------------
+if __name__ == "__main__":  # `python3 stackcore.py pipeline`, the README's command: notebooks/pipeline.py
+    from notebooks.pipeline import main
 
-def run_pipeline(overrides: Sequence[str]) -> None:
-    """Run every notebook's twin in order, each in its own process, with the same preset (by default tiny on a
-    CPU, offline; the real sizes on a GPU). Other settings go in STACK_<NAME> variables, which each notebook
-    reads if it has that setting. Stops at the first notebook that fails."""
-    if any(not arg.startswith("--preset") for arg in overrides):
-        raise ConfigError("the pipeline takes only --preset=...; set other options as STACK_<NAME>=value")
-
-    notebooks = sorted(Path(__file__).resolve().parent.glob("notebooks/[0-9][0-9]_*.py"))
-    for twin in notebooks:
-        print(f"\n=== {twin.name} ===", flush=True)
-        started = time.time()
-        subprocess.run([sys.executable, str(twin), *overrides], check=True)
-        print(f"=== {twin.name} done in {format_duration(time.time() - started)} ===", flush=True)
-    from notebooks.report import write_report
-
-    print(describe_run_outputs(artifact_dir("runs")))
-    print(f"report card: {write_report(stack_home())}")
-
-
-def describe_run_outputs(runs: Path) -> str:
-    """Where a pipeline's plots and summaries are: each run folder with the files it holds."""
-    lines = [f"Plots and summaries, under {runs}:"]
-    for run in sorted(path for path in runs.iterdir() if path.is_dir()):
-        files = sorted(path.name for path in run.iterdir() if path.suffix in (".png", ".json"))
-        lines += [f"  {run.name}/: {', '.join(files)}"] if files else []
-    return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    if sys.argv[1:2] != ["pipeline"]:
-        sys.exit("usage: python stackcore.py pipeline [--preset=tiny|colab|speedrun|node]")
-    run_pipeline(sys.argv[2:])
+    main(sys.argv[1:])

@@ -142,12 +142,3 @@ def test_a_misspelt_stack_variable_is_warned_about(capsys):
     assert "STACK_STEPZ is not a setting here and is ignored; did you mean STACK_STEPS?" in err
     assert "STACK_HOME" not in err and "STACK_TEST_DATA" not in err
     assert "STACK_VOCAB_SIZE" not in err  # another notebook's setting (the pipeline sets them for all)
-
-
-def test_the_pipeline_ends_by_saying_where_its_plots_and_summaries_are(tmp_path):
-    for run, names in {"pretrain": ["curves.png", "summary.json", "metrics.jsonl"], "empty": []}.items():
-        (tmp_path / run).mkdir()
-        for name in names:
-            (tmp_path / run / name).write_text("")
-    assert sc.describe_run_outputs(tmp_path).splitlines() == [
-        f"Plots and summaries, under {tmp_path}:", "  pretrain/: curves.png, summary.json"]
