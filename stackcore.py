@@ -409,33 +409,6 @@ def pick_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def set_cpu_threads(environ: typing.Mapping[str, str] = os.environ) -> int:
-    """On a machine without a GPU, give torch half the cores this process may use, at most 4 (1 per process under
-    torchrun), unless OMP_NUM_THREADS says otherwise: OpenMP threads that spin while another process holds their
-    cores slow every matmul down. Returns the count torch uses."""
-    if "OMP_NUM_THREADS" not in environ and not torch.cuda.is_available():
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        processes = int(environ.get("LOCAL_WORLD_SIZE", "1"))
-        torch.set_num_threads(1 if processes > 1 else max(1, min(4, cores // 2)))
-    return torch.get_num_threads()
-
-
-def silence_triton_teardown() -> None:
-    """On a machine without a GPU, triton (which torch imports too) prints nanobind's leak report of its bindings
-    to stderr while the interpreter shuts down, after the run's own output. From the exit handlers on, stderr goes
-    to /dev/null when triton is loaded, as triton does in its own compile workers (_compile_warmup_pool.py).
-    Exit handlers run last-registered first: what registers after this call still writes to stderr."""
-    def drop_stderr() -> None:
-        if "triton" in sys.modules:
-            sys.stderr.flush()
-            os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
-
-    if not torch.cuda.is_available():
-        import atexit
-
-        atexit.register(drop_stderr)
-
-
 @dataclass(frozen=True)
 class GpuInfo:
     """What the presets need to know about a GPU (tests describe made-up ones)."""
@@ -2700,18 +2673,6 @@ def rank_share(count: int) -> range:
     world_size, rank = world_size_and_rank()
     per_rank = -(-count // world_size)
     return range(min(rank * per_rank, count), min((rank + 1) * per_rank, count))
-
-
-def run_on_rank_zero_only(notebook: str) -> None:
-    """For a notebook that runs in one process (07_chat): under torchrun, rank 0 goes on alone, joining no process
-    group, and every other rank says so and exits with status 0, so that the launch ends cleanly."""
-    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return
-    if rank:
-        print(f"{notebook} runs in one process: rank {rank} of {world_size} has nothing to do and exits")
-        sys.exit(0)
-    print(f"{notebook} runs in one process: rank 0 of {world_size} goes on alone, the other ranks exit")
 
 
 class CheckpointError(ValueError):

@@ -22,6 +22,7 @@ import torch.multiprocessing as mp
 
 import stackcore as sc
 from data import gsm8k, sft
+from notebooks.chat_session import run_on_rank_zero_only
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 512  # the tiny tokenizer's (conftest)
@@ -196,15 +197,15 @@ def test_rank_share_is_contiguous_and_covers_every_item(monkeypatch):
 
 def test_one_process_notebooks_go_on_on_rank_zero_and_leave_on_the_others(monkeypatch, capsys):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    sc.run_on_rank_zero_only("07_chat")
+    run_on_rank_zero_only("07_chat")
     assert capsys.readouterr().out == ""
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
-    sc.run_on_rank_zero_only("07_chat")
+    run_on_rank_zero_only("07_chat")
     assert "rank 0 of 2 goes on alone" in capsys.readouterr().out
     monkeypatch.setenv("RANK", "1")
     with pytest.raises(SystemExit) as leaving:
-        sc.run_on_rank_zero_only("07_chat")
+        run_on_rank_zero_only("07_chat")
     assert leaving.value.code == 0 and "rank 1 of 2 has nothing to do" in capsys.readouterr().out
 
 
