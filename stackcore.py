@@ -586,9 +586,14 @@ def _load_worker_tokenizer(directory: str) -> None:
     _worker_tokenizer = Tokenizer.load(Path(directory))
 
 
-def _encode_with_bos(texts: list[str]) -> list[np.ndarray]:
+def _encode_with_bos(tokenizer: Tokenizer, texts: list[str]) -> list[np.ndarray]:
+    return [np.asarray(ids, dtype=np.uint32) for ids in tokenizer.encode_batch(texts, True, num_threads=1)]
+
+
+def _work_with_tokenizer(job: tuple[typing.Callable[[Tokenizer, Any], list[Any]], Any]) -> list[Any]:
+    work, batch = job
     assert _worker_tokenizer is not None
-    return [np.asarray(ids, dtype=np.uint32) for ids in _worker_tokenizer.encode_batch(texts, True, num_threads=1)]
+    return work(_worker_tokenizer, batch)
 
 
 def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -602,21 +607,22 @@ def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield batch
 
 
-def map_with_tokenizer(tokenizer_dir: Path, work: typing.Callable[[Any], list[ItemT]], batches: Iterable[Any],
-                       workers: int) -> Iterator[ItemT]:
-    """Every item of work(batch) for each batch, in input order, from `workers` processes that each load the
-    tokenizer once into _worker_tokenizer. With workers <= 1 it works in this process (faster for small inputs)."""
+def map_with_tokenizer(tokenizer_dir: Path, work: typing.Callable[[Tokenizer, Any], list[ItemT]],
+                       batches: Iterable[Any], workers: int) -> Iterator[ItemT]:
+    """Every item of work(tokenizer, batch) for each batch, in input order, from `workers` processes that each load
+    the tokenizer once. `work` is a module-level function, so that it reaches the workers by name. With workers <= 1
+    it works in this process (faster for small inputs)."""
     if workers <= 1:
-        _load_worker_tokenizer(str(tokenizer_dir))
+        tokenizer = Tokenizer.load(Path(tokenizer_dir))
         for batch in batches:
-            yield from work(batch)
+            yield from work(tokenizer, batch)
         return
     import multiprocessing
 
     # fork: a spawned worker would re-run the calling script, which is a notebook twin with no __main__ guard
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     with multiprocessing.get_context(method).Pool(workers, _load_worker_tokenizer, (str(tokenizer_dir),)) as pool:
-        for results in pool.imap(work, batches, chunksize=1):
+        for results in pool.imap(_work_with_tokenizer, ((work, batch) for batch in batches), chunksize=1):
             yield from results
 
 
@@ -3847,9 +3853,9 @@ def show_parts(parts: Sequence[dict[str, str]]) -> str:
 # ---------------------------------------------------------------------------------------------
 # 14. Supervised fine-tuning (used by 02_sharding, 05_sft)
 # ---------------------------------------------------------------------------------------------
-# 02_sharding renders every conversation of the SFT mixture (data/sft.py) with render_conversation into
-# shards/sft/train_*.bin and val_*.bin: whole conversations back to back, each starting with <|bos|>, and beside each
-# shard its loss mask (name.mask.bin, one uint8 per token, 1 on what the assistant writes). The SFT loader packs
+# 02_sharding renders every conversation of the SFT mixture (data/sft.py's render_parallel) into shards/sft/train_*.bin
+# and val_*.bin: whole conversations back to back, each starting with <|bos|>, and beside each shard its loss mask
+# (name.mask.bin, one uint8 per token, 1 on what the assistant writes). The SFT loader packs
 # whole conversations, never split across rows (one longer than max_seq_len + 1 tokens is cut), into one varlen row
 # of at most `tokens` tokens, with no padding; targets are -1 where the mask is 0, so the loss counts the
 # assistant's own tokens only.
@@ -3877,20 +3883,6 @@ class ConversationWriter(ShardWriter):
             write_shard(side_file(path, "mask"), np.concatenate(self.pending_masks), "mask")
             self.pending_masks = []
         super().flush()
-
-
-def _render_worker(batch: tuple[list[Any], int | None]) -> list[tuple[np.ndarray, np.ndarray]]:
-    assert _worker_tokenizer is not None
-    conversations, max_tokens = batch
-    return [tuple(np.asarray(x, dtype=np.uint32) for x in render_conversation(_worker_tokenizer, c, max_tokens))
-            for c in conversations]
-
-
-def render_parallel(tokenizer_dir: Path, conversations: Iterable[Sequence[dict[str, Any]]], max_tokens: int | None,
-                    workers: int, batch_size: int = 256) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(ids, mask) of every conversation, in input order, rendered by `workers` processes."""
-    batches = ((batch, max_tokens) for batch in batched(conversations, batch_size))
-    return map_with_tokenizer(tokenizer_dir, _render_worker, batches, workers)
 
 
 class SFTLoader:
