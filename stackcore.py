@@ -514,8 +514,8 @@ class Tokenizer:
         trainer.train_from_iterator(iter(texts), merges_wanted, pattern=SPLIT_PATTERN)
         ranks = {bytes(piece): rank for piece, rank in trainer.get_mergeable_ranks()}
         if len(ranks) < merges_wanted:
-            raise ValueError(f"the training text supports only {len(ranks)} merges, fewer than the "
-                             f"{merges_wanted} that vocab_size {vocab_size} asks for: give more text or a smaller vocab")
+            raise ValueError(f"the training text supports only {len(ranks)} merges, fewer than the {merges_wanted} "
+                             f"that vocab_size {vocab_size} asks for: give more text or a smaller vocab")
         return cls(ranks, trainer.get_pattern(), name)
 
     def save(self, directory: Path) -> None:
@@ -734,7 +734,7 @@ def list_shards(directory: Path, split: str) -> list[Path]:
 
 
 def side_file(token_shard: Path, kind: str) -> Path:
-    """The parallel file holding `kind` (mask or records) for a token shard: train_000000.bin -> train_000000.mask.bin."""
+    """The parallel file holding `kind` (mask or records) for a token shard: train_000000.bin -> .mask.bin."""
     token_shard = Path(token_shard)
     return token_shard.with_name(f"{token_shard.stem}.{kind}.bin")
 
@@ -2605,11 +2605,9 @@ def evaluate_bpb(model: GPT, loader: PretrainLoader, steps: int, token_bytes: Te
         target_bytes = token_bytes[batch.targets]  # 0 for special tokens, which are left out of both sums
         nats += (losses.double() * (target_bytes > 0)).sum()  # no boolean indexing: it would sync with the GPU
         total_bytes += target_bytes.double().sum()
-    if dist.is_initialized():
-        dist.all_reduce(nats)
-        dist.all_reduce(total_bytes)
     model.train()
-    return float(nats / (math.log(2) * total_bytes))
+    nats, total_bytes = sum_over_ranks([nats, total_bytes])
+    return nats / (math.log(2) * total_bytes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2750,10 +2748,11 @@ def latest_checkpoint(directory: Path) -> Path | None:
     return paths[-1] if paths else None
 
 
-def read_checkpoint_file(path: Path, device: str = "cpu", made_by: str | None = None,
+def load_checkpoint(path: Path, device: str = "cpu", made_by: str | None = None,
                          keys: Sequence[str] = ("model", "model_config", "step")) -> dict[str, Any]:
-    """torch.load with weights_only=True (a checkpoint holding other Python objects is refused unread: unpickling
-    them could run code), with errors that name the file and the notebook that writes it."""
+    """A checkpoint file holding `keys` (by default the rank-0 file: model weights, configs, step), by torch.load
+    with weights_only=True (a checkpoint holding other Python objects is refused unread: unpickling them could run
+    code), with errors that name the file and the notebook that writes it."""
     path, made_by = Path(path), made_by or checkpoint_maker(path)
     require_artifact(path, made_by)
     try:
@@ -2771,11 +2770,6 @@ def read_checkpoint_file(path: Path, device: str = "cpu", made_by: str | None = 
         raise DamagedCheckpointError(f"{path} is not a DecoderStack checkpoint (no {', '.join(missing)}); they are "
                                      f"written by notebooks/{made_by}")
     return state
-
-
-def load_checkpoint(path: Path, device: str = "cpu", made_by: str | None = None) -> dict[str, Any]:
-    """The rank-0 checkpoint (model weights, configs, step)."""
-    return read_checkpoint_file(path, device, made_by)
 
 
 def check_vocabulary(path: Path, checkpoint: dict[str, Any], vocab_size: int) -> None:
@@ -2796,14 +2790,14 @@ def _rank_states(path: Path, checkpoint: dict[str, Any], loader: Any, dist_info:
     matrix; Muon.load_state_dict keeps this rank's share)."""
     saved = checkpoint.get("world_size") or len(list(path.parent.glob(f"{path.stem}.rank*.pt")))
     if saved == dist_info.world_size:
-        return read_checkpoint_file(path.with_name(f"{path.stem}.rank{dist_info.rank}.pt"), dist_info.device,
+        return load_checkpoint(path.with_name(f"{path.stem}.rank{dist_info.rank}.pt"), dist_info.device,
                                     made_by, keys=("optimizers", "loader"))
     if not getattr(loader, "position_shared", False):
         raise CheckpointError(f"{path} was saved by {saved} process(es) and this run has {dist_info.world_size}: "
                               f"{type(loader).__name__} keeps a separate position on each rank, which cannot be "
                               f"split again; resume with {saved} process(es), or start a new run with "
                               f"--run_name=<new name>")
-    states = [read_checkpoint_file(path.with_name(f"{path.stem}.rank{rank}.pt"), dist_info.device, made_by,
+    states = [load_checkpoint(path.with_name(f"{path.stem}.rank{rank}.pt"), dist_info.device, made_by,
                                    keys=("optimizers", "loader")) for rank in range(saved)]
     optimizers = [{"param_groups": parts[0]["param_groups"],
                    "state": {key: value for part in parts for key, value in part["state"].items()}}
@@ -2834,7 +2828,7 @@ def resume_training(directory: Path, model: GPT, optimizers: list[torch.optim.Op
                               f"must be one shared filesystem (or pass --resume=false)")
     for path in reversed(paths):
         try:
-            checkpoint = read_checkpoint_file(path, dist_info.device, made_by)
+            checkpoint = load_checkpoint(path, dist_info.device, made_by)
             if checkpoint["model_config"] != dataclasses.asdict(model.config):
                 raise CheckpointError(f"{path} holds a different model ({checkpoint['model_config']}); "
                                       f"use --run_name=<new name> or --resume=false")
@@ -2910,8 +2904,8 @@ def accumulation_steps(tokens_per_step: int, micro_tokens: int, world_size: int)
 
 
 def format_duration(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    minutes, seconds = divmod(int(seconds), 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{seconds:02d}s"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3010,9 +3004,7 @@ def shared_prefix_cost(choices: list[tuple[np.ndarray, int]]) -> int:
 def core_input_tokens(shard: CoreShard, max_seq_len: int, pack_tokens: int) -> int:
     """Tokens that scoring `shard` feeds the model, padding aside: every choice's sequence one at a time
     (pack_tokens=0), or each example's shared prefix once plus its choices' own tokens (packed). The shared prefix
-    is mostly the few-shot context, 3-4x the continuation tokens in multiple-choice tasks: on the 18 tasks of the
-    shared data at max_seq_len 2048 sharing takes a full pass from about 98.3M to 32.0M tokens
-    (bigbench_language_identification 70.6M -> 17.7M, boolq 11.1M -> 5.5M, arc_easy 3.8M -> 1.0M)."""
+    is mostly the few-shot context, which every choice of a multiple-choice example repeats: what packing saves."""
     examples = core_examples(shard.tokens, shard.records, max_seq_len)
     if pack_tokens == 0:
         return sum(len(seq) - 1 for choices in examples for seq, _ in choices)
@@ -3154,12 +3146,10 @@ def evaluate_core_task(model: GPT, shard: CoreShard, backend: str, device: str, 
     correct = core_correct(shard.kind, mine, score_core_records(model, shard.tokens, mine, backend, device,
                                                                  pack_tokens))
     model.train()
-    counts = torch.tensor([float(correct.sum()), float(len(correct))], device=device, dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(counts)
-    accuracy = float(counts[0] / counts[1]) if counts[1] else 0.0
+    right, examples = sum_over_ranks([correct.sum(), len(correct)])
+    accuracy = right / examples if examples else 0.0
     return {"accuracy": accuracy, "centered": centered_accuracy(accuracy, shard.baseline),
-            "baseline": shard.baseline, "examples": int(counts[1])}
+            "baseline": shard.baseline, "examples": int(examples)}
 
 
 def evaluate_core(model: GPT, shards: Sequence[CoreShard], backend: str, device: str, pack_tokens: int = 0,
@@ -3968,10 +3958,9 @@ def evaluate_sft_loss(model: GPT, loader: SFTLoader, steps: int, backend: str) -
         loss = model(batch.inputs, batch.cu_seqlens, batch.max_seqlen, batch.targets, backend=backend,
                      loss_reduction="sum")
         totals += torch.stack([loss.double(), (batch.targets >= 0).sum().double()])
-    if dist.is_initialized():
-        dist.all_reduce(totals)
     model.train()
-    return float(totals[0] / totals[1].clamp(min=1))
+    loss, trained = sum_over_ranks(totals.tolist())
+    return loss / max(trained, 1.0)
 
 
 def sft_backward(model: nn.Module, batches: Sequence[Batch], backend: str, loss_scaler: LossScaler | None = None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import signal
 import socket
@@ -120,6 +121,26 @@ def test_sft_step_on_two_ranks_equals_one_process_with_the_same_global_batch(tmp
     single = sft_step(shard_dir, tokenizer.bos_id, 4)
     assert single["stats"]["trained_tokens"] == sum(trained)
     assert_same_update(single, on_two_ranks(sft_step, tmp_path, shard_dir, tokenizer.bos_id, 2))
+
+
+def sft_validation_loss(shard_dir: Path, bos_id: int, steps_per_rank: int) -> dict:
+    """05_sft's validation loss on this process's rank."""
+    world_size, rank = sc.world_size_and_rank()
+    loader = sft_loader(shard_dir, bos_id, rank, world_size)
+    return {"loss": sc.evaluate_sft_loss(perturbed_model(), loader, steps_per_rank, "sdpa")}
+
+
+def test_sft_validation_loss_on_two_ranks_equals_one_process_over_the_same_rows(tmp_path, tiny_tokenizer):
+    """Each rank's summed loss and trained tokens are summed over ranks before the division: the mean per trained
+    token of all rows, not a mean of the ranks' means."""
+    tokenizer = sc.Tokenizer.load(tiny_tokenizer)
+    shard_dir = tmp_path / "sft"
+    write_sft_shards(shard_dir, tokenizer)
+    torch.set_num_threads(1)
+    single = sft_validation_loss(shard_dir, tokenizer.bos_id, 4)["loss"]
+    assert math.isfinite(single) and single > 0
+    for result in on_two_ranks(sft_validation_loss, tmp_path, shard_dir, tokenizer.bos_id, 2):
+        assert result["loss"] == pytest.approx(single, rel=1e-6)
 
 
 # --- RL -----------------------------------------------------------------------------------------------------------
