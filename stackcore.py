@@ -21,7 +21,7 @@ Sections (and the notebooks that call them):
  15. Reinforcement learning ........... 06_rl (rollouts, policy gradient); 02_sharding writes its prompt shards
                                         with data/gsm8k.py
 The first cell of every notebook (Colab installs, Drive, GPU report) is notebooks/runtime.py; the report card (the
-pipeline's end, 07_chat's last cell) is notebooks/report.py.
+pipeline's end, 07_chat's last cell) is notebooks/report.py; `python3 stackcore.py pipeline` runs notebooks/pipeline.py.
 
 The notebooks keep the training loops in view; this file holds the reusable and performance-critical parts.
 """
@@ -2474,6 +2474,11 @@ class Batch:
     cu_seqlens: Tensor  # (docs + 1,) int32 document boundaries within inputs
     max_seqlen: int
 
+    @classmethod
+    def on_device(cls, inputs: np.ndarray, targets: np.ndarray, cu_seqlens: np.ndarray, device: str) -> Batch:
+        """A packed row built on the host, copied to `device` (host_to_device); how every loader hands it over."""
+        return cls(*(host_to_device(a, device) for a in (inputs, targets, cu_seqlens)), int(np.diff(cu_seqlens).max()))
+
 
 def document_boundaries(inputs: np.ndarray, bos_id: int, max_doc_len: int) -> np.ndarray:
     """cu_seqlens for a packed row: a boundary at position 0, at every BOS, and every max_doc_len inside a document."""
@@ -2535,9 +2540,8 @@ class PretrainLoader:
     def next_batch(self) -> Batch:
         rows = [self._take_row() for _ in range(self.world_size)]
         row = rows[self.rank]
-        cu_seqlens = document_boundaries(row[:-1], self.bos_id, self.max_doc_len)
-        return Batch(*(host_to_device(a, self.device) for a in (row[:-1], row[1:], cu_seqlens)),
-                     int(np.diff(cu_seqlens).max()))
+        return Batch.on_device(row[:-1], row[1:], document_boundaries(row[:-1], self.bos_id, self.max_doc_len),
+                               self.device)
 
     def state_dict(self) -> dict[str, int]:
         return dict(self.position)
@@ -3937,9 +3941,7 @@ class SFTLoader:
     def next_batch(self) -> Batch:
         inputs, targets = [self._next_row() for _ in range(self.world_size)][self.rank]
         cu_seqlens = np.cumsum([0, *map(len, inputs)]).astype(np.int32)
-        return Batch(host_to_device(np.concatenate(inputs), self.device),
-                     host_to_device(np.concatenate(targets), self.device), host_to_device(cu_seqlens, self.device),
-                     int(np.diff(cu_seqlens).max()))
+        return Batch.on_device(np.concatenate(inputs), np.concatenate(targets), cu_seqlens, self.device)
 
     def state_dict(self) -> dict[str, int]:
         return dict(self.position)
