@@ -757,10 +757,14 @@ class ShardWriter:
         self.pending.append(np.asarray(doc, dtype=np.uint32))
         self.pending_tokens += len(doc)
 
+    def next_path(self) -> Path:
+        """Where the pending documents go on the next flush."""
+        return self.directory / f"{self.prefix}_{len(self.written):06d}.bin"
+
     def flush(self) -> None:
         if not self.pending:
             return
-        path = self.directory / f"{self.prefix}_{len(self.written):06d}.bin"
+        path = self.next_path()
         write_shard(path, np.concatenate(self.pending), "tokens", self.vocab_size)
         self.written.append((path, self.pending_tokens, len(self.pending)))
         self.pending, self.pending_tokens = [], 0
@@ -3873,8 +3877,7 @@ class ConversationWriter(ShardWriter):
 
     def flush(self) -> None:
         if self.pending:
-            path = self.directory / f"{self.prefix}_{len(self.written):06d}.bin"
-            write_shard(side_file(path, "mask"), np.concatenate(self.pending_masks), "mask")
+            write_shard(side_file(self.next_path(), "mask"), np.concatenate(self.pending_masks), "mask")
             self.pending_masks = []
         super().flush()
 
