@@ -112,18 +112,16 @@ def parse_cli_overrides(argv: Sequence[str]) -> dict[str, str]:
     return overrides
 
 
+BOOLEAN_WORDS = {**dict.fromkeys(("1", "true", "yes", "on"), True), **dict.fromkeys(("0", "false", "no", "off"), False)}
+
+
 def parse_value(name: str, raw: Any, kind: Any) -> Any:
     """Convert a raw override to the field's type, with an error that names the field and the expected type."""
     if not isinstance(raw, str):
         return raw
     try:
         if kind is bool:
-            lowered = raw.strip().lower()
-            if lowered in ("1", "true", "yes", "on"):
-                return True
-            if lowered in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(raw)
+            return BOOLEAN_WORDS[raw.strip().lower()]
         if kind is int:
             number = float(raw.replace("_", ""))  # accepts 524288, 524_288 and 5e5
             if not number.is_integer():
@@ -132,7 +130,7 @@ def parse_value(name: str, raw: Any, kind: Any) -> Any:
         if kind is float:
             return float(raw)
         return raw
-    except ValueError:
+    except (KeyError, ValueError):
         raise ConfigError(f"bad value {raw!r} for {name}: expected {getattr(kind, '__name__', kind)}") from None
 
 
