@@ -378,20 +378,12 @@ def artifact_dir(kind: str, create: bool = True) -> Path:
 
 class MissingArtifactError(FileNotFoundError):
     """An earlier notebook's output is not where this one looks for it. In Colab the message adds how to share
-    STACK_HOME between notebooks (colab_drive_hint)."""
+    STACK_HOME between notebooks (notebooks/runtime.py's colab_drive_hint, beside the first cell's Drive set-up)."""
 
     def __str__(self) -> str:
+        from notebooks.runtime import colab_drive_hint
+
         return super().__str__() + colab_drive_hint(os.environ)
-
-
-def colab_drive_hint(environ: typing.Mapping[str, str]) -> str:
-    """What a missing artifact means in Colab when STACK_HOME is not on Drive; empty elsewhere."""
-    from notebooks.runtime import DRIVE_MOUNT, DRIVE_STACK_HOME, in_colab  # the first cell's Colab and Drive set-up
-
-    if not in_colab(environ) or stack_home(environ).is_relative_to(DRIVE_MOUNT):
-        return ""
-    return ("\nIn Colab every notebook runs on its own machine: tick use_drive in the first cell of each notebook "
-            f"so that they share STACK_HOME on Google Drive ({DRIVE_STACK_HOME}), then run the notebook named above.")
 
 
 def require_artifact(path: Path, made_by: str) -> Path:

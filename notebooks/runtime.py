@@ -34,6 +34,16 @@ def in_colab(environ: Mapping[str, str], modules: Container[str] = sys.modules) 
     return any(name.startswith("COLAB_") for name in environ) or "google.colab" in modules
 
 
+def colab_drive_hint(environ: Mapping[str, str]) -> str:
+    """What a missing artifact means in Colab when STACK_HOME is not on Drive; empty elsewhere."""
+    import stackcore as sc
+
+    if not in_colab(environ) or sc.stack_home(environ).is_relative_to(DRIVE_MOUNT):
+        return ""
+    return ("\nIn Colab every notebook runs on its own machine: tick use_drive in the first cell of each notebook "
+            f"so that they share STACK_HOME on Google Drive ({DRIVE_STACK_HOME}), then run the notebook named above.")
+
+
 def requirement_lines(path: Path) -> list[str]:
     """The requirements of a pip requirements file, without comments, blank lines and options such as -r."""
     lines = (line.split("#", 1)[0].strip() for line in Path(path).read_text().splitlines())
