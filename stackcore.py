@@ -21,7 +21,7 @@ Sections (and the notebooks that call them):
  15. Reinforcement learning ........... 06_rl (rollouts, policy gradient); 02_sharding writes its prompt shards
                                         with data/gsm8k.py
 The first cell of every notebook (Colab installs, Drive, GPU report) is notebooks/runtime.py; the report card (the
-pipeline's end, 07_chat's last cell) is notebooks/report.py.
+pipeline's end, 07_chat's last cell) is notebooks/report.py; `python3 stackcore.py pipeline` runs notebooks/pipeline.py.
 
 The notebooks keep the training loops in view; this file holds the reusable and performance-critical parts.
 """
@@ -38,7 +38,6 @@ import operator
 import os
 import random
 import re
-import subprocess
 import sys
 import time
 import typing
@@ -114,18 +113,16 @@ def parse_cli_overrides(argv: Sequence[str]) -> dict[str, str]:
     return overrides
 
 
+BOOLEAN_WORDS = {**dict.fromkeys(("1", "true", "yes", "on"), True), **dict.fromkeys(("0", "false", "no", "off"), False)}
+
+
 def parse_value(name: str, raw: Any, kind: Any) -> Any:
     """Convert a raw override to the field's type, with an error that names the field and the expected type."""
     if not isinstance(raw, str):
         return raw
     try:
         if kind is bool:
-            lowered = raw.strip().lower()
-            if lowered in ("1", "true", "yes", "on"):
-                return True
-            if lowered in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(raw)
+            return BOOLEAN_WORDS[raw.strip().lower()]
         if kind is int:
             number = float(raw.replace("_", ""))  # accepts 524288, 524_288 and 5e5
             if not number.is_integer():
@@ -134,7 +131,7 @@ def parse_value(name: str, raw: Any, kind: Any) -> Any:
         if kind is float:
             return float(raw)
         return raw
-    except ValueError:
+    except (KeyError, ValueError):
         raise ConfigError(f"bad value {raw!r} for {name}: expected {getattr(kind, '__name__', kind)}") from None
 
 
@@ -382,20 +379,12 @@ def artifact_dir(kind: str, create: bool = True) -> Path:
 
 class MissingArtifactError(FileNotFoundError):
     """An earlier notebook's output is not where this one looks for it. In Colab the message adds how to share
-    STACK_HOME between notebooks (colab_drive_hint)."""
+    STACK_HOME between notebooks (notebooks/runtime.py's colab_drive_hint, beside the first cell's Drive set-up)."""
 
     def __str__(self) -> str:
+        from notebooks.runtime import colab_drive_hint
+
         return super().__str__() + colab_drive_hint(os.environ)
-
-
-def colab_drive_hint(environ: typing.Mapping[str, str]) -> str:
-    """What a missing artifact means in Colab when STACK_HOME is not on Drive; empty elsewhere."""
-    from notebooks.runtime import DRIVE_MOUNT, DRIVE_STACK_HOME, in_colab  # the first cell's Colab and Drive set-up
-
-    if not in_colab(environ) or stack_home(environ).is_relative_to(DRIVE_MOUNT):
-        return ""
-    return ("\nIn Colab every notebook runs on its own machine: tick use_drive in the first cell of each notebook "
-            f"so that they share STACK_HOME on Google Drive ({DRIVE_STACK_HOME}), then run the notebook named above.")
 
 
 def require_artifact(path: Path, made_by: str) -> Path:
@@ -409,33 +398,6 @@ def require_artifact(path: Path, made_by: str) -> Path:
 
 def pick_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def set_cpu_threads(environ: typing.Mapping[str, str] = os.environ) -> int:
-    """On a machine without a GPU, give torch half the cores this process may use, at most 4 (1 per process under
-    torchrun), unless OMP_NUM_THREADS says otherwise: OpenMP threads that spin while another process holds their
-    cores slow every matmul down. Returns the count torch uses."""
-    if "OMP_NUM_THREADS" not in environ and not torch.cuda.is_available():
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        processes = int(environ.get("LOCAL_WORLD_SIZE", "1"))
-        torch.set_num_threads(1 if processes > 1 else max(1, min(4, cores // 2)))
-    return torch.get_num_threads()
-
-
-def silence_triton_teardown() -> None:
-    """On a machine without a GPU, triton (which torch imports too) prints nanobind's leak report of its bindings
-    to stderr while the interpreter shuts down, after the run's own output. From the exit handlers on, stderr goes
-    to /dev/null when triton is loaded, as triton does in its own compile workers (_compile_warmup_pool.py).
-    Exit handlers run last-registered first: what registers after this call still writes to stderr."""
-    def drop_stderr() -> None:
-        if "triton" in sys.modules:
-            sys.stderr.flush()
-            os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
-
-    if not torch.cuda.is_available():
-        import atexit
-
-        atexit.register(drop_stderr)
 
 
 @dataclass(frozen=True)
@@ -615,9 +577,14 @@ def _load_worker_tokenizer(directory: str) -> None:
     _worker_tokenizer = Tokenizer.load(Path(directory))
 
 
-def _encode_with_bos(texts: list[str]) -> list[np.ndarray]:
+def _encode_with_bos(tokenizer: Tokenizer, texts: list[str]) -> list[np.ndarray]:
+    return [np.asarray(ids, dtype=np.uint32) for ids in tokenizer.encode_batch(texts, True, num_threads=1)]
+
+
+def _work_with_tokenizer(job: tuple[typing.Callable[[Tokenizer, Any], list[Any]], Any]) -> list[Any]:
+    work, batch = job
     assert _worker_tokenizer is not None
-    return [np.asarray(ids, dtype=np.uint32) for ids in _worker_tokenizer.encode_batch(texts, True, num_threads=1)]
+    return work(_worker_tokenizer, batch)
 
 
 def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -631,21 +598,22 @@ def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield batch
 
 
-def map_with_tokenizer(tokenizer_dir: Path, work: typing.Callable[[Any], list[ItemT]], batches: Iterable[Any],
-                       workers: int) -> Iterator[ItemT]:
-    """Every item of work(batch) for each batch, in input order, from `workers` processes that each load the
-    tokenizer once into _worker_tokenizer. With workers <= 1 it works in this process (faster for small inputs)."""
+def map_with_tokenizer(tokenizer_dir: Path, work: typing.Callable[[Tokenizer, Any], list[ItemT]],
+                       batches: Iterable[Any], workers: int) -> Iterator[ItemT]:
+    """Every item of work(tokenizer, batch) for each batch, in input order, from `workers` processes that each load
+    the tokenizer once. `work` is a module-level function, so that it reaches the workers by name. With workers <= 1
+    it works in this process (faster for small inputs)."""
     if workers <= 1:
-        _load_worker_tokenizer(str(tokenizer_dir))
+        tokenizer = Tokenizer.load(Path(tokenizer_dir))
         for batch in batches:
-            yield from work(batch)
+            yield from work(tokenizer, batch)
         return
     import multiprocessing
 
     # fork: a spawned worker would re-run the calling script, which is a notebook twin with no __main__ guard
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     with multiprocessing.get_context(method).Pool(workers, _load_worker_tokenizer, (str(tokenizer_dir),)) as pool:
-        for results in pool.imap(work, batches, chunksize=1):
+        for results in pool.imap(_work_with_tokenizer, ((work, batch) for batch in batches), chunksize=1):
             yield from results
 
 
@@ -757,7 +725,7 @@ def list_shards(directory: Path, split: str) -> list[Path]:
 
 
 def side_file(token_shard: Path, kind: str) -> Path:
-    """The parallel file holding `kind` (mask or records) for a token shard: train_000000.bin -> train_000000.mask.bin."""
+    """The parallel file holding `kind` (mask or records) for a token shard: train_000000.bin -> .mask.bin."""
     token_shard = Path(token_shard)
     return token_shard.with_name(f"{token_shard.stem}.{kind}.bin")
 
@@ -780,10 +748,14 @@ class ShardWriter:
         self.pending.append(np.asarray(doc, dtype=np.uint32))
         self.pending_tokens += len(doc)
 
+    def next_path(self) -> Path:
+        """Where the pending documents go on the next flush."""
+        return self.directory / f"{self.prefix}_{len(self.written):06d}.bin"
+
     def flush(self) -> None:
         if not self.pending:
             return
-        path = self.directory / f"{self.prefix}_{len(self.written):06d}.bin"
+        path = self.next_path()
         write_shard(path, np.concatenate(self.pending), "tokens", self.vocab_size)
         self.written.append((path, self.pending_tokens, len(self.pending)))
         self.pending, self.pending_tokens = [], 0
@@ -2541,6 +2513,11 @@ class Batch:
     cu_seqlens: Tensor  # (docs + 1,) int32 document boundaries within inputs
     max_seqlen: int
 
+    @classmethod
+    def on_device(cls, inputs: np.ndarray, targets: np.ndarray, cu_seqlens: np.ndarray, device: str) -> Batch:
+        """A packed row built on the host, copied to `device` (host_to_device); how every loader hands it over."""
+        return cls(*(host_to_device(a, device) for a in (inputs, targets, cu_seqlens)), int(np.diff(cu_seqlens).max()))
+
 
 def document_boundaries(inputs: np.ndarray, bos_id: int, max_doc_len: int) -> np.ndarray:
     """cu_seqlens for a packed row: a boundary at position 0, at every BOS, and every max_doc_len inside a document."""
@@ -2602,9 +2579,8 @@ class PretrainLoader:
     def next_batch(self) -> Batch:
         rows = [self._take_row() for _ in range(self.world_size)]
         row = rows[self.rank]
-        cu_seqlens = document_boundaries(row[:-1], self.bos_id, self.max_doc_len)
-        return Batch(*(host_to_device(a, self.device) for a in (row[:-1], row[1:], cu_seqlens)),
-                     int(np.diff(cu_seqlens).max()))
+        return Batch.on_device(row[:-1], row[1:], document_boundaries(row[:-1], self.bos_id, self.max_doc_len),
+                               self.device)
 
     def state_dict(self) -> dict[str, int]:
         return dict(self.position)
@@ -2672,11 +2648,9 @@ def evaluate_bpb(model: GPT, loader: PretrainLoader, steps: int, token_bytes: Te
         target_bytes = token_bytes[batch.targets]  # 0 for special tokens, which are left out of both sums
         nats += (losses.double() * (target_bytes > 0)).sum()  # no boolean indexing: it would sync with the GPU
         total_bytes += target_bytes.double().sum()
-    if dist.is_initialized():
-        dist.all_reduce(nats)
-        dist.all_reduce(total_bytes)
     model.train()
-    return float(nats / (math.log(2) * total_bytes))
+    nats, total_bytes = sum_over_ranks([nats, total_bytes])
+    return nats / (math.log(2) * total_bytes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2748,18 +2722,6 @@ def rank_share(count: int) -> range:
     return range(min(rank * per_rank, count), min((rank + 1) * per_rank, count))
 
 
-def run_on_rank_zero_only(notebook: str) -> None:
-    """For a notebook that runs in one process (07_chat): under torchrun, rank 0 goes on alone, joining no process
-    group, and every other rank says so and exits with status 0, so that the launch ends cleanly."""
-    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return
-    if rank:
-        print(f"{notebook} runs in one process: rank {rank} of {world_size} has nothing to do and exits")
-        sys.exit(0)
-    print(f"{notebook} runs in one process: rank 0 of {world_size} goes on alone, the other ranks exit")
-
-
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used here: damaged, not ours, of another model or vocabulary, or of a run that
     cannot resume as asked. The message names the file and the notebook that writes it."""
@@ -2829,10 +2791,11 @@ def latest_checkpoint(directory: Path) -> Path | None:
     return paths[-1] if paths else None
 
 
-def read_checkpoint_file(path: Path, device: str = "cpu", made_by: str | None = None,
+def load_checkpoint(path: Path, device: str = "cpu", made_by: str | None = None,
                          keys: Sequence[str] = ("model", "model_config", "step")) -> dict[str, Any]:
-    """torch.load with weights_only=True (a checkpoint holding other Python objects is refused unread: unpickling
-    them could run code), with errors that name the file and the notebook that writes it."""
+    """A checkpoint file holding `keys` (by default the rank-0 file: model weights, configs, step), by torch.load
+    with weights_only=True (a checkpoint holding other Python objects is refused unread: unpickling them could run
+    code), with errors that name the file and the notebook that writes it."""
     path, made_by = Path(path), made_by or checkpoint_maker(path)
     require_artifact(path, made_by)
     try:
@@ -2850,11 +2813,6 @@ def read_checkpoint_file(path: Path, device: str = "cpu", made_by: str | None = 
         raise DamagedCheckpointError(f"{path} is not a DecoderStack checkpoint (no {', '.join(missing)}); they are "
                                      f"written by notebooks/{made_by}")
     return state
-
-
-def load_checkpoint(path: Path, device: str = "cpu", made_by: str | None = None) -> dict[str, Any]:
-    """The rank-0 checkpoint (model weights, configs, step)."""
-    return read_checkpoint_file(path, device, made_by)
 
 
 def check_vocabulary(path: Path, checkpoint: dict[str, Any], vocab_size: int) -> None:
@@ -2875,14 +2833,14 @@ def _rank_states(path: Path, checkpoint: dict[str, Any], loader: Any, dist_info:
     matrix; Muon.load_state_dict keeps this rank's share)."""
     saved = checkpoint.get("world_size") or len(list(path.parent.glob(f"{path.stem}.rank*.pt")))
     if saved == dist_info.world_size:
-        return read_checkpoint_file(path.with_name(f"{path.stem}.rank{dist_info.rank}.pt"), dist_info.device,
+        return load_checkpoint(path.with_name(f"{path.stem}.rank{dist_info.rank}.pt"), dist_info.device,
                                     made_by, keys=("optimizers", "loader"))
     if not getattr(loader, "position_shared", False):
         raise CheckpointError(f"{path} was saved by {saved} process(es) and this run has {dist_info.world_size}: "
                               f"{type(loader).__name__} keeps a separate position on each rank, which cannot be "
                               f"split again; resume with {saved} process(es), or start a new run with "
                               f"--run_name=<new name>")
-    states = [read_checkpoint_file(path.with_name(f"{path.stem}.rank{rank}.pt"), dist_info.device, made_by,
+    states = [load_checkpoint(path.with_name(f"{path.stem}.rank{rank}.pt"), dist_info.device, made_by,
                                    keys=("optimizers", "loader")) for rank in range(saved)]
     optimizers = [{"param_groups": parts[0]["param_groups"],
                    "state": {key: value for part in parts for key, value in part["state"].items()}}
@@ -2913,7 +2871,7 @@ def resume_training(directory: Path, model: GPT, optimizers: list[torch.optim.Op
                               f"must be one shared filesystem (or pass --resume=false)")
     for path in reversed(paths):
         try:
-            checkpoint = read_checkpoint_file(path, dist_info.device, made_by)
+            checkpoint = load_checkpoint(path, dist_info.device, made_by)
             if checkpoint["model_config"] != dataclasses.asdict(model.config):
                 raise CheckpointError(f"{path} holds a different model ({checkpoint['model_config']}); "
                                       f"use --run_name=<new name> or --resume=false")
@@ -2989,8 +2947,8 @@ def accumulation_steps(tokens_per_step: int, micro_tokens: int, world_size: int)
 
 
 def format_duration(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    minutes, seconds = divmod(int(seconds), 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{seconds:02d}s"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3089,9 +3047,7 @@ def shared_prefix_cost(choices: list[tuple[np.ndarray, int]]) -> int:
 def core_input_tokens(shard: CoreShard, max_seq_len: int, pack_tokens: int) -> int:
     """Tokens that scoring `shard` feeds the model, padding aside: every choice's sequence one at a time
     (pack_tokens=0), or each example's shared prefix once plus its choices' own tokens (packed). The shared prefix
-    is mostly the few-shot context, 3-4x the continuation tokens in multiple-choice tasks: on the 18 tasks of the
-    shared data at max_seq_len 2048 sharing takes a full pass from about 98.3M to 32.0M tokens
-    (bigbench_language_identification 70.6M -> 17.7M, boolq 11.1M -> 5.5M, arc_easy 3.8M -> 1.0M)."""
+    is mostly the few-shot context, which every choice of a multiple-choice example repeats: what packing saves."""
     examples = core_examples(shard.tokens, shard.records, max_seq_len)
     if pack_tokens == 0:
         return sum(len(seq) - 1 for choices in examples for seq, _ in choices)
@@ -3233,12 +3189,10 @@ def evaluate_core_task(model: GPT, shard: CoreShard, backend: str, device: str, 
     correct = core_correct(shard.kind, mine, score_core_records(model, shard.tokens, mine, backend, device,
                                                                  pack_tokens))
     model.train()
-    counts = torch.tensor([float(correct.sum()), float(len(correct))], device=device, dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(counts)
-    accuracy = float(counts[0] / counts[1]) if counts[1] else 0.0
+    right, examples = sum_over_ranks([correct.sum(), len(correct)])
+    accuracy = right / examples if examples else 0.0
     return {"accuracy": accuracy, "centered": centered_accuracy(accuracy, shard.baseline),
-            "baseline": shard.baseline, "examples": int(counts[1])}
+            "baseline": shard.baseline, "examples": int(examples)}
 
 
 def evaluate_core(model: GPT, shards: Sequence[CoreShard], backend: str, device: str, pack_tokens: int = 0,
@@ -3932,9 +3886,9 @@ def show_parts(parts: Sequence[dict[str, str]]) -> str:
 # ---------------------------------------------------------------------------------------------
 # 14. Supervised fine-tuning (used by 02_sharding, 05_sft)
 # ---------------------------------------------------------------------------------------------
-# 02_sharding renders every conversation of the SFT mixture (data/sft.py) with render_conversation into
-# shards/sft/train_*.bin and val_*.bin: whole conversations back to back, each starting with <|bos|>, and beside each
-# shard its loss mask (name.mask.bin, one uint8 per token, 1 on what the assistant writes). The SFT loader packs
+# 02_sharding renders every conversation of the SFT mixture (data/sft.py's render_parallel) into shards/sft/train_*.bin
+# and val_*.bin: whole conversations back to back, each starting with <|bos|>, and beside each shard its loss mask
+# (name.mask.bin, one uint8 per token, 1 on what the assistant writes). The SFT loader packs
 # whole conversations, never split across rows (one longer than max_seq_len + 1 tokens is cut), into one varlen row
 # of at most `tokens` tokens, with no padding; targets are -1 where the mask is 0, so the loss counts the
 # assistant's own tokens only.
@@ -3958,24 +3912,9 @@ class ConversationWriter(ShardWriter):
 
     def flush(self) -> None:
         if self.pending:
-            path = self.directory / f"{self.prefix}_{len(self.written):06d}.bin"
-            write_shard(side_file(path, "mask"), np.concatenate(self.pending_masks), "mask")
+            write_shard(side_file(self.next_path(), "mask"), np.concatenate(self.pending_masks), "mask")
             self.pending_masks = []
         super().flush()
-
-
-def _render_worker(batch: tuple[list[Any], int | None]) -> list[tuple[np.ndarray, np.ndarray]]:
-    assert _worker_tokenizer is not None
-    conversations, max_tokens = batch
-    return [tuple(np.asarray(x, dtype=np.uint32) for x in render_conversation(_worker_tokenizer, c, max_tokens))
-            for c in conversations]
-
-
-def render_parallel(tokenizer_dir: Path, conversations: Iterable[Sequence[dict[str, Any]]], max_tokens: int | None,
-                    workers: int, batch_size: int = 256) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(ids, mask) of every conversation, in input order, rendered by `workers` processes."""
-    batches = ((batch, max_tokens) for batch in batched(conversations, batch_size))
-    return map_with_tokenizer(tokenizer_dir, _render_worker, batches, workers)
 
 
 class SFTLoader:
@@ -4040,9 +3979,7 @@ class SFTLoader:
     def next_batch(self) -> Batch:
         inputs, targets = [self._next_row() for _ in range(self.world_size)][self.rank]
         cu_seqlens = np.cumsum([0, *map(len, inputs)]).astype(np.int32)
-        return Batch(host_to_device(np.concatenate(inputs), self.device),
-                     host_to_device(np.concatenate(targets), self.device), host_to_device(cu_seqlens, self.device),
-                     int(np.diff(cu_seqlens).max()))
+        return Batch.on_device(np.concatenate(inputs), np.concatenate(targets), cu_seqlens, self.device)
 
     def state_dict(self) -> dict[str, int]:
         return dict(self.position)
@@ -4061,10 +3998,9 @@ def evaluate_sft_loss(model: GPT, loader: SFTLoader, steps: int, backend: str) -
         loss = model(batch.inputs, batch.cu_seqlens, batch.max_seqlen, batch.targets, backend=backend,
                      loss_reduction="sum")
         totals += torch.stack([loss.double(), (batch.targets >= 0).sum().double()])
-    if dist.is_initialized():
-        dist.all_reduce(totals)
     model.train()
-    return float(totals[0] / totals[1].clamp(min=1))
+    loss, trained = sum_over_ranks(totals.tolist())
+    return loss / max(trained, 1.0)
 
 
 def sft_backward(model: nn.Module, batches: Sequence[Batch], backend: str, loss_scaler: LossScaler | None = None
@@ -4288,43 +4224,7 @@ def evaluate_pass_at_k(engine: Engine, prompts: Sequence[TaskPrompt], reward_fn:
     return results
 
 
-# ---------------------------------------------------------------------------------------------
-# The whole pipeline from the command line: `python stackcore.py pipeline [--key=value ...]`
-# ---------------------------------------------------------------------------------------------
+if __name__ == "__main__":  # `python3 stackcore.py pipeline`, the README's command: notebooks/pipeline.py
+    from notebooks.pipeline import main
 
-def run_pipeline(overrides: Sequence[str]) -> None:
-    """Run every notebook's twin in order, each in its own process, with the same preset (by default tiny on a
-    CPU, offline; the real sizes on a GPU). Other settings go in STACK_<NAME> variables, which each notebook
-    reads if it has that setting. Stops at the first notebook that fails. The twins get no standard input, so that
-    07_chat, run from a terminal, does not stop the pipeline at its interactive chat."""
-    if any(not arg.startswith("--preset") for arg in overrides):
-        raise ConfigError("the pipeline takes only --preset=...; set other options as STACK_<NAME>=value")
-
-    notebooks = sorted(Path(__file__).resolve().parent.glob("notebooks/[0-9][0-9]_*.py"))
-    for twin in notebooks:
-        print(f"\n=== {twin.name} ===", flush=True)
-        started = time.time()
-        finished = subprocess.run([sys.executable, str(twin), *overrides], stdin=subprocess.DEVNULL)
-        if finished.returncode:  # the twin has printed why; a traceback of this loop would add nothing
-            raise SystemExit(f"=== {twin.name} failed (exit status {finished.returncode}): the pipeline stops here ===")
-        print(f"=== {twin.name} done in {format_duration(time.time() - started)} ===", flush=True)
-    from notebooks.report import write_report
-
-    print(describe_run_outputs(artifact_dir("runs")))
-    print(f"report card: {write_report(stack_home())}")
-
-
-def describe_run_outputs(runs: Path) -> str:
-    """Where a pipeline's plots and summaries are: each run folder with the files it holds."""
-    lines = [f"Plots and summaries, under {runs}:"]
-    for run in sorted(path for path in runs.iterdir() if path.is_dir()):
-        files = sorted(path.name for path in run.iterdir() if path.suffix in (".png", ".json"))
-        lines += [f"  {run.name}/: {', '.join(files)}"] if files else []
-    return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    if sys.argv[1:2] != ["pipeline"]:
-        sys.exit("usage: python stackcore.py pipeline [--preset=tiny|colab|speedrun|node]")
-    with config_errors_end_the_script():
-        run_pipeline(sys.argv[2:])
+    main(sys.argv[1:])

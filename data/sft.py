@@ -24,7 +24,7 @@ import urllib.request
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence, TypeVar
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
@@ -32,7 +32,8 @@ from data import gsm8k
 from data.core import COLORS, THING_COLORS
 from data.records import DataFileError, converted, count_records, field, read_records
 from data.synthetic import synthetic_documents
-from stackcore import StackConfig, above, artifact_dir, at_least, chat_turns
+from stackcore import (StackConfig, Tokenizer, above, artifact_dir, at_least, batched, chat_turns, map_with_tokenizer,
+                       render_conversation)
 
 Conversation = list[dict]
 T = TypeVar("T")
@@ -401,3 +402,18 @@ def iter_mixture(mix: SFTMixture, endpoint: str | None = None) -> Iterator[tuple
             except ValueError:
                 continue
             yield source, conversation
+
+
+def _render_batch(tokenizer: Tokenizer, job: tuple[list[Conversation], int | None]
+                  ) -> list[tuple[np.ndarray, np.ndarray]]:
+    conversations, max_tokens = job
+    return [tuple(np.asarray(x, dtype=np.uint32) for x in render_conversation(tokenizer, c, max_tokens))
+            for c in conversations]
+
+
+def render_parallel(tokenizer_dir: Path, conversations: Iterable[Conversation], max_tokens: int | None,
+                    workers: int, batch_size: int = 256) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(ids, mask) of every conversation, in input order, rendered by `workers` processes: how 02_sharding turns
+    the mixture into conversation shards."""
+    batches = ((batch, max_tokens) for batch in batched(conversations, batch_size))
+    return map_with_tokenizer(tokenizer_dir, _render_batch, batches, workers)

@@ -276,7 +276,7 @@ def mixture_conversations():
 stats = collections.defaultdict(collections.Counter)
 lengths = collections.defaultdict(list)
 workers = cfg.workers or os.cpu_count() or 1
-rendered = sc.render_parallel(tokenizer_dir, mixture_conversations(), cfg.sft_max_tokens, workers)
+rendered = sft.render_parallel(tokenizer_dir, mixture_conversations(), cfg.sft_max_tokens, workers)
 for n, (ids, mask) in enumerate(tqdm(rendered, total=sum(cfg.counts().values()), desc="sft", unit="conv")):
     split = "val" if n % val_stride == 0 and stats["val"]["conversations"] < cfg.sft_val else "train"
     writers[split].add(ids, mask)

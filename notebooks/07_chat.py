@@ -67,7 +67,7 @@ import stackcore as sc
 # answering questions. `checkpoint` names a file instead. Generation needs no fp32 master copy of the weights, so
 # they are kept in the compute dtype (bf16 on a recent GPU): each decode step reads every weight once, and memory
 # traffic is what bounds its speed. A chat is one process: started under `torchrun`, rank 0 goes on alone and the
-# other ranks exit at once with a message (`sc.run_on_rank_zero_only`), so the launch still ends cleanly.
+# other ranks exit at once with a message (`run_on_rank_zero_only`), so the launch still ends cleanly.
 
 # %%
 import time
@@ -75,7 +75,7 @@ from dataclasses import dataclass
 
 import torch
 
-from notebooks.chat_session import ChatPanel, ChatSession, chat_loop, find_chat_checkpoint
+from notebooks.chat_session import ChatPanel, ChatSession, chat_loop, find_chat_checkpoint, run_on_rank_zero_only
 
 
 @dataclass
@@ -94,7 +94,7 @@ class ChatConfig(sc.StackConfig):
               "max_tokens": sc.above(0), "seed": sc.at_least(0), "attention": sc.ATTENTION_SETTING}
 
 
-sc.run_on_rank_zero_only("07_chat")
+run_on_rank_zero_only("07_chat")
 cfg = sc.configure(ChatConfig)
 print(sc.describe_config(cfg))
 device = sc.pick_device()

@@ -1,8 +1,11 @@
 """07_chat's conversation: a ChatSession keeps the history and streams replies; the notebook's widget (ChatPanel)
 and the twin's terminal loop (chat_loop) are thin layers over it. Only 07 chats, so this lives beside it rather
-than in stackcore; it is a module rather than cells so that tests drive it as plain function calls."""
+than in stackcore (so does run_on_rank_zero_only: a chat is one process); it is a module rather than cells so that
+tests drive it as plain function calls."""
 from __future__ import annotations
 
+import os
+import sys
 import typing
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -13,6 +16,18 @@ from stackcore import (SPECIAL_TOKENS, Engine, MissingArtifactError, Tokenizer, 
 Message = dict[str, Any]
 
 CHAT_CHECKPOINT_RUNS = {"rl": "06_rl", "sft": "05_sft"}  # chat runs and the notebooks that train them
+
+
+def run_on_rank_zero_only(notebook: str) -> None:
+    """For a notebook that runs in one process (07_chat): under torchrun, rank 0 goes on alone, joining no process
+    group, and every other rank says so and exits with status 0, so that the launch ends cleanly."""
+    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return
+    if rank:
+        print(f"{notebook} runs in one process: rank {rank} of {world_size} has nothing to do and exits")
+        sys.exit(0)
+    print(f"{notebook} runs in one process: rank 0 of {world_size} goes on alone, the other ranks exit")
 
 
 def find_chat_checkpoint(run_name: str = "") -> Path:

@@ -11,6 +11,7 @@ runtime gets what stackcore needs before stackcore is imported. Tests play Colab
 """
 from __future__ import annotations
 
+import atexit
 import os
 import subprocess
 import sys
@@ -31,6 +32,16 @@ RUNTIME_OWNED = frozenset({"torch", "triton"})  # never pip-installed: the runti
 def in_colab(environ: Mapping[str, str], modules: Container[str] = sys.modules) -> bool:
     """Colab kernels set COLAB_* variables (COLAB_RELEASE_TAG, COLAB_GPU, ...) and have google.colab loaded."""
     return any(name.startswith("COLAB_") for name in environ) or "google.colab" in modules
+
+
+def colab_drive_hint(environ: Mapping[str, str]) -> str:
+    """What a missing artifact means in Colab when STACK_HOME is not on Drive; empty elsewhere."""
+    import stackcore as sc
+
+    if not in_colab(environ) or sc.stack_home(environ).is_relative_to(DRIVE_MOUNT):
+        return ""
+    return ("\nIn Colab every notebook runs on its own machine: tick use_drive in the first cell of each notebook "
+            f"so that they share STACK_HOME on Google Drive ({DRIVE_STACK_HOME}), then run the notebook named above.")
 
 
 def requirement_lines(path: Path) -> list[str]:
@@ -134,8 +145,8 @@ def setup_runtime(use_drive: bool = False, colab: bool | None = None,
     gpu = sc.current_gpu()
     if colab and gpu is None:
         notes.append("no GPU: choose Runtime > Change runtime type > GPU (T4 is free) for the colab preset")
-    threads = sc.set_cpu_threads()
-    sc.silence_triton_teardown()
+    threads = set_cpu_threads()
+    silence_triton_teardown()
     if os.environ.get("RANK", "0") == "0":
         print(describe_runtime(gpu, threads, install, notes))
 
@@ -159,6 +170,35 @@ def end_scripts_on_user_errors() -> None:
 
     hook.ends_on_user_errors = True
     sys.excepthook = hook
+
+
+def set_cpu_threads(environ: Mapping[str, str] = os.environ) -> int:
+    """On a machine without a GPU, give torch half the cores this process may use, at most 4 (1 per process under
+    torchrun), unless OMP_NUM_THREADS says otherwise: OpenMP threads that spin while another process holds their
+    cores slow every matmul down. Returns the count torch uses."""
+    import torch
+
+    if "OMP_NUM_THREADS" not in environ and not torch.cuda.is_available():
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        processes = int(environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(1 if processes > 1 else max(1, min(4, cores // 2)))
+    return torch.get_num_threads()
+
+
+def silence_triton_teardown() -> None:
+    """On a machine without a GPU, triton (which torch imports too) prints nanobind's leak report of its bindings
+    to stderr while the interpreter shuts down, after the run's own output. From the exit handlers on, stderr goes
+    to /dev/null when triton is loaded, as triton does in its own compile workers (_compile_warmup_pool.py).
+    Exit handlers run last-registered first: what registers after this call still writes to stderr."""
+    import torch
+
+    def drop_stderr() -> None:
+        if "triton" in sys.modules:
+            sys.stderr.flush()
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+
+    if not torch.cuda.is_available():
+        atexit.register(drop_stderr)
 
 
 def project_commit() -> str:

@@ -244,7 +244,7 @@ def test_cpu_runs_pick_their_thread_count(monkeypatch, environ, cores, local_wor
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
     before = torch.get_num_threads()
     try:
-        got = sc.set_cpu_threads({**environ, "LOCAL_WORLD_SIZE": str(local_world)})
+        got = rt.set_cpu_threads({**environ, "LOCAL_WORLD_SIZE": str(local_world)})
         assert got == (before if threads is None else threads) == torch.get_num_threads()
     finally:
         torch.set_num_threads(before)

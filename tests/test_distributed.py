@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import signal
 import socket
@@ -22,6 +23,7 @@ import torch.multiprocessing as mp
 
 import stackcore as sc
 from data import gsm8k, sft
+from notebooks.chat_session import run_on_rank_zero_only
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 512  # the tiny tokenizer's (conftest)
@@ -121,6 +123,26 @@ def test_sft_step_on_two_ranks_equals_one_process_with_the_same_global_batch(tmp
     assert_same_update(single, on_two_ranks(sft_step, tmp_path, shard_dir, tokenizer.bos_id, 2))
 
 
+def sft_validation_loss(shard_dir: Path, bos_id: int, steps_per_rank: int) -> dict:
+    """05_sft's validation loss on this process's rank."""
+    world_size, rank = sc.world_size_and_rank()
+    loader = sft_loader(shard_dir, bos_id, rank, world_size)
+    return {"loss": sc.evaluate_sft_loss(perturbed_model(), loader, steps_per_rank, "sdpa")}
+
+
+def test_sft_validation_loss_on_two_ranks_equals_one_process_over_the_same_rows(tmp_path, tiny_tokenizer):
+    """Each rank's summed loss and trained tokens are summed over ranks before the division: the mean per trained
+    token of all rows, not a mean of the ranks' means."""
+    tokenizer = sc.Tokenizer.load(tiny_tokenizer)
+    shard_dir = tmp_path / "sft"
+    write_sft_shards(shard_dir, tokenizer)
+    torch.set_num_threads(1)
+    single = sft_validation_loss(shard_dir, tokenizer.bos_id, 4)["loss"]
+    assert math.isfinite(single) and single > 0
+    for result in on_two_ranks(sft_validation_loss, tmp_path, shard_dir, tokenizer.bos_id, 2):
+        assert result["loss"] == pytest.approx(single, rel=1e-6)
+
+
 # --- RL -----------------------------------------------------------------------------------------------------------
 
 MIXED = [[1, 0, 0, 1], [0, 0, 0, 0], [1, 1, 0, 1], [0, 1, 0, 0]]  # the second group teaches nothing
@@ -196,15 +218,15 @@ def test_rank_share_is_contiguous_and_covers_every_item(monkeypatch):
 
 def test_one_process_notebooks_go_on_on_rank_zero_and_leave_on_the_others(monkeypatch, capsys):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    sc.run_on_rank_zero_only("07_chat")
+    run_on_rank_zero_only("07_chat")
     assert capsys.readouterr().out == ""
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
-    sc.run_on_rank_zero_only("07_chat")
+    run_on_rank_zero_only("07_chat")
     assert "rank 0 of 2 goes on alone" in capsys.readouterr().out
     monkeypatch.setenv("RANK", "1")
     with pytest.raises(SystemExit) as leaving:
-        sc.run_on_rank_zero_only("07_chat")
+        run_on_rank_zero_only("07_chat")
     assert leaving.value.code == 0 and "rank 1 of 2 has nothing to do" in capsys.readouterr().out
 
 

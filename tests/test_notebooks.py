@@ -70,7 +70,7 @@ def test_twins_run_headless_and_under_torchrun(stack_home):
     summary = json.loads((stack_home / "runs" / "ddp" / "summary.json").read_text())
     assert summary["ranks"] == 2 and summary["steps"] == 4
     assert (stack_home / "checkpoints" / "ddp" / "step_000004.rank1.pt").is_file()
-    assert "nanobind" not in result.stdout + result.stderr  # triton's teardown report (sc.silence_triton_teardown)
+    assert "nanobind" not in result.stdout + result.stderr  # triton's teardown report (runtime.silence_triton_teardown)
     summary_file = stack_home / "runs" / "ddp" / "summary.json"
     before = summary_file.read_bytes()
     again = subprocess.run([sys.executable, "notebooks/03_pretrain.py", "--steps=4", "--run_name=ddp"], cwd=ROOT,

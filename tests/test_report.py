@@ -2,9 +2,12 @@
 notebooks that have not run, names a damaged summary instead of failing, and ends the pipeline."""
 import json
 import subprocess
+import sys
+
+import pytest
 from pathlib import Path
 
-import stackcore as sc
+from notebooks.pipeline import describe_run_outputs, run_pipeline
 from notebooks.report import REPORT_RUNS, write_report
 
 
@@ -66,8 +69,58 @@ def test_the_pipeline_ends_with_the_report(stack_home, monkeypatch, capsys):
         ran.append(command)
         return subprocess.CompletedProcess(command, 0, stdout="abc1234\n")
 
-    monkeypatch.setattr(sc.subprocess, "run", fake_run)
-    sc.run_pipeline(["--preset=tiny"])
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    run_pipeline(["--preset=tiny"])
     assert [Path(command[1]).name for command in ran[:2]] == ["01_tokenizer.py", "02_sharding.py"]
     assert f"report card: {stack_home / 'report.md'}" in capsys.readouterr().out
     assert "at commit abc1234" in (stack_home / "report.md").read_text()
+
+
+def test_the_pipeline_ends_by_saying_where_its_plots_and_summaries_are(tmp_path):
+    for run, names in {"pretrain": ["curves.png", "summary.json", "metrics.jsonl"], "empty": []}.items():
+        (tmp_path / run).mkdir()
+        for name in names:
+            (tmp_path / run / name).write_text("")
+    assert describe_run_outputs(tmp_path).splitlines() == [
+        f"Plots and summaries, under {tmp_path}:", "  pretrain/: curves.png, summary.json"]
+
+
+def test_the_pipeline_command_refuses_other_options_in_one_line():
+    """`python3 stackcore.py pipeline` (the README's command) takes a preset only; anything else is a usage error."""
+    root = Path(__file__).resolve().parents[1]
+    bad = subprocess.run([sys.executable, "stackcore.py", "pipeline", "--steps=3"], cwd=root, capture_output=True,
+                         text=True)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip() == ("stackcore.py: error: the pipeline takes only --preset=...; "
+                                  "set other options as STACK_<NAME>=value")
+    missing = subprocess.run([sys.executable, "stackcore.py"], cwd=root, capture_output=True, text=True)
+    assert missing.returncode == 1 and "usage: python stackcore.py pipeline" in missing.stderr
+
+
+def test_the_pipeline_gives_its_twins_no_stdin(monkeypatch, tmp_path):
+    """From a terminal, 07_chat would otherwise open its interactive chat and the pipeline would wait on it."""
+    twin_calls, real_run = [], subprocess.run
+
+    def run(args, **kwargs):
+        if args[0] == sys.executable:
+            twin_calls.append(kwargs)
+            return subprocess.CompletedProcess(args, 0)
+        return real_run(args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "run", run)
+    monkeypatch.setenv("STACK_HOME", str(tmp_path))
+    run_pipeline(["--preset=tiny"])
+    assert len(twin_calls) == 7 and all(kwargs.get("stdin") is subprocess.DEVNULL for kwargs in twin_calls)
+
+
+def test_the_pipeline_stops_at_a_failed_twin_with_one_line(monkeypatch):
+    ran = []
+
+    def run(args, **kwargs):
+        ran.append(args)
+        return subprocess.CompletedProcess(args, 2)
+
+    monkeypatch.setattr(subprocess, "run", run)
+    with pytest.raises(SystemExit, match=r"=== 01_tokenizer.py failed \(exit status 2\): the pipeline stops here ==="):
+        run_pipeline(["--preset=huge"])
+    assert len(ran) == 1

@@ -64,7 +64,7 @@ def test_parallel_rendering_keeps_order_and_masks(tiny_tokenizer, tokenizer):
     serial = [sc.render_conversation(tokenizer, c, 64) for c in convs]
     for workers in (1, 2):
         got = [(ids.tolist(), mask.tolist())
-               for ids, mask in sc.render_parallel(tiny_tokenizer, convs, 64, workers, batch_size=5)]
+               for ids, mask in sft.render_parallel(tiny_tokenizer, convs, 64, workers, batch_size=5)]
         assert got == [(list(ids), list(mask)) for ids, mask in serial]
 
 
