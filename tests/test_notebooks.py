@@ -77,6 +77,7 @@ def test_twins_run_headless_and_under_torchrun(stack_home):
                            env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "'ddp' is already complete" in again.stdout, again.stdout[-4000:] + again.stderr
     assert "--steps=<more than 4>" in again.stdout and summary_file.read_bytes() == before
+    assert "resumed from" not in again.stdout  # a complete run says so once, and resumes nothing
     longer = subprocess.run([sys.executable, "notebooks/03_pretrain.py", "--steps=6", "--eval_every=2",
                              "--run_name=ddp"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert longer.returncode == 0, longer.stdout[-4000:] + longer.stderr[-4000:]
