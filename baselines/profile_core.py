@@ -22,16 +22,15 @@ import torch._inductor.config as inductor_config
 from torch.profiler import ProfilerActivity, profile
 
 import stackcore as sc
+from baselines.benchlib import synchronize
 
 
 def timed_seconds(score, device: str) -> float:
     """Wall time of one scoring, with the GPU's queue drained before and after."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    synchronize(device)
     started = time.perf_counter()
     score()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    synchronize(device)
     return time.perf_counter() - started
 
 

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from data.records import DataFileError, jsonl_records
+from data.records import DataFileError, read_records
 from stackcore import (CORE_MANIFEST, CORE_RECORD_FIELDS, Tokenizer, artifact_dir, common_prefix_length, side_file,
                        write_shard)
 
@@ -161,9 +161,7 @@ def load_examples(root: Path, task: CoreTask) -> list[dict]:
     path = Path(root) / "eval_data" / task.file
     if task.kind not in REQUIRED_FIELDS:
         raise CoreDataError(f"{path}: unknown task type {task.kind!r} for {task.label}; known: {', '.join(TASK_KINDS)}")
-    if not path.is_file():
-        raise CoreDataError(f"{path}: task file not found")
-    rows = [check_row(row, task.kind, where) for where, row in jsonl_records(path, CoreDataError)]
+    rows = [check_row(row, task.kind, where) for where, row in read_records([path], CoreDataError)]
     if len(rows) <= task.shots:
         raise CoreDataError(f"{path}: {len(rows)} example(s), but {task.label} draws {task.shots} few-shot examples "
                             f"from the others: it needs at least {task.shots + 1}")

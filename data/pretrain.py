@@ -84,8 +84,7 @@ def read_documents(path: Path) -> Iterator[str]:
     line)."""
     name = path.name
     if name.endswith((".parquet", ".jsonl", ".jsonl.gz", ".jsonl.xz")):
-        yield from converted(read_records([path], columns=["text"] if name.endswith(".parquet") else None),
-                             lambda record: field(record, "text"))
+        yield from converted(read_records([path], columns=["text"]), lambda record: field(record, "text"))
     elif name.endswith(".txt"):
         try:
             yield path.read_text(encoding="utf-8")

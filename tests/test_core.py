@@ -350,6 +350,8 @@ def test_unknown_task_type_and_missing_files_are_clear(tmp_path):
         core.load_examples(tmp_path, task)
     with pytest.raises(core.CoreDataError, match="not a CORE bundle"):
         core.find_bundle(str(tmp_path / "nowhere"))
+    with pytest.raises(core.CoreDataError, match="copa.jsonl: no such file"):
+        core.load_examples(tmp_path / "nowhere", core.TASKS_BY_LABEL["copa"])
 
 
 def test_missing_tasks_are_skipped_with_a_note(tmp_path, capsys):

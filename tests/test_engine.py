@@ -22,11 +22,13 @@ def tokenizer(tiny_tokenizer):
     return sc.Tokenizer.load(tiny_tokenizer)
 
 
-def random_model(vocab_size: int = 512, short_window: int = 0, seed: int = 0, value_embeds: int = 3) -> sc.GPT:
-    """A small GPT whose zero-initialised layers are filled with noise, so every path changes the logits."""
+def random_model(vocab_size: int = 512, short_window: int = 0, seed: int = 0, value_embeds: int = 3,
+                 **tricks) -> sc.GPT:
+    """A small GPT (depth 4, 4 heads of 16; `tricks`: more GPTConfig switches) whose zero-initialised layers are
+    filled with noise, so every path changes the logits."""
     torch.manual_seed(seed)
     model = sc.GPT(sc.GPTConfig(vocab_size=vocab_size, depth=4, model_dim=64, head_dim=16, max_seq_len=96,
-                                short_window=short_window, n_value_embeds=value_embeds))
+                                short_window=short_window, n_value_embeds=value_embeds, **tricks))
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(0.1 * torch.randn_like(parameter))
@@ -72,6 +74,18 @@ def greedy_step(model, cache, chunk=4, compile_backend=None):
     """A DecodeStep that only forces tokens (greedy, stop ids the model never meets in these tests)."""
     return sc.DecodeStep(model, cache, "sdpa", sc.Sampling(temperature=0.0), stop_ids=[-5], python_end=-6,
                          chunk=chunk, cuda_graph=False, compile_backend=compile_backend)
+
+
+def waiting_step(model, ids):
+    """ids (B, T) prefilled into a cache of 30 positions, and a greedy DecodeStep over it in chunks of 4 that stops
+    at token 5 and waits at <|python_end|> (here id 7), started with 20 tokens a row."""
+    B = ids.size(0)
+    cache = sc.KVCache(model.config, B, 30, "cpu", torch.float32)
+    model(ids, kv_cache=cache)
+    step = sc.DecodeStep(model, cache, "sdpa", sc.Sampling(temperature=0.0), stop_ids=[5], python_end=7, chunk=4,
+                         cuda_graph=False)
+    step.start(torch.zeros(B, model.config.vocab_size), [20] * B)
+    return step
 
 
 def force(step, tokens):
@@ -121,11 +135,7 @@ def test_finished_and_waiting_rows_step_masked():
     model = random_model()
     ids = torch.randint(0, 512, (3, 8), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
-        cache = sc.KVCache(model.config, 3, 30, "cpu", torch.float32)
-        model(ids, kv_cache=cache)
-        step = sc.DecodeStep(model, cache, "sdpa", sc.Sampling(temperature=0.0), stop_ids=[5], python_end=7,
-                             chunk=4, cuda_graph=False)
-        step.start(torch.zeros(3, 512), [20, 20, 20])
+        step = waiting_step(model, ids)
         force(step, torch.tensor([[5, 1, 1], [7, 1, 1], [3, 4, 6]]))
         logits = []
         for _ in range(3):
@@ -133,7 +143,7 @@ def test_finished_and_waiting_rows_step_masked():
             logits.append(step.state.logits.clone())
         emitted, _, _, taken = step.read_chunk()
         assert emitted == [[5, -1, -1, -1], [7, -1, -1, -1], [3, 4, 6, -1]] and taken == [1, 1, 3]
-        assert cache.lengths.tolist() == [9, 9, 11] and step.state.done.tolist() == [True, False, False]
+        assert step.cache.lengths.tolist() == [9, 9, 11] and step.state.done.tolist() == [True, False, False]
         assert all(torch.equal(later[:2], logits[0][:2]) for later in logits[1:])
         force(step, torch.tensor([[1], [2], [9]]))
         step()

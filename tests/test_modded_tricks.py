@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import stackcore as sc
-from test_engine import force, greedy_step, one_thread  # noqa: F401 (one_thread: autouse, one thread is faster)
+from test_engine import (cached_logits, force, greedy_step, one_thread,  # noqa: F401 (one_thread: autouse, faster)
+                         random_model, waiting_step)
 
 TOLERANCE = 1e-4  # fp32 on the CPU: cached and full passes differ only in summation order
 BACKENDS = sc.available_attention_backends("cpu")
@@ -20,21 +21,8 @@ TRICKS = {
 
 
 def tricked_model(tricks: dict, short_window: int = 0, seed: int = 0, vocab_size: int = 128) -> sc.GPT:
-    """A depth-4 GPT (4 heads of 16; layers 3 long) with the given switches and noise on every weight."""
-    torch.manual_seed(seed)
-    model = sc.GPT(sc.GPTConfig(vocab_size=vocab_size, depth=4, model_dim=64, head_dim=16, max_seq_len=96,
-                                short_window=short_window, **tricks))
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.1 * torch.randn_like(parameter))
-    return model.eval()
-
-
-def cached_logits(model, ids, pieces, backend):
-    """Logits of ids (B, T) fed through a new KV cache in pieces of the given lengths (the first is the prefill)."""
-    cache = sc.KVCache(model.config, ids.size(0), ids.size(1), "cpu", torch.float32)
-    bounds = [0, *np.cumsum(pieces).tolist()]
-    return torch.cat([model(ids[:, a:b], kv_cache=cache, backend=backend) for a, b in zip(bounds, bounds[1:])], 1)
+    """test_engine's random_model (depth 4, 4 heads of 16; layers 3 long) with the given switches."""
+    return random_model(vocab_size, short_window, seed, **tricks)
 
 
 # --- the definitions ---------------------------------------------------------------------------------------------
@@ -171,11 +159,7 @@ def test_a_waiting_row_keeps_its_carried_half(tricks):
     model = tricked_model(TRICKS[tricks])
     ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
-        cache = sc.KVCache(model.config, 2, 30, "cpu", torch.float32)
-        model(ids, kv_cache=cache)
-        step = sc.DecodeStep(model, cache, "sdpa", sc.Sampling(temperature=0.0), stop_ids=[5], python_end=7,
-                             chunk=4, cuda_graph=False)
-        step.start(torch.zeros(2, 128), [20, 20])
+        step = waiting_step(model, ids)
         force(step, torch.tensor([[7, 1, 1], [3, 4, 6]]))
         for _ in range(3):
             step()
