@@ -1990,7 +1990,9 @@ class GPT(nn.Module):
         reads_cache = kv_cache is not None and not kv_cache.empty
         if backend == "flex" and not reads_cache:
             windows = self.flex_masks(windows, cu_seqlens, input_ids.size(0))
-        in_documents = positions_in_documents(cu_seqlens, input_ids.size(0))
+        # each token's position in its packed document: the default positions, and the key offset's predecessors
+        in_documents = (positions_in_documents(cu_seqlens, input_ids.size(0))
+                        if positions is None or config.key_offset else None)
         positions = in_documents if positions is None else positions
         batch = AttentionBatch(cu_seqlens, max_seqlen, self.rotary_cos[positions], self.rotary_sin[positions], backend,
                                kv_cache, positions if kv_cache is not None else None, reads_cache,
@@ -2028,9 +2030,10 @@ class GPT(nn.Module):
                               else flex_block_mask(scale * cu_seqlens, scale * total_len, window))
         return [masks[window, block.attn.paired] for window, block in zip(windows, self.blocks)]
 
-    def trick_inputs(self, positions: Tensor, in_documents: Tensor) -> tuple[Tensor | None, ...]:
-        """AttentionBatch's inputs for the key offset (each token's predecessor: itself at a document start) and
-        for paired heads (rotary angles at interleaved positions 2p and 2p + 1); None where the model has neither."""
+    def trick_inputs(self, positions: Tensor, in_documents: Tensor | None) -> tuple[Tensor | None, ...]:
+        """AttentionBatch's inputs for the key offset (each token's predecessor: itself at a document start, from
+        `in_documents`, each token's position in its packed document) and for paired heads (rotary angles at
+        interleaved positions 2p and 2p + 1); None where the model has neither."""
         config = self.config
         previous = paired_cos = paired_sin = None
         if config.key_offset:
