@@ -1078,15 +1078,20 @@ def _varlen_attention(q, k, v, cu_seqlens, max_seqlen, window):
     return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, window_size=_flash_window(window))
 
 
-@lru_cache(maxsize=1)
-def _flash_varlen_function():
-    """flash_attn_varlen_func of FA3 (flash_attn_interface), FA4 (flash_attn.cute) or FA2, whichever imports."""
-    for module_name in ("flash_attn_interface", "flash_attn.cute", "flash_attn"):
+def _first_importable(attribute: str, module_names: Sequence[str]) -> Any:
+    """`attribute` of the first of these modules that imports and has it, else None."""
+    for module_name in module_names:
         try:
-            return importlib.import_module(module_name).flash_attn_varlen_func
+            return getattr(importlib.import_module(module_name), attribute)
         except Exception:  # ImportError, or a broken CUDA / CUTLASS install raising anything else
             continue
     return None
+
+
+@lru_cache(maxsize=1)
+def _flash_varlen_function():
+    """flash_attn_varlen_func of FA3 (flash_attn_interface), FA4 (flash_attn.cute) or FA2, whichever imports."""
+    return _first_importable("flash_attn_varlen_func", ("flash_attn_interface", "flash_attn.cute", "flash_attn"))
 
 
 def _call_flash(q, k, v, cu_seqlens, max_seqlen, window):
@@ -1350,12 +1355,7 @@ def _flash_kvcache_function():
     """flash_attn_with_kvcache of FA3 (flash_attn_interface) or FA2 (flash_attn), whichever imports: a decode
     kernel that reads each row's cache only up to its length and splits long rows across thread blocks. FA4's
     CuTe interface (flash_attn.cute) is not tried: it has no cache entry point with this signature."""
-    for module_name in ("flash_attn_interface", "flash_attn"):
-        try:
-            return importlib.import_module(module_name).flash_attn_with_kvcache
-        except Exception:  # ImportError, or a broken CUDA install raising anything else
-            continue
-    return None
+    return _first_importable("flash_attn_with_kvcache", ("flash_attn_interface", "flash_attn"))
 
 
 def _flash_kvcache_usable(q: Tensor) -> bool:
