@@ -925,18 +925,12 @@ class _Fp8Linear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
+        """grad_x = grad_out @ weight in x's dtype, grad_weight = grad_out.T @ x in the weight's."""
         x_data, x_scale, w_data, w_scale = ctx.saved_tensors
         g8 = quantize_fp8(grad_out, ctx.grad_dtype)
-        grads = fp8_linear_grads(g8, Fp8Tensor(x_data, x_scale), Fp8Tensor(w_data, w_scale), grad_out.dtype,
-                                 ctx.weight_dtype)
-        return *grads, None, None, None
-
-
-def fp8_linear_grads(g8: Fp8Tensor, x8: Fp8Tensor, w8: Fp8Tensor, x_dtype: torch.dtype,
-                     weight_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Gradients of x @ weight.T from the quantised output gradient (M, N), x (M, K) and weight (N, K):
-    grad_x = grad_out @ weight in `x_dtype`, grad_weight = grad_out.T @ x in `weight_dtype`."""
-    return fp8_mm(g8, w8.transposed(), x_dtype), fp8_mm(g8.transposed(), x8.transposed(), weight_dtype)
+        grad_x = fp8_mm(g8, Fp8Tensor(w_data, w_scale).transposed(), grad_out.dtype)
+        grad_weight = fp8_mm(g8.transposed(), Fp8Tensor(x_data, x_scale).transposed(), ctx.weight_dtype)
+        return grad_x, grad_weight, None, None, None
 
 
 def fp8_linear(x: Tensor, weight: Tensor, grad_format: str = "e5m2") -> Tensor:
