@@ -971,6 +971,12 @@ def _flash_window(window: int | None) -> tuple[int, int]:
     return (-1, 0) if window is None else (window - 1, 0)
 
 
+def _window_visible(since: Tensor, window: int | None) -> Tensor:
+    """Boolean attention mask from `since`, how many positions each key lies before each query: the key is visible
+    when it is at most window - 1 positions back (None: any earlier position) and not after the query."""
+    return (since >= 0) & (since < window) if window else since >= 0
+
+
 def _sdpa_attention(q, k, v, cu_seqlens, max_seqlen, window):
     """Reference backend: one F.scaled_dot_product_attention call per document. `window` may also be a mask_mod
     over the packed indices (shared_prefix_mask_mod), evaluated densely over each document."""
@@ -988,8 +994,8 @@ def _sdpa_attention(q, k, v, cu_seqlens, max_seqlen, window):
             out = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True)
         else:
             offset = torch.arange(length, device=q.device)
-            offset = offset[:, None] - offset[None, :]
-            out = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=(offset >= 0) & (offset < window))
+            visible = _window_visible(offset[:, None] - offset, window)
+            out = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=visible)
         outputs.append(out.transpose(0, 1))
     return torch.cat(outputs)
 
@@ -1445,9 +1451,8 @@ class KVCache:
                               self.v[layer].transpose(1, 2), seqlens, window or 0)
             return y.reshape(q.shape)
         since = at[:, :, None] - torch.arange(self.capacity, device=q.device)  # (B, L, capacity)
-        visible = (since >= 0) & (since < (window or self.capacity))
         y = F.scaled_dot_product_attention(q.view(B, at.size(1), *q.shape[1:]).transpose(1, 2), self.k[layer],
-                                           self.v[layer], attn_mask=visible[:, None])
+                                           self.v[layer], attn_mask=_window_visible(since, window)[:, None])
         return y.transpose(1, 2).reshape(q.shape)
 
     def advance(self, tokens: int) -> None:
@@ -1593,8 +1598,7 @@ def paired_cache_attention(cache: KVCache, layer: int, q: Tensor, window: int | 
     query_at = (2 * positions.view(B, 1, L) + which).view(B, 2 * L)
     key_at = (2 * torch.arange(capacity, device=q.device) + which).view(2 * capacity)
     since = query_at[:, :, None] - key_at  # (B, 2L, 2 capacity)
-    visible = (since >= 0) & (since < (window or 2 * capacity))
-    y = F.scaled_dot_product_attention(queries, keys, values, attn_mask=visible[:, None])
+    y = F.scaled_dot_product_attention(queries, keys, values, attn_mask=_window_visible(since, window)[:, None])
     return y.view(B, H // 2, 2, L, D).permute(0, 3, 1, 2, 4).reshape(q.shape)
 
 
