@@ -925,18 +925,12 @@ class _Fp8Linear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
+        """grad_x = grad_out @ weight in x's dtype, grad_weight = grad_out.T @ x in the weight's."""
         x_data, x_scale, w_data, w_scale = ctx.saved_tensors
         g8 = quantize_fp8(grad_out, ctx.grad_dtype)
-        grads = fp8_linear_grads(g8, Fp8Tensor(x_data, x_scale), Fp8Tensor(w_data, w_scale), grad_out.dtype,
-                                 ctx.weight_dtype)
-        return *grads, None, None, None
-
-
-def fp8_linear_grads(g8: Fp8Tensor, x8: Fp8Tensor, w8: Fp8Tensor, x_dtype: torch.dtype,
-                     weight_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Gradients of x @ weight.T from the quantised output gradient (M, N), x (M, K) and weight (N, K):
-    grad_x = grad_out @ weight in `x_dtype`, grad_weight = grad_out.T @ x in `weight_dtype`."""
-    return fp8_mm(g8, w8.transposed(), x_dtype), fp8_mm(g8.transposed(), x8.transposed(), weight_dtype)
+        grad_x = fp8_mm(g8, Fp8Tensor(w_data, w_scale).transposed(), grad_out.dtype)
+        grad_weight = fp8_mm(g8.transposed(), Fp8Tensor(x_data, x_scale).transposed(), ctx.weight_dtype)
+        return grad_x, grad_weight, None, None, None
 
 
 def fp8_linear(x: Tensor, weight: Tensor, grad_format: str = "e5m2") -> Tensor:
@@ -977,6 +971,12 @@ def _flash_window(window: int | None) -> tuple[int, int]:
     return (-1, 0) if window is None else (window - 1, 0)
 
 
+def _window_visible(since: Tensor, window: int | None) -> Tensor:
+    """Boolean attention mask from `since`, how many positions each key lies before each query: the key is visible
+    when it is at most window - 1 positions back (None: any earlier position) and not after the query."""
+    return (since >= 0) & (since < window) if window else since >= 0
+
+
 def _sdpa_attention(q, k, v, cu_seqlens, max_seqlen, window):
     """Reference backend: one F.scaled_dot_product_attention call per document. `window` may also be a mask_mod
     over the packed indices (shared_prefix_mask_mod), evaluated densely over each document."""
@@ -994,8 +994,8 @@ def _sdpa_attention(q, k, v, cu_seqlens, max_seqlen, window):
             out = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True)
         else:
             offset = torch.arange(length, device=q.device)
-            offset = offset[:, None] - offset[None, :]
-            out = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=(offset >= 0) & (offset < window))
+            visible = _window_visible(offset[:, None] - offset, window)
+            out = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=visible)
         outputs.append(out.transpose(0, 1))
     return torch.cat(outputs)
 
@@ -1078,15 +1078,20 @@ def _varlen_attention(q, k, v, cu_seqlens, max_seqlen, window):
     return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, window_size=_flash_window(window))
 
 
-@lru_cache(maxsize=1)
-def _flash_varlen_function():
-    """flash_attn_varlen_func of FA3 (flash_attn_interface), FA4 (flash_attn.cute) or FA2, whichever imports."""
-    for module_name in ("flash_attn_interface", "flash_attn.cute", "flash_attn"):
+def _first_importable(attribute: str, module_names: Sequence[str]) -> Any:
+    """`attribute` of the first of these modules that imports and has it, else None."""
+    for module_name in module_names:
         try:
-            return importlib.import_module(module_name).flash_attn_varlen_func
+            return getattr(importlib.import_module(module_name), attribute)
         except Exception:  # ImportError, or a broken CUDA / CUTLASS install raising anything else
             continue
     return None
+
+
+@lru_cache(maxsize=1)
+def _flash_varlen_function():
+    """flash_attn_varlen_func of FA3 (flash_attn_interface), FA4 (flash_attn.cute) or FA2, whichever imports."""
+    return _first_importable("flash_attn_varlen_func", ("flash_attn_interface", "flash_attn.cute", "flash_attn"))
 
 
 def _call_flash(q, k, v, cu_seqlens, max_seqlen, window):
@@ -1350,12 +1355,7 @@ def _flash_kvcache_function():
     """flash_attn_with_kvcache of FA3 (flash_attn_interface) or FA2 (flash_attn), whichever imports: a decode
     kernel that reads each row's cache only up to its length and splits long rows across thread blocks. FA4's
     CuTe interface (flash_attn.cute) is not tried: it has no cache entry point with this signature."""
-    for module_name in ("flash_attn_interface", "flash_attn"):
-        try:
-            return importlib.import_module(module_name).flash_attn_with_kvcache
-        except Exception:  # ImportError, or a broken CUDA install raising anything else
-            continue
-    return None
+    return _first_importable("flash_attn_with_kvcache", ("flash_attn_interface", "flash_attn"))
 
 
 def _flash_kvcache_usable(q: Tensor) -> bool:
@@ -1451,9 +1451,8 @@ class KVCache:
                               self.v[layer].transpose(1, 2), seqlens, window or 0)
             return y.reshape(q.shape)
         since = at[:, :, None] - torch.arange(self.capacity, device=q.device)  # (B, L, capacity)
-        visible = (since >= 0) & (since < (window or self.capacity))
         y = F.scaled_dot_product_attention(q.view(B, at.size(1), *q.shape[1:]).transpose(1, 2), self.k[layer],
-                                           self.v[layer], attn_mask=visible[:, None])
+                                           self.v[layer], attn_mask=_window_visible(since, window)[:, None])
         return y.transpose(1, 2).reshape(q.shape)
 
     def advance(self, tokens: int) -> None:
@@ -1599,8 +1598,7 @@ def paired_cache_attention(cache: KVCache, layer: int, q: Tensor, window: int | 
     query_at = (2 * positions.view(B, 1, L) + which).view(B, 2 * L)
     key_at = (2 * torch.arange(capacity, device=q.device) + which).view(2 * capacity)
     since = query_at[:, :, None] - key_at  # (B, 2L, 2 capacity)
-    visible = (since >= 0) & (since < (window or 2 * capacity))
-    y = F.scaled_dot_product_attention(queries, keys, values, attn_mask=visible[:, None])
+    y = F.scaled_dot_product_attention(queries, keys, values, attn_mask=_window_visible(since, window)[:, None])
     return y.view(B, H // 2, 2, L, D).permute(0, 3, 1, 2, 4).reshape(q.shape)
 
 
@@ -1990,7 +1988,9 @@ class GPT(nn.Module):
         reads_cache = kv_cache is not None and not kv_cache.empty
         if backend == "flex" and not reads_cache:
             windows = self.flex_masks(windows, cu_seqlens, input_ids.size(0))
-        in_documents = positions_in_documents(cu_seqlens, input_ids.size(0))
+        # each token's position in its packed document: the default positions, and the key offset's predecessors
+        in_documents = (positions_in_documents(cu_seqlens, input_ids.size(0))
+                        if positions is None or config.key_offset else None)
         positions = in_documents if positions is None else positions
         batch = AttentionBatch(cu_seqlens, max_seqlen, self.rotary_cos[positions], self.rotary_sin[positions], backend,
                                kv_cache, positions if kv_cache is not None else None, reads_cache,
@@ -2028,9 +2028,10 @@ class GPT(nn.Module):
                               else flex_block_mask(scale * cu_seqlens, scale * total_len, window))
         return [masks[window, block.attn.paired] for window, block in zip(windows, self.blocks)]
 
-    def trick_inputs(self, positions: Tensor, in_documents: Tensor) -> tuple[Tensor | None, ...]:
-        """AttentionBatch's inputs for the key offset (each token's predecessor: itself at a document start) and
-        for paired heads (rotary angles at interleaved positions 2p and 2p + 1); None where the model has neither."""
+    def trick_inputs(self, positions: Tensor, in_documents: Tensor | None) -> tuple[Tensor | None, ...]:
+        """AttentionBatch's inputs for the key offset (each token's predecessor: itself at a document start, from
+        `in_documents`, each token's position in its packed document) and for paired heads (rotary angles at
+        interleaved positions 2p and 2p + 1); None where the model has neither."""
         config = self.config
         previous = paired_cos = paired_sin = None
         if config.key_offset:
