@@ -267,16 +267,33 @@ def script_argv() -> list[str]:
 
 
 @contextlib.contextmanager
-def config_errors_end_the_script() -> Iterator[None]:
-    """In a twin run as a script, a ConfigError prints its one-line message and exits with status 2 (a usage
-    error, as argparse does) instead of a traceback; in a notebook kernel it stays an exception."""
+def reading_settings() -> Iterator[None]:
+    """A ConfigError raised in here is about an option or setting as given: a usage error, which ends a twin run as a
+    script with exit status 2, as argparse does (end_scripts_on_user_errors)."""
     try:
         yield
     except ConfigError as error:
-        if in_notebook_kernel():
-            raise
+        error.exit_status = 2
+        raise
+
+
+def end_scripts_on_user_errors() -> None:
+    """In a twin run as a script, an error the user fixes by changing a setting or running an earlier notebook
+    (ConfigError, MissingArtifactError) ends the run with its one-line message instead of a traceback: exit status 2
+    for a bad option or setting (reading_settings), 1 for one found later. Other errors keep their traceback, and in
+    a notebook kernel every exception shows as usual. Installed once, however often it is called."""
+    if in_notebook_kernel() or getattr(sys.excepthook, "ends_on_user_errors", False):
+        return
+    default_hook = sys.excepthook
+
+    def hook(kind: type[BaseException], error: BaseException, trace: Any) -> None:
+        if not isinstance(error, (ConfigError, MissingArtifactError)):
+            return default_hook(kind, error, trace)
         print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+        raise SystemExit(getattr(error, "exit_status", 1))  # Python exits with the status a hook's SystemExit gives
+
+    hook.ends_on_user_errors = True  # type: ignore[attr-defined]
+    sys.excepthook = hook
 
 
 # STACK_ variables that are not notebook settings
@@ -313,10 +330,10 @@ def usage(cls: type, preset: str, tier: str | None) -> str:
 def configure(cls: type[ConfigT], argv: Sequence[str] | None = None,
               environ: typing.Mapping[str, str] | None = None) -> ConfigT:
     """Build a notebook's config. argv defaults to script_argv(); in a script, --help prints the options and
-    exits, and a bad option or value exits with status 2 (config_errors_end_the_script). STACK_COLAB_GPU=
-    t4|l4|a100|h100 makes the colab preset take that GPU's sizes whatever GPU is here."""
+    exits, and a bad option or value is a usage error (reading_settings). STACK_COLAB_GPU=t4|l4|a100|h100 makes
+    the colab preset take that GPU's sizes whatever GPU is here."""
     if argv is None:
-        with config_errors_end_the_script():
+        with reading_settings():
             return configure(cls, script_argv(), environ)
     environ = os.environ if environ is None else environ
     wants_help = any(arg in HELP_FLAGS for arg in argv)
