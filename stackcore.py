@@ -2328,7 +2328,7 @@ class Muon(torch.optim.Optimizer):
                 if p.grad is not None:
                     grads[i] = p.grad
             own_grads = _reduce_scatter_mean(grads, world_size, rank)
-            own_params = self._share(params, world_size, rank)
+            own_params = self._share(params)
             update = torch.zeros_like(own_grads)
             if own_params:
                 update[:len(own_params)] = self._orthogonal_update(group, own_params, own_grads[:len(own_params)])
@@ -2352,18 +2352,17 @@ class Muon(torch.optim.Optimizer):
         torch._foreach_mul_(params, list((1 - shrink * agree.to(updates.dtype)).unbind(0)))
 
     @staticmethod
-    def _share(params: list[Tensor], world_size: int, rank: int) -> list[Tensor]:
-        """The matrices of a shape group that `rank` orthogonalises (and keeps momentum for)."""
-        per_rank = -(-len(params) // world_size)
-        return params[rank * per_rank:(rank + 1) * per_rank]
+    def _share(params: list[Tensor]) -> list[Tensor]:
+        """The matrices of a shape group that this rank orthogonalises (and keeps momentum for)."""
+        share = rank_share(len(params))
+        return params[share.start:share.stop]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load, then keep momentum only for this rank's share: a checkpoint saved by another number of ranks
         arrives as every rank's share together (see resume_training)."""
         super().load_state_dict(state_dict)
-        world_size, rank = world_size_and_rank()
         for group in self.param_groups:
-            own = {id(p) for p in self._share(group["params"], world_size, rank)}
+            own = {id(p) for p in self._share(group["params"])}
             for p in group["params"]:
                 if id(p) not in own:
                     self.state.pop(p, None)
