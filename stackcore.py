@@ -2808,7 +2808,7 @@ def latest_checkpoint(directory: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, device: str = "cpu", made_by: str | None = None,
-                         keys: Sequence[str] = ("model", "model_config", "step")) -> dict[str, Any]:
+                    keys: Sequence[str] = ("model", "model_config", "step")) -> dict[str, Any]:
     """A checkpoint file holding `keys` (by default the rank-0 file: model weights, configs, step), by torch.load
     with weights_only=True (a checkpoint holding other Python objects is refused unread: unpickling them could run
     code), with errors that name the file and the notebook that writes it."""
@@ -2850,14 +2850,14 @@ def _rank_states(path: Path, checkpoint: dict[str, Any], loader: Any, dist_info:
     saved = checkpoint.get("world_size") or len(list(path.parent.glob(f"{path.stem}.rank*.pt")))
     if saved == dist_info.world_size:
         return load_checkpoint(path.with_name(f"{path.stem}.rank{dist_info.rank}.pt"), dist_info.device,
-                                    made_by, keys=("optimizers", "loader"))
+                               made_by, keys=("optimizers", "loader"))
     if not getattr(loader, "position_shared", False):
         raise CheckpointError(f"{path} was saved by {saved} process(es) and this run has {dist_info.world_size}: "
                               f"{type(loader).__name__} keeps a separate position on each rank, which cannot be "
                               f"split again; resume with {saved} process(es), or start a new run with "
                               f"--run_name=<new name>")
     states = [load_checkpoint(path.with_name(f"{path.stem}.rank{rank}.pt"), dist_info.device, made_by,
-                                   keys=("optimizers", "loader")) for rank in range(saved)]
+                              keys=("optimizers", "loader")) for rank in range(saved)]
     optimizers = [{"param_groups": parts[0]["param_groups"],
                    "state": {key: value for part in parts for key, value in part["state"].items()}}
                   for parts in zip(*(state["optimizers"] for state in states))]
