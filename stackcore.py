@@ -2921,6 +2921,23 @@ def run_is_complete(start_step: int, steps: int, run_name: str, checkpoint: Path
     return True
 
 
+def start_training(checkpoint_dir: Path, run_dir: Path, model: GPT, optimizers: list[torch.optim.Optimizer],
+                   loader: Any, dist_info: DistInfo, made_by: str, run_name: str, steps: int, resume: bool,
+                   log: typing.Callable[[str], None] = print) -> tuple[int, bool]:
+    """Where a training notebook's loop starts, as (first step, whether the run is complete already). With `resume`
+    it continues from the newest usable checkpoint in `checkpoint_dir` (resume_training) and says so once: resumed
+    from it, or already complete (run_is_complete). A run that starts afresh drops an earlier run's metrics.jsonl
+    in `run_dir`."""
+    start_step, latest = (resume_training(checkpoint_dir, model, optimizers, loader, dist_info, made_by, log)
+                          if resume else (0, None))
+    complete = run_is_complete(start_step, steps, run_name, latest, log)
+    if latest is None and dist_info.master:
+        (Path(run_dir) / "metrics.jsonl").unlink(missing_ok=True)
+    elif latest is not None and not complete:
+        log(f"resumed from {latest} at step {start_step}")
+    return start_step, complete
+
+
 def model_from_checkpoint(path: Path, device: str, vocab_size: int | None = None, made_by: str | None = None
                           ) -> tuple[GPT, dict[str, Any]]:
     """The model of a checkpoint; with `vocab_size`, refused unless it matches the tokenizer's."""

@@ -386,13 +386,8 @@ plt.show()
 # nothing and keeps its summary: pass a larger `--steps` to continue it, or a new `--run_name`.
 
 # %%
-start_step, latest = (sc.resume_training(checkpoint_dir, model, optimizers, train_loader, dist_info, "03_pretrain",
-                                         log) if cfg.resume else (0, None))
-complete = sc.run_is_complete(start_step, cfg.steps, cfg.run_name, latest, log)
-if latest is None and dist_info.master:
-    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-elif latest is not None and not complete:
-    log(f"resumed from {latest} at step {start_step}")
+start_step, complete = sc.start_training(checkpoint_dir, run_dir, model, optimizers, train_loader, dist_info,
+                                         "03_pretrain", cfg.run_name, cfg.steps, cfg.resume, log)
 wandb_run = None
 if cfg.wandb and dist_info.master:
     import wandb
