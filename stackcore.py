@@ -4055,10 +4055,8 @@ def sft_backward(model: nn.Module, batches: Sequence[Batch], backend: str, loss_
                      loss_reduction="sum") / divisor
         (loss_scaler.scale(loss) if loss_scaler else loss).backward()
         step_loss += loss.detach()
-    loss_sum, = sum_over_ranks([float(step_loss)])  # one sync per step
+    loss_sum, = sum_over_ranks([float(step_loss)])  # the step's second sync, after the token counts'
     return {"loss": loss_sum / world_size, "trained_tokens": int(trained), "tokens": int(tokens)}
-
-
 
 
 # ---------------------------------------------------------------------------------------------
