@@ -267,16 +267,33 @@ def script_argv() -> list[str]:
 
 
 @contextlib.contextmanager
-def config_errors_end_the_script() -> Iterator[None]:
-    """In a twin run as a script, a ConfigError prints its one-line message and exits with status 2 (a usage
-    error, as argparse does) instead of a traceback; in a notebook kernel it stays an exception."""
+def reading_settings() -> Iterator[None]:
+    """A ConfigError raised in here is about an option or setting as given: a usage error, which ends a twin run as a
+    script with exit status 2, as argparse does (end_scripts_on_user_errors)."""
     try:
         yield
     except ConfigError as error:
-        if in_notebook_kernel():
-            raise
+        error.exit_status = 2
+        raise
+
+
+def end_scripts_on_user_errors() -> None:
+    """In a twin run as a script, an error the user fixes by changing a setting or running an earlier notebook
+    (ConfigError, MissingArtifactError) ends the run with its one-line message instead of a traceback: exit status 2
+    for a bad option or setting (reading_settings), 1 for one found later. Other errors keep their traceback, and in
+    a notebook kernel every exception shows as usual. Installed once, however often it is called."""
+    if in_notebook_kernel() or getattr(sys.excepthook, "ends_on_user_errors", False):
+        return
+    default_hook = sys.excepthook
+
+    def hook(kind: type[BaseException], error: BaseException, trace: Any) -> None:
+        if not isinstance(error, (ConfigError, MissingArtifactError)):
+            return default_hook(kind, error, trace)
         print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+        raise SystemExit(getattr(error, "exit_status", 1))  # Python exits with the status a hook's SystemExit gives
+
+    hook.ends_on_user_errors = True  # type: ignore[attr-defined]
+    sys.excepthook = hook
 
 
 # STACK_ variables that are not notebook settings
@@ -313,10 +330,10 @@ def usage(cls: type, preset: str, tier: str | None) -> str:
 def configure(cls: type[ConfigT], argv: Sequence[str] | None = None,
               environ: typing.Mapping[str, str] | None = None) -> ConfigT:
     """Build a notebook's config. argv defaults to script_argv(); in a script, --help prints the options and
-    exits, and a bad option or value exits with status 2 (config_errors_end_the_script). STACK_COLAB_GPU=
-    t4|l4|a100|h100 makes the colab preset take that GPU's sizes whatever GPU is here."""
+    exits, and a bad option or value is a usage error (reading_settings). STACK_COLAB_GPU=t4|l4|a100|h100 makes
+    the colab preset take that GPU's sizes whatever GPU is here."""
     if argv is None:
-        with config_errors_end_the_script():
+        with reading_settings():
             return configure(cls, script_argv(), environ)
     environ = os.environ if environ is None else environ
     wants_help = any(arg in HELP_FLAGS for arg in argv)
@@ -2312,7 +2329,7 @@ class Muon(torch.optim.Optimizer):
                 if p.grad is not None:
                     grads[i] = p.grad
             own_grads = _reduce_scatter_mean(grads, world_size, rank)
-            own_params = self._share(params, world_size, rank)
+            own_params = self._share(params)
             update = torch.zeros_like(own_grads)
             if own_params:
                 update[:len(own_params)] = self._orthogonal_update(group, own_params, own_grads[:len(own_params)])
@@ -2336,18 +2353,17 @@ class Muon(torch.optim.Optimizer):
         torch._foreach_mul_(params, list((1 - shrink * agree.to(updates.dtype)).unbind(0)))
 
     @staticmethod
-    def _share(params: list[Tensor], world_size: int, rank: int) -> list[Tensor]:
-        """The matrices of a shape group that `rank` orthogonalises (and keeps momentum for)."""
-        per_rank = -(-len(params) // world_size)
-        return params[rank * per_rank:(rank + 1) * per_rank]
+    def _share(params: list[Tensor]) -> list[Tensor]:
+        """The matrices of a shape group that this rank orthogonalises (and keeps momentum for)."""
+        share = rank_share(len(params))
+        return params[share.start:share.stop]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load, then keep momentum only for this rank's share: a checkpoint saved by another number of ranks
         arrives as every rank's share together (see resume_training)."""
         super().load_state_dict(state_dict)
-        world_size, rank = world_size_and_rank()
         for group in self.param_groups:
-            own = {id(p) for p in self._share(group["params"], world_size, rank)}
+            own = {id(p) for p in self._share(group["params"])}
             for p in group["params"]:
                 if id(p) not in own:
                     self.state.pop(p, None)
@@ -2793,7 +2809,7 @@ def latest_checkpoint(directory: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, device: str = "cpu", made_by: str | None = None,
-                         keys: Sequence[str] = ("model", "model_config", "step")) -> dict[str, Any]:
+                    keys: Sequence[str] = ("model", "model_config", "step")) -> dict[str, Any]:
     """A checkpoint file holding `keys` (by default the rank-0 file: model weights, configs, step), by torch.load
     with weights_only=True (a checkpoint holding other Python objects is refused unread: unpickling them could run
     code), with errors that name the file and the notebook that writes it."""
@@ -2835,14 +2851,14 @@ def _rank_states(path: Path, checkpoint: dict[str, Any], loader: Any, dist_info:
     saved = checkpoint.get("world_size") or len(list(path.parent.glob(f"{path.stem}.rank*.pt")))
     if saved == dist_info.world_size:
         return load_checkpoint(path.with_name(f"{path.stem}.rank{dist_info.rank}.pt"), dist_info.device,
-                                    made_by, keys=("optimizers", "loader"))
+                               made_by, keys=("optimizers", "loader"))
     if not getattr(loader, "position_shared", False):
         raise CheckpointError(f"{path} was saved by {saved} process(es) and this run has {dist_info.world_size}: "
                               f"{type(loader).__name__} keeps a separate position on each rank, which cannot be "
                               f"split again; resume with {saved} process(es), or start a new run with "
                               f"--run_name=<new name>")
     states = [load_checkpoint(path.with_name(f"{path.stem}.rank{rank}.pt"), dist_info.device, made_by,
-                                   keys=("optimizers", "loader")) for rank in range(saved)]
+                              keys=("optimizers", "loader")) for rank in range(saved)]
     optimizers = [{"param_groups": parts[0]["param_groups"],
                    "state": {key: value for part in parts for key, value in part["state"].items()}}
                   for parts in zip(*(state["optimizers"] for state in states))]
@@ -2904,6 +2920,23 @@ def run_is_complete(start_step: int, steps: int, run_name: str, checkpoint: Path
         f"nothing is trained and its summary is left as it is. To train it further pass --steps=<more than "
         f"{start_step}>; to start another run pass --run_name=<new name> (or --resume=false to start this one over)")
     return True
+
+
+def start_training(checkpoint_dir: Path, run_dir: Path, model: GPT, optimizers: list[torch.optim.Optimizer],
+                   loader: Any, dist_info: DistInfo, made_by: str, run_name: str, steps: int, resume: bool,
+                   log: typing.Callable[[str], None] = print) -> tuple[int, bool]:
+    """Where a training notebook's loop starts, as (first step, whether the run is complete already). With `resume`
+    it continues from the newest usable checkpoint in `checkpoint_dir` (resume_training) and says so once: resumed
+    from it, or already complete (run_is_complete). A run that starts afresh drops an earlier run's metrics.jsonl
+    in `run_dir`."""
+    start_step, latest = (resume_training(checkpoint_dir, model, optimizers, loader, dist_info, made_by, log)
+                          if resume else (0, None))
+    complete = run_is_complete(start_step, steps, run_name, latest, log)
+    if latest is None and dist_info.master:
+        (Path(run_dir) / "metrics.jsonl").unlink(missing_ok=True)
+    elif latest is not None and not complete:
+        log(f"resumed from {latest} at step {start_step}")
+    return start_step, complete
 
 
 def model_from_checkpoint(path: Path, device: str, vocab_size: int | None = None, made_by: str | None = None
@@ -4023,10 +4056,8 @@ def sft_backward(model: nn.Module, batches: Sequence[Batch], backend: str, loss_
                      loss_reduction="sum") / divisor
         (loss_scaler.scale(loss) if loss_scaler else loss).backward()
         step_loss += loss.detach()
-    loss_sum, = sum_over_ranks([float(step_loss)])  # one sync per step
+    loss_sum, = sum_over_ranks([float(step_loss)])  # the step's second sync, after the token counts'
     return {"loss": loss_sum / world_size, "trained_tokens": int(trained), "tokens": int(tokens)}
-
-
 
 
 # ---------------------------------------------------------------------------------------------

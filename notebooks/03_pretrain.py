@@ -386,13 +386,8 @@ plt.show()
 # nothing and keeps its summary: pass a larger `--steps` to continue it, or a new `--run_name`.
 
 # %%
-start_step, latest = (sc.resume_training(checkpoint_dir, model, optimizers, train_loader, dist_info, "03_pretrain",
-                                         log) if cfg.resume else (0, None))
-complete = sc.run_is_complete(start_step, cfg.steps, cfg.run_name, latest, log)
-if latest is None and dist_info.master:
-    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-elif latest is not None and not complete:
-    log(f"resumed from {latest} at step {start_step}")
+start_step, complete = sc.start_training(checkpoint_dir, run_dir, model, optimizers, train_loader, dist_info,
+                                         "03_pretrain", cfg.run_name, cfg.steps, cfg.resume, log)
 wandb_run = None
 if cfg.wandb and dist_info.master:
     import wandb
@@ -435,7 +430,8 @@ for step in range(start_step, start_step if complete else cfg.steps + 1):
         torch.cuda.synchronize()
     t0 = time.time()
     windows = schedule(step)
-    micro_steps = step_tokens(step) // (cfg.micro_tokens * dist_info.world_size)
+    batch_tokens = step_tokens(step)
+    micro_steps = batch_tokens // (cfg.micro_tokens * dist_info.world_size)
     for _ in range(micro_steps):
         batch = train_loader.next_batch()
         loss = forward(batch.inputs, batch.cu_seqlens, batch.max_seqlen, batch.targets, windows=windows,
@@ -450,8 +446,8 @@ for step in range(start_step, start_step if complete else cfg.steps + 1):
         gc.collect()
         gc.freeze()
     train_seconds += step_seconds
-    tokens_seen += step_tokens(step)
-    tokens_per_second = step_tokens(step) / step_seconds
+    tokens_seen += batch_tokens
+    tokens_per_second = batch_tokens / step_seconds
     step_rates.append(tokens_per_second)
     mfu = flops_per_token * tokens_per_second / (peak * dist_info.world_size) if peak else None  # no peak on a CPU
     remaining = (cfg.steps - step - 1) * train_seconds / (step + 1 - start_step)

@@ -238,13 +238,8 @@ loss_scaler = sc.LossScaler(compute_dtype, device)  # fp16 only (a T4); a plain 
 # and keeps its results file: pass a larger `--steps` to continue it, or a new `--run_name`.
 
 # %%
-start_step, latest = (sc.resume_training(checkpoint_dir, model, optimizers, train_loader, dist_info, "05_sft",
-                                         log) if cfg.resume else (0, None))
-complete = sc.run_is_complete(start_step, steps, cfg.run_name, latest, log)
-if latest is None and dist_info.master:
-    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-elif latest is not None and not complete:
-    log(f"resumed from {latest} at step {start_step}")
+start_step, complete = sc.start_training(checkpoint_dir, run_dir, model, optimizers, train_loader, dist_info,
+                                         "05_sft", cfg.run_name, steps, cfg.resume, log)
 run_log = sc.RunLog(run_dir, enabled=dist_info.master)
 
 # %% [markdown]

@@ -236,13 +236,8 @@ loss_scaler = sc.LossScaler(compute_dtype, device)  # fp16 only (a T4); a plain 
 # new `--run_name`.
 
 # %%
-start_step, latest = (sc.resume_training(checkpoint_dir, model, optimizers, sampler, dist_info, "06_rl", log)
-                      if cfg.resume else (0, None))
-complete = sc.run_is_complete(start_step, cfg.steps, cfg.run_name, latest, log)
-if latest is None and dist_info.master:
-    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-elif latest is not None and not complete:
-    log(f"resumed from {latest} at step {start_step}")
+start_step, complete = sc.start_training(checkpoint_dir, run_dir, model, optimizers, sampler, dist_info,
+                                         "06_rl", cfg.run_name, cfg.steps, cfg.resume, log)
 run_log = sc.RunLog(run_dir, enabled=dist_info.master)
 
 # %% [markdown]

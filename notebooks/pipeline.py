@@ -45,5 +45,6 @@ def main(argv: Sequence[str]) -> None:
     """`pipeline [--preset=...]`, as `python3 stackcore.py` passes it on."""
     if argv[:1] != ["pipeline"]:
         sys.exit("usage: python stackcore.py pipeline [--preset=tiny|colab|speedrun|node]")
-    with sc.config_errors_end_the_script():
+    sc.end_scripts_on_user_errors()
+    with sc.reading_settings():
         run_pipeline(argv[1:])

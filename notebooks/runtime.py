@@ -131,7 +131,7 @@ def setup_runtime(use_drive: bool = False, colab: bool | None = None,
 
     import stackcore as sc  # after the installs
 
-    end_scripts_on_user_errors()
+    sc.end_scripts_on_user_errors()
     use_drive = use_drive or sc.parse_value("STACK_DRIVE", os.environ.get("STACK_DRIVE", "false"), bool)
     if colab and use_drive:
         if not (DRIVE_MOUNT / "MyDrive").is_dir():
@@ -149,27 +149,6 @@ def setup_runtime(use_drive: bool = False, colab: bool | None = None,
     silence_triton_teardown()
     if os.environ.get("RANK", "0") == "0":
         print(describe_runtime(gpu, threads, install, notes))
-
-
-def end_scripts_on_user_errors() -> None:
-    """In a twin run as a script, an error the user fixes by running an earlier notebook or changing a setting
-    (MissingArtifactError, or a ConfigError raised after configure) ends the run with its message alone, as a bad
-    option does, instead of a traceback; its exit status stays 1. Other errors keep their traceback, and in a
-    notebook kernel every exception shows as usual."""
-    import stackcore as sc
-
-    if sc.in_notebook_kernel() or getattr(sys.excepthook, "ends_on_user_errors", False):
-        return
-    default_hook = sys.excepthook
-
-    def hook(kind: type[BaseException], error: BaseException, trace: object) -> None:
-        if isinstance(error, (sc.ConfigError, sc.MissingArtifactError)):
-            print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr, flush=True)
-        else:
-            default_hook(kind, error, trace)
-
-    hook.ends_on_user_errors = True
-    sys.excepthook = hook
 
 
 def set_cpu_threads(environ: Mapping[str, str] = os.environ) -> int:
@@ -213,7 +192,7 @@ def describe_runtime(gpu: GpuInfo | None, threads: int, installed: Sequence[str]
 
     import stackcore as sc
 
-    with sc.config_errors_end_the_script():
+    with sc.reading_settings():
         preset = sc.choose_preset(sc.parse_cli_overrides(sc.script_argv()), os.environ, gpu)
         tier = sc.colab_gpu_tier(gpu, os.environ.get("STACK_COLAB_GPU", "")) if preset == "colab" else None
         dtype = sc.compute_dtype_for(gpu, os.environ.get("STACK_DTYPE", "auto"))

@@ -137,10 +137,14 @@ def test_usage_shows_the_presets_values():
     assert "--preset " not in text
 
 
-def test_config_errors_end_a_script_with_status_2(capsys):
-    with pytest.raises(SystemExit) as stop:
-        with sc.config_errors_end_the_script():
+def test_config_errors_end_a_script_with_status_2(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
+    sc.end_scripts_on_user_errors()
+    with pytest.raises(sc.ConfigError) as caught:
+        with sc.reading_settings():
             sc.configure(DemoConfig, ["--stepz=1"], {})
+    with pytest.raises(SystemExit) as stop:
+        sys.excepthook(caught.type, caught.value, caught.tb)
     assert stop.value.code == 2
     assert "error: unknown option(s) --stepz for DemoConfig" in capsys.readouterr().err
 
