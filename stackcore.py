@@ -3595,9 +3595,17 @@ def _compiled_decode_step(compile_backend: str):
     """decode_step under torch.compile: the embeddings, every layer, the head and the sampling as one graph, whose
     elementwise work (norms, rotary, residual mixing, soft-cap, the sampling's masks) inductor fuses into a few
     kernels. Inductor's default mode: max-autotune's matmul search adds minutes of compilation per shape, for
-    matrix-vector products that cuBLAS already runs at the speed of memory. Dynamic shapes from the start, so that a
-    new batch size or cache capacity (every generation allocates its own cache) reuses the one graph."""
-    return torch.compile(decode_step, backend=compile_backend, dynamic=True)
+    matrix-vector products that cuBLAS already runs at the speed of memory. Static shapes: inductor's dynamic-shape
+    code generation failed on this step (baselines/2026-11-30-decode-graph), so each batch size and cache capacity
+    is its own graph; the engine rounds capacities up to DECODE_CAPACITY_STEP to keep those few, and the limit on
+    recompilations is raised to match."""
+    dynamo = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+    setattr(dynamo, limit, max(getattr(dynamo, limit), 64))
+    return torch.compile(decode_step, backend=compile_backend, dynamic=False)
+
+
+DECODE_CAPACITY_STEP = 256  # a compiled decode step's cache capacities are multiples of this (or max_seq_len)
 
 
 @dataclass
@@ -3714,8 +3722,7 @@ class Engine:
     after a call would be computed without its result); at the sync point the host evaluates the call and hands
     the result to the next chunk as forced tokens. `cuda_graph` replays the step as a CUDA graph on a GPU once a
     generation is long enough to repay the capture (`graph_min_tokens`); `compile_backend` compiles the step (None,
-    the default: the captured step runs eagerly; inductor's dynamic-shape code generation failed on this step on an
-    H200, see baselines/2026-11-30-decode-graph). `prefill_tokens` caps the tokens of one packed prefill pass.
+    the default: the captured step runs eagerly). `prefill_tokens` caps the tokens of one packed prefill pass.
     """
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, backend: str = "sdpa", cuda_graph: bool = True,
@@ -3756,6 +3763,8 @@ class Engine:
         model, device = self.model, self.model.rotary_cos.device
         limits = [min(max_tokens, model.config.max_seq_len - len(prompt)) for prompt in prompts]
         capacity = max(len(prompt) + limit for prompt, limit in zip(prompts, limits))
+        if self.compile_backend:  # one compiled graph per capacity: round up so that few capacities occur
+            capacity = min(-(-capacity // DECODE_CAPACITY_STEP) * DECODE_CAPACITY_STEP, model.config.max_seq_len)
         cache = KVCache(model.config, len(prompts) * num_samples, capacity, device, model.compute_dtype)
         logits = torch.empty(len(prompts), model.config.vocab_size, device=device)
         for group in token_budget_chunks([len(prompt) for prompt in prompts], self.prefill_tokens):
