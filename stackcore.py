@@ -3479,6 +3479,7 @@ def calculate(expression: str, timeout_s: float = 0.5) -> str:
 # cache (KVCache, in the model section) keeps every layer's keys and values of the positions so far, so a step runs
 # GPT.forward on one new token per row.
 
+@torch.compiler.disable  # inductor's code generation for a cumulative sum over the vocabulary fails (torch 2.11)
 def sample_tokens(logits: Tensor, uniforms: Tensor, temperature: float | Tensor = 1.0, top_k: int | None = None,
                   top_p: float | Tensor | None = None) -> Tensor:
     """One token per row of logits (B, vocab), by inverse transform: row i takes the first token whose cumulative

@@ -30,6 +30,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -242,10 +243,14 @@ def run_seed(args: argparse.Namespace, name: str, seed: int, eval_tokens: int, e
     command = train_command(args, run_name, seed, eval_tokens, extra)
     metrics = sc.artifact_dir("runs") / run_name / "metrics.jsonl"
     metrics.unlink(missing_ok=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TORCH_LOGS": os.environ.get("TORCH_LOGS", "recompiles")}
-    print(f"{run_name}: {' '.join(command[1:])} (timeout {args.timeout:.0f} s)", flush=True)
     log_path = args.out / f"{run_name}.log"
-    run = run_logged(command, log_path, args.timeout, env, code_header())
+    print(f"{run_name}: {' '.join(command[1:])} (timeout {args.timeout:.0f} s)", flush=True)
+    with tempfile.TemporaryDirectory(prefix="compile-cache-") as cache:
+        # Each seed compiles from nothing, as a user's first run does: the first step's time would otherwise depend
+        # on what an earlier seed left in inductor's and Triton's caches.
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TORCH_LOGS": os.environ.get("TORCH_LOGS", "recompiles"),
+               "TORCHINDUCTOR_CACHE_DIR": f"{cache}/inductor", "TRITON_CACHE_DIR": f"{cache}/triton"}
+        run = run_logged(command, log_path, args.timeout, env, code_header())
     steps, val = read_metrics(metrics)
     result = summarize({
         "system": "ours", "name": run_name, "seed": seed, "depth": args.depth, "command": command[1:], **run,
