@@ -659,8 +659,7 @@ class ShardError(ValueError):
 
 
 def check_shard_items(path: Path, items: np.ndarray, kind: str, vocab_size: int, dtype: type) -> None:
-    """Refuse what the shard's dtype would silently change: floats (cast to integers) and values outside the dtype's
-    range (wrapped around), token ids outside [0, vocab_size), records that are not a 2-D table."""
+    """Refuse what the dtype would silently change (floats cast, values wrapped) and ids outside the vocabulary."""
     if items.size and not (np.issubdtype(items.dtype, np.integer) or items.dtype == np.bool_):
         raise ShardError(f"{path}: {kind} must be integers, got an array of {items.dtype}")
     if kind == "records" and items.ndim != 2:
@@ -756,7 +755,6 @@ class ShardWriter:
         self.pending_tokens += len(doc)
 
     def next_path(self) -> Path:
-        """Where the pending documents go on the next flush."""
         return self.directory / f"{self.prefix}_{len(self.written):06d}.bin"
 
     def flush(self) -> None:
@@ -782,10 +780,9 @@ if triton is not None:
         alpha, beta,
         HAS_ADDEND: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        # K is constexpr: the triton 3.6 interpreter cannot loop over range(0, K, BLOCK_K) with a runtime K (Muon
-        # sees few distinct shapes, so the specialisation is cheap). One program per output tile of one batch entry;
-        # only tiles on or above the diagonal work, and an off-diagonal tile is stored a second time with the row and
-        # column strides swapped, which writes its transpose into the mirrored tile.
+        # K is constexpr: the triton 3.6 interpreter cannot loop to a runtime K (Muon sees few shapes). One program
+        # per output tile; only tiles on or above the diagonal work, and an off-diagonal one is stored again with row
+        # and column strides swapped, which writes its transpose into the mirrored tile.
         tile_row, tile_col, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         if tile_col >= tile_row:
             rows = tile_row * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -824,10 +821,9 @@ def symmetric_matmul_reference(x: Tensor, alpha: float = 1.0, addend: Tensor | N
 
 def symmetric_matmul(x: Tensor, alpha: float = 1.0, addend: Tensor | None = None, beta: float = 0.0,
                      block_m: int = 128, block_k: int = 64) -> Tensor:
-    """symmetric_matmul_reference through the Triton kernel, which computes only the tiles on and above the
-    diagonal (about half the FLOPs) and mirrors them; `addend` must be symmetric. The kernel runs on CUDA, or on the
-    CPU under TRITON_INTERPRET=1 (set before triton is imported); elsewhere the reference does. Accumulates in fp32
-    (fp32 inputs on CUDA go through tl.dot's default TF32); the result has x's dtype."""
+    """symmetric_matmul_reference (`addend` symmetric) computing only the tiles on and above the diagonal, about half
+    the FLOPs, on CUDA or under TRITON_INTERPRET=1 (set before triton is imported); accumulates in fp32 (TF32 for fp32
+    inputs on CUDA). Elsewhere the reference runs."""
     if triton is None or not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         return symmetric_matmul_reference(x, alpha, addend, beta)
     batch_shape, (M, K) = x.shape[:-2], x.shape[-2:]
@@ -849,11 +845,10 @@ def symmetric_matmul(x: Tensor, alpha: float = 1.0, addend: Tensor | None = None
 # ---------------------------------------------------------------------------------------------
 # 5b. fp8 matmuls (used by 03_pretrain, through CastedLinear and the loss)
 # ---------------------------------------------------------------------------------------------
-# torch._scaled_mm multiplies two fp8 matrices on tensor cores (CUDA compute capability 8.9 and up) and rescales the
-# fp32 accumulator: out = scale_a * scale_b * (a @ b). Each operand gets one scale from its own absolute maximum
-# (current scaling), scale = amax / the format's largest value, so its largest entry lands on the top of the range.
-# Activations and weights are e4m3 (more mantissa), gradients e5m2 by default (more exponent range). Master weights
-# stay fp32 and outputs come back in the compute dtype: fp8 exists only inside the matmul, never in checkpoints.
+# torch._scaled_mm multiplies two fp8 matrices on tensor cores (compute capability 8.9 and up) and rescales the fp32
+# accumulator: out = scale_a * scale_b * (a @ b). Each operand's one scale is amax / the format's largest value
+# (current scaling). Activations and weights are e4m3 (more mantissa), gradients e5m2 by default (more range).
+# Master weights stay fp32 and outputs come back in the compute dtype: fp8 exists only inside the matmul.
 
 FP8_FORMATS = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 FP8_MIN_AMAX = 1e-12  # floor of amax: an all-zero tensor gets a tiny finite scale (zeros stay zeros), never 0/0
@@ -871,10 +866,8 @@ class Fp8Tensor(typing.NamedTuple):
 
 
 def quantize_fp8(x: Tensor, dtype: torch.dtype, amax: Tensor | None = None) -> Fp8Tensor:
-    """x in `dtype` with one scale from its amax, or from a known bound `amax` of |x| (saving a pass over x). Entries
-    are clamped to the format's range before the cast (out of range, a cast gives NaN or inf on some devices, 448 on
-    others), so neither the rounding of x / scale nor a too small bound overflows. A NaN or inf in x makes the scale
-    NaN or inf, as it would make a bf16 matmul's output."""
+    """x in `dtype` scaled by its amax, or by a known bound `amax` of |x| (saving a pass). Clamped before the cast,
+    which out of range gives NaN, inf or 448 by device; a NaN or inf in x spreads, as in a bf16 matmul."""
     limit = torch.finfo(dtype).max
     scale = (x.abs().amax() if amax is None else amax).float().clamp(min=FP8_MIN_AMAX) / limit
     return Fp8Tensor((x.float() / scale).clamp(-limit, limit).to(dtype).contiguous(), scale)
@@ -886,9 +879,8 @@ def fp8_shapes_ok(*dims: int) -> bool:
 
 
 def fp8_mm(a: Fp8Tensor, b: Fp8Tensor, out_dtype: torch.dtype, fast_accum: bool = False) -> Tensor:
-    """a @ b.T for a (M, K) and b (N, K), both row-major (b.T is then the column-major operand _scaled_mm requires).
-    Fast accumulation (no periodic promotion of tensor-core partial sums to fp32) suits the forward's short inner
-    dimension; the weight gradient's sum over all tokens keeps full accumulation."""
+    """a @ b.T for row-major a (M, K) and b (N, K): b.T is the column-major operand _scaled_mm requires. Fast
+    accumulation (fewer fp32 promotions) suits short inner dimensions, not the weight gradient's sum over tokens."""
     return torch._scaled_mm(a.data, b.data.t(), scale_a=a.scale, scale_b=b.scale, out_dtype=out_dtype,
                             use_fast_accum=fast_accum)
 
@@ -900,10 +892,9 @@ def fp8_supported(device: str | torch.device, compute_dtype: torch.dtype) -> boo
 
 
 class _Fp8Linear(torch.autograd.Function):
-    """x @ weight.T with x quantised here to e4m3 and the weight by the caller (w_data, w_scale; `weight` only carries
-    the gradient to the master weight): quantising the weight inside fails under torch.compile with dynamic shapes,
-    as dynamo cannot lift its symbolic sizes into a second such function of one graph. The quantised operands are
-    kept for the backward (half the memory of bf16 activations, no second quantisation)."""
+    """x @ weight.T, x quantised here and the weight by the caller (`weight` only carries the gradient): dynamo cannot
+    lift a weight's symbolic sizes into a second such function of one graph. The quantised operands are kept for the
+    backward (half the memory of bf16 activations, no second quantisation)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, w_data: Tensor, w_scale: Tensor, grad_dtype: torch.dtype) -> Tensor:
@@ -2148,9 +2139,8 @@ NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quinti
 
 
 def _minimax_odd_quintic(lo: float, hi: float) -> tuple[float, float, float]:
-    """Coefficients (a, b, c) of the odd quintic a x + b x^3 + c x^5 closest to 1 in max-norm on [lo, hi], by Remez
-    exchange (Polar Express, Amsel et al. 2025, App. D): the optimum p - 1 equioscillates with values -E, +E, -E, +E
-    at lo, the two interior extrema of p, and hi."""
+    """(a, b, c) of the odd quintic a x + b x^3 + c x^5 closest to 1 in max-norm on [lo, hi], by Remez exchange
+    (Amsel et al. 2025, App. D): p - 1 equioscillates at lo, the two interior extrema of p, and hi."""
     if lo / hi > 1 - 1e-4:  # (nearly) collapsed interval, where the solve is ill-conditioned: use the
         # limit, the quintic with p(hi) = 1 and p' = p'' = 0 there; its max error is O((1 - lo/hi)^3)
         return 15 / 8 / hi, -10 / 8 / hi**3, 3 / 8 / hi**5
@@ -2170,11 +2160,9 @@ def _minimax_odd_quintic(lo: float, hi: float) -> tuple[float, float, float]:
 @lru_cache(maxsize=None)
 def polar_express_coefficients(steps: int = 5, lower: float = 1e-3, cushion: float = 0.02,
                                safety: float = 1.01) -> tuple[tuple[float, float, float], ...]:
-    """Per-step quintic coefficients of Polar Express (Amsel et al. 2025), derived from the paper's recipe. Singular
-    values start in [lower, 1]; each step takes the minimax quintic for the current interval [lo, hi] (lo floored at
-    cushion * hi to keep the polynomial tame), re-centred so that p(lo) and p(hi) straddle 1, and, except in the last
-    step, evaluated at x / safety: a margin so that bf16 round-off cannot push singular values past the interval
-    where the next polynomial is accurate."""
+    """Per-step quintics of Polar Express (Amsel et al. 2025) from the paper's recipe: the minimax quintic on the
+    current singular-value interval (lo floored at cushion * hi), re-centred so p(lo) and p(hi) straddle 1 and, but
+    in the last step, taken at x / safety, so that bf16 round-off cannot leave the next polynomial's interval."""
     lo, hi = lower, 1.0
     coefficients = []
     for step in range(steps):
@@ -2190,16 +2178,13 @@ def polar_express_coefficients(steps: int = 5, lower: float = 1e-3, cushion: flo
 
 
 def orthogonalize(g: Tensor, method: str = "polar_express", steps: int = 5) -> Tensor:
-    """Approximate the polar factor U V^T of g (..., rows, cols) with an odd-polynomial iteration: per-step minimax
-    coefficients ("polar_express") or the fixed quintic ("newton_schulz", which leaves singular values roughly in
-    [0.7, 1.2]). Runs and returns bf16 on CUDA (fp16 before Ampere), fp32 elsewhere. Tall matrices are transposed so
-    that the Gram matrix X X^T is the small one."""
-    if method == "polar_express":
-        coefficients = polar_express_coefficients(steps)
-    elif method == "newton_schulz":
-        coefficients = (NEWTON_SCHULZ_COEFFICIENTS,) * steps
-    else:
+    """The polar factor U V^T of g (..., rows, cols) by an odd-polynomial iteration, in the compute dtype of g's
+    device; "newton_schulz" leaves singular values roughly in [0.7, 1.2]. Tall matrices go transposed, so that the
+    Gram matrix X X^T is the small one."""
+    if method not in ("polar_express", "newton_schulz"):
         raise ValueError(f"unknown orthogonalization method {method!r}; use 'polar_express' or 'newton_schulz'")
+    newton_schulz = (NEWTON_SCHULZ_COEFFICIENTS,) * steps
+    coefficients = polar_express_coefficients(steps) if method == "polar_express" else newton_schulz
     x = g.to(compute_dtype_for(current_gpu(g.device)))
     transposed = x.size(-2) > x.size(-1)
     if transposed:
@@ -2245,24 +2230,11 @@ def _all_gather_stacked(own: Tensor, world_size: int) -> Tensor:
     return out
 
 
-def all_reduce_gradients(params: list[Tensor]) -> None:
-    """Average .grad of `params` over all ranks (no-op when not distributed)."""
-    world_size, _ = world_size_and_rank()
-    grads = [p.grad for p in params if p.grad is not None]
-    if world_size == 1 or not grads:
-        return
-    for work in [dist.all_reduce(g, async_op=True) for g in grads]:
-        work.wait()
-    torch._foreach_div_(grads, world_size)
-
-
 class Muon(torch.optim.Optimizer):
     """Muon (Jordan et al. 2024): Nesterov momentum on 2D matrices, the update replaced by its polar factor, scaled by
-    max(1, rows / cols) ** 0.5 (Keller Jordan's choice), with decoupled weight decay. Matrices are grouped by shape,
-    each group orthogonalised in one batched call. Switches `normuon` (_normalize_neurons) and
-    `cautious_weight_decay` (_decay) are off by default. Under several ranks step() averages the raw local gradients
-    itself by a reduce-scatter: each rank keeps momentum for and orthogonalises only its share of every group, then
-    the updates are all-gathered, so every rank applies the same update."""
+    max(1, rows / cols) ** 0.5, with decoupled weight decay; one batched orthogonalisation per shape. Under several
+    ranks step() reduce-scatters the raw local gradients: each rank keeps momentum for and orthogonalises its share
+    of every shape, and the all-gathered updates are the same on every rank."""
 
     def __init__(self, params, lr: float = 0.05, momentum: float = 0.95, weight_decay: float = 0.0,
                  nesterov: bool = True, method: str = "polar_express", steps: int = 5, normuon: bool = False,
@@ -2283,8 +2255,7 @@ class Muon(torch.optim.Optimizer):
         for group in self.param_groups:
             params = group["params"]
             per_rank = -(-len(params) // world_size)  # ceil: the last rank's share may be padded
-            grads = torch.zeros(per_rank * world_size, *params[0].shape, device=params[0].device,
-                                dtype=params[0].dtype)
+            grads = params[0].new_zeros(per_rank * world_size, *params[0].shape)
             for i, p in enumerate(params):
                 if p.grad is not None:
                     grads[i] = p.grad
@@ -2301,9 +2272,8 @@ class Muon(torch.optim.Optimizer):
 
     @staticmethod
     def _decay(group: dict, params: list[Tensor], updates: Tensor) -> None:
-        """p <- p * (1 - lr * weight_decay). Cautious (Chen et al. 2025, arXiv 2510.12402; modded-nanogpt's and
-        nanochat's Muon) decays only where update and weight agree in sign, where the step already moves the weight
-        towards zero; elsewhere decay would pull against the gradient."""
+        """p <- p * (1 - lr * weight_decay); cautious (Chen et al. 2025, arXiv 2510.12402) only where update and weight
+        agree in sign, where the step already shrinks the weight: elsewhere decay would pull against the gradient."""
         shrink = group["lr"] * group["weight_decay"]
         if not group["cautious_weight_decay"]:
             torch._foreach_mul_(params, 1 - shrink)
@@ -2340,10 +2310,9 @@ class Muon(torch.optim.Optimizer):
         return self._normalize_neurons(group, params, update) if group["normuon"] else update
 
     def _normalize_neurons(self, group: dict, params: list[Tensor], update: Tensor) -> Tensor:
-        """NorMuon (Li et al. 2025, arXiv 2510.05491): divide each neuron's slice of the update by the root of an EMA
-        (beta2, started at zero) of its mean square, then restore the matrix's Frobenius norm, so the learning rate
-        keeps its meaning (and the EMA's bias cancels). An orthogonal matrix has equal norms along its short side, so
-        the estimate is per slice of the long side, as in modded-nanogpt and nanochat."""
+        """NorMuon (Li et al. 2025, arXiv 2510.05491): each slice of the long side (an orthogonal matrix's short side
+        is already balanced) divided by the root of an EMA of its mean square, then the matrix's Frobenius norm
+        restored, so the learning rate keeps its meaning and the EMA's zero start cancels."""
         reduce = -1 if update.size(-2) >= update.size(-1) else -2  # average over the short side
         mean_square = update.square().mean(dim=reduce, keepdim=True)
         moments = [self.state[p].setdefault("second_moment", torch.zeros_like(m))
@@ -2357,9 +2326,8 @@ class Muon(torch.optim.Optimizer):
 def build_optimizers(model: GPT, muon_lr: float | None = None, adam_lrs: dict[str, float] | None = None,
                      weight_decay: float = 0.0, method: str = "polar_express", lr_scale: float = 1.0,
                      normuon: bool = False, cautious_weight_decay: bool = False) -> list[torch.optim.Optimizer]:
-    """[AdamW(embedding, value_embeds, head, scalars), Muon(hidden matrices)] at model.param_groups()'s lrs, which
-    `adam_lrs` overrides per kind (e.g. {"head": 0.004}) and `lr_scale` multiplies (fine-tuning uses a fraction of
-    pretraining's); weight decay and the switches are Muon's. Every group records "initial_lr" for apply_schedule."""
+    """[AdamW(embedding, value_embeds, head, scalars), Muon(matrices)] at model.param_groups()'s lrs, overridden per
+    kind by `adam_lrs` and times `lr_scale`; each group records "initial_lr" for apply_schedule."""
     low_precision = sorted({str(p.dtype) for p in model.parameters() if p.dtype != torch.float32})
     if low_precision:
         raise ValueError(f"the model holds {', '.join(low_precision)} weights (cast_weights_for_inference): training "
@@ -2387,18 +2355,21 @@ def build_optimizers(model: GPT, muon_lr: float | None = None, adam_lrs: dict[st
 
 def step_optimizers(optimizers: list[torch.optim.Optimizer]) -> None:
     """Average gradients over ranks (Muon does its own inside step()), step every optimizer, clear the gradients."""
-    for optimizer in optimizers:
-        if not isinstance(optimizer, Muon):
-            all_reduce_gradients([p for group in optimizer.param_groups for p in group["params"]])
+    world_size, _ = world_size_and_rank()
+    grads = [p.grad for optimizer in optimizers if not isinstance(optimizer, Muon)
+             for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if world_size > 1 and grads:
+        for work in [dist.all_reduce(g, async_op=True) for g in grads]:
+            work.wait()
+        torch._foreach_div_(grads, world_size)
     for optimizer in optimizers:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
 
 class LossScaler:
-    """fp16 training (GPUs without bf16, such as the T4) through torch.amp.GradScaler: the loss is scaled up so that
-    small gradients do not flush to zero, an optimizer whose gradients overflowed skips its step, and the scale
-    adapts. For bf16 and fp32, step_optimizers. One process only: under torchrun ranks would skip steps apart."""
+    """fp16 training (GPUs without bf16: the T4) through torch.amp.GradScaler, so that small gradients do not flush to
+    zero; else step_optimizers. One process only: under torchrun, ranks would skip overflowing steps apart."""
 
     def __init__(self, compute_dtype: torch.dtype, device: str):
         enabled = compute_dtype == torch.float16
@@ -2429,8 +2400,7 @@ def apply_schedule(optimizers: list[torch.optim.Optimizer], lr_mult: float, mome
 
 def lr_multiplier(step: int, total_steps: int, warmup_steps: int = 0, cooldown_frac: float = 0.4,
                   final_multiplier: float = 0.0) -> float:
-    """Linear warmup to 1 over warmup_steps, flat, then linear decay to final_multiplier over the last
-    cooldown_frac of training (reached at step == total_steps)."""
+    """Linear warmup to 1, flat, then linear decay to final_multiplier over the last cooldown_frac of the steps."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     cooldown_start = total_steps * (1 - cooldown_frac)
@@ -2445,17 +2415,15 @@ def muon_momentum(step: int, warmup_steps: int = 300, start: float = 0.85, end: 
 
 def short_window_schedule(step: int, total_steps: int, final_window: int, start_window: int = 128,
                           granularity: int = 128) -> int:
-    """Sliding window that grows linearly from start_window to final_window over training (modded-nanogpt
-    grows its short windows too), rounded down to `granularity` so that few distinct values (and
-    recompilations / block masks) occur. Feed it to GPT.layer_windows()."""
+    """The short sliding window (GPT.layer_windows()) grown linearly over training, as in modded-nanogpt, rounded down
+    to `granularity` so that few values (recompilations, block masks) occur."""
     window = start_window + (final_window - start_window) * min(1.0, step / max(total_steps, 1))
     return max(start_window, min(final_window, int(window) // granularity * granularity))
 
 
 def batch_size_schedule(step: int, final_tokens: int, start_tokens: int, ramp_steps: int, granularity: int) -> int:
-    """Tokens in the optimizer step `step`: linear from start_tokens at step 0 to final_tokens at step ramp_steps,
-    then flat; rounded down to a multiple of `granularity` (one micro-batch on every rank), so the step takes whole
-    micro-batches and only the accumulation count changes (modded-nanogpt's records grow their batch early on)."""
+    """Tokens in optimizer step `step`, linear from start_tokens to final_tokens over ramp_steps (as modded-nanogpt's
+    records grow their batch), in whole `granularity`s (a micro-batch on every rank): only accumulation changes."""
     tokens = start_tokens + (final_tokens - start_tokens) * min(1.0, step / ramp_steps) if ramp_steps else final_tokens
     return max(granularity, min(final_tokens, int(tokens) // granularity * granularity))
 
@@ -2926,14 +2894,12 @@ def format_duration(seconds: float) -> str:
 # ---------------------------------------------------------------------------------------------
 # 12. CORE evaluation (used by 04_core_eval)
 # ---------------------------------------------------------------------------------------------
-# The 22 tasks of the DCLM paper, scored as nanochat does (data/core.py reads, renders and tokenizes them). 02_sharding
-# writes each task into shards/core/<task>.bin, a token shard of one full sequence (BOS, context, continuation) per
-# (example, choice), and <task>.records.bin, one int32 row of CORE_RECORD_FIELDS per sequence (token offsets of the
-# sequence start, continuation start and end; example index, choice index, 1 on the gold choice); tasks.json lists
-# the tasks with their type and random baseline. Scoring packs many examples into one forward pass, each as a
-# prefix tree: the context its choices share runs once, then each choice's own tokens, masked so that every choice
-# attends exactly as its sequence would alone. A multiple-choice or schema example is right when its gold choice
-# has the lowest mean continuation loss; a language-modelling example when greedy decoding reproduces it exactly.
+# The 22 tasks of the DCLM paper, scored as nanochat does. data/core.py writes each task into shards/core/<task>.bin,
+# one sequence (BOS, context, continuation) per (example, choice), with <task>.records.bin, a row of
+# CORE_RECORD_FIELDS per sequence, and tasks.json, the tasks' types and random baselines. A pass packs examples as
+# prefix trees: the context their choices share runs once, then each choice's own tokens, masked so that every
+# choice attends as its sequence would alone. The gold choice must have the lowest mean continuation loss; a
+# language-modelling continuation must come out of greedy decoding exactly.
 
 CORE_RECORD_FIELDS = ("seq_start", "cont_start", "seq_end", "example", "choice", "gold")
 CORE_MANIFEST = "tasks.json"
@@ -2955,9 +2921,8 @@ def first_examples(shard: CoreShard, count: int) -> CoreShard:
 
 
 def first_pack(shard: CoreShard, pack_tokens: int, max_seq_len: int) -> CoreShard:
-    """The shard cut to the examples of its first packed pass: a warm-up on passes of a full evaluation's sizes, as
-    kernels are tuned or built on first use for the shapes they see (inductor's dynamic-shape autotuning,
-    FlashAttention-4's variants for many or long documents)."""
+    """The shard cut to the examples of its first packed pass: a warm-up at a full evaluation's sizes, as kernels are
+    tuned or built on first use for the shapes they see."""
     examples = core_examples(shard.tokens, shard.records, max_seq_len)
     return first_examples(shard, len(next(budget_chunks(examples, shared_prefix_cost, pack_tokens), [])))
 
@@ -2979,10 +2944,8 @@ def read_core_shards(directory: Path, vocab_size: int | None = None) -> list[Cor
 
 def core_examples(tokens: np.ndarray, records: np.ndarray, max_seq_len: int
                   ) -> Iterator[list[tuple[np.ndarray, int]]]:
-    """Lazily, per example (a run of records with one example index), per choice: its tokens and continuation start.
-    An example over max_seq_len loses as many tokens as its longest choice is over from the left of every choice, so
-    that all choices keep one shared context (nanochat cuts each choice alone, so a shorter choice sees a few more
-    context tokens there). At least one token stays before the continuation."""
+    """Lazily, per example, per choice: its tokens and continuation start. An example over max_seq_len loses from the
+    left of every choice what its longest is over (nanochat cuts each choice alone), so one context stays shared."""
     example_ids = records[:, CORE_RECORD_FIELDS.index("example")]
     for spans in np.split(records[:, :3].astype(np.int64), np.flatnonzero(np.diff(example_ids)) + 1):
         cut = max(0, int((spans[:, 2] - spans[:, 0]).max()) - max_seq_len) if len(spans) else 0
@@ -3017,9 +2980,8 @@ def core_input_tokens(shard: CoreShard, max_seq_len: int, pack_tokens: int) -> i
 
 @dataclass
 class CorePack:
-    """Examples laid out for one forward pass as prefix trees. Per packed token: its example (document), branch (0:
-    the shared prefix; c + 1: choice c's own tokens) and rotary position in its choice's sequence; padding is one
-    more document. Per scored prediction: its packed index, target token and choice (in pack order)."""
+    """Examples as prefix trees in one pass. Per token: its example (document; padding is one more), branch (0: the
+    shared prefix; c + 1: choice c) and position in its choice. Per prediction: packed index, target, choice."""
     inputs: np.ndarray
     documents: np.ndarray
     branches: np.ndarray
@@ -3084,14 +3046,10 @@ def _score_pack(model: GPT, pack: CorePack, backend: str, tree_backend: str, dev
 @torch.no_grad()
 def score_core_records(model: GPT, tokens: np.ndarray, records: np.ndarray, backend: str, device: str,
                        pack_tokens: int = 0) -> np.ndarray:
-    """(mean loss, exact) for each record, in order. pack_tokens=0 runs each choice's sequence alone on `backend`: the
-    reference the packed path must match. Otherwise whole examples go into passes of up to `pack_tokens` input tokens
-    (pack_core_examples; a larger example alone). Only a mask function expresses the branches, so those passes run on
-    flex (flash and varlen know document boundaries only), or on sdpa when `backend` is sdpa (the CPU, GPUs before
-    Ampere: uncompiled flex would build dense masks over whole passes). Flex passes are padded to a multiple of
-    pack_tokens in whole flex blocks, so compiled flex and its block masks see one shape. Passes without branches run
-    on `backend`, unpadded. A model that reads rows as plain documents only (GPTConfig.plain_documents_only) packs
-    every choice whole."""
+    """(mean loss, exact) per record. pack_tokens=0 runs each choice alone on `backend`: the reference. Otherwise
+    passes of up to `pack_tokens` tokens of whole examples; branches need a mask function, so those run on flex
+    (padded to one shape for compiled flex), or on sdpa when `backend` is (uncompiled flex would build dense masks
+    over whole passes); passes without branches run on `backend`, unpadded."""
     examples = core_examples(tokens, records, model.config.max_seq_len)
     if pack_tokens and model.config.plain_documents_only:  # no prefix trees: each choice a document of its own
         examples = ([choice] for choices in examples for choice in choices)
