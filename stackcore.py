@@ -658,15 +658,8 @@ class ShardError(ValueError):
     """A shard file that is truncated, foreign or holds ids outside the vocabulary."""
 
 
-def shard_version(kind: str, vocab_size: int = 0) -> int:
-    if kind == "tokens":
-        return 1 if vocab_size <= 2**16 else 2
-    return {"mask": 3, "records": 4}[kind]
-
-
 def check_shard_items(path: Path, items: np.ndarray, kind: str, vocab_size: int, dtype: type) -> None:
-    """Refuse what the shard's dtype would silently change: floats (cast to integers) and values outside the dtype's
-    range (wrapped around), token ids outside [0, vocab_size), records that are not a 2-D table."""
+    """Refuse what the dtype would silently change (floats cast, values wrapped) and ids outside the vocabulary."""
     if items.size and not (np.issubdtype(items.dtype, np.integer) or items.dtype == np.bool_):
         raise ShardError(f"{path}: {kind} must be integers, got an array of {items.dtype}")
     if kind == "records" and items.ndim != 2:
@@ -684,17 +677,14 @@ def check_shard_items(path: Path, items: np.ndarray, kind: str, vocab_size: int,
 
 
 def write_shard(path: Path, items: np.ndarray, kind: str = "tokens", vocab_size: int = 0) -> Path:
-    """Write one shard atomically (a temporary file renamed into place, so a crash never leaves half a shard).
-    `records` are 2-D int32 arrays; their width goes in the header."""
-    path = Path(path)
-    version = shard_version(kind, vocab_size)
+    """Write one shard atomically (a temporary file renamed into place, so a crash never leaves half a shard)."""
+    path, items = Path(path), np.asarray(items)
+    version = (1 if vocab_size <= 2**16 else 2) if kind == "tokens" else {"mask": 3, "records": 4}[kind]
     dtype = SHARD_VERSIONS[version][1]
-    items = np.asarray(items)
     check_shard_items(path, items, kind, vocab_size, dtype)
     path.parent.mkdir(parents=True, exist_ok=True)
-    width = items.shape[1] if kind == "records" else 1
     header = np.zeros(HEADER_INTS, dtype=np.int32)
-    header[:5] = (SHARD_MAGIC, version, items.shape[0], vocab_size, width)
+    header[:5] = (SHARD_MAGIC, version, items.shape[0], vocab_size, items.shape[1] if kind == "records" else 1)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(header.tobytes())
@@ -711,18 +701,18 @@ def read_shard(path: Path, vocab_size: int | None = None) -> np.ndarray:
     size = path.stat().st_size
     if size < HEADER_BYTES:
         raise ShardError(f"{path}: truncated: {size} bytes is less than the {HEADER_BYTES}-byte header")
-    header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
-    if header[0] != SHARD_MAGIC:
-        raise ShardError(f"{path}: not a shard (magic number {header[0]}, expected {SHARD_MAGIC})")
-    if header[1] not in SHARD_VERSIONS:
-        raise ShardError(f"{path}: unknown shard version {header[1]} (known: {sorted(SHARD_VERSIONS)})")
-    kind, dtype = SHARD_VERSIONS[int(header[1])]
-    width = max(int(header[4]), 1)
-    expected = HEADER_BYTES + int(header[2]) * width * np.dtype(dtype).itemsize
+    magic, version, count, _, width = (int(v) for v in np.fromfile(path, dtype=np.int32, count=5))
+    if magic != SHARD_MAGIC:
+        raise ShardError(f"{path}: not a shard (magic number {magic}, expected {SHARD_MAGIC})")
+    if version not in SHARD_VERSIONS:
+        raise ShardError(f"{path}: unknown shard version {version} (known: {sorted(SHARD_VERSIONS)})")
+    kind, dtype = SHARD_VERSIONS[version]
+    width = max(width, 1)
+    expected = HEADER_BYTES + count * width * np.dtype(dtype).itemsize
     if size != expected:
         raise ShardError(f"{path}: truncated or padded: header promises {expected} bytes, file has {size}")
-    shape = (int(header[2]), width) if kind == "records" else (int(header[2]),)
-    items = np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=shape)
+    items = np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES,
+                      shape=(count, width) if kind == "records" else (count,))
     if vocab_size is not None and kind == "tokens" and items.size and int(items.max()) >= vocab_size:
         raise ShardError(f"{path}: token id {int(items.max())} is beyond the vocabulary of {vocab_size}: "
                          f"these shards were made with another tokenizer")
@@ -730,8 +720,8 @@ def read_shard(path: Path, vocab_size: int | None = None) -> np.ndarray:
 
 
 def list_shards(directory: Path, split: str) -> list[Path]:
-    """The token shards of one split, in order: files named like `*{split}_*.bin` (ours: `train_000000.bin`;
-    modded's: `fineweb_train_000001.bin`), side files (`.mask.bin`, `.records.bin`) excluded."""
+    """The token shards of one split, in order: `*{split}_*.bin` (ours: `train_000000.bin`; modded's:
+    `fineweb_train_000001.bin`), side files (`.mask.bin`, `.records.bin`) excluded."""
     directory = Path(directory)
     if not directory.is_dir():
         raise ShardError(f"{directory}: shard directory not found (run notebooks/02_sharding first)")
@@ -743,8 +733,7 @@ def list_shards(directory: Path, split: str) -> list[Path]:
 
 def side_file(token_shard: Path, kind: str) -> Path:
     """The parallel file holding `kind` (mask or records) for a token shard: train_000000.bin -> .mask.bin."""
-    token_shard = Path(token_shard)
-    return token_shard.with_name(f"{token_shard.stem}.{kind}.bin")
+    return Path(token_shard).with_name(f"{Path(token_shard).stem}.{kind}.bin")
 
 
 class ShardWriter:
@@ -766,14 +755,12 @@ class ShardWriter:
         self.pending_tokens += len(doc)
 
     def next_path(self) -> Path:
-        """Where the pending documents go on the next flush."""
         return self.directory / f"{self.prefix}_{len(self.written):06d}.bin"
 
     def flush(self) -> None:
         if not self.pending:
             return
-        path = self.next_path()
-        write_shard(path, np.concatenate(self.pending), "tokens", self.vocab_size)
+        path = write_shard(self.next_path(), np.concatenate(self.pending), "tokens", self.vocab_size)
         self.written.append((path, self.pending_tokens, len(self.pending)))
         self.pending, self.pending_tokens = [], 0
 
@@ -793,14 +780,10 @@ if triton is not None:
         alpha, beta,
         HAS_ADDEND: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        # K is constexpr: the triton 3.6 interpreter cannot loop over range(0, K, BLOCK_K) with a runtime K,
-        # and Muon sees only a handful of distinct matrix shapes, so the extra specialisation is cheap.
-        # One program per output tile (tile_row, tile_col) of one batch entry. Only tiles on or above
-        # the diagonal do work; an off-diagonal tile is stored twice, the second time with the row and
-        # column strides swapped, which writes its transpose into the mirrored tile.
-        tile_row = tl.program_id(0)
-        tile_col = tl.program_id(1)
-        batch = tl.program_id(2)
+        # K is constexpr: the triton 3.6 interpreter cannot loop to a runtime K (Muon sees few shapes). One program
+        # per output tile; only tiles on or above the diagonal work, and an off-diagonal one is stored again with row
+        # and column strides swapped, which writes its transpose into the mirrored tile.
+        tile_row, tile_col, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         if tile_col >= tile_row:
             rows = tile_row * BLOCK_M + tl.arange(0, BLOCK_M)
             cols = tile_col * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -836,20 +819,12 @@ def symmetric_matmul_reference(x: Tensor, alpha: float = 1.0, addend: Tensor | N
     return out if addend is None else out + beta * addend
 
 
-def _triton_usable(x: Tensor) -> bool:
-    return triton is not None and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
-
-
 def symmetric_matmul(x: Tensor, alpha: float = 1.0, addend: Tensor | None = None, beta: float = 0.0,
                      block_m: int = 128, block_k: int = 64) -> Tensor:
-    """alpha * x @ x.mT (+ beta * addend) for x of shape (..., M, K); `addend` must be symmetric (..., M, M).
-
-    The Triton kernel computes only the tiles on and above the diagonal (about half the FLOPs of a
-    plain matmul) and mirrors them. It runs on CUDA, or on CPU under TRITON_INTERPRET=1 (set before
-    triton is imported); everywhere else the PyTorch reference is used. Accumulates in fp32 (fp32
-    inputs on CUDA go through tl.dot's default TF32 precision); the result has x's dtype.
-    """
-    if not _triton_usable(x):
+    """symmetric_matmul_reference (`addend` symmetric) computing only the tiles on and above the diagonal, about half
+    the FLOPs, on CUDA or under TRITON_INTERPRET=1 (set before triton is imported); accumulates in fp32 (TF32 for fp32
+    inputs on CUDA). Elsewhere the reference runs."""
+    if triton is None or not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         return symmetric_matmul_reference(x, alpha, addend, beta)
     batch_shape, (M, K) = x.shape[:-2], x.shape[-2:]
     x3 = x.reshape(-1, M, K)
@@ -870,12 +845,10 @@ def symmetric_matmul(x: Tensor, alpha: float = 1.0, addend: Tensor | None = None
 # ---------------------------------------------------------------------------------------------
 # 5b. fp8 matmuls (used by 03_pretrain, through CastedLinear and the loss)
 # ---------------------------------------------------------------------------------------------
-# torch._scaled_mm multiplies two fp8 matrices on tensor cores (CUDA compute capability 8.9 and up) and rescales the
-# fp32 accumulator: out = scale_a * scale_b * (a @ b). Each operand is quantised with one scale for the whole tensor,
-# from its own absolute maximum (current scaling): x ~ x_fp8 * scale with scale = amax / the format's largest value,
-# so the largest entry lands on the top of the format's range. Activations and weights are e4m3 (more mantissa),
-# gradients e5m2 by default (more exponent range). The master weights stay fp32 and the outputs come back in the
-# compute dtype: fp8 exists only inside the matmul, and checkpoints never see it.
+# torch._scaled_mm multiplies two fp8 matrices on tensor cores (compute capability 8.9 and up) and rescales the fp32
+# accumulator: out = scale_a * scale_b * (a @ b). Each operand's one scale is amax / the format's largest value
+# (current scaling). Activations and weights are e4m3 (more mantissa), gradients e5m2 by default (more range).
+# Master weights stay fp32 and outputs come back in the compute dtype: fp8 exists only inside the matmul.
 
 FP8_FORMATS = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 FP8_MIN_AMAX = 1e-12  # floor of amax: an all-zero tensor gets a tiny finite scale (zeros stay zeros), never 0/0
@@ -888,22 +861,15 @@ class Fp8Tensor(typing.NamedTuple):
     scale: Tensor
 
     def transposed(self) -> "Fp8Tensor":
-        """The transpose, row-major again (torch._scaled_mm wants its operands in fixed layouts)."""
+        """Row-major again (torch._scaled_mm wants its operands in fixed layouts)."""
         return Fp8Tensor(self.data.t().contiguous(), self.scale)
 
 
-def fp8_scale(amax: Tensor, dtype: torch.dtype) -> Tensor:
-    """fp32 dequantisation scale for a tensor whose largest absolute entry is `amax`: amax / dtype's largest value."""
-    return amax.float().clamp(min=FP8_MIN_AMAX) / torch.finfo(dtype).max
-
-
 def quantize_fp8(x: Tensor, dtype: torch.dtype, amax: Tensor | None = None) -> Fp8Tensor:
-    """x in `dtype` with one scale from its amax, or from a known bound `amax` of |x| (which saves a pass over x).
-    Entries are clamped to the format's range before the cast (a cast out of range gives NaN or inf on some devices,
-    448 on others), so the top entry never overflows through the rounding of x / scale, nor an entry past a bound
-    that was too small. A NaN or inf in x makes the scale NaN or inf, as it would make a bf16 matmul's output."""
+    """x in `dtype` scaled by its amax, or by a known bound `amax` of |x| (saving a pass). Clamped before the cast,
+    which out of range gives NaN, inf or 448 by device; a NaN or inf in x spreads, as in a bf16 matmul."""
     limit = torch.finfo(dtype).max
-    scale = fp8_scale(x.abs().amax() if amax is None else amax, dtype)
+    scale = (x.abs().amax() if amax is None else amax).float().clamp(min=FP8_MIN_AMAX) / limit
     return Fp8Tensor((x.float() / scale).clamp(-limit, limit).to(dtype).contiguous(), scale)
 
 
@@ -913,9 +879,8 @@ def fp8_shapes_ok(*dims: int) -> bool:
 
 
 def fp8_mm(a: Fp8Tensor, b: Fp8Tensor, out_dtype: torch.dtype, fast_accum: bool = False) -> Tensor:
-    """a @ b.T in `out_dtype` for a (M, K) and b (N, K), both row-major: b.T is then the column-major second operand
-    that torch._scaled_mm requires. Fast accumulation (no periodic promotion of the tensor-core partial sums to fp32)
-    suits the forward's short inner dimension; the weight gradient's sum over all tokens keeps full accumulation."""
+    """a @ b.T for row-major a (M, K) and b (N, K): b.T is the column-major operand _scaled_mm requires. Fast
+    accumulation (fewer fp32 promotions) suits short inner dimensions, not the weight gradient's sum over tokens."""
     return torch._scaled_mm(a.data, b.data.t(), scale_a=a.scale, scale_b=b.scale, out_dtype=out_dtype,
                             use_fast_accum=fast_accum)
 
@@ -927,11 +892,9 @@ def fp8_supported(device: str | torch.device, compute_dtype: torch.dtype) -> boo
 
 
 class _Fp8Linear(torch.autograd.Function):
-    """x @ weight.T from x (M, K), quantised here to e4m3, and the weight (N, K) quantised by the caller (w_data,
-    w_scale; `weight` itself only carries the gradient to the master weight). The output's gradient is quantised to
-    `grad_dtype`. The quantised x and weight are kept for the backward: half the memory of bf16 activations, and no
-    second quantisation. (Quantising the weight inside the function fails under torch.compile with dynamic shapes:
-    dynamo cannot lift the weight's symbolic sizes into a second such function of the same graph.)"""
+    """x @ weight.T, x quantised here and the weight by the caller (`weight` only carries the gradient): dynamo cannot
+    lift a weight's symbolic sizes into a second such function of one graph. The quantised operands are kept for the
+    backward (half the memory of bf16 activations, no second quantisation)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, w_data: Tensor, w_scale: Tensor, grad_dtype: torch.dtype) -> Tensor:
@@ -942,7 +905,6 @@ class _Fp8Linear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        """grad_x = grad_out @ weight in x's dtype, grad_weight = grad_out.T @ x in the weight's."""
         x_data, x_scale, w_data, w_scale = ctx.saved_tensors
         g8 = quantize_fp8(grad_out, ctx.grad_dtype)
         grad_x = fp8_mm(g8, Fp8Tensor(w_data, w_scale).transposed(), grad_out.dtype)
@@ -951,8 +913,8 @@ class _Fp8Linear(torch.autograd.Function):
 
 
 def fp8_linear(x: Tensor, weight: Tensor, grad_format: str = "e5m2") -> Tensor:
-    """x (M, K) @ weight (N, K).T through fp8 matmuls forward and backward, in x's dtype (bf16); weight's gradient in
-    weight's dtype. M, K and N must be multiples of 16 (fp8_shapes_ok). Traceable by torch.compile."""
+    """x (M, K) @ weight (N, K).T through fp8 matmuls forward and backward (gradients in `grad_format`), in x's dtype;
+    M, K and N must be multiples of 16 (fp8_shapes_ok). Traceable by torch.compile."""
     w8 = quantize_fp8(weight.detach(), torch.float8_e4m3fn)
     return _Fp8Linear.apply(x, weight, w8.data, w8.scale, FP8_FORMATS[grad_format])
 
@@ -2177,11 +2139,8 @@ NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quinti
 
 
 def _minimax_odd_quintic(lo: float, hi: float) -> tuple[float, float, float]:
-    """Coefficients (a, b, c) of the odd quintic a x + b x^3 + c x^5 closest to 1 in max-norm on [lo, hi].
-
-    Remez exchange (Polar Express, Amsel et al. 2025, App. D): the optimum p - 1 equioscillates with
-    values -E, +E, -E, +E at lo, the two interior extrema of p, and hi.
-    """
+    """(a, b, c) of the odd quintic a x + b x^3 + c x^5 closest to 1 in max-norm on [lo, hi], by Remez exchange
+    (Amsel et al. 2025, App. D): p - 1 equioscillates at lo, the two interior extrema of p, and hi."""
     if lo / hi > 1 - 1e-4:  # (nearly) collapsed interval, where the solve is ill-conditioned: use the
         # limit, the quintic with p(hi) = 1 and p' = p'' = 0 there; its max error is O((1 - lo/hi)^3)
         return 15 / 8 / hi, -10 / 8 / hi**3, 3 / 8 / hi**5
@@ -2201,13 +2160,9 @@ def _minimax_odd_quintic(lo: float, hi: float) -> tuple[float, float, float]:
 @lru_cache(maxsize=None)
 def polar_express_coefficients(steps: int = 5, lower: float = 1e-3, cushion: float = 0.02,
                                safety: float = 1.01) -> tuple[tuple[float, float, float], ...]:
-    """Per-step quintic coefficients of Polar Express (Amsel et al. 2025), derived here from the paper's recipe.
-
-    Singular values start in [lower, 1]; each step uses the minimax quintic for the current interval
-    [lo, hi] (lo floored at cushion * hi to keep the polynomial tame), re-centred so that p(lo) and
-    p(hi) straddle 1, and, except in the last step, evaluated at x / safety: a 1% margin so that bf16
-    round-off cannot push singular values past the interval where the next polynomial is accurate.
-    """
+    """Per-step quintics of Polar Express (Amsel et al. 2025) from the paper's recipe: the minimax quintic on the
+    current singular-value interval (lo floored at cushion * hi), re-centred so p(lo) and p(hi) straddle 1 and, but
+    in the last step, taken at x / safety, so that bf16 round-off cannot leave the next polynomial's interval."""
     lo, hi = lower, 1.0
     coefficients = []
     for step in range(steps):
@@ -2223,19 +2178,14 @@ def polar_express_coefficients(steps: int = 5, lower: float = 1e-3, cushion: flo
 
 
 def orthogonalize(g: Tensor, method: str = "polar_express", steps: int = 5) -> Tensor:
-    """Approximate the polar factor U V^T of g (..., rows, cols) with an odd-polynomial iteration.
-
-    "polar_express" (default) uses per-step minimax coefficients; "newton_schulz" the fixed quintic,
-    which leaves singular values roughly in [0.7, 1.2]. Runs in bf16 on CUDA (fp16 before Ampere), fp32
-    elsewhere, and returns that dtype. Tall matrices are transposed so that the Gram matrix X X^T is the small one.
-    """
-    if method == "polar_express":
-        coefficients = polar_express_coefficients(steps)
-    elif method == "newton_schulz":
-        coefficients = (NEWTON_SCHULZ_COEFFICIENTS,) * steps
-    else:
+    """The polar factor U V^T of g (..., rows, cols) by an odd-polynomial iteration, in the compute dtype of g's
+    device; "newton_schulz" leaves singular values roughly in [0.7, 1.2]. Tall matrices go transposed, so that the
+    Gram matrix X X^T is the small one."""
+    if method not in ("polar_express", "newton_schulz"):
         raise ValueError(f"unknown orthogonalization method {method!r}; use 'polar_express' or 'newton_schulz'")
-    x = g.to(compute_dtype_for(current_gpu(g.device)))  # fp16 on GPUs without bf16 (a T4)
+    newton_schulz = (NEWTON_SCHULZ_COEFFICIENTS,) * steps
+    coefficients = polar_express_coefficients(steps) if method == "polar_express" else newton_schulz
+    x = g.to(compute_dtype_for(current_gpu(g.device)))
     transposed = x.size(-2) > x.size(-1)
     if transposed:
         x = x.mT.contiguous()
@@ -2280,29 +2230,11 @@ def _all_gather_stacked(own: Tensor, world_size: int) -> Tensor:
     return out
 
 
-def all_reduce_gradients(params: list[Tensor]) -> None:
-    """Average .grad of `params` over all ranks (no-op when not distributed)."""
-    world_size, _ = world_size_and_rank()
-    grads = [p.grad for p in params if p.grad is not None]
-    if world_size == 1 or not grads:
-        return
-    for work in [dist.all_reduce(g, async_op=True) for g in grads]:
-        work.wait()
-    torch._foreach_div_(grads, world_size)
-
-
 class Muon(torch.optim.Optimizer):
-    """Muon (Jordan et al. 2024): Nesterov momentum on 2D matrices, update replaced by its polar factor.
-
-    Parameters are grouped by shape so each group is orthogonalised in one batched call. The update is
-    scaled by max(1, rows / cols) ** 0.5 (Keller Jordan's original choice), and weight decay is decoupled
-    (p <- p * (1 - lr * weight_decay)). Two switches, both off by default: `normuon` equalises the update's
-    neurons with a second-moment estimate (_normalize_neurons), and `cautious_weight_decay` decays only the
-    entries the update already shrinks (_decay). When torch.distributed is initialised with several ranks, step()
-    averages the gradients itself with a reduce-scatter: each rank keeps momentum for and orthogonalises
-    only its share of every shape group, then the updates are all-gathered, so every rank applies the
-    same update (call it with the raw local gradients; step_optimizers does this).
-    """
+    """Muon (Jordan et al. 2024): Nesterov momentum on 2D matrices, the update replaced by its polar factor, scaled by
+    max(1, rows / cols) ** 0.5, with decoupled weight decay; one batched orthogonalisation per shape. Under several
+    ranks step() reduce-scatters the raw local gradients: each rank keeps momentum for and orthogonalises its share
+    of every shape, and the all-gathered updates are the same on every rank."""
 
     def __init__(self, params, lr: float = 0.05, momentum: float = 0.95, weight_decay: float = 0.0,
                  nesterov: bool = True, method: str = "polar_express", steps: int = 5, normuon: bool = False,
@@ -2323,8 +2255,7 @@ class Muon(torch.optim.Optimizer):
         for group in self.param_groups:
             params = group["params"]
             per_rank = -(-len(params) // world_size)  # ceil: the last rank's share may be padded
-            grads = torch.zeros(per_rank * world_size, *params[0].shape, device=params[0].device,
-                                dtype=params[0].dtype)
+            grads = params[0].new_zeros(per_rank * world_size, *params[0].shape)
             for i, p in enumerate(params):
                 if p.grad is not None:
                     grads[i] = p.grad
@@ -2341,10 +2272,8 @@ class Muon(torch.optim.Optimizer):
 
     @staticmethod
     def _decay(group: dict, params: list[Tensor], updates: Tensor) -> None:
-        """Decoupled weight decay p <- p * (1 - lr * weight_decay). Cautious (Chen et al. 2025, arXiv 2510.12402;
-        modded-nanogpt's and nanochat's Muon) decays only the entries where the update and the weight have the same
-        sign, that is where the step (p - lr * update) already moves the weight towards zero; elsewhere decay would
-        pull against the gradient."""
+        """p <- p * (1 - lr * weight_decay); cautious (Chen et al. 2025, arXiv 2510.12402) only where update and weight
+        agree in sign, where the step already shrinks the weight: elsewhere decay would pull against the gradient."""
         shrink = group["lr"] * group["weight_decay"]
         if not group["cautious_weight_decay"]:
             torch._foreach_mul_(params, 1 - shrink)
@@ -2369,12 +2298,10 @@ class Muon(torch.optim.Optimizer):
                     self.state.pop(p, None)
 
     def _orthogonal_update(self, group: dict, params: list[Tensor], grads: Tensor) -> Tensor:
-        buffers = []
         for p, g in zip(params, grads):
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(g)
-            buffers.append(state["momentum_buffer"])
+            if "momentum_buffer" not in self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(g)
+        buffers = [self.state[p]["momentum_buffer"] for p in params]
         momentum = group["momentum"]
         torch._foreach_lerp_(buffers, list(grads.unbind(0)), 1 - momentum)  # EMA of gradients
         stacked = torch.stack(buffers)
@@ -2383,12 +2310,9 @@ class Muon(torch.optim.Optimizer):
         return self._normalize_neurons(group, params, update) if group["normuon"] else update
 
     def _normalize_neurons(self, group: dict, params: list[Tensor], update: Tensor) -> Tensor:
-        """NorMuon (Li et al. 2025, arXiv 2510.05491): divide each neuron's slice of the orthogonalised update by the
-        root of an EMA (beta2) of its mean square, then rescale the matrix to its former Frobenius norm, so the
-        learning rate keeps its meaning and only the balance between neurons changes. An orthogonal matrix has equal
-        norms along its short side, so the estimate is kept per slice of the long side (per row of a tall or square
-        matrix, per column of a wide one), as modded-nanogpt and nanochat do. The EMA starts at zero; the rescaling
-        cancels the bias a correction would remove."""
+        """NorMuon (Li et al. 2025, arXiv 2510.05491): each slice of the long side (an orthogonal matrix's short side
+        is already balanced) divided by the root of an EMA of its mean square, then the matrix's Frobenius norm
+        restored, so the learning rate keeps its meaning and the EMA's zero start cancels."""
         reduce = -1 if update.size(-2) >= update.size(-1) else -2  # average over the short side
         mean_square = update.square().mean(dim=reduce, keepdim=True)
         moments = [self.state[p].setdefault("second_moment", torch.zeros_like(m))
@@ -2402,13 +2326,8 @@ class Muon(torch.optim.Optimizer):
 def build_optimizers(model: GPT, muon_lr: float | None = None, adam_lrs: dict[str, float] | None = None,
                      weight_decay: float = 0.0, method: str = "polar_express", lr_scale: float = 1.0,
                      normuon: bool = False, cautious_weight_decay: bool = False) -> list[torch.optim.Optimizer]:
-    """[AdamW(embedding, value_embeds, head, scalars), Muon(hidden matrices)] with model.param_groups() lrs.
-
-    `adam_lrs` overrides per kind (e.g. {"head": 0.004}); `weight_decay` is Muon's (Adam groups use none), and
-    `normuon` and `cautious_weight_decay` are Muon's switches (see Muon);
-    `lr_scale` multiplies every learning rate (fine-tuning uses a fraction of pretraining's). Every group records
-    "initial_lr" so that apply_schedule() can scale it.
-    """
+    """[AdamW(embedding, value_embeds, head, scalars), Muon(matrices)] at model.param_groups()'s lrs, overridden per
+    kind by `adam_lrs` and times `lr_scale`; each group records "initial_lr" for apply_schedule."""
     low_precision = sorted({str(p.dtype) for p in model.parameters() if p.dtype != torch.float32})
     if low_precision:
         raise ValueError(f"the model holds {', '.join(low_precision)} weights (cast_weights_for_inference): training "
@@ -2435,23 +2354,22 @@ def build_optimizers(model: GPT, muon_lr: float | None = None, adam_lrs: dict[st
 
 
 def step_optimizers(optimizers: list[torch.optim.Optimizer]) -> None:
-    """Average gradients over ranks (if distributed), step every optimizer and clear the gradients.
-
-    Muon averages its own gradients inside step() (reduce-scatter); the others are all-reduced here.
-    """
-    for optimizer in optimizers:
-        if not isinstance(optimizer, Muon):
-            all_reduce_gradients([p for group in optimizer.param_groups for p in group["params"]])
+    """Average gradients over ranks (Muon does its own inside step()), step every optimizer, clear the gradients."""
+    world_size, _ = world_size_and_rank()
+    grads = [p.grad for optimizer in optimizers if not isinstance(optimizer, Muon)
+             for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if world_size > 1 and grads:
+        for work in [dist.all_reduce(g, async_op=True) for g in grads]:
+            work.wait()
+        torch._foreach_div_(grads, world_size)
     for optimizer in optimizers:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
 
 class LossScaler:
-    """Loss scaling for fp16 training (GPUs without bf16, such as the T4). torch.amp.GradScaler multiplies the loss
-    so that small gradients do not flush to zero in fp16, divides the gradients back before the optimizer step,
-    skips the step of an optimizer whose gradients overflowed and adapts the scale as it goes. For bf16 and fp32
-    it is a plain step_optimizers. One process only: under torchrun each rank would skip steps on its own."""
+    """fp16 training (GPUs without bf16: the T4) through torch.amp.GradScaler, so that small gradients do not flush to
+    zero; else step_optimizers. One process only: under torchrun, ranks would skip overflowing steps apart."""
 
     def __init__(self, compute_dtype: torch.dtype, device: str):
         enabled = compute_dtype == torch.float16
@@ -2482,14 +2400,11 @@ def apply_schedule(optimizers: list[torch.optim.Optimizer], lr_mult: float, mome
 
 def lr_multiplier(step: int, total_steps: int, warmup_steps: int = 0, cooldown_frac: float = 0.4,
                   final_multiplier: float = 0.0) -> float:
-    """Linear warmup to 1 over warmup_steps, flat, then linear decay to final_multiplier over the last
-    cooldown_frac of training (reached at step == total_steps)."""
+    """Linear warmup to 1, flat, then linear decay to final_multiplier over the last cooldown_frac of the steps."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     cooldown_start = total_steps * (1 - cooldown_frac)
-    if step < cooldown_start:
-        return 1.0
-    progress = min(1.0, (step - cooldown_start) / max(total_steps - cooldown_start, 1))
+    progress = min(1.0, max(0.0, step - cooldown_start) / max(total_steps - cooldown_start, 1))
     return 1.0 - (1.0 - final_multiplier) * progress
 
 
@@ -2500,17 +2415,15 @@ def muon_momentum(step: int, warmup_steps: int = 300, start: float = 0.85, end: 
 
 def short_window_schedule(step: int, total_steps: int, final_window: int, start_window: int = 128,
                           granularity: int = 128) -> int:
-    """Sliding window that grows linearly from start_window to final_window over training (modded-nanogpt
-    grows its short windows too), rounded down to `granularity` so that few distinct values (and
-    recompilations / block masks) occur. Feed it to GPT.layer_windows()."""
+    """The short sliding window (GPT.layer_windows()) grown linearly over training, as in modded-nanogpt, rounded down
+    to `granularity` so that few values (recompilations, block masks) occur."""
     window = start_window + (final_window - start_window) * min(1.0, step / max(total_steps, 1))
     return max(start_window, min(final_window, int(window) // granularity * granularity))
 
 
 def batch_size_schedule(step: int, final_tokens: int, start_tokens: int, ramp_steps: int, granularity: int) -> int:
-    """Tokens in the optimizer step `step`: linear from start_tokens at step 0 to final_tokens at step ramp_steps,
-    then flat; rounded down to a multiple of `granularity` (one micro-batch on every rank), so the step takes whole
-    micro-batches and only the accumulation count changes (modded-nanogpt's records grow their batch early on)."""
+    """Tokens in optimizer step `step`, linear from start_tokens to final_tokens over ramp_steps (as modded-nanogpt's
+    records grow their batch), in whole `granularity`s (a micro-batch on every rank): only accumulation changes."""
     tokens = start_tokens + (final_tokens - start_tokens) * min(1.0, step / ramp_steps) if ramp_steps else final_tokens
     return max(granularity, min(final_tokens, int(tokens) // granularity * granularity))
 
@@ -2532,17 +2445,15 @@ class Batch:
 
     @classmethod
     def on_device(cls, inputs: np.ndarray, targets: np.ndarray, cu_seqlens: np.ndarray, device: str) -> Batch:
-        """A packed row built on the host, copied to `device` (host_to_device); how every loader hands it over."""
+        """A packed row built on the host, copied to `device`: how every loader hands it over."""
         return cls(*(host_to_device(a, device) for a in (inputs, targets, cu_seqlens)), int(np.diff(cu_seqlens).max()))
 
 
 def document_boundaries(inputs: np.ndarray, bos_id: int, max_doc_len: int) -> np.ndarray:
     """cu_seqlens for a packed row: a boundary at position 0, at every BOS, and every max_doc_len inside a document."""
-    starts = np.flatnonzero(inputs == bos_id)
-    starts = np.union1d([0], starts)
-    bounds = []
-    for start, end in zip(starts, np.append(starts[1:], len(inputs))):
-        bounds.extend(range(int(start), int(end), max_doc_len))
+    starts = np.union1d([0], np.flatnonzero(inputs == bos_id))
+    ends = np.append(starts[1:], len(inputs))
+    bounds = [b for start, end in zip(starts, ends) for b in range(int(start), int(end), max_doc_len)]
     return np.asarray([*bounds, len(inputs)], dtype=np.int32)
 
 
@@ -2555,8 +2466,7 @@ class PretrainLoader:
         self.paths = list_shards(shard_dir, split)
         self.tokens, self.bos_id, self.vocab_size, self.max_doc_len = tokens, bos_id, vocab_size, max_doc_len
         self.rank, self.world_size, self.device = rank, world_size, device
-        self.position = {"shard": 0, "offset": 0, "epoch": 0}
-        self._load_shard()
+        self.load_state_dict({"shard": 0, "offset": 0, "epoch": 0})
 
     def _load_shard(self) -> None:
         self.shard = read_shard(self.paths[self.position["shard"]], self.vocab_size)
@@ -2575,8 +2485,7 @@ class PretrainLoader:
     def _advance_shard(self) -> None:
         shard = self.position["shard"] + 1
         epoch = self.position["epoch"] + (shard == len(self.paths))
-        self.position = {"shard": shard % len(self.paths), "offset": 0, "epoch": epoch}
-        self._load_shard()
+        self.load_state_dict({"shard": shard % len(self.paths), "offset": 0, "epoch": epoch})
 
     def _take_row(self) -> np.ndarray:
         start = self._next_start(self.position["offset"])
@@ -2594,8 +2503,7 @@ class PretrainLoader:
         return np.asarray(self.shard[start:start + self.tokens + 1], dtype=np.int64)
 
     def next_batch(self) -> Batch:
-        rows = [self._take_row() for _ in range(self.world_size)]
-        row = rows[self.rank]
+        row = [self._take_row() for _ in range(self.world_size)][self.rank]
         return Batch.on_device(row[:-1], row[1:], document_boundaries(row[:-1], self.bos_id, self.max_doc_len),
                                self.device)
 
@@ -2614,8 +2522,8 @@ class PretrainLoader:
 # the device without waiting for it.
 
 def host_to_device(array: np.ndarray, device: str | torch.device) -> Tensor:
-    """`array` as a tensor on `device`. A copy to a GPU goes through pinned memory, so that it is asynchronous and
-    the host can queue more work meanwhile (a copy from pageable memory may wait for the GPU)."""
+    """`array` on `device`, through pinned memory for a GPU: the copy is then asynchronous and the host can queue more
+    work meanwhile (a copy from pageable memory may wait for the GPU)."""
     tensor = torch.from_numpy(array)
     if torch.device(device).type == "cuda":
         tensor = tensor.pin_memory()
@@ -2625,8 +2533,7 @@ def host_to_device(array: np.ndarray, device: str | torch.device) -> Tensor:
 def budget_chunks(items: Iterable[ItemT], cost: typing.Callable[[ItemT], int], max_tokens: int
                   ) -> Iterator[list[ItemT]]:
     """Items grouped in order so that each group's costs sum to at most max_tokens (a costlier item goes alone),
-    lazily: a group is ready as soon as the item after it is known, so its forward pass can run while the host
-    prepares the next one (CORE scoring)."""
+    lazily, so that a group's forward pass can run while the host prepares the next one (CORE scoring)."""
     chunk: list[ItemT] = []
     total = 0
     for item in items:
@@ -2641,8 +2548,7 @@ def budget_chunks(items: Iterable[ItemT], cost: typing.Callable[[ItemT], int], m
 
 
 def token_budget_chunks(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
-    """Indices grouped by budget_chunks: how letter scoring and RL passes pack variable-length sequences into
-    varlen forward passes."""
+    """Indices of `lengths` grouped by budget_chunks (letter scoring and RL passes)."""
     return [[i for i, _ in chunk] for chunk in budget_chunks(enumerate(lengths), operator.itemgetter(1), max_tokens)]
 
 
@@ -2988,16 +2894,12 @@ def format_duration(seconds: float) -> str:
 # ---------------------------------------------------------------------------------------------
 # 12. CORE evaluation (used by 04_core_eval)
 # ---------------------------------------------------------------------------------------------
-# The 22 tasks of the DCLM paper, scored as nanochat does (data/core.py reads, renders and tokenizes them). 02_sharding
-# writes every rendered example once into shards/core/<task>.bin, a token shard holding one full sequence
-# (BOS, context, continuation) per (example, choice), and <task>.records.bin, one int32 row per sequence with
-# the columns of CORE_RECORD_FIELDS: token offsets of the sequence start, the continuation start and the end,
-# then the example index (in the task file), the choice index and 1 on the gold choice. tasks.json lists the
-# tasks with their type and random baseline. Scoring packs many examples into one forward pass, each as a prefix
-# tree: the context its choices share runs once, then each choice's own tokens, masked so that every choice
-# attends exactly as its sequence would alone. A multiple-choice or schema example is right when its gold choice
-# has the lowest mean continuation loss; a language-modelling example when greedy decoding reproduces the
-# continuation exactly.
+# The 22 tasks of the DCLM paper, scored as nanochat does. data/core.py writes each task into shards/core/<task>.bin,
+# one sequence (BOS, context, continuation) per (example, choice), with <task>.records.bin, a row of
+# CORE_RECORD_FIELDS per sequence, and tasks.json, the tasks' types and random baselines. A pass packs examples as
+# prefix trees: the context their choices share runs once, then each choice's own tokens, masked so that every
+# choice attends as its sequence would alone. The gold choice must have the lowest mean continuation loss; a
+# language-modelling continuation must come out of greedy decoding exactly.
 
 CORE_RECORD_FIELDS = ("seq_start", "cont_start", "seq_end", "example", "choice", "gold")
 CORE_MANIFEST = "tasks.json"
@@ -3015,14 +2917,12 @@ class CoreShard:
 def first_examples(shard: CoreShard, count: int) -> CoreShard:
     """The shard cut to its first `count` examples (all their choices), e.g. to time a slow path on a sample."""
     examples = shard.records[:, CORE_RECORD_FIELDS.index("example")]
-    kept = np.unique(examples)[:count]
-    return dataclasses.replace(shard, records=shard.records[np.isin(examples, kept)])
+    return dataclasses.replace(shard, records=shard.records[np.isin(examples, np.unique(examples)[:count])])
 
 
 def first_pack(shard: CoreShard, pack_tokens: int, max_seq_len: int) -> CoreShard:
-    """The shard cut to the examples of its first packed pass (score_core_records' packing): a warm-up on passes of
-    the sizes a full evaluation feeds, since kernels are tuned or built on first use for the shapes they see then
-    (inductor's autotuning of dynamic-shape kernels, FlashAttention-4's variants for many or long documents)."""
+    """The shard cut to the examples of its first packed pass: a warm-up at a full evaluation's sizes, as kernels are
+    tuned or built on first use for the shapes they see."""
     examples = core_examples(shard.tokens, shard.records, max_seq_len)
     return first_examples(shard, len(next(budget_chunks(examples, shared_prefix_cost, pack_tokens), [])))
 
@@ -3037,34 +2937,25 @@ def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
 
 def read_core_shards(directory: Path, vocab_size: int | None = None) -> list[CoreShard]:
     manifest = require_artifact(Path(directory) / CORE_MANIFEST, made_by="02_sharding")
-    shards = []
-    for task in json.loads(manifest.read_text()):
-        path = Path(directory) / f"{task['label']}.bin"
-        shards.append(CoreShard(task["label"], task["kind"], task["baseline"], read_shard(path, vocab_size),
-                                read_shard(side_file(path, "records"))))
-    return shards
-
-
-def _cut_choices(tokens: np.ndarray, spans: np.ndarray, max_seq_len: int) -> list[tuple[np.ndarray, int]]:
-    cut = max(0, int((spans[:, 2] - spans[:, 0]).max()) - max_seq_len)
-    choices = []
-    for seq_start, cont_start, seq_end in spans.tolist():
-        skip = min(cut, seq_end - seq_start - 2)  # less only for a choice far shorter than the longest
-        seq = np.asarray(tokens[seq_start + skip:seq_end], dtype=np.int64)
-        choices.append((seq, max(cont_start - seq_start - skip, 1)))
-    return choices
+    paths = [(task, Path(directory) / f"{task['label']}.bin") for task in json.loads(manifest.read_text())]
+    return [CoreShard(task["label"], task["kind"], task["baseline"], read_shard(path, vocab_size),
+                      read_shard(side_file(path, "records"))) for task, path in paths]
 
 
 def core_examples(tokens: np.ndarray, records: np.ndarray, max_seq_len: int
                   ) -> Iterator[list[tuple[np.ndarray, int]]]:
-    """Lazily, per example (a run of records with one example index, as write_core_shard writes them), per choice:
-    its tokens and continuation start. An example longer than max_seq_len loses the same tokens from the left of every
-    choice, as many as its longest choice is over, so that all choices keep one shared context. (nanochat cuts each
-    choice alone; a choice with a shorter continuation then sees a few more context tokens than here, only in
-    examples over max_seq_len.) At least one token stays before the continuation."""
+    """Lazily, per example, per choice: its tokens and continuation start. An example over max_seq_len loses from the
+    left of every choice what its longest is over (nanochat cuts each choice alone), so one context stays shared."""
     example_ids = records[:, CORE_RECORD_FIELDS.index("example")]
-    groups = np.split(records[:, :3].astype(np.int64), np.flatnonzero(np.diff(example_ids)) + 1)
-    return (_cut_choices(tokens, spans, max_seq_len) for spans in groups if len(spans))
+    for spans in np.split(records[:, :3].astype(np.int64), np.flatnonzero(np.diff(example_ids)) + 1):
+        cut = max(0, int((spans[:, 2] - spans[:, 0]).max()) - max_seq_len) if len(spans) else 0
+        choices = []
+        for seq_start, cont_start, seq_end in spans.tolist():
+            skip = min(cut, seq_end - seq_start - 2)  # less only for a choice far shorter than the longest
+            choices.append((np.asarray(tokens[seq_start + skip:seq_end], dtype=np.int64),
+                            max(cont_start - seq_start - skip, 1)))
+        if choices:
+            yield choices
 
 
 def shared_prefix_length(choices: list[tuple[np.ndarray, int]]) -> int:
@@ -3079,9 +2970,8 @@ def shared_prefix_cost(choices: list[tuple[np.ndarray, int]]) -> int:
 
 
 def core_input_tokens(shard: CoreShard, max_seq_len: int, pack_tokens: int) -> int:
-    """Tokens that scoring `shard` feeds the model, padding aside: every choice's sequence one at a time
-    (pack_tokens=0), or each example's shared prefix once plus its choices' own tokens (packed). The shared prefix
-    is mostly the few-shot context, which every choice of a multiple-choice example repeats: what packing saves."""
+    """Tokens that scoring `shard` feeds the model, padding aside: every choice's sequence alone (pack_tokens=0) or,
+    packed, each example's shared prefix (mostly the few-shot context) once plus its choices' own tokens."""
     examples = core_examples(shard.tokens, shard.records, max_seq_len)
     if pack_tokens == 0:
         return sum(len(seq) - 1 for choices in examples for seq, _ in choices)
@@ -3090,10 +2980,8 @@ def core_input_tokens(shard: CoreShard, max_seq_len: int, pack_tokens: int) -> i
 
 @dataclass
 class CorePack:
-    """Examples laid out for one forward pass, each as a prefix tree: the input tokens its choices share, then
-    each choice's own. Per packed token: its example (document), branch (0: the shared prefix; c + 1: choice c's
-    own tokens) and rotary position in its choice's sequence; padding is one more document, at position 0. Per
-    scored prediction: its packed index, its target token and the choice (in pack order) it belongs to."""
+    """Examples as prefix trees in one pass. Per token: its example (document; padding is one more), branch (0: the
+    shared prefix; c + 1: choice c) and position in its choice. Per prediction: packed index, target, choice."""
     inputs: np.ndarray
     documents: np.ndarray
     branches: np.ndarray
@@ -3130,22 +3018,10 @@ def pack_core_examples(examples: Sequence[list[tuple[np.ndarray, int]]], pad_to:
                     len(targets))
 
 
-def _shared_prefix_windows(model: GPT, documents: Tensor, branches: Tensor, positions: Tensor, backend: str
-                           ) -> list[Any]:
-    """Per layer, the pack's prefix-tree mask for the layer's window: a BlockMask on flex, else (sdpa) the mask_mod
-    itself, which the sdpa backend evaluates densely, one example at a time."""
-    windows = model.layer_windows()
-    masks = {}
-    for window in set(windows):
-        mask_mod = shared_prefix_mask_mod(documents, branches, positions, window)
-        masks[window] = build_block_mask(mask_mod, len(documents), documents.device) if backend == "flex" else mask_mod
-    return [masks[window] for window in windows]
-
-
 def _score_pack(model: GPT, pack: CorePack, backend: str, tree_backend: str, device: str) -> Tensor:
-    """(mean continuation loss, 1 if greedy decoding gives the continuation exactly) per choice of one pass. A pack
-    without branches (one sequence per example) is plain documents, which `backend` attends as usual; one with
-    branches needs its own masks, on `tree_backend` (flex or sdpa)."""
+    """(mean continuation loss, 1 if greedy decoding gives the continuation exactly) per choice of one pass. Plain
+    documents (no branches) run on `backend`; branches need a prefix-tree mask per layer window on `tree_backend`:
+    a BlockMask on flex, the mask_mod itself on sdpa (evaluated densely, one example at a time)."""
     inputs, documents, branches, positions, scored, targets, owners = (
         host_to_device(array, device) for array in (pack.inputs, pack.documents, pack.branches, pack.positions,
                                                     pack.scored, pack.targets, pack.owners))
@@ -3153,8 +3029,11 @@ def _score_pack(model: GPT, pack: CorePack, backend: str, tree_backend: str, dev
     cu_seqlens = host_to_device(np.array([0, *starts, len(pack.inputs)], dtype=np.int32), device)
     windows = None
     if pack.branches.any():
-        backend = tree_backend
-        windows = _shared_prefix_windows(model, documents, branches, positions, backend)
+        backend, masks = tree_backend, {}
+        for window in set(model.layer_windows()):
+            mask = shared_prefix_mask_mod(documents, branches, positions, window)
+            masks[window] = build_block_mask(mask, len(documents), documents.device) if backend == "flex" else mask
+        windows = [masks[window] for window in model.layer_windows()]
     logits = model(inputs, cu_seqlens, int(pack.positions.max()) + 1, backend=backend, windows=windows,
                    positions=positions, logit_rows=scored)
     losses = F.cross_entropy(logits, targets, reduction="none")
@@ -3167,16 +3046,10 @@ def _score_pack(model: GPT, pack: CorePack, backend: str, tree_backend: str, dev
 @torch.no_grad()
 def score_core_records(model: GPT, tokens: np.ndarray, records: np.ndarray, backend: str, device: str,
                        pack_tokens: int = 0) -> np.ndarray:
-    """(mean loss, exact) for each record, in order. pack_tokens=0 runs one choice's sequence per pass on
-    `backend`: the reference the packed path must match. Otherwise whole examples, each a prefix tree whose shared
-    context runs once (pack_core_examples), go into passes of up to `pack_tokens` input tokens (a larger example
-    alone). Only a mask function can express the branches, so those passes run on flex, whatever `backend` is
-    (flash and varlen know document boundaries only), except on sdpa (the CPU, GPUs before Ampere), which evaluates
-    the same mask_mod densely per example: flex uncompiled on the CPU would build dense masks over whole passes.
-    Flex passes are padded to a multiple of pack_tokens (rounded up to whole flex blocks), so that compiled flex
-    and its block masks see one shape and do not recompile per pass. Passes without branches (language modelling,
-    single-token continuations) are plain documents and run on `backend`, unpadded. A model that reads its rows as
-    plain documents only (GPTConfig.plain_documents_only: the key offset, paired heads) packs every choice whole."""
+    """(mean loss, exact) per record. pack_tokens=0 runs each choice alone on `backend`: the reference. Otherwise
+    passes of up to `pack_tokens` tokens of whole examples; branches need a mask function, so those run on flex
+    (padded to one shape for compiled flex), or on sdpa when `backend` is (uncompiled flex would build dense masks
+    over whole passes); passes without branches run on `backend`, unpadded."""
     examples = core_examples(tokens, records, model.config.max_seq_len)
     if pack_tokens and model.config.plain_documents_only:  # no prefix trees: each choice a document of its own
         examples = ([choice] for choices in examples for choice in choices)
@@ -3186,8 +3059,8 @@ def score_core_records(model: GPT, tokens: np.ndarray, records: np.ndarray, back
     else:
         tree_backend = "sdpa" if backend == "sdpa" else "flex"
         pad_to = -(-pack_tokens // FLEX_BLOCK_SIZE) * FLEX_BLOCK_SIZE if tree_backend == "flex" else 1
-        packs = (pack_core_examples(chunk, pad_to)
-                 for chunk in budget_chunks(examples, shared_prefix_cost, pack_tokens))
+        chunks = budget_chunks(examples, shared_prefix_cost, pack_tokens)
+        packs = (pack_core_examples(chunk, pad_to) for chunk in chunks)
     scores = [_score_pack(model, pack, backend, tree_backend, device) for pack in packs]
     return torch.cat(scores).cpu().numpy() if scores else np.zeros((0, 2), dtype=np.float32)
 
@@ -3202,8 +3075,7 @@ def core_correct(kind: str, records: np.ndarray, scores: np.ndarray) -> np.ndarr
         correct = scores[first, 1] == 1
     else:  # records sorted by example, then mean loss, then position: each example's first is its pick
         order = np.lexsort((np.arange(len(records)), scores[:, 0], group))
-        picks = order[np.flatnonzero(np.diff(group[order], prepend=-1))]
-        correct = gold[picks] == 1
+        correct = gold[order[np.flatnonzero(np.diff(group[order], prepend=-1))]] == 1
     return correct[np.argsort(first)]
 
 
@@ -3214,14 +3086,12 @@ def centered_accuracy(accuracy: float, baseline: float) -> float:
 
 def evaluate_core_task(model: GPT, shard: CoreShard, backend: str, device: str, pack_tokens: int = 0
                        ) -> dict[str, float]:
-    """Accuracy of one task. Under torch.distributed each rank scores the examples with index % world == rank
-    and the counts are summed over ranks."""
+    """Accuracy of one task; under torch.distributed each rank scores the examples with index % world == rank."""
     world_size, rank = world_size_and_rank()
-    examples = shard.records[:, CORE_RECORD_FIELDS.index("example")]
-    mine = shard.records[examples % world_size == rank]
+    mine = shard.records[shard.records[:, CORE_RECORD_FIELDS.index("example")] % world_size == rank]
     model.eval()
-    correct = core_correct(shard.kind, mine, score_core_records(model, shard.tokens, mine, backend, device,
-                                                                 pack_tokens))
+    scores = score_core_records(model, shard.tokens, mine, backend, device, pack_tokens)
+    correct = core_correct(shard.kind, mine, scores)
     model.train()
     right, examples = sum_over_ranks([correct.sum(), len(correct)])
     accuracy = right / examples if examples else 0.0
@@ -3231,8 +3101,7 @@ def evaluate_core_task(model: GPT, shard: CoreShard, backend: str, device: str, 
 
 def evaluate_core(model: GPT, shards: Sequence[CoreShard], backend: str, device: str, pack_tokens: int = 0,
                   log: typing.Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Per-task results and CORE, the mean centred accuracy over the tasks given. `log` gets a line per task as
-    it finishes (a full pass takes minutes on a small GPU)."""
+    """Per-task results and CORE, the mean centred accuracy over the tasks given; `log` gets a line per task."""
     tasks = {}
     for shard in shards:
         started = time.time()
