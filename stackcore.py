@@ -1130,10 +1130,7 @@ def _(q, k, v, cu_seqlens, max_seqlen, window):
     return torch.empty_like(q)
 
 
-@torch.compiler.disable
-def _flash_with_grad(q, k, v, cu_seqlens, max_seqlen, window):
-    """FlashAttention's own autograd outside torch.compile's graphs (one graph break instead of FA4's many)."""
-    return _call_flash(q, k, v, cu_seqlens, max_seqlen, window)
+_flash_with_grad = torch.compiler.disable(_call_flash)  # FlashAttention's own autograd: one graph break, not FA4's many
 
 
 def _flash_attention(q, k, v, cu_seqlens, max_seqlen, window):
@@ -1142,12 +1139,8 @@ def _flash_attention(q, k, v, cu_seqlens, max_seqlen, window):
     return _flash_forward(q, k, v, cu_seqlens, max_seqlen, window or 0)
 
 
-_ATTENTION_FUNCTIONS = {
-    "flash": _flash_attention,
-    "varlen": _varlen_attention,
-    "flex": _flex_attention,
-    "sdpa": _sdpa_attention,
-}
+_ATTENTION_FUNCTIONS = {"flash": _flash_attention, "varlen": _varlen_attention, "flex": _flex_attention,
+                        "sdpa": _sdpa_attention}
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int,
@@ -1388,8 +1381,8 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.advancing = torch.ones(batch_size, dtype=torch.long, device=device)
-        self.carried = {"previous_half": self.k.new_zeros(shape[:3] + (config.head_dim - config.rotary_dims,))
-                        } if config.key_offset else {}
+        half = config.head_dim - config.rotary_dims  # the stationary half that the key offset carries
+        self.carried = {"previous_half": self.k.new_zeros(shape[:3] + (half,))} if config.key_offset else {}
         self.empty = True  # no pass has written these rows: the next pass is a prefill (host-side, no sync)
         self.parent: KVCache | None = None  # the cache whose rows this one views (rows(), PackedPrompts)
 
