@@ -1750,11 +1750,14 @@ def softcapped_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, softcap
     """F.cross_entropy(soft_cap(h @ weight.T, softcap), targets, ignore_index=-1, reduction=reduction), computed
     `chunk_tokens` rows of logits at a time, so that memory holds chunk x vocab logits instead of tokens x vocab.
     With gradients and reduction "mean" or "sum", each chunk's gradient is formed at once (fused by torch.compile
-    with `compile_backend`), in fp8 with `fp8_grad_format` (see fp8_linear); per-token losses with gradients take
-    the plain path."""
+    with `compile_backend`), in fp8 with `fp8_grad_format` (see fp8_linear); per-token losses ("none") with
+    gradients go through autograd chunk by chunk."""
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"unknown reduction {reduction!r}; use 'mean', 'sum' or 'none'")
-    if not _records_grad(h, weight):
+    if _records_grad(h, weight) and reduction != "none":
+        total = _SoftcappedCrossEntropySum.apply(h, weight, targets, softcap, chunk_tokens, compile_backend,
+                                                 fp8_grad_format)
+    else:
         w = weight.to(h.dtype)
         losses = torch.cat([F.cross_entropy(soft_cap(h[i:i + chunk_tokens] @ w.mT, softcap),
                                             targets[i:i + chunk_tokens], ignore_index=-1, reduction="none")
@@ -1762,12 +1765,6 @@ def softcapped_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, softcap
         if reduction == "none":
             return losses
         total = losses.sum()
-    elif reduction == "none":
-        return F.cross_entropy(soft_cap(F.linear(h, weight.to(h.dtype)), softcap), targets, ignore_index=-1,
-                               reduction="none")
-    else:
-        total = _SoftcappedCrossEntropySum.apply(h, weight, targets, softcap, chunk_tokens, compile_backend,
-                                                 fp8_grad_format)
     return total if reduction == "sum" else total / (targets >= 0).sum()
 
 
