@@ -945,36 +945,36 @@ def positions_in_documents(cu_seqlens: Tensor, total_len: int) -> Tensor:
 
 
 def _flash_window(window: int | None) -> tuple[int, int]:
-    # flash-attn / varlen_attn convention: (left, right) = how many keys before / after the query
-    # position are visible, -1 = unlimited. Our `window` counts the query itself, hence window - 1.
+    # FlashAttention's (left, right): keys visible before / after the query, -1 unlimited; `window` counts the query
     return (-1, 0) if window is None else (window - 1, 0)
 
 
 def _window_visible(since: Tensor, window: int | None) -> Tensor:
-    """Boolean attention mask from `since`, how many positions each key lies before each query: the key is visible
-    when it is at most window - 1 positions back (None: any earlier position) and not after the query."""
+    """Mask from `since`, how many positions each key lies before each query: visible when not after the query and
+    at most window - 1 back (None: any earlier position)."""
     return (since >= 0) & (since < window) if window else since >= 0
 
 
+def _records_grad(*tensors: Tensor) -> bool:
+    """Whether autograd records a pass over `tensors`: the backends with no backward of their own choose by it."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def _sdpa_attention(q, k, v, cu_seqlens, max_seqlen, window):
-    """Reference backend: one F.scaled_dot_product_attention call per document. `window` may also be a mask_mod
-    over the packed indices (shared_prefix_mask_mod), evaluated densely over each document."""
+    """Reference backend: one SDPA call per document. `window` may also be a mask_mod over the packed indices
+    (shared_prefix_mask_mod), evaluated densely over each document."""
     outputs = []
     bounds = cu_seqlens.tolist()
     for start, end in zip(bounds[:-1], bounds[1:]):
         if end == start:
             continue
         qd, kd, vd = (t[start:end].transpose(0, 1) for t in (q, k, v))  # (H, L, D)
-        length = end - start
+        tokens, mask = torch.arange(start, end, device=q.device), None
         if callable(window):
-            tokens = torch.arange(start, end, device=q.device)
-            out = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=window(0, 0, tokens[:, None], tokens))
-        elif window is None or window >= length:
-            out = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True)
-        else:
-            offset = torch.arange(length, device=q.device)
-            visible = _window_visible(offset[:, None] - offset, window)
-            out = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=visible)
+            mask = window(0, 0, tokens[:, None], tokens)
+        elif window is not None and window < end - start:
+            mask = _window_visible(tokens[:, None] - tokens, window)
+        out = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, is_causal=mask is None)
         outputs.append(out.transpose(0, 1))
     return torch.cat(outputs)
 
@@ -1005,19 +1005,17 @@ FLEX_BLOCK_SIZE = 128  # FlexAttention's default block: block masks cover a pack
 
 
 def flex_block_mask(cu_seqlens: Tensor, total_len: int, window: int | None) -> BlockMask:
-    """FlexAttention block mask of one packing and window, built from tensors only (no host sync). The model builds
-    one per window and batch, outside torch.compile, and passes it down as the layers' `window`."""
+    """FlexAttention block mask of one packing and window, from tensors only (no host sync): the model builds one per
+    window and batch outside torch.compile and passes it down as the layers' `window`."""
     mask_mod = _document_mask_mod(document_ids(cu_seqlens, total_len), window)
     return build_block_mask(mask_mod, total_len, cu_seqlens.device)
 
 
 def shared_prefix_mask_mod(documents: Tensor, branches: Tensor, positions: Tensor, window: int | None):
-    """FlexAttention mask_mod for packed prefix trees (CORE's choices after one few-shot context). Per packed token
-    (T,): its document, its branch (0: the prefix that every branch of the document shares; b > 0: branch b's own
-    tokens, after the prefix) and its position in its branch's sequence (prefix + own tokens). A query sees the
-    earlier tokens of its document's prefix and of its own branch less than `window` positions back: exactly the
-    attention of each branch's sequence run alone. The model takes it as a layer's window on sdpa, and as a
-    BlockMask (build_block_mask) on flex, with the positions."""
+    """FlexAttention mask_mod for packed prefix trees (CORE's choices after one few-shot context). Per packed token:
+    its document, its branch (0: the prefix that the document's branches share; b > 0: branch b's own tokens) and
+    its position in its branch's sequence. A query sees its document's prefix and its own branch less than `window`
+    positions back: each branch's sequence attends as if run alone."""
     limit = _window_limit(window, documents.numel(), documents.device)
 
     def mask_mod(b, h, q_idx, kv_idx):
@@ -1035,17 +1033,14 @@ def _compiled_flex_attention():
 def _flex_attention(q, k, v, cu_seqlens, max_seqlen, window, compiled=None):
     """`window` is an int, None, or a BlockMask from flex_block_mask (the model's way: no mask building here)."""
     if q.device.type == "cpu":
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-            # FlexAttention has no CPU backward (torch raises NotImplementedError). Evaluate the same
-            # mask_mod densely and let SDPA differentiate it; only CPU training takes this path.
-            total = q.size(0)
-            positions = torch.arange(total, device=q.device)
+        if _records_grad(q, k, v):
+            # FlexAttention has no CPU backward: SDPA differentiates the same mask_mod, evaluated densely
+            positions = torch.arange(q.size(0), device=q.device)
             mask_mod = (window.mask_mod if isinstance(window, BlockMask)
-                        else _document_mask_mod(document_ids(cu_seqlens, total), window))
+                        else _document_mask_mod(document_ids(cu_seqlens, q.size(0)), window))
             mask = mask_mod(0, 0, positions[:, None], positions)
-            out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                                 attn_mask=mask)
-            return out.transpose(0, 1)
+            q, k, v = (t.transpose(0, 1) for t in (q, k, v))
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(0, 1)
         q, k, v = q.detach(), k.detach(), v.detach()  # torch rejects requires_grad CPU inputs even under no_grad
     block_mask = window if isinstance(window, BlockMask) else flex_block_mask(cu_seqlens, q.size(0), window)
     attend = _compiled_flex_attention() if (q.is_cuda if compiled is None else compiled) else flex_attention
@@ -1074,9 +1069,8 @@ def _flash_varlen_function():
 
 
 def _call_flash(q, k, v, cu_seqlens, max_seqlen, window):
-    # FA2, FA3 and FA4 share these keywords (FA4 has another argument before cu_seqlens_q). An unlimited left
-    # window is -1 for FA2 and FA3 but None for FA4, which reads -1 as a window. FA4 (and some FA3 builds) return
-    # (out, lse).
+    # FA2, FA3 and FA4 share these keywords. FA4 reads a left window of -1 as a window (None is unlimited), and it
+    # (like some FA3 builds) returns (out, lse).
     function = _flash_varlen_function()
     left, right = _flash_window(window)
     if left < 0 and function.__module__.startswith("flash_attn.cute"):
@@ -1088,9 +1082,8 @@ def _call_flash(q, k, v, cu_seqlens, max_seqlen, window):
 
 @torch.library.custom_op("stackcore::flash_forward", mutates_args=())
 def _flash_forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, window: int) -> Tensor:
-    """FlashAttention's forward as one op that torch.compile does not look into (window 0: unlimited). FA4 is
-    plain Python around CuTe kernels: traced, it breaks every compiled layer in two, and each extra graph costs host
-    time (guards, a Python call) in every layer of every pass (baselines/2026-11-25-core-60s)."""
+    """FlashAttention's forward as one op that torch.compile does not look into (window 0: unlimited): traced, FA4's
+    Python breaks every compiled layer in two, and each graph costs host time per layer and pass."""
     return _call_flash(q, k, v, cu_seqlens, max_seqlen, window or None).contiguous()  # the layout of the fake
 
 
@@ -1099,25 +1092,17 @@ def _(q, k, v, cu_seqlens, max_seqlen, window):
     return torch.empty_like(q)
 
 
-@torch.compiler.disable
-def _flash_with_grad(q, k, v, cu_seqlens, max_seqlen, window):
-    """FlashAttention's own autograd, run outside torch.compile's graphs: traced, FA4's Python breaks a compiled
-    layer at many places and recompiles per window (one break here instead)."""
-    return _call_flash(q, k, v, cu_seqlens, max_seqlen, window)
+_flash_with_grad = torch.compiler.disable(_call_flash)  # FlashAttention's own autograd: one graph break, not FA4's many
 
 
 def _flash_attention(q, k, v, cu_seqlens, max_seqlen, window):
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+    if _records_grad(q, k, v):
         return _flash_with_grad(q, k, v, cu_seqlens, max_seqlen, window)
     return _flash_forward(q, k, v, cu_seqlens, max_seqlen, window or 0)
 
 
-_ATTENTION_FUNCTIONS = {
-    "flash": _flash_attention,
-    "varlen": _varlen_attention,
-    "flex": _flex_attention,
-    "sdpa": _sdpa_attention,
-}
+_ATTENTION_FUNCTIONS = {"flash": _flash_attention, "varlen": _varlen_attention, "flex": _flex_attention,
+                        "sdpa": _sdpa_attention}
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int,
@@ -1129,15 +1114,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: i
 
 
 def _backend_importable(name: str, device: torch.device) -> bool:
+    if name in ("flash", "varlen") and device.type != "cuda":
+        return False
     if name == "flash":
-        return device.type == "cuda" and _flash_varlen_function() is not None
-    if name == "varlen":
-        # torch 2.9/2.10 shipped varlen_attn without window_size (only is_causal): unusable for sliding windows
-        return (device.type == "cuda" and varlen_attn is not None
-                and "window_size" in inspect.signature(varlen_attn).parameters)
-    if name == "flex":
-        return flex_attention is not None
-    return True
+        return _flash_varlen_function() is not None
+    if name == "varlen":  # torch 2.9/2.10's varlen_attn has no window_size: unusable for sliding windows
+        return varlen_attn is not None and "window_size" in inspect.signature(varlen_attn).parameters
+    return name == "sdpa" or flex_attention is not None
 
 
 def _matches_sdpa(attend: typing.Callable, device: torch.device, dtype: torch.dtype, backward: bool = True) -> bool:
@@ -1159,15 +1142,10 @@ def _matches_sdpa(attend: typing.Callable, device: torch.device, dtype: torch.dt
 
 @lru_cache(maxsize=None)
 def _backend_works(name: str, device: torch.device) -> bool:
-    """Import check plus a tiny forward and backward against the sdpa reference (_matches_sdpa).
-
-    flex is checked uncompiled and forward only; its torch.compile'd CUDA path is first exercised by the first real
-    call.
-    """
-    if not _backend_importable(name, device):
-        return False
-    if name == "sdpa":
-        return True
+    """Imports, and matches the sdpa reference (_matches_sdpa). flex is checked uncompiled and forward only: its
+    compiled CUDA path first runs in the first real call."""
+    if name == "sdpa" or not _backend_importable(name, device):
+        return name == "sdpa"
     dtype = compute_dtype_for(current_gpu(device))
     try:
         with warnings.catch_warnings():  # flex uncompiled, on purpose: torch warns about it
@@ -1186,9 +1164,9 @@ def available_attention_backends(device: torch.device | str) -> list[str]:
 
 
 def pick_attention_backend(device: torch.device | str, requested: str = "auto") -> str:
-    """`requested` if it works on `device`, the best working backend for "auto", else ValueError. On the CPU
-    "auto" is the per-document SDPA loop: flex has no CPU backward and runs there as dense masked attention. So it
-    is on GPUs before Ampere (a T4), which FlashAttention and varlen do not support."""
+    """`requested` if it works on `device`, the best working backend for "auto", else ValueError. "auto" is the
+    per-document SDPA loop on the CPU (flex has no CPU backward) and on GPUs before Ampere (a T4), which
+    FlashAttention and varlen do not support."""
     available = available_attention_backends(device)
     if requested == "auto":
         gpu = current_gpu(device)
@@ -1250,12 +1228,10 @@ class GPTConfig:
 
     @property
     def value_embed_tables(self) -> int:
-        """Number of value-embedding tables: n_value_embeds, capped so that each feeds two distinct layers."""
-        return min(self.n_value_embeds, self.depth // 2)
+        return min(self.n_value_embeds, self.depth // 2)  # each table feeds two distinct layers
 
     @property
     def window(self) -> int:
-        """The resolved short (sliding) window."""
         return self.short_window or self.max_seq_len // 2
 
     @property
@@ -1265,8 +1241,8 @@ class GPTConfig:
 
     @property
     def plain_documents_only(self) -> bool:
-        """The key offset (a token's predecessor) and paired heads (two keys per token) read a packed row as plain
-        documents: a caller's mask (CORE's shared prefixes) cannot tell them another layout."""
+        """The key offset and paired heads read a packed row as plain documents: a caller's mask (CORE's shared
+        prefixes) cannot tell them another layout."""
         return self.key_offset or bool(self.paired_head_layers)
 
 
@@ -1282,8 +1258,7 @@ MODDED_PAIRED_LAYERS = (0, 2, 5, 9)  # the paired-head layers of modded-nanogpt'
 
 
 def modded_architecture(config: GPTConfig) -> GPTConfig:
-    """`config` with modded-nanogpt's two tricks that our GPT leaves off by default: the key offset, and paired
-    heads in modded's layers (those that the depth has)."""
+    """`config` with modded-nanogpt's key offset, and paired heads in those of modded's layers that the depth has."""
     paired = tuple(layer for layer in MODDED_PAIRED_LAYERS if layer < config.depth)
     return dataclasses.replace(config, key_offset=True, paired_head_layers=paired)
 
@@ -1302,9 +1277,8 @@ def rotary_tables(max_seq_len: int, head_dim: int, base: float = 10000.0,
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate the first R = 2 * cos.size(-1) dimensions of x (T, H, D) by per-token angles cos, sin (T, R/2), pairing
-    dimension i with i + R/2; the other D - R stay put (GPTConfig.rotary_dims). Paired heads pass x (T, H/2, 2, D)
-    with angles (T, 2, R/2): one angle per head of a pair."""
+    """Rotate the first R = 2 * cos.size(-1) dimensions of x (T, H, D) by per-token angles (T, R/2), pairing
+    dimension i with i + R/2; the other D - R stay put. Paired heads pass x (T, H/2, 2, D) with angles (T, 2, R/2)."""
     rotated = 2 * cos.size(-1)
     x1, x2 = x[..., :rotated].chunk(2, dim=-1)
     cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
@@ -1313,8 +1287,8 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 class CastedLinear(nn.Linear):
     """Bias-free linear layer: fp32 master weight, weight and input cast to `compute_dtype` for the matmul. With
-    `fp8_grad_format` set (GPT.set_fp8), passes with gradients multiply in fp8 instead (fp8_linear), where the shapes
-    fit; passes without gradients (evaluation, decoding) stay in the compute dtype."""
+    `fp8_grad_format` set (GPT.set_fp8), passes with gradients multiply in fp8 (fp8_linear) where the shapes fit;
+    passes without gradients (evaluation, decoding) stay in the compute dtype."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
@@ -1331,21 +1305,15 @@ class CastedLinear(nn.Linear):
 
 @lru_cache(maxsize=1)
 def _flash_kvcache_function():
-    """flash_attn_with_kvcache of FA3 (flash_attn_interface) or FA2 (flash_attn), whichever imports: a decode
-    kernel that reads each row's cache only up to its length and splits long rows across thread blocks. FA4's
-    CuTe interface (flash_attn.cute) is not tried: it has no cache entry point with this signature."""
+    """flash_attn_with_kvcache of FA3 or FA2: a decode kernel that reads each row's cache only up to its length.
+    FA4's CuTe interface has no cache entry point with this signature."""
     return _first_importable("flash_attn_with_kvcache", ("flash_attn_interface", "flash_attn"))
-
-
-def _flash_kvcache_usable(q: Tensor) -> bool:
-    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _flash_kvcache_function() is not None
 
 
 @torch.library.custom_op("stackcore::flash_decode", mutates_args=())
 def _flash_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens: Tensor, window: int) -> Tensor:
-    """Queries (B, L, H, D) against the cache rows (B, capacity, H, D; a transposed view is fine, only the last
-    dimension must be contiguous), row b holding seqlens[b] positions, causal, window 0 meaning unlimited. One op
-    that torch.compile keeps whole, as _flash_forward."""
+    """Queries (B, L, H, D) against cache rows (B, capacity, H, D; only the last dimension contiguous), row b holding
+    seqlens[b] positions, causal, window 0 unlimited. One op that torch.compile keeps whole, as _flash_forward."""
     left, right = _flash_window(window or None)
     out = _flash_kvcache_function()(q, k_cache, v_cache, cache_seqlens=seqlens, causal=True, window_size=(left, right))
     return (out[0] if isinstance(out, tuple) else out).contiguous()
@@ -1357,12 +1325,14 @@ def _(q, k_cache, v_cache, seqlens, window):
 
 
 class KVCache:
-    """Keys and values of every layer for `batch_size` rows of up to `capacity` positions: two preallocated
-    (depth, batch, heads, capacity, head_dim) tensors, and each row's filled length `lengths` (B,), a tensor, so
-    that a decode step replayed as a CUDA graph advances it. GPT.forward(ids (B, L), kv_cache=cache) puts L new
-    tokens of every row at the row's next positions. A pass advances only the rows whose `advancing` entry is 1
-    (all, unless a decode step masks finished or waiting rows: DecodeStep); a row that does not advance has its
-    next position overwritten by its next pass. A row at capacity keeps overwriting its last position."""
+    """Keys and values of every layer for `batch_size` rows of up to `capacity` positions, (depth, batch, heads,
+    capacity, head_dim), and each row's filled length `lengths` (B,): a tensor, so that a decode step replayed as a
+    CUDA graph advances it. GPT.forward(ids (B, L), kv_cache=cache) puts L new tokens at each row's next positions.
+    Only the rows whose `advancing` entry is 1 advance (DecodeStep masks finished or waiting rows); a row that does
+    not has its next position overwritten by its next pass. A row at capacity keeps overwriting its last position.
+    `carried` holds state beyond keys and values that layers carry from pass to pass, each tensor (depth, batch, ...)
+    so that rows() and PackedPrompts view it: with the key offset, "previous_half", each row's last token's own
+    stationary key half (offset_keys)."""
 
     def __init__(self, config: GPTConfig, batch_size: int, capacity: int, device: torch.device | str,
                  dtype: torch.dtype):
@@ -1373,21 +1343,10 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.advancing = torch.ones(batch_size, dtype=torch.long, device=device)
-        self.carried = self.carried_state(config, batch_size, device, dtype)
+        half = config.head_dim - config.rotary_dims  # the stationary half that the key offset carries
+        self.carried = {"previous_half": self.k.new_zeros(shape[:3] + (half,))} if config.key_offset else {}
         self.empty = True  # no pass has written these rows: the next pass is a prefill (host-side, no sync)
         self.parent: KVCache | None = None  # the cache whose rows this one views (rows(), PackedPrompts)
-
-    @staticmethod
-    def carried_state(config: GPTConfig, batch_size: int, device: torch.device | str, dtype: torch.dtype
-                      ) -> dict[str, Tensor]:
-        """State beyond the keys and values that a model's layers carry from one pass to the next, each tensor
-        (depth, batch, ...) like the keys, so that rows() and PackedPrompts view it. With the key offset:
-        "previous_half", each row's last token's own stationary key half (offset_keys)."""
-        if not config.key_offset:
-            return {}
-        half = config.head_dim - config.rotary_dims
-        return {"previous_half": torch.zeros(config.depth, batch_size, config.n_heads, half, device=device,
-                                             dtype=dtype)}
 
     @property
     def capacity(self) -> int:
@@ -1398,8 +1357,7 @@ class KVCache:
         return self.k.size(1)
 
     def packing(self, ids: Tensor) -> tuple[Tensor, Tensor, int, Tensor]:
-        """New tokens ids (B, L) as a packed pass: flat ids (B * L,), boundaries with one document per row, L, and
-        each token's position in its row (B * L,)."""
+        """New tokens (B, L) as a packed pass: flat ids, one document per row, L, and each token's row position."""
         if ids.ndim != 2 or ids.size(0) != self.batch_size:
             raise ValueError(f"a pass through a KV cache of {self.batch_size} rows takes ids of shape "
                              f"({self.batch_size}, tokens), got {tuple(ids.shape)}")
@@ -1418,25 +1376,25 @@ class KVCache:
         self.v[layer, rows, :, at] = v.view(B, at.size(1), *v.shape[1:])
 
     def attend(self, layer: int, q: Tensor, window: int | None, positions: Tensor) -> Tensor:
-        """Attention of queries (B * L, heads, head_dim) at `positions` to the cached keys of their row that are at
-        most window - 1 positions back (None: all earlier ones). FlashAttention's cache kernel reads each row only
-        up to its length (flash_decode_attention); without it, SDPA reads the whole capacity under a mask, so that
-        no shape depends on the lengths."""
+        """Queries (B * L, heads, head_dim) at `positions` attend to their row's cached keys less than `window` back.
+        FlashAttention's cache kernel reads each row only up to its length; without it, SDPA reads the whole
+        capacity under a mask, so that no shape depends on the lengths."""
         B = self.batch_size
         at = positions.view(B, -1)
-        if _flash_kvcache_usable(q):
+        queries = q.view(B, at.size(1), *q.shape[1:])
+        if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _flash_kvcache_function() is not None:
             seqlens = (at[:, -1] + 1).to(torch.int32)  # FlashAttention aligns the L queries to the end of the row
-            y = _flash_decode(q.view(B, at.size(1), *q.shape[1:]), self.k[layer].transpose(1, 2),
-                              self.v[layer].transpose(1, 2), seqlens, window or 0)
+            y = _flash_decode(queries, self.k[layer].transpose(1, 2), self.v[layer].transpose(1, 2), seqlens,
+                              window or 0)
             return y.reshape(q.shape)
         since = at[:, :, None] - torch.arange(self.capacity, device=q.device)  # (B, L, capacity)
-        y = F.scaled_dot_product_attention(q.view(B, at.size(1), *q.shape[1:]).transpose(1, 2), self.k[layer],
-                                           self.v[layer], attn_mask=_window_visible(since, window)[:, None])
+        y = F.scaled_dot_product_attention(queries.transpose(1, 2), self.k[layer], self.v[layer],
+                                           attn_mask=_window_visible(since, window)[:, None])
         return y.transpose(1, 2).reshape(q.shape)
 
     def advance(self, tokens: int) -> None:
-        """After a pass of `tokens` per row: the advancing rows are longer, and neither they nor the caches they are
-        part of are empty any more."""
+        """After a pass of `tokens` per row: the advancing rows are longer, and this cache and those it is part of
+        are no longer empty."""
         self.lengths.add_(tokens * self.advancing).clamp_(max=self.capacity)
         self._mark_filled()
 
@@ -1446,8 +1404,8 @@ class KVCache:
             cache.empty, cache = False, cache.parent
 
     def rows(self, start: int, stop: int) -> KVCache:
-        """The rows start..stop-1 of this cache, sharing its memory: a pass through the view fills those rows. The
-        view is empty while this cache is (take views of a new cache before prefilling any of them)."""
+        """The rows start..stop-1, sharing this cache's memory; empty while this cache is (take views of a new cache
+        before prefilling any of them)."""
         view = object.__new__(KVCache)
         view.k, view.v, view.lengths = self.k[:, start:stop], self.v[:, start:stop], self.lengths[start:stop]
         view.advancing, view.empty, view.parent = self.advancing[start:stop], self.empty, self
@@ -1456,11 +1414,10 @@ class KVCache:
 
 
 class PackedPrompts(KVCache):
-    """A prefill of prompts of different lengths in one packed pass, the varlen layout of training (cu_seqlens),
-    into empty rows of `cache`: each token's key and value go straight into the `copies` rows from
-    first_rows[i] on of its prompt i (the rows of its samples), so that no row is copied afterwards.
-    GPT.forward(ids (T,), kv_cache=PackedPrompts(...), logit_rows=last_tokens()) fills them and gives each
-    prompt's next-token logits."""
+    """A prefill of prompts of different lengths in one packed pass (training's varlen layout) into empty rows of
+    `cache`: each token's key and value go straight into the `copies` rows from first_rows[i] on of its prompt i (its
+    samples' rows), so that no row is copied afterwards. GPT.forward(ids (T,), kv_cache=PackedPrompts(...),
+    logit_rows=last_tokens()) fills them and gives each prompt's next-token logits."""
 
     def __init__(self, cache: KVCache, prompt_lengths: Sequence[int], first_rows: Sequence[int], copies: int = 1):
         device = cache.k.device
@@ -1472,8 +1429,7 @@ class PackedPrompts(KVCache):
             raise ValueError(f"a prompt of {max(prompt_lengths)} tokens exceeds the cache's capacity of "
                              f"{cache.capacity} positions")
         self.k, self.v, self.lengths, self.advancing = cache.k, cache.v, cache.lengths, cache.advancing
-        self.carried = cache.carried
-        self.empty, self.parent = True, cache
+        self.carried, self.empty, self.parent = cache.carried, True, cache
         self.cu_seqlens = F.pad(sizes.cumsum(0), (1, 0)).to(torch.int32)
         self.total, self.longest = int(sizes.sum()), int(sizes.max())
         rows = torch.tensor(list(first_rows), device=device)[:, None] + torch.arange(copies, device=device)
@@ -1501,14 +1457,11 @@ class PackedPrompts(KVCache):
 
 @dataclass(frozen=True)
 class AttentionBatch:
-    """What every layer's attention reads in one pass; GPT.forward builds it once (the per-layer inputs, the window
-    and the value embedding, go to each layer beside it).
-
-    Without a cache the tokens are packed documents (cu_seqlens, max_seqlen) that attend within their document
-    through `backend`: training, evaluation. With a cache, document b is the new tokens of cache row b, at
-    `positions` in that row; each layer writes their keys and values into the cache, and then either attends within
-    the new tokens through `backend` like training (a prefill into empty rows) or, when `reads_cache`, attends from
-    the new tokens to everything cached in their row (decoding, KVCache.attend)."""
+    """What every layer's attention reads in one pass, built once by GPT.forward. Without a cache the tokens are
+    packed documents that attend within their document through `backend` (training, evaluation). With a cache,
+    document b is the new tokens of cache row b, at `positions` in it; each layer writes their keys and values into
+    the cache, then attends either within the new tokens like training (a prefill into empty rows) or, when
+    `reads_cache`, to everything cached in their row (decoding)."""
     cu_seqlens: Tensor  # (documents + 1,) int32 boundaries of the packed tokens
     max_seqlen: int  # the longest document
     cos: Tensor  # (T, head_dim / 2) rotary angles of each packed token
@@ -1523,13 +1476,11 @@ class AttentionBatch:
 
 
 def offset_keys(k: Tensor, batch: AttentionBatch, layer: int) -> Tensor:
-    """The partial key offset (modded-nanogpt #169): keys (T, H, D) whose stationary half (the dimensions rotary
-    leaves alone) is replaced by the previous token's own, so that a query can look for "the token after a t-1 like
-    this one" in one layer. A document's first token has no predecessor and keeps its own half: unlike modded, no
-    key sees across a document boundary, so a prompt decodes as it trains. Through a cache the first new token of a
-    row takes the half its row's last token left in KVCache.carried["previous_half"], which then takes the row's
-    new last token's own half (if the row advances); a packed prefill (PackedPrompts) leaves there each prompt's
-    last token's half in the prompt's rows."""
+    """The partial key offset (modded-nanogpt #169): the stationary half of each key (T, H, D) (the dimensions rotary
+    leaves alone) becomes the previous token's, so that one layer can look for "the token after a t-1 like this one".
+    A document's first token keeps its own half: unlike modded, no key sees across a document boundary, so a prompt
+    decodes as it trains. Through a cache a row's first new token takes the half its last token left in
+    KVCache.carried["previous_half"], which then takes the new last token's half (if the row advances)."""
     half = k.size(-1) // 2
     own = k[..., half:]
     shifted = own[batch.previous]
@@ -1551,7 +1502,7 @@ def offset_keys(k: Tensor, batch: AttentionBatch, layer: int) -> Tensor:
 
 
 def interleave_pairs(x: Tensor) -> Tensor:
-    """(T, H, D) -> (2T, H/2, D): the pairs of adjacent heads as H/2 heads over sequences twice as long, row 2t + i
+    """(T, H, D) -> (2T, H/2, D): pairs of adjacent heads as H/2 heads over sequences twice as long, row 2t + i
     holding token t's head 2j + i in head j (modded-nanogpt #191)."""
     T, H, D = x.shape
     return x.view(T, H // 2, 2, D).transpose(1, 2).reshape(2 * T, H // 2, D)
@@ -1564,11 +1515,10 @@ def split_pairs(y: Tensor) -> Tensor:
 
 
 def paired_cache_attention(cache: KVCache, layer: int, q: Tensor, window: int | None, positions: Tensor) -> Tensor:
-    """Paired-head attention of queries (B * L, H, D) at `positions` over their rows' cache, laid out as in the full
-    pass: query i of a pair (i = 0, 1) of the token at position p sits at interleaved position 2p + i and sees the
-    cached keys at 2s + i' from 2p + i - window + 1 to 2p + i (so not its own token's second key when i = 0).
-    The cache keeps its plain layout: a pair's two heads viewed as one of 2 x capacity keys (key i' * capacity + s),
-    whose order a softmax does not care about; only the mask knows the interleaved positions."""
+    """Paired-head attention of queries (B * L, H, D) over their rows' cache, as in the full pass: query i of a pair
+    at position p sits at interleaved position 2p + i and sees the keys at 2s + i' from 2p + i - window + 1 to
+    2p + i. The cache keeps its plain layout: a pair's two heads are viewed as one head of 2 x capacity keys, whose
+    order a softmax ignores; only the mask knows the interleaved positions."""
     B, H, capacity, D = cache.k[layer].shape
     L = positions.numel() // B
     queries = q.view(B, L, H // 2, 2, D).permute(0, 2, 3, 1, 4).reshape(B, H // 2, 2 * L, D)
@@ -1597,12 +1547,10 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: Tensor, value_embed: Tensor | None, window: Any, batch: AttentionBatch,
                 logit_rows: Tensor | None = None) -> Tensor:
-        """x (T, dim) -> (T, dim), or only the rows `logit_rows` (N,) of the output (all rows still attend), see
-        Block. `window`: an int or None (GPT.layer_windows), or the caller's mask (GPT.forward)."""
+        """x (T, dim) -> (T, dim), or only its rows `logit_rows` (see Block). `window`: an int or None
+        (GPT.layer_windows), or the caller's mask (GPT.forward)."""
         T = x.size(0)
-        q = self.c_q(x).view(T, self.n_heads, self.head_dim)
-        k = self.c_k(x).view(T, self.n_heads, self.head_dim)
-        v = self.c_v(x).view(T, self.n_heads, self.head_dim)
+        q, k, v = (linear(x).view(T, self.n_heads, self.head_dim) for linear in (self.c_q, self.c_k, self.c_v))
         if value_embed is not None:
             v = self.value_mix[0] * v + self.value_mix[1] * value_embed.view_as(v)
         q, k = norm(q), norm(k)  # QK-norm, then rotary
@@ -1647,8 +1595,8 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, value_embed: Tensor | None, window: Any, batch: AttentionBatch,
                 logit_rows: Tensor | None = None) -> Tensor:
-        """With `logit_rows` (N,) the output has only those rows: in the last layer nothing reads the others, so
-        their attention projection, MLP and residual are skipped (every row still serves as a key and value)."""
+        """With `logit_rows` (N,) only those rows go on: in the last layer nothing reads the others, so their
+        attention projection, MLP and residual are skipped (every row still serves as a key and value)."""
         y = self.attn(norm(x), value_embed, window, batch, logit_rows)
         x = x + y if logit_rows is None else x[logit_rows] + y
         return x + self.mlp(norm(x))
@@ -1656,8 +1604,7 @@ class Block(nn.Module):
 
 def residual_mix(x: Tensor, x0: Tensor, resid_lambda: Tensor, x0_lambda: Tensor, skip: Tensor | None = None,
                  skip_weight: Tensor | None = None) -> Tensor:
-    """A block's input: resid_lambda * (x + skip_weight * skip) + x0_lambda * x0 (a U-net skip only in the second
-    half of the layers)."""
+    """A block's input: resid_lambda * (x + skip_weight * skip) + x0_lambda * x0 (U-net skips in the second half)."""
     if skip is not None:
         x = x + skip_weight * skip
     return resid_lambda * x + x0_lambda * x0
@@ -1669,17 +1616,17 @@ def _run_block(block: Block, *args: Any) -> Tensor:
 
 @lru_cache(maxsize=None)
 def _compiled_layer_functions(compile_backend: str):
-    """residual_mix and _run_block under torch.compile with dynamic shapes: the block is an argument, so all
-    layers of one structure share a graph, and ints (windows, longest document) are symbolic from the start."""
+    """residual_mix and _run_block compiled with dynamic shapes: the block is an argument, so all layers of one
+    structure share a graph, and ints (windows, longest document) are symbolic from the start."""
     return (torch.compile(residual_mix, dynamic=True, backend=compile_backend),
             torch.compile(_run_block, dynamic=True, backend=compile_backend))
 
 
 @lru_cache(maxsize=None)
 def _compiled_layer_stack(compile_backend: str, inductor_options: tuple[tuple[str, Any], ...] = ()):
-    """GPT.run_layers as one graph, for evaluation (compile_layers(evaluation=True)): one compiled call per pass
-    instead of two per layer, each of which costs host time (guards, a Python call) that a forward-only pass has
-    no backward to hide behind. `inductor_options`: (name, value) pairs of torch._inductor.config for this graph."""
+    """GPT.run_layers as one graph for evaluation: one compiled call per pass instead of two per layer, each costing
+    host time that a forward-only pass has no backward to hide behind. `inductor_options`: (name, value) pairs of
+    torch._inductor.config for this graph."""
     options = {"options": dict(inductor_options)} if inductor_options else {}
     return torch.compile(GPT.run_layers, dynamic=True, backend=compile_backend, **options)
 
@@ -1690,8 +1637,8 @@ def soft_cap(logits: Tensor, softcap: float) -> Tensor:
 
 
 def _softcapped_ce_rows(logits: Tensor, targets: Tensor, softcap: float) -> tuple[Tensor, Tensor]:
-    """Per-row cross-entropy of soft_cap(logits) (0 where the target is -1) and its gradient with respect to
-    `logits`, in their dtype: the part of the loss that torch.compile fuses into a pass or two over the logits."""
+    """Per-row cross-entropy of soft_cap(logits) (0 where the target is -1) and its gradient for `logits`, in their
+    dtype: the part of the loss that torch.compile fuses into a pass or two over the logits."""
     capped = soft_cap(logits, softcap)
     lse = torch.logsumexp(capped, dim=-1)
     valid = targets >= 0
@@ -1704,10 +1651,9 @@ def _softcapped_ce_rows(logits: Tensor, targets: Tensor, softcap: float) -> tupl
 
 def _softcapped_ce_rows_fp8(logits: Tensor, targets: Tensor, softcap: float, grad_dtype: torch.dtype
                             ) -> tuple[Tensor, Fp8Tensor, Fp8Tensor]:
-    """_softcapped_ce_rows with the gradient quantised for the fp8 head, row-major and transposed (the weight
-    gradient's first operand), in the same compiled graph: the chunk's gradient is never written out in bf16, nor
-    transposed by a separate pass. Its scale comes from a bound, not from a pass over it: softmax minus one-hot lies
-    in [-1, 1] and the soft cap's derivative in [0, 1]."""
+    """_softcapped_ce_rows with the gradient quantised for the fp8 head, row-major and transposed, in the same graph:
+    never written out in bf16 nor transposed by a separate pass. Its scale comes from a bound, not a pass over it:
+    softmax minus one-hot lies in [-1, 1] and the soft cap's derivative in [0, 1]."""
     losses, grad = _softcapped_ce_rows(logits, targets, softcap)
     g8 = quantize_fp8(grad, grad_dtype, amax=grad.new_ones((), dtype=torch.float32))
     return losses, g8, g8.transposed()
@@ -1720,9 +1666,8 @@ def _compiled_ce_rows(compile_backend: str, fp8: bool = False):
 
 def _ce_chunk(h: Tensor, w: Tensor, w8: tuple[Fp8Tensor, Fp8Tensor] | None, targets: Tensor, softcap: float,
               compile_backend: str | None, fp8_grad_format: str | None) -> tuple[Tensor, Tensor, Tensor]:
-    """One chunk's per-row losses and gradients (h's, and the head's in fp32) from the head `w` in h's dtype. The
-    matmuls run in fp8 when `w8`, the quantised head and its transpose, is given and the chunk's shape fits
-    (fp8_shapes_ok)."""
+    """One chunk's per-row losses and gradients (h's, and the head's in fp32); in fp8 when `w8`, the quantised head
+    and its transpose, is given and the chunk's shape fits."""
     if w8 is None or not fp8_shapes_ok(h.size(0), *w.shape):
         rows = _compiled_ce_rows(compile_backend) if compile_backend else _softcapped_ce_rows
         losses, grad_logits = rows(h @ w.mT, targets, softcap)
@@ -1732,13 +1677,6 @@ def _ce_chunk(h: Tensor, w: Tensor, w8: tuple[Fp8Tensor, Fp8Tensor] | None, targ
     logits = fp8_mm(h8, w8[0], h.dtype, fast_accum=True)
     losses, g8, g8_transposed = rows(logits, targets, softcap, FP8_FORMATS[fp8_grad_format])
     return losses, fp8_mm(g8, w8[1], h.dtype), fp8_mm(g8_transposed, h8.transposed(), torch.float32)
-
-
-def _chunked_ce_losses(h: Tensor, weight: Tensor, targets: Tensor, softcap: float, chunk_tokens: int) -> Tensor:
-    """Per-token losses (T,) fp32, without gradients, `chunk_tokens` rows of logits at a time."""
-    w = weight.to(h.dtype)
-    return torch.cat([F.cross_entropy(soft_cap(h[i:i + chunk_tokens] @ w.mT, softcap), targets[i:i + chunk_tokens],
-                                      ignore_index=-1, reduction="none") for i in range(0, h.size(0), chunk_tokens)])
 
 
 class _SoftcappedCrossEntropySum(torch.autograd.Function):
@@ -1774,19 +1712,18 @@ def softcapped_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, softcap
     """F.cross_entropy(soft_cap(h @ weight.T, softcap), targets, ignore_index=-1, reduction=reduction), computed
     `chunk_tokens` rows of logits at a time, so that memory holds chunk x vocab logits instead of tokens x vocab.
     With gradients and reduction "mean" or "sum", each chunk's gradient is formed at once (fused by torch.compile
-    with `compile_backend`, e.g. "inductor"), its matmuls in fp8 with `fp8_grad_format` (the gradients' format, see
-    fp8_linear); per-token losses ("none") that need gradients take the plain path."""
+    with `compile_backend`), in fp8 with `fp8_grad_format` (see fp8_linear); per-token losses ("none") with
+    gradients go through autograd chunk by chunk."""
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"unknown reduction {reduction!r}; use 'mean', 'sum' or 'none'")
-    needs_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
-    if needs_grad and reduction == "none":
-        return F.cross_entropy(soft_cap(F.linear(h, weight.to(h.dtype)), softcap), targets, ignore_index=-1,
-                               reduction="none")
-    if needs_grad:
+    if _records_grad(h, weight) and reduction != "none":
         total = _SoftcappedCrossEntropySum.apply(h, weight, targets, softcap, chunk_tokens, compile_backend,
                                                  fp8_grad_format)
     else:
-        losses = _chunked_ce_losses(h, weight, targets, softcap, chunk_tokens)
+        w = weight.to(h.dtype)
+        losses = torch.cat([F.cross_entropy(soft_cap(h[i:i + chunk_tokens] @ w.mT, softcap),
+                                            targets[i:i + chunk_tokens], ignore_index=-1, reduction="none")
+                            for i in range(0, h.size(0), chunk_tokens)])
         if reduction == "none":
             return losses
         total = losses.sum()
@@ -1854,18 +1791,16 @@ class GPT(nn.Module):
                 module.compute_dtype = dtype
 
     def set_fp8(self, enabled: bool, grad_format: str = "e5m2") -> None:
-        """fp8 matmuls (fp8_linear) for the MLP projections and the head in passes with gradients: e4m3 activations
-        and weights, gradients in `grad_format` (e5m2 or e4m3). Needs bf16 on a GPU with fp8 (fp8_supported); the
-        weights, their optimizer and checkpoints are unchanged."""
+        """fp8 matmuls (fp8_linear) for the MLP projections and the head in passes with gradients, the gradients in
+        `grad_format`. Needs bf16 on a GPU with fp8 (fp8_supported); weights, optimizer, checkpoints are unchanged."""
         if grad_format not in FP8_FORMATS:
             raise ValueError(f"unknown fp8 gradient format {grad_format!r}; valid: {', '.join(FP8_FORMATS)}")
         for linear in (self.lm_head, *(layer for block in self.blocks for layer in (block.mlp.c_fc, block.mlp.c_proj))):
             linear.fp8_grad_format = grad_format if enabled else None
 
     def cast_weights_for_inference(self) -> "GPT":
-        """Evaluation only: the matrices and embeddings stored in the compute dtype, so that no pass casts them from
-        fp32 again (a copy of every matrix per pass) and they take half the memory. Training needs the fp32 master
-        weights: do not train the model afterwards. Returns the model."""
+        """Evaluation only: matrices and embeddings stored in the compute dtype, so that no pass casts them again and
+        they take half the memory. Training needs the fp32 master weights: do not train the model afterwards."""
         for param in self.parameters():
             if param.ndim >= 2:
                 param.data = param.data.to(self.compute_dtype)
@@ -1873,18 +1808,13 @@ class GPT(nn.Module):
 
     def compile_layers(self, compile_backend: str = "inductor", evaluation: bool = False,
                        inductor_options: dict[str, Any] | None = None) -> "GPT":
-        """Regional torch.compile for training: a block's graph is shared by every layer of the same structure
-        (with or without a value embedding; int or None window, while flex passes BlockMasks: at most 4 graphs),
-        the residual mixing has at most 4 small graphs (with or without a U-net skip; inputs that alias in the
-        first layer and, for an even depth, the first layer after the middle) and the loss one graph per chunk
-        shape. Embeddings and the layer loop stay eager. Windows and document lengths are dynamic, so a growing
-        window recompiles nothing. Passes without gradients run eagerly unless `evaluation`: then all layers compile
-        as one graph per kind of pass (_compiled_layer_stack), which fuses the elementwise work across layers and
-        makes one compiled call per pass: worth its compile time for a long evaluation such as CORE, not for a short
-        training run's validation. Layers with the sdpa attention backend, and passes through a KV cache, run
-        eagerly. `compile_backend` is torch.compile's; `inductor_options` (settings of torch._inductor.config, with
-        hashable values) apply to the evaluation graph, for experiments (baselines/profile_core.py --inductor).
-        Returns the model."""
+        """Regional torch.compile for training: a block's graph is shared by every layer of the same structure, the
+        residual mixing and the loss have a few small graphs; embeddings and the layer loop stay eager. Windows and
+        document lengths are dynamic, so a growing window recompiles nothing. With `evaluation`, passes without
+        gradients compile all layers as one graph (_compiled_layer_stack): worth its compile time for a long
+        evaluation such as CORE, not for a short run's validation. The sdpa backend and passes through a KV cache run
+        eagerly. `inductor_options` (torch._inductor.config settings) apply to the evaluation graph, for experiments
+        (baselines/profile_core.py --inductor)."""
         if inductor_options and compile_backend != "inductor":
             raise ValueError(f"inductor_options need the inductor compile backend, not {compile_backend!r}")
         # evaluation's graph per kind of pass and per shape specialisation (one document, one scored row) can pass
@@ -1899,18 +1829,15 @@ class GPT(nn.Module):
         return self
 
     def rotary(self, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
-        """The rotary tables: config.rotary_dims wide, and twice max_seq_len long with paired heads, whose second
-        head of a pair turns at position 2t + 1."""
-        config = self.config
-        length = config.max_seq_len * (2 if config.paired_head_layers else 1)
-        return rotary_tables(length, config.rotary_dims, device=device)
+        """The rotary tables, config.rotary_dims wide; twice as long with paired heads (interleaved positions)."""
+        length = self.config.max_seq_len * (2 if self.config.paired_head_layers else 1)
+        return rotary_tables(length, self.config.rotary_dims, device=device)
 
     def layer_tricks(self, layer: int) -> tuple[bool, bool]:
         """(paired heads, key offset) of `layer`: pairs where config.paired_head_layers says, the key offset in the
-        other long-window layers (those whose window is always None), as in modded-nanogpt."""
+        other long-window layers, as in modded-nanogpt."""
         paired = layer in self.config.paired_head_layers
-        long_window = self.layer_windows()[layer] is None
-        return paired, self.config.key_offset and long_window and not paired
+        return paired, self.config.key_offset and self.layer_windows()[layer] is None and not paired
 
     def value_embed_index(self, layer: int) -> int | None:
         """Which value-embedding table feeds `layer` (U-net symmetric), or None."""
@@ -1918,8 +1845,8 @@ class GPT(nn.Module):
         return mirrored if mirrored < self.config.value_embed_tables else None
 
     def layer_windows(self, short_window: int | None = None) -> list[int | None]:
-        """Per-layer attention window: "S" layers get `short_window` (default config.window), "L" layers
-        and the last layer get None (full causal). Pass a growing `short_window` to follow a schedule."""
+        """Per-layer window: `short_window` (default config.window; a schedule passes a growing one) in "S" layers,
+        None (full causal) in "L" layers and the last."""
         short = short_window or self.config.window
         pattern = self.config.window_pattern
         windows = [short if pattern[i % len(pattern)] == "S" else None for i in range(self.config.depth)]
@@ -1932,21 +1859,15 @@ class GPT(nn.Module):
                 kv_cache: KVCache | None = None) -> Tensor:
         """The one forward pass of training, evaluation, prefill and decoding.
 
-        input_ids (T,) packed documents with boundaries cu_seqlens (B+1,) int32, the longest max_seqlen tokens
-        (default: one document). Returns fp32 logits (T, vocab) without targets; with targets, the cross-entropy over
-        targets != -1 reduced by `loss_reduction` ("mean", "sum", or "none" for per-token losses, 0 at ignored
-        tokens). `windows` defaults to layer_windows(): an int or None per layer, or a mask of the caller's own, a
-        prebuilt BlockMask on flex or a mask_mod on sdpa. With `positions` (T,), the rotary positions (default:
-        each token's position in its document), such masks lay tokens out other than as plain documents (CORE's
-        shared prefixes, shared_prefix_mask_mod). `logit_rows` (N,) are the rows the head reads: only those rows of
-        the last layer's output go on, giving logits (N, vocab) or N targets, so that no compute goes to rows nobody
-        reads (the last layer's projections and MLP included: CORE reads one row in thousands in some tasks).
+        input_ids (T,) are packed documents (default: one). Returns fp32 logits (T, vocab), or with targets the
+        cross-entropy over targets != -1 ("none": per-token losses, 0 where ignored). `windows` (default
+        layer_windows()) may hold the caller's masks, a BlockMask on flex or a mask_mod on sdpa, which with rotary
+        `positions` lay tokens out other than as plain documents (CORE's shared prefixes). Only the rows
+        `logit_rows` of the last layer go on to the head: no compute goes to rows nobody reads.
 
-        With `kv_cache`, input_ids is (B, L): L new tokens for each of the cache's B rows, continuing what the rows
-        hold (KVCache: positions and boundaries come from it, targets are not taken, windows are ints or None). The
-        logits are (B, L, vocab), or (N, vocab) for `logit_rows` of the flattened B * L tokens; the cache advances by
-        L. Its empty rows are a prefill, through `backend` like training; else the new tokens attend to the cache.
-        """
+        With `kv_cache`, input_ids is (B, L), L new tokens per cache row, which the cache places; logits are
+        (B, L, vocab) and the cache advances by L. Empty rows are a prefill through `backend`; else the new tokens
+        attend to the cache."""
         config = self.config
         shape = input_ids.shape
         if kv_cache is not None:
@@ -1996,8 +1917,8 @@ class GPT(nn.Module):
         return logits.view(*shape, -1) if kv_cache is not None and logit_rows is None else logits
 
     def flex_masks(self, windows: list[Any], cu_seqlens: Tensor, total_len: int) -> list[Any]:
-        """Each layer's window as a FlexAttention block mask, one per window (and per length: paired layers attend
-        over twice the tokens), built outside any compiled region; a BlockMask given by the caller stays."""
+        """Each layer's window as a FlexAttention block mask, built outside any compiled region once per window (and
+        per length: paired layers attend over twice the tokens); a caller's BlockMask stays."""
         masks: dict[tuple[Any, bool], Any] = {}
         for window, block in zip(windows, self.blocks):
             key = (window, block.attn.paired)
@@ -2008,9 +1929,8 @@ class GPT(nn.Module):
         return [masks[window, block.attn.paired] for window, block in zip(windows, self.blocks)]
 
     def trick_inputs(self, positions: Tensor, in_documents: Tensor | None) -> tuple[Tensor | None, ...]:
-        """AttentionBatch's inputs for the key offset (each token's predecessor: itself at a document start, from
-        `in_documents`, each token's position in its packed document) and for paired heads (rotary angles at
-        interleaved positions 2p and 2p + 1); None where the model has neither."""
+        """AttentionBatch's previous, paired_cos and paired_sin (None where the model has no key offset or no paired
+        heads), from the rotary positions and each token's position in its packed document."""
         config = self.config
         previous = paired_cos = paired_sin = None
         if config.key_offset:
@@ -2023,9 +1943,8 @@ class GPT(nn.Module):
     def run_layers(self, x0: Tensor, value_embeds: list[Tensor], windows: list[Any], batch: AttentionBatch,
                    logit_rows: Tensor | None = None, mix: typing.Callable = residual_mix,
                    run_block: typing.Callable = _run_block) -> Tensor:
-        """The blocks, with the residual mixing and U-net skips, from the embeddings x0 to the last hidden state
-        (only the rows `logit_rows` of it, when given). `mix` and `run_block` are the compiled ones in training
-        (compile_layers)."""
+        """The blocks with the residual mixing and U-net skips, from the embeddings x0 to the last hidden state (its
+        rows `logit_rows`); training passes the compiled `mix` and `run_block`."""
         n_skip = self.config.depth // 2
         x, skips = x0, []
         for i, block in enumerate(self.blocks):
@@ -2068,18 +1987,12 @@ class GPT(nn.Module):
         return groups
 
     def flops_per_token(self, seq_len: int, windows: list[int | None] | None = None) -> float:
-        """Training FLOPs per token (forward + backward).
-
-        Convention: 6 FLOPs per matmul parameter (matrices + lm_head; embedding lookups are free), plus
-        attention: QK^T and AV cost 4 * n_heads * head_dim FLOPs per (query, key) pair forward, x3 for
-        forward + backward, times the mean number of keys a query sees: seq_len / 2 for causal layers
-        (12 * n_heads * head_dim * seq_len / 2 per layer) and w - w^2 / (2 seq_len) for a window w < seq_len.
-        Norms, softmax and other elementwise work are not counted. `windows` defaults to layer_windows(). Paired
-        layers count their interleaved sequence.
-        """
+        """Training FLOPs per token (forward + backward): 6 per matmul parameter (embedding lookups are free), plus
+        attention's 12 * n_heads * head_dim per (query, key) pair times the mean number of keys a query sees:
+        seq_len / 2 for causal layers, w - w^2 / (2 seq_len) for a window w < seq_len; paired layers count their
+        interleaved sequence. Norms, softmax and other elementwise work are not counted."""
         counts = self.num_params()
         windows = self.layer_windows() if windows is None else windows
-        # a paired layer runs its H / 2 heads over 2 * seq_len interleaved positions: the work of H heads over those
         lengths = [seq_len * (2 if block.attn.paired else 1) for block in self.blocks]
         attended = [n / 2 if w is None or w >= n else w - w * w / (2 * n) for w, n in zip(windows, lengths)]
         return 6 * (counts["matrices"] + counts["head"]) + 12 * self.config.n_heads * self.config.head_dim * sum(attended)
@@ -2087,48 +2000,6 @@ class GPT(nn.Module):
     def kv_bytes_per_token(self, dtype: torch.dtype = torch.bfloat16) -> int:
         """KV-cache bytes per token (keys and values of every layer; value embeds need no cache)."""
         return 2 * self.config.depth * self.config.dim * torch.empty((), dtype=dtype).element_size()
-
-    def memory_estimate(self, micro_tokens: int, world_size: int = 1, dtype: torch.dtype = torch.bfloat16,
-                        chunk_tokens: int = 8192) -> dict[str, int]:
-        """An estimate of the bytes one GPU needs to train, counted from the model's own sizes, for passes of
-        `micro_tokens` tokens among `world_size` ranks. The terms are added as if alive together (an upper bound:
-        Muon's step buffers come after the activations are freed):
-
-        - weights, gradients: fp32 master copies, 4 bytes per parameter each;
-        - adam_state: AdamW's two fp32 moments for embeddings, value embeddings, head and scalars;
-        - muon_momentum: one fp32 buffer per matrix, kept only for this rank's share of each shape group;
-        - muon_step: the largest shape group's stacked gradients and gathered updates (fp32), alive during step();
-        - weight_copies: the `dtype` copies of the matrices and head that CastedLinear makes and autograd keeps;
-        - activations: what autograd keeps per token in `dtype`, from the code: per layer the block input (1 x dim),
-          the attention's norm output, q and k before and after QK-norm and rotary, v and its output (8 x dim), the
-          MLP's input and norm output (2 x dim) and its hidden activation before and after squaring
-          (2 x mlp_ratio x dim); plus the embeddings (x0 and one per value-embedding table) and the final norm;
-        - logits: one chunk of fp32 logits and their gradient in the fused cross-entropy.
-
-        Not counted: the CUDA context and allocator slack, torch.compile's workspaces, norm statistics, fragmentation.
-        torch.compile fuses some activations away; the SDPA reference (CPU, T4) also keeps each document's attention
-        matrix. Shrinking micro_tokens (the accumulation steps keep the global batch) is what lowers the peak."""
-        counts = self.num_params()
-        config, fp32, elem = self.config, 4, torch.empty((), dtype=dtype).element_size()
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for p in self.parameter_kinds()["matrices"]:
-            groups.setdefault(tuple(p.shape), []).append(p.numel())
-        shares = [-(-len(sizes) // world_size) * sizes[0] for sizes in groups.values()]  # ceil share per group
-        padded = [-(-len(sizes) // world_size) * world_size * sizes[0] for sizes in groups.values()]
-        per_layer = 1 + 8 + 2 + 2 * config.mlp_ratio
-        per_token = config.depth * per_layer + 1 + config.value_embed_tables + 1
-        estimate = {
-            "weights": fp32 * counts["total"],
-            "gradients": fp32 * counts["total"],
-            "adam_state": 2 * fp32 * (counts["total"] - counts["matrices"]),
-            "muon_momentum": fp32 * sum(shares),
-            "muon_step": 2 * fp32 * max(padded, default=0),
-            "weight_copies": elem * (counts["matrices"] + counts["head"]) if dtype != torch.float32 else 0,
-            "activations": elem * micro_tokens * config.dim * per_token,
-            "logits": 2 * fp32 * min(micro_tokens, chunk_tokens) * config.vocab_size,
-        }
-        estimate["total"] = sum(estimate.values())
-        return estimate
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3525,7 +3396,7 @@ class DecodeStep:
     def _capture(self) -> torch.cuda.CUDAGraph:
         """Warm-up steps (which compile) run for real: they write keys and values at the rows' next positions,
         which the first real step overwrites before any query reads them, and every buffer they change is put back
-        afterwards (the carried state of KVCache.carried_state too). Capturing runs nothing."""
+        afterwards (the carried state of KVCache.carried too). Capturing runs nothing."""
         buffers = (*self.state.buffers(), self.cache.lengths, *self.cache.carried.values())
         saved = [buffer.clone() for buffer in buffers]
         stream = torch.cuda.Stream()

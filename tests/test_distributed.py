@@ -1,8 +1,8 @@
 """Data parallelism: two ranks (gloo, spawned processes) make the very update one process makes from the same global
 batch, for SFT (sc.sft_backward on the SFTLoader's rank sharding) and for RL's policy gradient on fixed rollouts
 (sc.policy_gradient_backward; pass@k split over ranks); two "nodes" of one rank each train 03 through torchrun's
-c10d rendezvous on 127.0.0.1; 07 runs on rank 0 only; the tutorial's memory table is GPT.memory_estimate's
-(tutorials/memory_per_gpu.py)."""
+c10d rendezvous on 127.0.0.1; 07 runs on rank 0 only; the tutorial's memory table is what its script's
+memory_estimate computes (tutorials/memory_per_gpu.py)."""
 from __future__ import annotations
 
 import importlib.util
@@ -271,12 +271,16 @@ def test_two_nodes_of_one_rank_train_through_the_c10d_rendezvous(stack_home):
 
 # --- memory per GPU -----------------------------------------------------------------------------------------------
 
-def test_the_tutorials_memory_table_is_what_memory_estimate_computes():
-    tutorial = (ROOT / "tutorials" / "02_headless_and_torchrun.md").read_text()
+def memory_script():
     spec = importlib.util.spec_from_file_location("memory_per_gpu", ROOT / "tutorials" / "memory_per_gpu.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    assert script.memory_table([12, 20, 26]) in tutorial  # the defaults of the script, as the tutorial runs it
+    return script
+
+
+def test_the_tutorials_memory_table_is_what_memory_estimate_computes():
+    tutorial = (ROOT / "tutorials" / "02_headless_and_torchrun.md").read_text()
+    assert memory_script().memory_table([12, 20, 26]) in tutorial  # the defaults of the script, as the tutorial runs it
     bad = subprocess.run([sys.executable, "tutorials/memory_per_gpu.py", "--depths=12,x"], cwd=ROOT,
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "--depths='12,x'" in bad.stderr
@@ -285,14 +289,14 @@ def test_the_tutorials_memory_table_is_what_memory_estimate_computes():
 def test_memory_estimate_follows_the_models_sizes():
     with torch.device("meta"):
         model = sc.GPT(sc.GPTConfig(depth=4, vocab_size=1024, max_seq_len=512))
-    counts = model.num_params()
-    one, two = model.memory_estimate(4096, 1), model.memory_estimate(4096, 2)
+    counts, memory_estimate = model.num_params(), memory_script().memory_estimate
+    one, two = memory_estimate(model, 4096, 1), memory_estimate(model, 4096, 2)
     assert one["weights"] == one["gradients"] == 4 * counts["total"]
     assert one["adam_state"] == 8 * (counts["total"] - counts["matrices"])
     assert one["muon_momentum"] == 4 * counts["matrices"] == 2 * two["muon_momentum"]  # shared over the ranks
-    assert model.memory_estimate(8192, 1)["activations"] == 2 * one["activations"]
+    assert memory_estimate(model, 8192, 1)["activations"] == 2 * one["activations"]
     assert one["total"] == sum(value for key, value in one.items() if key != "total")
-    assert model.memory_estimate(4096, 1, torch.float32)["weight_copies"] == 0
+    assert memory_estimate(model, 4096, 1, torch.float32)["weight_copies"] == 0
 
 
 # --- ranks that see different checkpoints -------------------------------------------------------------------------
