@@ -579,67 +579,6 @@ class Tokenizer:
         return lengths
 
 
-def bytes_per_token(encode: typing.Callable[[str], list[int]], texts: Sequence[str]) -> float:
-    """Compression of a tokenizer on some text: UTF-8 bytes over tokens (higher is better)."""
-    total_bytes = sum(len(t.encode("utf-8")) for t in texts)
-    total_tokens = sum(len(encode(t)) for t in texts)
-    return total_bytes / max(total_tokens, 1)
-
-
-_worker_tokenizer: Tokenizer | None = None
-
-
-def _load_worker_tokenizer(directory: str) -> None:
-    global _worker_tokenizer
-    _worker_tokenizer = Tokenizer.load(Path(directory))
-
-
-def _encode_with_bos(tokenizer: Tokenizer, texts: list[str]) -> list[np.ndarray]:
-    return [np.asarray(ids, dtype=np.uint32) for ids in tokenizer.encode_batch(texts, True, num_threads=1)]
-
-
-def _work_with_tokenizer(job: tuple[typing.Callable[[Tokenizer, Any], list[Any]], Any]) -> list[Any]:
-    work, batch = job
-    assert _worker_tokenizer is not None
-    return work(_worker_tokenizer, batch)
-
-
-def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    batch: list[Any] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def map_with_tokenizer(tokenizer_dir: Path, work: typing.Callable[[Tokenizer, Any], list[ItemT]],
-                       batches: Iterable[Any], workers: int) -> Iterator[ItemT]:
-    """Every item of work(tokenizer, batch) for each batch, in input order, from `workers` processes that each load
-    the tokenizer once. `work` is a module-level function, so that it reaches the workers by name. With workers <= 1
-    it works in this process (faster for small inputs)."""
-    if workers <= 1:
-        tokenizer = Tokenizer.load(Path(tokenizer_dir))
-        for batch in batches:
-            yield from work(tokenizer, batch)
-        return
-    import multiprocessing
-
-    # fork: a spawned worker would re-run the calling script, which is a notebook twin with no __main__ guard
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with multiprocessing.get_context(method).Pool(workers, _load_worker_tokenizer, (str(tokenizer_dir),)) as pool:
-        for results in pool.imap(_work_with_tokenizer, ((work, batch) for batch in batches), chunksize=1):
-            yield from results
-
-
-def tokenize_parallel(tokenizer_dir: Path, docs: Iterable[str], workers: int, batch_docs: int = 256
-                      ) -> Iterator[np.ndarray]:
-    """Token ids of each document, BOS first, in input order, encoded by `workers` processes."""
-    return map_with_tokenizer(tokenizer_dir, _encode_with_bos, batched(docs, batch_docs), workers)
-
-
 # ---------------------------------------------------------------------------------------------
 # 4. Shards (written by 02_sharding; read by 03-06)
 # ---------------------------------------------------------------------------------------------
