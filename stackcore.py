@@ -83,8 +83,7 @@ ItemT = TypeVar("ItemT")
 
 
 class ConfigError(ValueError):
-    """A bad configuration: unknown key, unparsable value, a value the setting does not allow, unknown preset, or a
-    STACK_HOME that cannot be written."""
+    """A bad option, setting value, preset or STACK_HOME."""
 
 
 def in_notebook_kernel() -> bool:
@@ -98,8 +97,8 @@ def in_notebook_kernel() -> bool:
 
 
 def parse_cli_overrides(argv: Sequence[str]) -> dict[str, str]:
-    """`--key=value`, `--key value` and bare `--flag` (meaning true) into a dict of raw strings. `-h` and `--help`
-    are left out: configure answers them, and the set-up cell, which reads the preset first, must not stop on them."""
+    """`--key=value`, `--key value` and bare `--flag` (meaning true) into raw strings. `-h`/`--help` are left to
+    configure, so that the set-up cell, which reads the preset first, does not stop on them."""
     overrides: dict[str, str] = {}
     args = [arg for arg in argv if arg not in HELP_FLAGS]
     while args:
@@ -128,15 +127,13 @@ def parse_value(name: str, raw: Any, kind: Any) -> Any:
             if not number.is_integer():
                 raise ValueError(raw)
             return int(number)
-        if kind is float:
-            return float(raw)
-        return raw
+        return float(raw) if kind is float else raw
     except (KeyError, ValueError):
         raise ConfigError(f"bad value {raw!r} for {name}: expected {getattr(kind, '__name__', kind)}") from None
 
 
 def choose_preset(cli: dict[str, str], environ: typing.Mapping[str, str], gpu: GpuInfo | None) -> str:
-    """--preset beats STACK_PRESET; with neither, pick from the hardware (see auto_preset)."""
+    """--preset beats STACK_PRESET; with neither, pick from the hardware (auto_preset)."""
     preset = (cli.pop("preset", None) or environ.get("STACK_PRESET")
               or auto_preset(gpu, int(environ.get("WORLD_SIZE", "1"))))
     if preset not in PRESET_NAMES:
@@ -145,8 +142,8 @@ def choose_preset(cli: dict[str, str], environ: typing.Mapping[str, str], gpu: G
 
 
 def auto_preset(gpu: GpuInfo | None, world_size: int = 1) -> str:
-    """CPU: tiny; several GPUs: node; an H100-class GPU (Hopper or newer, 70 GB or more): speedrun; any other GPU:
-    colab, which then fits that GPU (see colab_gpu_tier)."""
+    """CPU: tiny; several GPUs: node; an H100-class GPU: speedrun; any other GPU: colab, fitted to it by
+    colab_gpu_tier."""
     if gpu is None:
         return "tiny"
     if world_size > 1:
@@ -160,9 +157,9 @@ INT64_MAX = 2**63 - 1  # settings end up in numpy and torch integers
 
 @dataclass(frozen=True)
 class Allowed:
-    """What one setting may hold, declared in its config's LIMITS table: a number from `low` to `high` (both
-    included, unless `above` leaves `low` out), one of `choices`, or a run name (`folder`: one plain folder name, so
-    that the run stays inside STACK_HOME; `optional` lets it be empty)."""
+    """What one setting may hold (its config's LIMITS table): a number from `low` to `high` (`above` leaves `low`
+    out), one of `choices`, or a run name (`folder`: one plain folder name, so that the run stays inside STACK_HOME;
+    `optional` lets it be empty)."""
     low: float = -math.inf
     high: float = math.inf
     above: bool = False
@@ -203,27 +200,25 @@ def folder_name(optional: bool = False) -> Allowed:
     return Allowed(folder=True, optional=optional)
 
 
-def check_setting(name: str, value: Any, kind: Any, allowed: Allowed | None) -> None:
-    """Stop with a ConfigError naming the setting, its value and what it may hold when `value` is not of the field's
-    type, not finite, outside int64, or not `allowed`."""
-    expected = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}.get(kind, (object,))
-    if not isinstance(value, expected) or (kind in (int, float) and isinstance(value, bool)):
-        raise ConfigError(f"{name}={value!r}: {name} must be of type {kind.__name__}")
+SETTING_TYPES = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}
+
+
+def setting_requirement(value: Any, kind: Any, allowed: Allowed | None) -> str | None:
+    """What a setting must be that `value` is not (the field's type, finite, within int64, `allowed`), or None."""
+    if not isinstance(value, SETTING_TYPES.get(kind, object)) or (kind in (int, float) and isinstance(value, bool)):
+        return f"of type {kind.__name__}"
     if kind is float and not math.isfinite(value):
-        raise ConfigError(f"{name}={value!r}: {name} must be a finite number"
-                          + (f" {allowed.describe()}" if allowed else ""))
+        return "a finite number" + (f" {allowed.describe()}" if allowed else "")
     if kind is int and abs(value) > INT64_MAX:
-        raise ConfigError(f"{name}={value!r}: {name} must be at most {INT64_MAX}")
-    if allowed is not None and not allowed.admits(value):
-        raise ConfigError(f"{name}={value!r}: {name} must be {allowed.describe()}")
+        return f"at most {INT64_MAX}"
+    return allowed.describe() if allowed is not None and not allowed.admits(value) else None
 
 
 @dataclass
 class StackConfig:
-    """Base of every notebook's config. Subclasses add fields and a PRESETS table {preset: {field: value}};
-    presets of parent classes apply first, so a shared base (the corpus, say) keeps its own presets. A LIMITS table
-    {field: Allowed} beside the fields says what each setting may hold; configure calls validate(), which checks
-    every field (numbers must also be finite), so a notebook never meets a setting it cannot use."""
+    """Base of every notebook's config. Subclasses add fields, a PRESETS table {preset: {field: value}} (the bases'
+    presets apply first, so a shared base keeps its own) and a LIMITS table {field: Allowed}, which validate() checks
+    so that a notebook never meets a setting it cannot use."""
     preset: str = ""
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
     LIMITS: ClassVar[dict[str, Allowed]] = {}
@@ -242,23 +237,20 @@ class StackConfig:
         """Check every setting against its type and LIMITS (a hook: subclasses add checks across settings)."""
         kinds, limits = typing.get_type_hints(type(self)), self.limits()
         for field in dataclasses.fields(self):
-            check_setting(field.name, getattr(self, field.name), kinds[field.name], limits.get(field.name))
-
-
-def preset_tables(preset: str, tier: str | None) -> tuple[str, ...]:
-    """The PRESETS tables a preset applies, in order. `colab` fits the GPU's tier (colab_gpu_tier): its own table,
-    then `colab_<tier>` where a notebook has one (say `colab_t4`); on an H100-class GPU it takes the speedrun's."""
-    if preset != "colab" or tier is None:
-        return (preset,)
-    return ("speedrun",) if tier == "h100" else ("colab", f"colab_{tier}")
+            value = getattr(self, field.name)
+            requirement = setting_requirement(value, kinds[field.name], limits.get(field.name))
+            if requirement:
+                raise ConfigError(f"{field.name}={value!r}: {field.name} must be {requirement}")
 
 
 def preset_values(cls: type, preset: str, tier: str | None = None) -> dict[str, Any]:
-    values: dict[str, Any] = {}
-    for table in preset_tables(preset, tier):
-        for klass in reversed(cls.__mro__):
-            values.update(vars(klass).get("PRESETS", {}).get(table, {}))
-    return values
+    """The values a preset sets, the bases' tables first. `colab` fits the GPU's tier (colab_gpu_tier): its own
+    table, then `colab_<tier>` where a notebook has one (say `colab_t4`); an H100-class GPU takes the speedrun's."""
+    tables = (preset,)
+    if preset == "colab" and tier is not None:
+        tables = ("speedrun",) if tier == "h100" else ("colab", f"colab_{tier}")
+    return {name: value for table in tables for klass in reversed(cls.__mro__)
+            for name, value in vars(klass).get("PRESETS", {}).get(table, {}).items()}
 
 
 def script_argv() -> list[str]:
@@ -269,31 +261,12 @@ def script_argv() -> list[str]:
 @contextlib.contextmanager
 def reading_settings() -> Iterator[None]:
     """A ConfigError raised in here is about an option or setting as given: a usage error, which ends a twin run as a
-    script with exit status 2, as argparse does (end_scripts_on_user_errors)."""
+    script with exit status 2, as argparse does (notebooks/runtime.py's end_scripts_on_user_errors)."""
     try:
         yield
     except ConfigError as error:
         error.exit_status = 2
         raise
-
-
-def end_scripts_on_user_errors() -> None:
-    """In a twin run as a script, an error the user fixes by changing a setting or running an earlier notebook
-    (ConfigError, MissingArtifactError) ends the run with its one-line message instead of a traceback: exit status 2
-    for a bad option or setting (reading_settings), 1 for one found later. Other errors keep their traceback, and in
-    a notebook kernel every exception shows as usual. Installed once, however often it is called."""
-    if in_notebook_kernel() or getattr(sys.excepthook, "ends_on_user_errors", False):
-        return
-    default_hook = sys.excepthook
-
-    def hook(kind: type[BaseException], error: BaseException, trace: Any) -> None:
-        if not isinstance(error, (ConfigError, MissingArtifactError)):
-            return default_hook(kind, error, trace)
-        print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr, flush=True)
-        raise SystemExit(getattr(error, "exit_status", 1))  # Python exits with the status a hook's SystemExit gives
-
-    hook.ends_on_user_errors = True  # type: ignore[attr-defined]
-    sys.excepthook = hook
 
 
 # STACK_ variables that are not notebook settings
@@ -302,18 +275,15 @@ KNOWN_STACK_VARIABLES = frozenset({"STACK_HOME", "STACK_PRESET", "STACK_COLAB_GP
 
 
 def misspelt_stack_variables(names: Sequence[str], environ: typing.Mapping[str, str]) -> list[str]:
-    """Warnings for STACK_ variables that are neither a setting of `names` nor a known variable but look like one
-    (difflib finds a close match). A variable that matches nothing here is left alone: the pipeline sets each
-    notebook's settings for all of them."""
+    """Warnings for STACK_ variables close to a setting of `names` or a known variable (difflib). One close to none
+    is left alone: the pipeline sets every notebook's settings for all of them."""
     import difflib
 
-    valid = {f"STACK_{name.upper()}" for name in names} | KNOWN_STACK_VARIABLES
-    found = []
-    for variable in sorted(v for v in environ if v.startswith("STACK_") and v not in valid):
-        close = difflib.get_close_matches(variable, sorted(valid), n=1, cutoff=0.8)
-        if close:
-            found.append(f"{variable} is not a setting here and is ignored; did you mean {close[0]}?")
-    return found
+    valid = sorted({f"STACK_{name.upper()}" for name in names} | KNOWN_STACK_VARIABLES)
+    unknown = sorted(variable for variable in environ if variable.startswith("STACK_") and variable not in valid)
+    matches = {variable: difflib.get_close_matches(variable, valid, n=1, cutoff=0.8) for variable in unknown}
+    return [f"{variable} is not a setting here and is ignored; did you mean {close[0]}?"
+            for variable, close in matches.items() if close]
 
 
 def usage(cls: type, preset: str, tier: str | None) -> str:
@@ -336,12 +306,11 @@ def configure(cls: type[ConfigT], argv: Sequence[str] | None = None,
         with reading_settings():
             return configure(cls, script_argv(), environ)
     environ = os.environ if environ is None else environ
-    wants_help = any(arg in HELP_FLAGS for arg in argv)
     cli = parse_cli_overrides(argv)
     gpu = current_gpu()
     preset = choose_preset(cli, environ, gpu)
     tier = colab_gpu_tier(gpu, environ.get("STACK_COLAB_GPU", ""))
-    if wants_help:
+    if any(arg in HELP_FLAGS for arg in argv):
         print(usage(cls, preset, tier))
         raise SystemExit(0)
     kinds = typing.get_type_hints(cls)
@@ -352,11 +321,9 @@ def configure(cls: type[ConfigT], argv: Sequence[str] | None = None,
                           f"valid keys: {', '.join(names)}")
     for warning in misspelt_stack_variables(names, environ):
         print(f"warning: {warning}", file=sys.stderr, flush=True)
-    values = preset_values(cls, preset, tier)
-    values.update({n: environ[f"STACK_{n.upper()}"] for n in names if f"STACK_{n.upper()}" in environ})
-    values.update(cli)
-    parsed = {name: parse_value(name, raw, kinds[name]) for name, raw in values.items()}
-    config = cls(preset=preset, **parsed)
+    variables = {name: environ[f"STACK_{name.upper()}"] for name in names if f"STACK_{name.upper()}" in environ}
+    values = {**preset_values(cls, preset, tier), **variables, **cli}
+    config = cls(preset=preset, **{name: parse_value(name, raw, kinds[name]) for name, raw in values.items()})
     config.validate()
     return config
 
@@ -2612,16 +2579,6 @@ def evaluate_bpb(model: GPT, loader: PretrainLoader, steps: int, token_bytes: Te
 # ---------------------------------------------------------------------------------------------
 # 11. Checkpoints, distributed set-up and run logs (used by 03-07)
 # ---------------------------------------------------------------------------------------------
-
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 125e12, "T4": 65e12}
-
-
-def peak_flops(device: str) -> float | None:
-    """Dense bf16 (fp16 on a T4) tensor-core peak of the GPU from its datasheet, for MFU; None if unknown."""
-    if not device.startswith("cuda"):
-        return None
-    name = torch.cuda.get_device_name()
-    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
 
 
 def world_size_and_rank() -> tuple[int, int]:

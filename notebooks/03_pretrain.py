@@ -404,7 +404,10 @@ run_log = sc.RunLog(run_dir, enabled=dist_info.master, wandb_run=wandb_run)
 # compilations. Steady-state throughput leaves that step out.
 
 # %%
-peak = sc.peak_flops(device)
+# the GPU's dense bf16 tensor-core peak (fp16 on a T4) from its datasheet; none on the CPU or an unknown GPU
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 125e12, "T4": 65e12}
+gpu_name = torch.cuda.get_device_name(device) if device.startswith("cuda") else ""
+peak = next((flops for key, flops in PEAK_FLOPS.items() if key in gpu_name), None)
 train_seconds, tokens_seen = 0.0, sum(map(step_tokens, range(start_step)))
 step_times, step_rates = [], []  # seconds and tokens per second of each optimizer step; the first one compiles
 val_bpb = float("nan")
