@@ -2618,13 +2618,22 @@ def _collective_device() -> str:
 
 
 def sum_over_ranks(values: Sequence[float]) -> list[float]:
-    """Each of `values` summed over all ranks in one all-reduce (the values themselves in one process): a step's
-    trained tokens, rewards or correct answers are counted per rank, and a mean over the global batch needs sums."""
+    """Each of `values` summed over all ranks in one all-reduce: a step's tokens, rewards or correct answers are
+    counted per rank, and a mean over the global batch needs sums."""
     if not dist.is_initialized():
         return [float(value) for value in values]
     totals = torch.tensor([float(value) for value in values], dtype=torch.float64, device=_collective_device())
     dist.all_reduce(totals)
     return totals.tolist()
+
+
+def all_ranks_agree(ok: bool) -> bool:
+    """True when `ok` holds on every rank, so that all ranks take the same branch (fall back to the same checkpoint)."""
+    if not dist.is_initialized():
+        return ok
+    flag = torch.tensor(int(ok), device=_collective_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def rank_share(count: int) -> range:
@@ -2652,11 +2661,6 @@ class NonFiniteLossError(RuntimeError):
 CHECKPOINT_MAKERS = {"pretrain": "03_pretrain", "sft": "05_sft", "rl": "06_rl"}  # default run name: its notebook
 
 
-def checkpoint_maker(path: Path) -> str:
-    """The notebook that writes checkpoints in `path`'s folder, known from the default run names."""
-    return CHECKPOINT_MAKERS.get(Path(path).parent.name, "03_pretrain, 05_sft or 06_rl")
-
-
 def check_finite_loss(loss: float, step: int, what: str = "training loss") -> None:
     """Stop training on a NaN or infinite loss, before the next checkpoint could save what caused it."""
     if not math.isfinite(loss):
@@ -2667,17 +2671,15 @@ def check_finite_loss(loss: float, step: int, what: str = "training loss") -> No
 def save_checkpoint(directory: Path, step: int, model: nn.Module, optimizers: list[torch.optim.Optimizer],
                     loader: Any, config: Any, dist_info: DistInfo, extra: dict | None = None) -> Path:
     """`step_NNNNNN.pt` (model, configs, step and world size; rank 0) and `step_NNNNNN.rankR.pt` (optimizer and
-    loader state of each rank: distributed Muon keeps each rank's momentum share apart). Written atomically, as
-    tensors, numbers, strings and plain containers only, so that they load with torch.load(weights_only=True).
-    Weights that are not finite are never written."""
+    loader state of each rank: distributed Muon keeps each rank's momentum share apart). Written atomically, of
+    tensors, numbers, strings and plain containers only (weights_only=True loads them), never non-finite weights."""
     broken = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
     if broken:
         raise NonFiniteLossError(f"step {step}: {len(broken)} weight tensor(s) hold NaN or infinite values "
                                  f"({', '.join(broken[:3])}): not saved; lower --lr_scale or check the data")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"step_{step:06d}.pt"
-    rank_path = directory / f"step_{step:06d}.rank{dist_info.rank}.pt"
+    path = Path(directory) / f"step_{step:06d}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rank_path = path.with_name(f"{path.stem}.rank{dist_info.rank}.pt")
     atomic_save({"optimizers": [o.state_dict() for o in optimizers], "loader": loader.state_dict()}, rank_path)
     if dist_info.master:
         atomic_save({"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
@@ -2700,16 +2702,16 @@ def checkpoint_paths(directory: Path) -> list[Path]:
 
 
 def latest_checkpoint(directory: Path) -> Path | None:
-    paths = checkpoint_paths(directory)
-    return paths[-1] if paths else None
+    return next(reversed(checkpoint_paths(directory)), None)
 
 
 def load_checkpoint(path: Path, device: str = "cpu", made_by: str | None = None,
                     keys: Sequence[str] = ("model", "model_config", "step")) -> dict[str, Any]:
-    """A checkpoint file holding `keys` (by default the rank-0 file: model weights, configs, step), by torch.load
-    with weights_only=True (a checkpoint holding other Python objects is refused unread: unpickling them could run
-    code), with errors that name the file and the notebook that writes it."""
-    path, made_by = Path(path), made_by or checkpoint_maker(path)
+    """A checkpoint file holding `keys` (by default the rank-0 file's), read with weights_only=True (a file holding
+    other Python objects is refused unread: unpickling them could run code); errors name the file and the notebook
+    that writes it (`made_by`, else the one whose default run name is the file's folder)."""
+    path = Path(path)
+    made_by = made_by or CHECKPOINT_MAKERS.get(path.parent.name, "03_pretrain, 05_sft or 06_rl")
     require_artifact(path, made_by)
     try:
         with warnings.catch_warnings():  # torch warns about foreign pickle protocols before refusing them
@@ -2726,16 +2728,6 @@ def load_checkpoint(path: Path, device: str = "cpu", made_by: str | None = None,
         raise DamagedCheckpointError(f"{path} is not a DecoderStack checkpoint (no {', '.join(missing)}); they are "
                                      f"written by notebooks/{made_by}")
     return state
-
-
-def check_vocabulary(path: Path, checkpoint: dict[str, Any], vocab_size: int) -> None:
-    """A model must use the tokenizer it was trained with: other ids would index past its embedding or mean other
-    text."""
-    model_vocab = checkpoint["model_config"]["vocab_size"]
-    if model_vocab != vocab_size:
-        raise CheckpointError(f"{path} holds a model with a vocabulary of {model_vocab} tokens, but the tokenizer "
-                              f"in {artifact_dir('tokenizer', create=False)} has {vocab_size}: it was trained with "
-                              f"another tokenizer; use that tokenizer's STACK_HOME or train the model again")
 
 
 def _rank_states(path: Path, checkpoint: dict[str, Any], loader: Any, dist_info: DistInfo, made_by: str
@@ -2761,22 +2753,12 @@ def _rank_states(path: Path, checkpoint: dict[str, Any], loader: Any, dist_info:
     return {"optimizers": optimizers, "loader": states[0]["loader"]}
 
 
-def all_ranks_agree(ok: bool) -> bool:
-    """True when `ok` holds on every rank, so that all ranks fall back to the same checkpoint."""
-    if not dist.is_initialized():
-        return ok
-    flag = torch.tensor(int(ok), device=_collective_device())
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
-
-
 def resume_training(directory: Path, model: GPT, optimizers: list[torch.optim.Optimizer], loader: Any,
                     dist_info: DistInfo, made_by: str, log: typing.Callable[[str], None] = print
                     ) -> tuple[int, Path | None]:
-    """Continue a run from the newest usable checkpoint in `directory`: the model's weights, then the optimizer
-    and loader (or sampler) state. A damaged newest checkpoint is reported and the previous one taken. Returns
-    (step, checkpoint), or (0, None) when the folder has none. A checkpoint of another model shape stops with a
-    message instead of a confusing state-dict error."""
+    """Continue a run from the newest usable checkpoint in `directory` (model weights, then optimizer and loader or
+    sampler state), falling back past damaged ones. Returns (step, checkpoint), or (0, None) when there is none. A
+    checkpoint of another model shape stops with a message instead of a confusing state-dict error."""
     paths, damages = checkpoint_paths(directory), []
     seen, ranks = sum_over_ranks([len(paths), 1])
     if not all_ranks_agree(seen == len(paths) * ranks):
@@ -2821,10 +2803,9 @@ def run_is_complete(start_step: int, steps: int, run_name: str, checkpoint: Path
 def start_training(checkpoint_dir: Path, run_dir: Path, model: GPT, optimizers: list[torch.optim.Optimizer],
                    loader: Any, dist_info: DistInfo, made_by: str, run_name: str, steps: int, resume: bool,
                    log: typing.Callable[[str], None] = print) -> tuple[int, bool]:
-    """Where a training notebook's loop starts, as (first step, whether the run is complete already). With `resume`
-    it continues from the newest usable checkpoint in `checkpoint_dir` (resume_training) and says so once: resumed
-    from it, or already complete (run_is_complete). A run that starts afresh drops an earlier run's metrics.jsonl
-    in `run_dir`."""
+    """Where a training notebook's loop starts: (first step, whether the run is complete already). With `resume`
+    it continues from the newest usable checkpoint and says so once; a run that starts afresh drops an earlier
+    run's metrics.jsonl."""
     start_step, latest = (resume_training(checkpoint_dir, model, optimizers, loader, dist_info, made_by, log)
                           if resume else (0, None))
     complete = run_is_complete(start_step, steps, run_name, latest, log)
@@ -2837,10 +2818,14 @@ def start_training(checkpoint_dir: Path, run_dir: Path, model: GPT, optimizers: 
 
 def model_from_checkpoint(path: Path, device: str, vocab_size: int | None = None, made_by: str | None = None
                           ) -> tuple[GPT, dict[str, Any]]:
-    """The model of a checkpoint; with `vocab_size`, refused unless it matches the tokenizer's."""
+    """The model of a checkpoint; with `vocab_size`, refused unless it matches the tokenizer's: other ids would
+    index past its embedding or mean other text."""
     checkpoint = load_checkpoint(path, device, made_by)
-    if vocab_size is not None:
-        check_vocabulary(path, checkpoint, vocab_size)
+    model_vocab = checkpoint["model_config"]["vocab_size"]
+    if vocab_size is not None and model_vocab != vocab_size:
+        raise CheckpointError(f"{path} holds a model with a vocabulary of {model_vocab} tokens, but the tokenizer "
+                              f"in {artifact_dir('tokenizer', create=False)} has {vocab_size}: it was trained with "
+                              f"another tokenizer; use that tokenizer's STACK_HOME or train the model again")
     model = GPT(GPTConfig(**checkpoint["model_config"])).to(device)
     model.load_state_dict(checkpoint["model"])
     return model, checkpoint
