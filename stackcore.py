@@ -435,13 +435,11 @@ COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32
 def compute_dtype_for(gpu: GpuInfo | None, requested: str = "auto") -> torch.dtype:
     """`requested` (auto | bfloat16 | float16 | float32); auto is bf16 where the GPU has it (Ampere and newer), fp16
     on older GPUs such as the T4 (the training loops scale the loss: LossScaler), fp32 on the CPU."""
-    if requested != "auto":
-        if requested not in COMPUTE_DTYPES:
-            raise ConfigError(f"unknown dtype {requested!r}; valid: auto, {', '.join(COMPUTE_DTYPES)}")
-        return COMPUTE_DTYPES[requested]
-    if gpu is None:
-        return torch.float32
-    return torch.bfloat16 if gpu.has_bf16 else torch.float16
+    if requested == "auto":
+        return torch.float32 if gpu is None else torch.bfloat16 if gpu.has_bf16 else torch.float16
+    if requested not in COMPUTE_DTYPES:
+        raise ConfigError(f"unknown dtype {requested!r}; valid: auto, {', '.join(COMPUTE_DTYPES)}")
+    return COMPUTE_DTYPES[requested]
 
 
 def pick_compute_dtype(device: str) -> torch.dtype:
@@ -499,9 +497,8 @@ class Tokenizer:
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        lines = (f"{base64.b64encode(piece).decode()} {rank}\n" for piece, rank in sorted(self.ranks.items(),
-                                                                                         key=lambda kv: kv[1]))
-        (directory / TOKENIZER_RANKS).write_text("".join(lines))  # tiktoken's format: base64 token, space, rank
+        by_rank = sorted(self.ranks.items(), key=lambda kv: kv[1])  # tiktoken's format: base64 token, space, rank
+        (directory / TOKENIZER_RANKS).write_text("".join(f"{base64.b64encode(p).decode()} {r}\n" for p, r in by_rank))
         meta = {"name": self.name, "pattern": self.pattern, "special_tokens": self.specials}
         (directory / TOKENIZER_META).write_text(json.dumps(meta, indent=1))
         np.save(directory / TOKEN_BYTES, self.token_bytes())
