@@ -2727,92 +2727,6 @@ def load_checkpoint(path: Path, device: str = "cpu", made_by: str | None = None,
     return state
 
 
-def _rank_states(path: Path, checkpoint: dict[str, Any], loader: Any, dist_info: DistInfo, made_by: str
-                 ) -> dict[str, Any]:
-    """This rank's optimizer and loader state. Saved by another number of ranks, it is rebuilt from every rank's
-    file when the loader's position is the same on every rank (`position_shared`): per-parameter optimizer state is
-    the union of the files (AdamW's is the same on every rank, Muon's momentum sits with the rank that owned the
-    matrix; Muon.load_state_dict keeps this rank's share)."""
-    saved = checkpoint.get("world_size") or len(list(path.parent.glob(f"{path.stem}.rank*.pt")))
-    if saved == dist_info.world_size:
-        return load_checkpoint(path.with_name(f"{path.stem}.rank{dist_info.rank}.pt"), dist_info.device,
-                               made_by, keys=("optimizers", "loader"))
-    if not getattr(loader, "position_shared", False):
-        raise CheckpointError(f"{path} was saved by {saved} process(es) and this run has {dist_info.world_size}: "
-                              f"{type(loader).__name__} keeps a separate position on each rank, which cannot be "
-                              f"split again; resume with {saved} process(es), or start a new run with "
-                              f"--run_name=<new name>")
-    states = [load_checkpoint(path.with_name(f"{path.stem}.rank{rank}.pt"), dist_info.device, made_by,
-                              keys=("optimizers", "loader")) for rank in range(saved)]
-    optimizers = [{"param_groups": parts[0]["param_groups"],
-                   "state": {key: value for part in parts for key, value in part["state"].items()}}
-                  for parts in zip(*(state["optimizers"] for state in states))]
-    return {"optimizers": optimizers, "loader": states[0]["loader"]}
-
-
-def resume_training(directory: Path, model: GPT, optimizers: list[torch.optim.Optimizer], loader: Any,
-                    dist_info: DistInfo, made_by: str, log: typing.Callable[[str], None] = print
-                    ) -> tuple[int, Path | None]:
-    """Continue a run from the newest usable checkpoint in `directory` (model weights, then optimizer and loader or
-    sampler state), falling back past damaged ones. Returns (step, checkpoint), or (0, None) when there is none. A
-    checkpoint of another model shape stops with a message instead of a confusing state-dict error."""
-    paths, damages = checkpoint_paths(directory), []
-    seen, ranks = sum_over_ranks([len(paths), 1])
-    if not all_ranks_agree(seen == len(paths) * ranks):
-        raise CheckpointError(f"the ranks see different checkpoints in {directory}: with several nodes, STACK_HOME "
-                              f"must be one shared filesystem (or pass --resume=false)")
-    for path in reversed(paths):
-        try:
-            checkpoint = load_checkpoint(path, dist_info.device, made_by)
-            if checkpoint["model_config"] != dataclasses.asdict(model.config):
-                raise CheckpointError(f"{path} holds a different model ({checkpoint['model_config']}); "
-                                      f"use --run_name=<new name> or --resume=false")
-            rank_state, damage = _rank_states(path, checkpoint, loader, dist_info, made_by), None
-        except DamagedCheckpointError as error:
-            damage = error
-        if all_ranks_agree(damage is None):
-            model.load_state_dict(checkpoint["model"])
-            for optimizer, optimizer_state in zip(optimizers, rank_state["optimizers"]):
-                optimizer.load_state_dict(optimizer_state)
-            loader.load_state_dict(rank_state["loader"])
-            return checkpoint["step"], path
-        damages.append(str(damage or f"another rank could not read its part of {path}"))
-        log(f"WARNING: {damages[-1]}; trying the checkpoint before it")
-    if paths:
-        raise CheckpointError(f"no usable checkpoint in {directory}: all {len(paths)} are damaged (the newest: "
-                              f"{damages[0]}); delete them, or start a new run with --run_name=<new name> or "
-                              f"--resume=false")
-    return 0, None
-
-
-def run_is_complete(start_step: int, steps: int, run_name: str, checkpoint: Path | None,
-                    log: typing.Callable[[str], None] = print) -> bool:
-    """True (and says so) when a resumed run has already reached `steps`: it then trains nothing and leaves its
-    summary as it is. A larger --steps continues it."""
-    if checkpoint is None or start_step < steps:
-        return False
-    log(f"run {run_name!r} is already complete: {checkpoint} is at step {start_step} and --steps={steps}, so "
-        f"nothing is trained and its summary is left as it is. To train it further pass --steps=<more than "
-        f"{start_step}>; to start another run pass --run_name=<new name> (or --resume=false to start this one over)")
-    return True
-
-
-def start_training(checkpoint_dir: Path, run_dir: Path, model: GPT, optimizers: list[torch.optim.Optimizer],
-                   loader: Any, dist_info: DistInfo, made_by: str, run_name: str, steps: int, resume: bool,
-                   log: typing.Callable[[str], None] = print) -> tuple[int, bool]:
-    """Where a training notebook's loop starts: (first step, whether the run is complete already). With `resume`
-    it continues from the newest usable checkpoint and says so once; a run that starts afresh drops an earlier
-    run's metrics.jsonl."""
-    start_step, latest = (resume_training(checkpoint_dir, model, optimizers, loader, dist_info, made_by, log)
-                          if resume else (0, None))
-    complete = run_is_complete(start_step, steps, run_name, latest, log)
-    if latest is None and dist_info.master:
-        (Path(run_dir) / "metrics.jsonl").unlink(missing_ok=True)
-    elif latest is not None and not complete:
-        log(f"resumed from {latest} at step {start_step}")
-    return start_step, complete
-
-
 def model_from_checkpoint(path: Path, device: str, vocab_size: int | None = None, made_by: str | None = None
                           ) -> tuple[GPT, dict[str, Any]]:
     """The model of a checkpoint; with `vocab_size`, refused unless it matches the tokenizer's: other ids would
@@ -2826,27 +2740,6 @@ def model_from_checkpoint(path: Path, device: str, vocab_size: int | None = None
     model = GPT(GPTConfig(**checkpoint["model_config"])).to(device)
     model.load_state_dict(checkpoint["model"])
     return model, checkpoint
-
-
-class RunLog:
-    """Appends one JSON object per event to `metrics.jsonl` in the run folder (and to wandb when enabled)."""
-
-    def __init__(self, run_dir: Path, enabled: bool = True, wandb_run: Any = None):
-        self.path = Path(run_dir) / "metrics.jsonl"
-        self.enabled, self.wandb_run = enabled, wandb_run
-        if enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-
-    def log(self, **metrics: Any) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        if self.wandb_run is not None:
-            self.wandb_run.log(metrics)
-
-    def read(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in open(self.path)] if self.path.exists() else []
 
 
 def accumulation_steps(tokens_per_step: int, micro_tokens: int, world_size: int) -> int:

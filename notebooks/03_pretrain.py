@@ -386,14 +386,16 @@ plt.show()
 # nothing and keeps its summary: pass a larger `--steps` to continue it, or a new `--run_name`.
 
 # %%
-start_step, complete = sc.start_training(checkpoint_dir, run_dir, model, optimizers, train_loader, dist_info,
-                                         "03_pretrain", cfg.run_name, cfg.steps, cfg.resume, log)
+from notebooks.training import RunLog, start_training
+
+start_step, complete = start_training(checkpoint_dir, run_dir, model, optimizers, train_loader, dist_info,
+                                      "03_pretrain", cfg.run_name, cfg.steps, cfg.resume, log)
 wandb_run = None
 if cfg.wandb and dist_info.master:
     import wandb
 
     wandb_run = wandb.init(project="decoderstack", name=cfg.run_name, config=dataclasses.asdict(cfg))
-run_log = sc.RunLog(run_dir, enabled=dist_info.master, wandb_run=wandb_run)
+run_log = RunLog(run_dir, enabled=dist_info.master, wandb_run=wandb_run)
 
 # %% [markdown]
 # ## The training loop

@@ -238,9 +238,11 @@ loss_scaler = sc.LossScaler(compute_dtype, device)  # fp16 only (a T4); a plain 
 # and keeps its results file: pass a larger `--steps` to continue it, or a new `--run_name`.
 
 # %%
-start_step, complete = sc.start_training(checkpoint_dir, run_dir, model, optimizers, train_loader, dist_info,
-                                         "05_sft", cfg.run_name, steps, cfg.resume, log)
-run_log = sc.RunLog(run_dir, enabled=dist_info.master)
+from notebooks.training import RunLog, start_training
+
+start_step, complete = start_training(checkpoint_dir, run_dir, model, optimizers, train_loader, dist_info,
+                                      "05_sft", cfg.run_name, steps, cfg.resume, log)
+run_log = RunLog(run_dir, enabled=dist_info.master)
 
 # %% [markdown]
 # ## The training loop

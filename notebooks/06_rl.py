@@ -236,9 +236,11 @@ loss_scaler = sc.LossScaler(compute_dtype, device)  # fp16 only (a T4); a plain 
 # new `--run_name`.
 
 # %%
-start_step, complete = sc.start_training(checkpoint_dir, run_dir, model, optimizers, sampler, dist_info,
-                                         "06_rl", cfg.run_name, cfg.steps, cfg.resume, log)
-run_log = sc.RunLog(run_dir, enabled=dist_info.master)
+from notebooks.training import RunLog, start_training
+
+start_step, complete = start_training(checkpoint_dir, run_dir, model, optimizers, sampler, dist_info,
+                                      "06_rl", cfg.run_name, cfg.steps, cfg.resume, log)
+run_log = RunLog(run_dir, enabled=dist_info.master)
 
 # %% [markdown]
 # ## The training loop

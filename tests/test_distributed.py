@@ -24,6 +24,7 @@ import torch.multiprocessing as mp
 import stackcore as sc
 from data import gsm8k, sft
 from notebooks.chat_session import run_on_rank_zero_only
+from notebooks.training import resume_training
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 512  # the tiny tokenizer's (conftest)
@@ -300,8 +301,8 @@ def test_memory_estimate_follows_the_models_sizes():
 def resume_where_rank_one_sees_nothing(directory: Path, empty: Path) -> str:
     model = perturbed_model()
     try:
-        sc.resume_training(directory if dist.get_rank() == 0 else empty, model, sc.build_optimizers(model), None,
-                           sc.DistInfo(dist.get_rank(), 2, 0, "cpu"), "03_pretrain", log=lambda message: None)
+        resume_training(directory if dist.get_rank() == 0 else empty, model, sc.build_optimizers(model), None,
+                        sc.DistInfo(dist.get_rank(), 2, 0, "cpu"), "03_pretrain", log=lambda message: None)
     except sc.CheckpointError as error:
         return str(error)
     return "resumed"

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import stackcore as sc
+from notebooks.training import resume_training, run_is_complete
 
 BOS = 511
 SINGLE = sc.DistInfo(0, 1, 0, "cpu")
@@ -109,7 +110,7 @@ def test_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path, 
         torch.save(state, path)
     with pytest.raises(sc.CheckpointError) as error:
         if where == "rank file":
-            sc.resume_training(directory, *fresh(tmp_path), SINGLE, "03_pretrain")
+            resume_training(directory, *fresh(tmp_path), SINGLE, "03_pretrain")
         else:
             sc.load_checkpoint(path)
     assert not marker.exists()
@@ -128,7 +129,7 @@ def test_resume_falls_back_to_the_previous_good_checkpoint(tmp_path, damaged, da
     directory, _ = train_and_save(tmp_path, steps=(1, 2))
     DAMAGES[damage](directory / damaged)
     said = []
-    step, path = sc.resume_training(directory, *fresh(tmp_path), SINGLE, "03_pretrain", said.append)
+    step, path = resume_training(directory, *fresh(tmp_path), SINGLE, "03_pretrain", said.append)
     assert (step, path) == (1, directory / "step_000001.pt")
     assert len(said) == 1 and "WARNING" in said[0] and str(directory / damaged) in said[0]
     assert "trying the checkpoint before it" in said[0]
@@ -139,11 +140,11 @@ def test_resume_with_every_checkpoint_damaged_says_so(tmp_path):
     for path in directory.glob("step_??????.pt"):
         truncate(path)
     with pytest.raises(sc.CheckpointError, match=r"no usable checkpoint in .*all 2 are damaged \(the newest: .*step_000002.pt.*--run_name"):
-        sc.resume_training(directory, *fresh(tmp_path), SINGLE, "03_pretrain", lambda line: None)
+        resume_training(directory, *fresh(tmp_path), SINGLE, "03_pretrain", lambda line: None)
 
 
 def test_resume_of_an_empty_folder_starts_from_zero(tmp_path):
-    assert sc.resume_training(tmp_path / "none", *fresh(tmp_path), SINGLE, "03_pretrain") == (0, None)
+    assert resume_training(tmp_path / "none", *fresh(tmp_path), SINGLE, "03_pretrain") == (0, None)
 
 
 @pytest.mark.parametrize("vocab", [1024, 256, 511, 513])
@@ -162,7 +163,7 @@ def test_vocabulary_that_does_not_match_the_tokenizer_is_refused(tmp_path, vocab
 def test_complete_run_says_so_and_points_to_run_name_and_steps(start, steps, complete, tmp_path):
     said = []
     checkpoint = tmp_path / f"step_{start:06d}.pt" if start else None
-    assert sc.run_is_complete(start, steps, "pretrain", checkpoint, said.append) is complete
+    assert run_is_complete(start, steps, "pretrain", checkpoint, said.append) is complete
     if complete:
         assert "'pretrain' is already complete" in said[0] and f"--steps={steps}" in said[0]
         assert f"--steps=<more than {start}>" in said[0] and "--run_name=<new name>" in said[0]
@@ -176,10 +177,10 @@ def test_resume_from_more_ranks_merges_their_optimizer_shares(tmp_path):
     directory, trained = train_and_save(tmp_path, steps=(1,), dist_info=sc.DistInfo(0, 2, 0, "cpu"))
     model, optimizers, loader = fresh(tmp_path)
     with pytest.raises(sc.MissingArtifactError, match=r"step_000001.rank1.pt not found"):
-        sc.resume_training(directory, model, optimizers, loader, SINGLE, "03_pretrain")
+        resume_training(directory, model, optimizers, loader, SINGLE, "03_pretrain")
     rank0 = directory / "step_000001.rank0.pt"
     (directory / "step_000001.rank1.pt").write_bytes(rank0.read_bytes())
-    assert sc.resume_training(directory, model, optimizers, loader, SINGLE, "03_pretrain")[0] == 1
+    assert resume_training(directory, model, optimizers, loader, SINGLE, "03_pretrain")[0] == 1
     assert all(torch.equal(a, b) for a, b in zip(trained.state_dict().values(), model.state_dict().values()))
     assert len(optimizers[1].state) == len(optimizers[1].param_groups[0]["params"]) + sum(
         len(g["params"]) for g in optimizers[1].param_groups[1:])
@@ -189,7 +190,7 @@ def test_resume_from_one_rank_in_two_keeps_each_ranks_momentum_share(tmp_path, m
     directory, _ = train_and_save(tmp_path, steps=(1,))
     model, optimizers, loader = fresh(tmp_path)
     monkeypatch.setattr(sc, "world_size_and_rank", lambda: (2, 1))
-    step, _ = sc.resume_training(directory, model, optimizers, loader, sc.DistInfo(1, 2, 1, "cpu"), "03_pretrain")
+    step, _ = resume_training(directory, model, optimizers, loader, sc.DistInfo(1, 2, 1, "cpu"), "03_pretrain")
     assert step == 1
     for group in optimizers[1].param_groups:
         own = group["params"][-(-len(group["params"]) // 2):]  # rank 1's: the second half, the shorter if odd
@@ -204,8 +205,8 @@ def test_loader_with_a_position_per_rank_says_why_it_cannot_resume(tmp_path):
     directory, _ = train_and_save(tmp_path, steps=(1,))
     model = tiny_model(seed=7)
     with pytest.raises(sc.CheckpointError) as error:
-        sc.resume_training(directory, model, sc.build_optimizers(model), PerRankLoader(), sc.DistInfo(0, 2, 0, "cpu"),
-                           "05_sft")
+        resume_training(directory, model, sc.build_optimizers(model), PerRankLoader(), sc.DistInfo(0, 2, 0, "cpu"),
+                        "05_sft")
     message = str(error.value)
     assert "saved by 1 process(es) and this run has 2" in message and "PerRankLoader keeps a separate position" in message
     assert "resume with 1 process(es)" in message and "not found" not in message
