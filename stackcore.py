@@ -2651,46 +2651,7 @@ class DamagedCheckpointError(CheckpointError):
     the previous checkpoint."""
 
 
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or infinite loss (or weights): it stops before anything is saved."""
-
-
 CHECKPOINT_MAKERS = {"pretrain": "03_pretrain", "sft": "05_sft", "rl": "06_rl"}  # default run name: its notebook
-
-
-def check_finite_loss(loss: float, step: int, what: str = "training loss") -> None:
-    """Stop training on a NaN or infinite loss, before the next checkpoint could save what caused it."""
-    if not math.isfinite(loss):
-        raise NonFiniteLossError(f"the {what} is {loss} at step {step}: training stopped and nothing was saved (the "
-                                 f"newest checkpoint holds the last good weights); lower --lr_scale or check the data")
-
-
-def save_checkpoint(directory: Path, step: int, model: nn.Module, optimizers: list[torch.optim.Optimizer],
-                    loader: Any, config: Any, dist_info: DistInfo, extra: dict | None = None) -> Path:
-    """`step_NNNNNN.pt` (model, configs, step and world size; rank 0) and `step_NNNNNN.rankR.pt` (optimizer and
-    loader state of each rank: distributed Muon keeps each rank's momentum share apart). Written atomically, of
-    tensors, numbers, strings and plain containers only (weights_only=True loads them), never non-finite weights."""
-    broken = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
-    if broken:
-        raise NonFiniteLossError(f"step {step}: {len(broken)} weight tensor(s) hold NaN or infinite values "
-                                 f"({', '.join(broken[:3])}): not saved; lower --lr_scale or check the data")
-    path = Path(directory) / f"step_{step:06d}.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rank_path = path.with_name(f"{path.stem}.rank{dist_info.rank}.pt")
-    atomic_save({"optimizers": [o.state_dict() for o in optimizers], "loader": loader.state_dict()}, rank_path)
-    if dist_info.master:
-        atomic_save({"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
-                     "config": dataclasses.asdict(config), "step": step, "world_size": dist_info.world_size,
-                     **(extra or {})}, path)
-    if dist.is_initialized():
-        dist.barrier()
-    return path
-
-
-def atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def checkpoint_paths(directory: Path) -> list[Path]:

@@ -386,7 +386,7 @@ plt.show()
 # nothing and keeps its summary: pass a larger `--steps` to continue it, or a new `--run_name`.
 
 # %%
-from notebooks.training import RunLog, start_training
+from notebooks.training import RunLog, check_finite_loss, save_checkpoint, start_training
 
 start_step, complete = start_training(checkpoint_dir, run_dir, model, optimizers, train_loader, dist_info,
                                       "03_pretrain", cfg.run_name, cfg.steps, cfg.resume, log)
@@ -426,8 +426,8 @@ for step in range(start_step, start_step if complete else cfg.steps + 1):
         log(f"step {step:5d}/{cfg.steps} | val bpb {val_bpb:.4f}")
         run_log.log(step=step, val_bpb=val_bpb, tokens=tokens_seen, train_seconds=train_seconds)
     if step > start_step and (step % cfg.save_every == 0 or last):
-        saved = sc.save_checkpoint(checkpoint_dir, step, model, optimizers, train_loader, cfg, dist_info,
-                                   {"val_bpb": val_bpb, "tokenizer_dir": str(tokenizer_dir)})
+        saved = save_checkpoint(checkpoint_dir, step, model, optimizers, train_loader, cfg, dist_info,
+                                {"val_bpb": val_bpb, "tokenizer_dir": str(tokenizer_dir)})
         log(f"saved {saved}")
     if last:
         break
@@ -444,7 +444,7 @@ for step in range(start_step, start_step if complete else cfg.steps + 1):
         loss_scaler.scale(loss / micro_steps).backward()
     loss_scaler.step(optimizers)
     train_loss = loss.item()  # one sync per step: the loss of the last micro-batch
-    sc.check_finite_loss(train_loss, step + 1)
+    check_finite_loss(train_loss, step + 1)
     step_seconds = time.time() - t0
     step_times.append(step_seconds)
     if len(step_times) == 1:  # keep what set-up and compilation left behind out of every later garbage collection

@@ -1,18 +1,61 @@
-"""Where a run of a training notebook (03_pretrain, 05_sft, 06_rl) starts and what it logs: a fresh start, or the
-newest usable checkpoint read back on any number of ranks (falling back past damaged ones), the "already complete"
-answer, and the metrics log. Only these three notebooks train, so this lives beside them rather than in stackcore,
-which keeps the checkpoint files' reader and writer (save_checkpoint, load_checkpoint) that every notebook uses."""
+"""A run of a training notebook (03_pretrain, 05_sft, 06_rl) around its loop: where it starts (afresh, or from the
+newest usable checkpoint on any number of ranks, falling back past damaged ones; "already complete"), saving its
+checkpoints, stopping on a non-finite loss, and its metrics log. Only these three notebooks train, so this lives
+beside them; stackcore keeps the checkpoint reader (load_checkpoint, model_from_checkpoint) that 04-07 use too."""
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
+import torch.nn as nn
 
 from stackcore import (GPT, CheckpointError, DamagedCheckpointError, DistInfo, all_ranks_agree, checkpoint_paths,
                        load_checkpoint, sum_over_ranks)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss (or weights): it stops before anything is saved."""
+
+
+def check_finite_loss(loss: float, step: int, what: str = "training loss") -> None:
+    """Stop training on a NaN or infinite loss, before the next checkpoint could save what caused it."""
+    if not math.isfinite(loss):
+        raise NonFiniteLossError(f"the {what} is {loss} at step {step}: training stopped and nothing was saved (the "
+                                 f"newest checkpoint holds the last good weights); lower --lr_scale or check the data")
+
+
+def save_checkpoint(directory: Path, step: int, model: nn.Module, optimizers: list[torch.optim.Optimizer],
+                    loader: Any, config: Any, dist_info: DistInfo, extra: dict | None = None) -> Path:
+    """`step_NNNNNN.pt` (model, configs, step and world size; rank 0) and `step_NNNNNN.rankR.pt` (optimizer and
+    loader state of each rank: distributed Muon keeps each rank's momentum share apart). Written atomically, of
+    tensors, numbers, strings and plain containers only (weights_only=True loads them), never non-finite weights."""
+    broken = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if broken:
+        raise NonFiniteLossError(f"step {step}: {len(broken)} weight tensor(s) hold NaN or infinite values "
+                                 f"({', '.join(broken[:3])}): not saved; lower --lr_scale or check the data")
+    path = Path(directory) / f"step_{step:06d}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rank_path = path.with_name(f"{path.stem}.rank{dist_info.rank}.pt")
+    atomic_save({"optimizers": [o.state_dict() for o in optimizers], "loader": loader.state_dict()}, rank_path)
+    if dist_info.master:
+        atomic_save({"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
+                     "config": dataclasses.asdict(config), "step": step, "world_size": dist_info.world_size,
+                     **(extra or {})}, path)
+    if dist.is_initialized():
+        dist.barrier()
+    return path
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
 
 
 def _rank_states(path: Path, checkpoint: dict[str, Any], loader: Any, dist_info: DistInfo, made_by: str

@@ -24,7 +24,7 @@ import torch.multiprocessing as mp
 import stackcore as sc
 from data import gsm8k, sft
 from notebooks.chat_session import run_on_rank_zero_only
-from notebooks.training import resume_training
+from notebooks.training import resume_training, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 512  # the tiny tokenizer's (conftest)
@@ -317,8 +317,8 @@ def test_ranks_that_see_different_checkpoints_stop_together_instead_of_waiting(t
         def state_dict(self):
             return {}
 
-    sc.save_checkpoint(directory, 1, model, sc.build_optimizers(model), NoLoader(), sc.GPTConfig(),
-                       sc.DistInfo(0, 1, 0, "cpu"))
+    save_checkpoint(directory, 1, model, sc.build_optimizers(model), NoLoader(), sc.GPTConfig(),
+                    sc.DistInfo(0, 1, 0, "cpu"))
     (tmp_path / "empty").mkdir()
     messages = on_two_ranks(resume_where_rank_one_sees_nothing, tmp_path, directory, tmp_path / "empty")
     assert all("the ranks see different checkpoints" in message and "shared filesystem" in message

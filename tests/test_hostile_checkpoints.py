@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import stackcore as sc
-from notebooks.training import resume_training, run_is_complete
+from notebooks.training import (NonFiniteLossError, check_finite_loss, resume_training, run_is_complete,
+                               save_checkpoint)
 
 BOS = 511
 SINGLE = sc.DistInfo(0, 1, 0, "cpu")
@@ -40,7 +41,7 @@ def train_and_save(tmp_path, steps=(1, 2), run="pretrain", dist_info=SINGLE, see
         batch = loader.next_batch()
         model(batch.inputs, batch.cu_seqlens, batch.max_seqlen, batch.targets).backward()
         sc.step_optimizers(optimizers)
-        sc.save_checkpoint(directory, step, model, optimizers, loader, sc.GPTConfig(), dist_info)
+        save_checkpoint(directory, step, model, optimizers, loader, sc.GPTConfig(), dist_info)
     return directory, model
 
 
@@ -214,13 +215,13 @@ def test_loader_with_a_position_per_rank_says_why_it_cannot_resume(tmp_path):
 
 @pytest.mark.parametrize("loss", [math.nan, math.inf, -math.inf])
 def test_non_finite_loss_stops_training(loss):
-    with pytest.raises(sc.NonFiniteLossError, match=rf"the training loss is {loss} at step 7: training stopped"):
-        sc.check_finite_loss(loss, 7)
+    with pytest.raises(NonFiniteLossError, match=rf"the training loss is {loss} at step 7: training stopped"):
+        check_finite_loss(loss, 7)
 
 
 @pytest.mark.parametrize("loss", [0.0, 3.5, 1e30])
 def test_finite_loss_passes(loss):
-    sc.check_finite_loss(loss, 1)
+    check_finite_loss(loss, 1)
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf])
@@ -228,8 +229,8 @@ def test_non_finite_weights_are_never_saved(tmp_path, value):
     model, optimizers, loader = fresh(tmp_path)
     with torch.no_grad():
         next(p for p in model.parameters() if p.ndim == 2)[0, 0] = value
-    with pytest.raises(sc.NonFiniteLossError, match="NaN or infinite values"):
-        sc.save_checkpoint(tmp_path / "ckpt", 3, model, optimizers, loader, sc.GPTConfig(), SINGLE)
+    with pytest.raises(NonFiniteLossError, match="NaN or infinite values"):
+        save_checkpoint(tmp_path / "ckpt", 3, model, optimizers, loader, sc.GPTConfig(), SINGLE)
     assert not (tmp_path / "ckpt").exists()
 
 
@@ -237,12 +238,12 @@ def test_nan_learning_rate_stops_before_the_first_save(tmp_path):
     """What --lr_scale=nan did before settings were checked: the weights go NaN, and nothing is written."""
     model, loader = tiny_model(), make_loader(tmp_path / "shards")
     optimizers = sc.build_optimizers(model, lr_scale=math.nan)
-    with pytest.raises(sc.NonFiniteLossError):
+    with pytest.raises(NonFiniteLossError):
         for step in range(1, 4):
             batch = loader.next_batch()
             loss = model(batch.inputs, batch.cu_seqlens, batch.max_seqlen, batch.targets)
-            sc.check_finite_loss(loss.item(), step)
+            check_finite_loss(loss.item(), step)
             loss.backward()
             sc.step_optimizers(optimizers)
-            sc.save_checkpoint(tmp_path / "ckpt", step, model, optimizers, loader, sc.GPTConfig(), SINGLE)
+            save_checkpoint(tmp_path / "ckpt", step, model, optimizers, loader, sc.GPTConfig(), SINGLE)
     assert not (tmp_path / "ckpt").exists() or not list((tmp_path / "ckpt").glob("*.pt"))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import stackcore as sc
-from notebooks.training import resume_training
+from notebooks.training import resume_training, save_checkpoint
 
 BOS = 511
 
@@ -141,7 +141,7 @@ def test_checkpoint_resume_is_bit_identical(tmp_path):
     train(*straight, range(10))
     first = make()
     train(*first, range(5))
-    path = sc.save_checkpoint(tmp_path / "ckpt", 5, first[0], first[1], first[2], sc.GPTConfig(), dist_info)
+    path = save_checkpoint(tmp_path / "ckpt", 5, first[0], first[1], first[2], sc.GPTConfig(), dist_info)
     assert sc.latest_checkpoint(tmp_path / "ckpt") == path
     model = tiny_model(seed=2)  # other weights: resuming must replace them
     optimizers = sc.build_optimizers(model)
