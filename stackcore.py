@@ -78,6 +78,12 @@ except ImportError:
 
 PRESET_NAMES = ("tiny", "colab", "speedrun", "node")
 HELP_FLAGS = ("-h", "--help")
+BOOLEAN_WORDS = {**dict.fromkeys(("1", "true", "yes", "on"), True), **dict.fromkeys(("0", "false", "no", "off"), False)}
+SETTING_TYPES = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}
+INT64_MAX = 2**63 - 1  # settings end up in numpy and torch integers
+FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a run name: one folder inside STACK_HOME
+KNOWN_STACK_VARIABLES = frozenset({"STACK_HOME", "STACK_PRESET", "STACK_COLAB_GPU", "STACK_DTYPE", "STACK_DRIVE",
+                                   "STACK_TEST_DATA"})  # STACK_ variables that are not notebook settings
 ConfigT = TypeVar("ConfigT")
 ItemT = TypeVar("ItemT")
 
@@ -112,9 +118,6 @@ def parse_cli_overrides(argv: Sequence[str]) -> dict[str, str]:
     return overrides
 
 
-BOOLEAN_WORDS = {**dict.fromkeys(("1", "true", "yes", "on"), True), **dict.fromkeys(("0", "false", "no", "off"), False)}
-
-
 def parse_value(name: str, raw: Any, kind: Any) -> Any:
     """Convert a raw override to the field's type, with an error that names the field and the expected type."""
     if not isinstance(raw, str):
@@ -142,17 +145,12 @@ def choose_preset(cli: dict[str, str], environ: typing.Mapping[str, str], gpu: G
 
 
 def auto_preset(gpu: GpuInfo | None, world_size: int = 1) -> str:
-    """CPU: tiny; several GPUs: node; an H100-class GPU: speedrun; any other GPU: colab, fitted to it by
-    colab_gpu_tier."""
+    """CPU: tiny; several GPUs: node; an H100-class GPU: speedrun; another GPU: colab (fitted by colab_gpu_tier)."""
     if gpu is None:
         return "tiny"
     if world_size > 1:
         return "node"
     return "speedrun" if colab_gpu_tier(gpu) == "h100" else "colab"
-
-
-FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-INT64_MAX = 2**63 - 1  # settings end up in numpy and torch integers
 
 
 @dataclass(frozen=True)
@@ -198,9 +196,6 @@ def one_of(*choices: str) -> Allowed:
 
 def folder_name(optional: bool = False) -> Allowed:
     return Allowed(folder=True, optional=optional)
-
-
-SETTING_TYPES = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}
 
 
 def setting_requirement(value: Any, kind: Any, allowed: Allowed | None) -> str | None:
@@ -269,11 +264,6 @@ def reading_settings() -> Iterator[None]:
         raise
 
 
-# STACK_ variables that are not notebook settings
-KNOWN_STACK_VARIABLES = frozenset({"STACK_HOME", "STACK_PRESET", "STACK_COLAB_GPU", "STACK_DTYPE", "STACK_DRIVE",
-                                   "STACK_TEST_DATA"})
-
-
 def misspelt_stack_variables(names: Sequence[str], environ: typing.Mapping[str, str]) -> list[str]:
     """Warnings for STACK_ variables close to a setting of `names` or a known variable (difflib). One close to none
     is left alone: the pipeline sets every notebook's settings for all of them."""
@@ -299,9 +289,8 @@ def usage(cls: type, preset: str, tier: str | None) -> str:
 
 def configure(cls: type[ConfigT], argv: Sequence[str] | None = None,
               environ: typing.Mapping[str, str] | None = None) -> ConfigT:
-    """Build a notebook's config. argv defaults to script_argv(); in a script, --help prints the options and
-    exits, and a bad option or value is a usage error (reading_settings). STACK_COLAB_GPU=t4|l4|a100|h100 makes
-    the colab preset take that GPU's sizes whatever GPU is here."""
+    """Build a notebook's config from `argv` (script_argv() by default: --help prints the options and exits, a bad
+    option is a usage error). STACK_COLAB_GPU=t4|l4|a100|h100 gives the colab preset that GPU's sizes."""
     if argv is None:
         with reading_settings():
             return configure(cls, script_argv(), environ)
@@ -340,6 +329,8 @@ def describe_config(cfg: Any) -> str:
 # STACK_HOME/tokenizer, shards, checkpoints and runs hold what one notebook leaves for the next.
 
 ARTIFACT_KINDS = ("tokenizer", "shards", "checkpoints", "runs", "downloads")
+COLAB_GPU_TIERS = ("t4", "l4", "a100", "h100")
+COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def stack_home(environ: typing.Mapping[str, str] = os.environ) -> Path:
@@ -375,8 +366,7 @@ def require_artifact(path: Path, made_by: str) -> Path:
     """Return `path` if it exists, else stop with a message naming the notebook that makes it."""
     path = Path(path)
     if not path.exists():
-        raise MissingArtifactError(f"{path} not found: run notebooks/{made_by} first "
-                                   f"(STACK_HOME is {stack_home()})")
+        raise MissingArtifactError(f"{path} not found: run notebooks/{made_by} first (STACK_HOME is {stack_home()})")
     return path
 
 
@@ -409,9 +399,6 @@ def current_gpu(device: str | torch.device = "cuda") -> GpuInfo | None:
     return GpuInfo(props.name, (props.major, props.minor), round(props.total_memory / 1e9, 1))
 
 
-COLAB_GPU_TIERS = ("t4", "l4", "a100", "h100")
-
-
 def colab_gpu_tier(gpu: GpuInfo | None, override: str = "") -> str | None:
     """The Colab GPU whose sizes fit `gpu`: t4 before Ampere (T4, V100: no bf16, no FlashAttention), l4 for bf16 GPUs
     under 38 GB (L4, A10G, RTX cards), a100 from 38 GB (A100, L40S), h100 for Hopper and newer from 70 GB (the
@@ -427,9 +414,6 @@ def colab_gpu_tier(gpu: GpuInfo | None, override: str = "") -> str | None:
     if gpu.capability >= (9, 0) and gpu.memory_gb >= 70:
         return "h100"
     return "a100" if gpu.memory_gb >= 38 else "l4"
-
-
-COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def compute_dtype_for(gpu: GpuInfo | None, requested: str = "auto") -> torch.dtype:
@@ -2642,13 +2626,11 @@ def rank_share(count: int) -> range:
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be used here: damaged, not ours, of another model or vocabulary, or of a run that
-    cannot resume as asked. The message names the file and the notebook that writes it."""
+    """A checkpoint that is damaged, foreign, of another model or vocabulary, or cannot resume the run as asked."""
 
 
 class DamagedCheckpointError(CheckpointError):
-    """A file that does not load (truncated, corrupted, foreign, or holding Python objects): resuming falls back to
-    the previous checkpoint."""
+    """A file that does not load (truncated, corrupted, foreign, pickled objects): resuming takes the one before."""
 
 
 CHECKPOINT_MAKERS = {"pretrain": "03_pretrain", "sft": "05_sft", "rl": "06_rl"}  # default run name: its notebook
