@@ -155,9 +155,8 @@ def auto_preset(gpu: GpuInfo | None, world_size: int = 1) -> str:
 
 @dataclass(frozen=True)
 class Allowed:
-    """What one setting may hold (its config's LIMITS table): a number from `low` to `high` (`above` leaves `low`
-    out), one of `choices`, or a run name (`folder`: one plain folder name, so that the run stays inside STACK_HOME;
-    `optional` lets it be empty)."""
+    """What a setting may hold (LIMITS): a number from `low` to `high` (`above` leaves `low` out), one of `choices`,
+    or a run name (`folder`: one plain folder name, so the run stays inside STACK_HOME; `optional`: or empty)."""
     low: float = -math.inf
     high: float = math.inf
     above: bool = False
@@ -211,9 +210,8 @@ def setting_requirement(value: Any, kind: Any, allowed: Allowed | None) -> str |
 
 @dataclass
 class StackConfig:
-    """Base of every notebook's config. Subclasses add fields, a PRESETS table {preset: {field: value}} (the bases'
-    presets apply first, so a shared base keeps its own) and a LIMITS table {field: Allowed}, which validate() checks
-    so that a notebook never meets a setting it cannot use."""
+    """Base of every notebook's config: subclasses add fields, a PRESETS table {preset: {field: value}} (the bases'
+    apply first, so a shared base keeps its own) and a LIMITS table {field: Allowed} that validate() checks."""
     preset: str = ""
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
     LIMITS: ClassVar[dict[str, Allowed]] = {}
@@ -353,8 +351,7 @@ def artifact_dir(kind: str, create: bool = True) -> Path:
 
 
 class MissingArtifactError(FileNotFoundError):
-    """An earlier notebook's output is not where this one looks for it. In Colab the message adds how to share
-    STACK_HOME between notebooks (notebooks/runtime.py's colab_drive_hint, beside the first cell's Drive set-up)."""
+    """An earlier notebook's output is missing; in Colab the message adds how notebooks share STACK_HOME on Drive."""
 
     def __str__(self) -> str:
         from notebooks.runtime import colab_drive_hint
@@ -2647,9 +2644,8 @@ def latest_checkpoint(directory: Path) -> Path | None:
 
 def load_checkpoint(path: Path, device: str = "cpu", made_by: str | None = None,
                     keys: Sequence[str] = ("model", "model_config", "step")) -> dict[str, Any]:
-    """A checkpoint file holding `keys` (by default the rank-0 file's), read with weights_only=True (a file holding
-    other Python objects is refused unread: unpickling them could run code); errors name the file and the notebook
-    that writes it (`made_by`, else the one whose default run name is the file's folder)."""
+    """A checkpoint file holding `keys`, read with weights_only=True (other pickled objects are refused unread: they
+    could run code); errors name the file and the notebook that writes it (`made_by`, else known from its folder)."""
     path = Path(path)
     made_by = made_by or CHECKPOINT_MAKERS.get(path.parent.name, "03_pretrain, 05_sft or 06_rl")
     require_artifact(path, made_by)
