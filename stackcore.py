@@ -263,8 +263,8 @@ def reading_settings() -> Iterator[None]:
 
 
 def misspelt_stack_variables(names: Sequence[str], environ: typing.Mapping[str, str]) -> list[str]:
-    """Warnings for STACK_ variables close to a setting of `names` or a known variable (difflib). One close to none
-    is left alone: the pipeline sets every notebook's settings for all of them."""
+    """Warnings for STACK_ variables that are not a setting of `names` or a known variable but close to one (difflib);
+    the others are left alone: the pipeline sets every notebook's settings for all of them."""
     import difflib
 
     valid = sorted({f"STACK_{name.upper()}" for name in names} | KNOWN_STACK_VARIABLES)

@@ -42,7 +42,8 @@ import stackcore as sc  # noqa: E402
 from data.tokenizing import tokenize_parallel  # noqa: E402
 
 BOOKS_TARGET_BPB = 1.52
-CODE_FILES = ("stackcore.py", "notebooks/03_pretrain.py", "baselines/bench_pretrain.py")  # what a run executes
+CODE_FILES = ("stackcore.py", "notebooks/03_pretrain.py", "notebooks/training.py",  # what a run executes
+              "baselines/bench_pretrain.py")
 
 
 def split_file(data: Path, split: str) -> Path:
