@@ -78,13 +78,18 @@ except ImportError:
 
 PRESET_NAMES = ("tiny", "colab", "speedrun", "node")
 HELP_FLAGS = ("-h", "--help")
+BOOLEAN_WORDS = {**dict.fromkeys(("1", "true", "yes", "on"), True), **dict.fromkeys(("0", "false", "no", "off"), False)}
+SETTING_TYPES = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}
+INT64_MAX = 2**63 - 1  # settings end up in numpy and torch integers
+FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a run name: one folder inside STACK_HOME
+KNOWN_STACK_VARIABLES = frozenset({"STACK_HOME", "STACK_PRESET", "STACK_COLAB_GPU", "STACK_DTYPE", "STACK_DRIVE",
+                                   "STACK_TEST_DATA"})  # STACK_ variables that are not notebook settings
 ConfigT = TypeVar("ConfigT")
 ItemT = TypeVar("ItemT")
 
 
 class ConfigError(ValueError):
-    """A bad configuration: unknown key, unparsable value, a value the setting does not allow, unknown preset, or a
-    STACK_HOME that cannot be written."""
+    """A bad option, setting value, preset or STACK_HOME."""
 
 
 def in_notebook_kernel() -> bool:
@@ -98,8 +103,8 @@ def in_notebook_kernel() -> bool:
 
 
 def parse_cli_overrides(argv: Sequence[str]) -> dict[str, str]:
-    """`--key=value`, `--key value` and bare `--flag` (meaning true) into a dict of raw strings. `-h` and `--help`
-    are left out: configure answers them, and the set-up cell, which reads the preset first, must not stop on them."""
+    """`--key=value`, `--key value` and bare `--flag` (meaning true) into raw strings. `-h`/`--help` are left to
+    configure, so that the set-up cell, which reads the preset first, does not stop on them."""
     overrides: dict[str, str] = {}
     args = [arg for arg in argv if arg not in HELP_FLAGS]
     while args:
@@ -111,9 +116,6 @@ def parse_cli_overrides(argv: Sequence[str]) -> dict[str, str]:
             value = args.pop(0) if args and not args[0].startswith("--") else "true"
         overrides[key.replace("-", "_")] = value
     return overrides
-
-
-BOOLEAN_WORDS = {**dict.fromkeys(("1", "true", "yes", "on"), True), **dict.fromkeys(("0", "false", "no", "off"), False)}
 
 
 def parse_value(name: str, raw: Any, kind: Any) -> Any:
@@ -128,15 +130,13 @@ def parse_value(name: str, raw: Any, kind: Any) -> Any:
             if not number.is_integer():
                 raise ValueError(raw)
             return int(number)
-        if kind is float:
-            return float(raw)
-        return raw
+        return float(raw) if kind is float else raw
     except (KeyError, ValueError):
         raise ConfigError(f"bad value {raw!r} for {name}: expected {getattr(kind, '__name__', kind)}") from None
 
 
 def choose_preset(cli: dict[str, str], environ: typing.Mapping[str, str], gpu: GpuInfo | None) -> str:
-    """--preset beats STACK_PRESET; with neither, pick from the hardware (see auto_preset)."""
+    """--preset beats STACK_PRESET; with neither, pick from the hardware (auto_preset)."""
     preset = (cli.pop("preset", None) or environ.get("STACK_PRESET")
               or auto_preset(gpu, int(environ.get("WORLD_SIZE", "1"))))
     if preset not in PRESET_NAMES:
@@ -145,8 +145,7 @@ def choose_preset(cli: dict[str, str], environ: typing.Mapping[str, str], gpu: G
 
 
 def auto_preset(gpu: GpuInfo | None, world_size: int = 1) -> str:
-    """CPU: tiny; several GPUs: node; an H100-class GPU (Hopper or newer, 70 GB or more): speedrun; any other GPU:
-    colab, which then fits that GPU (see colab_gpu_tier)."""
+    """CPU: tiny; several GPUs: node; an H100-class GPU: speedrun; another GPU: colab (fitted by colab_gpu_tier)."""
     if gpu is None:
         return "tiny"
     if world_size > 1:
@@ -154,15 +153,10 @@ def auto_preset(gpu: GpuInfo | None, world_size: int = 1) -> str:
     return "speedrun" if colab_gpu_tier(gpu) == "h100" else "colab"
 
 
-FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-INT64_MAX = 2**63 - 1  # settings end up in numpy and torch integers
-
-
 @dataclass(frozen=True)
 class Allowed:
-    """What one setting may hold, declared in its config's LIMITS table: a number from `low` to `high` (both
-    included, unless `above` leaves `low` out), one of `choices`, or a run name (`folder`: one plain folder name, so
-    that the run stays inside STACK_HOME; `optional` lets it be empty)."""
+    """What a setting may hold (LIMITS): a number from `low` to `high` (`above` leaves `low` out), one of `choices`,
+    or a run name (`folder`: one plain folder name, so the run stays inside STACK_HOME; `optional`: or empty)."""
     low: float = -math.inf
     high: float = math.inf
     above: bool = False
@@ -203,27 +197,21 @@ def folder_name(optional: bool = False) -> Allowed:
     return Allowed(folder=True, optional=optional)
 
 
-def check_setting(name: str, value: Any, kind: Any, allowed: Allowed | None) -> None:
-    """Stop with a ConfigError naming the setting, its value and what it may hold when `value` is not of the field's
-    type, not finite, outside int64, or not `allowed`."""
-    expected = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}.get(kind, (object,))
-    if not isinstance(value, expected) or (kind in (int, float) and isinstance(value, bool)):
-        raise ConfigError(f"{name}={value!r}: {name} must be of type {kind.__name__}")
+def setting_requirement(value: Any, kind: Any, allowed: Allowed | None) -> str | None:
+    """What a setting must be that `value` is not (the field's type, finite, within int64, `allowed`), or None."""
+    if not isinstance(value, SETTING_TYPES.get(kind, object)) or (kind in (int, float) and isinstance(value, bool)):
+        return f"of type {kind.__name__}"
     if kind is float and not math.isfinite(value):
-        raise ConfigError(f"{name}={value!r}: {name} must be a finite number"
-                          + (f" {allowed.describe()}" if allowed else ""))
+        return "a finite number" + (f" {allowed.describe()}" if allowed else "")
     if kind is int and abs(value) > INT64_MAX:
-        raise ConfigError(f"{name}={value!r}: {name} must be at most {INT64_MAX}")
-    if allowed is not None and not allowed.admits(value):
-        raise ConfigError(f"{name}={value!r}: {name} must be {allowed.describe()}")
+        return f"at most {INT64_MAX}"
+    return allowed.describe() if allowed is not None and not allowed.admits(value) else None
 
 
 @dataclass
 class StackConfig:
-    """Base of every notebook's config. Subclasses add fields and a PRESETS table {preset: {field: value}};
-    presets of parent classes apply first, so a shared base (the corpus, say) keeps its own presets. A LIMITS table
-    {field: Allowed} beside the fields says what each setting may hold; configure calls validate(), which checks
-    every field (numbers must also be finite), so a notebook never meets a setting it cannot use."""
+    """Base of every notebook's config: subclasses add fields, a PRESETS table {preset: {field: value}} (the bases'
+    apply first, so a shared base keeps its own) and a LIMITS table {field: Allowed} that validate() checks."""
     preset: str = ""
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
     LIMITS: ClassVar[dict[str, Allowed]] = {}
@@ -242,23 +230,20 @@ class StackConfig:
         """Check every setting against its type and LIMITS (a hook: subclasses add checks across settings)."""
         kinds, limits = typing.get_type_hints(type(self)), self.limits()
         for field in dataclasses.fields(self):
-            check_setting(field.name, getattr(self, field.name), kinds[field.name], limits.get(field.name))
-
-
-def preset_tables(preset: str, tier: str | None) -> tuple[str, ...]:
-    """The PRESETS tables a preset applies, in order. `colab` fits the GPU's tier (colab_gpu_tier): its own table,
-    then `colab_<tier>` where a notebook has one (say `colab_t4`); on an H100-class GPU it takes the speedrun's."""
-    if preset != "colab" or tier is None:
-        return (preset,)
-    return ("speedrun",) if tier == "h100" else ("colab", f"colab_{tier}")
+            value = getattr(self, field.name)
+            requirement = setting_requirement(value, kinds[field.name], limits.get(field.name))
+            if requirement:
+                raise ConfigError(f"{field.name}={value!r}: {field.name} must be {requirement}")
 
 
 def preset_values(cls: type, preset: str, tier: str | None = None) -> dict[str, Any]:
-    values: dict[str, Any] = {}
-    for table in preset_tables(preset, tier):
-        for klass in reversed(cls.__mro__):
-            values.update(vars(klass).get("PRESETS", {}).get(table, {}))
-    return values
+    """The values a preset sets, the bases' tables first. `colab` fits the GPU's tier (colab_gpu_tier): its own
+    table, then `colab_<tier>` where a notebook has one (say `colab_t4`); an H100-class GPU takes the speedrun's."""
+    tables = (preset,)
+    if preset == "colab" and tier is not None:
+        tables = ("speedrun",) if tier == "h100" else ("colab", f"colab_{tier}")
+    return {name: value for table in tables for klass in reversed(cls.__mro__)
+            for name, value in vars(klass).get("PRESETS", {}).get(table, {}).items()}
 
 
 def script_argv() -> list[str]:
@@ -269,7 +254,7 @@ def script_argv() -> list[str]:
 @contextlib.contextmanager
 def reading_settings() -> Iterator[None]:
     """A ConfigError raised in here is about an option or setting as given: a usage error, which ends a twin run as a
-    script with exit status 2, as argparse does (end_scripts_on_user_errors)."""
+    script with exit status 2, as argparse does (notebooks/runtime.py's end_scripts_on_user_errors)."""
     try:
         yield
     except ConfigError as error:
@@ -277,43 +262,16 @@ def reading_settings() -> Iterator[None]:
         raise
 
 
-def end_scripts_on_user_errors() -> None:
-    """In a twin run as a script, an error the user fixes by changing a setting or running an earlier notebook
-    (ConfigError, MissingArtifactError) ends the run with its one-line message instead of a traceback: exit status 2
-    for a bad option or setting (reading_settings), 1 for one found later. Other errors keep their traceback, and in
-    a notebook kernel every exception shows as usual. Installed once, however often it is called."""
-    if in_notebook_kernel() or getattr(sys.excepthook, "ends_on_user_errors", False):
-        return
-    default_hook = sys.excepthook
-
-    def hook(kind: type[BaseException], error: BaseException, trace: Any) -> None:
-        if not isinstance(error, (ConfigError, MissingArtifactError)):
-            return default_hook(kind, error, trace)
-        print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr, flush=True)
-        raise SystemExit(getattr(error, "exit_status", 1))  # Python exits with the status a hook's SystemExit gives
-
-    hook.ends_on_user_errors = True  # type: ignore[attr-defined]
-    sys.excepthook = hook
-
-
-# STACK_ variables that are not notebook settings
-KNOWN_STACK_VARIABLES = frozenset({"STACK_HOME", "STACK_PRESET", "STACK_COLAB_GPU", "STACK_DTYPE", "STACK_DRIVE",
-                                   "STACK_TEST_DATA"})
-
-
 def misspelt_stack_variables(names: Sequence[str], environ: typing.Mapping[str, str]) -> list[str]:
-    """Warnings for STACK_ variables that are neither a setting of `names` nor a known variable but look like one
-    (difflib finds a close match). A variable that matches nothing here is left alone: the pipeline sets each
-    notebook's settings for all of them."""
+    """Warnings for STACK_ variables that are not a setting of `names` or a known variable but close to one (difflib);
+    the others are left alone: the pipeline sets every notebook's settings for all of them."""
     import difflib
 
-    valid = {f"STACK_{name.upper()}" for name in names} | KNOWN_STACK_VARIABLES
-    found = []
-    for variable in sorted(v for v in environ if v.startswith("STACK_") and v not in valid):
-        close = difflib.get_close_matches(variable, sorted(valid), n=1, cutoff=0.8)
-        if close:
-            found.append(f"{variable} is not a setting here and is ignored; did you mean {close[0]}?")
-    return found
+    valid = sorted({f"STACK_{name.upper()}" for name in names} | KNOWN_STACK_VARIABLES)
+    unknown = sorted(variable for variable in environ if variable.startswith("STACK_") and variable not in valid)
+    matches = {variable: difflib.get_close_matches(variable, valid, n=1, cutoff=0.8) for variable in unknown}
+    return [f"{variable} is not a setting here and is ignored; did you mean {close[0]}?"
+            for variable, close in matches.items() if close]
 
 
 def usage(cls: type, preset: str, tier: str | None) -> str:
@@ -329,19 +287,17 @@ def usage(cls: type, preset: str, tier: str | None) -> str:
 
 def configure(cls: type[ConfigT], argv: Sequence[str] | None = None,
               environ: typing.Mapping[str, str] | None = None) -> ConfigT:
-    """Build a notebook's config. argv defaults to script_argv(); in a script, --help prints the options and
-    exits, and a bad option or value is a usage error (reading_settings). STACK_COLAB_GPU=t4|l4|a100|h100 makes
-    the colab preset take that GPU's sizes whatever GPU is here."""
+    """Build a notebook's config from `argv` (script_argv() by default: --help prints the options and exits, a bad
+    option is a usage error). STACK_COLAB_GPU=t4|l4|a100|h100 gives the colab preset that GPU's sizes."""
     if argv is None:
         with reading_settings():
             return configure(cls, script_argv(), environ)
     environ = os.environ if environ is None else environ
-    wants_help = any(arg in HELP_FLAGS for arg in argv)
     cli = parse_cli_overrides(argv)
     gpu = current_gpu()
     preset = choose_preset(cli, environ, gpu)
     tier = colab_gpu_tier(gpu, environ.get("STACK_COLAB_GPU", ""))
-    if wants_help:
+    if any(arg in HELP_FLAGS for arg in argv):
         print(usage(cls, preset, tier))
         raise SystemExit(0)
     kinds = typing.get_type_hints(cls)
@@ -352,11 +308,9 @@ def configure(cls: type[ConfigT], argv: Sequence[str] | None = None,
                           f"valid keys: {', '.join(names)}")
     for warning in misspelt_stack_variables(names, environ):
         print(f"warning: {warning}", file=sys.stderr, flush=True)
-    values = preset_values(cls, preset, tier)
-    values.update({n: environ[f"STACK_{n.upper()}"] for n in names if f"STACK_{n.upper()}" in environ})
-    values.update(cli)
-    parsed = {name: parse_value(name, raw, kinds[name]) for name, raw in values.items()}
-    config = cls(preset=preset, **parsed)
+    variables = {name: environ[f"STACK_{name.upper()}"] for name in names if f"STACK_{name.upper()}" in environ}
+    values = {**preset_values(cls, preset, tier), **variables, **cli}
+    config = cls(preset=preset, **{name: parse_value(name, raw, kinds[name]) for name, raw in values.items()})
     config.validate()
     return config
 
@@ -373,6 +327,8 @@ def describe_config(cfg: Any) -> str:
 # STACK_HOME/tokenizer, shards, checkpoints and runs hold what one notebook leaves for the next.
 
 ARTIFACT_KINDS = ("tokenizer", "shards", "checkpoints", "runs", "downloads")
+COLAB_GPU_TIERS = ("t4", "l4", "a100", "h100")
+COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def stack_home(environ: typing.Mapping[str, str] = os.environ) -> Path:
@@ -395,8 +351,7 @@ def artifact_dir(kind: str, create: bool = True) -> Path:
 
 
 class MissingArtifactError(FileNotFoundError):
-    """An earlier notebook's output is not where this one looks for it. In Colab the message adds how to share
-    STACK_HOME between notebooks (notebooks/runtime.py's colab_drive_hint, beside the first cell's Drive set-up)."""
+    """An earlier notebook's output is missing; in Colab the message adds how notebooks share STACK_HOME on Drive."""
 
     def __str__(self) -> str:
         from notebooks.runtime import colab_drive_hint
@@ -408,8 +363,7 @@ def require_artifact(path: Path, made_by: str) -> Path:
     """Return `path` if it exists, else stop with a message naming the notebook that makes it."""
     path = Path(path)
     if not path.exists():
-        raise MissingArtifactError(f"{path} not found: run notebooks/{made_by} first "
-                                   f"(STACK_HOME is {stack_home()})")
+        raise MissingArtifactError(f"{path} not found: run notebooks/{made_by} first (STACK_HOME is {stack_home()})")
     return path
 
 
@@ -442,9 +396,6 @@ def current_gpu(device: str | torch.device = "cuda") -> GpuInfo | None:
     return GpuInfo(props.name, (props.major, props.minor), round(props.total_memory / 1e9, 1))
 
 
-COLAB_GPU_TIERS = ("t4", "l4", "a100", "h100")
-
-
 def colab_gpu_tier(gpu: GpuInfo | None, override: str = "") -> str | None:
     """The Colab GPU whose sizes fit `gpu`: t4 before Ampere (T4, V100: no bf16, no FlashAttention), l4 for bf16 GPUs
     under 38 GB (L4, A10G, RTX cards), a100 from 38 GB (A100, L40S), h100 for Hopper and newer from 70 GB (the
@@ -462,19 +413,14 @@ def colab_gpu_tier(gpu: GpuInfo | None, override: str = "") -> str | None:
     return "a100" if gpu.memory_gb >= 38 else "l4"
 
 
-COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
 def compute_dtype_for(gpu: GpuInfo | None, requested: str = "auto") -> torch.dtype:
     """`requested` (auto | bfloat16 | float16 | float32); auto is bf16 where the GPU has it (Ampere and newer), fp16
     on older GPUs such as the T4 (the training loops scale the loss: LossScaler), fp32 on the CPU."""
-    if requested != "auto":
-        if requested not in COMPUTE_DTYPES:
-            raise ConfigError(f"unknown dtype {requested!r}; valid: auto, {', '.join(COMPUTE_DTYPES)}")
-        return COMPUTE_DTYPES[requested]
-    if gpu is None:
-        return torch.float32
-    return torch.bfloat16 if gpu.has_bf16 else torch.float16
+    if requested == "auto":
+        return torch.float32 if gpu is None else torch.bfloat16 if gpu.has_bf16 else torch.float16
+    if requested not in COMPUTE_DTYPES:
+        raise ConfigError(f"unknown dtype {requested!r}; valid: auto, {', '.join(COMPUTE_DTYPES)}")
+    return COMPUTE_DTYPES[requested]
 
 
 def pick_compute_dtype(device: str) -> torch.dtype:
@@ -532,9 +478,8 @@ class Tokenizer:
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        lines = (f"{base64.b64encode(piece).decode()} {rank}\n" for piece, rank in sorted(self.ranks.items(),
-                                                                                         key=lambda kv: kv[1]))
-        (directory / TOKENIZER_RANKS).write_text("".join(lines))  # tiktoken's format: base64 token, space, rank
+        by_rank = sorted(self.ranks.items(), key=lambda kv: kv[1])  # tiktoken's format: base64 token, space, rank
+        (directory / TOKENIZER_RANKS).write_text("".join(f"{base64.b64encode(p).decode()} {r}\n" for p, r in by_rank))
         meta = {"name": self.name, "pattern": self.pattern, "special_tokens": self.specials}
         (directory / TOKENIZER_META).write_text(json.dumps(meta, indent=1))
         np.save(directory / TOKEN_BYTES, self.token_bytes())
@@ -577,67 +522,6 @@ class Tokenizer:
         for piece, rank in self.ranks.items():
             lengths[rank] = len(piece)
         return lengths
-
-
-def bytes_per_token(encode: typing.Callable[[str], list[int]], texts: Sequence[str]) -> float:
-    """Compression of a tokenizer on some text: UTF-8 bytes over tokens (higher is better)."""
-    total_bytes = sum(len(t.encode("utf-8")) for t in texts)
-    total_tokens = sum(len(encode(t)) for t in texts)
-    return total_bytes / max(total_tokens, 1)
-
-
-_worker_tokenizer: Tokenizer | None = None
-
-
-def _load_worker_tokenizer(directory: str) -> None:
-    global _worker_tokenizer
-    _worker_tokenizer = Tokenizer.load(Path(directory))
-
-
-def _encode_with_bos(tokenizer: Tokenizer, texts: list[str]) -> list[np.ndarray]:
-    return [np.asarray(ids, dtype=np.uint32) for ids in tokenizer.encode_batch(texts, True, num_threads=1)]
-
-
-def _work_with_tokenizer(job: tuple[typing.Callable[[Tokenizer, Any], list[Any]], Any]) -> list[Any]:
-    work, batch = job
-    assert _worker_tokenizer is not None
-    return work(_worker_tokenizer, batch)
-
-
-def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    batch: list[Any] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def map_with_tokenizer(tokenizer_dir: Path, work: typing.Callable[[Tokenizer, Any], list[ItemT]],
-                       batches: Iterable[Any], workers: int) -> Iterator[ItemT]:
-    """Every item of work(tokenizer, batch) for each batch, in input order, from `workers` processes that each load
-    the tokenizer once. `work` is a module-level function, so that it reaches the workers by name. With workers <= 1
-    it works in this process (faster for small inputs)."""
-    if workers <= 1:
-        tokenizer = Tokenizer.load(Path(tokenizer_dir))
-        for batch in batches:
-            yield from work(tokenizer, batch)
-        return
-    import multiprocessing
-
-    # fork: a spawned worker would re-run the calling script, which is a notebook twin with no __main__ guard
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with multiprocessing.get_context(method).Pool(workers, _load_worker_tokenizer, (str(tokenizer_dir),)) as pool:
-        for results in pool.imap(_work_with_tokenizer, ((work, batch) for batch in batches), chunksize=1):
-            yield from results
-
-
-def tokenize_parallel(tokenizer_dir: Path, docs: Iterable[str], workers: int, batch_docs: int = 256
-                      ) -> Iterator[np.ndarray]:
-    """Token ids of each document, BOS first, in input order, encoded by `workers` processes."""
-    return map_with_tokenizer(tokenizer_dir, _encode_with_bos, batched(docs, batch_docs), workers)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2451,16 +2335,6 @@ def evaluate_bpb(model: GPT, loader: PretrainLoader, steps: int, token_bytes: Te
 # 11. Checkpoints, distributed set-up and run logs (used by 03-07)
 # ---------------------------------------------------------------------------------------------
 
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 125e12, "T4": 65e12}
-
-
-def peak_flops(device: str) -> float | None:
-    """Dense bf16 (fp16 on a T4) tensor-core peak of the GPU from its datasheet, for MFU; None if unknown."""
-    if not device.startswith("cuda"):
-        return None
-    name = torch.cuda.get_device_name()
-    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
-
 
 def world_size_and_rank() -> tuple[int, int]:
     """(world_size, rank); (1, 0) when torch.distributed is not initialised."""
@@ -2499,13 +2373,22 @@ def _collective_device() -> str:
 
 
 def sum_over_ranks(values: Sequence[float]) -> list[float]:
-    """Each of `values` summed over all ranks in one all-reduce (the values themselves in one process): a step's
-    trained tokens, rewards or correct answers are counted per rank, and a mean over the global batch needs sums."""
+    """Each of `values` summed over all ranks in one all-reduce: a step's tokens, rewards or correct answers are
+    counted per rank, and a mean over the global batch needs sums."""
     if not dist.is_initialized():
         return [float(value) for value in values]
     totals = torch.tensor([float(value) for value in values], dtype=torch.float64, device=_collective_device())
     dist.all_reduce(totals)
     return totals.tolist()
+
+
+def all_ranks_agree(ok: bool) -> bool:
+    """True when `ok` holds on every rank, so that all ranks take the same branch (fall back to the same checkpoint)."""
+    if not dist.is_initialized():
+        return ok
+    flag = torch.tensor(int(ok), device=_collective_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def rank_share(count: int) -> range:
@@ -2517,62 +2400,14 @@ def rank_share(count: int) -> range:
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be used here: damaged, not ours, of another model or vocabulary, or of a run that
-    cannot resume as asked. The message names the file and the notebook that writes it."""
+    """A checkpoint that is damaged, foreign, of another model or vocabulary, or cannot resume the run as asked."""
 
 
 class DamagedCheckpointError(CheckpointError):
-    """A file that does not load (truncated, corrupted, foreign, or holding Python objects): resuming falls back to
-    the previous checkpoint."""
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or infinite loss (or weights): it stops before anything is saved."""
+    """A file that does not load (truncated, corrupted, foreign, pickled objects): resuming takes the one before."""
 
 
 CHECKPOINT_MAKERS = {"pretrain": "03_pretrain", "sft": "05_sft", "rl": "06_rl"}  # default run name: its notebook
-
-
-def checkpoint_maker(path: Path) -> str:
-    """The notebook that writes checkpoints in `path`'s folder, known from the default run names."""
-    return CHECKPOINT_MAKERS.get(Path(path).parent.name, "03_pretrain, 05_sft or 06_rl")
-
-
-def check_finite_loss(loss: float, step: int, what: str = "training loss") -> None:
-    """Stop training on a NaN or infinite loss, before the next checkpoint could save what caused it."""
-    if not math.isfinite(loss):
-        raise NonFiniteLossError(f"the {what} is {loss} at step {step}: training stopped and nothing was saved (the "
-                                 f"newest checkpoint holds the last good weights); lower --lr_scale or check the data")
-
-
-def save_checkpoint(directory: Path, step: int, model: nn.Module, optimizers: list[torch.optim.Optimizer],
-                    loader: Any, config: Any, dist_info: DistInfo, extra: dict | None = None) -> Path:
-    """`step_NNNNNN.pt` (model, configs, step and world size; rank 0) and `step_NNNNNN.rankR.pt` (optimizer and
-    loader state of each rank: distributed Muon keeps each rank's momentum share apart). Written atomically, as
-    tensors, numbers, strings and plain containers only, so that they load with torch.load(weights_only=True).
-    Weights that are not finite are never written."""
-    broken = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
-    if broken:
-        raise NonFiniteLossError(f"step {step}: {len(broken)} weight tensor(s) hold NaN or infinite values "
-                                 f"({', '.join(broken[:3])}): not saved; lower --lr_scale or check the data")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"step_{step:06d}.pt"
-    rank_path = directory / f"step_{step:06d}.rank{dist_info.rank}.pt"
-    atomic_save({"optimizers": [o.state_dict() for o in optimizers], "loader": loader.state_dict()}, rank_path)
-    if dist_info.master:
-        atomic_save({"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
-                     "config": dataclasses.asdict(config), "step": step, "world_size": dist_info.world_size,
-                     **(extra or {})}, path)
-    if dist.is_initialized():
-        dist.barrier()
-    return path
-
-
-def atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def checkpoint_paths(directory: Path) -> list[Path]:
@@ -2581,16 +2416,15 @@ def checkpoint_paths(directory: Path) -> list[Path]:
 
 
 def latest_checkpoint(directory: Path) -> Path | None:
-    paths = checkpoint_paths(directory)
-    return paths[-1] if paths else None
+    return next(reversed(checkpoint_paths(directory)), None)
 
 
 def load_checkpoint(path: Path, device: str = "cpu", made_by: str | None = None,
                     keys: Sequence[str] = ("model", "model_config", "step")) -> dict[str, Any]:
-    """A checkpoint file holding `keys` (by default the rank-0 file: model weights, configs, step), by torch.load
-    with weights_only=True (a checkpoint holding other Python objects is refused unread: unpickling them could run
-    code), with errors that name the file and the notebook that writes it."""
-    path, made_by = Path(path), made_by or checkpoint_maker(path)
+    """A checkpoint file holding `keys`, read with weights_only=True (other pickled objects are refused unread: they
+    could run code); errors name the file and the notebook that writes it (`made_by`, else known from its folder)."""
+    path = Path(path)
+    made_by = made_by or CHECKPOINT_MAKERS.get(path.parent.name, "03_pretrain, 05_sft or 06_rl")
     require_artifact(path, made_by)
     try:
         with warnings.catch_warnings():  # torch warns about foreign pickle protocols before refusing them
@@ -2609,143 +2443,19 @@ def load_checkpoint(path: Path, device: str = "cpu", made_by: str | None = None,
     return state
 
 
-def check_vocabulary(path: Path, checkpoint: dict[str, Any], vocab_size: int) -> None:
-    """A model must use the tokenizer it was trained with: other ids would index past its embedding or mean other
-    text."""
+def model_from_checkpoint(path: Path, device: str, vocab_size: int | None = None, made_by: str | None = None
+                          ) -> tuple[GPT, dict[str, Any]]:
+    """The model of a checkpoint; with `vocab_size`, refused unless it matches the tokenizer's: other ids would
+    index past its embedding or mean other text."""
+    checkpoint = load_checkpoint(path, device, made_by)
     model_vocab = checkpoint["model_config"]["vocab_size"]
-    if model_vocab != vocab_size:
+    if vocab_size is not None and model_vocab != vocab_size:
         raise CheckpointError(f"{path} holds a model with a vocabulary of {model_vocab} tokens, but the tokenizer "
                               f"in {artifact_dir('tokenizer', create=False)} has {vocab_size}: it was trained with "
                               f"another tokenizer; use that tokenizer's STACK_HOME or train the model again")
-
-
-def _rank_states(path: Path, checkpoint: dict[str, Any], loader: Any, dist_info: DistInfo, made_by: str
-                 ) -> dict[str, Any]:
-    """This rank's optimizer and loader state. Saved by another number of ranks, it is rebuilt from every rank's
-    file when the loader's position is the same on every rank (`position_shared`): per-parameter optimizer state is
-    the union of the files (AdamW's is the same on every rank, Muon's momentum sits with the rank that owned the
-    matrix; Muon.load_state_dict keeps this rank's share)."""
-    saved = checkpoint.get("world_size") or len(list(path.parent.glob(f"{path.stem}.rank*.pt")))
-    if saved == dist_info.world_size:
-        return load_checkpoint(path.with_name(f"{path.stem}.rank{dist_info.rank}.pt"), dist_info.device,
-                               made_by, keys=("optimizers", "loader"))
-    if not getattr(loader, "position_shared", False):
-        raise CheckpointError(f"{path} was saved by {saved} process(es) and this run has {dist_info.world_size}: "
-                              f"{type(loader).__name__} keeps a separate position on each rank, which cannot be "
-                              f"split again; resume with {saved} process(es), or start a new run with "
-                              f"--run_name=<new name>")
-    states = [load_checkpoint(path.with_name(f"{path.stem}.rank{rank}.pt"), dist_info.device, made_by,
-                              keys=("optimizers", "loader")) for rank in range(saved)]
-    optimizers = [{"param_groups": parts[0]["param_groups"],
-                   "state": {key: value for part in parts for key, value in part["state"].items()}}
-                  for parts in zip(*(state["optimizers"] for state in states))]
-    return {"optimizers": optimizers, "loader": states[0]["loader"]}
-
-
-def all_ranks_agree(ok: bool) -> bool:
-    """True when `ok` holds on every rank, so that all ranks fall back to the same checkpoint."""
-    if not dist.is_initialized():
-        return ok
-    flag = torch.tensor(int(ok), device=_collective_device())
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
-
-
-def resume_training(directory: Path, model: GPT, optimizers: list[torch.optim.Optimizer], loader: Any,
-                    dist_info: DistInfo, made_by: str, log: typing.Callable[[str], None] = print
-                    ) -> tuple[int, Path | None]:
-    """Continue a run from the newest usable checkpoint in `directory`: the model's weights, then the optimizer
-    and loader (or sampler) state. A damaged newest checkpoint is reported and the previous one taken. Returns
-    (step, checkpoint), or (0, None) when the folder has none. A checkpoint of another model shape stops with a
-    message instead of a confusing state-dict error."""
-    paths, damages = checkpoint_paths(directory), []
-    seen, ranks = sum_over_ranks([len(paths), 1])
-    if not all_ranks_agree(seen == len(paths) * ranks):
-        raise CheckpointError(f"the ranks see different checkpoints in {directory}: with several nodes, STACK_HOME "
-                              f"must be one shared filesystem (or pass --resume=false)")
-    for path in reversed(paths):
-        try:
-            checkpoint = load_checkpoint(path, dist_info.device, made_by)
-            if checkpoint["model_config"] != dataclasses.asdict(model.config):
-                raise CheckpointError(f"{path} holds a different model ({checkpoint['model_config']}); "
-                                      f"use --run_name=<new name> or --resume=false")
-            rank_state, damage = _rank_states(path, checkpoint, loader, dist_info, made_by), None
-        except DamagedCheckpointError as error:
-            damage = error
-        if all_ranks_agree(damage is None):
-            model.load_state_dict(checkpoint["model"])
-            for optimizer, optimizer_state in zip(optimizers, rank_state["optimizers"]):
-                optimizer.load_state_dict(optimizer_state)
-            loader.load_state_dict(rank_state["loader"])
-            return checkpoint["step"], path
-        damages.append(str(damage or f"another rank could not read its part of {path}"))
-        log(f"WARNING: {damages[-1]}; trying the checkpoint before it")
-    if paths:
-        raise CheckpointError(f"no usable checkpoint in {directory}: all {len(paths)} are damaged (the newest: "
-                              f"{damages[0]}); delete them, or start a new run with --run_name=<new name> or "
-                              f"--resume=false")
-    return 0, None
-
-
-def run_is_complete(start_step: int, steps: int, run_name: str, checkpoint: Path | None,
-                    log: typing.Callable[[str], None] = print) -> bool:
-    """True (and says so) when a resumed run has already reached `steps`: it then trains nothing and leaves its
-    summary as it is. A larger --steps continues it."""
-    if checkpoint is None or start_step < steps:
-        return False
-    log(f"run {run_name!r} is already complete: {checkpoint} is at step {start_step} and --steps={steps}, so "
-        f"nothing is trained and its summary is left as it is. To train it further pass --steps=<more than "
-        f"{start_step}>; to start another run pass --run_name=<new name> (or --resume=false to start this one over)")
-    return True
-
-
-def start_training(checkpoint_dir: Path, run_dir: Path, model: GPT, optimizers: list[torch.optim.Optimizer],
-                   loader: Any, dist_info: DistInfo, made_by: str, run_name: str, steps: int, resume: bool,
-                   log: typing.Callable[[str], None] = print) -> tuple[int, bool]:
-    """Where a training notebook's loop starts, as (first step, whether the run is complete already). With `resume`
-    it continues from the newest usable checkpoint in `checkpoint_dir` (resume_training) and says so once: resumed
-    from it, or already complete (run_is_complete). A run that starts afresh drops an earlier run's metrics.jsonl
-    in `run_dir`."""
-    start_step, latest = (resume_training(checkpoint_dir, model, optimizers, loader, dist_info, made_by, log)
-                          if resume else (0, None))
-    complete = run_is_complete(start_step, steps, run_name, latest, log)
-    if latest is None and dist_info.master:
-        (Path(run_dir) / "metrics.jsonl").unlink(missing_ok=True)
-    elif latest is not None and not complete:
-        log(f"resumed from {latest} at step {start_step}")
-    return start_step, complete
-
-
-def model_from_checkpoint(path: Path, device: str, vocab_size: int | None = None, made_by: str | None = None
-                          ) -> tuple[GPT, dict[str, Any]]:
-    """The model of a checkpoint; with `vocab_size`, refused unless it matches the tokenizer's."""
-    checkpoint = load_checkpoint(path, device, made_by)
-    if vocab_size is not None:
-        check_vocabulary(path, checkpoint, vocab_size)
     model = GPT(GPTConfig(**checkpoint["model_config"])).to(device)
     model.load_state_dict(checkpoint["model"])
     return model, checkpoint
-
-
-class RunLog:
-    """Appends one JSON object per event to `metrics.jsonl` in the run folder (and to wandb when enabled)."""
-
-    def __init__(self, run_dir: Path, enabled: bool = True, wandb_run: Any = None):
-        self.path = Path(run_dir) / "metrics.jsonl"
-        self.enabled, self.wandb_run = enabled, wandb_run
-        if enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-
-    def log(self, **metrics: Any) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        if self.wandb_run is not None:
-            self.wandb_run.log(metrics)
-
-    def read(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in open(self.path)] if self.path.exists() else []
 
 
 def accumulation_steps(tokens_per_step: int, micro_tokens: int, world_size: int) -> int:

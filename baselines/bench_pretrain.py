@@ -40,9 +40,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import stackcore as sc  # noqa: E402
+from data.tokenizing import tokenize_parallel  # noqa: E402
 
 BOOKS_TARGET_BPB = 1.52
-CODE_FILES = ("stackcore.py", "notebooks/03_pretrain.py", "baselines/bench_pretrain.py")  # what a run executes
+CODE_FILES = ("stackcore.py", "notebooks/03_pretrain.py", "notebooks/training.py",  # what a run executes
+              "baselines/bench_pretrain.py")
 
 
 def split_file(data: Path, split: str) -> Path:
@@ -84,7 +86,7 @@ def prepare_artifacts(data: Path, vocab_size: int, workers: int) -> None:
     sc.Tokenizer.train(read_texts(files["train"]), vocab_size).save(tokenizer_dir)
     for split, path in files.items():
         writer = sc.ShardWriter(shard_dir, split, 100_000_000, vocab_size)
-        for ids in sc.tokenize_parallel(tokenizer_dir, read_texts(path), workers):
+        for ids in tokenize_parallel(tokenizer_dir, read_texts(path), workers):
             writer.add(ids)
         writer.flush()
         print(f"prepared {split}: {sum(tokens for _, tokens, _ in writer.written):,} tokens in {shard_dir}")

@@ -32,8 +32,8 @@ from data import gsm8k
 from data.core import COLORS, THING_COLORS
 from data.records import DataFileError, converted, count_records, field, read_records
 from data.synthetic import synthetic_documents
-from stackcore import (StackConfig, Tokenizer, above, artifact_dir, at_least, batched, chat_turns, map_with_tokenizer,
-                       render_conversation)
+from data.tokenizing import batched, map_with_tokenizer
+from stackcore import StackConfig, Tokenizer, above, artifact_dir, at_least, chat_turns, render_conversation
 
 Conversation = list[dict]
 T = TypeVar("T")

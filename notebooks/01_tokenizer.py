@@ -66,6 +66,7 @@ import stackcore as sc
 import json
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import matplotlib.pyplot as plt
 
@@ -173,13 +174,20 @@ heldout_bytes = sum(len(d.encode("utf-8")) for d in heldout)
 t0 = time.time()
 tokenizer.encode_batch(heldout)
 throughput = heldout_bytes / (time.time() - t0) / 1e6
-compression = {f"ours ({tokenizer.vocab_size})": sc.bytes_per_token(tokenizer.encode, heldout)}
+
+
+def bytes_per_token(encode: Callable[[str], list[int]]) -> float:
+    """Compression of a tokenizer on the held-out text: UTF-8 bytes over tokens (higher is better)."""
+    return heldout_bytes / max(sum(len(encode(doc)) for doc in heldout), 1)
+
+
+compression = {f"ours ({tokenizer.vocab_size})": bytes_per_token(tokenizer.encode)}
 for name in ("gpt2", "cl100k_base"):
     try:
         import tiktoken
 
         reference = tiktoken.get_encoding(name)
-        compression[f"{name} ({reference.n_vocab})"] = sc.bytes_per_token(reference.encode_ordinary, heldout)
+        compression[f"{name} ({reference.n_vocab})"] = bytes_per_token(reference.encode_ordinary)
     except Exception as error:  # no network, no cached encoding file
         print(f"{name}: not available here ({type(error).__name__}); comparing ours alone")
 for name, value in compression.items():
@@ -211,7 +219,7 @@ for size in (300, 400, 512, 1024, 2048, 4096):
     except ValueError:  # the slice supports fewer merges than this size asks for
         print(f"vocabulary {size:>5}: left out, more merges than the slice supports")
         continue
-    vocab_curve[size] = sc.bytes_per_token(small.encode, heldout)
+    vocab_curve[size] = bytes_per_token(small.encode)
     print(f"vocabulary {size:>5}: {vocab_curve[size]:.3f} bytes/token")
 
 fig, ax = plt.subplots(figsize=(6, 3))

@@ -76,6 +76,7 @@ from tqdm.auto import tqdm
 from data import core, gsm8k, sft
 from data.hub import pull_shards, push_shards
 from data.pretrain import CorpusConfig, iter_documents
+from data.tokenizing import tokenize_parallel
 
 
 @dataclass
@@ -124,7 +125,7 @@ print(f"tokenizer: {tokenizer.vocab_size} tokens, BOS id {tokenizer.bos_id}")
 def write_split(split: str, docs, total: int | None) -> list[tuple]:
     writer = sc.ShardWriter(shard_dir, split, cfg.shard_tokens, tokenizer.vocab_size)
     workers = cfg.workers or os.cpu_count() or 1
-    for ids in tqdm(sc.tokenize_parallel(tokenizer_dir, docs, workers), total=total, desc=split, unit="doc"):
+    for ids in tqdm(tokenize_parallel(tokenizer_dir, docs, workers), total=total, desc=split, unit="doc"):
         writer.add(ids)
     writer.flush()
     return writer.written

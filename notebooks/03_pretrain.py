@@ -386,14 +386,16 @@ plt.show()
 # nothing and keeps its summary: pass a larger `--steps` to continue it, or a new `--run_name`.
 
 # %%
-start_step, complete = sc.start_training(checkpoint_dir, run_dir, model, optimizers, train_loader, dist_info,
-                                         "03_pretrain", cfg.run_name, cfg.steps, cfg.resume, log)
+from notebooks.training import RunLog, check_finite_loss, save_checkpoint, start_training
+
+start_step, complete = start_training(checkpoint_dir, run_dir, model, optimizers, train_loader, dist_info,
+                                      "03_pretrain", cfg.run_name, cfg.steps, cfg.resume, log)
 wandb_run = None
 if cfg.wandb and dist_info.master:
     import wandb
 
     wandb_run = wandb.init(project="decoderstack", name=cfg.run_name, config=dataclasses.asdict(cfg))
-run_log = sc.RunLog(run_dir, enabled=dist_info.master, wandb_run=wandb_run)
+run_log = RunLog(run_dir, enabled=dist_info.master, wandb_run=wandb_run)
 
 # %% [markdown]
 # ## The training loop
@@ -404,7 +406,10 @@ run_log = sc.RunLog(run_dir, enabled=dist_info.master, wandb_run=wandb_run)
 # compilations. Steady-state throughput leaves that step out.
 
 # %%
-peak = sc.peak_flops(device)
+# the GPU's dense bf16 tensor-core peak (fp16 on a T4) from its datasheet; none on the CPU or an unknown GPU
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 125e12, "T4": 65e12}
+gpu_name = torch.cuda.get_device_name(device) if device.startswith("cuda") else ""
+peak = next((flops for key, flops in PEAK_FLOPS.items() if key in gpu_name), None)
 train_seconds, tokens_seen = 0.0, sum(map(step_tokens, range(start_step)))
 step_times, step_rates = [], []  # seconds and tokens per second of each optimizer step; the first one compiles
 val_bpb = float("nan")
@@ -421,8 +426,8 @@ for step in range(start_step, start_step if complete else cfg.steps + 1):
         log(f"step {step:5d}/{cfg.steps} | val bpb {val_bpb:.4f}")
         run_log.log(step=step, val_bpb=val_bpb, tokens=tokens_seen, train_seconds=train_seconds)
     if step > start_step and (step % cfg.save_every == 0 or last):
-        saved = sc.save_checkpoint(checkpoint_dir, step, model, optimizers, train_loader, cfg, dist_info,
-                                   {"val_bpb": val_bpb, "tokenizer_dir": str(tokenizer_dir)})
+        saved = save_checkpoint(checkpoint_dir, step, model, optimizers, train_loader, cfg, dist_info,
+                                {"val_bpb": val_bpb, "tokenizer_dir": str(tokenizer_dir)})
         log(f"saved {saved}")
     if last:
         break
@@ -439,7 +444,7 @@ for step in range(start_step, start_step if complete else cfg.steps + 1):
         loss_scaler.scale(loss / micro_steps).backward()
     loss_scaler.step(optimizers)
     train_loss = loss.item()  # one sync per step: the loss of the last micro-batch
-    sc.check_finite_loss(train_loss, step + 1)
+    check_finite_loss(train_loss, step + 1)
     step_seconds = time.time() - t0
     step_times.append(step_seconds)
     if len(step_times) == 1:  # keep what set-up and compilation left behind out of every later garbage collection

@@ -238,9 +238,11 @@ loss_scaler = sc.LossScaler(compute_dtype, device)  # fp16 only (a T4); a plain 
 # and keeps its results file: pass a larger `--steps` to continue it, or a new `--run_name`.
 
 # %%
-start_step, complete = sc.start_training(checkpoint_dir, run_dir, model, optimizers, train_loader, dist_info,
-                                         "05_sft", cfg.run_name, steps, cfg.resume, log)
-run_log = sc.RunLog(run_dir, enabled=dist_info.master)
+from notebooks.training import RunLog, check_finite_loss, save_checkpoint, start_training
+
+start_step, complete = start_training(checkpoint_dir, run_dir, model, optimizers, train_loader, dist_info,
+                                      "05_sft", cfg.run_name, steps, cfg.resume, log)
+run_log = RunLog(run_dir, enabled=dist_info.master)
 
 # %% [markdown]
 # ## The training loop
@@ -261,9 +263,9 @@ for step in range(start_step, start_step if complete else steps + 1):
         log(f"step {step:5d}/{steps} | val loss {val_loss:.4f}")
         run_log.log(step=step, val_loss=val_loss)
     if step > start_step and (step % cfg.save_every == 0 or last):
-        saved = sc.save_checkpoint(checkpoint_dir, step, model, optimizers, train_loader, cfg, dist_info,
-                                   {"val_loss": val_loss, "tokenizer_dir": str(tokenizer_dir),
-                                    "base_checkpoint": str(base_path)})
+        saved = save_checkpoint(checkpoint_dir, step, model, optimizers, train_loader, cfg, dist_info,
+                                {"val_loss": val_loss, "tokenizer_dir": str(tokenizer_dir),
+                                 "base_checkpoint": str(base_path)})
         log(f"saved {saved}")
     if last:
         break
@@ -275,7 +277,7 @@ for step in range(start_step, start_step if complete else steps + 1):
     stats = sc.sft_backward(forward, batches, backend, loss_scaler)
     loss_scaler.step(optimizers)
     train_loss, tokens = stats["loss"], stats["tokens"]
-    sc.check_finite_loss(train_loss, step + 1)
+    check_finite_loss(train_loss, step + 1)
     step_seconds = time.time() - t0
     train_seconds += step_seconds
     log(f"step {step + 1:5d}/{steps} | loss {train_loss:.4f} | {tokens / step_seconds:,.0f} tok/s | "

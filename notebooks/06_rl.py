@@ -236,9 +236,11 @@ loss_scaler = sc.LossScaler(compute_dtype, device)  # fp16 only (a T4); a plain 
 # new `--run_name`.
 
 # %%
-start_step, complete = sc.start_training(checkpoint_dir, run_dir, model, optimizers, sampler, dist_info,
-                                         "06_rl", cfg.run_name, cfg.steps, cfg.resume, log)
-run_log = sc.RunLog(run_dir, enabled=dist_info.master)
+from notebooks.training import RunLog, check_finite_loss, save_checkpoint, start_training
+
+start_step, complete = start_training(checkpoint_dir, run_dir, model, optimizers, sampler, dist_info,
+                                      "06_rl", cfg.run_name, cfg.steps, cfg.resume, log)
+run_log = RunLog(run_dir, enabled=dist_info.master)
 
 # %% [markdown]
 # ## The training loop
@@ -267,8 +269,8 @@ for step in range(start_step, start_step if complete else cfg.steps + 1):
     if (step % cfg.eval_every == 0 or last) and (step > start_step or start_step == 0):  # resumed: done already
         evaluate(step)
     if step > start_step and (step % cfg.save_every == 0 or last):
-        saved = sc.save_checkpoint(checkpoint_dir, step, model, optimizers, sampler, cfg, dist_info,
-                                   {"start_checkpoint": start_path})
+        saved = save_checkpoint(checkpoint_dir, step, model, optimizers, sampler, cfg, dist_info,
+                                {"start_checkpoint": start_path})
         log(f"saved {saved}")
     if last:
         break
@@ -281,7 +283,7 @@ for step in range(start_step, start_step if complete else cfg.steps + 1):
     t1 = time.time()
     sc.apply_schedule(optimizers, 1.0 - step / cfg.steps)
     stats = sc.policy_gradient_backward(model, groups, backend, cfg.pass_tokens, device, loss_scaler)
-    sc.check_finite_loss(stats["loss"], step + 1)
+    check_finite_loss(stats["loss"], step + 1)
     loss_scaler.step(optimizers)
     t2 = time.time()
     rollouts = cfg.prompts_per_step * cfg.samples_per_prompt  # over all ranks

@@ -10,6 +10,7 @@ from typing import Sequence
 
 import stackcore as sc
 from notebooks.report import write_report
+from notebooks.runtime import end_scripts_on_user_errors
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,6 +46,6 @@ def main(argv: Sequence[str]) -> None:
     """`pipeline [--preset=...]`, as `python3 stackcore.py` passes it on."""
     if argv[:1] != ["pipeline"]:
         sys.exit("usage: python stackcore.py pipeline [--preset=tiny|colab|speedrun|node]")
-    sc.end_scripts_on_user_errors()
+    end_scripts_on_user_errors()
     with sc.reading_settings():
         run_pipeline(argv[1:])

@@ -131,7 +131,7 @@ def setup_runtime(use_drive: bool = False, colab: bool | None = None,
 
     import stackcore as sc  # after the installs
 
-    sc.end_scripts_on_user_errors()
+    end_scripts_on_user_errors()
     use_drive = use_drive or sc.parse_value("STACK_DRIVE", os.environ.get("STACK_DRIVE", "false"), bool)
     if colab and use_drive:
         if not (DRIVE_MOUNT / "MyDrive").is_dir():
@@ -149,6 +149,28 @@ def setup_runtime(use_drive: bool = False, colab: bool | None = None,
     silence_triton_teardown()
     if os.environ.get("RANK", "0") == "0":
         print(describe_runtime(gpu, threads, install, notes))
+
+
+def end_scripts_on_user_errors() -> None:
+    """In a twin run as a script, an error the user fixes by changing a setting or running an earlier notebook
+    (stackcore's ConfigError, MissingArtifactError) ends the run with its one-line message instead of a traceback:
+    exit status 2 for a bad option or setting (stackcore.reading_settings), 1 for one found later. Other errors keep
+    their traceback, and in a notebook kernel every exception shows as usual. Installed once, however often it is
+    called."""
+    import stackcore as sc
+
+    if sc.in_notebook_kernel() or getattr(sys.excepthook, "ends_on_user_errors", False):
+        return
+    default_hook = sys.excepthook
+
+    def hook(kind: type[BaseException], error: BaseException, trace: object) -> None:
+        if not isinstance(error, (sc.ConfigError, sc.MissingArtifactError)):
+            return default_hook(kind, error, trace)
+        print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(getattr(error, "exit_status", 1))  # Python exits with the status a hook's SystemExit gives
+
+    hook.ends_on_user_errors = True  # type: ignore[attr-defined]
+    sys.excepthook = hook
 
 
 def set_cpu_threads(environ: Mapping[str, str] = os.environ) -> int:

@@ -331,7 +331,7 @@ def test_twin_against_an_empty_stack_home(stack_home, twin, made_by, looked_in):
 
 def test_other_errors_in_a_twin_keep_their_traceback(tmp_path):
     script = tmp_path / "twin.py"
-    script.write_text("from stackcore import end_scripts_on_user_errors\n"
+    script.write_text("from notebooks.runtime import end_scripts_on_user_errors\n"
                       "end_scripts_on_user_errors()\nraise KeyError('kept')\n")
     result = subprocess.run([sys.executable, str(script)], env={**os.environ, "PYTHONPATH": str(ROOT)},
                             capture_output=True, text=True, timeout=120)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import stackcore as sc
+from notebooks.runtime import end_scripts_on_user_errors
 
 
 @dataclass
@@ -139,7 +140,7 @@ def test_usage_shows_the_presets_values():
 
 def test_config_errors_end_a_script_with_status_2(monkeypatch, capsys):
     monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
-    sc.end_scripts_on_user_errors()
+    end_scripts_on_user_errors()
     with pytest.raises(sc.ConfigError) as caught:
         with sc.reading_settings():
             sc.configure(DemoConfig, ["--stepz=1"], {})

@@ -24,6 +24,7 @@ import torch.multiprocessing as mp
 import stackcore as sc
 from data import gsm8k, sft
 from notebooks.chat_session import run_on_rank_zero_only
+from notebooks.training import resume_training, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 512  # the tiny tokenizer's (conftest)
@@ -304,8 +305,8 @@ def test_memory_estimate_follows_the_models_sizes():
 def resume_where_rank_one_sees_nothing(directory: Path, empty: Path) -> str:
     model = perturbed_model()
     try:
-        sc.resume_training(directory if dist.get_rank() == 0 else empty, model, sc.build_optimizers(model), None,
-                           sc.DistInfo(dist.get_rank(), 2, 0, "cpu"), "03_pretrain", log=lambda message: None)
+        resume_training(directory if dist.get_rank() == 0 else empty, model, sc.build_optimizers(model), None,
+                        sc.DistInfo(dist.get_rank(), 2, 0, "cpu"), "03_pretrain", log=lambda message: None)
     except sc.CheckpointError as error:
         return str(error)
     return "resumed"
@@ -320,8 +321,8 @@ def test_ranks_that_see_different_checkpoints_stop_together_instead_of_waiting(t
         def state_dict(self):
             return {}
 
-    sc.save_checkpoint(directory, 1, model, sc.build_optimizers(model), NoLoader(), sc.GPTConfig(),
-                       sc.DistInfo(0, 1, 0, "cpu"))
+    save_checkpoint(directory, 1, model, sc.build_optimizers(model), NoLoader(), sc.GPTConfig(),
+                    sc.DistInfo(0, 1, 0, "cpu"))
     (tmp_path / "empty").mkdir()
     messages = on_two_ranks(resume_where_rank_one_sees_nothing, tmp_path, directory, tmp_path / "empty")
     assert all("the ranks see different checkpoints" in message and "shared filesystem" in message

@@ -12,6 +12,8 @@ import pytest
 import torch
 
 import stackcore as sc
+from notebooks.training import (NonFiniteLossError, check_finite_loss, resume_training, run_is_complete,
+                               save_checkpoint)
 
 BOS = 511
 SINGLE = sc.DistInfo(0, 1, 0, "cpu")
@@ -39,7 +41,7 @@ def train_and_save(tmp_path, steps=(1, 2), run="pretrain", dist_info=SINGLE, see
         batch = loader.next_batch()
         model(batch.inputs, batch.cu_seqlens, batch.max_seqlen, batch.targets).backward()
         sc.step_optimizers(optimizers)
-        sc.save_checkpoint(directory, step, model, optimizers, loader, sc.GPTConfig(), dist_info)
+        save_checkpoint(directory, step, model, optimizers, loader, sc.GPTConfig(), dist_info)
     return directory, model
 
 
@@ -109,7 +111,7 @@ def test_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path, 
         torch.save(state, path)
     with pytest.raises(sc.CheckpointError) as error:
         if where == "rank file":
-            sc.resume_training(directory, *fresh(tmp_path), SINGLE, "03_pretrain")
+            resume_training(directory, *fresh(tmp_path), SINGLE, "03_pretrain")
         else:
             sc.load_checkpoint(path)
     assert not marker.exists()
@@ -128,7 +130,7 @@ def test_resume_falls_back_to_the_previous_good_checkpoint(tmp_path, damaged, da
     directory, _ = train_and_save(tmp_path, steps=(1, 2))
     DAMAGES[damage](directory / damaged)
     said = []
-    step, path = sc.resume_training(directory, *fresh(tmp_path), SINGLE, "03_pretrain", said.append)
+    step, path = resume_training(directory, *fresh(tmp_path), SINGLE, "03_pretrain", said.append)
     assert (step, path) == (1, directory / "step_000001.pt")
     assert len(said) == 1 and "WARNING" in said[0] and str(directory / damaged) in said[0]
     assert "trying the checkpoint before it" in said[0]
@@ -139,11 +141,11 @@ def test_resume_with_every_checkpoint_damaged_says_so(tmp_path):
     for path in directory.glob("step_??????.pt"):
         truncate(path)
     with pytest.raises(sc.CheckpointError, match=r"no usable checkpoint in .*all 2 are damaged \(the newest: .*step_000002.pt.*--run_name"):
-        sc.resume_training(directory, *fresh(tmp_path), SINGLE, "03_pretrain", lambda line: None)
+        resume_training(directory, *fresh(tmp_path), SINGLE, "03_pretrain", lambda line: None)
 
 
 def test_resume_of_an_empty_folder_starts_from_zero(tmp_path):
-    assert sc.resume_training(tmp_path / "none", *fresh(tmp_path), SINGLE, "03_pretrain") == (0, None)
+    assert resume_training(tmp_path / "none", *fresh(tmp_path), SINGLE, "03_pretrain") == (0, None)
 
 
 @pytest.mark.parametrize("vocab", [1024, 256, 511, 513])
@@ -162,7 +164,7 @@ def test_vocabulary_that_does_not_match_the_tokenizer_is_refused(tmp_path, vocab
 def test_complete_run_says_so_and_points_to_run_name_and_steps(start, steps, complete, tmp_path):
     said = []
     checkpoint = tmp_path / f"step_{start:06d}.pt" if start else None
-    assert sc.run_is_complete(start, steps, "pretrain", checkpoint, said.append) is complete
+    assert run_is_complete(start, steps, "pretrain", checkpoint, said.append) is complete
     if complete:
         assert "'pretrain' is already complete" in said[0] and f"--steps={steps}" in said[0]
         assert f"--steps=<more than {start}>" in said[0] and "--run_name=<new name>" in said[0]
@@ -176,10 +178,10 @@ def test_resume_from_more_ranks_merges_their_optimizer_shares(tmp_path):
     directory, trained = train_and_save(tmp_path, steps=(1,), dist_info=sc.DistInfo(0, 2, 0, "cpu"))
     model, optimizers, loader = fresh(tmp_path)
     with pytest.raises(sc.MissingArtifactError, match=r"step_000001.rank1.pt not found"):
-        sc.resume_training(directory, model, optimizers, loader, SINGLE, "03_pretrain")
+        resume_training(directory, model, optimizers, loader, SINGLE, "03_pretrain")
     rank0 = directory / "step_000001.rank0.pt"
     (directory / "step_000001.rank1.pt").write_bytes(rank0.read_bytes())
-    assert sc.resume_training(directory, model, optimizers, loader, SINGLE, "03_pretrain")[0] == 1
+    assert resume_training(directory, model, optimizers, loader, SINGLE, "03_pretrain")[0] == 1
     assert all(torch.equal(a, b) for a, b in zip(trained.state_dict().values(), model.state_dict().values()))
     assert len(optimizers[1].state) == len(optimizers[1].param_groups[0]["params"]) + sum(
         len(g["params"]) for g in optimizers[1].param_groups[1:])
@@ -189,7 +191,7 @@ def test_resume_from_one_rank_in_two_keeps_each_ranks_momentum_share(tmp_path, m
     directory, _ = train_and_save(tmp_path, steps=(1,))
     model, optimizers, loader = fresh(tmp_path)
     monkeypatch.setattr(sc, "world_size_and_rank", lambda: (2, 1))
-    step, _ = sc.resume_training(directory, model, optimizers, loader, sc.DistInfo(1, 2, 1, "cpu"), "03_pretrain")
+    step, _ = resume_training(directory, model, optimizers, loader, sc.DistInfo(1, 2, 1, "cpu"), "03_pretrain")
     assert step == 1
     for group in optimizers[1].param_groups:
         own = group["params"][-(-len(group["params"]) // 2):]  # rank 1's: the second half, the shorter if odd
@@ -204,8 +206,8 @@ def test_loader_with_a_position_per_rank_says_why_it_cannot_resume(tmp_path):
     directory, _ = train_and_save(tmp_path, steps=(1,))
     model = tiny_model(seed=7)
     with pytest.raises(sc.CheckpointError) as error:
-        sc.resume_training(directory, model, sc.build_optimizers(model), PerRankLoader(), sc.DistInfo(0, 2, 0, "cpu"),
-                           "05_sft")
+        resume_training(directory, model, sc.build_optimizers(model), PerRankLoader(), sc.DistInfo(0, 2, 0, "cpu"),
+                        "05_sft")
     message = str(error.value)
     assert "saved by 1 process(es) and this run has 2" in message and "PerRankLoader keeps a separate position" in message
     assert "resume with 1 process(es)" in message and "not found" not in message
@@ -213,13 +215,13 @@ def test_loader_with_a_position_per_rank_says_why_it_cannot_resume(tmp_path):
 
 @pytest.mark.parametrize("loss", [math.nan, math.inf, -math.inf])
 def test_non_finite_loss_stops_training(loss):
-    with pytest.raises(sc.NonFiniteLossError, match=rf"the training loss is {loss} at step 7: training stopped"):
-        sc.check_finite_loss(loss, 7)
+    with pytest.raises(NonFiniteLossError, match=rf"the training loss is {loss} at step 7: training stopped"):
+        check_finite_loss(loss, 7)
 
 
 @pytest.mark.parametrize("loss", [0.0, 3.5, 1e30])
 def test_finite_loss_passes(loss):
-    sc.check_finite_loss(loss, 1)
+    check_finite_loss(loss, 1)
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf])
@@ -227,8 +229,8 @@ def test_non_finite_weights_are_never_saved(tmp_path, value):
     model, optimizers, loader = fresh(tmp_path)
     with torch.no_grad():
         next(p for p in model.parameters() if p.ndim == 2)[0, 0] = value
-    with pytest.raises(sc.NonFiniteLossError, match="NaN or infinite values"):
-        sc.save_checkpoint(tmp_path / "ckpt", 3, model, optimizers, loader, sc.GPTConfig(), SINGLE)
+    with pytest.raises(NonFiniteLossError, match="NaN or infinite values"):
+        save_checkpoint(tmp_path / "ckpt", 3, model, optimizers, loader, sc.GPTConfig(), SINGLE)
     assert not (tmp_path / "ckpt").exists()
 
 
@@ -236,12 +238,12 @@ def test_nan_learning_rate_stops_before_the_first_save(tmp_path):
     """What --lr_scale=nan did before settings were checked: the weights go NaN, and nothing is written."""
     model, loader = tiny_model(), make_loader(tmp_path / "shards")
     optimizers = sc.build_optimizers(model, lr_scale=math.nan)
-    with pytest.raises(sc.NonFiniteLossError):
+    with pytest.raises(NonFiniteLossError):
         for step in range(1, 4):
             batch = loader.next_batch()
             loss = model(batch.inputs, batch.cu_seqlens, batch.max_seqlen, batch.targets)
-            sc.check_finite_loss(loss.item(), step)
+            check_finite_loss(loss.item(), step)
             loss.backward()
             sc.step_optimizers(optimizers)
-            sc.save_checkpoint(tmp_path / "ckpt", step, model, optimizers, loader, sc.GPTConfig(), SINGLE)
+            save_checkpoint(tmp_path / "ckpt", step, model, optimizers, loader, sc.GPTConfig(), SINGLE)
     assert not (tmp_path / "ckpt").exists() or not list((tmp_path / "ckpt").glob("*.pt"))

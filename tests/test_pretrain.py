@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import stackcore as sc
+from notebooks.training import resume_training, save_checkpoint
 
 BOS = 511
 
@@ -140,19 +141,19 @@ def test_checkpoint_resume_is_bit_identical(tmp_path):
     train(*straight, range(10))
     first = make()
     train(*first, range(5))
-    path = sc.save_checkpoint(tmp_path / "ckpt", 5, first[0], first[1], first[2], sc.GPTConfig(), dist_info)
+    path = save_checkpoint(tmp_path / "ckpt", 5, first[0], first[1], first[2], sc.GPTConfig(), dist_info)
     assert sc.latest_checkpoint(tmp_path / "ckpt") == path
     model = tiny_model(seed=2)  # other weights: resuming must replace them
     optimizers = sc.build_optimizers(model)
     loader = make()[2]
-    step, resumed = sc.resume_training(path.parent, model, optimizers, loader, dist_info, "03_pretrain")
+    step, resumed = resume_training(path.parent, model, optimizers, loader, dist_info, "03_pretrain")
     assert (step, resumed) == (5, path)
     train(model, optimizers, loader, range(step, 10))
     for (name, a), b in zip(straight[0].state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), name
     other = sc.GPT(sc.GPTConfig(vocab_size=512, depth=2, model_dim=64, head_dim=32, max_seq_len=64))
     with pytest.raises(ValueError, match="different model"):
-        sc.resume_training(path.parent, other, sc.build_optimizers(other), make()[2], dist_info, "03_pretrain")
+        resume_training(path.parent, other, sc.build_optimizers(other), make()[2], dist_info, "03_pretrain")
 
 
 def test_missing_checkpoint_names_the_notebook(tmp_path):

@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 
 import stackcore as sc  # noqa: E402
+from notebooks.training import atomic_save  # noqa: E402
 
 
 def main() -> None:
@@ -26,8 +27,8 @@ def main() -> None:
     path = sc.artifact_dir("checkpoints") / args.run_name / "step_000000.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
     # 04 reads the training config only for validation: tokens per pass and per measurement (03's defaults)
-    sc.atomic_save({"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
-                    "config": {"micro_tokens": 65_536, "eval_tokens": 2_097_152}, "step": 0}, path)
+    atomic_save({"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
+                 "config": {"micro_tokens": 65_536, "eval_tokens": 2_097_152}, "step": 0}, path)
     print(f"{path}: depth {args.depth}, {model.num_params()['total']:,} parameters")
 
 

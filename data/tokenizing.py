@@ -1,0 +1,63 @@
+"""Tokenizing a corpus in worker processes: how 02_sharding encodes the pretraining documents (tokenize_parallel)
+and renders the SFT conversations (data/sft.py's render_parallel)."""
+from __future__ import annotations
+
+import multiprocessing
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, TypeVar
+
+import numpy as np
+
+from stackcore import Tokenizer
+
+ItemT = TypeVar("ItemT")
+_worker_tokenizer: Tokenizer | None = None
+
+
+def _load_worker_tokenizer(directory: str) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = Tokenizer.load(Path(directory))
+
+
+def _work_with_tokenizer(job: tuple[Callable[[Tokenizer, Any], list[Any]], Any]) -> list[Any]:
+    work, batch = job
+    assert _worker_tokenizer is not None
+    return work(_worker_tokenizer, batch)
+
+
+def _encode_with_bos(tokenizer: Tokenizer, texts: list[str]) -> list[np.ndarray]:
+    return [np.asarray(ids, dtype=np.uint32) for ids in tokenizer.encode_batch(texts, True, num_threads=1)]
+
+
+def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def map_with_tokenizer(tokenizer_dir: Path, work: Callable[[Tokenizer, Any], list[ItemT]], batches: Iterable[Any],
+                       workers: int) -> Iterator[ItemT]:
+    """Every item of work(tokenizer, batch) for each batch, in input order, from `workers` processes that each load
+    the tokenizer once. `work` is a module-level function, so that it reaches the workers by name. With workers <= 1
+    it works in this process (faster for small inputs)."""
+    if workers <= 1:
+        tokenizer = Tokenizer.load(Path(tokenizer_dir))
+        for batch in batches:
+            yield from work(tokenizer, batch)
+        return
+    # fork: a spawned worker would re-run the calling script, which is a notebook twin with no __main__ guard
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with multiprocessing.get_context(method).Pool(workers, _load_worker_tokenizer, (str(tokenizer_dir),)) as pool:
+        for results in pool.imap(_work_with_tokenizer, ((work, batch) for batch in batches), chunksize=1):
+            yield from results
+
+
+def tokenize_parallel(tokenizer_dir: Path, docs: Iterable[str], workers: int, batch_docs: int = 256
+                      ) -> Iterator[np.ndarray]:
+    """Token ids of each document, BOS first, in input order, encoded by `workers` processes."""
+    return map_with_tokenizer(tokenizer_dir, _encode_with_bos, batched(docs, batch_docs), workers)

@@ -1,0 +1,165 @@
+"""A run of a training notebook (03_pretrain, 05_sft, 06_rl) around its loop: where it starts (afresh, or from the
+newest usable checkpoint on any number of ranks, falling back past damaged ones; "already complete"), saving its
+checkpoints, stopping on a non-finite loss, and its metrics log. Only these three notebooks train, so this lives
+beside them; stackcore keeps the checkpoint reader (load_checkpoint, model_from_checkpoint) that 04-07 use too."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from stackcore import (GPT, CheckpointError, DamagedCheckpointError, DistInfo, all_ranks_agree, checkpoint_paths,
+                       load_checkpoint, sum_over_ranks)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss (or weights): it stops before anything is saved."""
+
+
+def check_finite_loss(loss: float, step: int, what: str = "training loss") -> None:
+    """Stop training on a NaN or infinite loss, before the next checkpoint could save what caused it."""
+    if not math.isfinite(loss):
+        raise NonFiniteLossError(f"the {what} is {loss} at step {step}: training stopped and nothing was saved (the "
+                                 f"newest checkpoint holds the last good weights); lower --lr_scale or check the data")
+
+
+def save_checkpoint(directory: Path, step: int, model: nn.Module, optimizers: list[torch.optim.Optimizer],
+                    loader: Any, config: Any, dist_info: DistInfo, extra: dict | None = None) -> Path:
+    """`step_NNNNNN.pt` (model, configs, step and world size; rank 0) and `step_NNNNNN.rankR.pt` (optimizer and
+    loader state of each rank: distributed Muon keeps each rank's momentum share apart). Written atomically, of
+    tensors, numbers, strings and plain containers only (weights_only=True loads them), never non-finite weights."""
+    broken = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if broken:
+        raise NonFiniteLossError(f"step {step}: {len(broken)} weight tensor(s) hold NaN or infinite values "
+                                 f"({', '.join(broken[:3])}): not saved; lower --lr_scale or check the data")
+    path = Path(directory) / f"step_{step:06d}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rank_path = path.with_name(f"{path.stem}.rank{dist_info.rank}.pt")
+    atomic_save({"optimizers": [o.state_dict() for o in optimizers], "loader": loader.state_dict()}, rank_path)
+    if dist_info.master:
+        atomic_save({"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
+                     "config": dataclasses.asdict(config), "step": step, "world_size": dist_info.world_size,
+                     **(extra or {})}, path)
+    if dist.is_initialized():
+        dist.barrier()
+    return path
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _rank_states(path: Path, checkpoint: dict[str, Any], loader: Any, dist_info: DistInfo, made_by: str
+                 ) -> dict[str, Any]:
+    """This rank's optimizer and loader state. Saved by another number of ranks, it is rebuilt from every rank's
+    file when the loader's position is the same on every rank (`position_shared`): per-parameter optimizer state is
+    the union of the files (AdamW's is the same on every rank, Muon's momentum sits with the rank that owned the
+    matrix; Muon.load_state_dict keeps this rank's share)."""
+    saved = checkpoint.get("world_size") or len(list(path.parent.glob(f"{path.stem}.rank*.pt")))
+    if saved == dist_info.world_size:
+        return load_checkpoint(path.with_name(f"{path.stem}.rank{dist_info.rank}.pt"), dist_info.device,
+                               made_by, keys=("optimizers", "loader"))
+    if not getattr(loader, "position_shared", False):
+        raise CheckpointError(f"{path} was saved by {saved} process(es) and this run has {dist_info.world_size}: "
+                              f"{type(loader).__name__} keeps a separate position on each rank, which cannot be "
+                              f"split again; resume with {saved} process(es), or start a new run with "
+                              f"--run_name=<new name>")
+    states = [load_checkpoint(path.with_name(f"{path.stem}.rank{rank}.pt"), dist_info.device, made_by,
+                              keys=("optimizers", "loader")) for rank in range(saved)]
+    optimizers = [{"param_groups": parts[0]["param_groups"],
+                   "state": {key: value for part in parts for key, value in part["state"].items()}}
+                  for parts in zip(*(state["optimizers"] for state in states))]
+    return {"optimizers": optimizers, "loader": states[0]["loader"]}
+
+
+def resume_training(directory: Path, model: GPT, optimizers: list[torch.optim.Optimizer], loader: Any,
+                    dist_info: DistInfo, made_by: str, log: Callable[[str], None] = print
+                    ) -> tuple[int, Path | None]:
+    """Continue a run from the newest usable checkpoint in `directory` (model weights, then optimizer and loader or
+    sampler state), falling back past damaged ones. Returns (step, checkpoint), or (0, None) when there is none. A
+    checkpoint of another model shape stops with a message instead of a confusing state-dict error."""
+    paths, damages = checkpoint_paths(directory), []
+    seen, ranks = sum_over_ranks([len(paths), 1])
+    if not all_ranks_agree(seen == len(paths) * ranks):
+        raise CheckpointError(f"the ranks see different checkpoints in {directory}: with several nodes, STACK_HOME "
+                              f"must be one shared filesystem (or pass --resume=false)")
+    for path in reversed(paths):
+        try:
+            checkpoint = load_checkpoint(path, dist_info.device, made_by)
+            if checkpoint["model_config"] != dataclasses.asdict(model.config):
+                raise CheckpointError(f"{path} holds a different model ({checkpoint['model_config']}); "
+                                      f"use --run_name=<new name> or --resume=false")
+            rank_state, damage = _rank_states(path, checkpoint, loader, dist_info, made_by), None
+        except DamagedCheckpointError as error:
+            damage = error
+        if all_ranks_agree(damage is None):
+            model.load_state_dict(checkpoint["model"])
+            for optimizer, optimizer_state in zip(optimizers, rank_state["optimizers"]):
+                optimizer.load_state_dict(optimizer_state)
+            loader.load_state_dict(rank_state["loader"])
+            return checkpoint["step"], path
+        damages.append(str(damage or f"another rank could not read its part of {path}"))
+        log(f"WARNING: {damages[-1]}; trying the checkpoint before it")
+    if paths:
+        raise CheckpointError(f"no usable checkpoint in {directory}: all {len(paths)} are damaged (the newest: "
+                              f"{damages[0]}); delete them, or start a new run with --run_name=<new name> or "
+                              f"--resume=false")
+    return 0, None
+
+
+def run_is_complete(start_step: int, steps: int, run_name: str, checkpoint: Path | None,
+                    log: Callable[[str], None] = print) -> bool:
+    """True (and says so) when a resumed run has already reached `steps`: it then trains nothing and leaves its
+    summary as it is. A larger --steps continues it."""
+    if checkpoint is None or start_step < steps:
+        return False
+    log(f"run {run_name!r} is already complete: {checkpoint} is at step {start_step} and --steps={steps}, so "
+        f"nothing is trained and its summary is left as it is. To train it further pass --steps=<more than "
+        f"{start_step}>; to start another run pass --run_name=<new name> (or --resume=false to start this one over)")
+    return True
+
+
+def start_training(checkpoint_dir: Path, run_dir: Path, model: GPT, optimizers: list[torch.optim.Optimizer],
+                   loader: Any, dist_info: DistInfo, made_by: str, run_name: str, steps: int, resume: bool,
+                   log: Callable[[str], None] = print) -> tuple[int, bool]:
+    """Where a training notebook's loop starts: (first step, whether the run is complete already). With `resume`
+    it continues from the newest usable checkpoint and says so once; a run that starts afresh drops an earlier
+    run's metrics.jsonl."""
+    start_step, latest = (resume_training(checkpoint_dir, model, optimizers, loader, dist_info, made_by, log)
+                          if resume else (0, None))
+    complete = run_is_complete(start_step, steps, run_name, latest, log)
+    if latest is None and dist_info.master:
+        (Path(run_dir) / "metrics.jsonl").unlink(missing_ok=True)
+    elif latest is not None and not complete:
+        log(f"resumed from {latest} at step {start_step}")
+    return start_step, complete
+
+
+class RunLog:
+    """Appends one JSON object per event to `metrics.jsonl` in the run folder (and to wandb when enabled)."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True, wandb_run: Any = None):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.enabled, self.wandb_run = enabled, wandb_run
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(self, **metrics: Any) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log(metrics)
+
+    def read(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in open(self.path)] if self.path.exists() else []
