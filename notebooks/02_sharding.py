@@ -323,7 +323,7 @@ gsm8k_dir = sc.artifact_dir("shards") / "gsm8k"
 report["gsm8k"] = {}
 for split, limit in (("train", cfg.rl_train_prompts), ("test", cfg.rl_test_prompts)):
     problems = gsm8k.load_problems(split, cfg.rl_gsm8k_source)[:limit or None]
-    prompts = [sc.TaskPrompt(sc.render_for_completion(tokenizer, problem.prompt()), problem.gold, i)
+    prompts = [gsm8k.TaskPrompt(sc.render_for_completion(tokenizer, problem.prompt()), problem.gold, i)
                for i, problem in enumerate(problems)]
     gsm8k.write_prompt_shard(gsm8k_dir, split, prompts, tokenizer.vocab_size)
     lengths = [len(prompt.ids) for prompt in prompts]

@@ -1,6 +1,6 @@
 """Data parallelism: two ranks (gloo, spawned processes) make the very update one process makes from the same global
 batch, for SFT (sc.sft_backward on the SFTLoader's rank sharding) and for RL's policy gradient on fixed rollouts
-(sc.policy_gradient_backward; pass@k split over ranks); two "nodes" of one rank each train 03 through torchrun's
+(rl.policy_gradient_backward; pass@k split over ranks); two "nodes" of one rank each train 03 through torchrun's
 c10d rendezvous on 127.0.0.1; 07 runs on rank 0 only; the tutorial's memory table is GPT.memory_estimate's
 (tutorials/memory_per_gpu.py)."""
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch.multiprocessing as mp
 
 import stackcore as sc
 from data import gsm8k, sft
+from notebooks import rl
 from notebooks.chat_session import run_on_rank_zero_only
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,20 +150,20 @@ MIXED = [[1, 0, 0, 1], [0, 0, 0, 0], [1, 1, 0, 1], [0, 1, 0, 0]]  # the second g
 IDLE_RANK_ZERO = [[1, 1, 1, 1], [0, 0, 0, 0], [1, 0, 0, 0], [0, 1, 1, 0]]  # rank 0's two groups teach nothing
 
 
-def fixed_rollouts(rewards: list[list[int]]) -> list[sc.RolloutGroup]:
+def fixed_rollouts(rewards: list[list[int]]) -> list[rl.RolloutGroup]:
     """Four prompts of four answers each, with forced (mask 0) tokens inside some answers and fixed rewards: the
     rollouts and rewards are data, so the comparison does not depend on sampling."""
     rng = np.random.default_rng(0)
     groups = []
     for problem, row in enumerate(rewards):
-        prompt = sc.TaskPrompt(rng.integers(1, VOCAB, int(rng.integers(4, 9))).tolist(), "0", problem)
+        prompt = gsm8k.TaskPrompt(rng.integers(1, VOCAB, int(rng.integers(4, 9))).tolist(), "0", problem)
         sequences, masks = [], []
         for _ in row:
             answer = rng.integers(1, VOCAB, int(rng.integers(3, 12))).tolist()
             forced = (rng.random(len(answer)) < 0.2).astype(int).tolist()
             sequences.append([*prompt.ids, *answer])
             masks.append([0] * len(prompt.ids) + [1 - f for f in forced])
-        groups.append(sc.RolloutGroup(prompt, sequences, masks, [""] * len(row), [float(r) for r in row]))
+        groups.append(rl.RolloutGroup(prompt, sequences, masks, [""] * len(row), [float(r) for r in row]))
     return groups
 
 
@@ -172,7 +173,7 @@ def rl_step(rewards: list[list[int]], pass_tokens: int) -> dict:
     share = sc.rank_share(len(groups))
     model = perturbed_model()
     optimizers = sc.build_optimizers(model)
-    stats = sc.policy_gradient_backward(model, groups[share.start:share.stop], "sdpa", pass_tokens, "cpu")
+    stats = rl.policy_gradient_backward(model, groups[share.start:share.stop], "sdpa", pass_tokens, "cpu")
     return step_and_record(model, optimizers, stats)
 
 
@@ -191,9 +192,9 @@ def test_policy_gradient_on_two_ranks_equals_one_process_on_the_same_rollouts(tm
 def pass_at_k(tokenizer_dir: Path) -> dict[str, float]:
     tokenizer = sc.Tokenizer.load(tokenizer_dir)
     model = perturbed_model()
-    prompts = [sc.TaskPrompt(sc.render_for_completion(tokenizer, problem.prompt()), problem.gold, i)
+    prompts = [gsm8k.TaskPrompt(sc.render_for_completion(tokenizer, problem.prompt()), problem.gold, i)
                for i, problem in enumerate(gsm8k.synthetic_problems(3, seed=0))]
-    return sc.evaluate_pass_at_k(sc.Engine(model, tokenizer), prompts, lambda text, gold: float(len(text) % 2),
+    return rl.evaluate_pass_at_k(sc.Engine(model, tokenizer), prompts, lambda text, gold: float(len(text) % 2),
                                  num_samples=4, max_tokens=8, seed=1)
 
 
