@@ -3253,7 +3253,9 @@ def evaluate_core(model: GPT, shards: Sequence[CoreShard], backend: str, device:
 # Rendered: <|bos|> <|user_start|>..<|user_end|> <|assistant_start|>..<|assistant_end|> ..., with python parts
 # between <|python_start|>..<|python_end|> and tool output between <|output_start|>..<|output_end|>.
 
-CHAT_PART_TYPES = ("text", "python", "python_output")
+CHAT_PART_TOKENS = {"python": ("<|python_start|>", "<|python_end|>"),  # the tokens around each non-text part
+                    "python_output": ("<|output_start|>", "<|output_end|>")}
+CHAT_PART_TYPES = ("text", *CHAT_PART_TOKENS)
 
 
 def _check_text(value: Any, where: str) -> str:
@@ -3277,8 +3279,8 @@ def _assistant_parts(content: Any, where: str) -> list[dict[str, str]]:
 
 
 def chat_turns(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Check a conversation and return its turns with the system message folded into the first user message.
-    Raises ValueError on a conversation the chat format cannot express."""
+    """A conversation's turns, the system message folded into the first user message; ValueError on a conversation
+    the chat format cannot express."""
     if not isinstance(messages, (list, tuple)) or not messages:
         raise ValueError("a conversation is a non-empty list of {'role': ..., 'content': ...} messages")
     for i, message in enumerate(messages):
@@ -3313,6 +3315,7 @@ def render_conversation(tokenizer: Tokenizer, messages: Sequence[dict[str, Any]]
     text, python parts with their start/end tokens, and <|assistant_end|>. The mask is 0 on <|bos|>, user turns,
     <|assistant_start|> and the tool output (with its start/end tokens), which the engine forces at inference."""
     special = tokenizer.special_id
+    wraps = {kind: ([special(start)], [special(end)]) for kind, (start, end) in CHAT_PART_TOKENS.items()}
     ids, mask = [tokenizer.bos_id], [0]
 
     def add(tokens: list[int], trained: bool) -> None:
@@ -3325,13 +3328,8 @@ def render_conversation(tokenizer: Tokenizer, messages: Sequence[dict[str, Any]]
             continue
         add([special("<|assistant_start|>")], False)
         for part in turn["content"]:
-            text = tokenizer.encode(part["text"])
-            if part["type"] == "text":
-                add(text, True)
-            elif part["type"] == "python":
-                add([special("<|python_start|>"), *text, special("<|python_end|>")], True)
-            else:
-                add([special("<|output_start|>"), *text, special("<|output_end|>")], False)
+            start, end = wraps.get(part["type"], ([], []))
+            add([*start, *tokenizer.encode(part["text"]), *end], part["type"] != "python_output")
         add([special("<|assistant_end|>")], True)
     if max_tokens is not None:
         ids, mask = ids[:max_tokens], mask[:max_tokens]
@@ -3380,7 +3378,7 @@ def _check_size(value: Any) -> Any:
 
 
 _CALC_OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-                   ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod}
+                   ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
 
 
 def _calc_binary(op: ast.operator, left: Any, right: Any) -> Any:
@@ -3398,7 +3396,6 @@ def _calc_binary(op: ast.operator, left: Any, right: Any) -> Any:
     if isinstance(op, ast.Pow):
         if abs(right) > 1024 or (abs(left) > 1 and abs(right) * math.log2(abs(left)) > CALC_MAX_INT_BITS):
             raise CalculatorError("exponent too large")
-        return left ** right
     if isinstance(op, ast.Mult) and isinstance(left, int) and isinstance(right, int):
         if left.bit_length() + right.bit_length() > CALC_MAX_INT_BITS:
             raise CalculatorError("number too large")
@@ -3452,10 +3449,8 @@ def _calc_eval(node: ast.AST, depth: int, deadline: float) -> Any:
 
 def format_calculator_result(value: Any) -> str:
     """Integers (and floats with an integer value) without a decimal point; other floats to 10 significant digits."""
-    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
-        return str(int(value))
     if isinstance(value, float):
-        return f"{value:.10g}"
+        return str(int(value)) if value.is_integer() and abs(value) < 1e15 else f"{value:.10g}"
     return str(value)
 
 
@@ -3481,12 +3476,10 @@ def calculate(expression: str, timeout_s: float = 0.5) -> str:
 
 def sample_tokens(logits: Tensor, uniforms: Tensor, temperature: float | Tensor = 1.0, top_k: int | None = None,
                   top_p: float | Tensor | None = None) -> Tensor:
-    """One token per row of logits (B, vocab), by inverse transform: row i takes the first token whose cumulative
-    probability exceeds uniforms[i] (B values in [0, 1)). A row's token depends on its own uniform only, so the
-    caller makes rows independent of each other by drawing each row's uniforms from its own seeded generator;
-    the whole batch is then one vectorised draw, not a multinomial call per row. Temperature 0 (a number) is greedy
-    (argmax). `temperature` and `top_p` may be per-row tensors (B,), so that a captured step reads their values
-    from buffers; no operation here waits for the host, so the draw runs inside a CUDA graph."""
+    """One token per row of logits (B, vocab) by inverse transform: row i takes the first token whose cumulative
+    probability exceeds uniforms[i] (in [0, 1)), so a row depends on its own uniform only (drawn from its own seeded
+    generator) and the batch is one vectorised draw. Temperature 0 (a number) is greedy. Per-row tensors (B,) of
+    temperature and top_p let a captured step read them from buffers: nothing here waits for the host."""
     if not isinstance(temperature, Tensor) and temperature <= 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / (temperature[:, None] if isinstance(temperature, Tensor) else temperature)
@@ -3506,9 +3499,8 @@ def sample_tokens(logits: Tensor, uniforms: Tensor, temperature: float | Tensor 
 
 @dataclass(frozen=True)
 class Sampling:
-    """How a generation picks its tokens, the same for every row. What changes the step's operations (greedy or
-    not, top_k, whether top_p cuts) is fixed when a step is built; the values of temperature and top_p go to
-    per-row buffers (DecodeState)."""
+    """How every row of a generation picks its tokens. What changes the step's operations (greedy, top_k, whether
+    top_p cuts) is fixed when a step is built; temperature and top_p values go to DecodeState's per-row buffers."""
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
@@ -3561,12 +3553,11 @@ class DecodeState:
 
 def decode_step(model: GPT, cache: KVCache, state: DecodeState, backend: str, sampling: Sampling,
                 python_end: int) -> None:
-    """One token for every row, then the forward pass that gives the next logits, all on the device: a row that is
-    neither done nor waiting takes its next forced token or samples one (its next uniform), records it in the
-    chunk's column `state.step`, and feeds it to the model; the others feed a token too (every shape stays fixed)
-    but record -1, keep their logits and do not advance in the cache. A row that emits a stop token or its last
-    allowed token is done; one that emits <|python_end|> waits: the host evaluates the call at the next sync point
-    and queues the result as forced tokens (Engine._decode)."""
+    """One token for every row, then the forward pass that gives the next logits, all on the device. An active row
+    (neither done nor waiting) takes its next forced token or samples one, records it in column `state.step` and
+    feeds it to the model; the others feed a token too (shapes stay fixed) but record -1, keep their logits and do
+    not advance in the cache. A stop token or the last allowed token ends a row; <|python_end|> makes it wait for
+    the host to answer the call at the next sync point (Engine._decode)."""
     active = ~(state.done | state.waiting)
     last = state.uniforms.size(1) - 1
     uniform = state.uniforms.gather(1, state.draws.clamp(max=last)[:, None])[:, 0]
@@ -3620,15 +3611,13 @@ class _RowState:
 
 
 class DecodeStep:
-    """decode_step over a cache and its DecodeState: one call emits one token for every row and computes the next
-    logits, with no host sync; the host reads a whole chunk of tokens back at once (read_chunk).
+    """decode_step over a cache and its DecodeState: each call emits one token per row with no host sync; the host
+    reads a whole chunk back at once (read_chunk).
 
-    On a GPU the step is captured once as a CUDA graph and replayed: an eager step launches hundreds of small
-    kernels, and the GPU idles between them while the host queues the next. With `compile_backend` the captured
-    step is the torch.compile'd decode_step (its few fused kernels). We capture it ourselves rather than use
-    mode="reduce-overhead": our buffers (the cache, the state) are fixed, so one replay is one graph launch, with
-    no guard evaluation, no copy of inputs into the graph's pool and no re-recording when a new generation brings a
-    new cache. Elsewhere the step runs eagerly (or compiled: backend "aot_eager" checks the traced step on a CPU).
+    On a GPU the step (eager, or compiled with `compile_backend`) is captured once as a CUDA graph and replayed: an
+    eager step launches hundreds of small kernels and the GPU idles while the host queues them. We capture rather
+    than use mode="reduce-overhead": our buffers are fixed, so a replay is one launch, with no guards, no input
+    copies and no re-recording for a new cache. Elsewhere it runs uncaptured ("aot_eager" checks the trace on a CPU).
     """
 
     def __init__(self, model: GPT, cache: KVCache, backend: str, sampling: Sampling, stop_ids: Sequence[int],
@@ -3709,29 +3698,25 @@ class DecodeStep:
 class Engine:
     """KV-cache generation with the calculator tool, over a GPT and its tokenizer.
 
-    Several prompts of different lengths decode together: they are prefilled together in packed passes (the
-    varlen layout of training, PackedPrompts) straight into their num_samples rows each, then every row advances
-    one token a step at its own position. A row stops after it emits <|assistant_end|> or <|bos|> (kept as its last
-    token) or after max_tokens tokens. When a row closes a tool call (<|python_start|> expression <|python_end|>),
-    the engine evaluates the expression with `calculate` and forces <|output_start|> result <|output_end|> into
-    that row, one token a step.
+    Prompts of different lengths are prefilled together in packed varlen passes of at most `prefill_tokens` tokens
+    (PackedPrompts), straight into their num_samples rows each; then every row advances one token a step at its own
+    position, until it emits <|assistant_end|> or <|bos|> (kept) or max_tokens tokens. When a row closes a tool
+    call (<|python_start|> expression <|python_end|>), the engine forces <|output_start|> `calculate`'s result
+    <|output_end|> into it, one token a step.
 
-    Steps run on the device in chunks of `sync_every` (DecodeStep): sampling, forcing and the stop rules run inside
-    the step, and the host reads the chunk's tokens back once at its end. A row that finished mid-chunk keeps
-    stepping, masked. A row that emits <|python_end|> waits, masked, for the rest of the chunk (the chunk's tokens
-    after a call would be computed without its result); at the sync point the host evaluates the call and hands
-    the result to the next chunk as forced tokens. `cuda_graph` replays the step as a CUDA graph on a GPU once a
-    generation is long enough to repay the capture (`graph_min_tokens`); `compile_backend` compiles the step (None,
-    the default: the captured step runs eagerly). `prefill_tokens` caps the tokens of one packed prefill pass.
+    Steps run on the device in chunks of `sync_every` (DecodeStep), sampling, forcing and stopping included; the
+    host reads each chunk back once. A finished row steps on, masked; a row that closed a call waits, masked, to the
+    end of the chunk, when the host evaluates the call and queues its result for the next chunk. `cuda_graph`
+    replays the step as a CUDA graph on a GPU once a generation is long enough to repay the capture
+    (`graph_min_tokens`); `compile_backend` compiles the step (None: the captured step runs eagerly).
     """
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, backend: str = "sdpa", cuda_graph: bool = True,
                  graph_min_tokens: int = 32, compile_backend: str | None = None, sync_every: int = 16,
                  prefill_tokens: int = 32768):
-        if not isinstance(sync_every, int) or sync_every < 1:
-            raise ValueError(f"sync_every must be an integer >= 1, got {sync_every!r}")
-        if not isinstance(prefill_tokens, int) or prefill_tokens < 1:
-            raise ValueError(f"prefill_tokens must be an integer >= 1, got {prefill_tokens!r}")
+        for name, value in (("sync_every", sync_every), ("prefill_tokens", prefill_tokens)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         self.model, self.tokenizer, self.backend = model, tokenizer, backend
         self.cuda_graph, self.graph_min_tokens = cuda_graph, graph_min_tokens
         self.compile_backend = compile_backend
@@ -3813,21 +3798,19 @@ class Engine:
     def stream_batch(self, prompts: Sequence[Sequence[int]], num_samples: int = 1, max_tokens: int = 256,
                      temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0
                      ) -> Iterator[tuple[list[int], list[int]]]:
-        """Yield, each step, the new token of every row and whether it was sampled (1) or forced (0); a row that
-        has finished, or waits for a tool call's result, yields -1 (and 0). The steps arrive in bursts of up to
-        sync_every, the engine's chunks. Rows are prompt-major: row r continues prompts[r // num_samples]. Row r
-        draws its uniforms (sample_tokens) from random.Random(seed + r), so a row's tokens do not depend on the
-        other rows: row r of a batch equals a single sample of its prompt with that seed. Bad arguments raise here,
-        before the first step (check_arguments)."""
+        """Yield, each step, every row's new token and whether it was sampled (1) or forced (0); a finished or waiting
+        row yields -1 (and 0). Steps arrive in bursts of up to sync_every. Row r continues prompts[r // num_samples]
+        and draws its uniforms from random.Random(seed + r), so it equals a single sample of its prompt with that
+        seed. Bad arguments raise here, before the first step (check_arguments)."""
         self.check_arguments(prompts, num_samples, max_tokens, temperature, top_k, top_p)
         return self._decode(prompts, num_samples, max_tokens, temperature, top_k, top_p, seed)
 
     @staticmethod
     def _chunk_inputs(rows: list[_RowState], generators: list[random.Random], chunk: int, greedy: bool
                       ) -> tuple[Tensor, Tensor, Tensor]:
-        """DecodeStep.begin_chunk's inputs: each row's next `chunk` uniforms (kept in row.uniforms until used, so
-        that row r's k-th sampled token takes the k-th draw of its generator whatever the chunks) and its next
-        forced tokens."""
+        """DecodeStep.begin_chunk's inputs: each row's next `chunk` uniforms (kept in row.uniforms until used, so a
+        row's k-th sampled token takes its generator's k-th draw whatever the chunks) and next forced tokens."""
+
         uniforms = torch.zeros(len(rows), chunk)
         forced = torch.zeros(len(rows), chunk, dtype=torch.long)
         forced_len = torch.zeros(len(rows), dtype=torch.long)
@@ -3858,14 +3841,13 @@ class Engine:
             emitted, sampled, draws, taken = step.read_chunk()
             for row, used, took in zip(rows, draws, taken):
                 del row.uniforms[:used], row.forced[:took]
-            for column in range(chunk):
-                tokens = [emitted[r][column] for r in range(len(rows))]
+            for tokens, flags in zip(zip(*emitted), zip(*sampled)):  # the chunk's steps, each over every row
                 if all(token < 0 for token in tokens):
                     continue
                 for row, token in zip(rows, tokens):
                     if token >= 0:
                         self._observe(row, token)
-                yield tokens, [int(sampled[r][column]) for r in range(len(rows))]
+                yield list(tokens), [int(flag) for flag in flags]
             if all(row.done for row in rows):
                 return
 
@@ -3878,9 +3860,8 @@ class Engine:
     def generate_batch(self, prompts: Sequence[Sequence[int]], num_samples: int = 1, max_tokens: int = 256,
                        temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0
                        ) -> tuple[list[list[int]], list[list[int]]]:
-        """Each row's generated tokens (the prompt excluded, the stop token included; rows as in stream_batch) and
-        a mask of the same length: 1 where the token was sampled, 0 where the engine forced it (tool output). RL
-        trains on the 1s."""
+        """Each row's generated tokens (the prompt excluded, the stop token included; rows as in stream_batch) and a
+        mask of the same length: 1 where the token was sampled, 0 where the engine forced it (RL trains on the 1s)."""
         steps = self.stream_batch(prompts, num_samples, max_tokens, temperature, top_k, top_p, seed)
         rows = len(prompts) * num_samples
         tokens: list[list[int]] = [[] for _ in range(rows)]
@@ -3905,7 +3886,8 @@ def assistant_parts(tokenizer: Tokenizer, ids: Sequence[int]) -> list[dict[str, 
     """Generated tokens (after <|assistant_start|>) back to message parts, up to a stop token; the inverse of
     rendering an assistant turn. A part still open at the end is kept as it is."""
     special = {tokenizer.special_id(name): name for name in SPECIAL_TOKENS}
-    opens = {"<|python_start|>": "python", "<|output_start|>": "python_output"}
+    opens = {start: kind for kind, (start, _) in CHAT_PART_TOKENS.items()}
+    closes = {end for _, end in CHAT_PART_TOKENS.values()}
     parts: list[tuple[str, list[int]]] = [("text", [])]
     for token in ids:
         name = special.get(token)
@@ -3913,8 +3895,9 @@ def assistant_parts(tokenizer: Tokenizer, ids: Sequence[int]) -> list[dict[str, 
             break
         if name in opens:
             parts.append((opens[name], []))
-        elif name in ("<|python_end|>", "<|output_end|>"):
+        elif name in closes:
             parts.append(("text", []))
+
         elif name is None:
             parts[-1][1].append(token)
     return [{"type": kind, "text": tokenizer.decode(part)} for kind, part in parts if part or kind != "text"]
@@ -3929,14 +3912,13 @@ def show_parts(parts: Sequence[dict[str, str]]) -> str:
 # ---------------------------------------------------------------------------------------------
 # 14. Supervised fine-tuning (used by 02_sharding, 05_sft)
 # ---------------------------------------------------------------------------------------------
-# 02_sharding renders every conversation of the SFT mixture (data/sft.py's render_parallel) into shards/sft/train_*.bin
-# and val_*.bin: whole conversations back to back, each starting with <|bos|>, and beside each shard its loss mask
-# (name.mask.bin, one uint8 per token, 1 on what the assistant writes). The SFT loader packs
-# whole conversations, never split across rows (one longer than max_seq_len + 1 tokens is cut), into one varlen row
-# of at most `tokens` tokens, with no padding; targets are -1 where the mask is 0, so the loss counts the
-# assistant's own tokens only.
-# The chat evals (letter choice, greedy generation, ChatCORE) are data/chat_eval.py's; the code they generate runs
-# in data/sandbox.py's sandbox.
+# 02_sharding renders the SFT mixture (data/sft.py's render_parallel) into shards/sft/{train,val}_*.bin: whole
+# conversations back to back, each starting with <|bos|>, each shard beside its loss mask (name.mask.bin, one uint8
+# per token, 1 on what the assistant writes). The loader packs whole conversations (cut at max_seq_len + 1 tokens)
+# into varlen rows of at most `tokens` tokens, without padding; targets are -1 where the mask is 0, so the loss
+# counts the assistant's own tokens. The chat evals (letter choice, greedy generation, ChatCORE) are
+# data/chat_eval.py's; the code they generate runs in data/sandbox.py's sandbox.
+
 
 class ConversationWriter(ShardWriter):
     """A ShardWriter for rendered conversations: add(ids, mask); each shard's mask goes to its side file, written
@@ -3962,18 +3944,16 @@ class ConversationWriter(ShardWriter):
 
 class SFTLoader:
     """Endless batches of whole conversations from conversation shards: each row packs the next conversations of a
-    seeded per-epoch shuffle, at most `tokens` tokens (no padding); a row never spans two epochs. Every rank walks
-    the same rows and keeps every world_size-th (rank r takes row r of each group of world_size), so world_size ranks
-    taking one batch each see exactly the rows one process takes in world_size calls: the same global batch, and a
-    position every rank shares (a checkpoint resumes under any number of ranks). A conversation longer than
-    max_seq_len + 1 tokens is cut."""
+    seeded per-epoch shuffle, at most `tokens` tokens, and never spans two epochs. Every rank walks the same rows and
+    keeps every world_size-th, so world_size ranks taking one batch each see the rows one process takes in
+    world_size calls (the same global batch), at a position every rank shares (resumable under any world size)."""
     position_shared = True
 
     def __init__(self, shard_dir: Path, split: str, tokens: int, bos_id: int, vocab_size: int, max_seq_len: int,
                  rank: int = 0, world_size: int = 1, device: str = "cpu", seed: int = 0, shuffle: bool = True):
         if tokens < max_seq_len:
             raise ValueError(f"tokens per batch ({tokens}) must be at least max_seq_len ({max_seq_len})")
-        self.tokens, self.max_seq_len, self.rank, self.world_size = tokens, max_seq_len, rank, world_size
+        self.tokens, self.rank, self.world_size = tokens, rank, world_size
         self.device, self.seed, self.shuffle = device, seed, shuffle
         self.shards, self.masks, spans = [], [], []
         for path in list_shards(shard_dir, split):
@@ -3991,14 +3971,14 @@ class SFTLoader:
         if not len(self.spans):
             raise ShardError(f"{shard_dir}: no '{split}' conversation of at least two tokens")
         self.position = {"epoch": 0, "cursor": 0}
-        self._order: tuple[int, np.ndarray] | None = None
+        self._order = (-1, self.spans[:0, 0])  # (epoch, order): the order of the epoch in progress
 
     def order(self, epoch: int) -> np.ndarray:
         """The conversations (indices into spans) in the order of `epoch`, the same on every rank."""
-        if self._order is None or self._order[0] != epoch:
-            order = (np.random.default_rng(self.seed + epoch).permutation(len(self.spans)) if self.shuffle
-                     else np.arange(len(self.spans)))
-            self._order = (epoch, order)
+        if self._order[0] != epoch:
+            count = len(self.spans)
+            self._order = (epoch, np.random.default_rng(self.seed + epoch).permutation(count) if self.shuffle
+                           else np.arange(count))
         return self._order[1]
 
     def _next_row(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -4049,12 +4029,10 @@ def evaluate_sft_loss(model: GPT, loader: SFTLoader, steps: int, backend: str) -
 def sft_backward(model: nn.Module, batches: Sequence[Batch], backend: str, loss_scaler: LossScaler | None = None
                  ) -> dict[str, float]:
     """Accumulate into .grad the mean cross-entropy per trained token (target != -1) of one SFT step, whose global
-    batch is `batches` on every rank together, and return that loss and the step's token counts over all ranks.
+    batch is `batches` on every rank together; return that loss and the step's token counts over all ranks. Each
+    batch's summed loss is divided by the step's trained tokens over all ranks, times the number of ranks (whose
+    gradients step_optimizers averages): the update of one process taking every rank's batches."""
 
-    Each batch's summed loss is divided by the step's trained tokens over all ranks, over the number of ranks:
-    step_optimizers averages the gradients over ranks, so the update is that of one process taking every rank's
-    batches. A batch of long answers and one of one-letter answers weigh by their trained tokens, wherever they ran.
-    """
     local = [int(sum((batch.targets >= 0).sum() for batch in batches)), sum(len(batch.inputs) for batch in batches)]
     trained, tokens = sum_over_ranks(local)
     world_size, _ = world_size_and_rank()
