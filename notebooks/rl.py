@@ -151,7 +151,8 @@ def policy_gradient_backward(model: nn.Module, groups: Sequence[RolloutGroup], b
     `pass_tokens` tokens (scaled by `loss_scaler` in fp16; step with loss_scaler.step then). Rollouts with zero
     advantage (every sibling got the same reward) have zero gradient and are skipped, which saves their forward and
     backward passes without changing the result. Under torchrun `groups` are this rank's share of the step: the loss
-    is the mean over every rank's sampled tokens (as sft_backward) and the counts returned are over all ranks."""
+    is the mean over every rank's sampled tokens (as notebooks/sft.py's sft_backward) and the counts returned are
+    over all ranks."""
     advantages = group_advantages(torch.tensor([g.rewards for g in groups], dtype=torch.float32))
     rollouts = [(seq, mask, adv) for group, row in zip(groups, advantages.tolist())
                 for seq, mask, adv in zip(group.sequences, group.masks, row) if adv != 0.0]

@@ -1,8 +1,8 @@
 """Data parallelism: two ranks (gloo, spawned processes) make the very update one process makes from the same global
-batch, for SFT (sc.sft_backward on the SFTLoader's rank sharding) and for RL's policy gradient on fixed rollouts
-(rl.policy_gradient_backward; pass@k split over ranks); two "nodes" of one rank each train 03 through torchrun's
-c10d rendezvous on 127.0.0.1; 07 runs on rank 0 only; the tutorial's memory table is GPT.memory_estimate's
-(tutorials/memory_per_gpu.py)."""
+batch, for SFT (notebooks/sft.py's sft_backward on the SFTLoader's rank sharding) and for RL's policy gradient on
+fixed rollouts (notebooks/rl.py's policy_gradient_backward; pass@k split over ranks); two "nodes" of one rank each
+train 03 through torchrun's c10d rendezvous on 127.0.0.1; 07 runs on rank 0 only; the tutorial's memory table is
+GPT.memory_estimate's (tutorials/memory_per_gpu.py)."""
 from __future__ import annotations
 
 import importlib.util
@@ -25,6 +25,7 @@ import stackcore as sc
 from data import gsm8k, sft
 from notebooks import rl
 from notebooks.chat_session import run_on_rank_zero_only
+from notebooks.sft import evaluate_sft_loss, sft_backward
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 512  # the tiny tokenizer's (conftest)
@@ -107,7 +108,7 @@ def sft_step(shard_dir: Path, bos_id: int, batches_per_rank: int) -> dict:
     batches = [loader.next_batch() for _ in range(batches_per_rank)]
     model = perturbed_model()
     optimizers = sc.build_optimizers(model)
-    return step_and_record(model, optimizers, sc.sft_backward(model, batches, "sdpa"))
+    return step_and_record(model, optimizers, sft_backward(model, batches, "sdpa"))
 
 
 def test_sft_step_on_two_ranks_equals_one_process_with_the_same_global_batch(tmp_path, tiny_tokenizer):
@@ -128,7 +129,7 @@ def sft_validation_loss(shard_dir: Path, bos_id: int, steps_per_rank: int) -> di
     """05_sft's validation loss on this process's rank."""
     world_size, rank = sc.world_size_and_rank()
     loader = sft_loader(shard_dir, bos_id, rank, world_size)
-    return {"loss": sc.evaluate_sft_loss(perturbed_model(), loader, steps_per_rank, "sdpa")}
+    return {"loss": evaluate_sft_loss(perturbed_model(), loader, steps_per_rank, "sdpa")}
 
 
 def test_sft_validation_loss_on_two_ranks_equals_one_process_over_the_same_rows(tmp_path, tiny_tokenizer):
