@@ -3912,37 +3912,15 @@ def show_parts(parts: Sequence[dict[str, str]]) -> str:
 # ---------------------------------------------------------------------------------------------
 # 14. Supervised fine-tuning (used by 02_sharding, 05_sft)
 # ---------------------------------------------------------------------------------------------
-# 02_sharding renders the SFT mixture (data/sft.py's render_parallel) into shards/sft/{train,val}_*.bin: whole
-# conversations back to back, each starting with <|bos|>, each shard beside its loss mask (name.mask.bin, one uint8
-# per token, 1 on what the assistant writes). The loader packs whole conversations (cut at max_seq_len + 1 tokens)
-# into varlen rows of at most `tokens` tokens, without padding; targets are -1 where the mask is 0, so the loss
-# counts the assistant's own tokens. The chat evals (letter choice, greedy generation, ChatCORE) are
-# data/chat_eval.py's; the code they generate runs in data/sandbox.py's sandbox.
-
-
-class ConversationWriter(ShardWriter):
-    """A ShardWriter for rendered conversations: add(ids, mask); each shard's mask goes to its side file, written
-    before the token shard so that a listed shard always has its mask."""
-
-    def __init__(self, directory: Path, prefix: str, shard_tokens: int, vocab_size: int, bos_id: int):
-        super().__init__(directory, prefix, shard_tokens, vocab_size)
-        self.bos_id = bos_id
-        self.pending_masks: list[np.ndarray] = []
-
-    def add(self, doc: Sequence[int], mask: Sequence[int] | None = None) -> None:
-        if mask is None or len(mask) != len(doc) or not len(doc) or doc[0] != self.bos_id:
-            raise ValueError("a conversation needs a loss mask of its length and must start with <|bos|>")
-        super().add(doc)  # may flush the shard before this conversation
-        self.pending_masks.append(np.asarray(mask, dtype=np.uint8))
-
-    def flush(self) -> None:
-        if self.pending:
-            write_shard(side_file(self.next_path(), "mask"), np.concatenate(self.pending_masks), "mask")
-            self.pending_masks = []
-        super().flush()
-
+# 02_sharding renders the SFT mixture into shards/sft/{train,val}_*.bin (data/sft.py's render_parallel and
+# ConversationWriter): whole conversations back to back, each starting with <|bos|>, each shard beside its loss mask
+# (name.mask.bin, one uint8 per token, 1 on what the assistant writes). The loader packs whole conversations (cut at
+# max_seq_len + 1 tokens) into varlen rows of at most `tokens` tokens, without padding; targets are -1 where the mask
+# is 0, so the loss counts the assistant's own tokens. 05_sft's step and validation loss are notebooks/sft.py's, its
+# chat evals data/chat_eval.py's (the code they generate runs in data/sandbox.py's sandbox).
 
 class SFTLoader:
+
     """Endless batches of whole conversations from conversation shards: each row packs the next conversations of a
     seeded per-epoch shuffle, at most `tokens` tokens, and never spans two epochs. Every rank walks the same rows and
     keeps every world_size-th, so world_size ranks taking one batch each see the rows one process takes in

@@ -261,7 +261,7 @@ print(f"{len(ids)} tokens, {sum(mask)} trained on")
 sft_dir = sc.artifact_dir("shards") / "sft"
 for old in sft_dir.glob("*.bin"):
     old.unlink()
-writers = {split: sc.ConversationWriter(sft_dir, split, cfg.shard_tokens, tokenizer.vocab_size, tokenizer.bos_id)
+writers = {split: sft.ConversationWriter(sft_dir, split, cfg.shard_tokens, tokenizer.vocab_size, tokenizer.bos_id)
            for split in ("train", "val")}
 val_stride = max(2, sum(cfg.counts().values()) // max(cfg.sft_val, 1))
 sources = []  # the source of each conversation, in order, filled as the renderers consume the mixture

@@ -91,7 +91,7 @@ def write_sft_shards(directory: Path, tokenizer: sc.Tokenizer) -> None:
     """Conversations of unequal lengths and trained shares, so that the ranks' rows differ in trained tokens."""
     convs = (sft.synthetic_conversations(20, seed=1) + sft.identity_conversations(10, seed=2)
              + sft.spelling_conversations(sft.load_words("builtin"), 10, seed=3))
-    writer = sc.ConversationWriter(directory, "train", 2000, tokenizer.vocab_size, tokenizer.bos_id)
+    writer = sft.ConversationWriter(directory, "train", 2000, tokenizer.vocab_size, tokenizer.bos_id)
     for conversation in convs:
         writer.add(*sc.render_conversation(tokenizer, conversation))
     writer.flush()
