@@ -3386,8 +3386,7 @@ def _calc_binary(op: ast.operator, left: Any, right: Any) -> Any:
     if isinstance(op, ast.Add) and all(isinstance(x, str) for x in (left, right)):
         return left + right
     if isinstance(op, ast.Mult) and isinstance(left, str) != isinstance(right, str):
-        count = right if isinstance(left, str) else left
-        text = left if isinstance(left, str) else right
+        text, count = (left, right) if isinstance(left, str) else (right, left)
         if not isinstance(count, int) or isinstance(count, bool) or len(text) * max(count, 0) > CALC_MAX_STRING:
             raise CalculatorError("string repeat too long")
         return text * count
@@ -3447,20 +3446,16 @@ def _calc_eval(node: ast.AST, depth: int, deadline: float) -> Any:
     raise CalculatorError(f"{type(node).__name__} not allowed")
 
 
-def format_calculator_result(value: Any) -> str:
-    """Integers (and floats with an integer value) without a decimal point; other floats to 10 significant digits."""
-    if isinstance(value, float):
-        return str(int(value)) if value.is_integer() and abs(value) < 1e15 else f"{value:.10g}"
-    return str(value)
-
-
 def calculate(expression: str, timeout_s: float = 0.5) -> str:
-    """Evaluate a calculator expression safely. Never raises: a refused or failing expression gives "error: ..."."""
+    """Evaluate a calculator expression safely; the result as text, an integral float without its decimal point,
+    others to 10 significant digits. Never raises: a refused or failing expression gives "error: ..."."""
     try:
         if len(expression) > CALC_MAX_CHARS:
             raise CalculatorError(f"expression longer than {CALC_MAX_CHARS} characters")
-        tree = ast.parse(expression.strip(), mode="eval")
-        return format_calculator_result(_calc_eval(tree, 0, time.monotonic() + timeout_s))
+        value = _calc_eval(ast.parse(expression.strip(), mode="eval"), 0, time.monotonic() + timeout_s)
+        if isinstance(value, float):
+            return str(int(value)) if value.is_integer() and abs(value) < 1e15 else f"{value:.10g}"
+        return str(value)
     except CalculatorError as error:
         return f"error: {error}"
     except ZeroDivisionError:
@@ -3546,9 +3541,6 @@ class DecodeState:
                    zeros(rows, chunk, dtype=torch.bool),
                    zeros(), zeros(rows), zeros(rows, dtype=torch.bool), zeros(rows, dtype=torch.bool),
                    torch.tensor(sorted(stop_ids), device=device))
-
-    def buffers(self) -> list[Tensor]:
-        return [getattr(self, field.name) for field in dataclasses.fields(self)]
 
 
 def decode_step(model: GPT, cache: KVCache, state: DecodeState, backend: str, sampling: Sampling,
@@ -3645,7 +3637,7 @@ class DecodeStep:
         """Warm-up steps (which compile) run for real: they write keys and values at the rows' next positions,
         which the first real step overwrites before any query reads them, and every buffer they change is put back
         afterwards (the carried state of KVCache.carried_state too). Capturing runs nothing."""
-        buffers = (*self.state.buffers(), self.cache.lengths, *self.cache.carried.values())
+        buffers = (*vars(self.state).values(), self.cache.lengths, *self.cache.carried.values())
         saved = [buffer.clone() for buffer in buffers]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -3810,7 +3802,6 @@ class Engine:
                       ) -> tuple[Tensor, Tensor, Tensor]:
         """DecodeStep.begin_chunk's inputs: each row's next `chunk` uniforms (kept in row.uniforms until used, so a
         row's k-th sampled token takes its generator's k-th draw whatever the chunks) and next forced tokens."""
-
         uniforms = torch.zeros(len(rows), chunk)
         forced = torch.zeros(len(rows), chunk, dtype=torch.long)
         forced_len = torch.zeros(len(rows), dtype=torch.long)
@@ -3897,7 +3888,6 @@ def assistant_parts(tokenizer: Tokenizer, ids: Sequence[int]) -> list[dict[str, 
             parts.append((opens[name], []))
         elif name in closes:
             parts.append(("text", []))
-
         elif name is None:
             parts[-1][1].append(token)
     return [{"type": kind, "text": tokenizer.decode(part)} for kind, part in parts if part or kind != "text"]
@@ -3920,7 +3910,6 @@ def show_parts(parts: Sequence[dict[str, str]]) -> str:
 # chat evals data/chat_eval.py's (the code they generate runs in data/sandbox.py's sandbox).
 
 class SFTLoader:
-
     """Endless batches of whole conversations from conversation shards: each row packs the next conversations of a
     seeded per-epoch shuffle, at most `tokens` tokens, and never spans two epochs. Every rank walks the same rows and
     keeps every world_size-th, so world_size ranks taking one batch each see the rows one process takes in
