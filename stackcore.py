@@ -3679,10 +3679,9 @@ class DecodeStep:
     def read_chunk(self) -> tuple[list[list[int]], list[list[bool]], list[int], list[int]]:
         """Per row: the chunk's tokens (-1 where idle), which were sampled, uniforms used, forced tokens taken. One
         copy to the host, the chunk's only sync."""
-        state = self.state
+        state, chunk = self.state, self.chunk
         packed = torch.cat([state.emitted, state.sampled.long(), state.draws[:, None], state.forced_at[:, None]], 1)
         rows = packed.tolist()
-        chunk = self.chunk
         return ([row[:chunk] for row in rows], [[bool(s) for s in row[chunk:2 * chunk]] for row in rows],
                 [row[-2] for row in rows], [row[-1] for row in rows])
 
@@ -3710,8 +3709,7 @@ class Engine:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         self.model, self.tokenizer, self.backend = model, tokenizer, backend
-        self.cuda_graph, self.graph_min_tokens = cuda_graph, graph_min_tokens
-        self.compile_backend = compile_backend
+        self.cuda_graph, self.graph_min_tokens, self.compile_backend = cuda_graph, graph_min_tokens, compile_backend
         self.sync_every, self.prefill_tokens = sync_every, prefill_tokens
         special = tokenizer.special_id
         self.stop_ids = {special("<|assistant_end|>"), tokenizer.bos_id}
@@ -3853,10 +3851,9 @@ class Engine:
                        ) -> tuple[list[list[int]], list[list[int]]]:
         """Each row's generated tokens (the prompt excluded, the stop token included; rows as in stream_batch) and a
         mask of the same length: 1 where the token was sampled, 0 where the engine forced it (RL trains on the 1s)."""
-        steps = self.stream_batch(prompts, num_samples, max_tokens, temperature, top_k, top_p, seed)
-        rows = len(prompts) * num_samples
-        tokens: list[list[int]] = [[] for _ in range(rows)]
-        masks: list[list[int]] = [[] for _ in range(rows)]
+        steps = self.stream_batch(prompts, num_samples, max_tokens, temperature, top_k, top_p, seed)  # checks first
+        tokens: list[list[int]] = [[] for _ in range(len(prompts) * num_samples)]
+        masks: list[list[int]] = [[] for _ in tokens]
         for step_tokens, step_sampled in steps:
             for r, (token, sampled) in enumerate(zip(step_tokens, step_sampled)):
                 if token >= 0:
