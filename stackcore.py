@@ -3250,8 +3250,8 @@ def evaluate_core(model: GPT, shards: Sequence[CoreShard], backend: str, device:
 # A conversation is a list of messages {"role": "system"|"user"|"assistant", "content": ...}. User and system
 # content is a string; assistant content is a string or a list of parts {"type": "text"|"python"|"python_output",
 # "text": str}: prose, a calculator expression the model writes, and the result the engine forces back in.
-# Rendered: <|bos|> <|user_start|>..<|user_end|> <|assistant_start|>..<|assistant_end|> ..., with python parts
-# between <|python_start|>..<|python_end|> and tool output between <|output_start|>..<|output_end|>.
+# Rendered: <|bos|> <|user_start|>..<|user_end|> <|assistant_start|>..<|assistant_end|> ..., with the non-text
+# parts between the tokens of CHAT_PART_TOKENS.
 
 CHAT_PART_TOKENS = {"python": ("<|python_start|>", "<|python_end|>"),  # the tokens around each non-text part
                     "python_output": ("<|output_start|>", "<|output_end|>")}
@@ -3464,10 +3464,9 @@ def calculate(expression: str, timeout_s: float = 0.5) -> str:
         return f"error: {type(error).__name__}"
 
 
-# The inference engine. Every row of a batch advances in lockstep, one token per step: a row either samples its
-# next token or takes one the engine forces (the calculator's output). Rows may continue different prompts. The KV
-# cache (KVCache, in the model section) keeps every layer's keys and values of the positions so far, so a step runs
-# GPT.forward on one new token per row.
+# The inference engine. The rows of a batch (which may continue different prompts) advance in lockstep, each
+# sampling its next token or taking one the engine forces (the calculator's output). The KV cache (KVCache, model
+# section) holds every layer's keys and values so far, so a step runs GPT.forward on one new token per row.
 
 def sample_tokens(logits: Tensor, uniforms: Tensor, temperature: float | Tensor = 1.0, top_k: int | None = None,
                   top_p: float | Tensor | None = None) -> Tensor:
@@ -3593,13 +3592,12 @@ DECODE_CAPACITY_STEP = 256  # a compiled decode step's cache capacities are mult
 
 @dataclass
 class _RowState:
-    """Where one row of a generation is, host side: tokens queued for forcing, an expression being written, tokens
-    left, done, and the uniforms drawn from its generator but not used yet."""
+    """Where one row of a generation is, host side (DecodeState holds the device side)."""
     left: int  # tokens this row may still emit
-    forced: list[int] = dataclasses.field(default_factory=list)
+    forced: list[int] = dataclasses.field(default_factory=list)  # tokens queued for forcing (a call's result)
     expression: list[int] | None = None  # tokens after <|python_start|>; None outside a tool call
     done: bool = False
-    uniforms: list[float] = dataclasses.field(default_factory=list)
+    uniforms: list[float] = dataclasses.field(default_factory=list)  # drawn from the row's generator, not used yet
 
 
 class DecodeStep:
@@ -3609,8 +3607,7 @@ class DecodeStep:
     On a GPU the step (eager, or compiled with `compile_backend`) is captured once as a CUDA graph and replayed: an
     eager step launches hundreds of small kernels and the GPU idles while the host queues them. We capture rather
     than use mode="reduce-overhead": our buffers are fixed, so a replay is one launch, with no guards, no input
-    copies and no re-recording for a new cache. Elsewhere it runs uncaptured ("aot_eager" checks the trace on a CPU).
-    """
+    copies and no re-recording for a new cache. Elsewhere it runs uncaptured ("aot_eager" checks the trace on a CPU)."""
 
     def __init__(self, model: GPT, cache: KVCache, backend: str, sampling: Sampling, stop_ids: Sequence[int],
                  python_end: int, chunk: int = 16, cuda_graph: bool = True, compile_backend: str | None = None):
@@ -3699,8 +3696,7 @@ class Engine:
     host reads each chunk back once. A finished row steps on, masked; a row that closed a call waits, masked, to the
     end of the chunk, when the host evaluates the call and queues its result for the next chunk. `cuda_graph`
     replays the step as a CUDA graph on a GPU once a generation is long enough to repay the capture
-    (`graph_min_tokens`); `compile_backend` compiles the step (None: the captured step runs eagerly).
-    """
+    (`graph_min_tokens`); `compile_backend` compiles the step (None: the captured step runs eagerly)."""
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, backend: str = "sdpa", cuda_graph: bool = True,
                  graph_min_tokens: int = 32, compile_backend: str | None = None, sync_every: int = 16,
@@ -3793,7 +3789,7 @@ class Engine:
         and draws its uniforms from random.Random(seed + r), so it equals a single sample of its prompt with that
         seed. Bad arguments raise here, before the first step (check_arguments)."""
         self.check_arguments(prompts, num_samples, max_tokens, temperature, top_k, top_p)
-        return self._decode(prompts, num_samples, max_tokens, temperature, top_k, top_p, seed)
+        return self._decode(prompts, num_samples, max_tokens, Sampling(temperature, top_k, top_p), seed)
 
     @staticmethod
     def _chunk_inputs(rows: list[_RowState], generators: list[random.Random], chunk: int, greedy: bool
@@ -3813,10 +3809,9 @@ class Engine:
         return uniforms, forced, forced_len
 
     @torch.inference_mode()
-    def _decode(self, prompts: Sequence[Sequence[int]], num_samples: int, max_tokens: int, temperature: float,
-                top_k: int | None, top_p: float | None, seed: int) -> Iterator[tuple[list[int], list[int]]]:
+    def _decode(self, prompts: Sequence[Sequence[int]], num_samples: int, max_tokens: int, sampling: Sampling,
+                seed: int) -> Iterator[tuple[list[int], list[int]]]:
         cache, logits, limits = self._prefill(prompts, num_samples, max_tokens)
-        sampling = Sampling(temperature, top_k, top_p)
         chunk = min(self.sync_every, max(limits))
         step = DecodeStep(self.model, cache, self.backend, sampling, sorted(self.stop_ids), self.python_end, chunk,
                           self.cuda_graph and max(limits) >= self.graph_min_tokens, self.compile_backend)
@@ -3840,11 +3835,9 @@ class Engine:
             if all(row.done for row in rows):
                 return
 
-    def stream(self, prompt: Sequence[int], num_samples: int = 1, max_tokens: int = 256, temperature: float = 1.0,
-               top_k: int | None = None, top_p: float | None = None, seed: int = 0
-               ) -> Iterator[tuple[list[int], list[int]]]:
-        """stream_batch of one prompt: row i is sample i, seeded with seed + i."""
-        return self.stream_batch([prompt], num_samples, max_tokens, temperature, top_k, top_p, seed)
+    def stream(self, prompt: Sequence[int], *args: Any, **kwargs: Any) -> Iterator[tuple[list[int], list[int]]]:
+        """stream_batch of one prompt, with its other arguments: row i is sample i, seeded with seed + i."""
+        return self.stream_batch([prompt], *args, **kwargs)
 
     def generate_batch(self, prompts: Sequence[Sequence[int]], num_samples: int = 1, max_tokens: int = 256,
                        temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0
@@ -3861,11 +3854,9 @@ class Engine:
                     masks[r].append(sampled)
         return tokens, masks
 
-    def generate(self, prompt: Sequence[int], num_samples: int = 1, max_tokens: int = 256, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, seed: int = 0
-                 ) -> tuple[list[list[int]], list[list[int]]]:
-        """generate_batch of one prompt: the tokens and masks of its num_samples samples."""
-        return self.generate_batch([prompt], num_samples, max_tokens, temperature, top_k, top_p, seed)
+    def generate(self, prompt: Sequence[int], *args: Any, **kwargs: Any) -> tuple[list[list[int]], list[list[int]]]:
+        """generate_batch of one prompt, with its other arguments: the tokens and masks of its num_samples samples."""
+        return self.generate_batch([prompt], *args, **kwargs)
 
 
 # A reply back into message parts, and as text: the chat evals check it; 07_chat (notebooks/chat_session.py) shows it.
