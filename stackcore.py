@@ -2700,10 +2700,12 @@ def evaluate_core(model: GPT, shards: Sequence[CoreShard], backend: str, device:
 # A conversation is a list of messages {"role": "system"|"user"|"assistant", "content": ...}. User and system
 # content is a string; assistant content is a string or a list of parts {"type": "text"|"python"|"python_output",
 # "text": str}: prose, a calculator expression the model writes, and the result the engine forces back in.
-# Rendered: <|bos|> <|user_start|>..<|user_end|> <|assistant_start|>..<|assistant_end|> ..., with python parts
-# between <|python_start|>..<|python_end|> and tool output between <|output_start|>..<|output_end|>.
+# Rendered: <|bos|> <|user_start|>..<|user_end|> <|assistant_start|>..<|assistant_end|> ..., with the non-text
+# parts between the tokens of CHAT_PART_TOKENS.
 
-CHAT_PART_TYPES = ("text", "python", "python_output")
+CHAT_PART_TOKENS = {"python": ("<|python_start|>", "<|python_end|>"),  # the tokens around each non-text part
+                    "python_output": ("<|output_start|>", "<|output_end|>")}
+CHAT_PART_TYPES = ("text", *CHAT_PART_TOKENS)
 
 
 def _check_text(value: Any, where: str) -> str:
@@ -2727,8 +2729,8 @@ def _assistant_parts(content: Any, where: str) -> list[dict[str, str]]:
 
 
 def chat_turns(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Check a conversation and return its turns with the system message folded into the first user message.
-    Raises ValueError on a conversation the chat format cannot express."""
+    """A conversation's turns, the system message folded into the first user message; ValueError on a conversation
+    the chat format cannot express."""
     if not isinstance(messages, (list, tuple)) or not messages:
         raise ValueError("a conversation is a non-empty list of {'role': ..., 'content': ...} messages")
     for i, message in enumerate(messages):
@@ -2763,6 +2765,7 @@ def render_conversation(tokenizer: Tokenizer, messages: Sequence[dict[str, Any]]
     text, python parts with their start/end tokens, and <|assistant_end|>. The mask is 0 on <|bos|>, user turns,
     <|assistant_start|> and the tool output (with its start/end tokens), which the engine forces at inference."""
     special = tokenizer.special_id
+    wraps = {kind: ([special(start)], [special(end)]) for kind, (start, end) in CHAT_PART_TOKENS.items()}
     ids, mask = [tokenizer.bos_id], [0]
 
     def add(tokens: list[int], trained: bool) -> None:
@@ -2775,13 +2778,8 @@ def render_conversation(tokenizer: Tokenizer, messages: Sequence[dict[str, Any]]
             continue
         add([special("<|assistant_start|>")], False)
         for part in turn["content"]:
-            text = tokenizer.encode(part["text"])
-            if part["type"] == "text":
-                add(text, True)
-            elif part["type"] == "python":
-                add([special("<|python_start|>"), *text, special("<|python_end|>")], True)
-            else:
-                add([special("<|output_start|>"), *text, special("<|output_end|>")], False)
+            start, end = wraps.get(part["type"], ([], []))
+            add([*start, *tokenizer.encode(part["text"]), *end], part["type"] != "python_output")
         add([special("<|assistant_end|>")], True)
     if max_tokens is not None:
         ids, mask = ids[:max_tokens], mask[:max_tokens]
@@ -2830,7 +2828,7 @@ def _check_size(value: Any) -> Any:
 
 
 _CALC_OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-                   ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod}
+                   ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
 
 
 def _calc_binary(op: ast.operator, left: Any, right: Any) -> Any:
@@ -2838,8 +2836,7 @@ def _calc_binary(op: ast.operator, left: Any, right: Any) -> Any:
     if isinstance(op, ast.Add) and all(isinstance(x, str) for x in (left, right)):
         return left + right
     if isinstance(op, ast.Mult) and isinstance(left, str) != isinstance(right, str):
-        count = right if isinstance(left, str) else left
-        text = left if isinstance(left, str) else right
+        text, count = (left, right) if isinstance(left, str) else (right, left)
         if not isinstance(count, int) or isinstance(count, bool) or len(text) * max(count, 0) > CALC_MAX_STRING:
             raise CalculatorError("string repeat too long")
         return text * count
@@ -2848,7 +2845,6 @@ def _calc_binary(op: ast.operator, left: Any, right: Any) -> Any:
     if isinstance(op, ast.Pow):
         if abs(right) > 1024 or (abs(left) > 1 and abs(right) * math.log2(abs(left)) > CALC_MAX_INT_BITS):
             raise CalculatorError("exponent too large")
-        return left ** right
     if isinstance(op, ast.Mult) and isinstance(left, int) and isinstance(right, int):
         if left.bit_length() + right.bit_length() > CALC_MAX_INT_BITS:
             raise CalculatorError("number too large")
@@ -2900,22 +2896,16 @@ def _calc_eval(node: ast.AST, depth: int, deadline: float) -> Any:
     raise CalculatorError(f"{type(node).__name__} not allowed")
 
 
-def format_calculator_result(value: Any) -> str:
-    """Integers (and floats with an integer value) without a decimal point; other floats to 10 significant digits."""
-    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
-        return str(int(value))
-    if isinstance(value, float):
-        return f"{value:.10g}"
-    return str(value)
-
-
 def calculate(expression: str, timeout_s: float = 0.5) -> str:
-    """Evaluate a calculator expression safely. Never raises: a refused or failing expression gives "error: ..."."""
+    """Evaluate a calculator expression safely; the result as text, an integral float without its decimal point,
+    others to 10 significant digits. Never raises: a refused or failing expression gives "error: ..."."""
     try:
         if len(expression) > CALC_MAX_CHARS:
             raise CalculatorError(f"expression longer than {CALC_MAX_CHARS} characters")
-        tree = ast.parse(expression.strip(), mode="eval")
-        return format_calculator_result(_calc_eval(tree, 0, time.monotonic() + timeout_s))
+        value = _calc_eval(ast.parse(expression.strip(), mode="eval"), 0, time.monotonic() + timeout_s)
+        if isinstance(value, float):
+            return str(int(value)) if value.is_integer() and abs(value) < 1e15 else f"{value:.10g}"
+        return str(value)
     except CalculatorError as error:
         return f"error: {error}"
     except ZeroDivisionError:
@@ -2924,20 +2914,17 @@ def calculate(expression: str, timeout_s: float = 0.5) -> str:
         return f"error: {type(error).__name__}"
 
 
-# The inference engine. Every row of a batch advances in lockstep, one token per step: a row either samples its
-# next token or takes one the engine forces (the calculator's output). Rows may continue different prompts. The KV
-# cache (KVCache, in the model section) keeps every layer's keys and values of the positions so far, so a step runs
-# GPT.forward on one new token per row.
+# The inference engine. The rows of a batch (which may continue different prompts) advance in lockstep, each
+# sampling its next token or taking one the engine forces (the calculator's output). The KV cache (KVCache, model
+# section) holds every layer's keys and values so far, so a step runs GPT.forward on one new token per row.
 
 @torch.compiler.disable  # inductor's code generation for a cumulative sum over the vocabulary fails (torch 2.11)
 def sample_tokens(logits: Tensor, uniforms: Tensor, temperature: float | Tensor = 1.0, top_k: int | None = None,
                   top_p: float | Tensor | None = None) -> Tensor:
-    """One token per row of logits (B, vocab), by inverse transform: row i takes the first token whose cumulative
-    probability exceeds uniforms[i] (B values in [0, 1)). A row's token depends on its own uniform only, so the
-    caller makes rows independent of each other by drawing each row's uniforms from its own seeded generator;
-    the whole batch is then one vectorised draw, not a multinomial call per row. Temperature 0 (a number) is greedy
-    (argmax). `temperature` and `top_p` may be per-row tensors (B,), so that a captured step reads their values
-    from buffers; no operation here waits for the host, so the draw runs inside a CUDA graph."""
+    """One token per row of logits (B, vocab) by inverse transform: row i takes the first token whose cumulative
+    probability exceeds uniforms[i] (in [0, 1)), so a row depends on its own uniform only (drawn from its own seeded
+    generator) and the batch is one vectorised draw. Temperature 0 (a number) is greedy. Per-row tensors (B,) of
+    temperature and top_p let a captured step read them from buffers: nothing here waits for the host."""
     if not isinstance(temperature, Tensor) and temperature <= 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / (temperature[:, None] if isinstance(temperature, Tensor) else temperature)
@@ -2957,9 +2944,8 @@ def sample_tokens(logits: Tensor, uniforms: Tensor, temperature: float | Tensor 
 
 @dataclass(frozen=True)
 class Sampling:
-    """How a generation picks its tokens, the same for every row. What changes the step's operations (greedy or
-    not, top_k, whether top_p cuts) is fixed when a step is built; the values of temperature and top_p go to
-    per-row buffers (DecodeState)."""
+    """How every row of a generation picks its tokens. What changes the step's operations (greedy, top_k, whether
+    top_p cuts) is fixed when a step is built; temperature and top_p values go to DecodeState's per-row buffers."""
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
@@ -3006,18 +2992,14 @@ class DecodeState:
                    zeros(), zeros(rows), zeros(rows, dtype=torch.bool), zeros(rows, dtype=torch.bool),
                    torch.tensor(sorted(stop_ids), device=device))
 
-    def buffers(self) -> list[Tensor]:
-        return [getattr(self, field.name) for field in dataclasses.fields(self)]
-
 
 def decode_step(model: GPT, cache: KVCache, state: DecodeState, backend: str, sampling: Sampling,
                 python_end: int) -> None:
-    """One token for every row, then the forward pass that gives the next logits, all on the device: a row that is
-    neither done nor waiting takes its next forced token or samples one (its next uniform), records it in the
-    chunk's column `state.step`, and feeds it to the model; the others feed a token too (every shape stays fixed)
-    but record -1, keep their logits and do not advance in the cache. A row that emits a stop token or its last
-    allowed token is done; one that emits <|python_end|> waits: the host evaluates the call at the next sync point
-    and queues the result as forced tokens (Engine._decode)."""
+    """One token for every row, then the forward pass that gives the next logits, all on the device. An active row
+    (neither done nor waiting) takes its next forced token or samples one, records it in column `state.step` and
+    feeds it to the model; the others feed a token too (shapes stay fixed) but record -1, keep their logits and do
+    not advance in the cache. A stop token or the last allowed token ends a row; <|python_end|> makes it wait for
+    the host to answer the call at the next sync point (Engine._decode)."""
     active = ~(state.done | state.waiting)
     last = state.uniforms.size(1) - 1
     uniform = state.uniforms.gather(1, state.draws.clamp(max=last)[:, None])[:, 0]
@@ -3061,26 +3043,22 @@ DECODE_CAPACITY_STEP = 256  # a compiled decode step's cache capacities are mult
 
 @dataclass
 class _RowState:
-    """Where one row of a generation is, host side: tokens queued for forcing, an expression being written, tokens
-    left, done, and the uniforms drawn from its generator but not used yet."""
+    """Where one row of a generation is, host side (DecodeState holds the device side)."""
     left: int  # tokens this row may still emit
-    forced: list[int] = dataclasses.field(default_factory=list)
+    forced: list[int] = dataclasses.field(default_factory=list)  # tokens queued for forcing (a call's result)
     expression: list[int] | None = None  # tokens after <|python_start|>; None outside a tool call
     done: bool = False
-    uniforms: list[float] = dataclasses.field(default_factory=list)
+    uniforms: list[float] = dataclasses.field(default_factory=list)  # drawn from the row's generator, not used yet
 
 
 class DecodeStep:
-    """decode_step over a cache and its DecodeState: one call emits one token for every row and computes the next
-    logits, with no host sync; the host reads a whole chunk of tokens back at once (read_chunk).
+    """decode_step over a cache and its DecodeState: each call emits one token per row with no host sync; the host
+    reads a whole chunk back at once (read_chunk).
 
-    On a GPU the step is captured once as a CUDA graph and replayed: an eager step launches hundreds of small
-    kernels, and the GPU idles between them while the host queues the next. With `compile_backend` the captured
-    step is the torch.compile'd decode_step (its few fused kernels). We capture it ourselves rather than use
-    mode="reduce-overhead": our buffers (the cache, the state) are fixed, so one replay is one graph launch, with
-    no guard evaluation, no copy of inputs into the graph's pool and no re-recording when a new generation brings a
-    new cache. Elsewhere the step runs eagerly (or compiled: backend "aot_eager" checks the traced step on a CPU).
-    """
+    On a GPU the step (eager, or compiled with `compile_backend`) is captured once as a CUDA graph and replayed: an
+    eager step launches hundreds of small kernels and the GPU idles while the host queues them. We capture rather
+    than use mode="reduce-overhead": our buffers are fixed, so a replay is one launch, with no guards, no input
+    copies and no re-recording for a new cache. Elsewhere it runs uncaptured ("aot_eager" checks the trace on a CPU)."""
 
     def __init__(self, model: GPT, cache: KVCache, backend: str, sampling: Sampling, stop_ids: Sequence[int],
                  python_end: int, chunk: int = 16, cuda_graph: bool = True, compile_backend: str | None = None):
@@ -3107,7 +3085,7 @@ class DecodeStep:
         """Warm-up steps (which compile) run for real: they write keys and values at the rows' next positions,
         which the first real step overwrites before any query reads them, and every buffer they change is put back
         afterwards (the carried state of KVCache.carried too). Capturing runs nothing."""
-        buffers = (*self.state.buffers(), self.cache.lengths, *self.cache.carried.values())
+        buffers = (*vars(self.state).values(), self.cache.lengths, *self.cache.carried.values())
         saved = [buffer.clone() for buffer in buffers]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -3149,10 +3127,9 @@ class DecodeStep:
     def read_chunk(self) -> tuple[list[list[int]], list[list[bool]], list[int], list[int]]:
         """Per row: the chunk's tokens (-1 where idle), which were sampled, uniforms used, forced tokens taken. One
         copy to the host, the chunk's only sync."""
-        state = self.state
+        state, chunk = self.state, self.chunk
         packed = torch.cat([state.emitted, state.sampled.long(), state.draws[:, None], state.forced_at[:, None]], 1)
         rows = packed.tolist()
-        chunk = self.chunk
         return ([row[:chunk] for row in rows], [[bool(s) for s in row[chunk:2 * chunk]] for row in rows],
                 [row[-2] for row in rows], [row[-1] for row in rows])
 
@@ -3160,32 +3137,26 @@ class DecodeStep:
 class Engine:
     """KV-cache generation with the calculator tool, over a GPT and its tokenizer.
 
-    Several prompts of different lengths decode together: they are prefilled together in packed passes (the
-    varlen layout of training, PackedPrompts) straight into their num_samples rows each, then every row advances
-    one token a step at its own position. A row stops after it emits <|assistant_end|> or <|bos|> (kept as its last
-    token) or after max_tokens tokens. When a row closes a tool call (<|python_start|> expression <|python_end|>),
-    the engine evaluates the expression with `calculate` and forces <|output_start|> result <|output_end|> into
-    that row, one token a step.
+    Prompts of different lengths are prefilled together in packed varlen passes of at most `prefill_tokens` tokens
+    (PackedPrompts), straight into their num_samples rows each; then every row advances one token a step at its own
+    position, until it emits <|assistant_end|> or <|bos|> (kept) or max_tokens tokens. When a row closes a tool
+    call (<|python_start|> expression <|python_end|>), the engine forces <|output_start|> `calculate`'s result
+    <|output_end|> into it, one token a step.
 
-    Steps run on the device in chunks of `sync_every` (DecodeStep): sampling, forcing and the stop rules run inside
-    the step, and the host reads the chunk's tokens back once at its end. A row that finished mid-chunk keeps
-    stepping, masked. A row that emits <|python_end|> waits, masked, for the rest of the chunk (the chunk's tokens
-    after a call would be computed without its result); at the sync point the host evaluates the call and hands
-    the result to the next chunk as forced tokens. `cuda_graph` replays the step as a CUDA graph on a GPU once a
-    generation is long enough to repay the capture (`graph_min_tokens`); `compile_backend` compiles the step (None,
-    the default: the captured step runs eagerly). `prefill_tokens` caps the tokens of one packed prefill pass.
-    """
+    Steps run on the device in chunks of `sync_every` (DecodeStep), sampling, forcing and stopping included; the
+    host reads each chunk back once. A finished row steps on, masked; a row that closed a call waits, masked, to the
+    end of the chunk, when the host evaluates the call and queues its result for the next chunk. `cuda_graph`
+    replays the step as a CUDA graph on a GPU once a generation is long enough to repay the capture
+    (`graph_min_tokens`); `compile_backend` compiles the step (None: the captured step runs eagerly)."""
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, backend: str = "sdpa", cuda_graph: bool = True,
                  graph_min_tokens: int = 32, compile_backend: str | None = None, sync_every: int = 16,
                  prefill_tokens: int = 32768):
-        if not isinstance(sync_every, int) or sync_every < 1:
-            raise ValueError(f"sync_every must be an integer >= 1, got {sync_every!r}")
-        if not isinstance(prefill_tokens, int) or prefill_tokens < 1:
-            raise ValueError(f"prefill_tokens must be an integer >= 1, got {prefill_tokens!r}")
+        for name, value in (("sync_every", sync_every), ("prefill_tokens", prefill_tokens)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         self.model, self.tokenizer, self.backend = model, tokenizer, backend
-        self.cuda_graph, self.graph_min_tokens = cuda_graph, graph_min_tokens
-        self.compile_backend = compile_backend
+        self.cuda_graph, self.graph_min_tokens, self.compile_backend = cuda_graph, graph_min_tokens, compile_backend
         self.sync_every, self.prefill_tokens = sync_every, prefill_tokens
         special = tokenizer.special_id
         self.stop_ids = {special("<|assistant_end|>"), tokenizer.bos_id}
@@ -3264,21 +3235,18 @@ class Engine:
     def stream_batch(self, prompts: Sequence[Sequence[int]], num_samples: int = 1, max_tokens: int = 256,
                      temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0
                      ) -> Iterator[tuple[list[int], list[int]]]:
-        """Yield, each step, the new token of every row and whether it was sampled (1) or forced (0); a row that
-        has finished, or waits for a tool call's result, yields -1 (and 0). The steps arrive in bursts of up to
-        sync_every, the engine's chunks. Rows are prompt-major: row r continues prompts[r // num_samples]. Row r
-        draws its uniforms (sample_tokens) from random.Random(seed + r), so a row's tokens do not depend on the
-        other rows: row r of a batch equals a single sample of its prompt with that seed. Bad arguments raise here,
-        before the first step (check_arguments)."""
+        """Yield, each step, every row's new token and whether it was sampled (1) or forced (0); a finished or waiting
+        row yields -1 (and 0). Steps arrive in bursts of up to sync_every. Row r continues prompts[r // num_samples]
+        and draws its uniforms from random.Random(seed + r), so it equals a single sample of its prompt with that
+        seed. Bad arguments raise here, before the first step (check_arguments)."""
         self.check_arguments(prompts, num_samples, max_tokens, temperature, top_k, top_p)
-        return self._decode(prompts, num_samples, max_tokens, temperature, top_k, top_p, seed)
+        return self._decode(prompts, num_samples, max_tokens, Sampling(temperature, top_k, top_p), seed)
 
     @staticmethod
     def _chunk_inputs(rows: list[_RowState], generators: list[random.Random], chunk: int, greedy: bool
                       ) -> tuple[Tensor, Tensor, Tensor]:
-        """DecodeStep.begin_chunk's inputs: each row's next `chunk` uniforms (kept in row.uniforms until used, so
-        that row r's k-th sampled token takes the k-th draw of its generator whatever the chunks) and its next
-        forced tokens."""
+        """DecodeStep.begin_chunk's inputs: each row's next `chunk` uniforms (kept in row.uniforms until used, so a
+        row's k-th sampled token takes its generator's k-th draw whatever the chunks) and next forced tokens."""
         uniforms = torch.zeros(len(rows), chunk)
         forced = torch.zeros(len(rows), chunk, dtype=torch.long)
         forced_len = torch.zeros(len(rows), dtype=torch.long)
@@ -3292,10 +3260,9 @@ class Engine:
         return uniforms, forced, forced_len
 
     @torch.inference_mode()
-    def _decode(self, prompts: Sequence[Sequence[int]], num_samples: int, max_tokens: int, temperature: float,
-                top_k: int | None, top_p: float | None, seed: int) -> Iterator[tuple[list[int], list[int]]]:
+    def _decode(self, prompts: Sequence[Sequence[int]], num_samples: int, max_tokens: int, sampling: Sampling,
+                seed: int) -> Iterator[tuple[list[int], list[int]]]:
         cache, logits, limits = self._prefill(prompts, num_samples, max_tokens)
-        sampling = Sampling(temperature, top_k, top_p)
         chunk = min(self.sync_every, max(limits))
         step = DecodeStep(self.model, cache, self.backend, sampling, sorted(self.stop_ids), self.python_end, chunk,
                           self.cuda_graph and max(limits) >= self.graph_min_tokens, self.compile_backend)
@@ -3309,33 +3276,28 @@ class Engine:
             emitted, sampled, draws, taken = step.read_chunk()
             for row, used, took in zip(rows, draws, taken):
                 del row.uniforms[:used], row.forced[:took]
-            for column in range(chunk):
-                tokens = [emitted[r][column] for r in range(len(rows))]
+            for tokens, flags in zip(zip(*emitted), zip(*sampled)):  # the chunk's steps, each over every row
                 if all(token < 0 for token in tokens):
                     continue
                 for row, token in zip(rows, tokens):
                     if token >= 0:
                         self._observe(row, token)
-                yield tokens, [int(sampled[r][column]) for r in range(len(rows))]
+                yield list(tokens), [int(flag) for flag in flags]
             if all(row.done for row in rows):
                 return
 
-    def stream(self, prompt: Sequence[int], num_samples: int = 1, max_tokens: int = 256, temperature: float = 1.0,
-               top_k: int | None = None, top_p: float | None = None, seed: int = 0
-               ) -> Iterator[tuple[list[int], list[int]]]:
-        """stream_batch of one prompt: row i is sample i, seeded with seed + i."""
-        return self.stream_batch([prompt], num_samples, max_tokens, temperature, top_k, top_p, seed)
+    def stream(self, prompt: Sequence[int], *args: Any, **kwargs: Any) -> Iterator[tuple[list[int], list[int]]]:
+        """stream_batch of one prompt, with its other arguments: row i is sample i, seeded with seed + i."""
+        return self.stream_batch([prompt], *args, **kwargs)
 
     def generate_batch(self, prompts: Sequence[Sequence[int]], num_samples: int = 1, max_tokens: int = 256,
                        temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0
                        ) -> tuple[list[list[int]], list[list[int]]]:
-        """Each row's generated tokens (the prompt excluded, the stop token included; rows as in stream_batch) and
-        a mask of the same length: 1 where the token was sampled, 0 where the engine forced it (tool output). RL
-        trains on the 1s."""
-        steps = self.stream_batch(prompts, num_samples, max_tokens, temperature, top_k, top_p, seed)
-        rows = len(prompts) * num_samples
-        tokens: list[list[int]] = [[] for _ in range(rows)]
-        masks: list[list[int]] = [[] for _ in range(rows)]
+        """Each row's generated tokens (the prompt excluded, the stop token included; rows as in stream_batch) and a
+        mask of the same length: 1 where the token was sampled, 0 where the engine forced it (RL trains on the 1s)."""
+        steps = self.stream_batch(prompts, num_samples, max_tokens, temperature, top_k, top_p, seed)  # checks first
+        tokens: list[list[int]] = [[] for _ in range(len(prompts) * num_samples)]
+        masks: list[list[int]] = [[] for _ in tokens]
         for step_tokens, step_sampled in steps:
             for r, (token, sampled) in enumerate(zip(step_tokens, step_sampled)):
                 if token >= 0:
@@ -3343,11 +3305,9 @@ class Engine:
                     masks[r].append(sampled)
         return tokens, masks
 
-    def generate(self, prompt: Sequence[int], num_samples: int = 1, max_tokens: int = 256, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, seed: int = 0
-                 ) -> tuple[list[list[int]], list[list[int]]]:
-        """generate_batch of one prompt: the tokens and masks of its num_samples samples."""
-        return self.generate_batch([prompt], num_samples, max_tokens, temperature, top_k, top_p, seed)
+    def generate(self, prompt: Sequence[int], *args: Any, **kwargs: Any) -> tuple[list[list[int]], list[list[int]]]:
+        """generate_batch of one prompt, with its other arguments: the tokens and masks of its num_samples samples."""
+        return self.generate_batch([prompt], *args, **kwargs)
 
 
 # A reply back into message parts, and as text: the chat evals check it; 07_chat (notebooks/chat_session.py) shows it.
@@ -3356,7 +3316,8 @@ def assistant_parts(tokenizer: Tokenizer, ids: Sequence[int]) -> list[dict[str, 
     """Generated tokens (after <|assistant_start|>) back to message parts, up to a stop token; the inverse of
     rendering an assistant turn. A part still open at the end is kept as it is."""
     special = {tokenizer.special_id(name): name for name in SPECIAL_TOKENS}
-    opens = {"<|python_start|>": "python", "<|output_start|>": "python_output"}
+    opens = {start: kind for kind, (start, _) in CHAT_PART_TOKENS.items()}
+    closes = {end for _, end in CHAT_PART_TOKENS.values()}
     parts: list[tuple[str, list[int]]] = [("text", [])]
     for token in ids:
         name = special.get(token)
@@ -3364,7 +3325,7 @@ def assistant_parts(tokenizer: Tokenizer, ids: Sequence[int]) -> list[dict[str, 
             break
         if name in opens:
             parts.append((opens[name], []))
-        elif name in ("<|python_end|>", "<|output_end|>"):
+        elif name in closes:
             parts.append(("text", []))
         elif name is None:
             parts[-1][1].append(token)
@@ -3380,51 +3341,25 @@ def show_parts(parts: Sequence[dict[str, str]]) -> str:
 # ---------------------------------------------------------------------------------------------
 # 14. Supervised fine-tuning (used by 02_sharding, 05_sft)
 # ---------------------------------------------------------------------------------------------
-# 02_sharding renders every conversation of the SFT mixture (data/sft.py's render_parallel) into shards/sft/train_*.bin
-# and val_*.bin: whole conversations back to back, each starting with <|bos|>, and beside each shard its loss mask
-# (name.mask.bin, one uint8 per token, 1 on what the assistant writes). The SFT loader packs
-# whole conversations, never split across rows (one longer than max_seq_len + 1 tokens is cut), into one varlen row
-# of at most `tokens` tokens, with no padding; targets are -1 where the mask is 0, so the loss counts the
-# assistant's own tokens only.
-# The chat evals (letter choice, greedy generation, ChatCORE) are data/chat_eval.py's; the code they generate runs
-# in data/sandbox.py's sandbox.
-
-class ConversationWriter(ShardWriter):
-    """A ShardWriter for rendered conversations: add(ids, mask); each shard's mask goes to its side file, written
-    before the token shard so that a listed shard always has its mask."""
-
-    def __init__(self, directory: Path, prefix: str, shard_tokens: int, vocab_size: int, bos_id: int):
-        super().__init__(directory, prefix, shard_tokens, vocab_size)
-        self.bos_id = bos_id
-        self.pending_masks: list[np.ndarray] = []
-
-    def add(self, doc: Sequence[int], mask: Sequence[int] | None = None) -> None:
-        if mask is None or len(mask) != len(doc) or not len(doc) or doc[0] != self.bos_id:
-            raise ValueError("a conversation needs a loss mask of its length and must start with <|bos|>")
-        super().add(doc)  # may flush the shard before this conversation
-        self.pending_masks.append(np.asarray(mask, dtype=np.uint8))
-
-    def flush(self) -> None:
-        if self.pending:
-            write_shard(side_file(self.next_path(), "mask"), np.concatenate(self.pending_masks), "mask")
-            self.pending_masks = []
-        super().flush()
-
+# 02_sharding renders the SFT mixture into shards/sft/{train,val}_*.bin (data/sft.py's render_parallel and
+# ConversationWriter): whole conversations back to back, each starting with <|bos|>, each shard beside its loss mask
+# (name.mask.bin, one uint8 per token, 1 on what the assistant writes). The loader packs whole conversations (cut at
+# max_seq_len + 1 tokens) into varlen rows of at most `tokens` tokens, without padding; targets are -1 where the mask
+# is 0, so the loss counts the assistant's own tokens. 05_sft's step and validation loss are notebooks/sft.py's, its
+# chat evals data/chat_eval.py's (the code they generate runs in data/sandbox.py's sandbox).
 
 class SFTLoader:
     """Endless batches of whole conversations from conversation shards: each row packs the next conversations of a
-    seeded per-epoch shuffle, at most `tokens` tokens (no padding); a row never spans two epochs. Every rank walks
-    the same rows and keeps every world_size-th (rank r takes row r of each group of world_size), so world_size ranks
-    taking one batch each see exactly the rows one process takes in world_size calls: the same global batch, and a
-    position every rank shares (a checkpoint resumes under any number of ranks). A conversation longer than
-    max_seq_len + 1 tokens is cut."""
+    seeded per-epoch shuffle, at most `tokens` tokens, and never spans two epochs. Every rank walks the same rows and
+    keeps every world_size-th, so world_size ranks taking one batch each see the rows one process takes in
+    world_size calls (the same global batch), at a position every rank shares (resumable under any world size)."""
     position_shared = True
 
     def __init__(self, shard_dir: Path, split: str, tokens: int, bos_id: int, vocab_size: int, max_seq_len: int,
                  rank: int = 0, world_size: int = 1, device: str = "cpu", seed: int = 0, shuffle: bool = True):
         if tokens < max_seq_len:
             raise ValueError(f"tokens per batch ({tokens}) must be at least max_seq_len ({max_seq_len})")
-        self.tokens, self.max_seq_len, self.rank, self.world_size = tokens, max_seq_len, rank, world_size
+        self.tokens, self.rank, self.world_size = tokens, rank, world_size
         self.device, self.seed, self.shuffle = device, seed, shuffle
         self.shards, self.masks, spans = [], [], []
         for path in list_shards(shard_dir, split):
@@ -3442,14 +3377,14 @@ class SFTLoader:
         if not len(self.spans):
             raise ShardError(f"{shard_dir}: no '{split}' conversation of at least two tokens")
         self.position = {"epoch": 0, "cursor": 0}
-        self._order: tuple[int, np.ndarray] | None = None
+        self._order = (-1, self.spans[:0, 0])  # (epoch, order): the order of the epoch in progress
 
     def order(self, epoch: int) -> np.ndarray:
         """The conversations (indices into spans) in the order of `epoch`, the same on every rank."""
-        if self._order is None or self._order[0] != epoch:
-            order = (np.random.default_rng(self.seed + epoch).permutation(len(self.spans)) if self.shuffle
-                     else np.arange(len(self.spans)))
-            self._order = (epoch, order)
+        if self._order[0] != epoch:
+            count = len(self.spans)
+            self._order = (epoch, np.random.default_rng(self.seed + epoch).permutation(count) if self.shuffle
+                           else np.arange(count))
         return self._order[1]
 
     def _next_row(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -3482,238 +3417,11 @@ class SFTLoader:
         self.position = dict(state)
 
 
-@torch.no_grad()
-def evaluate_sft_loss(model: GPT, loader: SFTLoader, steps: int, backend: str) -> float:
-    """Mean cross-entropy per trained (mask 1) token over `steps` batches of `loader`, summed over ranks."""
-    model.eval()
-    totals = torch.zeros(2, device=loader.device, dtype=torch.float64)
-    for _ in range(steps):
-        batch = loader.next_batch()
-        loss = model(batch.inputs, batch.cu_seqlens, batch.max_seqlen, batch.targets, backend=backend,
-                     loss_reduction="sum")
-        totals += torch.stack([loss.double(), (batch.targets >= 0).sum().double()])
-    model.train()
-    loss, trained = sum_over_ranks(totals.tolist())
-    return loss / max(trained, 1.0)
-
-
-def sft_backward(model: nn.Module, batches: Sequence[Batch], backend: str, loss_scaler: LossScaler | None = None
-                 ) -> dict[str, float]:
-    """Accumulate into .grad the mean cross-entropy per trained token (target != -1) of one SFT step, whose global
-    batch is `batches` on every rank together, and return that loss and the step's token counts over all ranks.
-
-    Each batch's summed loss is divided by the step's trained tokens over all ranks, over the number of ranks:
-    step_optimizers averages the gradients over ranks, so the update is that of one process taking every rank's
-    batches. A batch of long answers and one of one-letter answers weigh by their trained tokens, wherever they ran.
-    """
-    local = [int(sum((batch.targets >= 0).sum() for batch in batches)), sum(len(batch.inputs) for batch in batches)]
-    trained, tokens = sum_over_ranks(local)
-    world_size, _ = world_size_and_rank()
-    divisor = max(trained, 1.0) / world_size
-    step_loss = torch.zeros((), device=batches[0].inputs.device)
-    for batch in batches:
-        loss = model(batch.inputs, batch.cu_seqlens, batch.max_seqlen, batch.targets, backend=backend,
-                     loss_reduction="sum") / divisor
-        (loss_scaler.scale(loss) if loss_scaler else loss).backward()
-        step_loss += loss.detach()
-    loss_sum, = sum_over_ranks([float(step_loss)])  # the step's second sync, after the token counts'
-    return {"loss": loss_sum / world_size, "trained_tokens": int(trained), "tokens": int(tokens)}
-
-
 # ---------------------------------------------------------------------------------------------
 # 15. Reinforcement learning (used by 02_sharding, 06_rl)
 # ---------------------------------------------------------------------------------------------
-# On-policy policy gradient on tasks with a checkable answer (GSM8K). 02_sharding writes the rendered prompts once
-# into shards/<task>/ (data/gsm8k.py: write_prompt_shard, read_prompt_shard). Each step, 06_rl samples
-# several completions per prompt with the Engine (one prefill per prompt), rewards each, turns rewards into
-# advantages within the prompt's group, and raises the log-probability of the sampled tokens in proportion to
-# their advantage. The rollouts are packed back to back for one varlen forward pass, like pretraining documents.
-
-@dataclass
-class TaskPrompt:
-    ids: list[int]  # the rendered conversation, ending in <|assistant_start|>
-    gold: str  # the reference answer a completion is rewarded against
-    problem: int  # index of the problem in its split
-
-
-class PromptSampler:
-    """Prompts in a seeded random order, a new order each epoch. Its position is a small dict, saved in checkpoints
-    (save_checkpoint calls it the loader), so a resumed run asks the same questions as an uninterrupted one. Under
-    torchrun every rank draws the same prompts and keeps its share (rank_share), so the position is shared."""
-    position_shared = True
-
-    def __init__(self, prompts: Sequence[TaskPrompt], seed: int = 0):
-        if not prompts:
-            raise ValueError("no prompts to sample from")
-        self.prompts, self.seed = list(prompts), seed
-        self.position = {"epoch": 0, "offset": 0}
-
-    def order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng((self.seed, epoch)).permutation(len(self.prompts))
-
-    def next_prompts(self, count: int) -> list[TaskPrompt]:
-        chosen = []
-        while len(chosen) < count:
-            if self.position["offset"] == len(self.prompts):
-                self.position = {"epoch": self.position["epoch"] + 1, "offset": 0}
-            index = self.order(self.position["epoch"])[self.position["offset"]]
-            chosen.append(self.prompts[index])
-            self.position["offset"] += 1
-        return chosen
-
-    def state_dict(self) -> dict[str, int]:
-        return dict(self.position)
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.position = dict(state)
-
-
-@dataclass
-class RolloutGroup:
-    """The completions sampled for one prompt. sequences[i] is the prompt followed by completion i; masks[i] is 1 on
-    the tokens the model sampled and 0 on the prompt and on tool output the engine forced in."""
-    prompt: TaskPrompt
-    sequences: list[list[int]]
-    masks: list[list[int]]
-    completions: list[str]  # decoded completion texts
-    rewards: list[float]
-
-
-RewardFunction = typing.Callable[[str, str], float]  # (completion text, gold answer) -> reward
-
-
-def generate_rollouts(engine: Engine, prompts: Sequence[TaskPrompt], reward_fn: RewardFunction, num_samples: int,
-                      max_tokens: int, temperature: float = 1.0, top_k: int | None = None, seed: int = 0,
-                      max_rows: int = 256) -> list[RolloutGroup]:
-    """`num_samples` completions of each prompt, each rewarded: one group per prompt. The prompts decode together,
-    up to `max_rows` rows (prompts x samples) at a time, each prompt prefilled once (the Engine runs the
-    calculator). Prompt i samples with seeds seed + i * num_samples + (0 .. num_samples - 1)."""
-    per_call = max(1, max_rows // num_samples)
-    groups = []
-    for first in range(0, len(prompts), per_call):
-        chunk = prompts[first:first + per_call]
-        completions, masks = engine.generate_batch([prompt.ids for prompt in chunk], num_samples, max_tokens,
-                                                   temperature, top_k, seed=seed + first * num_samples)
-        for i, prompt in enumerate(chunk):
-            rows = range(i * num_samples, (i + 1) * num_samples)
-            texts = [engine.tokenizer.decode(completions[r]) for r in rows]
-            groups.append(RolloutGroup(prompt, [[*prompt.ids, *completions[r]] for r in rows],
-                                       [[0] * len(prompt.ids) + masks[r] for r in rows], texts,
-                                       [reward_fn(text, prompt.gold) for text in texts]))
-    return groups
-
-
-def group_advantages(rewards: Tensor) -> Tensor:
-    """Advantages (prompts, samples) from rewards (prompts, samples): each reward minus its prompt's mean reward.
-
-    The group mean is the baseline of GRPO: a sample is pushed up when it beat its siblings on the same question,
-    down when it did worse, and a question every sample got right (or wrong) teaches nothing. Unlike GRPO we do not
-    divide by the group's standard deviation: with 0/1 rewards that scales up the questions nearly always (or
-    never) solved, whose std is smallest, a difficulty bias (Liu et al. 2025, "Dr. GRPO"); nanochat drops it too.
-    """
-    return rewards - rewards.mean(dim=1, keepdim=True)
-
-
-@dataclass
-class RLBatch:
-    """Rollouts packed back to back: targets are -1 except at sampled tokens, where weights hold the advantage."""
-    inputs: Tensor  # (T,)
-    targets: Tensor  # (T,)
-    weights: Tensor  # (T,) fp32
-    cu_seqlens: Tensor  # (sequences + 1,) int32
-    max_seqlen: int
-
-
-def pack_rollouts(sequences: Sequence[Sequence[int]], masks: Sequence[Sequence[int]], advantages: Sequence[float],
-                  device: str) -> RLBatch:
-    """One varlen batch: position t of a sequence predicts token t + 1, which is trained only where mask[t + 1] = 1
-    (a sampled token); prompt and forced tool-output tokens get target -1 and weight 0."""
-    inputs, targets, weights = [], [], []
-    for seq, mask, advantage in zip(sequences, masks, advantages):
-        sampled = np.asarray(mask[1:], dtype=bool)
-        inputs.append(np.asarray(seq[:-1], dtype=np.int64))
-        targets.append(np.where(sampled, np.asarray(seq[1:], dtype=np.int64), -1))
-        weights.append(sampled * np.float32(advantage))
-    lengths = [len(seq) - 1 for seq in sequences]
-    cu_seqlens = np.cumsum([0, *lengths]).astype(np.int32)
-    return RLBatch(host_to_device(np.concatenate(inputs), device), host_to_device(np.concatenate(targets), device),
-                   host_to_device(np.concatenate(weights).astype(np.float32), device),
-                   host_to_device(cu_seqlens, device), max(lengths))
-
-
-def policy_gradient_loss(model: nn.Module, batch: RLBatch, sampled_tokens: int, backend: str) -> Tensor:
-    """-sum(advantage x log p(sampled token)) / sampled_tokens: REINFORCE with the group baseline, averaged per token
-    (DAPO's token-level mean, so long and short answers weigh the same per token) over all `sampled_tokens` of the
-    step, those in other passes included. Only sampled tokens carry weight: the gradient with respect to the
-    prompt's and the tool output's log-probabilities is zero.
-
-    There is no importance ratio and no clipping (PPO): the samples come from the very weights being updated and
-    each batch of rollouts makes one optimizer step, so the ratio is exactly 1. There is no KL penalty to the SFT
-    model either: it would need a second model's forward pass, and a short run at a small learning rate stays close
-    to where it started anyway (nanochat, DAPO and Dr. GRPO drop it too); watch pass@k on the test prompts instead.
-    Sampling at temperature 1 without top-k keeps the samples exactly from the policy being trained."""
-    nll = model(batch.inputs, batch.cu_seqlens, batch.max_seqlen, batch.targets, backend=backend,
-                loss_reduction="none")
-    return (batch.weights * nll).sum() / max(sampled_tokens, 1)
-
-
-def policy_gradient_backward(model: nn.Module, groups: Sequence[RolloutGroup], backend: str, pass_tokens: int,
-                             device: str, loss_scaler: LossScaler | None = None) -> dict[str, float]:
-    """Accumulate the policy-gradient loss of a step's rollouts into .grad, in packed passes of at most
-    `pass_tokens` tokens (scaled by `loss_scaler` in fp16; step with loss_scaler.step then). Rollouts with zero
-    advantage (every sibling got the same reward) have zero gradient and are skipped, which saves their forward and
-    backward passes without changing the result. Under torchrun `groups` are this rank's share of the step: the loss
-    is the mean over every rank's sampled tokens (as sft_backward) and the counts returned are over all ranks."""
-    advantages = group_advantages(torch.tensor([g.rewards for g in groups], dtype=torch.float32))
-    rollouts = [(seq, mask, adv) for group, row in zip(groups, advantages.tolist())
-                for seq, mask, adv in zip(group.sequences, group.masks, row) if adv != 0.0]
-    world_size, _ = world_size_and_rank()
-    all_sampled, trained_sequences = sum_over_ranks([sum(sum(mask) for group in groups for mask in group.masks),
-                                                     len(rollouts)])
-    sampled_tokens = all_sampled / world_size  # gradients are averaged over ranks: see sft_backward
-    loss = torch.zeros((), device=device)
-    lengths = [len(seq) - 1 for seq, _, _ in rollouts]
-    chunks = token_budget_chunks(lengths, pass_tokens)
-    for chunk in chunks:
-        batch = pack_rollouts(*zip(*(rollouts[i] for i in chunk)), device=device)
-        pass_loss = policy_gradient_loss(model, batch, sampled_tokens, backend)
-        (loss_scaler.scale(pass_loss) if loss_scaler else pass_loss).backward()
-        loss += pass_loss.detach()
-    if not rollouts and trained_sequences:  # other ranks train: every rank must bring a gradient to average
-        (sum(p.sum() for p in model.parameters()) * 0.0).backward()
-    loss_sum, trained_tokens = sum_over_ranks([float(loss), sum(lengths)])
-    return {"loss": loss_sum / world_size, "sampled_tokens": int(all_sampled),
-            "trained_sequences": int(trained_sequences), "trained_tokens": int(trained_tokens), "passes": len(chunks)}
-
-
-def pass_at_k(samples: int, correct: int, k: int) -> float:
-    """Unbiased pass@k from `samples` completions of which `correct` were right (Chen et al. 2021): the chance that
-    k of them drawn without replacement include a right one, 1 - C(samples - correct, k) / C(samples, k)."""
-    if k > samples:
-        raise ValueError(f"pass@{k} needs at least {k} samples per prompt, got {samples}")
-    if samples - correct < k:
-        return 1.0
-    return 1.0 - float(np.prod(1.0 - k / np.arange(samples - correct + 1, samples + 1)))
-
-
-def evaluate_pass_at_k(engine: Engine, prompts: Sequence[TaskPrompt], reward_fn: RewardFunction, num_samples: int,
-                       max_tokens: int, temperature: float = 1.0, top_k: int | None = None, seed: int = 0
-                       ) -> dict[str, float]:
-    """Mean pass@k over `prompts` for k = 1, 2, 4, ... up to num_samples (and num_samples itself), from
-    `num_samples` completions per prompt; a completion counts as right when it earns the full reward of 1. Also
-    the mean reward. Seeded as generate_rollouts, so an evaluation is repeatable; under torchrun each rank samples
-    its share of the prompts (rank_share) with the seeds one process would give them, and the means are over all."""
-    share = rank_share(len(prompts))
-    groups = generate_rollouts(engine, prompts[share.start:share.stop], reward_fn, num_samples, max_tokens,
-                               temperature, top_k, seed + share.start * num_samples)
-    correct = [sum(reward >= 1.0 for reward in group.rewards) for group in groups]
-    ks = sorted({num_samples, *(2**i for i in range(num_samples.bit_length()) if 2**i <= num_samples)})
-    sums = sum_over_ranks([len(groups), *(sum(pass_at_k(num_samples, c, k) for c in correct) for k in ks),
-                           sum(np.mean(group.rewards) for group in groups)])
-    count = max(sums[0], 1.0)
-    results = {f"pass@{k}": total / count for k, total in zip(ks, sums[1:])}
-    results["mean_reward"] = sums[-1] / count
-    return results
+# 06_rl's rollouts and policy gradient live beside the notebook, in notebooks/rl.py (only 06 trains with
+# them); its prompts are data/gsm8k.py's prompt shards.
 
 
 if __name__ == "__main__":  # `python3 stackcore.py pipeline`, the README's command: notebooks/pipeline.py

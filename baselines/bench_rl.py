@@ -27,9 +27,11 @@ import torch
 
 import stackcore as sc
 from baselines.benchlib import filler_tokenizer, report, synchronize
+from data.gsm8k import TaskPrompt
+from notebooks import rl
 
 
-def random_prompts(tokenizer: sc.Tokenizer, count: int, length: int, seed: int) -> list[sc.TaskPrompt]:
+def random_prompts(tokenizer: sc.Tokenizer, count: int, length: int, seed: int) -> list[TaskPrompt]:
     """<|bos|> <|user_start|> random tokens <|user_end|> <|assistant_start|>, `length` tokens in all."""
     rng = random.Random(seed)
     special = tokenizer.special_id
@@ -40,7 +42,7 @@ def random_prompts(tokenizer: sc.Tokenizer, count: int, length: int, seed: int) 
         return [tokenizer.bos_id, special("<|user_start|>"), *body, special("<|user_end|>"),
                 special("<|assistant_start|>")]
 
-    return [sc.TaskPrompt(prompt(), "0", i) for i in range(count)]
+    return [TaskPrompt(prompt(), "0", i) for i in range(count)]
 
 
 def main() -> None:
@@ -82,10 +84,10 @@ def main() -> None:
     def step(seed: int) -> dict[str, float]:
         synchronize(device)
         t0 = time.perf_counter()
-        groups = sc.generate_rollouts(engine, prompts, coin_flip, args.samples, args.max_new_tokens, seed=seed)
+        groups = rl.generate_rollouts(engine, prompts, coin_flip, args.samples, args.max_new_tokens, seed=seed)
         synchronize(device)
         t1 = time.perf_counter()
-        stats = sc.policy_gradient_backward(model, groups, backend, args.pass_tokens, device)
+        stats = rl.policy_gradient_backward(model, groups, backend, args.pass_tokens, device)
         sc.step_optimizers(optimizers)
         synchronize(device)
         t2 = time.perf_counter()

@@ -26,8 +26,7 @@ import numpy as np
 
 from data.records import DataFileError, read_records
 from data.synthetic import NAMES, THINGS
-from stackcore import (StackConfig, TaskPrompt, artifact_dir, at_least, read_shard, require_artifact, side_file,
-                       write_shard)
+from stackcore import StackConfig, artifact_dir, at_least, read_shard, require_artifact, side_file, write_shard
 
 HUB_REPO = "openai/gsm8k"
 SPLITS = ("train", "test")
@@ -164,6 +163,14 @@ def load_problems(split: str, source: str = "hub", endpoint: str | None = None) 
 # int32 row per prompt with the columns of PROMPT_RECORD_FIELDS.
 
 PROMPT_RECORD_FIELDS = ("prompt_start", "prompt_end", "problem", "gold")
+
+
+@dataclass
+class TaskPrompt:
+    """One prompt of a prompt shard, as 06_rl samples it (notebooks/rl.py)."""
+    ids: list[int]  # the rendered conversation, ending in <|assistant_start|>
+    gold: str  # the reference answer a completion is rewarded against
+    problem: int  # index of the problem in its split
 
 
 def write_prompt_shard(directory: Path, split: str, prompts: Sequence[TaskPrompt], vocab_size: int) -> Path:

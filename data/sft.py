@@ -14,7 +14,8 @@
 Hub datasets are parquet files fetched with `huggingface_hub.hf_hub_download`, or read from a local mirror of the
 repo (the folder `hf download <repo> --repo-type dataset --local-dir <folder>` leaves). `SFTMixture` says how many
 conversations each source gives; a count above a source's size repeats it (epochs), below it takes a seeded random
-subset.
+subset. 02_sharding renders the mixture (`render_parallel`) into conversation shards (`ConversationWriter`), which
+`stackcore.SFTLoader` reads.
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ from data.core import COLORS, THING_COLORS
 from data.records import DataFileError, converted, count_records, field, read_records
 from data.synthetic import synthetic_documents
 from data.tokenizing import batched, map_with_tokenizer
-from stackcore import StackConfig, Tokenizer, above, artifact_dir, at_least, chat_turns, render_conversation
+from stackcore import (ShardWriter, StackConfig, Tokenizer, above, artifact_dir, at_least, chat_turns,
+                       render_conversation, side_file, write_shard)
 
 Conversation = list[dict]
 T = TypeVar("T")
@@ -417,3 +419,27 @@ def render_parallel(tokenizer_dir: Path, conversations: Iterable[Conversation], 
     the mixture into conversation shards."""
     batches = ((batch, max_tokens) for batch in batched(conversations, batch_size))
     return map_with_tokenizer(tokenizer_dir, _render_batch, batches, workers)
+
+
+# --- Conversation shards (read by stackcore.SFTLoader) --------------------------------------------------------------
+
+class ConversationWriter(ShardWriter):
+    """A ShardWriter for rendered conversations: add(ids, mask); each shard's mask goes to its side file, written
+    before the token shard so that a listed shard always has its mask."""
+
+    def __init__(self, directory: Path, prefix: str, shard_tokens: int, vocab_size: int, bos_id: int):
+        super().__init__(directory, prefix, shard_tokens, vocab_size)
+        self.bos_id = bos_id
+        self.pending_masks: list[np.ndarray] = []
+
+    def add(self, doc: Sequence[int], mask: Sequence[int] | None = None) -> None:
+        if mask is None or len(mask) != len(doc) or not len(doc) or doc[0] != self.bos_id:
+            raise ValueError("a conversation needs a loss mask of its length and must start with <|bos|>")
+        super().add(doc)  # may flush the shard before this conversation
+        self.pending_masks.append(np.asarray(mask, dtype=np.uint8))
+
+    def flush(self) -> None:
+        if self.pending:
+            write_shard(side_file(self.next_path(), "mask"), np.concatenate(self.pending_masks), "mask")
+            self.pending_masks = []
+        super().flush()

@@ -262,7 +262,7 @@ print(f"{len(ids)} tokens, {sum(mask)} trained on")
 sft_dir = sc.artifact_dir("shards") / "sft"
 for old in sft_dir.glob("*.bin"):
     old.unlink()
-writers = {split: sc.ConversationWriter(sft_dir, split, cfg.shard_tokens, tokenizer.vocab_size, tokenizer.bos_id)
+writers = {split: sft.ConversationWriter(sft_dir, split, cfg.shard_tokens, tokenizer.vocab_size, tokenizer.bos_id)
            for split in ("train", "val")}
 val_stride = max(2, sum(cfg.counts().values()) // max(cfg.sft_val, 1))
 sources = []  # the source of each conversation, in order, filled as the renderers consume the mixture
@@ -324,7 +324,7 @@ gsm8k_dir = sc.artifact_dir("shards") / "gsm8k"
 report["gsm8k"] = {}
 for split, limit in (("train", cfg.rl_train_prompts), ("test", cfg.rl_test_prompts)):
     problems = gsm8k.load_problems(split, cfg.rl_gsm8k_source)[:limit or None]
-    prompts = [sc.TaskPrompt(sc.render_for_completion(tokenizer, problem.prompt()), problem.gold, i)
+    prompts = [gsm8k.TaskPrompt(sc.render_for_completion(tokenizer, problem.prompt()), problem.gold, i)
                for i, problem in enumerate(problems)]
     gsm8k.write_prompt_shard(gsm8k_dir, split, prompts, tokenizer.vocab_size)
     lengths = [len(prompt.ids) for prompt in prompts]

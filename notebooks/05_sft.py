@@ -78,6 +78,7 @@ import torch
 
 from data.chat_eval import (ChatEvalConfig, chat_table, describe_tasks, evaluate_chat, load_chat_tasks,
                             plot_chat_results)
+from notebooks.sft import evaluate_sft_loss, sft_backward
 
 
 @dataclass
@@ -247,10 +248,10 @@ run_log = RunLog(run_dir, enabled=dist_info.master)
 # %% [markdown]
 # ## The training loop
 # Each step runs `accum_steps` packed batches per rank. The loss of a step is the mean over its trained tokens:
-# `sc.sft_backward` divides each batch's summed loss by the number of trained tokens in the whole step, on every
-# rank together, so a batch of long answers and a batch of one-letter answers weigh by their tokens, and two GPUs
-# make the very update one GPU makes from the same batches. The log line counts all tokens per second (all ranks)
-# and the share that was trained on.
+# `sft_backward` (in `notebooks/sft.py`, beside this notebook) divides each batch's summed loss by the number of
+# trained tokens in the whole step, on every rank together, so a batch of long answers and a batch of one-letter
+# answers weigh by their tokens, and two GPUs make the very update one GPU makes from the same batches. The log line
+# counts all tokens per second (all ranks) and the share that was trained on.
 
 # %%
 val_loss = float("nan")
@@ -259,7 +260,7 @@ for step in range(start_step, start_step if complete else steps + 1):
     last = step == steps
     if step % cfg.eval_every == 0 or last:
         val_loader.load_state_dict({"epoch": 0, "cursor": 0})
-        val_loss = sc.evaluate_sft_loss(forward, val_loader, cfg.eval_steps, backend)
+        val_loss = evaluate_sft_loss(forward, val_loader, cfg.eval_steps, backend)
         log(f"step {step:5d}/{steps} | val loss {val_loss:.4f}")
         run_log.log(step=step, val_loss=val_loss)
     if step > start_step and (step % cfg.save_every == 0 or last):
@@ -274,7 +275,7 @@ for step in range(start_step, start_step if complete else steps + 1):
     t0 = time.time()
     sc.apply_schedule(optimizers, sc.lr_multiplier(step, steps, 0, cfg.cooldown_frac), sc.muon_momentum(step))
     batches = [train_loader.next_batch() for _ in range(accum_steps)]
-    stats = sc.sft_backward(forward, batches, backend, loss_scaler)
+    stats = sft_backward(forward, batches, backend, loss_scaler)
     loss_scaler.step(optimizers)
     train_loss, tokens = stats["loss"], stats["tokens"]
     check_finite_loss(train_loss, step + 1)

@@ -65,7 +65,8 @@ import stackcore as sc
 # ## Set-up
 # The starting point is the newest checkpoint of `05_sft` (or `checkpoint` if you name a file). Without one, the
 # notebook falls back to the base model of `03_pretrain` with a warning: it runs, but a model that has never seen
-# the chat format almost never writes `#### N`, so its rewards stay at zero and nothing is learned.
+# the chat format almost never writes `#### N`, so its rewards stay at zero and nothing is learned. The method
+# itself (rollouts, advantages, the policy-gradient loss, pass@k) is in `notebooks/rl.py`, beside this notebook.
 
 # %%
 import json
@@ -77,6 +78,8 @@ import numpy as np
 import torch
 
 from data import gsm8k
+from notebooks.rl import (PromptSampler, evaluate_pass_at_k, generate_rollouts, group_advantages,
+                          policy_gradient_backward)
 
 
 @dataclass
@@ -167,7 +170,7 @@ longest_prompt = model.config.max_seq_len - cfg.max_new_tokens
 train_prompts, test_prompts = ([p for p in gsm8k.read_prompt_shard(prompt_dir, split, tokenizer.vocab_size)
                                 if len(p.ids) <= longest_prompt] for split in ("train", "test"))
 test_prompts = test_prompts[:cfg.eval_prompts]
-sampler = sc.PromptSampler(train_prompts, cfg.seed)
+sampler = PromptSampler(train_prompts, cfg.seed)
 log(f"{len(train_prompts):,} training questions, {len(test_prompts):,} test questions for pass@k "
     f"(prompts of at most {longest_prompt} tokens)")
 
@@ -177,14 +180,14 @@ log(f"{len(train_prompts):,} training questions, {len(test_prompts):,} test ques
 # (1 if its `#### N` equals the gold answer), and its **advantage** is its reward minus the mean reward of its group.
 # A right answer among wrong ones gets a large positive advantage; when every answer is right (or every one wrong)
 # all advantages are zero and the question teaches nothing this step. We do not divide by the group's standard
-# deviation as GRPO does (see `sc.group_advantages`). In the mask, 0 marks the tokens the engine forced in (the
+# deviation as GRPO does (see `group_advantages`). In the mask, 0 marks the tokens the engine forced in (the
 # calculator's output): they get no gradient.
 
 # %%
 example_prompt = test_prompts[0]
-group, = sc.generate_rollouts(engine, [example_prompt], gsm8k.reward, cfg.samples_per_prompt, cfg.max_new_tokens,
-                              cfg.temperature, top_k, seed=cfg.seed)
-advantages = sc.group_advantages(torch.tensor([group.rewards]))[0]
+group, = generate_rollouts(engine, [example_prompt], gsm8k.reward, cfg.samples_per_prompt, cfg.max_new_tokens,
+                           cfg.temperature, top_k, seed=cfg.seed)
+advantages = group_advantages(torch.tensor([group.rewards]))[0]
 log(tokenizer.decode(example_prompt.ids), f"\n(gold answer: {example_prompt.gold})\n")
 for text, mask, reward, advantage in list(zip(group.completions, group.masks, group.rewards, advantages))[:4]:
     forced = len(mask) - len(example_prompt.ids) - sum(mask)
@@ -192,7 +195,7 @@ for text, mask, reward, advantage in list(zip(group.completions, group.masks, gr
 
 # %% [markdown]
 # ## Look inside: rewards and advantages of one group
-# `sc.group_advantages` is one line, printed below from `stackcore`: each reward minus its group's mean. On the left,
+# `group_advantages` is one line, printed below from `notebooks/rl.py`: each reward minus its group's mean. On the left,
 # the group sampled above; when all its rewards are equal (a small model often gets every answer wrong), every
 # advantage is zero and the group adds nothing to the gradient. On the right, the same function on a made-up group
 # of eight answers, three of them right: the right ones are pushed up by 1 - 3/8, the wrong ones down by 3/8, and
@@ -201,12 +204,12 @@ for text, mask, reward, advantage in list(zip(group.completions, group.masks, gr
 # %%
 import inspect
 
-log(inspect.getsource(sc.group_advantages))
+log(inspect.getsource(group_advantages))
 made_up = torch.tensor([[1.0, 0, 0, 1, 0, 0, 1, 0]])
 fig, axes = plt.subplots(1, 2, figsize=(11, 3), sharey=True)
 for ax, rewards, title in ((axes[0], torch.tensor([group.rewards]), f"sampled group (gold {example_prompt.gold})"),
                            (axes[1], made_up, "made-up group: 3 of 8 right")):
-    group_advantage = sc.group_advantages(rewards)[0]
+    group_advantage = group_advantages(rewards)[0]
     samples = np.arange(rewards.shape[1])
     ax.bar(samples - 0.2, rewards[0].numpy(), 0.4, label="reward")
     ax.bar(samples + 0.2, group_advantage.numpy(), 0.4, label="advantage")
@@ -222,7 +225,7 @@ plt.show()
 # The same Muon + AdamW pair as pretraining, with every learning rate scaled by `lr_scale` and decayed linearly to
 # zero over the run. Each step's rollouts are sampled from the current weights and used for exactly one update, so
 # the method stays on-policy: no importance ratios, no clipping, and no KL penalty to the starting model (see
-# `sc.policy_gradient_loss` for why).
+# `policy_gradient_loss` in `notebooks/rl.py` for why).
 
 # %%
 optimizers = sc.build_optimizers(model, lr_scale=cfg.lr_scale)
@@ -252,13 +255,13 @@ run_log = RunLog(run_dir, enabled=dist_info.master)
 # answers is right (pass@1 is the plain accuracy of one sample).
 #
 # Under torchrun each rank samples its contiguous share of the step's questions with the seeds one process would
-# give them, and the loss is averaged over the sampled tokens of all ranks (`sc.policy_gradient_backward`), so the
+# give them, and the loss is averaged over the sampled tokens of all ranks (`policy_gradient_backward`), so the
 # ranks make the one update a single process makes from the same rollouts. pass@k is split the same way.
 
 # %%
 def evaluate(step: int) -> None:
-    results = sc.evaluate_pass_at_k(engine, test_prompts, gsm8k.reward, cfg.eval_samples, cfg.max_new_tokens,
-                                    cfg.temperature, top_k, seed=2**40)  # the same samples' seeds every time
+    results = evaluate_pass_at_k(engine, test_prompts, gsm8k.reward, cfg.eval_samples, cfg.max_new_tokens,
+                                 cfg.temperature, top_k, seed=2**40)  # the same samples' seeds every time
     log(f"step {step:4d}/{cfg.steps} | " + " | ".join(f"{k} {v:.3f}" for k, v in results.items()))
     run_log.log(step=step, **results)
 
@@ -277,12 +280,12 @@ for step in range(start_step, start_step if complete else cfg.steps + 1):
     t0 = time.time()
     first_seed = cfg.seed + step * cfg.prompts_per_step * cfg.samples_per_prompt  # every answer its own seed
     share = sc.rank_share(cfg.prompts_per_step)  # this rank's questions of the step
-    groups = sc.generate_rollouts(engine, sampler.next_prompts(cfg.prompts_per_step)[share.start:share.stop],
-                                  gsm8k.reward, cfg.samples_per_prompt, cfg.max_new_tokens, cfg.temperature, top_k,
-                                  seed=first_seed + share.start * cfg.samples_per_prompt)
+    groups = generate_rollouts(engine, sampler.next_prompts(cfg.prompts_per_step)[share.start:share.stop],
+                               gsm8k.reward, cfg.samples_per_prompt, cfg.max_new_tokens, cfg.temperature, top_k,
+                               seed=first_seed + share.start * cfg.samples_per_prompt)
     t1 = time.time()
     sc.apply_schedule(optimizers, 1.0 - step / cfg.steps)
-    stats = sc.policy_gradient_backward(model, groups, backend, cfg.pass_tokens, device, loss_scaler)
+    stats = policy_gradient_backward(model, groups, backend, cfg.pass_tokens, device, loss_scaler)
     check_finite_loss(stats["loss"], step + 1)
     loss_scaler.step(optimizers)
     t2 = time.time()
@@ -337,8 +340,8 @@ if dist_info.master:
 
 # %%
 before = np.mean(group.rewards)
-group, = sc.generate_rollouts(engine, [example_prompt], gsm8k.reward, cfg.samples_per_prompt, cfg.max_new_tokens,
-                              cfg.temperature, top_k, seed=cfg.seed)
+group, = generate_rollouts(engine, [example_prompt], gsm8k.reward, cfg.samples_per_prompt, cfg.max_new_tokens,
+                           cfg.temperature, top_k, seed=cfg.seed)
 log(f"gold answer {example_prompt.gold}; mean reward {np.mean(group.rewards):.2f} (before training: {before:.2f})")
 for text, reward in list(zip(group.completions, group.rewards))[:4]:
     log(f"reward {reward:.0f} | {text[:300]!r}")

@@ -1,8 +1,8 @@
 """Data parallelism: two ranks (gloo, spawned processes) make the very update one process makes from the same global
-batch, for SFT (sc.sft_backward on the SFTLoader's rank sharding) and for RL's policy gradient on fixed rollouts
-(sc.policy_gradient_backward; pass@k split over ranks); two "nodes" of one rank each train 03 through torchrun's
-c10d rendezvous on 127.0.0.1; 07 runs on rank 0 only; the tutorial's memory table is what its script's
-memory_estimate computes (tutorials/memory_per_gpu.py)."""
+batch, for SFT (notebooks/sft.py's sft_backward on the SFTLoader's rank sharding) and for RL's policy gradient on
+fixed rollouts (notebooks/rl.py's policy_gradient_backward; pass@k split over ranks); two "nodes" of one rank each
+train 03 through torchrun's c10d rendezvous on 127.0.0.1; 07 runs on rank 0 only; the tutorial's memory table is
+what tutorials/memory_per_gpu.py's memory_estimate computes."""
 from __future__ import annotations
 
 import importlib.util
@@ -23,8 +23,10 @@ import torch.multiprocessing as mp
 
 import stackcore as sc
 from data import gsm8k, sft
+from notebooks import rl
 from notebooks.chat_session import run_on_rank_zero_only
 from notebooks.training import resume_training, save_checkpoint
+from notebooks.sft import evaluate_sft_loss, sft_backward
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 512  # the tiny tokenizer's (conftest)
@@ -90,7 +92,7 @@ def write_sft_shards(directory: Path, tokenizer: sc.Tokenizer) -> None:
     """Conversations of unequal lengths and trained shares, so that the ranks' rows differ in trained tokens."""
     convs = (sft.synthetic_conversations(20, seed=1) + sft.identity_conversations(10, seed=2)
              + sft.spelling_conversations(sft.load_words("builtin"), 10, seed=3))
-    writer = sc.ConversationWriter(directory, "train", 2000, tokenizer.vocab_size, tokenizer.bos_id)
+    writer = sft.ConversationWriter(directory, "train", 2000, tokenizer.vocab_size, tokenizer.bos_id)
     for conversation in convs:
         writer.add(*sc.render_conversation(tokenizer, conversation))
     writer.flush()
@@ -107,7 +109,7 @@ def sft_step(shard_dir: Path, bos_id: int, batches_per_rank: int) -> dict:
     batches = [loader.next_batch() for _ in range(batches_per_rank)]
     model = perturbed_model()
     optimizers = sc.build_optimizers(model)
-    return step_and_record(model, optimizers, sc.sft_backward(model, batches, "sdpa"))
+    return step_and_record(model, optimizers, sft_backward(model, batches, "sdpa"))
 
 
 def test_sft_step_on_two_ranks_equals_one_process_with_the_same_global_batch(tmp_path, tiny_tokenizer):
@@ -128,7 +130,7 @@ def sft_validation_loss(shard_dir: Path, bos_id: int, steps_per_rank: int) -> di
     """05_sft's validation loss on this process's rank."""
     world_size, rank = sc.world_size_and_rank()
     loader = sft_loader(shard_dir, bos_id, rank, world_size)
-    return {"loss": sc.evaluate_sft_loss(perturbed_model(), loader, steps_per_rank, "sdpa")}
+    return {"loss": evaluate_sft_loss(perturbed_model(), loader, steps_per_rank, "sdpa")}
 
 
 def test_sft_validation_loss_on_two_ranks_equals_one_process_over_the_same_rows(tmp_path, tiny_tokenizer):
@@ -150,20 +152,20 @@ MIXED = [[1, 0, 0, 1], [0, 0, 0, 0], [1, 1, 0, 1], [0, 1, 0, 0]]  # the second g
 IDLE_RANK_ZERO = [[1, 1, 1, 1], [0, 0, 0, 0], [1, 0, 0, 0], [0, 1, 1, 0]]  # rank 0's two groups teach nothing
 
 
-def fixed_rollouts(rewards: list[list[int]]) -> list[sc.RolloutGroup]:
+def fixed_rollouts(rewards: list[list[int]]) -> list[rl.RolloutGroup]:
     """Four prompts of four answers each, with forced (mask 0) tokens inside some answers and fixed rewards: the
     rollouts and rewards are data, so the comparison does not depend on sampling."""
     rng = np.random.default_rng(0)
     groups = []
     for problem, row in enumerate(rewards):
-        prompt = sc.TaskPrompt(rng.integers(1, VOCAB, int(rng.integers(4, 9))).tolist(), "0", problem)
+        prompt = gsm8k.TaskPrompt(rng.integers(1, VOCAB, int(rng.integers(4, 9))).tolist(), "0", problem)
         sequences, masks = [], []
         for _ in row:
             answer = rng.integers(1, VOCAB, int(rng.integers(3, 12))).tolist()
             forced = (rng.random(len(answer)) < 0.2).astype(int).tolist()
             sequences.append([*prompt.ids, *answer])
             masks.append([0] * len(prompt.ids) + [1 - f for f in forced])
-        groups.append(sc.RolloutGroup(prompt, sequences, masks, [""] * len(row), [float(r) for r in row]))
+        groups.append(rl.RolloutGroup(prompt, sequences, masks, [""] * len(row), [float(r) for r in row]))
     return groups
 
 
@@ -173,7 +175,7 @@ def rl_step(rewards: list[list[int]], pass_tokens: int) -> dict:
     share = sc.rank_share(len(groups))
     model = perturbed_model()
     optimizers = sc.build_optimizers(model)
-    stats = sc.policy_gradient_backward(model, groups[share.start:share.stop], "sdpa", pass_tokens, "cpu")
+    stats = rl.policy_gradient_backward(model, groups[share.start:share.stop], "sdpa", pass_tokens, "cpu")
     return step_and_record(model, optimizers, stats)
 
 
@@ -192,9 +194,9 @@ def test_policy_gradient_on_two_ranks_equals_one_process_on_the_same_rollouts(tm
 def pass_at_k(tokenizer_dir: Path) -> dict[str, float]:
     tokenizer = sc.Tokenizer.load(tokenizer_dir)
     model = perturbed_model()
-    prompts = [sc.TaskPrompt(sc.render_for_completion(tokenizer, problem.prompt()), problem.gold, i)
+    prompts = [gsm8k.TaskPrompt(sc.render_for_completion(tokenizer, problem.prompt()), problem.gold, i)
                for i, problem in enumerate(gsm8k.synthetic_problems(3, seed=0))]
-    return sc.evaluate_pass_at_k(sc.Engine(model, tokenizer), prompts, lambda text, gold: float(len(text) % 2),
+    return rl.evaluate_pass_at_k(sc.Engine(model, tokenizer), prompts, lambda text, gold: float(len(text) % 2),
                                  num_samples=4, max_tokens=8, seed=1)
 
 

@@ -1,5 +1,5 @@
 """GSM8K and reinforcement learning: the dataset adapter (data/gsm8k.py: answers to calculator conversations, final
-answer parsing, rewards, the Hub download, prompt shards) and stackcore section 15 (advantages, the policy-gradient
+answer parsing, rewards, the Hub download, prompt shards) and notebooks/rl.py (advantages, the policy-gradient
 loss over sampled tokens only, rollouts with the Engine, pass@k)."""
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import stackcore as sc  # noqa: E402
 from data import gsm8k  # noqa: E402
+from notebooks import rl  # noqa: E402
 from test_hub import hub  # noqa: E402,F401  (the fixture: a local stand-in for the Hub)
 
 
@@ -148,13 +149,13 @@ def test_hub_download_reads_the_parquet_files_once(hub, tmp_path, stack_home):
 # --- prompt shards ----------------------------------------------------------------------------------------------
 
 def test_prompt_shards_round_trip(tmp_path):
-    prompts = [sc.TaskPrompt([1, 5, 7, 3], "72", 0), sc.TaskPrompt([1, 9, 3], "-4", 5),
-               sc.TaskPrompt([1, 2, 2, 2, 3], "192000000", 9)]
+    prompts = [gsm8k.TaskPrompt([1, 5, 7, 3], "72", 0), gsm8k.TaskPrompt([1, 9, 3], "-4", 5),
+               gsm8k.TaskPrompt([1, 2, 2, 2, 3], "192000000", 9)]
     path = gsm8k.write_prompt_shard(tmp_path, "train", prompts, vocab_size=16)
     assert gsm8k.read_prompt_shard(tmp_path, "train", vocab_size=16) == prompts
     assert sc.read_shard(sc.side_file(path, "records")).shape == (3, len(gsm8k.PROMPT_RECORD_FIELDS))
     with pytest.raises(ValueError, match=r"test\.bin: problem 4: gold answer '2.5'"):
-        gsm8k.write_prompt_shard(tmp_path, "test", [sc.TaskPrompt([1, 2], "2.5", 4)], vocab_size=16)
+        gsm8k.write_prompt_shard(tmp_path, "test", [gsm8k.TaskPrompt([1, 2], "2.5", 4)], vocab_size=16)
     with pytest.raises(sc.MissingArtifactError, match="02_sharding"):
         gsm8k.read_prompt_shard(tmp_path, "test")
 
@@ -163,7 +164,7 @@ def test_prompt_shards_round_trip(tmp_path):
 
 def test_advantages_are_rewards_minus_the_group_mean():
     rewards = torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0], [0.5, 1.0, 0.0, 0.5]])
-    advantages = sc.group_advantages(rewards)
+    advantages = rl.group_advantages(rewards)
     assert torch.allclose(advantages, torch.tensor([[0.75, -0.25, -0.25, -0.25], [0.0] * 4, [0.0] * 4,
                                                     [0.0, 0.5, -0.5, 0.0]]))
     assert torch.allclose(advantages.sum(1), torch.zeros(4))  # not divided by the std: the scale is the reward's
@@ -175,7 +176,7 @@ MASKS = [[0, 0, 0, 1, 0, 0, 1, 1], [0, 0, 0, 1, 1]]
 
 
 def test_pack_rollouts_trains_only_sampled_tokens():
-    batch = sc.pack_rollouts(SEQUENCES, MASKS, [0.5, -1.0], "cpu")
+    batch = rl.pack_rollouts(SEQUENCES, MASKS, [0.5, -1.0], "cpu")
     assert batch.inputs.tolist() == [1, 4, 5, 6, 7, 8, 9, 1, 4, 5, 11]
     assert batch.targets.tolist() == [-1, -1, 6, -1, -1, 9, 10, -1, -1, 11, 12]
     assert batch.weights.tolist() == [0, 0, 0.5, 0, 0, 0.5, 0.5, 0, 0, -1.0, -1.0]
@@ -195,9 +196,9 @@ class LogitTable(nn.Module):
 
 
 def test_the_loss_reaches_only_sampled_tokens_and_raises_those_with_positive_advantage():
-    batch = sc.pack_rollouts(SEQUENCES, MASKS, [0.5, -1.0], "cpu")
+    batch = rl.pack_rollouts(SEQUENCES, MASKS, [0.5, -1.0], "cpu")
     model = LogitTable(len(batch.inputs))
-    loss = sc.policy_gradient_loss(model, batch, sampled_tokens=5, backend="sdpa")
+    loss = rl.policy_gradient_loss(model, batch, sampled_tokens=5, backend="sdpa")
     loss.backward()
     touched = model.logits.grad.abs().sum(1) > 0
     assert touched.tolist() == (batch.weights != 0).tolist()  # nothing at prompt or tool-output positions
@@ -222,21 +223,21 @@ def test_pass_at_k_matches_counting_every_subset():
         if correct > samples or k > samples:
             continue
         subsets = list(itertools.combinations([i < correct for i in range(samples)], k))
-        assert math.isclose(sc.pass_at_k(samples, correct, k), sum(map(any, subsets)) / len(subsets))
+        assert math.isclose(rl.pass_at_k(samples, correct, k), sum(map(any, subsets)) / len(subsets))
     with pytest.raises(ValueError, match="at least 8 samples"):
-        sc.pass_at_k(4, 1, 8)
+        rl.pass_at_k(4, 1, 8)
 
 
 # --- rollouts and one RL step on a tiny model -------------------------------------------------------------------
 
-def tiny_policy(tokenizer_dir: Path) -> tuple[sc.GPT, sc.Engine, list[sc.TaskPrompt]]:
+def tiny_policy(tokenizer_dir: Path) -> tuple[sc.GPT, sc.Engine, list[gsm8k.TaskPrompt]]:
     tokenizer = sc.Tokenizer.load(tokenizer_dir)
     torch.manual_seed(0)
     model = sc.GPT(sc.GPTConfig(vocab_size=tokenizer.vocab_size, depth=2, model_dim=64, head_dim=32, max_seq_len=128))
     with torch.no_grad():  # a non-zero head, so that the samples differ and the head has gradients
         model.lm_head.weight.normal_(std=0.02)
     problems = gsm8k.synthetic_problems(2, seed=0)
-    prompts = [sc.TaskPrompt(sc.render_for_completion(tokenizer, problem.prompt()), problem.gold, i)
+    prompts = [gsm8k.TaskPrompt(sc.render_for_completion(tokenizer, problem.prompt()), problem.gold, i)
                for i, problem in enumerate(problems)]
     return model, sc.Engine(model, tokenizer), prompts
 
@@ -247,30 +248,30 @@ def odd_length_reward(text: str, gold: str) -> float:
 
 def test_rollouts_mask_the_prompt_and_carry_rewards(tiny_tokenizer):
     model, engine, prompts = tiny_policy(tiny_tokenizer)
-    group, = sc.generate_rollouts(engine, prompts[:1], odd_length_reward, num_samples=4, max_tokens=10, seed=3)
+    group, = rl.generate_rollouts(engine, prompts[:1], odd_length_reward, num_samples=4, max_tokens=10, seed=3)
     prompt_length = len(prompts[0].ids)
     for sequence, mask, text, reward in zip(group.sequences, group.masks, group.completions, group.rewards):
         assert sequence[:prompt_length] == prompts[0].ids and len(mask) == len(sequence)
         assert set(mask[:prompt_length]) == {0} and prompt_length < len(sequence) <= prompt_length + 10
         assert text == engine.tokenizer.decode(sequence[prompt_length:]) and reward == len(text) % 2
-    again, = sc.generate_rollouts(engine, prompts[:1], odd_length_reward, num_samples=4, max_tokens=10, seed=3)
+    again, = rl.generate_rollouts(engine, prompts[:1], odd_length_reward, num_samples=4, max_tokens=10, seed=3)
     assert again.sequences == group.sequences  # seeded
     # decoded together with another prompt, and a row budget that splits the prompts over two engine calls
     for max_rows in (256, 4):
-        pair = sc.generate_rollouts(engine, prompts[1::-1], odd_length_reward, num_samples=4, max_tokens=10, seed=-1,
+        pair = rl.generate_rollouts(engine, prompts[1::-1], odd_length_reward, num_samples=4, max_tokens=10, seed=-1,
                                     max_rows=max_rows)
         assert pair[1].sequences == group.sequences and pair[0].prompt == prompts[1]
 
 
 def test_one_rl_step_changes_the_weights_and_passes_do_not_change_the_gradient(tiny_tokenizer):
     model, engine, prompts = tiny_policy(tiny_tokenizer)
-    groups = sc.generate_rollouts(engine, prompts, odd_length_reward, num_samples=4, max_tokens=12, seed=0)
+    groups = rl.generate_rollouts(engine, prompts, odd_length_reward, num_samples=4, max_tokens=12, seed=0)
     assert any(len(set(group.rewards)) > 1 for group in groups), "pick seeds that give mixed rewards"
 
     gradients = []
     for pass_tokens in (10_000, 1):  # everything in one packed pass, then one rollout per pass
         model.zero_grad(set_to_none=True)
-        stats = sc.policy_gradient_backward(model, groups, "sdpa", pass_tokens, "cpu")
+        stats = rl.policy_gradient_backward(model, groups, "sdpa", pass_tokens, "cpu")
         gradients.append([p.grad.clone() for p in model.parameters()])
     assert stats["passes"] == stats["trained_sequences"] > 0
     assert stats["trained_tokens"] == sum(len(seq) - 1 for group in groups for seq, reward in
@@ -289,11 +290,11 @@ def test_one_rl_step_changes_the_weights_and_passes_do_not_change_the_gradient(t
 
 def test_pass_at_k_evaluation(tiny_tokenizer):
     _, engine, prompts = tiny_policy(tiny_tokenizer)
-    always = sc.evaluate_pass_at_k(engine, prompts, lambda text, gold: 1.0, num_samples=4, max_tokens=4)
+    always = rl.evaluate_pass_at_k(engine, prompts, lambda text, gold: 1.0, num_samples=4, max_tokens=4)
     assert always == {"pass@1": 1.0, "pass@2": 1.0, "pass@4": 1.0, "mean_reward": 1.0}
-    never = sc.evaluate_pass_at_k(engine, prompts, gsm8k.reward, num_samples=3, max_tokens=4)
+    never = rl.evaluate_pass_at_k(engine, prompts, gsm8k.reward, num_samples=3, max_tokens=4)
     assert never == {"pass@1": 0.0, "pass@2": 0.0, "pass@3": 0.0, "mean_reward": 0.0}
-    parity = sc.evaluate_pass_at_k(engine, prompts, odd_length_reward, num_samples=4, max_tokens=8, seed=1)
+    parity = rl.evaluate_pass_at_k(engine, prompts, odd_length_reward, num_samples=4, max_tokens=8, seed=1)
     assert 0 <= parity["pass@1"] <= parity["pass@2"] <= parity["pass@4"] <= 1
 
 

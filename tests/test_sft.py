@@ -33,7 +33,7 @@ def conversations(count: int = 40) -> list[list[dict]]:
 
 
 def write_conversations(directory: Path, tokenizer, convs, split: str = "train", shard_tokens: int = 600):
-    writer = sc.ConversationWriter(directory, split, shard_tokens, tokenizer.vocab_size, tokenizer.bos_id)
+    writer = sft.ConversationWriter(directory, split, shard_tokens, tokenizer.vocab_size, tokenizer.bos_id)
     rendered = [sc.render_conversation(tokenizer, c) for c in convs]
     for ids, mask in rendered:
         writer.add(ids, mask)
@@ -52,7 +52,7 @@ def test_conversation_shards_round_trip_with_their_masks(tmp_path, tokenizer):
     assert ids.tolist() == [t for r, _ in rendered for t in r]
     assert masks.tolist() == [m for _, r in rendered for m in r] and masks.dtype == np.uint8
     assert all(sc.read_shard(p)[0] == tokenizer.bos_id for p, _, _ in written)
-    writer = sc.ConversationWriter(tmp_path, "bad", 100, tokenizer.vocab_size, tokenizer.bos_id)
+    writer = sft.ConversationWriter(tmp_path, "bad", 100, tokenizer.vocab_size, tokenizer.bos_id)
     with pytest.raises(ValueError, match="loss mask"):
         writer.add([tokenizer.bos_id, 5, 6], [0, 1])
     with pytest.raises(ValueError, match="bos"):
