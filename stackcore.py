@@ -2151,6 +2151,10 @@ def init_distributed() -> DistInfo:
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"this process is local rank {local_rank}, but the node shows "
+                              f"{torch.cuda.device_count()} GPU(s): start at most that many processes per node "
+                              f"(torchrun --nproc_per_node), or hide the GPUs (CUDA_VISIBLE_DEVICES=) to run on the CPU")
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")

@@ -95,6 +95,7 @@ def test_records_name_their_bench_command():
 def test_reproduce_runs_a_record_in_the_tiny_preset_with_two_seeds(tmp_path, stack_home):
     data, out = write_corpus(tmp_path / "books"), tmp_path / "out"
     command = [sys.executable, "baselines/reproduce.py", f"--data={data}", f"--out={out}", "--seeds=0,1",
+               "--record=2026-11-30-books-vs-nanochat",  # 03's defaults, no time to the target recorded
                "--", "--preset=tiny", "--steps=4", "--eval_every=2", "--vocab_size=512", "--eval_batch_tokens=512",
                "--target=1.3", "--timeout=300"]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,

@@ -153,8 +153,8 @@ def test_config_errors_end_a_script_with_status_2(monkeypatch, capsys):
 
 def test_a_misspelt_stack_variable_is_warned_about(capsys):
     cfg = configure(DemoConfig, [], {"STACK_STEPZ": "1", "STACK_HOME": "/x", "STACK_TEST_DATA": "1",
-                                        "STACK_VOCAB_SIZE": "384"})
-    assert cfg.steps == 5  # ignored
+                                     "STACK_VOCAB_SIZE": "384", "STACK_PRESET": "tiny"})
+    assert cfg.steps == 5  # ignored: the tiny preset's value
     err = capsys.readouterr().err
     assert "STACK_STEPZ is not a setting here and is ignored; did you mean STACK_STEPS?" in err
     assert "STACK_HOME" not in err and "STACK_TEST_DATA" not in err

@@ -43,6 +43,16 @@ def perturbed_model() -> sc.GPT:
     return model
 
 
+def comparable_optimizers(model: sc.GPT) -> list[torch.optim.Optimizer]:
+    """03's optimizers, with Adam's eps raised from its tiny default: Adam's first step is lr x g / (|g| + eps), about
+    lr x sign(g), so a gradient entry that sums to nearly zero could flip a whole lr step between two summation orders
+    (one process, or two ranks averaged) on some CPUs. A larger eps keeps the step proportional to such entries."""
+    optimizers = sc.build_optimizers(model)
+    for group in optimizers[0].param_groups:
+        group["eps"] = 1e-6
+    return optimizers
+
+
 def step_and_record(model: sc.GPT, optimizers: list[torch.optim.Optimizer], stats: dict) -> dict:
     """Step, then the weights and the optimizer state by parameter name. After one step Adam's first moment and
     Muon's momentum are (1 - beta) x the averaged gradient, so they show its scale, which the first update hides
@@ -108,7 +118,7 @@ def sft_step(shard_dir: Path, bos_id: int, batches_per_rank: int) -> dict:
     loader = sft_loader(shard_dir, bos_id, rank, world_size)
     batches = [loader.next_batch() for _ in range(batches_per_rank)]
     model = perturbed_model()
-    optimizers = sc.build_optimizers(model)
+    optimizers = comparable_optimizers(model)
     return step_and_record(model, optimizers, sft_backward(model, batches, "sdpa"))
 
 
@@ -174,7 +184,7 @@ def rl_step(rewards: list[list[int]], pass_tokens: int) -> dict:
     groups = fixed_rollouts(rewards)
     share = sc.rank_share(len(groups))
     model = perturbed_model()
-    optimizers = sc.build_optimizers(model)
+    optimizers = comparable_optimizers(model)
     stats = rl.policy_gradient_backward(model, groups[share.start:share.stop], "sdpa", pass_tokens, "cpu")
     return step_and_record(model, optimizers, stats)
 
@@ -243,7 +253,7 @@ def free_port() -> int:
 
 def test_two_nodes_of_one_rank_train_through_the_c10d_rendezvous(stack_home):
     env = {**os.environ, "STACK_HOME": str(stack_home), "STACK_PRESET": "tiny", "PYTHONUNBUFFERED": "1",
-           "OMP_NUM_THREADS": "1"}
+           "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # the CPU (gloo) path, also where GPUs are
     for twin in ("01_tokenizer.py", "02_sharding.py"):
         subprocess.run([sys.executable, f"notebooks/{twin}"], cwd=ROOT, env=env, check=True, capture_output=True,
                        timeout=300)
@@ -329,3 +339,15 @@ def test_ranks_that_see_different_checkpoints_stop_together_instead_of_waiting(t
     messages = on_two_ranks(resume_where_rank_one_sees_nothing, tmp_path, directory, tmp_path / "empty")
     assert all("the ranks see different checkpoints" in message and "shared filesystem" in message
                for message in messages), messages
+
+
+def test_more_ranks_per_node_than_gpus_is_a_clear_error(monkeypatch):
+    """torchrun --nproc_per_node=2 on a one-GPU machine: the second rank names the problem instead of failing in CUDA
+    with 'invalid device ordinal'. The GPUs are faked, so this runs the same on CPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(sc.ConfigError, match=r"local rank 1, but the node shows 1 GPU\(s\): start at most"):
+        sc.init_distributed()

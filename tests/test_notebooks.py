@@ -65,7 +65,8 @@ def test_twins_run_headless_and_under_torchrun(stack_home):
         subprocess.run([sys.executable, f"notebooks/{twin}"], cwd=ROOT, env=env, check=True, capture_output=True)
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                              "notebooks/03_pretrain.py", "--steps=4", "--eval_every=2", "--run_name=ddp"],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                            cwd=ROOT, env={**env, "CUDA_VISIBLE_DEVICES": ""},  # two CPU (gloo) ranks, GPUs or not
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     summary = json.loads((stack_home / "runs" / "ddp" / "summary.json").read_text())
     assert summary["ranks"] == 2 and summary["steps"] == 4
