@@ -147,7 +147,7 @@ def test_switches_are_off_by_default_and_accepted_together():
     default = configure(PretrainConfig, [], {})
     assert not (default.normuon or default.cautious_weight_decay or default.batch_start_tokens)
     on = configure(PretrainConfig, [*BATCH, "--normuon=true", "--cautious_weight_decay=true", "--weight_decay=0.1",
-                                       "--batch_start_tokens=2048", "--batch_ramp_steps=10"], {})
+                                    "--batch_start_tokens=2048", "--batch_ramp_steps=10"], {})
     assert on.normuon and on.cautious_weight_decay and on.batch_start_tokens == 2048
 
 
