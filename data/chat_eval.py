@@ -34,8 +34,9 @@ from data.records import field
 from data.sandbox import run_sandboxed
 from data.sft import (HubTable, choice_questions, colour_questions, letter_counts, load_words, rows, selection_passes,
                       table_files, word_split)
-from stackcore import (GPT, Engine, StackConfig, Tokenizer, above, assistant_parts, at_least, centered_accuracy,
-                       render_for_completion, show_parts, token_budget_chunks, world_size_and_rank)
+from notebooks.config import StackConfig, above, at_least
+from stackcore import (GPT, Engine, Tokenizer, assistant_parts, centered_accuracy, render_for_completion, show_parts,
+                       token_budget_chunks, world_size_and_rank)
 
 
 # --- Scoring: letter choice, greedy generation, ChatCORE -------------------------------------------------------------

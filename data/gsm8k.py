@@ -26,7 +26,8 @@ import numpy as np
 
 from data.records import DataFileError, read_records
 from data.synthetic import NAMES, THINGS
-from stackcore import StackConfig, artifact_dir, at_least, read_shard, require_artifact, side_file, write_shard
+from notebooks.config import StackConfig, at_least
+from stackcore import artifact_dir, read_shard, require_artifact, side_file, write_shard
 
 HUB_REPO = "openai/gsm8k"
 SPLITS = ("train", "test")

@@ -10,7 +10,8 @@ from typing import Iterator
 
 from data.records import DataFileError, converted, field, read_records
 from data.synthetic import synthetic_documents
-from stackcore import StackConfig, above, artifact_dir, one_of
+from notebooks.config import StackConfig, above
+from stackcore import artifact_dir, one_of
 
 
 @dataclass(frozen=True)

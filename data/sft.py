@@ -34,8 +34,9 @@ from data.core import COLORS, THING_COLORS
 from data.records import DataFileError, converted, count_records, field, read_records
 from data.synthetic import synthetic_documents
 from data.tokenizing import batched, map_with_tokenizer
-from stackcore import (ShardWriter, StackConfig, Tokenizer, above, artifact_dir, at_least, chat_turns,
-                       render_conversation, side_file, write_shard)
+from notebooks.config import StackConfig, above, at_least
+from stackcore import (ShardWriter, Tokenizer, artifact_dir, chat_turns, render_conversation, side_file,
+                       write_shard)
 
 Conversation = list[dict]
 T = TypeVar("T")

@@ -58,9 +58,9 @@ import stackcore as sc
 
 # %% [markdown]
 # ## Set-up
-# `stackcore.py` is the project's one shared module. The config below is a dataclass: its defaults, then the
-# preset's values, then `STACK_*` environment variables, then `--key=value` arguments (only when run as a script)
-# decide each setting.
+# `stackcore.py` is the project's one shared module. The config below is a dataclass built by `configure` from
+# `notebooks/config.py`: its defaults, then the preset's values, then `STACK_*` environment variables, then
+# `--key=value` arguments (only when run as a script) decide each setting.
 
 # %%
 import json
@@ -71,6 +71,7 @@ from typing import Callable
 import matplotlib.pyplot as plt
 
 from data.pretrain import CorpusConfig, iter_documents
+from notebooks.config import above, configure, describe_config
 
 
 @dataclass
@@ -79,12 +80,12 @@ class TokenizerConfig(CorpusConfig):
     max_chars: int = 2_000_000_000  # characters of training text fed to BPE (nanochat uses 2 B)
     heldout_docs: int = 200  # validation documents used to measure compression
     PRESETS = {"tiny": dict(vocab_size=512, max_chars=2_000_000), "colab": dict(max_chars=500_000_000)}
-    LIMITS = {"vocab_size": sc.above(256 + len(sc.SPECIAL_TOKENS), 2**32), "max_chars": sc.above(0),
-              "heldout_docs": sc.above(0)}
+    LIMITS = {"vocab_size": above(256 + len(sc.SPECIAL_TOKENS), 2**32), "max_chars": above(0),
+              "heldout_docs": above(0)}
 
 
-cfg = sc.configure(TokenizerConfig)
-print(sc.describe_config(cfg))
+cfg = configure(TokenizerConfig)
+print(describe_config(cfg))
 out_dir = sc.artifact_dir("tokenizer")
 run_dir = sc.artifact_dir("runs") / "01_tokenizer"
 run_dir.mkdir(parents=True, exist_ok=True)

@@ -77,6 +77,7 @@ from data import core, gsm8k, sft
 from data.hub import pull_shards, push_shards
 from data.pretrain import CorpusConfig, iter_documents
 from data.tokenizing import tokenize_parallel
+from notebooks.config import above, at_least, configure, describe_config
 
 
 @dataclass
@@ -91,12 +92,12 @@ class ShardingConfig(CorpusConfig, sft.SFTMixture, gsm8k.GsmPromptConfig):
     core_max_examples: int = 0  # examples per CORE task (0: all)
     PRESETS = {"tiny": dict(shard_tokens=200_000, val_docs=100, workers=2, core_max_examples=8),
                "colab": dict(shard_tokens=50_000_000)}
-    LIMITS = {"max_chars": sc.at_least(0), "shard_tokens": sc.above(0), "val_docs": sc.above(0),
-              "workers": sc.at_least(0), "core_max_examples": sc.at_least(0)}
+    LIMITS = {"max_chars": at_least(0), "shard_tokens": above(0), "val_docs": above(0),
+              "workers": at_least(0), "core_max_examples": at_least(0)}
 
 
-cfg = sc.configure(ShardingConfig)
-print(sc.describe_config(cfg))
+cfg = configure(ShardingConfig)
+print(describe_config(cfg))
 shard_dir = sc.artifact_dir("shards") / "pretrain"
 run_dir = sc.artifact_dir("runs") / "02_sharding"
 run_dir.mkdir(parents=True, exist_ok=True)

@@ -74,9 +74,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from notebooks.config import StackConfig, above, at_least, configure, describe_config, folder_name
+
 
 @dataclass
-class PretrainConfig(sc.StackConfig):
+class PretrainConfig(StackConfig):
     depth: int = 12  # the one knob that sizes the model (width 64 x depth, heads of head_dim)
     model_dim: int = 0  # 0: 64 x depth
     head_dim: int = 128
@@ -120,14 +122,14 @@ class PretrainConfig(sc.StackConfig):
         "node": dict(depth=20, steps=4000, save_every=500),
     }
     LIMITS = {
-        "depth": sc.above(0), "model_dim": sc.at_least(0), "head_dim": sc.above(0), "arch": sc.one_of("ours", "modded"),
-        "seq_len": sc.above(0),
-        "tokens_per_step": sc.above(0), "micro_tokens": sc.above(0), "steps": sc.above(0),
-        "warmup_steps": sc.at_least(0), "cooldown_frac": sc.at_least(0, 1), "lr_scale": sc.above(0),
-        "weight_decay": sc.at_least(0), "batch_start_tokens": sc.at_least(0), "batch_ramp_steps": sc.at_least(0),
-        "eval_every": sc.above(0), "eval_tokens": sc.above(0),
-        "eval_batch_tokens": sc.at_least(0), "save_every": sc.above(0), "attention": sc.ATTENTION_SETTING,
-        "run_name": sc.folder_name(), "seed": sc.at_least(0),
+        "depth": above(0), "model_dim": at_least(0), "head_dim": above(0), "arch": sc.one_of("ours", "modded"),
+        "seq_len": above(0),
+        "tokens_per_step": above(0), "micro_tokens": above(0), "steps": above(0),
+        "warmup_steps": at_least(0), "cooldown_frac": at_least(0, 1), "lr_scale": above(0),
+        "weight_decay": at_least(0), "batch_start_tokens": at_least(0), "batch_ramp_steps": at_least(0),
+        "eval_every": above(0), "eval_tokens": above(0),
+        "eval_batch_tokens": at_least(0), "save_every": above(0), "attention": sc.ATTENTION_SETTING,
+        "run_name": folder_name(), "seed": at_least(0),
     }
 
     def validate(self) -> None:
@@ -143,12 +145,12 @@ class PretrainConfig(sc.StackConfig):
                                  f"({self.micro_tokens}) and at most tokens_per_step ({self.tokens_per_step})")
 
 
-cfg = sc.configure(PretrainConfig)
+cfg = configure(PretrainConfig)
 dist_info = sc.init_distributed()
 device = dist_info.device
 torch.manual_seed(cfg.seed)
 log = print if dist_info.master else (lambda *args, **kwargs: None)
-log(sc.describe_config(cfg))
+log(describe_config(cfg))
 accum_steps = sc.accumulation_steps(cfg.tokens_per_step, cfg.micro_tokens, dist_info.world_size)
 run_dir = sc.artifact_dir("runs") / cfg.run_name
 checkpoint_dir = sc.artifact_dir("checkpoints") / cfg.run_name

@@ -82,9 +82,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from notebooks.config import StackConfig, above, at_least, configure, describe_config, folder_name
+
 
 @dataclass
-class CoreEvalConfig(sc.StackConfig):
+class CoreEvalConfig(StackConfig):
     run_name: str = "pretrain"  # the 03_pretrain run whose newest checkpoint is evaluated
     checkpoint: str = ""  # a checkpoint file to evaluate instead
     pack_tokens: int = 32_768  # tokens per packed forward pass
@@ -93,15 +95,15 @@ class CoreEvalConfig(sc.StackConfig):
     attention: str = "auto"  # auto | flash | varlen | flex | sdpa
     compile: bool = False  # torch.compile the layers on GPUs: faster passes after a compilation warm-up
     PRESETS = {"tiny": dict(pack_tokens=4096)}
-    LIMITS = {"run_name": sc.folder_name(), "pack_tokens": sc.above(0), "compare_examples": sc.at_least(0),
+    LIMITS = {"run_name": folder_name(), "pack_tokens": above(0), "compare_examples": at_least(0),
               "attention": sc.ATTENTION_SETTING}
 
 
-cfg = sc.configure(CoreEvalConfig)
+cfg = configure(CoreEvalConfig)
 dist_info = sc.init_distributed()
 device = dist_info.device
 log = print if dist_info.master else (lambda *args, **kwargs: None)
-log(sc.describe_config(cfg))
+log(describe_config(cfg))
 run_dir = sc.artifact_dir("runs") / "04_core_eval"
 run_dir.mkdir(parents=True, exist_ok=True)
 checkpoint_path = cfg.checkpoint or sc.latest_checkpoint(sc.artifact_dir("checkpoints") / cfg.run_name)

@@ -78,6 +78,7 @@ import torch
 
 from data.chat_eval import (ChatEvalConfig, chat_table, describe_tasks, evaluate_chat, load_chat_tasks,
                             plot_chat_results)
+from notebooks.config import above, at_least, configure, describe_config, folder_name
 from notebooks.sft import evaluate_sft_loss, sft_backward
 
 
@@ -105,20 +106,20 @@ class SFTConfig(ChatEvalConfig):
         "colab": dict(tokens_per_step=131_072, micro_tokens=16_384, steps=1000, pack_tokens=16_384),
     }
     LIMITS = {
-        "base_run": sc.folder_name(), "run_name": sc.folder_name(), "tokens_per_step": sc.above(0),
-        "micro_tokens": sc.above(0), "steps": sc.at_least(0), "lr_scale": sc.above(0),
-        "cooldown_frac": sc.at_least(0, 1),
-        "eval_every": sc.above(0), "eval_steps": sc.above(0), "save_every": sc.above(0), "pack_tokens": sc.above(0),
-        "attention": sc.ATTENTION_SETTING, "seed": sc.at_least(0),
+        "base_run": folder_name(), "run_name": folder_name(), "tokens_per_step": above(0),
+        "micro_tokens": above(0), "steps": at_least(0), "lr_scale": above(0),
+        "cooldown_frac": at_least(0, 1),
+        "eval_every": above(0), "eval_steps": above(0), "save_every": above(0), "pack_tokens": above(0),
+        "attention": sc.ATTENTION_SETTING, "seed": at_least(0),
     }
 
 
-cfg = sc.configure(SFTConfig)
+cfg = configure(SFTConfig)
 dist_info = sc.init_distributed()
 device = dist_info.device
 torch.manual_seed(cfg.seed)
 log = print if dist_info.master else (lambda *args, **kwargs: None)
-log(sc.describe_config(cfg))
+log(describe_config(cfg))
 accum_steps = sc.accumulation_steps(cfg.tokens_per_step, cfg.micro_tokens, dist_info.world_size)
 run_dir = sc.artifact_dir("runs") / cfg.run_name
 run_dir.mkdir(parents=True, exist_ok=True)

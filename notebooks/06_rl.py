@@ -78,12 +78,13 @@ import numpy as np
 import torch
 
 from data import gsm8k
+from notebooks.config import StackConfig, above, at_least, configure, describe_config, folder_name
 from notebooks.rl import (PromptSampler, evaluate_pass_at_k, generate_rollouts, group_advantages,
                           policy_gradient_backward)
 
 
 @dataclass
-class RLConfig(sc.StackConfig):
+class RLConfig(StackConfig):
     checkpoint: str = ""  # a checkpoint to start from (default: the newest of 05_sft, else of 03_pretrain)
     steps: int = 460  # optimizer steps (460 x 16 prompts: about one pass over the 7,473 training questions)
     prompts_per_step: int = 16  # questions per step
@@ -108,19 +109,19 @@ class RLConfig(sc.StackConfig):
                       eval_prompts=200, save_every=50),
     }
     LIMITS = {
-        "steps": sc.above(0), "prompts_per_step": sc.above(0), "samples_per_prompt": sc.above(0),
-        "max_new_tokens": sc.above(0), "temperature": sc.at_least(0), "top_k": sc.at_least(0), "lr_scale": sc.above(0),
-        "pass_tokens": sc.above(0), "eval_every": sc.above(0), "eval_prompts": sc.above(0), "eval_samples": sc.above(0),
-        "save_every": sc.above(0), "attention": sc.ATTENTION_SETTING, "run_name": sc.folder_name(),
-        "seed": sc.at_least(0),
+        "steps": above(0), "prompts_per_step": above(0), "samples_per_prompt": above(0),
+        "max_new_tokens": above(0), "temperature": at_least(0), "top_k": at_least(0), "lr_scale": above(0),
+        "pass_tokens": above(0), "eval_every": above(0), "eval_prompts": above(0), "eval_samples": above(0),
+        "save_every": above(0), "attention": sc.ATTENTION_SETTING, "run_name": folder_name(),
+        "seed": at_least(0),
     }
 
 
-cfg = sc.configure(RLConfig)
+cfg = configure(RLConfig)
 top_k = cfg.top_k or None
 dist_info = sc.init_distributed()
 log = print if dist_info.master else (lambda *args, **kwargs: None)
-log(sc.describe_config(cfg))
+log(describe_config(cfg))
 if cfg.prompts_per_step % dist_info.world_size:
     raise sc.ConfigError(f"prompts_per_step ({cfg.prompts_per_step}) must be a multiple of the number of ranks "
                          f"({dist_info.world_size}): each rank samples the same number of questions per step")

@@ -76,10 +76,11 @@ from dataclasses import dataclass
 import torch
 
 from notebooks.chat_session import ChatPanel, ChatSession, chat_loop, find_chat_checkpoint, run_on_rank_zero_only
+from notebooks.config import StackConfig, above, at_least, configure, describe_config, folder_name, in_notebook_kernel
 
 
 @dataclass
-class ChatConfig(sc.StackConfig):
+class ChatConfig(StackConfig):
     run_name: str = ""  # checkpoint run: empty = newest of rl / sft, else pretrain
     checkpoint: str = ""  # a checkpoint file to load instead
     temperature: float = 0.6  # 0 = greedy
@@ -90,13 +91,13 @@ class ChatConfig(sc.StackConfig):
     chat: bool = True  # twin only: chat in the terminal when stdin is a terminal
     attention: str = "auto"  # auto | flash | varlen | flex | sdpa
     PRESETS = {"tiny": dict(max_tokens=24)}
-    LIMITS = {"run_name": sc.folder_name(optional=True), "temperature": sc.at_least(0), "top_k": sc.at_least(0),
-              "max_tokens": sc.above(0), "seed": sc.at_least(0), "attention": sc.ATTENTION_SETTING}
+    LIMITS = {"run_name": folder_name(optional=True), "temperature": at_least(0), "top_k": at_least(0),
+              "max_tokens": above(0), "seed": at_least(0), "attention": sc.ATTENTION_SETTING}
 
 
 run_on_rank_zero_only("07_chat")
-cfg = sc.configure(ChatConfig)
-print(sc.describe_config(cfg))
+cfg = configure(ChatConfig)
+print(describe_config(cfg))
 device = sc.pick_device()
 checkpoint_path = cfg.checkpoint or find_chat_checkpoint(cfg.run_name)
 tokenizer = sc.Tokenizer.load(sc.artifact_dir("tokenizer"))
@@ -278,7 +279,7 @@ session = ChatSession(engine, temperature=cfg.temperature, top_k=cfg.top_k or No
                       seed=cfg.seed)
 question = cfg.prompt or "Hello! What is 12 times 7?"
 print(f"you> {question}")
-if sc.in_notebook_kernel():  # one output that grows with the reply, saved once in the notebook
+if in_notebook_kernel():  # one output that grows with the reply, saved once in the notebook
     from IPython.display import Pretty, display
 
     reply, shown = "assistant> ", display(Pretty("assistant> "), display_id=True)
@@ -297,7 +298,7 @@ else:
 # (`--chat=false` skips it); type `clear` to start over and an empty line to stop.
 
 # %%
-if sc.in_notebook_kernel():
+if in_notebook_kernel():
     from IPython.display import display
 
     panel = ChatPanel(session)
@@ -322,7 +323,7 @@ from notebooks.report import write_report
 report_path = write_report(sc.stack_home())
 print(f"written {report_path}")
 report_text = report_path.read_text(encoding="utf-8")
-if sc.in_notebook_kernel():  # the figures' links are relative to STACK_HOME: show them as images here
+if in_notebook_kernel():  # the figures' links are relative to STACK_HOME: show them as images here
     from IPython.display import Image, Markdown, display
 
     display(Markdown("\n".join(line for line in report_text.splitlines() if not line.startswith("!["))))

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 import stackcore as sc
+from notebooks.config import reading_settings
 from notebooks.report import write_report
 from notebooks.runtime import end_scripts_on_user_errors
 
@@ -47,5 +48,5 @@ def main(argv: Sequence[str]) -> None:
     if argv[:1] != ["pipeline"]:
         sys.exit("usage: python stackcore.py pipeline [--preset=tiny|colab|speedrun|node]")
     end_scripts_on_user_errors()
-    with sc.reading_settings():
+    with reading_settings():
         run_pipeline(argv[1:])

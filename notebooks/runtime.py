@@ -5,9 +5,9 @@ calls setup_runtime(). In Colab alone, that installs what requirements.txt asks 
 request, keeps STACK_HOME on Google Drive: every Colab notebook runs on its own machine, so Drive is how 02 finds the
 tokenizer 01 made. Anywhere, it sets the CPU thread count and prints the GPU, the preset and the dtype.
 
-This module imports only the standard library when it loads, and stackcore only after the installs, so that a fresh
-runtime gets what stackcore needs before stackcore is imported. Tests play Colab by passing `colab`, `pip` and
-`mount_drive` and faking the package lists.
+This module imports only the standard library when it loads, and stackcore (and notebooks/config.py, which imports
+it) only after the installs, so that a fresh runtime gets what stackcore needs before stackcore is imported. Tests
+play Colab by passing `colab`, `pip` and `mount_drive` and faking the package lists.
 """
 from __future__ import annotations
 
@@ -130,9 +130,10 @@ def setup_runtime(use_drive: bool = False, colab: bool | None = None,
         notes.append(f"missing {', '.join(missing)}: run python3 -m pip install -r requirements.txt")
 
     import stackcore as sc  # after the installs
+    from notebooks.config import parse_value
 
     end_scripts_on_user_errors()
-    use_drive = use_drive or sc.parse_value("STACK_DRIVE", os.environ.get("STACK_DRIVE", "false"), bool)
+    use_drive = use_drive or parse_value("STACK_DRIVE", os.environ.get("STACK_DRIVE", "false"), bool)
     if colab and use_drive:
         if not (DRIVE_MOUNT / "MyDrive").is_dir():
             mount_drive(str(DRIVE_MOUNT))
@@ -154,12 +155,13 @@ def setup_runtime(use_drive: bool = False, colab: bool | None = None,
 def end_scripts_on_user_errors() -> None:
     """In a twin run as a script, an error the user fixes by changing a setting or running an earlier notebook
     (stackcore's ConfigError, MissingArtifactError) ends the run with its one-line message instead of a traceback:
-    exit status 2 for a bad option or setting (stackcore.reading_settings), 1 for one found later. Other errors keep
-    their traceback, and in a notebook kernel every exception shows as usual. Installed once, however often it is
-    called."""
+    exit status 2 for a bad option or setting (notebooks/config.py's reading_settings), 1 for one found later. Other
+    errors keep their traceback, and in a notebook kernel every exception shows as usual. Installed once, however
+    often it is called."""
     import stackcore as sc
+    from notebooks.config import in_notebook_kernel
 
-    if sc.in_notebook_kernel() or getattr(sys.excepthook, "ends_on_user_errors", False):
+    if in_notebook_kernel() or getattr(sys.excepthook, "ends_on_user_errors", False):
         return
     default_hook = sys.excepthook
 
@@ -213,9 +215,10 @@ def describe_runtime(gpu: GpuInfo | None, threads: int, installed: Sequence[str]
     import torch
 
     import stackcore as sc
+    from notebooks.config import choose_preset, parse_cli_overrides, reading_settings, script_argv
 
-    with sc.reading_settings():
-        preset = sc.choose_preset(sc.parse_cli_overrides(sc.script_argv()), os.environ, gpu)
+    with reading_settings():
+        preset = choose_preset(parse_cli_overrides(script_argv()), os.environ, gpu)
         tier = sc.colab_gpu_tier(gpu, os.environ.get("STACK_COLAB_GPU", "")) if preset == "colab" else None
         dtype = sc.compute_dtype_for(gpu, os.environ.get("STACK_DTYPE", "auto"))
     hardware = (f"{gpu.name}, {gpu.memory_gb:.1f} GB, compute capability {gpu.capability[0]}.{gpu.capability[1]}"

@@ -17,6 +17,7 @@ from packaging.utils import canonicalize_name
 import stackcore as sc
 from conftest import ROOT
 from notebooks import runtime as rt
+from notebooks.config import StackConfig, auto_preset, configure
 
 T4 = sc.GpuInfo("Tesla T4", (7, 5), 15.8)
 V100 = sc.GpuInfo("Tesla V100-SXM2-16GB", (7, 0), 17.2)
@@ -46,12 +47,12 @@ SATISFIED = {name: next(iter(Requirement(line).specifier)).version for name, lin
 ], ids=lambda v: v.name if isinstance(v, sc.GpuInfo) else None)
 def test_gpu_decides_tier_preset_and_dtype(gpu, tier, preset, dtype):
     assert sc.colab_gpu_tier(gpu) == tier
-    assert sc.auto_preset(gpu) == preset
+    assert auto_preset(gpu) == preset
     assert sc.compute_dtype_for(gpu) == dtype
 
 
 def test_several_gpus_mean_node_and_overrides_win():
-    assert sc.auto_preset(H100, world_size=8) == "node"
+    assert auto_preset(H100, world_size=8) == "node"
     assert sc.colab_gpu_tier(H100, override="t4") == "t4"
     assert sc.compute_dtype_for(T4, "float32") == torch.float32
     with pytest.raises(sc.ConfigError, match="valid: t4, l4, a100, h100"):
@@ -61,7 +62,7 @@ def test_several_gpus_mean_node_and_overrides_win():
 
 
 @dataclass
-class TrainConfig(sc.StackConfig):
+class TrainConfig(StackConfig):
     depth: int = 12
     steps: int = 2000
     attention: str = "auto"
@@ -77,17 +78,17 @@ class TrainConfig(sc.StackConfig):
     (None, {}, (8, 1000, "auto")),  # colab asked for without a GPU: its own table
 ])
 def test_colab_preset_fits_the_gpu(monkeypatch, gpu, environ, expected):
-    monkeypatch.setattr(sc, "current_gpu", lambda device="cuda": gpu)
-    cfg = sc.configure(TrainConfig, ["--preset=colab"], environ)
+    monkeypatch.setattr("notebooks.config.current_gpu", lambda device="cuda": gpu)
+    cfg = configure(TrainConfig, ["--preset=colab"], environ)
     assert (cfg.depth, cfg.steps, cfg.attention) == expected
-    assert sc.configure(TrainConfig, ["--preset=colab", "--depth=4"], environ).depth == 4
+    assert configure(TrainConfig, ["--preset=colab", "--depth=4"], environ).depth == 4
 
 
 def test_auto_preset_follows_the_gpu(monkeypatch):
-    monkeypatch.setattr(sc, "current_gpu", lambda device="cuda": T4)
-    assert sc.configure(TrainConfig, [], {}).preset == "colab"
-    monkeypatch.setattr(sc, "current_gpu", lambda device="cuda": H100)
-    assert sc.configure(TrainConfig, [], {}).preset == "speedrun"
+    monkeypatch.setattr("notebooks.config.current_gpu", lambda device="cuda": T4)
+    assert configure(TrainConfig, [], {}).preset == "colab"
+    monkeypatch.setattr("notebooks.config.current_gpu", lambda device="cuda": H100)
+    assert configure(TrainConfig, [], {}).preset == "speedrun"
 
 
 # ----- fp16 loss scaling
@@ -158,7 +159,7 @@ def runtime(monkeypatch, stack_home):
         monkeypatch.setattr(rt, "installed_distributions", lambda: SATISFIED if installed is None else installed)
         monkeypatch.setattr(rt, "imported_distributions", lambda: set(imported))
         monkeypatch.setattr(sc, "current_gpu", lambda device="cuda": gpu)
-        monkeypatch.setattr(sc, "script_argv", lambda: [])
+        monkeypatch.setattr("notebooks.config.script_argv", lambda: [])
         monkeypatch.setattr(rt, "DRIVE_MOUNT", stack_home / ("mounted" if drive_mounted else "drive"))
         (stack_home / "mounted" / "MyDrive").mkdir(parents=True, exist_ok=True)
         recorder = Recorder([], [])

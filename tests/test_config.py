@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 
 import stackcore as sc
+from notebooks.config import StackConfig, configure, parse_cli_overrides, reading_settings, usage
 from notebooks.runtime import end_scripts_on_user_errors
 
 
 @dataclass
-class DemoConfig(sc.StackConfig):
+class DemoConfig(StackConfig):
     steps: int = 100
     lr: float = 0.1
     name: str = "run"
@@ -27,47 +28,47 @@ class ChildConfig(DemoConfig):
 
 
 def test_defaults_then_preset_then_env_then_cli():
-    cfg = sc.configure(DemoConfig, [], {"STACK_PRESET": "tiny"})
+    cfg = configure(DemoConfig, [], {"STACK_PRESET": "tiny"})
     assert (cfg.preset, cfg.steps, cfg.lr) == ("tiny", 5, 0.1)
-    cfg = sc.configure(DemoConfig, [], {"STACK_PRESET": "tiny", "STACK_STEPS": "9"})
+    cfg = configure(DemoConfig, [], {"STACK_PRESET": "tiny", "STACK_STEPS": "9"})
     assert cfg.steps == 9
-    cfg = sc.configure(DemoConfig, ["--steps=11", "--lr", "3e-4", "--no-op-flag"][:3], {"STACK_STEPS": "9"})
+    cfg = configure(DemoConfig, ["--steps=11", "--lr", "3e-4", "--no-op-flag"][:3], {"STACK_STEPS": "9"})
     assert (cfg.steps, cfg.lr) == (11, 3e-4)
 
 
 def test_cli_preset_wins_over_env_and_parent_presets_apply():
-    cfg = sc.configure(ChildConfig, ["--preset=speedrun"], {"STACK_PRESET": "tiny"})
+    cfg = configure(ChildConfig, ["--preset=speedrun"], {"STACK_PRESET": "tiny"})
     assert (cfg.preset, cfg.steps, cfg.extra) == ("speedrun", 1000, 1)
-    cfg = sc.configure(ChildConfig, ["--preset=tiny"], {})
+    cfg = configure(ChildConfig, ["--preset=tiny"], {})
     assert (cfg.steps, cfg.extra) == (5, 7)
 
 
 @pytest.mark.parametrize("argv, value", [(["--compile=false"], False), (["--compile"], True), (["--compile=0"], False)])
 def test_bool_values(argv, value):
-    assert sc.configure(DemoConfig, argv, {"STACK_PRESET": "tiny"}).compile is value
+    assert configure(DemoConfig, argv, {"STACK_PRESET": "tiny"}).compile is value
 
 
 def test_integer_spellings():
-    assert sc.configure(DemoConfig, ["--steps=524_288"], {"STACK_PRESET": "tiny"}).steps == 524288
-    assert sc.configure(DemoConfig, ["--steps=5e3"], {"STACK_PRESET": "tiny"}).steps == 5000
+    assert configure(DemoConfig, ["--steps=524_288"], {"STACK_PRESET": "tiny"}).steps == 524288
+    assert configure(DemoConfig, ["--steps=5e3"], {"STACK_PRESET": "tiny"}).steps == 5000
 
 
 def test_unknown_key_lists_valid_keys():
     with pytest.raises(sc.ConfigError, match=r"--stpes.*valid keys: steps, lr, name, compile"):
-        sc.configure(DemoConfig, ["--stpes=3"], {"STACK_PRESET": "tiny"})
+        configure(DemoConfig, ["--stpes=3"], {"STACK_PRESET": "tiny"})
 
 
 @pytest.mark.parametrize("argv", [["--steps=many"], ["--steps=2.5"], ["--lr=fast"], ["--compile=maybe"]])
 def test_bad_value_names_field_and_type(argv):
     with pytest.raises(sc.ConfigError, match=argv[0][2:].split("=")[0]):
-        sc.configure(DemoConfig, argv, {"STACK_PRESET": "tiny"})
+        configure(DemoConfig, argv, {"STACK_PRESET": "tiny"})
 
 
 def test_unknown_preset_and_stray_argument():
     with pytest.raises(sc.ConfigError, match="valid presets: tiny, colab, speedrun, node"):
-        sc.configure(DemoConfig, ["--preset=huge"], {})
+        configure(DemoConfig, ["--preset=huge"], {})
     with pytest.raises(sc.ConfigError, match="unexpected argument"):
-        sc.configure(DemoConfig, ["steps=3"], {"STACK_PRESET": "tiny"})
+        configure(DemoConfig, ["steps=3"], {"STACK_PRESET": "tiny"})
 
 
 @pytest.mark.parametrize("gpu, preset", [
@@ -76,8 +77,8 @@ def test_unknown_preset_and_stray_argument():
 ], ids=["cpu", "h100", "t4"])
 def test_auto_preset_follows_the_gpu_probe(monkeypatch, gpu, preset):
     """The probe is faked, so the test means the same on a machine with a GPU as on one without."""
-    monkeypatch.setattr(sc, "current_gpu", lambda device="cuda": gpu)
-    assert sc.configure(DemoConfig, [], {}).preset == preset
+    monkeypatch.setattr("notebooks.config.current_gpu", lambda device="cuda": gpu)
+    assert configure(DemoConfig, [], {}).preset == preset
 
 
 def test_artifacts_live_under_stack_home(stack_home):
@@ -118,7 +119,7 @@ def test_short_h_is_help_too():
 
 
 def test_parse_cli_overrides_leaves_the_help_flags_to_configure():
-    assert sc.parse_cli_overrides(["-h", "--steps=3", "--help"]) == {"steps": "3"}
+    assert parse_cli_overrides(["-h", "--steps=3", "--help"]) == {"steps": "3"}
 
 
 @pytest.mark.parametrize("twin", TWINS, ids=lambda path: path.stem)
@@ -132,7 +133,7 @@ def test_a_bad_option_is_one_line_and_exit_status_2(twin):
 
 
 def test_usage_shows_the_presets_values():
-    text = sc.usage(ChildConfig, "tiny", None)
+    text = usage(ChildConfig, "tiny", None)
     assert "--steps" in text and " 5" in text.split("--steps")[1].splitlines()[0]
     assert "--extra" in text and " 7" in text.split("--extra")[1].splitlines()[0]
     assert "--preset " not in text
@@ -142,8 +143,8 @@ def test_config_errors_end_a_script_with_status_2(monkeypatch, capsys):
     monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
     end_scripts_on_user_errors()
     with pytest.raises(sc.ConfigError) as caught:
-        with sc.reading_settings():
-            sc.configure(DemoConfig, ["--stepz=1"], {})
+        with reading_settings():
+            configure(DemoConfig, ["--stepz=1"], {})
     with pytest.raises(SystemExit) as stop:
         sys.excepthook(caught.type, caught.value, caught.tb)
     assert stop.value.code == 2
@@ -151,8 +152,8 @@ def test_config_errors_end_a_script_with_status_2(monkeypatch, capsys):
 
 
 def test_a_misspelt_stack_variable_is_warned_about(capsys):
-    cfg = sc.configure(DemoConfig, [], {"STACK_STEPZ": "1", "STACK_HOME": "/x", "STACK_TEST_DATA": "1",
-                                        "STACK_VOCAB_SIZE": "384", "STACK_PRESET": "tiny"})
+    cfg = configure(DemoConfig, [], {"STACK_STEPZ": "1", "STACK_HOME": "/x", "STACK_TEST_DATA": "1",
+                                     "STACK_VOCAB_SIZE": "384", "STACK_PRESET": "tiny"})
     assert cfg.steps == 5  # ignored: the tiny preset's value
     err = capsys.readouterr().err
     assert "STACK_STEPZ is not a setting here and is ignored; did you mean STACK_STEPS?" in err

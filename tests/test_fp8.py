@@ -2,19 +2,17 @@
 against an emulation that quantises and dequantises, the layouts handed to torch._scaled_mm, the model's switch, and
 03's `fp8` setting. torch._scaled_mm runs on this CPU build without CUDA's layout checks, so a checking fake stands in
 for it where the layouts matter."""
-import ast
-from dataclasses import dataclass
-from pathlib import Path
-
 import pytest
 import torch
 
 import stackcore as sc
+from notebooks.config import configure
+from test_hostile_config import CONFIGS
 
-ROOT = Path(__file__).resolve().parent.parent
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 MANTISSA_BITS = {E4M3: 3, E5M2: 2}
 SMALLEST_SUBNORMAL = {E4M3: 2.0 ** -9, E5M2: 2.0 ** -16}
+PretrainConfig = CONFIGS["03_pretrain"]
 
 
 def dequantize(q: sc.Fp8Tensor) -> torch.Tensor:
@@ -242,22 +240,13 @@ def test_fp8_supported_is_false_on_the_cpu():
 # 03's setting
 # ---------------------------------------------------------------------------------------------
 
-def pretrain_config_class():
-    """03's PretrainConfig, taken from the notebook's twin without running its cells."""
-    tree = ast.parse((ROOT / "notebooks" / "03_pretrain.py").read_text())
-    node = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "PretrainConfig")
-    namespace = {"sc": sc, "dataclass": dataclass}
-    exec(compile(ast.Module([node], type_ignores=[]), "03_pretrain.py", "exec"), namespace)
-    return namespace["PretrainConfig"]
-
-
 @pytest.mark.parametrize("argv, expected", [
     (["--preset=speedrun"], False), (["--preset=node"], False), (["--preset=tiny"], False),
     (["--preset=speedrun", "--fp8=true"], True), (["--preset=tiny", "--fp8=true"], True)])
 def test_pretrain_fp8_setting(argv, expected):
-    assert sc.configure(pretrain_config_class(), argv, {}).fp8 is expected
+    assert configure(PretrainConfig, argv, {}).fp8 is expected
 
 
 def test_pretrain_fp8_setting_rejects_a_non_boolean():
     with pytest.raises(sc.ConfigError, match="fp8"):
-        sc.configure(pretrain_config_class(), ["--preset=tiny", "--fp8=maybe"], {})
+        configure(PretrainConfig, ["--preset=tiny", "--fp8=maybe"], {})

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import stackcore as sc
+from notebooks.config import PRESET_NAMES, StackConfig, above, configure, parse_value
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOK_NAMES = ("01_tokenizer", "02_sharding", "03_pretrain", "04_core_eval", "05_sft", "06_rl", "07_chat")
@@ -51,11 +52,11 @@ CASES = [pytest.param(name, field, raw, id=f"{name}-{field}={raw}")
 @pytest.mark.parametrize("name, field, raw", CASES)
 def test_hostile_number_is_refused_naming_setting_and_value(name, field, raw):
     with pytest.raises(sc.ConfigError) as error:
-        sc.configure(CONFIGS[name], [f"--{field}={raw}"], {})
+        configure(CONFIGS[name], [f"--{field}={raw}"], {})
     message = str(error.value)
     kind = typing.get_type_hints(CONFIGS[name])[field]
     try:
-        shown = repr(sc.parse_value(field, raw, kind))  # a parsed value is shown as parsed (1e30 as an integer)
+        shown = repr(parse_value(field, raw, kind))  # a parsed value is shown as parsed (1e30 as an integer)
     except sc.ConfigError:
         shown = repr(raw)
     assert f"{field}" in message and shown in message, message
@@ -68,26 +69,26 @@ def test_every_numeric_setting_declares_its_range(name):
 
 
 @pytest.mark.parametrize("name", NOTEBOOK_NAMES)
-@pytest.mark.parametrize("preset", sc.PRESET_NAMES)
+@pytest.mark.parametrize("preset", PRESET_NAMES)
 def test_every_preset_passes_its_own_limits(name, preset):
-    config = sc.configure(CONFIGS[name], [f"--preset={preset}"], {})
+    config = configure(CONFIGS[name], [f"--preset={preset}"], {})
     assert config.preset == preset
 
 
 def test_range_error_says_what_is_allowed():
     with pytest.raises(sc.ConfigError, match=r"save_every=0: save_every must be > 0"):
-        sc.configure(CONFIGS["03_pretrain"], ["--save_every=0"], {})
+        configure(CONFIGS["03_pretrain"], ["--save_every=0"], {})
     with pytest.raises(sc.ConfigError, match=r"lr_scale=nan: lr_scale must be a finite number > 0"):
-        sc.configure(CONFIGS["03_pretrain"], ["--lr_scale=nan"], {})
+        configure(CONFIGS["03_pretrain"], ["--lr_scale=nan"], {})
     with pytest.raises(sc.ConfigError, match=r"cooldown_frac=1.5: cooldown_frac must be >= 0 and <= 1"):
-        sc.configure(CONFIGS["05_sft"], ["--cooldown_frac=1.5"], {})
+        configure(CONFIGS["05_sft"], ["--cooldown_frac=1.5"], {})
     with pytest.raises(sc.ConfigError, match=r"depth=1\d{30}: depth must be at most 9223372036854775807"):
-        sc.configure(CONFIGS["03_pretrain"], ["--depth=1e30"], {})
+        configure(CONFIGS["03_pretrain"], ["--depth=1e30"], {})
 
 
 def test_environment_values_are_validated_too():
     with pytest.raises(sc.ConfigError, match=r"steps=-5: steps must be > 0"):
-        sc.configure(CONFIGS["06_rl"], [], {"STACK_STEPS": "-5"})
+        configure(CONFIGS["06_rl"], [], {"STACK_STEPS": "-5"})
 
 
 RUN_NAME_FIELDS = [(name, field) for name, cls in CONFIGS.items() for field, allowed in cls.limits().items()
@@ -100,16 +101,16 @@ ESCAPES = ("../../x", "..", ".", "/tmp/x", "a/b", "a\\b", "~/x", " x", "x\n", "-
 def test_run_names_stay_inside_stack_home(name, field, raw):
     allowed = CONFIGS[name].limits()[field]
     if raw == "" and allowed.optional:
-        assert sc.configure(CONFIGS[name], [f"--{field}="], {}).__dict__[field] == ""
+        assert configure(CONFIGS[name], [f"--{field}="], {}).__dict__[field] == ""
         return
     with pytest.raises(sc.ConfigError, match="nothing that leaves STACK_HOME") as error:
-        sc.configure(CONFIGS[name], [f"--{field}={raw}"], {})
+        configure(CONFIGS[name], [f"--{field}={raw}"], {})
     assert f"{field}={raw!r}" in str(error.value)
 
 
 @pytest.mark.parametrize("raw", ["pretrain", "run-2", "depth_20.b"])
 def test_plain_run_names_are_accepted(raw):
-    assert sc.configure(CONFIGS["03_pretrain"], [f"--run_name={raw}"], {}).run_name == raw
+    assert configure(CONFIGS["03_pretrain"], [f"--run_name={raw}"], {}).run_name == raw
 
 
 CHOICE_FIELDS = [(name, field, allowed) for name, cls in CONFIGS.items() for field, allowed in cls.limits().items()
@@ -119,18 +120,18 @@ CHOICE_FIELDS = [(name, field, allowed) for name, cls in CONFIGS.items() for fie
 @pytest.mark.parametrize("name, field, allowed", CHOICE_FIELDS)
 def test_unknown_choices_are_refused_with_the_valid_ones(name, field, allowed):
     with pytest.raises(sc.ConfigError) as error:
-        sc.configure(CONFIGS[name], [f"--{field}=fastest"], {})
+        configure(CONFIGS[name], [f"--{field}=fastest"], {})
     assert f"{field}='fastest'" in str(error.value) and all(choice in str(error.value) for choice in allowed.choices)
 
 
 def test_limits_naming_a_missing_setting_are_a_mistake():
     @dataclass
-    class Broken(sc.StackConfig):
+    class Broken(StackConfig):
         steps: int = 1
-        LIMITS = {"step": sc.above(0)}
+        LIMITS = {"step": above(0)}
 
     with pytest.raises(sc.ConfigError, match="Broken.LIMITS names settings it does not have: step"):
-        sc.configure(Broken, [], {})
+        configure(Broken, [], {})
 
 
 def test_values_of_the_wrong_type_are_refused_in_code_too():

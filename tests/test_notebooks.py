@@ -113,8 +113,6 @@ def test_a_streamed_reply_is_one_growing_output_in_a_notebook(monkeypatch, capsy
     piece); as a script it prints the pieces."""
     import IPython.display
 
-    import stackcore as sc
-
     cell = next(c.source for c in jupytext.read(ROOT / "notebooks" / "07_chat.py").cells
                 if c.cell_type == "code" and "session.reply(question)" in c.source)
     cell = "question = " + cell.split("question = ", 1)[1]  # from the question on: no engine needed
@@ -135,7 +133,6 @@ def test_a_streamed_reply_is_one_growing_output_in_a_notebook(monkeypatch, capsy
                         lambda obj, display_id: handles.append(Handle()) or handles[-1])
     cfg = type("Cfg", (), {"prompt": "Hi"})()
     for kernel in (True, False):
-        monkeypatch.setattr(sc, "in_notebook_kernel", lambda: kernel)
-        exec(cell, {"sc": sc, "session": Session(), "cfg": cfg})
+        exec(cell, {"in_notebook_kernel": lambda: kernel, "session": Session(), "cfg": cfg})
     assert len(handles) == 1 and handles[0].updates[-1] == "assistant> Hello!"
     assert capsys.readouterr().out == "you> Hi\nyou> Hi\nassistant> Hello!\n"

@@ -20,6 +20,7 @@ from test_hub import hub  # noqa: E402,F401  (the local Hub fixture)
 
 import stackcore as sc  # noqa: E402
 from data import chat_eval, gsm8k, sft  # noqa: E402
+from notebooks.config import configure  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -254,7 +255,7 @@ def test_mixture_counts_repeats_and_subsets(tmp_path):
         assert sum(len(p) for p in passes) == (count if size else 0)
         assert all(list(p) == sorted(set(p)) for p in passes)
     assert list(sft.select(lambda: iter("abcdefghij"), 10, 13, seed=1))[:10] == list("abcdefghij")
-    mix = sc.configure(sft.SFTMixture, argv=[], environ={"STACK_PRESET": "tiny"})
+    mix = configure(sft.SFTMixture, argv=[], environ={"STACK_PRESET": "tiny"})
     mix.sft_gsm8k, mix.sft_gsm8k_source = 5, "synthetic"
     counted: dict[str, int] = {}
     for source, conversation in sft.iter_mixture(mix):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import stackcore as sc
+from notebooks.config import configure
 from test_distributed import on_two_ranks
 from test_hostile_config import CONFIGS
 
@@ -139,14 +140,14 @@ BATCH = ["--tokens_per_step=8192", "--micro_tokens=2048"]  # the same sizes what
 ])
 def test_switches_that_would_do_nothing_or_cannot_fit_are_refused(args, message):
     with pytest.raises(sc.ConfigError, match=message):
-        sc.configure(PretrainConfig, [*BATCH, *args], {})
+        configure(PretrainConfig, [*BATCH, *args], {})
 
 
 def test_switches_are_off_by_default_and_accepted_together():
-    default = sc.configure(PretrainConfig, [], {})
+    default = configure(PretrainConfig, [], {})
     assert not (default.normuon or default.cautious_weight_decay or default.batch_start_tokens)
-    on = sc.configure(PretrainConfig, [*BATCH, "--normuon=true", "--cautious_weight_decay=true", "--weight_decay=0.1",
-                                       "--batch_start_tokens=2048", "--batch_ramp_steps=10"], {})
+    on = configure(PretrainConfig, [*BATCH, "--normuon=true", "--cautious_weight_decay=true", "--weight_decay=0.1",
+                                    "--batch_start_tokens=2048", "--batch_ramp_steps=10"], {})
     assert on.normuon and on.cautious_weight_decay and on.batch_start_tokens == 2048
 
 

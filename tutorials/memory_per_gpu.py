@@ -16,18 +16,19 @@ from dataclasses import dataclass
 import torch
 
 import stackcore as sc
+from notebooks.config import StackConfig, above, configure
 from notebooks.report import markdown_table
 
 GIB = 2**30
 
 
 @dataclass
-class MemoryConfig(sc.StackConfig):
+class MemoryConfig(StackConfig):
     depths: str = "12,20,26"  # comma-separated model depths (the default vocabulary and context of GPTConfig)
     micro_tokens: int = 65_536  # tokens per forward/backward pass on one GPU (the speedrun and node presets')
     small_micro_tokens: int = 16_384  # the last column: a smaller pass, with more accumulation steps per step
     ranks: int = 8  # GPUs sharing Muon's momentum in the multi-GPU column
-    LIMITS = {"micro_tokens": sc.above(0), "small_micro_tokens": sc.above(0), "ranks": sc.above(0)}
+    LIMITS = {"micro_tokens": above(0), "small_micro_tokens": above(0), "ranks": above(0)}
 
 
 def memory_estimate(model: sc.GPT, micro_tokens: int, world_size: int = 1, dtype: torch.dtype = torch.bfloat16,
@@ -93,7 +94,7 @@ def memory_table(depths: list[int], micro_tokens: int = 65_536, small_micro_toke
 
 
 if __name__ == "__main__":
-    cfg = sc.configure(MemoryConfig)
+    cfg = configure(MemoryConfig)
     try:
         depths = [int(depth) for depth in cfg.depths.split(",")]
     except ValueError:

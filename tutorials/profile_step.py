@@ -19,10 +19,11 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import stackcore as sc
+from notebooks.config import StackConfig, configure
 
 
 @dataclass
-class ProfileConfig(sc.StackConfig):
+class ProfileConfig(StackConfig):
     depth: int = 12
     model_dim: int = 0  # 0: 64 x depth
     head_dim: int = 128
@@ -40,7 +41,7 @@ class ProfileConfig(sc.StackConfig):
                "colab": dict(depth=8, seq_len=1024, micro_tokens=16_384)}
 
 
-cfg = sc.configure(ProfileConfig)
+cfg = configure(ProfileConfig)
 device = sc.pick_device()
 torch.manual_seed(0)
 model = sc.GPT(sc.GPTConfig(vocab_size=cfg.vocab_size, depth=cfg.depth, model_dim=cfg.model_dim,
