@@ -17,7 +17,8 @@
 # # 03 · Pretrain the model: the speedrun
 #
 # The heart of the stack. A GPT with modded-nanogpt's ideas that still decode with a KV cache (rotary embeddings,
-# QK-norm, ReLU², value embeddings, U-net skips, soft-capped logits), trained with Muon on packed whole documents.
+# QK-norm, ReLU², value embeddings, U-net skips, soft-capped logits, the partial key offset), trained with Muon on
+# packed whole documents.
 #
 # Steps:
 # 1. set-up: config, devices, and (under torchrun) the process group;
@@ -83,7 +84,7 @@ class PretrainConfig(StackConfig):
     model_dim: int = 0  # 0: 64 x depth
     head_dim: int = 128
     arch: str = "ours"  # ours | modded: ours plus modded-nanogpt's key offset and paired heads (sc.modded_architecture)
-    key_offset: bool = False  # modded-nanogpt's partial key offset in the long-window layers (sc.GPTConfig)
+    key_offset: bool = True  # modded-nanogpt's partial key offset in the long-window layers (sc.GPTConfig)
     paired_heads: str = ""  # layers with paired-head attention, comma-separated, e.g. 0,2,5,9 (sc.GPTConfig)
     seq_len: int = 2048  # longest document piece the model sees (longer documents are cut)
     tokens_per_step: int = 524_288  # global batch in tokens
@@ -166,9 +167,14 @@ log(f"device {device} x {dist_info.world_size} rank(s); {accum_steps} micro-step
 # scaled so that small gradients survive: `sc.LossScaler`). With `--fp8=true` and a GPU that has fp8 tensor cores
 # (compute capability 8.9 and up: L4, H100, H200), the MLPs' and the head's matrix products run in fp8 in training,
 # each operand scaled by its largest entry (`sc.fp8_linear`). It is off by default: scaling and casting every
-# operand adds passes over the activations, and until a record in `baselines/` shows the faster matmuls repay them,
-# bf16 stays the default. The attention backend is the fastest one that works here and matches the reference on a
-# small check (see `sc.available_attention_backends`).
+# operand adds passes over the activations, which the faster matmuls repay only when they are large enough
+# (`baselines/2026-11-30-d20-fp8`: a gain at depth 20). The attention backend is the fastest one that works here and
+# matches the reference on a small check (see `sc.available_attention_backends`).
+#
+# `key_offset` (on by default) is modded-nanogpt's partial key offset: in the long-window layers, half of each
+# key's channels come from the previous token, so one attention head can match "the token after X" in one step
+# (`tutorials/06_kv_cache_and_left_out_tricks.md` shows why cached decoding stays exact; the gain on the books is in
+# `baselines/2026-11-30-d12-switches`). `--key_offset=false` trains the model without it.
 
 # %%
 model_config = sc.GPTConfig(vocab_size=tokenizer.vocab_size, depth=cfg.depth, model_dim=cfg.model_dim,
