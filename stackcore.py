@@ -903,9 +903,11 @@ def shared_prefix_mask_mod(documents: Tensor, branches: Tensor, positions: Tenso
     return mask_mod
 
 
-@lru_cache(maxsize=1)
-def _compiled_flex_attention():
-    return torch.compile(flex_attention, dynamic=False)
+@lru_cache(maxsize=None)
+def _compiled(function: typing.Callable, compile_backend: str = "inductor", dynamic: bool | None = None
+              ) -> typing.Callable:
+    """torch.compile of `function`, made once per setting, so that every caller shares its graphs."""
+    return torch.compile(function, backend=compile_backend, dynamic=dynamic)
 
 
 def _flex_attention(q, k, v, cu_seqlens, max_seqlen, window, compiled=None):
@@ -921,7 +923,8 @@ def _flex_attention(q, k, v, cu_seqlens, max_seqlen, window, compiled=None):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(0, 1)
         q, k, v = q.detach(), k.detach(), v.detach()  # torch rejects requires_grad CPU inputs even under no_grad
     block_mask = window if isinstance(window, BlockMask) else flex_block_mask(cu_seqlens, q.size(0), window)
-    attend = _compiled_flex_attention() if (q.is_cuda if compiled is None else compiled) else flex_attention
+    compiled = q.is_cuda if compiled is None else compiled
+    attend = _compiled(flex_attention, "inductor", False) if compiled else flex_attention
     out = attend(*(t.transpose(0, 1).unsqueeze(0) for t in (q, k, v)), block_mask=block_mask)
     return out.squeeze(0).transpose(0, 1)
 
@@ -1264,8 +1267,7 @@ class KVCache:
         return y.view(B, H // group, group, L, D).permute(0, 3, 1, 2, 4).reshape(q.shape)
 
     def advance(self, tokens: int) -> None:
-        """After a pass of `tokens` per row: the advancing rows are longer, and this cache and those it is part of
-        are no longer empty."""
+        """After a pass of `tokens` per row: the advancing rows are longer; this cache and its parents are filled."""
         self.lengths.add_(tokens * self.advancing).clamp_(max=self.capacity)
         self._mark_filled()
 
@@ -1275,8 +1277,7 @@ class KVCache:
             cache.empty, cache = False, cache.parent
 
     def rows(self, start: int, stop: int) -> KVCache:
-        """The rows start..stop-1, sharing this cache's memory; empty while this cache is (take views of a new cache
-        before prefilling any of them)."""
+        """The rows start..stop-1, sharing this cache's memory (take views of a new cache before prefilling any)."""
         view = object.__new__(KVCache)
         view.k, view.v, view.lengths = self.k[:, start:stop], self.v[:, start:stop], self.lengths[start:stop]
         view.advancing, view.empty, view.parent = self.advancing[start:stop], self.empty, self
@@ -1392,8 +1393,7 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: Tensor, value_embed: Tensor | None, window: Any, batch: AttentionBatch,
                 logit_rows: Tensor | None = None) -> Tensor:
-        """x (T, dim) -> (T, dim), or only its rows `logit_rows` (see Block). `window`: an int or None
-        (GPT.layer_windows), or the caller's mask (GPT.forward)."""
+        """x (T, dim) -> (T, dim), or only its rows `logit_rows` (see Block); `window`: an int, None or a mask."""
         T = x.size(0)
         q, k, v = (linear(x).view(T, self.n_heads, self.head_dim) for linear in (self.c_q, self.c_k, self.c_v))
         if value_embed is not None:
@@ -1454,15 +1454,8 @@ def residual_mix(x: Tensor, x0: Tensor, resid_lambda: Tensor, x0_lambda: Tensor,
 
 
 def _run_block(block: Block, *args: Any) -> Tensor:
+    """A block as an argument: compiled (with dynamic shapes), all layers of one structure share one graph."""
     return block(*args)
-
-
-@lru_cache(maxsize=None)
-def _compiled_layer_functions(compile_backend: str):
-    """residual_mix and _run_block compiled with dynamic shapes: the block is an argument, so all layers of one
-    structure share a graph, and ints (windows, longest document) are symbolic from the start."""
-    return (torch.compile(residual_mix, dynamic=True, backend=compile_backend),
-            torch.compile(_run_block, dynamic=True, backend=compile_backend))
 
 
 @lru_cache(maxsize=None)
@@ -1502,20 +1495,15 @@ def _softcapped_ce_rows_fp8(logits: Tensor, targets: Tensor, softcap: float, gra
     return losses, g8, g8.transposed()
 
 
-@lru_cache(maxsize=None)
-def _compiled_ce_rows(compile_backend: str, fp8: bool = False):
-    return torch.compile(_softcapped_ce_rows_fp8 if fp8 else _softcapped_ce_rows, backend=compile_backend)
-
-
 def _ce_chunk(h: Tensor, w: Tensor, w8: tuple[Fp8Tensor, Fp8Tensor] | None, targets: Tensor, softcap: float,
               compile_backend: str | None, fp8_grad_format: str | None) -> tuple[Tensor, Tensor, Tensor]:
     """One chunk's per-row losses and gradients (h's, and the head's in fp32); in fp8 when `w8`, the quantised head
     and its transpose, is given and the chunk's shape fits."""
     if w8 is None or not fp8_shapes_ok(h.size(0), *w.shape):
-        rows = _compiled_ce_rows(compile_backend) if compile_backend else _softcapped_ce_rows
+        rows = _compiled(_softcapped_ce_rows, compile_backend) if compile_backend else _softcapped_ce_rows
         losses, grad_logits = rows(h @ w.mT, targets, softcap)
         return losses, grad_logits @ w, (grad_logits.mT @ h).float()
-    rows = _compiled_ce_rows(compile_backend, fp8=True) if compile_backend else _softcapped_ce_rows_fp8
+    rows = _compiled(_softcapped_ce_rows_fp8, compile_backend) if compile_backend else _softcapped_ce_rows_fp8
     h8 = quantize_fp8(h, torch.float8_e4m3fn)
     logits = fp8_mm(h8, w8[0], h.dtype, fast_accum=True)
     losses, g8, g8_transposed = rows(logits, targets, softcap, FP8_FORMATS[fp8_grad_format])
@@ -1614,9 +1602,8 @@ class GPT(nn.Module):
             if block.attn.value_mix is not None:
                 block.attn.value_mix.fill_(0.5)
         nn.init.zeros_(self.lm_head.weight)
-        self.resid_lambdas.fill_(1.0)
-        self.x0_lambdas.fill_(0.0)
-        self.skip_weights.fill_(1.0)
+        for scalars, value in ((self.resid_lambdas, 1.0), (self.x0_lambdas, 0.0), (self.skip_weights, 1.0)):
+            scalars.fill_(value)
         for buffer, table in zip((self.rotary_cos, self.rotary_sin), self.rotary(self.rotary_cos.device)):
             buffer.copy_(table)
 
@@ -1651,8 +1638,7 @@ class GPT(nn.Module):
         as CORE; `inductor_options` apply to that graph. The sdpa backend and KV-cache passes run eagerly."""
         if inductor_options and compile_backend != "inductor":
             raise ValueError(f"inductor_options need the inductor compile backend, not {compile_backend!r}")
-        # evaluation's graph per kind of pass and per shape specialisation (one document, one scored row) can pass
-        # dynamo's default limit of 8 per function in a CORE run with its one-at-a-time comparison
+        # CORE's graphs per kind of pass and shape specialisation can pass dynamo's default limit of 8 per function
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
         options = tuple(sorted((inductor_options or {}).items()))
         try:
@@ -1668,8 +1654,7 @@ class GPT(nn.Module):
         return rotary_tables(length, self.config.rotary_dims, device=device)
 
     def layer_tricks(self, layer: int) -> tuple[bool, bool]:
-        """(paired heads, key offset) of `layer`: pairs where config.paired_head_layers says, the key offset in the
-        other long-window layers, as in modded-nanogpt."""
+        """(paired heads, key offset) of `layer`: the offset goes to unpaired long-window layers, as in modded."""
         paired = layer in self.config.paired_head_layers
         return paired, self.config.key_offset and self.layer_windows()[layer] is None and not paired
 
@@ -1733,7 +1718,8 @@ class GPT(nn.Module):
         if not compile_backend or backend == "sdpa":
             x = self.run_layers(*layer_args)
         elif torch.is_grad_enabled():
-            x = self.run_layers(*layer_args, *_compiled_layer_functions(compile_backend))
+            x = self.run_layers(*layer_args, _compiled(residual_mix, compile_backend, True),
+                                _compiled(_run_block, compile_backend, True))
         else:
             x = _compiled_layer_stack(compile_backend, self.inductor_options)(self, *layer_args)
         if kv_cache is not None:
@@ -3051,14 +3037,10 @@ class DecodeStep:
         state.emitted.fill_(-1)
 
     def __call__(self) -> None:
-        if self.graph is None:
-            self._run()
-        else:
-            self.graph.replay()
+        (self._run if self.graph is None else self.graph.replay)()
 
     def read_chunk(self) -> tuple[list[list[int]], list[list[bool]], list[int], list[int]]:
-        """Per row: the chunk's tokens (-1 where idle), which were sampled, uniforms used, forced tokens taken; the
-        chunk's only sync."""
+        """Per row: the chunk's tokens (-1 where idle), which were sampled, uniforms used, forced tokens taken."""
         state, chunk = self.state, self.chunk
         packed = torch.cat([state.emitted, state.sampled.long(), state.draws[:, None], state.forced_at[:, None]], 1)
         rows = packed.tolist()
@@ -3213,20 +3195,13 @@ class Engine:
         """stream_batch of one prompt, with its other arguments: row i is sample i, seeded with seed + i."""
         return self.stream_batch([prompt], *args, **kwargs)
 
-    def generate_batch(self, prompts: Sequence[Sequence[int]], num_samples: int = 1, max_tokens: int = 256,
-                       temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0
+    def generate_batch(self, prompts: Sequence[Sequence[int]], *args: Any, **kwargs: Any
                        ) -> tuple[list[list[int]], list[list[int]]]:
-        """Each row's generated tokens (the prompt excluded, the stop token included; rows as in stream_batch) and a
-        mask of the same length: 1 where the token was sampled, 0 where the engine forced it (RL trains on the 1s)."""
-        steps = self.stream_batch(prompts, num_samples, max_tokens, temperature, top_k, top_p, seed)  # checks first
-        tokens: list[list[int]] = [[] for _ in range(len(prompts) * num_samples)]
-        masks: list[list[int]] = [[] for _ in tokens]
-        for step_tokens, step_sampled in steps:
-            for r, (token, sampled) in enumerate(zip(step_tokens, step_sampled)):
-                if token >= 0:
-                    tokens[r].append(token)
-                    masks[r].append(sampled)
-        return tokens, masks
+        """stream_batch's rows gathered, with its other arguments: each row's tokens (the stop token included) and a
+        mask of the same length, 1 where the token was sampled, 0 where the engine forced it (RL trains on the 1s)."""
+        steps = [list(zip(tokens, sampled)) for tokens, sampled in self.stream_batch(prompts, *args, **kwargs)]
+        rows = [[step for step in row if step[0] >= 0] for row in zip(*steps)]  # each row's (token, sampled) pairs
+        return [[token for token, _ in row] for row in rows], [[sampled for _, sampled in row] for row in rows]
 
     def generate(self, prompt: Sequence[int], *args: Any, **kwargs: Any) -> tuple[list[list[int]], list[list[int]]]:
         """generate_batch of one prompt, with its other arguments: the tokens and masks of its num_samples samples."""
