@@ -832,8 +832,7 @@ def _flash_window(window: int | None) -> tuple[int, int]:
 
 
 def _window_visible(since: Tensor, window: int | None) -> Tensor:
-    """Mask from `since`, how many positions each key lies before each query: visible when not after the query and
-    at most window - 1 back (None: any earlier position)."""
+    """Visible keys from `since`, how many positions each key lies before each query: 0 .. window - 1 (None: >= 0)."""
     return (since >= 0) & (since < window) if window else since >= 0
 
 
@@ -1004,8 +1003,7 @@ def _backend_importable(name: str, device: torch.device) -> bool:
 
 
 def _matches_sdpa(attend: typing.Callable, device: torch.device, dtype: torch.dtype, backward: bool = True) -> bool:
-    """A tiny forward (and backward) of `attend` against the sdpa reference, without and with a window: catches
-    window-convention and calling-convention mistakes, in the backward's too."""
+    """A tiny forward (and backward) of `attend` against the sdpa reference, without and with a window."""
     generator = torch.Generator(device=device).manual_seed(0)
     q, k, v, upstream = torch.randn(4, 40, 2, 64, device=device, dtype=dtype, generator=generator)
     cu_seqlens = torch.tensor([0, 1, 13, 40], device=device, dtype=torch.int32)
@@ -1022,8 +1020,7 @@ def _matches_sdpa(attend: typing.Callable, device: torch.device, dtype: torch.dt
 
 @lru_cache(maxsize=None)
 def _backend_works(name: str, device: torch.device) -> bool:
-    """Imports, and matches the sdpa reference (_matches_sdpa). flex is checked uncompiled and forward only: its
-    compiled CUDA path first runs in the first real call."""
+    """Imports, and matches the sdpa reference; flex uncompiled and forward only (compiling is for real calls)."""
     if name == "sdpa" or not _backend_importable(name, device):
         return name == "sdpa"
     dtype = compute_dtype_for(current_gpu(device))
@@ -1368,8 +1365,7 @@ def offset_keys(k: Tensor, batch: AttentionBatch, layer: int) -> Tensor:
 
 
 def interleave_pairs(x: Tensor) -> Tensor:
-    """(T, H, D) -> (2T, H/2, D): pairs of adjacent heads as H/2 heads over sequences twice as long, row 2t + i
-    holding token t's head 2j + i in head j (modded-nanogpt #191)."""
+    """(T, H, D) -> (2T, H/2, D): row 2t + i holds token t's head 2j + i in head j (modded-nanogpt #191)."""
     T, H, D = x.shape
     return x.view(T, H // 2, 2, D).transpose(1, 2).reshape(2 * T, H // 2, D)
 
@@ -1460,9 +1456,8 @@ def _run_block(block: Block, *args: Any) -> Tensor:
 
 @lru_cache(maxsize=None)
 def _compiled_layer_stack(compile_backend: str, inductor_options: tuple[tuple[str, Any], ...] = ()):
-    """GPT.run_layers as one graph for evaluation: one compiled call per pass instead of two per layer, each costing
-    host time that a forward-only pass has no backward to hide behind. `inductor_options`: (name, value) pairs of
-    torch._inductor.config for this graph."""
+    """GPT.run_layers as one graph for evaluation: one compiled call per pass instead of two per layer, whose host
+    time a forward-only pass has no backward to hide behind. `inductor_options`: torch._inductor.config pairs."""
     options = {"options": dict(inductor_options)} if inductor_options else {}
     return torch.compile(GPT.run_layers, dynamic=True, backend=compile_backend, **options)
 
@@ -1487,9 +1482,8 @@ def _softcapped_ce_rows(logits: Tensor, targets: Tensor, softcap: float) -> tupl
 
 def _softcapped_ce_rows_fp8(logits: Tensor, targets: Tensor, softcap: float, grad_dtype: torch.dtype
                             ) -> tuple[Tensor, Fp8Tensor, Fp8Tensor]:
-    """_softcapped_ce_rows with the gradient quantised for the fp8 head, row-major and transposed, in the same graph:
-    never written out in bf16 nor transposed by a separate pass. Its scale comes from a bound, not a pass over it:
-    softmax minus one-hot lies in [-1, 1] and the soft cap's derivative in [0, 1]."""
+    """_softcapped_ce_rows with the gradient quantised for the fp8 head, row-major and transposed, in the same graph.
+    Its scale comes from a bound: softmax minus one-hot lies in [-1, 1] and the soft cap's derivative in [0, 1]."""
     losses, grad = _softcapped_ce_rows(logits, targets, softcap)
     g8 = quantize_fp8(grad, grad_dtype, amax=grad.new_ones((), dtype=torch.float32))
     return losses, g8, g8.transposed()
@@ -1732,8 +1726,8 @@ class GPT(nn.Module):
         return logits.view(*shape, -1) if kv_cache is not None and logit_rows is None else logits
 
     def flex_masks(self, windows: list[Any], cu_seqlens: Tensor, total_len: int) -> list[Any]:
-        """Each layer's window as a FlexAttention block mask, built outside any compiled region once per window (and
-        per length: paired layers attend over twice the tokens); a caller's BlockMask stays."""
+        """Each layer's window as a FlexAttention block mask, built once per window and length (paired layers attend
+        over twice the tokens) outside any compiled region; a caller's BlockMask stays."""
         masks: dict[tuple[Any, bool], Any] = {}
         for window, block in zip(windows, self.blocks):
             key = (window, block.attn.paired)
@@ -1744,8 +1738,7 @@ class GPT(nn.Module):
         return [masks[window, block.attn.paired] for window, block in zip(windows, self.blocks)]
 
     def trick_inputs(self, positions: Tensor, in_documents: Tensor | None) -> tuple[Tensor | None, ...]:
-        """AttentionBatch's previous, paired_cos and paired_sin (None where the model has no key offset or no paired
-        heads), from the rotary positions and each token's position in its packed document."""
+        """AttentionBatch's previous, paired_cos and paired_sin (None where the model does without that trick)."""
         config = self.config
         previous = paired_cos = paired_sin = None
         if config.key_offset:
