@@ -1114,7 +1114,7 @@ class GPTConfig:
 
     @property
     def plain_documents_only(self) -> bool:
-        """The key offset and paired heads read a packed row as plain documents: a caller's mask cannot say otherwise."""
+        """The key offset and paired heads read a packed row as plain documents: no caller's mask says otherwise."""
         return self.key_offset or bool(self.paired_head_layers)
 
     def modded_architecture(self) -> GPTConfig:
