@@ -593,11 +593,9 @@ def fp8_linear(x: Tensor, weight: Tensor, grad_format: str = "e5m2") -> Tensor:
 # ---------------------------------------------------------------------------------------------
 # 6. Attention backends (used by notebooks 03-07, through the model)
 # ---------------------------------------------------------------------------------------------
-# All backends take packed documents: q, k, v of shape (T, H, D) with the documents concatenated,
-# cu_seqlens (B+1,) int32 with the document boundaries (0, ..., T), and return (T, H, D). Attention
-# is causal and never crosses a document boundary; `window` (None = unlimited) limits a query at
-# position p to the keys p-window+1 .. p of its own document, i.e. at most `window` keys. The flex backend
-# also takes a prebuilt BlockMask as `window` (flex_block_mask), so that no mask is built inside torch.compile.
+# All backends take packed documents, q, k, v (T, H, D) with boundaries cu_seqlens (B+1,) int32, and return (T, H, D).
+# Attention is causal within a document; `window` (None: unlimited) limits a query at position p to the keys
+# p-window+1 .. p. flex also takes a BlockMask (flex_block_mask, built outside torch.compile) as `window`.
 
 ATTENTION_BACKENDS = ("flash", "varlen", "flex", "sdpa")  # preference order for "auto"
 ATTENTION_SETTING = one_of("auto", *ATTENTION_BACKENDS)  # what a notebook's `attention` setting may be
@@ -621,8 +619,7 @@ def _flash_window(window: int | None) -> tuple[int, int]:
 
 
 def _window_visible(since: Tensor, window: int | None) -> Tensor:
-    """Mask from `since`, how many positions each key lies before each query: visible when not after the query and
-    at most window - 1 back (None: any earlier position)."""
+    """Visible keys from `since`, how many positions each key lies before each query: 0 .. window - 1 (None: >= 0)."""
     return (since >= 0) & (since < window) if window else since >= 0
 
 
@@ -665,28 +662,24 @@ def _document_mask_mod(doc_ids: Tensor, window: int | None):
 
 
 def build_block_mask(mask_mod, total_len: int, device: torch.device) -> BlockMask:
-    """FlexAttention block mask of `mask_mod` over a packed row of total_len tokens."""
-    kwargs = {}
-    if device.type == "cuda" and "_compile" in inspect.signature(create_block_mask).parameters:
-        kwargs["_compile"] = True  # avoids materialising the dense T x T mask on the GPU
-    return create_block_mask(mask_mod, None, None, total_len, total_len, device=device, **kwargs)
+    """FlexAttention block mask of `mask_mod` over a packed row of total_len tokens; compiled on a GPU, which avoids
+    materialising the dense T x T mask."""
+    return create_block_mask(mask_mod, None, None, total_len, total_len, device=device, _compile=device.type == "cuda")
 
 
 FLEX_BLOCK_SIZE = 128  # FlexAttention's default block: block masks cover a packed row in whole blocks
 
 
 def flex_block_mask(cu_seqlens: Tensor, total_len: int, window: int | None) -> BlockMask:
-    """FlexAttention block mask of one packing and window, from tensors only (no host sync): the model builds one per
-    window and batch outside torch.compile and passes it down as the layers' `window`."""
+    """FlexAttention block mask of one packing and window, from tensors only (no host sync)."""
     mask_mod = _document_mask_mod(document_ids(cu_seqlens, total_len), window)
     return build_block_mask(mask_mod, total_len, cu_seqlens.device)
 
 
 def shared_prefix_mask_mod(documents: Tensor, branches: Tensor, positions: Tensor, window: int | None):
-    """FlexAttention mask_mod for packed prefix trees (CORE's choices after one few-shot context). Per packed token:
-    its document, its branch (0: the prefix that the document's branches share; b > 0: branch b's own tokens) and
-    its position in its branch's sequence. A query sees its document's prefix and its own branch less than `window`
-    positions back: each branch's sequence attends as if run alone."""
+    """FlexAttention mask_mod for packed prefix trees (CORE's choices after one context). Per packed token: its
+    document, its branch (0: the prefix the document's branches share) and its position in its branch's sequence,
+    so that each branch's sequence attends as if run alone."""
     limit = _window_limit(window, documents.numel(), documents.device)
 
     def mask_mod(b, h, q_idx, kv_idx):
@@ -696,9 +689,11 @@ def shared_prefix_mask_mod(documents: Tensor, branches: Tensor, positions: Tenso
     return mask_mod
 
 
-@lru_cache(maxsize=1)
-def _compiled_flex_attention():
-    return torch.compile(flex_attention, dynamic=False)
+@lru_cache(maxsize=None)
+def _compiled(function: typing.Callable, compile_backend: str = "inductor", dynamic: bool | None = None
+              ) -> typing.Callable:
+    """torch.compile of `function`, made once per setting, so that every caller shares its graphs."""
+    return torch.compile(function, backend=compile_backend, dynamic=dynamic)
 
 
 def _flex_attention(q, k, v, cu_seqlens, max_seqlen, window, compiled=None):
@@ -714,7 +709,8 @@ def _flex_attention(q, k, v, cu_seqlens, max_seqlen, window, compiled=None):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(0, 1)
         q, k, v = q.detach(), k.detach(), v.detach()  # torch rejects requires_grad CPU inputs even under no_grad
     block_mask = window if isinstance(window, BlockMask) else flex_block_mask(cu_seqlens, q.size(0), window)
-    attend = _compiled_flex_attention() if (q.is_cuda if compiled is None else compiled) else flex_attention
+    compiled = q.is_cuda if compiled is None else compiled
+    attend = _compiled(flex_attention, "inductor", False) if compiled else flex_attention
     out = attend(*(t.transpose(0, 1).unsqueeze(0) for t in (q, k, v)), block_mask=block_mask)
     return out.squeeze(0).transpose(0, 1)
 
@@ -740,8 +736,7 @@ def _flash_varlen_function():
 
 
 def _call_flash(q, k, v, cu_seqlens, max_seqlen, window):
-    # FA2, FA3 and FA4 share these keywords. FA4 reads a left window of -1 as a window (None is unlimited), and it
-    # (like some FA3 builds) returns (out, lse).
+    # FA2-4 share these keywords; FA4 wants None, not -1, for no left limit; FA4 and some FA3 builds return (out, lse)
     function = _flash_varlen_function()
     left, right = _flash_window(window)
     if left < 0 and function.__module__.startswith("flash_attn.cute"):
@@ -795,8 +790,7 @@ def _backend_importable(name: str, device: torch.device) -> bool:
 
 
 def _matches_sdpa(attend: typing.Callable, device: torch.device, dtype: torch.dtype, backward: bool = True) -> bool:
-    """A tiny forward (and backward) of `attend` against the sdpa reference, without and with a window: catches
-    window-convention and calling-convention mistakes, in the backward's too."""
+    """A tiny forward (and backward) of `attend` against the sdpa reference, without and with a window."""
     generator = torch.Generator(device=device).manual_seed(0)
     q, k, v, upstream = torch.randn(4, 40, 2, 64, device=device, dtype=dtype, generator=generator)
     cu_seqlens = torch.tensor([0, 1, 13, 40], device=device, dtype=torch.int32)
@@ -813,8 +807,7 @@ def _matches_sdpa(attend: typing.Callable, device: torch.device, dtype: torch.dt
 
 @lru_cache(maxsize=None)
 def _backend_works(name: str, device: torch.device) -> bool:
-    """Imports, and matches the sdpa reference (_matches_sdpa). flex is checked uncompiled and forward only: its
-    compiled CUDA path first runs in the first real call."""
+    """Imports, and matches the sdpa reference; flex uncompiled and forward only (compiling is for real calls)."""
     if name == "sdpa" or not _backend_importable(name, device):
         return name == "sdpa"
     dtype = compute_dtype_for(current_gpu(device))
@@ -835,9 +828,8 @@ def available_attention_backends(device: torch.device | str) -> list[str]:
 
 
 def pick_attention_backend(device: torch.device | str, requested: str = "auto") -> str:
-    """`requested` if it works on `device`, the best working backend for "auto", else ValueError. "auto" is the
-    per-document SDPA loop on the CPU (flex has no CPU backward) and on GPUs before Ampere (a T4), which
-    FlashAttention and varlen do not support."""
+    """`requested` if it works on `device`, the best working backend for "auto", else ValueError. "auto" is sdpa on
+    the CPU (flex has no CPU backward) and on GPUs without bf16 (a T4), which FlashAttention and varlen lack."""
     available = available_attention_backends(device)
     if requested == "auto":
         gpu = current_gpu(device)
@@ -864,12 +856,9 @@ class GPTConfig:
     short_window: int = 0  # sliding window of "S" layers; 0 means max_seq_len // 2
     window_pattern: str = "SSSL"  # tiled over the layers; the last layer is always "L" (full causal)
     n_value_embeds: int = 3  # table i feeds layer i and layer depth-1-i; capped at depth // 2
-    # modded-nanogpt #169: rotary turns only the first half of each head's dimensions, and in the long-window layers
-    # (the "L" layers and the last, not paired) the other, stationary half of each key is the previous token's
-    key_offset: bool = False
-    # modded-nanogpt #191: in these layers each pair of adjacent heads attends as one head over its two keys per
-    # token, interleaved into a sequence twice as long (modded pairs layers 0, 2, 5 and 9: MODDED_PAIRED_LAYERS)
-    paired_head_layers: tuple[int, ...] = ()
+    key_offset: bool = False  # modded-nanogpt #169: rotary turns half of each head, in long-window layers the other
+    # half of each key is the previous token's (offset_keys)
+    paired_head_layers: tuple[int, ...] = ()  # modded-nanogpt #191: pairs of heads attend as one (interleave_pairs)
 
     def __post_init__(self):
         if self.dim % self.head_dim:
@@ -912,9 +901,13 @@ class GPTConfig:
 
     @property
     def plain_documents_only(self) -> bool:
-        """The key offset and paired heads read a packed row as plain documents: a caller's mask (CORE's shared
-        prefixes) cannot tell them another layout."""
+        """The key offset and paired heads read a packed row as plain documents: no caller's mask says otherwise."""
         return self.key_offset or bool(self.paired_head_layers)
+
+    def modded_architecture(self) -> GPTConfig:
+        """With modded-nanogpt's key offset, and paired heads in those of its layers 0, 2, 5, 9 that the depth has."""
+        paired = [layer for layer in (0, 2, 5, 9) if layer < self.depth]  # modded's train_gpt.py pairs these
+        return dataclasses.replace(self, key_offset=True, paired_head_layers=paired)
 
 
 def layer_list(name: str, text: str) -> tuple[int, ...]:
@@ -923,15 +916,6 @@ def layer_list(name: str, text: str) -> tuple[int, ...]:
         return tuple(int(part) for part in text.replace(" ", "").split(",") if part)
     except ValueError:
         raise ConfigError(f"bad value {text!r} for {name}: expected layer numbers separated by commas") from None
-
-
-MODDED_PAIRED_LAYERS = (0, 2, 5, 9)  # the paired-head layers of modded-nanogpt's train_gpt.py
-
-
-def modded_architecture(config: GPTConfig) -> GPTConfig:
-    """`config` with modded-nanogpt's key offset, and paired heads in those of modded's layers that the depth has."""
-    paired = tuple(layer for layer in MODDED_PAIRED_LAYERS if layer < config.depth)
-    return dataclasses.replace(config, key_offset=True, paired_head_layers=paired)
 
 
 def norm(x: Tensor) -> Tensor:
@@ -957,9 +941,8 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class CastedLinear(nn.Linear):
-    """Bias-free linear layer: fp32 master weight, weight and input cast to `compute_dtype` for the matmul. With
-    `fp8_grad_format` set (GPT.set_fp8), passes with gradients multiply in fp8 (fp8_linear) where the shapes fit;
-    passes without gradients (evaluation, decoding) stay in the compute dtype."""
+    """Bias-free linear layer: fp32 master weight, cast to `compute_dtype` for the matmul; with `fp8_grad_format`
+    (GPT.set_fp8), passes with gradients multiply in fp8 (fp8_linear) where the shapes fit."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
@@ -996,22 +979,18 @@ def _(q, k_cache, v_cache, seqlens, window):
 
 
 class KVCache:
-    """Keys and values of every layer for `batch_size` rows of up to `capacity` positions, (depth, batch, heads,
-    capacity, head_dim), and each row's filled length `lengths` (B,): a tensor, so that a decode step replayed as a
-    CUDA graph advances it. GPT.forward(ids (B, L), kv_cache=cache) puts L new tokens at each row's next positions.
-    Only the rows whose `advancing` entry is 1 advance (DecodeStep masks finished or waiting rows); a row that does
-    not has its next position overwritten by its next pass. A row at capacity keeps overwriting its last position.
-    `carried` holds state beyond keys and values that layers carry from pass to pass, each tensor (depth, batch, ...)
-    so that rows() and PackedPrompts view it: with the key offset, "previous_half", each row's last token's own
-    stationary key half (offset_keys)."""
+    """Keys and values (depth, batch, heads, capacity, head_dim) and each row's filled length `lengths` (B,), a tensor
+    that a decode step replayed as a CUDA graph advances. GPT.forward(ids (B, L), kv_cache=cache) puts L new tokens
+    at each row's next positions; only rows whose `advancing` is 1 advance, the others are overwritten next pass.
+    A row at capacity keeps overwriting its last position. `carried`: other per-layer state, (depth, batch, ...),
+    with the key offset "previous_half", each row's last stationary key half (offset_keys)."""
 
     def __init__(self, config: GPTConfig, batch_size: int, capacity: int, device: torch.device | str,
                  dtype: torch.dtype):
         if not 1 <= capacity <= config.max_seq_len:
             raise ValueError(f"cache capacity {capacity} must be in 1..max_seq_len ({config.max_seq_len})")
         shape = (config.depth, batch_size, config.n_heads, capacity, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.k, self.v = (torch.zeros(shape, device=device, dtype=dtype) for _ in range(2))
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.advancing = torch.ones(batch_size, dtype=torch.long, device=device)
         half = config.head_dim - config.rotary_dims  # the stationary half that the key offset carries
@@ -1046,26 +1025,32 @@ class KVCache:
         self.k[layer, rows, :, at] = k.view(B, at.size(1), *k.shape[1:])
         self.v[layer, rows, :, at] = v.view(B, at.size(1), *v.shape[1:])
 
-    def attend(self, layer: int, q: Tensor, window: int | None, positions: Tensor) -> Tensor:
-        """Queries (B * L, heads, head_dim) at `positions` attend to their row's cached keys less than `window` back.
+    def attend(self, layer: int, q: Tensor, window: int | None, positions: Tensor, paired: bool = False) -> Tensor:
+        """Queries (B * L, H, D) at `positions` attend to their row's cached keys less than `window` back.
         FlashAttention's cache kernel reads each row only up to its length; without it, SDPA reads the whole
-        capacity under a mask, so that no shape depends on the lengths."""
-        B = self.batch_size
+        capacity under a mask, so that no shape depends on the lengths. `paired` heads attend as in the full pass
+        (modded-nanogpt #191): the cache keeps its layout, a pair's two heads viewed as one head over 2 x capacity
+        keys, whose order a softmax ignores; only the mask knows the interleaved positions 2p + i of head i."""
+        B, H, capacity, D = self.k[layer].shape
         at = positions.view(B, -1)
-        queries = q.view(B, at.size(1), *q.shape[1:])
-        if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _flash_kvcache_function() is not None:
+        L = at.size(1)
+        if not paired and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _flash_kvcache_function():
             seqlens = (at[:, -1] + 1).to(torch.int32)  # FlashAttention aligns the L queries to the end of the row
-            y = _flash_decode(queries, self.k[layer].transpose(1, 2), self.v[layer].transpose(1, 2), seqlens,
-                              window or 0)
+            y = _flash_decode(q.view(B, L, H, D), self.k[layer].transpose(1, 2), self.v[layer].transpose(1, 2),
+                              seqlens, window or 0)
             return y.reshape(q.shape)
-        since = at[:, :, None] - torch.arange(self.capacity, device=q.device)  # (B, L, capacity)
-        y = F.scaled_dot_product_attention(queries.transpose(1, 2), self.k[layer], self.v[layer],
-                                           attn_mask=_window_visible(since, window)[:, None])
-        return y.transpose(1, 2).reshape(q.shape)
+        group = 2 if paired else 1  # heads viewed as one
+        queries = q.view(B, L, H // group, group, D).permute(0, 2, 3, 1, 4).reshape(B, H // group, group * L, D)
+        keys, values = (t.view(B, H // group, group * capacity, D) for t in (self.k[layer], self.v[layer]))
+        which = torch.arange(group, device=q.device)[:, None]
+        query_at = (group * at[:, None] + which).view(B, group * L)
+        key_at = (group * torch.arange(capacity, device=q.device) + which).view(group * capacity)
+        since = query_at[:, :, None] - key_at  # (B, group * L, group * capacity)
+        y = F.scaled_dot_product_attention(queries, keys, values, attn_mask=_window_visible(since, window)[:, None])
+        return y.view(B, H // group, group, L, D).permute(0, 3, 1, 2, 4).reshape(q.shape)
 
     def advance(self, tokens: int) -> None:
-        """After a pass of `tokens` per row: the advancing rows are longer, and this cache and those it is part of
-        are no longer empty."""
+        """After a pass of `tokens` per row: the advancing rows are longer; this cache and its parents are filled."""
         self.lengths.add_(tokens * self.advancing).clamp_(max=self.capacity)
         self._mark_filled()
 
@@ -1075,8 +1060,7 @@ class KVCache:
             cache.empty, cache = False, cache.parent
 
     def rows(self, start: int, stop: int) -> KVCache:
-        """The rows start..stop-1, sharing this cache's memory; empty while this cache is (take views of a new cache
-        before prefilling any of them)."""
+        """The rows start..stop-1, sharing this cache's memory (take views of a new cache before prefilling any)."""
         view = object.__new__(KVCache)
         view.k, view.v, view.lengths = self.k[:, start:stop], self.v[:, start:stop], self.lengths[start:stop]
         view.advancing, view.empty, view.parent = self.advancing[start:stop], self.empty, self
@@ -1085,10 +1069,8 @@ class KVCache:
 
 
 class PackedPrompts(KVCache):
-    """A prefill of prompts of different lengths in one packed pass (training's varlen layout) into empty rows of
-    `cache`: each token's key and value go straight into the `copies` rows from first_rows[i] on of its prompt i (its
-    samples' rows), so that no row is copied afterwards. GPT.forward(ids (T,), kv_cache=PackedPrompts(...),
-    logit_rows=last_tokens()) fills them and gives each prompt's next-token logits."""
+    """A prefill of prompts of different lengths in one packed pass into empty rows of `cache`: prompt i's keys and
+    values go straight into its `copies` rows from first_rows[i] on, so that no row is copied afterwards."""
 
     def __init__(self, cache: KVCache, prompt_lengths: Sequence[int], first_rows: Sequence[int], copies: int = 1):
         device = cache.k.device
@@ -1128,11 +1110,9 @@ class PackedPrompts(KVCache):
 
 @dataclass(frozen=True)
 class AttentionBatch:
-    """What every layer's attention reads in one pass, built once by GPT.forward. Without a cache the tokens are
-    packed documents that attend within their document through `backend` (training, evaluation). With a cache,
-    document b is the new tokens of cache row b, at `positions` in it; each layer writes their keys and values into
-    the cache, then attends either within the new tokens like training (a prefill into empty rows) or, when
-    `reads_cache`, to everything cached in their row (decoding)."""
+    """What every layer's attention reads in one pass, built once by GPT.forward. The packed documents attend within
+    themselves through `backend`; with a cache, document b is cache row b's new tokens, whose keys and values each
+    layer writes at `positions`, and which attend to their whole row instead when `reads_cache` (decoding)."""
     cu_seqlens: Tensor  # (documents + 1,) int32 boundaries of the packed tokens
     max_seqlen: int  # the longest document
     cos: Tensor  # (T, head_dim / 2) rotary angles of each packed token
@@ -1147,11 +1127,9 @@ class AttentionBatch:
 
 
 def offset_keys(k: Tensor, batch: AttentionBatch, layer: int) -> Tensor:
-    """The partial key offset (modded-nanogpt #169): the stationary half of each key (T, H, D) (the dimensions rotary
-    leaves alone) becomes the previous token's, so that one layer can look for "the token after a t-1 like this one".
-    A document's first token keeps its own half: unlike modded, no key sees across a document boundary, so a prompt
-    decodes as it trains. Through a cache a row's first new token takes the half its last token left in
-    KVCache.carried["previous_half"], which then takes the new last token's half (if the row advances)."""
+    """The partial key offset (modded-nanogpt #169): the stationary half of each key (T, H, D) becomes the previous
+    token's, except at a document's start (unlike modded: a prompt decodes as it trains). Through a cache a row's
+    first new token takes the half that KVCache.carried["previous_half"] kept of the row's last token."""
     half = k.size(-1) // 2
     own = k[..., half:]
     shifted = own[batch.previous]
@@ -1173,8 +1151,7 @@ def offset_keys(k: Tensor, batch: AttentionBatch, layer: int) -> Tensor:
 
 
 def interleave_pairs(x: Tensor) -> Tensor:
-    """(T, H, D) -> (2T, H/2, D): pairs of adjacent heads as H/2 heads over sequences twice as long, row 2t + i
-    holding token t's head 2j + i in head j (modded-nanogpt #191)."""
+    """(T, H, D) -> (2T, H/2, D): row 2t + i holds token t's head 2j + i in head j (modded-nanogpt #191)."""
     T, H, D = x.shape
     return x.view(T, H // 2, 2, D).transpose(1, 2).reshape(2 * T, H // 2, D)
 
@@ -1185,23 +1162,6 @@ def split_pairs(y: Tensor) -> Tensor:
     return y.view(T2 // 2, 2, pairs, D).transpose(1, 2).reshape(T2 // 2, 2 * pairs, D)
 
 
-def paired_cache_attention(cache: KVCache, layer: int, q: Tensor, window: int | None, positions: Tensor) -> Tensor:
-    """Paired-head attention of queries (B * L, H, D) over their rows' cache, as in the full pass: query i of a pair
-    at position p sits at interleaved position 2p + i and sees the keys at 2s + i' from 2p + i - window + 1 to
-    2p + i. The cache keeps its plain layout: a pair's two heads are viewed as one head of 2 x capacity keys, whose
-    order a softmax ignores; only the mask knows the interleaved positions."""
-    B, H, capacity, D = cache.k[layer].shape
-    L = positions.numel() // B
-    queries = q.view(B, L, H // 2, 2, D).permute(0, 2, 3, 1, 4).reshape(B, H // 2, 2 * L, D)
-    keys, values = (t.view(B, H // 2, 2 * capacity, D) for t in (cache.k[layer], cache.v[layer]))
-    which = torch.arange(2, device=q.device)[:, None]
-    query_at = (2 * positions.view(B, 1, L) + which).view(B, 2 * L)
-    key_at = (2 * torch.arange(capacity, device=q.device) + which).view(2 * capacity)
-    since = query_at[:, :, None] - key_at  # (B, 2L, 2 capacity)
-    y = F.scaled_dot_product_attention(queries, keys, values, attn_mask=_window_visible(since, window)[:, None])
-    return y.view(B, H // 2, 2, L, D).permute(0, 3, 1, 2, 4).reshape(q.shape)
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer: int, has_value_embed: bool, paired: bool = False,
                  key_offset: bool = False):
@@ -1209,17 +1169,13 @@ class CausalSelfAttention(nn.Module):
         self.layer = layer  # which layer of a KV cache this attention writes and reads
         self.paired, self.key_offset = paired, key_offset  # GPTConfig's tricks, if this layer takes them
         self.n_heads, self.head_dim = config.n_heads, config.head_dim
-        self.c_q = CastedLinear(config.dim, config.dim)
-        self.c_k = CastedLinear(config.dim, config.dim)
-        self.c_v = CastedLinear(config.dim, config.dim)
-        self.c_proj = CastedLinear(config.dim, config.dim)
+        self.c_q, self.c_k, self.c_v, self.c_proj = (CastedLinear(config.dim, config.dim) for _ in range(4))
         # v <- value_mix[0] * v + value_mix[1] * value_embed (only in layers fed by a value-embedding table)
         self.value_mix = nn.Parameter(torch.full((2,), 0.5)) if has_value_embed else None
 
     def forward(self, x: Tensor, value_embed: Tensor | None, window: Any, batch: AttentionBatch,
                 logit_rows: Tensor | None = None) -> Tensor:
-        """x (T, dim) -> (T, dim), or only its rows `logit_rows` (see Block). `window`: an int or None
-        (GPT.layer_windows), or the caller's mask (GPT.forward)."""
+        """x (T, dim) -> (T, dim), or only its rows `logit_rows` (see Block); `window`: an int, None or a mask."""
         T = x.size(0)
         q, k, v = (linear(x).view(T, self.n_heads, self.head_dim) for linear in (self.c_q, self.c_k, self.c_v))
         if value_embed is not None:
@@ -1234,10 +1190,8 @@ class CausalSelfAttention(nn.Module):
             k = offset_keys(k, batch, self.layer)
         if batch.cache is not None:
             batch.cache.write(self.layer, k, v, batch.positions)
-        if batch.reads_cache and self.paired:
-            y = paired_cache_attention(batch.cache, self.layer, q, window, batch.positions)
-        elif batch.reads_cache:
-            y = batch.cache.attend(self.layer, q, window, batch.positions)
+        if batch.reads_cache:
+            y = batch.cache.attend(self.layer, q, window, batch.positions, self.paired)
         elif self.paired:  # the window counts interleaved positions, as in modded: w of them are w / 2 tokens
             y = split_pairs(attention(*map(interleave_pairs, (q, k, v)), 2 * batch.cu_seqlens, 2 * batch.max_seqlen,
                                       window, batch.backend))
@@ -1282,22 +1236,14 @@ def residual_mix(x: Tensor, x0: Tensor, resid_lambda: Tensor, x0_lambda: Tensor,
 
 
 def _run_block(block: Block, *args: Any) -> Tensor:
+    """A block as an argument: compiled (with dynamic shapes), all layers of one structure share one graph."""
     return block(*args)
 
 
 @lru_cache(maxsize=None)
-def _compiled_layer_functions(compile_backend: str):
-    """residual_mix and _run_block compiled with dynamic shapes: the block is an argument, so all layers of one
-    structure share a graph, and ints (windows, longest document) are symbolic from the start."""
-    return (torch.compile(residual_mix, dynamic=True, backend=compile_backend),
-            torch.compile(_run_block, dynamic=True, backend=compile_backend))
-
-
-@lru_cache(maxsize=None)
 def _compiled_layer_stack(compile_backend: str, inductor_options: tuple[tuple[str, Any], ...] = ()):
-    """GPT.run_layers as one graph for evaluation: one compiled call per pass instead of two per layer, each costing
-    host time that a forward-only pass has no backward to hide behind. `inductor_options`: (name, value) pairs of
-    torch._inductor.config for this graph."""
+    """GPT.run_layers as one graph for evaluation: one compiled call per pass instead of two per layer, whose host
+    time a forward-only pass has no backward to hide behind. `inductor_options`: torch._inductor.config pairs."""
     options = {"options": dict(inductor_options)} if inductor_options else {}
     return torch.compile(GPT.run_layers, dynamic=True, backend=compile_backend, **options)
 
@@ -1322,17 +1268,11 @@ def _softcapped_ce_rows(logits: Tensor, targets: Tensor, softcap: float) -> tupl
 
 def _softcapped_ce_rows_fp8(logits: Tensor, targets: Tensor, softcap: float, grad_dtype: torch.dtype
                             ) -> tuple[Tensor, Fp8Tensor, Fp8Tensor]:
-    """_softcapped_ce_rows with the gradient quantised for the fp8 head, row-major and transposed, in the same graph:
-    never written out in bf16 nor transposed by a separate pass. Its scale comes from a bound, not a pass over it:
-    softmax minus one-hot lies in [-1, 1] and the soft cap's derivative in [0, 1]."""
+    """_softcapped_ce_rows with the gradient quantised for the fp8 head, row-major and transposed, in the same graph.
+    Its scale comes from a bound: softmax minus one-hot lies in [-1, 1] and the soft cap's derivative in [0, 1]."""
     losses, grad = _softcapped_ce_rows(logits, targets, softcap)
     g8 = quantize_fp8(grad, grad_dtype, amax=grad.new_ones((), dtype=torch.float32))
     return losses, g8, g8.transposed()
-
-
-@lru_cache(maxsize=None)
-def _compiled_ce_rows(compile_backend: str, fp8: bool = False):
-    return torch.compile(_softcapped_ce_rows_fp8 if fp8 else _softcapped_ce_rows, backend=compile_backend)
 
 
 def _ce_chunk(h: Tensor, w: Tensor, w8: tuple[Fp8Tensor, Fp8Tensor] | None, targets: Tensor, softcap: float,
@@ -1340,10 +1280,10 @@ def _ce_chunk(h: Tensor, w: Tensor, w8: tuple[Fp8Tensor, Fp8Tensor] | None, targ
     """One chunk's per-row losses and gradients (h's, and the head's in fp32); in fp8 when `w8`, the quantised head
     and its transpose, is given and the chunk's shape fits."""
     if w8 is None or not fp8_shapes_ok(h.size(0), *w.shape):
-        rows = _compiled_ce_rows(compile_backend) if compile_backend else _softcapped_ce_rows
+        rows = _compiled(_softcapped_ce_rows, compile_backend) if compile_backend else _softcapped_ce_rows
         losses, grad_logits = rows(h @ w.mT, targets, softcap)
         return losses, grad_logits @ w, (grad_logits.mT @ h).float()
-    rows = _compiled_ce_rows(compile_backend, fp8=True) if compile_backend else _softcapped_ce_rows_fp8
+    rows = _compiled(_softcapped_ce_rows_fp8, compile_backend) if compile_backend else _softcapped_ce_rows_fp8
     h8 = quantize_fp8(h, torch.float8_e4m3fn)
     logits = fp8_mm(h8, w8[0], h.dtype, fast_accum=True)
     losses, g8, g8_transposed = rows(logits, targets, softcap, FP8_FORMATS[fp8_grad_format])
@@ -1380,11 +1320,9 @@ class _SoftcappedCrossEntropySum(torch.autograd.Function):
 def softcapped_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, softcap: float, reduction: str = "mean",
                              chunk_tokens: int = 8192, compile_backend: str | None = None,
                              fp8_grad_format: str | None = None) -> Tensor:
-    """F.cross_entropy(soft_cap(h @ weight.T, softcap), targets, ignore_index=-1, reduction=reduction), computed
-    `chunk_tokens` rows of logits at a time, so that memory holds chunk x vocab logits instead of tokens x vocab.
-    With gradients and reduction "mean" or "sum", each chunk's gradient is formed at once (fused by torch.compile
-    with `compile_backend`), in fp8 with `fp8_grad_format` (see fp8_linear); per-token losses ("none") with
-    gradients go through autograd chunk by chunk."""
+    """F.cross_entropy(soft_cap(h @ weight.T, softcap), targets, ignore_index=-1, reduction=reduction), `chunk_tokens`
+    rows of logits at a time. With gradients and reduction "mean" or "sum", each chunk's gradient is formed at once
+    (fused by torch.compile with `compile_backend`, in fp8 with `fp8_grad_format`)."""
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"unknown reduction {reduction!r}; use 'mean', 'sum' or 'none'")
     if _records_grad(h, weight) and reduction != "none":
@@ -1401,10 +1339,8 @@ def softcapped_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, softcap
     return total if reduction == "sum" else total / (targets >= 0).sum()
 
 
-# Suggested learning rates (modded-nanogpt-like). Muon's lr is relative to the orthogonalised update,
-# whose RMS is ~1/sqrt(max dim) before Muon's shape scaling. The Adam lrs for embeddings and head are
-# for model_dim 768 and get multiplied by (model_dim / 768) ** -0.5 (nanochat's rule: wider models
-# take smaller Adam steps); scalars are dimensionless, so they are not scaled.
+# Suggested learning rates (modded-nanogpt-like); Muon's is relative to the orthogonalised update. The Adam lrs of
+# embeddings and head are for model_dim 768, scaled by (model_dim / 768) ** -0.5 (nanochat's rule) in param_groups.
 DEFAULT_LRS = {"matrices": 0.05, "embedding": 0.3, "value_embeds": 0.3, "head": 0.008, "scalars": 0.04}
 
 
@@ -1424,9 +1360,8 @@ class GPT(nn.Module):
         self.resid_lambdas = nn.Parameter(torch.ones(config.depth))   # block input = resid * x + x0 * x0
         self.x0_lambdas = nn.Parameter(torch.zeros(config.depth))
         self.skip_weights = nn.Parameter(torch.ones(config.depth // 2))  # U-net: layer i -> layer depth-1-i
-        cos, sin = self.rotary()
-        self.register_buffer("rotary_cos", cos, persistent=False)
-        self.register_buffer("rotary_sin", sin, persistent=False)
+        for name, table in zip(("rotary_cos", "rotary_sin"), self.rotary()):
+            self.register_buffer(name, table, persistent=False)
         self.compile_backend: str | None = None  # see compile_layers()
         self.compile_evaluation = False
         self.inductor_options: tuple[tuple[str, Any], ...] = ()
@@ -1447,12 +1382,10 @@ class GPT(nn.Module):
             if block.attn.value_mix is not None:
                 block.attn.value_mix.fill_(0.5)
         nn.init.zeros_(self.lm_head.weight)
-        self.resid_lambdas.fill_(1.0)
-        self.x0_lambdas.fill_(0.0)
-        self.skip_weights.fill_(1.0)
-        cos, sin = self.rotary(self.rotary_cos.device)
-        self.rotary_cos.copy_(cos)
-        self.rotary_sin.copy_(sin)
+        for scalars, value in ((self.resid_lambdas, 1.0), (self.x0_lambdas, 0.0), (self.skip_weights, 1.0)):
+            scalars.fill_(value)
+        for buffer, table in zip((self.rotary_cos, self.rotary_sin), self.rotary(self.rotary_cos.device)):
+            buffer.copy_(table)
 
     def set_compute_dtype(self, dtype: torch.dtype) -> None:
         """Matmul / activation dtype: bf16 on GPUs that have it, fp16 on e.g. a T4, fp32 on CPU."""
@@ -1479,17 +1412,13 @@ class GPT(nn.Module):
 
     def compile_layers(self, compile_backend: str = "inductor", evaluation: bool = False,
                        inductor_options: dict[str, Any] | None = None) -> "GPT":
-        """Regional torch.compile for training: a block's graph is shared by every layer of the same structure, the
-        residual mixing and the loss have a few small graphs; embeddings and the layer loop stay eager. Windows and
-        document lengths are dynamic, so a growing window recompiles nothing. With `evaluation`, passes without
-        gradients compile all layers as one graph (_compiled_layer_stack): worth its compile time for a long
-        evaluation such as CORE, not for a short run's validation. The sdpa backend and passes through a KV cache run
-        eagerly. `inductor_options` (torch._inductor.config settings) apply to the evaluation graph, for experiments
-        (baselines/profile_core.py --inductor)."""
+        """Regional torch.compile for training: one block graph shared by the layers of one structure, small graphs
+        for the residual mixing and the loss, dynamic windows and lengths (a growing window recompiles nothing). With
+        `evaluation`, passes without gradients compile all layers as one graph, worth it for a long evaluation such
+        as CORE; `inductor_options` apply to that graph. The sdpa backend and KV-cache passes run eagerly."""
         if inductor_options and compile_backend != "inductor":
             raise ValueError(f"inductor_options need the inductor compile backend, not {compile_backend!r}")
-        # evaluation's graph per kind of pass and per shape specialisation (one document, one scored row) can pass
-        # dynamo's default limit of 8 per function in a CORE run with its one-at-a-time comparison
+        # CORE's graphs per kind of pass and shape specialisation can pass dynamo's default limit of 8 per function
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
         options = tuple(sorted((inductor_options or {}).items()))
         try:
@@ -1505,8 +1434,7 @@ class GPT(nn.Module):
         return rotary_tables(length, self.config.rotary_dims, device=device)
 
     def layer_tricks(self, layer: int) -> tuple[bool, bool]:
-        """(paired heads, key offset) of `layer`: pairs where config.paired_head_layers says, the key offset in the
-        other long-window layers, as in modded-nanogpt."""
+        """(paired heads, key offset) of `layer`: the offset goes to unpaired long-window layers, as in modded."""
         paired = layer in self.config.paired_head_layers
         return paired, self.config.key_offset and self.layer_windows()[layer] is None and not paired
 
@@ -1528,17 +1456,12 @@ class GPT(nn.Module):
                 target_ids: Tensor | None = None, *, windows: list[Any] | None = None, backend: str = "sdpa",
                 loss_reduction: str = "mean", positions: Tensor | None = None, logit_rows: Tensor | None = None,
                 kv_cache: KVCache | None = None) -> Tensor:
-        """The one forward pass of training, evaluation, prefill and decoding.
-
-        input_ids (T,) are packed documents (default: one). Returns fp32 logits (T, vocab), or with targets the
-        cross-entropy over targets != -1 ("none": per-token losses, 0 where ignored). `windows` (default
-        layer_windows()) may hold the caller's masks, a BlockMask on flex or a mask_mod on sdpa, which with rotary
-        `positions` lay tokens out other than as plain documents (CORE's shared prefixes). Only the rows
-        `logit_rows` of the last layer go on to the head: no compute goes to rows nobody reads.
-
-        With `kv_cache`, input_ids is (B, L), L new tokens per cache row, which the cache places; logits are
-        (B, L, vocab) and the cache advances by L. Empty rows are a prefill through `backend`; else the new tokens
-        attend to the cache."""
+        """The one forward pass of training, evaluation, prefill and decoding. input_ids (T,) are packed documents
+        (default: one); returns fp32 logits (T, vocab), or with targets the cross-entropy over targets != -1 ("none":
+        per-token losses). `windows` (default layer_windows()) may hold the caller's masks (a BlockMask on flex, a
+        mask_mod on sdpa), which with rotary `positions` lay tokens out otherwise (CORE's shared prefixes). Only the
+        last layer's rows `logit_rows` go on to the head. With `kv_cache`, input_ids is (B, L), L new tokens per
+        cache row, logits are (B, L, vocab) and the cache advances by L: a prefill into empty rows, else decoding."""
         config = self.config
         shape = input_ids.shape
         if kv_cache is not None:
@@ -1575,7 +1498,8 @@ class GPT(nn.Module):
         if not compile_backend or backend == "sdpa":
             x = self.run_layers(*layer_args)
         elif torch.is_grad_enabled():
-            x = self.run_layers(*layer_args, *_compiled_layer_functions(compile_backend))
+            x = self.run_layers(*layer_args, _compiled(residual_mix, compile_backend, True),
+                                _compiled(_run_block, compile_backend, True))
         else:
             x = _compiled_layer_stack(compile_backend, self.inductor_options)(self, *layer_args)
         if kv_cache is not None:
@@ -1588,8 +1512,8 @@ class GPT(nn.Module):
         return logits.view(*shape, -1) if kv_cache is not None and logit_rows is None else logits
 
     def flex_masks(self, windows: list[Any], cu_seqlens: Tensor, total_len: int) -> list[Any]:
-        """Each layer's window as a FlexAttention block mask, built outside any compiled region once per window (and
-        per length: paired layers attend over twice the tokens); a caller's BlockMask stays."""
+        """Each layer's window as a FlexAttention block mask, built once per window and length (paired layers attend
+        over twice the tokens) outside any compiled region; a caller's BlockMask stays."""
         masks: dict[tuple[Any, bool], Any] = {}
         for window, block in zip(windows, self.blocks):
             key = (window, block.attn.paired)
@@ -1600,8 +1524,7 @@ class GPT(nn.Module):
         return [masks[window, block.attn.paired] for window, block in zip(windows, self.blocks)]
 
     def trick_inputs(self, positions: Tensor, in_documents: Tensor | None) -> tuple[Tensor | None, ...]:
-        """AttentionBatch's previous, paired_cos and paired_sin (None where the model has no key offset or no paired
-        heads), from the rotary positions and each token's position in its packed document."""
+        """AttentionBatch's previous, paired_cos and paired_sin (None where the model does without that trick)."""
         config = self.config
         previous = paired_cos = paired_sin = None
         if config.key_offset:
@@ -1658,15 +1581,14 @@ class GPT(nn.Module):
         return groups
 
     def flops_per_token(self, seq_len: int, windows: list[int | None] | None = None) -> float:
-        """Training FLOPs per token (forward + backward): 6 per matmul parameter (embedding lookups are free), plus
-        attention's 12 * n_heads * head_dim per (query, key) pair times the mean number of keys a query sees:
-        seq_len / 2 for causal layers, w - w^2 / (2 seq_len) for a window w < seq_len; paired layers count their
-        interleaved sequence. Norms, softmax and other elementwise work are not counted."""
+        """Training FLOPs per token: 6 per matmul weight, plus 12 * n_heads * head_dim per (query, key) pair times the
+        mean keys per query: n / 2 causal, w - w^2 / (2n) for a window w < n, n the (for paired layers interleaved)
+        sequence length. Elementwise work is not counted."""
         counts = self.num_params()
         windows = self.layer_windows() if windows is None else windows
         lengths = [seq_len * (2 if block.attn.paired else 1) for block in self.blocks]
-        attended = [n / 2 if w is None or w >= n else w - w * w / (2 * n) for w, n in zip(windows, lengths)]
-        return 6 * (counts["matrices"] + counts["head"]) + 12 * self.config.n_heads * self.config.head_dim * sum(attended)
+        attended = sum(n / 2 if w is None or w >= n else w - w * w / (2 * n) for w, n in zip(windows, lengths))
+        return 6 * (counts["matrices"] + counts["head"]) + 12 * self.config.n_heads * self.config.head_dim * attended
 
     def kv_bytes_per_token(self, dtype: torch.dtype = torch.bfloat16) -> int:
         """KV-cache bytes per token (keys and values of every layer; value embeds need no cache)."""
@@ -2715,10 +2637,9 @@ def calculate(expression: str, timeout_s: float = 0.5) -> str:
 @torch.compiler.disable  # inductor's code generation for a cumulative sum over the vocabulary fails (torch 2.11)
 def sample_tokens(logits: Tensor, uniforms: Tensor, temperature: float | Tensor = 1.0, top_k: int | None = None,
                   top_p: float | Tensor | None = None) -> Tensor:
-    """One token per row of logits (B, vocab) by inverse transform: row i takes the first token whose cumulative
-    probability exceeds uniforms[i] (in [0, 1)), so a row depends on its own uniform only (drawn from its own seeded
-    generator) and the batch is one vectorised draw. Temperature 0 (a number) is greedy. Per-row tensors (B,) of
-    temperature and top_p let a captured step read them from buffers: nothing here waits for the host."""
+    """One token per row of logits (B, vocab) by inverse transform of its own uniform in [0, 1), so that a row
+    depends on its own seeded generator only. Temperature 0 (a number) is greedy; per-row tensors (B,) of
+    temperature and top_p let a captured step read them from buffers, with no wait for the host."""
     if not isinstance(temperature, Tensor) and temperature <= 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / (temperature[:, None] if isinstance(temperature, Tensor) else temperature)
@@ -2755,8 +2676,8 @@ class Sampling:
 
 @dataclass
 class DecodeState:
-    """The device buffers one decode step reads and writes, per row (B rows, chunks of `chunk` steps). The host
-    fills the inputs at each sync point (Engine) and reads the outputs back once per chunk."""
+    """The device buffers a decode step reads and writes (B rows, chunks of `chunk` steps); the host fills the
+    inputs and reads the outputs back once per chunk."""
     logits: Tensor  # (B, vocab) fp32: each row's next-token logits (the step samples them, then replaces them)
     temperature: Tensor  # (B,) fp32
     top_p: Tensor  # (B,) fp32
@@ -2789,11 +2710,9 @@ class DecodeState:
 
 def decode_step(model: GPT, cache: KVCache, state: DecodeState, backend: str, sampling: Sampling,
                 python_end: int) -> None:
-    """One token for every row, then the forward pass that gives the next logits, all on the device. An active row
-    (neither done nor waiting) takes its next forced token or samples one, records it in column `state.step` and
-    feeds it to the model; the others feed a token too (shapes stay fixed) but record -1, keep their logits and do
-    not advance in the cache. A stop token or the last allowed token ends a row; <|python_end|> makes it wait for
-    the host to answer the call at the next sync point (Engine._decode)."""
+    """One token for every row and the forward pass to the next logits, all on the device. An active row takes its
+    next forced token or samples one; the others feed a token too (shapes stay fixed) but record -1, keep their
+    logits and do not advance in the cache. <|python_end|> makes a row wait for the host to answer the call."""
     active = ~(state.done | state.waiting)
     last = state.uniforms.size(1) - 1
     uniform = state.uniforms.gather(1, state.draws.clamp(max=last)[:, None])[:, 0]
@@ -2819,16 +2738,11 @@ def decode_step(model: GPT, cache: KVCache, state: DecodeState, backend: str, sa
 
 @lru_cache(maxsize=None)
 def _compiled_decode_step(compile_backend: str):
-    """decode_step under torch.compile: the embeddings, every layer, the head and the sampling as one graph, whose
-    elementwise work (norms, rotary, residual mixing, soft-cap, the sampling's masks) inductor fuses into a few
-    kernels. Inductor's default mode: max-autotune's matmul search adds minutes of compilation per shape, for
-    matrix-vector products that cuBLAS already runs at the speed of memory. Static shapes: inductor's dynamic-shape
-    code generation failed on this step (baselines/2026-11-30-decode-graph), so each batch size and cache capacity
-    is its own graph; the engine rounds capacities up to DECODE_CAPACITY_STEP to keep those few, and the limit on
-    recompilations is raised to match."""
-    dynamo = torch._dynamo.config
-    limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
-    setattr(dynamo, limit, max(getattr(dynamo, limit), 64))
+    """decode_step as one graph whose elementwise work inductor fuses. Default mode: max-autotune's matmul search
+    costs minutes per shape for matrix-vector products that cuBLAS runs at memory speed. Static shapes: the
+    dynamic-shape code generation failed here (baselines/2026-11-30-decode-graph), so each batch size and cache
+    capacity is a graph; the engine rounds capacities up to DECODE_CAPACITY_STEP to keep those few."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return torch.compile(decode_step, backend=compile_backend, dynamic=False)
 
 
@@ -2846,13 +2760,10 @@ class _RowState:
 
 
 class DecodeStep:
-    """decode_step over a cache and its DecodeState: each call emits one token per row with no host sync; the host
-    reads a whole chunk back at once (read_chunk).
-
-    On a GPU the step (eager, or compiled with `compile_backend`) is captured once as a CUDA graph and replayed: an
-    eager step launches hundreds of small kernels and the GPU idles while the host queues them. We capture rather
-    than use mode="reduce-overhead": our buffers are fixed, so a replay is one launch, with no guards, no input
-    copies and no re-recording for a new cache. Elsewhere it runs uncaptured ("aot_eager" checks the trace on a CPU)."""
+    """decode_step over a cache and its DecodeState: each call emits one token per row with no host sync. On a GPU
+    the step is captured once as a CUDA graph and replayed, so that the GPU does not idle while the host queues its
+    many small kernels; captured by hand rather than by mode="reduce-overhead" because the buffers are fixed: a
+    replay is one launch, with no guards, no input copies and no re-recording for a new cache."""
 
     def __init__(self, model: GPT, cache: KVCache, backend: str, sampling: Sampling, stop_ids: Sequence[int],
                  python_end: int, chunk: int = 16, cuda_graph: bool = True, compile_backend: str | None = None):
@@ -2876,9 +2787,8 @@ class DecodeStep:
         self.function(self.model, self.cache, self.state, self.backend, self.sampling, self.python_end)
 
     def _capture(self) -> torch.cuda.CUDAGraph:
-        """Warm-up steps (which compile) run for real: they write keys and values at the rows' next positions,
-        which the first real step overwrites before any query reads them, and every buffer they change is put back
-        afterwards (the carried state of KVCache.carried too). Capturing runs nothing."""
+        """Warm-up steps (which compile) run for real: the keys and values they write are overwritten by the first
+        real step before any query reads them, and every other buffer they change is put back afterwards."""
         buffers = (*vars(self.state).values(), self.cache.lengths, *self.cache.carried.values())
         saved = [buffer.clone() for buffer in buffers]
         stream = torch.cuda.Stream()
@@ -2913,14 +2823,10 @@ class DecodeStep:
         state.emitted.fill_(-1)
 
     def __call__(self) -> None:
-        if self.graph is None:
-            self._run()
-        else:
-            self.graph.replay()
+        (self._run if self.graph is None else self.graph.replay)()
 
     def read_chunk(self) -> tuple[list[list[int]], list[list[bool]], list[int], list[int]]:
-        """Per row: the chunk's tokens (-1 where idle), which were sampled, uniforms used, forced tokens taken. One
-        copy to the host, the chunk's only sync."""
+        """Per row: the chunk's tokens (-1 where idle), which were sampled, uniforms used, forced tokens taken."""
         state, chunk = self.state, self.chunk
         packed = torch.cat([state.emitted, state.sampled.long(), state.draws[:, None], state.forced_at[:, None]], 1)
         rows = packed.tolist()
@@ -2929,19 +2835,12 @@ class DecodeStep:
 
 
 class Engine:
-    """KV-cache generation with the calculator tool, over a GPT and its tokenizer.
-
-    Prompts of different lengths are prefilled together in packed varlen passes of at most `prefill_tokens` tokens
-    (PackedPrompts), straight into their num_samples rows each; then every row advances one token a step at its own
-    position, until it emits <|assistant_end|> or <|bos|> (kept) or max_tokens tokens. When a row closes a tool
-    call (<|python_start|> expression <|python_end|>), the engine forces <|output_start|> `calculate`'s result
-    <|output_end|> into it, one token a step.
-
-    Steps run on the device in chunks of `sync_every` (DecodeStep), sampling, forcing and stopping included; the
-    host reads each chunk back once. A finished row steps on, masked; a row that closed a call waits, masked, to the
-    end of the chunk, when the host evaluates the call and queues its result for the next chunk. `cuda_graph`
-    replays the step as a CUDA graph on a GPU once a generation is long enough to repay the capture
-    (`graph_min_tokens`); `compile_backend` compiles the step (None: the captured step runs eagerly)."""
+    """KV-cache generation with the calculator tool. Prompts are prefilled together in packed passes of at most
+    `prefill_tokens` tokens (PackedPrompts) into their num_samples rows each; then every row advances a token a step
+    until <|assistant_end|> or <|bos|> (kept) or max_tokens. A row that closes <|python_start|> expression
+    <|python_end|> waits, masked, to the end of its chunk of `sync_every` device steps (DecodeStep); the host then
+    queues <|output_start|> `calculate`'s result <|output_end|> to be forced into it. `cuda_graph` replays the step
+    as a CUDA graph once a generation reaches `graph_min_tokens`; `compile_backend` compiles the step."""
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, backend: str = "sdpa", cuda_graph: bool = True,
                  graph_min_tokens: int = 32, compile_backend: str | None = None, sync_every: int = 16,
@@ -2973,9 +2872,8 @@ class Engine:
 
     def _prefill(self, prompts: Sequence[Sequence[int]], num_samples: int, max_tokens: int
                  ) -> tuple[KVCache, Tensor, list[int]]:
-        """A cache with each prompt prefilled once into its num_samples rows, by packed passes of up to
-        prefill_tokens tokens; the logits of each row's first token (B, vocab); and how many tokens each row may
-        emit (max_tokens, or less where max_seq_len is near)."""
+        """A cache with each prompt prefilled into its num_samples rows, each row's first logits (B, vocab), and how
+        many tokens each row may emit (max_tokens, or less where max_seq_len is near)."""
         model, device = self.model, self.model.rotary_cos.device
         limits = [min(max_tokens, model.config.max_seq_len - len(prompt)) for prompt in prompts]
         capacity = max(len(prompt) + limit for prompt, limit in zip(prompts, limits))
@@ -3029,18 +2927,17 @@ class Engine:
     def stream_batch(self, prompts: Sequence[Sequence[int]], num_samples: int = 1, max_tokens: int = 256,
                      temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0
                      ) -> Iterator[tuple[list[int], list[int]]]:
-        """Yield, each step, every row's new token and whether it was sampled (1) or forced (0); a finished or waiting
-        row yields -1 (and 0). Steps arrive in bursts of up to sync_every. Row r continues prompts[r // num_samples]
-        and draws its uniforms from random.Random(seed + r), so it equals a single sample of its prompt with that
-        seed. Bad arguments raise here, before the first step (check_arguments)."""
+        """Yield, each step, every row's new token (-1 while finished or waiting) and whether it was sampled (1) or
+        forced (0). Row r continues prompts[r // num_samples] with uniforms from random.Random(seed + r), so it equals
+        a single sample of its prompt with that seed. Bad arguments raise here, before the first step."""
         self.check_arguments(prompts, num_samples, max_tokens, temperature, top_k, top_p)
         return self._decode(prompts, num_samples, max_tokens, Sampling(temperature, top_k, top_p), seed)
 
     @staticmethod
     def _chunk_inputs(rows: list[_RowState], generators: list[random.Random], chunk: int, greedy: bool
                       ) -> tuple[Tensor, Tensor, Tensor]:
-        """DecodeStep.begin_chunk's inputs: each row's next `chunk` uniforms (kept in row.uniforms until used, so a
-        row's k-th sampled token takes its generator's k-th draw whatever the chunks) and next forced tokens."""
+        """DecodeStep.begin_chunk's inputs. Uniforms stay in row.uniforms until used, so that a row's k-th sampled
+        token takes its generator's k-th draw whatever the chunks."""
         uniforms = torch.zeros(len(rows), chunk)
         forced = torch.zeros(len(rows), chunk, dtype=torch.long)
         forced_len = torch.zeros(len(rows), dtype=torch.long)
@@ -3084,20 +2981,13 @@ class Engine:
         """stream_batch of one prompt, with its other arguments: row i is sample i, seeded with seed + i."""
         return self.stream_batch([prompt], *args, **kwargs)
 
-    def generate_batch(self, prompts: Sequence[Sequence[int]], num_samples: int = 1, max_tokens: int = 256,
-                       temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0
+    def generate_batch(self, prompts: Sequence[Sequence[int]], *args: Any, **kwargs: Any
                        ) -> tuple[list[list[int]], list[list[int]]]:
-        """Each row's generated tokens (the prompt excluded, the stop token included; rows as in stream_batch) and a
-        mask of the same length: 1 where the token was sampled, 0 where the engine forced it (RL trains on the 1s)."""
-        steps = self.stream_batch(prompts, num_samples, max_tokens, temperature, top_k, top_p, seed)  # checks first
-        tokens: list[list[int]] = [[] for _ in range(len(prompts) * num_samples)]
-        masks: list[list[int]] = [[] for _ in tokens]
-        for step_tokens, step_sampled in steps:
-            for r, (token, sampled) in enumerate(zip(step_tokens, step_sampled)):
-                if token >= 0:
-                    tokens[r].append(token)
-                    masks[r].append(sampled)
-        return tokens, masks
+        """stream_batch's rows gathered, with its other arguments: each row's tokens (the stop token included) and a
+        mask of the same length, 1 where the token was sampled, 0 where the engine forced it (RL trains on the 1s)."""
+        steps = [list(zip(tokens, sampled)) for tokens, sampled in self.stream_batch(prompts, *args, **kwargs)]
+        rows = [[step for step in row if step[0] >= 0] for row in zip(*steps)]  # each row's (token, sampled) pairs
+        return [[token for token, _ in row] for row in rows], [[sampled for _, sampled in row] for row in rows]
 
     def generate(self, prompt: Sequence[int], *args: Any, **kwargs: Any) -> tuple[list[list[int]], list[list[int]]]:
         """generate_batch of one prompt, with its other arguments: the tokens and masks of its num_samples samples."""

@@ -83,7 +83,7 @@ class PretrainConfig(StackConfig):
     depth: int = 12  # the one knob that sizes the model (width 64 x depth, heads of head_dim)
     model_dim: int = 0  # 0: 64 x depth
     head_dim: int = 128
-    arch: str = "ours"  # ours | modded: ours plus modded-nanogpt's key offset and paired heads (sc.modded_architecture)
+    arch: str = "ours"  # ours | modded: adds modded-nanogpt's key offset, paired heads (GPTConfig.modded_architecture)
     key_offset: bool = True  # modded-nanogpt's partial key offset in the long-window layers (sc.GPTConfig)
     paired_heads: str = ""  # layers with paired-head attention, comma-separated, e.g. 0,2,5,9 (sc.GPTConfig)
     seq_len: int = 2048  # longest document piece the model sees (longer documents are cut)
@@ -181,7 +181,7 @@ model_config = sc.GPTConfig(vocab_size=tokenizer.vocab_size, depth=cfg.depth, mo
                             head_dim=cfg.head_dim, max_seq_len=cfg.seq_len, key_offset=cfg.key_offset,
                             paired_head_layers=sc.layer_list("paired_heads", cfg.paired_heads))
 if cfg.arch == "modded":
-    model_config = sc.modded_architecture(model_config)
+    model_config = model_config.modded_architecture()
 model = sc.GPT(model_config).to(device)
 compute_dtype = sc.pick_compute_dtype(device)
 model.set_compute_dtype(compute_dtype)

@@ -31,12 +31,12 @@ def test_layers_take_the_tricks_where_modded_does():
     model = tricked_model(TRICKS["modded"])
     assert [block.attn.paired for block in model.blocks] == [True, False, True, False]
     assert [block.attn.key_offset for block in model.blocks] == [False, False, False, True]  # long, not paired
-    deep = sc.modded_architecture(sc.GPTConfig(depth=12))
+    deep = sc.GPTConfig(depth=12).modded_architecture()
     assert deep.key_offset and deep.paired_head_layers == (0, 2, 5, 9)
     assert [layer for layer, block_tricks in enumerate(map(sc.GPT(sc.GPTConfig(
         vocab_size=8, depth=12, model_dim=128, head_dim=32, key_offset=True)).layer_tricks, range(12)))
         if block_tricks[1]] == [3, 7, 11]
-    assert sc.modded_architecture(sc.GPTConfig(depth=4, model_dim=128, head_dim=32)).paired_head_layers == (0, 2)
+    assert sc.GPTConfig(depth=4, model_dim=128, head_dim=32).modded_architecture().paired_head_layers == (0, 2)
 
 
 def test_key_offset_rotates_half_and_shifts_the_stationary_half_within_documents():
