@@ -1,34 +1,32 @@
 """DecoderStack's one shared module: everything the notebooks import, in the order a training step uses it.
 
 Sections (and the notebooks that call them):
-  1. Configuration and presets ........ every notebook (the first cell builds its config here)
-  2. Artifacts and devices ............ every notebook (STACK_HOME layout, GPU tier, dtype, CPU threads)
-  3. Tokenizer ........................ every notebook (01_tokenizer trains it; 02-07 load it)
-  4. Shards ........................... 02_sharding writes them; 03-06 read them
-  5. Triton kernels ................... 03_pretrain (through the optimizer)
- 5b. fp8 matmuls ...................... 03_pretrain (through the model's MLPs and head)
-  6. Attention backends ............... 03-07 (through the model)
-  7. Model ............................ 03-07
-  8. Optimizer and schedules .......... 03_pretrain, 05_sft, 06_rl (Muon, AdamW, fp16 loss scaling)
-  9. Pretraining loader ............... 03_pretrain, 04_core_eval (validation bits per byte)
- 9b. Batching ......................... 03-06 (token budgets, host-to-device copies)
- 10. Evaluation: bits per byte ........ 03_pretrain, 04_core_eval
- 11. Checkpoints, distributed, logs ... 03-07
- 12. CORE evaluation .................. 04_core_eval (02_sharding writes its shards with data/core.py)
- 13. Chat format, calculator, engine .. 02_sharding, 05_sft, 06_rl, 07_chat (render conversations, KV-cache
+  1. Artifacts and devices ............ every notebook (STACK_HOME layout, GPU tier, dtype, CPU threads)
+  2. Tokenizer ........................ every notebook (01_tokenizer trains it; 02-07 load it)
+  3. Shards ........................... 02_sharding writes them; 03-06 read them
+  4. Triton kernels ................... 03_pretrain (through the optimizer)
+ 4b. fp8 matmuls ...................... 03_pretrain (through the model's MLPs and head)
+  5. Attention backends ............... 03-07 (through the model)
+  6. Model ............................ 03-07 (with the KV cache and modded-nanogpt's key offset and paired heads)
+  7. Optimizer and schedules .......... 03_pretrain, 05_sft, 06_rl (Muon, AdamW, fp16 loss scaling)
+  8. Pretraining loader ............... 03_pretrain, 04_core_eval (validation bits per byte)
+ 8b. Batching ......................... 03-06 (token budgets, host-to-device copies)
+  9. Evaluation: bits per byte ........ 03_pretrain, 04_core_eval
+ 10. Checkpoints, distributed set-up .. 03-07 (reading checkpoints; process groups, rank shares)
+ 11. CORE evaluation .................. 04_core_eval (02_sharding writes its shards with data/core.py)
+ 12. Chat format, calculator, engine .. 02_sharding, 05_sft, 06_rl, 07_chat (render conversations, KV-cache
                                         generation; 05's chat evaluations call it from data/chat_eval.py)
- 14. Supervised fine-tuning ........... 02_sharding, 05_sft (conversation shards, SFT loader; chat evals: data/)
- 15. Reinforcement learning ........... 06_rl (rollouts, policy gradient); 02_sharding writes its prompt shards
-                                        with data/gsm8k.py
-The first cell of every notebook (Colab installs, Drive, GPU report) is notebooks/runtime.py; the report card (the
-pipeline's end, 07_chat's last cell) is notebooks/report.py; `python3 stackcore.py pipeline` runs notebooks/pipeline.py.
+ 13. Supervised fine-tuning ........... 05_sft (the SFT loader; 02_sharding writes its shards with data/sft.py)
+Beside the notebooks, in notebooks/: config.py (every notebook's settings: presets, STACK_* variables, flags),
+runtime.py (the first cell: Colab installs, Drive, GPU report), training.py (writing checkpoints, resuming, run
+logs), sft.py and rl.py (05's and 06's steps), chat_session.py (07's chat), report.py (the report card) and
+pipeline.py (`python3 stackcore.py pipeline`).
 
 The notebooks keep the training loops in view; this file holds the reusable and performance-critical parts.
 """
 from __future__ import annotations
 
 import ast
-import contextlib
 import dataclasses
 import importlib
 import inspect
@@ -37,7 +35,6 @@ import math
 import operator
 import os
 import random
-import re
 import sys
 import time
 import typing
@@ -45,7 +42,7 @@ import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -71,51 +68,16 @@ except ImportError:
     varlen_attn = None
 
 # ---------------------------------------------------------------------------------------------
-# 2. Artifacts and devices (used by every notebook)
+# 1. Artifacts and devices (used by every notebook)
 # ---------------------------------------------------------------------------------------------
 # STACK_HOME/tokenizer, shards, checkpoints and runs hold what one notebook leaves for the next.
 
 ARTIFACT_KINDS = ("tokenizer", "shards", "checkpoints", "runs", "downloads")
-COLAB_GPU_TIERS = ("t4", "l4", "a100", "h100")
 COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a run name: one folder inside STACK_HOME
 
 
 class ConfigError(ValueError):
     """A bad option, setting value, preset or STACK_HOME."""
-
-
-@dataclass(frozen=True)
-class Allowed:
-    """What a setting may hold (a LIMITS entry, notebooks/config.py): a number from `low` to `high` (`above` leaves
-    `low` out), one of `choices`, or a run name (`folder`: one plain folder name, so the run stays inside STACK_HOME;
-    `optional`: or empty)."""
-    low: float = -math.inf
-    high: float = math.inf
-    above: bool = False
-    choices: tuple[str, ...] = ()
-    folder: bool = False
-    optional: bool = False
-
-    def describe(self) -> str:
-        if self.choices:
-            return "one of " + ", ".join(self.choices)
-        if self.folder:
-            return ("a folder name of letters, digits, '.', '-' and '_' (nothing that leaves STACK_HOME)"
-                    + (", or empty" if self.optional else ""))
-        low = f"> {self.low:g}" if self.above else f">= {self.low:g}"
-        return low if self.high == math.inf else f"{low} and <= {self.high:g}"
-
-    def admits(self, value: Any) -> bool:
-        if self.choices:
-            return value in self.choices
-        if self.folder:
-            return (self.optional and value == "") or (FOLDER_NAME.fullmatch(value) is not None and value != "..")
-        return (value > self.low if self.above else value >= self.low) and value <= self.high
-
-
-def one_of(*choices: str) -> Allowed:
-    return Allowed(choices=choices)
 
 
 def stack_home(environ: typing.Mapping[str, str] = os.environ) -> Path:
@@ -183,23 +145,6 @@ def current_gpu(device: str | torch.device = "cuda") -> GpuInfo | None:
     return GpuInfo(props.name, (props.major, props.minor), round(props.total_memory / 1e9, 1))
 
 
-def colab_gpu_tier(gpu: GpuInfo | None, override: str = "") -> str | None:
-    """The Colab GPU whose sizes fit `gpu`: t4 before Ampere (T4, V100: no bf16, no FlashAttention), l4 for bf16 GPUs
-    under 38 GB (L4, A10G, RTX cards), a100 from 38 GB (A100, L40S), h100 for Hopper and newer from 70 GB (the
-    speedrun sizes). `override` (STACK_COLAB_GPU) names one instead; None without a GPU."""
-    if override:
-        if override not in COLAB_GPU_TIERS:
-            raise ConfigError(f"unknown Colab GPU {override!r}; valid: {', '.join(COLAB_GPU_TIERS)}")
-        return override
-    if gpu is None:
-        return None
-    if not gpu.has_bf16:
-        return "t4"
-    if gpu.capability >= (9, 0) and gpu.memory_gb >= 70:
-        return "h100"
-    return "a100" if gpu.memory_gb >= 38 else "l4"
-
-
 def compute_dtype_for(gpu: GpuInfo | None, requested: str = "auto") -> torch.dtype:
     """`requested` (auto | bfloat16 | float16 | float32); auto is bf16 where the GPU has it (Ampere and newer), fp16
     on older GPUs such as the T4 (the training loops scale the loss: LossScaler), fp32 on the CPU."""
@@ -216,7 +161,7 @@ def pick_compute_dtype(device: str) -> torch.dtype:
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. Tokenizer (used by every notebook: 01_tokenizer trains it, 02-07 load it)
+# 2. Tokenizer (used by every notebook: 01_tokenizer trains it, 02-07 load it)
 # ---------------------------------------------------------------------------------------------
 # Byte-level BPE trained by rustbpe, run by tiktoken. Saved as tiktoken's own rank file plus a small JSON of the
 # split pattern and special tokens, so `tiktoken.Encoding(..., mergeable_ranks=load_tiktoken_bpe(file))` loads it.
@@ -312,7 +257,7 @@ class Tokenizer:
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. Shards (written by 02_sharding; read by 03-06)
+# 3. Shards (written by 02_sharding; read by 03-06)
 # ---------------------------------------------------------------------------------------------
 # modded-nanogpt's .bin layout: a header of 256 int32 (magic, version, item count, then ours: the vocabulary size
 # the tokens were checked against and the record width) followed by the items. Version 1 is uint16 tokens exactly
@@ -437,7 +382,7 @@ class ShardWriter:
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. Triton kernels (used by 03_pretrain, through the Muon optimizer)
+# 4. Triton kernels (used by 03_pretrain, through the Muon optimizer)
 # ---------------------------------------------------------------------------------------------
 
 if triton is not None:
@@ -514,7 +459,7 @@ def symmetric_matmul(x: Tensor, alpha: float = 1.0, addend: Tensor | None = None
 
 
 # ---------------------------------------------------------------------------------------------
-# 5b. fp8 matmuls (used by 03_pretrain, through CastedLinear and the loss)
+# 4b. fp8 matmuls (used by 03_pretrain, through CastedLinear and the loss)
 # ---------------------------------------------------------------------------------------------
 # torch._scaled_mm multiplies two fp8 matrices on tensor cores (compute capability 8.9 and up) and rescales the fp32
 # accumulator: out = scale_a * scale_b * (a @ b). Each operand's one scale is amax / the format's largest value
@@ -591,14 +536,13 @@ def fp8_linear(x: Tensor, weight: Tensor, grad_format: str = "e5m2") -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# 6. Attention backends (used by notebooks 03-07, through the model)
+# 5. Attention backends (used by notebooks 03-07, through the model)
 # ---------------------------------------------------------------------------------------------
 # All backends take packed documents, q, k, v (T, H, D) with boundaries cu_seqlens (B+1,) int32, and return (T, H, D).
 # Attention is causal within a document; `window` (None: unlimited) limits a query at position p to the keys
 # p-window+1 .. p. flex also takes a BlockMask (flex_block_mask, built outside torch.compile) as `window`.
 
 ATTENTION_BACKENDS = ("flash", "varlen", "flex", "sdpa")  # preference order for "auto"
-ATTENTION_SETTING = one_of("auto", *ATTENTION_BACKENDS)  # what a notebook's `attention` setting may be
 
 
 def document_ids(cu_seqlens: Tensor, total_len: int) -> Tensor:
@@ -841,7 +785,7 @@ def pick_attention_backend(device: torch.device | str, requested: str = "auto") 
 
 
 # ---------------------------------------------------------------------------------------------
-# 7. Model (used by notebooks 03-07)
+# 6. Model (used by notebooks 03-07)
 # ---------------------------------------------------------------------------------------------
 
 @dataclass
@@ -1596,7 +1540,7 @@ class GPT(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# 8. Optimizer and schedules (used by 03_pretrain, 05_sft, 06_rl)
+# 7. Optimizer and schedules (used by 03_pretrain, 05_sft, 06_rl)
 # ---------------------------------------------------------------------------------------------
 
 NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic, same for every step
@@ -1893,7 +1837,7 @@ def batch_size_schedule(step: int, final_tokens: int, start_tokens: int, ramp_st
 
 
 # ---------------------------------------------------------------------------------------------
-# 9. Pretraining loader (used by 03_pretrain, 04_core_eval)
+# 8. Pretraining loader (used by 03_pretrain, 04_core_eval)
 # ---------------------------------------------------------------------------------------------
 # Each step, every rank takes `tokens` consecutive tokens that start at a BOS, so its batch is whole documents
 # (the last one cut to fit) packed into one row with cumulative lengths for varlen attention. Documents longer
@@ -1980,7 +1924,7 @@ class PretrainLoader:
 
 
 # ---------------------------------------------------------------------------------------------
-# 9b. Batching (used by the loaders, CORE, chat evaluations and RL)
+# 8b. Batching (used by the loaders, CORE, chat evaluations and RL)
 # ---------------------------------------------------------------------------------------------
 # Every packed forward pass gets its tokens the same way: grouped under a token budget on the host, then copied to
 # the device without waiting for it.
@@ -2020,7 +1964,7 @@ def token_budget_chunks(lengths: Sequence[int], max_tokens: int) -> list[list[in
 
 
 # ---------------------------------------------------------------------------------------------
-# 10. Evaluation: bits per byte (used by 03_pretrain, 04_core_eval)
+# 9. Evaluation: bits per byte (used by 03_pretrain, 04_core_eval)
 # ---------------------------------------------------------------------------------------------
 # Summed cross-entropy in nats over ln(2) x the UTF-8 bytes of the predicted tokens. Special tokens have 0 bytes
 # and are left out of both sums, so the figure does not depend on the vocabulary.
@@ -2044,7 +1988,7 @@ def evaluate_bpb(model: GPT, loader: PretrainLoader, steps: int, token_bytes: Te
 
 
 # ---------------------------------------------------------------------------------------------
-# 11. Checkpoints, distributed set-up and run logs (used by 03-07)
+# 10. Checkpoints and distributed set-up (used by 03-07)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -2174,22 +2118,8 @@ def model_from_checkpoint(path: Path, device: str, vocab_size: int | None = None
     return model, checkpoint
 
 
-def accumulation_steps(tokens_per_step: int, micro_tokens: int, world_size: int) -> int:
-    """Forward/backward passes per rank in one optimizer step: the global batch over what all ranks take per pass."""
-    steps, remainder = divmod(tokens_per_step, micro_tokens * world_size)
-    if steps < 1 or remainder:
-        raise ConfigError(f"tokens_per_step ({tokens_per_step}) must be a multiple of micro_tokens x ranks "
-                          f"({micro_tokens} x {world_size})")
-    return steps
-
-
-def format_duration(seconds: float) -> str:
-    minutes, seconds = divmod(int(seconds), 60)
-    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{seconds:02d}s"
-
-
 # ---------------------------------------------------------------------------------------------
-# 12. CORE evaluation (used by 04_core_eval)
+# 11. CORE evaluation (used by 04_core_eval)
 # ---------------------------------------------------------------------------------------------
 # The 22 tasks of the DCLM paper, scored as nanochat does. data/core.py writes each task into shards/core/<task>.bin,
 # one sequence (BOS, context, continuation) per (example, choice), with <task>.records.bin, a row of
@@ -2411,7 +2341,7 @@ def evaluate_core(model: GPT, shards: Sequence[CoreShard], backend: str, device:
 
 
 # ---------------------------------------------------------------------------------------------
-# 13. Chat format, calculator and inference engine (used by 02_sharding, 05_sft, 06_rl, 07_chat)
+# 12. Chat format, calculator and inference engine (used by 02_sharding, 05_sft, 06_rl, 07_chat)
 # ---------------------------------------------------------------------------------------------
 # A conversation is a list of messages {"role": "system"|"user"|"assistant", "content": ...}. User and system
 # content is a string; assistant content is a string or a list of parts {"type": "text"|"python"|"python_output",
@@ -3023,7 +2953,7 @@ def show_parts(parts: Sequence[dict[str, str]]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# 14. Supervised fine-tuning (used by 02_sharding, 05_sft)
+# 13. Supervised fine-tuning: the SFT loader (used by 05_sft)
 # ---------------------------------------------------------------------------------------------
 # 02_sharding renders the SFT mixture into shards/sft/{train,val}_*.bin (data/sft.py's render_parallel and
 # ConversationWriter): whole conversations back to back, each starting with <|bos|>, each shard beside its loss mask
@@ -3099,13 +3029,6 @@ class SFTLoader:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.position = dict(state)
-
-
-# ---------------------------------------------------------------------------------------------
-# 15. Reinforcement learning (used by 02_sharding, 06_rl)
-# ---------------------------------------------------------------------------------------------
-# 06_rl's rollouts and policy gradient live beside the notebook, in notebooks/rl.py (only 06 trains with
-# them); its prompts are data/gsm8k.py's prompt shards.
 
 
 if __name__ == "__main__":  # `python3 stackcore.py pipeline`, the README's command: notebooks/pipeline.py

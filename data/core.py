@@ -208,7 +208,7 @@ def chosen_indices(count: int, max_examples: int) -> list[int]:
 
 
 # --- Tokenized into shards (02_sharding) -----------------------------------------------------------------
-# The layout 04_core_eval reads (stackcore section 12): per task, one token sequence per (example, choice) in
+# The layout 04_core_eval reads (stackcore section 11): per task, one token sequence per (example, choice) in
 # <label>.bin, one CORE_RECORD_FIELDS row per sequence in its records side file, and tasks.json listing them.
 
 def continuation_starts(example: CoreExample, seqs: list[list[int]], context_lengths: list[int]) -> list[int]:

@@ -75,7 +75,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from notebooks.config import StackConfig, above, at_least, configure, describe_config, folder_name
+from notebooks.config import (ATTENTION_SETTING, StackConfig, above, accumulation_steps, at_least, configure,
+                              describe_config, folder_name, one_of)
+from notebooks.report import format_duration
 
 
 @dataclass
@@ -116,20 +118,20 @@ class PretrainConfig(StackConfig):
                      steps=100, eval_every=25, eval_tokens=8192, save_every=50, compile=False),
         "colab": dict(depth=8, seq_len=1024, tokens_per_step=131_072, micro_tokens=16_384, steps=1000,
                       eval_every=100, eval_tokens=524_288, save_every=200),
-        # the colab preset fits the GPU it finds (sc.colab_gpu_tier): the sizes above are an L4's; on an H100 the
+        # the colab preset fits the GPU it finds (colab_gpu_tier, notebooks/config.py): the sizes above are an L4's; on an H100 the
         # colab preset is the speedrun
         "colab_t4": dict(depth=6, tokens_per_step=65_536, micro_tokens=8_192, steps=600, eval_tokens=262_144),
         "colab_a100": dict(depth=12, seq_len=2048, tokens_per_step=262_144, micro_tokens=32_768, steps=600),
         "node": dict(depth=20, steps=4000, save_every=500),
     }
     LIMITS = {
-        "depth": above(0), "model_dim": at_least(0), "head_dim": above(0), "arch": sc.one_of("ours", "modded"),
+        "depth": above(0), "model_dim": at_least(0), "head_dim": above(0), "arch": one_of("ours", "modded"),
         "seq_len": above(0),
         "tokens_per_step": above(0), "micro_tokens": above(0), "steps": above(0),
         "warmup_steps": at_least(0), "cooldown_frac": at_least(0, 1), "lr_scale": above(0),
         "weight_decay": at_least(0), "batch_start_tokens": at_least(0), "batch_ramp_steps": at_least(0),
         "eval_every": above(0), "eval_tokens": above(0),
-        "eval_batch_tokens": at_least(0), "save_every": above(0), "attention": sc.ATTENTION_SETTING,
+        "eval_batch_tokens": at_least(0), "save_every": above(0), "attention": ATTENTION_SETTING,
         "run_name": folder_name(), "seed": at_least(0),
     }
 
@@ -152,7 +154,7 @@ device = dist_info.device
 torch.manual_seed(cfg.seed)
 log = print if dist_info.master else (lambda *args, **kwargs: None)
 log(describe_config(cfg))
-accum_steps = sc.accumulation_steps(cfg.tokens_per_step, cfg.micro_tokens, dist_info.world_size)
+accum_steps = accumulation_steps(cfg.tokens_per_step, cfg.micro_tokens, dist_info.world_size)
 run_dir = sc.artifact_dir("runs") / cfg.run_name
 checkpoint_dir = sc.artifact_dir("checkpoints") / cfg.run_name
 tokenizer_dir = sc.artifact_dir("tokenizer")
@@ -466,7 +468,7 @@ for step in range(start_step, start_step if complete else cfg.steps + 1):
     remaining = (cfg.steps - step - 1) * train_seconds / (step + 1 - start_step)
     log(f"step {step + 1:5d}/{cfg.steps} | loss {train_loss:.4f} | {tokens_per_second:,.0f} tok/s | "
         f"MFU {'n/a' if mfu is None else f'{mfu:.1%}'} | {step_seconds * 1000:.0f} ms | "
-        f"elapsed {sc.format_duration(train_seconds)} | left {sc.format_duration(remaining)} | "
+        f"elapsed {format_duration(train_seconds)} | left {format_duration(remaining)} | "
         f"epoch {train_loader.position['epoch']}")
     run_log.log(step=step + 1, loss=train_loss, tokens_per_second=tokens_per_second, mfu=mfu, step_seconds=step_seconds,
                 tokens=tokens_seen, train_seconds=train_seconds, peak_memory_GB=peak_memory_gb())

@@ -82,7 +82,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from notebooks.config import StackConfig, above, at_least, configure, describe_config, folder_name
+from notebooks.config import ATTENTION_SETTING, StackConfig, above, at_least, configure, describe_config, folder_name
+from notebooks.report import format_duration
 
 
 @dataclass
@@ -96,7 +97,7 @@ class CoreEvalConfig(StackConfig):
     compile: bool = False  # torch.compile the layers on GPUs: faster passes after a compilation warm-up
     PRESETS = {"tiny": dict(pack_tokens=4096)}
     LIMITS = {"run_name": folder_name(), "pack_tokens": above(0), "compare_examples": at_least(0),
-              "attention": sc.ATTENTION_SETTING}
+              "attention": ATTENTION_SETTING}
 
 
 cfg = configure(CoreEvalConfig)
@@ -206,7 +207,7 @@ for shard in shards:
         f"{task['baseline']:>9.3f} {task['centered']:>8.3f}")
 fed_tokens = sum(sc.core_input_tokens(s, model.config.max_seq_len, cfg.pack_tokens) for s in shards)
 scored_examples = sum(task["examples"] for task in results["tasks"].values())
-log(f"CORE {results['core']:.4f} in {sc.format_duration(packed_seconds)} ({packed_seconds:.1f} s, "
+log(f"CORE {results['core']:.4f} in {format_duration(packed_seconds)} ({packed_seconds:.1f} s, "
     f"{fed_tokens:,} tokens fed, {fed_tokens / packed_seconds:,.0f} tokens/s, "
     f"{scored_examples / packed_seconds:,.1f} examples/s)")
 

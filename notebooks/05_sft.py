@@ -78,7 +78,9 @@ import torch
 
 from data.chat_eval import (ChatEvalConfig, chat_table, describe_tasks, evaluate_chat, load_chat_tasks,
                             plot_chat_results)
-from notebooks.config import above, at_least, configure, describe_config, folder_name
+from notebooks.config import (ATTENTION_SETTING, above, accumulation_steps, at_least, configure, describe_config,
+                              folder_name)
+from notebooks.report import format_duration
 from notebooks.sft import evaluate_sft_loss, sft_backward
 
 
@@ -110,7 +112,7 @@ class SFTConfig(ChatEvalConfig):
         "micro_tokens": above(0), "steps": at_least(0), "lr_scale": above(0),
         "cooldown_frac": at_least(0, 1),
         "eval_every": above(0), "eval_steps": above(0), "save_every": above(0), "pack_tokens": above(0),
-        "attention": sc.ATTENTION_SETTING, "seed": at_least(0),
+        "attention": ATTENTION_SETTING, "seed": at_least(0),
     }
 
 
@@ -120,7 +122,7 @@ device = dist_info.device
 torch.manual_seed(cfg.seed)
 log = print if dist_info.master else (lambda *args, **kwargs: None)
 log(describe_config(cfg))
-accum_steps = sc.accumulation_steps(cfg.tokens_per_step, cfg.micro_tokens, dist_info.world_size)
+accum_steps = accumulation_steps(cfg.tokens_per_step, cfg.micro_tokens, dist_info.world_size)
 run_dir = sc.artifact_dir("runs") / cfg.run_name
 run_dir.mkdir(parents=True, exist_ok=True)
 checkpoint_dir = sc.artifact_dir("checkpoints") / cfg.run_name
@@ -284,7 +286,7 @@ for step in range(start_step, start_step if complete else steps + 1):
     train_seconds += step_seconds
     log(f"step {step + 1:5d}/{steps} | loss {train_loss:.4f} | {tokens / step_seconds:,.0f} tok/s | "
         f"trained {stats['trained_tokens'] / tokens:.0%} | {step_seconds * 1000:.0f} ms | "
-        f"elapsed {sc.format_duration(train_seconds)} | epoch {train_loader.position['epoch']}")
+        f"elapsed {format_duration(train_seconds)} | epoch {train_loader.position['epoch']}")
     run_log.log(step=step + 1, loss=train_loss, tokens=tokens, trained_tokens=stats["trained_tokens"],
                 tokens_per_second=tokens / step_seconds, train_seconds=train_seconds)
 

@@ -78,7 +78,7 @@ import numpy as np
 import torch
 
 from data import gsm8k
-from notebooks.config import StackConfig, above, at_least, configure, describe_config, folder_name
+from notebooks.config import ATTENTION_SETTING, StackConfig, above, at_least, configure, describe_config, folder_name
 from notebooks.rl import (PromptSampler, evaluate_pass_at_k, generate_rollouts, group_advantages,
                           policy_gradient_backward)
 
@@ -112,7 +112,7 @@ class RLConfig(StackConfig):
         "steps": above(0), "prompts_per_step": above(0), "samples_per_prompt": above(0),
         "max_new_tokens": above(0), "temperature": at_least(0), "top_k": at_least(0), "lr_scale": above(0),
         "pass_tokens": above(0), "eval_every": above(0), "eval_prompts": above(0), "eval_samples": above(0),
-        "save_every": above(0), "attention": sc.ATTENTION_SETTING, "run_name": folder_name(),
+        "save_every": above(0), "attention": ATTENTION_SETTING, "run_name": folder_name(),
         "seed": at_least(0),
     }
 

@@ -30,7 +30,7 @@
 # 5. chat: a widget in the notebook, a terminal loop in the twin (`python notebooks/07_chat.py`), or one answer
 #    with `--prompt="..."`.
 #
-# The machinery lives in section 13 of `stackcore.py` (`render_conversation`, `calculate`, `Engine`); the chat
+# The machinery lives in section 12 of `stackcore.py` (`render_conversation`, `calculate`, `Engine`); the chat
 # itself (`ChatSession`, its widget and terminal loop) in `notebooks/chat_session.py`. This notebook shows it working.
 
 # %% [markdown]
@@ -76,7 +76,8 @@ from dataclasses import dataclass
 import torch
 
 from notebooks.chat_session import ChatPanel, ChatSession, chat_loop, find_chat_checkpoint, run_on_rank_zero_only
-from notebooks.config import StackConfig, above, at_least, configure, describe_config, folder_name, in_notebook_kernel
+from notebooks.config import (ATTENTION_SETTING, StackConfig, above, at_least, configure, describe_config, folder_name,
+                              in_notebook_kernel)
 
 
 @dataclass
@@ -92,7 +93,7 @@ class ChatConfig(StackConfig):
     attention: str = "auto"  # auto | flash | varlen | flex | sdpa
     PRESETS = {"tiny": dict(max_tokens=24)}
     LIMITS = {"run_name": folder_name(optional=True), "temperature": at_least(0), "top_k": at_least(0),
-              "max_tokens": above(0), "seed": at_least(0), "attention": sc.ATTENTION_SETTING}
+              "max_tokens": above(0), "seed": at_least(0), "attention": ATTENTION_SETTING}
 
 
 run_on_rank_zero_only("07_chat")

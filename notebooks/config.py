@@ -2,8 +2,8 @@
 
 A StackConfig subclass declares a dataclass of defaults, a PRESETS table and a LIMITS table; configure() builds it.
 A value is taken from, in rising order: the dataclass default, the preset (chosen for the hardware found), a
-STACK_<NAME> environment variable, a --name=value argument (twins only). ConfigError and what a setting may hold
-(Allowed, one_of) stay in stackcore, whose own checks (STACK_HOME, the attention setting) use them.
+STACK_<NAME> environment variable, a --name=value argument (twins only). ConfigError stays in stackcore, whose
+own checks (STACK_HOME, the compute dtype, the process group) raise it.
 """
 from __future__ import annotations
 
@@ -11,12 +11,13 @@ import contextlib
 import dataclasses
 import math
 import os
+import re
 import sys
 import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator, Sequence, TypeVar
 
-from stackcore import Allowed, ConfigError, GpuInfo, colab_gpu_tier, current_gpu
+from stackcore import ATTENTION_BACKENDS, ConfigError, GpuInfo, current_gpu
 
 PRESET_NAMES = ("tiny", "colab", "speedrun", "node")
 HELP_FLAGS = ("-h", "--help")
@@ -26,6 +27,8 @@ INT64_MAX = 2**63 - 1  # settings end up in numpy and torch integers
 KNOWN_STACK_VARIABLES = frozenset({"STACK_HOME", "STACK_PRESET", "STACK_COLAB_GPU", "STACK_DTYPE", "STACK_DRIVE",
                                    "STACK_TEST_DATA"})  # STACK_ variables that are not notebook settings
 ConfigT = TypeVar("ConfigT")
+COLAB_GPU_TIERS = ("t4", "l4", "a100", "h100")
+FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a run name: one folder inside STACK_HOME
 
 
 def in_notebook_kernel() -> bool:
@@ -80,6 +83,23 @@ def choose_preset(cli: dict[str, str], environ: typing.Mapping[str, str], gpu: G
     return preset
 
 
+def colab_gpu_tier(gpu: GpuInfo | None, override: str = "") -> str | None:
+    """The Colab GPU whose sizes fit `gpu`: t4 before Ampere (T4, V100: no bf16, no FlashAttention), l4 for bf16 GPUs
+    under 38 GB (L4, A10G, RTX cards), a100 from 38 GB (A100, L40S), h100 for Hopper and newer from 70 GB (the
+    speedrun sizes). `override` (STACK_COLAB_GPU) names one instead; None without a GPU."""
+    if override:
+        if override not in COLAB_GPU_TIERS:
+            raise ConfigError(f"unknown Colab GPU {override!r}; valid: {', '.join(COLAB_GPU_TIERS)}")
+        return override
+    if gpu is None:
+        return None
+    if not gpu.has_bf16:
+        return "t4"
+    if gpu.capability >= (9, 0) and gpu.memory_gb >= 70:
+        return "h100"
+    return "a100" if gpu.memory_gb >= 38 else "l4"
+
+
 def auto_preset(gpu: GpuInfo | None, world_size: int = 1) -> str:
     """CPU: tiny; several GPUs: node; an H100-class GPU: speedrun; another GPU: colab (fitted by colab_gpu_tier)."""
     if gpu is None:
@@ -88,6 +108,39 @@ def auto_preset(gpu: GpuInfo | None, world_size: int = 1) -> str:
         return "node"
     return "speedrun" if colab_gpu_tier(gpu) == "h100" else "colab"
 
+
+
+@dataclass(frozen=True)
+class Allowed:
+    """What a setting may hold (a LIMITS entry, notebooks/config.py): a number from `low` to `high` (`above` leaves
+    `low` out), one of `choices`, or a run name (`folder`: one plain folder name, so the run stays inside STACK_HOME;
+    `optional`: or empty)."""
+    low: float = -math.inf
+    high: float = math.inf
+    above: bool = False
+    choices: tuple[str, ...] = ()
+    folder: bool = False
+    optional: bool = False
+
+    def describe(self) -> str:
+        if self.choices:
+            return "one of " + ", ".join(self.choices)
+        if self.folder:
+            return ("a folder name of letters, digits, '.', '-' and '_' (nothing that leaves STACK_HOME)"
+                    + (", or empty" if self.optional else ""))
+        low = f"> {self.low:g}" if self.above else f">= {self.low:g}"
+        return low if self.high == math.inf else f"{low} and <= {self.high:g}"
+
+    def admits(self, value: Any) -> bool:
+        if self.choices:
+            return value in self.choices
+        if self.folder:
+            return (self.optional and value == "") or (FOLDER_NAME.fullmatch(value) is not None and value != "..")
+        return (value > self.low if self.above else value >= self.low) and value <= self.high
+
+
+def one_of(*choices: str) -> Allowed:
+    return Allowed(choices=choices)
 
 
 def at_least(low: float, high: float = math.inf) -> Allowed:
@@ -99,6 +152,9 @@ def above(low: float, high: float = math.inf) -> Allowed:
 
 def folder_name(optional: bool = False) -> Allowed:
     return Allowed(folder=True, optional=optional)
+
+
+ATTENTION_SETTING = one_of("auto", *ATTENTION_BACKENDS)  # what a notebook's `attention` setting may be
 
 
 def setting_requirement(value: Any, kind: Any, allowed: Allowed | None) -> str | None:
@@ -223,3 +279,12 @@ def describe_config(cfg: Any) -> str:
     """One `key = value` line per field, for the top of a run's log."""
     width = max(len(f.name) for f in dataclasses.fields(cfg))
     return "\n".join(f"{f.name:<{width}} = {getattr(cfg, f.name)!r}" for f in dataclasses.fields(cfg))
+
+
+def accumulation_steps(tokens_per_step: int, micro_tokens: int, world_size: int) -> int:
+    """Forward/backward passes per rank in one optimizer step: the global batch over what all ranks take per pass."""
+    steps, remainder = divmod(tokens_per_step, micro_tokens * world_size)
+    if steps < 1 or remainder:
+        raise ConfigError(f"tokens_per_step ({tokens_per_step}) must be a multiple of micro_tokens x ranks "
+                          f"({micro_tokens} x {world_size})")
+    return steps

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import stackcore as sc
 from notebooks.config import reading_settings
-from notebooks.report import write_report
+from notebooks.report import format_duration, write_report
 from notebooks.runtime import end_scripts_on_user_errors
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +29,7 @@ def run_pipeline(overrides: Sequence[str]) -> None:
         finished = subprocess.run([sys.executable, str(twin), *overrides], stdin=subprocess.DEVNULL)
         if finished.returncode:  # the twin has printed why; a traceback of this loop would add nothing
             raise SystemExit(f"=== {twin.name} failed (exit status {finished.returncode}): the pipeline stops here ===")
-        print(f"=== {twin.name} done in {sc.format_duration(time.time() - started)} ===", flush=True)
+        print(f"=== {twin.name} done in {format_duration(time.time() - started)} ===", flush=True)
     print(describe_run_outputs(sc.artifact_dir("runs")))
     print(f"report card: {write_report(sc.stack_home())}")
 

@@ -12,6 +12,11 @@ from typing import Any, Iterable, Sequence
 from notebooks.runtime import project_commit
 
 
+def format_duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m{seconds:02d}s"
+
+
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
     """Lines of a Markdown table; floats print with 4 significant digits."""
     def cell(value: Any) -> str:

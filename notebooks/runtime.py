@@ -215,11 +215,11 @@ def describe_runtime(gpu: GpuInfo | None, threads: int, installed: Sequence[str]
     import torch
 
     import stackcore as sc
-    from notebooks.config import choose_preset, parse_cli_overrides, reading_settings, script_argv
+    from notebooks.config import choose_preset, colab_gpu_tier, parse_cli_overrides, reading_settings, script_argv
 
     with reading_settings():
         preset = choose_preset(parse_cli_overrides(script_argv()), os.environ, gpu)
-        tier = sc.colab_gpu_tier(gpu, os.environ.get("STACK_COLAB_GPU", "")) if preset == "colab" else None
+        tier = colab_gpu_tier(gpu, os.environ.get("STACK_COLAB_GPU", "")) if preset == "colab" else None
         dtype = sc.compute_dtype_for(gpu, os.environ.get("STACK_DTYPE", "auto"))
     hardware = (f"{gpu.name}, {gpu.memory_gb:.1f} GB, compute capability {gpu.capability[0]}.{gpu.capability[1]}"
                 if gpu else f"none (CPU, {threads} torch thread{'s' * (threads > 1)})")

@@ -17,7 +17,7 @@ from packaging.utils import canonicalize_name
 import stackcore as sc
 from conftest import ROOT
 from notebooks import runtime as rt
-from notebooks.config import StackConfig, auto_preset, configure
+from notebooks.config import StackConfig, auto_preset, colab_gpu_tier, configure
 
 T4 = sc.GpuInfo("Tesla T4", (7, 5), 15.8)
 V100 = sc.GpuInfo("Tesla V100-SXM2-16GB", (7, 0), 17.2)
@@ -46,17 +46,17 @@ SATISFIED = {name: next(iter(Requirement(line).specifier)).version for name, lin
     (H200, "h100", "speedrun", torch.bfloat16), (None, None, "tiny", torch.float32),
 ], ids=lambda v: v.name if isinstance(v, sc.GpuInfo) else None)
 def test_gpu_decides_tier_preset_and_dtype(gpu, tier, preset, dtype):
-    assert sc.colab_gpu_tier(gpu) == tier
+    assert colab_gpu_tier(gpu) == tier
     assert auto_preset(gpu) == preset
     assert sc.compute_dtype_for(gpu) == dtype
 
 
 def test_several_gpus_mean_node_and_overrides_win():
     assert auto_preset(H100, world_size=8) == "node"
-    assert sc.colab_gpu_tier(H100, override="t4") == "t4"
+    assert colab_gpu_tier(H100, override="t4") == "t4"
     assert sc.compute_dtype_for(T4, "float32") == torch.float32
     with pytest.raises(sc.ConfigError, match="valid: t4, l4, a100, h100"):
-        sc.colab_gpu_tier(T4, override="p100")
+        colab_gpu_tier(T4, override="p100")
     with pytest.raises(sc.ConfigError, match="valid: auto, bfloat16, float16, float32"):
         sc.compute_dtype_for(T4, "fp8")
 

@@ -1,4 +1,4 @@
-"""The chat format, the calculator and the KV-cache engine (section 13 of stackcore): cached decoding against the
+"""The chat format, the calculator and the KV-cache engine (section 12 of stackcore): cached decoding against the
 full forward pass, batch-invariant sampling, stopping, tool forcing. The chat session is tested in test_chat.py."""
 import pytest
 import torch

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import stackcore as sc
-from notebooks.config import PRESET_NAMES, StackConfig, above, configure, parse_value
+from notebooks.config import PRESET_NAMES, Allowed, StackConfig, above, configure, parse_value
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOK_NAMES = ("01_tokenizer", "02_sharding", "03_pretrain", "04_core_eval", "05_sft", "06_rl", "07_chat")
@@ -35,7 +35,7 @@ def numeric_fields(cls: type) -> list[tuple[str, type]]:
     return [(f.name, kinds[f.name]) for f in dataclasses.fields(cls) if kinds[f.name] in (int, float)]
 
 
-def hostile_numbers(kind: type, allowed: sc.Allowed) -> list[str]:
+def hostile_numbers(kind: type, allowed: Allowed) -> list[str]:
     """Values a setting must refuse: non-numbers always; NaN, infinities and 1e30 for floats (1e30 only where a
     bound exists); for ints anything beyond int64 or not an integer; 0 and negatives where the range excludes them."""
     values = ["abc", "1.5e", "[]"]

@@ -1,4 +1,4 @@
-"""modded-nanogpt's partial key offset and paired-head attention as GPTConfig switches (stackcore section 7): their
+"""modded-nanogpt's partial key offset and paired-head attention as GPTConfig switches (stackcore section 6): their
 definitions against plain-loop references, cached decoding against the full forward pass on every CPU backend (with
 sliding windows, several rows, views, DecodeStep, the Engine), documents that stay apart in packed rows, training
 steps eager and compiled, and CORE scoring, which must lay such a model's passes out as plain documents."""

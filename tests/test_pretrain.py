@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import stackcore as sc
+from notebooks.config import accumulation_steps
 from notebooks.training import resume_training, save_checkpoint
 
 BOS = 511
@@ -162,8 +163,8 @@ def test_missing_checkpoint_names_the_notebook(tmp_path):
 
 
 def test_accumulation_steps_split_the_global_batch_or_explain_why_not():
-    assert sc.accumulation_steps(524_288, 65_536, 1) == 8
-    assert sc.accumulation_steps(524_288, 65_536, 8) == 1
+    assert accumulation_steps(524_288, 65_536, 1) == 8
+    assert accumulation_steps(524_288, 65_536, 8) == 1
     for tokens_per_step, micro_tokens, world_size in ((100_000, 65_536, 1), (65_536, 65_536, 2)):
         with pytest.raises(sc.ConfigError, match="multiple of micro_tokens x ranks"):
-            sc.accumulation_steps(tokens_per_step, micro_tokens, world_size)
+            accumulation_steps(tokens_per_step, micro_tokens, world_size)
