@@ -10,8 +10,7 @@ from typing import Iterator
 
 from data.records import DataFileError, converted, field, read_records
 from data.synthetic import synthetic_documents
-from notebooks.config import StackConfig, above
-from notebooks.config import one_of
+from notebooks.config import StackConfig, above, one_of
 from stackcore import artifact_dir
 
 
