@@ -153,25 +153,28 @@ def test_finished_and_waiting_rows_step_masked():
         torch.testing.assert_close(step.state.logits[1], expected, atol=TOLERANCE, rtol=0)
 
 
-def test_prompts_prefilled_together_in_one_packed_pass():
-    """Prompts of 7, 12 and 3 tokens in one packed (varlen) pass, each into its 2 rows: the next-token logits and
-    the following decoded steps of every row match each prompt's own full forward pass."""
-    model = random_model(short_window=5)
-    ids = torch.randint(0, 512, (40,), generator=torch.Generator().manual_seed(7))
+def assert_packed_prefill_matches_full_passes(model: sc.GPT, backend: str = "sdpa") -> None:
+    """Prompts of 7, 12 and 3 tokens in one packed (varlen) pass, each into its 2 rows, then 4 more tokens in every
+    row: the next-token logits and the following steps of every row match each prompt's own full forward pass."""
+    ids = torch.randint(0, model.config.vocab_size, (40,), generator=torch.Generator().manual_seed(7))
     lengths = [7, 12, 3]
     prompts = [ids[:length] for length in lengths]
     with torch.no_grad():
         cache = sc.KVCache(model.config, 6, 30, "cpu", torch.float32)
         packed = sc.PackedPrompts(cache, lengths, [0, 2, 4], copies=2)
-        first = model(torch.cat(prompts), kv_cache=packed, logit_rows=packed.last_tokens())
+        first = model(torch.cat(prompts), kv_cache=packed, backend=backend, logit_rows=packed.last_tokens())
         assert cache.lengths.tolist() == [7, 7, 12, 12, 3, 3] and not cache.empty
         continuation = ids[20:24]
-        nexts = model(continuation.expand(6, 4), kv_cache=cache)  # 4 more tokens in every row, one pass
+        nexts = model(continuation.expand(6, 4), kv_cache=cache, backend=backend)  # 4 more tokens a row, one pass
         for i, prompt in enumerate(prompts):
-            full = model(torch.cat([prompt, continuation]))
+            full = model(torch.cat([prompt, continuation]), backend=backend)
             torch.testing.assert_close(first[i], full[len(prompt) - 1], atol=TOLERANCE, rtol=0)
             for row in (2 * i, 2 * i + 1):
                 torch.testing.assert_close(nexts[row], full[len(prompt):], atol=TOLERANCE, rtol=0)
+
+
+def test_prompts_prefilled_together_in_one_packed_pass():
+    assert_packed_prefill_matches_full_passes(random_model(short_window=5))
 
 
 def test_a_view_of_a_filled_cache_reads_the_cache():

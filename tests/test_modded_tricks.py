@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import stackcore as sc
-from test_engine import (cached_logits, force, greedy_step, one_thread,  # noqa: F401 (one_thread: autouse, faster)
-                         random_model, waiting_step)
+from test_engine import (assert_packed_prefill_matches_full_passes, cached_logits, force, greedy_step,  # noqa: F401
+                         one_thread, random_model, waiting_step)  # one_thread: autouse, faster
 
 TOLERANCE = 1e-4  # fp32 on the CPU: cached and full passes differ only in summation order
 BACKENDS = sc.available_attention_backends("cpu")
@@ -174,23 +174,7 @@ def test_a_waiting_row_keeps_its_carried_half(tricks):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("tricks", list(TRICKS))
 def test_prompts_prefilled_together_in_one_packed_pass(tricks, backend):
-    """Prompts of 7, 12 and 3 tokens in one packed pass (PackedPrompts), each into its 2 rows, then 4 more tokens in
-    every row: each row matches its prompt's own full forward pass."""
-    model = tricked_model(TRICKS[tricks], short_window=5)
-    ids = torch.randint(0, 128, (40,), generator=torch.Generator().manual_seed(7))
-    lengths = [7, 12, 3]
-    prompts = [ids[:length] for length in lengths]
-    with torch.no_grad():
-        cache = sc.KVCache(model.config, 6, 30, "cpu", torch.float32)
-        packed = sc.PackedPrompts(cache, lengths, [0, 2, 4], copies=2)
-        first = model(torch.cat(prompts), kv_cache=packed, backend=backend, logit_rows=packed.last_tokens())
-        continuation = ids[20:24]
-        nexts = model(continuation.expand(6, 4), kv_cache=cache, backend=backend)
-        for i, prompt in enumerate(prompts):
-            full = model(torch.cat([prompt, continuation]), backend=backend)
-            torch.testing.assert_close(first[i], full[len(prompt) - 1], atol=TOLERANCE, rtol=0)
-            for row in (2 * i, 2 * i + 1):
-                torch.testing.assert_close(nexts[row], full[len(prompt):], atol=TOLERANCE, rtol=0)
+    assert_packed_prefill_matches_full_passes(tricked_model(TRICKS[tricks], short_window=5), backend)
 
 
 @pytest.mark.parametrize("tricks", list(TRICKS))
