@@ -437,9 +437,8 @@ def symmetric_matmul_reference(x: Tensor, alpha: float = 1.0, addend: Tensor | N
 
 def symmetric_matmul(x: Tensor, alpha: float = 1.0, addend: Tensor | None = None, beta: float = 0.0,
                      block_m: int = 128, block_k: int = 64) -> Tensor:
-    """symmetric_matmul_reference (`addend` symmetric) computing only the tiles on and above the diagonal, about half
-    the FLOPs, on CUDA or under TRITON_INTERPRET=1 (set before triton is imported); accumulates in fp32 (TF32 for fp32
-    inputs on CUDA). Elsewhere the reference runs."""
+    """symmetric_matmul_reference (`addend` symmetric) from the tiles on and above the diagonal only, half the FLOPs,
+    in fp32 (TF32 for fp32 on CUDA), on CUDA or under TRITON_INTERPRET=1 (set before importing triton)."""
     if triton is None or not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         return symmetric_matmul_reference(x, alpha, addend, beta)
     batch_shape, (M, K) = x.shape[:-2], x.shape[-2:]
@@ -508,9 +507,8 @@ def fp8_supported(device: str | torch.device, compute_dtype: torch.dtype) -> boo
 
 
 class _Fp8Linear(torch.autograd.Function):
-    """x @ weight.T, x quantised here and the weight by the caller (`weight` only carries the gradient): dynamo cannot
-    lift a weight's symbolic sizes into a second such function of one graph. The quantised operands are kept for the
-    backward (half the memory of bf16 activations, no second quantisation)."""
+    """x @ weight.T, the weight quantised by the caller (dynamo cannot lift its symbolic sizes into a second such
+    function of one graph; `weight` carries the gradient). Backward reuses the fp8 operands: half bf16's memory."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, w_data: Tensor, w_scale: Tensor, grad_dtype: torch.dtype) -> Tensor:
@@ -573,10 +571,8 @@ def _records_grad(*tensors: Tensor) -> bool:
 
 
 def _sdpa_attention(q, k, v, cu_seqlens, max_seqlen, window):
-    """Reference backend: one SDPA call per document. `window` may also be a mask_mod over the packed indices
-    (shared_prefix_mask_mod), evaluated densely over each document."""
-    outputs = []
-    bounds = cu_seqlens.tolist()
+    """Reference backend: one SDPA per document; `window` may be a mask_mod (shared_prefix_mask_mod), made dense."""
+    outputs, bounds = [], cu_seqlens.tolist()
     for start, end in zip(bounds[:-1], bounds[1:]):
         if end == start:
             continue
@@ -606,8 +602,7 @@ def _document_mask_mod(doc_ids: Tensor, window: int | None):
 
 
 def build_block_mask(mask_mod, total_len: int, device: torch.device) -> BlockMask:
-    """FlexAttention block mask of `mask_mod` over a packed row of total_len tokens; compiled on a GPU, which avoids
-    materialising the dense T x T mask."""
+    """FlexAttention block mask of `mask_mod` over a packed row; compiled on a GPU, so no dense T x T mask exists."""
     return create_block_mask(mask_mod, None, None, total_len, total_len, device=device, _compile=device.type == "cuda")
 
 
@@ -621,9 +616,8 @@ def flex_block_mask(cu_seqlens: Tensor, total_len: int, window: int | None) -> B
 
 
 def shared_prefix_mask_mod(documents: Tensor, branches: Tensor, positions: Tensor, window: int | None):
-    """FlexAttention mask_mod for packed prefix trees (CORE's choices after one context). Per packed token: its
-    document, its branch (0: the prefix the document's branches share) and its position in its branch's sequence,
-    so that each branch's sequence attends as if run alone."""
+    """FlexAttention mask_mod for packed prefix trees (CORE's choices after one context). Per packed token: document,
+    branch (0: the prefix its branches share) and position in its branch's sequence, which attends as if alone."""
     limit = _window_limit(window, documents.numel(), documents.device)
 
     def mask_mod(b, h, q_idx, kv_idx):
@@ -903,8 +897,7 @@ class CastedLinear(nn.Linear):
 
 @lru_cache(maxsize=1)
 def _flash_kvcache_function():
-    """flash_attn_with_kvcache of FA3 or FA2: a decode kernel that reads each row's cache only up to its length.
-    FA4's CuTe interface has no cache entry point with this signature."""
+    """FA3's or FA2's flash_attn_with_kvcache (FA4 has none): it reads each cache row only up to the row's length."""
     return _first_importable("flash_attn_with_kvcache", ("flash_attn_interface", "flash_attn"))
 
 
@@ -1221,8 +1214,7 @@ def _softcapped_ce_rows_fp8(logits: Tensor, targets: Tensor, softcap: float, gra
 
 def _ce_chunk(h: Tensor, w: Tensor, w8: tuple[Fp8Tensor, Fp8Tensor] | None, targets: Tensor, softcap: float,
               compile_backend: str | None, fp8_grad_format: str | None) -> tuple[Tensor, Tensor, Tensor]:
-    """One chunk's per-row losses and gradients (h's, and the head's in fp32); in fp8 when `w8`, the quantised head
-    and its transpose, is given and the chunk's shape fits."""
+    """One chunk's per-row losses and gradients (h's, and the head's in fp32); in fp8 given `w8` and shapes that fit."""
     if w8 is None or not fp8_shapes_ok(h.size(0), *w.shape):
         rows = _compiled(_softcapped_ce_rows, compile_backend) if compile_backend else _softcapped_ce_rows
         losses, grad_logits = rows(h @ w.mT, targets, softcap)
@@ -1388,8 +1380,7 @@ class GPT(nn.Module):
         return mirrored if mirrored < self.config.value_embed_tables else None
 
     def layer_windows(self, short_window: int | None = None) -> list[int | None]:
-        """Per-layer window: `short_window` (default config.window; a schedule passes a growing one) in "S" layers,
-        None (full causal) in "L" layers and the last."""
+        """Each layer's window: `short_window` (default config.window) in "S" layers, None (causal) in "L" and last."""
         short = short_window or self.config.window
         pattern = self.config.window_pattern
         windows = [short if pattern[i % len(pattern)] == "S" else None for i in range(self.config.depth)]
@@ -1481,8 +1472,7 @@ class GPT(nn.Module):
     def run_layers(self, x0: Tensor, value_embeds: list[Tensor], windows: list[Any], batch: AttentionBatch,
                    logit_rows: Tensor | None = None, mix: typing.Callable = residual_mix,
                    run_block: typing.Callable = _run_block) -> Tensor:
-        """The blocks with the residual mixing and U-net skips, from the embeddings x0 to the last hidden state (its
-        rows `logit_rows`); training passes the compiled `mix` and `run_block`."""
+        """The blocks with residual mixing and U-net skips, x0 to the last hidden state, compiled parts given."""
         n_skip = self.config.depth // 2
         x, skips = x0, []
         for i, block in enumerate(self.blocks):
@@ -1491,8 +1481,7 @@ class GPT(nn.Module):
             x = mix(x, x0, self.resid_lambdas[i], self.x0_lambdas[i], *skip)
             table = self.value_embed_index(i)
             value_embed = None if table is None else value_embeds[table]
-            last = i == self.config.depth - 1
-            x = run_block(block, x, value_embed, windows[i], batch, logit_rows if last else None)
+            x = run_block(block, x, value_embed, windows[i], batch, logit_rows if i == self.config.depth - 1 else None)
             if i < n_skip:
                 skips.append(x)
         return x
@@ -1525,9 +1514,8 @@ class GPT(nn.Module):
         return groups
 
     def flops_per_token(self, seq_len: int, windows: list[int | None] | None = None) -> float:
-        """Training FLOPs per token: 6 per matmul weight, plus 12 * n_heads * head_dim per (query, key) pair times the
-        mean keys per query: n / 2 causal, w - w^2 / (2n) for a window w < n, n the (for paired layers interleaved)
-        sequence length. Elementwise work is not counted."""
+        """Training FLOPs per token, elementwise work aside: 6 per matmul weight, plus 12 * n_heads * head_dim times
+        the mean keys per query: n / 2 causal, w - w^2 / (2n) for a window w < n (n: length, interleaved if paired)."""
         counts = self.num_params()
         windows = self.layer_windows() if windows is None else windows
         lengths = [seq_len * (2 if block.attn.paired else 1) for block in self.blocks]
@@ -1586,9 +1574,8 @@ def polar_express_coefficients(steps: int = 5, lower: float = 1e-3, cushion: flo
 
 
 def orthogonalize(g: Tensor, method: str = "polar_express", steps: int = 5) -> Tensor:
-    """The polar factor U V^T of g (..., rows, cols) by an odd-polynomial iteration, in the compute dtype of g's
-    device; "newton_schulz" leaves singular values roughly in [0.7, 1.2]. Tall matrices go transposed, so that the
-    Gram matrix X X^T is the small one."""
+    """The polar factor U V^T of g (..., rows, cols) by an odd-polynomial iteration in the device's compute dtype
+    ("newton_schulz" leaves singular values in about [0.7, 1.2]); tall ones go transposed: X X^T is the small one."""
     if method not in ("polar_express", "newton_schulz"):
         raise ValueError(f"unknown orthogonalization method {method!r}; use 'polar_express' or 'newton_schulz'")
     newton_schulz = (NEWTON_SCHULZ_COEFFICIENTS,) * steps
@@ -1640,9 +1627,8 @@ def _all_gather_stacked(own: Tensor, world_size: int) -> Tensor:
 
 class Muon(torch.optim.Optimizer):
     """Muon (Jordan et al. 2024): Nesterov momentum on 2D matrices, the update replaced by its polar factor, scaled by
-    max(1, rows / cols) ** 0.5, with decoupled weight decay; one batched orthogonalisation per shape. Under several
-    ranks step() reduce-scatters the raw local gradients: each rank keeps momentum for and orthogonalises its share
-    of every shape, and the all-gathered updates are the same on every rank."""
+    max(1, rows / cols) ** 0.5, decoupled weight decay; one batched orthogonalisation per shape. Under several ranks,
+    each keeps momentum for and orthogonalises its share of the reduce-scattered gradients, then all gather."""
 
     def __init__(self, params, lr: float = 0.05, momentum: float = 0.95, weight_decay: float = 0.0,
                  nesterov: bool = True, method: str = "polar_express", steps: int = 5, normuon: bool = False,
@@ -1696,8 +1682,7 @@ class Muon(torch.optim.Optimizer):
         return params[share.start:share.stop]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load, then keep momentum only for this rank's share: a checkpoint saved by another number of ranks
-        arrives as every rank's share together (see resume_training)."""
+        """Load, then keep momentum for this rank's share: a checkpoint holds every rank's (see resume_training)."""
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             own = {id(p) for p in self._share(group["params"])}
@@ -1706,10 +1691,7 @@ class Muon(torch.optim.Optimizer):
                     self.state.pop(p, None)
 
     def _orthogonal_update(self, group: dict, params: list[Tensor], grads: Tensor) -> Tensor:
-        for p, g in zip(params, grads):
-            if "momentum_buffer" not in self.state[p]:
-                self.state[p]["momentum_buffer"] = torch.zeros_like(g)
-        buffers = [self.state[p]["momentum_buffer"] for p in params]
+        buffers = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(g)) for p, g in zip(params, grads)]
         momentum = group["momentum"]
         torch._foreach_lerp_(buffers, list(grads.unbind(0)), 1 - momentum)  # EMA of gradients
         stacked = torch.stack(buffers)
@@ -1823,8 +1805,7 @@ def muon_momentum(step: int, warmup_steps: int = 300, start: float = 0.85, end: 
 
 def short_window_schedule(step: int, total_steps: int, final_window: int, start_window: int = 128,
                           granularity: int = 128) -> int:
-    """The short sliding window (GPT.layer_windows()) grown linearly over training, as in modded-nanogpt, rounded down
-    to `granularity` so that few values (recompilations, block masks) occur."""
+    """The short window grown linearly, as in modded-nanogpt, down to whole `granularity`s: few recompiles and masks."""
     window = start_window + (final_window - start_window) * min(1.0, step / max(total_steps, 1))
     return max(start_window, min(final_window, int(window) // granularity * granularity))
 
@@ -1930,8 +1911,7 @@ class PretrainLoader:
 # the device without waiting for it.
 
 def host_to_device(array: np.ndarray, device: str | torch.device) -> Tensor:
-    """`array` on `device`, through pinned memory for a GPU: the copy is then asynchronous and the host can queue more
-    work meanwhile (a copy from pageable memory may wait for the GPU)."""
+    """`array` on `device`, through pinned memory for a GPU: an asynchronous copy, during which the host queues on."""
     tensor = torch.from_numpy(array)
     if torch.device(device).type == "cuda":
         tensor = tensor.pin_memory()
@@ -1973,8 +1953,7 @@ def token_budget_chunks(lengths: Sequence[int], max_tokens: int) -> list[list[in
 def evaluate_bpb(model: GPT, loader: PretrainLoader, steps: int, token_bytes: Tensor, backend: str) -> float:
     """Bits per byte over `steps` batches of `loader` (each rank its own batches; summed over ranks)."""
     model.eval()
-    nats = torch.zeros((), device=token_bytes.device, dtype=torch.float64)
-    total_bytes = torch.zeros((), device=token_bytes.device, dtype=torch.float64)
+    nats, total_bytes = (torch.zeros((), device=token_bytes.device, dtype=torch.float64) for _ in range(2))
     for _ in range(steps):
         batch = loader.next_batch()
         losses = model(batch.inputs, batch.cu_seqlens, batch.max_seqlen, batch.targets, backend=backend,
@@ -2020,7 +1999,7 @@ def init_distributed() -> DistInfo:
         if local_rank >= torch.cuda.device_count():
             raise ConfigError(f"this process is local rank {local_rank}, but the node shows "
                               f"{torch.cuda.device_count()} GPU(s): start at most that many processes per node "
-                              f"(torchrun --nproc_per_node), or hide the GPUs (CUDA_VISIBLE_DEVICES=) to run on the CPU")
+                              f"(torchrun --nproc_per_node), or hide the GPUs (CUDA_VISIBLE_DEVICES=) to use the CPU")
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
@@ -2033,8 +2012,7 @@ def _collective_device() -> str:
 
 
 def sum_over_ranks(values: Sequence[float]) -> list[float]:
-    """Each of `values` summed over all ranks in one all-reduce: a step's tokens, rewards or correct answers are
-    counted per rank, and a mean over the global batch needs sums."""
+    """Each of `values` (per-rank counts) summed over all ranks in one all-reduce: a global-batch mean needs sums."""
     if not dist.is_initialized():
         return [float(value) for value in values]
     totals = torch.tensor([float(value) for value in values], dtype=torch.float64, device=_collective_device())
@@ -2105,8 +2083,7 @@ def load_checkpoint(path: Path, device: str = "cpu", made_by: str | None = None,
 
 def model_from_checkpoint(path: Path, device: str, vocab_size: int | None = None, made_by: str | None = None
                           ) -> tuple[GPT, dict[str, Any]]:
-    """The model of a checkpoint; with `vocab_size`, refused unless it matches the tokenizer's: other ids would
-    index past its embedding or mean other text."""
+    """A checkpoint's model, refused for another `vocab_size`: other ids overrun its embedding or mean other text."""
     checkpoint = load_checkpoint(path, device, made_by)
     model_vocab = checkpoint["model_config"]["vocab_size"]
     if vocab_size is not None and model_vocab != vocab_size:
@@ -2148,8 +2125,7 @@ def first_examples(shard: CoreShard, count: int) -> CoreShard:
 
 
 def first_pack(shard: CoreShard, pack_tokens: int, max_seq_len: int) -> CoreShard:
-    """The shard cut to the examples of its first packed pass: a warm-up at a full evaluation's sizes, as kernels are
-    tuned or built on first use for the shapes they see."""
+    """The shard cut to its first packed pass: a warm-up at full sizes, as kernels are built for the shapes they see."""
     examples = core_examples(shard.tokens, shard.records, max_seq_len)
     return first_examples(shard, len(next(budget_chunks(examples, shared_prefix_cost, pack_tokens), [])))
 
@@ -2278,17 +2254,12 @@ def score_core_records(model: GPT, tokens: np.ndarray, records: np.ndarray, back
     (padded to one shape for compiled flex), or on sdpa when `backend` is (uncompiled flex would build dense masks
     over whole passes); passes without branches run on `backend`, unpadded."""
     examples = core_examples(tokens, records, model.config.max_seq_len)
-    if pack_tokens and model.config.plain_documents_only:  # no prefix trees: each choice a document of its own
+    if pack_tokens == 0 or model.config.plain_documents_only:  # no prefix trees: each choice a document of its own
         examples = ([choice] for choices in examples for choice in choices)
-    tree_backend = backend
-    if pack_tokens == 0:
-        packs = (pack_core_examples([[choice]]) for choices in examples for choice in choices)
-    else:
-        tree_backend = "sdpa" if backend == "sdpa" else "flex"
-        pad_to = -(-pack_tokens // FLEX_BLOCK_SIZE) * FLEX_BLOCK_SIZE if tree_backend == "flex" else 1
-        chunks = budget_chunks(examples, shared_prefix_cost, pack_tokens)
-        packs = (pack_core_examples(chunk, pad_to) for chunk in chunks)
-    scores = [_score_pack(model, pack, backend, tree_backend, device) for pack in packs]
+    tree_backend = "sdpa" if backend == "sdpa" else "flex"  # for branches: a choice alone has none
+    pad_to = -(-pack_tokens // FLEX_BLOCK_SIZE) * FLEX_BLOCK_SIZE if tree_backend == "flex" and pack_tokens else 1
+    chunks = budget_chunks(examples, shared_prefix_cost, pack_tokens) if pack_tokens else ([e] for e in examples)
+    scores = [_score_pack(model, pack_core_examples(chunk, pad_to), backend, tree_backend, device) for chunk in chunks]
     return torch.cat(scores).cpu().numpy() if scores else np.zeros((0, 2), dtype=np.float32)
 
 
@@ -2375,8 +2346,7 @@ def _assistant_parts(content: Any, where: str) -> list[dict[str, str]]:
 
 
 def chat_turns(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A conversation's turns, the system message folded into the first user message; ValueError on a conversation
-    the chat format cannot express."""
+    """A conversation's turns, the system message folded into the first user one; ValueError if the format cannot."""
     if not isinstance(messages, (list, tuple)) or not messages:
         raise ValueError("a conversation is a non-empty list of {'role': ..., 'content': ...} messages")
     for i, message in enumerate(messages):
@@ -2606,8 +2576,7 @@ class Sampling:
 
 @dataclass
 class DecodeState:
-    """The device buffers a decode step reads and writes (B rows, chunks of `chunk` steps); the host fills the
-    inputs and reads the outputs back once per chunk."""
+    """The device buffers of a decode step (B rows, chunks of `chunk` steps); the host touches them once per chunk."""
     logits: Tensor  # (B, vocab) fp32: each row's next-token logits (the step samples them, then replaces them)
     temperature: Tensor  # (B,) fp32
     top_p: Tensor  # (B,) fp32
@@ -2866,8 +2835,7 @@ class Engine:
     @staticmethod
     def _chunk_inputs(rows: list[_RowState], generators: list[random.Random], chunk: int, greedy: bool
                       ) -> tuple[Tensor, Tensor, Tensor]:
-        """DecodeStep.begin_chunk's inputs. Uniforms stay in row.uniforms until used, so that a row's k-th sampled
-        token takes its generator's k-th draw whatever the chunks."""
+        """DecodeStep.begin_chunk's inputs; unused uniforms stay queued: a row's k-th sample takes its k-th draw."""
         uniforms = torch.zeros(len(rows), chunk)
         forced = torch.zeros(len(rows), chunk, dtype=torch.long)
         forced_len = torch.zeros(len(rows), dtype=torch.long)
@@ -2927,8 +2895,7 @@ class Engine:
 # A reply back into message parts, and as text: the chat evals check it; 07_chat (notebooks/chat_session.py) shows it.
 
 def assistant_parts(tokenizer: Tokenizer, ids: Sequence[int]) -> list[dict[str, str]]:
-    """Generated tokens (after <|assistant_start|>) back to message parts, up to a stop token; the inverse of
-    rendering an assistant turn. A part still open at the end is kept as it is."""
+    """Generated tokens (after <|assistant_start|>) to message parts, up to a stop token; an open part is kept."""
     special = {tokenizer.special_id(name): name for name in SPECIAL_TOKENS}
     opens = {start: kind for kind, (start, _) in CHAT_PART_TOKENS.items()}
     closes = {end for _, end in CHAT_PART_TOKENS.values()}
