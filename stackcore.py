@@ -917,10 +917,9 @@ def _(q, k_cache, v_cache, seqlens, window):
 
 class KVCache:
     """Keys and values (depth, batch, heads, capacity, head_dim) and each row's filled length `lengths` (B,), a tensor
-    that a decode step replayed as a CUDA graph advances. GPT.forward(ids (B, L), kv_cache=cache) puts L new tokens
-    at each row's next positions; only rows whose `advancing` is 1 advance, the others are overwritten next pass.
-    A row at capacity keeps overwriting its last position. `carried`: other per-layer state, (depth, batch, ...),
-    with the key offset "previous_half", each row's last stationary key half (offset_keys)."""
+    that a replayed decode step advances. GPT.forward(ids (B, L), kv_cache=cache) puts L new tokens at each row's next
+    positions; rows whose `advancing` is 0 are overwritten next pass, a full row at its last position. `carried`: other
+    per-layer state (depth, batch, ...), with the key offset "previous_half": each row's last key half (offset_keys)."""
 
     def __init__(self, config: GPTConfig, batch_size: int, capacity: int, device: torch.device | str,
                  dtype: torch.dtype):
@@ -964,10 +963,9 @@ class KVCache:
 
     def attend(self, layer: int, q: Tensor, window: int | None, positions: Tensor, paired: bool = False) -> Tensor:
         """Queries (B * L, H, D) at `positions` attend to their row's cached keys less than `window` back.
-        FlashAttention's cache kernel reads each row only up to its length; without it, SDPA reads the whole
-        capacity under a mask, so that no shape depends on the lengths. `paired` heads attend as in the full pass
-        (modded-nanogpt #191): the cache keeps its layout, a pair's two heads viewed as one head over 2 x capacity
-        keys, whose order a softmax ignores; only the mask knows the interleaved positions 2p + i of head i."""
+        FlashAttention's cache kernel reads each row only up to its length; SDPA reads the whole capacity under a
+        mask, so that no shape depends on the lengths. `paired` heads (modded-nanogpt #191) view a pair as one head
+        over 2 x capacity keys, whose order a softmax ignores; the mask knows their interleaved positions 2p + i."""
         B, H, capacity, D = self.k[layer].shape
         at = positions.view(B, -1)
         L = at.size(1)
@@ -1256,9 +1254,8 @@ class _SoftcappedCrossEntropySum(torch.autograd.Function):
 def softcapped_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, softcap: float, reduction: str = "mean",
                              chunk_tokens: int = 8192, compile_backend: str | None = None,
                              fp8_grad_format: str | None = None) -> Tensor:
-    """F.cross_entropy(soft_cap(h @ weight.T, softcap), targets, ignore_index=-1, reduction=reduction), `chunk_tokens`
-    rows of logits at a time. With gradients and reduction "mean" or "sum", each chunk's gradient is formed at once
-    (fused by torch.compile with `compile_backend`, in fp8 with `fp8_grad_format`)."""
+    """F.cross_entropy(soft_cap(h @ weight.T, softcap), targets, ignore_index=-1), `chunk_tokens` rows of logits at a
+    time; with gradients and a "mean" or "sum", each chunk's gradient is formed at once (compiled, fp8 if asked)."""
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"unknown reduction {reduction!r}; use 'mean', 'sum' or 'none'")
     if _records_grad(h, weight) and reduction != "none":
@@ -1348,10 +1345,9 @@ class GPT(nn.Module):
 
     def compile_layers(self, compile_backend: str = "inductor", evaluation: bool = False,
                        inductor_options: dict[str, Any] | None = None) -> "GPT":
-        """Regional torch.compile for training: one block graph shared by the layers of one structure, small graphs
-        for the residual mixing and the loss, dynamic windows and lengths (a growing window recompiles nothing). With
-        `evaluation`, passes without gradients compile all layers as one graph, worth it for a long evaluation such
-        as CORE; `inductor_options` apply to that graph. The sdpa backend and KV-cache passes run eagerly."""
+        """Regional torch.compile for training: one block graph per layer structure, small graphs for the residual
+        mixing and the loss, dynamic windows and lengths (a growing window recompiles nothing). With `evaluation`,
+        gradient-free passes compile all layers as one graph (for CORE); sdpa and KV-cache passes run eagerly."""
         if inductor_options and compile_backend != "inductor":
             raise ValueError(f"inductor_options need the inductor compile backend, not {compile_backend!r}")
         # CORE's graphs per kind of pass and shape specialisation can pass dynamo's default limit of 8 per function
@@ -1393,10 +1389,9 @@ class GPT(nn.Module):
                 kv_cache: KVCache | None = None) -> Tensor:
         """The one forward pass of training, evaluation, prefill and decoding. input_ids (T,) are packed documents
         (default: one); returns fp32 logits (T, vocab), or with targets the cross-entropy over targets != -1 ("none":
-        per-token losses). `windows` (default layer_windows()) may hold the caller's masks (a BlockMask on flex, a
-        mask_mod on sdpa), which with rotary `positions` lay tokens out otherwise (CORE's shared prefixes). Only the
-        last layer's rows `logit_rows` go on to the head. With `kv_cache`, input_ids is (B, L), L new tokens per
-        cache row, logits are (B, L, vocab) and the cache advances by L: a prefill into empty rows, else decoding."""
+        per-token losses). `windows` may hold masks (a BlockMask on flex, a mask_mod on sdpa) which, with rotary
+        `positions`, lay tokens out otherwise (CORE's shared prefixes); only rows `logit_rows` reach the head. With
+        `kv_cache`, input_ids (B, L) are L new tokens per row, logits are (B, L, vocab) and the cache advances by L."""
         config = self.config
         shape = input_ids.shape
         if kv_cache is not None:
@@ -1700,9 +1695,8 @@ class Muon(torch.optim.Optimizer):
         return self._normalize_neurons(group, params, update) if group["normuon"] else update
 
     def _normalize_neurons(self, group: dict, params: list[Tensor], update: Tensor) -> Tensor:
-        """NorMuon (Li et al. 2025, arXiv 2510.05491): each slice of the long side (an orthogonal matrix's short side
-        is already balanced) divided by the root of an EMA of its mean square, then the matrix's Frobenius norm
-        restored, so the learning rate keeps its meaning and the EMA's zero start cancels."""
+        """NorMuon (Li et al. 2025, arXiv 2510.05491): each long-side slice (the short side is already balanced) over
+        the root of an EMA of its mean square, the Frobenius norm restored: lr keeps its meaning, EMA bias cancels."""
         reduce = -1 if update.size(-2) >= update.size(-1) else -2  # average over the short side
         mean_square = update.square().mean(dim=reduce, keepdim=True)
         moments = [self.state[p].setdefault("second_moment", torch.zeros_like(m))
@@ -2222,9 +2216,8 @@ def pack_core_examples(examples: Sequence[list[tuple[np.ndarray, int]]], pad_to:
 
 
 def _score_pack(model: GPT, pack: CorePack, backend: str, tree_backend: str, device: str) -> Tensor:
-    """(mean continuation loss, 1 if greedy decoding gives the continuation exactly) per choice of one pass. Plain
-    documents (no branches) run on `backend`; branches need a prefix-tree mask per layer window on `tree_backend`:
-    a BlockMask on flex, the mask_mod itself on sdpa (evaluated densely, one example at a time)."""
+    """(mean continuation loss, 1 if greedy decoding reproduces it) per choice of one pass. Branches need a prefix-tree
+    mask per window on `tree_backend`: a BlockMask on flex, the mask_mod on sdpa (dense, an example at a time)."""
     inputs, documents, branches, positions, scored, targets, owners = (
         host_to_device(array, device) for array in (pack.inputs, pack.documents, pack.branches, pack.positions,
                                                     pack.scored, pack.targets, pack.owners))
@@ -2250,9 +2243,8 @@ def _score_pack(model: GPT, pack: CorePack, backend: str, tree_backend: str, dev
 def score_core_records(model: GPT, tokens: np.ndarray, records: np.ndarray, backend: str, device: str,
                        pack_tokens: int = 0) -> np.ndarray:
     """(mean loss, exact) per record. pack_tokens=0 runs each choice alone on `backend`: the reference. Otherwise
-    passes of up to `pack_tokens` tokens of whole examples; branches need a mask function, so those run on flex
-    (padded to one shape for compiled flex), or on sdpa when `backend` is (uncompiled flex would build dense masks
-    over whole passes); passes without branches run on `backend`, unpadded."""
+    passes of up to `pack_tokens` tokens of whole examples; those with branches run on flex, padded to one shape, or
+    on sdpa when `backend` is (uncompiled flex would build dense masks over whole passes), the others on `backend`."""
     examples = core_examples(tokens, records, model.config.max_seq_len)
     if pack_tokens == 0 or model.config.plain_documents_only:  # no prefix trees: each choice a document of its own
         examples = ([choice] for choices in examples for choice in choices)
@@ -2377,9 +2369,8 @@ def chat_turns(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def render_conversation(tokenizer: Tokenizer, messages: Sequence[dict[str, Any]], max_tokens: int | None = None
                         ) -> tuple[list[int], list[int]]:
-    """Token ids of a conversation and a mask that is 1 on the tokens the model is trained to produce: assistant
-    text, python parts with their start/end tokens, and <|assistant_end|>. The mask is 0 on <|bos|>, user turns,
-    <|assistant_start|> and the tool output (with its start/end tokens), which the engine forces at inference."""
+    """Token ids of a conversation and a mask, 1 on what the model learns to write: assistant text, python parts and
+    <|assistant_end|>; 0 on <|bos|>, user turns, <|assistant_start|> and tool output, which the engine forces."""
     special = tokenizer.special_id
     wraps = {kind: ([special(start)], [special(end)]) for kind, (start, end) in CHAT_PART_TOKENS.items()}
     ids, mask = [tokenizer.bos_id], [0]
@@ -2537,9 +2528,8 @@ def calculate(expression: str, timeout_s: float = 0.5) -> str:
 @torch.compiler.disable  # inductor's code generation for a cumulative sum over the vocabulary fails (torch 2.11)
 def sample_tokens(logits: Tensor, uniforms: Tensor, temperature: float | Tensor = 1.0, top_k: int | None = None,
                   top_p: float | Tensor | None = None) -> Tensor:
-    """One token per row of logits (B, vocab) by inverse transform of its own uniform in [0, 1), so that a row
-    depends on its own seeded generator only. Temperature 0 (a number) is greedy; per-row tensors (B,) of
-    temperature and top_p let a captured step read them from buffers, with no wait for the host."""
+    """One token per row of logits (B, vocab) by inverse transform of the row's own uniform, so rows depend on their
+    own generators only. Temperature 0 is greedy; per-row tensors (B,) let a captured step read them from buffers."""
     if not isinstance(temperature, Tensor) and temperature <= 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / (temperature[:, None] if isinstance(temperature, Tensor) else temperature)
@@ -2609,9 +2599,8 @@ class DecodeState:
 
 def decode_step(model: GPT, cache: KVCache, state: DecodeState, backend: str, sampling: Sampling,
                 python_end: int) -> None:
-    """One token for every row and the forward pass to the next logits, all on the device. An active row takes its
-    next forced token or samples one; the others feed a token too (shapes stay fixed) but record -1, keep their
-    logits and do not advance in the cache. <|python_end|> makes a row wait for the host to answer the call."""
+    """One token per row and the forward pass to the next logits, all on the device. Inactive rows feed a token too
+    (fixed shapes) but record -1, keep their logits and stay put in the cache; <|python_end|> makes a row wait."""
     active = ~(state.done | state.waiting)
     last = state.uniforms.size(1) - 1
     uniform = state.uniforms.gather(1, state.draws.clamp(max=last)[:, None])[:, 0]
@@ -2638,9 +2627,8 @@ def decode_step(model: GPT, cache: KVCache, state: DecodeState, backend: str, sa
 @lru_cache(maxsize=None)
 def _compiled_decode_step(compile_backend: str):
     """decode_step as one graph whose elementwise work inductor fuses. Default mode: max-autotune's matmul search
-    costs minutes per shape for matrix-vector products that cuBLAS runs at memory speed. Static shapes: the
-    dynamic-shape code generation failed here (baselines/2026-11-30-decode-graph), so each batch size and cache
-    capacity is a graph; the engine rounds capacities up to DECODE_CAPACITY_STEP to keep those few."""
+    costs minutes per shape for matrix-vector products cuBLAS runs at memory speed. Static shapes, as dynamic ones
+    failed (baselines/2026-11-30-decode-graph): the engine rounds capacities up to DECODE_CAPACITY_STEP: few graphs."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return torch.compile(decode_step, backend=compile_backend, dynamic=False)
 
@@ -2660,9 +2648,8 @@ class _RowState:
 
 class DecodeStep:
     """decode_step over a cache and its DecodeState: each call emits one token per row with no host sync. On a GPU
-    the step is captured once as a CUDA graph and replayed, so that the GPU does not idle while the host queues its
-    many small kernels; captured by hand rather than by mode="reduce-overhead" because the buffers are fixed: a
-    replay is one launch, with no guards, no input copies and no re-recording for a new cache."""
+    the step is a CUDA graph, so the GPU does not idle while the host queues small kernels; captured by hand, not by
+    mode="reduce-overhead", as the buffers are fixed: a replay is one launch (no guards, input copies, re-recording)."""
 
     def __init__(self, model: GPT, cache: KVCache, backend: str, sampling: Sampling, stop_ids: Sequence[int],
                  python_end: int, chunk: int = 16, cuda_graph: bool = True, compile_backend: str | None = None):
@@ -2734,12 +2721,10 @@ class DecodeStep:
 
 
 class Engine:
-    """KV-cache generation with the calculator tool. Prompts are prefilled together in packed passes of at most
-    `prefill_tokens` tokens (PackedPrompts) into their num_samples rows each; then every row advances a token a step
-    until <|assistant_end|> or <|bos|> (kept) or max_tokens. A row that closes <|python_start|> expression
-    <|python_end|> waits, masked, to the end of its chunk of `sync_every` device steps (DecodeStep); the host then
-    queues <|output_start|> `calculate`'s result <|output_end|> to be forced into it. `cuda_graph` replays the step
-    as a CUDA graph once a generation reaches `graph_min_tokens`; `compile_backend` compiles the step."""
+    """KV-cache generation with the calculator tool. Prompts are prefilled together in packed passes (PackedPrompts)
+    into their num_samples rows each; then every row advances a token a step until <|assistant_end|> or <|bos|>
+    (kept) or max_tokens. A row that closes <|python_start|> expression <|python_end|> waits, masked, to the end of
+    its chunk of `sync_every` device steps (DecodeStep); then the host forces <|output_start|> result <|output_end|>."""
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, backend: str = "sdpa", cuda_graph: bool = True,
                  graph_min_tokens: int = 32, compile_backend: str | None = None, sync_every: int = 16,
@@ -2826,9 +2811,8 @@ class Engine:
     def stream_batch(self, prompts: Sequence[Sequence[int]], num_samples: int = 1, max_tokens: int = 256,
                      temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0
                      ) -> Iterator[tuple[list[int], list[int]]]:
-        """Yield, each step, every row's new token (-1 while finished or waiting) and whether it was sampled (1) or
-        forced (0). Row r continues prompts[r // num_samples] with uniforms from random.Random(seed + r), so it equals
-        a single sample of its prompt with that seed. Bad arguments raise here, before the first step."""
+        """Yield, each step, every row's new token (-1 while finished or waiting) and 1 if sampled, 0 if forced. Row r
+        continues prompts[r // num_samples] seeded seed + r, as a single sample would; bad arguments raise at once."""
         self.check_arguments(prompts, num_samples, max_tokens, temperature, top_k, top_p)
         return self._decode(prompts, num_samples, max_tokens, Sampling(temperature, top_k, top_p), seed)
 
@@ -2931,9 +2915,8 @@ def show_parts(parts: Sequence[dict[str, str]]) -> str:
 
 class SFTLoader:
     """Endless batches of whole conversations from conversation shards: each row packs the next conversations of a
-    seeded per-epoch shuffle, at most `tokens` tokens, and never spans two epochs. Every rank walks the same rows and
-    keeps every world_size-th, so world_size ranks taking one batch each see the rows one process takes in
-    world_size calls (the same global batch), at a position every rank shares (resumable under any world size)."""
+    seeded per-epoch shuffle, at most `tokens` tokens, never spanning two epochs. Every rank walks the same rows and
+    keeps every world_size-th: one global batch, at a position every rank shares (resumable under any world size)."""
     position_shared = True
 
     def __init__(self, shard_dir: Path, split: str, tokens: int, bos_id: int, vocab_size: int, max_seq_len: int,
