@@ -437,9 +437,8 @@ def symmetric_matmul_reference(x: Tensor, alpha: float = 1.0, addend: Tensor | N
 
 def symmetric_matmul(x: Tensor, alpha: float = 1.0, addend: Tensor | None = None, beta: float = 0.0,
                      block_m: int = 128, block_k: int = 64) -> Tensor:
-    """symmetric_matmul_reference (`addend` symmetric) computing only the tiles on and above the diagonal, about half
-    the FLOPs, on CUDA or under TRITON_INTERPRET=1 (set before triton is imported); accumulates in fp32 (TF32 for fp32
-    inputs on CUDA). Elsewhere the reference runs."""
+    """symmetric_matmul_reference (`addend` symmetric) from the tiles on and above the diagonal only, half the FLOPs,
+    in fp32 (TF32 for fp32 on CUDA), on CUDA or under TRITON_INTERPRET=1 (set before importing triton)."""
     if triton is None or not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         return symmetric_matmul_reference(x, alpha, addend, beta)
     batch_shape, (M, K) = x.shape[:-2], x.shape[-2:]
@@ -508,9 +507,8 @@ def fp8_supported(device: str | torch.device, compute_dtype: torch.dtype) -> boo
 
 
 class _Fp8Linear(torch.autograd.Function):
-    """x @ weight.T, x quantised here and the weight by the caller (`weight` only carries the gradient): dynamo cannot
-    lift a weight's symbolic sizes into a second such function of one graph. The quantised operands are kept for the
-    backward (half the memory of bf16 activations, no second quantisation)."""
+    """x @ weight.T, the weight quantised by the caller (dynamo cannot lift its symbolic sizes into a second such
+    function of one graph; `weight` carries the gradient). Backward reuses the fp8 operands: half bf16's memory."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, w_data: Tensor, w_scale: Tensor, grad_dtype: torch.dtype) -> Tensor:
@@ -573,10 +571,8 @@ def _records_grad(*tensors: Tensor) -> bool:
 
 
 def _sdpa_attention(q, k, v, cu_seqlens, max_seqlen, window):
-    """Reference backend: one SDPA call per document. `window` may also be a mask_mod over the packed indices
-    (shared_prefix_mask_mod), evaluated densely over each document."""
-    outputs = []
-    bounds = cu_seqlens.tolist()
+    """Reference backend: one SDPA per document; `window` may be a mask_mod (shared_prefix_mask_mod), made dense."""
+    outputs, bounds = [], cu_seqlens.tolist()
     for start, end in zip(bounds[:-1], bounds[1:]):
         if end == start:
             continue
@@ -606,8 +602,7 @@ def _document_mask_mod(doc_ids: Tensor, window: int | None):
 
 
 def build_block_mask(mask_mod, total_len: int, device: torch.device) -> BlockMask:
-    """FlexAttention block mask of `mask_mod` over a packed row of total_len tokens; compiled on a GPU, which avoids
-    materialising the dense T x T mask."""
+    """FlexAttention block mask of `mask_mod` over a packed row; compiled on a GPU, so no dense T x T mask exists."""
     return create_block_mask(mask_mod, None, None, total_len, total_len, device=device, _compile=device.type == "cuda")
 
 
@@ -621,9 +616,8 @@ def flex_block_mask(cu_seqlens: Tensor, total_len: int, window: int | None) -> B
 
 
 def shared_prefix_mask_mod(documents: Tensor, branches: Tensor, positions: Tensor, window: int | None):
-    """FlexAttention mask_mod for packed prefix trees (CORE's choices after one context). Per packed token: its
-    document, its branch (0: the prefix the document's branches share) and its position in its branch's sequence,
-    so that each branch's sequence attends as if run alone."""
+    """FlexAttention mask_mod for packed prefix trees (CORE's choices after one context). Per packed token: document,
+    branch (0: the prefix its branches share) and position in its branch's sequence, which attends as if alone."""
     limit = _window_limit(window, documents.numel(), documents.device)
 
     def mask_mod(b, h, q_idx, kv_idx):
@@ -903,8 +897,7 @@ class CastedLinear(nn.Linear):
 
 @lru_cache(maxsize=1)
 def _flash_kvcache_function():
-    """flash_attn_with_kvcache of FA3 or FA2: a decode kernel that reads each row's cache only up to its length.
-    FA4's CuTe interface has no cache entry point with this signature."""
+    """FA3's or FA2's flash_attn_with_kvcache (FA4 has none): it reads each cache row only up to the row's length."""
     return _first_importable("flash_attn_with_kvcache", ("flash_attn_interface", "flash_attn"))
 
 
@@ -924,10 +917,9 @@ def _(q, k_cache, v_cache, seqlens, window):
 
 class KVCache:
     """Keys and values (depth, batch, heads, capacity, head_dim) and each row's filled length `lengths` (B,), a tensor
-    that a decode step replayed as a CUDA graph advances. GPT.forward(ids (B, L), kv_cache=cache) puts L new tokens
-    at each row's next positions; only rows whose `advancing` is 1 advance, the others are overwritten next pass.
-    A row at capacity keeps overwriting its last position. `carried`: other per-layer state, (depth, batch, ...),
-    with the key offset "previous_half", each row's last stationary key half (offset_keys)."""
+    that a replayed decode step advances. GPT.forward(ids (B, L), kv_cache=cache) puts L new tokens at each row's next
+    positions; rows whose `advancing` is 0 are overwritten next pass, a full row at its last position. `carried`: other
+    per-layer state (depth, batch, ...), with the key offset "previous_half": each row's last key half (offset_keys)."""
 
     def __init__(self, config: GPTConfig, batch_size: int, capacity: int, device: torch.device | str,
                  dtype: torch.dtype):
@@ -971,10 +963,9 @@ class KVCache:
 
     def attend(self, layer: int, q: Tensor, window: int | None, positions: Tensor, paired: bool = False) -> Tensor:
         """Queries (B * L, H, D) at `positions` attend to their row's cached keys less than `window` back.
-        FlashAttention's cache kernel reads each row only up to its length; without it, SDPA reads the whole
-        capacity under a mask, so that no shape depends on the lengths. `paired` heads attend as in the full pass
-        (modded-nanogpt #191): the cache keeps its layout, a pair's two heads viewed as one head over 2 x capacity
-        keys, whose order a softmax ignores; only the mask knows the interleaved positions 2p + i of head i."""
+        FlashAttention's cache kernel reads each row only up to its length; SDPA reads the whole capacity under a
+        mask, so that no shape depends on the lengths. `paired` heads (modded-nanogpt #191) view a pair as one head
+        over 2 x capacity keys, whose order a softmax ignores; the mask knows their interleaved positions 2p + i."""
         B, H, capacity, D = self.k[layer].shape
         at = positions.view(B, -1)
         L = at.size(1)
@@ -1221,8 +1212,7 @@ def _softcapped_ce_rows_fp8(logits: Tensor, targets: Tensor, softcap: float, gra
 
 def _ce_chunk(h: Tensor, w: Tensor, w8: tuple[Fp8Tensor, Fp8Tensor] | None, targets: Tensor, softcap: float,
               compile_backend: str | None, fp8_grad_format: str | None) -> tuple[Tensor, Tensor, Tensor]:
-    """One chunk's per-row losses and gradients (h's, and the head's in fp32); in fp8 when `w8`, the quantised head
-    and its transpose, is given and the chunk's shape fits."""
+    """One chunk's per-row losses and gradients (h's, and the head's in fp32); in fp8 given `w8` and shapes that fit."""
     if w8 is None or not fp8_shapes_ok(h.size(0), *w.shape):
         rows = _compiled(_softcapped_ce_rows, compile_backend) if compile_backend else _softcapped_ce_rows
         losses, grad_logits = rows(h @ w.mT, targets, softcap)
@@ -1264,9 +1254,8 @@ class _SoftcappedCrossEntropySum(torch.autograd.Function):
 def softcapped_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, softcap: float, reduction: str = "mean",
                              chunk_tokens: int = 8192, compile_backend: str | None = None,
                              fp8_grad_format: str | None = None) -> Tensor:
-    """F.cross_entropy(soft_cap(h @ weight.T, softcap), targets, ignore_index=-1, reduction=reduction), `chunk_tokens`
-    rows of logits at a time. With gradients and reduction "mean" or "sum", each chunk's gradient is formed at once
-    (fused by torch.compile with `compile_backend`, in fp8 with `fp8_grad_format`)."""
+    """F.cross_entropy(soft_cap(h @ weight.T, softcap), targets, ignore_index=-1), `chunk_tokens` rows of logits at a
+    time; with gradients and a "mean" or "sum", each chunk's gradient is formed at once (compiled, fp8 if asked)."""
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"unknown reduction {reduction!r}; use 'mean', 'sum' or 'none'")
     if _records_grad(h, weight) and reduction != "none":
@@ -1356,10 +1345,9 @@ class GPT(nn.Module):
 
     def compile_layers(self, compile_backend: str = "inductor", evaluation: bool = False,
                        inductor_options: dict[str, Any] | None = None) -> "GPT":
-        """Regional torch.compile for training: one block graph shared by the layers of one structure, small graphs
-        for the residual mixing and the loss, dynamic windows and lengths (a growing window recompiles nothing). With
-        `evaluation`, passes without gradients compile all layers as one graph, worth it for a long evaluation such
-        as CORE; `inductor_options` apply to that graph. The sdpa backend and KV-cache passes run eagerly."""
+        """Regional torch.compile for training: one block graph per layer structure, small graphs for the residual
+        mixing and the loss, dynamic windows and lengths (a growing window recompiles nothing). With `evaluation`,
+        gradient-free passes compile all layers as one graph (for CORE); sdpa and KV-cache passes run eagerly."""
         if inductor_options and compile_backend != "inductor":
             raise ValueError(f"inductor_options need the inductor compile backend, not {compile_backend!r}")
         # CORE's graphs per kind of pass and shape specialisation can pass dynamo's default limit of 8 per function
@@ -1388,8 +1376,7 @@ class GPT(nn.Module):
         return mirrored if mirrored < self.config.value_embed_tables else None
 
     def layer_windows(self, short_window: int | None = None) -> list[int | None]:
-        """Per-layer window: `short_window` (default config.window; a schedule passes a growing one) in "S" layers,
-        None (full causal) in "L" layers and the last."""
+        """Each layer's window: `short_window` (default config.window) in "S" layers, None (causal) in "L" and last."""
         short = short_window or self.config.window
         pattern = self.config.window_pattern
         windows = [short if pattern[i % len(pattern)] == "S" else None for i in range(self.config.depth)]
@@ -1402,10 +1389,9 @@ class GPT(nn.Module):
                 kv_cache: KVCache | None = None) -> Tensor:
         """The one forward pass of training, evaluation, prefill and decoding. input_ids (T,) are packed documents
         (default: one); returns fp32 logits (T, vocab), or with targets the cross-entropy over targets != -1 ("none":
-        per-token losses). `windows` (default layer_windows()) may hold the caller's masks (a BlockMask on flex, a
-        mask_mod on sdpa), which with rotary `positions` lay tokens out otherwise (CORE's shared prefixes). Only the
-        last layer's rows `logit_rows` go on to the head. With `kv_cache`, input_ids is (B, L), L new tokens per
-        cache row, logits are (B, L, vocab) and the cache advances by L: a prefill into empty rows, else decoding."""
+        per-token losses). `windows` may hold masks (a BlockMask on flex, a mask_mod on sdpa) which, with rotary
+        `positions`, lay tokens out otherwise (CORE's shared prefixes); only rows `logit_rows` reach the head. With
+        `kv_cache`, input_ids (B, L) are L new tokens per row, logits are (B, L, vocab) and the cache advances by L."""
         config = self.config
         shape = input_ids.shape
         if kv_cache is not None:
@@ -1481,8 +1467,7 @@ class GPT(nn.Module):
     def run_layers(self, x0: Tensor, value_embeds: list[Tensor], windows: list[Any], batch: AttentionBatch,
                    logit_rows: Tensor | None = None, mix: typing.Callable = residual_mix,
                    run_block: typing.Callable = _run_block) -> Tensor:
-        """The blocks with the residual mixing and U-net skips, from the embeddings x0 to the last hidden state (its
-        rows `logit_rows`); training passes the compiled `mix` and `run_block`."""
+        """The blocks with residual mixing and U-net skips, x0 to the last hidden state, compiled parts given."""
         n_skip = self.config.depth // 2
         x, skips = x0, []
         for i, block in enumerate(self.blocks):
@@ -1491,8 +1476,7 @@ class GPT(nn.Module):
             x = mix(x, x0, self.resid_lambdas[i], self.x0_lambdas[i], *skip)
             table = self.value_embed_index(i)
             value_embed = None if table is None else value_embeds[table]
-            last = i == self.config.depth - 1
-            x = run_block(block, x, value_embed, windows[i], batch, logit_rows if last else None)
+            x = run_block(block, x, value_embed, windows[i], batch, logit_rows if i == self.config.depth - 1 else None)
             if i < n_skip:
                 skips.append(x)
         return x
@@ -1525,9 +1509,8 @@ class GPT(nn.Module):
         return groups
 
     def flops_per_token(self, seq_len: int, windows: list[int | None] | None = None) -> float:
-        """Training FLOPs per token: 6 per matmul weight, plus 12 * n_heads * head_dim per (query, key) pair times the
-        mean keys per query: n / 2 causal, w - w^2 / (2n) for a window w < n, n the (for paired layers interleaved)
-        sequence length. Elementwise work is not counted."""
+        """Training FLOPs per token, elementwise work aside: 6 per matmul weight, plus 12 * n_heads * head_dim times
+        the mean keys per query: n / 2 causal, w - w^2 / (2n) for a window w < n (n: length, interleaved if paired)."""
         counts = self.num_params()
         windows = self.layer_windows() if windows is None else windows
         lengths = [seq_len * (2 if block.attn.paired else 1) for block in self.blocks]
@@ -1586,9 +1569,8 @@ def polar_express_coefficients(steps: int = 5, lower: float = 1e-3, cushion: flo
 
 
 def orthogonalize(g: Tensor, method: str = "polar_express", steps: int = 5) -> Tensor:
-    """The polar factor U V^T of g (..., rows, cols) by an odd-polynomial iteration, in the compute dtype of g's
-    device; "newton_schulz" leaves singular values roughly in [0.7, 1.2]. Tall matrices go transposed, so that the
-    Gram matrix X X^T is the small one."""
+    """The polar factor U V^T of g (..., rows, cols) by an odd-polynomial iteration in the device's compute dtype
+    ("newton_schulz" leaves singular values in about [0.7, 1.2]); tall ones go transposed: X X^T is the small one."""
     if method not in ("polar_express", "newton_schulz"):
         raise ValueError(f"unknown orthogonalization method {method!r}; use 'polar_express' or 'newton_schulz'")
     newton_schulz = (NEWTON_SCHULZ_COEFFICIENTS,) * steps
@@ -1640,9 +1622,8 @@ def _all_gather_stacked(own: Tensor, world_size: int) -> Tensor:
 
 class Muon(torch.optim.Optimizer):
     """Muon (Jordan et al. 2024): Nesterov momentum on 2D matrices, the update replaced by its polar factor, scaled by
-    max(1, rows / cols) ** 0.5, with decoupled weight decay; one batched orthogonalisation per shape. Under several
-    ranks step() reduce-scatters the raw local gradients: each rank keeps momentum for and orthogonalises its share
-    of every shape, and the all-gathered updates are the same on every rank."""
+    max(1, rows / cols) ** 0.5, decoupled weight decay; one batched orthogonalisation per shape. Under several ranks,
+    each keeps momentum for and orthogonalises its share of the reduce-scattered gradients, then all gather."""
 
     def __init__(self, params, lr: float = 0.05, momentum: float = 0.95, weight_decay: float = 0.0,
                  nesterov: bool = True, method: str = "polar_express", steps: int = 5, normuon: bool = False,
@@ -1696,8 +1677,7 @@ class Muon(torch.optim.Optimizer):
         return params[share.start:share.stop]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load, then keep momentum only for this rank's share: a checkpoint saved by another number of ranks
-        arrives as every rank's share together (see resume_training)."""
+        """Load, then keep momentum for this rank's share: a checkpoint holds every rank's (see resume_training)."""
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             own = {id(p) for p in self._share(group["params"])}
@@ -1706,10 +1686,7 @@ class Muon(torch.optim.Optimizer):
                     self.state.pop(p, None)
 
     def _orthogonal_update(self, group: dict, params: list[Tensor], grads: Tensor) -> Tensor:
-        for p, g in zip(params, grads):
-            if "momentum_buffer" not in self.state[p]:
-                self.state[p]["momentum_buffer"] = torch.zeros_like(g)
-        buffers = [self.state[p]["momentum_buffer"] for p in params]
+        buffers = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(g)) for p, g in zip(params, grads)]
         momentum = group["momentum"]
         torch._foreach_lerp_(buffers, list(grads.unbind(0)), 1 - momentum)  # EMA of gradients
         stacked = torch.stack(buffers)
@@ -1718,9 +1695,8 @@ class Muon(torch.optim.Optimizer):
         return self._normalize_neurons(group, params, update) if group["normuon"] else update
 
     def _normalize_neurons(self, group: dict, params: list[Tensor], update: Tensor) -> Tensor:
-        """NorMuon (Li et al. 2025, arXiv 2510.05491): each slice of the long side (an orthogonal matrix's short side
-        is already balanced) divided by the root of an EMA of its mean square, then the matrix's Frobenius norm
-        restored, so the learning rate keeps its meaning and the EMA's zero start cancels."""
+        """NorMuon (Li et al. 2025, arXiv 2510.05491): each long-side slice (the short side is already balanced) over
+        the root of an EMA of its mean square, the Frobenius norm restored: lr keeps its meaning, EMA bias cancels."""
         reduce = -1 if update.size(-2) >= update.size(-1) else -2  # average over the short side
         mean_square = update.square().mean(dim=reduce, keepdim=True)
         moments = [self.state[p].setdefault("second_moment", torch.zeros_like(m))
@@ -1823,8 +1799,7 @@ def muon_momentum(step: int, warmup_steps: int = 300, start: float = 0.85, end: 
 
 def short_window_schedule(step: int, total_steps: int, final_window: int, start_window: int = 128,
                           granularity: int = 128) -> int:
-    """The short sliding window (GPT.layer_windows()) grown linearly over training, as in modded-nanogpt, rounded down
-    to `granularity` so that few values (recompilations, block masks) occur."""
+    """The short window grown linearly, as in modded-nanogpt, down to whole `granularity`s: few recompiles and masks."""
     window = start_window + (final_window - start_window) * min(1.0, step / max(total_steps, 1))
     return max(start_window, min(final_window, int(window) // granularity * granularity))
 
@@ -1930,8 +1905,7 @@ class PretrainLoader:
 # the device without waiting for it.
 
 def host_to_device(array: np.ndarray, device: str | torch.device) -> Tensor:
-    """`array` on `device`, through pinned memory for a GPU: the copy is then asynchronous and the host can queue more
-    work meanwhile (a copy from pageable memory may wait for the GPU)."""
+    """`array` on `device`, through pinned memory for a GPU: an asynchronous copy, during which the host queues on."""
     tensor = torch.from_numpy(array)
     if torch.device(device).type == "cuda":
         tensor = tensor.pin_memory()
@@ -1973,8 +1947,7 @@ def token_budget_chunks(lengths: Sequence[int], max_tokens: int) -> list[list[in
 def evaluate_bpb(model: GPT, loader: PretrainLoader, steps: int, token_bytes: Tensor, backend: str) -> float:
     """Bits per byte over `steps` batches of `loader` (each rank its own batches; summed over ranks)."""
     model.eval()
-    nats = torch.zeros((), device=token_bytes.device, dtype=torch.float64)
-    total_bytes = torch.zeros((), device=token_bytes.device, dtype=torch.float64)
+    nats, total_bytes = (torch.zeros((), device=token_bytes.device, dtype=torch.float64) for _ in range(2))
     for _ in range(steps):
         batch = loader.next_batch()
         losses = model(batch.inputs, batch.cu_seqlens, batch.max_seqlen, batch.targets, backend=backend,
@@ -2020,7 +1993,7 @@ def init_distributed() -> DistInfo:
         if local_rank >= torch.cuda.device_count():
             raise ConfigError(f"this process is local rank {local_rank}, but the node shows "
                               f"{torch.cuda.device_count()} GPU(s): start at most that many processes per node "
-                              f"(torchrun --nproc_per_node), or hide the GPUs (CUDA_VISIBLE_DEVICES=) to run on the CPU")
+                              f"(torchrun --nproc_per_node), or hide the GPUs (CUDA_VISIBLE_DEVICES=) to use the CPU")
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
@@ -2033,8 +2006,7 @@ def _collective_device() -> str:
 
 
 def sum_over_ranks(values: Sequence[float]) -> list[float]:
-    """Each of `values` summed over all ranks in one all-reduce: a step's tokens, rewards or correct answers are
-    counted per rank, and a mean over the global batch needs sums."""
+    """Each of `values` (per-rank counts) summed over all ranks in one all-reduce: a global-batch mean needs sums."""
     if not dist.is_initialized():
         return [float(value) for value in values]
     totals = torch.tensor([float(value) for value in values], dtype=torch.float64, device=_collective_device())
@@ -2105,8 +2077,7 @@ def load_checkpoint(path: Path, device: str = "cpu", made_by: str | None = None,
 
 def model_from_checkpoint(path: Path, device: str, vocab_size: int | None = None, made_by: str | None = None
                           ) -> tuple[GPT, dict[str, Any]]:
-    """The model of a checkpoint; with `vocab_size`, refused unless it matches the tokenizer's: other ids would
-    index past its embedding or mean other text."""
+    """A checkpoint's model, refused for another `vocab_size`: other ids overrun its embedding or mean other text."""
     checkpoint = load_checkpoint(path, device, made_by)
     model_vocab = checkpoint["model_config"]["vocab_size"]
     if vocab_size is not None and model_vocab != vocab_size:
@@ -2148,8 +2119,7 @@ def first_examples(shard: CoreShard, count: int) -> CoreShard:
 
 
 def first_pack(shard: CoreShard, pack_tokens: int, max_seq_len: int) -> CoreShard:
-    """The shard cut to the examples of its first packed pass: a warm-up at a full evaluation's sizes, as kernels are
-    tuned or built on first use for the shapes they see."""
+    """The shard cut to its first packed pass: a warm-up at full sizes, as kernels are built for the shapes they see."""
     examples = core_examples(shard.tokens, shard.records, max_seq_len)
     return first_examples(shard, len(next(budget_chunks(examples, shared_prefix_cost, pack_tokens), [])))
 
@@ -2246,9 +2216,8 @@ def pack_core_examples(examples: Sequence[list[tuple[np.ndarray, int]]], pad_to:
 
 
 def _score_pack(model: GPT, pack: CorePack, backend: str, tree_backend: str, device: str) -> Tensor:
-    """(mean continuation loss, 1 if greedy decoding gives the continuation exactly) per choice of one pass. Plain
-    documents (no branches) run on `backend`; branches need a prefix-tree mask per layer window on `tree_backend`:
-    a BlockMask on flex, the mask_mod itself on sdpa (evaluated densely, one example at a time)."""
+    """(mean continuation loss, 1 if greedy decoding reproduces it) per choice of one pass. Branches need a prefix-tree
+    mask per window on `tree_backend`: a BlockMask on flex, the mask_mod on sdpa (dense, an example at a time)."""
     inputs, documents, branches, positions, scored, targets, owners = (
         host_to_device(array, device) for array in (pack.inputs, pack.documents, pack.branches, pack.positions,
                                                     pack.scored, pack.targets, pack.owners))
@@ -2274,21 +2243,15 @@ def _score_pack(model: GPT, pack: CorePack, backend: str, tree_backend: str, dev
 def score_core_records(model: GPT, tokens: np.ndarray, records: np.ndarray, backend: str, device: str,
                        pack_tokens: int = 0) -> np.ndarray:
     """(mean loss, exact) per record. pack_tokens=0 runs each choice alone on `backend`: the reference. Otherwise
-    passes of up to `pack_tokens` tokens of whole examples; branches need a mask function, so those run on flex
-    (padded to one shape for compiled flex), or on sdpa when `backend` is (uncompiled flex would build dense masks
-    over whole passes); passes without branches run on `backend`, unpadded."""
+    passes of up to `pack_tokens` tokens of whole examples; those with branches run on flex, padded to one shape, or
+    on sdpa when `backend` is (uncompiled flex would build dense masks over whole passes), the others on `backend`."""
     examples = core_examples(tokens, records, model.config.max_seq_len)
-    if pack_tokens and model.config.plain_documents_only:  # no prefix trees: each choice a document of its own
+    if pack_tokens == 0 or model.config.plain_documents_only:  # no prefix trees: each choice a document of its own
         examples = ([choice] for choices in examples for choice in choices)
-    tree_backend = backend
-    if pack_tokens == 0:
-        packs = (pack_core_examples([[choice]]) for choices in examples for choice in choices)
-    else:
-        tree_backend = "sdpa" if backend == "sdpa" else "flex"
-        pad_to = -(-pack_tokens // FLEX_BLOCK_SIZE) * FLEX_BLOCK_SIZE if tree_backend == "flex" else 1
-        chunks = budget_chunks(examples, shared_prefix_cost, pack_tokens)
-        packs = (pack_core_examples(chunk, pad_to) for chunk in chunks)
-    scores = [_score_pack(model, pack, backend, tree_backend, device) for pack in packs]
+    tree_backend = "sdpa" if backend == "sdpa" else "flex"  # for branches: a choice alone has none
+    pad_to = -(-pack_tokens // FLEX_BLOCK_SIZE) * FLEX_BLOCK_SIZE if tree_backend == "flex" and pack_tokens else 1
+    chunks = budget_chunks(examples, shared_prefix_cost, pack_tokens) if pack_tokens else ([e] for e in examples)
+    scores = [_score_pack(model, pack_core_examples(chunk, pad_to), backend, tree_backend, device) for chunk in chunks]
     return torch.cat(scores).cpu().numpy() if scores else np.zeros((0, 2), dtype=np.float32)
 
 
@@ -2375,8 +2338,7 @@ def _assistant_parts(content: Any, where: str) -> list[dict[str, str]]:
 
 
 def chat_turns(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A conversation's turns, the system message folded into the first user message; ValueError on a conversation
-    the chat format cannot express."""
+    """A conversation's turns, the system message folded into the first user one; ValueError if the format cannot."""
     if not isinstance(messages, (list, tuple)) or not messages:
         raise ValueError("a conversation is a non-empty list of {'role': ..., 'content': ...} messages")
     for i, message in enumerate(messages):
@@ -2407,9 +2369,8 @@ def chat_turns(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def render_conversation(tokenizer: Tokenizer, messages: Sequence[dict[str, Any]], max_tokens: int | None = None
                         ) -> tuple[list[int], list[int]]:
-    """Token ids of a conversation and a mask that is 1 on the tokens the model is trained to produce: assistant
-    text, python parts with their start/end tokens, and <|assistant_end|>. The mask is 0 on <|bos|>, user turns,
-    <|assistant_start|> and the tool output (with its start/end tokens), which the engine forces at inference."""
+    """Token ids of a conversation and a mask, 1 on what the model learns to write: assistant text, python parts and
+    <|assistant_end|>; 0 on <|bos|>, user turns, <|assistant_start|> and tool output, which the engine forces."""
     special = tokenizer.special_id
     wraps = {kind: ([special(start)], [special(end)]) for kind, (start, end) in CHAT_PART_TOKENS.items()}
     ids, mask = [tokenizer.bos_id], [0]
@@ -2567,9 +2528,8 @@ def calculate(expression: str, timeout_s: float = 0.5) -> str:
 @torch.compiler.disable  # inductor's code generation for a cumulative sum over the vocabulary fails (torch 2.11)
 def sample_tokens(logits: Tensor, uniforms: Tensor, temperature: float | Tensor = 1.0, top_k: int | None = None,
                   top_p: float | Tensor | None = None) -> Tensor:
-    """One token per row of logits (B, vocab) by inverse transform of its own uniform in [0, 1), so that a row
-    depends on its own seeded generator only. Temperature 0 (a number) is greedy; per-row tensors (B,) of
-    temperature and top_p let a captured step read them from buffers, with no wait for the host."""
+    """One token per row of logits (B, vocab) by inverse transform of the row's own uniform, so rows depend on their
+    own generators only. Temperature 0 is greedy; per-row tensors (B,) let a captured step read them from buffers."""
     if not isinstance(temperature, Tensor) and temperature <= 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / (temperature[:, None] if isinstance(temperature, Tensor) else temperature)
@@ -2606,8 +2566,7 @@ class Sampling:
 
 @dataclass
 class DecodeState:
-    """The device buffers a decode step reads and writes (B rows, chunks of `chunk` steps); the host fills the
-    inputs and reads the outputs back once per chunk."""
+    """The device buffers of a decode step (B rows, chunks of `chunk` steps); the host touches them once per chunk."""
     logits: Tensor  # (B, vocab) fp32: each row's next-token logits (the step samples them, then replaces them)
     temperature: Tensor  # (B,) fp32
     top_p: Tensor  # (B,) fp32
@@ -2640,9 +2599,8 @@ class DecodeState:
 
 def decode_step(model: GPT, cache: KVCache, state: DecodeState, backend: str, sampling: Sampling,
                 python_end: int) -> None:
-    """One token for every row and the forward pass to the next logits, all on the device. An active row takes its
-    next forced token or samples one; the others feed a token too (shapes stay fixed) but record -1, keep their
-    logits and do not advance in the cache. <|python_end|> makes a row wait for the host to answer the call."""
+    """One token per row and the forward pass to the next logits, all on the device. Inactive rows feed a token too
+    (fixed shapes) but record -1, keep their logits and stay put in the cache; <|python_end|> makes a row wait."""
     active = ~(state.done | state.waiting)
     last = state.uniforms.size(1) - 1
     uniform = state.uniforms.gather(1, state.draws.clamp(max=last)[:, None])[:, 0]
@@ -2669,9 +2627,8 @@ def decode_step(model: GPT, cache: KVCache, state: DecodeState, backend: str, sa
 @lru_cache(maxsize=None)
 def _compiled_decode_step(compile_backend: str):
     """decode_step as one graph whose elementwise work inductor fuses. Default mode: max-autotune's matmul search
-    costs minutes per shape for matrix-vector products that cuBLAS runs at memory speed. Static shapes: the
-    dynamic-shape code generation failed here (baselines/2026-11-30-decode-graph), so each batch size and cache
-    capacity is a graph; the engine rounds capacities up to DECODE_CAPACITY_STEP to keep those few."""
+    costs minutes per shape for matrix-vector products cuBLAS runs at memory speed. Static shapes, as dynamic ones
+    failed (baselines/2026-11-30-decode-graph): the engine rounds capacities up to DECODE_CAPACITY_STEP: few graphs."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return torch.compile(decode_step, backend=compile_backend, dynamic=False)
 
@@ -2691,9 +2648,8 @@ class _RowState:
 
 class DecodeStep:
     """decode_step over a cache and its DecodeState: each call emits one token per row with no host sync. On a GPU
-    the step is captured once as a CUDA graph and replayed, so that the GPU does not idle while the host queues its
-    many small kernels; captured by hand rather than by mode="reduce-overhead" because the buffers are fixed: a
-    replay is one launch, with no guards, no input copies and no re-recording for a new cache."""
+    the step is a CUDA graph, so the GPU does not idle while the host queues small kernels; captured by hand, not by
+    mode="reduce-overhead", as the buffers are fixed: a replay is one launch (no guards, input copies, re-recording)."""
 
     def __init__(self, model: GPT, cache: KVCache, backend: str, sampling: Sampling, stop_ids: Sequence[int],
                  python_end: int, chunk: int = 16, cuda_graph: bool = True, compile_backend: str | None = None):
@@ -2765,12 +2721,10 @@ class DecodeStep:
 
 
 class Engine:
-    """KV-cache generation with the calculator tool. Prompts are prefilled together in packed passes of at most
-    `prefill_tokens` tokens (PackedPrompts) into their num_samples rows each; then every row advances a token a step
-    until <|assistant_end|> or <|bos|> (kept) or max_tokens. A row that closes <|python_start|> expression
-    <|python_end|> waits, masked, to the end of its chunk of `sync_every` device steps (DecodeStep); the host then
-    queues <|output_start|> `calculate`'s result <|output_end|> to be forced into it. `cuda_graph` replays the step
-    as a CUDA graph once a generation reaches `graph_min_tokens`; `compile_backend` compiles the step."""
+    """KV-cache generation with the calculator tool. Prompts are prefilled together in packed passes (PackedPrompts)
+    into their num_samples rows each; then every row advances a token a step until <|assistant_end|> or <|bos|>
+    (kept) or max_tokens. A row that closes <|python_start|> expression <|python_end|> waits, masked, to the end of
+    its chunk of `sync_every` device steps (DecodeStep); then the host forces <|output_start|> result <|output_end|>."""
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, backend: str = "sdpa", cuda_graph: bool = True,
                  graph_min_tokens: int = 32, compile_backend: str | None = None, sync_every: int = 16,
@@ -2857,17 +2811,15 @@ class Engine:
     def stream_batch(self, prompts: Sequence[Sequence[int]], num_samples: int = 1, max_tokens: int = 256,
                      temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0
                      ) -> Iterator[tuple[list[int], list[int]]]:
-        """Yield, each step, every row's new token (-1 while finished or waiting) and whether it was sampled (1) or
-        forced (0). Row r continues prompts[r // num_samples] with uniforms from random.Random(seed + r), so it equals
-        a single sample of its prompt with that seed. Bad arguments raise here, before the first step."""
+        """Yield, each step, every row's new token (-1 while finished or waiting) and 1 if sampled, 0 if forced. Row r
+        continues prompts[r // num_samples] seeded seed + r, as a single sample would; bad arguments raise at once."""
         self.check_arguments(prompts, num_samples, max_tokens, temperature, top_k, top_p)
         return self._decode(prompts, num_samples, max_tokens, Sampling(temperature, top_k, top_p), seed)
 
     @staticmethod
     def _chunk_inputs(rows: list[_RowState], generators: list[random.Random], chunk: int, greedy: bool
                       ) -> tuple[Tensor, Tensor, Tensor]:
-        """DecodeStep.begin_chunk's inputs. Uniforms stay in row.uniforms until used, so that a row's k-th sampled
-        token takes its generator's k-th draw whatever the chunks."""
+        """DecodeStep.begin_chunk's inputs; unused uniforms stay queued: a row's k-th sample takes its k-th draw."""
         uniforms = torch.zeros(len(rows), chunk)
         forced = torch.zeros(len(rows), chunk, dtype=torch.long)
         forced_len = torch.zeros(len(rows), dtype=torch.long)
@@ -2927,8 +2879,7 @@ class Engine:
 # A reply back into message parts, and as text: the chat evals check it; 07_chat (notebooks/chat_session.py) shows it.
 
 def assistant_parts(tokenizer: Tokenizer, ids: Sequence[int]) -> list[dict[str, str]]:
-    """Generated tokens (after <|assistant_start|>) back to message parts, up to a stop token; the inverse of
-    rendering an assistant turn. A part still open at the end is kept as it is."""
+    """Generated tokens (after <|assistant_start|>) to message parts, up to a stop token; an open part is kept."""
     special = {tokenizer.special_id(name): name for name in SPECIAL_TOKENS}
     opens = {start: kind for kind, (start, _) in CHAT_PART_TOKENS.items()}
     closes = {end for _, end in CHAT_PART_TOKENS.values()}
@@ -2964,9 +2915,8 @@ def show_parts(parts: Sequence[dict[str, str]]) -> str:
 
 class SFTLoader:
     """Endless batches of whole conversations from conversation shards: each row packs the next conversations of a
-    seeded per-epoch shuffle, at most `tokens` tokens, and never spans two epochs. Every rank walks the same rows and
-    keeps every world_size-th, so world_size ranks taking one batch each see the rows one process takes in
-    world_size calls (the same global batch), at a position every rank shares (resumable under any world size)."""
+    seeded per-epoch shuffle, at most `tokens` tokens, never spanning two epochs. Every rank walks the same rows and
+    keeps every world_size-th: one global batch, at a position every rank shares (resumable under any world size)."""
     position_shared = True
 
     def __init__(self, shard_dir: Path, split: str, tokens: int, bos_id: int, vocab_size: int, max_seq_len: int,
