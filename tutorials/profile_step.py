@@ -35,6 +35,7 @@ class ProfileConfig(StackConfig):
     steps: int = 3  # steps recorded
     compile: bool = True  # torch.compile the model on GPUs, as 03_pretrain does
     attention: str = "auto"
+    fp8: bool = False  # fp8 matmuls where the GPU has them, as 03_pretrain's --fp8 (GPT.set_fp8)
     rows: int = 15  # rows of the op table
     PRESETS = {"tiny": dict(depth=4, model_dim=128, head_dim=32, seq_len=256, micro_tokens=1024, vocab_size=512,
                             doc_len=128, warmup=1, steps=2, compile=False),
@@ -48,6 +49,7 @@ model = sc.GPT(sc.GPTConfig(vocab_size=cfg.vocab_size, depth=cfg.depth, model_di
                             head_dim=cfg.head_dim, max_seq_len=cfg.seq_len)).to(device)
 compute_dtype = sc.pick_compute_dtype(device)
 model.set_compute_dtype(compute_dtype)
+model.set_fp8(cfg.fp8 and sc.fp8_supported(device, compute_dtype))
 backend = sc.pick_attention_backend(device, cfg.attention)
 forward = torch.compile(model) if cfg.compile and device == "cuda" else model
 optimizers = sc.build_optimizers(model)
