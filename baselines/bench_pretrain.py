@@ -247,9 +247,10 @@ def run_seed(args: argparse.Namespace, name: str, seed: int, eval_tokens: int, e
     metrics.unlink(missing_ok=True)
     log_path = args.out / f"{run_name}.log"
     print(f"{run_name}: {' '.join(command[1:])} (timeout {args.timeout:.0f} s)", flush=True)
-    with tempfile.TemporaryDirectory(prefix="compile-cache-") as cache:
+    with tempfile.TemporaryDirectory(prefix="compile-cache-") as fresh:
         # Each seed compiles from nothing, as a user's first run does: the first step's time would otherwise depend
-        # on what an earlier seed left in inductor's and Triton's caches.
+        # on what an earlier seed left in inductor's and Triton's caches. A sweep may share --compile_cache instead.
+        cache = args.compile_cache or fresh
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TORCH_LOGS": os.environ.get("TORCH_LOGS", "recompiles"),
                "TORCHINDUCTOR_CACHE_DIR": f"{cache}/inductor", "TRITON_CACHE_DIR": f"{cache}/triton"}
         run = run_logged(command, log_path, args.timeout, env, code_header())
@@ -260,6 +261,7 @@ def run_seed(args: argparse.Namespace, name: str, seed: int, eval_tokens: int, e
         "step_seconds": [r["step_seconds"] for r in steps],
         "val": [{k: r[k] for k in ("step", "tokens", "train_seconds", "val_bpb")} for r in val],
         "peak_memory_GB": steps[-1].get("peak_memory_GB") if steps else None, "eval_tokens": eval_tokens,
+        "compile_cache": "shared" if args.compile_cache else "empty",
         "recompiles": log_path.read_text(errors="replace").count("Recompiling function"),
     }, args.target)
     (args.out / f"{run_name}.json").write_text(json.dumps(result, indent=1))
@@ -291,6 +293,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
     parser.add_argument("--vocab_size", type=int, default=32768)
     parser.add_argument("--name", default="", help="run name (default ours_d<depth>)")
+    parser.add_argument("--compile_cache", type=Path, default=None,
+                        help="compile cache kept across seeds and runs, for sweeps (first steps then count less than "
+                             "a user's first run; records leave it unset)")
     args, extra = parser.parse_known_args(argv)
     extra = [a for a in extra if a != "--"]
     name = args.name or f"ours_d{args.depth}"
