@@ -2813,13 +2813,13 @@ class Engine:
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, backend: str = "sdpa", cuda_graph: bool = True,
                  graph_min_tokens: int = 32, compile_backend: str | None = None, sync_every: int = 16,
-                 prefill_tokens: int = 32768):
+                 prefill_tokens: int = 32768, cache_attention: str = "auto"):
         for name, value in (("sync_every", sync_every), ("prefill_tokens", prefill_tokens)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         self.model, self.tokenizer, self.backend = model, tokenizer, backend
         self.cuda_graph, self.graph_min_tokens, self.compile_backend = cuda_graph, graph_min_tokens, compile_backend
-        self.sync_every, self.prefill_tokens = sync_every, prefill_tokens
+        self.sync_every, self.prefill_tokens, self.cache_attention = sync_every, prefill_tokens, cache_attention
         special = tokenizer.special_id
         self.stop_ids = {special("<|assistant_end|>"), tokenizer.bos_id}
         self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
@@ -2848,7 +2848,8 @@ class Engine:
         capacity = max(len(prompt) + limit for prompt, limit in zip(prompts, limits))
         if self.compile_backend:  # one compiled graph per capacity: round up so that few capacities occur
             capacity = min(-(-capacity // DECODE_CAPACITY_STEP) * DECODE_CAPACITY_STEP, model.config.max_seq_len)
-        cache = KVCache(model.config, len(prompts) * num_samples, capacity, device, model.compute_dtype)
+        cache = KVCache(model.config, len(prompts) * num_samples, capacity, device, model.compute_dtype,
+                        self.cache_attention)
         logits = torch.empty(len(prompts), model.config.vocab_size, device=device)
         for group in token_budget_chunks([len(prompt) for prompt in prompts], self.prefill_tokens):
             packed = PackedPrompts(cache, [len(prompts[i]) for i in group], [i * num_samples for i in group],
