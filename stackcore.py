@@ -904,50 +904,47 @@ def _flash_kvcache_function():
 if triton is not None:
 
     @triton.jit
-    def _decode_split_kernel(q_ptr, k_ptr, v_ptr, seqlens_ptr, parts_ptr, lse_ptr, window, scale, stride_qb, stride_qh,
-                             stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
-                             HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr):
-        # Program (row, head, split): an online softmax over the split's keys that the row's one query sees
-        # (query_at - window < key <= query_at), stored as a normalised partial output and its log-sum-exp. Keys
-        # outside are masked off, so a split past the row's length reads no memory; the grid depends on shapes only.
-        row, head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    def _decode_split_kernel(q_ptr, k_ptr, v_ptr, seqlens_ptr, parts_ptr, lse_ptr, window, scale, stride_qb,
+                             stride_qh, stride_b, stride_n, stride_h, HEAD_DIM: tl.constexpr, TILE: tl.constexpr,
+                             SPLIT: tl.constexpr):
+        # Program (row, head, split): an online softmax over the keys of the split that the row's query sees
+        # (query_at - window < key <= query_at), kept as a normalised partial output and its log-sum-exp (-inf: none).
+        row, head, split = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
         query_at, dims = tl.load(seqlens_ptr + row) - 1, tl.arange(0, HEAD_DIM)
         q = tl.load(q_ptr + row * stride_qb + head * stride_qh + dims).to(tl.float32) * scale
         best, total, acc = tl.full((), float("-inf"), tl.float32), tl.zeros((), tl.float32), tl.zeros_like(q)
-        for offset in range(0, SPLIT, BLOCK_N):  # a constant trip count: the interpreter loops to no runtime bound
-            keys_at = split * SPLIT + offset + tl.arange(0, BLOCK_N)
-            seen = (keys_at <= query_at) & (keys_at > query_at - window)
-            k = tl.load(k_ptr + row * stride_kb + head * stride_kh + keys_at[:, None] * stride_kn + dims[None, :],
-                        mask=seen[:, None], other=0.0)
-            scores = tl.where(seen, tl.sum(k.to(tl.float32) * q[None, :], 1), float("-inf"))
+        for offset in range(0, SPLIT, TILE):  # a constant trip count: the interpreter loops to no runtime bound
+            keys_at = split * SPLIT + offset + tl.arange(0, TILE)
+            seen = (keys_at <= query_at) & (keys_at > query_at - window)  # masked-off keys are not read
+            at = row * stride_b + head * stride_h + keys_at[:, None] * stride_n + dims[None, :]
+            k = tl.load(k_ptr + at, mask=seen[:, None], other=0.0).to(tl.float32)
+            scores = tl.where(seen, tl.sum(k * q[None, :], 1), float("-inf"))
             new_best = tl.maximum(best, tl.max(scores, 0))
             shift = tl.where(new_best == float("-inf"), 0.0, new_best)  # no key seen yet: no -inf minus -inf
             weights, rescale = tl.exp(scores - shift), tl.exp(best - shift)
-            v = tl.load(v_ptr + row * stride_vb + head * stride_vh + keys_at[:, None] * stride_vn + dims[None, :],
-                        mask=seen[:, None], other=0.0)
-            acc = acc * rescale + tl.sum(weights[:, None] * v.to(tl.float32), 0)
+            v = tl.load(v_ptr + at, mask=seen[:, None], other=0.0).to(tl.float32)
+            acc = acc * rescale + tl.sum(weights[:, None] * v, 0)
             total, best = total * rescale + tl.sum(weights, 0), new_best
-        at = (row * tl.num_programs(1) + head) * tl.num_programs(2) + split
+        part = (row * tl.num_programs(1) + head) * tl.num_programs(2) + split
         total = tl.maximum(total, 1.0)  # the best key weighs 1: total is 0 only where the split saw no key
-        tl.store(parts_ptr + at * HEAD_DIM + dims, acc / total)
-        tl.store(lse_ptr + at, best + tl.log(total))  # then -inf
+        tl.store(parts_ptr + part * HEAD_DIM + dims, acc / total)
+        tl.store(lse_ptr + part, best + tl.log(total))
 
     @triton.jit
     def _decode_combine_kernel(parts_ptr, lse_ptr, out_ptr, stride_ob, stride_oh, SPLITS: tl.constexpr,
                                BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr):
         # Program (row, head): the splits' partial outputs weighted by their shares of the softmax, exp(lse - max).
-        row, head, dims = tl.program_id(0), tl.program_id(1), tl.arange(0, HEAD_DIM)
-        in_row = tl.arange(0, BLOCK_S) < SPLITS
-        splits = (row * tl.num_programs(1) + head) * SPLITS + tl.arange(0, BLOCK_S)
-        lse = tl.load(lse_ptr + splits, mask=in_row, other=float("-inf"))
+        row, head, dims, splits = tl.program_id(0), tl.program_id(1), tl.arange(0, HEAD_DIM), tl.arange(0, BLOCK_S)
+        parts, real = (row * tl.num_programs(1) + head).to(tl.int64) * SPLITS + splits, splits < SPLITS
+        lse = tl.load(lse_ptr + parts, mask=real, other=float("-inf"))
         weights = tl.exp(lse - tl.max(lse, 0))  # every row sees its own key: the largest lse is finite
-        parts = tl.load(parts_ptr + splits[:, None] * HEAD_DIM + dims[None, :], mask=in_row[:, None], other=0.0)
-        out = tl.sum(weights[:, None] * parts, 0) / tl.sum(weights, 0)
+        values = tl.load(parts_ptr + parts[:, None] * HEAD_DIM + dims[None, :], mask=real[:, None], other=0.0)
+        out = tl.sum(weights[:, None] * values, 0) / tl.sum(weights, 0)
         tl.store(out_ptr + row * stride_ob + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty))
 
 
 # A tile of 64 keys x head_dim 128 is 16 KB of bf16 per operand, 64 fp32 products per thread with 4 warps: no spills.
-# Splits of 128 positions leave at most 16 partials to combine at capacity 2048 (a few % of the keys' bytes), and
+# Splits of 128 positions leave at most 16 partials at capacity 2048 (a few % of the keys' bytes to combine), and
 # batch 1 still gets heads x capacity / 128 programs to spread over the SMs.
 DECODE_TILE, DECODE_SPLIT = 64, 128
 
@@ -958,9 +955,9 @@ def _triton_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens: Tensor,
     splits = triton.cdiv(capacity, DECODE_SPLIT)
     parts, out = q.new_empty(B, H, splits, D, dtype=torch.float32), q.new_empty(q.shape)
     lse = parts.new_empty(B, H, splits)
-    _decode_split_kernel[(B, H, splits)](
-        q, k_cache, v_cache, seqlens, parts, lse, window or capacity, D ** -0.5, q.stride(0), q.stride(2),
-        *k_cache.stride()[:3], *v_cache.stride()[:3], HEAD_DIM=D, BLOCK_N=DECODE_TILE, SPLIT=DECODE_SPLIT, num_warps=4)
+    _decode_split_kernel[(B, H, splits)](q, k_cache, v_cache, seqlens, parts, lse, window or capacity, D ** -0.5,
+                                         q.stride(0), q.stride(2), *k_cache.stride()[:3], HEAD_DIM=D,
+                                         TILE=DECODE_TILE, SPLIT=DECODE_SPLIT, num_warps=4)
     _decode_combine_kernel[(B, H)](parts, lse, out, out.stride(0), out.stride(2), SPLITS=splits,
                                    BLOCK_S=triton.next_power_of_2(splits), HEAD_DIM=D)
     return out
