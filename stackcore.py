@@ -965,9 +965,8 @@ def _triton_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens: Tensor,
 
 @torch.library.custom_op("stackcore::cache_decode", mutates_args=())
 def _cache_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens: Tensor, window: int, kernel: str) -> Tensor:
-    """Queries (B, L, H, D) against cache rows (B, capacity, H, D; only the last dimension contiguous), row b holding
-    seqlens[b] positions, causal, window 0 unlimited, through KVCache.decode_kernel's `kernel`. One op that
-    torch.compile keeps whole, as _flash_forward."""
+    """Queries (B, L, H, D) against cache rows (B, capacity, H, D; last dimension contiguous) of seqlens[b] positions,
+    causal, window 0 unlimited, through KVCache.decode_kernel's `kernel`: one op that torch.compile keeps whole."""
     if kernel == "triton":
         return _triton_decode(q, k_cache, v_cache, seqlens, window)
     left, right = _flash_window(window or None)
@@ -984,8 +983,7 @@ class KVCache:
     """Keys and values (depth, batch, heads, capacity, head_dim) and each row's filled length `lengths` (B,), a tensor
     that a replayed decode step advances. GPT.forward(ids (B, L), kv_cache=cache) puts L new tokens at each row's next
     positions; rows whose `advancing` is 0 are overwritten next pass, a full row at its last position. `carried`: other
-    per-layer state (depth, batch, ...), with the key offset "previous_half": each row's last key half (offset_keys).
-    `attention` "sdpa" makes attend skip the decode kernels (decode_kernel), to measure them against the reference."""
+    per-layer state (depth, batch, ...), with the key offset "previous_half": each row's last key half (offset_keys)."""
 
     def __init__(self, config: GPTConfig, batch_size: int, capacity: int, device: torch.device | str,
                  dtype: torch.dtype, attention: str = "auto"):
@@ -993,7 +991,7 @@ class KVCache:
             raise ValueError(f"cache capacity {capacity} must be in 1..max_seq_len ({config.max_seq_len})")
         if attention not in ("auto", "sdpa"):
             raise ValueError(f"cache attention must be 'auto' or 'sdpa', got {attention!r}")
-        self.attention = attention
+        self.attention = attention  # "sdpa": attend skips the decode kernels (decode_kernel), to A/B them
         shape = (config.depth, batch_size, config.n_heads, capacity, config.head_dim)
         self.k, self.v = (torch.zeros(shape, device=device, dtype=dtype) for _ in range(2))
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
