@@ -944,14 +944,21 @@ if triton is not None:
 
 
 # A tile of 64 keys x head_dim 128 is 16 KB of bf16 per operand, 64 fp32 products per thread with 4 warps: no spills.
-# Splits of 128 positions leave at most 16 partials at capacity 2048 (a few % of the keys' bytes to combine), and
-# batch 1 still gets heads x capacity / 128 programs to spread over the SMs.
+# Splits of 128 positions leave at most 16 partials a row and head at capacity 2048 (8 KB of fp32 to combine against
+# 1 MB of bf16 keys and values), and batch 1 still gets heads x capacity / 128 programs to spread over the SMs.
 DECODE_TILE, DECODE_SPLIT = 64, 128
 
 
-def _triton_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens: Tensor, window: int) -> Tensor:
-    """_cache_decode of one query per row: a split-K pass of DECODE_SPLIT positions per program, then the combine."""
-    B, capacity, H, D = k_cache.shape
+@torch.library.custom_op("stackcore::cache_decode", mutates_args=())
+def _cache_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens: Tensor, window: int, kernel: str) -> Tensor:
+    """Queries (B, L, H, D) against cache rows (B, capacity, H, D; last dimension contiguous) of seqlens[b] positions,
+    causal, window 0 unlimited, through KVCache.decode_kernel's `kernel`: one op that torch.compile keeps whole."""
+    if kernel == "flash":
+        left, right = _flash_window(window or None)
+        out = _flash_kvcache_function()(q, k_cache, v_cache, cache_seqlens=seqlens, causal=True,
+                                        window_size=(left, right))
+        return (out[0] if isinstance(out, tuple) else out).contiguous()
+    B, capacity, H, D = k_cache.shape  # "triton", L = 1: a split-K pass of DECODE_SPLIT positions a program, combined
     splits = triton.cdiv(capacity, DECODE_SPLIT)
     parts, out = q.new_empty(B, H, splits, D, dtype=torch.float32), q.new_empty(q.shape)
     lse = parts.new_empty(B, H, splits)
@@ -961,17 +968,6 @@ def _triton_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens: Tensor,
     _decode_combine_kernel[(B, H)](parts, lse, out, out.stride(0), out.stride(2), SPLITS=splits,
                                    BLOCK_S=triton.next_power_of_2(splits), HEAD_DIM=D)
     return out
-
-
-@torch.library.custom_op("stackcore::cache_decode", mutates_args=())
-def _cache_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens: Tensor, window: int, kernel: str) -> Tensor:
-    """Queries (B, L, H, D) against cache rows (B, capacity, H, D; last dimension contiguous) of seqlens[b] positions,
-    causal, window 0 unlimited, through KVCache.decode_kernel's `kernel`: one op that torch.compile keeps whole."""
-    if kernel == "triton":
-        return _triton_decode(q, k_cache, v_cache, seqlens, window)
-    left, right = _flash_window(window or None)
-    out = _flash_kvcache_function()(q, k_cache, v_cache, cache_seqlens=seqlens, causal=True, window_size=(left, right))
-    return (out[0] if isinstance(out, tuple) else out).contiguous()
 
 
 @_cache_decode.register_fake
@@ -1030,7 +1026,7 @@ class KVCache:
 
     def decode_kernel(self, queries_per_row: int = 1, paired: bool = False) -> str:
         """The kernel attend runs: "flash" (FlashAttention's cache kernel: a GPU, fp16/bf16), else "triton"
-        (_triton_decode: one query per row, head_dim a power of 2, a GPU or TRITON_INTERPRET=1), else "sdpa"."""
+        (one query per row, head_dim a power of 2, a GPU or TRITON_INTERPRET=1), else "sdpa"."""
         D, on_gpu = self.k.size(-1), self.k.is_cuda
         if self.attention == "sdpa" or paired:
             return "sdpa"
