@@ -972,7 +972,7 @@ def _cache_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens: Tensor, 
 
 @_cache_decode.register_fake
 def _(q, k_cache, v_cache, seqlens, window, kernel):
-    return torch.empty_like(q)
+    return q.new_empty(q.shape)  # contiguous, as both kernels' outputs
 
 
 class KVCache:
