@@ -108,7 +108,7 @@ class PretrainConfig(StackConfig):
     save_every: int = 1000  # steps between checkpoints (and at the end)
     attention: str = "auto"  # auto | flash | varlen | flex | sdpa
     compile: bool = True  # torch.compile the model's layers and loss on GPUs (GPT.compile_layers)
-    fp8: bool = False  # fp8 matmuls in the MLPs and the head where the GPU has them (GPT.set_fp8)
+    fp8: bool = False  # fp8 matmuls in the blocks' linear layers and the head where the GPU has them (GPT.set_fp8)
     run_name: str = "pretrain"  # name of the run folder and checkpoint folder
     resume: bool = True  # continue from the newest checkpoint of this run if there is one
     wandb: bool = False  # log to Weights & Biases (needs `pip install wandb` and a login)
