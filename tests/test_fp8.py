@@ -225,6 +225,31 @@ def test_fp8_trains_with_the_key_offset_and_paired_heads(tricks, monkeypatch):
         assert cosine > 0.95, (name, cosine)
 
 
+def test_compiled_attention_quantises_its_shared_input_once():
+    # under torch.compile the partitioner inductor uses removes common subexpressions: the input that feeds q, k and v
+    # is scaled and cast once, the output projection's input once more, each weight and each gradient once
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+    amax_counts = {}
+
+    def counting(graph_name):
+        def compile_graph(graph, example_inputs):
+            amax_counts[graph_name] = sum(node.target == torch.ops.aten.amax.default for node in graph.graph.nodes)
+            return make_boxed_func(graph.forward)
+        return compile_graph
+    model = tiny_model()
+    model.set_fp8(True)
+    inputs, _, cu_seqlens, max_seqlen = batch()
+    cos, sin = model.rotary_cos[:len(inputs)], model.rotary_sin[:len(inputs)]
+    attention_batch = sc.AttentionBatch(cu_seqlens, max_seqlen, cos, sin, backend="flex")  # flex: one graph
+    attention = model.blocks[0].attn
+    backend = aot_autograd(fw_compiler=counting("forward"), bw_compiler=counting("backward"),
+                           partition_fn=min_cut_rematerialization_partition)
+    compiled = torch.compile(lambda x: attention(x, None, None, attention_batch), backend=backend, fullgraph=True)
+    compiled(torch.randn(len(inputs), 64, requires_grad=True)).float().square().sum().backward()
+    assert amax_counts == {"forward": 4 + 2, "backward": 4}
+
+
 def test_fp8_trains_the_linears_and_head_and_leaves_evaluation_in_bf16(monkeypatch):
     reference_loss, reference_grads = loss_and_grads(tiny_model())
     model = tiny_model()
