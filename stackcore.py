@@ -463,7 +463,8 @@ def symmetric_matmul(x: Tensor, alpha: float = 1.0, addend: Tensor | None = None
 # torch._scaled_mm multiplies two fp8 matrices on tensor cores (compute capability 8.9 and up) and rescales the fp32
 # accumulator: out = scale_a * scale_b * (a @ b). Each operand's one scale is amax / the format's largest value
 # (current scaling). Activations and weights are e4m3 (more mantissa), gradients e5m2 by default (more range).
-# Master weights stay fp32 and outputs come back in the compute dtype: fp8 exists only inside the matmul.
+# Master weights stay fp32 and outputs come back in the compute dtype: fp8 exists only inside the matmul. Under
+# torch.compile, an input that feeds several linears (q, k, v) is quantised once: common-subexpression elimination.
 
 FP8_FORMATS = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 FP8_MIN_AMAX = 1e-12  # floor of amax: an all-zero tensor gets a tiny finite scale (zeros stay zeros), never 0/0
