@@ -5,7 +5,7 @@ Sections (and the notebooks that call them):
   2. Tokenizer ........................ every notebook (01_tokenizer trains it; 02-07 load it)
   3. Shards ........................... 02_sharding writes them; 03-06 read them
   4. Triton kernels ................... 03_pretrain (through the optimizer)
- 4b. fp8 matmuls ...................... 03_pretrain (through the model's MLPs and head)
+ 4b. fp8 matmuls ...................... 03_pretrain (through the model's linear layers and head)
   5. Attention backends ............... 03-07 (through the model)
   6. Model ............................ 03-07 (with the KV cache and modded-nanogpt's key offset and paired heads)
   7. Optimizer and schedules .......... 03_pretrain, 05_sft, 06_rl (Muon, AdamW, fp16 loss scaling)
@@ -463,7 +463,8 @@ def symmetric_matmul(x: Tensor, alpha: float = 1.0, addend: Tensor | None = None
 # torch._scaled_mm multiplies two fp8 matrices on tensor cores (compute capability 8.9 and up) and rescales the fp32
 # accumulator: out = scale_a * scale_b * (a @ b). Each operand's one scale is amax / the format's largest value
 # (current scaling). Activations and weights are e4m3 (more mantissa), gradients e5m2 by default (more range).
-# Master weights stay fp32 and outputs come back in the compute dtype: fp8 exists only inside the matmul.
+# Master weights stay fp32 and outputs come back in the compute dtype: fp8 exists only inside the matmul. Under
+# torch.compile, an input that feeds several linears (q, k, v) is quantised once: common-subexpression elimination.
 
 FP8_FORMATS = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 FP8_MIN_AMAX = 1e-12  # floor of amax: an all-zero tensor gets a tiny finite scale (zeros stay zeros), never 0/0
@@ -1404,11 +1405,13 @@ class GPT(nn.Module):
                 module.compute_dtype = dtype
 
     def set_fp8(self, enabled: bool, grad_format: str = "e5m2") -> None:
-        """fp8 matmuls (fp8_linear) for the MLP projections and the head in passes with gradients, the gradients in
-        `grad_format`. Needs bf16 on a GPU with fp8 (fp8_supported); weights, optimizer, checkpoints are unchanged."""
+        """fp8 matmuls (fp8_linear) in passes with gradients, the gradients in `grad_format`, for every CastedLinear:
+        each block's q, k, v, attention output and two MLP projections, and the head. The embeddings and the scalar
+        mixes are no matmuls and stay as they are; a pass whose shapes do not fit (fp8_shapes_ok) runs in bf16.
+        Needs bf16 on a GPU with fp8 (fp8_supported); weights, optimizer, checkpoints are unchanged."""
         if grad_format not in FP8_FORMATS:
             raise ValueError(f"unknown fp8 gradient format {grad_format!r}; valid: {', '.join(FP8_FORMATS)}")
-        for linear in (self.lm_head, *(layer for block in self.blocks for layer in (block.mlp.c_fc, block.mlp.c_proj))):
+        for linear in (module for module in self.modules() if isinstance(module, CastedLinear)):
             linear.fp8_grad_format = grad_format if enabled else None
 
     def cast_weights_for_inference(self) -> "GPT":

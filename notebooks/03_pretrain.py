@@ -108,7 +108,7 @@ class PretrainConfig(StackConfig):
     save_every: int = 1000  # steps between checkpoints (and at the end)
     attention: str = "auto"  # auto | flash | varlen | flex | sdpa
     compile: bool = True  # torch.compile the model's layers and loss on GPUs (GPT.compile_layers)
-    fp8: bool = False  # fp8 matmuls in the MLPs and the head where the GPU has them (GPT.set_fp8)
+    fp8: bool = False  # fp8 matmuls in the blocks' linear layers and the head where the GPU has them (GPT.set_fp8)
     run_name: str = "pretrain"  # name of the run folder and checkpoint folder
     resume: bool = True  # continue from the newest checkpoint of this run if there is one
     wandb: bool = False  # log to Weights & Biases (needs `pip install wandb` and a login)
@@ -167,11 +167,13 @@ log(f"device {device} x {dist_info.world_size} rank(s); {accum_steps} micro-step
 # Everything follows from `depth`: width is 64 × depth and heads are `head_dim` wide, as in nanochat. Weights stay
 # in fp32 for the optimizer; matrix products run in bf16 on GPUs that have it (fp16 on a T4, whose loss is then
 # scaled so that small gradients survive: `sc.LossScaler`). With `--fp8=true` and a GPU that has fp8 tensor cores
-# (compute capability 8.9 and up: L4, H100, H200), the MLPs' and the head's matrix products run in fp8 in training,
-# each operand scaled by its largest entry (`sc.fp8_linear`). It is off by default: scaling and casting every
-# operand adds passes over the activations, which the faster matmuls repay only when they are large enough
-# (`baselines/2026-11-30-d20-fp8`: a gain at depth 20). The attention backend is the fastest one that works here and
-# matches the reference on a small check (see `sc.available_attention_backends`).
+# (compute capability 8.9 and up: L4, H100, H200), every linear layer multiplies in fp8 in training (the attention's
+# query, key, value and output projections, the MLP's two, the head), each operand scaled by its largest entry and
+# the gradients in e5m2 (`sc.fp8_linear`); the weights stay fp32 and evaluation stays in the compute dtype. Where the
+# GPU has no fp8, the log says so and training runs in the compute dtype. It is off by default: scaling and casting
+# every operand adds passes over the activations, which the faster matmuls repay only when they are large enough
+# (`baselines/2026-11-30-d20-fp8`, MLPs and head only: a gain at depth 20). The attention backend is the fastest one
+# that works here and matches the reference on a small check (see `sc.available_attention_backends`).
 #
 # `key_offset` (on by default) is modded-nanogpt's partial key offset: in the long-window layers, half of each
 # key's channels come from the previous token, so one attention head can match "the token after X" in one step
@@ -189,6 +191,9 @@ compute_dtype = sc.pick_compute_dtype(device)
 model.set_compute_dtype(compute_dtype)
 fp8 = cfg.fp8 and sc.fp8_supported(device, compute_dtype)
 model.set_fp8(fp8)
+if cfg.fp8 and not fp8:
+    log(f"fp8=True but {device} has no fp8 matmuls (a CUDA GPU of compute capability 8.9 or more, in bf16): "
+        f"training runs in {compute_dtype}")
 backend = sc.pick_attention_backend(device, cfg.attention)
 forward = model.compile_layers() if cfg.compile and device.startswith("cuda") else model
 params = model.num_params()

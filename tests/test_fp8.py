@@ -138,9 +138,10 @@ def test_fp8_linear_is_close_to_the_exact_product():
 # the model's switch
 # ---------------------------------------------------------------------------------------------
 
-def tiny_model() -> sc.GPT:
+def tiny_model(**tricks) -> sc.GPT:
+    """A depth-2 model in bf16; `tricks`: GPTConfig's switches (key_offset, paired_head_layers)."""
     torch.manual_seed(0)
-    model = sc.GPT(sc.GPTConfig(vocab_size=256, depth=2, model_dim=64, head_dim=16, max_seq_len=64))
+    model = sc.GPT(sc.GPTConfig(vocab_size=256, depth=2, model_dim=64, head_dim=16, max_seq_len=64, **tricks))
     with torch.no_grad():
         for param in model.parameters():
             param.add_(torch.randn_like(param) * 0.05)  # nonzero projections and head: every matmul matters
@@ -174,14 +175,89 @@ def test_fp8_off_is_the_bf16_path_exactly(monkeypatch):
         assert torch.equal(grad, reference[1][name]), name
 
 
-def test_fp8_trains_the_mlps_and_head_and_leaves_evaluation_in_bf16(monkeypatch):
+BLOCK_LINEARS = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+def test_set_fp8_converts_every_linear_of_the_blocks_and_the_head():
+    model = tiny_model()
+    model.set_fp8(True, "e4m3")
+    converted = {name for name, module in model.named_modules() if getattr(module, "fp8_grad_format", None)}
+    assert converted == {f"blocks.{i}.{linear}" for i in range(2) for linear in BLOCK_LINEARS} | {"lm_head"}
+    assert {model.get_submodule(name).fp8_grad_format for name in converted} == {"e4m3"}
+    model.set_fp8(False)
+    assert not any(getattr(module, "fp8_grad_format", None) for module in model.modules())
+
+
+@pytest.mark.parametrize("name", BLOCK_LINEARS)
+def test_each_converted_linear_matches_the_exact_product_within_fp8_error(name, monkeypatch):
+    # each block's linear layer in fp8, forward and backward, against float64 products of the unrounded operands:
+    # e4m3 operands round to 3 mantissa bits, e5m2 gradients to 2 (so the gradients' bound is the looser)
+    calls = []
+    monkeypatch.setattr(torch, "_scaled_mm", checked_scaled_mm(calls))
+    model = tiny_model()
+    model.set_fp8(True)
+    linear = model.blocks[1].get_submodule(name)
+    torch.manual_seed(2)
+    x = torch.randn(32, linear.in_features, dtype=torch.bfloat16, requires_grad=True)
+    upstream = torch.randn(32, linear.out_features, dtype=torch.bfloat16)
+    out = linear(x)
+    out.backward(upstream)
+    assert len(calls) == 3 and out.dtype == x.grad.dtype == torch.bfloat16
+    exact_x, weight, exact_upstream = x.detach().double(), linear.weight.detach().double(), upstream.double()
+    for got, exact, bound in ((out, exact_x @ weight.T, 0.05), (x.grad, exact_upstream @ weight, 0.08),
+                              (linear.weight.grad, exact_upstream.T @ exact_x, 0.08)):
+        error = (got.double() - exact).norm() / exact.norm()
+        assert 0 < error < bound, (name, error)
+
+
+@pytest.mark.parametrize("tricks", [dict(key_offset=True), dict(paired_head_layers=(0, 1))])
+def test_fp8_trains_with_the_key_offset_and_paired_heads(tricks, monkeypatch):
+    reference_loss, reference_grads = loss_and_grads(tiny_model(**tricks))
+    model = tiny_model(**tricks)
+    model.set_fp8(True)
+    calls = []
+    monkeypatch.setattr(torch, "_scaled_mm", checked_scaled_mm(calls))
+    loss, grads = loss_and_grads(model)
+    assert len(calls) == 3 * (2 * 6 + 1)
+    assert loss.item() == pytest.approx(reference_loss.item(), rel=2e-2)
+    for name, grad in grads.items():
+        cosine = torch.nn.functional.cosine_similarity(grad.flatten(), reference_grads[name].flatten(), dim=0)
+        assert cosine > 0.95, (name, cosine)
+
+
+def test_compiled_attention_quantises_its_shared_input_once():
+    # under torch.compile the partitioner inductor uses removes common subexpressions: the input that feeds q, k and v
+    # is scaled and cast once, the output projection's input once more, each weight and each gradient once
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+    amax_counts = {}
+
+    def counting(graph_name):
+        def compile_graph(graph, example_inputs):
+            amax_counts[graph_name] = sum(node.target == torch.ops.aten.amax.default for node in graph.graph.nodes)
+            return make_boxed_func(graph.forward)
+        return compile_graph
+    model = tiny_model()
+    model.set_fp8(True)
+    inputs, _, cu_seqlens, max_seqlen = batch()
+    cos, sin = model.rotary_cos[:len(inputs)], model.rotary_sin[:len(inputs)]
+    attention_batch = sc.AttentionBatch(cu_seqlens, max_seqlen, cos, sin, backend="flex")  # flex: one graph
+    attention = model.blocks[0].attn
+    backend = aot_autograd(fw_compiler=counting("forward"), bw_compiler=counting("backward"),
+                           partition_fn=min_cut_rematerialization_partition)
+    compiled = torch.compile(lambda x: attention(x, None, None, attention_batch), backend=backend, fullgraph=True)
+    compiled(torch.randn(len(inputs), 64, requires_grad=True)).float().square().sum().backward()
+    assert amax_counts == {"forward": 4 + 2, "backward": 4}
+
+
+def test_fp8_trains_the_linears_and_head_and_leaves_evaluation_in_bf16(monkeypatch):
     reference_loss, reference_grads = loss_and_grads(tiny_model())
     model = tiny_model()
     model.set_fp8(True)
     calls = []
     monkeypatch.setattr(torch, "_scaled_mm", checked_scaled_mm(calls))
     loss, grads = loss_and_grads(model)
-    assert len(calls) == 3 * (2 * 2 + 1)  # forward, grad_x, grad_weight of 2 MLP matmuls per layer and the head
+    assert len(calls) == 3 * (2 * 6 + 1)  # forward, grad_x, grad_weight of 6 linears per layer and the head
     assert loss.item() == pytest.approx(reference_loss.item(), rel=2e-2)
     for name, grad in grads.items():
         cosine = torch.nn.functional.cosine_similarity(grad.flatten(), reference_grads[name].flatten(), dim=0)

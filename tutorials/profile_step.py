@@ -49,7 +49,8 @@ model = sc.GPT(sc.GPTConfig(vocab_size=cfg.vocab_size, depth=cfg.depth, model_di
                             head_dim=cfg.head_dim, max_seq_len=cfg.seq_len)).to(device)
 compute_dtype = sc.pick_compute_dtype(device)
 model.set_compute_dtype(compute_dtype)
-model.set_fp8(cfg.fp8 and sc.fp8_supported(device, compute_dtype))
+fp8 = cfg.fp8 and sc.fp8_supported(device, compute_dtype)
+model.set_fp8(fp8)
 backend = sc.pick_attention_backend(device, cfg.attention)
 forward = torch.compile(model) if cfg.compile and device == "cuda" else model
 optimizers = sc.build_optimizers(model)
@@ -78,7 +79,7 @@ def synchronize() -> None:
 
 print(f"model: depth {cfg.depth}, {model.num_params()['total'] / 1e6:.2f} M parameters; "
       f"{cfg.micro_tokens} tokens per step in documents of {doc_len}; device {device}, {compute_dtype}, "
-      f"attention {backend}, compile {forward is not model}")
+      f"attention {backend}, fp8 matmuls {'on' if fp8 else 'off'}, compile {forward is not model}")
 for _ in range(cfg.warmup):
     train_step()
 synchronize()
