@@ -1,14 +1,14 @@
 """One GPU against two (issue 23): the twins themselves, a few steps each, run once as one process and once under
 `torchrun --standalone --nproc_per_node=N`, with the throughput each run writes, side by side.
 
-Stages, in order (each run's figure, and the target for N=2 against one process):
+Stages, in order, with the figure read from each run and the target of two processes against one:
 
-| stage | twin | figure read | target |
-| --- | --- | --- | --- |
-| pretrain | 03_pretrain | `summary.json` tokens_per_second (median of the steps after the first, which compiles) | 1.9x |
-| core | 04_core_eval | `summary.json` tokens_per_second (the packed pass, after 04's warm-up pass) | 1.8x |
-| sft | 05_sft | median `tokens_per_second` in `metrics.jsonl` over the steps after the first | 1.9x |
-| rl | 06_rl | rollouts per second: prompts x samples over the median `rollout_seconds + update_seconds` of the steps after the first | 1.9x |
+- pretrain, 03_pretrain: `summary.json` tokens_per_second (the median of the steps after the first, which
+  compiles); target 1.9x;
+- core, 04_core_eval: `summary.json` tokens_per_second (the packed pass, after 04's warm-up pass); target 1.8x;
+- sft, 05_sft: the median `tokens_per_second` in `metrics.jsonl` of the steps after the first; target 1.9x;
+- rl, 06_rl: rollouts per second, prompts x samples over the median `rollout_seconds + update_seconds` of the steps
+  after the first; target 1.9x.
 
 05 fine-tunes the one-process run of 03 and 06 starts from the one-process run of 05, so both of a stage's runs
 start from the same weights. The runs are called `scaling_<stage>_<k>gpu` in STACK_HOME; a stage's old run folders
@@ -23,8 +23,8 @@ conversations, plus the Hub sources only where --sft_local_dir holds their copie
     python3 baselines/bench_scaling.py --gsm8k=DATA/gsm8k --out=OUT                        # 2 GPUs, depth 20
     python3 baselines/bench_scaling.py --data=DATA/books --gsm8k=DATA/gsm8k --core_bundle=DATA/core \\
         --stages=pretrain,core,sft,rl
-    CUDA_VISIBLE_DEVICES= python3 baselines/bench_scaling.py --preset=tiny --data=CORPUS --vocab_size=512 \\
-        --gsm8k=synthetic --stages=pretrain,core,sft,rl        # the CPU check: two gloo processes
+    CUDA_VISIBLE_DEVICES= python3 baselines/bench_scaling.py --preset=tiny --depth=2 --data=CORPUS \\
+        --vocab_size=512 --stages=pretrain,core,sft,rl --set=sft:--micro_tokens=1024   # CPU: two gloo processes
 
 Each run's log is OUT/<stage>_<k>gpu.log (starting with the code that ran), 02's is OUT/prepare_02_sharding.log.
 OUT/scaling.json holds every run's figures and command, OUT/scaling.md the table. A run that fails or passes
@@ -119,7 +119,8 @@ def sharding_args(args: argparse.Namespace, core_bundle: str) -> list[str]:
                                                  "--sft_arc_challenge=0"]
     return [f"--preset={args.preset}", "--corpus=synthetic", "--max_chars=200000", "--val_docs=8",
             f"--rl_gsm8k_source={args.gsm8k}", f"--sft_gsm8k_source={args.gsm8k}", "--sft_words=builtin",
-            f"--sft_local_dir={args.sft_local_dir}", *hub_sources, *([f"--core_bundle={core_bundle}"] if core_bundle else [])]
+            f"--sft_local_dir={args.sft_local_dir}", *hub_sources,
+            *([f"--core_bundle={core_bundle}"] if core_bundle else [])]
 
 
 def prepare_chat_shards(args: argparse.Namespace) -> None:
@@ -153,8 +154,9 @@ def twin_args(stage: str, args: argparse.Namespace, processes: int) -> list[str]
     """The options of one run: few steps, evaluations cut to one small pass, one checkpoint at the end."""
     common = [f"--preset={args.preset}", "--resume=false"]
     if stage == "pretrain":
-        return [*common, f"--depth={args.depth}", f"--steps={args.pretrain_steps}", f"--eval_every={args.pretrain_steps}",
-                f"--save_every={args.pretrain_steps}", "--eval_tokens=1", f"--run_name={run_name(stage, processes)}"]
+        steps = args.pretrain_steps
+        return [*common, f"--depth={args.depth}", f"--steps={steps}", f"--eval_every={steps}",
+                f"--save_every={steps}", "--eval_tokens=1", f"--run_name={run_name(stage, processes)}"]
     if stage == "core":  # 04 runs no optimizer: --resume is not its setting; --benchmark times a warm-up pass apart
         return [common[0], f"--run_name={run_name('pretrain', 1)}", "--benchmark=true", "--compare_examples=1"]
     if stage == "sft":
@@ -163,7 +165,7 @@ def twin_args(stage: str, args: argparse.Namespace, processes: int) -> list[str]
                 "--chat_tasks=colours", "--chat_choice_examples=32", f"--run_name={run_name(stage, processes)}"]
     start = sc.latest_checkpoint(sc.artifact_dir("checkpoints") / run_name("sft", 1))
     return [*common, f"--checkpoint={start}", f"--steps={args.rl_steps}", f"--eval_every={args.rl_steps}",
-            f"--save_every={args.rl_steps}", f"--eval_prompts={2 * processes}", "--eval_samples=2",
+            f"--save_every={args.rl_steps}", f"--eval_prompts={2 * args.nproc}", "--eval_samples=2",
             f"--run_name={run_name(stage, processes)}"]
 
 
