@@ -29,6 +29,7 @@ conversations, plus the Hub sources only where --sft_local_dir holds their copie
 Each run's log is OUT/<stage>_<k>gpu.log (starting with the code that ran), 02's is OUT/prepare_02_sharding.log.
 OUT/scaling.json holds every run's figures and command, OUT/scaling.md the table. A run that fails or passes
 --timeout stops the bench with a line naming the stage and its log; what ran before it is written first.
+--prepare_only makes the shards and stops: where each command has a time limit, prepare in one, measure in the next.
 """
 from __future__ import annotations
 
@@ -141,7 +142,8 @@ def prepare_chat_shards(args: argparse.Namespace) -> None:
     command = [sys.executable, "notebooks/02_sharding.py", *sharding_args(args, bundle)]
     log_path = args.out / "prepare_02_sharding.log"
     print(f"prepare: {' '.join(command[1:])}", flush=True)
-    run = run_logged(command, log_path, args.timeout, {**os.environ, "STACK_HOME": str(scratch)}, code_header())
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "STACK_HOME": str(scratch)}
+    run = run_logged(command, log_path, args.timeout, env, code_header())
     if run["rc"]:
         raise SystemExit(failure_line("prepare (02_sharding)", run["rc"], log_path, args.timeout))
     for name in ("sft", "gsm8k", *(["core"] if want_core else [])):
@@ -219,7 +221,7 @@ def run_stage(stage: str, processes: int, args: argparse.Namespace) -> dict[str,
     for folder in (sc.artifact_dir("runs") / name, sc.artifact_dir("checkpoints") / name,
                    *([sc.artifact_dir("runs") / "04_core_eval"] if stage == "core" else [])):
         shutil.rmtree(folder, ignore_errors=True)
-    extra = [option for name, option in args.set if name == stage]  # after the bench's own: the twin takes the last
+    extra = [option for target, option in args.set if target == stage]  # after ours: a twin takes the last
     command = [*launcher(processes), STAGES[stage].twin, *twin_args(stage, args, processes), *extra]
     log_path = args.out / f"{stage}_{processes}gpu.log"
     print(f"{stage}, {processes} process(es): {' '.join(command[1:])} (timeout {args.timeout:.0f} s)", flush=True)
@@ -228,6 +230,8 @@ def run_stage(stage: str, processes: int, args: argparse.Namespace) -> dict[str,
         raise SystemExit(failure_line(f"stage {stage} on {processes} process(es)", run["rc"], log_path, args.timeout))
     result = {"stage": stage, "processes": processes, "command": command[1:], "log": str(log_path),
               "wall_seconds": round(run["wall_seconds"], 1), **throughput(stage, processes)}
+    if processes > 1:  # no stage starts from a torchrun run: drop its weights and optimizer state
+        shutil.rmtree(sc.artifact_dir("checkpoints") / name, ignore_errors=True)
     if not result["per_second"]:
         raise SystemExit(f"bench_scaling: stage {stage} on {processes} process(es) wrote no throughput "
                          f"(too few steps?); log: {log_path}")
@@ -286,6 +290,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--core_bundle", default="", help="folder with CORE's eval_data/ (for stage core)")
     parser.add_argument("--data", type=Path, help="books folder: make the tokenizer and pretraining shards first")
     parser.add_argument("--vocab_size", type=positive_int, default=32768, help="with --data")
+    parser.add_argument("--prepare_only", action="store_true", help="make the shards the stages read, run none")
     parser.add_argument("--timeout", type=float, default=300, help="seconds for each run")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
     return parser.parse_args(argv)
@@ -299,6 +304,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sc.require_artifact(sc.artifact_dir("tokenizer") / sc.TOKEN_BYTES, made_by="01_tokenizer (or pass --data)")
     check_plan(args)
     prepare_chat_shards(args)
+    if args.prepare_only:
+        print(f"shards ready in {sc.artifact_dir('shards')}", flush=True)
+        return {}
     runs: list[dict[str, Any]] = []
     for stage in args.stages:
         for processes in (1, args.nproc):

@@ -64,6 +64,8 @@ def test_every_stage_on_one_and_two_cpu_processes(tmp_path, stack_home):
     assert rl["rollouts_per_step"] == 8 and rl["steps"] == 2 and rl["rollout_seconds"] > 0
     assert "| 05_sft | tokens/s |" in (out / "scaling.md").read_text() and "| 04_core_eval |" in result.stdout
     assert (stack_home / "shards" / "sft").is_dir() and not (stack_home / "scaling_scratch").exists()
+    kept = sorted(path.name for path in (stack_home / "checkpoints").iterdir())  # what a later stage starts from
+    assert kept == ["scaling_pretrain_1gpu", "scaling_rl_1gpu", "scaling_sft_1gpu"]
 
     # without the smaller passes, 05 stops under torchrun: the bench names the stage, its log and the twin's message
     failed = subprocess.run([*command[:-1], "--stages=sft"], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -71,5 +73,5 @@ def test_every_stage_on_one_and_two_cpu_processes(tmp_path, stack_home):
     assert failed.returncode == 1
     assert f"stage sft on 2 process(es) failed (exit status 1); log: {out / 'sft_2gpu.log'}" in failed.stderr
     assert "05_sft.py: error: tokens_per_step (2048) must be a multiple of micro_tokens x ranks" in failed.stderr
-    kept = json.loads((out / "scaling.json").read_text())
-    assert [(run["stage"], run["processes"]) for run in kept["runs"]] == [("sft", 1)]
+    written = json.loads((out / "scaling.json").read_text())
+    assert [(run["stage"], run["processes"]) for run in written["runs"]] == [("sft", 1)]
