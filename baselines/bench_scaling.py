@@ -11,8 +11,10 @@ Stages, in order, with the figure read from each run and the target of two proce
   after the first; target 1.9x.
 
 05 fine-tunes the one-process run of 03 and 06 starts from the one-process run of 05, so both of a stage's runs
-start from the same weights. The runs are called `scaling_<stage>_<k>gpu` in STACK_HOME; a stage's old run folders
-and checkpoints of that name are removed first, so nothing is resumed.
+start from the same weights. No figure counts the first step (04: its warm-up pass), so what the one-process run
+left in inductor's compile cache changes only the torchrun run's wall time. The runs are called
+`scaling_<stage>_<k>gpu` in STACK_HOME; a stage's old run folders and checkpoints of that name are removed first, so
+nothing is resumed.
 
 STACK_HOME needs the tokenizer and the pretraining shards: --data=BOOKS makes them as bench_pretrain.py does. The
 SFT and GSM8K shards (and CORE's, with --core_bundle) are made if missing, offline, by 02_sharding run in a scratch
