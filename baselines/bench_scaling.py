@@ -48,7 +48,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_pretrain import ROOT, code_header, prepare_artifacts, run_logged  # noqa: E402
+from bench_pretrain import code_header, prepare_artifacts, run_logged  # noqa: E402
 
 import stackcore as sc  # noqa: E402
 from data.core import write_synthetic_bundle  # noqa: E402
