@@ -169,7 +169,10 @@ def end_scripts_on_user_errors() -> None:
         if not isinstance(error, (sc.ConfigError, sc.MissingArtifactError)):
             return default_hook(kind, error, trace)
         print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr, flush=True)
-        raise SystemExit(getattr(error, "exit_status", 1))  # Python exits with the status a hook's SystemExit gives
+        # Python exits with 1 after a hook returns, or with the status of a SystemExit the hook raises. Returning
+        # also lets torch's excepthook (installed over this one by init_process_group) print what we printed.
+        if getattr(error, "exit_status", 1) != 1:
+            raise SystemExit(error.exit_status)
 
     hook.ends_on_user_errors = True  # type: ignore[attr-defined]
     sys.excepthook = hook
