@@ -902,78 +902,18 @@ def _flash_kvcache_function():
     return _first_importable("flash_attn_with_kvcache", ("flash_attn_interface", "flash_attn"))
 
 
-if triton is not None:
-
-    @triton.jit
-    def _decode_split_kernel(q_ptr, k_ptr, v_ptr, seqlens_ptr, parts_ptr, lse_ptr, window, scale, stride_qb,
-                             stride_qh, stride_b, stride_n, stride_h, HEAD_DIM: tl.constexpr, TILE: tl.constexpr,
-                             SPLIT: tl.constexpr):
-        # Program (row, head, split): an online softmax over the keys of the split that the row's query sees
-        # (query_at - window < key <= query_at), kept as a normalised partial output and its log-sum-exp (-inf: none).
-        row, head, split = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
-        query_at, dims = tl.load(seqlens_ptr + row) - 1, tl.arange(0, HEAD_DIM)
-        q = tl.load(q_ptr + row * stride_qb + head * stride_qh + dims).to(tl.float32) * scale
-        best, total, acc = tl.full((), float("-inf"), tl.float32), tl.zeros((), tl.float32), tl.zeros_like(q)
-        for offset in range(0, SPLIT, TILE):  # a constant trip count: the interpreter loops to no runtime bound
-            keys_at = split * SPLIT + offset + tl.arange(0, TILE)
-            seen = (keys_at <= query_at) & (keys_at > query_at - window)  # masked-off keys are not read
-            at = row * stride_b + head * stride_h + keys_at[:, None] * stride_n + dims[None, :]
-            k = tl.load(k_ptr + at, mask=seen[:, None], other=0.0).to(tl.float32)
-            scores = tl.where(seen, tl.sum(k * q[None, :], 1), float("-inf"))
-            new_best = tl.maximum(best, tl.max(scores, 0))
-            shift = tl.where(new_best == float("-inf"), 0.0, new_best)  # no key seen yet: no -inf minus -inf
-            weights, rescale = tl.exp(scores - shift), tl.exp(best - shift)
-            v = tl.load(v_ptr + at, mask=seen[:, None], other=0.0).to(tl.float32)
-            acc = acc * rescale + tl.sum(weights[:, None] * v, 0)
-            total, best = total * rescale + tl.sum(weights, 0), new_best
-        part = (row * tl.num_programs(1) + head) * tl.num_programs(2) + split
-        total = tl.maximum(total, 1.0)  # the best key weighs 1: total is 0 only where the split saw no key
-        tl.store(parts_ptr + part * HEAD_DIM + dims, acc / total)
-        tl.store(lse_ptr + part, best + tl.log(total))
-
-    @triton.jit
-    def _decode_combine_kernel(parts_ptr, lse_ptr, out_ptr, stride_ob, stride_oh, SPLITS: tl.constexpr,
-                               BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr):
-        # Program (row, head): the splits' partial outputs weighted by their shares of the softmax, exp(lse - max).
-        row, head, dims, splits = tl.program_id(0), tl.program_id(1), tl.arange(0, HEAD_DIM), tl.arange(0, BLOCK_S)
-        parts, real = (row * tl.num_programs(1) + head).to(tl.int64) * SPLITS + splits, splits < SPLITS
-        lse = tl.load(lse_ptr + parts, mask=real, other=float("-inf"))
-        weights = tl.exp(lse - tl.max(lse, 0))  # every row sees its own key: the largest lse is finite
-        values = tl.load(parts_ptr + parts[:, None] * HEAD_DIM + dims[None, :], mask=real[:, None], other=0.0)
-        out = tl.sum(weights[:, None] * values, 0) / tl.sum(weights, 0)
-        tl.store(out_ptr + row * stride_ob + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty))
+@torch.library.custom_op("stackcore::flash_decode", mutates_args=())
+def _flash_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens: Tensor, window: int) -> Tensor:
+    """Queries (B, L, H, D) against cache rows (B, capacity, H, D; only the last dimension contiguous), row b holding
+    seqlens[b] positions, causal, window 0 unlimited. One op that torch.compile keeps whole, as _flash_forward."""
+    left, right = _flash_window(window or None)
+    out = _flash_kvcache_function()(q, k_cache, v_cache, cache_seqlens=seqlens, causal=True, window_size=(left, right))
+    return (out[0] if isinstance(out, tuple) else out).contiguous()
 
 
-# A tile of 64 keys x head_dim 128 is 16 KB of bf16 per operand, 64 fp32 products per thread with 4 warps: no spills.
-# Splits of 128 positions leave at most 16 partials a row and head at capacity 2048 (8 KB of fp32 to combine against
-# 1 MB of bf16 keys and values), and batch 1 still gets heads x capacity / 128 programs to spread over the SMs.
-DECODE_TILE, DECODE_SPLIT = 64, 128
-
-
-@torch.library.custom_op("stackcore::cache_decode", mutates_args=())
-def _cache_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens: Tensor, window: int, kernel: str) -> Tensor:
-    """Queries (B, L, H, D) against cache rows (B, capacity, H, D; last dimension contiguous) of seqlens[b] positions,
-    causal, window 0 unlimited, through KVCache.decode_kernel's `kernel`: one op that torch.compile keeps whole."""
-    if kernel == "flash":
-        left, right = _flash_window(window or None)
-        out = _flash_kvcache_function()(q, k_cache, v_cache, cache_seqlens=seqlens, causal=True,
-                                        window_size=(left, right))
-        return (out[0] if isinstance(out, tuple) else out).contiguous()
-    B, capacity, H, D = k_cache.shape  # "triton", L = 1: a split-K pass of DECODE_SPLIT positions a program, combined
-    splits = triton.cdiv(capacity, DECODE_SPLIT)
-    parts, out = q.new_empty(B, H, splits, D, dtype=torch.float32), q.new_empty(q.shape)
-    lse = parts.new_empty(B, H, splits)
-    _decode_split_kernel[(B, H, splits)](q, k_cache, v_cache, seqlens, parts, lse, window or capacity, D ** -0.5,
-                                         q.stride(0), q.stride(2), *k_cache.stride()[:3], HEAD_DIM=D,
-                                         TILE=DECODE_TILE, SPLIT=DECODE_SPLIT, num_warps=4)
-    _decode_combine_kernel[(B, H)](parts, lse, out, out.stride(0), out.stride(2), SPLITS=splits,
-                                   BLOCK_S=triton.next_power_of_2(splits), HEAD_DIM=D)
-    return out
-
-
-@_cache_decode.register_fake
-def _(q, k_cache, v_cache, seqlens, window, kernel):
-    return q.new_empty(q.shape)  # contiguous, as both kernels' outputs
+@_flash_decode.register_fake
+def _(q, k_cache, v_cache, seqlens, window):
+    return torch.empty_like(q)
 
 
 class KVCache:
@@ -983,12 +923,9 @@ class KVCache:
     per-layer state (depth, batch, ...), with the key offset "previous_half": each row's last key half (offset_keys)."""
 
     def __init__(self, config: GPTConfig, batch_size: int, capacity: int, device: torch.device | str,
-                 dtype: torch.dtype, attention: str = "auto"):
+                 dtype: torch.dtype):
         if not 1 <= capacity <= config.max_seq_len:
             raise ValueError(f"cache capacity {capacity} must be in 1..max_seq_len ({config.max_seq_len})")
-        if attention not in ("auto", "sdpa"):
-            raise ValueError(f"cache attention must be 'auto' or 'sdpa', got {attention!r}")
-        self.attention = attention  # "sdpa": attend skips the decode kernels (decode_kernel), to A/B them
         shape = (config.depth, batch_size, config.n_heads, capacity, config.head_dim)
         self.k, self.v = (torch.zeros(shape, device=device, dtype=dtype) for _ in range(2))
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
@@ -1025,30 +962,18 @@ class KVCache:
         self.k[layer, rows, :, at] = k.view(B, at.size(1), *k.shape[1:])
         self.v[layer, rows, :, at] = v.view(B, at.size(1), *v.shape[1:])
 
-    def decode_kernel(self, queries_per_row: int = 1, paired: bool = False) -> str:
-        """The kernel attend runs: "flash" (FlashAttention's cache kernel: a GPU, fp16/bf16), else "triton"
-        (one query per row, head_dim a power of 2, a GPU or TRITON_INTERPRET=1), else "sdpa"."""
-        D, on_gpu = self.k.size(-1), self.k.is_cuda
-        if self.attention == "sdpa" or paired:
-            return "sdpa"
-        if on_gpu and self.k.dtype in (torch.float16, torch.bfloat16) and _flash_kvcache_function():
-            return "flash"
-        triton_runs = triton is not None and (on_gpu or os.environ.get("TRITON_INTERPRET") == "1")
-        return "triton" if triton_runs and queries_per_row == 1 and D & (D - 1) == 0 else "sdpa"
-
     def attend(self, layer: int, q: Tensor, window: int | None, positions: Tensor, paired: bool = False) -> Tensor:
         """Queries (B * L, H, D) at `positions` attend to their row's cached keys less than `window` back.
-        The decode kernels read each row only up to its length; SDPA reads the whole capacity under a mask, so
-        that no shape depends on the lengths. `paired` heads (modded-nanogpt #191) view a pair as one head over
-        2 x capacity keys, whose order a softmax ignores; the mask knows their interleaved positions 2p + i."""
+        FlashAttention's cache kernel reads each row only up to its length; SDPA reads the whole capacity under a
+        mask, so that no shape depends on the lengths. `paired` heads (modded-nanogpt #191) view a pair as one head
+        over 2 x capacity keys, whose order a softmax ignores; the mask knows their interleaved positions 2p + i."""
         B, H, capacity, D = self.k[layer].shape
         at = positions.view(B, -1)
         L = at.size(1)
-        kernel = self.decode_kernel(L, paired)
-        if kernel != "sdpa":
-            seqlens = (at[:, -1] + 1).to(torch.int32)  # the L queries are aligned to the end of the row
-            y = _cache_decode(q.view(B, L, H, D), self.k[layer].transpose(1, 2), self.v[layer].transpose(1, 2),
-                              seqlens, window or 0, kernel)
+        if not paired and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _flash_kvcache_function():
+            seqlens = (at[:, -1] + 1).to(torch.int32)  # FlashAttention aligns the L queries to the end of the row
+            y = _flash_decode(q.view(B, L, H, D), self.k[layer].transpose(1, 2), self.v[layer].transpose(1, 2),
+                              seqlens, window or 0)
             return y.reshape(q.shape)
         group = 2 if paired else 1  # heads viewed as one
         queries = q.view(B, L, H // group, group, D).permute(0, 2, 3, 1, 4).reshape(B, H // group, group * L, D)
@@ -1075,7 +1000,6 @@ class KVCache:
         view = object.__new__(KVCache)
         view.k, view.v, view.lengths = self.k[:, start:stop], self.v[:, start:stop], self.lengths[start:stop]
         view.advancing, view.empty, view.parent = self.advancing[start:stop], self.empty, self
-        view.attention = self.attention
         view.carried = {name: state[:, start:stop] for name, state in self.carried.items()}
         return view
 
@@ -1094,7 +1018,7 @@ class PackedPrompts(KVCache):
             raise ValueError(f"a prompt of {max(prompt_lengths)} tokens exceeds the cache's capacity of "
                              f"{cache.capacity} positions")
         self.k, self.v, self.lengths, self.advancing = cache.k, cache.v, cache.lengths, cache.advancing
-        self.carried, self.empty, self.parent, self.attention = cache.carried, True, cache, cache.attention
+        self.carried, self.empty, self.parent = cache.carried, True, cache
         self.cu_seqlens = F.pad(sizes.cumsum(0), (1, 0)).to(torch.int32)
         self.total, self.longest = int(sizes.sum()), int(sizes.max())
         rows = torch.tensor(list(first_rows), device=device)[:, None] + torch.arange(copies, device=device)
@@ -2807,13 +2731,13 @@ class Engine:
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, backend: str = "sdpa", cuda_graph: bool = True,
                  graph_min_tokens: int = 32, compile_backend: str | None = None, sync_every: int = 16,
-                 prefill_tokens: int = 32768, cache_attention: str = "auto"):
+                 prefill_tokens: int = 32768):
         for name, value in (("sync_every", sync_every), ("prefill_tokens", prefill_tokens)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         self.model, self.tokenizer, self.backend = model, tokenizer, backend
         self.cuda_graph, self.graph_min_tokens, self.compile_backend = cuda_graph, graph_min_tokens, compile_backend
-        self.sync_every, self.prefill_tokens, self.cache_attention = sync_every, prefill_tokens, cache_attention
+        self.sync_every, self.prefill_tokens = sync_every, prefill_tokens
         special = tokenizer.special_id
         self.stop_ids = {special("<|assistant_end|>"), tokenizer.bos_id}
         self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
@@ -2842,8 +2766,7 @@ class Engine:
         capacity = max(len(prompt) + limit for prompt, limit in zip(prompts, limits))
         if self.compile_backend:  # one compiled graph per capacity: round up so that few capacities occur
             capacity = min(-(-capacity // DECODE_CAPACITY_STEP) * DECODE_CAPACITY_STEP, model.config.max_seq_len)
-        cache = KVCache(model.config, len(prompts) * num_samples, capacity, device, model.compute_dtype,
-                        self.cache_attention)
+        cache = KVCache(model.config, len(prompts) * num_samples, capacity, device, model.compute_dtype)
         logits = torch.empty(len(prompts), model.config.vocab_size, device=device)
         for group in token_budget_chunks([len(prompt) for prompt in prompts], self.prefill_tokens):
             packed = PackedPrompts(cache, [len(prompts[i]) for i in group], [i * num_samples for i in group],

@@ -6,14 +6,11 @@ For each depth, this script builds a randomly initialised model (speed does not 
 the device's copy bandwidth, prefills one prompt of --prompt_len tokens into every row (PackedPrompts), then times
 at each batch size: the engine's decode step (sc.DecodeStep: sampling with top-k on the device, chunks of
 --sync_every steps read back once, on a GPU replayed as one CUDA graph, compiled with --compile=inductor), and
-`Engine.generate` end to end (prefill, chunk bookkeeping and the graph capture included). Each --cache_attention
-("auto": the decode kernel that KVCache.decode_kernel picks, FlashAttention's or the Triton one; "sdpa": the
-reference over the whole capacity) is measured in turn, A/B, and named with the kernel that ran. It first checks that
-the captured engine gives the greedy tokens of the eager SDPA one. Prints one table and writes the figures as JSON to
---out. RL's rollout step is baselines/bench_rl.py.
+`Engine.generate` end to end (prefill, chunk bookkeeping and the graph capture included). It first checks that the
+captured engine gives the greedy tokens of the eager one. Prints one table and writes the figures as JSON to --out.
+RL's rollout step is baselines/bench_rl.py.
 
     python baselines/bench_decode.py                     # GPU: depths 12 and 20, batches 1, 16, 64, 256
-    python baselines/bench_decode.py --cache_attention=auto,sdpa  # the decode kernel against SDPA
     python baselines/bench_decode.py --depths=2 --vocab_size=1024 --prompt_len=64 --decode=16 --batches=1,4  # CPU
 """
 import argparse
@@ -78,11 +75,9 @@ def random_model(depth: int, vocab_size: int, max_seq_len: int, device: str, dty
 
 def step_runner(engine: sc.Engine, batch: int, prompt: torch.Tensor, steps: int):
     """A function running `steps` engine decode steps (top-k 50 sampling) of `batch` rows continuing the prompt,
-    in chunks of engine.sync_every read back to the host; the prompt is prefilled once, each run rewinds the rows.
-    Also the decode kernel that the step's cache attention runs (KVCache.decode_kernel)."""
+    in chunks of engine.sync_every read back to the host; the prompt is prefilled once, each run rewinds the rows."""
     model = engine.model
-    cache = sc.KVCache(model.config, batch, len(prompt) + steps, prompt.device, model.compute_dtype,
-                       engine.cache_attention)
+    cache = sc.KVCache(model.config, batch, len(prompt) + steps, prompt.device, model.compute_dtype)
     packed = sc.PackedPrompts(cache, [len(prompt)], [0], copies=batch)
     logits = model(prompt, kv_cache=packed, backend=engine.backend, logit_rows=packed.last_tokens())
     chunk = engine.sync_every
@@ -100,7 +95,7 @@ def step_runner(engine: sc.Engine, batch: int, prompt: torch.Tensor, steps: int)
                 step()
             step.read_chunk()
 
-    return run, cache.decode_kernel()
+    return run
 
 
 def main() -> None:
@@ -116,15 +111,10 @@ def main() -> None:
     parser.add_argument("--compile", default="none", help="the step's torch.compile backend: none | inductor")
     parser.add_argument("--key_offset", type=int, default=0, help="1: modded-nanogpt's key offset (sc.GPTConfig)")
     parser.add_argument("--paired_heads", default="", help="paired-head layers, comma-separated, e.g. 0,2,5,9")
-    parser.add_argument("--cache_attention", default="auto", help="attention over the KV cache, comma-separated, "
-                                                                  "measured in turn: auto | sdpa (sc.KVCache)")
     parser.add_argument("--out", default="bench_decode.json")
     args = parser.parse_args()
     if args.decode % args.sync_every:
         parser.error(f"--decode {args.decode} must be a multiple of --sync_every {args.sync_every}")
-    cache_attentions = args.cache_attention.split(",")
-    if not set(cache_attentions) <= {"auto", "sdpa"}:
-        parser.error(f"--cache_attention takes auto and sdpa, comma-separated, not {args.cache_attention!r}")
 
     device = sc.pick_device()
     dtype = sc.pick_compute_dtype(device)
@@ -134,7 +124,8 @@ def main() -> None:
     bandwidth = copy_bandwidth(device)
     tokenizer = filler_tokenizer(args.vocab_size)
     results = {"device": name, "dtype": str(dtype), "attention": backend, "compile": args.compile,
-               "prompt_len": args.prompt_len, "decode_steps": args.decode, "sync_every": args.sync_every,
+               "decode_attention": "flash_attn_with_kvcache" if sc._flash_kvcache_function() and device != "cpu"
+               else "sdpa", "prompt_len": args.prompt_len, "decode_steps": args.decode, "sync_every": args.sync_every,
                "copy_bandwidth_GBps": bandwidth / 1e9, "key_offset": bool(args.key_offset),
                "paired_heads": args.paired_heads, "depths": {}}
     rows = []
@@ -143,43 +134,36 @@ def main() -> None:
         rows.append(row)
         print(*row, sep=": ", flush=True)
 
-    add(("device", f"{name}, copy bandwidth {bandwidth / 1e9:,.0f} GB/s"))
+    add(("device", f"{name}, copy bandwidth {bandwidth / 1e9:,.0f} GB/s, decode attention "
+                   f"{results['decode_attention']}"))
     for depth in (int(d) for d in args.depths.split(",")):
         model = random_model(depth, args.vocab_size, max(2048, args.prompt_len + args.decode), device, dtype,
                              bool(args.key_offset), sc.layer_list("--paired_heads", args.paired_heads))
-        engines = {attention: sc.Engine(model, tokenizer, backend, compile_backend=compile_backend,
-                                        sync_every=args.sync_every, cache_attention=attention)
-                   for attention in cache_attentions}
-        entry = results["depths"][str(depth)] = {"params": model.num_params()["total"], "cache_attention": {}}
+        engine = sc.Engine(model, tokenizer, backend, compile_backend=compile_backend, sync_every=args.sync_every)
+        entry = results["depths"][str(depth)] = {"params": model.num_params()["total"], "batches": {}}
         add((f"depth {depth}", f"{entry['params'] / 1e6:.1f} M params, {dtype}"))
         prompt = torch.randint(0, args.vocab_size - len(sc.SPECIAL_TOKENS), (args.prompt_len,), device=device)
-        eager = sc.Engine(model, tokenizer, backend, cuda_graph=False, compile_backend=None, sync_every=1,
-                          cache_attention="sdpa")
+        eager = sc.Engine(model, tokenizer, backend, cuda_graph=False, compile_backend=None, sync_every=1)
         prompts = [prompt[:len(prompt) // 3].tolist(), prompt.tolist()]
-        reference = eager.generate_batch(prompts, 2, 32, temperature=0.0)[0]
+        same = [e.generate_batch(prompts, 2, 32, temperature=0.0)[0] for e in (engine, eager)]
+        entry["greedy_tokens_equal_eager"] = same[0] == same[1]
+        add((f"depth {depth}: greedy tokens, engine vs eager", "identical" if same[0] == same[1] else
+             f"differ in {sum(a != b for a, b in zip(*same))} of {len(same[0])} rows"))
         context = args.prompt_len + (args.decode - 1) / 2  # mean number of cached positions over the steps
-        for attention, engine in engines.items():
-            tokens = engine.generate_batch(prompts, 2, 32, temperature=0.0)[0]
-            runs = entry["cache_attention"][attention] = {"greedy_tokens_equal_eager_sdpa": tokens == reference,
-                                                          "batches": {}}
-            add((f"depth {depth}, cache attention {attention}: greedy tokens vs eager SDPA",
-                 "identical" if tokens == reference else
-                 f"differ in {sum(a != b for a, b in zip(tokens, reference))} of {len(tokens)} rows"))
-            for batch in (int(b) for b in args.batches.split(",")):
-                bound = batch * bandwidth / bytes_per_decode_step(model, batch, context, dtype)
-                run, kernel = step_runner(engine, batch, prompt, args.decode)
-                with torch.inference_mode():
-                    step_rate = batch * args.decode / timed(run, device)
-                generated = []
-                seconds = timed(lambda: generated.append(engine.generate(prompt.tolist(), batch, args.decode,
-                                                                         top_k=50)), device)
-                engine_rate = sum(map(len, generated[-1][0])) / seconds  # prefill included: the end-to-end figure
-                runs["batches"][str(batch)] = {"decode_kernel": kernel, "bound_tokens_per_s": bound,
-                                               "step_tokens_per_s": step_rate, "engine_tokens_per_s": engine_rate}
-                add((f"depth {depth}, batch {batch}, {attention} ({kernel})",
-                     f"bound {bound:,.0f} tokens/s; step {step_rate:,.0f} ({step_rate / bound:.1%}); "
-                     f"Engine.generate {engine_rate:,.0f} ({engine_rate / step_rate:.0%} of the step rate)"))
-        del model, engines, engine, eager
+        for batch in (int(b) for b in args.batches.split(",")):
+            bound = batch * bandwidth / bytes_per_decode_step(model, batch, context, dtype)
+            with torch.inference_mode():
+                step_rate = batch * args.decode / timed(step_runner(engine, batch, prompt, args.decode), device)
+            generated = []
+            seconds = timed(lambda: generated.append(engine.generate(prompt.tolist(), batch, args.decode, top_k=50)),
+                            device)
+            engine_rate = sum(map(len, generated[-1][0])) / seconds  # prefill included: the end-to-end figure
+            entry["batches"][str(batch)] = {"bound_tokens_per_s": bound, "step_tokens_per_s": step_rate,
+                                            "engine_tokens_per_s": engine_rate}
+            add((f"depth {depth}, batch {batch}", f"bound {bound:,.0f} tokens/s; step {step_rate:,.0f} "
+                                                  f"({step_rate / bound:.1%}); Engine.generate {engine_rate:,.0f} "
+                                                  f"({engine_rate / step_rate:.0%} of the step rate)"))
+        del model, engine, eager
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
     report(rows, results, args.out)
