@@ -1626,11 +1626,13 @@ def _all_gather_stacked(own: Tensor, world_size: int) -> Tensor:
 class Muon(torch.optim.Optimizer):
     """Muon (Jordan et al. 2024): Nesterov momentum on 2D matrices, the update replaced by its polar factor, scaled by
     max(1, rows / cols) ** 0.5, decoupled weight decay; one batched orthogonalisation per shape. Under several ranks,
-    each keeps momentum for and orthogonalises its share of the reduce-scattered gradients, then all gather."""
+    each keeps momentum for and orthogonalises its share of the reduce-scattered gradients, then all gather; with
+    `distributed=False` every rank steps alone (a demonstration on CPU tensors, which NCCL cannot reduce)."""
 
     def __init__(self, params, lr: float = 0.05, momentum: float = 0.95, weight_decay: float = 0.0,
                  nesterov: bool = True, method: str = "polar_express", steps: int = 5, normuon: bool = False,
-                 beta2: float = 0.95, cautious_weight_decay: bool = False):
+                 beta2: float = 0.95, cautious_weight_decay: bool = False, distributed: bool = True):
+        self.distributed = distributed
         params = list(params)
         if any(p.ndim != 2 for p in params):
             raise ValueError("Muon only optimises 2D matrices; give other parameters to AdamW")
@@ -1643,7 +1645,7 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        world_size, rank = world_size_and_rank()
+        world_size, rank = world_size_and_rank() if self.distributed else (1, 0)
         for group in self.param_groups:
             params = group["params"]
             per_rank = -(-len(params) // world_size)  # ceil: the last rank's share may be padded
@@ -1673,10 +1675,9 @@ class Muon(torch.optim.Optimizer):
         agree = updates * torch.stack(params) >= 0
         torch._foreach_mul_(params, list((1 - shrink * agree.to(updates.dtype)).unbind(0)))
 
-    @staticmethod
-    def _share(params: list[Tensor]) -> list[Tensor]:
+    def _share(self, params: list[Tensor]) -> list[Tensor]:
         """The matrices of a shape group that this rank orthogonalises (and keeps momentum for)."""
-        share = rank_share(len(params))
+        share = rank_share(len(params)) if self.distributed else range(len(params))
         return params[share.start:share.stop]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

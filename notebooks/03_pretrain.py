@@ -298,8 +298,9 @@ directions = [torch.linalg.qr(torch.randn(n, n, generator=generator))[0] for n i
 strengths = 1 / torch.arange(1, min(shape) + 1, dtype=torch.float32)  # direction i is 1/i as strong as the first
 gradient = directions[0][:, :len(strengths)] @ torch.diag(strengths) @ directions[1][:, :len(strengths)].T
 updates = {}
-for name, make in (("Muon", lambda w: sc.Muon([w], lr=1.0)), ("Adam", lambda w: torch.optim.AdamW([w], lr=1.0,
-                                                                                                  weight_decay=0))):
+optimizers_to_compare = (("Muon", lambda w: sc.Muon([w], lr=1.0, distributed=False)),  # every rank steps alone
+                         ("Adam", lambda w: torch.optim.AdamW([w], lr=1.0, weight_decay=0)))
+for name, make in optimizers_to_compare:
     weight = torch.nn.Parameter(torch.zeros(shape))
     weight.grad = gradient.clone()
     make(weight).step()

@@ -351,3 +351,22 @@ def test_more_ranks_per_node_than_gpus_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(sc.ConfigError, match=r"local rank 1, but the node shows 1 GPU\(s\): start at most"):
         sc.init_distributed()
+
+
+def test_muon_that_is_not_distributed_steps_alone_under_several_ranks(monkeypatch):
+    # 03's look-inside cell steps a Muon on CPU tensors on every rank: under torchrun on GPUs, NCCL cannot reduce
+    # them, so such a Muon must make no collective call and update every matrix itself
+    grads = [torch.randn(8, 4, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+
+    def stepped(**options):
+        weights = [torch.nn.Parameter(torch.zeros(8, 4)) for _ in grads]
+        for weight, grad in zip(weights, grads):
+            weight.grad = grad.clone()
+        sc.Muon(weights, lr=1.0, **options).step()
+        return torch.stack([w.detach() for w in weights])
+
+    alone = stepped()
+    monkeypatch.setattr(sc, "world_size_and_rank", lambda: (2, 1))  # no process group: a collective would raise
+    assert torch.equal(stepped(distributed=False), alone)
+    with pytest.raises((RuntimeError, ValueError)):
+        stepped()
