@@ -19,8 +19,8 @@ Sections (and the notebooks that call them):
  13. Supervised fine-tuning ........... 05_sft (the SFT loader; 02_sharding writes its shards with data/sft.py)
 Beside the notebooks, in notebooks/: config.py (every notebook's settings: presets, STACK_* variables, flags),
 runtime.py (the first cell: Colab installs, Drive, GPU report), training.py (writing checkpoints, resuming, run
-logs), sft.py and rl.py (05's and 06's steps), chat_session.py (07's chat), report.py (the report card) and
-pipeline.py (`python3 stackcore.py pipeline`).
+logs), core_eval.py (04's samples), sft.py and rl.py (05's and 06's steps), chat_session.py (07's chat), report.py
+(the report card) and pipeline.py (`python3 stackcore.py pipeline`).
 
 The notebooks keep the training loops in view; this file holds the reusable and performance-critical parts.
 """
@@ -2191,18 +2191,6 @@ class CoreShard:
     records: np.ndarray  # (sequences, len(CORE_RECORD_FIELDS)) int32
 
 
-def first_examples(shard: CoreShard, count: int) -> CoreShard:
-    """The shard cut to its first `count` examples (all their choices), e.g. to time a slow path on a sample."""
-    examples = shard.records[:, CORE_RECORD_FIELDS.index("example")]
-    return dataclasses.replace(shard, records=shard.records[np.isin(examples, np.unique(examples)[:count])])
-
-
-def first_pack(shard: CoreShard, pack_tokens: int, max_seq_len: int) -> CoreShard:
-    """The shard cut to its first packed pass: a warm-up at full sizes, as kernels are built for the shapes they see."""
-    examples = core_examples(shard.tokens, shard.records, max_seq_len)
-    return first_examples(shard, len(next(budget_chunks(examples, shared_prefix_cost, pack_tokens), [])))
-
-
 def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
     """How many leading tokens all of `seqs` (lists or arrays) share."""
     shortest = min(len(seq) for seq in seqs)
@@ -2243,15 +2231,6 @@ def shared_prefix_cost(choices: list[tuple[np.ndarray, int]]) -> int:
     """Input tokens of an example packed as a prefix tree: the shared prefix once, then each choice's own rest."""
     shared = shared_prefix_length(choices)
     return shared + sum(len(seq) - 1 - shared for seq, _ in choices)
-
-
-def core_input_tokens(shard: CoreShard, max_seq_len: int, pack_tokens: int) -> int:
-    """Tokens that scoring `shard` feeds the model, padding aside: every choice's sequence alone (pack_tokens=0) or,
-    packed, each example's shared prefix (mostly the few-shot context) once plus its choices' own tokens."""
-    examples = core_examples(shard.tokens, shard.records, max_seq_len)
-    if pack_tokens == 0:
-        return sum(len(seq) - 1 for choices in examples for seq, _ in choices)
-    return sum(shared_prefix_cost(choices) for choices in examples)
 
 
 @dataclass
