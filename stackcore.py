@@ -849,14 +849,6 @@ class GPTConfig:
         return dataclasses.replace(self, key_offset=True, paired_head_layers=paired)
 
 
-def layer_list(name: str, text: str) -> tuple[int, ...]:
-    """Layer indices from a setting such as "0,2,5,9" ("" for none); a ConfigError names the setting."""
-    try:
-        return tuple(int(part) for part in text.replace(" ", "").split(",") if part)
-    except ValueError:
-        raise ConfigError(f"bad value {text!r} for {name}: expected layer numbers separated by commas") from None
-
-
 def norm(x: Tensor) -> Tensor:
     """RMSNorm without learned parameters."""
     return F.rms_norm(x, (x.size(-1),))

@@ -28,6 +28,7 @@ import torch
 
 import stackcore as sc
 from baselines.benchlib import filler_tokenizer, report, synchronize
+from notebooks.config import layer_list
 
 
 def timed(fn, device: str, repeats: int = 3) -> float:
@@ -146,7 +147,7 @@ def main() -> None:
     add(("device", f"{name}, copy bandwidth {bandwidth / 1e9:,.0f} GB/s"))
     for depth in (int(d) for d in args.depths.split(",")):
         model = random_model(depth, args.vocab_size, max(2048, args.prompt_len + args.decode), device, dtype,
-                             bool(args.key_offset), sc.layer_list("--paired_heads", args.paired_heads))
+                             bool(args.key_offset), layer_list("--paired_heads", args.paired_heads))
         engines = {attention: sc.Engine(model, tokenizer, backend, compile_backend=compile_backend,
                                         sync_every=args.sync_every, cache_attention=attention)
                    for attention in cache_attentions}

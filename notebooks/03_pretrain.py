@@ -76,7 +76,7 @@ import numpy as np
 import torch
 
 from notebooks.config import (ATTENTION_SETTING, StackConfig, above, accumulation_steps, at_least, configure,
-                              describe_config, folder_name, one_of)
+                              describe_config, folder_name, layer_list, one_of)
 from notebooks.report import format_duration
 
 
@@ -183,7 +183,7 @@ log(f"device {device} x {dist_info.world_size} rank(s); {accum_steps} micro-step
 # %%
 model_config = sc.GPTConfig(vocab_size=tokenizer.vocab_size, depth=cfg.depth, model_dim=cfg.model_dim,
                             head_dim=cfg.head_dim, max_seq_len=cfg.seq_len, key_offset=cfg.key_offset,
-                            paired_head_layers=sc.layer_list("paired_heads", cfg.paired_heads))
+                            paired_head_layers=layer_list("paired_heads", cfg.paired_heads))
 if cfg.arch == "modded":
     model_config = model_config.modded_architecture()
 model = sc.GPT(model_config).to(device)
