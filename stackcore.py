@@ -19,8 +19,8 @@ Sections (and the notebooks that call them):
  13. Supervised fine-tuning ........... 05_sft (the SFT loader; 02_sharding writes its shards with data/sft.py)
 Beside the notebooks, in notebooks/: config.py (every notebook's settings: presets, STACK_* variables, flags),
 runtime.py (the first cell: Colab installs, Drive, GPU report), training.py (writing checkpoints, resuming, run
-logs), core_eval.py (04's samples), sft.py and rl.py (05's and 06's steps), chat_session.py (07's chat), report.py
-(the report card) and pipeline.py (`python3 stackcore.py pipeline`).
+logs, 03's window and batch ramps), core_eval.py (04's samples), sft.py and rl.py (05's and 06's steps),
+chat_session.py (07's chat), report.py (the report card) and pipeline.py (`python3 stackcore.py pipeline`).
 
 The notebooks keep the training loops in view; this file holds the reusable and performance-critical parts.
 """
@@ -1866,20 +1866,6 @@ def lr_multiplier(step: int, total_steps: int, warmup_steps: int = 0, cooldown_f
 def muon_momentum(step: int, warmup_steps: int = 300, start: float = 0.85, end: float = 0.95) -> float:
     """Muon momentum ramped linearly from `start` to `end` over the first warmup_steps."""
     return start + (end - start) * min(1.0, step / warmup_steps) if warmup_steps > 0 else end
-
-
-def short_window_schedule(step: int, total_steps: int, final_window: int, start_window: int = 128,
-                          granularity: int = 128) -> int:
-    """The short window grown linearly, as in modded-nanogpt, down to whole `granularity`s: few recompiles and masks."""
-    window = start_window + (final_window - start_window) * min(1.0, step / max(total_steps, 1))
-    return max(start_window, min(final_window, int(window) // granularity * granularity))
-
-
-def batch_size_schedule(step: int, final_tokens: int, start_tokens: int, ramp_steps: int, granularity: int) -> int:
-    """Tokens in optimizer step `step`, linear from start_tokens to final_tokens over ramp_steps (as modded-nanogpt's
-    records grow their batch), in whole `granularity`s (a micro-batch on every rank): only accumulation changes."""
-    tokens = start_tokens + (final_tokens - start_tokens) * min(1.0, step / ramp_steps) if ramp_steps else final_tokens
-    return max(granularity, min(final_tokens, int(tokens) // granularity * granularity))
 
 
 # ---------------------------------------------------------------------------------------------
