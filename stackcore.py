@@ -146,8 +146,7 @@ def current_gpu(device: str | torch.device = "cuda") -> GpuInfo | None:
 
 
 def compute_dtype_for(gpu: GpuInfo | None, requested: str = "auto") -> torch.dtype:
-    """`requested` (auto | bfloat16 | float16 | float32); auto is bf16 where the GPU has it (Ampere and newer), fp16
-    on older GPUs such as the T4 (the training loops scale the loss: LossScaler), fp32 on the CPU."""
+    """`requested`, or for "auto" bf16 where the GPU has it, fp16 on older ones (a T4: LossScaler), fp32 on the CPU."""
     if requested == "auto":
         return torch.float32 if gpu is None else torch.bfloat16 if gpu.has_bf16 else torch.float16
     if requested not in COMPUTE_DTYPES:
@@ -336,8 +335,7 @@ def read_shard(path: Path, vocab_size: int | None = None) -> np.ndarray:
 
 
 def list_shards(directory: Path, split: str) -> list[Path]:
-    """The token shards of one split, in order: `*{split}_*.bin` (ours: `train_000000.bin`; modded's:
-    `fineweb_train_000001.bin`), side files (`.mask.bin`, `.records.bin`) excluded."""
+    """A split's token shards in order, `*{split}_*.bin` (ours and modded's `fineweb_*`), side files excluded."""
     directory = Path(directory)
     if not directory.is_dir():
         raise ShardError(f"{directory}: shard directory not found (run notebooks/02_sharding first)")
@@ -353,8 +351,7 @@ def side_file(token_shard: Path, kind: str) -> Path:
 
 
 class ShardWriter:
-    """Accumulates documents (lists of token ids) and writes `prefix_000000.bin`, `prefix_000001.bin`, ... of about
-    `shard_tokens` tokens each. A document never straddles two shards, so every shard starts with BOS."""
+    """Documents into `prefix_000000.bin`, ... of about `shard_tokens` tokens, none split, so each starts with BOS."""
 
     def __init__(self, directory: Path, prefix: str, shard_tokens: int, vocab_size: int):
         self.directory, self.prefix = Path(directory), prefix
@@ -528,8 +525,7 @@ class _Fp8Linear(torch.autograd.Function):
 
 
 def fp8_linear(x: Tensor, weight: Tensor, grad_format: str = "e5m2") -> Tensor:
-    """x (M, K) @ weight (N, K).T through fp8 matmuls forward and backward (gradients in `grad_format`), in x's dtype;
-    M, K and N must be multiples of 16 (fp8_shapes_ok). Traceable by torch.compile."""
+    """x @ weight.T in x's dtype through fp8 matmuls, gradients in `grad_format`, for shapes that fp8_shapes_ok."""
     w8 = quantize_fp8(weight.detach(), torch.float8_e4m3fn)
     return _Fp8Linear.apply(x, weight, w8.data, w8.scale, FP8_FORMATS[grad_format])
 
@@ -872,8 +868,7 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class CastedLinear(nn.Linear):
-    """Bias-free linear layer: fp32 master weight, cast to `compute_dtype` for the matmul; with `fp8_grad_format`
-    (GPT.set_fp8), passes with gradients multiply in fp8 (fp8_linear) where the shapes fit."""
+    """Bias-free linear layer: an fp32 master weight cast to `compute_dtype`; fp8_linear with GPT.set_fp8."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
@@ -1258,8 +1253,7 @@ def soft_cap(logits: Tensor, softcap: float) -> Tensor:
 
 
 def _softcapped_ce_rows(logits: Tensor, targets: Tensor, softcap: float) -> tuple[Tensor, Tensor]:
-    """Per-row cross-entropy of soft_cap(logits) (0 where the target is -1) and its gradient for `logits`, in their
-    dtype: the part of the loss that torch.compile fuses into a pass or two over the logits."""
+    """Per-row soft-capped cross-entropy (0 at target -1) and its gradient for `logits`: what torch.compile fuses."""
     capped = soft_cap(logits, softcap)
     lse = torch.logsumexp(capped, dim=-1)
     valid = targets >= 0
@@ -1294,8 +1288,7 @@ def _ce_chunk(h: Tensor, w: Tensor, w8: tuple[Fp8Tensor, Fp8Tensor] | None, targ
 
 
 class _SoftcappedCrossEntropySum(torch.autograd.Function):
-    """Sum of the soft-capped cross-entropy. Its gradients are computed chunk by chunk in forward, so that the
-    (tokens x vocab) fp32 logits never exist whole, and backward only scales them."""
+    """Sum of the soft-capped cross-entropy, its gradients formed chunk by chunk in forward: no fp32 logits whole."""
 
     @staticmethod
     def forward(ctx, h, weight, targets, softcap, chunk_tokens, compile_backend, fp8_grad_format):
@@ -1371,8 +1364,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Embeddings ~ N(0, 1); q, k, v, fc ~ U(-a, a) with a = sqrt(3 / fan_in), i.e. std 1/sqrt(fan_in);
-        attention output, MLP output and lm_head are zero, so the initial loss is exactly ln(vocab_size)."""
+        """Embeddings N(0, 1), q, k, v, fc of std 1/sqrt(fan_in), output projections and head 0: loss ln(vocab)."""
         for embedding in (self.wte, *self.value_embeds):
             nn.init.normal_(embedding.weight, std=1.0)
         for block in self.blocks:
@@ -1397,18 +1389,15 @@ class GPT(nn.Module):
                 module.compute_dtype = dtype
 
     def set_fp8(self, enabled: bool, grad_format: str = "e5m2") -> None:
-        """fp8 matmuls (fp8_linear) in passes with gradients, the gradients in `grad_format`, for every CastedLinear:
-        each block's q, k, v, attention output and two MLP projections, and the head. The embeddings and the scalar
-        mixes are no matmuls and stay as they are; a pass whose shapes do not fit (fp8_shapes_ok) runs in bf16.
-        Needs bf16 on a GPU with fp8 (fp8_supported); weights, optimizer, checkpoints are unchanged."""
+        """fp8 matmuls (fp8_linear), gradients in `grad_format`, in every CastedLinear's passes with gradients whose
+        shapes fit. Needs bf16 on a GPU with fp8 (fp8_supported); weights, optimizer and checkpoints are unchanged."""
         if grad_format not in FP8_FORMATS:
             raise ValueError(f"unknown fp8 gradient format {grad_format!r}; valid: {', '.join(FP8_FORMATS)}")
         for linear in (module for module in self.modules() if isinstance(module, CastedLinear)):
             linear.fp8_grad_format = grad_format if enabled else None
 
     def cast_weights_for_inference(self) -> "GPT":
-        """Evaluation only: matrices and embeddings stored in the compute dtype, so that no pass casts them again and
-        they take half the memory. Training needs the fp32 master weights: do not train the model afterwards."""
+        """Evaluation only: weights in the compute dtype, never cast again, in half the memory; training needs fp32."""
         for param in self.parameters():
             if param.ndim >= 2:
                 param.data = param.data.to(self.compute_dtype)
@@ -1513,8 +1502,7 @@ class GPT(nn.Module):
         return logits.view(*shape, -1) if kv_cache is not None and logit_rows is None else logits
 
     def flex_masks(self, windows: list[Any], cu_seqlens: Tensor, total_len: int) -> list[Any]:
-        """Each layer's window as a FlexAttention block mask, built once per window and length (paired layers attend
-        over twice the tokens) outside any compiled region; a caller's BlockMask stays."""
+        """Each layer's window as a FlexAttention block mask, one per window and length, built outside compiled code."""
         masks: dict[tuple[Any, bool], Any] = {}
         for window, block in zip(windows, self.blocks):
             key = (window, block.attn.paired)
@@ -1704,9 +1692,8 @@ class Muon(torch.optim.Optimizer):
             raise ValueError("Muon only optimises 2D matrices; give other parameters to AdamW")
         shapes = sorted({tuple(p.shape) for p in params})
         groups = [{"params": [p for p in params if tuple(p.shape) == shape]} for shape in shapes]
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
-                        method=method, steps=steps, normuon=normuon, beta2=beta2,
-                        cautious_weight_decay=cautious_weight_decay)
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov, method=method,
+                        steps=steps, normuon=normuon, beta2=beta2, cautious_weight_decay=cautious_weight_decay)
         super().__init__(groups, defaults)
 
     @torch.no_grad()
@@ -1781,8 +1768,7 @@ class Muon(torch.optim.Optimizer):
 def build_optimizers(model: GPT, muon_lr: float | None = None, adam_lrs: dict[str, float] | None = None,
                      weight_decay: float = 0.0, method: str = "polar_express", lr_scale: float = 1.0,
                      normuon: bool = False, cautious_weight_decay: bool = False) -> list[torch.optim.Optimizer]:
-    """[AdamW(embedding, value_embeds, head, scalars), Muon(matrices)] at model.param_groups()'s lrs, overridden per
-    kind by `adam_lrs` and times `lr_scale`; each group records "initial_lr" for apply_schedule."""
+    """[AdamW(the rest), Muon(matrices)] at param_groups' lrs or `adam_lrs`, times `lr_scale`, as "initial_lr"."""
     low_precision = sorted({str(p.dtype) for p in model.parameters() if p.dtype != torch.float32})
     if low_precision:
         raise ValueError(f"the model holds {', '.join(low_precision)} weights (cast_weights_for_inference): training "
@@ -2021,7 +2007,6 @@ def evaluate_bpb(model: GPT, loader: PretrainLoader, steps: int, token_bytes: Te
 # 10. Checkpoints and distributed set-up (used by 03-07)
 # ---------------------------------------------------------------------------------------------
 
-
 def world_size_and_rank() -> tuple[int, int]:
     """(world_size, rank); (1, 0) when torch.distributed is not initialised."""
     if dist.is_available() and dist.is_initialized():
@@ -2081,8 +2066,7 @@ def all_ranks_agree(ok: bool) -> bool:
 
 
 def rank_share(count: int) -> range:
-    """The indices of `count` items this rank handles: a contiguous run of ceil(count / ranks) (the last ranks' may
-    be shorter or empty), so that item i keeps the seed its index gives it whatever the number of ranks."""
+    """This rank's run of ceil(count / ranks) of `count` items: item i keeps its index's seed on any world size."""
     world_size, rank = world_size_and_rank()
     per_rank = -(-count // world_size)
     return range(min(rank * per_rank, count), min((rank + 1) * per_rank, count))
@@ -2152,9 +2136,7 @@ def model_from_checkpoint(path: Path, device: str, vocab_size: int | None = None
 # The 22 tasks of the DCLM paper, scored as nanochat does. data/core.py writes each task into shards/core/<task>.bin,
 # one sequence (BOS, context, continuation) per (example, choice), with <task>.records.bin, a row of
 # CORE_RECORD_FIELDS per sequence, and tasks.json, the tasks' types and random baselines. A pass packs examples as
-# prefix trees: the context their choices share runs once, then each choice's own tokens, masked so that every
-# choice attends as its sequence would alone. The gold choice must have the lowest mean continuation loss; a
-# language-modelling continuation must come out of greedy decoding exactly.
+# prefix trees (CorePack): each shared context runs once, every choice attending as its sequence would alone.
 
 CORE_RECORD_FIELDS = ("seq_start", "cont_start", "seq_end", "example", "choice", "gold")
 CORE_MANIFEST = "tasks.json"
@@ -2430,8 +2412,7 @@ def render_conversation(tokenizer: Tokenizer, messages: Sequence[dict[str, Any]]
 
 
 def render_for_completion(tokenizer: Tokenizer, messages: Sequence[dict[str, Any]]) -> list[int]:
-    """The conversation up to its last user message, then <|assistant_start|>: the prompt the engine continues.
-    A final assistant message (say, the reference answer of an eval example) is dropped."""
+    """The conversation to its last user message (a final assistant one is dropped), then <|assistant_start|>."""
     messages = list(messages)
     if messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":
         messages = messages[:-1]
@@ -2540,8 +2521,7 @@ def _calc_eval(node: ast.AST, depth: int, deadline: float) -> Any:
 
 
 def calculate(expression: str, timeout_s: float = 0.5) -> str:
-    """Evaluate a calculator expression safely; the result as text, an integral float without its decimal point,
-    others to 10 significant digits. Never raises: a refused or failing expression gives "error: ..."."""
+    """A calculator expression's value as text (an integral float as an int), or "error: ...": never raises."""
     try:
         if len(expression) > CALC_MAX_CHARS:
             raise CalculatorError(f"expression longer than {CALC_MAX_CHARS} characters")
@@ -2557,9 +2537,7 @@ def calculate(expression: str, timeout_s: float = 0.5) -> str:
         return f"error: {type(error).__name__}"
 
 
-# The inference engine. The rows of a batch (which may continue different prompts) advance in lockstep, each
-# sampling its next token or taking one the engine forces (the calculator's output). The KV cache (KVCache, model
-# section) holds every layer's keys and values so far, so a step runs GPT.forward on one new token per row.
+# The inference engine: rows advance in lockstep, a token each per step through GPT.forward and their KVCache.
 
 @torch.compiler.disable  # inductor's code generation for a cumulative sum over the vocabulary fails (torch 2.11)
 def sample_tokens(logits: Tensor, uniforms: Tensor, temperature: float | Tensor = 1.0, top_k: int | None = None,
@@ -2792,8 +2770,7 @@ class Engine:
 
     def _prefill(self, prompts: Sequence[Sequence[int]], num_samples: int, max_tokens: int
                  ) -> tuple[KVCache, Tensor, list[int]]:
-        """A cache with each prompt prefilled into its num_samples rows, each row's first logits (B, vocab), and how
-        many tokens each row may emit (max_tokens, or less where max_seq_len is near)."""
+        """The cache, each prompt prefilled into its rows, each row's first logits (B, vocab) and token limit."""
         model, device = self.model, self.model.rotary_cos.device
         limits = [min(max_tokens, model.config.max_seq_len - len(prompt)) for prompt in prompts]
         capacity = max(len(prompt) + limit for prompt, limit in zip(prompts, limits))
@@ -2812,8 +2789,7 @@ class Engine:
 
     def check_arguments(self, prompts: Sequence[Sequence[int]], num_samples: int, max_tokens: int,
                         temperature: float, top_k: int | None, top_p: float | None) -> None:
-        """ValueError, naming the argument, for anything generation cannot take. Each prompt must leave the model's
-        context room for one token at least; max_tokens is a cap, cut to the room a prompt leaves."""
+        """ValueError, naming the argument, for what generation cannot take; max_tokens is cut to the context's room."""
         def is_int(value: Any) -> bool:
             return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
@@ -2902,8 +2878,7 @@ class Engine:
 
     def generate_batch(self, prompts: Sequence[Sequence[int]], *args: Any, **kwargs: Any
                        ) -> tuple[list[list[int]], list[list[int]]]:
-        """stream_batch's rows gathered, with its other arguments: each row's tokens (the stop token included) and a
-        mask of the same length, 1 where the token was sampled, 0 where the engine forced it (RL trains on the 1s)."""
+        """stream_batch's rows gathered: each row's tokens (its stop token too) and a mask, 1 where sampled (RL's)."""
         steps = [list(zip(tokens, sampled)) for tokens, sampled in self.stream_batch(prompts, *args, **kwargs)]
         rows = [[step for step in row if step[0] >= 0] for row in zip(*steps)]  # each row's (token, sampled) pairs
         return [[token for token, _ in row] for row in rows], [[sampled for _, sampled in row] for row in rows]
@@ -2943,12 +2918,9 @@ def show_parts(parts: Sequence[dict[str, str]]) -> str:
 # ---------------------------------------------------------------------------------------------
 # 13. Supervised fine-tuning: the SFT loader (used by 05_sft)
 # ---------------------------------------------------------------------------------------------
-# 02_sharding renders the SFT mixture into shards/sft/{train,val}_*.bin (data/sft.py's render_parallel and
-# ConversationWriter): whole conversations back to back, each starting with <|bos|>, each shard beside its loss mask
-# (name.mask.bin, one uint8 per token, 1 on what the assistant writes). The loader packs whole conversations (cut at
-# max_seq_len + 1 tokens) into varlen rows of at most `tokens` tokens, without padding; targets are -1 where the mask
-# is 0, so the loss counts the assistant's own tokens. 05_sft's step and validation loss are notebooks/sft.py's, its
-# chat evals data/chat_eval.py's (the code they generate runs in data/sandbox.py's sandbox).
+# 02_sharding renders the SFT mixture (data/sft.py) into shards/sft/{train,val}_*.bin: whole conversations back to
+# back, each from <|bos|>, beside a loss mask (name.mask.bin, a uint8 per token, 1 on what the assistant writes);
+# targets are -1 where it is 0. 05_sft's step and loss are notebooks/sft.py's, its chat evals data/chat_eval.py's.
 
 class SFTLoader:
     """Endless batches of whole conversations from conversation shards: each row packs the next conversations of a
