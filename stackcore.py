@@ -27,6 +27,7 @@ The notebooks keep the training loops in view; this file holds the reusable and 
 from __future__ import annotations
 
 import ast
+import base64
 import dataclasses
 import importlib
 import inspect
@@ -205,8 +206,6 @@ class Tokenizer:
 
     def save(self, directory: Path) -> None:
         """Write tiktoken's rank file, a JSON of name, pattern and special tokens, and the token-bytes table."""
-        import base64
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         by_rank = sorted(self.ranks.items(), key=lambda kv: kv[1])  # tiktoken's format: base64 token, space, rank
@@ -791,8 +790,7 @@ class GPTConfig:
     short_window: int = 0  # sliding window of "S" layers; 0 means max_seq_len // 2
     window_pattern: str = "SSSL"  # tiled over the layers; the last layer is always "L" (full causal)
     n_value_embeds: int = 3  # table i feeds layer i and layer depth-1-i; capped at depth // 2
-    key_offset: bool = False  # modded-nanogpt #169: rotary turns half of each head, in long-window layers the other
-    # half of each key is the previous token's (offset_keys)
+    key_offset: bool = False  # modded-nanogpt #169: in long-window layers, half of each key is the previous token's
     paired_head_layers: tuple[int, ...] = ()  # modded-nanogpt #191: pairs of heads attend as one (interleave_pairs)
 
     def __post_init__(self):
@@ -1109,9 +1107,8 @@ class PackedPrompts(KVCache):
 
 @dataclass(frozen=True)
 class AttentionBatch:
-    """What every layer's attention reads in one pass, built once by GPT.forward. The packed documents attend within
-    themselves through `backend`; with a cache, document b is cache row b's new tokens, whose keys and values each
-    layer writes at `positions`, and which attend to their whole row instead when `reads_cache` (decoding)."""
+    """What each layer's attention reads in a pass (GPT.forward builds it): packed documents attending within
+    themselves through `backend`; with a cache, row b's new tokens, kept at `positions`, reading it if `reads_cache`."""
     cu_seqlens: Tensor  # (documents + 1,) int32 boundaries of the packed tokens
     max_seqlen: int  # the longest document
     cos: Tensor  # (T, head_dim / 2) rotary angles of each packed token
@@ -1126,9 +1123,8 @@ class AttentionBatch:
 
 
 def offset_keys(k: Tensor, batch: AttentionBatch, layer: int) -> Tensor:
-    """The partial key offset (modded-nanogpt #169): the stationary half of each key (T, H, D) becomes the previous
-    token's, except at a document's start (unlike modded: a prompt decodes as it trains). Through a cache a row's
-    first new token takes the half that KVCache.carried["previous_half"] kept of the row's last token."""
+    """The partial key offset (modded-nanogpt #169): each key's stationary half becomes the previous token's, but at a
+    document's start (unlike modded: a prompt decodes as it trains); a cache carries it over (KVCache.carried)."""
     half = k.size(-1) // 2
     own = k[..., half:]
     shifted = own[batch.previous]
@@ -1169,7 +1165,6 @@ class CausalSelfAttention(nn.Module):
         self.paired, self.key_offset = paired, key_offset  # GPTConfig's tricks, if this layer takes them
         self.n_heads, self.head_dim = config.n_heads, config.head_dim
         self.c_q, self.c_k, self.c_v, self.c_proj = (CastedLinear(config.dim, config.dim) for _ in range(4))
-        # v <- value_mix[0] * v + value_mix[1] * value_embed (only in layers fed by a value-embedding table)
         self.value_mix = nn.Parameter(torch.full((2,), 0.5)) if has_value_embed else None
 
     def forward(self, x: Tensor, value_embed: Tensor | None, window: Any, batch: AttentionBatch,
@@ -1219,8 +1214,7 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, value_embed: Tensor | None, window: Any, batch: AttentionBatch,
                 logit_rows: Tensor | None = None) -> Tensor:
-        """With `logit_rows` (N,) only those rows go on: in the last layer nothing reads the others, so their
-        attention projection, MLP and residual are skipped (every row still serves as a key and value)."""
+        """With `logit_rows` (N,) only those rows go on past attention (the last layer's: nothing reads the others)."""
         y = self.attn(norm(x), value_embed, window, batch, logit_rows)
         x = x + y if logit_rows is None else x[logit_rows] + y
         return x + self.mlp(norm(x))
@@ -1960,8 +1954,7 @@ ItemT = TypeVar("ItemT")
 
 def budget_chunks(items: Iterable[ItemT], cost: typing.Callable[[ItemT], int], max_tokens: int
                   ) -> Iterator[list[ItemT]]:
-    """Items grouped in order so that each group's costs sum to at most max_tokens (a costlier item goes alone),
-    lazily, so that a group's forward pass can run while the host prepares the next one (CORE scoring)."""
+    """Items in order, in groups costing at most max_tokens (a costlier one alone); lazily, as a pass runs meanwhile."""
     chunk: list[ItemT] = []
     total = 0
     for item in items:
@@ -2923,9 +2916,8 @@ def show_parts(parts: Sequence[dict[str, str]]) -> str:
 # targets are -1 where it is 0. 05_sft's step and loss are notebooks/sft.py's, its chat evals data/chat_eval.py's.
 
 class SFTLoader:
-    """Endless batches of whole conversations from conversation shards: each row packs the next conversations of a
-    seeded per-epoch shuffle, at most `tokens` tokens, never spanning two epochs. Every rank walks the same rows and
-    keeps every world_size-th: one global batch, at a position every rank shares (resumable under any world size)."""
+    """Endless rows of whole conversations of a seeded per-epoch shuffle, at most `tokens` tokens, none across epochs.
+    Every rank walks the same rows and keeps every world_size-th: one global batch, resumable under any world size."""
     position_shared = True
 
     def __init__(self, shard_dir: Path, split: str, tokens: int, bos_id: int, vocab_size: int, max_seq_len: int,
