@@ -19,14 +19,15 @@ Sections (and the notebooks that call them):
  13. Supervised fine-tuning ........... 05_sft (the SFT loader; 02_sharding writes its shards with data/sft.py)
 Beside the notebooks, in notebooks/: config.py (every notebook's settings: presets, STACK_* variables, flags),
 runtime.py (the first cell: Colab installs, Drive, GPU report), training.py (writing checkpoints, resuming, run
-logs), sft.py and rl.py (05's and 06's steps), chat_session.py (07's chat), report.py (the report card) and
-pipeline.py (`python3 stackcore.py pipeline`).
+logs, 03's window and batch ramps), core_eval.py (04's samples), sft.py and rl.py (05's and 06's steps),
+chat_session.py (07's chat), report.py (the report card) and pipeline.py (`python3 stackcore.py pipeline`).
 
 The notebooks keep the training loops in view; this file holds the reusable and performance-critical parts.
 """
 from __future__ import annotations
 
 import ast
+import base64
 import dataclasses
 import importlib
 import inspect
@@ -146,8 +147,7 @@ def current_gpu(device: str | torch.device = "cuda") -> GpuInfo | None:
 
 
 def compute_dtype_for(gpu: GpuInfo | None, requested: str = "auto") -> torch.dtype:
-    """`requested` (auto | bfloat16 | float16 | float32); auto is bf16 where the GPU has it (Ampere and newer), fp16
-    on older GPUs such as the T4 (the training loops scale the loss: LossScaler), fp32 on the CPU."""
+    """`requested`, or for "auto" bf16 where the GPU has it, fp16 on older ones (a T4: LossScaler), fp32 on the CPU."""
     if requested == "auto":
         return torch.float32 if gpu is None else torch.bfloat16 if gpu.has_bf16 else torch.float16
     if requested not in COMPUTE_DTYPES:
@@ -206,8 +206,6 @@ class Tokenizer:
 
     def save(self, directory: Path) -> None:
         """Write tiktoken's rank file, a JSON of name, pattern and special tokens, and the token-bytes table."""
-        import base64
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         by_rank = sorted(self.ranks.items(), key=lambda kv: kv[1])  # tiktoken's format: base64 token, space, rank
@@ -336,8 +334,7 @@ def read_shard(path: Path, vocab_size: int | None = None) -> np.ndarray:
 
 
 def list_shards(directory: Path, split: str) -> list[Path]:
-    """The token shards of one split, in order: `*{split}_*.bin` (ours: `train_000000.bin`; modded's:
-    `fineweb_train_000001.bin`), side files (`.mask.bin`, `.records.bin`) excluded."""
+    """A split's token shards in order, `*{split}_*.bin` (ours and modded's `fineweb_*`), side files excluded."""
     directory = Path(directory)
     if not directory.is_dir():
         raise ShardError(f"{directory}: shard directory not found (run notebooks/02_sharding first)")
@@ -353,8 +350,7 @@ def side_file(token_shard: Path, kind: str) -> Path:
 
 
 class ShardWriter:
-    """Accumulates documents (lists of token ids) and writes `prefix_000000.bin`, `prefix_000001.bin`, ... of about
-    `shard_tokens` tokens each. A document never straddles two shards, so every shard starts with BOS."""
+    """Documents into `prefix_000000.bin`, ... of about `shard_tokens` tokens, none split, so each starts with BOS."""
 
     def __init__(self, directory: Path, prefix: str, shard_tokens: int, vocab_size: int):
         self.directory, self.prefix = Path(directory), prefix
@@ -528,8 +524,7 @@ class _Fp8Linear(torch.autograd.Function):
 
 
 def fp8_linear(x: Tensor, weight: Tensor, grad_format: str = "e5m2") -> Tensor:
-    """x (M, K) @ weight (N, K).T through fp8 matmuls forward and backward (gradients in `grad_format`), in x's dtype;
-    M, K and N must be multiples of 16 (fp8_shapes_ok). Traceable by torch.compile."""
+    """x @ weight.T in x's dtype through fp8 matmuls, gradients in `grad_format`, for shapes that fp8_shapes_ok."""
     w8 = quantize_fp8(weight.detach(), torch.float8_e4m3fn)
     return _Fp8Linear.apply(x, weight, w8.data, w8.scale, FP8_FORMATS[grad_format])
 
@@ -795,8 +790,7 @@ class GPTConfig:
     short_window: int = 0  # sliding window of "S" layers; 0 means max_seq_len // 2
     window_pattern: str = "SSSL"  # tiled over the layers; the last layer is always "L" (full causal)
     n_value_embeds: int = 3  # table i feeds layer i and layer depth-1-i; capped at depth // 2
-    key_offset: bool = False  # modded-nanogpt #169: rotary turns half of each head, in long-window layers the other
-    # half of each key is the previous token's (offset_keys)
+    key_offset: bool = False  # modded-nanogpt #169: in long-window layers, half of each key is the previous token's
     paired_head_layers: tuple[int, ...] = ()  # modded-nanogpt #191: pairs of heads attend as one (interleave_pairs)
 
     def __post_init__(self):
@@ -849,14 +843,6 @@ class GPTConfig:
         return dataclasses.replace(self, key_offset=True, paired_head_layers=paired)
 
 
-def layer_list(name: str, text: str) -> tuple[int, ...]:
-    """Layer indices from a setting such as "0,2,5,9" ("" for none); a ConfigError names the setting."""
-    try:
-        return tuple(int(part) for part in text.replace(" ", "").split(",") if part)
-    except ValueError:
-        raise ConfigError(f"bad value {text!r} for {name}: expected layer numbers separated by commas") from None
-
-
 def norm(x: Tensor) -> Tensor:
     """RMSNorm without learned parameters."""
     return F.rms_norm(x, (x.size(-1),))
@@ -880,8 +866,7 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class CastedLinear(nn.Linear):
-    """Bias-free linear layer: fp32 master weight, cast to `compute_dtype` for the matmul; with `fp8_grad_format`
-    (GPT.set_fp8), passes with gradients multiply in fp8 (fp8_linear) where the shapes fit."""
+    """Bias-free linear layer: an fp32 master weight cast to `compute_dtype`; fp8_linear with GPT.set_fp8."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
@@ -1046,9 +1031,8 @@ class PackedPrompts(KVCache):
 
 @dataclass(frozen=True)
 class AttentionBatch:
-    """What every layer's attention reads in one pass, built once by GPT.forward. The packed documents attend within
-    themselves through `backend`; with a cache, document b is cache row b's new tokens, whose keys and values each
-    layer writes at `positions`, and which attend to their whole row instead when `reads_cache` (decoding)."""
+    """What each layer's attention reads in a pass (GPT.forward builds it): packed documents attending within
+    themselves through `backend`; with a cache, row b's new tokens, kept at `positions`, reading it if `reads_cache`."""
     cu_seqlens: Tensor  # (documents + 1,) int32 boundaries of the packed tokens
     max_seqlen: int  # the longest document
     cos: Tensor  # (T, head_dim / 2) rotary angles of each packed token
@@ -1063,9 +1047,8 @@ class AttentionBatch:
 
 
 def offset_keys(k: Tensor, batch: AttentionBatch, layer: int) -> Tensor:
-    """The partial key offset (modded-nanogpt #169): the stationary half of each key (T, H, D) becomes the previous
-    token's, except at a document's start (unlike modded: a prompt decodes as it trains). Through a cache a row's
-    first new token takes the half that KVCache.carried["previous_half"] kept of the row's last token."""
+    """The partial key offset (modded-nanogpt #169): each key's stationary half becomes the previous token's, but at a
+    document's start (unlike modded: a prompt decodes as it trains); a cache carries it over (KVCache.carried)."""
     half = k.size(-1) // 2
     own = k[..., half:]
     shifted = own[batch.previous]
@@ -1106,7 +1089,6 @@ class CausalSelfAttention(nn.Module):
         self.paired, self.key_offset = paired, key_offset  # GPTConfig's tricks, if this layer takes them
         self.n_heads, self.head_dim = config.n_heads, config.head_dim
         self.c_q, self.c_k, self.c_v, self.c_proj = (CastedLinear(config.dim, config.dim) for _ in range(4))
-        # v <- value_mix[0] * v + value_mix[1] * value_embed (only in layers fed by a value-embedding table)
         self.value_mix = nn.Parameter(torch.full((2,), 0.5)) if has_value_embed else None
 
     def forward(self, x: Tensor, value_embed: Tensor | None, window: Any, batch: AttentionBatch,
@@ -1156,8 +1138,7 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, value_embed: Tensor | None, window: Any, batch: AttentionBatch,
                 logit_rows: Tensor | None = None) -> Tensor:
-        """With `logit_rows` (N,) only those rows go on: in the last layer nothing reads the others, so their
-        attention projection, MLP and residual are skipped (every row still serves as a key and value)."""
+        """With `logit_rows` (N,) only those rows go on past attention (the last layer's: nothing reads the others)."""
         y = self.attn(norm(x), value_embed, window, batch, logit_rows)
         x = x + y if logit_rows is None else x[logit_rows] + y
         return x + self.mlp(norm(x))
@@ -1190,8 +1171,7 @@ def soft_cap(logits: Tensor, softcap: float) -> Tensor:
 
 
 def _softcapped_ce_rows(logits: Tensor, targets: Tensor, softcap: float) -> tuple[Tensor, Tensor]:
-    """Per-row cross-entropy of soft_cap(logits) (0 where the target is -1) and its gradient for `logits`, in their
-    dtype: the part of the loss that torch.compile fuses into a pass or two over the logits."""
+    """Per-row soft-capped cross-entropy (0 at target -1) and its gradient for `logits`: what torch.compile fuses."""
     capped = soft_cap(logits, softcap)
     lse = torch.logsumexp(capped, dim=-1)
     valid = targets >= 0
@@ -1226,8 +1206,7 @@ def _ce_chunk(h: Tensor, w: Tensor, w8: tuple[Fp8Tensor, Fp8Tensor] | None, targ
 
 
 class _SoftcappedCrossEntropySum(torch.autograd.Function):
-    """Sum of the soft-capped cross-entropy. Its gradients are computed chunk by chunk in forward, so that the
-    (tokens x vocab) fp32 logits never exist whole, and backward only scales them."""
+    """Sum of the soft-capped cross-entropy, its gradients formed chunk by chunk in forward: no fp32 logits whole."""
 
     @staticmethod
     def forward(ctx, h, weight, targets, softcap, chunk_tokens, compile_backend, fp8_grad_format):
@@ -1303,8 +1282,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Embeddings ~ N(0, 1); q, k, v, fc ~ U(-a, a) with a = sqrt(3 / fan_in), i.e. std 1/sqrt(fan_in);
-        attention output, MLP output and lm_head are zero, so the initial loss is exactly ln(vocab_size)."""
+        """Embeddings N(0, 1), q, k, v, fc of std 1/sqrt(fan_in), output projections and head 0: loss ln(vocab)."""
         for embedding in (self.wte, *self.value_embeds):
             nn.init.normal_(embedding.weight, std=1.0)
         for block in self.blocks:
@@ -1329,18 +1307,15 @@ class GPT(nn.Module):
                 module.compute_dtype = dtype
 
     def set_fp8(self, enabled: bool, grad_format: str = "e5m2") -> None:
-        """fp8 matmuls (fp8_linear) in passes with gradients, the gradients in `grad_format`, for every CastedLinear:
-        each block's q, k, v, attention output and two MLP projections, and the head. The embeddings and the scalar
-        mixes are no matmuls and stay as they are; a pass whose shapes do not fit (fp8_shapes_ok) runs in bf16.
-        Needs bf16 on a GPU with fp8 (fp8_supported); weights, optimizer, checkpoints are unchanged."""
+        """fp8 matmuls (fp8_linear), gradients in `grad_format`, in every CastedLinear's passes with gradients whose
+        shapes fit. Needs bf16 on a GPU with fp8 (fp8_supported); weights, optimizer and checkpoints are unchanged."""
         if grad_format not in FP8_FORMATS:
             raise ValueError(f"unknown fp8 gradient format {grad_format!r}; valid: {', '.join(FP8_FORMATS)}")
         for linear in (module for module in self.modules() if isinstance(module, CastedLinear)):
             linear.fp8_grad_format = grad_format if enabled else None
 
     def cast_weights_for_inference(self) -> "GPT":
-        """Evaluation only: matrices and embeddings stored in the compute dtype, so that no pass casts them again and
-        they take half the memory. Training needs the fp32 master weights: do not train the model afterwards."""
+        """Evaluation only: weights in the compute dtype, never cast again, in half the memory; training needs fp32."""
         for param in self.parameters():
             if param.ndim >= 2:
                 param.data = param.data.to(self.compute_dtype)
@@ -1445,8 +1420,7 @@ class GPT(nn.Module):
         return logits.view(*shape, -1) if kv_cache is not None and logit_rows is None else logits
 
     def flex_masks(self, windows: list[Any], cu_seqlens: Tensor, total_len: int) -> list[Any]:
-        """Each layer's window as a FlexAttention block mask, built once per window and length (paired layers attend
-        over twice the tokens) outside any compiled region; a caller's BlockMask stays."""
+        """Each layer's window as a FlexAttention block mask, one per window and length, built outside compiled code."""
         masks: dict[tuple[Any, bool], Any] = {}
         for window, block in zip(windows, self.blocks):
             key = (window, block.attn.paired)
@@ -1638,9 +1612,8 @@ class Muon(torch.optim.Optimizer):
             raise ValueError("Muon only optimises 2D matrices; give other parameters to AdamW")
         shapes = sorted({tuple(p.shape) for p in params})
         groups = [{"params": [p for p in params if tuple(p.shape) == shape]} for shape in shapes]
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
-                        method=method, steps=steps, normuon=normuon, beta2=beta2,
-                        cautious_weight_decay=cautious_weight_decay)
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov, method=method,
+                        steps=steps, normuon=normuon, beta2=beta2, cautious_weight_decay=cautious_weight_decay)
         super().__init__(groups, defaults)
 
     @torch.no_grad()
@@ -1714,8 +1687,7 @@ class Muon(torch.optim.Optimizer):
 def build_optimizers(model: GPT, muon_lr: float | None = None, adam_lrs: dict[str, float] | None = None,
                      weight_decay: float = 0.0, method: str = "polar_express", lr_scale: float = 1.0,
                      normuon: bool = False, cautious_weight_decay: bool = False) -> list[torch.optim.Optimizer]:
-    """[AdamW(embedding, value_embeds, head, scalars), Muon(matrices)] at model.param_groups()'s lrs, overridden per
-    kind by `adam_lrs` and times `lr_scale`; each group records "initial_lr" for apply_schedule."""
+    """[AdamW(the rest), Muon(matrices)] at param_groups' lrs or `adam_lrs`, times `lr_scale`, as "initial_lr"."""
     low_precision = sorted({str(p.dtype) for p in model.parameters() if p.dtype != torch.float32})
     if low_precision:
         raise ValueError(f"the model holds {', '.join(low_precision)} weights (cast_weights_for_inference): training "
@@ -1799,20 +1771,6 @@ def lr_multiplier(step: int, total_steps: int, warmup_steps: int = 0, cooldown_f
 def muon_momentum(step: int, warmup_steps: int = 300, start: float = 0.85, end: float = 0.95) -> float:
     """Muon momentum ramped linearly from `start` to `end` over the first warmup_steps."""
     return start + (end - start) * min(1.0, step / warmup_steps) if warmup_steps > 0 else end
-
-
-def short_window_schedule(step: int, total_steps: int, final_window: int, start_window: int = 128,
-                          granularity: int = 128) -> int:
-    """The short window grown linearly, as in modded-nanogpt, down to whole `granularity`s: few recompiles and masks."""
-    window = start_window + (final_window - start_window) * min(1.0, step / max(total_steps, 1))
-    return max(start_window, min(final_window, int(window) // granularity * granularity))
-
-
-def batch_size_schedule(step: int, final_tokens: int, start_tokens: int, ramp_steps: int, granularity: int) -> int:
-    """Tokens in optimizer step `step`, linear from start_tokens to final_tokens over ramp_steps (as modded-nanogpt's
-    records grow their batch), in whole `granularity`s (a micro-batch on every rank): only accumulation changes."""
-    tokens = start_tokens + (final_tokens - start_tokens) * min(1.0, step / ramp_steps) if ramp_steps else final_tokens
-    return max(granularity, min(final_tokens, int(tokens) // granularity * granularity))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1921,8 +1879,7 @@ ItemT = TypeVar("ItemT")
 
 def budget_chunks(items: Iterable[ItemT], cost: typing.Callable[[ItemT], int], max_tokens: int
                   ) -> Iterator[list[ItemT]]:
-    """Items grouped in order so that each group's costs sum to at most max_tokens (a costlier item goes alone),
-    lazily, so that a group's forward pass can run while the host prepares the next one (CORE scoring)."""
+    """Items in order, in groups costing at most max_tokens (a costlier one alone); lazily, as a pass runs meanwhile."""
     chunk: list[ItemT] = []
     total = 0
     for item in items:
@@ -1967,7 +1924,6 @@ def evaluate_bpb(model: GPT, loader: PretrainLoader, steps: int, token_bytes: Te
 # ---------------------------------------------------------------------------------------------
 # 10. Checkpoints and distributed set-up (used by 03-07)
 # ---------------------------------------------------------------------------------------------
-
 
 def world_size_and_rank() -> tuple[int, int]:
     """(world_size, rank); (1, 0) when torch.distributed is not initialised."""
@@ -2028,8 +1984,7 @@ def all_ranks_agree(ok: bool) -> bool:
 
 
 def rank_share(count: int) -> range:
-    """The indices of `count` items this rank handles: a contiguous run of ceil(count / ranks) (the last ranks' may
-    be shorter or empty), so that item i keeps the seed its index gives it whatever the number of ranks."""
+    """This rank's run of ceil(count / ranks) of `count` items: item i keeps its index's seed on any world size."""
     world_size, rank = world_size_and_rank()
     per_rank = -(-count // world_size)
     return range(min(rank * per_rank, count), min((rank + 1) * per_rank, count))
@@ -2099,9 +2054,7 @@ def model_from_checkpoint(path: Path, device: str, vocab_size: int | None = None
 # The 22 tasks of the DCLM paper, scored as nanochat does. data/core.py writes each task into shards/core/<task>.bin,
 # one sequence (BOS, context, continuation) per (example, choice), with <task>.records.bin, a row of
 # CORE_RECORD_FIELDS per sequence, and tasks.json, the tasks' types and random baselines. A pass packs examples as
-# prefix trees: the context their choices share runs once, then each choice's own tokens, masked so that every
-# choice attends as its sequence would alone. The gold choice must have the lowest mean continuation loss; a
-# language-modelling continuation must come out of greedy decoding exactly.
+# prefix trees (CorePack): each shared context runs once, every choice attending as its sequence would alone.
 
 CORE_RECORD_FIELDS = ("seq_start", "cont_start", "seq_end", "example", "choice", "gold")
 CORE_MANIFEST = "tasks.json"
@@ -2114,18 +2067,6 @@ class CoreShard:
     baseline: float  # random-guess accuracy in [0, 1]
     tokens: np.ndarray
     records: np.ndarray  # (sequences, len(CORE_RECORD_FIELDS)) int32
-
-
-def first_examples(shard: CoreShard, count: int) -> CoreShard:
-    """The shard cut to its first `count` examples (all their choices), e.g. to time a slow path on a sample."""
-    examples = shard.records[:, CORE_RECORD_FIELDS.index("example")]
-    return dataclasses.replace(shard, records=shard.records[np.isin(examples, np.unique(examples)[:count])])
-
-
-def first_pack(shard: CoreShard, pack_tokens: int, max_seq_len: int) -> CoreShard:
-    """The shard cut to its first packed pass: a warm-up at full sizes, as kernels are built for the shapes they see."""
-    examples = core_examples(shard.tokens, shard.records, max_seq_len)
-    return first_examples(shard, len(next(budget_chunks(examples, shared_prefix_cost, pack_tokens), [])))
 
 
 def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
@@ -2168,15 +2109,6 @@ def shared_prefix_cost(choices: list[tuple[np.ndarray, int]]) -> int:
     """Input tokens of an example packed as a prefix tree: the shared prefix once, then each choice's own rest."""
     shared = shared_prefix_length(choices)
     return shared + sum(len(seq) - 1 - shared for seq, _ in choices)
-
-
-def core_input_tokens(shard: CoreShard, max_seq_len: int, pack_tokens: int) -> int:
-    """Tokens that scoring `shard` feeds the model, padding aside: every choice's sequence alone (pack_tokens=0) or,
-    packed, each example's shared prefix (mostly the few-shot context) once plus its choices' own tokens."""
-    examples = core_examples(shard.tokens, shard.records, max_seq_len)
-    if pack_tokens == 0:
-        return sum(len(seq) - 1 for choices in examples for seq, _ in choices)
-    return sum(shared_prefix_cost(choices) for choices in examples)
 
 
 @dataclass
@@ -2398,8 +2330,7 @@ def render_conversation(tokenizer: Tokenizer, messages: Sequence[dict[str, Any]]
 
 
 def render_for_completion(tokenizer: Tokenizer, messages: Sequence[dict[str, Any]]) -> list[int]:
-    """The conversation up to its last user message, then <|assistant_start|>: the prompt the engine continues.
-    A final assistant message (say, the reference answer of an eval example) is dropped."""
+    """The conversation to its last user message (a final assistant one is dropped), then <|assistant_start|>."""
     messages = list(messages)
     if messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":
         messages = messages[:-1]
@@ -2508,8 +2439,7 @@ def _calc_eval(node: ast.AST, depth: int, deadline: float) -> Any:
 
 
 def calculate(expression: str, timeout_s: float = 0.5) -> str:
-    """Evaluate a calculator expression safely; the result as text, an integral float without its decimal point,
-    others to 10 significant digits. Never raises: a refused or failing expression gives "error: ..."."""
+    """A calculator expression's value as text (an integral float as an int), or "error: ...": never raises."""
     try:
         if len(expression) > CALC_MAX_CHARS:
             raise CalculatorError(f"expression longer than {CALC_MAX_CHARS} characters")
@@ -2525,9 +2455,7 @@ def calculate(expression: str, timeout_s: float = 0.5) -> str:
         return f"error: {type(error).__name__}"
 
 
-# The inference engine. The rows of a batch (which may continue different prompts) advance in lockstep, each
-# sampling its next token or taking one the engine forces (the calculator's output). The KV cache (KVCache, model
-# section) holds every layer's keys and values so far, so a step runs GPT.forward on one new token per row.
+# The inference engine: rows advance in lockstep, a token each per step through GPT.forward and their KVCache.
 
 @torch.compiler.disable  # inductor's code generation for a cumulative sum over the vocabulary fails (torch 2.11)
 def sample_tokens(logits: Tensor, uniforms: Tensor, temperature: float | Tensor = 1.0, top_k: int | None = None,
@@ -2760,8 +2688,7 @@ class Engine:
 
     def _prefill(self, prompts: Sequence[Sequence[int]], num_samples: int, max_tokens: int
                  ) -> tuple[KVCache, Tensor, list[int]]:
-        """A cache with each prompt prefilled into its num_samples rows, each row's first logits (B, vocab), and how
-        many tokens each row may emit (max_tokens, or less where max_seq_len is near)."""
+        """The cache, each prompt prefilled into its rows, each row's first logits (B, vocab) and token limit."""
         model, device = self.model, self.model.rotary_cos.device
         limits = [min(max_tokens, model.config.max_seq_len - len(prompt)) for prompt in prompts]
         capacity = max(len(prompt) + limit for prompt, limit in zip(prompts, limits))
@@ -2779,8 +2706,7 @@ class Engine:
 
     def check_arguments(self, prompts: Sequence[Sequence[int]], num_samples: int, max_tokens: int,
                         temperature: float, top_k: int | None, top_p: float | None) -> None:
-        """ValueError, naming the argument, for anything generation cannot take. Each prompt must leave the model's
-        context room for one token at least; max_tokens is a cap, cut to the room a prompt leaves."""
+        """ValueError, naming the argument, for what generation cannot take; max_tokens is cut to the context's room."""
         def is_int(value: Any) -> bool:
             return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
@@ -2869,8 +2795,7 @@ class Engine:
 
     def generate_batch(self, prompts: Sequence[Sequence[int]], *args: Any, **kwargs: Any
                        ) -> tuple[list[list[int]], list[list[int]]]:
-        """stream_batch's rows gathered, with its other arguments: each row's tokens (the stop token included) and a
-        mask of the same length, 1 where the token was sampled, 0 where the engine forced it (RL trains on the 1s)."""
+        """stream_batch's rows gathered: each row's tokens (its stop token too) and a mask, 1 where sampled (RL's)."""
         steps = [list(zip(tokens, sampled)) for tokens, sampled in self.stream_batch(prompts, *args, **kwargs)]
         rows = [[step for step in row if step[0] >= 0] for row in zip(*steps)]  # each row's (token, sampled) pairs
         return [[token for token, _ in row] for row in rows], [[sampled for _, sampled in row] for row in rows]
@@ -2910,17 +2835,13 @@ def show_parts(parts: Sequence[dict[str, str]]) -> str:
 # ---------------------------------------------------------------------------------------------
 # 13. Supervised fine-tuning: the SFT loader (used by 05_sft)
 # ---------------------------------------------------------------------------------------------
-# 02_sharding renders the SFT mixture into shards/sft/{train,val}_*.bin (data/sft.py's render_parallel and
-# ConversationWriter): whole conversations back to back, each starting with <|bos|>, each shard beside its loss mask
-# (name.mask.bin, one uint8 per token, 1 on what the assistant writes). The loader packs whole conversations (cut at
-# max_seq_len + 1 tokens) into varlen rows of at most `tokens` tokens, without padding; targets are -1 where the mask
-# is 0, so the loss counts the assistant's own tokens. 05_sft's step and validation loss are notebooks/sft.py's, its
-# chat evals data/chat_eval.py's (the code they generate runs in data/sandbox.py's sandbox).
+# 02_sharding renders the SFT mixture (data/sft.py) into shards/sft/{train,val}_*.bin: whole conversations back to
+# back, each from <|bos|>, beside a loss mask (name.mask.bin, a uint8 per token, 1 on what the assistant writes);
+# targets are -1 where it is 0. 05_sft's step and loss are notebooks/sft.py's, its chat evals data/chat_eval.py's.
 
 class SFTLoader:
-    """Endless batches of whole conversations from conversation shards: each row packs the next conversations of a
-    seeded per-epoch shuffle, at most `tokens` tokens, never spanning two epochs. Every rank walks the same rows and
-    keeps every world_size-th: one global batch, at a position every rank shares (resumable under any world size)."""
+    """Endless rows of whole conversations of a seeded per-epoch shuffle, at most `tokens` tokens, none across epochs.
+    Every rank walks the same rows and keeps every world_size-th: one global batch, resumable under any world size."""
     position_shared = True
 
     def __init__(self, shard_dir: Path, split: str, tokens: int, bos_id: int, vocab_size: int, max_seq_len: int,

@@ -25,6 +25,7 @@ import torch
 
 import stackcore as sc
 from baselines.benchlib import filler_tokenizer, report, synchronize
+from notebooks.config import layer_list
 
 
 def timed(fn, device: str, repeats: int = 3) -> float:
@@ -138,7 +139,7 @@ def main() -> None:
                    f"{results['decode_attention']}"))
     for depth in (int(d) for d in args.depths.split(",")):
         model = random_model(depth, args.vocab_size, max(2048, args.prompt_len + args.decode), device, dtype,
-                             bool(args.key_offset), sc.layer_list("--paired_heads", args.paired_heads))
+                             bool(args.key_offset), layer_list("--paired_heads", args.paired_heads))
         engine = sc.Engine(model, tokenizer, backend, compile_backend=compile_backend, sync_every=args.sync_every)
         entry = results["depths"][str(depth)] = {"params": model.num_params()["total"], "batches": {}}
         add((f"depth {depth}", f"{entry['params'] / 1e6:.1f} M params, {dtype}"))

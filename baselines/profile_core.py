@@ -23,6 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import stackcore as sc
 from baselines.benchlib import synchronize
+from notebooks.core_eval import core_input_tokens, first_examples
 
 
 def timed_seconds(score, device: str) -> float:
@@ -64,7 +65,7 @@ def main() -> None:
     shards = {s.label: s for s in sc.read_core_shards(sc.artifact_dir("shards") / "core")}
     if args.task not in shards:
         parser.error(f"no CORE task {args.task!r} in STACK_HOME's eval shards; there are: {', '.join(shards)}")
-    shard = sc.first_examples(shards[args.task], args.examples)
+    shard = first_examples(shards[args.task], args.examples)
     model = sc.GPT(sc.GPTConfig(vocab_size=int(shard.tokens.max()) + 1 if device == "cpu" else 32768,
                                 depth=args.depth)).to(device)
     model.set_compute_dtype(sc.pick_compute_dtype(device))
@@ -73,7 +74,7 @@ def main() -> None:
         model.compile_layers(evaluation=True, inductor_options=inductor_options)
     score = lambda: sc.score_core_records(model, shard.tokens, shard.records, backend, device, args.pack_tokens)
     score()  # compiles the layers, flex and its mask builder
-    tokens = sc.core_input_tokens(shard, model.config.max_seq_len, args.pack_tokens)
+    tokens = core_input_tokens(shard, model.config.max_seq_len, args.pack_tokens)
     label = f"{args.task}, first {args.examples} examples, depth {args.depth}, {device}, {backend}"
     timed = [timed_seconds(score, device) for _ in range(args.timed)]
     if timed:

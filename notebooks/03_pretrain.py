@@ -76,8 +76,9 @@ import numpy as np
 import torch
 
 from notebooks.config import (ATTENTION_SETTING, StackConfig, above, accumulation_steps, at_least, configure,
-                              describe_config, folder_name, one_of)
+                              describe_config, folder_name, layer_list, one_of)
 from notebooks.report import format_duration
+from notebooks.training import batch_size_schedule, short_window_schedule
 
 
 @dataclass
@@ -99,7 +100,7 @@ class PretrainConfig(StackConfig):
     cautious_weight_decay: bool = False  # decay only where Muon's update and the weight agree in sign (sc.Muon._decay)
     normuon: bool = False  # NorMuon: balance Muon's update across neurons by a second-moment estimate (sc.Muon)
     batch_start_tokens: int = 0  # 0: off; else the first step's batch, growing linearly to tokens_per_step
-    batch_ramp_steps: int = 0  # steps over which the batch grows from batch_start_tokens (sc.batch_size_schedule)
+    batch_ramp_steps: int = 0  # steps over which the batch grows from batch_start_tokens (batch_size_schedule)
     window_schedule: bool = True  # grow the short attention window from 128 tokens to seq_len/2 during training
     eval_every: int = 250  # steps between validation bits-per-byte measurements (and at the end)
     eval_tokens: int = 2_097_152  # validation tokens per measurement
@@ -183,7 +184,7 @@ log(f"device {device} x {dist_info.world_size} rank(s); {accum_steps} micro-step
 # %%
 model_config = sc.GPTConfig(vocab_size=tokenizer.vocab_size, depth=cfg.depth, model_dim=cfg.model_dim,
                             head_dim=cfg.head_dim, max_seq_len=cfg.seq_len, key_offset=cfg.key_offset,
-                            paired_head_layers=sc.layer_list("paired_heads", cfg.paired_heads))
+                            paired_head_layers=layer_list("paired_heads", cfg.paired_heads))
 if cfg.arch == "modded":
     model_config = model_config.modded_architecture()
 model = sc.GPT(model_config).to(device)
@@ -269,15 +270,15 @@ loss_scaler = sc.LossScaler(compute_dtype, device)  # fp16 only; a plain optimiz
 def schedule(step: int) -> list:
     sc.apply_schedule(optimizers, sc.lr_multiplier(step, cfg.steps, cfg.warmup_steps, cfg.cooldown_frac),
                       sc.muon_momentum(step))
-    short = (sc.short_window_schedule(step, cfg.steps, cfg.seq_len // 2) if cfg.window_schedule
+    short = (short_window_schedule(step, cfg.steps, cfg.seq_len // 2) if cfg.window_schedule
              else cfg.seq_len // 2)
     return model.layer_windows(short)
 
 
 def step_tokens(step: int) -> int:
     """The global batch of optimizer step `step`: tokens_per_step, or on the batch-size ramp towards it."""
-    return sc.batch_size_schedule(step, cfg.tokens_per_step, cfg.batch_start_tokens or cfg.tokens_per_step,
-                                  cfg.batch_ramp_steps, cfg.micro_tokens * dist_info.world_size)
+    return batch_size_schedule(step, cfg.tokens_per_step, cfg.batch_start_tokens or cfg.tokens_per_step,
+                               cfg.batch_ramp_steps, cfg.micro_tokens * dist_info.world_size)
 
 
 # %% [markdown]

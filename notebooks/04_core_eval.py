@@ -83,6 +83,7 @@ import numpy as np
 import torch
 
 from notebooks.config import ATTENTION_SETTING, StackConfig, above, at_least, configure, describe_config, folder_name
+from notebooks.core_eval import core_input_tokens, first_examples, first_pack
 from notebooks.report import format_duration
 
 
@@ -140,7 +141,7 @@ log(f"checkpoint {checkpoint_path} (step {checkpoint['step']}), {model.num_param
 # %%
 choice_column, gold_column = (sc.CORE_RECORD_FIELDS.index(field) for field in ("choice", "gold"))
 tree_shard = next(s for s in shards if s.records[:, choice_column].max() > 0)
-first_records = sc.first_examples(tree_shard, 1).records
+first_records = first_examples(tree_shard, 1).records
 choices = next(sc.core_examples(tree_shard.tokens, first_records, model.config.max_seq_len))
 pack = sc.pack_core_examples([choices])
 mask_mod = sc.shared_prefix_mask_mod(*(torch.from_numpy(a) for a in (pack.documents, pack.branches, pack.positions)),
@@ -192,9 +193,9 @@ if dist_info.master:
 warmup_seconds = None
 if cfg.benchmark:
     started = time.time()
-    sc.evaluate_core(model, [sc.first_pack(shard, cfg.pack_tokens, model.config.max_seq_len) for shard in shards],
+    sc.evaluate_core(model, [first_pack(shard, cfg.pack_tokens, model.config.max_seq_len) for shard in shards],
                      backend, device, cfg.pack_tokens)
-    sc.evaluate_core(model, [sc.first_examples(shard, 2) for shard in shards], backend, device)
+    sc.evaluate_core(model, [first_examples(shard, 2) for shard in shards], backend, device)
     warmup_seconds = round(time.time() - started, 2)
     log(f"warm-up: {warmup_seconds:.1f} s")
 started = time.time()
@@ -205,7 +206,7 @@ for shard in shards:
     task = results["tasks"][shard.label]
     log(f"{shard.label:<34} {shard.kind:<18} {task['examples']:>8} {task['accuracy']:>9.3f} "
         f"{task['baseline']:>9.3f} {task['centered']:>8.3f}")
-fed_tokens = sum(sc.core_input_tokens(s, model.config.max_seq_len, cfg.pack_tokens) for s in shards)
+fed_tokens = sum(core_input_tokens(s, model.config.max_seq_len, cfg.pack_tokens) for s in shards)
 scored_examples = sum(task["examples"] for task in results["tasks"].values())
 log(f"CORE {results['core']:.4f} in {format_duration(packed_seconds)} ({packed_seconds:.1f} s, "
     f"{fed_tokens:,} tokens fed, {fed_tokens / packed_seconds:,.0f} tokens/s, "
@@ -221,11 +222,11 @@ log(f"CORE {results['core']:.4f} in {format_duration(packed_seconds)} ({packed_s
 # %%
 timings = {}
 if cfg.benchmark:
-    compared = [sc.first_examples(shard, cfg.compare_examples) for shard in shards]
+    compared = [first_examples(shard, cfg.compare_examples) for shard in shards]
     for name, pack_tokens in (("packed", cfg.pack_tokens), ("one_by_one", 0)):
         started = time.time()
         timings[name] = (sc.evaluate_core(model, compared, backend, device, pack_tokens), time.time() - started)
-        tokens = sum(sc.core_input_tokens(s, model.config.max_seq_len, pack_tokens) for s in compared)
+        tokens = sum(core_input_tokens(s, model.config.max_seq_len, pack_tokens) for s in compared)
         examples = sum(task["examples"] for task in timings[name][0]["tasks"].values())
         log(f"{name}: {timings[name][1]:.2f} s, {tokens:,} tokens fed ({tokens / timings[name][1]:,.0f}/s), "
             f"{examples / timings[name][1]:,.1f} examples/s")

@@ -74,6 +74,14 @@ def parse_value(name: str, raw: Any, kind: Any) -> Any:
         raise ConfigError(f"bad value {raw!r} for {name}: expected {getattr(kind, '__name__', kind)}") from None
 
 
+def layer_list(name: str, text: str) -> tuple[int, ...]:
+    """Layer indices from a setting such as "0,2,5,9" ("" for none); a ConfigError names the setting."""
+    try:
+        return tuple(int(part) for part in text.replace(" ", "").split(",") if part)
+    except ValueError:
+        raise ConfigError(f"bad value {text!r} for {name}: expected layer numbers separated by commas") from None
+
+
 def choose_preset(cli: dict[str, str], environ: typing.Mapping[str, str], gpu: GpuInfo | None) -> str:
     """--preset beats STACK_PRESET; with neither, pick from the hardware (auto_preset)."""
     preset = (cli.pop("preset", None) or environ.get("STACK_PRESET")

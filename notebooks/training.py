@@ -1,7 +1,8 @@
 """A run of a training notebook (03_pretrain, 05_sft, 06_rl) around its loop: where it starts (afresh, or from the
 newest usable checkpoint on any number of ranks, falling back past damaged ones; "already complete"), saving its
-checkpoints, stopping on a non-finite loss, and its metrics log. Only these three notebooks train, so this lives
-beside them; stackcore keeps the checkpoint reader (load_checkpoint, model_from_checkpoint) that 04-07 use too."""
+checkpoints, stopping on a non-finite loss, and its metrics log; and 03's growing window and batch. Only these three
+notebooks train, so this lives beside them; stackcore keeps the checkpoint reader (load_checkpoint,
+model_from_checkpoint) that 04-07 use too, and the optimizer's schedules that 03 and 05 share."""
 from __future__ import annotations
 
 import dataclasses
@@ -17,6 +18,20 @@ import torch.nn as nn
 
 from stackcore import (GPT, CheckpointError, DamagedCheckpointError, DistInfo, all_ranks_agree, checkpoint_paths,
                        load_checkpoint, sum_over_ranks)
+
+
+def short_window_schedule(step: int, total_steps: int, final_window: int, start_window: int = 128,
+                          granularity: int = 128) -> int:
+    """The short window grown linearly, as in modded-nanogpt, down to whole `granularity`s: few recompiles and masks."""
+    window = start_window + (final_window - start_window) * min(1.0, step / max(total_steps, 1))
+    return max(start_window, min(final_window, int(window) // granularity * granularity))
+
+
+def batch_size_schedule(step: int, final_tokens: int, start_tokens: int, ramp_steps: int, granularity: int) -> int:
+    """Tokens in optimizer step `step`, linear from start_tokens to final_tokens over ramp_steps (as modded-nanogpt's
+    records grow their batch), in whole `granularity`s (a micro-batch on every rank): only accumulation changes."""
+    tokens = start_tokens + (final_tokens - start_tokens) * min(1.0, step / ramp_steps) if ramp_steps else final_tokens
+    return max(granularity, min(final_tokens, int(tokens) // granularity * granularity))
 
 
 class NonFiniteLossError(RuntimeError):

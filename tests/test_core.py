@@ -14,6 +14,7 @@ import torch.nn as nn
 
 import stackcore as sc
 from data import core
+from notebooks.core_eval import core_input_tokens, first_examples, first_pack
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # CPU scoring
 
@@ -239,7 +240,7 @@ def test_only_passes_with_branches_are_padded(monkeypatch):
     for shard in hand_shards(np.random.default_rng(0)):
         lengths.clear()
         sc.score_core_records(model, shard.tokens, shard.records, "flex", "cpu", 40)
-        fed = sc.core_input_tokens(shard, 64, 40)
+        fed = core_input_tokens(shard, 64, 40)
         if shard.kind == "language_modeling":
             assert sum(lengths) == fed, lengths
         else:
@@ -248,7 +249,7 @@ def test_only_passes_with_branches_are_padded(monkeypatch):
 
 def test_packs_share_each_context_once():
     mc, schema, lm = hand_shards(np.random.default_rng(0))
-    fed = {shard.kind: (sc.core_input_tokens(shard, 64, 0), sc.core_input_tokens(shard, 64, 100))
+    fed = {shard.kind: (core_input_tokens(shard, 64, 0), core_input_tokens(shard, 64, 100))
            for shard in (mc, schema, lm)}
     assert fed["language_modeling"][0] == fed["language_modeling"][1]
     # multiple choice: the 4 choices of a context run it once (the third context is cut from 90 tokens to 58)
@@ -435,8 +436,8 @@ def test_first_examples_keeps_whole_examples():
     records = np.array([[0, 1, 2, e, c, int(c == 0)] for e in (4, 4, 7, 7, 7, 9) for c in range(1)], dtype=np.int32)
     records[:, 4] = [0, 1, 0, 1, 2, 0]
     shard = sc.CoreShard("t", "multiple_choice", 0.25, np.zeros(3, dtype=np.int64), records)
-    assert sc.first_examples(shard, 2).records.tolist() == records[:5].tolist()
-    assert len(sc.first_examples(shard, 10).records) == 6 and len(sc.first_examples(shard, 0).records) == 0
+    assert first_examples(shard, 2).records.tolist() == records[:5].tolist()
+    assert len(first_examples(shard, 10).records) == 6 and len(first_examples(shard, 0).records) == 0
 
 
 def test_core_correct_ties_go_to_the_first_choice_and_examples_keep_their_order():
@@ -469,10 +470,10 @@ def test_first_pack_is_the_first_packed_pass():
     shard = shard_of("multiple_choice", [(0, [([0, 1, 2, 3, 5], 3), ([0, 1, 2, 4, 5], 3)]) for _ in range(9)])
     examples = sc.core_examples(shard.tokens, shard.records, 64)
     assert [sc.shared_prefix_cost(choices) for choices in examples] == [5] * 9
-    first = sc.first_pack(shard, 12, 64)
+    first = first_pack(shard, 12, 64)
     assert first.records.tolist() == shard.records[:4].tolist()  # two examples of 5 fit 12 tokens, a third not
-    assert len(sc.first_pack(shard, 3, 64).records) == 2  # an example over the budget goes alone
-    assert len(sc.first_pack(shard, 1000, 64).records) == 18
+    assert len(first_pack(shard, 3, 64).records) == 2  # an example over the budget goes alone
+    assert len(first_pack(shard, 1000, 64).records) == 18
 
 
 @pytest.mark.parametrize("option, message", [("max_autotun=True", "no inductor setting 'max_autotun'"),

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import stackcore as sc
-from notebooks.config import PRESET_NAMES, Allowed, StackConfig, above, configure, parse_value
+from notebooks.config import PRESET_NAMES, Allowed, StackConfig, above, configure, layer_list, parse_value
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOK_NAMES = ("01_tokenizer", "02_sharding", "03_pretrain", "04_core_eval", "05_sft", "06_rl", "07_chat")
@@ -156,3 +156,9 @@ def test_unwritable_stack_home_is_one_line_naming_the_path(tmp_path, monkeypatch
         sc.artifact_dir("runs")
     message = str(error.value)
     assert "\n" not in message and str(blocker / "home") in message and "not writable" in message
+
+
+def test_a_layer_list_setting_names_itself_when_it_is_not_numbers():
+    assert layer_list("paired_heads", " 0, 2,,9 ") == (0, 2, 9) and layer_list("paired_heads", "") == ()
+    with pytest.raises(sc.ConfigError, match=r"bad value '0,two' for paired_heads: expected layer numbers"):
+        layer_list("paired_heads", "0,two")

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import torch.multiprocessing as mp
 
 import stackcore as part
+from notebooks.training import short_window_schedule
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the project root, where stackcore.py lives
 warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
@@ -559,7 +560,7 @@ def test_schedules():
     assert lr(1000, 1000, cooldown_frac=0.4, final_multiplier=0.1) == pytest.approx(0.1)
     assert part.muon_momentum(0) == 0.85 and part.muon_momentum(150) == pytest.approx(0.9)
     assert part.muon_momentum(10_000) == 0.95
-    windows = [part.short_window_schedule(s, 100, 1024) for s in range(0, 101, 10)]
+    windows = [short_window_schedule(s, 100, 1024) for s in range(0, 101, 10)]
     assert windows[0] == 128 and windows[-1] == 1024 and windows == sorted(windows)
     assert all(w % 128 == 0 for w in windows)
 

@@ -12,6 +12,7 @@ import torch
 
 import stackcore as sc
 from notebooks.config import configure
+from notebooks.training import batch_size_schedule
 from test_distributed import on_two_ranks
 from test_hostile_config import CONFIGS
 
@@ -123,10 +124,10 @@ def test_build_optimizers_passes_the_switches_to_muon():
 
 
 def test_batch_size_schedule_grows_in_whole_micro_batches_to_the_full_batch():
-    tokens = [sc.batch_size_schedule(step, 64, 16, 4, 8) for step in range(7)]
+    tokens = [batch_size_schedule(step, 64, 16, 4, 8) for step in range(7)]
     assert tokens == [16, 24, 40, 48, 64, 64, 64]  # 16 + 12 * step, rounded down to multiples of 8, then flat
-    assert [sc.batch_size_schedule(step, 64, 64, 0, 8) for step in range(3)] == [64, 64, 64]  # off
-    assert sc.batch_size_schedule(0, 64, 4, 4, 8) == 8  # never below one micro-batch on every rank
+    assert [batch_size_schedule(step, 64, 64, 0, 8) for step in range(3)] == [64, 64, 64]  # off
+    assert batch_size_schedule(0, 64, 4, 4, 8) == 8  # never below one micro-batch on every rank
 
 
 BATCH = ["--tokens_per_step=8192", "--micro_tokens=2048"]  # the same sizes whatever preset this machine picks
