@@ -143,13 +143,15 @@ def run_logged(command: list[str], log_path: Path, timeout: float, env: dict[str
         signal.signal(signal.SIGTERM, lambda *_: (kill(), sys.exit(124)))
         timer = threading.Timer(timeout, kill)
         timer.start()
-        for line in process.stdout:
-            log.write(line)
-            if first_step is None and line.startswith("step ") and "tok/s" in line:
-                first_step = time.time() - started
-        process.wait()
-        timed_out = not timer.is_alive()
-        timer.cancel()
+        try:  # a SIGTERM ends here too: a timer left running would keep Python from exiting until it fires
+            for line in process.stdout:
+                log.write(line)
+                if first_step is None and line.startswith("step ") and "tok/s" in line:
+                    first_step = time.time() - started
+            process.wait()
+            timed_out = not timer.is_alive()
+        finally:
+            timer.cancel()
     return {"rc": 124 if timed_out else process.returncode, "wall_seconds": time.time() - started,
             "first_step_wall_seconds": first_step}
 

@@ -5,6 +5,7 @@ import json
 import lzma
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -150,3 +151,21 @@ def test_vs_nanochat_compares_times_to_the_peers_best_bpb(tmp_path):
     assert "| d12 training s to the target 1.52 (compilation counted) | 32.0 (1 of 2 runs) | - |" in table
     assert "| d12 training s to nanochat's best bpb 1.8200 (without compilation) | 2.5 ± 0.7" in table
     assert "| d12 runs: seeds (steps done) / nanochat variant (steps done) | 0 (3), 1 (3) | defaults (3) |" in table
+
+
+def test_a_terminated_benchmark_stops_its_run_and_exits_at_once(tmp_path):
+    # `timeout` (or a scheduler) sends SIGTERM: the run's process group dies and the benchmark exits with 124 at
+    # once, not when its own, longer timer would have fired
+    script = (f"import sys; sys.path.insert(0, {str(ROOT / 'baselines')!r}); import bench_pretrain as b; "
+              f"b.run_logged([sys.executable, '-c', 'import time; print(\"started\", flush=True); time.sleep(300)'], "
+              f"__import__('pathlib').Path({str(tmp_path / 'run.log')!r}), 300, dict(__import__('os').environ), '')")
+    bench_process = subprocess.Popen([sys.executable, "-c", script])
+    log = tmp_path / "run.log"
+    for _ in range(200):
+        if log.exists() and "started" in log.read_text():
+            break
+        time.sleep(0.05)
+    started = time.time()
+    bench_process.terminate()
+    assert bench_process.wait(timeout=30) == 124
+    assert time.time() - started < 10
