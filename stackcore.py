@@ -1714,9 +1714,9 @@ def build_optimizers(model: GPT, muon_lr: float | None = None, adam_lrs: dict[st
 
 
 def step_optimizers(optimizers: list[torch.optim.Optimizer]) -> None:
-    """Average gradients over ranks (Muon does its own inside step()), step every optimizer, clear the gradients."""
+    """Average gradients over ranks (a distributed Muon does its own in step()), step every optimizer, clear them."""
     world_size, _ = world_size_and_rank()
-    grads = [p.grad for optimizer in optimizers if not isinstance(optimizer, Muon)
+    grads = [p.grad for optimizer in optimizers if not (isinstance(optimizer, Muon) and optimizer.distributed)
              for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     if world_size > 1 and grads:
         for work in [dist.all_reduce(g, async_op=True) for g in grads]:
