@@ -1601,7 +1601,8 @@ class Muon(torch.optim.Optimizer):
     """Muon (Jordan et al. 2024): Nesterov momentum on 2D matrices, the update replaced by its polar factor, scaled by
     max(1, rows / cols) ** 0.5, decoupled weight decay; one batched orthogonalisation per shape. Under several ranks,
     each keeps momentum for and orthogonalises its share of the reduce-scattered gradients, then all gather; with
-    `distributed=False` every rank steps alone (a demonstration on CPU tensors, which NCCL cannot reduce)."""
+    `distributed=False` every rank steps alone on the gradients it holds (03's demonstration on CPU tensors, which
+    NCCL cannot reduce; step_optimizers averages them first, as AdamW's)."""
 
     def __init__(self, params, lr: float = 0.05, momentum: float = 0.95, weight_decay: float = 0.0,
                  nesterov: bool = True, method: str = "polar_express", steps: int = 5, normuon: bool = False,
