@@ -211,14 +211,19 @@ def test_each_converted_linear_matches_the_exact_product_within_fp8_error(name, 
         assert 0 < error < bound, (name, error)
 
 
-@pytest.mark.parametrize("tricks", [dict(key_offset=True), dict(paired_head_layers=(0, 1))])
-def test_fp8_trains_with_the_key_offset_and_paired_heads(tricks, monkeypatch):
-    reference_loss, reference_grads = loss_and_grads(tiny_model(**tricks))
-    model = tiny_model(**tricks)
+def fp8_and_reference(monkeypatch, **settings) -> tuple[list, tuple, tuple]:
+    """The fake _scaled_mm's calls, then (loss, gradients) of tiny_model(**settings) with fp8 on and with it off."""
+    reference = loss_and_grads(tiny_model(**settings))
+    model = tiny_model(**settings)
     model.set_fp8(True)
     calls = []
     monkeypatch.setattr(torch, "_scaled_mm", checked_scaled_mm(calls))
-    loss, grads = loss_and_grads(model)
+    return calls, loss_and_grads(model), reference
+
+
+@pytest.mark.parametrize("tricks", [dict(key_offset=True), dict(paired_head_layers=(0, 1))])
+def test_fp8_trains_with_the_key_offset_and_paired_heads(tricks, monkeypatch):
+    calls, (loss, grads), (reference_loss, reference_grads) = fp8_and_reference(monkeypatch, **tricks)
     assert len(calls) == 3 * (2 * 6 + 1)
     assert loss.item() == pytest.approx(reference_loss.item(), rel=2e-2)
     for name, grad in grads.items():
@@ -289,12 +294,7 @@ def test_shapes_that_do_not_fit_take_the_bf16_path(monkeypatch):
 def test_a_model_whose_widths_do_not_fit_trains_those_linears_in_bf16(settings, fp8_linears, monkeypatch):
     # torch._scaled_mm needs every dimension a multiple of 16: a width of 40 or a vocabulary of 264 keeps those
     # matmuls on the bf16 path, in training, with the same result as fp8 off where no linear fits
-    reference_loss, reference_grads = loss_and_grads(tiny_model(**settings))
-    model = tiny_model(**settings)
-    model.set_fp8(True)
-    calls = []
-    monkeypatch.setattr(torch, "_scaled_mm", checked_scaled_mm(calls))
-    loss, grads = loss_and_grads(model)
+    calls, (loss, grads), (reference_loss, reference_grads) = fp8_and_reference(monkeypatch, **settings)
     assert len(calls) == 3 * fp8_linears
     if not fp8_linears:
         assert torch.equal(loss, reference_loss)
