@@ -1601,7 +1601,8 @@ class Muon(torch.optim.Optimizer):
     """Muon (Jordan et al. 2024): Nesterov momentum on 2D matrices, the update replaced by its polar factor, scaled by
     max(1, rows / cols) ** 0.5, decoupled weight decay; one batched orthogonalisation per shape. Under several ranks,
     each keeps momentum for and orthogonalises its share of the reduce-scattered gradients, then all gather; with
-    `distributed=False` every rank steps alone (a demonstration on CPU tensors, which NCCL cannot reduce)."""
+    `distributed=False` every rank steps alone on the gradients it holds (03's demonstration on CPU tensors, which
+    NCCL cannot reduce; step_optimizers averages them first, as AdamW's)."""
 
     def __init__(self, params, lr: float = 0.05, momentum: float = 0.95, weight_decay: float = 0.0,
                  nesterov: bool = True, method: str = "polar_express", steps: int = 5, normuon: bool = False,
@@ -1714,9 +1715,9 @@ def build_optimizers(model: GPT, muon_lr: float | None = None, adam_lrs: dict[st
 
 
 def step_optimizers(optimizers: list[torch.optim.Optimizer]) -> None:
-    """Average gradients over ranks (Muon does its own inside step()), step every optimizer, clear the gradients."""
+    """Average gradients over ranks (a distributed Muon does its own in step()), step every optimizer, clear them."""
     world_size, _ = world_size_and_rank()
-    grads = [p.grad for optimizer in optimizers if not isinstance(optimizer, Muon)
+    grads = [p.grad for optimizer in optimizers if not (isinstance(optimizer, Muon) and optimizer.distributed)
              for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     if world_size > 1 and grads:
         for work in [dist.all_reduce(g, async_op=True) for g in grads]:

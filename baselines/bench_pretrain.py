@@ -281,6 +281,18 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+def compile_cache_folder(text: str) -> Path:
+    """--compile_cache as an absolute folder, made if missing: the runs start in the repository root, where a relative
+    path would name another folder than the one given."""
+    folder = Path(text).expanduser().resolve()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise argparse.ArgumentTypeError(f"--compile_cache {text!r} is not a folder this user can write: "
+                                         f"{error.strerror}") from None
+    return folder
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, required=True, help="folder with train.jsonl.{xz,gz} and val.jsonl.gz")
@@ -295,7 +307,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
     parser.add_argument("--vocab_size", type=int, default=32768)
     parser.add_argument("--name", default="", help="run name (default ours_d<depth>)")
-    parser.add_argument("--compile_cache", type=Path, default=None,
+    parser.add_argument("--compile_cache", type=compile_cache_folder, default=None,
                         help="compile cache kept across seeds and runs, for sweeps (first steps then count less than "
                              "a user's first run; records leave it unset)")
     args, extra = parser.parse_known_args(argv)

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -82,6 +83,17 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
+def positive_seconds(text: str) -> float:
+    """A finite number of seconds above 0 (--timeout: 0, a negative value or nan would end every run at once)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return seconds
+
+
 def stage_list(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
     unknown = [name for name in names if name not in STAGES]
@@ -111,8 +123,6 @@ def check_plan(args: argparse.Namespace) -> None:
     if "core" in args.stages and not (core_ready or args.core_bundle or args.preset == "tiny"):
         raise SystemExit("stage core needs CORE shards in STACK_HOME/shards/core: pass --core_bundle=FOLDER (a "
                          "folder with eval_data/) or leave core out of --stages")
-    if args.nproc < 2:
-        raise SystemExit("--nproc must be at least 2: the bench compares one process with --nproc")
 
 
 def sharding_args(args: argparse.Namespace, core_bundle: str) -> list[str]:
@@ -293,9 +303,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data", type=Path, help="books folder: make the tokenizer and pretraining shards first")
     parser.add_argument("--vocab_size", type=positive_int, default=32768, help="with --data")
     parser.add_argument("--prepare_only", action="store_true", help="make the shards the stages read, run none")
-    parser.add_argument("--timeout", type=float, default=300, help="seconds for each run")
+    parser.add_argument("--timeout", type=positive_seconds, default=300, help="seconds for each run")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.nproc < 2:  # before --data's tokenizer and shards, which take minutes
+        parser.error("--nproc must be at least 2: the bench compares one process with --nproc")
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

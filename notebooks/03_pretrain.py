@@ -173,8 +173,9 @@ log(f"device {device} x {dist_info.world_size} rank(s); {accum_steps} micro-step
 # the gradients in e5m2 (`sc.fp8_linear`); the weights stay fp32 and evaluation stays in the compute dtype. Where the
 # GPU has no fp8, the log says so and training runs in the compute dtype. It is off by default: scaling and casting
 # every operand adds passes over the activations, which the faster matmuls repay only when they are large enough
-# (`baselines/2026-11-30-d20-fp8`, MLPs and head only: a gain at depth 20). The attention backend is the fastest one
-# that works here and matches the reference on a small check (see `sc.available_attention_backends`).
+# (with the MLPs and head in fp8: slower at depth 12, `baselines/2026-11-30-d12-fp8`; a gain at depth 20,
+# `baselines/2026-11-30-d20-fp8`). The attention backend is the fastest one that works here and matches the
+# reference on a small check (see `sc.available_attention_backends`).
 #
 # `key_offset` (on by default) is modded-nanogpt's partial key offset: in the long-window layers, half of each
 # key's channels come from the previous token, so one attention head can match "the token after X" in one step

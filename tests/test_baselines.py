@@ -43,6 +43,15 @@ def test_the_spread_over_seeds_counts_the_seeds_that_missed_the_target():
     assert bench.aggregate(runs)["target_seconds"]["mean"] == 2.0
 
 
+def test_a_compile_cache_is_an_absolute_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert bench.compile_cache_folder("cache/sweep") == tmp_path / "cache" / "sweep"
+    assert (tmp_path / "cache" / "sweep").is_dir()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(Exception, match="--compile_cache 'file/sub' is not a folder this user can write"):
+        bench.compile_cache_folder("file/sub")
+
+
 def test_seeds_are_integers_without_repeats():
     assert bench.parse_seeds("0,1,7") == [0, 1, 7]
     for bad in ("0,a", "1,1", ""):

@@ -26,6 +26,16 @@ def test_stages_run_in_dependency_order_and_bad_options_are_refused():
         scaling.check_plan(scaling.parse_args(["--stages=rl"]))
 
 
+@pytest.mark.parametrize("option, message", [("--nproc=1", "--nproc must be at least 2"),
+                                             *((f"--timeout={bad}", "expected a positive number of seconds")
+                                               for bad in ("0", "-5", "nan", "inf", "soon"))])
+def test_bad_process_counts_and_timeouts_stop_before_any_work(option, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        scaling.parse_args([option])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+    assert scaling.parse_args(["--timeout=90.5", "--nproc=4"]).timeout == 90.5
+
+
 def test_the_table_compares_each_stage_with_its_target():
     runs = [{"stage": "pretrain", "processes": 1, "per_second": 100.0},
             {"stage": "pretrain", "processes": 2, "per_second": 195.0},

@@ -151,6 +151,23 @@ def test_config_errors_end_a_script_with_status_2(monkeypatch, capsys):
     assert "error: unknown option(s) --stepz for DemoConfig" in capsys.readouterr().err
 
 
+def test_an_error_found_after_init_process_group_is_printed_through_torchs_hook(tmp_path, monkeypatch, capsys):
+    # init_process_group wraps sys.excepthook, buffering what the wrapped hook prints until it returns: a hook that
+    # raised SystemExit lost the message, so a status-1 error returns and Python exits with 1 itself
+    import torch.distributed as dist
+
+    monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
+    monkeypatch.setattr(sys, "argv", ["05_sft.py"])
+    end_scripts_on_user_errors()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        error = sc.ConfigError("tokens_per_step (2048) must be a multiple of micro_tokens x ranks")
+        assert sys.excepthook(type(error), error, None) is None
+    finally:
+        dist.destroy_process_group()
+    assert "[rank0]: 05_sft.py: error: tokens_per_step (2048) must be a multiple" in capsys.readouterr().err
+
+
 def test_a_misspelt_stack_variable_is_warned_about(capsys):
     cfg = configure(DemoConfig, [], {"STACK_STEPZ": "1", "STACK_HOME": "/x", "STACK_TEST_DATA": "1",
                                      "STACK_VOCAB_SIZE": "384", "STACK_PRESET": "tiny"})

@@ -370,3 +370,44 @@ def test_muon_that_is_not_distributed_steps_alone_under_several_ranks(monkeypatc
     assert torch.equal(stepped(distributed=False), alone)
     with pytest.raises((RuntimeError, ValueError)):
         stepped()
+
+
+def test_step_optimizers_averages_the_gradients_of_a_muon_that_steps_alone(monkeypatch):
+    # a distributed Muon reduce-scatters its gradients in step(); one that steps alone must be given the average,
+    # or every rank would move its copy of the weights its own way
+    weights = [torch.nn.Parameter(torch.zeros(8, 4)) for _ in range(2)]
+    for weight in weights:
+        weight.grad = torch.ones(8, 4)
+    grads = [weight.grad for weight in weights]
+    reduced = []
+
+    class Done:
+        def wait(self):
+            pass
+
+    def all_reduce(tensor, async_op=False):
+        reduced.append(tensor)
+        tensor.add_(1)  # the other rank's gradient: all ones too
+        return Done()
+
+    monkeypatch.setattr(sc, "world_size_and_rank", lambda: (2, 0))
+    monkeypatch.setattr(sc.dist, "all_reduce", all_reduce)
+    sc.step_optimizers([sc.Muon(weights, lr=1.0, distributed=False)])
+    assert [id(grad) for grad in reduced] == [id(grad) for grad in grads]
+    assert all(torch.equal(grad, torch.ones(8, 4)) for grad in grads)  # the sum over both ranks, halved
+    assert all(weight.grad is None and weight.abs().sum() > 0 for weight in weights)
+
+
+def test_muon_that_is_not_distributed_keeps_every_momentum_on_load_under_several_ranks(monkeypatch):
+    # a distributed Muon keeps only its rank's share of a checkpoint's momentum; one that steps alone needs all of it
+    weights = [torch.nn.Parameter(torch.zeros(8, 4)) for _ in range(3)]
+    for i, weight in enumerate(weights):
+        weight.grad = torch.full((8, 4), float(i + 1))
+    saved = sc.Muon(weights, distributed=False)
+    saved.step()
+    monkeypatch.setattr(sc, "world_size_and_rank", lambda: (2, 1))  # rank 1's share of 3 matrices: the third
+    for distributed, kept in ((False, weights), (True, weights[2:])):
+        loaded = sc.Muon(weights, distributed=distributed)
+        loaded.load_state_dict(saved.state_dict())
+        assert [id(p) for p in loaded.state] == [id(p) for p in kept]
+        assert all(torch.equal(loaded.state[p]["momentum_buffer"], saved.state[p]["momentum_buffer"]) for p in kept)

@@ -138,10 +138,11 @@ def test_fp8_linear_is_close_to_the_exact_product():
 # the model's switch
 # ---------------------------------------------------------------------------------------------
 
-def tiny_model(**tricks) -> sc.GPT:
-    """A depth-2 model in bf16; `tricks`: GPTConfig's switches (key_offset, paired_head_layers)."""
+def tiny_model(**settings) -> sc.GPT:
+    """A depth-2 model in bf16; `settings`: GPTConfig's, over these sizes (key_offset, paired_head_layers, a width)."""
     torch.manual_seed(0)
-    model = sc.GPT(sc.GPTConfig(vocab_size=256, depth=2, model_dim=64, head_dim=16, max_seq_len=64, **tricks))
+    model = sc.GPT(sc.GPTConfig(**{**dict(vocab_size=256, depth=2, model_dim=64, head_dim=16, max_seq_len=64),
+                                   **settings}))
     with torch.no_grad():
         for param in model.parameters():
             param.add_(torch.randn_like(param) * 0.05)  # nonzero projections and head: every matmul matters
@@ -210,14 +211,19 @@ def test_each_converted_linear_matches_the_exact_product_within_fp8_error(name, 
         assert 0 < error < bound, (name, error)
 
 
-@pytest.mark.parametrize("tricks", [dict(key_offset=True), dict(paired_head_layers=(0, 1))])
-def test_fp8_trains_with_the_key_offset_and_paired_heads(tricks, monkeypatch):
-    reference_loss, reference_grads = loss_and_grads(tiny_model(**tricks))
-    model = tiny_model(**tricks)
+def fp8_and_reference(monkeypatch, **settings) -> tuple[list, tuple, tuple]:
+    """The fake _scaled_mm's calls, then (loss, gradients) of tiny_model(**settings) with fp8 on and with it off."""
+    reference = loss_and_grads(tiny_model(**settings))
+    model = tiny_model(**settings)
     model.set_fp8(True)
     calls = []
     monkeypatch.setattr(torch, "_scaled_mm", checked_scaled_mm(calls))
-    loss, grads = loss_and_grads(model)
+    return calls, loss_and_grads(model), reference
+
+
+@pytest.mark.parametrize("tricks", [dict(key_offset=True), dict(paired_head_layers=(0, 1))])
+def test_fp8_trains_with_the_key_offset_and_paired_heads(tricks, monkeypatch):
+    calls, (loss, grads), (reference_loss, reference_grads) = fp8_and_reference(monkeypatch, **tricks)
     assert len(calls) == 3 * (2 * 6 + 1)
     assert loss.item() == pytest.approx(reference_loss.item(), rel=2e-2)
     for name, grad in grads.items():
@@ -281,6 +287,19 @@ def test_shapes_that_do_not_fit_take_the_bf16_path(monkeypatch):
     x = torch.randn(15, 64, dtype=torch.bfloat16, requires_grad=True)
     linear = model.blocks[0].mlp.c_fc
     torch.testing.assert_close(linear(x), torch.nn.functional.linear(x, linear.weight.bfloat16()))
+
+
+@pytest.mark.parametrize("settings, fp8_linears", [(dict(model_dim=40, head_dim=8), 0),  # no block nor the head
+                                                     (dict(vocab_size=264), 2 * 6)])  # the blocks, not the head
+def test_a_model_whose_widths_do_not_fit_trains_those_linears_in_bf16(settings, fp8_linears, monkeypatch):
+    # torch._scaled_mm needs every dimension a multiple of 16: a width of 40 or a vocabulary of 264 keeps those
+    # matmuls on the bf16 path, in training, with the same result as fp8 off where no linear fits
+    calls, (loss, grads), (reference_loss, reference_grads) = fp8_and_reference(monkeypatch, **settings)
+    assert len(calls) == 3 * fp8_linears
+    if not fp8_linears:
+        assert torch.equal(loss, reference_loss)
+        assert all(torch.equal(grad, reference_grads[name]) for name, grad in grads.items())
+    assert loss.item() == pytest.approx(reference_loss.item(), rel=2e-2)
 
 
 def test_fp8_under_torch_compile_matches_eager():
