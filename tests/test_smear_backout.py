@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import stackcore as sc
-from test_engine import (assert_packed_prefill_matches_full_passes, cached_logits, force,  # noqa: F401
-                         one_thread, waiting_step)  # one_thread: autouse, faster
-from test_modded_tricks import BACKENDS, TOLERANCE, packed_batch, tricked_model
+from test_engine import assert_packed_prefill_matches_full_passes, one_thread  # noqa: F401 (autouse, faster)
+from test_modded_tricks import (BACKENDS, TOLERANCE, assert_a_waiting_row_resumes_as_the_full_pass,
+                                assert_cached_decoding_matches_the_full_pass, packed_batch, tricked_model)
 
 TRICKS = {
     "smear": dict(smear=True),
@@ -74,13 +74,8 @@ def test_backout_subtracts_the_residual_after_two_thirds_of_the_layers():
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("tricks", list(TRICKS))
 def test_cached_decoding_matches_the_full_forward_pass(tricks, backend, short_window):
-    """Prefill then one token a step, and chunks after a non-empty cache, against GPT.forward over all 40 tokens."""
-    model = tricked_model(TRICKS[tricks], short_window)
-    ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        fulls = torch.stack([model(row, backend=backend) for row in ids])
-        for pieces in ([1] * 40, [12] + [1] * 28, [9, 31], [9, 20, 11]):
-            torch.testing.assert_close(cached_logits(model, ids, pieces, backend), fulls, atol=TOLERANCE, rtol=0)
+    """Two rows, prefilled and decoded in pieces (test_modded_tricks), against each row's full forward pass."""
+    assert_cached_decoding_matches_the_full_pass(tricked_model(TRICKS[tricks], short_window), backend, rows=2)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -110,21 +105,8 @@ def test_rows_at_different_positions_decode_together(tricks):
 
 
 def test_a_waiting_row_keeps_its_carried_embedding():
-    """Row 0 waits at <|python_end|> (id 7) while row 1 goes on; when it resumes, its next token still smears the
-    right predecessor: its logits equal the full pass over its tokens."""
-    model = tricked_model(TRICKS["both"])
-    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(6))
-    with torch.no_grad():
-        step = waiting_step(model, ids)
-        force(step, torch.tensor([[7, 1, 1], [3, 4, 6]]))
-        for _ in range(3):
-            step()
-        assert step.read_chunk()[0] == [[7, -1, -1, -1], [3, 4, 6, -1]]
-        force(step, torch.tensor([[2], [9]]))
-        step()
-        for row, tokens in enumerate(([7, 2], [3, 4, 6, 9])):
-            full = model(torch.cat([ids[row], torch.tensor(tokens)]))[-1]
-            torch.testing.assert_close(step.state.logits[row], full, atol=TOLERANCE, rtol=0)
+    """A row that waits at <|python_end|> while another steps resumes smearing its own last embedding."""
+    assert_a_waiting_row_resumes_as_the_full_pass(tricked_model(TRICKS["both"]))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
