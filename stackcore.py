@@ -1066,7 +1066,7 @@ def previous_tokens(own: Tensor, batch: AttentionBatch, carried: Tensor | None) 
     first new token takes the row's `carried` (B, ...) if the row held tokens, which keeps each row's last token."""
     shifted = own[batch.previous]
     cache = batch.cache
-    if isinstance(cache, PackedPrompts):  # prompts from position 0: each prompt's rows keep its last token's
+    if isinstance(cache, PackedPrompts):  # prompts from position 0: each prompt's rows keep its last token's row
         last = own[cache.last_tokens()]
         carried[cache.filled_rows] = last.repeat_interleave(cache.filled_rows.numel() // last.size(0), dim=0)
     elif cache is not None:
