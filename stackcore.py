@@ -792,6 +792,8 @@ class GPTConfig:
     n_value_embeds: int = 3  # table i feeds layer i and layer depth-1-i; capped at depth // 2
     key_offset: bool = False  # modded-nanogpt #169: in long-window layers, half of each key is the previous token's
     paired_head_layers: tuple[int, ...] = ()  # modded-nanogpt #191: pairs of heads attend as one (interleave_pairs)
+    smear: bool = False  # modded-nanogpt's 2025-09-18 record: an embedding takes a gated share of its predecessor's
+    backout: bool = False  # modded-nanogpt's 2025-10-04 record: the head reads x less a share of x at backout_layer
 
     def __post_init__(self):
         if self.dim % self.head_dim:
@@ -810,6 +812,8 @@ class GPTConfig:
             raise ValueError(f"paired_head_layers {outside} are not layers of a depth-{self.depth} model")
         if self.paired_head_layers and self.n_heads % 2:
             raise ValueError(f"paired_head_layers need an even number of heads, not {self.n_heads}")
+        if self.backout and self.depth < 2:
+            raise ValueError("backout needs depth >= 2: it backs out an earlier layer's residual before the last")
 
     @property
     def dim(self) -> int:
@@ -834,13 +838,21 @@ class GPTConfig:
 
     @property
     def plain_documents_only(self) -> bool:
-        """The key offset and paired heads read a packed row as plain documents: no caller's mask says otherwise."""
-        return self.key_offset or bool(self.paired_head_layers)
+        """The key offset, smear and paired heads read a packed row as plain documents: no caller's mask says
+        otherwise (the first two read each token's predecessor, GPT.trick_inputs)."""
+        return self.key_offset or self.smear or bool(self.paired_head_layers)
+
+    @property
+    def backout_layer(self) -> int:
+        """How many layers have written the residual that backout subtracts: two thirds of the depth. modded's record
+        took 8 of 11, where learned per-layer backout weights turned from positive to negative; nanochat takes half."""
+        return 2 * self.depth // 3
 
     def modded_architecture(self) -> GPTConfig:
-        """With modded-nanogpt's key offset, and paired heads in those of its layers 0, 2, 5, 9 that the depth has."""
+        """With modded-nanogpt's key offset, smear, and paired heads in those of its layers 0, 2, 5, 9 that the depth
+        has. Not backout: modded's MuddFormer record (2026-04-22) folded it into per-token learned skip weights."""
         paired = [layer for layer in (0, 2, 5, 9) if layer < self.depth]  # modded's train_gpt.py pairs these
-        return dataclasses.replace(self, key_offset=True, paired_head_layers=paired)
+        return dataclasses.replace(self, key_offset=True, smear=True, paired_head_layers=paired)
 
 
 def norm(x: Tensor) -> Tensor:
@@ -905,7 +917,8 @@ class KVCache:
     """Keys and values (depth, batch, heads, capacity, head_dim) and each row's filled length `lengths` (B,), a tensor
     that a replayed decode step advances. GPT.forward(ids (B, L), kv_cache=cache) puts L new tokens at each row's next
     positions; rows whose `advancing` is 0 are overwritten next pass, a full row at its last position. `carried`: other
-    per-layer state (depth, batch, ...), with the key offset "previous_half": each row's last key half (offset_keys)."""
+    per-layer state (depth, batch, ...): with the key offset "previous_half", each row's last key half (offset_keys);
+    with smear "previous_embedding" (1, batch, dim), each row's last embedding (GPT.smear_embeddings)."""
 
     def __init__(self, config: GPTConfig, batch_size: int, capacity: int, device: torch.device | str,
                  dtype: torch.dtype):
@@ -917,6 +930,8 @@ class KVCache:
         self.advancing = torch.ones(batch_size, dtype=torch.long, device=device)
         half = config.head_dim - config.rotary_dims  # the stationary half that the key offset carries
         self.carried = {"previous_half": self.k.new_zeros(shape[:3] + (half,))} if config.key_offset else {}
+        if config.smear:
+            self.carried["previous_embedding"] = self.k.new_zeros((1, batch_size, config.dim))
         self.empty = True  # no pass has written these rows: the next pass is a prefill (host-side, no sync)
         self.parent: KVCache | None = None  # the cache whose rows this one views (rows(), PackedPrompts)
 
@@ -1046,27 +1061,31 @@ class AttentionBatch:
     paired_sin: Tensor | None = None  # 2t and 2t + 1, for the first and second head of a pair
 
 
+def previous_tokens(own: Tensor, batch: AttentionBatch, carried: Tensor | None) -> Tensor:
+    """Each packed token's predecessor's row of `own` (T, ...), its own at a document's start. With a cache, a row's
+    first new token takes the row's `carried` (B, ...) if the row held tokens, which keeps each row's last token."""
+    shifted = own[batch.previous]
+    cache = batch.cache
+    if isinstance(cache, PackedPrompts):  # prompts from position 0: each prompt's rows keep its last token's row
+        last = own[cache.last_tokens()]
+        carried[cache.filled_rows] = last.repeat_interleave(cache.filled_rows.numel() // last.size(0), dim=0)
+    elif cache is not None:
+        rows, per_row = carried.size(0), (-1,) + (1,) * (carried.dim() - 1)  # per_row: a row's flag over carried
+        own_rows, shifted_rows = own.view(rows, -1, *own.shape[1:]), shifted.view(rows, -1, *own.shape[1:])
+        continues = (batch.positions.view(rows, -1)[:, 0] > 0).view(per_row)  # the row held tokens before this pass
+        first = torch.where(continues, carried, shifted_rows[:, 0])
+        shifted = torch.cat((first[:, None], shifted_rows[:, 1:]), dim=1).view_as(own)
+        advances = (cache.advancing > 0).view(per_row)  # a row that does not advance repeats its position next pass
+        carried.copy_(torch.where(advances, own_rows[:, -1], carried))
+    return shifted
+
+
 def offset_keys(k: Tensor, batch: AttentionBatch, layer: int) -> Tensor:
     """The partial key offset (modded-nanogpt #169): each key's stationary half becomes the previous token's, but at a
     document's start (unlike modded: a prompt decodes as it trains); a cache carries it over (KVCache.carried)."""
     half = k.size(-1) // 2
-    own = k[..., half:]
-    shifted = own[batch.previous]
-    cache = batch.cache
-    if isinstance(cache, PackedPrompts):  # prompts from position 0: each prompt's rows keep its last token's half
-        carried = cache.carried["previous_half"][layer]
-        last = own[cache.last_tokens()]
-        carried[cache.filled_rows] = last.repeat_interleave(cache.filled_rows.numel() // last.size(0), dim=0)
-    elif cache is not None:
-        carried = cache.carried["previous_half"][layer]  # (B, H, half)
-        rows = carried.size(0)
-        own_rows, shifted_rows = own.view(rows, -1, *own.shape[1:]), shifted.view(rows, -1, *own.shape[1:])
-        continues = batch.positions.view(rows, -1)[:, 0, None, None] > 0  # the row held tokens before this pass
-        first = torch.where(continues, carried, shifted_rows[:, 0])
-        shifted = torch.cat((first[:, None], shifted_rows[:, 1:]), dim=1).view_as(own)
-        advances = cache.advancing[:, None, None] > 0  # a row that does not advance repeats its position next pass
-        carried.copy_(torch.where(advances, own_rows[:, -1], carried))
-    return torch.cat((k[..., :half], shifted), dim=-1)
+    carried = None if batch.cache is None else batch.cache.carried["previous_half"][layer]
+    return torch.cat((k[..., :half], previous_tokens(k[..., half:], batch, carried)), dim=-1)
 
 
 def interleave_pairs(x: Tensor) -> Tensor:
@@ -1254,6 +1273,7 @@ def softcapped_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, softcap
 
 # Suggested learning rates (modded-nanogpt-like); Muon's is relative to the orthogonalised update. The Adam lrs of
 # embeddings and head are for model_dim 768, scaled by (model_dim / 768) ** -0.5 (nanochat's rule) in param_groups.
+SMEAR_GATE_CHANNELS = 12  # the leading embedding channels the smear gate reads (modded's 12)
 DEFAULT_LRS = {"matrices": 0.05, "embedding": 0.3, "value_embeds": 0.3, "head": 0.008, "scalars": 0.04}
 
 
@@ -1273,6 +1293,9 @@ class GPT(nn.Module):
         self.resid_lambdas = nn.Parameter(torch.ones(config.depth))   # block input = resid * x + x0 * x0
         self.x0_lambdas = nn.Parameter(torch.zeros(config.depth))
         self.skip_weights = nn.Parameter(torch.ones(config.depth // 2))  # U-net: layer i -> layer depth-1-i
+        self.smear_gate = nn.Parameter(torch.zeros(min(SMEAR_GATE_CHANNELS, config.dim))) if config.smear else None
+        self.smear_lambda = nn.Parameter(torch.zeros(1)) if config.smear else None
+        self.backout_lambda = nn.Parameter(torch.zeros(1)) if config.backout else None
         for name, table in zip(("rotary_cos", "rotary_sin"), self.rotary()):
             self.register_buffer(name, table, persistent=False)
         self.compile_backend: str | None = None  # see compile_layers()
@@ -1294,8 +1317,10 @@ class GPT(nn.Module):
             if block.attn.value_mix is not None:
                 block.attn.value_mix.fill_(0.5)
         nn.init.zeros_(self.lm_head.weight)
-        for scalars, value in ((self.resid_lambdas, 1.0), (self.x0_lambdas, 0.0), (self.skip_weights, 1.0)):
-            scalars.fill_(value)
+        for scalars, value in ((self.resid_lambdas, 1.0), (self.x0_lambdas, 0.0), (self.skip_weights, 1.0),
+                               (self.smear_gate, 0.0), (self.smear_lambda, 0.0), (self.backout_lambda, 0.5)):
+            if scalars is not None:  # smear starts off (lambda 0), backout at modded's 0.5
+                scalars.fill_(value)
         for buffer, table in zip((self.rotary_cos, self.rotary_sin), self.rotary(self.rotary_cos.device)):
             buffer.copy_(table)
 
@@ -1385,19 +1410,23 @@ class GPT(nn.Module):
         if len(windows) != config.depth:
             raise ValueError(f"need one window per layer ({config.depth}), got {len(windows)}")
         if config.plain_documents_only and not all(window is None or isinstance(window, int) for window in windows):
-            raise ValueError("a model with key_offset or paired_head_layers takes windows as ints or None, not masks: "
+            raise ValueError("a model with key_offset, smear or paired_head_layers takes windows as ints or None, not "
+                             "masks: "
                              "it reads the packed tokens as plain documents (GPTConfig.plain_documents_only)")
         reads_cache = kv_cache is not None and not kv_cache.empty
         if backend == "flex" and not reads_cache:
             windows = self.flex_masks(windows, cu_seqlens, input_ids.size(0))
         # each token's position in its packed document: the default positions, and the key offset's predecessors
         in_documents = (positions_in_documents(cu_seqlens, input_ids.size(0))
-                        if positions is None or config.key_offset else None)
+                        if positions is None or config.key_offset or config.smear else None)
         positions = in_documents if positions is None else positions
         batch = AttentionBatch(cu_seqlens, max_seqlen, self.rotary_cos[positions], self.rotary_sin[positions], backend,
                                kv_cache, positions if kv_cache is not None else None, reads_cache,
                                *self.trick_inputs(positions, in_documents))
-        x0 = norm(self.wte(input_ids).to(self.compute_dtype))
+        x0 = self.wte(input_ids).to(self.compute_dtype)
+        if config.smear:  # a token has a predecessor past its document's (or cache row's) position 0
+            x0 = self.smear_embeddings(x0, batch, (in_documents if kv_cache is None else positions) > 0)
+        x0 = norm(x0)
         value_embeds = [table(input_ids).to(self.compute_dtype) for table in self.value_embeds]
         layer_args = (x0, value_embeds, windows, batch, logit_rows)
         compiled = torch.is_grad_enabled() or self.compile_evaluation
@@ -1434,19 +1463,27 @@ class GPT(nn.Module):
         """AttentionBatch's previous, paired_cos and paired_sin (None where the model does without that trick)."""
         config = self.config
         previous = paired_cos = paired_sin = None
-        if config.key_offset:
+        if config.key_offset or config.smear:
             previous = torch.arange(positions.numel(), device=positions.device) - (in_documents > 0).long()
         if config.paired_head_layers:
             interleaved = 2 * positions[:, None] + torch.arange(2, device=positions.device)
             paired_cos, paired_sin = self.rotary_cos[interleaved], self.rotary_sin[interleaved]
         return previous, paired_cos, paired_sin
 
+    def smear_embeddings(self, x: Tensor, batch: AttentionBatch, has_previous: Tensor) -> Tensor:
+        """Smear (modded-nanogpt's 2025-09-18 record): embeddings x (T, dim) plus smear_lambda * sigmoid(smear_gate .
+        x's first channels) times the predecessor's embedding, none at a document's start; a cache carries it over."""
+        carried = None if batch.cache is None else batch.cache.carried["previous_embedding"][0]
+        gate = self.smear_gate.to(x.dtype)
+        share = self.smear_lambda.to(x.dtype) * torch.sigmoid(x[:, :gate.numel()] @ gate)
+        return x + torch.where(has_previous, share, 0)[:, None] * previous_tokens(x, batch, carried)
+
     def run_layers(self, x0: Tensor, value_embeds: list[Tensor], windows: list[Any], batch: AttentionBatch,
                    logit_rows: Tensor | None = None, mix: typing.Callable = residual_mix,
                    run_block: typing.Callable = _run_block) -> Tensor:
         """The blocks with residual mixing and U-net skips, x0 to the last hidden state, compiled parts given."""
         n_skip = self.config.depth // 2
-        x, skips = x0, []
+        x, skips, backout = x0, [], None
         for i, block in enumerate(self.blocks):
             mirror = self.config.depth - 1 - i
             skip = (skips[mirror], self.skip_weights[mirror]) if mirror < n_skip else ()
@@ -1456,6 +1493,10 @@ class GPT(nn.Module):
             x = run_block(block, x, value_embed, windows[i], batch, logit_rows if i == self.config.depth - 1 else None)
             if i < n_skip:
                 skips.append(x)
+            if self.backout_lambda is not None and i == self.config.backout_layer - 1:
+                backout = x  # backout (modded's 2025-10-04 record): what helps later layers, not the prediction
+        if backout is not None:
+            x = x - self.backout_lambda.to(x.dtype) * (backout if logit_rows is None else backout[logit_rows])
         return x
 
     def parameter_kinds(self) -> dict[str, list[nn.Parameter]]:

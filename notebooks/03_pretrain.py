@@ -86,8 +86,10 @@ class PretrainConfig(StackConfig):
     depth: int = 12  # the one knob that sizes the model (width 64 x depth, heads of head_dim)
     model_dim: int = 0  # 0: 64 x depth
     head_dim: int = 128
-    arch: str = "ours"  # ours | modded: adds modded-nanogpt's key offset, paired heads (GPTConfig.modded_architecture)
+    arch: str = "ours"  # ours | modded: adds modded-nanogpt's key offset, smear, paired heads (modded_architecture)
     key_offset: bool = True  # modded-nanogpt's partial key offset in the long-window layers (sc.GPTConfig)
+    smear: bool = False  # modded-nanogpt's smear: an embedding takes a gated share of its predecessor's (sc.GPTConfig)
+    backout: bool = False  # modded-nanogpt's backout: the head reads the residual less a share of an early layer's
     paired_heads: str = ""  # layers with paired-head attention, comma-separated, e.g. 0,2,5,9 (sc.GPTConfig)
     seq_len: int = 2048  # longest document piece the model sees (longer documents are cut)
     tokens_per_step: int = 524_288  # global batch in tokens
@@ -181,11 +183,21 @@ log(f"device {device} x {dist_info.world_size} rank(s); {accum_steps} micro-step
 # key's channels come from the previous token, so one attention head can match "the token after X" in one step
 # (`tutorials/06_kv_cache_and_left_out_tricks.md` shows why cached decoding stays exact; the gain on the books is in
 # `baselines/2026-11-30-d12-switches`). `--key_offset=false` trains the model without it.
+#
+# Two more of modded-nanogpt's tricks are off by default, each a switch to measure. `--smear=true`: before the first
+# layer, each token's embedding gets a share of the previous token's, the share a sigmoid gate on the embedding's first
+# 12 channels times a learned scale that starts at zero; so the model has the previous token without spending an
+# attention head on it. A document's first token takes nothing from the document before it, and the KV cache keeps
+# each row's last embedding for the next token. `--backout=true`: before the final norm and the head, the residual
+# stream loses a learned share of itself as it was after the first two thirds of the layers: what those layers wrote
+# for the later layers to read need not reach the prediction. `--arch=modded` includes smear, which modded's current
+# model has; its backout has become part of another mechanism (`sc.GPTConfig.modded_architecture`).
 
 # %%
 model_config = sc.GPTConfig(vocab_size=tokenizer.vocab_size, depth=cfg.depth, model_dim=cfg.model_dim,
                             head_dim=cfg.head_dim, max_seq_len=cfg.seq_len, key_offset=cfg.key_offset,
-                            paired_head_layers=layer_list("paired_heads", cfg.paired_heads))
+                            paired_head_layers=layer_list("paired_heads", cfg.paired_heads), smear=cfg.smear,
+                            backout=cfg.backout)
 if cfg.arch == "modded":
     model_config = model_config.modded_architecture()
 model = sc.GPT(model_config).to(device)
@@ -201,7 +213,8 @@ forward = model.compile_layers() if cfg.compile and device.startswith("cuda") el
 params = model.num_params()
 flops_per_token = model.flops_per_token(cfg.seq_len)
 log(f"model: depth {cfg.depth}, width {model_config.dim}, {model_config.n_heads} heads, key offset "
-    f"{model_config.key_offset}, paired heads in layers {list(model_config.paired_head_layers)}; "
+    f"{model_config.key_offset}, paired heads in layers {list(model_config.paired_head_layers)}, smear "
+    f"{model_config.smear}, backout {model_config.backout}; "
     f"{params['total'] / 1e6:.1f} M parameters ({params['matrices'] / 1e6:.1f} M in hidden matrices)")
 log(f"attention backend: {backend} (available here: {sc.available_attention_backends(device)}); "
     f"compute dtype {compute_dtype}, fp8 matmuls {'on' if fp8 else 'off'}; "

@@ -93,13 +93,16 @@ def test_paired_heads_attend_over_the_interleaved_pairs(backend, window):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("tricks", list(TRICKS))
 def test_cached_decoding_matches_the_full_forward_pass(tricks, backend, short_window):
+    assert_cached_decoding_matches_the_full_pass(tricked_model(TRICKS[tricks], short_window), backend)
+
+
+def assert_cached_decoding_matches_the_full_pass(model: sc.GPT, backend: str, rows: int = 1) -> None:
     """Prefill then one token a step, and chunks after a non-empty cache, against GPT.forward over all 40 tokens."""
-    model = tricked_model(TRICKS[tricks], short_window)
-    ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 128, (rows, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        full = model(ids[0], backend=backend)
+        fulls = torch.stack([model(row, backend=backend) for row in ids])
         for pieces in ([1] * 40, [12] + [1] * 28, [9, 31], [9, 20, 11]):
-            torch.testing.assert_close(cached_logits(model, ids, pieces, backend)[0], full, atol=TOLERANCE, rtol=0)
+            torch.testing.assert_close(cached_logits(model, ids, pieces, backend), fulls, atol=TOLERANCE, rtol=0)
 
 
 @pytest.mark.parametrize("tricks", list(TRICKS))
@@ -154,9 +157,12 @@ def test_rows_prefilled_apart_step_together(tricks, compile_backend):
 
 @pytest.mark.parametrize("tricks", list(TRICKS))
 def test_a_waiting_row_keeps_its_carried_half(tricks):
+    assert_a_waiting_row_resumes_as_the_full_pass(tricked_model(TRICKS[tricks]))
+
+
+def assert_a_waiting_row_resumes_as_the_full_pass(model: sc.GPT) -> None:
     """Row 0 emits <|python_end|> (here id 7) in the first step of a chunk and waits while row 1 goes on; when row 0
     resumes, its next token still follows the right predecessor: its logits equal the full pass over its tokens."""
-    model = tricked_model(TRICKS[tricks])
     ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         step = waiting_step(model, ids)
