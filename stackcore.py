@@ -849,10 +849,10 @@ class GPTConfig:
         return 2 * self.depth // 3
 
     def modded_architecture(self) -> GPTConfig:
-        """With modded-nanogpt's key offset, smear, and paired heads in those of its layers 0, 2, 5, 9 that the depth
-        has. Not backout: modded's MuddFormer record (2026-04-22) folded it into per-token learned skip weights."""
+        """With modded-nanogpt's key offset, and paired heads in those of its layers 0, 2, 5, 9 that the depth has: the
+        architecture baselines/2026-11-30-d12-switches measured, kept so that its command means what it meant."""
         paired = [layer for layer in (0, 2, 5, 9) if layer < self.depth]  # modded's train_gpt.py pairs these
-        return dataclasses.replace(self, key_offset=True, smear=True, paired_head_layers=paired)
+        return dataclasses.replace(self, key_offset=True, paired_head_layers=paired)
 
 
 def norm(x: Tensor) -> Tensor:

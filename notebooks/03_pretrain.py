@@ -86,7 +86,7 @@ class PretrainConfig(StackConfig):
     depth: int = 12  # the one knob that sizes the model (width 64 x depth, heads of head_dim)
     model_dim: int = 0  # 0: 64 x depth
     head_dim: int = 128
-    arch: str = "ours"  # ours | modded: adds modded-nanogpt's key offset, smear, paired heads (modded_architecture)
+    arch: str = "ours"  # ours | modded: adds modded-nanogpt's key offset and paired heads (modded_architecture)
     key_offset: bool = True  # modded-nanogpt's partial key offset in the long-window layers (sc.GPTConfig)
     smear: bool = False  # modded-nanogpt's smear: an embedding takes a gated share of its predecessor's (sc.GPTConfig)
     backout: bool = False  # modded-nanogpt's backout: the head reads the residual less a share of an early layer's
@@ -190,8 +190,8 @@ log(f"device {device} x {dist_info.world_size} rank(s); {accum_steps} micro-step
 # attention head on it. A document's first token takes nothing from the document before it, and the KV cache keeps
 # each row's last embedding for the next token. `--backout=true`: before the final norm and the head, the residual
 # stream loses a learned share of itself as it was after the first two thirds of the layers: what those layers wrote
-# for the later layers to read need not reach the prediction. `--arch=modded` includes smear, which modded's current
-# model has; its backout has become part of another mechanism (`sc.GPTConfig.modded_architecture`).
+# for the later layers to read need not reach the prediction. Both are off by default and unmeasured here, and
+# `--arch=modded` leaves them off; modded's current model smears, and its backout has become part of another mechanism.
 
 # %%
 model_config = sc.GPTConfig(vocab_size=tokenizer.vocab_size, depth=cfg.depth, model_dim=cfg.model_dim,

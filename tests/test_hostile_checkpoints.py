@@ -247,3 +247,19 @@ def test_nan_learning_rate_stops_before_the_first_save(tmp_path):
             sc.step_optimizers(optimizers)
             save_checkpoint(tmp_path / "ckpt", step, model, optimizers, loader, sc.GPTConfig(), SINGLE)
     assert not (tmp_path / "ckpt").exists() or not list((tmp_path / "ckpt").glob("*.pt"))
+
+
+def test_a_run_saved_before_newer_model_settings_resumes_with_them_off(tmp_path):
+    # GPTConfig grows switches (smear, backout): a checkpoint written before them has no such keys, means them off,
+    # and must resume; a checkpoint of another model, or with a setting this code does not know, must not
+    directory, _ = train_and_save(tmp_path, steps=(1,))
+    path = directory / "step_000001.pt"
+    state = torch.load(path, weights_only=True)
+    for key in ("smear", "backout"):
+        del state["model_config"][key]
+    torch.save(state, path)
+    assert resume_training(directory, *fresh(tmp_path), SINGLE, "03_pretrain")[0] == 1
+    for change in ({"smear": True}, {"not_a_setting": 1}):
+        torch.save({**state, "model_config": {**state["model_config"], **change}}, path)
+        with pytest.raises(sc.CheckpointError, match="holds a different model"):
+            resume_training(directory, *fresh(tmp_path), SINGLE, "03_pretrain", lambda line: None)

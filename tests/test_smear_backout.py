@@ -35,8 +35,8 @@ def test_the_switches_add_their_parameters_to_adams_scalars():
     plain = tricked_model({})
     assert plain.smear_gate is plain.smear_lambda is plain.backout_lambda is None
     assert not any("smear" in name or "backout" in name for name in plain.state_dict())
-    modded = sc.GPTConfig(depth=12).modded_architecture()  # modded's current model smears; backout became MUDD's
-    assert modded.smear and not modded.backout and modded.plain_documents_only
+    modded = sc.GPTConfig(depth=12).modded_architecture()  # what a record measured: the switches stay separate
+    assert not modded.smear and not modded.backout and modded.plain_documents_only
 
 
 def test_smear_adds_the_gated_predecessor_within_documents():
