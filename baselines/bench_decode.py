@@ -18,6 +18,7 @@ import os
 import statistics
 import sys
 import time
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -62,10 +63,10 @@ def bytes_per_decode_step(model: sc.GPT, batch: int, context: float, dtype: torc
 
 
 def random_model(depth: int, vocab_size: int, max_seq_len: int, device: str, dtype: torch.dtype,
-                 key_offset: bool = False, paired_head_layers: tuple[int, ...] = ()) -> sc.GPT:
+                 **switches: Any) -> sc.GPT:
+    """Random weights; `switches` are GPTConfig's architecture switches (key_offset, paired_head_layers, ...)."""
     torch.manual_seed(0)
-    model = sc.GPT(sc.GPTConfig(vocab_size=vocab_size, depth=depth, max_seq_len=max_seq_len, key_offset=key_offset,
-                                paired_head_layers=paired_head_layers)).to(device)
+    model = sc.GPT(sc.GPTConfig(vocab_size=vocab_size, depth=depth, max_seq_len=max_seq_len, **switches)).to(device)
     for parameter in model.parameters():  # the zero-initialised projections get small values: non-trivial logits
         if parameter.ndim == 2 and not parameter.any():
             torch.nn.init.normal_(parameter, std=0.02)
@@ -112,6 +113,8 @@ def main() -> None:
     parser.add_argument("--compile", default="none", help="the step's torch.compile backend: none | inductor")
     parser.add_argument("--key_offset", type=int, default=0, help="1: modded-nanogpt's key offset (sc.GPTConfig)")
     parser.add_argument("--paired_heads", default="", help="paired-head layers, comma-separated, e.g. 0,2,5,9")
+    parser.add_argument("--smear", type=int, default=0, help="1: modded-nanogpt's smear (sc.GPTConfig)")
+    parser.add_argument("--backout", type=int, default=0, help="1: modded-nanogpt's backout (sc.GPTConfig)")
     parser.add_argument("--out", default="bench_decode.json")
     args = parser.parse_args()
     if args.decode % args.sync_every:
@@ -128,7 +131,8 @@ def main() -> None:
                "decode_attention": "flash_attn_with_kvcache" if sc._flash_kvcache_function() and device != "cpu"
                else "sdpa", "prompt_len": args.prompt_len, "decode_steps": args.decode, "sync_every": args.sync_every,
                "copy_bandwidth_GBps": bandwidth / 1e9, "key_offset": bool(args.key_offset),
-               "paired_heads": args.paired_heads, "depths": {}}
+               "paired_heads": args.paired_heads, "smear": bool(args.smear), "backout": bool(args.backout),
+               "depths": {}}
     rows = []
 
     def add(row: tuple[str, str]) -> None:  # printed at once too: a run cut short keeps what it measured
@@ -139,7 +143,8 @@ def main() -> None:
                    f"{results['decode_attention']}"))
     for depth in (int(d) for d in args.depths.split(",")):
         model = random_model(depth, args.vocab_size, max(2048, args.prompt_len + args.decode), device, dtype,
-                             bool(args.key_offset), layer_list("--paired_heads", args.paired_heads))
+                             key_offset=bool(args.key_offset), smear=bool(args.smear), backout=bool(args.backout),
+                             paired_head_layers=layer_list("--paired_heads", args.paired_heads))
         engine = sc.Engine(model, tokenizer, backend, compile_backend=compile_backend, sync_every=args.sync_every)
         entry = results["depths"][str(depth)] = {"params": model.num_params()["total"], "batches": {}}
         add((f"depth {depth}", f"{entry['params'] / 1e6:.1f} M params, {dtype}"))

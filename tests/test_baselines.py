@@ -3,6 +3,7 @@
 import gzip
 import json
 import lzma
+import os
 import subprocess
 import sys
 import time
@@ -178,3 +179,17 @@ def test_a_terminated_benchmark_stops_its_run_and_exits_at_once(tmp_path):
     bench_process.terminate()
     assert bench_process.wait(timeout=30) == 124
     assert time.time() - started < 10
+
+
+def test_bench_decode_runs_on_the_cpu_with_the_switches_and_its_engine_matches_eager_decoding(tmp_path):
+    out = tmp_path / "decode.json"
+    subprocess.run([sys.executable, str(ROOT / "baselines" / "bench_decode.py"), "--depths=2", "--vocab_size=1024",
+                    "--prompt_len=32", "--decode=16", "--batches=1,3", "--key_offset=1", "--smear=1", "--backout=1",
+                    f"--out={out}"], check=True, capture_output=True, text=True,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = json.loads(out.read_text())
+    assert result["key_offset"] and result["smear"] and result["backout"]
+    depth = result["depths"]["2"]
+    assert depth["greedy_tokens_equal_eager"]
+    assert set(depth["batches"]) == {"1", "3"}
+    assert all(row["step_tokens_per_s"] > 0 and row["bound_tokens_per_s"] > 0 for row in depth["batches"].values())
