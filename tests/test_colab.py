@@ -339,6 +339,18 @@ def test_other_errors_in_a_twin_keep_their_traceback(tmp_path):
     assert result.returncode == 1 and "Traceback" in result.stderr and "KeyError: 'kept'" in result.stderr
 
 
+def test_ctrl_c_in_a_twin_says_where_and_how_to_resume(tmp_path):
+    script = tmp_path / "twin.py"
+    script.write_text("from notebooks.runtime import end_scripts_on_user_errors\n"
+                      "end_scripts_on_user_errors()\nraise KeyboardInterrupt\n")
+    result = subprocess.run([sys.executable, str(script)], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 130 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == ("twin.py: interrupted in twin.py line 3. Run the same command again: 03_pretrain, "
+                                     "05_sft and 06_rl continue from their newest checkpoint (resume=True), the steps "
+                                     "after it are trained again")
+
+
 def test_pretrain_with_a_tokenizer_but_no_shards(stack_home, tiny_tokenizer):
     shutil.copytree(tiny_tokenizer, stack_home / "tokenizer")
     result = run_twin("03_pretrain", stack_home)
