@@ -291,8 +291,11 @@ def describe_config(cfg: Any) -> str:
 
 def accumulation_steps(tokens_per_step: int, micro_tokens: int, world_size: int) -> int:
     """Forward/backward passes per rank in one optimizer step: the global batch over what all ranks take per pass."""
-    steps, remainder = divmod(tokens_per_step, micro_tokens * world_size)
+    per_pass = micro_tokens * world_size
+    steps, remainder = divmod(tokens_per_step, per_pass)
     if steps < 1 or remainder:
+        nearest = per_pass * max(1, round(tokens_per_step / per_pass))
         raise ConfigError(f"tokens_per_step ({tokens_per_step}) must be a multiple of micro_tokens x ranks "
-                          f"({micro_tokens} x {world_size})")
+                          f"({micro_tokens} x {world_size}): pass --tokens_per_step={nearest}, or a smaller "
+                          f"--micro_tokens that divides {tokens_per_step // world_size}")
     return steps

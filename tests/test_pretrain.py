@@ -190,3 +190,6 @@ def test_accumulation_steps_split_the_global_batch_or_explain_why_not():
     for tokens_per_step, micro_tokens, world_size in ((100_000, 65_536, 1), (65_536, 65_536, 2)):
         with pytest.raises(sc.ConfigError, match="multiple of micro_tokens x ranks"):
             accumulation_steps(tokens_per_step, micro_tokens, world_size)
+    hint = "pass --tokens_per_step=4096, or a smaller --micro_tokens that divides 1024"
+    with pytest.raises(sc.ConfigError, match=hint):
+        accumulation_steps(2048, 2048, 2)  # 05's tiny preset under torchrun with two processes
