@@ -261,7 +261,7 @@ val_loss = float("nan")
 train_seconds = 0.0
 for step in range(start_step, start_step if complete else steps + 1):
     last = step == steps
-    if step % cfg.eval_every == 0 or last:
+    if (step % cfg.eval_every == 0 or last) and (step > start_step or start_step == 0):  # resumed: done already
         val_loader.load_state_dict({"epoch": 0, "cursor": 0})
         val_loss = evaluate_sft_loss(forward, val_loader, cfg.eval_steps, backend)
         log(f"step {step:5d}/{steps} | val loss {val_loss:.4f}")
