@@ -233,13 +233,26 @@ def reading_settings() -> Iterator[None]:
 def misspelt_stack_variables(names: Sequence[str], environ: typing.Mapping[str, str]) -> list[str]:
     """Warnings for STACK_ variables that are not a setting of `names` or a known variable but close to one (difflib);
     the others are left alone: the pipeline sets every notebook's settings for all of them."""
-    import difflib
-
     valid = sorted({f"STACK_{name.upper()}" for name in names} | KNOWN_STACK_VARIABLES)
     unknown = sorted(variable for variable in environ if variable.startswith("STACK_") and variable not in valid)
-    matches = {variable: difflib.get_close_matches(variable, valid, n=1, cutoff=0.8) for variable in unknown}
-    return [f"{variable} is not a setting here and is ignored; did you mean {close[0]}?"
+    matches = {variable: close_match(variable, valid) for variable in unknown}
+    return [f"{variable} is not a setting here and is ignored; did you mean {close}?"
             for variable, close in matches.items() if close]
+
+
+def close_match(name: str, valid: Sequence[str]) -> str | None:
+    """The valid name closest to a misspelt one (difflib), or None when none is close."""
+    import difflib
+
+    return next(iter(difflib.get_close_matches(name, valid, n=1, cutoff=0.8)), None)
+
+
+def unknown_options_message(unknown: Sequence[str], names: Sequence[str], config_name: str) -> str:
+    """The usage error for options a config lacks, with the close name of each misspelt one."""
+    guesses = [f"--{close}" for close in (close_match(name, names) for name in unknown) if close]
+    guess = f" (did you mean {', '.join(guesses)}?)" if guesses else ""
+    return (f"unknown option(s) {', '.join('--' + name for name in unknown)} for {config_name}{guess}; "
+            f"valid keys: {', '.join(names)}")
 
 
 def usage(cls: type, preset: str, tier: str | None) -> str:
@@ -272,8 +285,7 @@ def configure(cls: type[ConfigT], argv: Sequence[str] | None = None,
     names = [f.name for f in dataclasses.fields(cls) if f.name != "preset"]
     unknown = sorted(set(cli) - set(names))
     if unknown:
-        raise ConfigError(f"unknown option(s) {', '.join('--' + k for k in unknown)} for {cls.__name__}; "
-                          f"valid keys: {', '.join(names)}")
+        raise ConfigError(unknown_options_message(unknown, names, cls.__name__))
     for warning in misspelt_stack_variables(names, environ):
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     variables = {name: environ[f"STACK_{name.upper()}"] for name in names if f"STACK_{name.upper()}" in environ}

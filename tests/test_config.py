@@ -151,6 +151,15 @@ def test_config_errors_end_a_script_with_status_2(monkeypatch, capsys):
     assert "error: unknown option(s) --stepz for DemoConfig" in capsys.readouterr().err
 
 
+def test_a_misspelt_option_is_named_with_its_close_setting():
+    with pytest.raises(sc.ConfigError) as caught:
+        configure(DemoConfig, ["--stepz=1", "--zzz=2", "--nam=x"], {})
+    assert str(caught.value).startswith("unknown option(s) --nam, --stepz, --zzz for DemoConfig "
+                                        "(did you mean --name, --steps?); valid keys: steps, lr, name, compile")
+    with pytest.raises(sc.ConfigError, match=r"--zzz for DemoConfig; valid keys"):
+        configure(DemoConfig, ["--zzz=2"], {})
+
+
 def test_a_misspelt_stack_variable_is_warned_about(capsys):
     cfg = configure(DemoConfig, [], {"STACK_STEPZ": "1", "STACK_HOME": "/x", "STACK_TEST_DATA": "1",
                                      "STACK_VOCAB_SIZE": "384", "STACK_PRESET": "tiny"})
