@@ -255,15 +255,44 @@ def unknown_options_message(unknown: Sequence[str], names: Sequence[str], config
             f"valid keys: {', '.join(names)}")
 
 
+def field_comments(cls: type) -> dict[str, str]:
+    """The comment on each field's line in the source of `cls` and its bases (`steps: int = 5  # how long`): what
+    --help says about an option. A class without source (defined in an interactive session) has none."""
+    import inspect
+    import re
+
+    comments: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        field = None
+        for line in source.splitlines():
+            commented = re.match(r"\s+(\w+)\s*:[^#]*=[^#]*#\s*(.+)$", line)
+            continued = re.match(r"\s+#\s*(.+)$", line)
+            if commented:
+                field, comments[commented[1]] = commented[1], commented[2]
+            elif continued and field:  # a comment line right below a field's goes on with it
+                comments[field] += " " + continued[1]
+            else:
+                field = None
+    return comments
+
+
 def usage(cls: type, preset: str, tier: str | None) -> str:
-    """--help: every option with its default in the preset that applies."""
+    """--help: every option with its default in the preset that applies, and the comment its field has."""
     defaults = {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
                 for f in dataclasses.fields(cls) if f.name != "preset"}
     defaults.update(preset_values(cls, preset, tier))
+    comments = field_comments(cls)
     width = max(len(name) for name in defaults) + 2
+    shown = {name: repr(value) for name, value in defaults.items()}
+    value_width = min(max(len(text) for text in shown.values()), 20) + 2
     lines = [f"usage: python {sys.argv[0]} [--preset={'|'.join(PRESET_NAMES)}] [--option=value ...]",
              f"Each option can also be set as STACK_<OPTION>=value. Defaults of the {preset} preset:"]
-    return "\n".join(lines + [f"  --{name:<{width}} {value!r}" for name, value in defaults.items()])
+    return "\n".join(lines + [f"  --{name:<{width}} {text:<{value_width}} {comments.get(name, '')}".rstrip()
+                              for name, text in shown.items()])
 
 
 def configure(cls: type[ConfigT], argv: Sequence[str] | None = None,

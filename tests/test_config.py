@@ -139,6 +139,24 @@ def test_usage_shows_the_presets_values():
     assert "--preset " not in text
 
 
+@dataclass
+class CommentedConfig(DemoConfig):
+    width: int = 64  # the model's width
+
+    # a comment of its own
+    depth: int = 2  # layers, a comment that goes
+    # on below its field
+    bare: int = 3
+
+
+def test_usage_says_what_each_commented_option_does():
+    lines = {line.split()[0]: line for line in usage(CommentedConfig, "tiny", None).splitlines()
+             if line.startswith("  --")}
+    assert lines["--width"].split(None, 2)[1:] == ["64", "the model's width"]
+    assert lines["--depth"].split(None, 2)[1:] == ["2", "layers, a comment that goes on below its field"]
+    assert lines["--bare"].split() == ["--bare", "3"] and lines["--steps"].split() == ["--steps", "5"]
+
+
 def test_config_errors_end_a_script_with_status_2(monkeypatch, capsys):
     monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
     end_scripts_on_user_errors()
