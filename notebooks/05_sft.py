@@ -103,7 +103,7 @@ class SFTConfig(ChatEvalConfig):
     resume: bool = True  # continue from the newest checkpoint of this run if there is one
     seed: int = 0
     PRESETS = {
-        "tiny": dict(tokens_per_step=2048, micro_tokens=2048, steps=20, eval_every=10, eval_steps=2, save_every=10,
+        "tiny": dict(tokens_per_step=2048, micro_tokens=1024, steps=20, eval_every=10, eval_steps=4, save_every=10,
                      pack_tokens=4096),
         "colab": dict(tokens_per_step=131_072, micro_tokens=16_384, steps=1000, pack_tokens=16_384),
     }
