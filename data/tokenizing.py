@@ -1,8 +1,10 @@
 """Tokenizing a corpus in worker processes: how 02_sharding encodes the pretraining documents (tokenize_parallel)
-and renders the SFT conversations (data/sft.py's render_parallel)."""
+and renders the SFT conversations (data/sft.py's render_parallel); and the published encodings 01_tokenizer compares
+with (reference_encoding)."""
 from __future__ import annotations
 
 import multiprocessing
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
@@ -61,3 +63,27 @@ def tokenize_parallel(tokenizer_dir: Path, docs: Iterable[str], workers: int, ba
                       ) -> Iterator[np.ndarray]:
     """Token ids of each document, BOS first, in input order, encoded by `workers` processes."""
     return map_with_tokenizer(tokenizer_dir, _encode_with_bos, batched(docs, batch_docs), workers)
+
+
+def reference_encoding(name: str, timeout_s: float = 30.0) -> Any:
+    """tiktoken's published encoding `name` (gpt2, cl100k_base), downloaded once into tiktoken's cache. tiktoken
+    fetches it with no timeout, so a network that drops packets would hold 01_tokenizer for minutes: past `timeout_s`
+    this raises TimeoutError, leaving the fetch to a daemon thread that does not keep the process alive."""
+    import tiktoken
+
+    outcome: dict[str, Any] = {}
+
+    def fetch() -> None:
+        try:
+            outcome["encoding"] = tiktoken.get_encoding(name)
+        except Exception as error:  # handed to the caller below
+            outcome["error"] = error
+
+    thread = threading.Thread(target=fetch, name=f"tiktoken {name}", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise TimeoutError(f"tiktoken's download of {name} gave no answer in {timeout_s:.0f} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["encoding"]

@@ -71,6 +71,7 @@ from typing import Callable
 import matplotlib.pyplot as plt
 
 from data.pretrain import CorpusConfig, iter_documents
+from data.tokenizing import reference_encoding
 from notebooks.config import above, configure, describe_config
 
 
@@ -166,7 +167,8 @@ print("special tokens:", tokenizer.specials)
 # ## Compression on held-out text
 # Bytes per token measures compression: more bytes per token means shorter sequences, so cheaper training and
 # longer effective context. We compare on validation documents the tokenizer never saw. GPT-2's and GPT-4's
-# encodings come from tiktoken, which downloads them once; offline, the comparison says so and shows ours alone.
+# encodings come from tiktoken, which downloads them once; offline (or with no answer in 30 s), the comparison
+# says so and shows ours alone.
 # Tokenizing speed matters too: it is the cost of the next notebook.
 
 # %%
@@ -185,11 +187,9 @@ def bytes_per_token(encode: Callable[[str], list[int]]) -> float:
 compression = {f"ours ({tokenizer.vocab_size})": bytes_per_token(tokenizer.encode)}
 for name in ("gpt2", "cl100k_base"):
     try:
-        import tiktoken
-
-        reference = tiktoken.get_encoding(name)
+        reference = reference_encoding(name)
         compression[f"{name} ({reference.n_vocab})"] = bytes_per_token(reference.encode_ordinary)
-    except Exception as error:  # no network, no cached encoding file
+    except Exception as error:  # no network (or no answer), no cached encoding file
         print(f"{name}: not available here ({type(error).__name__}); comparing ours alone")
 for name, value in compression.items():
     print(f"{name:>24}: {value:.3f} bytes/token")

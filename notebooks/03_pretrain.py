@@ -452,7 +452,7 @@ def peak_memory_gb() -> float | None:
 
 for step in range(start_step, start_step if complete else cfg.steps + 1):
     last = step == cfg.steps
-    if step % cfg.eval_every == 0 or last:
+    if (step % cfg.eval_every == 0 or last) and (step > start_step or start_step == 0):  # resumed: done already
         val_bpb = validation_bpb()
         log(f"step {step:5d}/{cfg.steps} | val bpb {val_bpb:.4f}")
         run_log.log(step=step, val_bpb=val_bpb, tokens=tokens_seen, train_seconds=train_seconds)

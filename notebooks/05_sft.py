@@ -103,7 +103,7 @@ class SFTConfig(ChatEvalConfig):
     resume: bool = True  # continue from the newest checkpoint of this run if there is one
     seed: int = 0
     PRESETS = {
-        "tiny": dict(tokens_per_step=2048, micro_tokens=2048, steps=20, eval_every=10, eval_steps=2, save_every=10,
+        "tiny": dict(tokens_per_step=2048, micro_tokens=1024, steps=20, eval_every=10, eval_steps=4, save_every=10,
                      pack_tokens=4096),
         "colab": dict(tokens_per_step=131_072, micro_tokens=16_384, steps=1000, pack_tokens=16_384),
     }
@@ -261,7 +261,7 @@ val_loss = float("nan")
 train_seconds = 0.0
 for step in range(start_step, start_step if complete else steps + 1):
     last = step == steps
-    if step % cfg.eval_every == 0 or last:
+    if (step % cfg.eval_every == 0 or last) and (step > start_step or start_step == 0):  # resumed: done already
         val_loader.load_state_dict({"epoch": 0, "cursor": 0})
         val_loss = evaluate_sft_loss(forward, val_loader, cfg.eval_steps, backend)
         log(f"step {step:5d}/{steps} | val loss {val_loss:.4f}")

@@ -233,24 +233,66 @@ def reading_settings() -> Iterator[None]:
 def misspelt_stack_variables(names: Sequence[str], environ: typing.Mapping[str, str]) -> list[str]:
     """Warnings for STACK_ variables that are not a setting of `names` or a known variable but close to one (difflib);
     the others are left alone: the pipeline sets every notebook's settings for all of them."""
-    import difflib
-
     valid = sorted({f"STACK_{name.upper()}" for name in names} | KNOWN_STACK_VARIABLES)
     unknown = sorted(variable for variable in environ if variable.startswith("STACK_") and variable not in valid)
-    matches = {variable: difflib.get_close_matches(variable, valid, n=1, cutoff=0.8) for variable in unknown}
-    return [f"{variable} is not a setting here and is ignored; did you mean {close[0]}?"
+    matches = {variable: close_match(variable, valid) for variable in unknown}
+    return [f"{variable} is not a setting here and is ignored; did you mean {close}?"
             for variable, close in matches.items() if close]
 
 
+def close_match(name: str, valid: Sequence[str]) -> str | None:
+    """The valid name closest to a misspelt one (difflib), or None when none is close."""
+    import difflib
+
+    return next(iter(difflib.get_close_matches(name, valid, n=1, cutoff=0.8)), None)
+
+
+def unknown_options_message(unknown: Sequence[str], names: Sequence[str], config_name: str) -> str:
+    """The usage error for options a config lacks, with the close name of each misspelt one."""
+    guesses = [f"--{close}" for close in (close_match(name, names) for name in unknown) if close]
+    guess = f" (did you mean {', '.join(guesses)}?)" if guesses else ""
+    return (f"unknown option(s) {', '.join('--' + name for name in unknown)} for {config_name}{guess}; "
+            f"valid keys: {', '.join(names)}")
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """The comment on each field's line in the source of `cls` and its bases (`steps: int = 5  # how long`): what
+    --help says about an option. A class without source (defined in an interactive session) has none."""
+    import inspect
+    import re
+
+    comments: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        field = None
+        for line in source.splitlines():
+            commented = re.match(r"\s+(\w+)\s*:[^#]*=[^#]*#\s*(.+)$", line)
+            continued = re.match(r"\s+#\s*(.+)$", line)
+            if commented:
+                field, comments[commented[1]] = commented[1], commented[2]
+            elif continued and field:  # a comment line right below a field's goes on with it
+                comments[field] += " " + continued[1]
+            else:
+                field = None
+    return comments
+
+
 def usage(cls: type, preset: str, tier: str | None) -> str:
-    """--help: every option with its default in the preset that applies."""
+    """--help: every option with its default in the preset that applies, and the comment its field has."""
     defaults = {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
                 for f in dataclasses.fields(cls) if f.name != "preset"}
     defaults.update(preset_values(cls, preset, tier))
+    comments = field_comments(cls)
     width = max(len(name) for name in defaults) + 2
+    shown = {name: repr(value) for name, value in defaults.items()}
+    value_width = min(max(len(text) for text in shown.values()), 20) + 2
     lines = [f"usage: python {sys.argv[0]} [--preset={'|'.join(PRESET_NAMES)}] [--option=value ...]",
              f"Each option can also be set as STACK_<OPTION>=value. Defaults of the {preset} preset:"]
-    return "\n".join(lines + [f"  --{name:<{width}} {value!r}" for name, value in defaults.items()])
+    return "\n".join(lines + [f"  --{name:<{width}} {text:<{value_width}} {comments.get(name, '')}".rstrip()
+                              for name, text in shown.items()])
 
 
 def configure(cls: type[ConfigT], argv: Sequence[str] | None = None,
@@ -272,8 +314,7 @@ def configure(cls: type[ConfigT], argv: Sequence[str] | None = None,
     names = [f.name for f in dataclasses.fields(cls) if f.name != "preset"]
     unknown = sorted(set(cli) - set(names))
     if unknown:
-        raise ConfigError(f"unknown option(s) {', '.join('--' + k for k in unknown)} for {cls.__name__}; "
-                          f"valid keys: {', '.join(names)}")
+        raise ConfigError(unknown_options_message(unknown, names, cls.__name__))
     for warning in misspelt_stack_variables(names, environ):
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     variables = {name: environ[f"STACK_{name.upper()}"] for name in names if f"STACK_{name.upper()}" in environ}
@@ -291,8 +332,11 @@ def describe_config(cfg: Any) -> str:
 
 def accumulation_steps(tokens_per_step: int, micro_tokens: int, world_size: int) -> int:
     """Forward/backward passes per rank in one optimizer step: the global batch over what all ranks take per pass."""
-    steps, remainder = divmod(tokens_per_step, micro_tokens * world_size)
+    per_pass = micro_tokens * world_size
+    steps, remainder = divmod(tokens_per_step, per_pass)
     if steps < 1 or remainder:
+        nearest = per_pass * max(1, round(tokens_per_step / per_pass))
         raise ConfigError(f"tokens_per_step ({tokens_per_step}) must be a multiple of micro_tokens x ranks "
-                          f"({micro_tokens} x {world_size})")
+                          f"({micro_tokens} x {world_size}): pass --tokens_per_step={nearest}, or a smaller "
+                          f"--micro_tokens that divides {tokens_per_step // world_size}")
     return steps

@@ -39,7 +39,7 @@ def _report_shards(summary: dict[str, Any]) -> list[str]:
 
 def _report_pretraining(summary: dict[str, Any]) -> list[str]:
     keys = ("parameters", "steps", "tokens", "final_val_bpb", "tokens_per_second", "mfu", "peak_memory_GB")
-    return markdown_table(("", "value"), ((key, summary.get(key)) for key in keys))
+    return markdown_table(("", "value"), ((key, summary[key]) for key in keys if summary.get(key) is not None))
 
 
 def _report_core(summary: dict[str, Any]) -> list[str]:

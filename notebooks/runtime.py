@@ -16,7 +16,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Container, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Container, Mapping, Sequence
 
 if TYPE_CHECKING:
     from stackcore import GpuInfo
@@ -156,8 +156,9 @@ def end_scripts_on_user_errors() -> None:
     """In a twin run as a script, an error the user fixes by changing a setting or running an earlier notebook
     (stackcore's ConfigError, MissingArtifactError) ends the run with its one-line message instead of a traceback:
     exit status 2 for a bad option or setting (notebooks/config.py's reading_settings), 1 for one found later. Other
-    errors keep their traceback, and in a notebook kernel every exception shows as usual. Installed once, however
-    often it is called."""
+    errors keep their traceback, and in a notebook kernel every exception shows as usual. Ctrl-C ends it with one
+    line saying where it stopped and how to resume, and exit status 130. Installed once, however often it is
+    called."""
     import stackcore as sc
     from notebooks.config import in_notebook_kernel
 
@@ -166,6 +167,9 @@ def end_scripts_on_user_errors() -> None:
     default_hook = sys.excepthook
 
     def hook(kind: type[BaseException], error: BaseException, trace: object) -> None:
+        if isinstance(error, KeyboardInterrupt):
+            print(interrupted_message(trace), file=sys.stderr, flush=True)
+            raise SystemExit(130)  # the shell's status for a command ended by SIGINT
         if not isinstance(error, (sc.ConfigError, sc.MissingArtifactError)):
             return default_hook(kind, error, trace)
         print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr, flush=True)
@@ -176,6 +180,16 @@ def end_scripts_on_user_errors() -> None:
 
     hook.ends_on_user_errors = True  # type: ignore[attr-defined]
     sys.excepthook = hook
+
+
+def interrupted_message(trace: Any) -> str:
+    """Ctrl-C in a twin: where it stopped (one line, not a traceback through torch) and how to go on."""
+    import traceback
+
+    frames = traceback.extract_tb(trace) if trace is not None else []
+    where = f" in {Path(frames[-1].filename).name} line {frames[-1].lineno}" if frames else ""
+    return (f"{Path(sys.argv[0]).name}: interrupted{where}. Run the same command again: 03_pretrain, 05_sft and "
+            f"06_rl continue from their newest checkpoint (resume=True), the steps after it are trained again")
 
 
 def set_cpu_threads(environ: Mapping[str, str] = os.environ) -> int:

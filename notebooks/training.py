@@ -157,15 +157,37 @@ def start_training(checkpoint_dir: Path, run_dir: Path, model: GPT, optimizers: 
                    log: Callable[[str], None] = print) -> tuple[int, bool]:
     """Where a training notebook's loop starts: (first step, whether the run is complete already). With `resume`
     it continues from the newest usable checkpoint and says so once; a run that starts afresh drops an earlier
-    run's metrics.jsonl."""
+    run's metrics.jsonl, and a resumed one the records an interrupted run logged after its checkpoint."""
     start_step, latest = (resume_training(checkpoint_dir, model, optimizers, loader, dist_info, made_by, log)
                           if resume else (0, None))
     complete = run_is_complete(start_step, steps, run_name, latest, log)
     if latest is None and dist_info.master:
         (Path(run_dir) / "metrics.jsonl").unlink(missing_ok=True)
     elif latest is not None and not complete:
+        if dist_info.master:
+            drop_metrics_after(Path(run_dir) / "metrics.jsonl", start_step)
         log(f"resumed from {latest} at step {start_step}")
     return start_step, complete
+
+
+def drop_metrics_after(path: Path, step: int) -> None:
+    """Keep the records of `path` up to `step`. A run stopped (Ctrl-C, a time limit) after its last checkpoint had
+    logged steps that the resumed run trains and logs again; kept, they would appear twice in the curves. A torn last
+    line, written as the run was killed, goes too."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            record_step = json.loads(line).get("step", 0)
+        except json.JSONDecodeError:
+            break
+        if record_step > step:
+            break
+        kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
 
 
 class RunLog:

@@ -57,7 +57,7 @@ def test_every_stage_on_one_and_two_cpu_processes(tmp_path, stack_home):
     command = [sys.executable, "baselines/bench_scaling.py", "--preset=tiny", "--depth=2", f"--data={data}",
                "--vocab_size=512", "--gsm8k=synthetic", f"--out={out}", "--pretrain_steps=2", "--sft_steps=2",
                "--rl_steps=2", "--stages=pretrain,core,sft,rl"]
-    # tiny's SFT step is one pass of 2,048 tokens: two ranks need passes of half that
+    # --set reaches both runs of a stage (tiny's SFT passes are 1,024 tokens already: the step splits over two ranks)
     result = subprocess.run([*command, "--set=sft:--micro_tokens=1024"], cwd=ROOT, env=env, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -77,9 +77,9 @@ def test_every_stage_on_one_and_two_cpu_processes(tmp_path, stack_home):
     kept = sorted(path.name for path in (stack_home / "checkpoints").iterdir())  # what a later stage starts from
     assert kept == ["scaling_pretrain_1gpu", "scaling_rl_1gpu", "scaling_sft_1gpu"]
 
-    # without the smaller passes, 05 stops under torchrun: the bench names the stage, its log and the twin's message
-    failed = subprocess.run([*command[:-1], "--stages=sft"], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=600)
+    # with passes of the whole step, 05 stops under torchrun: the bench names the stage, its log and the twin's message
+    failed = subprocess.run([*command[:-1], "--stages=sft", "--set=sft:--micro_tokens=2048"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
     assert failed.returncode == 1
     assert f"stage sft on 2 process(es) failed (exit status 1); log: {out / 'sft_2gpu.log'}" in failed.stderr
     assert "05_sft.py: error: tokens_per_step (2048) must be a multiple of micro_tokens x ranks" in failed.stderr

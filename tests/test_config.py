@@ -139,6 +139,24 @@ def test_usage_shows_the_presets_values():
     assert "--preset " not in text
 
 
+@dataclass
+class CommentedConfig(DemoConfig):
+    width: int = 64  # the model's width
+
+    # a comment of its own
+    depth: int = 2  # layers, a comment that goes
+    # on below its field
+    bare: int = 3
+
+
+def test_usage_says_what_each_commented_option_does():
+    lines = {line.split()[0]: line for line in usage(CommentedConfig, "tiny", None).splitlines()
+             if line.startswith("  --")}
+    assert lines["--width"].split(None, 2)[1:] == ["64", "the model's width"]
+    assert lines["--depth"].split(None, 2)[1:] == ["2", "layers, a comment that goes on below its field"]
+    assert lines["--bare"].split() == ["--bare", "3"] and lines["--steps"].split() == ["--steps", "5"]
+
+
 def test_config_errors_end_a_script_with_status_2(monkeypatch, capsys):
     monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
     end_scripts_on_user_errors()
@@ -166,6 +184,15 @@ def test_an_error_found_after_init_process_group_is_printed_through_torchs_hook(
     finally:
         dist.destroy_process_group()
     assert "[rank0]: 05_sft.py: error: tokens_per_step (2048) must be a multiple" in capsys.readouterr().err
+
+
+def test_a_misspelt_option_is_named_with_its_close_setting():
+    with pytest.raises(sc.ConfigError) as caught:
+        configure(DemoConfig, ["--stepz=1", "--zzz=2", "--nam=x"], {})
+    assert str(caught.value).startswith("unknown option(s) --nam, --stepz, --zzz for DemoConfig "
+                                        "(did you mean --name, --steps?); valid keys: steps, lr, name, compile")
+    with pytest.raises(sc.ConfigError, match=r"--zzz for DemoConfig; valid keys"):
+        configure(DemoConfig, ["--zzz=2"], {})
 
 
 def test_a_misspelt_stack_variable_is_warned_about(capsys):

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 import stackcore as sc
-from notebooks.config import PRESET_NAMES, Allowed, StackConfig, above, configure, layer_list, parse_value
+from notebooks.config import (PRESET_NAMES, Allowed, StackConfig, above, accumulation_steps, configure, layer_list,
+                              parse_value)
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOK_NAMES = ("01_tokenizer", "02_sharding", "03_pretrain", "04_core_eval", "05_sft", "06_rl", "07_chat")
@@ -162,3 +163,10 @@ def test_a_layer_list_setting_names_itself_when_it_is_not_numbers():
     assert layer_list("paired_heads", " 0, 2,,9 ") == (0, 2, 9) and layer_list("paired_heads", "") == ()
     with pytest.raises(sc.ConfigError, match=r"bad value '0,two' for paired_heads: expected layer numbers"):
         layer_list("paired_heads", "0,two")
+
+
+@pytest.mark.parametrize("name", ["03_pretrain", "05_sft"])
+def test_the_tiny_preset_splits_over_two_cpu_ranks(name):
+    """Tutorial 02 runs the tiny preset under torchrun with two processes: its batch must divide between them."""
+    cfg = configure(CONFIGS[name], ["--preset=tiny"], {})
+    assert accumulation_steps(cfg.tokens_per_step, cfg.micro_tokens, 2) >= 1

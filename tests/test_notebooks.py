@@ -85,6 +85,9 @@ def test_twins_run_headless_and_under_torchrun(stack_home):
     assert "resumed from" in longer.stdout and "step_000004.pt at step 4" in longer.stdout  # 2 ranks' files, 1 process
     summary = json.loads(summary_file.read_text())
     assert summary["ranks"] == 1 and summary["steps"] == 6 and summary["tokens"] == 6 * 4096
+    records = [json.loads(line) for line in (stack_home / "runs" / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    logged = [(record["step"], "val_bpb" in record) for record in records]
+    assert sorted(set(logged)) == logged and (4, True) in logged  # resuming evaluates step 4 again nowhere
     bad = subprocess.run([sys.executable, "notebooks/03_pretrain.py", "--stepz=4"], cwd=ROOT, env=env,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "valid keys" in bad.stderr and "Traceback" not in bad.stderr

@@ -7,7 +7,7 @@ import torch
 
 import stackcore as sc
 from notebooks.config import accumulation_steps
-from notebooks.training import resume_training, save_checkpoint
+from notebooks.training import RunLog, resume_training, save_checkpoint, start_training
 
 BOS = 511
 
@@ -157,6 +157,28 @@ def test_checkpoint_resume_is_bit_identical(tmp_path):
         resume_training(path.parent, other, sc.build_optimizers(other), make()[2], dist_info, "03_pretrain")
 
 
+def test_resumed_run_drops_the_records_logged_after_its_checkpoint(tmp_path):
+    """Stopped at step 7 after a checkpoint at step 5: steps 6 and 7 are trained again, so they are logged once."""
+    (tmp_path / "shards").mkdir()
+    copy_task_shards(tmp_path / "shards")
+    dist_info = sc.DistInfo(0, 1, 0, "cpu")
+    model = tiny_model()
+    optimizers = sc.build_optimizers(model)
+    loader = sc.PretrainLoader(tmp_path / "shards", "train", tokens=66, bos_id=BOS, vocab_size=512, max_doc_len=64)
+    save_checkpoint(tmp_path / "ckpt", 5, model, optimizers, loader, sc.GPTConfig(), dist_info)
+    run_log = RunLog(tmp_path / "run")
+    for step in range(1, 8):
+        run_log.log(step=step, loss=1.0 / step)
+        if step == 5:
+            run_log.log(step=5, val_bpb=0.5)  # the evaluation before the checkpoint stays
+    with open(run_log.path, "a") as f:
+        f.write('{"step": 8, "lo')  # torn by the kill
+    start, complete = start_training(tmp_path / "ckpt", tmp_path / "run", model, optimizers, loader, dist_info,
+                                     "03_pretrain", "run", 10, resume=True, log=lambda line: None)
+    assert (start, complete) == (5, False)
+    assert [record["step"] for record in run_log.read()] == [1, 2, 3, 4, 5, 5]
+
+
 def test_missing_checkpoint_names_the_notebook(tmp_path):
     with pytest.raises(sc.MissingArtifactError, match="03_pretrain"):
         sc.load_checkpoint(tmp_path / "step_000001.pt")
@@ -168,3 +190,6 @@ def test_accumulation_steps_split_the_global_batch_or_explain_why_not():
     for tokens_per_step, micro_tokens, world_size in ((100_000, 65_536, 1), (65_536, 65_536, 2)):
         with pytest.raises(sc.ConfigError, match="multiple of micro_tokens x ranks"):
             accumulation_steps(tokens_per_step, micro_tokens, world_size)
+    hint = "pass --tokens_per_step=4096, or a smaller --micro_tokens that divides 1024"
+    with pytest.raises(sc.ConfigError, match=hint):
+        accumulation_steps(2048, 2048, 2)  # 05's tiny preset under torchrun with two processes

@@ -51,6 +51,15 @@ def test_the_report_holds_each_summary_its_figures_timings_and_hardware(stack_ho
     assert "Not run (no `runs/pretrain/summary.json`)" in text and "Not run (no `runs/rl/summary.json`)" in text
 
 
+def test_pretraining_figures_a_cpu_does_not_measure_are_left_out(stack_home):
+    write_summary(stack_home, "pretrain", {"parameters": 1_048_594, "steps": 100, "tokens": 409_600,
+                                           "final_val_bpb": 0.44, "tokens_per_second": 8428, "mfu": None,
+                                           "peak_memory_GB": None})
+    text = write_report(stack_home).read_text()
+    assert "| steps | 100 |" in text and "| tokens_per_second | 8428 |" in text
+    assert "mfu" not in text and "peak_memory_GB" not in text and "None" not in text
+
+
 def test_a_damaged_summary_is_named_and_the_rest_still_reported(stack_home):
     write_summary(stack_home, "04_core_eval", CORE_SUMMARY)
     (stack_home / "runs" / "pretrain").mkdir(parents=True)

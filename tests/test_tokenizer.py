@@ -3,12 +3,16 @@ import json
 import random
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
+import tiktoken
 
 import stackcore as sc
 from conftest import ROOT
+from data.tokenizing import reference_encoding
 
 
 def random_unicode_text(rng: random.Random, length: int) -> str:
@@ -112,3 +116,23 @@ def test_compression_on_real_english_text(real_data):
             break
     tokenizer = sc.Tokenizer.train(docs, 4096)
     assert sum(len(doc.encode("utf-8")) for doc in val) / sum(len(tokenizer.encode(doc)) for doc in val) > 3.55
+
+
+def test_a_reference_encoding_that_never_answers_times_out(monkeypatch):
+    """tiktoken downloads gpt2/cl100k_base with no timeout: a silent network must not hold 01_tokenizer."""
+    released = threading.Event()
+    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: released.wait(60))
+    start = time.time()
+    with pytest.raises(TimeoutError, match="download of gpt2 gave no answer in 0 s"):
+        reference_encoding("gpt2", timeout_s=0.2)
+    assert time.time() - start < 5
+    released.set()
+
+    def offline(name):
+        raise ConnectionError(name)
+
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    with pytest.raises(ConnectionError, match="cl100k_base"):
+        reference_encoding("cl100k_base")
+    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: f"encoding {name}")
+    assert reference_encoding("gpt2") == "encoding gpt2"
