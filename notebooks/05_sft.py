@@ -95,7 +95,7 @@ class SFTConfig(ChatEvalConfig):
     lr_scale: float = 0.8  # learning rates are those of 03_pretrain times this
     cooldown_frac: float = 0.5  # the last half of the steps decay the learning rates linearly to zero
     eval_every: int = 100  # steps between validation losses (and at the end)
-    eval_steps: int = 20  # validation batches per measurement
+    eval_steps: int = 20  # validation batches per measurement, all ranks together (rounded up to a multiple)
     save_every: int = 500  # steps between checkpoints (and at the end)
     pack_tokens: int = 32_768  # tokens per packed forward pass when scoring multiple choice
     attention: str = "auto"  # auto | flash | varlen | flex | sdpa
@@ -258,12 +258,13 @@ run_log = RunLog(run_dir, enabled=dist_info.master)
 
 # %%
 val_loss = float("nan")
+val_batches_per_rank = -(-cfg.eval_steps // dist_info.world_size)  # the rows one process would score, shared out
 train_seconds = 0.0
 for step in range(start_step, start_step if complete else steps + 1):
     last = step == steps
     if (step % cfg.eval_every == 0 or last) and (step > start_step or start_step == 0):  # resumed: done already
         val_loader.load_state_dict({"epoch": 0, "cursor": 0})
-        val_loss = evaluate_sft_loss(forward, val_loader, cfg.eval_steps, backend)
+        val_loss = evaluate_sft_loss(forward, val_loader, val_batches_per_rank, backend)
         log(f"step {step:5d}/{steps} | val loss {val_loss:.4f}")
         run_log.log(step=step, val_loss=val_loss)
     if step > start_step and (step % cfg.save_every == 0 or last):
