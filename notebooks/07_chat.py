@@ -330,5 +330,5 @@ if in_notebook_kernel():  # the figures' links are relative to STACK_HOME: show 
     display(Markdown("\n".join(line for line in report_text.splitlines() if not line.startswith("!["))))
     for figure in sorted(sc.stack_home().glob("runs/*/*.png")):
         display(Image(filename=str(figure), width=640))
-else:
+elif not cfg.prompt:  # with --prompt the reply is what was asked for: the card stays in its file
     print(report_text)

@@ -57,6 +57,10 @@ def test_notebooks_run_in_order_with_nbval(stack_home, tmp_path):
     assert figures_that_do_not_explain_themselves(plot_log) == []
     summary = json.loads((stack_home / "runs" / "pretrain" / "summary.json").read_text())
     assert summary["final_val_bpb"] < 1.5  # from about 3 bits per byte at initialisation
+    one_reply = subprocess.run([sys.executable, "notebooks/07_chat.py", "--prompt=What is 2+2?"], cwd=ROOT,
+                               env=tiny_env(stack_home), capture_output=True, text=True, timeout=600)
+    assert one_reply.returncode == 0, one_reply.stdout[-4000:] + one_reply.stderr[-3000:]
+    assert "report.md" in one_reply.stdout and "# DecoderStack report card" not in one_reply.stdout
 
 
 def test_twins_run_headless_and_under_torchrun(stack_home):
