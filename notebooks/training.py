@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from stackcore import (GPT, CheckpointError, DamagedCheckpointError, DistInfo, GPTConfig, all_ranks_agree,
-                       checkpoint_paths, load_checkpoint, sum_over_ranks)
+from stackcore import (GPT, CheckpointError, DamagedCheckpointError, DistInfo, all_ranks_agree, checkpoint_paths,
+                       load_checkpoint, saved_model_config, sum_over_ranks)
 
 
 def short_window_schedule(step: int, total_steps: int, final_window: int, start_window: int = 128,
@@ -96,15 +96,6 @@ def _rank_states(path: Path, checkpoint: dict[str, Any], loader: Any, dist_info:
     return {"optimizers": optimizers, "loader": states[0]["loader"]}
 
 
-def saved_config_is(saved: dict[str, Any], config: GPTConfig) -> bool:
-    """Whether a checkpoint's model_config describes `config`; settings added to GPTConfig since it was saved take
-    their defaults (off), so that a run saved before them still resumes."""
-    try:
-        return dataclasses.asdict(GPTConfig(**saved)) == dataclasses.asdict(config)
-    except (TypeError, ValueError):  # a setting this code does not know, or values it refuses
-        return False
-
-
 def resume_training(directory: Path, model: GPT, optimizers: list[torch.optim.Optimizer], loader: Any,
                     dist_info: DistInfo, made_by: str, log: Callable[[str], None] = print
                     ) -> tuple[int, Path | None]:
@@ -119,7 +110,7 @@ def resume_training(directory: Path, model: GPT, optimizers: list[torch.optim.Op
     for path in reversed(paths):
         try:
             checkpoint = load_checkpoint(path, dist_info.device, made_by)
-            if not saved_config_is(checkpoint["model_config"], model.config):
+            if saved_model_config(path, checkpoint["model_config"]) != model.config:
                 raise CheckpointError(f"{path} holds a different model ({checkpoint['model_config']}); "
                                       f"use --run_name=<new name> or --resume=false")
             rank_state, damage = _rank_states(path, checkpoint, loader, dist_info, made_by), None
