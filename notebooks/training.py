@@ -163,22 +163,25 @@ def start_training(checkpoint_dir: Path, run_dir: Path, model: GPT, optimizers: 
 
 def drop_metrics_after(path: Path, step: int) -> None:
     """Keep the records of `path` up to `step`. A run stopped (Ctrl-C, a time limit) after its last checkpoint had
-    logged steps that the resumed run trains and logs again; kept, they would appear twice in the curves. A torn last
-    line, written as the run was killed, goes too."""
+    logged steps that the resumed run trains and logs again; kept, they would appear twice in the curves. A line that
+    is not a record (torn as the run was killed, or damaged) goes too; the records around it stay."""
     if not path.exists():
         return
-    kept = []
-    for line in path.read_text().splitlines(keepends=True):
-        try:
-            record_step = json.loads(line).get("step", 0)
-        except json.JSONDecodeError:
-            break
-        if record_step > step:
-            break
-        kept.append(line)
+    kept = [line for line in path.read_text(errors="replace").splitlines(keepends=True)
+            if (record_step := logged_step(line)) is not None and record_step <= step]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(kept))
     os.replace(tmp, path)
+
+
+def logged_step(line: str) -> float | None:
+    """The step of a metrics.jsonl line (0 for a record without one), None for a line that is not a record."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    step = record.get("step", 0) if isinstance(record, dict) else None
+    return step if isinstance(step, (int, float)) and not isinstance(step, bool) else None
 
 
 class RunLog:
