@@ -2085,9 +2085,23 @@ def model_from_checkpoint(path: Path, device: str, vocab_size: int | None = None
         raise CheckpointError(f"{path} holds a model with a vocabulary of {model_vocab} tokens, but the tokenizer "
                               f"in {artifact_dir('tokenizer', create=False)} has {vocab_size}: it was trained with "
                               f"another tokenizer; use that tokenizer's STACK_HOME or train the model again")
-    model = GPT(GPTConfig(**checkpoint["model_config"])).to(device)
+    model = GPT(saved_model_config(path, checkpoint["model_config"])).to(device)
     model.load_state_dict(checkpoint["model"])
     return model, checkpoint
+
+
+def saved_model_config(path: Path, saved: dict[str, Any]) -> GPTConfig:
+    """The GPTConfig of checkpoint `path`: settings added to GPTConfig since it was saved take their defaults (off),
+    so an older run still loads and resumes; a setting this code lacks (a newer DecoderStack's) is refused by name."""
+    known = {field.name for field in dataclasses.fields(GPTConfig)}
+    unknown = sorted(set(saved) - known) if isinstance(saved, dict) else []
+    if unknown:
+        raise CheckpointError(f"{path} holds a model with setting(s) this code does not know ({', '.join(unknown)}): "
+                              f"it was saved by a newer DecoderStack; update this code to load it")
+    try:
+        return GPTConfig(**saved)
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{path} holds a model configuration this code refuses: {error}") from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -168,7 +168,10 @@ def end_scripts_on_user_errors() -> None:
 
     def hook(kind: type[BaseException], error: BaseException, trace: object) -> None:
         if isinstance(error, KeyboardInterrupt):
-            print(interrupted_message(trace), file=sys.stderr, flush=True)
+            if os.environ.get("RANK", "0") == "0":  # under torchrun every rank gets Ctrl-C: one says so
+                # to sys.__stderr__: torch's excepthook (init_process_group) captures sys.stderr around this hook
+                # and drops the capture when the SystemExit below passes through it
+                print(interrupted_message(trace), file=sys.__stderr__, flush=True)
             raise SystemExit(130)  # the shell's status for a command ended by SIGINT
         if not isinstance(error, (sc.ConfigError, sc.MissingArtifactError)):
             return default_hook(kind, error, trace)
@@ -187,7 +190,9 @@ def interrupted_message(trace: Any) -> str:
     import traceback
 
     frames = traceback.extract_tb(trace) if trace is not None else []
-    where = f" in {Path(frames[-1].filename).name} line {frames[-1].lineno}" if frames else ""
+    script = [frame for frame in frames if Path(frame.filename).resolve() == Path(sys.argv[0]).resolve()]
+    frame = (script or frames or [None])[-1]  # the twin's line, not the innermost frame deep in torch
+    where = f" in {Path(frame.filename).name} line {frame.lineno}" if frame else ""
     return (f"{Path(sys.argv[0]).name}: interrupted{where}. Run the same command again: 03_pretrain, 05_sft and "
             f"06_rl continue from their newest checkpoint (resume=True), the steps after it are trained again")
 

@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from stackcore import (GPT, CheckpointError, DamagedCheckpointError, DistInfo, GPTConfig, all_ranks_agree,
-                       checkpoint_paths, load_checkpoint, sum_over_ranks)
+from stackcore import (GPT, CheckpointError, DamagedCheckpointError, DistInfo, all_ranks_agree, checkpoint_paths,
+                       load_checkpoint, saved_model_config, sum_over_ranks)
 
 
 def short_window_schedule(step: int, total_steps: int, final_window: int, start_window: int = 128,
@@ -96,15 +96,6 @@ def _rank_states(path: Path, checkpoint: dict[str, Any], loader: Any, dist_info:
     return {"optimizers": optimizers, "loader": states[0]["loader"]}
 
 
-def saved_config_is(saved: dict[str, Any], config: GPTConfig) -> bool:
-    """Whether a checkpoint's model_config describes `config`; settings added to GPTConfig since it was saved take
-    their defaults (off), so that a run saved before them still resumes."""
-    try:
-        return dataclasses.asdict(GPTConfig(**saved)) == dataclasses.asdict(config)
-    except (TypeError, ValueError):  # a setting this code does not know, or values it refuses
-        return False
-
-
 def resume_training(directory: Path, model: GPT, optimizers: list[torch.optim.Optimizer], loader: Any,
                     dist_info: DistInfo, made_by: str, log: Callable[[str], None] = print
                     ) -> tuple[int, Path | None]:
@@ -119,7 +110,7 @@ def resume_training(directory: Path, model: GPT, optimizers: list[torch.optim.Op
     for path in reversed(paths):
         try:
             checkpoint = load_checkpoint(path, dist_info.device, made_by)
-            if not saved_config_is(checkpoint["model_config"], model.config):
+            if saved_model_config(path, checkpoint["model_config"]) != model.config:
                 raise CheckpointError(f"{path} holds a different model ({checkpoint['model_config']}); "
                                       f"use --run_name=<new name> or --resume=false")
             rank_state, damage = _rank_states(path, checkpoint, loader, dist_info, made_by), None
@@ -172,22 +163,25 @@ def start_training(checkpoint_dir: Path, run_dir: Path, model: GPT, optimizers: 
 
 def drop_metrics_after(path: Path, step: int) -> None:
     """Keep the records of `path` up to `step`. A run stopped (Ctrl-C, a time limit) after its last checkpoint had
-    logged steps that the resumed run trains and logs again; kept, they would appear twice in the curves. A torn last
-    line, written as the run was killed, goes too."""
+    logged steps that the resumed run trains and logs again; kept, they would appear twice in the curves. A line that
+    is not a record (torn as the run was killed, or damaged) goes too; the records around it stay."""
     if not path.exists():
         return
-    kept = []
-    for line in path.read_text().splitlines(keepends=True):
-        try:
-            record_step = json.loads(line).get("step", 0)
-        except json.JSONDecodeError:
-            break
-        if record_step > step:
-            break
-        kept.append(line)
+    kept = [line for line in path.read_text(errors="replace").splitlines(keepends=True)
+            if (record_step := logged_step(line)) is not None and record_step <= step]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(kept))
     os.replace(tmp, path)
+
+
+def logged_step(line: str) -> float | None:
+    """The step of a metrics.jsonl line (0 for a record without one), None for a line that is not a record."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    step = record.get("step", 0) if isinstance(record, dict) else None
+    return step if isinstance(step, (int, float)) and not isinstance(step, bool) else None
 
 
 class RunLog:

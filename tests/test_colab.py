@@ -352,6 +352,24 @@ def test_ctrl_c_in_a_twin_says_where_and_how_to_resume(tmp_path):
                                      "after it are trained again")
 
 
+def test_ctrl_c_under_torchrun_is_said_once_at_the_twins_line(tmp_path):
+    """After init_process_group (whose excepthook captures stderr around ours), Ctrl-C deep in a library call: rank 0
+    names the twin's line that called it, another rank says nothing; both exit 130."""
+    (tmp_path / "library.py").write_text("def work():\n    raise KeyboardInterrupt\n")
+    script = tmp_path / "twin.py"
+    script.write_text("from notebooks.runtime import end_scripts_on_user_errors\n"
+                      "end_scripts_on_user_errors()\n"
+                      "import torch.distributed as dist\n"
+                      "dist.init_process_group('gloo', init_method='tcp://127.0.0.1:0', rank=0, world_size=1)\n"
+                      "import library\n"
+                      "library.work()\n")
+    for rank, said in (("0", "twin.py: interrupted in twin.py line 6. Run the same command again"), ("1", "")):
+        result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                                env={**os.environ, "PYTHONPATH": f"{ROOT}:{tmp_path}", "RANK": rank})
+        assert result.returncode == 130 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert result.stderr.strip().startswith(said) and (said or not result.stderr.strip())
+
+
 def test_pretrain_with_a_tokenizer_but_no_shards(stack_home, tiny_tokenizer):
     shutil.copytree(tiny_tokenizer, stack_home / "tokenizer")
     result = run_twin("03_pretrain", stack_home)

@@ -251,7 +251,7 @@ def test_nan_learning_rate_stops_before_the_first_save(tmp_path):
 
 def test_a_run_saved_before_newer_model_settings_resumes_with_them_off(tmp_path):
     # GPTConfig grows switches (smear, backout): a checkpoint written before them has no such keys, means them off,
-    # and must resume; a checkpoint of another model, or with a setting this code does not know, must not
+    # and must resume; a checkpoint of another model must not
     directory, _ = train_and_save(tmp_path, steps=(1,))
     path = directory / "step_000001.pt"
     state = torch.load(path, weights_only=True)
@@ -259,7 +259,24 @@ def test_a_run_saved_before_newer_model_settings_resumes_with_them_off(tmp_path)
         del state["model_config"][key]
     torch.save(state, path)
     assert resume_training(directory, *fresh(tmp_path), SINGLE, "03_pretrain")[0] == 1
-    for change in ({"smear": True}, {"not_a_setting": 1}):
-        torch.save({**state, "model_config": {**state["model_config"], **change}}, path)
-        with pytest.raises(sc.CheckpointError, match="holds a different model"):
-            resume_training(directory, *fresh(tmp_path), SINGLE, "03_pretrain", lambda line: None)
+    torch.save({**state, "model_config": {**state["model_config"], "smear": True}}, path)
+    with pytest.raises(sc.CheckpointError, match="holds a different model"):
+        resume_training(directory, *fresh(tmp_path), SINGLE, "03_pretrain", lambda line: None)
+
+
+@pytest.mark.parametrize("change, refusal", [
+    ({"newer_switch": False, "not_a_setting": 1},
+     r"setting\(s\) this code does not know \(newer_switch, not_a_setting\): it was saved by a newer DecoderStack"),
+    ({"head_dim": 7}, "holds a model configuration this code refuses: model_dim .* divisible by head_dim 7"),
+], ids=["newer_code", "refused_values"])
+def test_a_model_setting_this_code_lacks_or_refuses_is_named(tmp_path, change, refusal):
+    # a checkpoint of a newer DecoderStack (a switch added since) stops resuming and loading with its name, not a
+    # "different model" or a TypeError from GPTConfig
+    directory, _ = train_and_save(tmp_path, steps=(1,))
+    path = directory / "step_000001.pt"
+    state = torch.load(path, weights_only=True)
+    torch.save({**state, "model_config": {**state["model_config"], **change}}, path)
+    with pytest.raises(sc.CheckpointError, match=refusal):
+        resume_training(directory, *fresh(tmp_path), SINGLE, "03_pretrain", lambda line: None)
+    with pytest.raises(sc.CheckpointError, match=refusal):
+        sc.model_from_checkpoint(path, "cpu")

@@ -7,7 +7,7 @@ import torch
 
 import stackcore as sc
 from notebooks.config import accumulation_steps
-from notebooks.training import RunLog, resume_training, save_checkpoint, start_training
+from notebooks.training import RunLog, drop_metrics_after, resume_training, save_checkpoint, start_training
 
 BOS = 511
 
@@ -177,6 +177,16 @@ def test_resumed_run_drops_the_records_logged_after_its_checkpoint(tmp_path):
                                      "03_pretrain", "run", 10, resume=True, log=lambda line: None)
     assert (start, complete) == (5, False)
     assert [record["step"] for record in run_log.read()] == [1, 2, 3, 4, 5, 5]
+
+
+def test_dropping_later_records_keeps_those_around_damaged_lines(tmp_path):
+    """A damaged line (torn, not an object, a step that is no number, bytes that are no text) goes alone: the records
+    up to the checkpoint's step after it stay, and no line stops the resume with a traceback."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"step": 1}\n{"step": 2, "lo\n[3]\n"text"\n{"step": "4"}\n{"step": null}\n\xff\xfe\n\n'
+                     b'{"loss": 1.0}\n{"step": 5}\n{"step": 6}\n{"step": 5.5}\n')
+    drop_metrics_after(path, 5)
+    assert path.read_text() == '{"step": 1}\n{"loss": 1.0}\n{"step": 5}\n'
 
 
 def test_missing_checkpoint_names_the_notebook(tmp_path):
