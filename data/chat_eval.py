@@ -184,8 +184,8 @@ class CodeProblem:
         separator = "\n\n" if whole else ""
         return f"{self.stub}{separator}{code}\n\n{self.test}\n\ncheck({self.entry_point})\n"
 
-    def check(self, reply: str, timeout_s: float = 10.0) -> bool:
-        return run_sandboxed(self.program(reply), timeout_s=timeout_s).passed
+    def check(self, reply: str) -> bool:
+        return run_sandboxed(self.program(reply), timeout_s=10.0).passed
 
 
 def code_problem(row: dict) -> CodeProblem:

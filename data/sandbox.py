@@ -47,7 +47,8 @@ NOBODY = 65534  # the unprivileged user a root caller runs programs as
 ENVIRONMENT = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
 FILE_BYTES = 1 << 24  # largest file (stdout and stderr included) a program may write
 OPEN_FILES = 64
-PROCESSES = 16  # RLIMIT_NPROC: threads and processes of the program's user
+PROCESSES = 16  # RLIMIT_NPROC: threads and processes of the program's user. Every program runs as nobody, so
+# programs that run at the same time share them: one that takes them all makes the others fail (found in tests).
 
 # Run under unshare, before the guard: every mount read-only (mount_setattr, AT_RECURSIVE), an empty read-only
 # tmpfs over /proc, a private tmpfs at /tmp as the working folder; then a nested user namespace with no user mapped,

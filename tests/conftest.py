@@ -1,6 +1,8 @@
 """Shared fixtures: every test gets its own STACK_HOME, and the project root is importable."""
+import fcntl
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -56,3 +58,13 @@ def pytest_terminal_summary(terminalreporter):
     if reports:
         failed = sum(report.failed for report in reports)
         terminalreporter.write_line(f"hostile-input cases: {len(reports)} ran, {failed} failed")
+
+
+@pytest.fixture
+def sandbox_alone():
+    """One sandboxing test at a time across xdist workers: every sandboxed program runs as `nobody`, whose process
+    limit (RLIMIT_NPROC) all of them share, so a hostile program that takes every thread makes a concurrent check
+    of a correct program fail (data/sandbox.py says so)."""
+    with open(Path(tempfile.gettempdir()) / "decoderstack-sandbox-tests.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield

@@ -17,6 +17,8 @@ import pytest
 
 from data import sandbox
 
+pytestmark = pytest.mark.usefixtures("sandbox_alone")
+
 LAUNCHERS = sandbox.launchers()
 ISOLATING = [chosen for chosen in LAUNCHERS if chosen.isolated]
 QUICK_S = 5.0  # a case that should end by itself; hanging cases get HANG_S
