@@ -1411,8 +1411,7 @@ class GPT(nn.Module):
             raise ValueError(f"need one window per layer ({config.depth}), got {len(windows)}")
         if config.plain_documents_only and not all(window is None or isinstance(window, int) for window in windows):
             raise ValueError("a model with key_offset, smear or paired_head_layers takes windows as ints or None, not "
-                             "masks: "
-                             "it reads the packed tokens as plain documents (GPTConfig.plain_documents_only)")
+                             "masks: it reads the packed tokens as plain documents (GPTConfig.plain_documents_only)")
         reads_cache = kv_cache is not None and not kv_cache.empty
         if backend == "flex" and not reads_cache:
             windows = self.flex_masks(windows, cu_seqlens, input_ids.size(0))

@@ -121,8 +121,8 @@ class PretrainConfig(StackConfig):
                      steps=100, eval_every=25, eval_tokens=8192, save_every=50, compile=False),
         "colab": dict(depth=8, seq_len=1024, tokens_per_step=131_072, micro_tokens=16_384, steps=1000,
                       eval_every=100, eval_tokens=524_288, save_every=200),
-        # the colab preset fits the GPU it finds (colab_gpu_tier, notebooks/config.py): the sizes above are an L4's; on an H100 the
-        # colab preset is the speedrun
+        # the colab preset fits the GPU it finds (colab_gpu_tier, notebooks/config.py): the sizes above are an L4's;
+        # on an H100 the colab preset is the speedrun
         "colab_t4": dict(depth=6, tokens_per_step=65_536, micro_tokens=8_192, steps=600, eval_tokens=262_144),
         "colab_a100": dict(depth=12, seq_len=2048, tokens_per_step=262_144, micro_tokens=32_768, steps=600),
         "node": dict(depth=20, steps=4000, save_every=500),
