@@ -37,6 +37,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -47,8 +48,12 @@ NOBODY = 65534  # the unprivileged user a root caller runs programs as
 ENVIRONMENT = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
 FILE_BYTES = 1 << 24  # largest file (stdout and stderr included) a program may write
 OPEN_FILES = 64
-PROCESSES = 16  # RLIMIT_NPROC: threads and processes of the program's user. Every program runs as nobody, so
-# programs that run at the same time share them: one that takes them all makes the others fail (found in tests).
+WALL_FACTOR = 3  # wall-clock limit over CPU limit (run_sandboxed)
+# How a guard stopped at its CPU limit ends: killed by SIGXCPU, directly or under bubblewrap (128 + the signal).
+# unshare blocks SIGXCPU in its child, so there the hard limit's SIGKILL ends it and the CPU time used shows it.
+CPU_LIMIT_CODES = (-signal.SIGXCPU, 128 + signal.SIGXCPU)
+PROCESSES = 16  # RLIMIT_NPROC: threads and processes of the program's user. Programs that run as nobody at the
+# same time share them: one that takes them all makes the others fail.
 
 # Run under unshare, before the guard: every mount read-only (mount_setattr, AT_RECURSIVE), an empty read-only
 # tmpfs over /proc, a private tmpfs at /tmp as the working folder; then a nested user namespace with no user mapped,
@@ -83,17 +88,21 @@ print("isolated" if isolated else "open")
 # until the program has run to its end, calls nothing the program could have replaced (every function it needs is
 # bound beforehand).
 GUARD = r"""
-import _thread, collections, itertools, os, resource, sys
+import _thread, collections, itertools, os, resource, sys, time
 import typing  # before the limits: HumanEval's stubs import from it
 
 
 def set_limits(memory, cpu, processes, file_bytes, open_files):
-    for kind, value in ((resource.RLIMIT_AS, memory), (resource.RLIMIT_CPU, cpu), (resource.RLIMIT_NPROC, processes),
-                        (resource.RLIMIT_FSIZE, file_bytes), (resource.RLIMIT_NOFILE, open_files),
-                        (resource.RLIMIT_CORE, 0)):
-        hard = resource.getrlimit(kind)[1]
-        value = value if hard == resource.RLIM_INFINITY else min(value, hard)
-        resource.setrlimit(kind, (value, value))
+    # CPU: SIGXCPU at the soft limit (the program cannot catch it: only the main thread sets handlers), SIGKILL a
+    # second later; the harness reads SIGXCPU as the time limit
+    for kind, soft, hard in ((resource.RLIMIT_AS, memory, memory), (resource.RLIMIT_CPU, cpu, cpu + 1),
+                             (resource.RLIMIT_NPROC, processes, processes),
+                             (resource.RLIMIT_FSIZE, file_bytes, file_bytes),
+                             (resource.RLIMIT_NOFILE, open_files, open_files), (resource.RLIMIT_CORE, 0, 0)):
+        ceiling = resource.getrlimit(kind)[1]
+        if ceiling != resource.RLIM_INFINITY:
+            soft, hard = min(soft, ceiling), min(hard, ceiling)
+        resource.setrlimit(kind, (soft, hard))
 
 
 def read_stdin():
@@ -194,7 +203,8 @@ def main():
     started, finished = _thread.allocate_lock(), _thread.allocate_lock()
     started.acquire()
     finished.acquire()
-    wait, threads, write, leave, anything = finished.acquire, _thread._count, os.write, os._exit, BaseException
+    ended, threads, pause, write, leave = finished.acquire, _thread._count, time.sleep, os.write, os._exit
+    anything = BaseException
     flushes = sys.stdout.flush, sys.stderr.flush  # the real streams', whatever the program puts in sys.stdout
     sys.addaudithook(make_hook(os.getcwd()))
     steps = itertools.chain(iter(started.release, None), map(exec, (code,), ({"__name__": "__main__"},)),
@@ -202,12 +212,16 @@ def main():
     _thread.start_new_thread(collections.deque, (steps, 0))
     try:
         started.acquire()  # from here on the thread counts in threads() until it ends
-        while not wait(True, 0.05):
-            if threads() == 0 and not wait(False):
+        # polled: an acquire with a timeout can take the lock and still report a time-out (seen under load)
+        while not ended(False):
+            if threads() == 0:  # ended, or stopped: the last step releases the lock before the thread ends
+                if ended(False):
+                    break
                 for flush in flushes:
                     flush()
                 write(2, b"sandbox: the program stopped before its end (an exception or an exit)\n")
                 leave(3)
+            pause(0.01)
         write(verdict, nonce)
         for flush in flushes:
             flush()
@@ -319,11 +333,14 @@ def read_tail(path: Path, chars: int) -> str:
 
 def run_sandboxed(program: str, timeout_s: float = 10.0, memory_mb: int = 1024, output_chars: int = 4000
                   ) -> SandboxResult:
-    """Run a Python program in the sandbox described above; the last `output_chars` of its stdout and stderr."""
+    """Run a Python program in the sandbox described above; the last `output_chars` of its stdout and stderr.
+
+    The time limit counts the program's CPU seconds (whole seconds, at least one), so a busy machine does not fail a
+    correct program; a program that sleeps or waits instead is stopped at WALL_FACTOR times `timeout_s`."""
     warn_if_open()
     chosen = launcher()
     nonce = secrets.token_hex(16).encode()
-    limits = (memory_mb << 20, math.ceil(timeout_s) + 1, PROCESSES, FILE_BYTES, OPEN_FILES)
+    limits = (memory_mb << 20, max(1, math.ceil(timeout_s)), PROCESSES, FILE_BYTES, OPEN_FILES)
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="decoderstack_sandbox_") as folder:
         work = Path(folder, "work")  # the working folder when nothing isolates; the outputs stay outside it
@@ -341,26 +358,37 @@ def run_sandboxed(program: str, timeout_s: float = 10.0, memory_mb: int = 1024, 
                 finally:
                     os.close(verdict_write)  # the program's copy is the only one left: no stray writer from here
                 stdin = nonce + b"\n" + program.encode("utf-8", "surrogatepass")
-                returncode, finished = run_to_end(process, stdin, timeout_s)
+                returncode, finished, cpu_s = run_to_end(process, stdin, WALL_FACTOR * timeout_s)
             verdict = read_available(verdict_read, len(nonce) + 1)
         finally:
             os.close(verdict_read)
-        status = "timeout" if not finished else "passed" if verdict == nonce else "failed"
+        out_of_time = not finished or cpu_s >= limits[1] or returncode in CPU_LIMIT_CODES
+        status = "passed" if verdict == nonce else "timeout" if out_of_time else "failed"
         return SandboxResult(status, returncode, read_tail(Path(folder, "stdout"), output_chars),
                              read_tail(Path(folder, "stderr"), output_chars), time.time() - started, chosen.isolated)
 
 
-def run_to_end(process: subprocess.Popen, stdin: bytes, timeout_s: float) -> tuple[int, bool]:
+def run_to_end(process: subprocess.Popen, stdin: bytes, timeout_s: float) -> tuple[int, bool, float]:
     """Feed the guard its stdin, wait up to `timeout_s`, then kill the whole process group whatever happened (so a
-    program's leftover processes die with it); (return code, whether it ended before the time limit)."""
-    try:
-        process.communicate(stdin, timeout=timeout_s)
-        finished = True
-    except subprocess.TimeoutExpired:
-        finished = False
+    program's leftover processes die with it); (return code, whether it ended before the time limit, CPU seconds
+    that it and the descendants it waited for used: the launchers wait for the guard)."""
+    threading.Thread(target=feed, args=(process.stdin, stdin), daemon=True).start()
+    deadline = time.monotonic() + timeout_s
+    while not (ended := os.wait4(process.pid, os.WNOHANG))[0] and time.monotonic() < deadline:
+        time.sleep(0.005)  # os.wait4 has no timeout; Popen.wait polls the same way
+    finished = bool(ended[0])
     with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signal.SIGKILL)  # before wait(): the group id cannot have been reused yet
-    return process.wait(), finished
+        os.killpg(process.pid, signal.SIGKILL)  # before reaping: the group id cannot have been reused yet
+    _, status, usage = ended if finished else os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return process.returncode, finished, usage.ru_utime + usage.ru_stime
+
+
+def feed(pipe, data: bytes) -> None:
+    """Write `data` to a pipe and close it; a reader that died first (a launcher that failed) is not an error."""
+    with contextlib.suppress(BrokenPipeError, OSError):
+        with pipe:
+            pipe.write(data)
 
 
 def read_available(fd: int, size: int) -> bytes:

@@ -62,9 +62,9 @@ def pytest_terminal_summary(terminalreporter):
 
 @pytest.fixture
 def sandbox_alone():
-    """One sandboxing test at a time across xdist workers: every sandboxed program runs as `nobody`, whose process
-    limit (RLIMIT_NPROC) all of them share, so a hostile program that takes every thread makes a concurrent check
-    of a correct program fail (data/sandbox.py says so)."""
+    """One sandboxing test at a time across xdist workers: where sandboxed programs run as `nobody` they share its
+    process limit (RLIMIT_NPROC), so a hostile program that takes every thread would make a concurrent check of a
+    correct program fail (data/sandbox.py, PROCESSES)."""
     with open(Path(tempfile.gettempdir()) / "decoderstack-sandbox-tests.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield

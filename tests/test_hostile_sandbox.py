@@ -221,6 +221,13 @@ def test_contained(run, name, program, status, message):
     assert result.seconds < limit + 5
 
 
+def test_time_limit_counts_cpu_seconds(run):
+    """A program that waits longer than its CPU limit, but less than WALL_FACTOR times it, is not stopped: a busy
+    machine that slows a correct program down does not fail it."""
+    result = run("import time\ntime.sleep(1.5)", timeout_s=HANG_S)
+    assert result.passed and 1.5 < result.seconds < sandbox.WALL_FACTOR * HANG_S, result
+
+
 def test_thread_bomb_stops_at_the_process_limit(run):
     program = ("import resource, threading, time\nprint(resource.getrlimit(resource.RLIMIT_NPROC))\nstarted = 0\n"
                "try:\n    for _ in range(200):\n        threading.Thread(target=time.sleep, args=(30,), daemon=True)"

@@ -20,6 +20,7 @@ from test_hub import hub  # noqa: E402,F401  (the local Hub fixture)
 
 import stackcore as sc  # noqa: E402
 from data import chat_eval, gsm8k, sft  # noqa: E402
+from data.sandbox import run_sandboxed  # noqa: E402
 from notebooks.config import configure  # noqa: E402
 
 
@@ -204,8 +205,8 @@ def test_humaneval_canonical_solutions_pass_and_wrong_ones_fail(real_data, sandb
     problems = chat_eval.humaneval_problems(str(real_data / "humaneval" / "human_eval.jsonl"))
     assert len(problems) == 164
     with ThreadPoolExecutor(2) as pool:
-        passed = list(pool.map(lambda p: p.check(p.canonical_solution), problems))
-    assert [p.task_id for p, ok in zip(problems, passed) if not ok] == []
+        results = list(pool.map(lambda p: run_sandboxed(p.program(p.canonical_solution)), problems))
+    assert [(p.task_id, r) for p, r in zip(problems, results) if not r.passed] == []
     by_id = {p.task_id: p for p in problems}
     for task_id in ("HumanEval/2", "HumanEval/10", "HumanEval/38"):  # 10 and 38 call helpers defined in the stub
         problem = by_id[task_id]
