@@ -216,12 +216,14 @@ class Tokenizer:
 
     @classmethod
     def load(cls, directory: Path) -> "Tokenizer":
-        from tiktoken.load import load_tiktoken_bpe
-
+        """Read the rank file ourselves: tiktoken's `load_tiktoken_bpe` caches a file by its path (in the temp
+        folder), so after 01 retrains a vocabulary in place it would go on returning the old ranks."""
         directory = Path(directory)
         ranks_file = require_artifact(directory / TOKENIZER_RANKS, made_by="01_tokenizer")
         meta = json.loads(require_artifact(directory / TOKENIZER_META, made_by="01_tokenizer").read_text())
-        tokenizer = cls(load_tiktoken_bpe(str(ranks_file)), meta["pattern"], meta["name"])
+        lines = ranks_file.read_text().splitlines()
+        ranks = {base64.b64decode(token): int(rank) for token, rank in map(str.split, lines)}
+        tokenizer = cls(ranks, meta["pattern"], meta["name"])
         if tokenizer.specials != meta["special_tokens"]:
             raise ValueError(f"{directory / TOKENIZER_META}: special tokens differ from this version's "
                              f"{list(SPECIAL_TOKENS)}")

@@ -70,6 +70,21 @@ def test_saved_files_load_with_plain_tiktoken(tiny_tokenizer):
     assert enc.encode_ordinary(text) == ours.encode(text)
 
 
+def test_a_vocabulary_retrained_in_place_is_the_one_loaded(tmp_path, monkeypatch):
+    """01 run again with another vocab_size rewrites the same files; the next load must see the new ranks
+    (tiktoken's `load_tiktoken_bpe` caches rank files by path, here switched on in a folder of the test's own)."""
+    from data.synthetic import synthetic_documents
+
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "tiktoken-cache"))
+    directory = tmp_path / "tokenizer"
+    sc.Tokenizer.train(synthetic_documents(300, seed=3), 512).save(directory)
+    assert sc.Tokenizer.load(directory).vocab_size == 512
+    retrained = sc.Tokenizer.train(synthetic_documents(300, seed=4), 400)
+    retrained.save(directory)
+    loaded = sc.Tokenizer.load(directory)
+    assert loaded.vocab_size == 400 and loaded.ranks == retrained.ranks
+
+
 def test_bad_inputs():
     with pytest.raises(sc.ConfigError, match="too small"):
         sc.Tokenizer.train(["abc"], 100)
