@@ -3,9 +3,11 @@ and Drive; nothing downloaded), the GPU -> preset mapping, fp16 loss scaling, an
 when an earlier notebook's artifact is missing."""
 import os
 import re
+import select
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 
 import jupytext
@@ -368,6 +370,27 @@ def test_ctrl_c_under_torchrun_is_said_once_at_the_twins_line(tmp_path):
                                 env={**os.environ, "PYTHONPATH": f"{ROOT}:{tmp_path}", "RANK": rank})
         assert result.returncode == 130 and "Traceback" not in result.stderr, result.stderr[-2000:]
         assert result.stderr.strip().startswith(said) and (said or not result.stderr.strip())
+
+
+def test_a_twin_writing_into_a_pipe_sends_each_line_as_it_is_printed(tmp_path):
+    """`03_pretrain.py > run.log` or a pipe: the set-up cell's lines arrive while the script still runs (here it
+    waits on stdin), not in one block when it ends."""
+    script = tmp_path / "twin.py"
+    script.write_text("import sys\nfrom notebooks.runtime import setup_runtime\n"
+                      "setup_runtime()\nprint('set up')\nsys.stdin.read()\n")
+    environ = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
+    process = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               env={**environ, "PYTHONPATH": str(ROOT), "STACK_PRESET": "tiny"})
+    try:
+        lines, chunk, deadline = b"", b"start", time.monotonic() + 60
+        while b"set up\n" not in lines and chunk and time.monotonic() < deadline:
+            if select.select([process.stdout], [], [], 1)[0]:
+                chunk = os.read(process.stdout.fileno(), 4096)  # b"" once the script has ended
+                lines += chunk
+        assert b"set up\n" in lines and process.poll() is None, lines.decode()
+    finally:
+        process.kill()
+        process.wait()
 
 
 def test_pretrain_with_a_tokenizer_but_no_shards(stack_home, tiny_tokenizer):
