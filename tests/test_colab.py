@@ -393,6 +393,15 @@ def test_a_twin_writing_into_a_pipe_sends_each_line_as_it_is_printed(tmp_path):
         process.wait()
 
 
+def test_sharding_into_a_log_file_writes_no_progress_bars(stack_home, tiny_tokenizer):
+    """A bar redrawn into a file (stderr is no terminal here) is a run of carriage returns and half-lines."""
+    shutil.copytree(tiny_tokenizer, stack_home / "tokenizer")
+    result = run_twin("02_sharding", stack_home)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "\r" not in result.stderr and "doc/s" not in result.stderr and "conv/s" not in result.stderr
+    assert "tokenized" in result.stdout  # what the bars showed, said once when the split is written
+
+
 def test_pretrain_with_a_tokenizer_but_no_shards(stack_home, tiny_tokenizer):
     shutil.copytree(tiny_tokenizer, stack_home / "tokenizer")
     result = run_twin("03_pretrain", stack_home)
