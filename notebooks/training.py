@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from stackcore import (GPT, CheckpointError, DamagedCheckpointError, DistInfo, all_ranks_agree, checkpoint_paths,
-                       load_checkpoint, saved_model_config, sum_over_ranks)
+from stackcore import (GPT, CheckpointError, DamagedCheckpointError, DistInfo, GPTConfig, all_ranks_agree,
+                       checkpoint_paths, load_checkpoint, saved_model_config, sum_over_ranks)
 
 
 def short_window_schedule(step: int, total_steps: int, final_window: int, start_window: int = 128,
@@ -110,8 +110,9 @@ def resume_training(directory: Path, model: GPT, optimizers: list[torch.optim.Op
     for path in reversed(paths):
         try:
             checkpoint = load_checkpoint(path, dist_info.device, made_by)
-            if saved_model_config(path, checkpoint["model_config"]) != model.config:
-                raise CheckpointError(f"{path} holds a different model ({checkpoint['model_config']}); "
+            saved = saved_model_config(path, checkpoint["model_config"])
+            if saved != model.config:
+                raise CheckpointError(f"{path} holds a different model ({model_differences(saved, model.config)}); "
                                       f"use --run_name=<new name> or --resume=false")
             rank_state, damage = _rank_states(path, checkpoint, loader, dist_info, made_by), None
         except DamagedCheckpointError as error:
@@ -129,6 +130,16 @@ def resume_training(directory: Path, model: GPT, optimizers: list[torch.optim.Op
                               f"{damages[0]}); delete them, or start a new run with --run_name=<new name> or "
                               f"--resume=false")
     return 0, None
+
+
+def model_differences(saved: GPTConfig, current: GPTConfig) -> str:
+    """The settings in which a checkpoint's model and this run's differ, each with both values. A vocabulary of
+    another size means the tokenizer was trained again since the checkpoint was written."""
+    changed = [field.name for field in dataclasses.fields(current)
+               if getattr(saved, field.name) != getattr(current, field.name)]
+    hint = ": 01_tokenizer ran again since this run began" if "vocab_size" in changed else ""
+    values = (f"{name} {getattr(saved, name)!r} there, {getattr(current, name)!r} here" for name in changed)
+    return "; ".join(values) + hint
 
 
 def run_is_complete(start_step: int, steps: int, run_name: str, checkpoint: Path | None,
