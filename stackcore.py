@@ -331,7 +331,7 @@ def read_shard(path: Path, vocab_size: int | None = None) -> np.ndarray:
                       shape=(count, width) if kind == "records" else (count,))
     if vocab_size is not None and kind == "tokens" and items.size and int(items.max()) >= vocab_size:
         raise ShardError(f"{path}: token id {int(items.max())} is beyond the vocabulary of {vocab_size}: "
-                         f"these shards were made with another tokenizer")
+                         f"these shards were made with another tokenizer: run notebooks/02_sharding again")
     return items
 
 

@@ -346,6 +346,13 @@ def test_other_errors_in_a_twin_keep_their_traceback(tmp_path):
     assert result.returncode == 1 and "Traceback" in result.stderr and "KeyError: 'kept'" in result.stderr
 
 
+def test_a_checkpoint_of_another_run_ends_a_twin_in_one_line(tmp_path):
+    """Resuming a checkpoint of another model says what to do (a new run_name); a traceback through torch would
+    bury that line."""
+    result = run_script_raising(tmp_path, "__import__('stackcore').CheckpointError('x.pt holds a different model')")
+    assert result.returncode == 1 and result.stderr.strip() == "twin.py: error: x.pt holds a different model"
+
+
 def test_ctrl_c_in_a_twin_says_where_and_how_to_resume(tmp_path):
     result = run_script_raising(tmp_path, "KeyboardInterrupt")
     assert result.returncode == 130 and "Traceback" not in result.stderr
