@@ -99,6 +99,18 @@ def test_a_vocabulary_the_text_cannot_support_ends_the_twin_in_one_line(stack_ho
     assert "01_tokenizer.py: error: the training text supports only" in result.stderr
 
 
+def test_the_twin_says_when_it_replaced_another_tokenizer(stack_home):
+    def run_01(vocab_size):
+        result = subprocess.run([sys.executable, "notebooks/01_tokenizer.py", "--preset=tiny",
+                                 f"--vocab_size={vocab_size}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stdout
+
+    note = "note: this replaced another tokenizer"
+    assert note not in run_01(512) and note not in run_01(512)  # the same corpus and size give the same tokenizer
+    assert f"{note} in {stack_home / 'tokenizer'}; the shards and checkpoints" in run_01(400)
+
+
 def test_missing_tokenizer_names_the_notebook(tmp_path):
     with pytest.raises(sc.MissingArtifactError, match="01_tokenizer"):
         sc.Tokenizer.load(tmp_path / "nowhere")
