@@ -154,17 +154,30 @@ def run_is_complete(start_step: int, steps: int, run_name: str, checkpoint: Path
     return True
 
 
+def remove_checkpoints(directory: Path, log: Callable[[str], None] = print) -> None:
+    """A run started over (--resume=false) removes the earlier run's checkpoints: left beside the new ones, the
+    newest of them, a later step than the new run has reached, is what 04-07 and the next resume would load."""
+    earlier = checkpoint_paths(directory)
+    for path in earlier:
+        for file in (path, *path.parent.glob(f"{path.stem}.rank*.pt")):
+            file.unlink(missing_ok=True)
+    if earlier:
+        log(f"starting over: removed the earlier run's {len(earlier)} checkpoint(s) from {directory}")
+
+
 def start_training(checkpoint_dir: Path, run_dir: Path, model: GPT, optimizers: list[torch.optim.Optimizer],
                    loader: Any, dist_info: DistInfo, made_by: str, run_name: str, steps: int, resume: bool,
                    log: Callable[[str], None] = print) -> tuple[int, bool]:
     """Where a training notebook's loop starts: (first step, whether the run is complete already). With `resume`
     it continues from the newest usable checkpoint and says so once; a run that starts afresh drops an earlier
-    run's metrics.jsonl, and a resumed one the records an interrupted run logged after its checkpoint."""
+    run's metrics.jsonl and checkpoints, and a resumed one the records an interrupted run logged after its
+    checkpoint."""
     start_step, latest = (resume_training(checkpoint_dir, model, optimizers, loader, dist_info, made_by, log)
                           if resume else (0, None))
     complete = run_is_complete(start_step, steps, run_name, latest, log)
     if latest is None and dist_info.master:
         (Path(run_dir) / "metrics.jsonl").unlink(missing_ok=True)
+        remove_checkpoints(checkpoint_dir, log)
     elif latest is not None and not complete:
         if dist_info.master:
             drop_metrics_after(Path(run_dir) / "metrics.jsonl", start_step)
