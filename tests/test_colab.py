@@ -8,7 +8,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import jupytext
 import pytest
@@ -407,6 +407,20 @@ def test_sharding_into_a_log_file_writes_no_progress_bars(stack_home, tiny_token
     assert result.returncode == 0, result.stderr[-2000:]
     assert "\r" not in result.stderr and "doc/s" not in result.stderr and "conv/s" not in result.stderr
     assert "tokenized" in result.stdout  # what the bars showed, said once when the split is written
+
+
+def test_core_eval_refuses_a_checkpoint_of_another_vocabulary(stack_home, tiny_tokenizer):
+    """01 run again with another vocab_size after 03: scoring the old model on task shards of the new tokenizer
+    would feed it ids that mean other text."""
+    shutil.copytree(tiny_tokenizer, stack_home / "tokenizer")
+    config = sc.GPTConfig(vocab_size=400, depth=1, model_dim=64, head_dim=32, max_seq_len=64)
+    (stack_home / "checkpoints" / "pretrain").mkdir(parents=True)
+    torch.save({"model": sc.GPT(config).state_dict(), "model_config": asdict(config), "step": 1},
+               stack_home / "checkpoints" / "pretrain" / "step_000001.pt")
+    result = run_twin("04_core_eval", stack_home)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "holds a model with a vocabulary of 400 tokens, but the tokenizer" in result.stderr
+    assert f"{stack_home / 'tokenizer'} has 512" in result.stderr
 
 
 def test_pretrain_with_a_tokenizer_but_no_shards(stack_home, tiny_tokenizer):
