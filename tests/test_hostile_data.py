@@ -263,6 +263,16 @@ def test_gsm8k_empty_and_missing_files(tmp_path):
             gsm8k.GsmDataError)
 
 
+@pytest.mark.parametrize("source", ["synthetc", "Hub", "", "{tmp}/test.jsonl"])
+def test_gsm8k_source_that_is_no_choice_and_no_folder_says_what_it_may_be(tmp_path, monkeypatch, source):
+    """A misspelt source, or an empty one (which would read test.jsonl from the working folder)."""
+    write_jsonl(tmp_path / "test.jsonl", [json.dumps(GSM)])
+    monkeypatch.chdir(tmp_path)
+    source = source.format(tmp=tmp_path)
+    refused(lambda: gsm8k.load_problems("test", source), rf"GSM8K source {re.escape(repr(source))} is not hub, "
+            r"synthetic or a folder holding test.jsonl", gsm8k.GsmDataError)
+
+
 def test_gsm8k_parquet_with_nulls(tmp_path):
     pq.write_table(pa.table({"question": ["q", None], "answer": [GSM["answer"]] * 2}), tmp_path / "x.parquet")
     refused(lambda: gsm8k.read_problems(tmp_path / "x.parquet"), r"x.parquet: row 1: expected an object",
