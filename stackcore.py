@@ -219,12 +219,20 @@ class Tokenizer:
         from tiktoken.load import load_tiktoken_bpe
 
         directory = Path(directory)
-        ranks_file = require_artifact(directory / TOKENIZER_RANKS, made_by="01_tokenizer")
-        meta = json.loads(require_artifact(directory / TOKENIZER_META, made_by="01_tokenizer").read_text())
-        tokenizer = cls(load_tiktoken_bpe(str(ranks_file)), meta["pattern"], meta["name"])
-        if tokenizer.specials != meta["special_tokens"]:
-            raise ValueError(f"{directory / TOKENIZER_META}: special tokens differ from this version's "
-                             f"{list(SPECIAL_TOKENS)}")
+        ranks_file, meta_file = (require_artifact(directory / name, made_by="01_tokenizer")
+                                 for name in (TOKENIZER_RANKS, TOKENIZER_META))
+        try:  # a damaged file, checked here: tiktoken's own checks end in a Rust panic, which is no Exception
+            ranks = load_tiktoken_bpe(str(damaged := ranks_file))
+            if not ranks or sorted(ranks.values()) != list(range(len(ranks))):
+                raise ValueError(f"ranks must be 0, 1, 2, ..., one per distinct token ({len(ranks)} read)")
+            meta = json.loads((damaged := meta_file).read_text())
+            tokenizer = cls(ranks, meta["pattern"], meta["name"])
+        except (OSError, ValueError, TypeError, KeyError) as error:
+            raise ValueError(f"{damaged} is damaged ({type(error).__name__}: {error}): run notebooks/01_tokenizer "
+                             f"again") from None
+        if tokenizer.specials != meta.get("special_tokens"):
+            raise ValueError(f"{meta_file}: its special tokens are not this version's {list(SPECIAL_TOKENS)} numbered "
+                             f"after the {len(ranks)} ranks of {ranks_file} (a cut rank file, or another version's)")
         return tokenizer
 
     @property
