@@ -805,23 +805,23 @@ class GPTConfig:
 
     def __post_init__(self):
         if self.dim % self.head_dim:
-            raise ValueError(f"model_dim {self.dim} must be divisible by head_dim {self.head_dim}")
+            raise ConfigError(f"model_dim {self.dim} must be divisible by head_dim {self.head_dim}")
         if self.head_dim % 2:
-            raise ValueError(f"head_dim {self.head_dim} must be even (rotary embeddings rotate pairs)")
+            raise ConfigError(f"head_dim {self.head_dim} must be even (rotary embeddings rotate pairs)")
         if not self.window_pattern or set(self.window_pattern) - {"S", "L"}:
-            raise ValueError(f"window_pattern {self.window_pattern!r} must be a non-empty string of 'S' and 'L'")
+            raise ConfigError(f"window_pattern {self.window_pattern!r} must be a non-empty string of 'S' and 'L'")
         if self.n_value_embeds < 0:
-            raise ValueError(f"n_value_embeds {self.n_value_embeds} must be >= 0")
+            raise ConfigError(f"n_value_embeds {self.n_value_embeds} must be >= 0")
         if self.key_offset and self.head_dim % 4:
-            raise ValueError(f"key_offset needs head_dim {self.head_dim} divisible by 4 (a rotating half of pairs)")
+            raise ConfigError(f"key_offset needs head_dim {self.head_dim} divisible by 4 (a rotating half of pairs)")
         self.paired_head_layers = tuple(sorted(set(self.paired_head_layers)))  # a checkpoint stores a list
         outside = [layer for layer in self.paired_head_layers if not 0 <= layer < self.depth]
         if outside:
-            raise ValueError(f"paired_head_layers {outside} are not layers of a depth-{self.depth} model")
+            raise ConfigError(f"paired_head_layers {outside} are not layers of a depth-{self.depth} model")
         if self.paired_head_layers and self.n_heads % 2:
-            raise ValueError(f"paired_head_layers need an even number of heads, not {self.n_heads}")
+            raise ConfigError(f"paired_head_layers need an even number of heads, not {self.n_heads}")
         if self.backout and self.depth < 2:
-            raise ValueError("backout needs depth >= 2: it backs out an earlier layer's residual before the last")
+            raise ConfigError("backout needs depth >= 2: it backs out an earlier layer's residual before the last")
 
     @property
     def dim(self) -> int:

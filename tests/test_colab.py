@@ -395,3 +395,12 @@ def test_the_chat_panel_uses_widgets_that_colabs_ipywidgets_has():
     sources = "".join((ROOT / "notebooks" / name).read_text() for name in ("chat_session.py", "07_chat.py"))
     used = set(re.findall(r"\bwidgets\.(\w+)", sources))
     assert used and used <= WIDGETS_IN_7_AND_8, used - WIDGETS_IN_7_AND_8
+
+
+def test_a_model_shape_that_cannot_be_built_is_one_line(stack_home, tiny_tokenizer):
+    """GPTConfig's checks are settings errors: the twin names the setting in one line, as for a bad option."""
+    shutil.copytree(tiny_tokenizer, stack_home / "tokenizer")
+    result = run_twin("03_pretrain", stack_home, "--head_dim=30")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        "03_pretrain.py: error: model_dim 128 must be divisible by head_dim 30")
