@@ -173,7 +173,6 @@ SPECIAL_TOKENS = ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_star
                   "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")
 TOKENIZER_RANKS = "tokenizer.tiktoken"
 TOKENIZER_META = "tokenizer.json"
-TOKEN_BYTES = "token_bytes.npy"
 
 
 class Tokenizer:
@@ -205,14 +204,13 @@ class Tokenizer:
         return cls(ranks, trainer.get_pattern(), name)
 
     def save(self, directory: Path) -> None:
-        """Write tiktoken's rank file, a JSON of name, pattern and special tokens, and the token-bytes table."""
+        """Write tiktoken's rank file, then a JSON of name, pattern and special tokens (last: the folder is whole)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         by_rank = sorted(self.ranks.items(), key=lambda kv: kv[1])  # tiktoken's format: base64 token, space, rank
         (directory / TOKENIZER_RANKS).write_text("".join(f"{base64.b64encode(p).decode()} {r}\n" for p, r in by_rank))
         meta = {"name": self.name, "pattern": self.pattern, "special_tokens": self.specials}
         (directory / TOKENIZER_META).write_text(json.dumps(meta, indent=1))
-        np.save(directory / TOKEN_BYTES, self.token_bytes())
 
     @classmethod
     def load(cls, directory: Path) -> "Tokenizer":

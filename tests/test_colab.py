@@ -318,7 +318,7 @@ def run_twin(name, stack_home, *args):
 
 @pytest.mark.parametrize("twin, made_by, looked_in", [
     ("02_sharding", "01_tokenizer", "tokenizer/tokenizer.tiktoken"),
-    ("03_pretrain", "01_tokenizer", "tokenizer/token_bytes.npy"),
+    ("03_pretrain", "01_tokenizer", "tokenizer/tokenizer.tiktoken"),
     ("04_core_eval", "03_pretrain", "checkpoints/pretrain"),
 ])
 def test_twin_against_an_empty_stack_home(stack_home, twin, made_by, looked_in):
