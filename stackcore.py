@@ -173,7 +173,6 @@ SPECIAL_TOKENS = ("<|bos|>", "<|user_start|>", "<|user_end|>", "<|assistant_star
                   "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")
 TOKENIZER_RANKS = "tokenizer.tiktoken"
 TOKENIZER_META = "tokenizer.json"
-TOKEN_BYTES = "token_bytes.npy"
 
 
 class Tokenizer:
@@ -205,28 +204,39 @@ class Tokenizer:
         return cls(ranks, trainer.get_pattern(), name)
 
     def save(self, directory: Path) -> None:
-        """Write tiktoken's rank file, a JSON of name, pattern and special tokens, and the token-bytes table."""
+        """Write tiktoken's rank file, then a JSON of name, pattern and special tokens (last: the folder is whole)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         by_rank = sorted(self.ranks.items(), key=lambda kv: kv[1])  # tiktoken's format: base64 token, space, rank
         (directory / TOKENIZER_RANKS).write_text("".join(f"{base64.b64encode(p).decode()} {r}\n" for p, r in by_rank))
         meta = {"name": self.name, "pattern": self.pattern, "special_tokens": self.specials}
         (directory / TOKENIZER_META).write_text(json.dumps(meta, indent=1))
-        np.save(directory / TOKEN_BYTES, self.token_bytes())
 
     @classmethod
     def load(cls, directory: Path) -> "Tokenizer":
         """Read the rank file ourselves: tiktoken's `load_tiktoken_bpe` caches a file by its path (in the temp
         folder), so after 01 retrains a vocabulary in place it would go on returning the old ranks."""
         directory = Path(directory)
-        ranks_file = require_artifact(directory / TOKENIZER_RANKS, made_by="01_tokenizer")
-        meta = json.loads(require_artifact(directory / TOKENIZER_META, made_by="01_tokenizer").read_text())
-        lines = ranks_file.read_text().splitlines()
-        ranks = {base64.b64decode(token): int(rank) for token, rank in map(str.split, lines)}
-        tokenizer = cls(ranks, meta["pattern"], meta["name"])
-        if tokenizer.specials != meta["special_tokens"]:
-            raise ValueError(f"{directory / TOKENIZER_META}: special tokens differ from this version's "
-                             f"{list(SPECIAL_TOKENS)}")
+        ranks_file, meta_file = (require_artifact(directory / name, made_by="01_tokenizer")
+                                 for name in (TOKENIZER_RANKS, TOKENIZER_META))
+        try:  # a damaged file, checked here: tiktoken's own checks end in a Rust panic, which is no Exception
+            ranks = {}
+            for number, line in enumerate((damaged := ranks_file).read_text().splitlines(), 1):
+                try:  # tiktoken's format: base64 token, space, rank
+                    token, rank = line.split(" ")
+                    ranks[base64.b64decode(token, validate=True)] = int(rank)
+                except ValueError:
+                    raise ValueError(f"line {number} is not '<base64 token> <rank>': {line[:60]!r}") from None
+            if not ranks or sorted(ranks.values()) != list(range(len(ranks))):
+                raise ValueError(f"ranks must be 0, 1, 2, ..., one per distinct token ({len(ranks)} read)")
+            meta = json.loads((damaged := meta_file).read_text())
+            tokenizer = cls(ranks, meta["pattern"], meta["name"])
+        except (OSError, ValueError, TypeError, KeyError) as error:
+            raise ValueError(f"{damaged} is damaged ({type(error).__name__}: {error}): run notebooks/01_tokenizer "
+                             f"again") from None
+        if tokenizer.specials != meta.get("special_tokens"):
+            raise ValueError(f"{meta_file}: its special tokens are not this version's {list(SPECIAL_TOKENS)} numbered "
+                             f"after the {len(ranks)} ranks of {ranks_file} (a cut rank file, or another version's)")
         return tokenizer
 
     @property
@@ -799,23 +809,23 @@ class GPTConfig:
 
     def __post_init__(self):
         if self.dim % self.head_dim:
-            raise ValueError(f"model_dim {self.dim} must be divisible by head_dim {self.head_dim}")
+            raise ConfigError(f"model_dim {self.dim} must be divisible by head_dim {self.head_dim}")
         if self.head_dim % 2:
-            raise ValueError(f"head_dim {self.head_dim} must be even (rotary embeddings rotate pairs)")
+            raise ConfigError(f"head_dim {self.head_dim} must be even (rotary embeddings rotate pairs)")
         if not self.window_pattern or set(self.window_pattern) - {"S", "L"}:
-            raise ValueError(f"window_pattern {self.window_pattern!r} must be a non-empty string of 'S' and 'L'")
+            raise ConfigError(f"window_pattern {self.window_pattern!r} must be a non-empty string of 'S' and 'L'")
         if self.n_value_embeds < 0:
-            raise ValueError(f"n_value_embeds {self.n_value_embeds} must be >= 0")
+            raise ConfigError(f"n_value_embeds {self.n_value_embeds} must be >= 0")
         if self.key_offset and self.head_dim % 4:
-            raise ValueError(f"key_offset needs head_dim {self.head_dim} divisible by 4 (a rotating half of pairs)")
+            raise ConfigError(f"key_offset needs head_dim {self.head_dim} divisible by 4 (a rotating half of pairs)")
         self.paired_head_layers = tuple(sorted(set(self.paired_head_layers)))  # a checkpoint stores a list
         outside = [layer for layer in self.paired_head_layers if not 0 <= layer < self.depth]
         if outside:
-            raise ValueError(f"paired_head_layers {outside} are not layers of a depth-{self.depth} model")
+            raise ConfigError(f"paired_head_layers {outside} are not layers of a depth-{self.depth} model")
         if self.paired_head_layers and self.n_heads % 2:
-            raise ValueError(f"paired_head_layers need an even number of heads, not {self.n_heads}")
+            raise ConfigError(f"paired_head_layers need an even number of heads, not {self.n_heads}")
         if self.backout and self.depth < 2:
-            raise ValueError("backout needs depth >= 2: it backs out an earlier layer's residual before the last")
+            raise ConfigError("backout needs depth >= 2: it backs out an earlier layer's residual before the last")
 
     @property
     def dim(self) -> int:

@@ -78,7 +78,7 @@ def prepare_artifacts(data: Path, vocab_size: int, workers: int) -> None:
     tokenizer_dir, shard_dir = sc.artifact_dir("tokenizer"), sc.artifact_dir("shards") / "pretrain"
     files = {split: split_file(data, split) for split in ("train", "val")}
     signature, source = data_signature(list(files.values())), shard_dir / "bench_source.txt"
-    if (tokenizer_dir / sc.TOKEN_BYTES).exists() and list(shard_dir.glob("val_*.bin")):
+    if (tokenizer_dir / sc.TOKENIZER_META).exists() and list(shard_dir.glob("val_*.bin")):
         if source.exists() and source.read_text() != signature:
             raise ValueError(f"{shard_dir} was made from other files ({source.read_text().strip()!r}); "
                              f"use another STACK_HOME for {data}")

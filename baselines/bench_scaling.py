@@ -154,10 +154,10 @@ def prepare_chat_shards(args: argparse.Namespace) -> None:
     command = [sys.executable, "notebooks/02_sharding.py", *sharding_args(args, bundle)]
     log_path = args.out / "prepare_02_sharding.log"
     print(f"prepare: {' '.join(command[1:])}", flush=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "STACK_HOME": str(scratch)}
-    run = run_logged(command, log_path, args.timeout, env, code_header())
+    env, header = {**os.environ, "PYTHONUNBUFFERED": "1", "STACK_HOME": str(scratch)}, code_header()
+    run = run_logged(command, log_path, args.timeout, env, header)
     if run["rc"]:
-        raise SystemExit(failure_line("prepare (02_sharding)", run["rc"], log_path, args.timeout))
+        raise SystemExit(failure_line("prepare (02_sharding)", run["rc"], log_path, args.timeout, header))
     for name in ("sft", "gsm8k", *(["core"] if want_core else [])):
         shutil.rmtree(shards / name, ignore_errors=True)
         shutil.move(str(scratch / "shards" / name), shards / name)
@@ -217,11 +217,12 @@ def throughput(stage: str, processes: int) -> dict[str, Any]:
             **found}
 
 
-def failure_line(what: str, rc: int, log_path: Path, timeout: float) -> str:
-    """Which stage failed and where its log is, with the log's first error line (the twin's own message comes
-    before torchrun's report) or, without one, its last lines."""
+def failure_line(what: str, rc: int, log_path: Path, timeout: float, header: str) -> str:
+    """Which stage failed and where its log is, with the first error line of its output after `header`, the code
+    that ran (the twin's own message comes before torchrun's report), or, without one, its last lines."""
     cause = f"timed out after {timeout:.0f} s" if rc == 124 else f"exit status {rc}"
-    lines = log_path.read_text(errors="replace").splitlines() if log_path.is_file() else []
+    text = log_path.read_text(errors="replace") if log_path.is_file() else ""
+    lines = text.removeprefix(header).splitlines()
     errors = [line for line in lines if re.search(r"\w(Error|Exception)\b|\berror:", line)]
     shown = errors[:1] or lines[-6:]
     return "\n".join([f"bench_scaling: {what} failed ({cause}); log: {log_path}", *("    " + line for line in shown)])
@@ -237,9 +238,11 @@ def run_stage(stage: str, processes: int, args: argparse.Namespace) -> dict[str,
     command = [*launcher(processes), STAGES[stage].twin, *twin_args(stage, args, processes), *extra]
     log_path = args.out / f"{stage}_{processes}gpu.log"
     print(f"{stage}, {processes} process(es): {' '.join(command[1:])} (timeout {args.timeout:.0f} s)", flush=True)
-    run = run_logged(command, log_path, args.timeout, {**os.environ, "PYTHONUNBUFFERED": "1"}, code_header())
+    header = code_header()
+    run = run_logged(command, log_path, args.timeout, {**os.environ, "PYTHONUNBUFFERED": "1"}, header)
     if run["rc"]:
-        raise SystemExit(failure_line(f"stage {stage} on {processes} process(es)", run["rc"], log_path, args.timeout))
+        raise SystemExit(failure_line(f"stage {stage} on {processes} process(es)", run["rc"], log_path, args.timeout,
+                                      header))
     result = {"stage": stage, "processes": processes, "command": command[1:], "log": str(log_path),
               "wall_seconds": round(run["wall_seconds"], 1), **throughput(stage, processes)}
     if processes > 1:  # no stage starts from a torchrun run: drop its weights and optimizer state
@@ -316,7 +319,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.data:
         prepare_artifacts(args.data, args.vocab_size, workers=min(8, os.cpu_count() or 1))
-    sc.require_artifact(sc.artifact_dir("tokenizer") / sc.TOKEN_BYTES, made_by="01_tokenizer (or pass --data)")
+    sc.require_artifact(sc.artifact_dir("tokenizer") / sc.TOKENIZER_META, made_by="01_tokenizer (or pass --data)")
     check_plan(args)
     prepare_chat_shards(args)
     if args.prepare_only:

@@ -156,6 +156,8 @@ def load_problems(split: str, source: str = "hub", endpoint: str | None = None) 
         return read_problems(download_split(split, artifact_dir("downloads") / "gsm8k", endpoint))
     if source == "synthetic":
         return synthetic_problems(SYNTHETIC_COUNTS[split], seed=SPLITS.index(split))
+    if not source or not Path(source).expanduser().is_dir():  # "" would be the working folder
+        raise GsmDataError(f"GSM8K source {source!r} is not hub, synthetic or a folder holding {split}.jsonl")
     return read_problems(Path(source).expanduser() / f"{split}.jsonl")
 
 

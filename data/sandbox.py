@@ -22,9 +22,9 @@ cannot learn the nonce: it runs in a thread whose frames do not lead back to the
 other ways in (other threads' frames, gc, ctypes, /proc where it still exists) and tracing, which could jump over
 the tests. The environment holds only PATH and LANG. The harness kills the whole process group at the time limit.
 
-The audit hook is the second layer: it refuses sockets, new processes, signals, ctypes, links, changing folder, and
-any write, delete, rename or permission change outside the working folder, including those through directory or
-file descriptors.
+The audit hook is the second layer: it refuses sockets, new processes, signals, ctypes, links, changing folder, hooks
+of the program's own, and any write, delete, rename or permission change outside the working folder, including those
+through directory or file descriptors; inside, it allows CREATIONS files written or folders made.
 """
 from __future__ import annotations
 
@@ -48,6 +48,8 @@ NOBODY = 65534  # the unprivileged user a root caller runs programs as
 ENVIRONMENT = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
 FILE_BYTES = 1 << 24  # largest file (stdout and stderr included) a program may write
 OPEN_FILES = 64
+CREATIONS = 8  # files opened for writing and folders made, together: the working folder holds at most
+# CREATIONS x FILE_BYTES (a tmpfs under bubblewrap sits in memory, past the address-space limit)
 WALL_FACTOR = 3  # wall-clock limit over CPU limit (run_sandboxed)
 # How a guard stopped at its CPU limit ends: killed by SIGXCPU, directly or under bubblewrap (128 + the signal).
 # unshare blocks SIGXCPU in its child, so there the hard limit's SIGKILL ends it and the CPU time used shows it.
@@ -81,7 +83,8 @@ isolated = (os.statvfs("/").f_flag & os.ST_RDONLY and not os.statvfs(".").f_flag
 print("isolated" if isolated else "open")
 """
 
-# The guard, run as `python -I -S -B -c GUARD verdict_fd memory_bytes cpu_seconds processes file_bytes open_files`
+# The guard, run as `python -I -S -B -c GUARD verdict_fd memory_bytes cpu_seconds processes file_bytes open_files
+# creations`
 # with the nonce and the program on stdin. The program runs in a second thread that C code starts (deque draining
 # chain(..., map(exec, ...), iter(finished.release, None))), so its frames lead back to no Python frame of the
 # guard's, and `finished` is released only if exec returned. The main thread keeps the nonce in main()'s frame and,
@@ -113,14 +116,16 @@ def read_stdin():
     return b"".join(chunks)
 
 
-def make_hook(root):
+def make_hook(root, creations):
     stat, lstat, readlink = os.stat, os.lstat, os.readlink  # C functions: replacing os.stat later changes nothing
+    created = [0]
     refused = frozenset({
         "os.system", "os.exec", "os.fork", "os.forkpty", "os.posix_spawn", "os.spawn", "os.kill", "os.killpg",
         "signal.pthread_kill", "subprocess.Popen", "pty.spawn", "socket.__new__", "socket.connect", "socket.bind",
         "socket.getaddrinfo", "socket.sendto", "mmap.__new__", "ctypes.dlopen", "ctypes.dlsym", "os.symlink",
         "os.link", "os.chroot", "os.chdir", "sys._current_frames", "sys.settrace", "sys.setprofile",
         "sys._settraceallthreads", "sys._setprofileallthreads", "sys.monitoring.register_callback", "sys.remote_exec",
+        "sys.addaudithook",  # a hook of the program's would run in the guard's thread, whose frame holds the nonce
         "gc.get_objects", "gc.get_referrers", "gc.get_referents"})
     modules = frozenset({"ctypes", "_ctypes", "_posixsubprocess", "_testcapi", "_testinternalcapi",
                          "_xxsubinterpreters", "_interpreters"})  # the ways around the events above
@@ -168,6 +173,11 @@ def make_hook(root):
         except (OSError, ValueError, TypeError):
             return False
 
+    def count_creation(event):
+        created[0] += 1
+        if created[0] > creations:
+            raise PermissionError(f"sandbox: {event}: more than {creations} files written or folders made")
+
     def audit(event, args):
         if event in refused:
             raise PermissionError(f"sandbox: {event} is not allowed")
@@ -181,6 +191,8 @@ def make_hook(root):
                 raise PermissionError(f"sandbox: opening {args[0]!r} is not allowed")
             if not inside(path) and (writes or is_folder(path)):
                 raise PermissionError(f"sandbox: opening {args[0]!r} outside the sandbox folder")
+            if writes and path != "/dev/null":
+                count_creation("open")
         elif event == "open" and args[0] is not None and type(args[0]) is not int:
             raise PermissionError(f"sandbox: open takes a str path here, not {type(args[0]).__name__}")
         if event in changes:
@@ -188,12 +200,14 @@ def make_hook(root):
             folders = args[2:4] if event == "os.rename" else args[-1:] if event in folder_last else ()
             if not all(inside(path) for path in paths) or any(folder not in (None, -1) for folder in folders):
                 raise PermissionError(f"sandbox: {event} outside the sandbox folder")
+            if event in ("os.mkdir", "os.mkfifo", "os.mknod"):
+                count_creation(event)
 
     return audit
 
 
 def main():
-    verdict, memory, cpu, processes, file_bytes, open_files = map(int, sys.argv[1:7])
+    verdict, memory, cpu, processes, file_bytes, open_files, creations = map(int, sys.argv[1:8])
     set_limits(memory, cpu, processes, file_bytes, open_files)
     nonce, _, source = read_stdin().partition(b"\n")
     del sys.argv[1:]
@@ -206,7 +220,7 @@ def main():
     ended, threads, pause, write, leave = finished.acquire, _thread._count, time.sleep, os.write, os._exit
     anything = BaseException
     flushes = sys.stdout.flush, sys.stderr.flush  # the real streams', whatever the program puts in sys.stdout
-    sys.addaudithook(make_hook(os.getcwd()))
+    sys.addaudithook(make_hook(os.getcwd(), creations))
     steps = itertools.chain(iter(started.release, None), map(exec, (code,), ({"__name__": "__main__"},)),
                             iter(finished.release, None))
     _thread.start_new_thread(collections.deque, (steps, 0))
@@ -340,7 +354,7 @@ def run_sandboxed(program: str, timeout_s: float = 10.0, memory_mb: int = 1024, 
     warn_if_open()
     chosen = launcher()
     nonce = secrets.token_hex(16).encode()
-    limits = (memory_mb << 20, max(1, math.ceil(timeout_s)), PROCESSES, FILE_BYTES, OPEN_FILES)
+    limits = (memory_mb << 20, max(1, math.ceil(timeout_s)), PROCESSES, FILE_BYTES, OPEN_FILES, CREATIONS)
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="decoderstack_sandbox_") as folder:
         work = Path(folder, "work")  # the working folder when nothing isolates; the outputs stay outside it

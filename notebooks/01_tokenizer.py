@@ -240,9 +240,10 @@ plt.show()
 
 # %% [markdown]
 # ## Summary
-# The tokenizer lives in `STACK_HOME/tokenizer`: `tokenizer.tiktoken` (tiktoken's rank file),
-# `tokenizer.json` (split pattern and special tokens) and `token_bytes.npy` (bytes per token id, 0 for special
-# tokens), which turns a loss in nats per token into bits per byte, a figure that compares across vocabularies.
+# The tokenizer lives in `STACK_HOME/tokenizer`: `tokenizer.tiktoken` (tiktoken's rank file) and `tokenizer.json`
+# (split pattern and special tokens). From the ranks, `tokenizer.token_bytes()` gives the bytes of each token id (0
+# for special tokens), which turns a loss in nats per token into bits per byte, a figure that compares across
+# vocabularies.
 # Next: `02_sharding` turns the corpus into token shards with it.
 
 # %%

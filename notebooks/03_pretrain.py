@@ -161,8 +161,8 @@ accum_steps = accumulation_steps(cfg.tokens_per_step, cfg.micro_tokens, dist_inf
 run_dir = sc.artifact_dir("runs") / cfg.run_name
 checkpoint_dir = sc.artifact_dir("checkpoints") / cfg.run_name
 tokenizer_dir = sc.artifact_dir("tokenizer")
-token_bytes = torch.from_numpy(np.load(sc.require_artifact(tokenizer_dir / sc.TOKEN_BYTES, "01_tokenizer")))
 tokenizer = sc.Tokenizer.load(tokenizer_dir)
+token_bytes = torch.from_numpy(tokenizer.token_bytes())
 log(f"device {device} x {dist_info.world_size} rank(s); {accum_steps} micro-step(s) of {cfg.micro_tokens} tokens per step")
 
 # %% [markdown]

@@ -267,7 +267,7 @@ if dist_info.master:
 
 # %%
 train_config = checkpoint["config"]
-token_bytes = torch.from_numpy(np.load(sc.require_artifact(tokenizer_dir / sc.TOKEN_BYTES, "01_tokenizer")))
+token_bytes = torch.from_numpy(tokenizer.token_bytes())
 val_loader = sc.PretrainLoader(sc.require_artifact(sc.artifact_dir("shards") / "pretrain", "02_sharding"), "val",
                                tokens=train_config["micro_tokens"], bos_id=tokenizer.bos_id,
                                vocab_size=tokenizer.vocab_size, max_doc_len=model.config.max_seq_len,

@@ -320,7 +320,7 @@ def run_twin(name, stack_home, *args):
 
 @pytest.mark.parametrize("twin, made_by, looked_in", [
     ("02_sharding", "01_tokenizer", "tokenizer/tokenizer.tiktoken"),
-    ("03_pretrain", "01_tokenizer", "tokenizer/token_bytes.npy"),
+    ("03_pretrain", "01_tokenizer", "tokenizer/tokenizer.tiktoken"),
     ("04_core_eval", "03_pretrain", "checkpoints/pretrain"),
 ])
 def test_twin_against_an_empty_stack_home(stack_home, twin, made_by, looked_in):
@@ -448,3 +448,12 @@ def test_the_chat_panel_uses_widgets_that_colabs_ipywidgets_has():
     sources = "".join((ROOT / "notebooks" / name).read_text() for name in ("chat_session.py", "07_chat.py"))
     used = set(re.findall(r"\bwidgets\.(\w+)", sources))
     assert used and used <= WIDGETS_IN_7_AND_8, used - WIDGETS_IN_7_AND_8
+
+
+def test_a_model_shape_that_cannot_be_built_is_one_line(stack_home, tiny_tokenizer):
+    """GPTConfig's checks are settings errors: the twin names the setting in one line, as for a bad option."""
+    shutil.copytree(tiny_tokenizer, stack_home / "tokenizer")
+    result = run_twin("03_pretrain", stack_home, "--head_dim=30")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        "03_pretrain.py: error: model_dim 128 must be divisible by head_dim 30")

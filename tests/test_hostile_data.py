@@ -1,6 +1,7 @@
 """Hostile input to the dataset adapters (data/*.py): bad lines, missing keys, nulls, answers out of range, empty
-files, truncated archives. Each case is refused with an error that names the file, and the line where there is
-one; none ends in a bare JSONDecodeError, KeyError, IndexError, ZeroDivisionError or EOFError."""
+files, truncated archives; and a damaged tokenizer folder (01_tokenizer's). Each case is refused with an error that
+names the file, and the line where there is one; none ends in a bare JSONDecodeError, KeyError, IndexError,
+ZeroDivisionError or EOFError."""
 from __future__ import annotations
 
 import gzip
@@ -12,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import stackcore as sc
 from data import chat_eval, core, gsm8k, pretrain, sft
 from data.records import DataFileError, read_records
 
@@ -261,6 +263,16 @@ def test_gsm8k_empty_and_missing_files(tmp_path):
             gsm8k.GsmDataError)
 
 
+@pytest.mark.parametrize("source", ["synthetc", "Hub", "", "{tmp}/test.jsonl"])
+def test_gsm8k_source_that_is_no_choice_and_no_folder_says_what_it_may_be(tmp_path, monkeypatch, source):
+    """A misspelt source, or an empty one (which would read test.jsonl from the working folder)."""
+    write_jsonl(tmp_path / "test.jsonl", [json.dumps(GSM)])
+    monkeypatch.chdir(tmp_path)
+    source = source.format(tmp=tmp_path)
+    refused(lambda: gsm8k.load_problems("test", source), rf"GSM8K source {re.escape(repr(source))} is not hub, "
+            r"synthetic or a folder holding test.jsonl", gsm8k.GsmDataError)
+
+
 def test_gsm8k_parquet_with_nulls(tmp_path):
     pq.write_table(pa.table({"question": ["q", None], "answer": [GSM["answer"]] * 2}), tmp_path / "x.parquet")
     refused(lambda: gsm8k.read_problems(tmp_path / "x.parquet"), r"x.parquet: row 1: expected an object",
@@ -317,3 +329,51 @@ def test_core_bad_rows_name_file_and_line(tmp_path, label, row, message):
     path = core_file(tmp_path, task, [good, row])
     error = refused(lambda: core.load_examples(tmp_path, task), message, core.CoreDataError)
     assert str(error).startswith(f"{path}:2: ")
+
+
+def keep_lines(path, count):
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[:count]))
+
+
+def replace_meta(path, **changes):
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+# (damage to a copy of a good tokenizer folder, the file that must be named, what the message says)
+TOKENIZER_DAMAGE = [
+    ("rank lines cut short", lambda d: keep_lines(d / sc.TOKENIZER_RANKS, 300), sc.TOKENIZER_RANKS,
+     "a cut rank file"),
+    ("ranks file empty", lambda d: (d / sc.TOKENIZER_RANKS).write_text(""), sc.TOKENIZER_RANKS, "0 read"),
+    ("rank line cut mid-token", lambda d: (d / sc.TOKENIZER_RANKS).write_bytes(
+        (d / sc.TOKENIZER_RANKS).read_bytes()[:-7]), sc.TOKENIZER_RANKS, "is not '<base64 token> <rank>'"),
+    ("a rank missing", lambda d: (d / sc.TOKENIZER_RANKS).write_text(
+        "".join(line for line in (d / sc.TOKENIZER_RANKS).read_text().splitlines(keepends=True)
+                if not line.endswith(" 100\n"))), sc.TOKENIZER_RANKS, "one per distinct token"),
+    ("a rank twice", lambda d: (d / sc.TOKENIZER_RANKS).write_text(
+        (d / sc.TOKENIZER_RANKS).read_text() + "QUJDREVG 5\n"), sc.TOKENIZER_RANKS, "one per distinct token"),
+    ("ranks file is a folder", lambda d: ((d / sc.TOKENIZER_RANKS).unlink(), (d / sc.TOKENIZER_RANKS).mkdir()),
+     sc.TOKENIZER_RANKS, "IsADirectoryError"),
+    ("meta not JSON", lambda d: (d / sc.TOKENIZER_META).write_text("{"), sc.TOKENIZER_META, "JSONDecodeError"),
+    ("meta a list", lambda d: (d / sc.TOKENIZER_META).write_text("[]"), sc.TOKENIZER_META, "TypeError"),
+    ("meta without pattern", lambda d: (d / sc.TOKENIZER_META).write_text(json.dumps({"name": "x"})),
+     sc.TOKENIZER_META, "KeyError: 'pattern'"),
+    ("pattern not a regex", lambda d: replace_meta(d / sc.TOKENIZER_META, pattern="(("), sc.TOKENIZER_META,
+     "parenthesis"),
+    ("pattern a number", lambda d: replace_meta(d / sc.TOKENIZER_META, pattern=5), sc.TOKENIZER_META, "TypeError"),
+    ("meta without special tokens", lambda d: (d / sc.TOKENIZER_META).write_text(
+        json.dumps({k: v for k, v in json.loads((d / sc.TOKENIZER_META).read_text()).items()
+                    if k != "special_tokens"})), sc.TOKENIZER_META, "its special tokens are not"),
+]
+
+
+@pytest.mark.parametrize("name, damage, file, message", TOKENIZER_DAMAGE, ids=[case[0] for case in TOKENIZER_DAMAGE])
+def test_damaged_tokenizer_names_the_file(tiny_tokenizer, tmp_path, name, damage, file, message):
+    """tiktoken checks a rank table in Rust, where a failed check is a panic (a BaseException, so no `except
+    Exception` catches it): Tokenizer.load checks first and names the file."""
+    import shutil
+
+    folder = shutil.copytree(tiny_tokenizer, tmp_path / "tokenizer")
+    damage(folder)
+    with pytest.raises(ValueError) as error:
+        sc.Tokenizer.load(folder)
+    assert str(folder / file) in str(error.value) and message in str(error.value), error.value

@@ -149,6 +149,13 @@ REFUSED = [
     ("init environment", "open('/proc/1/environ', 'rb')", "sandbox: opening '/proc/1/environ' is not allowed"),
     ("stdout file", "open('../stdout', 'w').write('nonce')", "sandbox: opening '../stdout' outside"),
     ("stderr file", "import os\nos.replace('x', '../stderr')", "sandbox: os.rename outside"),
+    ("files that fill the folder", "for i in range(100):\n    open(f'f{{i}}', 'wb').write(b'x' * (8 << 20))",
+     "sandbox: open: more than"),
+    ("one file rewritten", "for i in range(100):\n    open('f', 'ab').write(b'x')", "sandbox: open: more than"),
+    ("folders that fill the folder", "import os\nfor i in range(10000):\n    os.mkdir(f'd{{i}}')",
+     "sandbox: os.mkdir: more than"),
+    ("files through os.open", "import os\nfor i in range(100):\n    os.close(os.open(f'f{{i}}', os.O_CREAT))",
+     "sandbox: open: more than"),
 ]
 
 
@@ -178,6 +185,14 @@ FORGED = [
     ("code constants", "import sys\nprint(sys.modules['__main__'].main.__code__.co_consts)\nimport os\nos._exit(0)"),
     ("excepthook", "import sys, os\nsys.excepthook = lambda *a: os._exit(0)\nassert False"),
     ("signal", "import os, signal\nsignal.raise_signal(signal.SIGTERM)\nassert False"),
+    # the guard's thread raises audit events while it waits (time.sleep's, from Python 3.13): a hook of the
+    # program's would run there, next to the guard's frame and its nonce
+    ("audit hook in the guard's thread",
+     "import os, sys, time\ngot = []\ndef hook(event, args):\n    f = sys._getframe(1)\n"
+     "    while f is not None and not got:\n        got.extend(v for k, v in f.f_locals.items() if k == 'nonce')\n"
+     "        f = f.f_back\ntry:\n    sys.addaudithook(hook)\nexcept PermissionError:\n    pass\n"
+     "time.sleep(1)\nfor fd in range(3, 64):\n    try:\n        os.write(fd, got[0])\n"
+     "    except (OSError, IndexError):\n        pass\nos._exit(0)"),
 ]
 
 
@@ -207,9 +222,13 @@ CONTAINED = [
      "timeout", ""),
     ("memory bomb", "x = bytearray(8 << 30)", "failed", "MemoryError"),
     ("growing memory", "x = []\nwhile True:\n    x.append(bytearray(1 << 24))", "failed", "MemoryError"),
-    ("file descriptors", "files = [open('f%d' % i, 'w') for i in range(200)]", "failed", "Too many open files"),
+    ("file descriptors", "import os\nfiles = [open(os.__file__) for i in range(200)]", "failed",
+     "Too many open files"),
     ("raise a limit", "import resource\nresource.setrlimit(resource.RLIMIT_AS, (-1, -1))", "failed", "ValueError"),
     ("deep recursion", "def f():\n    f()\nf()", "failed", "RecursionError"),
+    # sys.addaudithook drops a hook quietly when an existing hook refuses it (an Exception): it never runs
+    ("own audit hook", "import sys\nseen = []\nsys.addaudithook(lambda *a: seen.append(a))\nopen('x', 'w').close()\n"
+                       "assert not seen, seen", "passed", ""),
 ]
 
 

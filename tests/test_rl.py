@@ -122,7 +122,7 @@ def test_local_files_with_errors_name_the_file_and_line(tmp_path):
         (tmp_path / "test.jsonl").write_text(f"{good}\n{bad}\n")
         with pytest.raises(gsm8k.GsmDataError, match=rf"test.jsonl:2: .*{message}"):
             gsm8k.load_problems("test", str(tmp_path))
-    with pytest.raises(gsm8k.GsmDataError, match="no such GSM8K file"):
+    with pytest.raises(gsm8k.GsmDataError, match="is not hub, synthetic or a folder holding test.jsonl"):
         gsm8k.load_problems("test", str(tmp_path / "elsewhere"))
     with pytest.raises(ValueError, match="unknown GSM8K split"):
         gsm8k.load_problems("validation", "synthetic")

@@ -50,7 +50,7 @@ def test_vocab_layout_and_token_bytes(tiny_tokenizer):
     tokenizer = sc.Tokenizer.load(tiny_tokenizer)
     assert tokenizer.vocab_size == 512
     assert sorted(tokenizer.specials.values()) == list(range(512 - len(sc.SPECIAL_TOKENS), 512))
-    table = np.load(tiny_tokenizer / sc.TOKEN_BYTES)
+    table = tokenizer.token_bytes()
     assert table.shape == (512,) and table.dtype == np.int32
     for token_id in range(tokenizer.vocab_size):
         expected = 0 if token_id in tokenizer.specials.values() else len(tokenizer.enc.decode_single_token_bytes(token_id))
