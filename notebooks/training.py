@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from stackcore import (GPT, CheckpointError, DamagedCheckpointError, DistInfo, all_ranks_agree, checkpoint_paths,
-                       load_checkpoint, saved_model_config, sum_over_ranks)
+from stackcore import (GPT, CheckpointError, DamagedCheckpointError, DistInfo, GPTConfig, all_ranks_agree,
+                       checkpoint_paths, load_checkpoint, saved_model_config, sum_over_ranks)
 
 
 def short_window_schedule(step: int, total_steps: int, final_window: int, start_window: int = 128,
@@ -110,8 +110,9 @@ def resume_training(directory: Path, model: GPT, optimizers: list[torch.optim.Op
     for path in reversed(paths):
         try:
             checkpoint = load_checkpoint(path, dist_info.device, made_by)
-            if saved_model_config(path, checkpoint["model_config"]) != model.config:
-                raise CheckpointError(f"{path} holds a different model ({checkpoint['model_config']}); "
+            saved = saved_model_config(path, checkpoint["model_config"])
+            if saved != model.config:
+                raise CheckpointError(f"{path} holds a different model ({model_differences(saved, model.config)}); "
                                       f"use --run_name=<new name> or --resume=false")
             rank_state, damage = _rank_states(path, checkpoint, loader, dist_info, made_by), None
         except DamagedCheckpointError as error:
@@ -131,6 +132,16 @@ def resume_training(directory: Path, model: GPT, optimizers: list[torch.optim.Op
     return 0, None
 
 
+def model_differences(saved: GPTConfig, current: GPTConfig) -> str:
+    """The settings in which a checkpoint's model and this run's differ, each with both values. A vocabulary of
+    another size means the tokenizer was trained again since the checkpoint was written."""
+    changed = [field.name for field in dataclasses.fields(current)
+               if getattr(saved, field.name) != getattr(current, field.name)]
+    hint = ": 01_tokenizer ran again since this run began" if "vocab_size" in changed else ""
+    values = (f"{name} {getattr(saved, name)!r} there, {getattr(current, name)!r} here" for name in changed)
+    return "; ".join(values) + hint
+
+
 def run_is_complete(start_step: int, steps: int, run_name: str, checkpoint: Path | None,
                     log: Callable[[str], None] = print) -> bool:
     """True (and says so) when a resumed run has already reached `steps`: it then trains nothing and leaves its
@@ -143,17 +154,30 @@ def run_is_complete(start_step: int, steps: int, run_name: str, checkpoint: Path
     return True
 
 
+def remove_checkpoints(directory: Path, log: Callable[[str], None] = print) -> None:
+    """A run started over (--resume=false) removes the earlier run's checkpoints: left beside the new ones, the
+    newest of them, a later step than the new run has reached, is what 04-07 and the next resume would load."""
+    earlier = checkpoint_paths(directory)
+    for path in earlier:
+        for file in (path, *path.parent.glob(f"{path.stem}.rank*.pt")):
+            file.unlink(missing_ok=True)
+    if earlier:
+        log(f"starting over: removed the earlier run's {len(earlier)} checkpoint(s) from {directory}")
+
+
 def start_training(checkpoint_dir: Path, run_dir: Path, model: GPT, optimizers: list[torch.optim.Optimizer],
                    loader: Any, dist_info: DistInfo, made_by: str, run_name: str, steps: int, resume: bool,
                    log: Callable[[str], None] = print) -> tuple[int, bool]:
     """Where a training notebook's loop starts: (first step, whether the run is complete already). With `resume`
     it continues from the newest usable checkpoint and says so once; a run that starts afresh drops an earlier
-    run's metrics.jsonl, and a resumed one the records an interrupted run logged after its checkpoint."""
+    run's metrics.jsonl and checkpoints, and a resumed one the records an interrupted run logged after its
+    checkpoint."""
     start_step, latest = (resume_training(checkpoint_dir, model, optimizers, loader, dist_info, made_by, log)
                           if resume else (0, None))
     complete = run_is_complete(start_step, steps, run_name, latest, log)
     if latest is None and dist_info.master:
         (Path(run_dir) / "metrics.jsonl").unlink(missing_ok=True)
+        remove_checkpoints(checkpoint_dir, log)
     elif latest is not None and not complete:
         if dist_info.master:
             drop_metrics_after(Path(run_dir) / "metrics.jsonl", start_step)

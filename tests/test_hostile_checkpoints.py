@@ -260,7 +260,19 @@ def test_a_run_saved_before_newer_model_settings_resumes_with_them_off(tmp_path)
     torch.save(state, path)
     assert resume_training(directory, *fresh(tmp_path), SINGLE, "03_pretrain")[0] == 1
     torch.save({**state, "model_config": {**state["model_config"], "smear": True}}, path)
-    with pytest.raises(sc.CheckpointError, match="holds a different model"):
+    with pytest.raises(sc.CheckpointError, match=r"holds a different model \(smear True there, False here\)"):
+        resume_training(directory, *fresh(tmp_path), SINGLE, "03_pretrain", lambda line: None)
+
+
+def test_resuming_after_a_new_tokenizer_names_the_vocabulary_sizes_and_why(tmp_path):
+    # 01 run again with another vocab_size, then 03 with the same run_name: the message names both sizes
+    directory, model = train_and_save(tmp_path, steps=(1,))
+    path = directory / "step_000001.pt"
+    state = torch.load(path, weights_only=True)
+    vocab = model.config.vocab_size
+    torch.save({**state, "model_config": {**state["model_config"], "vocab_size": vocab + 8}}, path)
+    with pytest.raises(sc.CheckpointError, match=rf"\(vocab_size {vocab + 8} there, {vocab} here: 01_tokenizer ran "
+                                                 rf"again since this run began\); use --run_name=<new name>"):
         resume_training(directory, *fresh(tmp_path), SINGLE, "03_pretrain", lambda line: None)
 
 

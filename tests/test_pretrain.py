@@ -157,14 +157,18 @@ def test_checkpoint_resume_is_bit_identical(tmp_path):
         resume_training(path.parent, other, sc.build_optimizers(other), make()[2], dist_info, "03_pretrain")
 
 
-def test_resumed_run_drops_the_records_logged_after_its_checkpoint(tmp_path):
-    """Stopped at step 7 after a checkpoint at step 5: steps 6 and 7 are trained again, so they are logged once."""
+def one_process_run(tmp_path):
+    """What start_training takes for a one-process run of the tiny model on the task shards."""
     (tmp_path / "shards").mkdir()
     copy_task_shards(tmp_path / "shards")
-    dist_info = sc.DistInfo(0, 1, 0, "cpu")
     model = tiny_model()
-    optimizers = sc.build_optimizers(model)
     loader = sc.PretrainLoader(tmp_path / "shards", "train", tokens=66, bos_id=BOS, vocab_size=512, max_doc_len=64)
+    return sc.DistInfo(0, 1, 0, "cpu"), model, sc.build_optimizers(model), loader
+
+
+def test_resumed_run_drops_the_records_logged_after_its_checkpoint(tmp_path):
+    """Stopped at step 7 after a checkpoint at step 5: steps 6 and 7 are trained again, so they are logged once."""
+    dist_info, model, optimizers, loader = one_process_run(tmp_path)
     save_checkpoint(tmp_path / "ckpt", 5, model, optimizers, loader, sc.GPTConfig(), dist_info)
     run_log = RunLog(tmp_path / "run")
     for step in range(1, 8):
@@ -177,6 +181,21 @@ def test_resumed_run_drops_the_records_logged_after_its_checkpoint(tmp_path):
                                      "03_pretrain", "run", 10, resume=True, log=lambda line: None)
     assert (start, complete) == (5, False)
     assert [record["step"] for record in run_log.read()] == [1, 2, 3, 4, 5, 5]
+
+
+def test_a_run_started_over_removes_the_earlier_runs_checkpoints(tmp_path):
+    """--resume=false on a run saved up to step 8: its checkpoints go, else the newest of them (a later step than
+    the new run reaches) would be what 04-07 load and what the next resume continues."""
+    dist_info, model, optimizers, loader = one_process_run(tmp_path)
+    for step in (4, 8):
+        save_checkpoint(tmp_path / "ckpt", step, model, optimizers, loader, sc.GPTConfig(), dist_info)
+    (tmp_path / "ckpt" / "notes.txt").write_text("not a checkpoint")
+    said = []
+    start, complete = start_training(tmp_path / "ckpt", tmp_path / "run", model, optimizers, loader, dist_info,
+                                     "03_pretrain", "run", 6, resume=False, log=said.append)
+    assert (start, complete) == (0, False)
+    assert sorted(path.name for path in (tmp_path / "ckpt").iterdir()) == ["notes.txt"]
+    assert said == [f"starting over: removed the earlier run's 2 checkpoint(s) from {tmp_path / 'ckpt'}"]
 
 
 def test_dropping_later_records_keeps_those_around_damaged_lines(tmp_path):
