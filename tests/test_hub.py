@@ -173,6 +173,26 @@ def test_pull_shards_downloads_tokenizer_and_shards_only(hub, tmp_path, stack_ho
     assert hub.unexpected == []
 
 
+def test_pull_shards_drops_the_local_tokenizer_stamps(hub, tmp_path, stack_home):
+    """The stamps of the shards being replaced name the tokenizer being replaced: a set the repo brings with its own
+    stamp gets that one, a set it brings without one (pushed before stamps existed) none, instead of the old one."""
+    from data.tokenizing import SHARDS_STAMP
+
+    source = make_stack_home(tmp_path / "source")
+    source[f"shards/pretrain/{SHARDS_STAMP}"] = b"aaaaaaaaaaaa\n"
+    source["shards/core/arc.bin"] = source["shards/pretrain/val_000000.bin"]
+    for path, data in source.items():
+        hub.add_file(SHARD_REPO, path, data)
+    for shard_set in ("pretrain", "core"):
+        (stack_home / "shards" / shard_set).mkdir(parents=True)
+        (stack_home / "shards" / shard_set / SHARDS_STAMP).write_text("bbbbbbbbbbbb\n")
+
+    pull_shards(SHARD_REPO, stack_home, endpoint=hub.url)
+    assert (stack_home / "shards" / "pretrain" / SHARDS_STAMP).read_text() == "aaaaaaaaaaaa\n"
+    assert not (stack_home / "shards" / "core" / SHARDS_STAMP).exists()
+    assert hub.unexpected == []
+
+
 def test_pull_shards_rejects_a_repo_without_tokenizer(hub, tmp_path):
     hub.add_file("someone/plain-dataset", "README.md", b"# not shards\n")
     hub.add_file("someone/plain-dataset", "shards/pretrain/train_000000.bin", b"\0" * 64)
