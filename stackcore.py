@@ -20,7 +20,8 @@ Sections (and the notebooks that call them):
 Beside the notebooks, in notebooks/: config.py (every notebook's settings: presets, STACK_* variables, flags),
 runtime.py (the first cell: Colab installs, Drive, GPU report), training.py (writing checkpoints, resuming, run
 logs, 03's window and batch ramps), core_eval.py (04's samples), sft.py and rl.py (05's and 06's steps),
-chat_session.py (07's chat), report.py (the report card) and pipeline.py (`python3 stackcore.py pipeline`).
+chat_session.py (07's chat), runs.py (04, 05 and 07 find a run's checkpoint by its name), report.py (the report
+card) and pipeline.py (`python3 stackcore.py pipeline`).
 
 The notebooks keep the training loops in view; this file holds the reusable and performance-critical parts.
 """
