@@ -2,9 +2,8 @@
 newest usable checkpoint on any number of ranks, falling back past damaged ones; "already complete"; refused when
 its length or its starting weights changed), saving its checkpoints (the newest few kept) with the totals a
 summary adds up over sessions, stopping on a non-finite loss, and its metrics log; and 03's growing window and
-batch. Only these three
-notebooks train, so this lives beside them; stackcore keeps the checkpoint reader (load_checkpoint,
-model_from_checkpoint) that 04-07 use too, and the optimizer's schedules that 03 and 05 share."""
+batch. Only these three notebooks train, so this lives beside them; stackcore keeps the checkpoint reader
+(load_checkpoint, model_from_checkpoint) that 04-07 use too, and the optimizer's schedules that 03 and 05 share."""
 from __future__ import annotations
 
 import dataclasses
@@ -209,8 +208,8 @@ def check_same_length(saved: dict[str, Any], start_step: int, steps: int, run_na
     hint = new_run_hint(checkpoint, saved.get("config", {}))
     raise CheckpointError(f"run {run_name!r} was started for {planned} steps ({checkpoint} is at step {start_step}) "
                           f"and --steps={steps} would {'stretch' if steps > planned else 'squeeze'} its "
-                          f"learning-rate schedule, moving rates that have begun to cool back up: resume it with "
-                          f"--steps={planned}, or to train for longer, {hint}")
+                          f"learning-rate schedule mid-run (after the last step, rates cooled to zero would rise "
+                          f"again): resume it with --steps={planned}, or to train for longer, {hint}")
 
 
 def run_is_complete(start_step: int, steps: int, run_name: str, checkpoint: Path | None,
