@@ -5,20 +5,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stackcore import (CheckpointError, MissingArtifactError, artifact_dir, latest_checkpoint, load_checkpoint,
-                       stack_home)
-
-# an entry of the `extra` dict that only one training notebook saves with its checkpoints
-MAKER_BY_ENTRY = {"val_bpb": "03_pretrain", "base_checkpoint": "05_sft", "start_checkpoint": "06_rl"}
+from stackcore import (CHECKPOINT_MAKERS, CheckpointError, MissingArtifactError, artifact_dir, latest_checkpoint,
+                       load_checkpoint, stack_home)
 
 
 def notebook_that_saved(checkpoint: Path) -> str:
-    """The notebook that saved `checkpoint`, known by the entry only that notebook writes."""
+    """The notebook that saved `checkpoint`, as it records (`made_by`); for a checkpoint saved before that was
+    recorded, the notebook whose default run name its folder has."""
     try:
         state = load_checkpoint(checkpoint, keys=("model",))
     except CheckpointError:
         return "damaged"
-    return next((maker for entry, maker in MAKER_BY_ENTRY.items() if entry in state), "unknown notebook")
+    return str(state.get("made_by") or CHECKPOINT_MAKERS.get(checkpoint.parent.name, "unknown notebook"))
 
 
 def runs_with_checkpoints() -> dict[str, str]:

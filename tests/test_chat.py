@@ -113,13 +113,14 @@ def test_find_chat_checkpoint_prefers_chat_runs(stack_home):
 
 
 def test_a_run_name_without_checkpoints_lists_the_runs_that_have_them(stack_home):
-    """A misspelt --run_name: the runs there are, each with the notebook that trained it (known by the entry only
-    that notebook saves), instead of a bare 'run 03_pretrain first'."""
+    """A misspelt --run_name: the runs there are, each with the notebook that trained it (as the checkpoint records
+    it; before it did, the notebook whose default run name the folder has), instead of a bare 'run 03_pretrain
+    first'."""
     import torch
 
     root = sc.artifact_dir("checkpoints")
-    saved = {"pretrain": {"val_bpb": 1.5}, "big_base": {"val_bpb": 1.2}, "sft": {"base_checkpoint": "x"},
-             "rl": {"start_checkpoint": "y"}, "mine": {}}
+    saved = {"pretrain": {}, "big_base": {"made_by": "03_pretrain"}, "sft": {"made_by": "05_sft"}, "rl": {},
+             "mine": {}}
     for run, entries in saved.items():
         (root / run).mkdir()
         torch.save({"model": {}, "model_config": {}, "step": 1, **entries}, root / run / "step_000001.pt")

@@ -457,8 +457,8 @@ def test_a_tokenizer_retrained_at_the_same_size_is_refused_by_the_next_notebooks
                                            ("07_chat", "run_name")])
 def test_a_misspelt_run_name_lists_the_runs_there_are(stack_home, tiny_tokenizer, twin, setting):
     shutil.copytree(tiny_tokenizer, stack_home / "tokenizer")
-    save_tiny_checkpoint(stack_home / "checkpoints" / "pretrain" / "step_000001.pt", val_bpb=2.0)
-    save_tiny_checkpoint(stack_home / "checkpoints" / "sft" / "step_000001.pt", base_checkpoint="x")
+    save_tiny_checkpoint(stack_home / "checkpoints" / "pretrain" / "step_000001.pt", made_by="03_pretrain")
+    save_tiny_checkpoint(stack_home / "checkpoints" / "sft" / "step_000001.pt", made_by="05_sft")
     result = run_twin(twin, stack_home, f"--{setting}=pretrian")
     error = result.stderr.strip().splitlines()[-1]
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
