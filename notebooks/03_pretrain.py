@@ -428,7 +428,7 @@ from notebooks.training import RunLog, check_finite_loss, save_checkpoint, start
 
 start_step, complete, earlier_totals = start_training(checkpoint_dir, run_dir, model, optimizers, train_loader,
                                                       dist_info, "03_pretrain", cfg.run_name, cfg.steps, cfg.resume,
-                                                      log)
+                                                      log, tokenizer_fingerprint=tokenizer.fingerprint)
 wandb_run = None
 if cfg.wandb and dist_info.master:
     import wandb

@@ -252,7 +252,7 @@ from notebooks.training import RunLog, check_finite_loss, save_checkpoint, start
 base_origin = weights_origin(base_path, base_checkpoint)
 start_step, complete, earlier_totals = start_training(checkpoint_dir, run_dir, model, optimizers, train_loader,
                                                       dist_info, "05_sft", cfg.run_name, steps, cfg.resume, log,
-                                                      base_origin)
+                                                      base_origin, tokenizer.fingerprint)
 run_log = RunLog(run_dir, enabled=dist_info.master)
 
 # %% [markdown]

@@ -250,7 +250,7 @@ from notebooks.training import RunLog, check_finite_loss, save_checkpoint, start
 start_origin = weights_origin(start_path, start_checkpoint)
 start_step, complete, earlier_totals = start_training(checkpoint_dir, run_dir, model, optimizers, sampler, dist_info,
                                                       "06_rl", cfg.run_name, cfg.steps, cfg.resume, log,
-                                                      start_origin)
+                                                      start_origin, tokenizer.fingerprint)
 run_log = RunLog(run_dir, enabled=dist_info.master)
 
 # %% [markdown]
