@@ -20,7 +20,8 @@ Sections (and the notebooks that call them):
 Beside the notebooks, in notebooks/: config.py (every notebook's settings: presets, STACK_* variables, flags),
 runtime.py (the first cell: Colab installs, Drive, GPU report), training.py (writing checkpoints, resuming, run
 logs, 03's window and batch ramps), core_eval.py (04's samples), sft.py and rl.py (05's and 06's steps),
-chat_session.py (07's chat), report.py (the report card) and pipeline.py (`python3 stackcore.py pipeline`).
+chat_session.py (07's chat), runs.py (04, 05 and 07 find a run's checkpoint by its name), report.py (the report
+card) and pipeline.py (`python3 stackcore.py pipeline`).
 
 The notebooks keep the training loops in view; this file holds the reusable and performance-critical parts.
 """
@@ -29,6 +30,7 @@ from __future__ import annotations
 import ast
 import base64
 import dataclasses
+import hashlib
 import importlib
 import inspect
 import json
@@ -185,6 +187,8 @@ class Tokenizer:
         self.specials = {token: len(ranks) + i for i, token in enumerate(SPECIAL_TOKENS)}
         self.enc = tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=self.specials)
         self.bos_id = self.special_id("<|bos|>")
+        # a hash of what decides the ids (ranks, split pattern, special tokens): shards and checkpoints record it
+        self.fingerprint = hashlib.sha1(repr((sorted(ranks.items()), pattern, self.specials)).encode()).hexdigest()[:12]
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, name: str = "decoderstack") -> "Tokenizer":
@@ -2087,15 +2091,17 @@ def load_checkpoint(path: Path, device: str = "cpu", made_by: str | None = None,
     return state
 
 
-def model_from_checkpoint(path: Path, device: str, vocab_size: int | None = None, made_by: str | None = None
+def model_from_checkpoint(path: Path, device: str, tokenizer: Tokenizer | None = None, made_by: str | None = None
                           ) -> tuple[GPT, dict[str, Any]]:
-    """A checkpoint's model, refused for another `vocab_size`: other ids overrun its embedding or mean other text."""
+    """A checkpoint's model, refused for another tokenizer (by vocabulary size, and by fingerprint where recorded)."""
     checkpoint = load_checkpoint(path, device, made_by)
-    model_vocab = checkpoint["model_config"]["vocab_size"]
-    if vocab_size is not None and model_vocab != vocab_size:
-        raise CheckpointError(f"{path} holds a model with a vocabulary of {model_vocab} tokens, but the tokenizer "
-                              f"in {artifact_dir('tokenizer', create=False)} has {vocab_size}: it was trained with "
-                              f"another tokenizer; use that tokenizer's STACK_HOME or train the model again")
+    vocab, fingerprint = checkpoint["model_config"]["vocab_size"], checkpoint.get("tokenizer_fingerprint")
+    if tokenizer and (vocab, fingerprint or tokenizer.fingerprint) != (tokenizer.vocab_size, tokenizer.fingerprint):
+        raise CheckpointError(f"{path} holds a model with a vocabulary of {vocab} tokens, but the tokenizer in "
+                              f"{artifact_dir('tokenizer', create=False)} has {tokenizer.vocab_size} (fingerprint "
+                              f"{tokenizer.fingerprint}; the model's: {fingerprint or 'not recorded'}): it was trained "
+                              f"with another tokenizer; use that tokenizer's STACK_HOME, or run notebooks/02_sharding "
+                              f"and 03_pretrain again")
     model = GPT(saved_model_config(path, checkpoint["model_config"])).to(device)
     model.load_state_dict(checkpoint["model"])
     return model, checkpoint

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from data.tokenizing import SHARDS_STAMP
+
 HUB_PATTERNS = ["tokenizer/*", "shards/**"]
 
 
@@ -12,6 +14,8 @@ def pull_shards(repo_id: str, stack_home: Path, endpoint: str | None = None, rev
     """Download a shard repo's `tokenizer/` and `shards/` into `stack_home`; return the folder."""
     from huggingface_hub import snapshot_download
 
+    for stamp in (stack_home / "shards").glob(f"*/{SHARDS_STAMP}"):
+        stamp.unlink()  # they name the tokenizer being replaced; a repo's own stamps (pushed with its shards) return
     snapshot_download(repo_id, repo_type="dataset", revision=revision, local_dir=stack_home,
                       allow_patterns=HUB_PATTERNS, endpoint=endpoint)
     for needed in ("tokenizer/tokenizer.tiktoken", "tokenizer/tokenizer.json"):

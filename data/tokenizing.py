@@ -1,6 +1,7 @@
 """Tokenizing a corpus in worker processes: how 02_sharding encodes the pretraining documents (tokenize_parallel)
-and renders the SFT conversations (data/sft.py's render_parallel); and the published encodings 01_tokenizer compares
-with (reference_encoding)."""
+and renders the SFT conversations (data/sft.py's render_parallel); which tokenizer wrote a folder of shards (a stamp
+of its fingerprint that 02 writes and 03-06 check); and the published encodings 01_tokenizer compares with
+(reference_encoding)."""
 from __future__ import annotations
 
 import multiprocessing
@@ -10,9 +11,10 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 
-from stackcore import Tokenizer
+from stackcore import ShardError, Tokenizer, artifact_dir
 
 ItemT = TypeVar("ItemT")
+SHARDS_STAMP = "tokenizer.fingerprint"  # in each shard folder: the fingerprint of the tokenizer that wrote it
 _worker_tokenizer: Tokenizer | None = None
 
 
@@ -63,6 +65,27 @@ def tokenize_parallel(tokenizer_dir: Path, docs: Iterable[str], workers: int, ba
                       ) -> Iterator[np.ndarray]:
     """Token ids of each document, BOS first, in input order, encoded by `workers` processes."""
     return map_with_tokenizer(tokenizer_dir, _encode_with_bos, batched(docs, batch_docs), workers)
+
+
+def stamp_shards(directory: Path, tokenizer: Tokenizer) -> None:
+    """Record in `directory` which tokenizer wrote its shards, once they are all written: a run cut short leaves the
+    previous stamp, which then refuses the half-written folder instead of vouching for it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / SHARDS_STAMP).write_text(tokenizer.fingerprint + "\n")
+
+
+def check_shards_tokenizer(directory: Path, tokenizer: Tokenizer) -> None:
+    """Refuse shards written by another tokenizer than `tokenizer`, even one of the same vocabulary size: their ids
+    would be read as other text. Shards without a stamp (older ones, modded-nanogpt's) are taken as they are."""
+    stamp = Path(directory) / SHARDS_STAMP
+    if not stamp.is_file():
+        return
+    with open(stamp, "rb") as f:
+        written_by = f.read(64).decode(errors="replace").strip()
+    if written_by != tokenizer.fingerprint:
+        raise ShardError(f"{stamp}: the shards in {directory} were written by tokenizer {written_by!r}, but the "
+                         f"tokenizer in {artifact_dir('tokenizer', create=False)} is {tokenizer.fingerprint!r} (01 "
+                         f"trained another since): run notebooks/02_sharding again")
 
 
 def reference_encoding(name: str, timeout_s: float = 30.0) -> Any:

@@ -76,7 +76,7 @@ from tqdm.auto import tqdm
 from data import core, gsm8k, sft
 from data.hub import pull_shards, push_shards
 from data.pretrain import CorpusConfig, iter_documents
-from data.tokenizing import tokenize_parallel
+from data.tokenizing import stamp_shards, tokenize_parallel
 from notebooks.config import above, at_least, configure, describe_config, in_notebook_kernel
 
 
@@ -108,14 +108,30 @@ run_dir.mkdir(parents=True, exist_ok=True)
 # ## Option A: download ready-made shards
 # If `pretokenized_repo` is set, the tokenizer and shards come from that dataset repo and replace your own
 # tokenizer (shards only make sense with the tokenizer that wrote them). Leave it empty to tokenize yourself.
+# A tokenizer's fingerprint, a hash of its ranks, split pattern and special tokens, tells two tokenizers apart even at
+# the same vocabulary size: every shard folder records the one that wrote it, and every checkpoint the one it was
+# trained with, and later notebooks refuse them with another tokenizer.
 
 # %%
+def local_tokenizer_fingerprint() -> str | None:
+    """The fingerprint of the tokenizer in STACK_HOME; None where there is none, or only a damaged one."""
+    try:
+        return sc.Tokenizer.load(sc.artifact_dir("tokenizer")).fingerprint
+    except (FileNotFoundError, ValueError):
+        return None
+
+
 if cfg.pretokenized_repo:
+    replaced = local_tokenizer_fingerprint()
     pull_shards(cfg.pretokenized_repo, sc.stack_home())
     print(f"downloaded {cfg.pretokenized_repo} into {sc.stack_home()}")
 tokenizer_dir = sc.artifact_dir("tokenizer")
 tokenizer = sc.Tokenizer.load(tokenizer_dir)
-print(f"tokenizer: {tokenizer.vocab_size} tokens, BOS id {tokenizer.bos_id}")
+print(f"tokenizer: {tokenizer.vocab_size} tokens, BOS id {tokenizer.bos_id}, fingerprint {tokenizer.fingerprint}")
+if cfg.pretokenized_repo and replaced not in (None, tokenizer.fingerprint):
+    print(f"note: {cfg.pretokenized_repo}'s tokenizer replaced another one ({replaced}) in {tokenizer_dir}; the "
+          f"checkpoints made with that one no longer match it: start new runs (or give each tokenizer its own "
+          f"STACK_HOME)")
 
 # %% [markdown]
 # ## Option B: tokenize the corpus
@@ -144,6 +160,7 @@ if not cfg.pretokenized_repo:
     train_seconds = time.time() - t0
     val_docs = [doc for _, doc in zip(range(cfg.val_docs), iter_documents(files, "val"))]
     written["val"] = write_split("val", val_docs, len(val_docs))
+    stamp_shards(shard_dir, tokenizer)
     train_tokens = sum(tokens for _, tokens, _ in written["train"])
     print(f"tokenized {train_tokens / 1e6:.2f} M training tokens in {train_seconds:.1f} s")
 
@@ -228,6 +245,7 @@ for task in core.available_tasks(bundle):
     manifest.append({"label": task.label, "kind": task.kind, "baseline": task.baseline, "examples": len(chosen)})
     print(f"{task.label:<34} {len(chosen):>6} examples {len(sc.read_shard(path)):>10,} tokens")
 core.write_core_manifest(core_dir, manifest)
+stamp_shards(core_dir, tokenizer)
 print(f"{len(manifest)} CORE tasks written to {core_dir}")
 
 # %% [markdown]
@@ -291,6 +309,7 @@ for n, (ids, mask) in enumerate(tqdm(rendered, total=sum(cfg.counts().values()),
     lengths[sources[n]].append(len(ids))
 for writer in writers.values():
     writer.flush()
+stamp_shards(sft_dir, tokenizer)
 print(f"{'source':<14} {'conversations':>13} {'tokens':>12} {'trained':>8}")
 for key in (*sft.SFT_SOURCES, "train", "val"):
     if stats[key]["conversations"]:
@@ -335,6 +354,7 @@ for split, limit in (("train", cfg.rl_train_prompts), ("test", cfg.rl_test_promp
     lengths = [len(prompt.ids) for prompt in prompts]
     report["gsm8k"][split] = {"prompts": len(prompts), "tokens": sum(lengths), "longest": max(lengths)}
     print(f"GSM8K {split:>5}: {len(prompts):>5,} prompts, {sum(lengths):>9,} tokens, longest {max(lengths)}")
+stamp_shards(gsm8k_dir, tokenizer)
 (run_dir / "summary.json").write_text(json.dumps(report, indent=1))
 first = gsm8k.read_prompt_shard(gsm8k_dir, "test", tokenizer.vocab_size)[0]
 print(f"the first test prompt, as the engine sees it (gold answer {first.gold}):\n{tokenizer.decode(first.ids)}")

@@ -75,6 +75,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from data.tokenizing import check_shards_tokenizer
 from notebooks.config import (ATTENTION_SETTING, StackConfig, above, accumulation_steps, at_least, configure,
                               describe_config, folder_name, layer_list, one_of)
 from notebooks.report import format_duration
@@ -363,6 +364,7 @@ plt.show()
 
 # %%
 shard_dir = sc.require_artifact(sc.artifact_dir("shards") / "pretrain", made_by="02_sharding")
+check_shards_tokenizer(shard_dir, tokenizer)
 loader_args = dict(tokens=cfg.micro_tokens, bos_id=tokenizer.bos_id, vocab_size=tokenizer.vocab_size,
                    max_doc_len=cfg.seq_len, rank=dist_info.rank, world_size=dist_info.world_size, device=device)
 train_loader = sc.PretrainLoader(shard_dir, "train", **loader_args)
@@ -426,7 +428,7 @@ from notebooks.training import RunLog, check_finite_loss, save_checkpoint, start
 
 start_step, complete, earlier_totals = start_training(checkpoint_dir, run_dir, model, optimizers, train_loader,
                                                       dist_info, "03_pretrain", cfg.run_name, cfg.steps, cfg.resume,
-                                                      log)
+                                                      log, tokenizer_fingerprint=tokenizer.fingerprint)
 wandb_run = None
 if cfg.wandb and dist_info.master:
     import wandb
@@ -466,7 +468,8 @@ for step in range(start_step, start_step if complete else cfg.steps + 1):
     if step > start_step and (step % cfg.save_every == 0 or last):
         saved = save_checkpoint(checkpoint_dir, step, model, optimizers, train_loader, cfg, dist_info,
                                 {"val_bpb": val_bpb, "tokenizer_dir": str(tokenizer_dir), "total_steps": cfg.steps,
-                                 "totals": {"train_seconds": train_seconds}}, keep=cfg.keep_checkpoints)
+                                 "totals": {"train_seconds": train_seconds}, "made_by": "03_pretrain",
+                                 "tokenizer_fingerprint": tokenizer.fingerprint}, keep=cfg.keep_checkpoints)
         log(f"saved {saved}")
     if last:
         break

@@ -82,9 +82,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from data.tokenizing import check_shards_tokenizer
 from notebooks.config import ATTENTION_SETTING, StackConfig, above, at_least, configure, describe_config, folder_name
 from notebooks.core_eval import core_input_tokens, first_examples, first_pack
 from notebooks.report import format_duration
+from notebooks.runs import run_checkpoint
 
 
 @dataclass
@@ -108,19 +110,18 @@ log = print if dist_info.master else (lambda *args, **kwargs: None)
 log(describe_config(cfg))
 run_dir = sc.artifact_dir("runs") / "04_core_eval"
 run_dir.mkdir(parents=True, exist_ok=True)
-checkpoint_path = cfg.checkpoint or sc.latest_checkpoint(sc.artifact_dir("checkpoints") / cfg.run_name)
-if checkpoint_path is None:
-    raise sc.MissingArtifactError(f"no checkpoint in {sc.artifact_dir('checkpoints') / cfg.run_name}: run "
-                                  f"notebooks/03_pretrain first (STACK_HOME is {sc.stack_home()})")
+checkpoint_path = cfg.checkpoint or run_checkpoint(cfg.run_name, "run_name", "03_pretrain")
 tokenizer_dir = sc.artifact_dir("tokenizer")
 tokenizer = sc.Tokenizer.load(tokenizer_dir)
-model, checkpoint = sc.model_from_checkpoint(checkpoint_path, device, tokenizer.vocab_size, "03_pretrain")
+model, checkpoint = sc.model_from_checkpoint(checkpoint_path, device, tokenizer, "03_pretrain")
 model.set_compute_dtype(sc.pick_compute_dtype(device))
 model.cast_weights_for_inference()  # evaluation only: no fp32 master weights to keep
 backend = sc.pick_attention_backend(device, cfg.attention)
 if cfg.compile and device.startswith("cuda"):
     model.compile_layers(evaluation=True)
-shards = sc.read_core_shards(sc.artifact_dir("shards") / "core", tokenizer.vocab_size)
+core_dir = sc.artifact_dir("shards") / "core"
+check_shards_tokenizer(core_dir, tokenizer)
+shards = sc.read_core_shards(core_dir, tokenizer.vocab_size)
 log(f"checkpoint {checkpoint_path} (step {checkpoint['step']}), {model.num_params()['total']:,} parameters, "
     f"attention {backend}; {len(shards)} CORE tasks, {sum(len(s.records) for s in shards):,} prompts")
 
@@ -268,7 +269,9 @@ if dist_info.master:
 # %%
 train_config = checkpoint["config"]
 token_bytes = torch.from_numpy(tokenizer.token_bytes())
-val_loader = sc.PretrainLoader(sc.require_artifact(sc.artifact_dir("shards") / "pretrain", "02_sharding"), "val",
+val_dir = sc.require_artifact(sc.artifact_dir("shards") / "pretrain", "02_sharding")
+check_shards_tokenizer(val_dir, tokenizer)
+val_loader = sc.PretrainLoader(val_dir, "val",
                                tokens=train_config["micro_tokens"], bos_id=tokenizer.bos_id,
                                vocab_size=tokenizer.vocab_size, max_doc_len=model.config.max_seq_len,
                                rank=dist_info.rank, world_size=dist_info.world_size, device=device)

@@ -78,9 +78,11 @@ import torch
 
 from data.chat_eval import (ChatEvalConfig, chat_table, describe_tasks, evaluate_chat, load_chat_tasks,
                             plot_chat_results)
+from data.tokenizing import check_shards_tokenizer
 from notebooks.config import (ATTENTION_SETTING, above, accumulation_steps, at_least, configure, describe_config,
                               folder_name)
 from notebooks.report import format_duration
+from notebooks.runs import run_checkpoint
 from notebooks.sft import evaluate_sft_loss, sft_backward
 
 
@@ -137,11 +139,8 @@ tokenizer = sc.Tokenizer.load(tokenizer_dir)
 # that works here. Fine-tuning keeps its context length: conversations longer than that are cut.
 
 # %%
-base_path = cfg.checkpoint or sc.latest_checkpoint(sc.artifact_dir("checkpoints") / cfg.base_run)
-if base_path is None:
-    raise sc.MissingArtifactError(f"no checkpoint in {sc.artifact_dir('checkpoints') / cfg.base_run}: run "
-                                  f"notebooks/03_pretrain first (STACK_HOME is {sc.stack_home()})")
-model, base_checkpoint = sc.model_from_checkpoint(base_path, device, tokenizer.vocab_size, "03_pretrain")
+base_path = cfg.checkpoint or run_checkpoint(cfg.base_run, "base_run", "03_pretrain")
+model, base_checkpoint = sc.model_from_checkpoint(base_path, device, tokenizer, "03_pretrain")
 compute_dtype = sc.pick_compute_dtype(device)
 model.set_compute_dtype(compute_dtype)
 backend = sc.pick_attention_backend(device, cfg.attention)
@@ -160,6 +159,7 @@ log(f"base model {base_path} (step {base_checkpoint['step']}): {model.num_params
 
 # %%
 sft_dir = sc.require_artifact(sc.artifact_dir("shards") / "sft", made_by="02_sharding")
+check_shards_tokenizer(sft_dir, tokenizer)
 loader_args = dict(tokens=cfg.micro_tokens, bos_id=tokenizer.bos_id, vocab_size=tokenizer.vocab_size,
                    max_seq_len=seq_len, rank=dist_info.rank, world_size=dist_info.world_size, device=device)
 train_loader = sc.SFTLoader(sft_dir, "train", seed=cfg.seed, **loader_args)
@@ -252,7 +252,7 @@ from notebooks.training import RunLog, check_finite_loss, save_checkpoint, start
 base_origin = weights_origin(base_path, base_checkpoint)
 start_step, complete, earlier_totals = start_training(checkpoint_dir, run_dir, model, optimizers, train_loader,
                                                       dist_info, "05_sft", cfg.run_name, steps, cfg.resume, log,
-                                                      base_origin)
+                                                      base_origin, tokenizer.fingerprint)
 run_log = RunLog(run_dir, enabled=dist_info.master)
 
 # %% [markdown]
@@ -277,8 +277,8 @@ for step in range(start_step, start_step if complete else steps + 1):
     if step > start_step and (step % cfg.save_every == 0 or last):
         saved = save_checkpoint(checkpoint_dir, step, model, optimizers, train_loader, cfg, dist_info,
                                 {"val_loss": val_loss, "tokenizer_dir": str(tokenizer_dir), "origin": base_origin,
-                                 "total_steps": steps, "totals": {"train_seconds": train_seconds}},
-                                keep=cfg.keep_checkpoints)
+                                 "total_steps": steps, "totals": {"train_seconds": train_seconds}, "made_by": "05_sft",
+                                 "tokenizer_fingerprint": tokenizer.fingerprint}, keep=cfg.keep_checkpoints)
         log(f"saved {saved}")
     if last:
         break

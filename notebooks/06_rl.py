@@ -78,6 +78,7 @@ import numpy as np
 import torch
 
 from data import gsm8k
+from data.tokenizing import check_shards_tokenizer
 from notebooks.config import ATTENTION_SETTING, StackConfig, above, at_least, configure, describe_config, folder_name
 from notebooks.rl import (PromptSampler, evaluate_pass_at_k, generate_rollouts, group_advantages,
                           policy_gradient_backward)
@@ -151,7 +152,7 @@ def starting_checkpoint() -> str:
 
 start_path = starting_checkpoint()
 tokenizer = sc.Tokenizer.load(sc.artifact_dir("tokenizer"))
-model, start_checkpoint = sc.model_from_checkpoint(start_path, device, tokenizer.vocab_size)
+model, start_checkpoint = sc.model_from_checkpoint(start_path, device, tokenizer)
 compute_dtype = sc.pick_compute_dtype(device)
 model.set_compute_dtype(compute_dtype)
 backend = sc.pick_attention_backend(device, cfg.attention)
@@ -168,6 +169,7 @@ log(f"starting from {start_path} (step {start_checkpoint['step']}): {model.num_p
 
 # %%
 prompt_dir = sc.artifact_dir("shards") / "gsm8k"
+check_shards_tokenizer(prompt_dir, tokenizer)
 longest_prompt = model.config.max_seq_len - cfg.max_new_tokens
 train_prompts, test_prompts = ([p for p in gsm8k.read_prompt_shard(prompt_dir, split, tokenizer.vocab_size)
                                 if len(p.ids) <= longest_prompt] for split in ("train", "test"))
@@ -248,7 +250,7 @@ from notebooks.training import RunLog, check_finite_loss, save_checkpoint, start
 start_origin = weights_origin(start_path, start_checkpoint)
 start_step, complete, earlier_totals = start_training(checkpoint_dir, run_dir, model, optimizers, sampler, dist_info,
                                                       "06_rl", cfg.run_name, cfg.steps, cfg.resume, log,
-                                                      start_origin)
+                                                      start_origin, tokenizer.fingerprint)
 run_log = RunLog(run_dir, enabled=dist_info.master)
 
 # %% [markdown]
@@ -279,7 +281,8 @@ for step in range(start_step, start_step if complete else cfg.steps + 1):
         evaluate(step)
     if step > start_step and (step % cfg.save_every == 0 or last):
         saved = save_checkpoint(checkpoint_dir, step, model, optimizers, sampler, cfg, dist_info,
-                                {"origin": start_origin, "total_steps": cfg.steps, "totals": dict(totals)},
+                                {"origin": start_origin, "total_steps": cfg.steps, "totals": dict(totals),
+                                 "made_by": "06_rl", "tokenizer_fingerprint": tokenizer.fingerprint},
                                 keep=cfg.keep_checkpoints)
         log(f"saved {saved}")
     if last:

@@ -102,7 +102,7 @@ print(describe_config(cfg))
 device = sc.pick_device()
 checkpoint_path = cfg.checkpoint or find_chat_checkpoint(cfg.run_name)
 tokenizer = sc.Tokenizer.load(sc.artifact_dir("tokenizer"))
-model, checkpoint = sc.model_from_checkpoint(checkpoint_path, device, tokenizer.vocab_size)
+model, checkpoint = sc.model_from_checkpoint(checkpoint_path, device, tokenizer)
 model.set_compute_dtype(sc.pick_compute_dtype(device))
 model.to(model.compute_dtype).eval()  # no fp32 master weights at inference: a decode step reads every weight once
 engine = sc.Engine(model, tokenizer, backend=sc.pick_attention_backend(device, cfg.attention))

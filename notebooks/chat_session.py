@@ -10,6 +10,7 @@ import typing
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from notebooks.runs import run_checkpoint
 from stackcore import (SPECIAL_TOKENS, Engine, MissingArtifactError, Tokenizer, artifact_dir, assistant_parts,
                        latest_checkpoint, render_for_completion, show_parts, stack_home)
 
@@ -33,15 +34,15 @@ def run_on_rank_zero_only(notebook: str) -> None:
 def find_chat_checkpoint(run_name: str = "") -> Path:
     """The newest checkpoint of run `run_name`; by default that of the newest chat run (06_rl, 05_sft), else
     that of 03_pretrain's base model."""
+    if run_name:
+        return run_checkpoint(run_name, "run_name", CHAT_CHECKPOINT_RUNS.get(run_name, "03_pretrain"))
     root = artifact_dir("checkpoints")
-    runs = [run_name] if run_name else list(CHAT_CHECKPOINT_RUNS)
-    found = [path for path in (latest_checkpoint(root / run) for run in runs) if path is not None]
-    if not found and not run_name:
+    found = [path for path in (latest_checkpoint(root / run) for run in CHAT_CHECKPOINT_RUNS) if path is not None]
+    if not found:
         found = [path for path in [latest_checkpoint(root / "pretrain")] if path is not None]
     if not found:
-        made_by = CHAT_CHECKPOINT_RUNS.get(run_name, "03_pretrain")
-        raise MissingArtifactError(f"no checkpoint under {root / (run_name or 'pretrain')} (nor of a chat run): "
-                                   f"run notebooks/{made_by} first (STACK_HOME is {stack_home()})")
+        raise MissingArtifactError(f"no checkpoint under {root / 'pretrain'} (nor of a chat run): run "
+                                   f"notebooks/03_pretrain first (STACK_HOME is {stack_home()})")
     return max(found, key=lambda path: path.stat().st_mtime)
 
 

@@ -199,6 +199,17 @@ def check_same_origin(saved: dict[str, Any], origin: dict[str, Any] | None, run_
                           f"there")
 
 
+def check_same_tokenizer(saved: dict[str, Any], fingerprint: str | None, run_name: str, checkpoint: Path) -> None:
+    """Refuse to resume a run trained with another tokenizer than the one there now (01 trained another since): its
+    model would go on learning ids that now mean other text, and its next checkpoint would record the new one."""
+    before = saved.get("tokenizer_fingerprint")
+    if fingerprint is None or before in (None, fingerprint):
+        return
+    raise CheckpointError(f"run {run_name!r} was trained with another tokenizer ({checkpoint} records fingerprint "
+                          f"{before}, the tokenizer now has {fingerprint}): start a new run with --run_name=<new "
+                          f"name>, or this one over with --resume=false")
+
+
 def check_same_length(saved: dict[str, Any], start_step: int, steps: int, run_name: str, checkpoint: Path) -> None:
     """Refuse to resume a run with another --steps than it started with: the learning-rate schedules follow a run's
     length, so a new length would move them mid-run; after the last step, rates cooled to zero would rise again."""
@@ -236,17 +247,18 @@ def remove_checkpoints(directory: Path, log: Callable[[str], None] = print) -> N
 
 def start_training(checkpoint_dir: Path, run_dir: Path, model: GPT, optimizers: list[torch.optim.Optimizer],
                    loader: Any, dist_info: DistInfo, made_by: str, run_name: str, steps: int, resume: bool,
-                   log: Callable[[str], None] = print, origin: dict[str, Any] | None = None
-                   ) -> tuple[int, bool, dict[str, float]]:
+                   log: Callable[[str], None] = print, origin: dict[str, Any] | None = None,
+                   tokenizer_fingerprint: str | None = None) -> tuple[int, bool, dict[str, float]]:
     """Where a training notebook's loop starts: (first step, whether the run is complete already, the `totals` its
     checkpoint carries from earlier sessions). With `resume` it continues from the newest usable checkpoint and says
-    so once, refused when --steps or the starting checkpoint (`origin`, see weights_origin) changed since; a run that
-    starts afresh drops an earlier run's metrics.jsonl and checkpoints, and a resumed one the records an interrupted
-    run logged after its checkpoint."""
+    so once, refused when --steps, the starting checkpoint (`origin`, see weights_origin) or the tokenizer changed
+    since; a run that starts afresh drops an earlier run's metrics.jsonl and checkpoints, and a resumed one the
+    records an interrupted run logged after its checkpoint."""
     start_step, latest, saved = (resume_training(checkpoint_dir, model, optimizers, loader, dist_info, made_by, log)
                                  if resume else (0, None, {}))
     if latest is not None:
         check_same_origin(saved, origin, run_name)
+        check_same_tokenizer(saved, tokenizer_fingerprint, run_name, latest)
         check_same_length(saved, start_step, steps, run_name, latest)
     complete = run_is_complete(start_step, steps, run_name, latest, saved.get("config", {}), log)
     if latest is None and dist_info.master:

@@ -110,3 +110,27 @@ def test_find_chat_checkpoint_prefers_chat_runs(stack_home):
             assert find_chat_checkpoint() == root / "pretrain" / "step_000010.pt"
     assert find_chat_checkpoint() == root / "sft" / "step_000010.pt"
     assert find_chat_checkpoint("pretrain") == root / "pretrain" / "step_000010.pt"
+
+
+def test_a_run_name_without_checkpoints_lists_the_runs_that_have_them(stack_home):
+    """A misspelt --run_name: the runs there are, each with the notebook that trained it (as the checkpoint records
+    it; before it did, the notebook whose default run name the folder has), instead of a bare 'run 03_pretrain
+    first'."""
+    import torch
+
+    root = sc.artifact_dir("checkpoints")
+    saved = {"pretrain": {}, "big_base": {"made_by": "03_pretrain"}, "sft": {"made_by": "05_sft"}, "rl": {},
+             "mine": {}}
+    for run, entries in saved.items():
+        (root / run).mkdir()
+        torch.save({"model": {}, "model_config": {}, "step": 1, **entries}, root / run / "step_000001.pt")
+    (root / "broken").mkdir()
+    (root / "broken" / "step_000001.pt").write_bytes(b"not a checkpoint")
+    (root / "empty").mkdir()
+    with pytest.raises(sc.MissingArtifactError) as error:
+        find_chat_checkpoint("stf")
+    message = str(error.value)
+    assert message.startswith(f"no checkpoint in {root / 'stf'}; the runs with checkpoints are big_base (03_pretrain), "
+                              f"broken (damaged), mine (unknown notebook), pretrain (03_pretrain), rl (06_rl), sft "
+                              f"(05_sft): pass --run_name=<one of them>, or run notebooks/03_pretrain")
+    assert "empty" not in message

@@ -423,6 +423,49 @@ def test_core_eval_refuses_a_checkpoint_of_another_vocabulary(stack_home, tiny_t
     assert f"{stack_home / 'tokenizer'} has 512" in result.stderr
 
 
+def save_tiny_checkpoint(path, **entries):
+    config = sc.GPTConfig(vocab_size=512, depth=1, model_dim=64, head_dim=32, max_seq_len=64)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": sc.GPT(config).state_dict(), "model_config": asdict(config), "step": 1, **entries}, path)
+
+
+def test_a_tokenizer_retrained_at_the_same_size_is_refused_by_the_next_notebooks(stack_home, tiny_tokenizer):
+    """01 run again on other text with the same vocab_size after 02 and 03: the old shards and model would read the
+    new ids as other text. 03 refuses the shards by their stamp, 04 and 07 the model by its recorded fingerprint."""
+    from data.synthetic import synthetic_documents
+
+    shutil.copytree(tiny_tokenizer, stack_home / "tokenizer")
+    assert run_twin("02_sharding", stack_home).returncode == 0
+    old = sc.Tokenizer.load(tiny_tokenizer).fingerprint
+    save_tiny_checkpoint(stack_home / "checkpoints" / "pretrain" / "step_000001.pt", tokenizer_fingerprint=old)
+    new = sc.Tokenizer.train(synthetic_documents(800, seed=11), 512)
+    new.save(stack_home / "tokenizer")
+    result = run_twin("03_pretrain", stack_home)
+    error = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 1 and error.startswith(f"03_pretrain.py: error: {stack_home / 'shards' / 'pretrain'}")
+    assert f"'{old}', but the tokenizer in {stack_home / 'tokenizer'} is '{new.fingerprint}'" in error
+    assert error.endswith("run notebooks/02_sharding again")
+    for twin in ("04_core_eval", "07_chat"):
+        result = run_twin(twin, stack_home)
+        error = result.stderr.strip().splitlines()[-1]
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert error.startswith(f"{twin}.py: error: {stack_home / 'checkpoints' / 'pretrain' / 'step_000001.pt'}")
+        assert f"(fingerprint {new.fingerprint}; the model's: {old})" in error
+
+
+@pytest.mark.parametrize("twin, setting", [("04_core_eval", "run_name"), ("05_sft", "base_run"),
+                                           ("07_chat", "run_name")])
+def test_a_misspelt_run_name_lists_the_runs_there_are(stack_home, tiny_tokenizer, twin, setting):
+    shutil.copytree(tiny_tokenizer, stack_home / "tokenizer")
+    save_tiny_checkpoint(stack_home / "checkpoints" / "pretrain" / "step_000001.pt", made_by="03_pretrain")
+    save_tiny_checkpoint(stack_home / "checkpoints" / "sft" / "step_000001.pt", made_by="05_sft")
+    result = run_twin(twin, stack_home, f"--{setting}=pretrian")
+    error = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert error.startswith(f"{twin}.py: error: no checkpoint in {stack_home / 'checkpoints' / 'pretrian'}; ")
+    assert f"are pretrain (03_pretrain), sft (05_sft): pass --{setting}=<one of them>" in error
+
+
 def test_pretrain_with_a_tokenizer_but_no_shards(stack_home, tiny_tokenizer):
     shutil.copytree(tiny_tokenizer, stack_home / "tokenizer")
     result = run_twin("03_pretrain", stack_home)

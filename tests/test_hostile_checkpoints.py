@@ -1,11 +1,12 @@
 """Hostile checkpoints: damaged, truncated, empty, foreign and code-running files are refused with a message naming
-the file and the notebook that writes it; resume falls back to the previous good checkpoint; a vocabulary that does
-not match the tokenizer is refused; a complete run says so; another number of processes resumes or says why not;
-a NaN or infinite loss stops training before anything is saved."""
+the file and the notebook that writes it; resume falls back to the previous good checkpoint; a vocabulary or a
+tokenizer fingerprint that does not match the tokenizer is refused; a complete run says so; another number of
+processes resumes or says why not; a NaN or infinite loss stops training before anything is saved."""
 import math
 import os
 import pickle
 import zipfile
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -148,15 +149,37 @@ def test_resume_of_an_empty_folder_starts_from_zero(tmp_path):
     assert resume_training(tmp_path / "none", *fresh(tmp_path), SINGLE, "03_pretrain") == (0, None, {})
 
 
+def tokenizer_like(vocab_size, fingerprint="0123456789ab"):
+    """What model_from_checkpoint asks of a tokenizer: its size and fingerprint."""
+    return SimpleNamespace(vocab_size=vocab_size, fingerprint=fingerprint)
+
+
 @pytest.mark.parametrize("vocab", [1024, 256, 511, 513])
 def test_vocabulary_that_does_not_match_the_tokenizer_is_refused(tmp_path, vocab):
     directory, _ = train_and_save(tmp_path, steps=(1,))
     with pytest.raises(sc.CheckpointError) as error:
-        sc.model_from_checkpoint(directory / "step_000001.pt", "cpu", vocab_size=vocab)
+        sc.model_from_checkpoint(directory / "step_000001.pt", "cpu", tokenizer_like(vocab))
     message = str(error.value)
     assert "vocabulary of 512 tokens" in message and f"has {vocab}" in message and "another tokenizer" in message
-    model, _ = sc.model_from_checkpoint(directory / "step_000001.pt", "cpu", vocab_size=512)
+    model, _ = sc.model_from_checkpoint(directory / "step_000001.pt", "cpu", tokenizer_like(512))
     assert model.config.vocab_size == 512
+
+
+def test_a_tokenizer_retrained_at_the_same_size_is_refused_by_its_fingerprint(tmp_path):
+    """A checkpoint records the fingerprint of the tokenizer it was trained with; one saved before fingerprints
+    existed (none recorded) still loads, as does one of the same tokenizer."""
+    directory, _ = train_and_save(tmp_path, steps=(1,))
+    path = directory / "step_000001.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    torch.save({**checkpoint, "tokenizer_fingerprint": "aaaaaaaaaaaa"}, path)
+    with pytest.raises(sc.CheckpointError) as error:
+        sc.model_from_checkpoint(path, "cpu", tokenizer_like(512, "bbbbbbbbbbbb"))
+    message = str(error.value)
+    assert message.startswith(str(path)) and "fingerprint bbbbbbbbbbbb; the model's: aaaaaaaaaaaa" in message
+    assert "run notebooks/02_sharding and 03_pretrain again" in message
+    assert sc.model_from_checkpoint(path, "cpu", tokenizer_like(512, "aaaaaaaaaaaa"))[1]["step"] == 1
+    torch.save(checkpoint, path)
+    assert sc.model_from_checkpoint(path, "cpu", tokenizer_like(512, "bbbbbbbbbbbb"))[1]["step"] == 1
 
 
 @pytest.mark.parametrize("start, steps, complete", [(100, 100, True), (100, 10, True), (100, 200, False),

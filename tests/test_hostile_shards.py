@@ -127,6 +127,28 @@ def test_a_folder_is_not_a_shard(tmp_path):
         sc.read_shard(tmp_path / "train_000000.bin")
 
 
+@pytest.mark.parametrize("stamp", [b"", b"\xff\xfe\x00garbage", b"x" * 10_000_000, b"3d30a33561ed\n" * 2],
+                         ids=["empty", "binary", "ten megabytes", "twice"])
+def test_a_damaged_tokenizer_stamp_refuses_its_shards_by_name(tmp_path, stamp):
+    from types import SimpleNamespace
+
+    from data.tokenizing import SHARDS_STAMP, check_shards_tokenizer
+
+    (tmp_path / SHARDS_STAMP).write_bytes(stamp)
+    with pytest.raises(sc.ShardError, match="run notebooks/02_sharding again") as error:
+        check_shards_tokenizer(tmp_path, SimpleNamespace(fingerprint="3d30a33561ed"))
+    assert str(tmp_path / SHARDS_STAMP) in str(error.value) and len(str(error.value)) < 1000
+
+
+def test_a_folder_in_place_of_the_tokenizer_stamp_is_no_stamp(tmp_path):
+    from types import SimpleNamespace
+
+    from data.tokenizing import SHARDS_STAMP, check_shards_tokenizer
+
+    (tmp_path / SHARDS_STAMP).mkdir()
+    check_shards_tokenizer(tmp_path, SimpleNamespace(fingerprint="3d30a33561ed"))
+
+
 def test_ids_beyond_the_readers_vocabulary(tmp_path):
     path = sc.write_shard(tmp_path / "train_000000.bin", np.array([BOS, 3, 900]), vocab_size=1024)
     with pytest.raises(sc.ShardError, match="token id 900 is beyond the vocabulary of 512"):

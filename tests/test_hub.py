@@ -4,6 +4,7 @@
 falling back to files already on disk."""
 from __future__ import annotations
 
+import os
 import random
 import sys
 from pathlib import Path
@@ -171,6 +172,59 @@ def test_pull_shards_downloads_tokenizer_and_shards_only(hub, tmp_path, stack_ho
     assert not any("README.md" in path or "notes/" in path for _, path in hub.requests)
     assert hub.count("GET", f"/api/datasets/{SHARD_REPO}/tree/") == 1
     assert hub.unexpected == []
+
+
+def test_pull_shards_drops_the_local_tokenizer_stamps(hub, tmp_path, stack_home):
+    """The stamps of the shards being replaced name the tokenizer being replaced: a set the repo brings with its own
+    stamp gets that one, a set it brings without one (pushed before stamps existed) none, instead of the old one."""
+    from data.tokenizing import SHARDS_STAMP
+
+    source = make_stack_home(tmp_path / "source")
+    source[f"shards/pretrain/{SHARDS_STAMP}"] = b"aaaaaaaaaaaa\n"
+    source["shards/core/arc.bin"] = source["shards/pretrain/val_000000.bin"]
+    for path, data in source.items():
+        hub.add_file(SHARD_REPO, path, data)
+    for shard_set in ("pretrain", "core"):
+        (stack_home / "shards" / shard_set).mkdir(parents=True)
+        (stack_home / "shards" / shard_set / SHARDS_STAMP).write_text("bbbbbbbbbbbb\n")
+
+    pull_shards(SHARD_REPO, stack_home, endpoint=hub.url)
+    assert (stack_home / "shards" / "pretrain" / SHARDS_STAMP).read_text() == "aaaaaaaaaaaa\n"
+    assert not (stack_home / "shards" / "core" / SHARDS_STAMP).exists()
+    assert hub.unexpected == []
+
+
+def test_sharding_says_when_the_pulled_tokenizer_replaced_another(hub, tmp_path, stack_home, tiny_tokenizer):
+    """02 with --pretokenized_repo replaces the local tokenizer: one retrained at the same size is named by its
+    fingerprint, since the checkpoints made with it no longer match; the pulled shards keep the repo's stamp."""
+    import shutil
+    import subprocess
+
+    from conftest import ROOT
+    from data.synthetic import synthetic_documents
+    from data.tokenizing import SHARDS_STAMP
+
+    def run_02(home, *args):
+        env = {**os.environ, "STACK_HOME": str(home), "STACK_PRESET": "tiny", "HF_ENDPOINT": hub.url,
+               "HF_HUB_OFFLINE": "0", "HF_HUB_CACHE": str(tmp_path / "hf_cache")}
+        result = subprocess.run([sys.executable, "notebooks/02_sharding.py", *args], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stdout
+
+    source = tmp_path / "source"
+    shutil.copytree(tiny_tokenizer, source / "tokenizer")
+    run_02(source)
+    for path in [*(source / "tokenizer").iterdir(), *(source / "shards" / "pretrain").iterdir()]:
+        hub.add_file(SHARD_REPO, path.relative_to(source).as_posix(), path.read_bytes())
+    local = sc.Tokenizer.train(synthetic_documents(800, seed=11), 512)
+    local.save(stack_home / "tokenizer")
+
+    said = run_02(stack_home, f"--pretokenized_repo={SHARD_REPO}")
+    pulled = sc.Tokenizer.load(tiny_tokenizer).fingerprint
+    assert f"note: {SHARD_REPO}'s tokenizer replaced another one ({local.fingerprint}) in {stack_home}/tokenizer" in said
+    assert (stack_home / "shards" / "pretrain" / SHARDS_STAMP).read_text().strip() == pulled
+    assert "replaced another one" not in run_02(stack_home, f"--pretokenized_repo={SHARD_REPO}")  # the same one
 
 
 def test_pull_shards_rejects_a_repo_without_tokenizer(hub, tmp_path):

@@ -11,7 +11,9 @@ import jupytext
 import pytest
 import torch
 
+import stackcore as sc
 from conftest import ROOT
+from data.tokenizing import SHARDS_STAMP
 from plot_check import figures_that_do_not_explain_themselves
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -58,6 +60,12 @@ def test_notebooks_run_in_order_with_nbval(stack_home, tmp_path):
     assert figures_that_do_not_explain_themselves(plot_log) == []
     summary = json.loads((stack_home / "runs" / "pretrain" / "summary.json").read_text())
     assert summary["final_val_bpb"] < 1.5  # from about 3 bits per byte at initialisation
+    fingerprint = sc.Tokenizer.load(stack_home / "tokenizer").fingerprint  # what 02-06 record and 03-07 check
+    for shard_set in ("pretrain", "core", "sft", "gsm8k"):
+        assert (stack_home / "shards" / shard_set / SHARDS_STAMP).read_text().strip() == fingerprint
+    for run, made_by in sc.CHECKPOINT_MAKERS.items():
+        saved = torch.load(sc.latest_checkpoint(stack_home / "checkpoints" / run), weights_only=True)
+        assert (saved["tokenizer_fingerprint"], saved["made_by"]) == (fingerprint, made_by)
     one_reply = subprocess.run([sys.executable, "notebooks/07_chat.py", "--prompt=What is 2+2?"], cwd=ROOT,
                                env=tiny_env(stack_home), capture_output=True, text=True, timeout=600)
     assert one_reply.returncode == 0, one_reply.stdout[-4000:] + one_reply.stderr[-3000:]

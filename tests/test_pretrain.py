@@ -206,10 +206,11 @@ class FineTuneConfig:
     checkpoint: str = ""
 
 
-def start_again(tmp_path, steps, origin=None, log=lambda line: None):
+def start_again(tmp_path, steps, origin=None, log=lambda line: None, tokenizer_fingerprint=None):
     dist_info, model, optimizers, loader = one_process_run(tmp_path)
     return start_training(tmp_path / "ckpt", tmp_path / "run", model, optimizers, loader, dist_info, "03_pretrain",
-                          "run", steps, resume=True, log=log, origin=origin)
+                          "run", steps, resume=True, log=log, origin=origin,
+                          tokenizer_fingerprint=tokenizer_fingerprint)
 
 
 def save_run(tmp_path, step, total_steps, config=None, **extra):
@@ -244,6 +245,21 @@ def test_a_longer_fine_tuning_run_is_offered_from_the_checkpoints_weights(tmp_pa
     with pytest.raises(sc.CheckpointError, match=rf"start a new run from its weights: --run_name=<new name> "
                                                   rf"--checkpoint={path}"):
         start_again(tmp_path, 8)
+
+
+def test_a_run_trained_with_another_tokenizer_is_not_resumed(tmp_path):
+    """01 retrained the tokenizer (same size) since the checkpoint: going on would teach the old model ids that now
+    mean other text, and its next checkpoint would record the new tokenizer. A checkpoint that records none (saved
+    before fingerprints) resumes."""
+    path = save_run(tmp_path, 3, 6, tokenizer_fingerprint="aaaaaaaaaaaa")
+    assert start_again(tmp_path, 6, tokenizer_fingerprint="aaaaaaaaaaaa")[:2] == (3, False)
+    with pytest.raises(sc.CheckpointError) as error:
+        start_again(tmp_path, 6, tokenizer_fingerprint="bbbbbbbbbbbb")
+    message = str(error.value)
+    assert f"'run' was trained with another tokenizer ({path} records fingerprint aaaaaaaaaaaa, the tokenizer now " \
+           f"has bbbbbbbbbbbb)" in message and "--resume=false" in message
+    save_run(tmp_path, 3, 6)
+    assert start_again(tmp_path, 6, tokenizer_fingerprint="bbbbbbbbbbbb")[:2] == (3, False)
 
 
 def test_a_resumed_run_gets_back_the_totals_of_its_earlier_sessions(tmp_path):

@@ -92,3 +92,22 @@ def test_writer_keeps_documents_whole(tmp_path):
     assert np.array_equal(np.concatenate(shards), np.concatenate(docs))
     assert sum(n for _, _, n in writer.written) == 40
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_shards_stamped_by_another_tokenizer_are_refused(tmp_path, stack_home):
+    """02 stamps each shard folder with its tokenizer's fingerprint; 03-06 refuse the folder with another tokenizer,
+    even one of the same vocabulary size, naming the stamp and the notebook to run again."""
+    from types import SimpleNamespace
+
+    from data.tokenizing import SHARDS_STAMP, check_shards_tokenizer, stamp_shards
+
+    writer, reader = SimpleNamespace(fingerprint="aaaaaaaaaaaa"), SimpleNamespace(fingerprint="bbbbbbbbbbbb")
+    check_shards_tokenizer(tmp_path, reader)  # no stamp (older shards, modded-nanogpt's): taken as they are
+    stamp_shards(tmp_path / "pretrain", writer)
+    check_shards_tokenizer(tmp_path / "pretrain", writer)
+    with pytest.raises(sc.ShardError) as error:
+        check_shards_tokenizer(tmp_path / "pretrain", reader)
+    message = str(error.value)
+    assert message.startswith(f"{tmp_path / 'pretrain' / SHARDS_STAMP}: ")
+    assert "run notebooks/02_sharding again" in message
+    assert "'aaaaaaaaaaaa'" in message and "'bbbbbbbbbbbb'" in message and str(stack_home / "tokenizer") in message

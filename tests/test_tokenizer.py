@@ -85,6 +85,21 @@ def test_a_vocabulary_retrained_in_place_is_the_one_loaded(tmp_path, monkeypatch
     assert loaded.vocab_size == 400 and loaded.ranks == retrained.ranks
 
 
+def test_the_fingerprint_tells_tokenizers_of_one_size_apart(tiny_tokenizer, tmp_path):
+    """Retrained on other text at the same vocabulary size, a tokenizer gives other ids: the fingerprint, which shards
+    and checkpoints record, must differ; saved and loaded, or with its ranks in another order, it must not."""
+    from data.synthetic import synthetic_documents
+
+    tokenizer = sc.Tokenizer.load(tiny_tokenizer)
+    retrained = sc.Tokenizer.train(synthetic_documents(800, seed=4), 512)
+    assert retrained.vocab_size == tokenizer.vocab_size and retrained.fingerprint != tokenizer.fingerprint
+    reordered = sc.Tokenizer(dict(reversed(tokenizer.ranks.items())), tokenizer.pattern, name="other name")
+    assert reordered.fingerprint == tokenizer.fingerprint
+    assert sc.Tokenizer(tokenizer.ranks, sc.SPLIT_PATTERN + "|x").fingerprint != tokenizer.fingerprint
+    retrained.save(tmp_path / "retrained")
+    assert sc.Tokenizer.load(tmp_path / "retrained").fingerprint == retrained.fingerprint
+
+
 def test_bad_inputs():
     with pytest.raises(sc.ConfigError, match="too small"):
         sc.Tokenizer.train(["abc"], 100)
