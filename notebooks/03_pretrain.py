@@ -139,7 +139,7 @@ class PretrainConfig(StackConfig):
     }
 
     def validate(self) -> None:
-        """The switches that need another setting to do anything, and a batch ramp that fits the batch."""
+        """The switches that need another setting to do anything, and a batch ramp and warm-up that fit the run."""
         super().validate()
         if self.cautious_weight_decay and not self.weight_decay:
             raise sc.ConfigError("cautious_weight_decay=True does nothing with weight_decay=0: set --weight_decay")
@@ -149,6 +149,14 @@ class PretrainConfig(StackConfig):
         if self.batch_start_tokens % self.micro_tokens or self.batch_start_tokens > self.tokens_per_step:
             raise sc.ConfigError(f"batch_start_tokens={self.batch_start_tokens} must be a multiple of micro_tokens "
                                  f"({self.micro_tokens}) and at most tokens_per_step ({self.tokens_per_step})")
+        if self.batch_ramp_steps > self.steps:
+            raise sc.ConfigError(f"batch_ramp_steps={self.batch_ramp_steps} is more than steps={self.steps}: the batch "
+                                 f"would never reach tokens_per_step ({self.tokens_per_step})")
+        flat_until = self.steps * (1 - self.cooldown_frac)  # where the cool-down starts (sc.lr_multiplier)
+        if self.warmup_steps > flat_until:
+            raise sc.ConfigError(f"warmup_steps={self.warmup_steps} runs past the start of the cool-down at step "
+                                 f"{flat_until:g} (steps={self.steps}, cooldown_frac={self.cooldown_frac:g}): the "
+                                 f"learning rates would never reach their peak; pass a smaller --warmup_steps")
 
 
 cfg = configure(PretrainConfig)

@@ -184,7 +184,7 @@ import numpy as np
 
 first_sft_shard = sc.list_shards(sft_dir, "train")[0]
 stream_ids = sc.read_shard(first_sft_shard, tokenizer.vocab_size)
-stream_mask = sc.read_shard(sc.side_file(first_sft_shard, "mask"))
+stream_mask = sc.read_shard(sc.side_file(first_sft_shard, "mask"), kind="mask")
 later_starts = np.flatnonzero(stream_ids[1:] == tokenizer.bos_id)
 conversation_end = int(later_starts[0]) + 1 if len(later_starts) else len(stream_ids)
 shown = min(conversation_end, 300)

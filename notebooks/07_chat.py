@@ -103,6 +103,9 @@ device = sc.pick_device()
 checkpoint_path = cfg.checkpoint or find_chat_checkpoint(cfg.run_name)
 tokenizer = sc.Tokenizer.load(sc.artifact_dir("tokenizer"))
 model, checkpoint = sc.model_from_checkpoint(checkpoint_path, device, tokenizer.vocab_size)
+if cfg.max_tokens >= model.config.max_seq_len:  # a reply must leave room for a prompt in the context
+    raise sc.ConfigError(f"max_tokens={cfg.max_tokens}: the model of {checkpoint_path} reads "
+                         f"{model.config.max_seq_len} tokens at most, prompt included: pass a smaller --max_tokens")
 model.set_compute_dtype(sc.pick_compute_dtype(device))
 model.to(model.compute_dtype).eval()  # no fp32 master weights at inference: a decode step reads every weight once
 engine = sc.Engine(model, tokenizer, backend=sc.pick_attention_backend(device, cfg.attention))
@@ -280,16 +283,20 @@ session = ChatSession(engine, temperature=cfg.temperature, top_k=cfg.top_k or No
                       seed=cfg.seed)
 question = cfg.prompt or "Hello! What is 12 times 7?"
 print(f"you> {question}")
+try:
+    pieces = session.reply(question)
+except ValueError as refused:  # blank, or too long for the context: a bad --prompt, said in one line
+    raise sc.ConfigError(f"--prompt: {refused}") from None
 if in_notebook_kernel():  # one output that grows with the reply, saved once in the notebook
     from IPython.display import Pretty, display
 
     reply, shown = "assistant> ", display(Pretty("assistant> "), display_id=True)
-    for piece in session.reply(question):
+    for piece in pieces:
         reply += piece
         shown.update(Pretty(reply))
 else:
     print("assistant> ", end="")
-    for piece in session.reply(question):
+    for piece in pieces:
         print(piece, end="", flush=True)
     print()
 

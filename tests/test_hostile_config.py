@@ -170,3 +170,40 @@ def test_the_tiny_preset_splits_over_two_cpu_ranks(name):
     """Tutorial 02 runs the tiny preset under torchrun with two processes: its batch must divide between them."""
     cfg = configure(CONFIGS[name], ["--preset=tiny"], {})
     assert accumulation_steps(cfg.tokens_per_step, cfg.micro_tokens, 2) >= 1
+
+
+@pytest.mark.parametrize("name, args, refusal", [
+    ("03_pretrain", ["--steps=4", "--warmup_steps=1000"], r"warmup_steps=1000 runs past the start of the cool-down at "
+     r"step 2.4 \(steps=4, cooldown_frac=0.4\)"),
+    ("03_pretrain", ["--steps=10", "--warmup_steps=6", "--cooldown_frac=0.5"], r"warmup_steps=6 runs past .* step 5 "),
+    ("03_pretrain", ["--steps=3", "--batch_start_tokens=2048", "--batch_ramp_steps=1000", "--preset=tiny"],
+     r"batch_ramp_steps=1000 is more than steps=3: the batch would never reach tokens_per_step \(4096\)"),
+    ("06_rl", ["--samples_per_prompt=1"], r"samples_per_prompt=1: an answer alone is its own group's baseline"),
+    ("06_rl", ["--temperature=0"], r"temperature=0 with top_k=0 samples the same answer every time"),
+    ("06_rl", ["--top_k=1"], r"temperature=1 with top_k=1 samples the same answer every time"),
+], ids=["warmup_past_steps", "warmup_into_cooldown", "batch_ramp_past_steps", "rl_group_of_one", "rl_greedy",
+        "rl_top_k_1"])
+def test_settings_that_contradict_each_other_are_refused(name, args, refusal):
+    """Each setting is valid alone; together they make a run that trains at a fraction of its learning rate, never
+    reaches its batch, or (RL) samples groups whose advantages are all zero, so that no step learns anything."""
+    with pytest.raises(sc.ConfigError, match=refusal):
+        configure(CONFIGS[name], args, {})
+
+
+@pytest.mark.parametrize("args", [["--steps=10", "--warmup_steps=6"], ["--steps=10", "--batch_start_tokens=2048",
+                                  "--batch_ramp_steps=10", "--preset=tiny"], ["--cooldown_frac=1"]])
+def test_a_warmup_and_ramp_that_fit_the_run_are_accepted(args):
+    configure(CONFIGS["03_pretrain"], args, {})
+
+
+def test_rl_answers_longer_than_the_context_name_max_new_tokens():
+    """A --max_new_tokens that leaves no question room in the model's context used to end 06_rl with a traceback
+    ('no prompts to sample from') that named neither the setting nor the context."""
+    from data.gsm8k import TaskPrompt
+    from notebooks.rl import prompts_that_fit
+
+    prompts = [TaskPrompt(ids=[1] * length, gold="4", problem=index) for index, length in enumerate((40, 30, 50))]
+    assert [len(p.ids) for p in prompts_that_fit(prompts, 256, 216, "train")] == [40, 30]
+    with pytest.raises(sc.ConfigError, match=r"max_new_tokens=250 leaves no test question room in the model's context "
+                                             r"of 256 tokens \(the shortest prompt has 30\): pass --max_new_tokens=226"):
+        prompts_that_fit(prompts, 256, 250, "test")

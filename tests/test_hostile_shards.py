@@ -200,3 +200,56 @@ def test_missing_shards(tmp_path, split, files, message):
         (tmp_path / name).write_bytes(b"")
     with pytest.raises(sc.ShardError, match=message):
         sc.list_shards(tmp_path, split)
+
+
+# --- Side files: each shard kind where another is expected ------------------------------------------------------
+
+@pytest.mark.parametrize("written, items, read_as", [
+    ("mask", np.array([0, 1, 1]), dict(vocab_size=512)),
+    ("records", np.array([[0, 3]]), dict(vocab_size=512)),
+    ("tokens", np.array([BOS, 3, 4]), dict(kind="mask")),
+    ("tokens", np.array([BOS, 3, 4]), dict(kind="records")),
+    ("mask", np.array([0, 1, 1]), dict(kind="records")),
+], ids=["mask_as_tokens", "records_as_tokens", "tokens_as_mask", "tokens_as_records", "mask_as_records"])
+def test_a_shard_of_another_kind_is_refused(tmp_path, written, items, read_as):
+    """A file of one kind copied where another belongs used to be read as that kind: a mask of bytes as token ids,
+    or token ids as a mask that is 1 nowhere (a fine-tuning run that trains on nothing)."""
+    path = sc.write_shard(tmp_path / "train_000000.bin", items, written)
+    expected = read_as.get("kind", "tokens")
+    with pytest.raises(sc.ShardError, match=rf"{path}: a {written} shard \(version \d\) where a {expected} shard"):
+        sc.read_shard(path, **read_as)
+
+
+def sft_shards(directory, mask_items=None, mask_kind="mask"):
+    ids = np.r_[BOS, np.arange(1, 40), BOS, np.arange(1, 30)]
+    path = sc.write_shard(directory / "train_000000.bin", ids, vocab_size=512)
+    mask = (np.arange(len(ids)) % 2) if mask_items is None else mask_items(ids)
+    sc.write_shard(sc.side_file(path, "mask"), mask, mask_kind)
+    return path
+
+
+@pytest.mark.parametrize("mask_items, mask_kind, message", [
+    (lambda ids: ids, "tokens", r"train_000000.mask.bin: a tokens shard \(version 1\) where a mask shard"),
+    (lambda ids: np.full(len(ids), 2), "mask", r"train_000000.mask.bin: 70 mask values, largest 2, for 70 tokens "
+                                               r"\(one 0 or 1 per token\)"),
+    (lambda ids: np.ones(len(ids) - 1, int), "mask", r"69 mask values, largest 1, for 70 tokens"),
+], ids=["token_file_as_mask", "mask_of_twos", "mask_one_short"])
+def test_a_conversation_mask_that_is_not_one_bit_per_token_is_refused(tmp_path, mask_items, mask_kind, message):
+    sft_shards(tmp_path, mask_items, mask_kind)
+    with pytest.raises(sc.ShardError, match=message):
+        sc.SFTLoader(tmp_path, "train", tokens=128, bos_id=BOS, vocab_size=512, max_seq_len=64)
+
+
+def test_a_mask_shard_named_as_a_token_shard_is_not_pretrained_on(tmp_path):
+    sc.write_shard(tmp_path / "train_000000.bin", np.ones(300, int), "mask")
+    with pytest.raises(sc.ShardError, match="a mask shard .* where a tokens shard was expected"):
+        loader(tmp_path).next_batch()
+
+
+def test_sft_micro_batch_shorter_than_the_context_names_the_setting(tmp_path):
+    """05_sft with --micro_tokens below the base model's context ended in a ValueError traceback that named neither
+    the setting nor a value that works."""
+    sft_shards(tmp_path)
+    with pytest.raises(sc.ConfigError, match=r"micro_tokens=32 is less than the model's context \(64 tokens\), which "
+                                             r"a conversation may fill: pass --micro_tokens=64 or more"):
+        sc.SFTLoader(tmp_path, "train", tokens=32, bos_id=BOS, vocab_size=512, max_seq_len=64)
