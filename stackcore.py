@@ -85,15 +85,20 @@ def stack_home(environ: typing.Mapping[str, str] = os.environ) -> Path:
     return Path(environ.get("STACK_HOME", "~/.cache/decoderstack")).expanduser()
 
 
+def make_writable_folder(path: Path) -> None:
+    """Make `path` and its parents where missing; an OSError says why it cannot be written (a file in the way)."""
+    path.mkdir(parents=True, exist_ok=True)
+    if not os.access(path, os.W_OK):
+        raise PermissionError(13, "Permission denied")
+
+
 def artifact_dir(kind: str, create: bool = True) -> Path:
     if kind not in ARTIFACT_KINDS:
         raise ValueError(f"unknown artifact kind {kind!r}; valid: {', '.join(ARTIFACT_KINDS)}")
     path = stack_home() / kind
     if create:
         try:
-            path.mkdir(parents=True, exist_ok=True)
-            if not os.access(path, os.W_OK):
-                raise PermissionError(13, "Permission denied")
+            make_writable_folder(path)
         except OSError as error:
             raise ConfigError(f"STACK_HOME {stack_home()} is not writable ({error.strerror}: {path}); point "
                               f"STACK_HOME at a folder you can write") from None
@@ -314,8 +319,7 @@ def write_shard(path: Path, items: np.ndarray, kind: str = "tokens", vocab_size:
 
 
 def read_shard(path: Path, vocab_size: int | None = None, kind: str | None = None) -> np.ndarray:
-    """Memory-map a shard after checking its header and size, and that it holds `kind` (tokens, mask, records; tokens
-    where `vocab_size` is given, whose every token id is checked too)."""
+    """Memory-map a shard after checking its header, size and `kind` (tokens where vocab_size is given: each id too)."""
     path = Path(path)
     if not path.is_file():
         raise ShardError(f"{path}: no such shard file")
@@ -2920,8 +2924,8 @@ class SFTLoader:
         for path in list_shards(shard_dir, split):
             ids, mask = read_shard(path, vocab_size), read_shard(side_file(path, "mask"), kind="mask")
             if len(mask) != len(ids) or (len(mask) and int(mask.max()) > 1):
-                raise ShardError(f"{side_file(path, 'mask')}: {len(mask)} mask values, largest "
-                                 f"{int(mask.max(initial=0))}, for {len(ids)} tokens (one 0 or 1 per token)")
+                raise ShardError(f"{side_file(path, 'mask')}: {len(mask)} mask values (one 0 or 1 per token, "
+                                 f"largest {int(mask.max(initial=0))}) for {len(ids)} tokens")
             starts = np.flatnonzero(np.asarray(ids) == bos_id)
             ends = np.append(starts[1:], len(ids))
             spans.append(np.stack([np.full(len(starts), len(self.shards)), starts,

@@ -82,6 +82,7 @@ from notebooks.config import (ATTENTION_SETTING, above, accumulation_steps, at_l
                               folder_name)
 from notebooks.report import format_duration
 from notebooks.sft import evaluate_sft_loss, sft_backward
+from notebooks.training import prepare_run_folders
 
 
 @dataclass
@@ -124,8 +125,8 @@ log = print if dist_info.master else (lambda *args, **kwargs: None)
 log(describe_config(cfg))
 accum_steps = accumulation_steps(cfg.tokens_per_step, cfg.micro_tokens, dist_info.world_size)
 run_dir = sc.artifact_dir("runs") / cfg.run_name
-run_dir.mkdir(parents=True, exist_ok=True)
 checkpoint_dir = sc.artifact_dir("checkpoints") / cfg.run_name
+prepare_run_folders(checkpoint_dir, run_dir, cfg.run_name)  # the chat evals below write into run_dir
 tokenizer_dir = sc.artifact_dir("tokenizer")
 tokenizer = sc.Tokenizer.load(tokenizer_dir)
 

@@ -16,8 +16,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from stackcore import (GPT, CheckpointError, DamagedCheckpointError, DistInfo, all_ranks_agree, checkpoint_paths,
-                       load_checkpoint, saved_model_config, sum_over_ranks)
+from stackcore import (GPT, CheckpointError, ConfigError, DamagedCheckpointError, DistInfo, all_ranks_agree,
+                       checkpoint_paths, load_checkpoint, make_writable_folder, saved_model_config,
+                       sum_over_ranks)
 
 
 def short_window_schedule(step: int, total_steps: int, final_window: int, start_window: int = 128,
@@ -149,6 +150,7 @@ def start_training(checkpoint_dir: Path, run_dir: Path, model: GPT, optimizers: 
     """Where a training notebook's loop starts: (first step, whether the run is complete already). With `resume`
     it continues from the newest usable checkpoint and says so once; a run that starts afresh drops an earlier
     run's metrics.jsonl, and a resumed one the records an interrupted run logged after its checkpoint."""
+    prepare_run_folders(Path(checkpoint_dir), Path(run_dir), run_name)
     start_step, latest = (resume_training(checkpoint_dir, model, optimizers, loader, dist_info, made_by, log)
                           if resume else (0, None))
     complete = run_is_complete(start_step, steps, run_name, latest, log)
@@ -159,6 +161,22 @@ def start_training(checkpoint_dir: Path, run_dir: Path, model: GPT, optimizers: 
             drop_metrics_after(Path(run_dir) / "metrics.jsonl", start_step)
         log(f"resumed from {latest} at step {start_step}")
     return start_step, complete
+
+
+def prepare_run_folders(checkpoint_dir: Path, run_dir: Path, run_name: str) -> None:
+    """Make the run's folders before its first step, so that a path that cannot hold them (a file in the way, no
+    write permission, a folder named metrics.jsonl) stops the run at once, not at its first checkpoint, when every
+    step trained since would be lost."""
+    for folder in (checkpoint_dir, run_dir):
+        try:
+            make_writable_folder(folder)
+        except OSError as error:
+            raise ConfigError(f"{folder}: run {run_name!r} cannot keep its files there ({error.strerror}); move what "
+                              f"is in the way, or pass --run_name=<new name>") from None
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.exists() and not metrics.is_file():
+        raise ConfigError(f"{metrics}: not a file, so run {run_name!r} cannot log to it; move it away, or pass "
+                          f"--run_name=<new name>")
 
 
 def drop_metrics_after(path: Path, step: int) -> None:
@@ -202,4 +220,6 @@ class RunLog:
             self.wandb_run.log(metrics)
 
     def read(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in open(self.path)] if self.path.exists() else []
+        """The records logged so far; a line that is not one (torn as a run was killed, or damaged) is left out."""
+        lines = self.path.read_text(errors="replace").splitlines() if self.path.exists() else []
+        return [json.loads(line) for line in lines if logged_step(line) is not None]

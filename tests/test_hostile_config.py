@@ -204,6 +204,7 @@ def test_rl_answers_longer_than_the_context_name_max_new_tokens():
 
     prompts = [TaskPrompt(ids=[1] * length, gold="4", problem=index) for index, length in enumerate((40, 30, 50))]
     assert [len(p.ids) for p in prompts_that_fit(prompts, 256, 216, "train")] == [40, 30]
-    with pytest.raises(sc.ConfigError, match=r"max_new_tokens=250 leaves no test question room in the model's context "
-                                             r"of 256 tokens \(the shortest prompt has 30\): pass --max_new_tokens=226"):
+    refusal = (r"max_new_tokens=250 leaves no test question room in the model's context of 256 tokens \(the shortest "
+               r"prompt has 30\): pass --max_new_tokens=226")
+    with pytest.raises(sc.ConfigError, match=refusal):
         prompts_that_fit(prompts, 256, 250, "test")

@@ -230,9 +230,9 @@ def sft_shards(directory, mask_items=None, mask_kind="mask"):
 
 @pytest.mark.parametrize("mask_items, mask_kind, message", [
     (lambda ids: ids, "tokens", r"train_000000.mask.bin: a tokens shard \(version 1\) where a mask shard"),
-    (lambda ids: np.full(len(ids), 2), "mask", r"train_000000.mask.bin: 70 mask values, largest 2, for 70 tokens "
-                                               r"\(one 0 or 1 per token\)"),
-    (lambda ids: np.ones(len(ids) - 1, int), "mask", r"69 mask values, largest 1, for 70 tokens"),
+    (lambda ids: np.full(len(ids), 2), "mask", r"train_000000.mask.bin: 70 mask values \(one 0 or 1 per token, "
+                                               r"largest 2\) for 70 tokens"),
+    (lambda ids: np.ones(len(ids) - 1, int), "mask", r"69 mask values \(one 0 or 1 per token, largest 1\) for 70"),
 ], ids=["token_file_as_mask", "mask_of_twos", "mask_one_short"])
 def test_a_conversation_mask_that_is_not_one_bit_per_token_is_refused(tmp_path, mask_items, mask_kind, message):
     sft_shards(tmp_path, mask_items, mask_kind)
