@@ -2,6 +2,12 @@
 message naming the file, or read correctly; nothing is wrapped, cast or looped over silently."""
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -253,3 +259,15 @@ def test_sft_micro_batch_shorter_than_the_context_names_the_setting(tmp_path):
     with pytest.raises(sc.ConfigError, match=r"micro_tokens=32 is less than the model's context \(64 tokens\), which "
                                              r"a conversation may fill: pass --micro_tokens=64 or more"):
         sc.SFTLoader(tmp_path, "train", tokens=32, bos_id=BOS, vocab_size=512, max_seq_len=64)
+
+
+def test_sharding_a_corpus_into_one_document_shards_finishes(stack_home, tiny_tokenizer):
+    """A train shard of a single document (a max_chars of one document; shard_tokens below a document's length does
+    the same) ended 02_sharding with an IndexError in the cell that shows where the second document starts."""
+    shutil.copytree(tiny_tokenizer, stack_home / "tokenizer")
+    env = {**os.environ, "STACK_HOME": str(stack_home), "STACK_PRESET": "tiny", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "notebooks/02_sharding.py", "--max_chars=1"],
+                            cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "<- a new document starts" in result.stdout
