@@ -78,7 +78,7 @@ import torch
 from notebooks.config import (ATTENTION_SETTING, StackConfig, above, accumulation_steps, at_least, configure,
                               describe_config, folder_name, layer_list, one_of)
 from notebooks.report import format_duration
-from notebooks.training import batch_size_schedule, short_window_schedule
+from notebooks.training import batch_size_schedule, short_window_schedule, validation_steps
 
 
 @dataclass
@@ -374,7 +374,7 @@ loader_args = dict(tokens=cfg.micro_tokens, bos_id=tokenizer.bos_id, vocab_size=
 train_loader = sc.PretrainLoader(shard_dir, "train", **loader_args)
 val_loader = sc.PretrainLoader(shard_dir, "val",
                                **{**loader_args, "tokens": cfg.eval_batch_tokens or cfg.micro_tokens})
-val_steps = max(1, cfg.eval_tokens // (val_loader.tokens * dist_info.world_size))
+val_steps = validation_steps(cfg.eval_tokens, val_loader, dist_info.world_size)
 example = train_loader.next_batch()
 train_loader.load_state_dict({"shard": 0, "offset": 0, "epoch": 0})
 log(f"first batch: {len(example.cu_seqlens) - 1} documents in {len(example.inputs)} tokens, "

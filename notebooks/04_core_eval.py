@@ -85,6 +85,7 @@ import torch
 from notebooks.config import ATTENTION_SETTING, StackConfig, above, at_least, configure, describe_config, folder_name
 from notebooks.core_eval import core_input_tokens, first_examples, first_pack
 from notebooks.report import format_duration
+from notebooks.training import validation_steps
 
 
 @dataclass
@@ -269,10 +270,11 @@ if dist_info.master:
 train_config = checkpoint["config"]
 token_bytes = torch.from_numpy(tokenizer.token_bytes())
 val_loader = sc.PretrainLoader(sc.require_artifact(sc.artifact_dir("shards") / "pretrain", "02_sharding"), "val",
-                               tokens=train_config["micro_tokens"], bos_id=tokenizer.bos_id,
+                               tokens=train_config.get("eval_batch_tokens") or train_config["micro_tokens"],
+                               bos_id=tokenizer.bos_id,
                                vocab_size=tokenizer.vocab_size, max_doc_len=model.config.max_seq_len,
                                rank=dist_info.rank, world_size=dist_info.world_size, device=device)
-val_steps = max(1, train_config["eval_tokens"] // (train_config["micro_tokens"] * dist_info.world_size))
+val_steps = validation_steps(train_config["eval_tokens"], val_loader, dist_info.world_size)
 val_bpb = sc.evaluate_bpb(model, val_loader, val_steps, token_bytes.to(device), backend)
 summary = {"checkpoint": str(checkpoint_path), "step": checkpoint["step"], "preset": cfg.preset,
            "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",

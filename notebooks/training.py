@@ -17,8 +17,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from stackcore import (GPT, CheckpointError, ConfigError, DamagedCheckpointError, DistInfo, all_ranks_agree,
-                       checkpoint_paths, load_checkpoint, make_writable_folder, saved_model_config,
-                       sum_over_ranks)
+                       PretrainLoader, checkpoint_paths, load_checkpoint, make_writable_folder, read_shard,
+                       saved_model_config, sum_over_ranks)
 
 
 def short_window_schedule(step: int, total_steps: int, final_window: int, start_window: int = 128,
@@ -33,6 +33,13 @@ def batch_size_schedule(step: int, final_tokens: int, start_tokens: int, ramp_st
     records grow their batch), in whole `granularity`s (a micro-batch on every rank): only accumulation changes."""
     tokens = start_tokens + (final_tokens - start_tokens) * min(1.0, step / ramp_steps) if ramp_steps else final_tokens
     return max(granularity, min(final_tokens, int(tokens) // granularity * granularity))
+
+
+def validation_steps(eval_tokens: int, loader: PretrainLoader, world_size: int) -> int:
+    """Validation batches per bits-per-byte measurement: eval_tokens over what all ranks take per batch, but at most
+    one pass over the validation split: more would score the same tokens again, and a huge eval_tokens never ends."""
+    split_tokens = sum(len(read_shard(path)) for path in loader.paths)
+    return max(1, min(eval_tokens, split_tokens) // (loader.tokens * world_size))
 
 
 class NonFiniteLossError(RuntimeError):

@@ -208,3 +208,35 @@ def test_rl_answers_longer_than_the_context_name_max_new_tokens():
                r"prompt has 30\): pass --max_new_tokens=226")
     with pytest.raises(sc.ConfigError, match=refusal):
         prompts_that_fit(prompts, 256, 250, "test")
+
+
+def test_a_huge_eval_tokens_scores_the_validation_split_once(tmp_path):
+    """--eval_tokens far beyond the validation split (a typo, or the speedrun's value on a small split) made every
+    bits-per-byte measurement of 03_pretrain and 04_core_eval walk the split over and over, for hours."""
+    import numpy as np
+
+    from notebooks.training import validation_steps
+
+    sc.write_shard(tmp_path / "val_000000.bin", np.r_[511, np.arange(1, 1000) % 500], vocab_size=512)
+    loader = sc.PretrainLoader(tmp_path, "val", tokens=100, bos_id=511, vocab_size=512, max_doc_len=64)
+    assert validation_steps(10**12, loader, world_size=1) == 10 and validation_steps(10**12, loader, 2) == 5
+    assert validation_steps(300, loader, world_size=1) == 3 and validation_steps(1, loader, world_size=1) == 1
+
+
+def test_a_huge_eval_steps_scores_the_sft_validation_split_once(tmp_path):
+    """--eval_steps beyond the conversations of the validation split made 05_sft's every measurement score them over
+    and over (with --eval_steps=100000 the tiny run never ended)."""
+    import numpy as np
+
+    from notebooks.sft import evaluate_sft_loss
+
+    ids = np.concatenate([np.r_[511, np.arange(1, 20 + i)] for i in range(6)])
+    path = sc.write_shard(tmp_path / "val_000000.bin", ids, vocab_size=512)
+    sc.write_shard(sc.side_file(path, "mask"), np.arange(len(ids)) % 2, "mask")
+    loader = sc.SFTLoader(tmp_path, "val", tokens=64, bos_id=511, vocab_size=512, max_seq_len=32, shuffle=False)
+    batches = []
+    next_batch = loader.next_batch
+    loader.next_batch = lambda: batches.append(next_batch()) or batches[-1]
+    model = sc.GPT(sc.GPTConfig(vocab_size=512, depth=1, model_dim=32, head_dim=16, max_seq_len=32))
+    loss = evaluate_sft_loss(model, loader, 10_000, "sdpa")
+    assert math.isfinite(loss) and sum(len(batch.cu_seqlens) - 1 for batch in batches) == 6, len(batches)
