@@ -240,3 +240,16 @@ def test_a_huge_eval_steps_scores_the_sft_validation_split_once(tmp_path):
     model = sc.GPT(sc.GPTConfig(vocab_size=512, depth=1, model_dim=32, head_dim=16, max_seq_len=32))
     loss = evaluate_sft_loss(model, loader, 10_000, "sdpa")
     assert math.isfinite(loss) and sum(len(batch.cu_seqlens) - 1 for batch in batches) == 6, len(batches)
+
+
+@pytest.mark.parametrize("raw", ["9223372036854775807", "12345678901234567", "9007199254740993"])
+def test_large_integer_settings_are_read_exactly(raw):
+    """Integers were read through a float: --seed=9223372036854775807 (the largest allowed) was refused as
+    9223372036854775808, and a seed above 2**53 silently became a neighbour."""
+    assert configure(CONFIGS["07_chat"], [f"--seed={raw}"], {}).seed == int(raw)
+    assert configure(CONFIGS["03_pretrain"], [], {"STACK_SEED": raw}).seed == int(raw)
+
+
+def test_an_integer_one_past_int64_is_refused_as_given():
+    with pytest.raises(sc.ConfigError, match=r"seed=9223372036854775808: seed must be at most 9223372036854775807"):
+        configure(CONFIGS["06_rl"], ["--seed=9223372036854775808"], {})
