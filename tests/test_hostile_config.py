@@ -4,15 +4,23 @@ a ConfigError that names the setting and the value."""
 import ast
 import dataclasses
 import math
+import os
+import subprocess
+import sys
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import stackcore as sc
+from data.gsm8k import TaskPrompt
 from notebooks.config import (PRESET_NAMES, Allowed, StackConfig, above, accumulation_steps, configure, layer_list,
                               parse_value)
+from notebooks.rl import prompts_that_fit
+from notebooks.sft import evaluate_sft_loss
+from notebooks.training import validation_steps
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOK_NAMES = ("01_tokenizer", "02_sharding", "03_pretrain", "04_core_eval", "05_sft", "06_rl", "07_chat")
@@ -199,9 +207,6 @@ def test_a_warmup_and_ramp_that_fit_the_run_are_accepted(args):
 def test_rl_answers_longer_than_the_context_name_max_new_tokens():
     """A --max_new_tokens that leaves no question room in the model's context used to end 06_rl with a traceback
     ('no prompts to sample from') that named neither the setting nor the context."""
-    from data.gsm8k import TaskPrompt
-    from notebooks.rl import prompts_that_fit
-
     prompts = [TaskPrompt(ids=[1] * length, gold="4", problem=index) for index, length in enumerate((40, 30, 50))]
     assert [len(p.ids) for p in prompts_that_fit(prompts, 256, 216, "train")] == [40, 30]
     refusal = (r"max_new_tokens=250 leaves no test question room in the model's context of 256 tokens \(the shortest "
@@ -213,9 +218,6 @@ def test_rl_answers_longer_than_the_context_name_max_new_tokens():
 def test_a_huge_eval_tokens_scores_the_validation_split_once(tmp_path):
     """--eval_tokens far beyond the validation split (a typo, or the speedrun's value on a small split) made every
     bits-per-byte measurement of 03_pretrain and 04_core_eval walk the split over and over, for hours."""
-    import numpy as np
-
-    from notebooks.training import validation_steps
 
     sc.write_shard(tmp_path / "val_000000.bin", np.r_[511, np.arange(1, 1000) % 500], vocab_size=512)
     loader = sc.PretrainLoader(tmp_path, "val", tokens=100, bos_id=511, vocab_size=512, max_doc_len=64)
@@ -226,9 +228,6 @@ def test_a_huge_eval_tokens_scores_the_validation_split_once(tmp_path):
 def test_a_huge_eval_steps_scores_the_sft_validation_split_once(tmp_path):
     """--eval_steps beyond the conversations of the validation split made 05_sft's every measurement score them over
     and over (with --eval_steps=100000 the tiny run never ended)."""
-    import numpy as np
-
-    from notebooks.sft import evaluate_sft_loss
 
     ids = np.concatenate([np.r_[511, np.arange(1, 20 + i)] for i in range(6)])
     path = sc.write_shard(tmp_path / "val_000000.bin", ids, vocab_size=512)
@@ -253,3 +252,14 @@ def test_large_integer_settings_are_read_exactly(raw):
 def test_an_integer_one_past_int64_is_refused_as_given():
     with pytest.raises(sc.ConfigError, match=r"seed=9223372036854775808: seed must be at most 9223372036854775807"):
         configure(CONFIGS["06_rl"], ["--seed=9223372036854775808"], {})
+
+
+@pytest.mark.parametrize("name", ["01_tokenizer", "07_chat"])
+def test_a_twin_run_from_another_folder_finds_its_checkout(tmp_path, name):
+    """`python /path/to/notebooks/NN.py` from any other folder took that folder for a fresh Colab runtime and ran
+    `git clone` into /content/decoderstack (without a network, a CalledProcessError) instead of running the checkout's
+    own code."""
+    env = {**os.environ, "STACK_HOME": str(tmp_path / "home"), "STACK_PRESET": "tiny", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(NOTEBOOKS / f"{name}.py"), "--help"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "usage: python" in result.stdout, result.stderr[-2000:]
