@@ -219,13 +219,19 @@ class Tokenizer:
 
     @classmethod
     def load(cls, directory: Path) -> "Tokenizer":
-        from tiktoken.load import load_tiktoken_bpe
-
+        """Read the rank file ourselves: tiktoken's `load_tiktoken_bpe` caches a file by its path (in the temp
+        folder), so after 01 retrains a vocabulary in place it would go on returning the old ranks."""
         directory = Path(directory)
         ranks_file, meta_file = (require_artifact(directory / name, made_by="01_tokenizer")
                                  for name in (TOKENIZER_RANKS, TOKENIZER_META))
         try:  # a damaged file, checked here: tiktoken's own checks end in a Rust panic, which is no Exception
-            ranks = load_tiktoken_bpe(str(damaged := ranks_file))
+            ranks = {}
+            for number, line in enumerate((damaged := ranks_file).read_text().splitlines(), 1):
+                try:  # tiktoken's format: base64 token, space, rank
+                    token, rank = line.split(" ")
+                    ranks[base64.b64decode(token, validate=True)] = int(rank)
+                except ValueError:
+                    raise ValueError(f"line {number} is not '<base64 token> <rank>': {line[:60]!r}") from None
             if not ranks or sorted(ranks.values()) != list(range(len(ranks))):
                 raise ValueError(f"ranks must be 0, 1, 2, ..., one per distinct token ({len(ranks)} read)")
             meta = json.loads((damaged := meta_file).read_text())
@@ -343,7 +349,7 @@ def read_shard(path: Path, vocab_size: int | None = None, kind: str | None = Non
                       shape=(count, width) if kind == "records" else (count,))
     if vocab_size is not None and kind == "tokens" and items.size and int(items.max()) >= vocab_size:
         raise ShardError(f"{path}: token id {int(items.max())} is beyond the vocabulary of {vocab_size}: "
-                         f"these shards were made with another tokenizer")
+                         f"these shards were made with another tokenizer: run notebooks/02_sharding again")
     return items
 
 

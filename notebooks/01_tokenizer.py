@@ -124,9 +124,14 @@ def training_text():
 t0 = time.time()
 tokenizer = sc.Tokenizer.train(training_text(), cfg.vocab_size)
 train_seconds = time.time() - t0
+ranks_file = out_dir / sc.TOKENIZER_RANKS
+previous_ranks = ranks_file.read_bytes() if ranks_file.exists() else None
 tokenizer.save(out_dir)
 print(f"trained a {tokenizer.vocab_size}-token vocabulary on {chars_seen / 1e6:.1f} M characters "
       f"in {train_seconds:.1f} s; saved to {out_dir}")
+if previous_ranks not in (None, ranks_file.read_bytes()):
+    print(f"note: this replaced another tokenizer in {out_dir}; the shards and checkpoints made with that one no "
+          f"longer match it: run 02_sharding again and start new runs (or give each vocabulary its own STACK_HOME)")
 
 # %% [markdown]
 # ## Look inside: the first merges, learned on one sentence

@@ -78,7 +78,7 @@ from data import core, gsm8k, sft
 from data.hub import pull_shards, push_shards
 from data.pretrain import CorpusConfig, iter_documents
 from data.tokenizing import tokenize_parallel
-from notebooks.config import above, at_least, configure, describe_config
+from notebooks.config import above, at_least, configure, describe_config, in_notebook_kernel
 
 
 @dataclass
@@ -99,6 +99,8 @@ class ShardingConfig(CorpusConfig, sft.SFTMixture, gsm8k.GsmPromptConfig):
 
 cfg = configure(ShardingConfig)
 print(describe_config(cfg))
+# progress bars in a notebook or a terminal; none in a log file, where every redraw would add text to it
+hide_progress = not (in_notebook_kernel() or sys.stderr.isatty())
 shard_dir = sc.artifact_dir("shards") / "pretrain"
 run_dir = sc.artifact_dir("runs") / "02_sharding"
 run_dir.mkdir(parents=True, exist_ok=True)
@@ -127,7 +129,8 @@ print(f"tokenizer: {tokenizer.vocab_size} tokens, BOS id {tokenizer.bos_id}")
 def write_split(split: str, docs, total: int | None) -> list[tuple]:
     writer = sc.ShardWriter(shard_dir, split, cfg.shard_tokens, tokenizer.vocab_size)
     workers = cfg.workers or os.cpu_count() or 1
-    for ids in tqdm(tokenize_parallel(tokenizer_dir, docs, workers), total=total, desc=split, unit="doc"):
+    for ids in tqdm(tokenize_parallel(tokenizer_dir, docs, workers), total=total, desc=split, unit="doc",
+                    disable=hide_progress):
         writer.add(ids)
     writer.flush()
     return writer.written
@@ -282,7 +285,8 @@ stats = collections.defaultdict(collections.Counter)
 lengths = collections.defaultdict(list)
 workers = cfg.workers or os.cpu_count() or 1
 rendered = sft.render_parallel(tokenizer_dir, mixture_conversations(), cfg.sft_max_tokens, workers)
-for n, (ids, mask) in enumerate(tqdm(rendered, total=sum(cfg.counts().values()), desc="sft", unit="conv")):
+for n, (ids, mask) in enumerate(tqdm(rendered, total=sum(cfg.counts().values()), desc="sft", unit="conv",
+                                     disable=hide_progress)):
     split = "val" if n % val_stride == 0 and stats["val"]["conversations"] < cfg.sft_val else "train"
     writers[split].add(ids, mask)
     for key in (split, sources[n]):

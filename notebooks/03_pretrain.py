@@ -110,6 +110,7 @@ class PretrainConfig(StackConfig):
     eval_batch_tokens: int = 0  # tokens per validation forward pass; 0: micro_tokens (shorter rows cover a small
     # validation split without repeating it)
     save_every: int = 1000  # steps between checkpoints (and at the end)
+    keep_checkpoints: int = 2  # the run's newest checkpoints kept on disk (0: all of them)
     attention: str = "auto"  # auto | flash | varlen | flex | sdpa
     compile: bool = True  # torch.compile the model's layers and loss on GPUs (GPT.compile_layers)
     fp8: bool = False  # fp8 matmuls in the blocks' linear layers and the head where the GPU has them (GPT.set_fp8)
@@ -135,7 +136,8 @@ class PretrainConfig(StackConfig):
         "warmup_steps": at_least(0), "cooldown_frac": at_least(0, 1), "lr_scale": above(0),
         "weight_decay": at_least(0), "batch_start_tokens": at_least(0), "batch_ramp_steps": at_least(0),
         "eval_every": above(0), "eval_tokens": above(0),
-        "eval_batch_tokens": at_least(0), "save_every": above(0), "attention": ATTENTION_SETTING,
+        "eval_batch_tokens": at_least(0), "save_every": above(0), "keep_checkpoints": at_least(0),
+        "attention": ATTENTION_SETTING,
         "run_name": folder_name(), "seed": at_least(0),
     }
 
@@ -422,14 +424,18 @@ plt.show()
 # ## Resume
 # If this run already has a checkpoint, pick up where it stopped: weights, optimizer state and the loader's
 # position, so the continuation is the same as an uninterrupted run (also under another number of processes). A
-# damaged newest checkpoint is reported and the one before it taken. A run that has already reached `steps` trains
-# nothing and keeps its summary: pass a larger `--steps` to continue it, or a new `--run_name`.
+# damaged newest checkpoint is reported and the one before it taken. The checkpoint carries the training time of
+# the sessions before, so the summary counts the whole run. A run that has already reached `steps` trains nothing and
+# keeps its summary. `steps` is fixed when a run starts: the learning rates follow it, so a larger `--steps` would
+# stretch a schedule that has cooled to zero and raise the rates again; a resume with another `--steps` is refused,
+# and a longer run is a new `--run_name`. Only the newest `keep_checkpoints` checkpoints stay on disk.
 
 # %%
 from notebooks.training import RunLog, check_finite_loss, save_checkpoint, start_training
 
-start_step, complete = start_training(checkpoint_dir, run_dir, model, optimizers, train_loader, dist_info,
-                                      "03_pretrain", cfg.run_name, cfg.steps, cfg.resume, log)
+start_step, complete, earlier_totals = start_training(checkpoint_dir, run_dir, model, optimizers, train_loader,
+                                                      dist_info, "03_pretrain", cfg.run_name, cfg.steps, cfg.resume,
+                                                      log)
 wandb_run = None
 if cfg.wandb and dist_info.master:
     import wandb
@@ -450,7 +456,8 @@ run_log = RunLog(run_dir, enabled=dist_info.master, wandb_run=wandb_run)
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 125e12, "T4": 65e12}
 gpu_name = torch.cuda.get_device_name(device) if device.startswith("cuda") else ""
 peak = next((flops for key, flops in PEAK_FLOPS.items() if key in gpu_name), None)
-train_seconds, tokens_seen = 0.0, sum(map(step_tokens, range(start_step)))
+earlier_seconds = earlier_totals.get("train_seconds", 0.0)  # the sessions before this one, from the checkpoint
+train_seconds, tokens_seen = earlier_seconds, sum(map(step_tokens, range(start_step)))
 step_times, step_rates = [], []  # seconds and tokens per second of each optimizer step; the first one compiles
 val_bpb = float("nan")
 
@@ -467,7 +474,8 @@ for step in range(start_step, start_step if complete else cfg.steps + 1):
         run_log.log(step=step, val_bpb=val_bpb, tokens=tokens_seen, train_seconds=train_seconds)
     if step > start_step and (step % cfg.save_every == 0 or last):
         saved = save_checkpoint(checkpoint_dir, step, model, optimizers, train_loader, cfg, dist_info,
-                                {"val_bpb": val_bpb, "tokenizer_dir": str(tokenizer_dir)})
+                                {"val_bpb": val_bpb, "tokenizer_dir": str(tokenizer_dir), "total_steps": cfg.steps,
+                                 "totals": {"train_seconds": train_seconds}}, keep=cfg.keep_checkpoints)
         log(f"saved {saved}")
     if last:
         break
@@ -495,7 +503,7 @@ for step in range(start_step, start_step if complete else cfg.steps + 1):
     tokens_per_second = batch_tokens / step_seconds
     step_rates.append(tokens_per_second)
     mfu = flops_per_token * tokens_per_second / (peak * dist_info.world_size) if peak else None  # no peak on a CPU
-    remaining = (cfg.steps - step - 1) * train_seconds / (step + 1 - start_step)
+    remaining = (cfg.steps - step - 1) * (train_seconds - earlier_seconds) / (step + 1 - start_step)
     log(f"step {step + 1:5d}/{cfg.steps} | loss {train_loss:.4f} | {tokens_per_second:,.0f} tok/s | "
         f"MFU {'n/a' if mfu is None else f'{mfu:.1%}'} | {step_seconds * 1000:.0f} ms | "
         f"elapsed {format_duration(train_seconds)} | left {format_duration(remaining)} | "
@@ -529,6 +537,8 @@ if dist_info.master:
 # Throughput is the steady state: the median tokens per second of the steps after the first, which compiles (timed
 # apart as `first_step_seconds`). MFU counts 6 FLOPs per matmul parameter plus attention as if every document were
 # `seq_len` tokens long at the final windows; packed documents are shorter, so its attention term is an upper bound.
+# `train_seconds` adds up the training steps of every session of a resumed run; the throughput figures are the
+# last session's.
 
 # %%
 steady_step = float(np.median(step_times[1:])) if len(step_times) > 1 else None

@@ -114,14 +114,14 @@ checkpoint_path = cfg.checkpoint or sc.latest_checkpoint(sc.artifact_dir("checkp
 if checkpoint_path is None:
     raise sc.MissingArtifactError(f"no checkpoint in {sc.artifact_dir('checkpoints') / cfg.run_name}: run "
                                   f"notebooks/03_pretrain first (STACK_HOME is {sc.stack_home()})")
-model, checkpoint = sc.model_from_checkpoint(checkpoint_path, device)
+tokenizer_dir = sc.artifact_dir("tokenizer")
+tokenizer = sc.Tokenizer.load(tokenizer_dir)
+model, checkpoint = sc.model_from_checkpoint(checkpoint_path, device, tokenizer.vocab_size, "03_pretrain")
 model.set_compute_dtype(sc.pick_compute_dtype(device))
 model.cast_weights_for_inference()  # evaluation only: no fp32 master weights to keep
 backend = sc.pick_attention_backend(device, cfg.attention)
 if cfg.compile and device.startswith("cuda"):
     model.compile_layers(evaluation=True)
-tokenizer_dir = sc.artifact_dir("tokenizer")
-tokenizer = sc.Tokenizer.load(tokenizer_dir)
 shards = sc.read_core_shards(sc.artifact_dir("shards") / "core", tokenizer.vocab_size)
 log(f"checkpoint {checkpoint_path} (step {checkpoint['step']}), {model.num_params()['total']:,} parameters, "
     f"attention {backend}; {len(shards)} CORE tasks, {sum(len(s.records) for s in shards):,} prompts")

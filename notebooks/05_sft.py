@@ -99,6 +99,7 @@ class SFTConfig(ChatEvalConfig):
     eval_every: int = 100  # steps between validation losses (and at the end)
     eval_steps: int = 20  # validation batches per measurement, all ranks together (rounded up to a multiple)
     save_every: int = 500  # steps between checkpoints (and at the end)
+    keep_checkpoints: int = 2  # the run's newest checkpoints kept on disk (0: all of them)
     pack_tokens: int = 32_768  # tokens per packed forward pass when scoring multiple choice
     attention: str = "auto"  # auto | flash | varlen | flex | sdpa
     compile: bool = False  # torch.compile(dynamic=True) on GPUs (batches vary in length; see baselines/bench_sft.py)
@@ -113,7 +114,8 @@ class SFTConfig(ChatEvalConfig):
         "base_run": folder_name(), "run_name": folder_name(), "tokens_per_step": above(0),
         "micro_tokens": above(0), "steps": at_least(0), "lr_scale": above(0),
         "cooldown_frac": at_least(0, 1),
-        "eval_every": above(0), "eval_steps": above(0), "save_every": above(0), "pack_tokens": above(0),
+        "eval_every": above(0), "eval_steps": above(0), "save_every": above(0), "keep_checkpoints": at_least(0),
+        "pack_tokens": above(0),
         "attention": ATTENTION_SETTING, "seed": at_least(0),
     }
 
@@ -241,13 +243,18 @@ loss_scaler = sc.LossScaler(compute_dtype, device)  # fp16 only (a T4); a plain 
 # If this run already has a checkpoint, continue from it: the fine-tuned weights, the optimizer state and the
 # loader's place in its shuffled epoch (the same on every rank, so any number of processes can resume). A damaged
 # newest checkpoint is reported and the one before it taken. A run that has already reached `steps` trains nothing
-# and keeps its results file: pass a larger `--steps` to continue it, or a new `--run_name`.
+# and keeps its results file. The checkpoint records the base model it was fine-tuned from (its file, step and a
+# fingerprint of its weights) and the number of steps, which sets the learning-rate schedule: if `03_pretrain` has
+# trained its base further (or started it over), or `--steps` changed, resuming is refused with what to do (a new
+# `--run_name`, or `--checkpoint=` a file to start from), never a fine-tuned model of two bases or two schedules.
 
 # %%
-from notebooks.training import RunLog, check_finite_loss, save_checkpoint, start_training
+from notebooks.training import RunLog, check_finite_loss, save_checkpoint, start_training, weights_origin
 
-start_step, complete = start_training(checkpoint_dir, run_dir, model, optimizers, train_loader, dist_info,
-                                      "05_sft", cfg.run_name, steps, cfg.resume, log)
+base_origin = weights_origin(base_path, base_checkpoint)
+start_step, complete, earlier_totals = start_training(checkpoint_dir, run_dir, model, optimizers, train_loader,
+                                                      dist_info, "05_sft", cfg.run_name, steps, cfg.resume, log,
+                                                      base_origin)
 run_log = RunLog(run_dir, enabled=dist_info.master)
 
 # %% [markdown]
@@ -261,7 +268,7 @@ run_log = RunLog(run_dir, enabled=dist_info.master)
 # %%
 val_loss = float("nan")
 val_batches_per_rank = -(-cfg.eval_steps // dist_info.world_size)  # the rows one process would score, shared out
-train_seconds = 0.0
+train_seconds = earlier_totals.get("train_seconds", 0.0)  # the sessions before this one, from the checkpoint
 for step in range(start_step, start_step if complete else steps + 1):
     last = step == steps
     if (step % cfg.eval_every == 0 or last) and (step > start_step or start_step == 0):  # resumed: done already
@@ -271,8 +278,9 @@ for step in range(start_step, start_step if complete else steps + 1):
         run_log.log(step=step, val_loss=val_loss)
     if step > start_step and (step % cfg.save_every == 0 or last):
         saved = save_checkpoint(checkpoint_dir, step, model, optimizers, train_loader, cfg, dist_info,
-                                {"val_loss": val_loss, "tokenizer_dir": str(tokenizer_dir),
-                                 "base_checkpoint": str(base_path)})
+                                {"val_loss": val_loss, "tokenizer_dir": str(tokenizer_dir), "origin": base_origin,
+                                 "total_steps": steps, "totals": {"train_seconds": train_seconds}},
+                                keep=cfg.keep_checkpoints)
         log(f"saved {saved}")
     if last:
         break

@@ -99,6 +99,7 @@ class RLConfig(StackConfig):
     eval_prompts: int = 400  # test questions per evaluation
     eval_samples: int = 8  # answers per test question: pass@1 ... pass@eval_samples
     save_every: int = 60  # steps between checkpoints (and at the end)
+    keep_checkpoints: int = 2  # the run's newest checkpoints kept on disk (0: all of them)
     attention: str = "auto"  # auto | flash | varlen | flex | sdpa
     run_name: str = "rl"  # name of the run folder and checkpoint folder (07_chat looks for "rl")
     resume: bool = True  # continue from the newest checkpoint of this run if there is one
@@ -113,8 +114,8 @@ class RLConfig(StackConfig):
         "steps": above(0), "prompts_per_step": above(0), "samples_per_prompt": above(0),
         "max_new_tokens": above(0), "temperature": at_least(0), "top_k": at_least(0), "lr_scale": above(0),
         "pass_tokens": above(0), "eval_every": above(0), "eval_prompts": above(0), "eval_samples": above(0),
-        "save_every": above(0), "attention": ATTENTION_SETTING, "run_name": folder_name(),
-        "seed": at_least(0),
+        "save_every": above(0), "keep_checkpoints": at_least(0), "attention": ATTENTION_SETTING,
+        "run_name": folder_name(), "seed": at_least(0),
     }
 
     def validate(self) -> None:
@@ -249,14 +250,18 @@ loss_scaler = sc.LossScaler(compute_dtype, device)  # fp16 only (a T4); a plain 
 # ## Resume
 # If this run already has a checkpoint, continue from it: weights, optimizer state and the position in the question
 # order (a damaged newest checkpoint is reported and the one before it taken). Otherwise start a fresh log. A run
-# that has already reached `steps` trains nothing and keeps its summary: pass a larger `--steps` to continue it, or a
-# new `--run_name`.
+# that has already reached `steps` trains nothing and keeps its summary. The learning rates decay over `steps`, and
+# the checkpoint records the model the run started from (file, step, a fingerprint of its weights): a resume with
+# another `--steps`, or after `05_sft` has trained its model further, is refused with what to do instead. The
+# timings and token counts of the summary add up every session.
 
 # %%
-from notebooks.training import RunLog, check_finite_loss, save_checkpoint, start_training
+from notebooks.training import RunLog, check_finite_loss, save_checkpoint, start_training, weights_origin
 
-start_step, complete = start_training(checkpoint_dir, run_dir, model, optimizers, sampler, dist_info,
-                                      "06_rl", cfg.run_name, cfg.steps, cfg.resume, log)
+start_origin = weights_origin(start_path, start_checkpoint)
+start_step, complete, earlier_totals = start_training(checkpoint_dir, run_dir, model, optimizers, sampler, dist_info,
+                                                      "06_rl", cfg.run_name, cfg.steps, cfg.resume, log,
+                                                      start_origin)
 run_log = RunLog(run_dir, enabled=dist_info.master)
 
 # %% [markdown]
@@ -280,14 +285,15 @@ def evaluate(step: int) -> None:
     run_log.log(step=step, **results)
 
 
-totals = {"rollout_seconds": 0.0, "update_seconds": 0.0, "answer_tokens": 0}
+totals = {"rollout_seconds": 0.0, "update_seconds": 0.0, "answer_tokens": 0, **earlier_totals}  # all sessions
 for step in range(start_step, start_step if complete else cfg.steps + 1):
     last = step == cfg.steps
     if (step % cfg.eval_every == 0 or last) and (step > start_step or start_step == 0):  # resumed: done already
         evaluate(step)
     if step > start_step and (step % cfg.save_every == 0 or last):
         saved = save_checkpoint(checkpoint_dir, step, model, optimizers, sampler, cfg, dist_info,
-                                {"start_checkpoint": start_path})
+                                {"origin": start_origin, "total_steps": cfg.steps, "totals": dict(totals)},
+                                keep=cfg.keep_checkpoints)
         log(f"saved {saved}")
     if last:
         break

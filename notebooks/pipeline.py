@@ -9,11 +9,17 @@ from pathlib import Path
 from typing import Sequence
 
 import stackcore as sc
-from notebooks.config import reading_settings
+from notebooks.config import HELP_FLAGS, reading_settings
 from notebooks.report import format_duration, write_report
 from notebooks.runtime import end_scripts_on_user_errors
 
 ROOT = Path(__file__).resolve().parents[1]
+USAGE = "usage: python stackcore.py pipeline [--preset=tiny|colab|speedrun|node]"
+HELP = f"""{USAGE}
+
+Runs notebooks/01_tokenizer.py to 07_chat.py in order, each in its own process with the same preset (by default
+tiny on a CPU, offline; the real sizes on a GPU), then writes STACK_HOME/report.md. Other settings go in
+STACK_<NAME>=value environment variables; each notebook lists its own with: python notebooks/03_pretrain.py --help"""
 
 
 def run_pipeline(overrides: Sequence[str]) -> None:
@@ -45,8 +51,11 @@ def describe_run_outputs(runs: Path) -> str:
 
 def main(argv: Sequence[str]) -> None:
     """`pipeline [--preset=...]`, as `python3 stackcore.py` passes it on."""
+    if any(arg in HELP_FLAGS for arg in argv):
+        print(HELP)
+        return
     if argv[:1] != ["pipeline"]:
-        sys.exit("usage: python stackcore.py pipeline [--preset=tiny|colab|speedrun|node]")
+        sys.exit(USAGE)
     end_scripts_on_user_errors()
     with reading_settings():
         run_pipeline(argv[1:])

@@ -12,6 +12,7 @@ play Colab by passing `colab`, `pip` and `mount_drive` and faking the package li
 from __future__ import annotations
 
 import atexit
+import io
 import os
 import subprocess
 import sys
@@ -148,14 +149,15 @@ def setup_runtime(use_drive: bool = False, colab: bool | None = None,
         notes.append("no GPU: choose Runtime > Change runtime type > GPU (T4 is free) for the colab preset")
     threads = set_cpu_threads()
     silence_triton_teardown()
+    print_whole_lines()
     if os.environ.get("RANK", "0") == "0":
         print(describe_runtime(gpu, threads, install, notes))
 
 
 def end_scripts_on_user_errors() -> None:
     """In a twin run as a script, an error the user fixes by changing a setting or running an earlier notebook
-    (stackcore's ConfigError, MissingArtifactError, and CheckpointError and ShardError, which name the damaged or
-    foreign file) ends the run with its one-line message instead of a traceback:
+    (stackcore's ConfigError, MissingArtifactError, and CheckpointError and ShardError, whose messages name the file
+    and what to do) ends the run with its one-line message instead of a traceback:
     exit status 2 for a bad option or setting (notebooks/config.py's reading_settings), 1 for one found later. Other
     errors keep their traceback, and in a notebook kernel every exception shows as usual. Ctrl-C ends it with one
     line saying where it stopped and how to resume, and exit status 130. Installed once, however often it is
@@ -196,6 +198,14 @@ def interrupted_message(trace: Any) -> str:
     where = f" in {Path(frame.filename).name} line {frame.lineno}" if frame else ""
     return (f"{Path(sys.argv[0]).name}: interrupted{where}. Run the same command again: 03_pretrain, 05_sft and "
             f"06_rl continue from their newest checkpoint (resume=True), the steps after it are trained again")
+
+
+def print_whole_lines() -> None:
+    """Send each line a script prints on at once, also into a file or a pipe (`03_pretrain.py > run.log`, nohup,
+    the pipeline): Python writes such a stdout in blocks of several KB, so `tail -f` showed no step for minutes
+    and a run killed by a time limit lost its last lines. A notebook kernel's stream is left as it is."""
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(line_buffering=True)
 
 
 def set_cpu_threads(environ: Mapping[str, str] = os.environ) -> int:

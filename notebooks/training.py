@@ -1,11 +1,13 @@
 """A run of a training notebook (03_pretrain, 05_sft, 06_rl) around its loop: where it starts (afresh, or from the
-newest usable checkpoint on any number of ranks, falling back past damaged ones; "already complete"), saving its
-checkpoints, stopping on a non-finite loss, and its metrics log; and 03's growing window and batch. Only these three
-notebooks train, so this lives beside them; stackcore keeps the checkpoint reader (load_checkpoint,
-model_from_checkpoint) that 04-07 use too, and the optimizer's schedules that 03 and 05 share."""
+newest usable checkpoint on any number of ranks, falling back past damaged ones; "already complete"; refused when
+its length or its starting weights changed), saving its checkpoints (the newest few kept) with the totals a
+summary adds up over sessions, stopping on a non-finite loss, and its metrics log; and 03's growing window and
+batch. Only these three notebooks train, so this lives beside them; stackcore keeps the checkpoint reader
+(load_checkpoint, model_from_checkpoint) that 04-07 use too, and the optimizer's schedules that 03 and 05 share."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -16,8 +18,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from stackcore import (GPT, CheckpointError, ConfigError, DamagedCheckpointError, DistInfo, all_ranks_agree,
-                       PretrainLoader, checkpoint_paths, load_checkpoint, make_writable_folder, read_shard,
+from stackcore import (GPT, CheckpointError, ConfigError, DamagedCheckpointError, DistInfo, GPTConfig, PretrainLoader,
+                       all_ranks_agree, checkpoint_paths, load_checkpoint, make_writable_folder, read_shard,
                        saved_model_config, sum_over_ranks)
 
 
@@ -54,10 +56,13 @@ def check_finite_loss(loss: float, step: int, what: str = "training loss") -> No
 
 
 def save_checkpoint(directory: Path, step: int, model: nn.Module, optimizers: list[torch.optim.Optimizer],
-                    loader: Any, config: Any, dist_info: DistInfo, extra: dict | None = None) -> Path:
+                    loader: Any, config: Any, dist_info: DistInfo, extra: dict | None = None, keep: int = 0) -> Path:
     """`step_NNNNNN.pt` (model, configs, step and world size; rank 0) and `step_NNNNNN.rankR.pt` (optimizer and
     loader state of each rank: distributed Muon keeps each rank's momentum share apart). Written atomically, of
-    tensors, numbers, strings and plain containers only (weights_only=True loads them), never non-finite weights."""
+    tensors, numbers, strings and plain containers only (weights_only=True loads them), never non-finite weights.
+    Once every rank has written its part, the run's checkpoints before this one beyond the newest `keep` go (0 keeps
+    them all). The notebooks' `extra` holds `total_steps`, the `totals` their summaries add up over sessions, and
+    for 05/06 the `origin` they started from: what start_training checks and returns on a resume."""
     broken = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
     if broken:
         raise NonFiniteLossError(f"step {step}: {len(broken)} weight tensor(s) hold NaN or infinite values "
@@ -72,7 +77,25 @@ def save_checkpoint(directory: Path, step: int, model: nn.Module, optimizers: li
                      **(extra or {})}, path)
     if dist.is_initialized():
         dist.barrier()
+    if dist_info.master and keep:
+        prune_checkpoints(path, keep)
     return path
+
+
+def prune_checkpoints(newest: Path, keep: int) -> None:
+    """Remove the run's checkpoints older than `newest` but the `keep` - 1 before it. Only earlier steps go: a later
+    one (damaged, so the run resumed before it) is not this run's past, and `newest` itself, just written whole, is
+    always kept."""
+    earlier = [path for path in checkpoint_paths(newest.parent) if path.name < newest.name]
+    for path in earlier[:max(0, len(earlier) - (keep - 1))]:
+        delete_checkpoint(path)
+
+
+def delete_checkpoint(path: Path) -> None:
+    """A checkpoint's files: the model's, then each rank's (a model file alone is not taken for a whole one)."""
+    path.unlink(missing_ok=True)
+    for rank_file in path.parent.glob(f"{path.stem}.rank*.pt"):
+        rank_file.unlink(missing_ok=True)
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -106,10 +129,11 @@ def _rank_states(path: Path, checkpoint: dict[str, Any], loader: Any, dist_info:
 
 def resume_training(directory: Path, model: GPT, optimizers: list[torch.optim.Optimizer], loader: Any,
                     dist_info: DistInfo, made_by: str, log: Callable[[str], None] = print
-                    ) -> tuple[int, Path | None]:
+                    ) -> tuple[int, Path | None, dict[str, Any]]:
     """Continue a run from the newest usable checkpoint in `directory` (model weights, then optimizer and loader or
-    sampler state), falling back past damaged ones. Returns (step, checkpoint), or (0, None) when there is none. A
-    checkpoint of another model shape stops with a message instead of a confusing state-dict error."""
+    sampler state), falling back past damaged ones. Returns (step, checkpoint, what it holds besides the weights),
+    or (0, None, {}) when there is none. A checkpoint of another model shape stops with a message instead of a
+    confusing state-dict error."""
     paths, damages = checkpoint_paths(directory), []
     seen, ranks = sum_over_ranks([len(paths), 1])
     if not all_ranks_agree(seen == len(paths) * ranks):
@@ -118,8 +142,9 @@ def resume_training(directory: Path, model: GPT, optimizers: list[torch.optim.Op
     for path in reversed(paths):
         try:
             checkpoint = load_checkpoint(path, dist_info.device, made_by)
-            if saved_model_config(path, checkpoint["model_config"]) != model.config:
-                raise CheckpointError(f"{path} holds a different model ({checkpoint['model_config']}); "
+            saved = saved_model_config(path, checkpoint["model_config"])
+            if saved != model.config:
+                raise CheckpointError(f"{path} holds a different model ({model_differences(saved, model.config)}); "
                                       f"use --run_name=<new name> or --resume=false")
             rank_state, damage = _rank_states(path, checkpoint, loader, dist_info, made_by), None
         except DamagedCheckpointError as error:
@@ -129,45 +154,118 @@ def resume_training(directory: Path, model: GPT, optimizers: list[torch.optim.Op
             for optimizer, optimizer_state in zip(optimizers, rank_state["optimizers"]):
                 optimizer.load_state_dict(optimizer_state)
             loader.load_state_dict(rank_state["loader"])
-            return checkpoint["step"], path
+            return checkpoint["step"], path, {key: value for key, value in checkpoint.items() if key != "model"}
         damages.append(str(damage or f"another rank could not read its part of {path}"))
         log(f"WARNING: {damages[-1]}; trying the checkpoint before it")
     if paths:
         raise CheckpointError(f"no usable checkpoint in {directory}: all {len(paths)} are damaged (the newest: "
                               f"{damages[0]}); delete them, or start a new run with --run_name=<new name> or "
                               f"--resume=false")
-    return 0, None
+    return 0, None, {}
+
+
+def model_differences(saved: GPTConfig, current: GPTConfig) -> str:
+    """The settings in which a checkpoint's model and this run's differ, each with both values. A vocabulary of
+    another size means the tokenizer was trained again since the checkpoint was written."""
+    changed = [field.name for field in dataclasses.fields(current)
+               if getattr(saved, field.name) != getattr(current, field.name)]
+    hint = ": 01_tokenizer ran again since this run began" if "vocab_size" in changed else ""
+    values = (f"{name} {getattr(saved, name)!r} there, {getattr(current, name)!r} here" for name in changed)
+    return "; ".join(values) + hint
+
+
+def weights_origin(path: Path | str, checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """What a run that starts from checkpoint `path` (05 from 03's, 06 from 05's) records of it: the file, its step,
+    and a fingerprint of its weights (a few values of every tensor, hashed), so that a resume can tell whether the
+    checkpoint it would start from now is the same model, wherever its file lives."""
+    digest = hashlib.sha256()
+    for name, tensor in checkpoint["model"].items():
+        flat = tensor.detach().flatten()
+        digest.update(name.encode() + flat[::max(1, flat.numel() // 64)].double().cpu().numpy().tobytes())
+    return {"path": str(path), "step": checkpoint["step"], "weights": digest.hexdigest()[:16]}
+
+
+def new_run_hint(checkpoint: Path, saved_config: dict[str, Any]) -> str:
+    """How to train a run's model for longer: a new run, from `checkpoint`'s weights where the notebook takes a
+    starting checkpoint (05_sft and 06_rl: --checkpoint), else from scratch with more steps."""
+    if "checkpoint" in saved_config:
+        return f"start a new run from its weights: --run_name=<new name> --checkpoint={checkpoint}"
+    return "start a new run with more steps: --run_name=<new name> --steps=<more>"
+
+
+def check_same_origin(saved: dict[str, Any], origin: dict[str, Any] | None, run_name: str) -> None:
+    """Refuse to resume (or call complete) a run whose starting checkpoint now holds other weights than the ones it
+    was trained from: the run it starts from trained further or started over since."""
+    before = saved.get("origin")
+    if origin is None or not isinstance(before, dict) or before.get("weights") == origin["weights"]:
+        return
+    raise CheckpointError(f"run {run_name!r} was trained from {before.get('path')} (step {before.get('step')}), but "
+                          f"its starting checkpoint is now {origin['path']} (step {origin['step']}), another model: "
+                          f"the run it starts from trained further or started over. To train from the new one, "
+                          f"start a new run with --run_name=<new name> (or this one over with --resume=false); to "
+                          f"go on with the old one, pass --checkpoint={before.get('path')} if that file is still "
+                          f"there")
+
+
+def check_same_length(saved: dict[str, Any], start_step: int, steps: int, run_name: str, checkpoint: Path) -> None:
+    """Refuse to resume a run with another --steps than it started with: the learning-rate schedules follow a run's
+    length, so a new length would move them mid-run; after the last step, rates cooled to zero would rise again."""
+    planned = saved.get("total_steps")
+    if planned is None or planned == steps or start_step >= steps:
+        return
+    hint = new_run_hint(checkpoint, saved.get("config", {}))
+    raise CheckpointError(f"run {run_name!r} was started for {planned} steps ({checkpoint} is at step {start_step}) "
+                          f"and --steps={steps} would {'stretch' if steps > planned else 'squeeze'} its "
+                          f"learning-rate schedule mid-run (after the last step, rates cooled to zero would rise "
+                          f"again): resume it with --steps={planned}, or to train for longer, {hint}")
 
 
 def run_is_complete(start_step: int, steps: int, run_name: str, checkpoint: Path | None,
-                    log: Callable[[str], None] = print) -> bool:
+                    saved_config: dict[str, Any], log: Callable[[str], None] = print) -> bool:
     """True (and says so) when a resumed run has already reached `steps`: it then trains nothing and leaves its
-    summary as it is. A larger --steps continues it."""
+    summary as it is."""
     if checkpoint is None or start_step < steps:
         return False
     log(f"run {run_name!r} is already complete: {checkpoint} is at step {start_step} and --steps={steps}, so "
-        f"nothing is trained and its summary is left as it is. To train it further pass --steps=<more than "
-        f"{start_step}>; to start another run pass --run_name=<new name> (or --resume=false to start this one over)")
+        f"nothing is trained and its summary is left as it is (its learning rates have cooled to their end). To "
+        f"train it for longer, {new_run_hint(checkpoint, saved_config)}; to start this one over, pass --resume=false")
     return True
+
+
+def remove_checkpoints(directory: Path, log: Callable[[str], None] = print) -> None:
+    """A run started over (--resume=false) removes the earlier run's checkpoints: left beside the new ones, the
+    newest of them, a later step than the new run has reached, is what 04-07 and the next resume would load."""
+    earlier = checkpoint_paths(directory)
+    for path in earlier:
+        delete_checkpoint(path)
+    if earlier:
+        log(f"starting over: removed the earlier run's {len(earlier)} checkpoint(s) from {directory}")
 
 
 def start_training(checkpoint_dir: Path, run_dir: Path, model: GPT, optimizers: list[torch.optim.Optimizer],
                    loader: Any, dist_info: DistInfo, made_by: str, run_name: str, steps: int, resume: bool,
-                   log: Callable[[str], None] = print) -> tuple[int, bool]:
-    """Where a training notebook's loop starts: (first step, whether the run is complete already). With `resume`
-    it continues from the newest usable checkpoint and says so once; a run that starts afresh drops an earlier
-    run's metrics.jsonl, and a resumed one the records an interrupted run logged after its checkpoint."""
+                   log: Callable[[str], None] = print, origin: dict[str, Any] | None = None
+                   ) -> tuple[int, bool, dict[str, float]]:
+    """Where a training notebook's loop starts: (first step, whether the run is complete already, the `totals` its
+    checkpoint carries from earlier sessions). With `resume` it continues from the newest usable checkpoint and says
+    so once, refused when --steps or the starting checkpoint (`origin`, see weights_origin) changed since; a run that
+    starts afresh drops an earlier run's metrics.jsonl and checkpoints, and a resumed one the records an interrupted
+    run logged after its checkpoint."""
     prepare_run_folders(Path(checkpoint_dir), Path(run_dir), run_name)
-    start_step, latest = (resume_training(checkpoint_dir, model, optimizers, loader, dist_info, made_by, log)
-                          if resume else (0, None))
-    complete = run_is_complete(start_step, steps, run_name, latest, log)
+    start_step, latest, saved = (resume_training(checkpoint_dir, model, optimizers, loader, dist_info, made_by, log)
+                                 if resume else (0, None, {}))
+    if latest is not None:
+        check_same_origin(saved, origin, run_name)
+        check_same_length(saved, start_step, steps, run_name, latest)
+    complete = run_is_complete(start_step, steps, run_name, latest, saved.get("config", {}), log)
     if latest is None and dist_info.master:
         (Path(run_dir) / "metrics.jsonl").unlink(missing_ok=True)
+        remove_checkpoints(checkpoint_dir, log)
     elif latest is not None and not complete:
         if dist_info.master:
             drop_metrics_after(Path(run_dir) / "metrics.jsonl", start_step)
         log(f"resumed from {latest} at step {start_step}")
-    return start_step, complete
+    return start_step, complete, dict(saved.get("totals", {}))
 
 
 def prepare_run_folders(checkpoint_dir: Path, run_dir: Path, run_name: str) -> None:

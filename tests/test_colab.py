@@ -3,10 +3,12 @@ and Drive; nothing downloaded), the GPU -> preset mapping, fp16 loss scaling, an
 when an earlier notebook's artifact is missing."""
 import os
 import re
+import select
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass
 
 import jupytext
 import pytest
@@ -344,6 +346,13 @@ def test_other_errors_in_a_twin_keep_their_traceback(tmp_path):
     assert result.returncode == 1 and "Traceback" in result.stderr and "KeyError: 'kept'" in result.stderr
 
 
+def test_a_checkpoint_of_another_run_ends_a_twin_in_one_line(tmp_path):
+    """Resuming a checkpoint of another model says what to do (a new run_name); a traceback through torch would
+    bury that line."""
+    result = run_script_raising(tmp_path, "__import__('stackcore').CheckpointError('x.pt holds a different model')")
+    assert result.returncode == 1 and result.stderr.strip() == "twin.py: error: x.pt holds a different model"
+
+
 def test_ctrl_c_in_a_twin_says_where_and_how_to_resume(tmp_path):
     result = run_script_raising(tmp_path, "KeyboardInterrupt")
     assert result.returncode == 130 and "Traceback" not in result.stderr
@@ -368,6 +377,50 @@ def test_ctrl_c_under_torchrun_is_said_once_at_the_twins_line(tmp_path):
                                 env={**os.environ, "PYTHONPATH": f"{ROOT}:{tmp_path}", "RANK": rank})
         assert result.returncode == 130 and "Traceback" not in result.stderr, result.stderr[-2000:]
         assert result.stderr.strip().startswith(said) and (said or not result.stderr.strip())
+
+
+def test_a_twin_writing_into_a_pipe_sends_each_line_as_it_is_printed(tmp_path):
+    """`03_pretrain.py > run.log` or a pipe: the set-up cell's lines arrive while the script still runs (here it
+    waits on stdin), not in one block when it ends."""
+    script = tmp_path / "twin.py"
+    script.write_text("import sys\nfrom notebooks.runtime import setup_runtime\n"
+                      "setup_runtime()\nprint('set up')\nsys.stdin.read()\n")
+    environ = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
+    process = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               env={**environ, "PYTHONPATH": str(ROOT), "STACK_PRESET": "tiny"})
+    try:
+        lines, chunk, deadline = b"", b"start", time.monotonic() + 60
+        while b"set up\n" not in lines and chunk and time.monotonic() < deadline:
+            if select.select([process.stdout], [], [], 1)[0]:
+                chunk = os.read(process.stdout.fileno(), 4096)  # b"" once the script has ended
+                lines += chunk
+        assert b"set up\n" in lines and process.poll() is None, lines.decode()
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_sharding_into_a_log_file_writes_no_progress_bars(stack_home, tiny_tokenizer):
+    """A bar redrawn into a file (stderr is no terminal here) is a run of carriage returns and half-lines."""
+    shutil.copytree(tiny_tokenizer, stack_home / "tokenizer")
+    result = run_twin("02_sharding", stack_home)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "\r" not in result.stderr and "doc/s" not in result.stderr and "conv/s" not in result.stderr
+    assert "tokenized" in result.stdout  # what the bars showed, said once when the split is written
+
+
+def test_core_eval_refuses_a_checkpoint_of_another_vocabulary(stack_home, tiny_tokenizer):
+    """01 run again with another vocab_size after 03: scoring the old model on task shards of the new tokenizer
+    would feed it ids that mean other text."""
+    shutil.copytree(tiny_tokenizer, stack_home / "tokenizer")
+    config = sc.GPTConfig(vocab_size=400, depth=1, model_dim=64, head_dim=32, max_seq_len=64)
+    (stack_home / "checkpoints" / "pretrain").mkdir(parents=True)
+    torch.save({"model": sc.GPT(config).state_dict(), "model_config": asdict(config), "step": 1},
+               stack_home / "checkpoints" / "pretrain" / "step_000001.pt")
+    result = run_twin("04_core_eval", stack_home)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "holds a model with a vocabulary of 400 tokens, but the tokenizer" in result.stderr
+    assert f"{stack_home / 'tokenizer'} has 512" in result.stderr
 
 
 def test_pretrain_with_a_tokenizer_but_no_shards(stack_home, tiny_tokenizer):

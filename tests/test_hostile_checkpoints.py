@@ -134,7 +134,7 @@ def test_resume_falls_back_to_the_previous_good_checkpoint(tmp_path, damaged, da
     directory, _ = train_and_save(tmp_path, steps=(1, 2))
     DAMAGES[damage](directory / damaged)
     said = []
-    step, path = resume_training(directory, *fresh(tmp_path), SINGLE, "03_pretrain", said.append)
+    step, path, _ = resume_training(directory, *fresh(tmp_path), SINGLE, "03_pretrain", said.append)
     assert (step, path) == (1, directory / "step_000001.pt")
     assert len(said) == 1 and "WARNING" in said[0] and str(directory / damaged) in said[0]
     assert "trying the checkpoint before it" in said[0]
@@ -149,7 +149,7 @@ def test_resume_with_every_checkpoint_damaged_says_so(tmp_path):
 
 
 def test_resume_of_an_empty_folder_starts_from_zero(tmp_path):
-    assert resume_training(tmp_path / "none", *fresh(tmp_path), SINGLE, "03_pretrain") == (0, None)
+    assert resume_training(tmp_path / "none", *fresh(tmp_path), SINGLE, "03_pretrain") == (0, None, {})
 
 
 @pytest.mark.parametrize("vocab", [1024, 256, 511, 513])
@@ -165,14 +165,14 @@ def test_vocabulary_that_does_not_match_the_tokenizer_is_refused(tmp_path, vocab
 
 @pytest.mark.parametrize("start, steps, complete", [(100, 100, True), (100, 10, True), (100, 200, False),
                                                     (0, 100, False), (99, 100, False)])
-def test_complete_run_says_so_and_points_to_run_name_and_steps(start, steps, complete, tmp_path):
+def test_complete_run_says_so_and_points_to_a_new_run(start, steps, complete, tmp_path):
     said = []
     checkpoint = tmp_path / f"step_{start:06d}.pt" if start else None
-    assert run_is_complete(start, steps, "pretrain", checkpoint, said.append) is complete
+    assert run_is_complete(start, steps, "pretrain", checkpoint, {}, said.append) is complete
     if complete:
         assert "'pretrain' is already complete" in said[0] and f"--steps={steps}" in said[0]
-        assert f"--steps=<more than {start}>" in said[0] and "--run_name=<new name>" in said[0]
-        assert "summary is left as it is" in said[0]
+        assert "start a new run with more steps: --run_name=<new name>" in said[0] and "--resume=false" in said[0]
+        assert "summary is left as it is" in said[0] and "cooled" in said[0]
     else:
         assert said == []
 
@@ -195,7 +195,7 @@ def test_resume_from_one_rank_in_two_keeps_each_ranks_momentum_share(tmp_path, m
     directory, _ = train_and_save(tmp_path, steps=(1,))
     model, optimizers, loader = fresh(tmp_path)
     monkeypatch.setattr(sc, "world_size_and_rank", lambda: (2, 1))
-    step, _ = resume_training(directory, model, optimizers, loader, sc.DistInfo(1, 2, 1, "cpu"), "03_pretrain")
+    step, _, _ = resume_training(directory, model, optimizers, loader, sc.DistInfo(1, 2, 1, "cpu"), "03_pretrain")
     assert step == 1
     for group in optimizers[1].param_groups:
         own = group["params"][-(-len(group["params"]) // 2):]  # rank 1's: the second half, the shorter if odd
@@ -264,7 +264,19 @@ def test_a_run_saved_before_newer_model_settings_resumes_with_them_off(tmp_path)
     torch.save(state, path)
     assert resume_training(directory, *fresh(tmp_path), SINGLE, "03_pretrain")[0] == 1
     torch.save({**state, "model_config": {**state["model_config"], "smear": True}}, path)
-    with pytest.raises(sc.CheckpointError, match="holds a different model"):
+    with pytest.raises(sc.CheckpointError, match=r"holds a different model \(smear True there, False here\)"):
+        resume_training(directory, *fresh(tmp_path), SINGLE, "03_pretrain", lambda line: None)
+
+
+def test_resuming_after_a_new_tokenizer_names_the_vocabulary_sizes_and_why(tmp_path):
+    # 01 run again with another vocab_size, then 03 with the same run_name: the message names both sizes
+    directory, model = train_and_save(tmp_path, steps=(1,))
+    path = directory / "step_000001.pt"
+    state = torch.load(path, weights_only=True)
+    vocab = model.config.vocab_size
+    torch.save({**state, "model_config": {**state["model_config"], "vocab_size": vocab + 8}}, path)
+    with pytest.raises(sc.CheckpointError, match=rf"\(vocab_size {vocab + 8} there, {vocab} here: 01_tokenizer ran "
+                                                 rf"again since this run began\); use --run_name=<new name>"):
         resume_training(directory, *fresh(tmp_path), SINGLE, "03_pretrain", lambda line: None)
 
 

@@ -345,7 +345,7 @@ TOKENIZER_DAMAGE = [
      "a cut rank file"),
     ("ranks file empty", lambda d: (d / sc.TOKENIZER_RANKS).write_text(""), sc.TOKENIZER_RANKS, "0 read"),
     ("rank line cut mid-token", lambda d: (d / sc.TOKENIZER_RANKS).write_bytes(
-        (d / sc.TOKENIZER_RANKS).read_bytes()[:-7]), sc.TOKENIZER_RANKS, "Error parsing line"),
+        (d / sc.TOKENIZER_RANKS).read_bytes()[:-7]), sc.TOKENIZER_RANKS, "is not '<base64 token> <rank>'"),
     ("a rank missing", lambda d: (d / sc.TOKENIZER_RANKS).write_text(
         "".join(line for line in (d / sc.TOKENIZER_RANKS).read_text().splitlines(keepends=True)
                 if not line.endswith(" 100\n"))), sc.TOKENIZER_RANKS, "one per distinct token"),

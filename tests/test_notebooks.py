@@ -9,6 +9,7 @@ from pathlib import Path
 
 import jupytext
 import pytest
+import torch
 
 from conftest import ROOT
 from plot_check import figures_that_do_not_explain_themselves
@@ -68,30 +69,41 @@ def test_twins_run_headless_and_under_torchrun(stack_home):
     for twin in ("01_tokenizer.py", "02_sharding.py"):
         subprocess.run([sys.executable, f"notebooks/{twin}"], cwd=ROOT, env=env, check=True, capture_output=True)
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                             "notebooks/03_pretrain.py", "--steps=4", "--eval_every=2", "--run_name=ddp"],
+                             "notebooks/03_pretrain.py", "--steps=4", "--eval_every=2", "--save_every=2",
+                             "--run_name=ddp"],
                             cwd=ROOT, env={**env, "CUDA_VISIBLE_DEVICES": ""},  # two CPU (gloo) ranks, GPUs or not
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     summary = json.loads((stack_home / "runs" / "ddp" / "summary.json").read_text())
     assert summary["ranks"] == 2 and summary["steps"] == 4
-    assert (stack_home / "checkpoints" / "ddp" / "step_000004.rank1.pt").is_file()
+    checkpoints = stack_home / "checkpoints" / "ddp"
+    assert (checkpoints / "step_000004.rank1.pt").is_file()
     assert "nanobind" not in result.stdout + result.stderr  # triton's teardown report (runtime.silence_triton_teardown)
     summary_file = stack_home / "runs" / "ddp" / "summary.json"
     before = summary_file.read_bytes()
     again = subprocess.run([sys.executable, "notebooks/03_pretrain.py", "--steps=4", "--run_name=ddp"], cwd=ROOT,
                            env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "'ddp' is already complete" in again.stdout, again.stdout[-4000:] + again.stderr
-    assert "--steps=<more than 4>" in again.stdout and summary_file.read_bytes() == before
+    assert "start a new run with more steps" in again.stdout and summary_file.read_bytes() == before
     assert "resumed from" not in again.stdout  # a complete run says so once, and resumes nothing
-    longer = subprocess.run([sys.executable, "notebooks/03_pretrain.py", "--steps=6", "--eval_every=2",
-                             "--run_name=ddp"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert longer.returncode == 0, longer.stdout[-4000:] + longer.stderr[-4000:]
-    assert "resumed from" in longer.stdout and "step_000004.pt at step 4" in longer.stdout  # 2 ranks' files, 1 process
+    longer = subprocess.run([sys.executable, "notebooks/03_pretrain.py", "--steps=6", "--run_name=ddp"], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=600)
+    said = longer.stdout + longer.stderr  # a cooled schedule is not stretched: refused in one line
+    assert longer.returncode != 0 and "was started for 4 steps" in said and "Traceback" not in said, said[-4000:]
+    for stale in checkpoints.glob("step_000004*"):  # as if the two-rank run had been stopped after step 2
+        stale.unlink()
+    earlier_seconds = torch.load(checkpoints / "step_000002.pt", weights_only=True)["totals"]["train_seconds"]
+    resumed = subprocess.run([sys.executable, "notebooks/03_pretrain.py", "--steps=4", "--eval_every=2",
+                              "--run_name=ddp"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
+    assert "resumed from" in resumed.stdout and "step_000002.pt at step 2" in resumed.stdout  # 2 ranks' files, 1 process
     summary = json.loads(summary_file.read_text())
-    assert summary["ranks"] == 1 and summary["steps"] == 6 and summary["tokens"] == 6 * 4096
+    assert summary["ranks"] == 1 and summary["steps"] == 4 and summary["tokens"] == 4 * 4096
     records = [json.loads(line) for line in (stack_home / "runs" / "ddp" / "metrics.jsonl").read_text().splitlines()]
     logged = [(record["step"], "val_bpb" in record) for record in records]
-    assert sorted(set(logged)) == logged and (4, True) in logged  # resuming evaluates step 4 again nowhere
+    assert sorted(set(logged)) == logged and (2, True) in logged  # resuming evaluates step 2 again nowhere
+    this_session = sum(record["step_seconds"] for record in records if record["step"] > 2 and "loss" in record)
+    assert summary["train_seconds"] == pytest.approx(earlier_seconds + this_session, abs=0.11)  # both sessions
     bad = subprocess.run([sys.executable, "notebooks/03_pretrain.py", "--stepz=4"], cwd=ROOT, env=env,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "valid keys" in bad.stderr and "Traceback" not in bad.stderr

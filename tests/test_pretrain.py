@@ -1,5 +1,6 @@
 """The pretraining loader, bits per byte, learning on a synthetic task, and checkpoint resume."""
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -7,7 +8,8 @@ import torch
 
 import stackcore as sc
 from notebooks.config import accumulation_steps
-from notebooks.training import RunLog, drop_metrics_after, resume_training, save_checkpoint, start_training
+from notebooks.training import (RunLog, drop_metrics_after, resume_training, save_checkpoint, start_training,
+                                weights_origin)
 
 BOS = 511
 
@@ -147,7 +149,7 @@ def test_checkpoint_resume_is_bit_identical(tmp_path):
     model = tiny_model(seed=2)  # other weights: resuming must replace them
     optimizers = sc.build_optimizers(model)
     loader = make()[2]
-    step, resumed = resume_training(path.parent, model, optimizers, loader, dist_info, "03_pretrain")
+    step, resumed, _ = resume_training(path.parent, model, optimizers, loader, dist_info, "03_pretrain")
     assert (step, resumed) == (5, path)
     train(model, optimizers, loader, range(step, 10))
     for (name, a), b in zip(straight[0].state_dict().items(), model.state_dict().values()):
@@ -157,14 +159,18 @@ def test_checkpoint_resume_is_bit_identical(tmp_path):
         resume_training(path.parent, other, sc.build_optimizers(other), make()[2], dist_info, "03_pretrain")
 
 
+def one_process_run(tmp_path):
+    """What start_training takes for a one-process run of the tiny model on the task shards."""
+    (tmp_path / "shards").mkdir(parents=True, exist_ok=True)
+    copy_task_shards(tmp_path / "shards")
+    model = tiny_model()
+    loader = sc.PretrainLoader(tmp_path / "shards", "train", tokens=66, bos_id=BOS, vocab_size=512, max_doc_len=64)
+    return sc.DistInfo(0, 1, 0, "cpu"), model, sc.build_optimizers(model), loader
+
+
 def test_resumed_run_drops_the_records_logged_after_its_checkpoint(tmp_path):
     """Stopped at step 7 after a checkpoint at step 5: steps 6 and 7 are trained again, so they are logged once."""
-    (tmp_path / "shards").mkdir()
-    copy_task_shards(tmp_path / "shards")
-    dist_info = sc.DistInfo(0, 1, 0, "cpu")
-    model = tiny_model()
-    optimizers = sc.build_optimizers(model)
-    loader = sc.PretrainLoader(tmp_path / "shards", "train", tokens=66, bos_id=BOS, vocab_size=512, max_doc_len=64)
+    dist_info, model, optimizers, loader = one_process_run(tmp_path)
     save_checkpoint(tmp_path / "ckpt", 5, model, optimizers, loader, sc.GPTConfig(), dist_info)
     run_log = RunLog(tmp_path / "run")
     for step in range(1, 8):
@@ -173,10 +179,127 @@ def test_resumed_run_drops_the_records_logged_after_its_checkpoint(tmp_path):
             run_log.log(step=5, val_bpb=0.5)  # the evaluation before the checkpoint stays
     with open(run_log.path, "a") as f:
         f.write('{"step": 8, "lo')  # torn by the kill
-    start, complete = start_training(tmp_path / "ckpt", tmp_path / "run", model, optimizers, loader, dist_info,
+    start, complete, _ = start_training(tmp_path / "ckpt", tmp_path / "run", model, optimizers, loader, dist_info,
                                      "03_pretrain", "run", 10, resume=True, log=lambda line: None)
     assert (start, complete) == (5, False)
     assert [record["step"] for record in run_log.read()] == [1, 2, 3, 4, 5, 5]
+
+
+def test_a_run_started_over_removes_the_earlier_runs_checkpoints(tmp_path):
+    """--resume=false on a run saved up to step 8: its checkpoints go, else the newest of them (a later step than
+    the new run reaches) would be what 04-07 load and what the next resume continues."""
+    dist_info, model, optimizers, loader = one_process_run(tmp_path)
+    for step in (4, 8):
+        save_checkpoint(tmp_path / "ckpt", step, model, optimizers, loader, sc.GPTConfig(), dist_info)
+    (tmp_path / "ckpt" / "notes.txt").write_text("not a checkpoint")
+    said = []
+    start, complete, _ = start_training(tmp_path / "ckpt", tmp_path / "run", model, optimizers, loader, dist_info,
+                                     "03_pretrain", "run", 6, resume=False, log=said.append)
+    assert (start, complete) == (0, False)
+    assert sorted(path.name for path in (tmp_path / "ckpt").iterdir()) == ["notes.txt"]
+    assert said == [f"starting over: removed the earlier run's 2 checkpoint(s) from {tmp_path / 'ckpt'}"]
+
+
+@dataclass
+class FineTuneConfig:
+    """A run's settings with a starting checkpoint, as 05_sft's and 06_rl's have: a longer run can start from one."""
+    checkpoint: str = ""
+
+
+def start_again(tmp_path, steps, origin=None, log=lambda line: None):
+    dist_info, model, optimizers, loader = one_process_run(tmp_path)
+    return start_training(tmp_path / "ckpt", tmp_path / "run", model, optimizers, loader, dist_info, "03_pretrain",
+                          "run", steps, resume=True, log=log, origin=origin)
+
+
+def save_run(tmp_path, step, total_steps, config=None, **extra):
+    dist_info, model, optimizers, loader = one_process_run(tmp_path)
+    return save_checkpoint(tmp_path / "ckpt", step, model, optimizers, loader, config or sc.GPTConfig(), dist_info,
+                           {"total_steps": total_steps, **extra})
+
+
+def test_a_finished_run_given_more_steps_is_refused_instead_of_raising_its_cooled_rates(tmp_path):
+    """Stretched to 10 steps, the schedule of a 6-step run that cooled to zero would give its learning rates back."""
+    path = save_run(tmp_path, 6, 6)
+    with pytest.raises(sc.CheckpointError) as error:
+        start_again(tmp_path, 10)
+    message = str(error.value)
+    assert "'run' was started for 6 steps" in message and f"{path} is at step 6" in message
+    assert "--steps=10 would stretch" in message and "resume it with --steps=6" in message
+    assert "start a new run with more steps: --run_name=<new name>" in message
+    said = []
+    assert start_again(tmp_path, 4, log=said.append)[:2] == (6, True)  # fewer steps: nothing to train, not refused
+    assert "already complete" in said[0] and "start a new run with more steps" in said[0] and "--steps=<more" in said[0]
+
+
+def test_an_interrupted_run_resumes_with_its_own_steps_and_refuses_others(tmp_path):
+    save_run(tmp_path, 3, 6)
+    assert start_again(tmp_path, 6)[:2] == (3, False)
+    with pytest.raises(sc.CheckpointError, match="--steps=5 would squeeze its learning-rate schedule"):
+        start_again(tmp_path, 5)
+
+
+def test_a_longer_fine_tuning_run_is_offered_from_the_checkpoints_weights(tmp_path):
+    path = save_run(tmp_path, 6, 6, FineTuneConfig())
+    with pytest.raises(sc.CheckpointError, match=rf"start a new run from its weights: --run_name=<new name> "
+                                                  rf"--checkpoint={path}"):
+        start_again(tmp_path, 8)
+
+
+def test_a_resumed_run_gets_back_the_totals_of_its_earlier_sessions(tmp_path):
+    """03's training seconds (06's rollout seconds and tokens) add up over sessions instead of restarting at 0."""
+    save_run(tmp_path, 3, 6, totals={"train_seconds": 12.5, "answer_tokens": 40})
+    assert start_again(tmp_path, 6) == (3, False, {"train_seconds": 12.5, "answer_tokens": 40})
+    (tmp_path / "ckpt" / "step_000003.pt").unlink()
+    assert start_again(tmp_path, 6) == (0, False, {})
+
+
+def test_a_run_whose_starting_model_changed_is_refused_even_when_complete(tmp_path):
+    """05 fine-tuned 03's step-4 model; 03 has trained on to step 8 since. Resuming (or calling the run complete)
+    would mix two bases: it stops and says what to do. The same weights under another path still resume."""
+    base = one_process_run(tmp_path / "base")[1]
+    first = weights_origin(tmp_path / "base" / "step_000004.pt", {"model": base.state_dict(), "step": 4})
+    save_run(tmp_path, 6, 6, FineTuneConfig(), origin=first)
+    with torch.no_grad():
+        next(base.parameters()).add_(1e-3)  # trained further
+    later = weights_origin(tmp_path / "base" / "step_000008.pt", {"model": base.state_dict(), "step": 8})
+    assert later["weights"] != first["weights"]
+    with pytest.raises(sc.CheckpointError) as error:
+        start_again(tmp_path, 6, later)
+    message = str(error.value)
+    assert f"was trained from {first['path']} (step 4)" in message and f"now {later['path']} (step 8)" in message
+    assert "--run_name=<new name>" in message and f"--checkpoint={first['path']}" in message
+    moved = {**first, "path": "/content/drive/step_000004.pt"}
+    assert start_again(tmp_path, 6, moved)[:2] == (6, True)
+
+
+def saved_files(directory):
+    return sorted(path.name for path in directory.iterdir())
+
+
+def test_only_the_newest_checkpoints_are_kept(tmp_path):
+    """keep=2: each save removes what is older than the one before it, model and rank files together; keep=0 all."""
+    dist_info, model, optimizers, loader = one_process_run(tmp_path)
+    for step in range(1, 5):
+        save_checkpoint(tmp_path / "ckpt", step, model, optimizers, loader, sc.GPTConfig(), dist_info, keep=2)
+        assert len(saved_files(tmp_path / "ckpt")) == 2 * min(step, 2)
+    assert saved_files(tmp_path / "ckpt") == ["step_000003.pt", "step_000003.rank0.pt", "step_000004.pt",
+                                              "step_000004.rank0.pt"]
+    for step in (5, 6):
+        save_checkpoint(tmp_path / "ckpt", step, model, optimizers, loader, sc.GPTConfig(), dist_info, keep=0)
+    assert len(saved_files(tmp_path / "ckpt")) == 8
+
+
+def test_pruning_keeps_the_checkpoint_just_written_beside_a_later_damaged_one(tmp_path):
+    """A damaged step 9 made the run resume from step 4; saving step 5 with keep=1 removes step 4, never step 5, and
+    leaves step 9 (not an earlier step of this run) for the next save of step 9 to replace."""
+    dist_info, model, optimizers, loader = one_process_run(tmp_path)
+    for step in (4, 9):
+        save_checkpoint(tmp_path / "ckpt", step, model, optimizers, loader, sc.GPTConfig(), dist_info)
+    (tmp_path / "ckpt" / "step_000009.pt").write_bytes(b"torn")
+    save_checkpoint(tmp_path / "ckpt", 5, model, optimizers, loader, sc.GPTConfig(), dist_info, keep=1)
+    assert saved_files(tmp_path / "ckpt") == ["step_000005.pt", "step_000005.rank0.pt", "step_000009.pt",
+                                              "step_000009.rank0.pt"]
 
 
 def test_dropping_later_records_keeps_those_around_damaged_lines(tmp_path):

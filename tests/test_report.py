@@ -106,6 +106,14 @@ def test_the_pipeline_command_refuses_other_options_in_one_line():
     assert missing.returncode == 1 and "usage: python stackcore.py pipeline" in missing.stderr
 
 
+@pytest.mark.parametrize("args", [["--help"], ["pipeline", "--help"], ["pipeline", "-h"]])
+def test_the_pipeline_help_says_what_it_runs_and_exits_0(args):
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "stackcore.py", *args], cwd=root, capture_output=True, text=True)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert result.stdout.startswith("usage: python stackcore.py pipeline") and "STACK_<NAME>" in result.stdout
+
+
 def test_the_pipeline_gives_its_twins_no_stdin(monkeypatch, tmp_path):
     """From a terminal, 07_chat would otherwise open its interactive chat and the pipeline would wait on it."""
     twin_calls, real_run = [], subprocess.run

@@ -70,6 +70,21 @@ def test_saved_files_load_with_plain_tiktoken(tiny_tokenizer):
     assert enc.encode_ordinary(text) == ours.encode(text)
 
 
+def test_a_vocabulary_retrained_in_place_is_the_one_loaded(tmp_path, monkeypatch):
+    """01 run again with another vocab_size rewrites the same files; the next load must see the new ranks
+    (tiktoken's `load_tiktoken_bpe` caches rank files by path, here switched on in a folder of the test's own)."""
+    from data.synthetic import synthetic_documents
+
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "tiktoken-cache"))
+    directory = tmp_path / "tokenizer"
+    sc.Tokenizer.train(synthetic_documents(300, seed=3), 512).save(directory)
+    assert sc.Tokenizer.load(directory).vocab_size == 512
+    retrained = sc.Tokenizer.train(synthetic_documents(300, seed=4), 400)
+    retrained.save(directory)
+    loaded = sc.Tokenizer.load(directory)
+    assert loaded.vocab_size == 400 and loaded.ranks == retrained.ranks
+
+
 def test_bad_inputs():
     with pytest.raises(sc.ConfigError, match="too small"):
         sc.Tokenizer.train(["abc"], 100)
@@ -82,6 +97,18 @@ def test_a_vocabulary_the_text_cannot_support_ends_the_twin_in_one_line(stack_ho
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert "01_tokenizer.py: error: the training text supports only" in result.stderr
+
+
+def test_the_twin_says_when_it_replaced_another_tokenizer(stack_home):
+    def run_01(vocab_size):
+        result = subprocess.run([sys.executable, "notebooks/01_tokenizer.py", "--preset=tiny",
+                                 f"--vocab_size={vocab_size}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stdout
+
+    note = "note: this replaced another tokenizer"
+    assert note not in run_01(512) and note not in run_01(512)  # the same corpus and size give the same tokenizer
+    assert f"{note} in {stack_home / 'tokenizer'}; the shards and checkpoints" in run_01(400)
 
 
 def test_missing_tokenizer_names_the_notebook(tmp_path):
