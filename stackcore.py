@@ -87,15 +87,20 @@ def stack_home(environ: typing.Mapping[str, str] = os.environ) -> Path:
     return Path(environ.get("STACK_HOME", "~/.cache/decoderstack")).expanduser()
 
 
+def make_writable_folder(path: Path) -> None:
+    """Make `path` and its parents where missing; an OSError says why it cannot be written (a file in the way)."""
+    path.mkdir(parents=True, exist_ok=True)
+    if not os.access(path, os.W_OK):
+        raise PermissionError(13, "Permission denied")
+
+
 def artifact_dir(kind: str, create: bool = True) -> Path:
     if kind not in ARTIFACT_KINDS:
         raise ValueError(f"unknown artifact kind {kind!r}; valid: {', '.join(ARTIFACT_KINDS)}")
     path = stack_home() / kind
     if create:
         try:
-            path.mkdir(parents=True, exist_ok=True)
-            if not os.access(path, os.W_OK):
-                raise PermissionError(13, "Permission denied")
+            make_writable_folder(path)
         except OSError as error:
             raise ConfigError(f"STACK_HOME {stack_home()} is not writable ({error.strerror}: {path}); point "
                               f"STACK_HOME at a folder you can write") from None
@@ -323,8 +328,8 @@ def write_shard(path: Path, items: np.ndarray, kind: str = "tokens", vocab_size:
     return path
 
 
-def read_shard(path: Path, vocab_size: int | None = None) -> np.ndarray:
-    """Memory-map a shard after checking its header and size; with `vocab_size`, also check every token id."""
+def read_shard(path: Path, vocab_size: int | None = None, kind: str | None = None) -> np.ndarray:
+    """Memory-map a shard after checking its header, size and `kind` (tokens where vocab_size is given: each id too)."""
     path = Path(path)
     if not path.is_file():
         raise ShardError(f"{path}: no such shard file")
@@ -336,7 +341,10 @@ def read_shard(path: Path, vocab_size: int | None = None) -> np.ndarray:
         raise ShardError(f"{path}: not a shard (magic number {magic}, expected {SHARD_MAGIC})")
     if version not in SHARD_VERSIONS:
         raise ShardError(f"{path}: unknown shard version {version} (known: {sorted(SHARD_VERSIONS)})")
-    kind, dtype = SHARD_VERSIONS[version]
+    found, dtype = SHARD_VERSIONS[version]
+    kind = kind or ("tokens" if vocab_size is not None else found)
+    if found != kind:  # a token shard where its mask belongs, or the other way round
+        raise ShardError(f"{path}: a {found} shard (version {version}) where a {kind} shard was expected")
     width = max(width, 1)
     expected = HEADER_BYTES + count * width * np.dtype(dtype).itemsize
     if size != expected:
@@ -2154,7 +2162,7 @@ def read_core_shards(directory: Path, vocab_size: int | None = None) -> list[Cor
     manifest = require_artifact(Path(directory) / CORE_MANIFEST, made_by="02_sharding")
     paths = [(task, Path(directory) / f"{task['label']}.bin") for task in json.loads(manifest.read_text())]
     return [CoreShard(task["label"], task["kind"], task["baseline"], read_shard(path, vocab_size),
-                      read_shard(side_file(path, "records"))) for task, path in paths]
+                      read_shard(side_file(path, "records"), kind="records")) for task, path in paths]
 
 
 def core_examples(tokens: np.ndarray, records: np.ndarray, max_seq_len: int
@@ -2920,14 +2928,16 @@ class SFTLoader:
     def __init__(self, shard_dir: Path, split: str, tokens: int, bos_id: int, vocab_size: int, max_seq_len: int,
                  rank: int = 0, world_size: int = 1, device: str = "cpu", seed: int = 0, shuffle: bool = True):
         if tokens < max_seq_len:
-            raise ValueError(f"tokens per batch ({tokens}) must be at least max_seq_len ({max_seq_len})")
+            raise ConfigError(f"micro_tokens={tokens} is less than the model's context ({max_seq_len} tokens), "
+                              f"which a conversation may fill: pass --micro_tokens={max_seq_len} or more")
         self.tokens, self.rank, self.world_size = tokens, rank, world_size
         self.device, self.seed, self.shuffle = device, seed, shuffle
         self.shards, self.masks, spans = [], [], []
         for path in list_shards(shard_dir, split):
-            ids, mask = read_shard(path, vocab_size), read_shard(side_file(path, "mask"))
-            if len(mask) != len(ids):
-                raise ShardError(f"{side_file(path, 'mask')}: {len(mask)} mask values for {len(ids)} tokens")
+            ids, mask = read_shard(path, vocab_size), read_shard(side_file(path, "mask"), kind="mask")
+            if len(mask) != len(ids) or (len(mask) and int(mask.max()) > 1):
+                raise ShardError(f"{side_file(path, 'mask')}: {len(mask)} mask values (one 0 or 1 per token, "
+                                 f"largest {int(mask.max(initial=0))}) for {len(ids)} tokens")
             starts = np.flatnonzero(np.asarray(ids) == bos_id)
             ends = np.append(starts[1:], len(ids))
             spans.append(np.stack([np.full(len(starts), len(self.shards)), starts,

@@ -195,7 +195,7 @@ def write_prompt_shard(directory: Path, split: str, prompts: Sequence[TaskPrompt
 
 def read_prompt_shard(directory: Path, split: str, vocab_size: int | None = None) -> list[TaskPrompt]:
     path = require_artifact(Path(directory) / f"{split}.bin", made_by="02_sharding")
-    tokens, records = read_shard(path, vocab_size), read_shard(side_file(path, "records"))
+    tokens, records = read_shard(path, vocab_size), read_shard(side_file(path, "records"), kind="records")
     return [TaskPrompt(np.asarray(tokens[start:end]).tolist(), str(gold), int(problem))
             for start, end, problem, gold in records.tolist()]
 

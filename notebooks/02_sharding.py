@@ -47,7 +47,8 @@ import subprocess
 import sys
 
 use_drive = False  # @param {type:"boolean"}
-ROOT = os.path.abspath(".." if os.path.basename(os.getcwd()) == "notebooks" else ".")
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..") if "__file__" in globals()  # a twin: anywhere
+                       else ".." if os.path.basename(os.getcwd()) == "notebooks" else ".")
 if not os.path.isfile(os.path.join(ROOT, "stackcore.py")):  # not in a checkout: a fresh Colab runtime
     ROOT = "/content/decoderstack"
     if not os.path.isdir(ROOT):
@@ -217,7 +218,9 @@ print(f"{'reserved':>12}: {np.count_nonzero(header[5:])} non-zero of {len(header
 print(f"{first_shard.name}: {first_shard.stat().st_size:,} bytes = {sc.HEADER_BYTES} header + {header[2]:,} {kind} "
       f"x {np.dtype(dtype).itemsize} bytes ({np.dtype(dtype).name})\n")
 stream = sc.read_shard(first_shard, tokenizer.vocab_size)
-boundary = int(np.flatnonzero(stream == tokenizer.bos_id)[1])
+document_starts = np.flatnonzero(stream == tokenizer.bos_id)
+# a shard of one document (a tiny max_chars, or shard_tokens below a document) has no second start: show the first
+boundary = int(document_starts[1]) if len(document_starts) > 1 else 0
 print(f"{'position':>9} {'id':>6}  text")
 for position in range(max(boundary - 6, 0), min(boundary + 7, len(stream))):
     token = int(stream[position])

@@ -48,7 +48,8 @@ import subprocess
 import sys
 
 use_drive = False  # @param {type:"boolean"}
-ROOT = os.path.abspath(".." if os.path.basename(os.getcwd()) == "notebooks" else ".")
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..") if "__file__" in globals()  # a twin: anywhere
+                       else ".." if os.path.basename(os.getcwd()) == "notebooks" else ".")
 if not os.path.isfile(os.path.join(ROOT, "stackcore.py")):  # not in a checkout: a fresh Colab runtime
     ROOT = "/content/decoderstack"
     if not os.path.isdir(ROOT):
@@ -79,7 +80,7 @@ from data.tokenizing import check_shards_tokenizer
 from notebooks.config import (ATTENTION_SETTING, StackConfig, above, accumulation_steps, at_least, configure,
                               describe_config, folder_name, layer_list, one_of)
 from notebooks.report import format_duration
-from notebooks.training import batch_size_schedule, short_window_schedule
+from notebooks.training import batch_size_schedule, short_window_schedule, validation_steps
 
 
 @dataclass
@@ -142,7 +143,7 @@ class PretrainConfig(StackConfig):
     }
 
     def validate(self) -> None:
-        """The switches that need another setting to do anything, and a batch ramp that fits the batch."""
+        """The switches that need another setting to do anything, and a batch ramp and warm-up that fit the run."""
         super().validate()
         if self.cautious_weight_decay and not self.weight_decay:
             raise sc.ConfigError("cautious_weight_decay=True does nothing with weight_decay=0: set --weight_decay")
@@ -152,6 +153,14 @@ class PretrainConfig(StackConfig):
         if self.batch_start_tokens % self.micro_tokens or self.batch_start_tokens > self.tokens_per_step:
             raise sc.ConfigError(f"batch_start_tokens={self.batch_start_tokens} must be a multiple of micro_tokens "
                                  f"({self.micro_tokens}) and at most tokens_per_step ({self.tokens_per_step})")
+        if self.batch_ramp_steps > self.steps:
+            raise sc.ConfigError(f"batch_ramp_steps={self.batch_ramp_steps} is more than steps={self.steps}: the batch "
+                                 f"would never reach tokens_per_step ({self.tokens_per_step})")
+        flat_until = self.steps * (1 - self.cooldown_frac)  # where the cool-down starts (sc.lr_multiplier)
+        if self.warmup_steps > flat_until:
+            raise sc.ConfigError(f"warmup_steps={self.warmup_steps} runs past the start of the cool-down at step "
+                                 f"{flat_until:g} (steps={self.steps}, cooldown_frac={self.cooldown_frac:g}): the "
+                                 f"learning rates would never reach their peak; pass a smaller --warmup_steps")
 
 
 cfg = configure(PretrainConfig)
@@ -370,7 +379,7 @@ loader_args = dict(tokens=cfg.micro_tokens, bos_id=tokenizer.bos_id, vocab_size=
 train_loader = sc.PretrainLoader(shard_dir, "train", **loader_args)
 val_loader = sc.PretrainLoader(shard_dir, "val",
                                **{**loader_args, "tokens": cfg.eval_batch_tokens or cfg.micro_tokens})
-val_steps = max(1, cfg.eval_tokens // (val_loader.tokens * dist_info.world_size))
+val_steps = validation_steps(cfg.eval_tokens, val_loader, dist_info.world_size)
 example = train_loader.next_batch()
 train_loader.load_state_dict({"shard": 0, "offset": 0, "epoch": 0})
 log(f"first batch: {len(example.cu_seqlens) - 1} documents in {len(example.inputs)} tokens, "

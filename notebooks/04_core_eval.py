@@ -48,7 +48,8 @@ import subprocess
 import sys
 
 use_drive = False  # @param {type:"boolean"}
-ROOT = os.path.abspath(".." if os.path.basename(os.getcwd()) == "notebooks" else ".")
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..") if "__file__" in globals()  # a twin: anywhere
+                       else ".." if os.path.basename(os.getcwd()) == "notebooks" else ".")
 if not os.path.isfile(os.path.join(ROOT, "stackcore.py")):  # not in a checkout: a fresh Colab runtime
     ROOT = "/content/decoderstack"
     if not os.path.isdir(ROOT):
@@ -87,6 +88,7 @@ from notebooks.config import ATTENTION_SETTING, StackConfig, above, at_least, co
 from notebooks.core_eval import core_input_tokens, first_examples, first_pack
 from notebooks.report import format_duration
 from notebooks.runs import run_checkpoint
+from notebooks.training import validation_steps
 
 
 @dataclass
@@ -272,10 +274,11 @@ token_bytes = torch.from_numpy(tokenizer.token_bytes())
 val_dir = sc.require_artifact(sc.artifact_dir("shards") / "pretrain", "02_sharding")
 check_shards_tokenizer(val_dir, tokenizer)
 val_loader = sc.PretrainLoader(val_dir, "val",
-                               tokens=train_config["micro_tokens"], bos_id=tokenizer.bos_id,
+                               tokens=train_config.get("eval_batch_tokens") or train_config["micro_tokens"],
+                               bos_id=tokenizer.bos_id,
                                vocab_size=tokenizer.vocab_size, max_doc_len=model.config.max_seq_len,
                                rank=dist_info.rank, world_size=dist_info.world_size, device=device)
-val_steps = max(1, train_config["eval_tokens"] // (train_config["micro_tokens"] * dist_info.world_size))
+val_steps = validation_steps(train_config["eval_tokens"], val_loader, dist_info.world_size)
 val_bpb = sc.evaluate_bpb(model, val_loader, val_steps, token_bytes.to(device), backend)
 summary = {"checkpoint": str(checkpoint_path), "step": checkpoint["step"], "preset": cfg.preset,
            "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",

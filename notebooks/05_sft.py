@@ -49,7 +49,8 @@ import subprocess
 import sys
 
 use_drive = False  # @param {type:"boolean"}
-ROOT = os.path.abspath(".." if os.path.basename(os.getcwd()) == "notebooks" else ".")
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..") if "__file__" in globals()  # a twin: anywhere
+                       else ".." if os.path.basename(os.getcwd()) == "notebooks" else ".")
 if not os.path.isfile(os.path.join(ROOT, "stackcore.py")):  # not in a checkout: a fresh Colab runtime
     ROOT = "/content/decoderstack"
     if not os.path.isdir(ROOT):
@@ -84,6 +85,7 @@ from notebooks.config import (ATTENTION_SETTING, above, accumulation_steps, at_l
 from notebooks.report import format_duration
 from notebooks.runs import run_checkpoint
 from notebooks.sft import evaluate_sft_loss, sft_backward
+from notebooks.training import prepare_run_folders
 
 
 @dataclass
@@ -128,8 +130,8 @@ log = print if dist_info.master else (lambda *args, **kwargs: None)
 log(describe_config(cfg))
 accum_steps = accumulation_steps(cfg.tokens_per_step, cfg.micro_tokens, dist_info.world_size)
 run_dir = sc.artifact_dir("runs") / cfg.run_name
-run_dir.mkdir(parents=True, exist_ok=True)
 checkpoint_dir = sc.artifact_dir("checkpoints") / cfg.run_name
+prepare_run_folders(checkpoint_dir, run_dir, cfg.run_name)  # the chat evals below write into run_dir
 tokenizer_dir = sc.artifact_dir("tokenizer")
 tokenizer = sc.Tokenizer.load(tokenizer_dir)
 
@@ -186,7 +188,7 @@ import numpy as np
 
 first_sft_shard = sc.list_shards(sft_dir, "train")[0]
 stream_ids = sc.read_shard(first_sft_shard, tokenizer.vocab_size)
-stream_mask = sc.read_shard(sc.side_file(first_sft_shard, "mask"))
+stream_mask = sc.read_shard(sc.side_file(first_sft_shard, "mask"), kind="mask")
 later_starts = np.flatnonzero(stream_ids[1:] == tokenizer.bos_id)
 conversation_end = int(later_starts[0]) + 1 if len(later_starts) else len(stream_ids)
 shown = min(conversation_end, 300)

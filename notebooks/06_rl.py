@@ -50,7 +50,8 @@ import subprocess
 import sys
 
 use_drive = False  # @param {type:"boolean"}
-ROOT = os.path.abspath(".." if os.path.basename(os.getcwd()) == "notebooks" else ".")
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..") if "__file__" in globals()  # a twin: anywhere
+                       else ".." if os.path.basename(os.getcwd()) == "notebooks" else ".")
 if not os.path.isfile(os.path.join(ROOT, "stackcore.py")):  # not in a checkout: a fresh Colab runtime
     ROOT = "/content/decoderstack"
     if not os.path.isdir(ROOT):
@@ -81,7 +82,7 @@ from data import gsm8k
 from data.tokenizing import check_shards_tokenizer
 from notebooks.config import ATTENTION_SETTING, StackConfig, above, at_least, configure, describe_config, folder_name
 from notebooks.rl import (PromptSampler, evaluate_pass_at_k, generate_rollouts, group_advantages,
-                          policy_gradient_backward)
+                          policy_gradient_backward, prompts_that_fit)
 
 
 @dataclass
@@ -117,6 +118,17 @@ class RLConfig(StackConfig):
         "save_every": above(0), "keep_checkpoints": at_least(0), "attention": ATTENTION_SETTING,
         "run_name": folder_name(), "seed": at_least(0),
     }
+
+    def validate(self) -> None:
+        """A group must hold answers that can differ, or every advantage is zero and no step learns anything."""
+        super().validate()
+        if self.samples_per_prompt < 2:
+            raise sc.ConfigError(f"samples_per_prompt={self.samples_per_prompt}: an answer alone is its own group's "
+                                 f"baseline, so its advantage is always zero; pass --samples_per_prompt=2 or more")
+        if self.temperature == 0 or self.top_k == 1:
+            raise sc.ConfigError(f"temperature={self.temperature:g} with top_k={self.top_k} samples the same answer "
+                                 f"every time: every advantage would be zero; pass --temperature above 0 and "
+                                 f"--top_k=0 or above 1")
 
 
 cfg = configure(RLConfig)
@@ -171,8 +183,9 @@ log(f"starting from {start_path} (step {start_checkpoint['step']}): {model.num_p
 prompt_dir = sc.artifact_dir("shards") / "gsm8k"
 check_shards_tokenizer(prompt_dir, tokenizer)
 longest_prompt = model.config.max_seq_len - cfg.max_new_tokens
-train_prompts, test_prompts = ([p for p in gsm8k.read_prompt_shard(prompt_dir, split, tokenizer.vocab_size)
-                                if len(p.ids) <= longest_prompt] for split in ("train", "test"))
+train_prompts, test_prompts = (prompts_that_fit(gsm8k.read_prompt_shard(prompt_dir, split, tokenizer.vocab_size),
+                                                model.config.max_seq_len, cfg.max_new_tokens, split)
+                               for split in ("train", "test"))
 test_prompts = test_prompts[:cfg.eval_prompts]
 sampler = PromptSampler(train_prompts, cfg.seed)
 log(f"{len(train_prompts):,} training questions, {len(test_prompts):,} test questions for pass@k "

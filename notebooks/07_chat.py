@@ -49,7 +49,8 @@ import subprocess
 import sys
 
 use_drive = False  # @param {type:"boolean"}
-ROOT = os.path.abspath(".." if os.path.basename(os.getcwd()) == "notebooks" else ".")
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..") if "__file__" in globals()  # a twin: anywhere
+                       else ".." if os.path.basename(os.getcwd()) == "notebooks" else ".")
 if not os.path.isfile(os.path.join(ROOT, "stackcore.py")):  # not in a checkout: a fresh Colab runtime
     ROOT = "/content/decoderstack"
     if not os.path.isdir(ROOT):
@@ -103,6 +104,9 @@ device = sc.pick_device()
 checkpoint_path = cfg.checkpoint or find_chat_checkpoint(cfg.run_name)
 tokenizer = sc.Tokenizer.load(sc.artifact_dir("tokenizer"))
 model, checkpoint = sc.model_from_checkpoint(checkpoint_path, device, tokenizer)
+if cfg.max_tokens >= model.config.max_seq_len:  # a reply must leave room for a prompt in the context
+    raise sc.ConfigError(f"max_tokens={cfg.max_tokens}: the model of {checkpoint_path} reads "
+                         f"{model.config.max_seq_len} tokens at most, prompt included: pass a smaller --max_tokens")
 model.set_compute_dtype(sc.pick_compute_dtype(device))
 model.to(model.compute_dtype).eval()  # no fp32 master weights at inference: a decode step reads every weight once
 engine = sc.Engine(model, tokenizer, backend=sc.pick_attention_backend(device, cfg.attention))
@@ -280,16 +284,20 @@ session = ChatSession(engine, temperature=cfg.temperature, top_k=cfg.top_k or No
                       seed=cfg.seed)
 question = cfg.prompt or "Hello! What is 12 times 7?"
 print(f"you> {question}")
+try:
+    pieces = session.reply(question)
+except ValueError as refused:  # blank, or too long for the context: a bad --prompt, said in one line
+    raise sc.ConfigError(f"--prompt: {refused}") from None
 if in_notebook_kernel():  # one output that grows with the reply, saved once in the notebook
     from IPython.display import Pretty, display
 
     reply, shown = "assistant> ", display(Pretty("assistant> "), display_id=True)
-    for piece in session.reply(question):
+    for piece in pieces:
         reply += piece
         shown.update(Pretty(reply))
 else:
     print("assistant> ", end="")
-    for piece in session.reply(question):
+    for piece in pieces:
         print(piece, end="", flush=True)
     print()
 

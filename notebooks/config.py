@@ -65,6 +65,8 @@ def parse_value(name: str, raw: Any, kind: Any) -> Any:
         if kind is bool:
             return BOOLEAN_WORDS[raw.strip().lower()]
         if kind is int:
+            with contextlib.suppress(ValueError):
+                return int(raw)  # exact: through a float, ids and seeds beyond 2**53 would change
             number = float(raw.replace("_", ""))  # accepts 524288, 524_288 and 5e5
             if not number.is_integer():
                 raise ValueError(raw)

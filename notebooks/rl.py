@@ -20,8 +20,21 @@ import torch.nn as nn
 from torch import Tensor
 
 from data.gsm8k import TaskPrompt
-from stackcore import (Engine, LossScaler, host_to_device, rank_share, sum_over_ranks, token_budget_chunks,
+from stackcore import (ConfigError, Engine, LossScaler, host_to_device, rank_share, sum_over_ranks, token_budget_chunks,
                        world_size_and_rank)
+
+
+def prompts_that_fit(prompts: Sequence[TaskPrompt], context: int, max_new_tokens: int, split: str
+                     ) -> list[TaskPrompt]:
+    """The prompts that leave room for max_new_tokens of answer in a model's context of `context` tokens; a
+    ConfigError names the setting when none does (a --max_new_tokens near the context leaves out every question)."""
+    fitting = [prompt for prompt in prompts if len(prompt.ids) + max_new_tokens <= context]
+    if prompts and not fitting:
+        shortest = min(len(prompt.ids) for prompt in prompts)
+        raise ConfigError(f"max_new_tokens={max_new_tokens} leaves no {split} question room in the model's context of "
+                          f"{context} tokens (the shortest prompt has {shortest}): pass --max_new_tokens="
+                          f"{context - shortest} or less")
+    return fitting
 
 
 class PromptSampler:

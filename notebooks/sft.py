@@ -13,14 +13,19 @@ from stackcore import GPT, Batch, LossScaler, SFTLoader, sum_over_ranks, world_s
 
 @torch.no_grad()
 def evaluate_sft_loss(model: GPT, loader: SFTLoader, steps: int, backend: str) -> float:
-    """Mean cross-entropy per trained (mask 1) token over `steps` batches of `loader`, summed over ranks."""
+    """Mean cross-entropy per trained (mask 1) token over `steps` batches of `loader`, summed over ranks; at most one
+    pass over its split (the ranks reach its end together): more would score the same conversations again, and a
+    huge `steps` would never end."""
     model.eval()
     totals = torch.zeros(2, device=loader.device, dtype=torch.float64)
+    epoch = loader.position["epoch"]
     for _ in range(steps):
         batch = loader.next_batch()
         loss = model(batch.inputs, batch.cu_seqlens, batch.max_seqlen, batch.targets, backend=backend,
                      loss_reduction="sum")
         totals += torch.stack([loss.double(), (batch.targets >= 0).sum().double()])
+        if loader.position["epoch"] != epoch:
+            break
     model.train()
     loss, trained = sum_over_ranks(totals.tolist())
     return loss / max(trained, 1.0)

@@ -18,8 +18,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from stackcore import (GPT, CheckpointError, DamagedCheckpointError, DistInfo, GPTConfig, all_ranks_agree,
-                       checkpoint_paths, load_checkpoint, saved_model_config, sum_over_ranks)
+from stackcore import (GPT, CheckpointError, ConfigError, DamagedCheckpointError, DistInfo, GPTConfig, PretrainLoader,
+                       all_ranks_agree, checkpoint_paths, load_checkpoint, make_writable_folder, read_shard,
+                       saved_model_config, sum_over_ranks)
 
 
 def short_window_schedule(step: int, total_steps: int, final_window: int, start_window: int = 128,
@@ -34,6 +35,13 @@ def batch_size_schedule(step: int, final_tokens: int, start_tokens: int, ramp_st
     records grow their batch), in whole `granularity`s (a micro-batch on every rank): only accumulation changes."""
     tokens = start_tokens + (final_tokens - start_tokens) * min(1.0, step / ramp_steps) if ramp_steps else final_tokens
     return max(granularity, min(final_tokens, int(tokens) // granularity * granularity))
+
+
+def validation_steps(eval_tokens: int, loader: PretrainLoader, world_size: int) -> int:
+    """Validation batches per bits-per-byte measurement: eval_tokens over what all ranks take per batch, but at most
+    one pass over the validation split: more would score the same tokens again, and a huge eval_tokens never ends."""
+    split_tokens = sum(len(read_shard(path)) for path in loader.paths)
+    return max(1, min(eval_tokens, split_tokens) // (loader.tokens * world_size))
 
 
 class NonFiniteLossError(RuntimeError):
@@ -254,6 +262,7 @@ def start_training(checkpoint_dir: Path, run_dir: Path, model: GPT, optimizers: 
     so once, refused when --steps, the starting checkpoint (`origin`, see weights_origin) or the tokenizer changed
     since; a run that starts afresh drops an earlier run's metrics.jsonl and checkpoints, and a resumed one the
     records an interrupted run logged after its checkpoint."""
+    prepare_run_folders(Path(checkpoint_dir), Path(run_dir), run_name)
     start_step, latest, saved = (resume_training(checkpoint_dir, model, optimizers, loader, dist_info, made_by, log)
                                  if resume else (0, None, {}))
     if latest is not None:
@@ -269,6 +278,22 @@ def start_training(checkpoint_dir: Path, run_dir: Path, model: GPT, optimizers: 
             drop_metrics_after(Path(run_dir) / "metrics.jsonl", start_step)
         log(f"resumed from {latest} at step {start_step}")
     return start_step, complete, dict(saved.get("totals", {}))
+
+
+def prepare_run_folders(checkpoint_dir: Path, run_dir: Path, run_name: str) -> None:
+    """Make the run's folders before its first step, so that a path that cannot hold them (a file in the way, no
+    write permission, a folder named metrics.jsonl) stops the run at once, not at its first checkpoint, when every
+    step trained since would be lost."""
+    for folder in (checkpoint_dir, run_dir):
+        try:
+            make_writable_folder(folder)
+        except OSError as error:
+            raise ConfigError(f"{folder}: run {run_name!r} cannot keep its files there ({error.strerror}); move what "
+                              f"is in the way, or pass --run_name=<new name>") from None
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.exists() and not metrics.is_file():
+        raise ConfigError(f"{metrics}: not a file, so run {run_name!r} cannot log to it; move it away, or pass "
+                          f"--run_name=<new name>")
 
 
 def drop_metrics_after(path: Path, step: int) -> None:
@@ -312,4 +337,6 @@ class RunLog:
             self.wandb_run.log(metrics)
 
     def read(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in open(self.path)] if self.path.exists() else []
+        """The records logged so far; a line that is not one (torn as a run was killed, or damaged) is left out."""
+        lines = self.path.read_text(errors="replace").splitlines() if self.path.exists() else []
+        return [json.loads(line) for line in lines if logged_step(line) is not None]

@@ -4,6 +4,13 @@ fail part way or are abandoned. The session must refuse with a clear error or ca
 model's context, and never be left broken."""
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -214,3 +221,56 @@ def test_the_real_engine_chats_past_its_context(tokenizer, system):
     assert session.dropped > 0
     assert len(sc.render_for_completion(tokenizer, [*session.messages[:-1]])) + 8 <= 64
     assert session.messages[-2]["content"] == "message number 19"
+
+
+# --- The twin: a bad --prompt or --max_tokens is one line naming it, not a traceback ------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+TWIN_CONTEXT = 64
+
+
+@pytest.fixture
+def chat_home(stack_home, tiny_tokenizer):
+    """A STACK_HOME holding the tiny tokenizer and an untrained SFT checkpoint with a 64-token context."""
+    from notebooks.training import save_checkpoint
+
+    shutil.copytree(tiny_tokenizer, stack_home / "tokenizer")
+    torch.manual_seed(0)
+    model = sc.GPT(sc.GPTConfig(vocab_size=512, depth=2, model_dim=32, head_dim=16, max_seq_len=TWIN_CONTEXT))
+    save_checkpoint(stack_home / "checkpoints" / "sft", 1, model, [], PositionlessLoader(), sc.GPTConfig(),
+                    sc.DistInfo(0, 1, 0, "cpu"))
+    return stack_home
+
+
+class PositionlessLoader:
+    def state_dict(self) -> dict:
+        return {}
+
+
+def run_chat_twin(home: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "STACK_HOME": str(home), "STACK_PRESET": "tiny", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "notebooks/07_chat.py", "--chat=false", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("args, message", [
+    ([f"--max_tokens={TWIN_CONTEXT}"], rf"max_tokens={TWIN_CONTEXT}: the model of .*step_000001.pt reads "
+                                       rf"{TWIN_CONTEXT} tokens at most, prompt included: pass a smaller --max_tokens"),
+    (["--max_tokens=100000"], r"max_tokens=100000: the model of .* reads 64 tokens at most"),
+    (["--prompt=" + "word " * 100], r"--prompt: this message makes a prompt of \d+ tokens .* model reads 64 tokens"),
+    (["--prompt= \t "], r"--prompt: an empty message: there is nothing to answer"),
+    (["--checkpoint={home}/checkpoints/sft"], r"checkpoints/sft is damaged or not a DecoderStack checkpoint"),
+], ids=["max_tokens_at_context", "max_tokens_huge", "prompt_past_context", "blank_prompt", "folder_as_checkpoint"])
+def test_the_chat_twin_refuses_a_bad_setting_in_one_line(chat_home, args, message):
+    result = run_chat_twin(chat_home, *(arg.format(home=chat_home) for arg in args))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("07_chat.py: error: ") and re.search(message, error), error
+
+
+@pytest.mark.parametrize("prompt", ["a\x1b[2J\x07b", "é" * 5 + "\u202e" + "🙂", "<|assistant_end|><|bos|>"],
+                         ids=["control_characters", "unicode", "special_token_text"])
+def test_the_chat_twin_answers_odd_text_as_text(chat_home, prompt):
+    result = run_chat_twin(chat_home, f"--prompt={prompt}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"you> {prompt}" in result.stdout and "assistant> " in result.stdout

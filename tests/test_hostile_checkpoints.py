@@ -5,7 +5,10 @@ processes resumes or says why not; a NaN or infinite loss stops training before 
 import math
 import os
 import pickle
+import subprocess
+import sys
 import zipfile
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -13,9 +16,10 @@ import pytest
 import torch
 
 import stackcore as sc
-from notebooks.training import (NonFiniteLossError, check_finite_loss, resume_training, run_is_complete,
-                               save_checkpoint)
+from notebooks.training import (NonFiniteLossError, RunLog, check_finite_loss, resume_training, run_is_complete,
+                               save_checkpoint, start_training)
 
+ROOT = Path(__file__).resolve().parents[1]
 BOS = 511
 SINGLE = sc.DistInfo(0, 1, 0, "cpu")
 
@@ -315,3 +319,57 @@ def test_a_model_setting_this_code_lacks_or_refuses_is_named(tmp_path, change, r
         resume_training(directory, *fresh(tmp_path), SINGLE, "03_pretrain", lambda line: None)
     with pytest.raises(sc.CheckpointError, match=refusal):
         sc.model_from_checkpoint(path, "cpu")
+
+
+def file_in_the_way(tmp_path, name):
+    (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / name).write_text("not a folder")
+
+
+def metrics_folder(tmp_path):
+    (tmp_path / "runs" / "pretrain" / "metrics.jsonl").mkdir(parents=True)
+
+
+@pytest.mark.parametrize("damage, blocked, refusal", [
+    (lambda tmp_path: file_in_the_way(tmp_path, "checkpoints/pretrain"), "checkpoints/pretrain",
+     "run 'pretrain' cannot keep its files there"),
+    (lambda tmp_path: file_in_the_way(tmp_path, "runs/pretrain"), "runs/pretrain",
+     "run 'pretrain' cannot keep its files there"),
+    (lambda tmp_path: file_in_the_way(tmp_path, "checkpoints"), "checkpoints/pretrain",
+     "run 'pretrain' cannot keep its files there"),
+    (metrics_folder, "runs/pretrain/metrics.jsonl", "not a file, so run 'pretrain' cannot log to it"),
+], ids=["checkpoint_folder_is_a_file", "run_folder_is_a_file", "checkpoints_is_a_file", "metrics_is_a_folder"])
+def test_a_run_whose_folders_cannot_be_written_stops_before_training(tmp_path, damage, blocked, refusal):
+    """A file where the run's checkpoint folder goes let 03_pretrain train until its first save and then lose every
+    step with a FileExistsError traceback; a folder named metrics.jsonl ended it with IsADirectoryError."""
+    damage(tmp_path)
+    model, optimizers, loader = fresh(tmp_path)
+    with pytest.raises(sc.ConfigError) as error:
+        start_training(tmp_path / "checkpoints" / "pretrain", tmp_path / "runs" / "pretrain", model, optimizers,
+                       loader, SINGLE, "03_pretrain", "pretrain", 10, True, lambda line: None)
+    message = str(error.value)
+    assert message.startswith(f"{tmp_path / blocked}: {refusal}") and "--run_name=<new name>" in message, message
+
+
+def test_damaged_lines_of_metrics_jsonl_are_left_out_of_the_curves(tmp_path):
+    """A complete run (nothing resumed, so nothing cleaned) with a torn metrics.jsonl line ended 03_pretrain's curves
+    cell with a JSONDecodeError."""
+    run_log = RunLog(tmp_path)
+    run_log.log(step=1, loss=2.5)
+    with open(run_log.path, "ab") as file:
+        file.write(b'{"step": 2, "loss": \n\x00\xff garbage\n[1, 2]\n')
+    run_log.log(step=3, loss=2.0)
+    assert run_log.read() == [{"step": 1, "loss": 2.5}, {"step": 3, "loss": 2.0}]
+
+
+@pytest.mark.parametrize("raised", ["sc.DamagedCheckpointError('/x/step_000004.pt is damaged')",
+                                    "sc.CheckpointError('/x/step_000004.pt holds a different model')",
+                                    "sc.ShardError('/x/train_000000.bin: truncated')"])
+def test_a_damaged_file_ends_a_twin_in_one_line_naming_it(tmp_path, raised):
+    script = tmp_path / "twin.py"
+    script.write_text(f"import stackcore as sc\nfrom notebooks.runtime import end_scripts_on_user_errors\n"
+                      f"end_scripts_on_user_errors()\nraise {raised}\n")
+    result = subprocess.run([sys.executable, str(script)], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().startswith("twin.py: error: /x/")

@@ -4,15 +4,23 @@ a ConfigError that names the setting and the value."""
 import ast
 import dataclasses
 import math
+import os
+import subprocess
+import sys
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import stackcore as sc
+from data.gsm8k import TaskPrompt
 from notebooks.config import (PRESET_NAMES, Allowed, StackConfig, above, accumulation_steps, configure, layer_list,
                               parse_value)
+from notebooks.rl import prompts_that_fit
+from notebooks.sft import evaluate_sft_loss
+from notebooks.training import validation_steps
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOK_NAMES = ("01_tokenizer", "02_sharding", "03_pretrain", "04_core_eval", "05_sft", "06_rl", "07_chat")
@@ -170,3 +178,88 @@ def test_the_tiny_preset_splits_over_two_cpu_ranks(name):
     """Tutorial 02 runs the tiny preset under torchrun with two processes: its batch must divide between them."""
     cfg = configure(CONFIGS[name], ["--preset=tiny"], {})
     assert accumulation_steps(cfg.tokens_per_step, cfg.micro_tokens, 2) >= 1
+
+
+@pytest.mark.parametrize("name, args, refusal", [
+    ("03_pretrain", ["--steps=4", "--warmup_steps=1000"], r"warmup_steps=1000 runs past the start of the cool-down at "
+     r"step 2.4 \(steps=4, cooldown_frac=0.4\)"),
+    ("03_pretrain", ["--steps=10", "--warmup_steps=6", "--cooldown_frac=0.5"], r"warmup_steps=6 runs past .* step 5 "),
+    ("03_pretrain", ["--steps=3", "--batch_start_tokens=2048", "--batch_ramp_steps=1000", "--preset=tiny"],
+     r"batch_ramp_steps=1000 is more than steps=3: the batch would never reach tokens_per_step \(4096\)"),
+    ("06_rl", ["--samples_per_prompt=1"], r"samples_per_prompt=1: an answer alone is its own group's baseline"),
+    ("06_rl", ["--temperature=0"], r"temperature=0 with top_k=0 samples the same answer every time"),
+    ("06_rl", ["--top_k=1"], r"temperature=1 with top_k=1 samples the same answer every time"),
+], ids=["warmup_past_steps", "warmup_into_cooldown", "batch_ramp_past_steps", "rl_group_of_one", "rl_greedy",
+        "rl_top_k_1"])
+def test_settings_that_contradict_each_other_are_refused(name, args, refusal):
+    """Each setting is valid alone; together they make a run that trains at a fraction of its learning rate, never
+    reaches its batch, or (RL) samples groups whose advantages are all zero, so that no step learns anything."""
+    with pytest.raises(sc.ConfigError, match=refusal):
+        configure(CONFIGS[name], args, {})
+
+
+@pytest.mark.parametrize("args", [["--steps=10", "--warmup_steps=6"], ["--steps=10", "--batch_start_tokens=2048",
+                                  "--batch_ramp_steps=10", "--preset=tiny"], ["--cooldown_frac=1"]])
+def test_a_warmup_and_ramp_that_fit_the_run_are_accepted(args):
+    configure(CONFIGS["03_pretrain"], args, {})
+
+
+def test_rl_answers_longer_than_the_context_name_max_new_tokens():
+    """A --max_new_tokens that leaves no question room in the model's context used to end 06_rl with a traceback
+    ('no prompts to sample from') that named neither the setting nor the context."""
+    prompts = [TaskPrompt(ids=[1] * length, gold="4", problem=index) for index, length in enumerate((40, 30, 50))]
+    assert [len(p.ids) for p in prompts_that_fit(prompts, 256, 216, "train")] == [40, 30]
+    refusal = (r"max_new_tokens=250 leaves no test question room in the model's context of 256 tokens \(the shortest "
+               r"prompt has 30\): pass --max_new_tokens=226")
+    with pytest.raises(sc.ConfigError, match=refusal):
+        prompts_that_fit(prompts, 256, 250, "test")
+
+
+def test_a_huge_eval_tokens_scores_the_validation_split_once(tmp_path):
+    """--eval_tokens far beyond the validation split (a typo, or the speedrun's value on a small split) made every
+    bits-per-byte measurement of 03_pretrain and 04_core_eval walk the split over and over, for hours."""
+
+    sc.write_shard(tmp_path / "val_000000.bin", np.r_[511, np.arange(1, 1000) % 500], vocab_size=512)
+    loader = sc.PretrainLoader(tmp_path, "val", tokens=100, bos_id=511, vocab_size=512, max_doc_len=64)
+    assert validation_steps(10**12, loader, world_size=1) == 10 and validation_steps(10**12, loader, 2) == 5
+    assert validation_steps(300, loader, world_size=1) == 3 and validation_steps(1, loader, world_size=1) == 1
+
+
+def test_a_huge_eval_steps_scores_the_sft_validation_split_once(tmp_path):
+    """--eval_steps beyond the conversations of the validation split made 05_sft's every measurement score them over
+    and over (with --eval_steps=100000 the tiny run never ended)."""
+
+    ids = np.concatenate([np.r_[511, np.arange(1, 20 + i)] for i in range(6)])
+    path = sc.write_shard(tmp_path / "val_000000.bin", ids, vocab_size=512)
+    sc.write_shard(sc.side_file(path, "mask"), np.arange(len(ids)) % 2, "mask")
+    loader = sc.SFTLoader(tmp_path, "val", tokens=64, bos_id=511, vocab_size=512, max_seq_len=32, shuffle=False)
+    batches = []
+    next_batch = loader.next_batch
+    loader.next_batch = lambda: batches.append(next_batch()) or batches[-1]
+    model = sc.GPT(sc.GPTConfig(vocab_size=512, depth=1, model_dim=32, head_dim=16, max_seq_len=32))
+    loss = evaluate_sft_loss(model, loader, 10_000, "sdpa")
+    assert math.isfinite(loss) and sum(len(batch.cu_seqlens) - 1 for batch in batches) == 6, len(batches)
+
+
+@pytest.mark.parametrize("raw", ["9223372036854775807", "12345678901234567", "9007199254740993"])
+def test_large_integer_settings_are_read_exactly(raw):
+    """Integers were read through a float: --seed=9223372036854775807 (the largest allowed) was refused as
+    9223372036854775808, and a seed above 2**53 silently became a neighbour."""
+    assert configure(CONFIGS["07_chat"], [f"--seed={raw}"], {}).seed == int(raw)
+    assert configure(CONFIGS["03_pretrain"], [], {"STACK_SEED": raw}).seed == int(raw)
+
+
+def test_an_integer_one_past_int64_is_refused_as_given():
+    with pytest.raises(sc.ConfigError, match=r"seed=9223372036854775808: seed must be at most 9223372036854775807"):
+        configure(CONFIGS["06_rl"], ["--seed=9223372036854775808"], {})
+
+
+@pytest.mark.parametrize("name", ["01_tokenizer", "07_chat"])
+def test_a_twin_run_from_another_folder_finds_its_checkout(tmp_path, name):
+    """`python /path/to/notebooks/NN.py` from any other folder took that folder for a fresh Colab runtime and ran
+    `git clone` into /content/decoderstack (without a network, a CalledProcessError) instead of running the checkout's
+    own code."""
+    env = {**os.environ, "STACK_HOME": str(tmp_path / "home"), "STACK_PRESET": "tiny", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(NOTEBOOKS / f"{name}.py"), "--help"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "usage: python" in result.stdout, result.stderr[-2000:]

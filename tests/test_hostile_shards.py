@@ -2,6 +2,12 @@
 message naming the file, or read correctly; nothing is wrapped, cast or looped over silently."""
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -222,3 +228,68 @@ def test_missing_shards(tmp_path, split, files, message):
         (tmp_path / name).write_bytes(b"")
     with pytest.raises(sc.ShardError, match=message):
         sc.list_shards(tmp_path, split)
+
+
+# --- Side files: each shard kind where another is expected ------------------------------------------------------
+
+@pytest.mark.parametrize("written, items, read_as", [
+    ("mask", np.array([0, 1, 1]), dict(vocab_size=512)),
+    ("records", np.array([[0, 3]]), dict(vocab_size=512)),
+    ("tokens", np.array([BOS, 3, 4]), dict(kind="mask")),
+    ("tokens", np.array([BOS, 3, 4]), dict(kind="records")),
+    ("mask", np.array([0, 1, 1]), dict(kind="records")),
+], ids=["mask_as_tokens", "records_as_tokens", "tokens_as_mask", "tokens_as_records", "mask_as_records"])
+def test_a_shard_of_another_kind_is_refused(tmp_path, written, items, read_as):
+    """A file of one kind copied where another belongs used to be read as that kind: a mask of bytes as token ids,
+    or token ids as a mask that is 1 nowhere (a fine-tuning run that trains on nothing)."""
+    path = sc.write_shard(tmp_path / "train_000000.bin", items, written)
+    expected = read_as.get("kind", "tokens")
+    with pytest.raises(sc.ShardError, match=rf"{path}: a {written} shard \(version \d\) where a {expected} shard"):
+        sc.read_shard(path, **read_as)
+
+
+def sft_shards(directory, mask_items=None, mask_kind="mask"):
+    ids = np.r_[BOS, np.arange(1, 40), BOS, np.arange(1, 30)]
+    path = sc.write_shard(directory / "train_000000.bin", ids, vocab_size=512)
+    mask = (np.arange(len(ids)) % 2) if mask_items is None else mask_items(ids)
+    sc.write_shard(sc.side_file(path, "mask"), mask, mask_kind)
+    return path
+
+
+@pytest.mark.parametrize("mask_items, mask_kind, message", [
+    (lambda ids: ids, "tokens", r"train_000000.mask.bin: a tokens shard \(version 1\) where a mask shard"),
+    (lambda ids: np.full(len(ids), 2), "mask", r"train_000000.mask.bin: 70 mask values \(one 0 or 1 per token, "
+                                               r"largest 2\) for 70 tokens"),
+    (lambda ids: np.ones(len(ids) - 1, int), "mask", r"69 mask values \(one 0 or 1 per token, largest 1\) for 70"),
+], ids=["token_file_as_mask", "mask_of_twos", "mask_one_short"])
+def test_a_conversation_mask_that_is_not_one_bit_per_token_is_refused(tmp_path, mask_items, mask_kind, message):
+    sft_shards(tmp_path, mask_items, mask_kind)
+    with pytest.raises(sc.ShardError, match=message):
+        sc.SFTLoader(tmp_path, "train", tokens=128, bos_id=BOS, vocab_size=512, max_seq_len=64)
+
+
+def test_a_mask_shard_named_as_a_token_shard_is_not_pretrained_on(tmp_path):
+    sc.write_shard(tmp_path / "train_000000.bin", np.ones(300, int), "mask")
+    with pytest.raises(sc.ShardError, match="a mask shard .* where a tokens shard was expected"):
+        loader(tmp_path).next_batch()
+
+
+def test_sft_micro_batch_shorter_than_the_context_names_the_setting(tmp_path):
+    """05_sft with --micro_tokens below the base model's context ended in a ValueError traceback that named neither
+    the setting nor a value that works."""
+    sft_shards(tmp_path)
+    with pytest.raises(sc.ConfigError, match=r"micro_tokens=32 is less than the model's context \(64 tokens\), which "
+                                             r"a conversation may fill: pass --micro_tokens=64 or more"):
+        sc.SFTLoader(tmp_path, "train", tokens=32, bos_id=BOS, vocab_size=512, max_seq_len=64)
+
+
+def test_sharding_a_corpus_into_one_document_shards_finishes(stack_home, tiny_tokenizer):
+    """A train shard of a single document (a max_chars of one document; shard_tokens below a document's length does
+    the same) ended 02_sharding with an IndexError in the cell that shows where the second document starts."""
+    shutil.copytree(tiny_tokenizer, stack_home / "tokenizer")
+    env = {**os.environ, "STACK_HOME": str(stack_home), "STACK_PRESET": "tiny", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "notebooks/02_sharding.py", "--max_chars=1"],
+                            cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "<- a new document starts" in result.stdout

@@ -102,7 +102,7 @@ def test_loader_packs_whole_conversations_once_per_epoch_without_padding(tmp_pat
         for rank in ranks:
             assert torch.equal(rank.next_batch().inputs, single.next_batch().inputs)
         assert ranks[0].state_dict() == ranks[1].state_dict() == single.state_dict()
-    with pytest.raises(ValueError, match="at least max_seq_len"):
+    with pytest.raises(ValueError, match="is less than the model.s context"):
         sc.SFTLoader(tmp_path, "train", 100, tokenizer.bos_id, tokenizer.vocab_size, 256)
 
 
