@@ -3,25 +3,36 @@ pull them back, so a Colab user can skip tokenizing. A repo holds `tokenizer/` a
 they sit under STACK_HOME."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
-
-from data.tokenizing import SHARDS_STAMP
 
 HUB_PATTERNS = ["tokenizer/*", "shards/**"]
 
 
 def pull_shards(repo_id: str, stack_home: Path, endpoint: str | None = None, revision: str | None = None) -> Path:
-    """Download a shard repo's `tokenizer/` and `shards/` into `stack_home`; return the folder."""
+    """Download a shard repo's `tokenizer/` and `shards/` into `stack_home`; return the folder. A shard set the repo
+    brings replaces the local one whole (see drop_stale_files); a set it does not bring keeps its stamp, which names
+    the tokenizer being replaced, so it is refused until 02_sharding writes it again."""
     from huggingface_hub import snapshot_download
 
-    for stamp in (stack_home / "shards").glob(f"*/{SHARDS_STAMP}"):
-        stamp.unlink()  # they name the tokenizer being replaced; a repo's own stamps (pushed with its shards) return
-    snapshot_download(repo_id, repo_type="dataset", revision=revision, local_dir=stack_home,
-                      allow_patterns=HUB_PATTERNS, endpoint=endpoint)
+    download = functools.partial(snapshot_download, repo_id, repo_type="dataset", local_dir=stack_home,
+                                 allow_patterns=HUB_PATTERNS, revision=revision, endpoint=endpoint)
+    download()
     for needed in ("tokenizer/tokenizer.tiktoken", "tokenizer/tokenizer.json"):
         if not (stack_home / needed).is_file():
             raise FileNotFoundError(f"{repo_id} has no {needed}: not a DecoderStack shard repo")
+    drop_stale_files(stack_home, {info.filename for info in download(dry_run=True)})  # what the repo holds
     return stack_home
+
+
+def drop_stale_files(stack_home: Path, pulled: set[str]) -> None:
+    """In each shard folder the pull wrote into, remove the files the repo does not hold: shards of a longer local
+    set, which the loaders would read with the new tokenizer, and a stamp naming the tokenizer being replaced (a
+    set the repo brings without its own stamp, pushed before stamps existed, is then taken as it is)."""
+    for folder in {(stack_home / name).parent for name in pulled if name.startswith("shards/")}:
+        for path in folder.iterdir():
+            if path.is_file() and path.relative_to(stack_home).as_posix() not in pulled:
+                path.unlink()
 
 
 def push_shards(repo_id: str, stack_home: Path, endpoint: str | None = None, token: str | None = None,

@@ -220,9 +220,10 @@ def check_same_tokenizer(saved: dict[str, Any], fingerprint: str | None, run_nam
 
 def check_same_length(saved: dict[str, Any], start_step: int, steps: int, run_name: str, checkpoint: Path) -> None:
     """Refuse to resume a run with another --steps than it started with: the learning-rate schedules follow a run's
-    length, so a new length would move them mid-run; after the last step, rates cooled to zero would rise again."""
+    length, so a new length would move them mid-run; after the last step, rates cooled to zero would rise again. A
+    run past both lengths (finished, given fewer steps) trains nothing: run_is_complete says so."""
     planned = saved.get("total_steps")
-    if planned is None or planned == steps or start_step >= steps:
+    if planned is None or planned == steps or start_step >= max(planned, steps):
         return
     hint = new_run_hint(checkpoint, saved.get("config", {}))
     raise CheckpointError(f"run {run_name!r} was started for {planned} steps ({checkpoint} is at step {start_step}) "

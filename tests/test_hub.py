@@ -170,13 +170,15 @@ def test_pull_shards_downloads_tokenizer_and_shards_only(hub, tmp_path, stack_ho
                           np.random.default_rng(0).integers(0, 512, 4000))
     assert served_bodies(hub, SHARD_REPO) == len(source)
     assert not any("README.md" in path or "notes/" in path for _, path in hub.requests)
-    assert hub.count("GET", f"/api/datasets/{SHARD_REPO}/tree/") == 1
+    assert hub.count("GET", f"/api/datasets/{SHARD_REPO}/tree/") == 1  # the listing after the download reads its cache
     assert hub.unexpected == []
 
 
-def test_pull_shards_drops_the_local_tokenizer_stamps(hub, tmp_path, stack_home):
-    """The stamps of the shards being replaced name the tokenizer being replaced: a set the repo brings with its own
-    stamp gets that one, a set it brings without one (pushed before stamps existed) none, instead of the old one."""
+def test_pull_shards_replaces_the_shard_sets_it_brings(hub, tmp_path, stack_home):
+    """A set the repo brings replaces the local one whole: with the repo's own stamp, or none where it has none
+    (pushed before stamps existed) instead of the stamp naming the tokenizer being replaced, and without the local
+    shards the repo lacks (a longer local set), which the loaders would read with the new tokenizer. A set the repo
+    does not bring keeps its stamp, so it is refused until 02_sharding writes it again."""
     from data.tokenizing import SHARDS_STAMP
 
     source = make_stack_home(tmp_path / "source")
@@ -184,13 +186,18 @@ def test_pull_shards_drops_the_local_tokenizer_stamps(hub, tmp_path, stack_home)
     source["shards/core/arc.bin"] = source["shards/pretrain/val_000000.bin"]
     for path, data in source.items():
         hub.add_file(SHARD_REPO, path, data)
-    for shard_set in ("pretrain", "core"):
+    for shard_set in ("pretrain", "core", "sft"):
         (stack_home / "shards" / shard_set).mkdir(parents=True)
         (stack_home / "shards" / shard_set / SHARDS_STAMP).write_text("bbbbbbbbbbbb\n")
+    stale = stack_home / "shards" / "pretrain" / "train_000001.bin"
+    sc.write_shard(stale, np.arange(100), vocab_size=512)
 
     pull_shards(SHARD_REPO, stack_home, endpoint=hub.url)
     assert (stack_home / "shards" / "pretrain" / SHARDS_STAMP).read_text() == "aaaaaaaaaaaa\n"
     assert not (stack_home / "shards" / "core" / SHARDS_STAMP).exists()
+    assert not stale.exists()
+    assert [p.name for p in sc.list_shards(stack_home / "shards" / "pretrain", "train")] == ["train_000000.bin"]
+    assert (stack_home / "shards" / "sft" / SHARDS_STAMP).read_text() == "bbbbbbbbbbbb\n"
     assert hub.unexpected == []
 
 

@@ -238,6 +238,8 @@ def test_an_interrupted_run_resumes_with_its_own_steps_and_refuses_others(tmp_pa
     assert start_again(tmp_path, 6)[:2] == (3, False)
     with pytest.raises(sc.CheckpointError, match="--steps=5 would squeeze its learning-rate schedule"):
         start_again(tmp_path, 5)
+    with pytest.raises(sc.CheckpointError, match="--steps=2 would squeeze"):  # not "complete": its rates never cooled
+        start_again(tmp_path, 2)
 
 
 def test_a_longer_fine_tuning_run_is_offered_from_the_checkpoints_weights(tmp_path):
