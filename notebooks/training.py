@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,6 +22,8 @@ import torch.nn as nn
 from stackcore import (GPT, CheckpointError, ConfigError, DamagedCheckpointError, DistInfo, GPTConfig, PretrainLoader,
                        all_ranks_agree, checkpoint_paths, load_checkpoint, make_writable_folder, read_shard,
                        saved_model_config, sum_over_ranks)
+
+REPLACED = "replaced"  # where a run started over keeps the earlier run's files until its own first checkpoint
 
 
 def short_window_schedule(step: int, total_steps: int, final_window: int, start_window: int = 128,
@@ -77,8 +80,10 @@ def save_checkpoint(directory: Path, step: int, model: nn.Module, optimizers: li
                      **(extra or {})}, path)
     if dist.is_initialized():
         dist.barrier()
-    if dist_info.master and keep:
-        prune_checkpoints(path, keep)
+    if dist_info.master:
+        shutil.rmtree(path.parent / REPLACED, ignore_errors=True)  # a run started over has its own checkpoint now
+        if keep:
+            prune_checkpoints(path, keep)
     return path
 
 
@@ -91,11 +96,14 @@ def prune_checkpoints(newest: Path, keep: int) -> None:
         delete_checkpoint(path)
 
 
-def delete_checkpoint(path: Path) -> None:
+def checkpoint_files(path: Path) -> list[Path]:
     """A checkpoint's files: the model's, then each rank's (a model file alone is not taken for a whole one)."""
-    path.unlink(missing_ok=True)
-    for rank_file in path.parent.glob(f"{path.stem}.rank*.pt"):
-        rank_file.unlink(missing_ok=True)
+    return [path, *sorted(path.parent.glob(f"{path.stem}.rank*.pt"))]
+
+
+def delete_checkpoint(path: Path) -> None:
+    for file in checkpoint_files(path):
+        file.unlink(missing_ok=True)
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -244,14 +252,22 @@ def run_is_complete(start_step: int, steps: int, run_name: str, checkpoint: Path
     return True
 
 
-def remove_checkpoints(directory: Path, log: Callable[[str], None] = print) -> None:
-    """A run started over (--resume=false) removes the earlier run's checkpoints: left beside the new ones, the
-    newest of them, a later step than the new run has reached, is what 04-07 and the next resume would load."""
-    earlier = checkpoint_paths(directory)
-    for path in earlier:
-        delete_checkpoint(path)
-    if earlier:
-        log(f"starting over: removed the earlier run's {len(earlier)} checkpoint(s) from {directory}")
+def set_aside_earlier_run(checkpoint_dir: Path, run_dir: Path, log: Callable[[str], None] = print) -> None:
+    """A run started over (--resume=false) moves the earlier run's checkpoints and metrics.jsonl into
+    checkpoint_dir/REPLACED: left beside the new ones, the newest of them, a later step than the new run has
+    reached, is what 04-07 and the next resume would load. The new run's first checkpoint deletes them, so a
+    mistyped --resume=false or a crash before that loses nothing. Metrics of a run that saved nothing just go."""
+    earlier, metrics = checkpoint_paths(checkpoint_dir), Path(run_dir) / "metrics.jsonl"
+    if not earlier:
+        metrics.unlink(missing_ok=True)
+        return
+    aside = Path(checkpoint_dir) / REPLACED
+    aside.mkdir(exist_ok=True)
+    moved = [file for path in earlier for file in checkpoint_files(path)] + ([metrics] if metrics.is_file() else [])
+    for file in moved:
+        file.replace(aside / file.name)
+    log(f"starting over: the earlier run's {len(earlier)} checkpoint(s) wait in {aside} until this run's first "
+        f"checkpoint deletes them (move them elsewhere to keep them)")
 
 
 def start_training(checkpoint_dir: Path, run_dir: Path, model: GPT, optimizers: list[torch.optim.Optimizer],
@@ -272,8 +288,7 @@ def start_training(checkpoint_dir: Path, run_dir: Path, model: GPT, optimizers: 
         check_same_length(saved, start_step, steps, run_name, latest)
     complete = run_is_complete(start_step, steps, run_name, latest, saved.get("config", {}), log)
     if latest is None and dist_info.master:
-        (Path(run_dir) / "metrics.jsonl").unlink(missing_ok=True)
-        remove_checkpoints(checkpoint_dir, log)
+        set_aside_earlier_run(checkpoint_dir, run_dir, log)
     elif latest is not None and not complete:
         if dist_info.master:
             drop_metrics_after(Path(run_dir) / "metrics.jsonl", start_step)

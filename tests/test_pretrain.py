@@ -185,19 +185,30 @@ def test_resumed_run_drops_the_records_logged_after_its_checkpoint(tmp_path):
     assert [record["step"] for record in run_log.read()] == [1, 2, 3, 4, 5, 5]
 
 
-def test_a_run_started_over_removes_the_earlier_runs_checkpoints(tmp_path):
-    """--resume=false on a run saved up to step 8: its checkpoints go, else the newest of them (a later step than
-    the new run reaches) would be what 04-07 load and what the next resume continues."""
+def test_a_run_started_over_sets_the_earlier_run_aside_until_its_first_checkpoint(tmp_path):
+    """--resume=false on a run saved up to step 8: its checkpoints and metrics leave the run folder, else the newest
+    of them (a later step than the new run reaches) would be what 04-07 load and what the next resume continues; they
+    wait in ckpt/replaced, so that a mistaken start over that stops before saving loses nothing."""
     dist_info, model, optimizers, loader = one_process_run(tmp_path)
     for step in (4, 8):
         save_checkpoint(tmp_path / "ckpt", step, model, optimizers, loader, sc.GPTConfig(), dist_info)
+    RunLog(tmp_path / "run").log(step=8, loss=1.0)
     (tmp_path / "ckpt" / "notes.txt").write_text("not a checkpoint")
     said = []
     start, complete, _ = start_training(tmp_path / "ckpt", tmp_path / "run", model, optimizers, loader, dist_info,
                                      "03_pretrain", "run", 6, resume=False, log=said.append)
-    assert (start, complete) == (0, False)
-    assert sorted(path.name for path in (tmp_path / "ckpt").iterdir()) == ["notes.txt"]
-    assert said == [f"starting over: removed the earlier run's 2 checkpoint(s) from {tmp_path / 'ckpt'}"]
+    assert (start, complete) == (0, False) and sc.latest_checkpoint(tmp_path / "ckpt") is None
+    assert sorted(path.name for path in (tmp_path / "ckpt" / "replaced").iterdir()) == [
+        "metrics.jsonl", "step_000004.pt", "step_000004.rank0.pt", "step_000008.pt", "step_000008.rank0.pt"]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert said == [f"starting over: the earlier run's 2 checkpoint(s) wait in {tmp_path / 'ckpt' / 'replaced'} until "
+                    f"this run's first checkpoint deletes them (move them elsewhere to keep them)"]
+    start_training(tmp_path / "ckpt", tmp_path / "run", model, optimizers, loader, dist_info,  # again, nothing saved
+                   "03_pretrain", "run", 6, resume=False, log=said.append)
+    assert len(list((tmp_path / "ckpt" / "replaced").glob("step_*.pt"))) == 4 and len(said) == 1
+    save_checkpoint(tmp_path / "ckpt", 2, model, optimizers, loader, sc.GPTConfig(), dist_info)
+    assert sorted(path.name for path in (tmp_path / "ckpt").iterdir()) == [
+        "notes.txt", "step_000002.pt", "step_000002.rank0.pt"]
 
 
 @dataclass
