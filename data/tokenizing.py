@@ -15,6 +15,7 @@ from stackcore import ShardError, Tokenizer, artifact_dir
 
 ItemT = TypeVar("ItemT")
 SHARDS_STAMP = "tokenizer.fingerprint"  # in each shard folder: the fingerprint of the tokenizer that wrote it
+UNFINISHED = "unfinished"  # the stamp while 02 writes a folder
 _worker_tokenizer: Tokenizer | None = None
 
 
@@ -67,11 +68,12 @@ def tokenize_parallel(tokenizer_dir: Path, docs: Iterable[str], workers: int, ba
     return map_with_tokenizer(tokenizer_dir, _encode_with_bos, batched(docs, batch_docs), workers)
 
 
-def stamp_shards(directory: Path, tokenizer: Tokenizer) -> None:
-    """Record in `directory` which tokenizer wrote its shards, once they are all written: a run cut short leaves the
-    previous stamp, which then refuses the half-written folder instead of vouching for it."""
+def stamp_shards(directory: Path, tokenizer: Tokenizer | None) -> None:
+    """Record in `directory` which tokenizer wrote its shards, once they are all written; with None, before writing
+    them: a run cut short then leaves UNFINISHED, which readers refuse, not an earlier run's stamp vouching for a
+    half-written folder."""
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / SHARDS_STAMP).write_text(tokenizer.fingerprint + "\n")
+    (directory / SHARDS_STAMP).write_text((tokenizer.fingerprint if tokenizer else UNFINISHED) + "\n")
 
 
 def check_shards_tokenizer(directory: Path, tokenizer: Tokenizer) -> None:
@@ -82,6 +84,9 @@ def check_shards_tokenizer(directory: Path, tokenizer: Tokenizer) -> None:
         return
     with open(stamp, "rb") as f:
         written_by = f.read(64).decode(errors="replace").strip()
+    if written_by == UNFINISHED:
+        raise ShardError(f"{stamp}: 02_sharding stopped before it had written every shard in {directory}: run "
+                         f"notebooks/02_sharding again")
     if written_by != tokenizer.fingerprint:
         raise ShardError(f"{stamp}: the shards in {directory} were written by tokenizer {written_by!r}, but the "
                          f"tokenizer in {artifact_dir('tokenizer', create=False)} is {tokenizer.fingerprint!r} (01 "

@@ -153,6 +153,7 @@ def write_split(split: str, docs, total: int | None) -> list[tuple]:
 
 
 if not cfg.pretokenized_repo:
+    stamp_shards(shard_dir, None)
     for old in shard_dir.glob("*.bin"):
         old.unlink()  # a smaller re-run must not leave stale shards of a larger one behind
     files = cfg.resolve()
@@ -239,6 +240,7 @@ for position in range(max(boundary - 6, 0), min(boundary + 7, len(stream))):
 # %%
 core_dir = sc.artifact_dir("shards") / "core"
 bundle = core.find_bundle(cfg.core_bundle, synthetic=cfg.preset == "tiny")
+stamp_shards(core_dir, None)
 manifest = []
 for task in core.available_tasks(bundle):
     examples = core.load_examples(bundle, task)
@@ -285,6 +287,7 @@ print(f"{len(ids)} tokens, {sum(mask)} trained on")
 
 # %%
 sft_dir = sc.artifact_dir("shards") / "sft"
+stamp_shards(sft_dir, None)
 for old in sft_dir.glob("*.bin"):
     old.unlink()
 writers = {split: sft.ConversationWriter(sft_dir, split, cfg.shard_tokens, tokenizer.vocab_size, tokenizer.bos_id)
@@ -348,6 +351,7 @@ plt.show()
 
 # %%
 gsm8k_dir = sc.artifact_dir("shards") / "gsm8k"
+stamp_shards(gsm8k_dir, None)
 report["gsm8k"] = {}
 for split, limit in (("train", cfg.rl_train_prompts), ("test", cfg.rl_test_prompts)):
     problems = gsm8k.load_problems(split, cfg.rl_gsm8k_source)[:limit or None]

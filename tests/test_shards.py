@@ -111,3 +111,19 @@ def test_shards_stamped_by_another_tokenizer_are_refused(tmp_path, stack_home):
     assert message.startswith(f"{tmp_path / 'pretrain' / SHARDS_STAMP}: ")
     assert "run notebooks/02_sharding again" in message
     assert "'aaaaaaaaaaaa'" in message and "'bbbbbbbbbbbb'" in message and str(stack_home / "tokenizer") in message
+
+
+def test_a_shard_folder_that_02_did_not_finish_is_refused(tmp_path):
+    """02 marks a folder unfinished before it writes, so that a run cut short is not vouched for by the stamp of an
+    earlier run of the same tokenizer; the finished stamp replaces the mark."""
+    from types import SimpleNamespace
+
+    from data.tokenizing import check_shards_tokenizer, stamp_shards
+
+    tokenizer = SimpleNamespace(fingerprint="aaaaaaaaaaaa")
+    stamp_shards(tmp_path, tokenizer)
+    stamp_shards(tmp_path, None)  # the next run of 02 starts, and stops before its end
+    with pytest.raises(sc.ShardError, match="02_sharding stopped before it had written every shard in"):
+        check_shards_tokenizer(tmp_path, tokenizer)
+    stamp_shards(tmp_path, tokenizer)
+    check_shards_tokenizer(tmp_path, tokenizer)
