@@ -186,6 +186,24 @@ def test_a_tokenizer_retrained_at_the_same_size_is_refused_by_its_fingerprint(tm
     assert sc.model_from_checkpoint(path, "cpu", tokenizer_like(512, "bbbbbbbbbbbb"))[1]["step"] == 1
 
 
+@pytest.mark.parametrize("made_by, folder, retrain", [
+    ("05_sft", "mine", "each notebook from 03_pretrain to 05_sft (its maker)"),
+    (None, "rl", "each notebook from 03_pretrain to 06_rl (its maker)"),
+    ("03_pretrain", "sft", "03_pretrain"), (None, "mine", "03_pretrain")])
+def test_a_checkpoint_of_another_tokenizer_names_the_notebooks_that_make_it_again(tmp_path, made_by, folder,
+                                                                                   retrain):
+    """06 and 07 load 05's or 06's checkpoints: after 01, 02 and 03 ran again, naming only 02 and 03 would send the
+    user back to what they just did; the notebook that wrote the checkpoint (recorded, else known by its run's
+    folder) is named too."""
+    directory, _ = train_and_save(tmp_path, steps=(1,), run=folder)
+    path = directory / "step_000001.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    torch.save({**checkpoint, "made_by": made_by}, path)
+    with pytest.raises(sc.CheckpointError) as error:
+        sc.model_from_checkpoint(path, "cpu", tokenizer_like(600))
+    assert str(error.value).endswith(f"or run notebooks/02_sharding and {retrain} again")
+
+
 @pytest.mark.parametrize("start, steps, complete", [(100, 100, True), (100, 10, True), (100, 200, False),
                                                     (0, 100, False), (99, 100, False)])
 def test_complete_run_says_so_and_points_to_a_new_run(start, steps, complete, tmp_path):
