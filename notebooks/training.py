@@ -145,7 +145,8 @@ def resume_training(directory: Path, model: GPT, optimizers: list[torch.optim.Op
             saved = saved_model_config(path, checkpoint["model_config"])
             if saved != model.config:
                 raise CheckpointError(f"{path} holds a different model ({model_differences(saved, model.config)}); "
-                                      f"use --run_name=<new name> or --resume=false")
+                                      f"keep that run and start a new one with --run_name=<new name>, or replace "
+                                      f"it with --resume=false (its checkpoints are deleted)")
             rank_state, damage = _rank_states(path, checkpoint, loader, dist_info, made_by), None
         except DamagedCheckpointError as error:
             damage = error

@@ -2,6 +2,7 @@
 the file and the notebook that writes it; resume falls back to the previous good checkpoint; a vocabulary or a
 tokenizer fingerprint that does not match the tokenizer is refused; a complete run says so; another number of
 processes resumes or says why not; a NaN or infinite loss stops training before anything is saved."""
+import dataclasses
 import math
 import os
 import pickle
@@ -307,6 +308,19 @@ def test_a_run_saved_before_newer_model_settings_resumes_with_them_off(tmp_path)
     torch.save({**state, "model_config": {**state["model_config"], "smear": True}}, path)
     with pytest.raises(sc.CheckpointError, match=r"holds a different model \(smear True there, False here\)"):
         resume_training(directory, *fresh(tmp_path), SINGLE, "03_pretrain", lambda line: None)
+
+
+def test_a_different_model_is_refused_with_both_ways_out_and_what_starting_over_costs(tmp_path):
+    """A user who changed --depth on the default run name is offered a new run or starting this one over; the
+    second deletes the run's checkpoints (which 05 may have started from), so the message says so."""
+    directory, _ = train_and_save(tmp_path, steps=(1,))
+    deeper = sc.GPT(dataclasses.replace(tiny_model().config, depth=3))
+    with pytest.raises(sc.CheckpointError) as error:
+        resume_training(directory, deeper, sc.build_optimizers(deeper), make_loader(tmp_path / "shards"), SINGLE,
+                        "03_pretrain", lambda line: None)
+    message = str(error.value)
+    assert "(depth 2 there, 3 here)" in message and "--run_name=<new name>" in message
+    assert "--resume=false (its checkpoints are deleted)" in message
 
 
 def test_resuming_after_a_new_tokenizer_names_the_vocabulary_sizes_and_why(tmp_path):
