@@ -145,6 +145,8 @@ def test_the_pipeline_stops_at_a_failed_twin_with_one_line(monkeypatch):
         return subprocess.CompletedProcess(args, 2)
 
     monkeypatch.setattr(subprocess, "run", run)
-    with pytest.raises(SystemExit, match=r"=== 01_tokenizer.py failed \(exit status 2\): the pipeline stops here ==="):
+    with pytest.raises(SystemExit, match=r"=== 01_tokenizer.py failed \(exit status 2\): the pipeline stops") as stop:
         run_pipeline(["--preset=huge"])
     assert len(ran) == 1
+    # a twin's message names command-line options (--resume=false), which the pipeline takes as STACK_ variables
+    assert "(--resume=false: STACK_RESUME=false python3 stackcore.py pipeline --preset=huge)" in str(stop.value.code)
