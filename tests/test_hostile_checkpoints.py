@@ -331,7 +331,8 @@ def test_resuming_after_a_new_tokenizer_names_the_vocabulary_sizes_and_why(tmp_p
     vocab = model.config.vocab_size
     torch.save({**state, "model_config": {**state["model_config"], "vocab_size": vocab + 8}}, path)
     with pytest.raises(sc.CheckpointError, match=rf"\(vocab_size {vocab + 8} there, {vocab} here: 01_tokenizer ran "
-                                                 rf"again since this run began\); use --run_name=<new name>"):
+                                                 rf"again since this run began\); keep that run and start a new one with "
+                                                 rf"--run_name=<new name>"):
         resume_training(directory, *fresh(tmp_path), SINGLE, "03_pretrain", lambda line: None)
 
 
