@@ -146,7 +146,7 @@ def resume_training(directory: Path, model: GPT, optimizers: list[torch.optim.Op
             if saved != model.config:
                 raise CheckpointError(f"{path} holds a different model ({model_differences(saved, model.config)}); "
                                       f"keep that run and start a new one with --run_name=<new name>, or replace "
-                                      f"it with --resume=false (its checkpoints are deleted)")
+                                      f"it with --resume=false (its checkpoints go at the new run's first save)")
             rank_state, damage = _rank_states(path, checkpoint, loader, dist_info, made_by), None
         except DamagedCheckpointError as error:
             damage = error

@@ -312,7 +312,8 @@ def test_a_run_saved_before_newer_model_settings_resumes_with_them_off(tmp_path)
 
 def test_a_different_model_is_refused_with_both_ways_out_and_what_starting_over_costs(tmp_path):
     """A user who changed --depth on the default run name is offered a new run or starting this one over; the
-    second deletes the run's checkpoints (which 05 may have started from), so the message says so."""
+    second deletes the run's checkpoints (which 05 may have started from) at its first save: the message says
+    so."""
     directory, _ = train_and_save(tmp_path, steps=(1,))
     deeper = sc.GPT(dataclasses.replace(tiny_model().config, depth=3))
     with pytest.raises(sc.CheckpointError) as error:
@@ -320,7 +321,7 @@ def test_a_different_model_is_refused_with_both_ways_out_and_what_starting_over_
                         "03_pretrain", lambda line: None)
     message = str(error.value)
     assert "(depth 2 there, 3 here)" in message and "--run_name=<new name>" in message
-    assert "--resume=false (its checkpoints are deleted)" in message
+    assert "--resume=false (its checkpoints go at the new run's first save)" in message
 
 
 def test_resuming_after_a_new_tokenizer_names_the_vocabulary_sizes_and_why(tmp_path):
@@ -331,8 +332,8 @@ def test_resuming_after_a_new_tokenizer_names_the_vocabulary_sizes_and_why(tmp_p
     vocab = model.config.vocab_size
     torch.save({**state, "model_config": {**state["model_config"], "vocab_size": vocab + 8}}, path)
     with pytest.raises(sc.CheckpointError, match=rf"\(vocab_size {vocab + 8} there, {vocab} here: 01_tokenizer ran "
-                                                 rf"again since this run began\); keep that run and start a new one with "
-                                                 rf"--run_name=<new name>"):
+                                                 rf"again since this run began\); keep that run and start a new one "
+                                                 rf"with --run_name=<new name>"):
         resume_training(directory, *fresh(tmp_path), SINGLE, "03_pretrain", lambda line: None)
 
 
