@@ -208,8 +208,8 @@ class Tokenizer:
         trainer.train_from_iterator(iter(texts), merges_wanted, pattern=SPLIT_PATTERN)
         ranks = {bytes(piece): rank for piece, rank in trainer.get_mergeable_ranks()}
         if len(ranks) < merges_wanted:
-            raise ConfigError(f"the training text supports only {len(ranks)} merges, fewer than the {merges_wanted} "
-                              f"that vocab_size {vocab_size} asks for: give more text or a smaller vocab")
+            raise ConfigError(f"the training text supports only {len(ranks) + len(SPECIAL_TOKENS)} tokens, not "
+                              f"vocab_size {vocab_size}: give more text (corpus, max_chars) or a lower vocab_size")
         return cls(ranks, trainer.get_pattern(), name)
 
     def save(self, directory: Path) -> None:
@@ -2105,11 +2105,13 @@ def model_from_checkpoint(path: Path, device: str, tokenizer: Tokenizer | None =
     checkpoint = load_checkpoint(path, device, made_by)
     vocab, fingerprint = checkpoint["model_config"]["vocab_size"], checkpoint.get("tokenizer_fingerprint")
     if tokenizer and (vocab, fingerprint or tokenizer.fingerprint) != (tokenizer.vocab_size, tokenizer.fingerprint):
+        maker = checkpoint.get("made_by") or CHECKPOINT_MAKERS.get(path.parent.name, "03_pretrain")
+        retrain = "03_pretrain" if maker == "03_pretrain" else f"each notebook from 03_pretrain to {maker} (its maker)"
         raise CheckpointError(f"{path} holds a model with a vocabulary of {vocab} tokens, but the tokenizer in "
                               f"{artifact_dir('tokenizer', create=False)} has {tokenizer.vocab_size} (fingerprint "
                               f"{tokenizer.fingerprint}; the model's: {fingerprint or 'not recorded'}): it was trained "
                               f"with another tokenizer; use that tokenizer's STACK_HOME, or run notebooks/02_sharding "
-                              f"and 03_pretrain again")
+                              f"and {retrain} again")
     model = GPT(saved_model_config(path, checkpoint["model_config"])).to(device)
     model.load_state_dict(checkpoint["model"])
     return model, checkpoint

@@ -15,6 +15,7 @@ import re
 import sys
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Iterator, Sequence, TypeVar
 
 from stackcore import ATTENTION_BACKENDS, ConfigError, GpuInfo, current_gpu
@@ -237,9 +238,23 @@ def misspelt_stack_variables(names: Sequence[str], environ: typing.Mapping[str, 
     the others are left alone: the pipeline sets every notebook's settings for all of them."""
     valid = sorted({f"STACK_{name.upper()}" for name in names} | KNOWN_STACK_VARIABLES)
     unknown = sorted(variable for variable in environ if variable.startswith("STACK_") and variable not in valid)
+    if unknown:  # another notebook's setting (STACK_RESUME, read by 03, 05 and 06) is not a misspelling of one here
+        unknown = [variable for variable in unknown if variable.removeprefix("STACK_").lower() not in any_settings()]
     matches = {variable: close_match(variable, valid) for variable in unknown}
     return [f"{variable} is not a setting here and is ignored; did you mean {close}?"
             for variable, close in matches.items() if close]
+
+
+def any_settings() -> set[str]:
+    """The field names of the classes in every twin and data/ adapter, read from their source without running them:
+    the settings of every notebook (and a few other fields), for the pipeline's STACK_ variables."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    sources = [*root.glob("notebooks/[0-9][0-9]_*.py"), *root.glob("data/*.py")]
+    return {item.target.id for source in sources for node in ast.walk(ast.parse(source.read_text()))
+            if isinstance(node, ast.ClassDef) for item in node.body
+            if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)}
 
 
 def close_match(name: str, valid: Sequence[str]) -> str | None:

@@ -34,7 +34,10 @@ def run_pipeline(overrides: Sequence[str]) -> None:
         started = time.time()
         finished = subprocess.run([sys.executable, str(twin), *overrides], stdin=subprocess.DEVNULL)
         if finished.returncode:  # the twin has printed why; a traceback of this loop would add nothing
-            raise SystemExit(f"=== {twin.name} failed (exit status {finished.returncode}): the pipeline stops here ===")
+            again = " ".join(["STACK_RESUME=false python3 stackcore.py pipeline", *overrides])
+            raise SystemExit(f"=== {twin.name} failed (exit status {finished.returncode}): the pipeline stops here; "
+                             f"an option its message names goes in a variable when you run the pipeline again "
+                             f"(--resume=false: {again}) ===")
         print(f"=== {twin.name} done in {format_duration(time.time() - started)} ===", flush=True)
     print(describe_run_outputs(sc.artifact_dir("runs")))
     print(f"report card: {write_report(sc.stack_home())}")

@@ -45,7 +45,9 @@ def _report_pretraining(summary: dict[str, Any]) -> list[str]:
 def _report_core(summary: dict[str, Any]) -> list[str]:
     rows = ((label, task["examples"], task["accuracy"], task["baseline"], task["centered"])
             for label, task in summary["tasks"].items())
-    return [f"CORE **{summary['core']:.4f}** at step {summary['step']}; validation bits per byte "
+    scored = Path(summary.get("checkpoint", ""))  # 04 evaluates any run's checkpoint; its summary is not per run
+    of = f" of `{scored.parent.name}/{scored.name}`" if scored.name else ""
+    return [f"CORE **{summary['core']:.4f}**{of} at step {summary['step']}; validation bits per byte "
             f"{summary['val_bpb']:.4f}.", "",
             *markdown_table(("task", "examples", "accuracy", "baseline", "centred"), rows)]
 

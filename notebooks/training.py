@@ -153,7 +153,8 @@ def resume_training(directory: Path, model: GPT, optimizers: list[torch.optim.Op
             saved = saved_model_config(path, checkpoint["model_config"])
             if saved != model.config:
                 raise CheckpointError(f"{path} holds a different model ({model_differences(saved, model.config)}); "
-                                      f"use --run_name=<new name> or --resume=false")
+                                      f"keep that run and start a new one with --run_name=<new name>, or replace "
+                                      f"it with --resume=false (its checkpoints go at the new run's first save)")
             rank_state, damage = _rank_states(path, checkpoint, loader, dist_info, made_by), None
         except DamagedCheckpointError as error:
             damage = error
@@ -207,12 +208,14 @@ def check_same_origin(saved: dict[str, Any], origin: dict[str, Any] | None, run_
     before = saved.get("origin")
     if origin is None or not isinstance(before, dict) or before.get("weights") == origin["weights"]:
         return
-    raise CheckpointError(f"run {run_name!r} was trained from {before.get('path')} (step {before.get('step')}), but "
+    old = before.get("path")
+    go_on = (f"the old one is gone: {old} now holds the new one" if old == str(origin["path"]) else
+             f"to go on with the old one, pass --checkpoint={old} if that file is still there")
+    raise CheckpointError(f"run {run_name!r} was trained from {old} (step {before.get('step')}), but "
                           f"its starting checkpoint is now {origin['path']} (step {origin['step']}), another model: "
                           f"the run it starts from trained further or started over. To train from the new one, "
-                          f"start a new run with --run_name=<new name> (or this one over with --resume=false); to "
-                          f"go on with the old one, pass --checkpoint={before.get('path')} if that file is still "
-                          f"there")
+                          f"start a new run with --run_name=<new name> (or this one over with --resume=false); "
+                          f"{go_on}")
 
 
 def check_same_tokenizer(saved: dict[str, Any], fingerprint: str | None, run_name: str, checkpoint: Path) -> None:

@@ -195,6 +195,16 @@ def test_a_misspelt_option_is_named_with_its_close_setting():
         configure(DemoConfig, ["--zzz=2"], {})
 
 
+def test_another_notebooks_setting_close_to_one_here_is_not_called_a_misspelling():
+    """`STACK_RESUME=false python3 stackcore.py pipeline` (what the pipeline's stop line offers) reaches 01, 02, 04
+    and 07 too, which have no `resume`: close to STACK_PRESET, it was called a misspelling of it in each."""
+    from notebooks.config import misspelt_stack_variables
+
+    environ = {"STACK_RESUME": "false", "STACK_BASE_RUN": "big", "STACK_STEPZ": "1"}
+    assert misspelt_stack_variables(["steps", "vocab_size"], environ) == [
+        "STACK_STEPZ is not a setting here and is ignored; did you mean STACK_STEPS?"]
+
+
 def test_a_misspelt_stack_variable_is_warned_about(capsys):
     cfg = configure(DemoConfig, [], {"STACK_STEPZ": "1", "STACK_HOME": "/x", "STACK_TEST_DATA": "1",
                                      "STACK_VOCAB_SIZE": "384", "STACK_PRESET": "tiny"})

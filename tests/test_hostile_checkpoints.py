@@ -2,6 +2,7 @@
 the file and the notebook that writes it; resume falls back to the previous good checkpoint; a vocabulary or a
 tokenizer fingerprint that does not match the tokenizer is refused; a complete run says so; another number of
 processes resumes or says why not; a NaN or infinite loss stops training before anything is saved."""
+import dataclasses
 import math
 import os
 import pickle
@@ -186,6 +187,24 @@ def test_a_tokenizer_retrained_at_the_same_size_is_refused_by_its_fingerprint(tm
     assert sc.model_from_checkpoint(path, "cpu", tokenizer_like(512, "bbbbbbbbbbbb"))[1]["step"] == 1
 
 
+@pytest.mark.parametrize("made_by, folder, retrain", [
+    ("05_sft", "mine", "each notebook from 03_pretrain to 05_sft (its maker)"),
+    (None, "rl", "each notebook from 03_pretrain to 06_rl (its maker)"),
+    ("03_pretrain", "sft", "03_pretrain"), (None, "mine", "03_pretrain")])
+def test_a_checkpoint_of_another_tokenizer_names_the_notebooks_that_make_it_again(tmp_path, made_by, folder,
+                                                                                   retrain):
+    """06 and 07 load 05's or 06's checkpoints: after 01, 02 and 03 ran again, naming only 02 and 03 would send the
+    user back to what they just did; the notebook that wrote the checkpoint (recorded, else known by its run's
+    folder) is named too."""
+    directory, _ = train_and_save(tmp_path, steps=(1,), run=folder)
+    path = directory / "step_000001.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    torch.save({**checkpoint, "made_by": made_by}, path)
+    with pytest.raises(sc.CheckpointError) as error:
+        sc.model_from_checkpoint(path, "cpu", tokenizer_like(600))
+    assert str(error.value).endswith(f"or run notebooks/02_sharding and {retrain} again")
+
+
 @pytest.mark.parametrize("start, steps, complete", [(100, 100, True), (100, 10, True), (100, 200, False),
                                                     (0, 100, False), (99, 100, False)])
 def test_complete_run_says_so_and_points_to_a_new_run(start, steps, complete, tmp_path):
@@ -291,6 +310,20 @@ def test_a_run_saved_before_newer_model_settings_resumes_with_them_off(tmp_path)
         resume_training(directory, *fresh(tmp_path), SINGLE, "03_pretrain", lambda line: None)
 
 
+def test_a_different_model_is_refused_with_both_ways_out_and_what_starting_over_costs(tmp_path):
+    """A user who changed --depth on the default run name is offered a new run or starting this one over; the
+    second deletes the run's checkpoints (which 05 may have started from) at its first save: the message says
+    so."""
+    directory, _ = train_and_save(tmp_path, steps=(1,))
+    deeper = sc.GPT(dataclasses.replace(tiny_model().config, depth=3))
+    with pytest.raises(sc.CheckpointError) as error:
+        resume_training(directory, deeper, sc.build_optimizers(deeper), make_loader(tmp_path / "shards"), SINGLE,
+                        "03_pretrain", lambda line: None)
+    message = str(error.value)
+    assert "(depth 2 there, 3 here)" in message and "--run_name=<new name>" in message
+    assert "--resume=false (its checkpoints go at the new run's first save)" in message
+
+
 def test_resuming_after_a_new_tokenizer_names_the_vocabulary_sizes_and_why(tmp_path):
     # 01 run again with another vocab_size, then 03 with the same run_name: the message names both sizes
     directory, model = train_and_save(tmp_path, steps=(1,))
@@ -299,7 +332,8 @@ def test_resuming_after_a_new_tokenizer_names_the_vocabulary_sizes_and_why(tmp_p
     vocab = model.config.vocab_size
     torch.save({**state, "model_config": {**state["model_config"], "vocab_size": vocab + 8}}, path)
     with pytest.raises(sc.CheckpointError, match=rf"\(vocab_size {vocab + 8} there, {vocab} here: 01_tokenizer ran "
-                                                 rf"again since this run began\); use --run_name=<new name>"):
+                                                 rf"again since this run began\); keep that run and start a new one "
+                                                 rf"with --run_name=<new name>"):
         resume_training(directory, *fresh(tmp_path), SINGLE, "03_pretrain", lambda line: None)
 
 

@@ -302,6 +302,22 @@ def test_a_run_whose_starting_model_changed_is_refused_even_when_complete(tmp_pa
     assert start_again(tmp_path, 6, moved)[:2] == (6, True)
 
 
+def test_a_starting_checkpoint_overwritten_in_place_is_not_offered_back(tmp_path):
+    """03 started over under the same run name rewrites the file 05 started from: passing that path back (the way
+    out for a base that trained further) would load the new model and be refused again, so it is not offered."""
+    base = one_process_run(tmp_path / "base")[1]
+    path = tmp_path / "base" / "step_000004.pt"
+    first = weights_origin(path, {"model": base.state_dict(), "step": 4})
+    save_run(tmp_path, 6, 6, FineTuneConfig(), origin=first)
+    with torch.no_grad():
+        next(base.parameters()).add_(1e-3)  # started over: other weights in the same file
+    with pytest.raises(sc.CheckpointError) as error:
+        start_again(tmp_path, 6, weights_origin(path, {"model": base.state_dict(), "step": 4}))
+    message = str(error.value)
+    assert f"the old one is gone: {path} now holds the new one" in message and "--checkpoint=" not in message
+    assert "--run_name=<new name>" in message and "--resume=false" in message
+
+
 def saved_files(directory):
     return sorted(path.name for path in directory.iterdir())
 

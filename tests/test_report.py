@@ -51,6 +51,13 @@ def test_the_report_holds_each_summary_its_figures_timings_and_hardware(stack_ho
     assert "Not run (no `runs/pretrain/summary.json`)" in text and "Not run (no `runs/rl/summary.json`)" in text
 
 
+def test_the_core_score_names_the_checkpoint_it_scored(stack_home):
+    """04 writes one summary whatever run it scores (--run_name=big): the report card says which, so a CORE score is
+    not read as that of the pretraining run reported beside it."""
+    write_summary(stack_home, "04_core_eval", {**CORE_SUMMARY, "checkpoint": "/home/me/checkpoints/big/step_000100.pt"})
+    assert "CORE **0.1234** of `big/step_000100.pt` at step 100" in write_report(stack_home).read_text()
+
+
 def test_pretraining_figures_a_cpu_does_not_measure_are_left_out(stack_home):
     write_summary(stack_home, "pretrain", {"parameters": 1_048_594, "steps": 100, "tokens": 409_600,
                                            "final_val_bpb": 0.44, "tokens_per_second": 8428, "mfu": None,
@@ -138,6 +145,8 @@ def test_the_pipeline_stops_at_a_failed_twin_with_one_line(monkeypatch):
         return subprocess.CompletedProcess(args, 2)
 
     monkeypatch.setattr(subprocess, "run", run)
-    with pytest.raises(SystemExit, match=r"=== 01_tokenizer.py failed \(exit status 2\): the pipeline stops here ==="):
+    with pytest.raises(SystemExit, match=r"=== 01_tokenizer.py failed \(exit status 2\): the pipeline stops") as stop:
         run_pipeline(["--preset=huge"])
     assert len(ran) == 1
+    # a twin's message names command-line options (--resume=false), which the pipeline takes as STACK_ variables
+    assert "(--resume=false: STACK_RESUME=false python3 stackcore.py pipeline --preset=huge)" in str(stop.value.code)

@@ -107,6 +107,19 @@ def test_bad_inputs():
         sc.Tokenizer.train(["abc abc abc"], 2000)
 
 
+def test_the_vocabulary_a_text_supports_is_named_and_trains():
+    """The refusal of a vocabulary too large for the text names the largest one it supports, and that one trains:
+    a user who retrains with a larger vocabulary learns the size to ask for instead of guessing."""
+    text = ["the cat sat on the mat; the dog ate the hat"] * 3
+    with pytest.raises(sc.ConfigError) as error:
+        sc.Tokenizer.train(text, 4096)
+    supported = int(str(error.value).split("supports only ")[1].split(" tokens")[0])
+    assert "not vocab_size 4096" in str(error.value) and 256 < supported < 4096
+    assert sc.Tokenizer.train(text, supported).vocab_size == supported
+    with pytest.raises(sc.ConfigError, match=f"supports only {supported} tokens"):
+        sc.Tokenizer.train(text, supported + 1)
+
+
 def test_a_vocabulary_the_text_cannot_support_ends_the_twin_in_one_line(stack_home):
     result = subprocess.run([sys.executable, "notebooks/01_tokenizer.py", "--preset=tiny", "--vocab_size=4096"],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
