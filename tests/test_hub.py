@@ -229,7 +229,8 @@ def test_sharding_says_when_the_pulled_tokenizer_replaced_another(hub, tmp_path,
 
     said = run_02(stack_home, f"--pretokenized_repo={SHARD_REPO}")
     pulled = sc.Tokenizer.load(tiny_tokenizer).fingerprint
-    assert f"note: {SHARD_REPO}'s tokenizer replaced another one ({local.fingerprint}) in {stack_home}/tokenizer" in said
+    replaced = f"note: {SHARD_REPO}'s tokenizer replaced another one ({local.fingerprint}) in {stack_home}/tokenizer"
+    assert replaced in said
     assert (stack_home / "shards" / "pretrain" / SHARDS_STAMP).read_text().strip() == pulled
     assert "replaced another one" not in run_02(stack_home, f"--pretokenized_repo={SHARD_REPO}")  # the same one
 

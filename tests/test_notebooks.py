@@ -104,7 +104,8 @@ def test_twins_run_headless_and_under_torchrun(stack_home):
     resumed = subprocess.run([sys.executable, "notebooks/03_pretrain.py", "--steps=4", "--eval_every=2",
                               "--run_name=ddp"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
-    assert "resumed from" in resumed.stdout and "step_000002.pt at step 2" in resumed.stdout  # 2 ranks' files, 1 process
+    # 2 ranks' files, 1 process
+    assert "resumed from" in resumed.stdout and "step_000002.pt at step 2" in resumed.stdout
     summary = json.loads(summary_file.read_text())
     assert summary["ranks"] == 1 and summary["steps"] == 4 and summary["tokens"] == 4 * 4096
     records = [json.loads(line) for line in (stack_home / "runs" / "ddp" / "metrics.jsonl").read_text().splitlines()]
