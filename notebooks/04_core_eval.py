@@ -115,7 +115,7 @@ run_dir.mkdir(parents=True, exist_ok=True)
 checkpoint_path = cfg.checkpoint or run_checkpoint(cfg.run_name, "run_name", "03_pretrain")
 tokenizer_dir = sc.artifact_dir("tokenizer")
 tokenizer = sc.Tokenizer.load(tokenizer_dir)
-model, checkpoint = sc.model_from_checkpoint(checkpoint_path, device, tokenizer, "03_pretrain")
+model, checkpoint = sc.model_from_checkpoint(checkpoint_path, device, tokenizer)  # its maker: from its run folder
 model.set_compute_dtype(sc.pick_compute_dtype(device))
 model.cast_weights_for_inference()  # evaluation only: no fp32 master weights to keep
 backend = sc.pick_attention_backend(device, cfg.attention)

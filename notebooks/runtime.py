@@ -157,13 +157,14 @@ def setup_runtime(use_drive: bool = False, colab: bool | None = None,
 def end_scripts_on_user_errors() -> None:
     """In a twin run as a script, an error the user fixes by changing a setting or running an earlier notebook
     (stackcore's ConfigError, MissingArtifactError, and CheckpointError and ShardError, whose messages name the file
-    and what to do) ends the run with its one-line message instead of a traceback:
+    and what to do; training's NonFiniteLossError, which names the step and the setting to lower) ends the run with its one-line message instead of a traceback:
     exit status 2 for a bad option or setting (notebooks/config.py's reading_settings), 1 for one found later. Other
     errors keep their traceback, and in a notebook kernel every exception shows as usual. Ctrl-C ends it with one
     line saying where it stopped and how to resume, and exit status 130. Installed once, however often it is
     called."""
     import stackcore as sc
     from notebooks.config import in_notebook_kernel
+    from notebooks.training import NonFiniteLossError
 
     if in_notebook_kernel() or getattr(sys.excepthook, "ends_on_user_errors", False):
         return
@@ -176,7 +177,8 @@ def end_scripts_on_user_errors() -> None:
                 # and drops the capture when the SystemExit below passes through it
                 print(interrupted_message(trace), file=sys.__stderr__, flush=True)
             raise SystemExit(130)  # the shell's status for a command ended by SIGINT
-        if not isinstance(error, (sc.ConfigError, sc.MissingArtifactError, sc.CheckpointError, sc.ShardError)):
+        user_errors = (sc.ConfigError, sc.MissingArtifactError, sc.CheckpointError, sc.ShardError, NonFiniteLossError)
+        if not isinstance(error, user_errors):
             return default_hook(kind, error, trace)
         print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr, flush=True)
         # Python exits with 1 after a hook returns, or with the status of a SystemExit the hook raises. Returning

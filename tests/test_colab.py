@@ -353,6 +353,12 @@ def test_a_checkpoint_of_another_run_ends_a_twin_in_one_line(tmp_path):
     assert result.returncode == 1 and result.stderr.strip() == "twin.py: error: x.pt holds a different model"
 
 
+def test_a_loss_that_went_non_finite_ends_a_twin_in_one_line(tmp_path):
+    """check_finite_loss's message names the step and what to lower: the user's next move, not a bug to trace."""
+    result = run_script_raising(tmp_path, "__import__('notebooks.training').training.NonFiniteLossError('nan at step 7')")
+    assert result.returncode == 1 and result.stderr.strip() == "twin.py: error: nan at step 7"
+
+
 def test_ctrl_c_in_a_twin_says_where_and_how_to_resume(tmp_path):
     result = run_script_raising(tmp_path, "KeyboardInterrupt")
     assert result.returncode == 130 and "Traceback" not in result.stderr
@@ -500,3 +506,13 @@ def test_a_model_shape_that_cannot_be_built_is_one_line(stack_home, tiny_tokeniz
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1] == (
         "03_pretrain.py: error: model_dim 128 must be divisible by head_dim 30")
+
+
+def test_core_eval_of_a_damaged_fine_tuned_checkpoint_names_its_notebook(stack_home, tiny_tokenizer):
+    """04 scores any run's checkpoint: a damaged one of the sft run is 05_sft's to write again, not 03_pretrain's."""
+    shutil.copytree(tiny_tokenizer, stack_home / "tokenizer")
+    (stack_home / "checkpoints" / "sft").mkdir(parents=True)
+    (stack_home / "checkpoints" / "sft" / "step_000004.pt").write_bytes(b"not a checkpoint")
+    result = run_twin("04_core_eval", stack_home, "--run_name=sft")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "notebooks/05_sft" in result.stderr and "03_pretrain" not in result.stderr, result.stderr[-2000:]
