@@ -157,11 +157,11 @@ def setup_runtime(use_drive: bool = False, colab: bool | None = None,
 def end_scripts_on_user_errors() -> None:
     """In a twin run as a script, an error the user fixes by changing a setting or running an earlier notebook
     (stackcore's ConfigError, MissingArtifactError, and CheckpointError and ShardError, whose messages name the file
-    and what to do; training's NonFiniteLossError, which names the step and the setting to lower) ends the run with its one-line message instead of a traceback:
-    exit status 2 for a bad option or setting (notebooks/config.py's reading_settings), 1 for one found later. Other
-    errors keep their traceback, and in a notebook kernel every exception shows as usual. Ctrl-C ends it with one
-    line saying where it stopped and how to resume, and exit status 130. Installed once, however often it is
-    called."""
+    and what to do; training's NonFiniteLossError, which names the step and the setting to lower) ends the run with
+    its one-line message instead of a traceback: exit status 2 for a bad option or setting (notebooks/config.py's
+    reading_settings), 1 for one found later. Other errors keep their traceback, and in a notebook kernel every
+    exception shows as usual. Ctrl-C ends it with one line saying where it stopped and how to resume, and exit
+    status 130. Installed once, however often it is called."""
     import stackcore as sc
     from notebooks.config import in_notebook_kernel
     from notebooks.training import NonFiniteLossError

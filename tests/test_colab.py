@@ -355,7 +355,8 @@ def test_a_checkpoint_of_another_run_ends_a_twin_in_one_line(tmp_path):
 
 def test_a_loss_that_went_non_finite_ends_a_twin_in_one_line(tmp_path):
     """check_finite_loss's message names the step and what to lower: the user's next move, not a bug to trace."""
-    result = run_script_raising(tmp_path, "__import__('notebooks.training').training.NonFiniteLossError('nan at step 7')")
+    raised = "__import__('notebooks.training').training.NonFiniteLossError('nan at step 7')"
+    result = run_script_raising(tmp_path, raised)
     assert result.returncode == 1 and result.stderr.strip() == "twin.py: error: nan at step 7"
 
 
