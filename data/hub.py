@@ -3,7 +3,6 @@ pull them back, so a Colab user can skip tokenizing. A repo holds `tokenizer/` a
 they sit under STACK_HOME."""
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 HUB_PATTERNS = ["tokenizer/*", "shards/**"]
@@ -13,15 +12,16 @@ def pull_shards(repo_id: str, stack_home: Path, endpoint: str | None = None, rev
     """Download a shard repo's `tokenizer/` and `shards/` into `stack_home`; return the folder. A shard set the repo
     brings replaces the local one whole (see drop_stale_files); a set it does not bring keeps its stamp, which names
     the tokenizer being replaced, so it is refused until 02_sharding writes it again."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.utils import filter_repo_objects
 
-    download = functools.partial(snapshot_download, repo_id, repo_type="dataset", local_dir=stack_home,
-                                 allow_patterns=HUB_PATTERNS, revision=revision, endpoint=endpoint)
-    download()
+    snapshot_download(repo_id, repo_type="dataset", local_dir=stack_home, allow_patterns=HUB_PATTERNS,
+                      revision=revision, endpoint=endpoint)
     for needed in ("tokenizer/tokenizer.tiktoken", "tokenizer/tokenizer.json"):
         if not (stack_home / needed).is_file():
             raise FileNotFoundError(f"{repo_id} has no {needed}: not a DecoderStack shard repo")
-    drop_stale_files(stack_home, {info.filename for info in download(dry_run=True)})  # what the repo holds
+    held = [file.rfilename for file in HfApi(endpoint=endpoint).dataset_info(repo_id, revision=revision).siblings]
+    drop_stale_files(stack_home, set(filter_repo_objects(held, allow_patterns=HUB_PATTERNS)))  # what it pulled
     return stack_home
 
 
